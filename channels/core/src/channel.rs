@@ -1,0 +1,229 @@
+//! The [`Channel`] trait and the HTTP-shaped types it works on.
+//!
+//! The types mirror an HTTP request and response without naming any web framework, so a channel
+//! can be tested with plain values and the core can host it under actix-web.
+
+use crate::{ChannelError, ChannelId, Delivery, DeliveryReceipt, Envelope, Reply};
+use bytes::Bytes;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, SystemTime};
+
+/// A boxed future, so that [`Channel`] stays object-safe without `async-trait`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The HTTP method of a webhook call; platforms use GET to verify the URL and POST to push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// URL verification (WeChat, WeCom).
+    Get,
+    /// Message and event pushes.
+    Post,
+}
+
+/// A webhook call as the channel sees it.
+#[derive(Debug, Clone)]
+pub struct WebhookRequest {
+    /// GET or POST.
+    pub method: Method,
+    /// Query parameters, percent-decoded, in order.
+    pub query: Vec<(String, String)>,
+    /// The raw query string as sent (some signatures are computed over encoded values).
+    pub raw_query: String,
+    /// Headers with lower-case names.
+    pub headers: Vec<(String, String)>,
+    /// The raw body; signatures are computed over these exact bytes.
+    pub body: Bytes,
+    /// When the hub received the call; replay windows are measured against it.
+    pub received_at: SystemTime,
+}
+
+impl WebhookRequest {
+    /// The first query parameter called `name`.
+    pub fn query_param(&self, name: &str) -> Option<&str> {
+        self.query.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str())
+    }
+
+    /// The first header called `name` (give it in lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str())
+    }
+
+    /// Seconds since the Unix epoch at [`received_at`](Self::received_at).
+    pub fn received_at_unix(&self) -> i64 {
+        match self.received_at.duration_since(SystemTime::UNIX_EPOCH) {
+            Ok(elapsed) => elapsed.as_secs() as i64,
+            Err(before) => -(before.duration().as_secs() as i64),
+        }
+    }
+
+    /// Checks a platform timestamp against the replay window. `window` of zero disables the
+    /// check (for operators whose clocks they cannot trust).
+    pub fn check_timestamp(&self, timestamp: &str, window: Duration) -> Result<(), ChannelError> {
+        if window.is_zero() {
+            return Ok(());
+        }
+        let sent: i64 = timestamp
+            .trim()
+            .parse()
+            .map_err(|_| ChannelError::BadSignature(format!("timestamp {timestamp:?} is not a number")))?;
+        let skew = (self.received_at_unix() - sent).unsigned_abs();
+        if skew > window.as_secs() {
+            return Err(ChannelError::BadSignature(format!(
+                "timestamp is {skew} s away from now, outside the {} s replay window",
+                window.as_secs()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What the core sends back to the platform.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookResponse {
+    /// HTTP status code.
+    pub status: u16,
+    /// The `Content-Type` header.
+    pub content_type: &'static str,
+    /// The body.
+    pub body: Bytes,
+}
+
+impl WebhookResponse {
+    /// 200 with a plain-text body (WeChat's `success`, an `echostr`).
+    pub fn text(body: impl Into<Bytes>) -> Self {
+        Self { status: 200, content_type: "text/plain; charset=utf-8", body: body.into() }
+    }
+
+    /// 200 with a JSON body (Feishu's challenge).
+    pub fn json(body: impl Into<Bytes>) -> Self {
+        Self { status: 200, content_type: "application/json", body: body.into() }
+    }
+
+    /// 200 with an XML body (WeChat's passive reply).
+    pub fn xml(body: impl Into<Bytes>) -> Self {
+        Self { status: 200, content_type: "application/xml; charset=utf-8", body: body.into() }
+    }
+
+    /// 200 with nothing in it.
+    pub fn empty() -> Self {
+        Self::text(Bytes::new())
+    }
+}
+
+/// What a webhook call amounted to.
+#[derive(Debug, Clone)]
+pub enum WebhookOutcome {
+    /// Answer with this and dispatch nothing (URL verification, events the bot ignores).
+    Respond(WebhookResponse),
+    /// Messages to dispatch. The core journals them, then answers with `ack`.
+    Accepted {
+        /// The messages, usually one.
+        envelopes: Vec<Envelope>,
+        /// The acknowledgement, sent once the envelopes are safe.
+        ack: WebhookResponse,
+    },
+}
+
+/// What a channel can do, so the core picks the right reply path.
+#[derive(Debug, Clone)]
+pub struct Capabilities {
+    /// The platform accepts an answer in the webhook's HTTP response, and waits this long for
+    /// it (WeChat: 5 s). `None` for platforms that want an immediate acknowledgement.
+    pub passive_reply_window: Option<Duration>,
+    /// The platform renders markdown.
+    pub markdown: bool,
+    /// The largest part `deliver` accepts, in bytes of UTF-8.
+    pub max_part_bytes: usize,
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Self { passive_reply_window: None, markdown: false, max_part_bytes: 2048 }
+    }
+}
+
+/// One configured account on one platform.
+///
+/// Implementations must never panic on any input: every failure is a [`ChannelError`].
+pub trait Channel: Send + Sync + 'static {
+    /// The configured id of this account.
+    fn id(&self) -> &ChannelId;
+
+    /// The channel kind, as written in config (`wechat_mp`).
+    fn kind(&self) -> &str;
+
+    /// What this platform supports.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+
+    /// Verifies, decrypts and parses one webhook call. CPU work only: no I/O.
+    fn handle_webhook(&self, request: &WebhookRequest) -> Result<WebhookOutcome, ChannelError>;
+
+    /// Renders an answer for this platform and splits it into parts that `deliver` accepts,
+    /// in the order they must arrive.
+    fn render(&self, reply: &Reply) -> Vec<Reply> {
+        vec![reply.clone()]
+    }
+
+    /// Builds the HTTP answer that carries `reply` passively, for platforms with a
+    /// [`passive_reply_window`](Capabilities::passive_reply_window).
+    fn passive_reply(
+        &self,
+        _request: &WebhookRequest,
+        _envelope: &Envelope,
+        _reply: &Reply,
+    ) -> Result<WebhookResponse, ChannelError> {
+        Err(ChannelError::Unsupported("passive replies".into()))
+    }
+
+    /// Sends one rendered part through the platform's API.
+    fn deliver<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>>;
+
+    /// Shows the user that an answer is being written, where the platform has such a thing.
+    /// Failures are ignored by the core.
+    fn typing<'a>(&'a self, _envelope: &'a Envelope) -> BoxFuture<'a, Result<(), ChannelError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request_at(now: u64) -> WebhookRequest {
+        WebhookRequest {
+            method: Method::Post,
+            query: vec![("a".into(), "1".into())],
+            raw_query: "a=1".into(),
+            headers: vec![],
+            body: Bytes::new(),
+            received_at: SystemTime::UNIX_EPOCH + Duration::from_secs(now),
+        }
+    }
+
+    #[test]
+    fn timestamps_inside_the_window_pass_and_outside_fail() {
+        let request = request_at(1_000);
+        let window = Duration::from_secs(300);
+        assert!(request.check_timestamp("1000", window).is_ok());
+        assert!(request.check_timestamp("700", window).is_ok());
+        assert!(request.check_timestamp("1300", window).is_ok());
+        assert!(request.check_timestamp("699", window).is_err());
+        assert!(request.check_timestamp("1301", window).is_err());
+        assert!(request.check_timestamp("abc", window).is_err());
+        assert!(request.check_timestamp("-99999999999999999999", window).is_err());
+    }
+
+    #[test]
+    fn a_zero_window_disables_the_timestamp_check() {
+        assert!(request_at(1_000_000).check_timestamp("1", Duration::ZERO).is_ok());
+    }
+
+    #[test]
+    fn query_params_are_found_by_name() {
+        assert_eq!(request_at(0).query_param("a"), Some("1"));
+        assert_eq!(request_at(0).query_param("b"), None);
+    }
+}

@@ -1,0 +1,281 @@
+//! One inbound message, whatever platform it came from.
+//!
+//! Envelopes are serialisable because the core journals them before acknowledging the platform.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The configured id of one channel account (the `{channel_id}` in `/webhooks/{channel_id}`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ChannelId(String);
+
+impl ChannelId {
+    /// Parses a channel id: 1–64 characters of `[A-Za-z0-9_-]`, so it is safe in URLs, logs
+    /// and metric labels.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        let ok = !value.is_empty()
+            && value.len() <= 64
+            && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if ok {
+            Ok(Self(value.to_owned()))
+        } else {
+            Err(format!(
+                "channel id {value:?} must be 1-64 characters of letters, digits, '_' or '-'"
+            ))
+        }
+    }
+
+    /// The id as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ChannelId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Whether a conversation is one-to-one or a group; groups may share one context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConversationKind {
+    /// A user talking to the bot alone.
+    Direct,
+    /// A group chat the bot is a member of.
+    Group,
+}
+
+/// Where a message was said.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Conversation {
+    /// Direct or group.
+    pub kind: ConversationKind,
+    /// The platform's id of the conversation (for direct chats, usually the user's id).
+    pub id: String,
+}
+
+/// Who said it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sender {
+    /// The platform's user id (openid, userid, open_id …).
+    pub id: String,
+    /// A display name, when the platform sends one.
+    pub name: Option<String>,
+}
+
+/// A platform event that is not a message of its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// The user followed the account; `scene` is set when they came through a parameter QR code.
+    Subscribe {
+        /// The QR scene (without WeChat's `qrscene_` prefix).
+        scene: Option<String>,
+    },
+    /// The user unfollowed; nothing can be sent to them any more.
+    Unsubscribe,
+    /// A follower scanned a parameter QR code.
+    Scan {
+        /// The QR scene id.
+        scene: Option<String>,
+    },
+    /// The platform reported the user's location.
+    Location {
+        /// Latitude.
+        latitude: f64,
+        /// Longitude.
+        longitude: f64,
+        /// Precision in metres, when given.
+        precision: Option<f64>,
+    },
+    /// A custom menu button was clicked.
+    MenuClick {
+        /// The configured menu key.
+        key: String,
+    },
+    /// A menu link was opened.
+    MenuView {
+        /// The URL that was opened.
+        url: String,
+    },
+    /// The user opened the chat with the bot (WeCom `enter_agent`, Feishu p2p chat entered).
+    EnterChat,
+    /// Anything else; kept so that nothing fails to parse.
+    Other {
+        /// The platform's event name.
+        name: String,
+    },
+}
+
+/// One piece of a message's content.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Segment {
+    /// Plain text.
+    Text {
+        /// The text, untrimmed.
+        text: String,
+    },
+    /// A picture.
+    Image {
+        /// A URL the picture can be fetched from.
+        url: Option<String>,
+        /// The platform's media id.
+        media_id: Option<String>,
+    },
+    /// A voice message.
+    Voice {
+        /// The platform's media id.
+        media_id: Option<String>,
+        /// Audio format (amr, speex …).
+        format: Option<String>,
+        /// The platform's speech recognition result, when it provides one.
+        recognition: Option<String>,
+    },
+    /// A video or short video.
+    Video {
+        /// The platform's media id.
+        media_id: Option<String>,
+        /// The thumbnail's media id.
+        thumb_media_id: Option<String>,
+    },
+    /// A file.
+    File {
+        /// The platform's key or media id.
+        media_id: Option<String>,
+        /// The file name.
+        name: Option<String>,
+    },
+    /// A shared location.
+    Location {
+        /// Latitude.
+        latitude: f64,
+        /// Longitude.
+        longitude: f64,
+        /// Map zoom level.
+        scale: Option<f64>,
+        /// A place name.
+        label: Option<String>,
+    },
+    /// A shared link.
+    Link {
+        /// Title.
+        title: Option<String>,
+        /// Description.
+        description: Option<String>,
+        /// URL.
+        url: String,
+    },
+    /// An @-mention.
+    Mention {
+        /// The mentioned user's id.
+        id: String,
+        /// The mentioned user's name.
+        name: Option<String>,
+        /// Whether the bot itself was mentioned.
+        is_self: bool,
+    },
+    /// A platform event.
+    Event(Event),
+}
+
+/// Opaque data a channel needs to answer this message (a message id to reply to, a passive
+/// reply slot …). The core stores and returns it untouched.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ReplyHandle(pub serde_json::Value);
+
+/// One inbound message in the form every part of the core understands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Assigned by the hub; unique per accepted message.
+    pub id: String,
+    /// The channel account it arrived on.
+    pub channel: ChannelId,
+    /// The channel kind (`wechat_mp`, `wecom`, `feishu`, or a plugin's).
+    pub channel_kind: String,
+    /// The platform's id for this message: the dedupe key. For events without one, the channel
+    /// builds it from sender and create time.
+    pub platform_message_id: String,
+    /// When the hub received it, Unix milliseconds.
+    pub received_at_ms: i64,
+    /// Where it was said.
+    pub conversation: Conversation,
+    /// Who said it.
+    pub sender: Sender,
+    /// What was said.
+    pub content: Vec<Segment>,
+    /// Whether the bot was @-mentioned (always true in direct chats).
+    pub mentions_self: bool,
+    /// What the channel needs to answer.
+    pub reply_handle: ReplyHandle,
+}
+
+impl Envelope {
+    /// All text segments joined by newlines; a voice message's recognition counts as text.
+    pub fn text(&self) -> String {
+        let mut parts = Vec::new();
+        for segment in &self.content {
+            match segment {
+                Segment::Text { text } => parts.push(text.as_str()),
+                Segment::Voice { recognition: Some(text), .. } => parts.push(text.as_str()),
+                _ => {}
+            }
+        }
+        parts.join("\n")
+    }
+
+    /// The event, if this envelope is one.
+    pub fn event(&self) -> Option<&Event> {
+        self.content.iter().find_map(|segment| match segment {
+            Segment::Event(event) => Some(event),
+            _ => None,
+        })
+    }
+
+    /// A fresh hub-side id: 128 random bits, hex.
+    pub fn new_id() -> String {
+        use rand::Rng;
+        let value: u128 = rand::thread_rng().gen();
+        format!("{value:032x}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_ids_are_restricted_to_url_and_label_safe_characters() {
+        assert!(ChannelId::parse("mp-main_1").is_ok());
+        assert!(ChannelId::parse("").is_err());
+        assert!(ChannelId::parse("a/b").is_err());
+        assert!(ChannelId::parse(&"x".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn envelope_text_joins_text_and_voice_recognition() {
+        let envelope = Envelope {
+            id: Envelope::new_id(),
+            channel: ChannelId::parse("c").unwrap_or_else(|e| panic!("{e}")),
+            channel_kind: "test".into(),
+            platform_message_id: "1".into(),
+            received_at_ms: 0,
+            conversation: Conversation { kind: ConversationKind::Direct, id: "u".into() },
+            sender: Sender { id: "u".into(), name: None },
+            content: vec![
+                Segment::Text { text: "a".into() },
+                Segment::Voice { media_id: None, format: None, recognition: Some("b".into()) },
+            ],
+            mentions_self: true,
+            reply_handle: ReplyHandle::default(),
+        };
+        assert_eq!(envelope.text(), "a\nb");
+        let json = serde_json::to_string(&envelope).unwrap_or_default();
+        let back: Envelope = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back, envelope);
+    }
+}

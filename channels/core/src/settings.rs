@@ -1,0 +1,25 @@
+//! A channel's own section of the config file.
+
+use crate::{ChannelError, ChannelId};
+use serde::de::DeserializeOwned;
+
+/// One `[[channels]]` entry: the id, the kind, and everything else as a JSON table the channel
+/// parses into its own settings type.
+#[derive(Debug, Clone)]
+pub struct ChannelSettings {
+    /// The configured id.
+    pub id: ChannelId,
+    /// The configured kind.
+    pub kind: String,
+    /// All keys of the entry (including `id` and `kind`).
+    pub table: serde_json::Value,
+}
+
+impl ChannelSettings {
+    /// Parses the entry into the channel's settings type. The error names the offending key.
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ChannelError> {
+        serde_json::from_value(self.table.clone()).map_err(|error| {
+            ChannelError::Misconfigured(format!("channel {:?} ({}): {error}", self.id.as_str(), self.kind))
+        })
+    }
+}

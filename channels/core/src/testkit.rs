@@ -1,0 +1,79 @@
+//! Conformance checks every channel's tests should run (enable the `testkit` feature).
+//!
+//! They feed a channel hostile input and check that it answers with errors, never panics, and
+//! that its rendering honours its own limits.
+
+use crate::{Channel, Method, Reply, WebhookRequest};
+use bytes::Bytes;
+use std::time::SystemTime;
+
+fn request(method: Method, query: &str, body: &'static [u8]) -> WebhookRequest {
+    let pairs = query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (key.to_owned(), value.to_owned())
+        })
+        .collect();
+    WebhookRequest {
+        method,
+        query: pairs,
+        raw_query: query.to_owned(),
+        headers: vec![],
+        body: Bytes::from_static(body),
+        received_at: SystemTime::now(),
+    }
+}
+
+/// Runs every check; panics (this is test code) naming the first that fails.
+pub fn check_channel(channel: &dyn Channel) {
+    rejects_unsigned_and_garbage_requests(channel);
+    renders_within_its_part_limit(channel);
+}
+
+/// Unsigned, empty and garbage requests are errors, not panics and not accepted messages.
+pub fn rejects_unsigned_and_garbage_requests(channel: &dyn Channel) {
+    let bodies: [&'static [u8]; 6] = [
+        b"",
+        b"<xml>",
+        b"{\"a\":",
+        b"\xff\xfe\x00garbage",
+        b"<xml><ToUserName>a</ToUserName><MsgType>text</MsgType></xml>",
+        b"{\"schema\":\"2.0\",\"header\":{},\"event\":{}}",
+    ];
+    for body in bodies {
+        for method in [Method::Get, Method::Post] {
+            for query in ["", "signature=0&timestamp=0&nonce=0&echostr=x", "msg_signature=&timestamp=x"] {
+                let outcome = channel.handle_webhook(&request(method, query, body));
+                assert!(
+                    outcome.is_err(),
+                    "channel {} accepted an unsigned request: {method:?} ?{query} {body:?}",
+                    channel.id()
+                );
+            }
+        }
+    }
+}
+
+/// `render` never produces a part over `max_part_bytes`, never an empty part, and loses no text.
+pub fn renders_within_its_part_limit(channel: &dyn Channel) {
+    let limit = channel.capabilities().max_part_bytes;
+    let samples = [
+        "短".to_owned(),
+        "你好，世界。".repeat(limit / 6 + 7),
+        "a".repeat(limit * 3 + 1),
+        format!("{}\n\n{}", "第一段。".repeat(limit / 8), "第二段！".repeat(limit / 8)),
+    ];
+    for sample in samples {
+        let parts = channel.render(&Reply::text(sample.clone()));
+        assert!(!parts.is_empty(), "render produced no parts");
+        for part in &parts {
+            assert!(!part.text.is_empty(), "render produced an empty part");
+            assert!(part.text.len() <= limit, "part of {} bytes over the {limit}-byte limit", part.text.len());
+        }
+        let kept: usize = parts.iter().map(|part| part.text.chars().filter(|c| !c.is_whitespace()).count()).sum();
+        let given = sample.chars().filter(|c| !c.is_whitespace()).count();
+        assert!(kept >= given, "render lost text: {kept} of {given} characters kept");
+    }
+}

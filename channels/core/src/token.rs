@@ -1,0 +1,155 @@
+//! A single-flight cache for platform access tokens.
+//!
+//! Every platform hands out a short-lived token (WeChat `access_token`, WeCom `access_token`,
+//! Feishu `tenant_access_token`). Refreshing too often invalidates tokens or burns a daily quota,
+//! so the cache refreshes shortly before expiry, lets only one refresh run at a time, and makes
+//! concurrent callers wait for that one instead of starting their own.
+
+use crate::ChannelError;
+use std::future::Future;
+use std::sync::RwLock;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// A token as the platform returned it.
+#[derive(Debug, Clone)]
+pub struct AccessToken {
+    /// The token.
+    pub value: String,
+    /// How long the platform says it stays valid.
+    pub expires_in: Duration,
+}
+
+#[derive(Debug, Clone)]
+struct Cached {
+    value: String,
+    refresh_at: Instant,
+}
+
+/// Caches one account's token. Share it (`Arc`) between everything that calls the platform.
+#[derive(Debug)]
+pub struct TokenCache {
+    cached: RwLock<Option<Cached>>,
+    // NOTE: held across the fetch on purpose: it is what makes the refresh single-flight.
+    refresh: tokio::sync::Mutex<()>,
+    /// Refresh this long before the platform's expiry, so a token never expires mid-call.
+    margin: Duration,
+}
+
+impl TokenCache {
+    /// A cache that refreshes `margin` before expiry (WeChat: 5 min; Feishu: 30 min).
+    pub fn new(margin: Duration) -> Self {
+        Self { cached: RwLock::new(None), refresh: tokio::sync::Mutex::new(()), margin }
+    }
+
+    fn fresh(&self) -> Option<String> {
+        let guard = self.cached.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        guard
+            .as_ref()
+            .filter(|cached| Instant::now() < cached.refresh_at)
+            .map(|cached| cached.value.clone())
+    }
+
+    /// Returns the cached token, or runs `fetch` (once, however many callers wait) to get one.
+    pub async fn get<F, Fut>(&self, fetch: F) -> Result<String, ChannelError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<AccessToken, ChannelError>>,
+    {
+        if let Some(token) = self.fresh() {
+            return Ok(token);
+        }
+        let _refreshing = self.refresh.lock().await;
+        // Someone else may have refreshed while we waited for the lock.
+        if let Some(token) = self.fresh() {
+            return Ok(token);
+        }
+        let token = fetch().await?;
+        // A token that lives shorter than the margin is still used once rather than refetched
+        // in a loop; it is refreshed on the next call.
+        let lifetime = token.expires_in.saturating_sub(self.margin);
+        let mut guard = self.cached.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *guard = Some(Cached { value: token.value.clone(), refresh_at: Instant::now() + lifetime });
+        Ok(token.value)
+    }
+
+    /// Forgets `rejected` after the platform refused it, so the next `get` fetches a new one.
+    /// A token that was already replaced by another caller is left alone.
+    pub fn invalidate(&self, rejected: &str) {
+        let mut guard = self.cached.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if guard.as_ref().is_some_and(|cached| cached.value == rejected) {
+            *guard = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    fn token(value: &str, secs: u64) -> AccessToken {
+        AccessToken { value: value.into(), expires_in: Duration::from_secs(secs) }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_callers_share_one_refresh() {
+        let cache = Arc::new(TokenCache::new(Duration::from_secs(300)));
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..20 {
+            let (cache, fetches) = (cache.clone(), fetches.clone());
+            tasks.push(tokio::spawn(async move {
+                cache
+                    .get(|| async {
+                        fetches.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        Ok(token("t1", 7200))
+                    })
+                    .await
+            }));
+        }
+        for task in tasks {
+            let value = task.await.unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(value.ok().as_deref(), Some("t1"));
+        }
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_token_is_refreshed_before_it_expires() {
+        let cache = TokenCache::new(Duration::from_secs(300));
+        let first = cache.get(|| async { Ok(token("t1", 7200)) }).await.ok();
+        assert_eq!(first.as_deref(), Some("t1"));
+        tokio::time::advance(Duration::from_secs(6800)).await;
+        let cached = cache.get(|| async { Ok(token("t2", 7200)) }).await.ok();
+        assert_eq!(cached.as_deref(), Some("t1"));
+        tokio::time::advance(Duration::from_secs(200)).await;
+        let renewed = cache.get(|| async { Ok(token("t2", 7200)) }).await.ok();
+        assert_eq!(renewed.as_deref(), Some("t2"));
+    }
+
+    #[tokio::test]
+    async fn invalidating_a_rejected_token_forces_a_fetch_but_spares_a_newer_one() {
+        let cache = TokenCache::new(Duration::from_secs(300));
+        let _ = cache.get(|| async { Ok(token("t1", 7200)) }).await;
+        cache.invalidate("t0");
+        let still = cache.get(|| async { Ok(token("t2", 7200)) }).await.ok();
+        assert_eq!(still.as_deref(), Some("t1"));
+        cache.invalidate("t1");
+        let renewed = cache.get(|| async { Ok(token("t2", 7200)) }).await.ok();
+        assert_eq!(renewed.as_deref(), Some("t2"));
+    }
+
+    #[tokio::test]
+    async fn a_failed_fetch_is_reported_and_not_cached() {
+        let cache = TokenCache::new(Duration::from_secs(300));
+        let failed = cache
+            .get(|| async { Err(ChannelError::Misconfigured("bad secret".into())) })
+            .await;
+        assert!(failed.is_err());
+        let ok = cache.get(|| async { Ok(token("t1", 7200)) }).await.ok();
+        assert_eq!(ok.as_deref(), Some("t1"));
+    }
+}
