@@ -1,1 +1,36 @@
-fn main() {}
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use yizhan::{config::Config, startup::Application, telemetry};
+
+/// Yizhan (驿站): relays WeChat, WeCom and Feishu messages to an LLM and back.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// The config file.
+    #[arg(long, env = "YIZHAN_CONFIG", default_value = "yizhan.toml", global = true)]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve (the default).
+    Run,
+    /// Validate the config file and exit.
+    Check,
+}
+
+#[actix_web::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    telemetry::init();
+    let config = Config::load(&cli.config)?;
+    if let Some(Command::Check) = cli.command {
+        println!("{}: OK ({} channels)", cli.config.display(), config.channels.len());
+        return Ok(());
+    }
+    let app = Application::build(config).await.context("Failed to start Yizhan")?;
+    app.run_until_stopped().await.context("Server failed")
+}

@@ -5,7 +5,7 @@ use serde::de::DeserializeOwned;
 
 /// One `[[channels]]` entry: the id, the kind, and everything else as a JSON table the channel
 /// parses into its own settings type.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ChannelSettings {
     /// The configured id.
     pub id: ChannelId,
@@ -21,5 +21,21 @@ impl ChannelSettings {
         serde_json::from_value(self.table.clone()).map_err(|error| {
             ChannelError::Misconfigured(format!("channel {:?} ({}): {error}", self.id.as_str(), self.kind))
         })
+    }
+}
+
+// NOTE: the table holds secrets (app secrets, tokens), so Debug shows only the key names.
+impl std::fmt::Debug for ChannelSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys: Vec<&str> = self
+            .table
+            .as_object()
+            .map(|table| table.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        f.debug_struct("ChannelSettings")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("keys", &keys)
+            .finish()
     }
 }

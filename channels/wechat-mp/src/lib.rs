@@ -1,1 +1,329 @@
-//! placeholder
+//! Yizhan's channel for WeChat Official Accounts (公众号, "MP"), in plaintext mode (明文模式).
+//!
+//! # Layout
+//! - [`settings`]: [`WechatMpSettings`], the channel's config section.
+//! - [`signature`]: the `sha1(sort(token, timestamp, nonce))` signature on every webhook call.
+//! - `inbound`: pushed XML → [`Envelope`](yizhan_channel_core::Envelope), for every message type
+//!   and event.
+//! - [`markdown`] and [`split`]: LLM markdown → plain text → parts WeChat accepts.
+//! - `passive`: the XML answer carried in the webhook response (the 5-second path).
+//! - `api`: stable access token, customer-service sends and typing, error-code triage.
+//!
+//! # Design decisions
+//! - **Stable token, normal mode.** `/cgi-bin/stable_token` with `force_refresh: false` returns
+//!   the same token to every caller while it is valid, so several hub instances (or a restart)
+//!   never invalidate each other's token, unlike the classic `/cgi-bin/token`. A token WeChat
+//!   rejects (40001/40014/42001) is refreshed and the send retried exactly once.
+//! - **Error codes are triaged, not passed through.** Codes only an operator can fix (IP
+//!   whitelist, wrong AppID/AppSecret) become [`ChannelError::Misconfigured`] with the fix in
+//!   the message, logged once per code rather than once per message; quota and window errors
+//!   become [`ChannelError::Refused`] so the core can park the answer; busy and rate limits become
+//!   [`ChannelError::Transient`].
+//! - **Plain text out.** WeChat renders no markdown, so answers are converted to plain text
+//!   before splitting; splitting prefers paragraph, line and sentence breaks because the
+//!   customer-service quota (5 messages per user message) makes every part count.
+//! - **Nothing fails to parse.** Unknown message types and events become
+//!   [`Event::Other`](yizhan_channel_core::Event::Other); only broken XML or a push without
+//!   sender or type is refused.
+//! - **Safe mode later.** Requests with `encrypt_type=aes` are answered
+//!   [`ChannelError::Unsupported`] after the signature check, so switching the account to 安全模式
+//!   before the crypto lands fails loudly instead of silently dropping messages.
+//!
+//! # Security note
+//! In plaintext mode WeChat signs the query (token, timestamp, nonce), not the body. The
+//! signature plus the replay window prove a URL was issued by WeChat recently; they cannot
+//! prove the body was not swapped by someone who captured a signed URL within the window. Safe
+//! mode (`msg_signature` over the encrypted body) closes that gap; serve the webhook over HTTPS
+//! meanwhile.
+#![warn(missing_docs)]
+
+mod api;
+mod inbound;
+pub mod markdown;
+mod passive;
+pub mod settings;
+pub mod signature;
+pub mod split;
+
+pub use settings::WechatMpSettings;
+pub use split::split_text;
+
+use std::time::{Duration, SystemTime};
+use tracing::debug;
+use yizhan_channel_core::{
+    BoxFuture, Capabilities, Channel, ChannelError, ChannelId, ChannelSettings, Delivery,
+    DeliveryReceipt, Envelope, Method, Reply, WebhookOutcome, WebhookRequest, WebhookResponse,
+};
+
+/// The channel kind, as written in config (`kind = "wechat_mp"`).
+pub const KIND: &str = "wechat_mp";
+
+/// How long WeChat waits for a passive reply before it gives up and retries (PROTOCOLS §2.4).
+const PASSIVE_REPLY_WINDOW: Duration = Duration::from_secs(5);
+
+/// One 公众号 account.
+pub struct WechatMp {
+    id: ChannelId,
+    /// Validated settings (normalised `api_base`).
+    settings: WechatMpSettings,
+    api: api::Api,
+}
+
+impl WechatMp {
+    /// The kind, as written in config (same as the crate-level [`KIND`]).
+    pub const KIND: &'static str = KIND;
+
+    /// Builds the channel from already-parsed settings, validating them first. `http` is shared
+    /// with the rest of the hub so connections are pooled.
+    pub fn new(id: ChannelId, settings: WechatMpSettings, http: reqwest::Client) -> Result<Self, ChannelError> {
+        let settings = settings.validate()?;
+        let api = api::Api::new(
+            id.clone(),
+            http,
+            settings.api_base.clone(),
+            settings.app_id.clone(),
+            settings.app_secret.clone(),
+        );
+        Ok(Self { id, settings, api })
+    }
+
+    /// Builds the channel from its `[[channels]]` entry; unknown keys (the core's) are ignored.
+    pub fn from_settings(settings: &ChannelSettings, http: reqwest::Client) -> Result<WechatMp, ChannelError> {
+        if settings.kind != Self::KIND {
+            return Err(ChannelError::Misconfigured(format!(
+                "channel {:?} has kind {:?}, not {:?}",
+                settings.id.as_str(),
+                settings.kind,
+                Self::KIND
+            )));
+        }
+        let parsed: WechatMpSettings = settings.parse()?;
+        Self::new(settings.id.clone(), parsed, http)
+    }
+
+    /// The validated settings.
+    pub fn settings(&self) -> &WechatMpSettings {
+        &self.settings
+    }
+
+    /// A signed POST: parse the XML into one envelope.
+    fn accept_push(&self, request: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
+        let encrypt_type = request.query_param("encrypt_type").unwrap_or("raw");
+        if !encrypt_type.eq_ignore_ascii_case("raw") {
+            return Err(ChannelError::Unsupported(format!(
+                "encrypt_type={encrypt_type}: 安全模式/兼容模式 is not implemented yet; set the 公众号 \
+                 message encryption to 明文模式"
+            )));
+        }
+        let fields = inbound::parse_fields(&request.body)?;
+        let envelope = inbound::to_envelope(&fields, &self.id, Self::KIND, unix_millis(request.received_at))?;
+        debug!(
+            channel = %self.id,
+            msg_type = fields.get("MsgType").unwrap_or_default(),
+            message_id = %envelope.platform_message_id,
+            "Push accepted."
+        );
+        Ok(WebhookOutcome::Accepted { envelopes: vec![envelope], ack: WebhookResponse::text("success") })
+    }
+}
+
+impl std::fmt::Debug for WechatMp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WechatMp").field("id", &self.id).field("settings", &self.settings).finish()
+    }
+}
+
+fn unix_millis(at: SystemTime) -> i64 {
+    match at.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(since) => i64::try_from(since.as_millis()).unwrap_or(i64::MAX),
+        Err(before) => i64::try_from(before.duration().as_millis()).map_or(i64::MIN, |ms| -ms),
+    }
+}
+
+impl Channel for WechatMp {
+    fn id(&self) -> &ChannelId {
+        &self.id
+    }
+
+    fn kind(&self) -> &str {
+        Self::KIND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            passive_reply_window: Some(PASSIVE_REPLY_WINDOW),
+            markdown: false,
+            max_part_bytes: self.settings.max_part_bytes,
+        }
+    }
+
+    /// GET: URL verification, answered with `echostr`. POST: a message or event push, one
+    /// envelope, acknowledged with `success`. Both must carry a valid signature and a timestamp
+    /// inside the replay window.
+    fn handle_webhook(&self, request: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
+        signature::verify(request, &self.settings.token, self.settings.replay_window())?;
+        match request.method {
+            Method::Get => {
+                let echostr = request
+                    .query_param("echostr")
+                    .ok_or_else(|| ChannelError::BadSignature("query parameter `echostr` is missing".into()))?;
+                Ok(WebhookOutcome::Respond(WebhookResponse::text(echostr.to_owned())))
+            }
+            Method::Post => self.accept_push(request),
+        }
+    }
+
+    /// Markdown → plain text, split into parts of at most `max_part_bytes`. An answer with no
+    /// visible text renders to no parts.
+    fn render(&self, reply: &Reply) -> Vec<Reply> {
+        let plain = markdown::to_plain_text(&reply.text);
+        split::split_text(&plain, self.settings.max_part_bytes).into_iter().map(Reply::text).collect()
+    }
+
+    /// The plaintext passive-reply XML for `reply`, which should be one part from
+    /// [`render`](Channel::render). An empty reply is answered `success` (WeChat then shows
+    /// nothing and does not retry) rather than with an empty `Content`.
+    fn passive_reply(
+        &self,
+        request: &WebhookRequest,
+        envelope: &Envelope,
+        reply: &Reply,
+    ) -> Result<WebhookResponse, ChannelError> {
+        if reply.text.trim().is_empty() {
+            return Ok(WebhookResponse::text("success"));
+        }
+        let account = envelope
+            .reply_handle
+            .0
+            .get("account")
+            .and_then(serde_json::Value::as_str)
+            .filter(|account| !account.is_empty())
+            .ok_or_else(|| {
+                ChannelError::Malformed("the envelope's reply handle names no account; it is not from this channel".into())
+            })?;
+        let xml = passive::text_reply_xml(&envelope.sender.id, account, request.received_at_unix(), &reply.text);
+        Ok(WebhookResponse::xml(xml))
+    }
+
+    /// Sends one part as a customer-service text message to the recipient's openid.
+    fn deliver<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
+        Box::pin(async move {
+            if delivery.reply.text.trim().is_empty() {
+                debug!(channel = %self.id, delivery = %delivery.delivery_id, "Empty part skipped.");
+                return Ok(DeliveryReceipt::default());
+            }
+            self.api.send_text(&delivery.recipient.id, &delivery.reply.text).await
+        })
+    }
+
+    /// "对方正在输入…" for 15 s. Answered `Ok` when WeChat declines only because the user has not
+    /// written in the last 30 s or the indicator is already shown.
+    fn typing<'a>(&'a self, envelope: &'a Envelope) -> BoxFuture<'a, Result<(), ChannelError>> {
+        Box::pin(self.api.typing(&envelope.sender.id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use serde_json::json;
+
+    fn channel(window: u64) -> WechatMp {
+        let settings = ChannelSettings {
+            id: ChannelId::parse("mp").unwrap_or_else(|e| panic!("{e}")),
+            kind: WechatMp::KIND.into(),
+            table: json!({
+                "id": "mp", "kind": "wechat_mp", "system_prompt": "hi",
+                "app_id": "wx1", "app_secret": "secret", "token": "AAAAA",
+                "replay_window_secs": window,
+            }),
+        };
+        WechatMp::from_settings(&settings, reqwest::Client::new()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn request(method: Method, query: &str, body: &str, now: u64) -> WebhookRequest {
+        WebhookRequest {
+            method,
+            query: query
+                .split('&')
+                .filter_map(|pair| pair.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            raw_query: query.to_owned(),
+            headers: vec![],
+            body: Bytes::from(body.to_owned()),
+            received_at: SystemTime::UNIX_EPOCH + Duration::from_secs(now),
+        }
+    }
+
+    const DOC_QUERY: &str = "signature=f464b24fc39322e44b38aa78f5edd27bd1441696&echostr=4375120948345356249\
+                             &timestamp=1714036504&nonce=1514711492";
+
+    #[test]
+    fn the_documented_url_verification_echoes_echostr() {
+        let outcome = channel(0).handle_webhook(&request(Method::Get, DOC_QUERY, "", 2_000_000_000));
+        match outcome {
+            Ok(WebhookOutcome::Respond(response)) => {
+                assert_eq!(response.status, 200);
+                assert_eq!(response.body, Bytes::from_static(b"4375120948345356249"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_stale_timestamp_is_refused_even_with_a_good_signature() {
+        let outcome = channel(300).handle_webhook(&request(Method::Get, DOC_QUERY, "", 1_714_036_504 + 301));
+        assert!(matches!(outcome, Err(ChannelError::BadSignature(_))));
+        let fresh = channel(300).handle_webhook(&request(Method::Get, DOC_QUERY, "", 1_714_036_504 + 299));
+        assert!(fresh.is_ok());
+    }
+
+    #[test]
+    fn a_wrong_signature_or_missing_parameter_is_refused() {
+        let forged = DOC_QUERY.replace("f464b24f", "f464b24e");
+        let outcome = channel(0).handle_webhook(&request(Method::Get, &forged, "", 0));
+        assert!(matches!(outcome, Err(ChannelError::BadSignature(_))));
+        let missing = DOC_QUERY.replace("nonce=", "nonc=");
+        let outcome = channel(0).handle_webhook(&request(Method::Get, &missing, "", 0));
+        assert!(matches!(outcome, Err(ChannelError::BadSignature(_))));
+        let no_echo = DOC_QUERY.replace("echostr=", "echo=");
+        let outcome = channel(0).handle_webhook(&request(Method::Get, &no_echo, "", 0));
+        assert!(matches!(outcome, Err(ChannelError::BadSignature(_))));
+    }
+
+    #[test]
+    fn safe_mode_pushes_are_unsupported_for_now() {
+        let query = format!("{DOC_QUERY}&encrypt_type=aes&msg_signature=abc");
+        let outcome = channel(0).handle_webhook(&request(Method::Post, &query, "<xml><Encrypt>x</Encrypt></xml>", 0));
+        assert!(matches!(outcome, Err(ChannelError::Unsupported(_))));
+    }
+
+    #[test]
+    fn capabilities_offer_the_five_second_passive_window_and_no_markdown() {
+        let capabilities = channel(0).capabilities();
+        assert_eq!(capabilities.passive_reply_window, Some(Duration::from_secs(5)));
+        assert!(!capabilities.markdown);
+        assert_eq!(capabilities.max_part_bytes, 2048);
+    }
+
+    #[test]
+    fn a_settings_entry_of_another_kind_is_refused() {
+        let settings = ChannelSettings {
+            id: ChannelId::parse("mp").unwrap_or_else(|e| panic!("{e}")),
+            kind: "feishu".into(),
+            table: json!({"app_id": "a", "app_secret": "s", "token": "t"}),
+        };
+        assert!(matches!(
+            WechatMp::from_settings(&settings, reqwest::Client::new()),
+            Err(ChannelError::Misconfigured(_))
+        ));
+    }
+
+    #[test]
+    fn unix_millis_handles_times_before_the_epoch() {
+        assert_eq!(unix_millis(SystemTime::UNIX_EPOCH + Duration::from_millis(1500)), 1500);
+        assert_eq!(unix_millis(SystemTime::UNIX_EPOCH - Duration::from_millis(1500)), -1500);
+    }
+}

@@ -1,1 +1,143 @@
-//! placeholder
+//! An example plugin channel, written outside Yizhan's crates against `yizhan-channel-core` only.
+//!
+//! "HTTP JSON" is the smallest useful platform: an internal system POSTs
+//! `{"message_id": "...", "user": "...", "text": "..."}` to `/webhooks/{id}` with
+//! `Authorization: Bearer <token>`, and receives answers as
+//! `{"user": "...", "text": "...", "in_reply_to": "..."}` POSTed to its `callback_url`.
+//!
+//! Register it before building the application:
+//!
+//! ```ignore
+//! let mut kinds = yizhan::channels::ChannelKinds::builtin();
+//! kinds.register(yizhan_plugin_example::HttpJson::KIND, |settings, http| {
+//!     Ok(std::sync::Arc::new(yizhan_plugin_example::HttpJson::from_settings(settings, http.clone())?))
+//! });
+//! let app = yizhan::startup::Application::build_with(config, kinds).await?;
+//! ```
+//!
+//! and configure it like any channel:
+//!
+//! ```toml
+//! [[channels]]
+//! id = "intranet"
+//! kind = "http_json"
+//! token = "a-long-random-string"
+//! callback_url = "http://intranet.example/bot/answers"
+//! ```
+#![warn(missing_docs)]
+
+use serde::Deserialize;
+use std::time::SystemTime;
+use yizhan_channel_core::{
+    constant_time_eq, BoxFuture, Channel, ChannelError, ChannelId, ChannelSettings, Conversation, ConversationKind,
+    Delivery, DeliveryReceipt, Envelope, Method, ReplyHandle, Segment, Sender, WebhookOutcome, WebhookRequest,
+    WebhookResponse,
+};
+
+/// The plugin's config keys.
+#[derive(Debug, Deserialize)]
+pub struct HttpJsonSettings {
+    /// The bearer token callers must present.
+    pub token: String,
+    /// Where answers are POSTed.
+    pub callback_url: String,
+}
+
+#[derive(Deserialize)]
+struct Inbound {
+    message_id: String,
+    user: String,
+    text: String,
+}
+
+/// See the crate docs.
+pub struct HttpJson {
+    id: ChannelId,
+    settings: HttpJsonSettings,
+    http: reqwest::Client,
+}
+
+impl HttpJson {
+    /// The config `kind`.
+    pub const KIND: &'static str = "http_json";
+
+    /// Builds the channel from its `[[channels]]` entry.
+    pub fn from_settings(settings: &ChannelSettings, http: reqwest::Client) -> Result<Self, ChannelError> {
+        let parsed: HttpJsonSettings = settings.parse()?;
+        if parsed.token.len() < 8 {
+            return Err(ChannelError::Misconfigured(format!(
+                "channel {:?}: `token` must be at least 8 characters",
+                settings.id.as_str()
+            )));
+        }
+        Ok(Self { id: settings.id.clone(), settings: parsed, http })
+    }
+}
+
+impl Channel for HttpJson {
+    fn id(&self) -> &ChannelId {
+        &self.id
+    }
+
+    fn kind(&self) -> &str {
+        Self::KIND
+    }
+
+    fn handle_webhook(&self, request: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
+        let presented = request.header("authorization").and_then(|value| value.strip_prefix("Bearer ")).unwrap_or("");
+        if !constant_time_eq(presented.as_bytes(), self.settings.token.as_bytes()) {
+            return Err(ChannelError::BadSignature("missing or wrong bearer token".into()));
+        }
+        if request.method != Method::Post {
+            return Err(ChannelError::Unsupported("only POST carries messages".into()));
+        }
+        let inbound: Inbound =
+            serde_json::from_slice(&request.body).map_err(|error| ChannelError::Malformed(error.to_string()))?;
+        let received_at_ms = request
+            .received_at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_millis() as i64)
+            .unwrap_or_default();
+        let envelope = Envelope {
+            id: Envelope::new_id(),
+            channel: self.id.clone(),
+            channel_kind: Self::KIND.into(),
+            platform_message_id: inbound.message_id.clone(),
+            received_at_ms,
+            conversation: Conversation { kind: ConversationKind::Direct, id: inbound.user.clone() },
+            sender: Sender { id: inbound.user, name: None },
+            content: vec![Segment::Text { text: inbound.text }],
+            mentions_self: true,
+            reply_handle: ReplyHandle(serde_json::json!({ "in_reply_to": inbound.message_id })),
+        };
+        Ok(WebhookOutcome::Accepted {
+            envelopes: vec![envelope],
+            ack: WebhookResponse::json(r#"{"ok":true}"#),
+        })
+    }
+
+    fn deliver<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
+        Box::pin(async move {
+            let body = serde_json::json!({
+                "user": delivery.recipient.id,
+                "text": delivery.reply.text,
+                "in_reply_to": delivery.reply_handle.0.get("in_reply_to"),
+            });
+            let response = self
+                .http
+                .post(&self.settings.callback_url)
+                .json(&body)
+                .send()
+                .await
+                .map_err(|error| ChannelError::Transient { reason: error.to_string(), retry_after: None })?;
+            let status = response.status();
+            if status.is_server_error() || status.as_u16() == 429 {
+                return Err(ChannelError::Transient { reason: format!("callback answered {status}"), retry_after: None });
+            }
+            if !status.is_success() {
+                return Err(ChannelError::Refused { code: i64::from(status.as_u16()), reason: "callback refused".into() });
+            }
+            Ok(DeliveryReceipt::default())
+        })
+    }
+}

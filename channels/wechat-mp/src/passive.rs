@@ -1,0 +1,56 @@
+//! The plaintext passive-reply XML: an answer carried in the webhook's own HTTP response.
+//!
+//! Invariant: whatever the text holds, the output is well-formed XML whose `Content` reads back
+//! as that text (less the control characters XML 1.0 cannot carry).
+
+/// Builds `<xml>…<MsgType>text</MsgType><Content>…</Content></xml>` (PROTOCOLS §2.4): To and
+/// From swapped relative to the push, so `to_openid` is the user and `from_account` the
+/// account's `gh_` id.
+pub(crate) fn text_reply_xml(to_openid: &str, from_account: &str, create_time: i64, content: &str) -> String {
+    format!(
+        "<xml><ToUserName>{}</ToUserName><FromUserName>{}</FromUserName>\
+         <CreateTime>{create_time}</CreateTime><MsgType><![CDATA[text]]></MsgType>\
+         <Content>{}</Content></xml>",
+        cdata(to_openid),
+        cdata(from_account),
+        cdata(content),
+    )
+}
+
+/// Wraps `text` in CDATA. A `]]>` inside would end the section early, so it is split across two
+/// sections (`]]` ends one, `>` starts the next), which readers join back into the same text.
+fn cdata(text: &str) -> String {
+    let clean: String = text.chars().filter(|&ch| is_xml_char(ch)).collect();
+    format!("<![CDATA[{}]]>", clean.replace("]]>", "]]]]><![CDATA[>"))
+}
+
+/// Whether XML 1.0 allows `ch` at all (even CDATA cannot carry the others, and WeChat rejects
+/// documents that contain them).
+fn is_xml_char(ch: char) -> bool {
+    matches!(ch, '\t' | '\n' | '\r') || (ch >= ' ' && ch != '\u{FFFE}' && ch != '\u{FFFF}')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inbound::parse_fields;
+
+    #[test]
+    fn a_reply_parses_back_to_the_same_fields() {
+        let content = "你好 <b>&amp; ]]> end ]]]]> x]]";
+        let xml = text_reply_xml("o_user", "gh_acct", 1_714_036_504, content);
+        let fields = parse_fields(xml.as_bytes()).unwrap_or_else(|e| panic!("{e}: {xml}"));
+        assert_eq!(fields.get("ToUserName"), Some("o_user"));
+        assert_eq!(fields.get("FromUserName"), Some("gh_acct"));
+        assert_eq!(fields.get("CreateTime"), Some("1714036504"));
+        assert_eq!(fields.get("MsgType"), Some("text"));
+        assert_eq!(fields.raw("Content"), Some(content));
+    }
+
+    #[test]
+    fn control_characters_are_dropped_so_the_xml_stays_valid() {
+        let xml = text_reply_xml("o", "gh", 1, "a\u{0}b\u{1b}c\nd");
+        let fields = parse_fields(xml.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(fields.raw("Content"), Some("abc\nd"));
+    }
+}

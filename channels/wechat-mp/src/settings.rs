@@ -1,0 +1,183 @@
+//! The `wechat_mp` section of the config file, parsed and checked once at startup.
+//!
+//! Invariant: a [`WechatMpSettings`] that passed [`validate`](WechatMpSettings::validate) has a
+//! non-empty app id, app secret and token, an `http(s)` API base without a trailing slash, and a
+//! part limit large enough for any UTF-8 character.
+
+use serde::Deserialize;
+use std::fmt;
+use std::time::Duration;
+use yizhan_channel_core::ChannelError;
+
+/// The smallest `max_part_bytes` accepted: below this a part could not hold a sentence, and the
+/// splitter needs at least 4 bytes to fit any UTF-8 character.
+pub const MIN_PART_BYTES: usize = 64;
+
+/// One 公众号 account's settings.
+///
+/// Unknown keys are ignored on purpose: the same config table also carries the core's keys
+/// (`id`, `kind`, `system_prompt`, `reply_mode` …).
+#[derive(Clone, Deserialize)]
+pub struct WechatMpSettings {
+    /// The account's AppID (开发者ID), from 设置与开发 → 基本配置; needed for the access token.
+    pub app_id: String,
+    /// The AppSecret (开发者密码). Secret: never logged, never put in an error.
+    pub app_secret: String,
+    /// The Token entered in the server configuration (服务器配置); it signs every webhook call.
+    /// Secret: anyone who has it can forge pushes.
+    pub token: String,
+    /// Where the WeChat API lives; configurable so tests (and proxies) can stand in for it.
+    #[serde(default = "default_api_base")]
+    pub api_base: String,
+    /// How far (seconds) a webhook's `timestamp` may be from our clock before the call is
+    /// refused as a replay. 0 disables the check, for hosts whose clock cannot be trusted.
+    #[serde(default = "default_replay_window_secs")]
+    pub replay_window_secs: u64,
+    /// The largest text part sent in one message, in UTF-8 bytes. WeChat documents no limit;
+    /// 2048 is the community-measured one (errcode 45002 beyond it), hence configurable.
+    #[serde(default = "default_max_part_bytes")]
+    pub max_part_bytes: usize,
+    /// The EncodingAESKey for 安全模式. Accepted so configs can be written ahead of time; safe
+    /// mode itself is not implemented yet (its requests are answered `Unsupported`).
+    #[serde(default)]
+    pub encoding_aes_key: Option<String>,
+}
+
+fn default_api_base() -> String {
+    "https://api.weixin.qq.com".to_owned()
+}
+
+fn default_replay_window_secs() -> u64 {
+    300
+}
+
+fn default_max_part_bytes() -> usize {
+    2048
+}
+
+// NOTE: hand-written so that the secret, the token and the AES key can never reach a log line
+// through `{:?}`.
+impl fmt::Debug for WechatMpSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WechatMpSettings")
+            .field("app_id", &self.app_id)
+            .field("app_secret", &"<redacted>")
+            .field("token", &"<redacted>")
+            .field("api_base", &self.api_base)
+            .field("replay_window_secs", &self.replay_window_secs)
+            .field("max_part_bytes", &self.max_part_bytes)
+            .field("encoding_aes_key", &self.encoding_aes_key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl WechatMpSettings {
+    /// Checks the settings and normalises `api_base` (trims whitespace and trailing slashes).
+    /// Errors name the offending key, never its value when the value is a secret.
+    pub fn validate(mut self) -> Result<Self, ChannelError> {
+        for (key, value) in
+            [("app_id", &self.app_id), ("app_secret", &self.app_secret), ("token", &self.token)]
+        {
+            if value.trim().is_empty() {
+                return Err(ChannelError::Misconfigured(format!(
+                    "wechat_mp: `{key}` is empty; copy it from the 公众号 后台 (设置与开发 → 基本配置)"
+                )));
+            }
+        }
+        if self.token != self.token.trim() {
+            return Err(ChannelError::Misconfigured(
+                "wechat_mp: `token` has leading or trailing whitespace; signatures would never match"
+                    .into(),
+            ));
+        }
+        let base = self.api_base.trim().trim_end_matches('/').to_owned();
+        let scheme_ok = base.starts_with("https://") || base.starts_with("http://");
+        if !scheme_ok || reqwest::Url::parse(&base).is_err() {
+            return Err(ChannelError::Misconfigured(format!(
+                "wechat_mp: `api_base` {:?} is not an http(s) URL",
+                self.api_base
+            )));
+        }
+        self.api_base = base;
+        if self.max_part_bytes < MIN_PART_BYTES {
+            return Err(ChannelError::Misconfigured(format!(
+                "wechat_mp: `max_part_bytes` is {}, below the minimum of {MIN_PART_BYTES}",
+                self.max_part_bytes
+            )));
+        }
+        Ok(self)
+    }
+
+    /// The replay window as a duration (zero: disabled).
+    pub fn replay_window(&self) -> Duration {
+        Duration::from_secs(self.replay_window_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(value: serde_json::Value) -> Result<WechatMpSettings, String> {
+        serde_json::from_value::<WechatMpSettings>(value)
+            .map_err(|e| e.to_string())
+            .and_then(|s| s.validate().map_err(|e| e.to_string()))
+    }
+
+    #[test]
+    fn defaults_apply_and_core_keys_are_ignored() {
+        let settings = parse(json!({
+            "id": "mp", "kind": "wechat_mp", "system_prompt": "be nice", "reply_mode": "auto",
+            "app_id": "wx1", "app_secret": "s", "token": "t",
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(settings.api_base, "https://api.weixin.qq.com");
+        assert_eq!(settings.replay_window_secs, 300);
+        assert_eq!(settings.max_part_bytes, 2048);
+        assert!(settings.encoding_aes_key.is_none());
+    }
+
+    #[test]
+    fn a_trailing_slash_on_the_api_base_is_tolerated() {
+        let settings = parse(json!({
+            "app_id": "wx1", "app_secret": "s", "token": "t", "api_base": "http://127.0.0.1:9/",
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(settings.api_base, "http://127.0.0.1:9");
+    }
+
+    #[test]
+    fn empty_required_keys_are_named_in_the_error() {
+        let error = parse(json!({"app_id": "wx1", "app_secret": "s", "token": ""}))
+            .err()
+            .unwrap_or_default();
+        assert!(error.contains("`token`"), "{error}");
+        let error = parse(json!({"app_id": " ", "app_secret": "s", "token": "t"}))
+            .err()
+            .unwrap_or_default();
+        assert!(error.contains("`app_id`"), "{error}");
+        let error = parse(json!({"app_secret": "s", "token": "t"})).err().unwrap_or_default();
+        assert!(error.contains("app_id"), "{error}");
+    }
+
+    #[test]
+    fn a_bad_api_base_or_tiny_part_limit_is_refused() {
+        assert!(parse(json!({"app_id": "a", "app_secret": "s", "token": "t", "api_base": "ftp://x"}))
+            .is_err());
+        assert!(parse(json!({"app_id": "a", "app_secret": "s", "token": "t", "max_part_bytes": 3}))
+            .is_err());
+    }
+
+    #[test]
+    fn debug_output_hides_the_secrets() {
+        let settings = parse(json!({
+            "app_id": "wx1", "app_secret": "very-secret", "token": "tok-secret",
+            "encoding_aes_key": "aes-secret",
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let shown = format!("{settings:?}");
+        assert!(!shown.contains("very-secret") && !shown.contains("tok-secret"));
+        assert!(!shown.contains("aes-secret"));
+    }
+}

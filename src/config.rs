@@ -1,0 +1,539 @@
+//! Typed configuration: a TOML file, overridden by `YIZHAN__SECTION__KEY` environment variables.
+//!
+//! Invariants: a `Config` that loaded is valid (every bound positive, every channel id unique and
+//! well-formed), and a failure names the offending key. Secrets are `SecretString`s, which never
+//! print.
+//!
+//! Environment overrides: `YIZHAN__LLM__API_KEY=sk-…` sets `[llm] api_key`;
+//! `YIZHAN__CHANNELS__<ID>__APP_SECRET=…` sets `app_secret` of the `[[channels]]` entry whose id
+//! is `<ID>` (case-insensitive, `-` written as `_`). Values are read as TOML scalars when the key's
+//! type is a number or boolean; quote a value (`'"123"'`) to force a string.
+
+use anyhow::{anyhow, bail, Context};
+use secrecy::SecretString;
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use yizhan_channel_core::{ChannelId, ChannelSettings};
+
+/// The whole configuration.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The HTTP server.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Where state lives.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// The model.
+    pub llm: LlmConfig,
+    /// Conversations.
+    #[serde(default)]
+    pub session: SessionConfig,
+    /// Sending answers.
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    /// What users see in the hub's own words.
+    #[serde(default)]
+    pub messages: MessagesConfig,
+    /// The platform accounts.
+    #[serde(default)]
+    pub channels: Vec<ChannelConfig>,
+}
+
+/// `[server]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address and port to listen on (`0.0.0.0:8080`; port 0 picks a free one).
+    pub bind: String,
+    /// Largest webhook body accepted; larger gets 413.
+    pub body_limit_bytes: usize,
+    /// HTTP worker threads; 0 means one per core.
+    pub workers: usize,
+    /// How long a graceful shutdown may take before in-flight work is abandoned to recovery.
+    pub shutdown_timeout_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            bind: "0.0.0.0:8080".into(),
+            body_limit_bytes: 1024 * 1024,
+            workers: 0,
+            shutdown_timeout_secs: 10,
+        }
+    }
+}
+
+/// Which store implementation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// In process memory: fast, lost on restart. For tests and trials.
+    Memory,
+    /// Embedded SQLite file: durable, the default.
+    Sqlite,
+}
+
+/// `[store]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `memory` or `sqlite`.
+    pub kind: StoreKind,
+    /// The SQLite file (created with its directory on first run).
+    pub path: PathBuf,
+    /// How long a platform message id is remembered to recognise retries. Must exceed the
+    /// longest platform retry interval (Feishu retries for hours).
+    pub dedupe_ttl_secs: u64,
+    /// Conversation history and finished journal entries older than this are pruned.
+    pub retention_days: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            kind: StoreKind::Memory,
+            path: PathBuf::from("data/yizhan.db"),
+            dedupe_ttl_secs: 24 * 3600,
+            retention_days: 30,
+        }
+    }
+}
+
+/// Which LLM API to speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LlmBackendKind {
+    /// OpenAI Chat Completions (OpenAI, Ollama, vLLM, DeepSeek, Qwen, one-api …).
+    Openai,
+    /// LobeHub's external REST API (`/api/v1/responses` with an agent, `/api/v1/chat` without).
+    Lobehub,
+}
+
+/// `[llm]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmConfig {
+    /// `openai` or `lobehub`.
+    #[serde(default = "default_backend")]
+    pub backend: LlmBackendKind,
+    /// For `openai`: the API root ending in `/v1`; for `lobehub`: the server root.
+    pub base_url: String,
+    /// Bearer key; better set through `YIZHAN__LLM__API_KEY`.
+    #[serde(default)]
+    pub api_key: Option<SecretString>,
+    /// Model name (`openai`), or model for LobeHub's `/api/v1/chat`.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// LobeHub agent id (`agt_…`): selects `/api/v1/responses`.
+    #[serde(default)]
+    pub agent_id: Option<String>,
+    /// LobeHub provider for `/api/v1/chat`.
+    #[serde(default)]
+    pub provider: Option<String>,
+    /// The default persona; channels may set their own.
+    #[serde(default = "default_system_prompt")]
+    pub system_prompt: String,
+    /// Requests to the model at once.
+    #[serde(default = "default_max_concurrency")]
+    pub max_concurrency: usize,
+    /// Requests allowed to wait for a slot; beyond that users get the `busy` message.
+    #[serde(default = "default_max_waiting")]
+    pub max_waiting: usize,
+    /// TCP/TLS connect timeout.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Time to the first visible token.
+    #[serde(default = "default_first_token_timeout_secs")]
+    pub first_token_timeout_secs: u64,
+    /// Time to the whole answer, retries included.
+    #[serde(default = "default_total_timeout_secs")]
+    pub total_timeout_secs: u64,
+    /// Retries on connect errors, 429 and 5xx before the first byte.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    /// Sampling temperature, when set.
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    /// Answer length cap, when set.
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    /// Ask for the usage chunk (`stream_options.include_usage`); some gateways reject it.
+    #[serde(default)]
+    pub include_usage: bool,
+    /// Send the OpenAI `user` field (Ollama ignores it; some gateways reject it).
+    #[serde(default = "default_true")]
+    pub send_user: bool,
+    /// Remove `<think>…</think>` from answers of models that inline their reasoning.
+    #[serde(default = "default_true")]
+    pub strip_think: bool,
+}
+
+fn default_backend() -> LlmBackendKind {
+    LlmBackendKind::Openai
+}
+fn default_system_prompt() -> String {
+    "你是一个乐于助人的 AI 助手。请用简洁、友好的中文回答。".into()
+}
+fn default_max_concurrency() -> usize {
+    16
+}
+fn default_max_waiting() -> usize {
+    512
+}
+fn default_connect_timeout_ms() -> u64 {
+    3_000
+}
+fn default_first_token_timeout_secs() -> u64 {
+    30
+}
+fn default_total_timeout_secs() -> u64 {
+    120
+}
+fn default_max_retries() -> u32 {
+    2
+}
+fn default_true() -> bool {
+    true
+}
+
+impl LlmConfig {
+    /// Connect timeout as a duration.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+}
+
+/// `[session]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    /// Earlier turns (a question and its answer) sent with each question.
+    pub history_max_turns: usize,
+    /// Characters of earlier turns sent at most; the oldest turns go first.
+    pub history_max_chars: usize,
+    /// A conversation's actor retires after this long without messages (its history stays in
+    /// the store).
+    pub idle_timeout_secs: u64,
+    /// Messages one user may have waiting behind the one being answered; more get `busy`.
+    pub max_pending: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self { history_max_turns: 10, history_max_chars: 6_000, idle_timeout_secs: 600, max_pending: 16 }
+    }
+}
+
+/// `[delivery]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Sends of one part before it is recorded as failed.
+    pub max_attempts: u32,
+    /// First retry delay; doubles each attempt, with jitter.
+    pub retry_base_delay_ms: u64,
+    /// Longest retry delay.
+    pub retry_max_delay_ms: u64,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self { max_attempts: 6, retry_base_delay_ms: 500, retry_max_delay_ms: 60_000 }
+    }
+}
+
+/// `[messages]`: the hub's own words to users.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MessagesConfig {
+    /// When the LLM queue is full.
+    pub busy: String,
+    /// When the LLM failed.
+    pub apology: String,
+    /// After `/reset`.
+    pub reset_done: String,
+    /// Words that clear the conversation.
+    pub reset_commands: Vec<String>,
+    /// For messages the bot cannot read (pictures, files …).
+    pub unsupported: String,
+    /// For a new follower; says that the assistant is an AI.
+    pub welcome: String,
+}
+
+impl Default for MessagesConfig {
+    fn default() -> Self {
+        Self {
+            busy: "当前咨询人数较多，请稍后再试。".into(),
+            apology: "抱歉，AI 助手暂时无法回答，请稍后再试。".into(),
+            reset_done: "好的，已清空对话记录，我们重新开始吧。".into(),
+            reset_commands: vec!["/reset".into(), "重置".into(), "清空对话".into()],
+            unsupported: "抱歉，我目前只能理解文字消息，请用文字描述你的问题。".into(),
+            welcome: "你好！我是 AI 助手（回答由人工智能生成），有什么可以帮你？".into(),
+        }
+    }
+}
+
+/// How a channel answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplyMode {
+    /// Acknowledge at once, answer through the platform's send API.
+    Push,
+}
+
+/// One `[[channels]]` entry: the keys the core reads, plus the channel's own keys.
+#[derive(Debug)]
+pub struct ChannelConfig {
+    /// What the core reads.
+    pub core: ChannelCoreConfig,
+    /// The whole entry for the channel's own parser.
+    pub settings: ChannelSettings,
+}
+
+/// The keys of a `[[channels]]` entry that the core reads.
+#[derive(Debug, Deserialize)]
+pub struct ChannelCoreConfig {
+    /// Appears in the webhook URL.
+    pub id: String,
+    /// Selects the channel implementation.
+    pub kind: String,
+    /// This account's persona; falls back to `[llm] system_prompt`.
+    #[serde(default)]
+    pub system_prompt: Option<String>,
+    /// How answers go back.
+    #[serde(default = "default_reply_mode")]
+    pub reply_mode: ReplyMode,
+}
+
+fn default_reply_mode() -> ReplyMode {
+    ReplyMode::Push
+}
+
+impl<'de> Deserialize<'de> for ChannelConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let table = toml::Value::deserialize(deserializer)?;
+        let core = ChannelCoreConfig::deserialize(table.clone()).map_err(D::Error::custom)?;
+        let id = ChannelId::parse(&core.id).map_err(D::Error::custom)?;
+        let json = serde_json::to_value(&table).map_err(D::Error::custom)?;
+        let settings = ChannelSettings { id, kind: core.kind.clone(), table: json };
+        Ok(Self { core, settings })
+    }
+}
+
+impl Config {
+    /// Reads `path`, applies the process environment's overrides, and validates.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("Failed to read config file {}", path.display()))?;
+        Self::from_toml(&text, std::env::vars())
+            .with_context(|| format!("Invalid config file {}", path.display()))
+    }
+
+    /// Parses TOML text with the given environment overrides (tests pass their own).
+    pub fn from_toml(text: &str, env: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<Self> {
+        let mut value: toml::Value = toml::from_str(text).context("Failed to parse TOML")?;
+        for (name, raw) in env {
+            if let Some(path) = name.strip_prefix("YIZHAN__") {
+                apply_override(&mut value, path, &raw)
+                    .with_context(|| format!("Failed to apply environment variable {name}"))?;
+            }
+        }
+        let config: Config = serde_path_to_error::deserialize(value).map_err(|error| {
+            let path = error.path().to_string();
+            anyhow!("config key `{path}`: {}", error.into_inner())
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let positive = [
+            ("server.body_limit_bytes", self.server.body_limit_bytes as u64),
+            ("llm.max_concurrency", self.llm.max_concurrency as u64),
+            ("llm.first_token_timeout_secs", self.llm.first_token_timeout_secs),
+            ("llm.total_timeout_secs", self.llm.total_timeout_secs),
+            ("llm.connect_timeout_ms", self.llm.connect_timeout_ms),
+            ("session.idle_timeout_secs", self.session.idle_timeout_secs),
+            ("session.max_pending", self.session.max_pending as u64),
+            ("delivery.max_attempts", u64::from(self.delivery.max_attempts)),
+            ("store.dedupe_ttl_secs", self.store.dedupe_ttl_secs),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                bail!("config key `{key}` must be greater than 0");
+            }
+        }
+        if self.llm.base_url.trim().is_empty() {
+            bail!("config key `llm.base_url` must not be empty");
+        }
+        match self.llm.backend {
+            LlmBackendKind::Openai if self.llm.model.as_deref().unwrap_or("").is_empty() => {
+                bail!("config key `llm.model` is required for the openai backend")
+            }
+            _ => {}
+        }
+        let mut seen = HashSet::new();
+        for (index, channel) in self.channels.iter().enumerate() {
+            if !seen.insert(channel.core.id.clone()) {
+                bail!("config key `channels[{index}].id`: duplicate channel id {:?}", channel.core.id);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Names whose values are secrets or identifiers: an override stays a string even if it looks
+/// like a number.
+fn is_string_key(key: &str) -> bool {
+    ["secret", "token", "key", "id", "password", "url", "base", "prompt", "bind", "path", "model"]
+        .iter()
+        .any(|word| key.contains(word))
+}
+
+fn apply_override(root: &mut toml::Value, path: &str, raw: &str) -> anyhow::Result<()> {
+    let segments: Vec<String> = path.split("__").map(|segment| segment.to_ascii_lowercase()).collect();
+    if segments.iter().any(String::is_empty) {
+        bail!("empty key segment");
+    }
+    let mut node = root;
+    let mut index = 0;
+    while index + 1 < segments.len() {
+        let segment = &segments[index];
+        let table = node.as_table_mut().ok_or_else(|| anyhow!("`{segment}` is not a table"))?;
+        if segment == "channels" {
+            // Channels are addressed by id, not by position.
+            let wanted = segments[index + 1].replace('-', "_");
+            let entries = table
+                .get_mut("channels")
+                .and_then(toml::Value::as_array_mut)
+                .ok_or_else(|| anyhow!("there is no [[channels]] entry"))?;
+            node = entries
+                .iter_mut()
+                .find(|entry| {
+                    entry.get("id").and_then(toml::Value::as_str).map(|id| id.to_ascii_lowercase().replace('-', "_"))
+                        == Some(wanted.clone())
+                })
+                .ok_or_else(|| anyhow!("no [[channels]] entry has id {wanted:?}"))?;
+            index += 2;
+            continue;
+        }
+        node = table
+            .entry(segment.clone())
+            .or_insert_with(|| toml::Value::Table(toml::map::Map::new()));
+        index += 1;
+    }
+    let key = segments.last().cloned().unwrap_or_default();
+    let table = node.as_table_mut().ok_or_else(|| anyhow!("parent of `{key}` is not a table"))?;
+    let existing_is_string = table.get(&key).map(toml::Value::is_str);
+    let parsed = parse_scalar(raw);
+    let value = match (existing_is_string, parsed) {
+        (Some(true), _) | (None, None) => toml::Value::String(raw.to_owned()),
+        (None, Some(toml::Value::String(text))) => toml::Value::String(text),
+        (None, Some(_)) if is_string_key(&key) => toml::Value::String(raw.to_owned()),
+        (_, Some(value)) => value,
+        (Some(false), None) => toml::Value::String(raw.to_owned()),
+    };
+    table.insert(key, value);
+    Ok(())
+}
+
+fn parse_scalar(raw: &str) -> Option<toml::Value> {
+    let wrapped: toml::Table = toml::from_str(&format!("v = {raw}")).ok()?;
+    wrapped.get("v").cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    const MINIMAL: &str = r#"
+[llm]
+base_url = "http://127.0.0.1:11434/v1"
+model = "qwen3:8b"
+
+[[channels]]
+id = "mp-main"
+kind = "wechat_mp"
+app_id = "wx123"
+app_secret = "file-secret"
+token = "tok"
+"#;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> anyhow::Result<Config> {
+        Config::from_toml(text, env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn a_minimal_file_loads_with_defaults() {
+        let config = load(MINIMAL, &[]).unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(config.server.body_limit_bytes, 1024 * 1024);
+        assert_eq!(config.llm.backend, LlmBackendKind::Openai);
+        assert_eq!(config.channels.len(), 1);
+        assert_eq!(config.channels[0].settings.table["app_secret"], "file-secret");
+        assert_eq!(config.channels[0].core.reply_mode, ReplyMode::Push);
+    }
+
+    #[test]
+    fn environment_variables_override_sections_and_channels_by_id() {
+        let config = load(
+            MINIMAL,
+            &[
+                ("YIZHAN__LLM__API_KEY", "12345"),
+                ("YIZHAN__LLM__MAX_CONCURRENCY", "3"),
+                ("YIZHAN__SERVER__BIND", "127.0.0.1:0"),
+                ("YIZHAN__CHANNELS__MP_MAIN__APP_SECRET", "env-secret"),
+                ("YIZHAN__CHANNELS__MP_MAIN__REPLAY_WINDOW_SECS", "0"),
+                ("OTHER", "ignored"),
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(config.llm.api_key.as_ref().map(|k| k.expose_secret().to_owned()).as_deref(), Some("12345"));
+        assert_eq!(config.llm.max_concurrency, 3);
+        assert_eq!(config.server.bind, "127.0.0.1:0");
+        assert_eq!(config.channels[0].settings.table["app_secret"], "env-secret");
+        assert_eq!(config.channels[0].settings.table["replay_window_secs"], 0);
+    }
+
+    #[test]
+    fn a_bad_value_is_reported_with_its_key() {
+        let error = load(&MINIMAL.replace("[llm]", "[llm]\nmax_concurrency = \"many\""), &[])
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(error.contains("llm.max_concurrency"), "{error}");
+        let error = load(&MINIMAL.replace("[llm]", "[llm]\nmax_concurency = 3"), &[])
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(error.contains("max_concurency"), "{error}");
+        let error = load(&MINIMAL.replace("[llm]", "[llm]\nmax_concurrency = 0"), &[])
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(error.contains("llm.max_concurrency"), "{error}");
+    }
+
+    #[test]
+    fn an_override_for_an_unknown_channel_is_an_error() {
+        assert!(load(MINIMAL, &[("YIZHAN__CHANNELS__NOPE__TOKEN", "x")]).is_err());
+    }
+
+    #[test]
+    fn secrets_do_not_appear_in_debug_output() {
+        let config = load(MINIMAL, &[("YIZHAN__LLM__API_KEY", "sk-very-secret")]).unwrap_or_else(|e| panic!("{e:#}"));
+        assert!(!format!("{:?}", config.llm).contains("sk-very-secret"));
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../examples/yizhan.example.toml");
+        load(text, &[]).unwrap_or_else(|e| panic!("{e:#}"));
+    }
+}

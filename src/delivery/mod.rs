@@ -1,0 +1,183 @@
+//! Sending answers: one [`ChannelActor`] per configured account renders an answer into the
+//! platform's parts and sends them in order, retrying transient failures with backoff.
+//!
+//! Invariant: a part is retried only on [`ChannelError::is_retryable`] failures and at most
+//! `max_attempts` times; every part ends as delivered or as failed with a logged, counted reason.
+
+use crate::config::DeliveryConfig;
+use crate::metrics::Metrics;
+use actix::prelude::*;
+use rand::Rng;
+use std::sync::Arc;
+use std::time::Duration;
+use yizhan_channel_core::{Channel, ChannelError, Delivery, Envelope, Reply};
+
+/// Send an answer to the envelope's conversation; resolves when every part is delivered or
+/// one failed for good.
+#[derive(Message)]
+#[rtype(result = "Result<(), ChannelError>")]
+pub struct Deliver {
+    /// The message being answered.
+    pub envelope: Envelope,
+    /// The answer, before platform rendering.
+    pub reply: Reply,
+}
+
+/// Show a typing indicator for the envelope's conversation (best effort).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Typing {
+    /// The message being answered.
+    pub envelope: Envelope,
+}
+
+/// How retries back off.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Sends of one part before giving up.
+    pub max_attempts: u32,
+    /// First delay; doubled each attempt.
+    pub base_delay: Duration,
+    /// Largest delay.
+    pub max_delay: Duration,
+}
+
+impl From<&DeliveryConfig> for RetryPolicy {
+    fn from(config: &DeliveryConfig) -> Self {
+        Self {
+            max_attempts: config.max_attempts.max(1),
+            base_delay: Duration::from_millis(config.retry_base_delay_ms),
+            max_delay: Duration::from_millis(config.retry_max_delay_ms.max(config.retry_base_delay_ms)),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The delay before attempt `attempt + 1`: exponential with full jitter, or the platform's
+    /// own hint when it gave one.
+    pub fn delay(&self, attempt: u32, hint: Option<Duration>) -> Duration {
+        if let Some(hint) = hint {
+            return hint.min(self.max_delay);
+        }
+        let ceiling = self.base_delay.saturating_mul(1u32 << attempt.min(16)).min(self.max_delay);
+        let millis = ceiling.as_millis() as u64;
+        Duration::from_millis(rand::thread_rng().gen_range(millis / 2..=millis.max(1)))
+    }
+}
+
+/// See the module docs.
+pub struct ChannelActor {
+    channel: Arc<dyn Channel>,
+    policy: RetryPolicy,
+    metrics: Metrics,
+}
+
+impl ChannelActor {
+    /// The delivery actor for one channel account.
+    pub fn new(channel: Arc<dyn Channel>, policy: RetryPolicy, metrics: Metrics) -> Self {
+        Self { channel, policy, metrics }
+    }
+}
+
+impl Actor for ChannelActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(4096);
+    }
+}
+
+impl Handler<Deliver> for ChannelActor {
+    // Detached: delivery of one conversation must not wait for another's retries. Order within
+    // one conversation is kept by its session, which awaits each delivery.
+    type Result = ResponseFuture<Result<(), ChannelError>>;
+
+    fn handle(&mut self, msg: Deliver, _: &mut Self::Context) -> Self::Result {
+        let channel = self.channel.clone();
+        let policy = self.policy.clone();
+        let metrics = self.metrics.clone();
+        Box::pin(async move { deliver_all(channel.as_ref(), &policy, &metrics, msg).await })
+    }
+}
+
+impl Handler<Typing> for ChannelActor {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, msg: Typing, _: &mut Self::Context) -> Self::Result {
+        let channel = self.channel.clone();
+        Box::pin(async move {
+            if let Err(error) = channel.typing(&msg.envelope).await {
+                tracing::debug!(channel = %channel.id(), %error, "Typing indicator failed.");
+            }
+        })
+    }
+}
+
+async fn deliver_all(channel: &dyn Channel, policy: &RetryPolicy, metrics: &Metrics, msg: Deliver) -> Result<(), ChannelError> {
+    let Deliver { envelope, reply } = msg;
+    let channel_label = channel.id().to_string();
+    for (index, part) in channel.render(&reply).into_iter().enumerate() {
+        let delivery = Delivery {
+            delivery_id: format!("{}-{index}", envelope.id),
+            channel: envelope.channel.clone(),
+            conversation: envelope.conversation.clone(),
+            recipient: envelope.sender.clone(),
+            reply_handle: envelope.reply_handle.clone(),
+            reply: part,
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match channel.deliver(&delivery).await {
+                Ok(_) => {
+                    metrics.deliveries.with_label_values(&[&channel_label, "delivered"]).inc();
+                    break;
+                }
+                Err(error) if error.is_retryable() && attempt < policy.max_attempts => {
+                    let hint = match &error {
+                        ChannelError::Transient { retry_after, .. } => *retry_after,
+                        _ => None,
+                    };
+                    let delay = policy.delay(attempt - 1, hint);
+                    tracing::warn!(channel = %channel_label, attempt, ?delay, %error, "Delivery failed; retrying.");
+                    metrics.deliveries.with_label_values(&[&channel_label, "retried"]).inc();
+                    actix::clock::sleep(delay).await;
+                }
+                Err(error) => {
+                    metrics.deliveries.with_label_values(&[&channel_label, error.label()]).inc();
+                    tracing::error!(
+                        channel = %channel_label,
+                        envelope = %envelope.id,
+                        part = index,
+                        attempt,
+                        %error,
+                        "Delivery failed for good."
+                    );
+                    return Err(error);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_grow_and_stay_within_bounds() {
+        let policy = RetryPolicy {
+            max_attempts: 5,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_millis(1_000),
+        };
+        for attempt in 0..20 {
+            let delay = policy.delay(attempt, None);
+            assert!(delay <= Duration::from_millis(1_000), "{delay:?}");
+        }
+        assert!(policy.delay(0, None) <= Duration::from_millis(100));
+        assert!(policy.delay(3, None) >= Duration::from_millis(400));
+        assert_eq!(policy.delay(0, Some(Duration::from_secs(30))), Duration::from_millis(1_000));
+    }
+}

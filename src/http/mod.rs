@@ -1,0 +1,7 @@
+//! The HTTP surface: platform webhooks, health and metrics.
+
+mod health;
+mod webhook;
+
+pub use health::{healthz, metrics};
+pub use webhook::{webhook, AppState};

@@ -1,0 +1,84 @@
+//! The shared, read-only wiring every part of the core reaches through: store, LLM, channels,
+//! texts, bounds, metrics. Built once at startup; cloning is an `Arc` bump.
+
+use crate::config::{MessagesConfig, SessionConfig};
+use crate::delivery::{ChannelActor, Deliver};
+use crate::llm::LlmActor;
+use crate::metrics::Metrics;
+use crate::store::Store;
+use actix::Addr;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use yizhan_channel_core::{Channel, ChannelId, Envelope, Reply};
+
+/// One configured channel account and what the core keeps for it.
+pub struct ChannelEntry {
+    /// The platform implementation.
+    pub channel: Arc<dyn Channel>,
+    /// Its delivery actor.
+    pub outbound: Addr<ChannelActor>,
+    /// This account's persona.
+    pub system_prompt: String,
+}
+
+/// See the module docs.
+#[derive(Clone)]
+pub struct Hub(Arc<HubInner>);
+
+/// The fields behind [`Hub`].
+pub struct HubInner {
+    /// Dedupe keys, journal, history.
+    pub store: Arc<dyn Store>,
+    /// The bounded LLM gateway.
+    pub llm: Addr<LlmActor>,
+    /// Channel accounts by id; fixed after startup, so read without locks.
+    pub channels: HashMap<ChannelId, ChannelEntry>,
+    /// The hub's own words to users.
+    pub messages: MessagesConfig,
+    /// Conversation bounds.
+    pub session: SessionConfig,
+    /// How long platform message ids are remembered.
+    pub dedupe_ttl: Duration,
+    /// Metrics.
+    pub metrics: Metrics,
+}
+
+impl std::ops::Deref for Hub {
+    type Target = HubInner;
+
+    fn deref(&self) -> &HubInner {
+        &self.0
+    }
+}
+
+impl Hub {
+    /// Wraps the wiring.
+    pub fn new(inner: HubInner) -> Self {
+        Self(Arc::new(inner))
+    }
+
+    /// Sends `text` to the envelope's conversation now, bypassing its session (for the busy
+    /// reply when a bound is reached), then finishes the envelope's journal entry.
+    pub fn reply_now(&self, envelope: Envelope, text: String) {
+        let Some(entry) = self.channels.get(&envelope.channel) else {
+            tracing::error!(channel = %envelope.channel, "Reply for an unknown channel dropped.");
+            return;
+        };
+        let outbound = entry.outbound.clone();
+        let hub = self.clone();
+        actix::spawn(async move {
+            let envelope_id = envelope.id.clone();
+            let _ = outbound.send(Deliver { envelope, reply: Reply::text(text) }).await;
+            hub.finish(&envelope_id).await;
+        });
+    }
+
+    /// Marks an accepted envelope as finished: answered, failed for good, or needing no answer.
+    pub async fn finish(&self, envelope_id: &str) {
+        match self.store.finish(envelope_id).await {
+            Ok(()) => self.metrics.journal_open.dec(),
+            Err(error) => tracing::error!(envelope = %envelope_id, %error, "Failed to finish a journal entry."),
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! What every LLM backend implements, and the errors it reports.
+
+use std::time::Duration;
+use yizhan_channel_core::BoxFuture;
+
+/// Who said a line of the conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The persona / instructions.
+    System,
+    /// The chat user.
+    User,
+    /// The model.
+    Assistant,
+}
+
+/// One line of the conversation sent to the model.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChatMessage {
+    /// Who said it.
+    pub role: Role,
+    /// What was said.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A line with this role and content.
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self { role, content: content.into() }
+    }
+}
+
+/// One completion to produce.
+#[derive(Debug, Clone)]
+pub struct CompletionRequest {
+    /// System prompt first (if any), then history, then the new user message.
+    pub messages: Vec<ChatMessage>,
+    /// A stable, non-secret id of the end user (e.g. `wx-main:oUser123`), sent as OpenAI's
+    /// `user` field where the backend accepts it, for the provider's abuse tracking.
+    pub user: String,
+    /// The channel kind the message came from, passed as metadata where supported.
+    pub channel_kind: String,
+}
+
+/// Receives the answer's text as it streams in (visible text only; reasoning is never passed).
+pub type DeltaSink = Box<dyn FnMut(&str) + Send>;
+
+/// Why a completion failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LlmError {
+    /// Could not connect or the request failed before any response byte arrived.
+    #[error("could not reach the LLM: {0}")]
+    Connect(String),
+    /// The server answered with an error status before streaming anything.
+    #[error("LLM answered HTTP {status}: {message}")]
+    Status {
+        /// The HTTP status.
+        status: u16,
+        /// The server's error message (never includes our API key).
+        message: String,
+    },
+    /// No first token within the first-token timeout.
+    #[error("no first token within {0:?}")]
+    FirstTokenTimeout(Duration),
+    /// The whole answer took longer than the total timeout.
+    #[error("no complete answer within {0:?}")]
+    TotalTimeout(Duration),
+    /// The stream broke or carried an error event after it started.
+    #[error("LLM stream failed: {0}")]
+    Stream(String),
+    /// The response could not be understood.
+    #[error("unexpected LLM response: {0}")]
+    Protocol(String),
+    /// Too many requests waiting; the caller should tell the user to retry later.
+    #[error("LLM queue full ({0} waiting)")]
+    Overloaded(usize),
+}
+
+impl LlmError {
+    /// Whether retrying the same request may succeed and cannot duplicate visible output:
+    /// connect errors, 429 and 5xx, all before the first byte.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Connect(_) => true,
+            Self::Status { status, .. } => *status == 429 || *status >= 500,
+            _ => false,
+        }
+    }
+
+    /// A short, stable label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Connect(_) => "connect",
+            Self::Status { .. } => "status",
+            Self::FirstTokenTimeout(_) => "first_token_timeout",
+            Self::TotalTimeout(_) => "total_timeout",
+            Self::Stream(_) => "stream",
+            Self::Protocol(_) => "protocol",
+            Self::Overloaded(_) => "overloaded",
+        }
+    }
+}
+
+/// One way of asking a model. Implementations make exactly one HTTP attempt; retries and the
+/// total timeout belong to the caller ([`LlmClient`](super::LlmClient)).
+pub trait LlmBackend: Send + Sync + 'static {
+    /// A short name for logs and metrics (`openai`, `lobehub`).
+    fn name(&self) -> &'static str;
+
+    /// Produces the whole answer, calling `on_delta` with each piece of visible text as it
+    /// arrives. Must return [`LlmError::FirstTokenTimeout`] when nothing arrives within
+    /// `first_token_timeout` of sending.
+    fn complete<'a>(
+        &'a self,
+        request: &'a CompletionRequest,
+        first_token_timeout: Duration,
+        on_delta: &'a mut DeltaSink,
+    ) -> BoxFuture<'a, Result<String, LlmError>>;
+}

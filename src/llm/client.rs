@@ -1,0 +1,365 @@
+//! The caller-facing LLM client: one backend plus the retry policy and the total deadline.
+//!
+//! Invariants: an attempt is retried only when its error is retryable
+//! ([`LlmError::is_retryable`]) *and* it passed no text to the caller's sink, so a user never sees
+//! a duplicated beginning; the total timeout covers every attempt and every backoff sleep.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use rand::Rng;
+use tracing::warn;
+
+use super::backend::{CompletionRequest, DeltaSink, LlmBackend, LlmError};
+
+/// The longest single backoff sleep, whatever the attempt number.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
+
+/// Timeouts and retry policy of an [`LlmClient`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LlmClientSettings {
+    /// From sending a request to the first visible text of the answer (per attempt). Catches a
+    /// hung or overloaded server long before the total timeout.
+    pub first_token_timeout: Duration,
+    /// The whole call, all attempts and backoff included; the user is waiting.
+    pub total_timeout: Duration,
+    /// Extra attempts after the first (0 disables retrying).
+    pub max_retries: u32,
+    /// The backoff unit: attempt `n` sleeps a uniformly random time in
+    /// `0..=retry_base_delay * 2^(n-1)` ("full jitter"), capped at 30 s, so many sessions hitting
+    /// a recovering server do not retry in lockstep.
+    pub retry_base_delay: Duration,
+}
+
+impl Default for LlmClientSettings {
+    /// 30 s to the first token, 120 s in total, 2 retries from a 500 ms base.
+    fn default() -> Self {
+        Self {
+            first_token_timeout: Duration::from_secs(30),
+            total_timeout: Duration::from_secs(120),
+            max_retries: 2,
+            retry_base_delay: Duration::from_millis(500),
+        }
+    }
+}
+
+/// One LLM backend with retries and deadlines. Cheap to clone (one `Arc` inside), so every
+/// session or actor can hold its own handle.
+#[derive(Clone)]
+pub struct LlmClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    backend: Arc<dyn LlmBackend>,
+    settings: LlmClientSettings,
+}
+
+impl std::fmt::Debug for LlmClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LlmClient")
+            .field("backend", &self.inner.backend.name())
+            .field("settings", &self.inner.settings)
+            .finish()
+    }
+}
+
+impl LlmClient {
+    /// A client over `backend` with the given policy.
+    pub fn new(backend: Arc<dyn LlmBackend>, settings: LlmClientSettings) -> Self {
+        Self { inner: Arc::new(Inner { backend, settings }) }
+    }
+
+    /// The backend's short name, for logs and metrics.
+    pub fn backend_name(&self) -> &'static str {
+        self.inner.backend.name()
+    }
+
+    /// The policy in use.
+    pub fn settings(&self) -> &LlmClientSettings {
+        &self.inner.settings
+    }
+
+    /// Produces the whole answer (trimmed, reasoning removed), passing visible pieces to
+    /// `on_delta` as they arrive.
+    ///
+    /// Fails with [`LlmError::TotalTimeout`] when the whole call, retries included, exceeds
+    /// `total_timeout`; otherwise with the last attempt's error.
+    pub async fn complete(&self, request: &CompletionRequest, on_delta: &mut DeltaSink) -> Result<String, LlmError> {
+        let total = self.inner.settings.total_timeout;
+        match tokio::time::timeout(total, self.complete_with_retries(request, on_delta)).await {
+            Ok(result) => result,
+            Err(_elapsed) => Err(LlmError::TotalTimeout(total)),
+        }
+    }
+
+    async fn complete_with_retries(
+        &self,
+        request: &CompletionRequest,
+        on_delta: &mut DeltaSink,
+    ) -> Result<String, LlmError> {
+        let settings = &self.inner.settings;
+        let backend = self.inner.backend.name();
+        // The caller's sink is lent to each attempt through a tracking wrapper; the guard puts it
+        // back when this future ends, however it ends (even when cancelled by the timeout).
+        let guard = SinkLoan::new(on_delta);
+        let mut attempt: u32 = 0;
+        loop {
+            attempt += 1;
+            let (mut sink, delivered) = guard.tracking_sink();
+            let result = self.inner.backend.complete(request, settings.first_token_timeout, &mut sink).await;
+            drop(sink);
+            let error = match result {
+                Ok(answer) => return Ok(answer),
+                Err(error) => error,
+            };
+            let retry = error.is_retryable() && !delivered.load(Ordering::SeqCst) && attempt <= settings.max_retries;
+            if !retry {
+                return Err(error);
+            }
+            warn!(backend, attempt, error = %error, "LLM attempt failed; retrying.");
+            tokio::time::sleep(backoff_delay(settings.retry_base_delay, attempt)).await;
+        }
+    }
+}
+
+/// Lends the caller's `&mut DeltaSink` to `'static` tracking wrappers and returns it on drop.
+///
+/// `DeltaSink` is a `'static` boxed closure, so a wrapper cannot borrow the caller's sink; the sink
+/// is moved into shared storage for the duration of the call instead.
+struct SinkLoan<'a> {
+    slot: &'a mut DeltaSink,
+    shared: Arc<Mutex<DeltaSink>>,
+}
+
+impl<'a> SinkLoan<'a> {
+    fn new(slot: &'a mut DeltaSink) -> Self {
+        let sink = std::mem::replace(slot, Box::new(|_: &str| {}));
+        Self { slot, shared: Arc::new(Mutex::new(sink)) }
+    }
+
+    /// A sink for one attempt, and a flag that turns true once it passed any text on.
+    fn tracking_sink(&self) -> (DeltaSink, Arc<AtomicBool>) {
+        let delivered = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&delivered);
+        let shared = Arc::clone(&self.shared);
+        let sink: DeltaSink = Box::new(move |piece: &str| {
+            if piece.is_empty() {
+                return;
+            }
+            flag.store(true, Ordering::SeqCst);
+            // NOTE: the lock is held only for this synchronous call, never across an await; a
+            // poisoned lock (a panicking sink) still holds a usable sink.
+            let mut sink = shared.lock().unwrap_or_else(PoisonError::into_inner);
+            (*sink)(piece);
+        });
+        (sink, delivered)
+    }
+}
+
+impl Drop for SinkLoan<'_> {
+    fn drop(&mut self) {
+        let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        *self.slot = std::mem::replace(&mut *shared, Box::new(|_: &str| {}));
+    }
+}
+
+/// Full-jitter exponential backoff before retry number `attempt` (1-based).
+fn backoff_delay(base: Duration, attempt: u32) -> Duration {
+    let factor = 1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX);
+    let ceiling = base.saturating_mul(factor).min(MAX_RETRY_DELAY);
+    let ceiling_ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(rand::thread_rng().gen_range(0..=ceiling_ms))
+}
+
+/// Builds the one HTTP client all LLM backends share.
+///
+/// No request timeout is set on purpose: answers stream for a long time, and
+/// [`LlmClient`]'s first-token and total deadlines bound each call instead. The pool keeps plenty
+/// of idle connections per host because one server usually takes every request.
+pub fn try_build_http_client(connect_timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .connect_timeout(connect_timeout)
+        .pool_max_idle_per_host(64)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .tcp_keepalive(Duration::from_secs(60))
+        .tcp_nodelay(true)
+        .user_agent(concat!("yizhan/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
+/// Like [`try_build_http_client`], falling back to reqwest's defaults (with a warning) if the
+/// tuned client cannot be built.
+///
+/// # Panics
+///
+/// Only if even `reqwest::Client::new()` fails, i.e. the TLS backend cannot be initialised at
+/// all; this happens at start-up, never on input.
+pub fn build_http_client(connect_timeout: Duration) -> reqwest::Client {
+    match try_build_http_client(connect_timeout) {
+        Ok(client) => client,
+        Err(error) => {
+            warn!(error = %error, "Failed to build the tuned LLM HTTP client; using defaults.");
+            reqwest::Client::new()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llm::backend::{ChatMessage, Role};
+    use std::sync::atomic::AtomicU32;
+    use yizhan_channel_core::BoxFuture;
+
+    /// A backend that plays a script of outcomes, one per attempt.
+    struct Scripted {
+        calls: AtomicU32,
+        script: Vec<Script>,
+    }
+
+    #[derive(Clone)]
+    enum Script {
+        Fail(fn() -> LlmError),
+        DeltaThenFail(fn() -> LlmError),
+        Answer(&'static str),
+        Hang,
+    }
+
+    impl LlmBackend for Scripted {
+        fn name(&self) -> &'static str {
+            "scripted"
+        }
+
+        fn complete<'a>(
+            &'a self,
+            _request: &'a CompletionRequest,
+            _first_token_timeout: Duration,
+            on_delta: &'a mut DeltaSink,
+        ) -> BoxFuture<'a, Result<String, LlmError>> {
+            let call = self.calls.fetch_add(1, Ordering::SeqCst) as usize;
+            let step = self.script.get(call).cloned().unwrap_or(Script::Hang);
+            Box::pin(async move {
+                match step {
+                    Script::Fail(error) => Err(error()),
+                    Script::DeltaThenFail(error) => {
+                        on_delta("partial");
+                        Err(error())
+                    }
+                    Script::Answer(text) => {
+                        on_delta(text);
+                        Ok(text.to_owned())
+                    }
+                    Script::Hang => std::future::pending().await,
+                }
+            })
+        }
+    }
+
+    fn client(script: Vec<Script>, settings: LlmClientSettings) -> (LlmClient, Arc<Scripted>) {
+        let backend = Arc::new(Scripted { calls: AtomicU32::new(0), script });
+        (LlmClient::new(backend.clone(), settings), backend)
+    }
+
+    fn fast_settings() -> LlmClientSettings {
+        LlmClientSettings {
+            first_token_timeout: Duration::from_secs(1),
+            total_timeout: Duration::from_secs(10),
+            max_retries: 2,
+            retry_base_delay: Duration::from_millis(100),
+        }
+    }
+
+    fn request() -> CompletionRequest {
+        CompletionRequest {
+            messages: vec![ChatMessage::new(Role::User, "hi")],
+            user: "test:u1".into(),
+            channel_kind: "test".into(),
+        }
+    }
+
+    fn recorder() -> (DeltaSink, Arc<Mutex<String>>) {
+        let seen = Arc::new(Mutex::new(String::new()));
+        let sink_seen = Arc::clone(&seen);
+        let sink: DeltaSink = Box::new(move |piece| {
+            sink_seen.lock().unwrap_or_else(PoisonError::into_inner).push_str(piece);
+        });
+        (sink, seen)
+    }
+
+    fn server_error() -> LlmError {
+        LlmError::Status { status: 503, message: "busy".into() }
+    }
+
+    fn bad_request() -> LlmError {
+        LlmError::Status { status: 400, message: "bad".into() }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retryable_failure_is_retried_until_an_answer_arrives() {
+        let (client, backend) =
+            client(vec![Script::Fail(server_error), Script::Fail(server_error), Script::Answer("ok")], fast_settings());
+        let (mut sink, seen) = recorder();
+        let answer = client.complete(&request(), &mut sink).await;
+        assert_eq!(answer.ok().as_deref(), Some("ok"));
+        assert_eq!(backend.calls.load(Ordering::SeqCst), 3);
+        // The caller's sink is back in place and received the text once.
+        sink("!");
+        assert_eq!(seen.lock().unwrap_or_else(PoisonError::into_inner).as_str(), "ok!");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_non_retryable_failure_is_returned_at_once() {
+        let (client, backend) = client(vec![Script::Fail(bad_request), Script::Answer("ok")], fast_settings());
+        let (mut sink, _) = recorder();
+        let result = client.complete(&request(), &mut sink).await;
+        assert!(matches!(result, Err(LlmError::Status { status: 400, .. })));
+        assert_eq!(backend.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_after_visible_text_is_never_retried() {
+        let (client, backend) = client(vec![Script::DeltaThenFail(server_error), Script::Answer("ok")], fast_settings());
+        let (mut sink, seen) = recorder();
+        let result = client.complete(&request(), &mut sink).await;
+        assert!(matches!(result, Err(LlmError::Status { status: 503, .. })));
+        assert_eq!(backend.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(seen.lock().unwrap_or_else(PoisonError::into_inner).as_str(), "partial");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_stop_after_max_retries() {
+        let script = vec![Script::Fail(server_error); 5];
+        let (client, backend) = client(script, fast_settings());
+        let (mut sink, _) = recorder();
+        let result = client.complete(&request(), &mut sink).await;
+        assert!(matches!(result, Err(LlmError::Status { status: 503, .. })));
+        assert_eq!(backend.calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hanging_backend_ends_in_a_total_timeout_and_the_sink_is_returned() {
+        let (client, _) = client(vec![Script::Hang], fast_settings());
+        let (mut sink, seen) = recorder();
+        let result = client.complete(&request(), &mut sink).await;
+        assert!(matches!(result, Err(LlmError::TotalTimeout(total)) if total == Duration::from_secs(10)));
+        sink("still mine");
+        assert_eq!(seen.lock().unwrap_or_else(PoisonError::into_inner).as_str(), "still mine");
+    }
+
+    #[test]
+    fn backoff_grows_exponentially_and_is_capped() {
+        let base = Duration::from_millis(100);
+        for _ in 0..50 {
+            assert!(backoff_delay(base, 1) <= Duration::from_millis(100));
+            assert!(backoff_delay(base, 3) <= Duration::from_millis(400));
+            assert!(backoff_delay(base, 40) <= MAX_RETRY_DELAY);
+        }
+    }
+
+    #[test]
+    fn the_http_client_builds() {
+        assert!(try_build_http_client(Duration::from_secs(3)).is_ok());
+    }
+}

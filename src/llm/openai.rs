@@ -1,0 +1,330 @@
+//! The default backend: any OpenAI-compatible Chat Completions server (OpenAI, Ollama, vLLM,
+//! one-api/new-api, DeepSeek, DashScope, LiteLLM, …), streamed over SSE.
+//!
+//! Invariants: reasoning (`delta.reasoning_content`, `delta.reasoning`, `message.reasoning`) is
+//! never forwarded; parsing works on `serde_json::Value` so every tolerated oddity of PROTOCOLS §5
+//! (empty `choices`, `finish_reason` of any shape, null/missing `content`, `usage: {}`) is simply
+//! absent data, never a parse failure; the API key only ever travels in a sensitive header.
+
+use std::fmt;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::time::Instant;
+use tracing::debug;
+use yizhan_channel_core::BoxFuture;
+
+use super::backend::{ChatMessage, CompletionRequest, DeltaSink, LlmBackend, LlmError};
+use super::sse::{self, ResponseBody, MAX_ERROR_MESSAGE_CHARS};
+use super::think::VisibleAnswer;
+
+/// How long an error body may take to arrive after an error status.
+const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the OpenAI-compatible backend needs to know. Deserializable so it can sit in the config
+/// file as-is.
+#[derive(Clone, Deserialize)]
+pub struct OpenAiSettings {
+    /// The API root including `/v1`, e.g. `http://127.0.0.1:11434/v1`; `/chat/completions` is
+    /// appended. A trailing slash is tolerated.
+    pub base_url: String,
+    /// Sent as `Authorization: Bearer …` only when set (local Ollama/vLLM need none).
+    #[serde(default)]
+    pub api_key: Option<SecretString>,
+    /// The model name the server knows (`gpt-4o-mini`, `qwen3:8b`, …).
+    pub model: String,
+    /// Sent only when set, so the server's default applies otherwise.
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    /// Sent only when set.
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    /// Ask for the usage chunk (`stream_options.include_usage`). Off by default: some gateways
+    /// reject unknown fields.
+    #[serde(default)]
+    pub include_usage: bool,
+    /// Send the request's end-user id as `user` (abuse tracking). Off by default: Ollama and some
+    /// gateways do not support it.
+    #[serde(default)]
+    pub send_user: bool,
+    /// Remove inline `<think>…</think>` blocks from the answer (DeepSeek-R1, QwQ, …).
+    #[serde(default)]
+    pub strip_think: bool,
+}
+
+impl OpenAiSettings {
+    /// Settings with every optional knob off: no key, server-default sampling, no usage chunk,
+    /// no `user` field, no think-stripping.
+    pub fn new(base_url: impl Into<String>, model: impl Into<String>) -> Self {
+        Self {
+            base_url: base_url.into(),
+            api_key: None,
+            model: model.into(),
+            temperature: None,
+            max_tokens: None,
+            include_usage: false,
+            send_user: false,
+            strip_think: false,
+        }
+    }
+}
+
+impl fmt::Debug for OpenAiSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // NOTE: written by hand so the API key's presence, never its value, is shown.
+        f.debug_struct("OpenAiSettings")
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "[REDACTED]"))
+            .field("model", &self.model)
+            .field("temperature", &self.temperature)
+            .field("max_tokens", &self.max_tokens)
+            .field("include_usage", &self.include_usage)
+            .field("send_user", &self.send_user)
+            .field("strip_think", &self.strip_think)
+            .finish()
+    }
+}
+
+/// Talks to an OpenAI-compatible `/chat/completions` endpoint. One HTTP attempt per call;
+/// retries belong to [`LlmClient`](super::client::LlmClient).
+#[derive(Debug, Clone)]
+pub struct OpenAiBackend {
+    settings: OpenAiSettings,
+    /// `{base_url}/chat/completions`, computed once.
+    url: String,
+    /// Shared so all backends reuse one connection pool.
+    http: reqwest::Client,
+}
+
+impl OpenAiBackend {
+    /// A backend using `http` (see [`build_http_client`](super::client::build_http_client)).
+    pub fn new(settings: OpenAiSettings, http: reqwest::Client) -> Self {
+        let url = format!("{}/chat/completions", settings.base_url.trim_end_matches('/'));
+        Self { settings, url, http }
+    }
+
+    /// The settings in use.
+    pub fn settings(&self) -> &OpenAiSettings {
+        &self.settings
+    }
+
+    async fn complete_once(
+        &self,
+        request: &CompletionRequest,
+        first_token_timeout: Duration,
+        on_delta: &mut DeltaSink,
+    ) -> Result<String, LlmError> {
+        let deadline = Instant::now() + first_token_timeout;
+        let body = RequestBody {
+            model: &self.settings.model,
+            messages: &request.messages,
+            stream: true,
+            stream_options: self.settings.include_usage.then_some(StreamOptions { include_usage: true }),
+            temperature: self.settings.temperature,
+            max_tokens: self.settings.max_tokens,
+            user: (self.settings.send_user && !request.user.is_empty()).then_some(request.user.as_str()),
+        };
+        let mut http_request = self
+            .http
+            .post(&self.url)
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .json(&body);
+        if let Some(key) = &self.settings.api_key {
+            // `bearer_auth` marks the header sensitive, so it is redacted from reqwest's Debug.
+            http_request = http_request.bearer_auth(key.expose_secret());
+        }
+        let response = sse::send_before(http_request, deadline, first_token_timeout).await?;
+        if !response.status().is_success() {
+            return Err(sse::status_error(response, ERROR_BODY_TIMEOUT).await);
+        }
+
+        let mut answer = VisibleAnswer::new(self.settings.strip_think, on_delta);
+        match sse::open_body(response, deadline, first_token_timeout).await? {
+            ResponseBody::Json(bytes) => {
+                let json: Value = serde_json::from_slice(&bytes)
+                    .map_err(|error| LlmError::Protocol(format!("response is not JSON: {error}")))?;
+                if json.get("error").is_some_and(|error| !error.is_null()) {
+                    let message = sse::error_message(&json).unwrap_or_else(|| "error response".to_owned());
+                    return Err(LlmError::Stream(message));
+                }
+                for choice in first_choices(&json) {
+                    if let Some(text) = choice.get("message").and_then(|message| content_text(message.get("content"))) {
+                        answer.push(&text)?;
+                    }
+                }
+            }
+            ResponseBody::Events(mut events) => loop {
+                let next = if answer.has_started() {
+                    events.next_event().await
+                } else {
+                    tokio::time::timeout_at(deadline, events.next_event())
+                        .await
+                        .map_err(|_elapsed| LlmError::FirstTokenTimeout(first_token_timeout))?
+                };
+                let Some(event) = next.map_err(sse::stream_error)? else { break };
+                let data = event.data.trim();
+                if data == "[DONE]" {
+                    break;
+                }
+                if data.is_empty() {
+                    continue;
+                }
+                let json: Value = match serde_json::from_str(data) {
+                    Ok(json) => json,
+                    Err(_) if event.event.as_deref() == Some("error") => {
+                        return Err(LlmError::Stream(sse::truncate_chars(data, MAX_ERROR_MESSAGE_CHARS)));
+                    }
+                    Err(error) => {
+                        debug!(backend = "openai", %error, "Ignoring an unparsable stream event.");
+                        continue;
+                    }
+                };
+                if json.get("error").is_some_and(|error| !error.is_null()) || event.event.as_deref() == Some("error") {
+                    let message = sse::error_message(&json).unwrap_or_else(|| "error event in stream".to_owned());
+                    return Err(LlmError::Stream(message));
+                }
+                for choice in first_choices(&json) {
+                    // NOTE: only `content` is read; `reasoning_content` / `reasoning` stay private.
+                    let piece = choice
+                        .get("delta")
+                        .and_then(|delta| content_text(delta.get("content")))
+                        .or_else(|| choice.get("message").and_then(|message| content_text(message.get("content"))));
+                    if let Some(piece) = piece {
+                        answer.push(&piece)?;
+                    }
+                    if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str).filter(|r| !r.is_empty()) {
+                        debug!(backend = "openai", finish_reason = reason, "Stream finished.");
+                    }
+                }
+                if let Some(usage) = json.get("usage").filter(|usage| usage.is_object()) {
+                    let prompt_tokens = usage.get("prompt_tokens").and_then(Value::as_u64);
+                    let completion_tokens = usage.get("completion_tokens").and_then(Value::as_u64);
+                    debug!(backend = "openai", prompt_tokens, completion_tokens, "LLM usage reported.");
+                }
+            },
+        }
+        answer.finish()
+    }
+}
+
+impl LlmBackend for OpenAiBackend {
+    fn name(&self) -> &'static str {
+        "openai"
+    }
+
+    fn complete<'a>(
+        &'a self,
+        request: &'a CompletionRequest,
+        first_token_timeout: Duration,
+        on_delta: &'a mut DeltaSink,
+    ) -> BoxFuture<'a, Result<String, LlmError>> {
+        Box::pin(self.complete_once(request, first_token_timeout, on_delta))
+    }
+}
+
+/// The request body; optional fields are left out entirely rather than sent as `null`, because
+/// strict gateways reject fields they do not know.
+#[derive(Serialize)]
+struct RequestBody<'a> {
+    model: &'a str,
+    messages: &'a [ChatMessage],
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+/// The choices that belong to the first answer (`index` 0 or absent); `choices` of any other
+/// shape (missing, null, `[]`) yields nothing.
+fn first_choices(json: &Value) -> impl Iterator<Item = &Value> {
+    json.get("choices")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|choice| choice.get("index").and_then(Value::as_u64).unwrap_or(0) == 0)
+}
+
+/// The text of a `content` field: a string, or an array of `{type:"text", text}` parts (some
+/// providers); `null`/missing/other shapes are no text.
+fn content_text(content: Option<&Value>) -> Option<String> {
+    match content? {
+        Value::String(text) if !text.is_empty() => Some(text.clone()),
+        Value::Array(parts) => {
+            let text: String = parts
+                .iter()
+                .filter(|part| part.get("type").and_then(Value::as_str).map_or(true, |kind| kind == "text"))
+                .filter_map(|part| part.get("text").and_then(Value::as_str))
+                .collect();
+            (!text.is_empty()).then_some(text)
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn content_may_be_null_missing_empty_or_parts() {
+        assert_eq!(content_text(None), None);
+        assert_eq!(content_text(Some(&Value::Null)), None);
+        assert_eq!(content_text(Some(&json!(""))), None);
+        assert_eq!(content_text(Some(&json!("hi"))), Some("hi".to_owned()));
+        let parts = json!([{"type":"text","text":"a"},{"type":"image_url"},{"text":"b"}]);
+        assert_eq!(content_text(Some(&parts)), Some("ab".to_owned()));
+    }
+
+    #[test]
+    fn choices_of_other_indexes_or_shapes_are_ignored() {
+        let chunk = json!({"choices":[{"index":1,"delta":{"content":"no"}},{"delta":{"content":"yes"}}]});
+        let picked: Vec<_> = first_choices(&chunk).collect();
+        assert_eq!(picked.len(), 1);
+        assert_eq!(first_choices(&json!({"choices":null})).count(), 0);
+        assert_eq!(first_choices(&json!({"choices":{}})).count(), 0);
+    }
+
+    #[test]
+    fn the_request_body_leaves_out_unset_options() {
+        let messages = vec![ChatMessage::new(super::super::backend::Role::User, "hi")];
+        let body = RequestBody {
+            model: "m",
+            messages: &messages,
+            stream: true,
+            stream_options: None,
+            temperature: None,
+            max_tokens: None,
+            user: None,
+        };
+        let json = serde_json::to_value(&body).expect("serializable");
+        assert_eq!(json, json!({"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true}));
+    }
+
+    #[test]
+    fn settings_debug_output_never_shows_the_api_key() {
+        let mut settings = OpenAiSettings::new("http://x/v1", "m");
+        settings.api_key = Some(SecretString::from("sk-very-secret"));
+        let shown = format!("{settings:?}");
+        assert!(!shown.contains("sk-very-secret"));
+        assert!(shown.contains("[REDACTED]"));
+    }
+
+    #[test]
+    fn a_trailing_slash_in_the_base_url_is_tolerated() {
+        let backend = OpenAiBackend::new(OpenAiSettings::new("http://x/v1/", "m"), reqwest::Client::new());
+        assert_eq!(backend.url, "http://x/v1/chat/completions");
+    }
+}

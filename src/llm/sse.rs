@@ -1,0 +1,583 @@
+//! Incremental Server-Sent-Events parsing over arbitrary byte chunks, plus the response-body
+//! helpers the backends share (bounded reads, error-body extraction, stream sniffing).
+//!
+//! Invariants: chunks may split lines, `\r\n` pairs and UTF-8 characters anywhere, because bytes
+//! are only decoded once a whole line is buffered; memory is bounded by `max_event_bytes` (a line
+//! or an event's accumulated data larger than that is an error, never an unbounded buffer).
+//! Follows the WHATWG "event stream interpretation" rules, with one deliberate deviation: a final
+//! event without the terminating blank line is still dispatched at end of stream, because real
+//! LLM gateways close the connection right after their last `data:` line.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::backend::LlmError;
+
+/// The default bound on one line or one event: far above any real LLM chunk, small enough that a
+/// broken or hostile server cannot exhaust memory.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
+
+/// One dispatched event.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SseEvent {
+    /// The `event:` field, when the server named the event (OpenAI does not; Responses-style
+    /// servers do, but callers should still dispatch on the JSON payload).
+    pub event: Option<String>,
+    /// All `data:` lines of the event joined with `\n` (without a trailing newline).
+    pub data: String,
+}
+
+/// Why an event stream could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SseError {
+    /// A line or an event grew past the configured bound.
+    #[error("SSE line or event larger than {limit} bytes")]
+    TooLarge {
+        /// The bound that was exceeded.
+        limit: usize,
+    },
+    /// The underlying body stream failed (already stripped of URLs).
+    #[error("SSE body broke: {0}")]
+    Transport(String),
+}
+
+/// A push parser: feed it chunks as they arrive, collect complete events.
+///
+/// It never panics on any input; malformed lines are ignored as the SSE spec demands.
+pub struct SseParser {
+    /// Bytes of the current, not yet terminated line. Kept as bytes so a chunk boundary inside a
+    /// multi-byte character is harmless.
+    line: Vec<u8>,
+    /// The previous chunk ended in `\r`; a `\n` at the start of the next one belongs to it.
+    pending_cr: bool,
+    /// Whether the very first line is still to come (its UTF-8 BOM, if any, must be dropped).
+    at_stream_start: bool,
+    /// The `event:` field of the event being assembled.
+    event: Option<String>,
+    /// The `data:` lines of the event being assembled, each followed by `\n`.
+    data: String,
+    /// Whether any `data:` field was seen; the spec drops events without one.
+    has_data: bool,
+    /// Upper bound for `line` and for `data`.
+    max_event_bytes: usize,
+    /// Completed events not yet taken by the caller.
+    ready: VecDeque<SseEvent>,
+}
+
+impl fmt::Debug for SseParser {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // NOTE: event payloads are user conversation text; keep them out of debug output.
+        f.debug_struct("SseParser")
+            .field("buffered_line_bytes", &self.line.len())
+            .field("buffered_data_bytes", &self.data.len())
+            .field("ready_events", &self.ready.len())
+            .field("max_event_bytes", &self.max_event_bytes)
+            .finish()
+    }
+}
+
+impl Default for SseParser {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_EVENT_BYTES)
+    }
+}
+
+impl SseParser {
+    /// A parser that rejects lines or events larger than `max_event_bytes`.
+    pub fn new(max_event_bytes: usize) -> Self {
+        Self {
+            line: Vec::new(),
+            pending_cr: false,
+            at_stream_start: true,
+            event: None,
+            data: String::new(),
+            has_data: false,
+            max_event_bytes,
+            ready: VecDeque::new(),
+        }
+    }
+
+    /// Feeds one chunk of the body. Completed events become available through
+    /// [`next_event`](Self::next_event).
+    pub fn push(&mut self, mut chunk: &[u8]) -> Result<(), SseError> {
+        if self.pending_cr {
+            self.pending_cr = false;
+            if let Some(rest) = chunk.strip_prefix(b"\n") {
+                chunk = rest;
+            }
+        }
+        while let Some(pos) = chunk.iter().position(|&b| b == b'\n' || b == b'\r') {
+            self.extend_line(&chunk[..pos])?;
+            self.end_line()?;
+            let terminator = chunk[pos];
+            chunk = &chunk[pos + 1..];
+            if terminator == b'\r' {
+                match chunk.first() {
+                    Some(b'\n') => chunk = &chunk[1..],
+                    Some(_) => {}
+                    None => self.pending_cr = true,
+                }
+            }
+        }
+        self.extend_line(chunk)
+    }
+
+    /// Signals end of stream: a partial last line is processed and a pending event is
+    /// dispatched even without its blank line.
+    pub fn finish(&mut self) -> Result<(), SseError> {
+        self.pending_cr = false;
+        if !self.line.is_empty() {
+            self.end_line()?;
+        }
+        self.dispatch();
+        Ok(())
+    }
+
+    /// Takes the oldest completed event.
+    pub fn next_event(&mut self) -> Option<SseEvent> {
+        self.ready.pop_front()
+    }
+
+    /// Feeds a chunk and returns the events it completed; convenient for tests and simple loops.
+    pub fn push_collect(&mut self, chunk: &[u8]) -> Result<Vec<SseEvent>, SseError> {
+        self.push(chunk)?;
+        Ok(self.ready.drain(..).collect())
+    }
+
+    fn extend_line(&mut self, bytes: &[u8]) -> Result<(), SseError> {
+        if self.line.len().saturating_add(bytes.len()) > self.max_event_bytes {
+            self.line.clear();
+            return Err(SseError::TooLarge { limit: self.max_event_bytes });
+        }
+        self.line.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn end_line(&mut self) -> Result<(), SseError> {
+        let raw = std::mem::take(&mut self.line);
+        // NOTE: the spec decodes with replacement characters, so invalid UTF-8 is not an error.
+        let decoded = String::from_utf8_lossy(&raw);
+        let mut line: &str = &decoded;
+        if self.at_stream_start {
+            self.at_stream_start = false;
+            line = line.strip_prefix('\u{FEFF}').unwrap_or(line);
+        }
+        if line.is_empty() {
+            self.dispatch();
+            return Ok(());
+        }
+        if line.starts_with(':') {
+            // A comment, typically a keep-alive.
+            return Ok(());
+        }
+        let (field, value) = match line.split_once(':') {
+            Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
+            None => (line, ""),
+        };
+        match field {
+            "event" => self.event = Some(value.to_owned()),
+            "data" => {
+                if self.data.len().saturating_add(value.len()).saturating_add(1) > self.max_event_bytes {
+                    self.reset_event();
+                    return Err(SseError::TooLarge { limit: self.max_event_bytes });
+                }
+                self.data.push_str(value);
+                self.data.push('\n');
+                self.has_data = true;
+            }
+            // `id` and `retry` only matter to reconnecting browsers; unknown fields are ignored.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn dispatch(&mut self) {
+        if self.has_data {
+            let mut data = std::mem::take(&mut self.data);
+            if data.ends_with('\n') {
+                data.pop();
+            }
+            let event = self.event.take().filter(|name| !name.is_empty());
+            self.ready.push_back(SseEvent { event, data });
+        }
+        self.reset_event();
+    }
+
+    fn reset_event(&mut self) {
+        self.event = None;
+        self.data.clear();
+        self.has_data = false;
+    }
+}
+
+/// Reads the events of a streaming HTTP response one at a time.
+///
+/// Pull-based (`next_event().await`) rather than a `Stream`, so callers can wrap each read in a
+/// deadline without pinning gymnastics.
+#[derive(Debug)]
+pub struct SseStream {
+    response: reqwest::Response,
+    parser: SseParser,
+    /// The body has ended (or failed); only buffered events remain.
+    finished: bool,
+}
+
+impl SseStream {
+    /// Wraps a response whose body is an event stream.
+    pub fn new(response: reqwest::Response, max_event_bytes: usize) -> Self {
+        Self { response, parser: SseParser::new(max_event_bytes), finished: false }
+    }
+
+    /// Like [`new`](Self::new), for a body whose first bytes were already read (for example to
+    /// sniff whether the server streamed at all).
+    pub fn with_prefix(response: reqwest::Response, prefix: &[u8], max_event_bytes: usize) -> Result<Self, SseError> {
+        let mut stream = Self::new(response, max_event_bytes);
+        stream.parser.push(prefix)?;
+        Ok(stream)
+    }
+
+    /// The next event, or `None` at end of stream.
+    ///
+    /// Cancel-safe at await points: a dropped call loses no parsed event.
+    pub async fn next_event(&mut self) -> Result<Option<SseEvent>, SseError> {
+        loop {
+            if let Some(event) = self.parser.next_event() {
+                return Ok(Some(event));
+            }
+            if self.finished {
+                return Ok(None);
+            }
+            match self.response.chunk().await {
+                Ok(Some(chunk)) => self.parser.push(&chunk)?,
+                Ok(None) => {
+                    self.finished = true;
+                    self.parser.finish()?;
+                }
+                Err(error) => {
+                    self.finished = true;
+                    return Err(SseError::Transport(describe_reqwest_error(error)));
+                }
+            }
+        }
+    }
+}
+
+/// Renders a reqwest error with its cause chain but without the request URL, so neither
+/// credentials in a URL nor query strings reach logs or users.
+pub fn describe_reqwest_error(error: reqwest::Error) -> String {
+    let error = error.without_url();
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    // Bounded: cause chains are short, but never trust that.
+    let mut depth = 0;
+    while let Some(cause) = source {
+        if depth >= 8 {
+            break;
+        }
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+        depth += 1;
+    }
+    text
+}
+
+/// How much of an error body is read: enough for any JSON error, bounded against huge HTML pages.
+const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
+
+/// How many characters of a server's error message are kept in [`LlmError`]s and logs.
+pub(crate) const MAX_ERROR_MESSAGE_CHARS: usize = 500;
+
+/// Sends a request, mapping failures to [`LlmError`]: no response head before `deadline` is a
+/// first-token timeout, any transport failure a (retryable) connect error.
+pub(crate) async fn send_before(
+    request: reqwest::RequestBuilder,
+    deadline: Instant,
+    first_token_timeout: Duration,
+) -> Result<reqwest::Response, LlmError> {
+    match tokio::time::timeout_at(deadline, request.send()).await {
+        Err(_elapsed) => Err(LlmError::FirstTokenTimeout(first_token_timeout)),
+        Ok(Err(error)) => Err(LlmError::Connect(describe_reqwest_error(error))),
+        Ok(Ok(response)) => Ok(response),
+    }
+}
+
+/// Reads the body up to `limit` bytes. Returns the bytes and whether more was left unread.
+pub(crate) async fn read_body_limited(
+    response: &mut reqwest::Response,
+    limit: usize,
+) -> Result<(Vec<u8>, bool), reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = limit.saturating_sub(body.len());
+        if chunk.len() > room {
+            body.extend_from_slice(&chunk[..room]);
+            return Ok((body, true));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((body, false))
+}
+
+/// Turns a non-2xx response into [`LlmError::Status`], with the server's own message when its
+/// body is a JSON error (OpenAI `{"error":{"message"}}`, LobeHub `{"error":…}`/`{"message"}`),
+/// else the start of the body text.
+///
+/// The body read is bounded in size and in time (`read_timeout`), so a server that stalls after an
+/// error status cannot hold the attempt.
+pub(crate) async fn status_error(mut response: reqwest::Response, read_timeout: Duration) -> LlmError {
+    let status = response.status();
+    let body = tokio::time::timeout(read_timeout, read_body_limited(&mut response, MAX_ERROR_BODY_BYTES)).await;
+    let text = match body {
+        Ok(Ok((bytes, _))) => String::from_utf8_lossy(&bytes).into_owned(),
+        _ => String::new(),
+    };
+    let message = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|json| error_message(&json))
+        .unwrap_or_else(|| text.trim().to_owned());
+    let message = if message.is_empty() {
+        status.canonical_reason().unwrap_or("no message").to_owned()
+    } else {
+        truncate_chars(&message, MAX_ERROR_MESSAGE_CHARS)
+    };
+    LlmError::Status { status: status.as_u16(), message }
+}
+
+/// Finds a human-readable error message in the error shapes seen in the wild:
+/// `{"error":{"message":…}}`, `{"error":"…"}`, `{"message":…}`, `{"error":{"code":…}}`.
+pub(crate) fn error_message(json: &serde_json::Value) -> Option<String> {
+    let error = json.get("error").filter(|error| !error.is_null());
+    let message = match error {
+        Some(serde_json::Value::String(text)) => Some(text.clone()),
+        Some(error) => error
+            .get("message")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned)
+            .or_else(|| error.get("code").map(value_to_text))
+            .or_else(|| Some(truncate_chars(&error.to_string(), MAX_ERROR_MESSAGE_CHARS))),
+        None => json.get("message").and_then(serde_json::Value::as_str).map(str::to_owned),
+    };
+    message.map(|text| truncate_chars(&text, MAX_ERROR_MESSAGE_CHARS))
+}
+
+fn value_to_text(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(text) => text.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// At most `max` characters of `text`, with an ellipsis when cut (never splits a character).
+pub(crate) fn truncate_chars(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
+/// A successful response body: either the event stream that was asked for, or a whole JSON
+/// document from a server that ignored `stream: true`.
+pub(crate) enum ResponseBody {
+    /// The server streamed.
+    Events(SseStream),
+    /// The server answered in one piece.
+    Json(Vec<u8>),
+}
+
+/// Decides how to read a 2xx body. `text/event-stream` is trusted; `application/json` too;
+/// anything else is sniffed: a body starting with `{` or `[` is JSON (an SSE body always starts
+/// with a field name or a colon).
+///
+/// Only the sniffing read is bounded by `deadline`: a JSON body is the complete answer, so once it
+/// starts arriving only the caller's total timeout applies.
+pub(crate) async fn open_body(
+    mut response: reqwest::Response,
+    deadline: Instant,
+    first_token_timeout: Duration,
+) -> Result<ResponseBody, LlmError> {
+    let content_type = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if content_type.contains("event-stream") {
+        return Ok(ResponseBody::Events(SseStream::new(response, DEFAULT_MAX_EVENT_BYTES)));
+    }
+    let mut prefix = Vec::new();
+    if !content_type.contains("json") {
+        // Sniff: read until the first non-whitespace byte (or the end).
+        loop {
+            let chunk = tokio::time::timeout_at(deadline, response.chunk())
+                .await
+                .map_err(|_elapsed| LlmError::FirstTokenTimeout(first_token_timeout))?
+                .map_err(|error| LlmError::Stream(describe_reqwest_error(error)))?;
+            let Some(chunk) = chunk else { break };
+            prefix.extend_from_slice(&chunk);
+            if prefix.len() > DEFAULT_MAX_EVENT_BYTES {
+                return Err(LlmError::Protocol("unrecognised response body".to_owned()));
+            }
+            if prefix.iter().any(|byte| !byte.is_ascii_whitespace()) {
+                break;
+            }
+        }
+        let first = prefix.iter().find(|byte| !byte.is_ascii_whitespace());
+        if !matches!(first, Some(b'{') | Some(b'[')) {
+            let stream = SseStream::with_prefix(response, &prefix, DEFAULT_MAX_EVENT_BYTES)
+                .map_err(|error| LlmError::Stream(error.to_string()))?;
+            return Ok(ResponseBody::Events(stream));
+        }
+    }
+    let (rest, truncated) = read_body_limited(&mut response, DEFAULT_MAX_EVENT_BYTES.saturating_sub(prefix.len()))
+        .await
+        .map_err(|error| LlmError::Stream(describe_reqwest_error(error)))?;
+    if truncated {
+        return Err(LlmError::Protocol(format!("response body larger than {DEFAULT_MAX_EVENT_BYTES} bytes")));
+    }
+    prefix.extend_from_slice(&rest);
+    Ok(ResponseBody::Json(prefix))
+}
+
+/// Maps an event-stream failure after the response started.
+pub(crate) fn stream_error(error: SseError) -> LlmError {
+    LlmError::Stream(error.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_all(chunks: &[&[u8]]) -> Vec<SseEvent> {
+        let mut parser = SseParser::default();
+        let mut events = Vec::new();
+        for chunk in chunks {
+            events.extend(parser.push_collect(chunk).expect("valid sample"));
+        }
+        parser.finish().expect("valid sample");
+        while let Some(event) = parser.next_event() {
+            events.push(event);
+        }
+        events
+    }
+
+    fn data(text: &str) -> SseEvent {
+        SseEvent { event: None, data: text.to_owned() }
+    }
+
+    #[test]
+    fn a_simple_stream_yields_one_event_per_blank_line() {
+        let events = parse_all(&[b"data: one\n\ndata: two\n\n"]);
+        assert_eq!(events, vec![data("one"), data("two")]);
+    }
+
+    #[test]
+    fn comment_and_keep_alive_lines_are_ignored() {
+        let events = parse_all(&[b": keep-alive\n\n:\ndata: x\n: ping\n\n"]);
+        assert_eq!(events, vec![data("x")]);
+    }
+
+    #[test]
+    fn crlf_and_lone_cr_line_endings_are_understood() {
+        assert_eq!(parse_all(&[b"data: a\r\n\r\ndata: b\r\n\r\n"]), vec![data("a"), data("b")]);
+        assert_eq!(parse_all(&[b"data: a\r\rdata: b\r\r"]), vec![data("a"), data("b")]);
+    }
+
+    #[test]
+    fn a_crlf_split_across_chunks_is_one_line_ending() {
+        let events = parse_all(&[b"data: a\r", b"\n\r", b"\ndata: b\r\n\r\n"]);
+        assert_eq!(events, vec![data("a"), data("b")]);
+    }
+
+    #[test]
+    fn multi_line_data_is_joined_with_newlines() {
+        let events = parse_all(&[b"data: first\ndata:second\ndata\ndata:  third\n\n"]);
+        assert_eq!(events, vec![data("first\nsecond\n\n third")]);
+    }
+
+    #[test]
+    fn data_with_or_without_the_space_after_the_colon_is_the_same() {
+        assert_eq!(parse_all(&[b"data:{\"a\":1}\n\n"]), parse_all(&[b"data: {\"a\":1}\n\n"]));
+    }
+
+    #[test]
+    fn the_event_field_names_the_event() {
+        let events = parse_all(&[b"event: response.created\ndata: {}\n\n"]);
+        assert_eq!(events, vec![SseEvent { event: Some("response.created".into()), data: "{}".into() }]);
+    }
+
+    #[test]
+    fn an_event_without_data_is_not_dispatched() {
+        let events = parse_all(&[b"event: ping\n\nid: 3\nretry: 10\n\ndata: x\n\n"]);
+        assert_eq!(events, vec![data("x")]);
+    }
+
+    #[test]
+    fn a_final_event_without_a_trailing_blank_line_is_flushed_at_end_of_stream() {
+        assert_eq!(parse_all(&[b"data: one\n\ndata: last"]), vec![data("one"), data("last")]);
+        assert_eq!(parse_all(&[b"data: last\n"]), vec![data("last")]);
+        assert_eq!(parse_all(&[b"data: last\r"]), vec![data("last")]);
+    }
+
+    #[test]
+    fn a_leading_byte_order_mark_is_dropped() {
+        let events = parse_all(&["\u{FEFF}data: x\n\n".as_bytes()]);
+        assert_eq!(events, vec![data("x")]);
+    }
+
+    #[test]
+    fn splitting_the_stream_at_every_byte_offset_gives_the_same_events() {
+        let sample = "event: t\r\ndata: 你好, 世界 🌏\r\n: keep-alive\r\n\r\ndata: {\"x\":\"é\"}\n\ndata: a\ndata: b\n\ndata: end";
+        let bytes = sample.as_bytes();
+        let expected = parse_all(&[bytes]);
+        assert_eq!(
+            expected,
+            vec![
+                SseEvent { event: Some("t".into()), data: "你好, 世界 🌏".into() },
+                data("{\"x\":\"é\"}"),
+                data("a\nb"),
+                data("end"),
+            ]
+        );
+        for split in 0..=bytes.len() {
+            let (left, right) = bytes.split_at(split);
+            assert_eq!(parse_all(&[left, right]), expected, "split at byte {split}");
+        }
+        // And one byte at a time.
+        let singles: Vec<&[u8]> = bytes.chunks(1).collect();
+        assert_eq!(parse_all(&singles), expected);
+    }
+
+    #[test]
+    fn an_oversized_line_is_an_error_not_unbounded_memory() {
+        let mut parser = SseParser::new(16);
+        let result = parser.push(b"data: 0123456789abcdefXYZ");
+        assert!(matches!(result, Err(SseError::TooLarge { limit: 16 })));
+    }
+
+    #[test]
+    fn an_oversized_line_split_across_chunks_is_an_error() {
+        let mut parser = SseParser::new(16);
+        assert!(parser.push(b"data: 01234").is_ok());
+        assert!(matches!(parser.push(b"56789abcdef"), Err(SseError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn an_oversized_multi_line_event_is_an_error() {
+        let mut parser = SseParser::new(16);
+        assert!(parser.push(b"data: 01234567\n").is_ok());
+        assert!(matches!(parser.push(b"data: 01234567\n"), Err(SseError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn invalid_utf8_is_replaced_rather_than_rejected() {
+        let events = parse_all(&[b"data: a\xffb\n\n"]);
+        assert_eq!(events, vec![data("a\u{FFFD}b")]);
+    }
+}

@@ -1,0 +1,222 @@
+//! Turns raw streamed answer text into what a chat user may see: `<think>…</think>` blocks
+//! removed (when enabled) and leading whitespace dropped.
+//!
+//! Invariants: tags may be split across pieces at any character; at most one tag's length of
+//! text is held back, so memory stays constant however long a reasoning block runs; an unclosed
+//! block at the end of the answer is dropped, never shown.
+
+use super::backend::{DeltaSink, LlmError};
+
+/// The tag that opens an inline reasoning block (DeepSeek-R1, QwQ, Qwen3 via some servers).
+const OPEN: &str = "<think>";
+/// The tag that closes it.
+const CLOSE: &str = "</think>";
+
+/// A streaming filter over answer pieces.
+///
+/// Besides removing reasoning blocks it holds back whitespace at the very start of the answer:
+/// models put blank lines after a removed block, and the returned answer is trimmed anyway, so
+/// the user should not receive a whitespace-only first message either. This also keeps
+/// whitespace from counting as the "first token".
+#[derive(Debug, Clone, Default)]
+pub struct ThinkFilter {
+    /// Whether `<think>` blocks are removed; per model, because some models legitimately talk
+    /// about the tag and most never emit it.
+    strip_think: bool,
+    /// Currently inside a `<think>` block.
+    inside: bool,
+    /// Text held back because it may be the start of a tag.
+    pending: String,
+    /// Some non-whitespace text has been emitted, so whitespace is no longer leading.
+    started: bool,
+}
+
+impl ThinkFilter {
+    /// A filter; `strip_think` enables the removal of `<think>` blocks.
+    pub fn new(strip_think: bool) -> Self {
+        Self { strip_think, ..Self::default() }
+    }
+
+    /// Feeds the next raw piece and returns the text now safe to show (possibly empty).
+    pub fn push(&mut self, piece: &str) -> String {
+        let mut input = std::mem::take(&mut self.pending);
+        input.push_str(piece);
+        if !self.strip_think {
+            return self.visible(input);
+        }
+        let mut out = String::new();
+        let mut rest: &str = &input;
+        loop {
+            if self.inside {
+                if let Some(at) = rest.find(CLOSE) {
+                    rest = &rest[at + CLOSE.len()..];
+                    self.inside = false;
+                    continue;
+                }
+                let keep = partial_tag_suffix(rest, CLOSE);
+                self.pending = rest[rest.len() - keep..].to_owned();
+                break;
+            }
+            if let Some(at) = rest.find(OPEN) {
+                out.push_str(&rest[..at]);
+                rest = &rest[at + OPEN.len()..];
+                self.inside = true;
+                continue;
+            }
+            let keep = partial_tag_suffix(rest, OPEN);
+            out.push_str(&rest[..rest.len() - keep]);
+            self.pending = rest[rest.len() - keep..].to_owned();
+            break;
+        }
+        self.visible(out)
+    }
+
+    /// Ends the answer: returns held-back text that turned out not to be a tag. An unclosed
+    /// reasoning block is dropped.
+    pub fn finish(&mut self) -> String {
+        let pending = std::mem::take(&mut self.pending);
+        if self.inside {
+            self.inside = false;
+            return String::new();
+        }
+        self.visible(pending)
+    }
+
+    fn visible(&mut self, text: String) -> String {
+        if self.started {
+            return text;
+        }
+        let trimmed = text.trim_start();
+        if trimmed.is_empty() {
+            return String::new();
+        }
+        self.started = true;
+        trimmed.to_owned()
+    }
+}
+
+/// The length of the longest proper prefix of `tag` that `text` ends with.
+///
+/// `tag` is ASCII, so the returned cut is always on a character boundary of `text`.
+fn partial_tag_suffix(text: &str, tag: &str) -> usize {
+    let bytes = text.as_bytes();
+    let tag = tag.as_bytes();
+    let longest = bytes.len().min(tag.len().saturating_sub(1));
+    (1..=longest).rev().find(|&len| bytes.ends_with(&tag[..len])).unwrap_or(0)
+}
+
+/// The largest answer kept in memory; far above any chat message, a guard against a server that
+/// streams forever within the total timeout.
+const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
+
+/// The visible answer of one backend attempt: filters raw pieces, forwards each visible piece to
+/// the caller's sink and keeps the concatenation.
+///
+/// Invariant: the returned answer is exactly the concatenation of the pieces given to the sink,
+/// trimmed, so what the user saw streaming and what is stored in history agree.
+pub(crate) struct VisibleAnswer<'s> {
+    filter: ThinkFilter,
+    text: String,
+    sink: &'s mut DeltaSink,
+}
+
+impl<'s> VisibleAnswer<'s> {
+    /// An empty answer that forwards to `sink`.
+    pub(crate) fn new(strip_think: bool, sink: &'s mut DeltaSink) -> Self {
+        Self { filter: ThinkFilter::new(strip_think), text: String::new(), sink }
+    }
+
+    /// Feeds a raw content piece.
+    pub(crate) fn push(&mut self, raw: &str) -> Result<(), LlmError> {
+        let visible = self.filter.push(raw);
+        self.emit(visible)
+    }
+
+    /// Whether visible text has reached the sink (the first-token deadline is then met).
+    pub(crate) fn has_started(&self) -> bool {
+        !self.text.is_empty()
+    }
+
+    /// The whole visible answer, trimmed; an answer with nothing visible is a protocol error.
+    pub(crate) fn finish(mut self) -> Result<String, LlmError> {
+        let visible = self.filter.finish();
+        self.emit(visible)?;
+        let answer = self.text.trim();
+        if answer.is_empty() {
+            return Err(LlmError::Protocol("empty answer".to_owned()));
+        }
+        Ok(answer.to_owned())
+    }
+
+    fn emit(&mut self, visible: String) -> Result<(), LlmError> {
+        if visible.is_empty() {
+            return Ok(());
+        }
+        if self.text.len().saturating_add(visible.len()) > MAX_ANSWER_BYTES {
+            return Err(LlmError::Protocol(format!("answer larger than {MAX_ANSWER_BYTES} bytes")));
+        }
+        (self.sink)(&visible);
+        self.text.push_str(&visible);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(strip: bool, pieces: &[&str]) -> String {
+        let mut filter = ThinkFilter::new(strip);
+        let mut out: String = pieces.iter().map(|piece| filter.push(piece)).collect();
+        out.push_str(&filter.finish());
+        out
+    }
+
+    #[test]
+    fn a_leading_think_block_and_the_blank_lines_after_it_are_removed() {
+        assert_eq!(run(true, &["<think>\nhmm, greet them\n</think>\n\n你好！"]), "你好！");
+    }
+
+    #[test]
+    fn tags_split_across_pieces_are_still_recognised() {
+        assert_eq!(run(true, &["<th", "ink>secret</thi", "nk>", "\n\nHi", " there"]), "Hi there");
+        assert_eq!(run(true, &["<", "t", "h", "i", "n", "k", ">", "x", "<", "/", "think", ">ok"]), "ok");
+    }
+
+    #[test]
+    fn every_split_point_gives_the_same_visible_text() {
+        let sample = "<think>计划 plan</think>\n\n答案 <b> is < 3 and <think>more</think>done.";
+        for split in 0..=sample.len() {
+            if !sample.is_char_boundary(split) {
+                continue;
+            }
+            let (left, right) = sample.split_at(split);
+            assert_eq!(run(true, &[left, right]), "答案 <b> is < 3 and done.", "split at {split}");
+        }
+    }
+
+    #[test]
+    fn an_unclosed_block_at_the_end_is_dropped() {
+        assert_eq!(run(true, &["Answer.", "<think>never closed"]), "Answer.");
+        assert_eq!(run(true, &["<think>only thoughts"]), "");
+    }
+
+    #[test]
+    fn text_that_merely_looks_like_the_start_of_a_tag_is_released_at_the_end() {
+        assert_eq!(run(true, &["a <thi"]), "a <thi");
+        assert_eq!(run(true, &["x <", "y"]), "x <y");
+    }
+
+    #[test]
+    fn nothing_is_stripped_when_disabled_except_leading_whitespace() {
+        assert_eq!(run(false, &["\n <think>a</think> b"]), "<think>a</think> b");
+    }
+
+    #[test]
+    fn whitespace_only_pieces_at_the_start_are_held_back() {
+        let mut filter = ThinkFilter::new(true);
+        assert_eq!(filter.push("\n\n"), "");
+        assert_eq!(filter.push("  Hi"), "Hi");
+        assert_eq!(filter.push(" \n"), " \n");
+    }
+}

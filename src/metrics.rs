@@ -1,0 +1,129 @@
+//! Prometheus metrics, registered once per application (not globally, so tests can run several
+//! applications in one process).
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every metric the hub exports at `GET /metrics`.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Webhook calls by channel and outcome (`accepted`, `duplicate`, `respond`, `unauthorized` …).
+    pub webhook_requests: IntCounterVec,
+    /// Time from receiving a webhook call to acknowledging it.
+    pub webhook_ack_seconds: HistogramVec,
+    /// LLM calls by backend and outcome (`ok` or an error label), with their latency.
+    pub llm_seconds: HistogramVec,
+    /// LLM failures by backend and kind.
+    pub llm_errors: IntCounterVec,
+    /// Requests waiting for an LLM slot.
+    pub llm_queue_depth: IntGauge,
+    /// Requests being answered by the LLM.
+    pub llm_in_flight: IntGauge,
+    /// Session actors alive.
+    pub sessions_alive: IntGauge,
+    /// Parts sent (or not) by channel and outcome (`delivered`, `failed`, `refused` …).
+    pub deliveries: IntCounterVec,
+    /// Messages answered with the busy text because a bound was reached, by which bound.
+    pub shed: IntCounterVec,
+    /// Parts waiting in a channel's delivery queue.
+    pub delivery_in_flight: IntGaugeVec,
+    /// Accepted messages not yet finished (answered or deliberately left unanswered).
+    pub journal_open: IntGauge,
+}
+
+// NOTE: the metric definitions below are constants; `expect` cannot fail on them, and a failure
+// would be a programming error found by every test run.
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("yizhan".into()), None).expect("valid registry prefix");
+        let latency_buckets = vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+        let llm_buckets = vec![0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 4.5, 6.0, 10.0, 20.0, 30.0, 60.0, 120.0];
+        let webhook_requests = IntCounterVec::new(
+            Opts::new("webhook_requests_total", "Webhook calls by channel and outcome."),
+            &["channel", "outcome"],
+        )
+        .expect("valid metric");
+        let webhook_ack_seconds = HistogramVec::new(
+            HistogramOpts::new("webhook_ack_seconds", "Time to acknowledge a webhook call.").buckets(latency_buckets),
+            &["channel"],
+        )
+        .expect("valid metric");
+        let llm_seconds = HistogramVec::new(
+            HistogramOpts::new("llm_request_seconds", "LLM call latency by backend and outcome.").buckets(llm_buckets),
+            &["backend", "outcome"],
+        )
+        .expect("valid metric");
+        let llm_errors = IntCounterVec::new(
+            Opts::new("llm_errors_total", "LLM failures by backend and kind."),
+            &["backend", "kind"],
+        )
+        .expect("valid metric");
+        let llm_queue_depth = IntGauge::new("llm_queue_depth", "Requests waiting for an LLM slot.").expect("valid metric");
+        let llm_in_flight = IntGauge::new("llm_in_flight", "Requests being answered by the LLM.").expect("valid metric");
+        let sessions_alive = IntGauge::new("sessions_alive", "Session actors alive.").expect("valid metric");
+        let deliveries = IntCounterVec::new(
+            Opts::new("deliveries_total", "Reply parts by channel and outcome."),
+            &["channel", "outcome"],
+        )
+        .expect("valid metric");
+        let shed = IntCounterVec::new(
+            Opts::new("shed_total", "Messages answered with the busy text, by the bound that was reached."),
+            &["bound"],
+        )
+        .expect("valid metric");
+        let delivery_in_flight = IntGaugeVec::new(
+            Opts::new("delivery_in_flight", "Reply parts being sent, by channel."),
+            &["channel"],
+        )
+        .expect("valid metric");
+        let journal_open =
+            IntGauge::new("journal_open", "Accepted messages not yet finished.").expect("valid metric");
+        for collector in [
+            Box::new(webhook_requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(webhook_ack_seconds.clone()),
+            Box::new(llm_seconds.clone()),
+            Box::new(llm_errors.clone()),
+            Box::new(llm_queue_depth.clone()),
+            Box::new(llm_in_flight.clone()),
+            Box::new(sessions_alive.clone()),
+            Box::new(deliveries.clone()),
+            Box::new(shed.clone()),
+            Box::new(delivery_in_flight.clone()),
+            Box::new(journal_open.clone()),
+        ] {
+            registry.register(collector).expect("metric registered once");
+        }
+        Self {
+            registry,
+            webhook_requests,
+            webhook_ack_seconds,
+            llm_seconds,
+            llm_errors,
+            llm_queue_depth,
+            llm_in_flight,
+            sessions_alive,
+            deliveries,
+            shed,
+            delivery_in_flight,
+            journal_open,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {
+            tracing::warn!(%error, "Failed to encode metrics.");
+        }
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,167 @@
+//! From an accepted envelope to the work it asks for, and to the session that does it.
+//!
+//! Invariant: every accepted envelope either reaches a session, is answered with the busy text,
+//! or is finished as needing no answer; none is left unfinished in the journal by routing.
+
+use crate::config::MessagesConfig;
+use crate::hub::Hub;
+use crate::session::{DispatchError, Job, SessionRegistry};
+use std::fmt;
+use yizhan_channel_core::{ConversationKind, Envelope, Event, Segment};
+
+/// Identifies one conversation context: channel + conversation (+ sender in groups).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SessionKey(String);
+
+impl SessionKey {
+    /// The key for an envelope. Direct chats are keyed by conversation; group chats share
+    /// one context per group.
+    pub fn for_envelope(envelope: &Envelope) -> Self {
+        let kind = match envelope.conversation.kind {
+            ConversationKind::Direct => "d",
+            ConversationKind::Group => "g",
+        };
+        Self(format!("{}:{kind}:{}", envelope.channel, envelope.conversation.id))
+    }
+
+    /// The key as stored.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SessionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What an envelope asks of the hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Work {
+    /// A question for the model.
+    Ask(String),
+    /// A fixed answer (welcome, "I only read text").
+    Say(String),
+    /// Forget the conversation, then confirm.
+    Reset,
+}
+
+/// Decides what an envelope asks for; `None` when it needs no answer (unfollow, menu views,
+/// location reports, group chatter without a mention).
+pub fn classify(envelope: &Envelope, messages: &MessagesConfig) -> Option<Work> {
+    if let Some(event) = envelope.event() {
+        return match event {
+            Event::Subscribe { .. } | Event::EnterChat => Some(Work::Say(messages.welcome.clone())),
+            _ => None,
+        };
+    }
+    if !envelope.mentions_self {
+        return None;
+    }
+    let text = envelope.text();
+    let question = text.trim();
+    if !question.is_empty() {
+        let is_reset = messages.reset_commands.iter().any(|command| command.trim().eq_ignore_ascii_case(question));
+        return Some(if is_reset { Work::Reset } else { Work::Ask(question.to_owned()) });
+    }
+    let has_content = envelope.content.iter().any(|segment| !matches!(segment, Segment::Mention { .. }));
+    has_content.then(|| Work::Say(messages.unsupported.clone()))
+}
+
+/// Routes accepted envelopes to sessions.
+#[derive(Clone)]
+pub struct Router {
+    hub: Hub,
+    sessions: SessionRegistry,
+}
+
+impl Router {
+    /// A router over the hub's sessions.
+    pub fn new(hub: Hub, sessions: SessionRegistry) -> Self {
+        Self { hub, sessions }
+    }
+
+    /// The session registry (for metrics and shutdown).
+    pub fn sessions(&self) -> &SessionRegistry {
+        &self.sessions
+    }
+
+    /// Sends an accepted envelope on its way. Never waits for the model. Must be called from
+    /// inside an actix system (sessions start on the current arbiter).
+    pub fn dispatch(&self, envelope: Envelope) {
+        let Some(work) = classify(&envelope, &self.hub.messages) else {
+            tracing::debug!(channel = %envelope.channel, message = %envelope.platform_message_id, "Nothing to answer.");
+            let hub = self.hub.clone();
+            actix::spawn(async move { hub.finish(&envelope.id).await });
+            return;
+        };
+        let key = SessionKey::for_envelope(&envelope);
+        match self.sessions.dispatch(key, Job { envelope, work }) {
+            Ok(()) => {}
+            Err(DispatchError::Overloaded(job)) => {
+                self.hub.metrics.shed.with_label_values(&["session_mailbox"]).inc();
+                tracing::warn!(channel = %job.envelope.channel, "Session mailbox full; answered busy.");
+                self.hub.reply_now(job.envelope, self.hub.messages.busy.clone());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use yizhan_channel_core::{ChannelId, Conversation, ReplyHandle, Sender};
+
+    fn envelope(content: Vec<Segment>) -> Envelope {
+        Envelope {
+            id: Envelope::new_id(),
+            channel: ChannelId::parse("mp").unwrap_or_else(|e| panic!("{e}")),
+            channel_kind: "wechat_mp".into(),
+            platform_message_id: "1".into(),
+            received_at_ms: 0,
+            conversation: Conversation { kind: ConversationKind::Direct, id: "u1".into() },
+            sender: Sender { id: "u1".into(), name: None },
+            content,
+            mentions_self: true,
+            reply_handle: ReplyHandle::default(),
+        }
+    }
+
+    #[test]
+    fn text_is_a_question_and_reset_words_reset() {
+        let messages = MessagesConfig::default();
+        let ask = classify(&envelope(vec![Segment::Text { text: "  你好 ".into() }]), &messages);
+        assert_eq!(ask, Some(Work::Ask("你好".into())));
+        for word in ["/reset", "/RESET", "重置", "清空对话"] {
+            let reset = classify(&envelope(vec![Segment::Text { text: word.into() }]), &messages);
+            assert_eq!(reset, Some(Work::Reset), "{word}");
+        }
+    }
+
+    #[test]
+    fn events_get_a_welcome_or_nothing() {
+        let messages = MessagesConfig::default();
+        let welcome = classify(&envelope(vec![Segment::Event(Event::Subscribe { scene: None })]), &messages);
+        assert_eq!(welcome, Some(Work::Say(messages.welcome.clone())));
+        assert_eq!(classify(&envelope(vec![Segment::Event(Event::Unsubscribe)]), &messages), None);
+    }
+
+    #[test]
+    fn pictures_get_the_unsupported_text_and_voice_uses_recognition() {
+        let messages = MessagesConfig::default();
+        let image = classify(&envelope(vec![Segment::Image { url: None, media_id: Some("m".into()) }]), &messages);
+        assert_eq!(image, Some(Work::Say(messages.unsupported.clone())));
+        let voice = envelope(vec![Segment::Voice { media_id: None, format: None, recognition: Some("天气".into()) }]);
+        assert_eq!(classify(&voice, &messages), Some(Work::Ask("天气".into())));
+    }
+
+    #[test]
+    fn session_keys_separate_channels_and_conversations() {
+        let a = envelope(vec![]);
+        let mut b = a.clone();
+        b.conversation.id = "u2".into();
+        assert_ne!(SessionKey::for_envelope(&a), SessionKey::for_envelope(&b));
+        assert_eq!(SessionKey::for_envelope(&a).as_str(), "mp:d:u1");
+    }
+}

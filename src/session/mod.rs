@@ -1,0 +1,311 @@
+//! One actor per conversation: serialises that user's turns, keeps the history window, and
+//! retires after a spell of silence.
+//!
+//! Invariants (see STYLE §3.3 for why each exists):
+//! - one turn at a time per conversation, in arrival order; conversations run concurrently;
+//! - a message that races a session's retirement is never lost: the registry sends while
+//!   holding the map entry's lock, and a session first deregisters, then lets a `Retire` travel
+//!   through its mailbox behind everything already queued;
+//! - a session's idle check runs on a `run_interval`, which also keeps the actor alive until it
+//!   stops itself (an actor with no external `Addr` and no items would otherwise stop with mail
+//!   in its mailbox).
+
+mod window;
+
+pub use window::history_window;
+
+use crate::delivery::{Deliver, Typing};
+use crate::hub::Hub;
+use crate::llm::{ChatMessage, Complete, CompletionRequest, LlmError, Role};
+use crate::routing::{SessionKey, Work};
+use crate::store::Turn;
+use actix::clock::Instant;
+use actix::dev::SendError;
+use actix::prelude::*;
+use dashmap::DashMap;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use yizhan_channel_core::{Envelope, Reply};
+
+/// One envelope and what it asks for.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Job {
+    /// The message.
+    pub envelope: Envelope,
+    /// What to do.
+    pub work: Work,
+}
+
+/// Second phase of retirement: stop once everything queued before it is done.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Retire;
+
+/// Why a job could not be handed to its session.
+#[derive(Debug)]
+pub enum DispatchError {
+    /// The session's mailbox is full; the job comes back so the caller can answer busy.
+    Overloaded(Job),
+}
+
+struct Entry {
+    addr: Addr<Session>,
+    generation: u64,
+}
+
+/// Finds or starts the session for a key. Cheap to clone.
+#[derive(Clone)]
+pub struct SessionRegistry(Arc<RegistryInner>);
+
+struct RegistryInner {
+    sessions: DashMap<SessionKey, Entry>,
+    generations: AtomicU64,
+    hub: Hub,
+    idle_timeout: Duration,
+}
+
+impl SessionRegistry {
+    /// An empty registry whose sessions retire after `idle_timeout` of silence.
+    pub fn new(hub: Hub, idle_timeout: Duration) -> Self {
+        Self(Arc::new(RegistryInner {
+            sessions: DashMap::new(),
+            generations: AtomicU64::new(0),
+            hub,
+            idle_timeout,
+        }))
+    }
+
+    /// Sessions alive right now.
+    pub fn len(&self) -> usize {
+        self.0.sessions.len()
+    }
+
+    /// Whether no session is alive.
+    pub fn is_empty(&self) -> bool {
+        self.0.sessions.is_empty()
+    }
+
+    fn start_session(&self, key: &SessionKey) -> Entry {
+        let generation = self.0.generations.fetch_add(1, Ordering::Relaxed);
+        let session = Session {
+            key: key.clone(),
+            generation,
+            registry: self.clone(),
+            pending: VecDeque::new(),
+            busy: false,
+            retiring: false,
+            last_activity: Instant::now(),
+            history: None,
+        };
+        Entry { addr: session.start(), generation }
+    }
+
+    /// Routes a job to its session, starting one if needed. Must run inside an actix system.
+    pub fn dispatch(&self, key: SessionKey, job: Job) -> Result<(), DispatchError> {
+        let mut entry = self.0.sessions.entry(key.clone()).or_insert_with(|| self.start_session(&key));
+        // NOTE: send while holding the entry (shard) lock. `deregister` takes the same lock, so
+        // nothing can be queued behind a session's `Retire`.
+        match entry.addr.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(SendError::Full(job)) => Err(DispatchError::Overloaded(job)),
+            // The actor died without deregistering (a bug, e.g. a panic): replace it.
+            Err(SendError::Closed(job)) => {
+                *entry = self.start_session(&key);
+                entry.addr.try_send(job).map_err(|error| DispatchError::Overloaded(error.into_inner()))
+            }
+        }
+    }
+
+    /// Forgets `key` only if it still points at `generation`.
+    fn deregister(&self, key: &SessionKey, generation: u64) {
+        self.0.sessions.remove_if(key, |_, entry| entry.generation == generation);
+    }
+}
+
+/// See the module docs.
+pub struct Session {
+    key: SessionKey,
+    /// Which registry entry this actor is; a successor has another.
+    generation: u64,
+    registry: SessionRegistry,
+    /// Jobs waiting behind the one being worked on.
+    pending: VecDeque<Job>,
+    busy: bool,
+    retiring: bool,
+    /// tokio's clock, so paused-time tests can move it.
+    last_activity: Instant,
+    /// The conversation so far, loaded from the store on the first question.
+    history: Option<Vec<Turn>>,
+}
+
+impl Session {
+    fn hub(&self) -> &Hub {
+        &self.registry.0.hub
+    }
+
+    /// Runs every `idle_timeout / 4`; reads a timestamp instead of cancelling timers.
+    fn check_idle(&mut self, ctx: &mut Context<Self>) {
+        let idle = self.last_activity.elapsed() >= self.registry.0.idle_timeout;
+        if self.retiring || self.busy || !self.pending.is_empty() || !idle {
+            return;
+        }
+        // Phase 1: stop new traffic from finding us. Phase 2 (`Retire`) runs after every
+        // message that was already in the mailbox.
+        self.registry.deregister(&self.key, self.generation);
+        self.retiring = true;
+        ctx.address().do_send(Retire);
+    }
+
+    /// Starts the next job if none is running.
+    fn pump(&mut self, ctx: &mut Context<Self>) {
+        if self.busy {
+            return;
+        }
+        let Some(job) = self.pending.pop_front() else {
+            if self.retiring {
+                ctx.stop();
+            }
+            return;
+        };
+        self.busy = true;
+        let turn = run_job(self.hub().clone(), self.key.clone(), job, self.history.take());
+        turn.into_actor(self)
+            .map(|history, act, ctx| {
+                act.history = history;
+                act.busy = false;
+                act.last_activity = Instant::now();
+                act.pump(ctx);
+            })
+            .spawn(ctx);
+    }
+}
+
+impl Actor for Session {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(self.hub().session.max_pending.max(1));
+        let period = (self.registry.0.idle_timeout / 4).max(Duration::from_millis(1));
+        ctx.run_interval(period, Self::check_idle);
+        self.hub().metrics.sessions_alive.inc();
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        self.hub().metrics.sessions_alive.dec();
+        // Normally already done by `check_idle`; this covers a stop for any other reason.
+        self.registry.deregister(&self.key, self.generation);
+    }
+}
+
+impl Handler<Job> for Session {
+    type Result = ();
+
+    fn handle(&mut self, job: Job, ctx: &mut Self::Context) {
+        self.last_activity = Instant::now();
+        if self.pending.len() >= self.hub().session.max_pending {
+            self.hub().metrics.shed.with_label_values(&["session_queue"]).inc();
+            tracing::warn!(session = %self.key, "Too many messages waiting in one conversation; answered busy.");
+            let busy = self.hub().messages.busy.clone();
+            self.hub().reply_now(job.envelope, busy);
+            return;
+        }
+        self.pending.push_back(job);
+        self.pump(ctx);
+    }
+}
+
+impl Handler<Retire> for Session {
+    type Result = ();
+
+    fn handle(&mut self, _: Retire, ctx: &mut Self::Context) {
+        if !self.busy && self.pending.is_empty() {
+            ctx.stop();
+        }
+        // Otherwise `pump` stops the actor once the queue drains.
+    }
+}
+
+/// Does one job to the end: asks the model if needed, delivers the answer, finishes the
+/// journal entry. Returns the conversation history as it stands afterwards (`None` when it
+/// could not be loaded, so the next turn tries again).
+async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>) -> Option<Vec<Turn>> {
+    let Job { envelope, work } = job;
+    let Some(entry) = hub.channels.get(&envelope.channel) else {
+        tracing::error!(channel = %envelope.channel, "Job for an unknown channel dropped.");
+        return history;
+    };
+    let mut history = history;
+    let reply = match work {
+        Work::Say(text) => text,
+        Work::Reset => {
+            if let Err(error) = hub.store.clear_history(key.as_str()).await {
+                tracing::error!(session = %key, %error, "Failed to clear history.");
+            }
+            history = Some(Vec::new());
+            hub.messages.reset_done.clone()
+        }
+        Work::Ask(question) => {
+            entry.outbound.do_send(Typing { envelope: envelope.clone() });
+            if history.is_none() {
+                history = match hub.store.history(key.as_str(), hub.session.history_max_turns).await {
+                    Ok(turns) => Some(turns),
+                    Err(error) => {
+                        tracing::error!(session = %key, %error, "Failed to load history; answering without it.");
+                        None
+                    }
+                };
+            }
+            let earlier = history.as_deref().unwrap_or_default();
+            let window = history_window(earlier, hub.session.history_max_turns, hub.session.history_max_chars);
+            let mut messages = Vec::with_capacity(window.len() * 2 + 2);
+            if !entry.system_prompt.trim().is_empty() {
+                messages.push(ChatMessage::new(Role::System, entry.system_prompt.clone()));
+            }
+            messages.extend(window.iter().flat_map(Turn::to_messages));
+            messages.push(ChatMessage::new(Role::User, question.clone()));
+            let request = CompletionRequest {
+                messages,
+                user: format!("{}:{}", envelope.channel, envelope.sender.id),
+                channel_kind: envelope.channel_kind.clone(),
+            };
+            match hub.llm.send(Complete { request, on_delta: None }).await {
+                Ok(Ok(answer)) => {
+                    let turn = Turn { question, answer: answer.clone() };
+                    if let Err(error) = hub.store.append_turn(key.as_str(), turn.clone()).await {
+                        tracing::error!(session = %key, %error, "Failed to save a turn.");
+                    }
+                    if let Some(turns) = history.as_mut() {
+                        turns.push(turn);
+                        let excess = turns.len().saturating_sub(hub.session.history_max_turns);
+                        turns.drain(..excess);
+                    }
+                    answer
+                }
+                Ok(Err(LlmError::Overloaded(waiting))) => {
+                    hub.metrics.shed.with_label_values(&["llm_queue"]).inc();
+                    tracing::warn!(session = %key, waiting, "LLM queue full; answered busy.");
+                    hub.messages.busy.clone()
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(session = %key, %error, "LLM failed; sending the apology.");
+                    hub.messages.apology.clone()
+                }
+                Err(error) => {
+                    tracing::error!(session = %key, %error, "LLM actor unavailable; sending the apology.");
+                    hub.messages.apology.clone()
+                }
+            }
+        }
+    };
+    let envelope_id = envelope.id.clone();
+    match entry.outbound.send(Deliver { envelope, reply: Reply::text(reply) }).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(session = %key, %error, "Answer not delivered."),
+        Err(error) => tracing::error!(session = %key, %error, "Delivery actor unavailable."),
+    }
+    hub.finish(&envelope_id).await;
+    history
+}

@@ -1,0 +1,174 @@
+//! Builds the actors, the channel directory and the HTTP server from a [`Config`].
+
+use crate::channels::ChannelKinds;
+use crate::config::{Config, LlmBackendKind, StoreKind};
+use crate::delivery::{ChannelActor, RetryPolicy};
+use crate::hub::{ChannelEntry, Hub, HubInner};
+use crate::http::{healthz, metrics as metrics_route, webhook, AppState};
+use crate::llm::client::{build_http_client, LlmClientSettings};
+use crate::llm::lobehub::{LobeHubBackend, LobeHubSettings};
+use crate::llm::openai::{OpenAiBackend, OpenAiSettings};
+use crate::llm::{LlmActor, LlmBackend, LlmClient};
+use crate::metrics::Metrics;
+use crate::routing::Router;
+use crate::session::SessionRegistry;
+use crate::store::{MemoryStore, Store};
+use actix::{Actor, Arbiter};
+use actix_web::dev::Server;
+use actix_web::{web, App, HttpServer};
+use anyhow::{bail, Context};
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A built, not yet running, Yizhan.
+pub struct Application {
+    port: u16,
+    server: Server,
+    hub: Hub,
+    router: Router,
+    // Kept so the actor threads live as long as the application.
+    _arbiters: Vec<Arbiter>,
+}
+
+fn build_llm_client(config: &Config) -> anyhow::Result<LlmClient> {
+    let llm = &config.llm;
+    let http = build_http_client(llm.connect_timeout());
+    let backend: Arc<dyn LlmBackend> = match llm.backend {
+        LlmBackendKind::Openai => Arc::new(OpenAiBackend::new(
+            OpenAiSettings {
+                base_url: llm.base_url.clone(),
+                api_key: llm.api_key.clone(),
+                model: llm.model.clone().unwrap_or_default(),
+                temperature: llm.temperature,
+                max_tokens: llm.max_tokens,
+                include_usage: llm.include_usage,
+                send_user: llm.send_user,
+                strip_think: llm.strip_think,
+            },
+            http,
+        )),
+        LlmBackendKind::Lobehub => Arc::new(LobeHubBackend::new(
+            LobeHubSettings {
+                base_url: llm.base_url.clone(),
+                api_key: llm.api_key.clone(),
+                agent_id: llm.agent_id.clone(),
+                model: llm.model.clone(),
+                provider: llm.provider.clone(),
+            },
+            http,
+        )),
+    };
+    Ok(LlmClient::new(
+        backend,
+        LlmClientSettings {
+            first_token_timeout: Duration::from_secs(llm.first_token_timeout_secs),
+            total_timeout: Duration::from_secs(llm.total_timeout_secs),
+            max_retries: llm.max_retries,
+            retry_base_delay: Duration::from_millis(200),
+        },
+    ))
+}
+
+fn build_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    match config.store.kind {
+        StoreKind::Memory => Ok(Arc::new(MemoryStore::new(config.session.history_max_turns.max(1)))),
+        StoreKind::Sqlite => bail!("config key `store.kind`: sqlite is not available in this build yet; use \"memory\""),
+    }
+}
+
+impl Application {
+    /// Builds with the built-in channel kinds. Must run inside an actix system.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        Self::build_with(config, ChannelKinds::builtin()).await
+    }
+
+    /// Builds with the given channel kinds (built-ins plus plugins). Must run inside an actix
+    /// system.
+    pub async fn build_with(config: Config, kinds: ChannelKinds) -> anyhow::Result<Self> {
+        let metrics = Metrics::new();
+        let store = build_store(&config)?;
+        let llm_client = build_llm_client(&config)?;
+        let llm_arbiter = Arbiter::new();
+        let delivery_arbiter = Arbiter::new();
+        let (max_concurrency, max_waiting) = (config.llm.max_concurrency, config.llm.max_waiting);
+        let llm_metrics = metrics.clone();
+        let llm = LlmActor::start_in_arbiter(&llm_arbiter.handle(), move |_| {
+            LlmActor::new(llm_client, max_concurrency, max_waiting, llm_metrics)
+        });
+
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(20))
+            .build()
+            .context("Failed to build the HTTP client for platform APIs")?;
+        let policy = RetryPolicy::from(&config.delivery);
+        let mut channels = HashMap::new();
+        for entry in &config.channels {
+            let channel = kinds.build(&entry.settings, &http).map_err(|error| anyhow::anyhow!("{error}"))?;
+            let (actor_channel, actor_policy, actor_metrics) = (channel.clone(), policy.clone(), metrics.clone());
+            let outbound = ChannelActor::start_in_arbiter(&delivery_arbiter.handle(), move |_| {
+                ChannelActor::new(actor_channel, actor_policy, actor_metrics)
+            });
+            let system_prompt = entry.core.system_prompt.clone().unwrap_or_else(|| config.llm.system_prompt.clone());
+            tracing::info!(channel = %entry.settings.id, kind = %entry.settings.kind, "Channel ready.");
+            channels.insert(entry.settings.id.clone(), ChannelEntry { channel, outbound, system_prompt });
+        }
+
+        let hub = Hub::new(HubInner {
+            store,
+            llm,
+            channels,
+            messages: config.messages.clone(),
+            session: config.session.clone(),
+            dedupe_ttl: Duration::from_secs(config.store.dedupe_ttl_secs),
+            metrics,
+        });
+        let sessions = SessionRegistry::new(hub.clone(), Duration::from_secs(config.session.idle_timeout_secs));
+        let router = Router::new(hub.clone(), sessions);
+
+        let listener = TcpListener::bind(&config.server.bind)
+            .with_context(|| format!("Failed to bind {} (config key `server.bind`)", config.server.bind))?;
+        let port = listener.local_addr().context("Failed to read the bound address")?.port();
+        let state = web::Data::new(AppState { hub: hub.clone(), router: router.clone() });
+        let body_limit = config.server.body_limit_bytes;
+        let mut server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .app_data(web::PayloadConfig::new(body_limit))
+                .route("/healthz", web::get().to(healthz))
+                .route("/metrics", web::get().to(metrics_route))
+                .route("/webhooks/{channel_id}", web::route().to(webhook))
+        })
+        .shutdown_timeout(config.server.shutdown_timeout_secs);
+        if config.server.workers > 0 {
+            server = server.workers(config.server.workers);
+        }
+        let server = server.listen(listener).context("Failed to start the HTTP server")?.run();
+        tracing::info!(port, "Yizhan listening.");
+        Ok(Self { port, server, hub, router, _arbiters: vec![llm_arbiter, delivery_arbiter] })
+    }
+
+    /// The port the server listens on (useful with port 0).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Re-dispatches what was accepted but not finished before the last stop, then serves until
+    /// the server is stopped (SIGINT/SIGTERM stop it gracefully).
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        match self.hub.store.unfinished().await {
+            Ok(pending) if !pending.is_empty() => {
+                tracing::info!(count = pending.len(), "Resuming unfinished messages.");
+                self.hub.metrics.journal_open.add(pending.len() as i64);
+                for envelope in pending {
+                    self.router.dispatch(envelope);
+                }
+            }
+            Ok(_) => {}
+            Err(error) => tracing::error!(%error, "Failed to read unfinished messages."),
+        }
+        self.server.await
+    }
+}

@@ -1,0 +1,182 @@
+//! An in-memory [`Store`]: fast and lost on restart; for tests and trials.
+//!
+//! Memory stays bounded: dedupe keys expire and are swept, history keeps a fixed number of turns
+//! per conversation, and finished journal entries are removed.
+
+use super::{Acceptance, Store, StoreError, Turn};
+use dashmap::DashMap;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use yizhan_channel_core::{BoxFuture, Envelope};
+
+/// See the module docs.
+#[derive(Debug)]
+pub struct MemoryStore {
+    /// `channel \0 platform message id` → when the claim expires.
+    dedupe: DashMap<String, Instant>,
+    /// Journal: envelope id → (arrival order, envelope).
+    journal: DashMap<String, (u64, Envelope)>,
+    arrivals: AtomicU64,
+    history: DashMap<String, VecDeque<Turn>>,
+    /// Turns kept per conversation; older ones are never sent to the model anyway.
+    max_turns_kept: usize,
+    /// When the dedupe map was last swept of expired keys.
+    last_sweep: Mutex<Instant>,
+}
+
+impl MemoryStore {
+    /// A store keeping at most `max_turns_kept` turns per conversation.
+    pub fn new(max_turns_kept: usize) -> Self {
+        Self {
+            dedupe: DashMap::new(),
+            journal: DashMap::new(),
+            arrivals: AtomicU64::new(0),
+            history: DashMap::new(),
+            max_turns_kept: max_turns_kept.max(1),
+            last_sweep: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn sweep_expired(&self, now: Instant) {
+        let due = {
+            let mut last = self.last_sweep.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if now.duration_since(*last) < Duration::from_secs(30) {
+                false
+            } else {
+                *last = now;
+                true
+            }
+        };
+        if due {
+            self.dedupe.retain(|_, expires| *expires > now);
+        }
+    }
+
+    fn accept_now(&self, envelope: &Envelope, dedupe_ttl: Duration) -> Acceptance {
+        let now = Instant::now();
+        self.sweep_expired(now);
+        let key = format!("{}\0{}", envelope.channel, envelope.platform_message_id);
+        let mut claimed = false;
+        self.dedupe
+            .entry(key)
+            .and_modify(|expires| {
+                if *expires <= now {
+                    *expires = now + dedupe_ttl;
+                    claimed = true;
+                }
+            })
+            .or_insert_with(|| {
+                claimed = true;
+                now + dedupe_ttl
+            });
+        if !claimed {
+            return Acceptance::Duplicate;
+        }
+        let order = self.arrivals.fetch_add(1, Ordering::Relaxed);
+        self.journal.insert(envelope.id.clone(), (order, envelope.clone()));
+        Acceptance::New
+    }
+}
+
+impl Store for MemoryStore {
+    fn accept<'a>(&'a self, envelope: &'a Envelope, dedupe_ttl: Duration) -> BoxFuture<'a, Result<Acceptance, StoreError>> {
+        let acceptance = self.accept_now(envelope, dedupe_ttl);
+        Box::pin(async move { Ok(acceptance) })
+    }
+
+    fn finish<'a>(&'a self, envelope_id: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.journal.remove(envelope_id);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn unfinished(&self) -> BoxFuture<'_, Result<Vec<Envelope>, StoreError>> {
+        let mut entries: Vec<(u64, Envelope)> = self.journal.iter().map(|entry| entry.value().clone()).collect();
+        entries.sort_by_key(|(order, _)| *order);
+        Box::pin(async move { Ok(entries.into_iter().map(|(_, envelope)| envelope).collect()) })
+    }
+
+    fn history<'a>(&'a self, session_key: &'a str, max_turns: usize) -> BoxFuture<'a, Result<Vec<Turn>, StoreError>> {
+        let turns = self
+            .history
+            .get(session_key)
+            .map(|turns| {
+                let skip = turns.len().saturating_sub(max_turns);
+                turns.iter().skip(skip).cloned().collect()
+            })
+            .unwrap_or_default();
+        Box::pin(async move { Ok(turns) })
+    }
+
+    fn append_turn<'a>(&'a self, session_key: &'a str, turn: Turn) -> BoxFuture<'a, Result<(), StoreError>> {
+        let mut turns = self.history.entry(session_key.to_owned()).or_default();
+        turns.push_back(turn);
+        while turns.len() > self.max_turns_kept {
+            turns.pop_front();
+        }
+        drop(turns);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn clear_history<'a>(&'a self, session_key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.history.remove(session_key);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use yizhan_channel_core::{ChannelId, Conversation, ConversationKind, ReplyHandle, Sender};
+
+    fn envelope(message_id: &str) -> Envelope {
+        Envelope {
+            id: Envelope::new_id(),
+            channel: ChannelId::parse("c").unwrap_or_else(|e| panic!("{e}")),
+            channel_kind: "test".into(),
+            platform_message_id: message_id.into(),
+            received_at_ms: 0,
+            conversation: Conversation { kind: ConversationKind::Direct, id: "u".into() },
+            sender: Sender { id: "u".into(), name: None },
+            content: vec![],
+            mentions_self: true,
+            reply_handle: ReplyHandle::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_message_id_is_accepted_once_within_the_window() {
+        let store = MemoryStore::new(10);
+        let ttl = Duration::from_secs(60);
+        let first = envelope("m1");
+        assert_eq!(store.accept(&first, ttl).await.ok(), Some(Acceptance::New));
+        assert_eq!(store.accept(&envelope("m1"), ttl).await.ok(), Some(Acceptance::Duplicate));
+        assert_eq!(store.accept(&envelope("m2"), ttl).await.ok(), Some(Acceptance::New));
+        let pending = store.unfinished().await.unwrap_or_default();
+        assert_eq!(pending.len(), 2);
+        assert_eq!(pending[0].id, first.id);
+        let _ = store.finish(&first.id).await;
+        assert_eq!(store.unfinished().await.unwrap_or_default().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_expired_claim_can_be_taken_again() {
+        let store = MemoryStore::new(10);
+        assert_eq!(store.accept(&envelope("m1"), Duration::ZERO).await.ok(), Some(Acceptance::New));
+        assert_eq!(store.accept(&envelope("m1"), Duration::ZERO).await.ok(), Some(Acceptance::New));
+    }
+
+    #[tokio::test]
+    async fn history_keeps_the_most_recent_turns_and_can_be_cleared() {
+        let store = MemoryStore::new(3);
+        for i in 0..5 {
+            let _ = store.append_turn("k", Turn { question: format!("q{i}"), answer: format!("a{i}") }).await;
+        }
+        let turns = store.history("k", 2).await.unwrap_or_default();
+        assert_eq!(turns.iter().map(|t| t.question.as_str()).collect::<Vec<_>>(), ["q3", "q4"]);
+        assert_eq!(store.history("k", 10).await.unwrap_or_default().len(), 3);
+        let _ = store.clear_history("k").await;
+        assert!(store.history("k", 10).await.unwrap_or_default().is_empty());
+    }
+}

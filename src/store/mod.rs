@@ -1,0 +1,72 @@
+//! Where state that must outlive a request lives: dedupe keys, the inbound journal and
+//! conversation history.
+//!
+//! The [`Store`] trait is the seam between the core and a storage engine. Every method is async
+//! and returns a boxed future so that engines which block (SQLite) run their work off the
+//! actix worker threads, and engines over the network (Redis) fit the same shape. Operations are
+//! shaped so that each one is a single atomic step in any engine: `accept` claims the dedupe
+//! key and journals the envelope together, so a crash can never leave one without the other.
+
+mod memory;
+
+pub use memory::MemoryStore;
+
+use crate::llm::backend::{ChatMessage, Role};
+use std::time::Duration;
+use yizhan_channel_core::{BoxFuture, Envelope};
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The engine failed (I/O, corruption, connection).
+    #[error("store failed: {0}")]
+    Backend(String),
+}
+
+/// Whether an envelope was new.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acceptance {
+    /// First time seen within the dedupe window: journaled, dispatch it.
+    New,
+    /// A platform retry of something already accepted: acknowledge, do nothing else.
+    Duplicate,
+}
+
+/// One question and its answer, the unit of conversation history.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Turn {
+    /// What the user asked.
+    pub question: String,
+    /// What the model answered.
+    pub answer: String,
+}
+
+impl Turn {
+    /// The turn as the two chat lines it stands for.
+    pub fn to_messages(&self) -> [ChatMessage; 2] {
+        [ChatMessage::new(Role::User, self.question.clone()), ChatMessage::new(Role::Assistant, self.answer.clone())]
+    }
+}
+
+/// A storage engine.
+pub trait Store: Send + Sync + 'static {
+    /// Claims `(channel, platform message id)` for `dedupe_ttl` and journals the envelope, in one
+    /// atomic step. Returns [`Acceptance::Duplicate`] (and journals nothing) when the id was
+    /// claimed within the window.
+    fn accept<'a>(&'a self, envelope: &'a Envelope, dedupe_ttl: Duration) -> BoxFuture<'a, Result<Acceptance, StoreError>>;
+
+    /// Marks a journaled envelope as finished (answered, or deliberately not answered).
+    fn finish<'a>(&'a self, envelope_id: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Journaled envelopes not yet finished, oldest first (for recovery after a restart).
+    fn unfinished(&self) -> BoxFuture<'_, Result<Vec<Envelope>, StoreError>>;
+
+    /// The most recent `max_turns` turns of a conversation, oldest first.
+    fn history<'a>(&'a self, session_key: &'a str, max_turns: usize) -> BoxFuture<'a, Result<Vec<Turn>, StoreError>>;
+
+    /// Appends a turn to a conversation.
+    fn append_turn<'a>(&'a self, session_key: &'a str, turn: Turn) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Forgets a conversation's history (`/reset`).
+    fn clear_history<'a>(&'a self, session_key: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
+}

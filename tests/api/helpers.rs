@@ -1,0 +1,237 @@
+//! `spawn_app` and the stand-in servers.
+
+use sha1::{Digest, Sha1};
+use std::time::{Duration, Instant, SystemTime};
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, Request, ResponseTemplate};
+use yizhan::channels::ChannelKinds;
+use yizhan::config::Config;
+use yizhan::startup::Application;
+
+pub const WECHAT_TOKEN: &str = "test-token";
+pub const CHANNEL: &str = "mp";
+
+/// A running application and its stand-ins.
+pub struct TestApp {
+    pub address: String,
+    pub wechat: MockServer,
+    pub llm: MockServer,
+    pub http: reqwest::Client,
+}
+
+/// The last user message of an OpenAI chat request.
+pub fn last_user_message(request: &Request) -> String {
+    let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap_or_default();
+    body["messages"]
+        .as_array()
+        .and_then(|messages| messages.iter().rev().find(|m| m["role"] == "user"))
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// An OpenAI streaming body that answers `answer` in a few chunks.
+pub fn sse_answer(answer: &str) -> String {
+    let mut body = String::new();
+    body.push_str(": keep-alive\n\n");
+    let chars: Vec<char> = answer.chars().collect();
+    for piece in chars.chunks(3) {
+        let text: String = piece.iter().collect();
+        let chunk = serde_json::json!({"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":text},"finish_reason":null}]});
+        body.push_str(&format!("data: {chunk}\n\n"));
+    }
+    body.push_str("data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n");
+    body.push_str("data: [DONE]\n\n");
+    body
+}
+
+/// A stand-in LLM that answers "答：<question>" after `delay`.
+pub async fn echo_llm(server: &MockServer, delay: Duration) {
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .respond_with(move |request: &Request| {
+            let answer = format!("答：{}", last_user_message(request));
+            ResponseTemplate::new(200)
+                .insert_header("content-type", "text/event-stream")
+                .set_body_string(sse_answer(&answer))
+                .set_delay(delay)
+        })
+        .mount(server)
+        .await;
+}
+
+/// A stand-in WeChat API: tokens and customer-service sends succeed.
+pub async fn wechat_ok(server: &MockServer) {
+    Mock::given(method("POST"))
+        .and(path("/cgi-bin/stable_token"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"access_token":"TOKEN-1","expires_in":7200})))
+        .mount(server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/cgi-bin/message/custom/send"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"errcode":0,"errmsg":"ok"})))
+        .mount(server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/cgi-bin/message/custom/typing"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"errcode":0,"errmsg":"ok"})))
+        .mount(server)
+        .await;
+}
+
+/// The config every test starts from; `extra` is appended (later keys win only in new tables,
+/// so tests pass overrides through `env` instead).
+pub fn base_config(llm: &MockServer, wechat: &MockServer) -> String {
+    format!(
+        r#"
+[server]
+bind = "127.0.0.1:0"
+workers = 2
+
+[llm]
+backend = "openai"
+base_url = "{llm}/v1"
+api_key = "sk-test"
+model = "test-model"
+max_concurrency = 8
+max_waiting = 64
+first_token_timeout_secs = 10
+total_timeout_secs = 20
+max_retries = 0
+
+[delivery]
+max_attempts = 3
+retry_base_delay_ms = 10
+retry_max_delay_ms = 50
+
+[[channels]]
+id = "{CHANNEL}"
+kind = "wechat_mp"
+app_id = "wx-test-app"
+app_secret = "test-secret"
+token = "{WECHAT_TOKEN}"
+api_base = "{wechat}"
+"#,
+        llm = llm.uri(),
+        wechat = wechat.uri(),
+    )
+}
+
+/// Starts the application with `config` and these environment overrides.
+pub async fn spawn_with(config: &str, env: &[(&str, &str)], kinds: ChannelKinds, wechat: MockServer, llm: MockServer) -> TestApp {
+    let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+    let config = Config::from_toml(config, env).unwrap_or_else(|e| panic!("test config: {e:#}"));
+    let app = Application::build_with(config, kinds).await.unwrap_or_else(|e| panic!("build: {e:#}"));
+    let address = format!("http://127.0.0.1:{}", app.port());
+    actix_web::rt::spawn(app.run_until_stopped());
+    TestApp { address, wechat, llm, http: reqwest::Client::new() }
+}
+
+/// Starts the application with the base config, an echoing LLM answering after `llm_delay`, and
+/// a WeChat API that accepts everything.
+pub async fn spawn_app(env: &[(&str, &str)], llm_delay: Duration) -> TestApp {
+    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+    echo_llm(&llm, llm_delay).await;
+    wechat_ok(&wechat).await;
+    let config = base_config(&llm, &wechat);
+    spawn_with(&config, env, ChannelKinds::builtin(), wechat, llm).await
+}
+
+pub fn now() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default()
+}
+
+/// WeChat's plaintext-mode signature.
+pub fn signature(token: &str, timestamp: &str, nonce: &str) -> String {
+    let mut parts = [token, timestamp, nonce];
+    parts.sort_unstable();
+    hex::encode(Sha1::digest(parts.concat().as_bytes()))
+}
+
+/// A signed query string for the WeChat webhook.
+pub fn signed_query(timestamp: u64) -> String {
+    let (timestamp, nonce) = (timestamp.to_string(), "8763");
+    format!("signature={}&timestamp={timestamp}&nonce={nonce}&openid=x", signature(WECHAT_TOKEN, &timestamp, nonce))
+}
+
+pub fn text_xml(openid: &str, msg_id: u64, content: &str) -> String {
+    format!(
+        "<xml><ToUserName><![CDATA[gh_test]]></ToUserName><FromUserName><![CDATA[{openid}]]></FromUserName>\
+         <CreateTime>{}</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[{content}]]></Content>\
+         <MsgId>{msg_id}</MsgId></xml>",
+        now()
+    )
+}
+
+impl TestApp {
+    pub fn webhook_url(&self, channel: &str) -> String {
+        format!("{}/webhooks/{channel}", self.address)
+    }
+
+    /// POSTs a signed text message; returns status and body.
+    pub async fn post_text(&self, openid: &str, msg_id: u64, content: &str) -> (u16, String) {
+        self.post_signed(&text_xml(openid, msg_id, content)).await
+    }
+
+    pub async fn post_signed(&self, xml: &str) -> (u16, String) {
+        let url = format!("{}?{}", self.webhook_url(CHANNEL), signed_query(now()));
+        let response = self.http.post(url).body(xml.to_owned()).send().await.unwrap_or_else(|e| panic!("{e}"));
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap_or_default())
+    }
+
+    pub async fn metrics(&self) -> String {
+        let response = self.http.get(format!("{}/metrics", self.address)).send().await;
+        match response {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+
+    /// Waits until every accepted message is finished (answered or given up).
+    pub async fn wait_until_idle(&self) {
+        wait_for("all accepted messages finished", || async {
+            self.metrics().await.lines().any(|line| line == "yizhan_journal_open 0")
+        })
+        .await;
+    }
+
+    /// Customer-service sends received by the stand-in WeChat API, as JSON bodies.
+    pub async fn sent_messages(&self) -> Vec<serde_json::Value> {
+        self.wechat
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .filter(|request| request.url.path() == "/cgi-bin/message/custom/send")
+            .map(|request| serde_json::from_slice(&request.body).unwrap_or_default())
+            .collect()
+    }
+
+    pub async fn llm_requests(&self) -> Vec<Request> {
+        self.llm
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|request| request.url.path().ends_with("/chat/completions") || request.url.path().starts_with("/api/v1"))
+            .collect()
+    }
+}
+
+/// Polls `condition` until it holds; fails the test after 15 s (a generous bound, not a timing
+/// assertion: the condition normally holds within milliseconds).
+pub async fn wait_for<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if condition().await {
+            return;
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}

@@ -1,0 +1,56 @@
+//! Health, metrics and the rules every webhook follows.
+
+use crate::helpers::*;
+use std::time::Duration;
+
+#[actix_web::test]
+async fn healthz_answers_ok() {
+    let app = spawn_app(&[], Duration::ZERO).await;
+    let response = app.http.get(format!("{}/healthz", app.address)).send().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(response.status().as_u16(), 200);
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    assert_eq!(body["status"], "ok");
+}
+
+#[actix_web::test]
+async fn an_unknown_channel_is_404() {
+    let app = spawn_app(&[], Duration::ZERO).await;
+    let response = app.http.post(app.webhook_url("nope")).body("x").send().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(response.status().as_u16(), 404);
+}
+
+#[actix_web::test]
+async fn a_body_over_the_limit_is_413() {
+    let app = spawn_app(&[("YIZHAN__SERVER__BODY_LIMIT_BYTES", "1024")], Duration::ZERO).await;
+    let url = format!("{}?{}", app.webhook_url(CHANNEL), signed_query(now()));
+    let response = app.http.post(url).body("x".repeat(4096)).send().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(response.status().as_u16(), 413);
+}
+
+#[actix_web::test]
+async fn malformed_xml_with_a_valid_signature_is_400() {
+    let app = spawn_app(&[], Duration::ZERO).await;
+    let (status, _) = app.post_signed("<xml><FromUserName>oops").await;
+    assert_eq!(status, 400);
+    let (status, _) = app.post_signed("not xml at all").await;
+    assert_eq!(status, 400);
+    assert!(app.llm_requests().await.is_empty());
+}
+
+#[actix_web::test]
+async fn metrics_expose_webhook_llm_and_session_figures() {
+    let app = spawn_app(&[], Duration::ZERO).await;
+    app.post_text("oUser1", 1, "你好").await;
+    app.wait_until_idle().await;
+    let metrics = app.metrics().await;
+    for name in [
+        "yizhan_webhook_requests_total{channel=\"mp\",outcome=\"accepted\"} 1",
+        "yizhan_webhook_ack_seconds_bucket",
+        "yizhan_llm_request_seconds_bucket",
+        "yizhan_sessions_alive 1",
+        "yizhan_llm_queue_depth 0",
+        "yizhan_deliveries_total{channel=\"mp\",outcome=\"delivered\"} 1",
+    ] {
+        assert!(metrics.contains(name), "missing {name} in\n{metrics}");
+    }
+}
