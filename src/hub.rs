@@ -2,7 +2,7 @@
 //! texts, bounds, metrics. Built once at startup; cloning is an `Arc` bump.
 
 use crate::config::{MessagesConfig, SessionConfig};
-use crate::delivery::{ChannelActor, Deliver};
+use crate::delivery::{self, ChannelActor};
 use crate::llm::LlmActor;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -10,7 +10,7 @@ use actix::Addr;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use yizhan_channel_core::{Channel, ChannelId, Envelope, Reply};
+use yizhan_channel_core::{Channel, ChannelId, Envelope};
 
 /// One configured channel account and what the core keeps for it.
 pub struct ChannelEntry {
@@ -61,16 +61,10 @@ impl Hub {
     /// Sends `text` to the envelope's conversation now, bypassing its session (for the busy
     /// reply when a bound is reached), then finishes the envelope's journal entry.
     pub fn reply_now(&self, envelope: Envelope, text: String) {
-        let Some(entry) = self.channels.get(&envelope.channel) else {
-            tracing::error!(channel = %envelope.channel, "Reply for an unknown channel dropped.");
-            return;
-        };
-        let outbound = entry.outbound.clone();
         let hub = self.clone();
         actix::spawn(async move {
-            let envelope_id = envelope.id.clone();
-            let _ = outbound.send(Deliver { envelope, reply: Reply::text(text) }).await;
-            hub.finish(&envelope_id).await;
+            let key = crate::routing::SessionKey::for_envelope(&envelope);
+            delivery::answer(&hub, &envelope, key.as_str(), None, text).await;
         });
     }
 

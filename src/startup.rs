@@ -107,9 +107,10 @@ impl Application {
         let mut channels = HashMap::new();
         for entry in &config.channels {
             let channel = kinds.build(&entry.settings, &http).map_err(|error| anyhow::anyhow!("{error}"))?;
-            let (actor_channel, actor_policy, actor_metrics) = (channel.clone(), policy.clone(), metrics.clone());
+            let (actor_channel, actor_store) = (channel.clone(), store.clone());
+            let (actor_policy, actor_metrics) = (policy.clone(), metrics.clone());
             let outbound = ChannelActor::start_in_arbiter(&delivery_arbiter.handle(), move |_| {
-                ChannelActor::new(actor_channel, actor_policy, actor_metrics)
+                ChannelActor::new(actor_channel, actor_store, actor_policy, actor_metrics)
             });
             let system_prompt = entry.core.system_prompt.clone().unwrap_or_else(|| config.llm.system_prompt.clone());
             tracing::info!(channel = %entry.settings.id, kind = %entry.settings.kind, "Channel ready.");
@@ -162,8 +163,17 @@ impl Application {
             Ok(pending) if !pending.is_empty() => {
                 tracing::info!(count = pending.len(), "Resuming unfinished messages.");
                 self.hub.metrics.journal_open.add(pending.len() as i64);
-                for envelope in pending {
-                    self.router.dispatch(envelope);
+                for unfinished in pending {
+                    match unfinished.pending_parts {
+                        // Answered before the stop: send what is left, never ask again.
+                        Some(parts) => {
+                            let hub = self.hub.clone();
+                            actix::spawn(async move {
+                                crate::delivery::send_parts(&hub, &unfinished.envelope, parts).await;
+                            });
+                        }
+                        None => self.router.dispatch(unfinished.envelope),
+                    }
                 }
             }
             Ok(_) => {}

@@ -5,22 +5,70 @@
 //! `max_attempts` times; every part ends as delivered or as failed with a logged, counted reason.
 
 use crate::config::DeliveryConfig;
+use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::store::{Store, Turn};
 use actix::prelude::*;
 use rand::Rng;
 use std::sync::Arc;
 use std::time::Duration;
 use yizhan_channel_core::{Channel, ChannelError, Delivery, Envelope, Reply};
 
-/// Send an answer to the envelope's conversation; resolves when every part is delivered or
-/// one failed for good.
+/// Send rendered parts, in order; resolves when every part is delivered or one failed for good
+/// (the parts after it are then recorded as failed too, so the user never gets a torn answer
+/// with a hole in it).
 #[derive(Message)]
 #[rtype(result = "Result<(), ChannelError>")]
 pub struct Deliver {
-    /// The message being answered.
-    pub envelope: Envelope,
-    /// The answer, before platform rendering.
-    pub reply: Reply,
+    /// The parts, as recorded in the outbox.
+    pub parts: Vec<Delivery>,
+}
+
+/// Renders `text` into the channel's parts for `envelope`'s conversation. Part ids derive from
+/// the envelope id, so they are stable across restarts (platform idempotency keys).
+pub fn parts_for(channel: &dyn Channel, envelope: &Envelope, text: String) -> Vec<Delivery> {
+    channel
+        .render(&Reply::text(text))
+        .into_iter()
+        .enumerate()
+        .map(|(index, part)| Delivery {
+            delivery_id: format!("{}-{index}", envelope.id),
+            channel: envelope.channel.clone(),
+            conversation: envelope.conversation.clone(),
+            recipient: envelope.sender.clone(),
+            reply_handle: envelope.reply_handle.clone(),
+            reply: part,
+        })
+        .collect()
+}
+
+/// Answers an envelope: records the answer (turn and outbox parts) atomically, sends the parts,
+/// and finishes the journal entry. Waits until delivery is over, so a session's answers leave in
+/// order.
+pub async fn answer(hub: &Hub, envelope: &Envelope, session_key: &str, turn: Option<Turn>, text: String) {
+    let Some(entry) = hub.channels.get(&envelope.channel) else {
+        tracing::error!(channel = %envelope.channel, "Answer for an unknown channel dropped.");
+        return;
+    };
+    let parts = parts_for(entry.channel.as_ref(), envelope, text);
+    if let Err(error) = hub.store.record_answer(&envelope.id, session_key, turn, &parts).await {
+        // Still deliver: the user is better served by an answer that a crash could repeat than
+        // by none.
+        tracing::error!(envelope = %envelope.id, %error, "Failed to record an answer; delivering anyway.");
+    }
+    send_parts(hub, envelope, parts).await;
+}
+
+/// Sends recorded parts through the channel's actor, then finishes the envelope.
+pub async fn send_parts(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) {
+    if let Some(entry) = hub.channels.get(&envelope.channel) {
+        match entry.outbound.send(Deliver { parts }).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(envelope = %envelope.id, %error, "Answer not delivered."),
+            Err(error) => tracing::error!(envelope = %envelope.id, %error, "Delivery actor unavailable."),
+        }
+    }
+    hub.finish(&envelope.id).await;
 }
 
 /// Show a typing indicator for the envelope's conversation (best effort).
@@ -68,14 +116,15 @@ impl RetryPolicy {
 /// See the module docs.
 pub struct ChannelActor {
     channel: Arc<dyn Channel>,
+    store: Arc<dyn Store>,
     policy: RetryPolicy,
     metrics: Metrics,
 }
 
 impl ChannelActor {
     /// The delivery actor for one channel account.
-    pub fn new(channel: Arc<dyn Channel>, policy: RetryPolicy, metrics: Metrics) -> Self {
-        Self { channel, policy, metrics }
+    pub fn new(channel: Arc<dyn Channel>, store: Arc<dyn Store>, policy: RetryPolicy, metrics: Metrics) -> Self {
+        Self { channel, store, policy, metrics }
     }
 }
 
@@ -94,9 +143,10 @@ impl Handler<Deliver> for ChannelActor {
 
     fn handle(&mut self, msg: Deliver, _: &mut Self::Context) -> Self::Result {
         let channel = self.channel.clone();
+        let store = self.store.clone();
         let policy = self.policy.clone();
         let metrics = self.metrics.clone();
-        Box::pin(async move { deliver_all(channel.as_ref(), &policy, &metrics, msg).await })
+        Box::pin(async move { deliver_all(channel.as_ref(), store.as_ref(), &policy, &metrics, msg.parts).await })
     }
 }
 
@@ -113,52 +163,78 @@ impl Handler<Typing> for ChannelActor {
     }
 }
 
-async fn deliver_all(channel: &dyn Channel, policy: &RetryPolicy, metrics: &Metrics, msg: Deliver) -> Result<(), ChannelError> {
-    let Deliver { envelope, reply } = msg;
+async fn deliver_all(
+    channel: &dyn Channel,
+    store: &dyn Store,
+    policy: &RetryPolicy,
+    metrics: &Metrics,
+    parts: Vec<Delivery>,
+) -> Result<(), ChannelError> {
     let channel_label = channel.id().to_string();
-    for (index, part) in channel.render(&reply).into_iter().enumerate() {
-        let delivery = Delivery {
-            delivery_id: format!("{}-{index}", envelope.id),
-            channel: envelope.channel.clone(),
-            conversation: envelope.conversation.clone(),
-            recipient: envelope.sender.clone(),
-            reply_handle: envelope.reply_handle.clone(),
-            reply: part,
-        };
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match channel.deliver(&delivery).await {
-                Ok(_) => {
-                    metrics.deliveries.with_label_values(&[&channel_label, "delivered"]).inc();
-                    break;
+    let mut parts = parts.into_iter();
+    while let Some(delivery) = parts.next() {
+        let gauge = metrics.delivery_in_flight.with_label_values(&[&channel_label]);
+        gauge.inc();
+        let result = deliver_one(channel, policy, metrics, &channel_label, &delivery).await;
+        gauge.dec();
+        match result {
+            Ok(()) => {
+                if let Err(error) = store.part_delivered(&delivery.delivery_id).await {
+                    tracing::error!(part = %delivery.delivery_id, %error, "Failed to clear a delivered part.");
                 }
-                Err(error) if error.is_retryable() && attempt < policy.max_attempts => {
-                    let hint = match &error {
-                        ChannelError::Transient { retry_after, .. } => *retry_after,
-                        _ => None,
-                    };
-                    let delay = policy.delay(attempt - 1, hint);
-                    tracing::warn!(channel = %channel_label, attempt, ?delay, %error, "Delivery failed; retrying.");
-                    metrics.deliveries.with_label_values(&[&channel_label, "retried"]).inc();
-                    actix::clock::sleep(delay).await;
+            }
+            Err(error) => {
+                let reason = error.to_string();
+                for failed in std::iter::once(delivery).chain(parts) {
+                    if let Err(store_error) = store.part_failed(&failed.delivery_id, &reason).await {
+                        tracing::error!(part = %failed.delivery_id, error = %store_error, "Failed to record a failed part.");
+                    }
                 }
-                Err(error) => {
-                    metrics.deliveries.with_label_values(&[&channel_label, error.label()]).inc();
-                    tracing::error!(
-                        channel = %channel_label,
-                        envelope = %envelope.id,
-                        part = index,
-                        attempt,
-                        %error,
-                        "Delivery failed for good."
-                    );
-                    return Err(error);
-                }
+                return Err(error);
             }
         }
     }
     Ok(())
+}
+
+async fn deliver_one(
+    channel: &dyn Channel,
+    policy: &RetryPolicy,
+    metrics: &Metrics,
+    channel_label: &str,
+    delivery: &Delivery,
+) -> Result<(), ChannelError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match channel.deliver(delivery).await {
+            Ok(_) => {
+                metrics.deliveries.with_label_values(&[channel_label, "delivered"]).inc();
+                return Ok(());
+            }
+            Err(error) if error.is_retryable() && attempt < policy.max_attempts => {
+                let hint = match &error {
+                    ChannelError::Transient { retry_after, .. } => *retry_after,
+                    _ => None,
+                };
+                let delay = policy.delay(attempt - 1, hint);
+                tracing::warn!(channel = %channel_label, attempt, ?delay, %error, "Delivery failed; retrying.");
+                metrics.deliveries.with_label_values(&[channel_label, "retried"]).inc();
+                actix::clock::sleep(delay).await;
+            }
+            Err(error) => {
+                metrics.deliveries.with_label_values(&[channel_label, error.label()]).inc();
+                tracing::error!(
+                    channel = %channel_label,
+                    part = %delivery.delivery_id,
+                    attempt,
+                    %error,
+                    "Delivery failed for good."
+                );
+                return Err(error);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ mod window;
 
 pub use window::history_window;
 
-use crate::delivery::{Deliver, Typing};
+use crate::delivery::{self, Typing};
 use crate::hub::Hub;
 use crate::llm::{ChatMessage, Complete, CompletionRequest, LlmError, Role};
 use crate::routing::{SessionKey, Work};
@@ -27,7 +27,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use yizhan_channel_core::{Envelope, Reply};
+use yizhan_channel_core::Envelope;
 
 /// One envelope and what it asks for.
 #[derive(Debug, Message)]
@@ -238,6 +238,7 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
         return history;
     };
     let mut history = history;
+    let mut new_turn = None;
     let reply = match work {
         Work::Say(text) => text,
         Work::Reset => {
@@ -274,14 +275,12 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
             match hub.llm.send(Complete { request, on_delta: None }).await {
                 Ok(Ok(answer)) => {
                     let turn = Turn { question, answer: answer.clone() };
-                    if let Err(error) = hub.store.append_turn(key.as_str(), turn.clone()).await {
-                        tracing::error!(session = %key, %error, "Failed to save a turn.");
-                    }
                     if let Some(turns) = history.as_mut() {
-                        turns.push(turn);
+                        turns.push(turn.clone());
                         let excess = turns.len().saturating_sub(hub.session.history_max_turns);
                         turns.drain(..excess);
                     }
+                    new_turn = Some(turn);
                     answer
                 }
                 Ok(Err(LlmError::Overloaded(waiting))) => {
@@ -300,12 +299,6 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
             }
         }
     };
-    let envelope_id = envelope.id.clone();
-    match entry.outbound.send(Deliver { envelope, reply: Reply::text(reply) }).await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => tracing::warn!(session = %key, %error, "Answer not delivered."),
-        Err(error) => tracing::error!(session = %key, %error, "Delivery actor unavailable."),
-    }
-    hub.finish(&envelope_id).await;
+    delivery::answer(&hub, &envelope, key.as_str(), new_turn, reply).await;
     history
 }

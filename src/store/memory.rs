@@ -3,21 +3,31 @@
 //! Memory stays bounded: dedupe keys expire and are swept, history keeps a fixed number of turns
 //! per conversation, and finished journal entries are removed.
 
-use super::{Acceptance, Store, StoreError, Turn};
+use super::{Acceptance, Store, StoreError, Turn, Unfinished};
 use dashmap::DashMap;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
-use yizhan_channel_core::{BoxFuture, Envelope};
+use std::time::{Duration, Instant, SystemTime};
+use yizhan_channel_core::{BoxFuture, Delivery, Envelope};
+
+#[derive(Debug, Clone)]
+struct JournalEntry {
+    order: u64,
+    envelope: Envelope,
+    /// Parts not yet delivered, once answered.
+    parts: Option<Vec<Delivery>>,
+}
 
 /// See the module docs.
 #[derive(Debug)]
 pub struct MemoryStore {
     /// `channel \0 platform message id` → when the claim expires.
     dedupe: DashMap<String, Instant>,
-    /// Journal: envelope id → (arrival order, envelope).
-    journal: DashMap<String, (u64, Envelope)>,
+    /// Journal: envelope id → entry.
+    journal: DashMap<String, JournalEntry>,
+    /// Outbox: delivery id → envelope id whose entry holds the part.
+    outbox: DashMap<String, String>,
     arrivals: AtomicU64,
     history: DashMap<String, VecDeque<Turn>>,
     /// Turns kept per conversation; older ones are never sent to the model anyway.
@@ -32,6 +42,7 @@ impl MemoryStore {
         Self {
             dedupe: DashMap::new(),
             journal: DashMap::new(),
+            outbox: DashMap::new(),
             arrivals: AtomicU64::new(0),
             history: DashMap::new(),
             max_turns_kept: max_turns_kept.max(1),
@@ -75,8 +86,26 @@ impl MemoryStore {
             return Acceptance::Duplicate;
         }
         let order = self.arrivals.fetch_add(1, Ordering::Relaxed);
-        self.journal.insert(envelope.id.clone(), (order, envelope.clone()));
+        self.journal.insert(envelope.id.clone(), JournalEntry { order, envelope: envelope.clone(), parts: None });
         Acceptance::New
+    }
+
+    fn push_turn(&self, session_key: &str, turn: Turn) {
+        let mut turns = self.history.entry(session_key.to_owned()).or_default();
+        turns.push_back(turn);
+        while turns.len() > self.max_turns_kept {
+            turns.pop_front();
+        }
+    }
+
+    fn remove_part(&self, delivery_id: &str) {
+        if let Some((_, envelope_id)) = self.outbox.remove(delivery_id) {
+            if let Some(mut entry) = self.journal.get_mut(&envelope_id) {
+                if let Some(parts) = entry.parts.as_mut() {
+                    parts.retain(|part| part.delivery_id != delivery_id);
+                }
+            }
+        }
     }
 }
 
@@ -86,15 +115,57 @@ impl Store for MemoryStore {
         Box::pin(async move { Ok(acceptance) })
     }
 
-    fn finish<'a>(&'a self, envelope_id: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.journal.remove(envelope_id);
+    fn record_answer<'a>(
+        &'a self,
+        envelope_id: &'a str,
+        session_key: &'a str,
+        turn: Option<Turn>,
+        parts: &'a [Delivery],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        if let Some(turn) = turn {
+            self.push_turn(session_key, turn);
+        }
+        for part in parts {
+            self.outbox.insert(part.delivery_id.clone(), envelope_id.to_owned());
+        }
+        if let Some(mut entry) = self.journal.get_mut(envelope_id) {
+            entry.parts = Some(parts.to_vec());
+        }
         Box::pin(async { Ok(()) })
     }
 
-    fn unfinished(&self) -> BoxFuture<'_, Result<Vec<Envelope>, StoreError>> {
-        let mut entries: Vec<(u64, Envelope)> = self.journal.iter().map(|entry| entry.value().clone()).collect();
-        entries.sort_by_key(|(order, _)| *order);
-        Box::pin(async move { Ok(entries.into_iter().map(|(_, envelope)| envelope).collect()) })
+    fn part_delivered<'a>(&'a self, delivery_id: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.remove_part(delivery_id);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn part_failed<'a>(&'a self, delivery_id: &'a str, _reason: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.remove_part(delivery_id);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn finish<'a>(&'a self, envelope_id: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        if let Some((_, entry)) = self.journal.remove(envelope_id) {
+            for part in entry.parts.unwrap_or_default() {
+                self.outbox.remove(&part.delivery_id);
+            }
+        }
+        Box::pin(async { Ok(()) })
+    }
+
+    fn unfinished(&self) -> BoxFuture<'_, Result<Vec<Unfinished>, StoreError>> {
+        let mut entries: Vec<JournalEntry> = self.journal.iter().map(|entry| entry.value().clone()).collect();
+        entries.sort_by_key(|entry| entry.order);
+        let unfinished = entries
+            .into_iter()
+            .map(|entry| Unfinished { envelope: entry.envelope, pending_parts: entry.parts })
+            .collect();
+        Box::pin(async move { Ok(unfinished) })
+    }
+
+    fn prune(&self, _before: SystemTime) -> BoxFuture<'_, Result<u64, StoreError>> {
+        // Memory is bounded by construction (turn cap, finished entries removed, TTL sweeps).
+        Box::pin(async { Ok(0) })
     }
 
     fn history<'a>(&'a self, session_key: &'a str, max_turns: usize) -> BoxFuture<'a, Result<Vec<Turn>, StoreError>> {
@@ -110,12 +181,7 @@ impl Store for MemoryStore {
     }
 
     fn append_turn<'a>(&'a self, session_key: &'a str, turn: Turn) -> BoxFuture<'a, Result<(), StoreError>> {
-        let mut turns = self.history.entry(session_key.to_owned()).or_default();
-        turns.push_back(turn);
-        while turns.len() > self.max_turns_kept {
-            turns.pop_front();
-        }
-        drop(turns);
+        self.push_turn(session_key, turn);
         Box::pin(async { Ok(()) })
     }
 
@@ -155,7 +221,8 @@ mod tests {
         assert_eq!(store.accept(&envelope("m2"), ttl).await.ok(), Some(Acceptance::New));
         let pending = store.unfinished().await.unwrap_or_default();
         assert_eq!(pending.len(), 2);
-        assert_eq!(pending[0].id, first.id);
+        assert_eq!(pending[0].envelope.id, first.id);
+        assert_eq!(pending[0].pending_parts, None);
         let _ = store.finish(&first.id).await;
         assert_eq!(store.unfinished().await.unwrap_or_default().len(), 1);
     }

@@ -12,8 +12,8 @@ mod memory;
 pub use memory::MemoryStore;
 
 use crate::llm::backend::{ChatMessage, Role};
-use std::time::Duration;
-use yizhan_channel_core::{BoxFuture, Envelope};
+use std::time::{Duration, SystemTime};
+use yizhan_channel_core::{BoxFuture, Delivery, Envelope};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +48,16 @@ impl Turn {
     }
 }
 
+/// A journaled envelope that was not finished when the process stopped.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unfinished {
+    /// The message.
+    pub envelope: Envelope,
+    /// `None`: not answered yet, ask again. `Some(parts)`: answered; send these parts (in
+    /// order) and finish, without asking the model again.
+    pub pending_parts: Option<Vec<Delivery>>,
+}
+
 /// A storage engine.
 pub trait Store: Send + Sync + 'static {
     /// Claims `(channel, platform message id)` for `dedupe_ttl` and journals the envelope, in one
@@ -55,11 +65,33 @@ pub trait Store: Send + Sync + 'static {
     /// claimed within the window.
     fn accept<'a>(&'a self, envelope: &'a Envelope, dedupe_ttl: Duration) -> BoxFuture<'a, Result<Acceptance, StoreError>>;
 
+    /// Records an envelope's answer in one atomic step: the conversation turn (if the answer
+    /// came from the model), and every rendered part into the outbox. From then on, recovery
+    /// re-sends the parts instead of asking the model again.
+    fn record_answer<'a>(
+        &'a self,
+        envelope_id: &'a str,
+        session_key: &'a str,
+        turn: Option<Turn>,
+        parts: &'a [Delivery],
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Removes a part from the outbox: the platform confirmed it.
+    fn part_delivered<'a>(&'a self, delivery_id: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Removes a part from the outbox and records why it could not be delivered.
+    fn part_failed<'a>(&'a self, delivery_id: &'a str, reason: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
+
     /// Marks a journaled envelope as finished (answered, or deliberately not answered).
     fn finish<'a>(&'a self, envelope_id: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
 
-    /// Journaled envelopes not yet finished, oldest first (for recovery after a restart).
-    fn unfinished(&self) -> BoxFuture<'_, Result<Vec<Envelope>, StoreError>>;
+    /// Journaled envelopes not yet finished, oldest first, each with its outbox parts still
+    /// pending if it was answered (for recovery after a restart).
+    fn unfinished(&self) -> BoxFuture<'_, Result<Vec<Unfinished>, StoreError>>;
+
+    /// Deletes history turns and finished journal entries (and failed-part records) older than
+    /// `before`; returns how many rows went.
+    fn prune(&self, before: SystemTime) -> BoxFuture<'_, Result<u64, StoreError>>;
 
     /// The most recent `max_turns` turns of a conversation, oldest first.
     fn history<'a>(&'a self, session_key: &'a str, max_turns: usize) -> BoxFuture<'a, Result<Vec<Turn>, StoreError>>;

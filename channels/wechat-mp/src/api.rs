@@ -16,8 +16,9 @@ use std::time::Duration;
 use tracing::{debug, error, warn};
 use yizhan_channel_core::{AccessToken, ChannelError, ChannelId, DeliveryReceipt, TokenCache};
 
-/// How long one API call may take before it counts as a transient failure. Generous: WeChat
-/// usually answers in well under a second, and a hung connection must not stall a delivery.
+/// How long one API call may take before it counts as a transient failure, unless the hub's
+/// client has a shorter timeout. Generous: WeChat usually answers in well under a second, but a
+/// hung connection must not stall a delivery forever.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Refresh the token this long before WeChat's expiry (PROTOCOLS §2.6: the stable token is
@@ -157,13 +158,23 @@ impl Api {
     }
 
     /// POSTs JSON and returns the JSON object WeChat answered with, whatever its errcode.
+    ///
+    /// The deadline is a backstop around the whole exchange rather than reqwest's per-request
+    /// timeout, which would override a shorter timeout the hub configured on its client.
     async fn post_json(&self, url: &str, token: Option<&str>, body: &Value) -> Result<Value, ChannelError> {
-        let mut request = self.http.post(url).timeout(REQUEST_TIMEOUT).json(body);
+        let mut request = self.http.post(url).json(body);
         if let Some(token) = token {
             request = request.query(&[("access_token", token)]);
         }
-        let response = request.send().await.map_err(transport_error)?;
-        let status = response.status();
+        let exchange = async {
+            let response = request.send().await.map_err(transport_error)?;
+            let status = response.status();
+            let bytes = response.bytes().await.map_err(transport_error)?;
+            Ok::<_, ChannelError>((status, bytes))
+        };
+        let (status, bytes) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            .await
+            .map_err(|_| transient("request to WeChat timed out"))??;
         if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
             return Err(transient(format!("WeChat answered HTTP {status}")));
         }
@@ -173,7 +184,6 @@ impl Api {
                 reason: format!("WeChat answered HTTP {status}"),
             });
         }
-        let bytes = response.bytes().await.map_err(transport_error)?;
         match serde_json::from_slice::<Value>(&bytes) {
             Ok(answer @ Value::Object(_)) => Ok(answer),
             _ => Err(transient("WeChat's answer is not a JSON object")),
