@@ -178,6 +178,10 @@ fn backoff_delay(base: Duration, attempt: u32) -> Duration {
 /// No request timeout is set on purpose: answers stream for a long time, and
 /// [`LlmClient`]'s first-token and total deadlines bound each call instead. The pool keeps plenty
 /// of idle connections per host because one server usually takes every request.
+///
+/// # Errors
+///
+/// When reqwest cannot build the client (in practice only if the TLS backend fails to start).
 pub fn try_build_http_client(connect_timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
         .connect_timeout(connect_timeout)

@@ -102,6 +102,11 @@ impl SseParser {
 
     /// Feeds one chunk of the body. Completed events become available through
     /// [`next_event`](Self::next_event).
+    ///
+    /// # Errors
+    ///
+    /// [`SseError::TooLarge`] when a line or an event outgrows the bound; the partial line or
+    /// event is discarded, and the caller should stop reading.
     pub fn push(&mut self, mut chunk: &[u8]) -> Result<(), SseError> {
         if self.pending_cr {
             self.pending_cr = false;
@@ -127,6 +132,10 @@ impl SseParser {
 
     /// Signals end of stream: a partial last line is processed and a pending event is
     /// dispatched even without its blank line.
+    ///
+    /// # Errors
+    ///
+    /// [`SseError::TooLarge`] when the last line overflows the event's bound.
     pub fn finish(&mut self) -> Result<(), SseError> {
         self.pending_cr = false;
         if !self.line.is_empty() {
@@ -240,6 +249,10 @@ impl SseStream {
     }
 
     /// The next event, or `None` at end of stream.
+    ///
+    /// # Errors
+    ///
+    /// [`SseError::Transport`] when the body breaks, [`SseError::TooLarge`] on an oversized event.
     ///
     /// Cancel-safe at await points: a dropped call loses no parsed event.
     pub async fn next_event(&mut self) -> Result<Option<SseEvent>, SseError> {
@@ -385,8 +398,8 @@ pub(crate) fn truncate_chars(text: &str, max: usize) -> String {
 /// A successful response body: either the event stream that was asked for, or a whole JSON
 /// document from a server that ignored `stream: true`.
 pub(crate) enum ResponseBody {
-    /// The server streamed.
-    Events(SseStream),
+    /// The server streamed. Boxed: the stream is large and the enum is moved around.
+    Events(Box<SseStream>),
     /// The server answered in one piece.
     Json(Vec<u8>),
 }
@@ -409,7 +422,7 @@ pub(crate) async fn open_body(
         .unwrap_or("")
         .to_ascii_lowercase();
     if content_type.contains("event-stream") {
-        return Ok(ResponseBody::Events(SseStream::new(response, DEFAULT_MAX_EVENT_BYTES)));
+        return Ok(ResponseBody::Events(Box::new(SseStream::new(response, DEFAULT_MAX_EVENT_BYTES))));
     }
     let mut prefix = Vec::new();
     if !content_type.contains("json") {
@@ -432,7 +445,7 @@ pub(crate) async fn open_body(
         if !matches!(first, Some(b'{') | Some(b'[')) {
             let stream = SseStream::with_prefix(response, &prefix, DEFAULT_MAX_EVENT_BYTES)
                 .map_err(|error| LlmError::Stream(error.to_string()))?;
-            return Ok(ResponseBody::Events(stream));
+            return Ok(ResponseBody::Events(Box::new(stream)));
         }
     }
     let (rest, truncated) = read_body_limited(&mut response, DEFAULT_MAX_EVENT_BYTES.saturating_sub(prefix.len()))

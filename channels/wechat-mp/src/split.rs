@@ -102,22 +102,23 @@ fn floor_char_boundary(text: &str, index: usize) -> usize {
 fn last_sentence_end(rest: &str, limit: usize) -> Option<usize> {
     rest[..limit]
         .char_indices()
+        .rev()
         .filter(|(_, ch)| SENTENCE_ENDS.contains(ch))
         .map(|(at, ch)| (at + ch.len_utf8(), ch))
-        .filter(|&(end, ch)| {
-            !ch.is_ascii() || rest[end..].chars().next().map_or(true, char::is_whitespace)
+        .find(|&(end, ch)| {
+            // ASCII punctuation ends a sentence only before whitespace or the end of the text.
+            !ch.is_ascii() || !matches!(rest[end..].chars().next(), Some(next) if !next.is_whitespace())
         })
         .map(|(end, _)| end)
-        .last()
 }
 
 /// The offset just after the last whitespace character in `window`.
 fn last_space_end(window: &str) -> Option<usize> {
     window
         .char_indices()
-        .filter(|(_, ch)| ch.is_whitespace())
+        .rev()
+        .find(|(_, ch)| ch.is_whitespace())
         .map(|(at, ch)| at + ch.len_utf8())
-        .last()
 }
 
 #[cfg(test)]

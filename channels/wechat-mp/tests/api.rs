@@ -148,35 +148,8 @@ async fn concurrent_sends_share_one_token_fetch() {
     mount_send(&server, "TOKEN1", json!({"errcode": 0, "errmsg": "ok"}), 8).await;
     let channel = channel_for(&server);
     let deliveries: Vec<Delivery> = (0..8).map(|i| delivery(&format!("m{i}"))).collect();
-    let results = futures_join(deliveries.iter().map(|d| channel.deliver(d))).await;
+    let results = futures_util::future::join_all(deliveries.iter().map(|d| channel.deliver(d))).await;
     assert!(results.iter().all(Result::is_ok));
-}
-
-/// Polls the futures together on one task (no extra dependency needed).
-async fn futures_join<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let handles: Vec<_> = futures.collect();
-    let mut out = Vec::new();
-    let mut pinned: Vec<_> = handles.into_iter().map(Box::pin).collect();
-    let mut done: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (future, slot) in pinned.iter_mut().zip(done.iter_mut()) {
-            if slot.is_none() {
-                match future.as_mut().poll(cx) {
-                    std::task::Poll::Ready(value) => *slot = Some(value),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    out.extend(done.into_iter().flatten());
-    out
 }
 
 #[tokio::test]
@@ -319,9 +292,10 @@ async fn token_endpoint_errors_are_triaged_like_send_errors() {
 
 #[tokio::test]
 async fn network_failures_and_timeouts_are_transient() {
-    let server = MockServer::start().await;
-    let uri = server.uri();
-    drop(server);
+    // A port nobody listens on (wiremock pools its servers, so dropping one does not close it).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    let uri = format!("http://{}", listener.local_addr().unwrap_or_else(|e| panic!("{e}")));
+    drop(listener);
     let id = ChannelId::parse("mp").unwrap_or_else(|e| panic!("{e}"));
     let channel = WechatMp::new(id, settings(uri), reqwest::Client::new()).unwrap_or_else(|e| panic!("{e}"));
     let error = channel.deliver(&delivery("hi")).await.err();
@@ -388,4 +362,77 @@ async fn an_empty_part_is_not_sent() {
     let receipt = channel_for(&server).deliver(&delivery(" \n")).await;
     assert!(receipt.is_ok());
     assert!(server.received_requests().await.unwrap_or_default().is_empty());
+}
+
+/// Log output captured in memory.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Captured {
+    fn lines(&self) -> Vec<String> {
+        let bytes = self.0.lock().map(|buffer| buffer.clone()).unwrap_or_default();
+        String::from_utf8_lossy(&bytes).lines().map(str::to_owned).collect()
+    }
+}
+
+impl std::io::Write for Captured {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut buffer) = self.0.lock() {
+            buffer.extend_from_slice(data);
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_misconfiguration_is_logged_once_per_code_until_a_send_succeeds_and_never_with_secrets() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    // NOTE: a current-thread test runtime, so the thread-local default covers every await.
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let server = MockServer::start().await;
+    mount_token(&server, "TOKEN1", 1).await;
+    Mock::given(method("POST"))
+        .and(path("/cgi-bin/message/custom/send"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"errcode": 40164, "errmsg": "invalid ip"})))
+        .up_to_n_times(5)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/cgi-bin/message/custom/send"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"errcode": 0, "errmsg": "ok"})))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/cgi-bin/message/custom/send"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"errcode": 40164, "errmsg": "invalid ip"})))
+        .mount(&server)
+        .await;
+    let channel = channel_for(&server);
+
+    let errors_logged = || captured.lines().iter().filter(|line| line.contains("ERROR")).count();
+    for _ in 0..5 {
+        assert!(channel.deliver(&delivery("hi")).await.is_err());
+    }
+    assert_eq!(errors_logged(), 1, "{:#?}", captured.lines());
+    assert!(channel.deliver(&delivery("fixed")).await.is_ok());
+    assert!(channel.deliver(&delivery("broken again")).await.is_err());
+    assert_eq!(errors_logged(), 2, "{:#?}", captured.lines());
+
+    let lines = captured.lines();
+    assert!(lines.iter().any(|line| line.contains("40164") && line.contains("channel=mp")), "{lines:#?}");
+    for line in &lines {
+        assert!(!line.contains(SECRET) && !line.contains("TOKEN1"), "secret in log: {line}");
+    }
 }

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Benchmark: the 公众号 webhook under wrk, against stand-in LLM and WeChat servers on 127.0.0.1,
+# next to a bare actix-web handler that only answers "success", in the same run.
+#
+#   bash examples/bench/run.sh            # needs wrk (apt-get install wrk)
+#   DURATION=20s CONNECTIONS=64 STORES="memory sqlite" bash examples/bench/run.sh
+#
+# (a) webhook path alone: acks/s and p99 while the stand-in LLM is slow (answers wait, so they
+#     do not compete for the CPU);  (b) end to end: answers delivered per second with an
+#     instant stand-in LLM.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+DURATION=${DURATION:-10s}
+CONNECTIONS=${CONNECTIONS:-64}
+STORES=${STORES:-memory sqlite}
+LLM_PORT=18081 WECHAT_PORT=18082 BARE_PORT=18083 APP_PORT=18080
+TOKEN=benchtoken TS=1700000000 NONCE=1
+SIG=$(printf '%s' $(printf '%s\n' "$TOKEN" "$TS" "$NONCE" | sort | tr -d '\n') | sha1sum | cut -d' ' -f1)
+QUERY="signature=$SIG&timestamp=$TS&nonce=$NONCE"
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() { for pid in "${PIDS[@]:-}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+command -v wrk >/dev/null || { echo "wrk not found: apt-get install wrk" >&2; exit 1; }
+cargo build --release --quiet --bin yizhan --example bench_standins
+BIN=target/release
+
+wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 did not open" >&2; exit 1; }
+
+start_standins() { # $1 = LLM delay in ms
+  "$BIN/examples/bench_standins" $LLM_PORT $WECHAT_PORT $BARE_PORT "$1" 2>"$WORK/standins.log" &
+  STANDINS=$!; PIDS+=($STANDINS); wait_port $LLM_PORT; wait_port $WECHAT_PORT; wait_port $BARE_PORT
+}
+
+start_yizhan() { # $1 = store kind
+  cat >"$WORK/bench.toml" <<TOML
+[server]
+bind = "127.0.0.1:$APP_PORT"
+[store]
+kind = "$1"
+path = "$WORK/db/yizhan.db"
+[llm]
+base_url = "http://127.0.0.1:$LLM_PORT/v1"
+model = "bench"
+max_concurrency = 64
+max_waiting = 100000000
+total_timeout_secs = 3600
+first_token_timeout_secs = 3600
+[session]
+max_pending = 100000000
+idle_timeout_secs = 3600
+[[channels]]
+id = "mp"
+kind = "wechat_mp"
+app_id = "wxbench"
+app_secret = "bench-secret"
+token = "$TOKEN"
+api_base = "http://127.0.0.1:$WECHAT_PORT"
+replay_window_secs = 0
+TOML
+  rm -rf "$WORK/db"
+  RUST_LOG=warn "$BIN/yizhan" --config "$WORK/bench.toml" >"$WORK/yizhan-$1.log" 2>&1 &
+  YIZHAN=$!; PIDS+=($YIZHAN); wait_port $APP_PORT
+}
+
+load() { # $1 = port; prints the RESULT line
+  wrk -t2 -c"$CONNECTIONS" -d"$DURATION" -s examples/bench/wechat.lua "http://127.0.0.1:$1/webhooks/mp?$QUERY" | grep RESULT
+}
+
+echo "== (a) webhook path, slow stand-in LLM, $CONNECTIONS connections, $DURATION"
+start_standins 3600000
+echo "bare actix-web handler: $(load $BARE_PORT)"
+for store in $STORES; do
+  start_yizhan "$store"
+  echo "yizhan ($store store):   $(load $APP_PORT)"
+  kill "$YIZHAN"; wait "$YIZHAN" 2>/dev/null || true
+done
+kill "$STANDINS"; wait "$STANDINS" 2>/dev/null || true
+
+echo "== (b) end to end, instant stand-in LLM"
+start_standins 0
+for store in $STORES; do
+  start_yizhan "$store"
+  before=$(curl -s "http://127.0.0.1:$WECHAT_PORT/stats")
+  start=$(date +%s.%N)
+  result=$(load $APP_PORT)
+  # Wait for every accepted message to be answered.
+  for _ in $(seq 1 600); do
+    curl -s "http://127.0.0.1:$APP_PORT/metrics" | grep -qx 'yizhan_journal_open 0' && break; sleep 0.1
+  done
+  end=$(date +%s.%N)
+  after=$(curl -s "http://127.0.0.1:$WECHAT_PORT/stats")
+  echo "yizhan ($store store): acks: $result"
+  echo "yizhan ($store store): answers delivered: $((after - before)) in $(printf '%.1f' "$(echo "$end - $start" | bc)") s = $(echo "($after - $before) / ($end - $start)" | bc) answers/s"
+  kill "$YIZHAN"; wait "$YIZHAN" 2>/dev/null || true
+done

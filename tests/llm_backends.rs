@@ -1,0 +1,699 @@
+//! The LLM backends against local wiremock servers (127.0.0.1 only; nothing reaches the internet).
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use yizhan::llm::backend::{ChatMessage, CompletionRequest, DeltaSink, LlmBackend, LlmError, Role};
+use yizhan::llm::client::{build_http_client, LlmClient, LlmClientSettings};
+use yizhan::llm::lobehub::{LobeHubBackend, LobeHubSettings};
+use yizhan::llm::openai::{OpenAiBackend, OpenAiSettings};
+use secrecy::SecretString;
+use serde_json::{json, Value};
+use wiremock::matchers::{header, method, path};
+use wiremock::{Mock, MockServer, Request, ResponseTemplate};
+
+const SECRET: &str = "sk-test-never-leak";
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+fn request() -> CompletionRequest {
+    CompletionRequest {
+        messages: vec![
+            ChatMessage::new(Role::System, "You are terse."),
+            ChatMessage::new(Role::User, "早"),
+            ChatMessage::new(Role::Assistant, "早！"),
+            ChatMessage::new(Role::User, "你好"),
+        ],
+        user: "wx-main:oUser123".into(),
+        channel_kind: "wechat_mp".into(),
+    }
+}
+
+/// A sink that records every piece it receives.
+fn recorder() -> (DeltaSink, Arc<Mutex<Vec<String>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink_seen = Arc::clone(&seen);
+    let sink: DeltaSink = Box::new(move |piece: &str| {
+        sink_seen.lock().unwrap_or_else(PoisonError::into_inner).push(piece.to_owned());
+    });
+    (sink, seen)
+}
+
+fn pieces(seen: &Arc<Mutex<Vec<String>>>) -> Vec<String> {
+    seen.lock().unwrap_or_else(PoisonError::into_inner).clone()
+}
+
+/// An SSE body with one `data:` event per item.
+fn sse(events: &[&str]) -> String {
+    events.iter().map(|event| format!("data: {event}\n\n")).collect()
+}
+
+fn chunk(content: &str) -> String {
+    json!({"id":"c1","object":"chat.completion.chunk","created":1,"model":"m",
+           "choices":[{"index":0,"delta":{"content":content},"finish_reason":null}]})
+    .to_string()
+}
+
+fn streaming(body: impl Into<String>) -> ResponseTemplate {
+    ResponseTemplate::new(200).set_body_raw(body.into().into_bytes(), "text/event-stream")
+}
+
+fn openai_settings(server: &MockServer) -> OpenAiSettings {
+    let mut settings = OpenAiSettings::new(format!("{}/v1/", server.uri()), "qwen3:8b");
+    settings.api_key = Some(SecretString::from(SECRET));
+    settings
+}
+
+fn openai(settings: OpenAiSettings) -> OpenAiBackend {
+    OpenAiBackend::new(settings, build_http_client(Duration::from_secs(2)))
+}
+
+async fn complete(backend: &dyn LlmBackend) -> (Result<String, LlmError>, Vec<String>) {
+    let (mut sink, seen) = recorder();
+    let result = backend.complete(&request(), TIMEOUT, &mut sink).await;
+    (result, pieces(&seen))
+}
+
+async fn only_request_body(server: &MockServer) -> (Request, Value) {
+    let requests = server.received_requests().await.unwrap_or_default();
+    assert_eq!(requests.len(), 1, "exactly one request expected");
+    let request = requests.into_iter().next().expect("one request");
+    let body: Value = serde_json::from_slice(&request.body).expect("JSON request body");
+    (request, body)
+}
+
+// ---------------------------------------------------------------------------------------------
+// OpenAI-compatible backend
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn openai_streams_the_answer_and_sends_the_expected_request() {
+    let server = MockServer::start().await;
+    let body = sse(&[
+        &json!({"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}).to_string(),
+        &chunk("你"),
+        &chunk("好"),
+        &json!({"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}).to_string(),
+        "[DONE]",
+    ]);
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .and(header("authorization", format!("Bearer {SECRET}").as_str()))
+        .and(header("accept", "text/event-stream"))
+        .respond_with(streaming(body))
+        .expect(1)
+        .mount(&server)
+        .await;
+
+    let (result, seen) = complete(&openai(openai_settings(&server))).await;
+
+    assert_eq!(result.ok().as_deref(), Some("你好"));
+    assert_eq!(seen, vec!["你", "好"]);
+    let (_, body) = only_request_body(&server).await;
+    assert_eq!(
+        body,
+        json!({
+            "model": "qwen3:8b",
+            "messages": [
+                {"role":"system","content":"You are terse."},
+                {"role":"user","content":"早"},
+                {"role":"assistant","content":"早！"},
+                {"role":"user","content":"你好"}
+            ],
+            "stream": true
+        })
+    );
+}
+
+#[tokio::test]
+async fn openai_sends_optional_fields_only_when_enabled_and_no_authorization_without_a_key() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(streaming(sse(&[&chunk("ok"), "[DONE]"])))
+        .mount(&server)
+        .await;
+    let mut settings = openai_settings(&server);
+    settings.api_key = None;
+    settings.include_usage = true;
+    settings.send_user = true;
+    settings.temperature = Some(0.5);
+    settings.max_tokens = Some(256);
+
+    let (result, _) = complete(&openai(settings)).await;
+
+    assert_eq!(result.ok().as_deref(), Some("ok"));
+    let (request, body) = only_request_body(&server).await;
+    assert!(request.headers.get("authorization").is_none());
+    assert_eq!(body["stream_options"], json!({"include_usage": true}));
+    assert_eq!(body["user"], json!("wx-main:oUser123"));
+    assert_eq!(body["temperature"], json!(0.5));
+    assert_eq!(body["max_tokens"], json!(256));
+}
+
+#[tokio::test]
+async fn openai_tolerates_keep_alives_empty_choices_odd_finish_reasons_and_usage_chunks() {
+    let server = MockServer::start().await;
+    let body = format!(
+        ": keep-alive\r\n\r\n{}{}{}{}{}{}{}",
+        sse(&[&json!({"choices":[{"index":0,"delta":{"content":null},"finish_reason":""}]}).to_string()]).replace('\n', "\r\n"),
+        ": ping\n\n",
+        sse(&[&json!({"choices":[{"index":0,"delta":{},"finish_reason":null}]}).to_string()]),
+        sse(&[&json!({"choices":[{"index":0,"delta":{"content":"Hel"}}],"usage":{}}).to_string()]),
+        sse(&[&json!({"choices":[{"index":0,"delta":{"content":"lo"},"finish_reason":"eos_token"}]}).to_string()]),
+        sse(&[&json!({"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2,"total_tokens":11}}).to_string()]),
+        sse(&["[DONE]"]),
+    );
+    Mock::given(method("POST")).respond_with(streaming(body)).mount(&server).await;
+
+    let (result, seen) = complete(&openai(openai_settings(&server))).await;
+
+    assert_eq!(result.ok().as_deref(), Some("Hello"));
+    assert_eq!(seen, vec!["Hel", "lo"]);
+}
+
+#[tokio::test]
+async fn openai_accepts_a_stream_that_ends_without_done_and_ignores_anything_after_done() {
+    let server = MockServer::start().await;
+    // No [DONE] and no trailing blank line.
+    let without_done = format!("data: {}\n\ndata: {}", chunk("a"), chunk("b"));
+    Mock::given(method("POST")).and(path("/one/chat/completions")).respond_with(streaming(without_done)).mount(&server).await;
+    let after_done = sse(&[&chunk("x"), "[DONE]", &chunk("ignored")]);
+    Mock::given(method("POST")).and(path("/two/chat/completions")).respond_with(streaming(after_done)).mount(&server).await;
+
+    let one = OpenAiSettings { base_url: format!("{}/one", server.uri()), ..openai_settings(&server) };
+    let two = OpenAiSettings { base_url: format!("{}/two", server.uri()), ..openai_settings(&server) };
+    assert_eq!(complete(&openai(one)).await.0.ok().as_deref(), Some("ab"));
+    assert_eq!(complete(&openai(two)).await.0.ok().as_deref(), Some("x"));
+}
+
+#[tokio::test]
+async fn openai_never_forwards_reasoning_fields() {
+    let server = MockServer::start().await;
+    let body = sse(&[
+        &json!({"choices":[{"index":0,"delta":{"reasoning_content":"secret plan","content":null}}]}).to_string(),
+        &json!({"choices":[{"index":0,"delta":{"reasoning":"ollama thoughts"}}]}).to_string(),
+        &chunk("Answer"),
+        &json!({"choices":[{"index":0,"delta":{"reasoning_content":"late thought","content":"."}}]}).to_string(),
+        "[DONE]",
+    ]);
+    Mock::given(method("POST")).respond_with(streaming(body)).mount(&server).await;
+
+    let (result, seen) = complete(&openai(openai_settings(&server))).await;
+
+    assert_eq!(result.ok().as_deref(), Some("Answer."));
+    assert_eq!(seen.concat(), "Answer.");
+}
+
+#[tokio::test]
+async fn openai_reasoning_only_stream_is_an_empty_answer() {
+    let server = MockServer::start().await;
+    let body = sse(&[&json!({"choices":[{"index":0,"delta":{"reasoning":"hmm"}}]}).to_string(), "[DONE]"]);
+    Mock::given(method("POST")).respond_with(streaming(body)).mount(&server).await;
+
+    let (result, seen) = complete(&openai(openai_settings(&server))).await;
+
+    assert!(matches!(result, Err(LlmError::Protocol(ref message)) if message == "empty answer"), "{result:?}");
+    assert!(seen.is_empty());
+}
+
+#[tokio::test]
+async fn openai_strips_think_blocks_split_across_deltas_when_enabled() {
+    let server = MockServer::start().await;
+    let body = sse(&[&chunk("<thi"), &chunk("nk>\nlet me think"), &chunk("…</th"), &chunk("ink>\n\n"), &chunk("Hi!"), "[DONE]"]);
+    Mock::given(method("POST")).respond_with(streaming(body)).mount(&server).await;
+    let mut settings = openai_settings(&server);
+    settings.strip_think = true;
+
+    let (result, seen) = complete(&openai(settings.clone())).await;
+    assert_eq!(result.ok().as_deref(), Some("Hi!"));
+    assert_eq!(seen, vec!["Hi!"]);
+
+    // Disabled: the block is part of the answer.
+    settings.strip_think = false;
+    let (result, _) = complete(&openai(settings)).await;
+    assert_eq!(result.ok().as_deref(), Some("<think>\nlet me think…</think>\n\nHi!"));
+}
+
+#[tokio::test]
+async fn openai_error_event_inside_the_stream_is_a_stream_error() {
+    let server = MockServer::start().await;
+    let body = sse(&[&chunk("partial "), &json!({"error":{"message":"upstream overloaded","type":"server_error"}}).to_string()]);
+    Mock::given(method("POST")).respond_with(streaming(body)).mount(&server).await;
+
+    let (result, seen) = complete(&openai(openai_settings(&server))).await;
+
+    assert!(matches!(result, Err(LlmError::Stream(ref message)) if message == "upstream overloaded"), "{result:?}");
+    assert_eq!(seen, vec!["partial "]);
+}
+
+#[tokio::test]
+async fn openai_http_500_is_a_status_error_with_the_server_message() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(500).set_body_json(json!({"error":{"message":"model crashed","type":"server_error","param":null,"code":null}})))
+        .mount(&server)
+        .await;
+
+    let (result, seen) = complete(&openai(openai_settings(&server))).await;
+
+    match result {
+        Err(error @ LlmError::Status { status: 500, .. }) => {
+            assert!(error.is_retryable());
+            assert_eq!(error.to_string(), "LLM answered HTTP 500: model crashed");
+        }
+        other => panic!("expected a 500 status error, got {other:?}"),
+    }
+    assert!(seen.is_empty());
+}
+
+#[tokio::test]
+async fn openai_long_non_json_error_bodies_are_truncated() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(502).set_body_string("<html>".repeat(10_000)))
+        .mount(&server)
+        .await;
+
+    let (result, _) = complete(&openai(openai_settings(&server))).await;
+
+    match result {
+        Err(LlmError::Status { status: 502, message }) => {
+            assert!(message.chars().count() <= 501, "message has {} chars", message.chars().count());
+            assert!(message.ends_with('…'));
+        }
+        other => panic!("expected a 502 status error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn openai_accepts_a_server_that_ignores_stream_true() {
+    let server = MockServer::start().await;
+    let completion = json!({"id":"chatcmpl-1","object":"chat.completion","created":1700000000,"model":"m",
+        "choices":[{"index":0,"message":{"role":"assistant","content":"  whole answer \n","reasoning":"hidden"},"finish_reason":"stop"}],
+        "usage":{"prompt_tokens":9,"completion_tokens":12,"total_tokens":21}});
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200).set_body_json(completion)).mount(&server).await;
+
+    let (result, seen) = complete(&openai(openai_settings(&server))).await;
+
+    assert_eq!(result.ok().as_deref(), Some("whole answer"));
+    assert_eq!(seen.concat().trim(), "whole answer");
+}
+
+#[tokio::test]
+async fn openai_sniffs_json_when_the_content_type_is_missing_or_wrong() {
+    let server = MockServer::start().await;
+    let completion = json!({"choices":[{"index":0,"message":{"role":"assistant","content":"sniffed"}}]}).to_string();
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_raw(completion.into_bytes(), "text/plain"))
+        .mount(&server)
+        .await;
+
+    assert_eq!(complete(&openai(openai_settings(&server))).await.0.ok().as_deref(), Some("sniffed"));
+}
+
+#[tokio::test]
+async fn openai_first_token_timeout_fires_when_the_server_is_slow() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(streaming(sse(&[&chunk("late"), "[DONE]"])).set_delay(Duration::from_millis(400)))
+        .mount(&server)
+        .await;
+    let backend = openai(openai_settings(&server));
+    let (mut sink, seen) = recorder();
+
+    let result = backend.complete(&request(), Duration::from_millis(100), &mut sink).await;
+
+    assert!(matches!(result, Err(LlmError::FirstTokenTimeout(timeout)) if timeout == Duration::from_millis(100)), "{result:?}");
+    assert!(pieces(&seen).is_empty());
+}
+
+#[tokio::test]
+async fn openai_unreachable_server_is_a_connect_error_without_the_key() {
+    // A port that was just free: nothing listens there, so the connection is refused.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a local port");
+    let port = listener.local_addr().expect("local address").port();
+    drop(listener);
+    let mut settings = OpenAiSettings::new(format!("http://127.0.0.1:{port}/v1"), "m");
+    settings.api_key = Some(SecretString::from(SECRET));
+
+    let (result, _) = complete(&openai(settings)).await;
+
+    match result {
+        Err(error @ LlmError::Connect(_)) => {
+            assert!(error.is_retryable());
+            assert!(!error.to_string().contains(SECRET));
+            assert!(!format!("{error:?}").contains(SECRET));
+        }
+        other => panic!("expected a connect error, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LlmClient: retries and the total timeout, over the real OpenAI backend
+// ---------------------------------------------------------------------------------------------
+
+fn client_settings() -> LlmClientSettings {
+    LlmClientSettings {
+        first_token_timeout: Duration::from_secs(5),
+        total_timeout: Duration::from_secs(10),
+        max_retries: 2,
+        retry_base_delay: Duration::from_millis(10),
+    }
+}
+
+#[tokio::test]
+async fn llm_client_retries_a_500_and_then_succeeds() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(500).set_body_json(json!({"error":{"message":"try again"}})))
+        .up_to_n_times(1)
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(streaming(sse(&[&chunk("second time lucky"), "[DONE]"])))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let client = LlmClient::new(Arc::new(openai(openai_settings(&server))), client_settings());
+    let (mut sink, seen) = recorder();
+
+    let result = client.clone().complete(&request(), &mut sink).await;
+
+    assert_eq!(result.ok().as_deref(), Some("second time lucky"));
+    assert_eq!(pieces(&seen), vec!["second time lucky"]);
+    assert_eq!(client.backend_name(), "openai");
+}
+
+#[tokio::test]
+async fn llm_client_does_not_retry_a_400() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({"error":{"message":"bad model"}})))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let client = LlmClient::new(Arc::new(openai(openai_settings(&server))), client_settings());
+    let (mut sink, _) = recorder();
+
+    let result = client.complete(&request(), &mut sink).await;
+
+    assert!(matches!(result, Err(LlmError::Status { status: 400, ref message }) if message == "bad model"), "{result:?}");
+}
+
+#[tokio::test]
+async fn llm_client_gives_up_at_the_total_timeout() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(streaming(sse(&[&chunk("too late"), "[DONE]"])).set_delay(Duration::from_millis(500)))
+        .mount(&server)
+        .await;
+    let settings = LlmClientSettings { total_timeout: Duration::from_millis(150), ..client_settings() };
+    let client = LlmClient::new(Arc::new(openai(openai_settings(&server))), settings);
+    let (mut sink, _) = recorder();
+
+    let result = client.complete(&request(), &mut sink).await;
+
+    assert!(matches!(result, Err(LlmError::TotalTimeout(total)) if total == Duration::from_millis(150)), "{result:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// LobeHub backend
+// ---------------------------------------------------------------------------------------------
+
+fn lobehub_settings(server: &MockServer, agent: Option<&str>) -> LobeHubSettings {
+    let mut settings = LobeHubSettings::new(format!("{}/", server.uri()));
+    settings.api_key = Some(SecretString::from(SECRET));
+    settings.agent_id = agent.map(str::to_owned);
+    settings
+}
+
+fn lobehub(settings: LobeHubSettings) -> LobeHubBackend {
+    LobeHubBackend::new(settings, build_http_client(Duration::from_secs(2)))
+}
+
+/// A Responses-style SSE body with `event:` names, as LobeHub sends it.
+fn responses_sse(events: &[Value]) -> String {
+    events
+        .iter()
+        .map(|event| format!("event: {}\ndata: {event}\n\n", event["type"].as_str().unwrap_or("message")))
+        .collect()
+}
+
+#[tokio::test]
+async fn lobehub_agent_streams_output_text_deltas() {
+    let server = MockServer::start().await;
+    let body = responses_sse(&[
+        json!({"type":"response.created","sequence_number":0,"response":{"id":"resp_1","object":"response","status":"in_progress"}}),
+        json!({"type":"response.reasoning_summary_text.delta","delta":"hidden"}),
+        json!({"type":"response.output_text.delta","sequence_number":3,"output_index":0,"content_index":0,"delta":"你"}),
+        json!({"type":"response.output_text.delta","sequence_number":4,"output_index":0,"content_index":0,"delta":"好"}),
+        json!({"type":"response.output_text.done","text":"你好"}),
+        json!({"type":"response.completed","sequence_number":9,"response":{"status":"completed","output_text":"你好","usage":{}}}),
+    ]);
+    Mock::given(method("POST"))
+        .and(path("/api/v1/responses"))
+        .and(header("authorization", format!("Bearer {SECRET}").as_str()))
+        .respond_with(streaming(body))
+        .expect(1)
+        .mount(&server)
+        .await;
+
+    let (result, seen) = complete(&lobehub(lobehub_settings(&server, Some("agt_123")))).await;
+
+    assert_eq!(result.ok().as_deref(), Some("你好"));
+    assert_eq!(seen, vec!["你", "好"]);
+    let (_, body) = only_request_body(&server).await;
+    assert_eq!(
+        body,
+        json!({
+            "model": "agt_123",
+            "stream": true,
+            "input": [
+                {"type":"message","role":"system","content":"You are terse."},
+                {"type":"message","role":"user","content":"早"},
+                {"type":"message","role":"assistant","content":"早！"},
+                {"type":"message","role":"user","content":"你好"}
+            ],
+            "user": "wx-main:oUser123",
+            "metadata": {"channel": "wechat_mp"}
+        })
+    );
+}
+
+#[tokio::test]
+async fn lobehub_agent_dispatches_on_the_json_type_even_without_event_names() {
+    let server = MockServer::start().await;
+    let body = sse(&[
+        &json!({"type":"response.output_text.delta","delta":"plain "}).to_string(),
+        &json!({"type":"response.output_text.delta","delta":"data"}).to_string(),
+        &json!({"type":"response.completed","response":{"output_text":"plain data"}}).to_string(),
+    ]);
+    Mock::given(method("POST")).and(path("/api/v1/responses")).respond_with(streaming(body)).mount(&server).await;
+
+    let (result, _) = complete(&lobehub(lobehub_settings(&server, Some("agt_1")))).await;
+
+    assert_eq!(result.ok().as_deref(), Some("plain data"));
+}
+
+#[tokio::test]
+async fn lobehub_agent_falls_back_to_output_text_when_no_deltas_arrive() {
+    let server = MockServer::start().await;
+    let body = responses_sse(&[
+        json!({"type":"response.created","response":{"status":"in_progress"}}),
+        json!({"type":"response.completed","response":{"status":"completed","output_text":"from completed"}}),
+    ]);
+    Mock::given(method("POST")).respond_with(streaming(body)).mount(&server).await;
+
+    let (result, seen) = complete(&lobehub(lobehub_settings(&server, Some("agt_1")))).await;
+
+    assert_eq!(result.ok().as_deref(), Some("from completed"));
+    assert_eq!(seen, vec!["from completed"]);
+}
+
+#[tokio::test]
+async fn lobehub_agent_falls_back_to_output_parts_when_output_text_is_missing() {
+    let server = MockServer::start().await;
+    let body = responses_sse(&[json!({"type":"response.completed","response":{"status":"completed","output":[
+        {"type":"reasoning","content":[{"type":"reasoning_text","text":"nope"}]},
+        {"type":"message","role":"assistant","content":[{"type":"output_text","text":"from "},{"type":"output_text","text":"parts"}]}
+    ]}})]);
+    Mock::given(method("POST")).respond_with(streaming(body)).mount(&server).await;
+
+    let (result, _) = complete(&lobehub(lobehub_settings(&server, Some("agt_1")))).await;
+
+    assert_eq!(result.ok().as_deref(), Some("from parts"));
+}
+
+#[tokio::test]
+async fn lobehub_agent_accepts_a_non_streaming_json_response() {
+    let server = MockServer::start().await;
+    let response = json!({"id":"resp_1","object":"response","status":"completed",
+        "output":[{"type":"message","content":[{"type":"output_text","text":"json answer"}]}]});
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(200).set_body_json(response)).mount(&server).await;
+
+    let (result, _) = complete(&lobehub(lobehub_settings(&server, Some("agt_1")))).await;
+
+    assert_eq!(result.ok().as_deref(), Some("json answer"));
+}
+
+#[tokio::test]
+async fn lobehub_agent_failed_event_is_a_stream_error() {
+    let server = MockServer::start().await;
+    let body = responses_sse(&[
+        json!({"type":"response.created","response":{"status":"in_progress"}}),
+        json!({"type":"response.failed","response":{"status":"failed","error":{"code":"server_error","message":"agent crashed"}}}),
+    ]);
+    Mock::given(method("POST")).respond_with(streaming(body)).mount(&server).await;
+
+    let (result, _) = complete(&lobehub(lobehub_settings(&server, Some("agt_1")))).await;
+
+    assert!(matches!(result, Err(LlmError::Stream(ref message)) if message == "agent crashed"), "{result:?}");
+}
+
+#[tokio::test]
+async fn lobehub_agent_error_event_is_a_stream_error() {
+    let server = MockServer::start().await;
+    let body = responses_sse(&[json!({"type":"error","code":"rate_limit","message":"slow down"})]);
+    Mock::given(method("POST")).respond_with(streaming(body)).mount(&server).await;
+
+    let (result, _) = complete(&lobehub(lobehub_settings(&server, Some("agt_1")))).await;
+
+    assert!(matches!(result, Err(LlmError::Stream(ref message)) if message == "slow down"), "{result:?}");
+}
+
+#[tokio::test]
+async fn lobehub_agent_http_401_is_a_status_error() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(401).set_body_json(json!({"error":{"message":"invalid API key"}})))
+        .mount(&server)
+        .await;
+
+    let (result, _) = complete(&lobehub(lobehub_settings(&server, Some("agt_1")))).await;
+
+    assert!(matches!(result, Err(LlmError::Status { status: 401, ref message }) if message == "invalid API key"), "{result:?}");
+}
+
+#[tokio::test]
+async fn lobehub_without_an_agent_uses_the_chat_route() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/v1/chat"))
+        .and(header("authorization", format!("Bearer {SECRET}").as_str()))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"success":true,"data":{"content":"chat answer","usage":{}}})))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let mut settings = lobehub_settings(&server, None);
+    settings.model = Some("gpt-4o-mini".into());
+    settings.provider = Some("openai".into());
+
+    let (result, seen) = complete(&lobehub(settings)).await;
+
+    assert_eq!(result.ok().as_deref(), Some("chat answer"));
+    assert_eq!(seen, vec!["chat answer"]);
+    let (_, body) = only_request_body(&server).await;
+    assert_eq!(body["model"], json!("gpt-4o-mini"));
+    assert_eq!(body["provider"], json!("openai"));
+    assert_eq!(body["messages"][0], json!({"role":"system","content":"You are terse."}));
+    assert_eq!(body["messages"].as_array().map(Vec::len), Some(4));
+}
+
+#[tokio::test]
+async fn lobehub_chat_route_failure_reports_the_message() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/v1/chat"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"success":false,"error":{"message":"no provider key"}})))
+        .mount(&server)
+        .await;
+
+    let (result, seen) = complete(&lobehub(lobehub_settings(&server, None))).await;
+
+    assert!(matches!(result, Err(LlmError::Stream(ref message)) if message == "no provider key"), "{result:?}");
+    assert!(seen.is_empty());
+    let (_, body) = only_request_body(&server).await;
+    assert!(body.get("model").is_none() && body.get("provider").is_none());
+}
+
+// ---------------------------------------------------------------------------------------------
+// First-token deadline details that need a body trickling in over time (wiremock sends a body
+// in one piece), served by a tiny raw HTTP/1.1 server on a plain thread.
+// ---------------------------------------------------------------------------------------------
+
+/// Serves one connection: reads the request, sends SSE headers, then each `(pause, text)` of the
+/// script after its pause, then closes (a close-delimited body). Returns the base URL.
+fn trickling_server(script: Vec<(Duration, String)>) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a local port");
+    let address = listener.local_addr().expect("local address");
+    std::thread::spawn(move || {
+        let Ok((stream, _)) = listener.accept() else { return };
+        let mut reader = BufReader::new(stream);
+        let mut content_length = 0usize;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    content_length = value.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0; content_length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let mut stream = reader.into_inner();
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+        if stream.write_all(head.as_bytes()).is_err() {
+            return;
+        }
+        for (pause, text) in script {
+            std::thread::sleep(pause);
+            if stream.write_all(text.as_bytes()).and_then(|()| stream.flush()).is_err() {
+                return;
+            }
+        }
+    });
+    format!("http://{address}/v1")
+}
+
+#[tokio::test]
+async fn openai_keep_alives_and_reasoning_do_not_count_as_the_first_token() {
+    let tick = Duration::from_millis(40);
+    let mut script = Vec::new();
+    for _ in 0..8 {
+        script.push((tick, ": keep-alive\n\n".to_owned()));
+        script.push((Duration::ZERO, format!("data: {}\n\n", json!({"choices":[{"index":0,"delta":{"reasoning_content":"hmm"}}]}))));
+    }
+    script.push((Duration::ZERO, format!("data: {}\n\ndata: [DONE]\n\n", chunk("too late"))));
+    let base_url = trickling_server(script);
+    let backend = openai(OpenAiSettings::new(base_url, "m"));
+    let (mut sink, seen) = recorder();
+
+    let result = backend.complete(&request(), Duration::from_millis(150), &mut sink).await;
+
+    assert!(matches!(result, Err(LlmError::FirstTokenTimeout(_))), "{result:?}");
+    assert!(pieces(&seen).is_empty());
+}
+
+#[tokio::test]
+async fn openai_slow_tokens_after_the_first_are_not_cut_by_the_first_token_timeout() {
+    let script = vec![
+        (Duration::ZERO, format!("data: {}\n\n", chunk("first, "))),
+        (Duration::from_millis(250), format!("data: {}\n\n", chunk("then more"))),
+        (Duration::ZERO, "data: [DONE]\n\n".to_owned()),
+    ];
+    let base_url = trickling_server(script);
+    let backend = openai(OpenAiSettings::new(base_url, "m"));
+    let (mut sink, seen) = recorder();
+
+    let result = backend.complete(&request(), Duration::from_millis(100), &mut sink).await;
+
+    assert_eq!(result.ok().as_deref(), Some("first, then more"));
+    assert_eq!(pieces(&seen), vec!["first, ", "then more"]);
+}
