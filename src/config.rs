@@ -96,7 +96,7 @@ pub struct StoreConfig {
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
-            kind: StoreKind::Memory,
+            kind: StoreKind::Sqlite,
             path: PathBuf::from("data/yizhan.db"),
             dedupe_ttl_secs: 24 * 3600,
             retention_days: 30,

@@ -12,11 +12,11 @@ use crate::llm::{LlmActor, LlmBackend, LlmClient};
 use crate::metrics::Metrics;
 use crate::routing::Router;
 use crate::session::SessionRegistry;
-use crate::store::{MemoryStore, Store};
+use crate::store::{MemoryStore, SqliteOptions, SqliteStore, Store};
 use actix::{Actor, Arbiter};
 use actix_web::dev::Server;
 use actix_web::{web, App, HttpServer};
-use anyhow::{bail, Context};
+use anyhow::Context;
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -28,6 +28,8 @@ pub struct Application {
     server: Server,
     hub: Hub,
     router: Router,
+    shutdown_timeout: Duration,
+    retention: Duration,
     // Kept so the actor threads live as long as the application.
     _arbiters: Vec<Arbiter>,
 }
@@ -71,10 +73,26 @@ fn build_llm_client(config: &Config) -> anyhow::Result<LlmClient> {
     ))
 }
 
+/// Session threads: one per core, at least one.
+fn session_threads(config: &Config) -> usize {
+    let cores = std::thread::available_parallelism().map(usize::from).unwrap_or(1);
+    if config.server.workers > 0 {
+        config.server.workers.min(cores.max(1))
+    } else {
+        cores
+    }
+}
+
 fn build_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     match config.store.kind {
         StoreKind::Memory => Ok(Arc::new(MemoryStore::new(config.session.history_max_turns.max(1)))),
-        StoreKind::Sqlite => bail!("config key `store.kind`: sqlite is not available in this build yet; use \"memory\""),
+        StoreKind::Sqlite => {
+            let options = SqliteOptions { max_turns_kept: config.session.history_max_turns.max(1), ..SqliteOptions::default() };
+            let store = SqliteStore::open(&config.store.path, options)
+                .with_context(|| format!("Failed to open the SQLite store {} (config key `store.path`)", config.store.path.display()))?;
+            tracing::info!(path = %config.store.path.display(), "SQLite store open.");
+            Ok(Arc::new(store))
+        }
     }
 }
 
@@ -126,7 +144,12 @@ impl Application {
             dedupe_ttl: Duration::from_secs(config.store.dedupe_ttl_secs),
             metrics,
         });
-        let sessions = SessionRegistry::new(hub.clone(), Duration::from_secs(config.session.idle_timeout_secs));
+        let session_arbiters: Vec<Arbiter> = (0..session_threads(&config)).map(|_| Arbiter::new()).collect();
+        let sessions = SessionRegistry::new(
+            hub.clone(),
+            Duration::from_secs(config.session.idle_timeout_secs),
+            session_arbiters.iter().map(Arbiter::handle).collect(),
+        );
         let router = Router::new(hub.clone(), sessions);
 
         let listener = TcpListener::bind(&config.server.bind)
@@ -148,7 +171,11 @@ impl Application {
         }
         let server = server.listen(listener).context("Failed to start the HTTP server")?.run();
         tracing::info!(port, "Yizhan listening.");
-        Ok(Self { port, server, hub, router, _arbiters: vec![llm_arbiter, delivery_arbiter] })
+        let mut arbiters = vec![llm_arbiter, delivery_arbiter];
+        arbiters.extend(session_arbiters);
+        let shutdown_timeout = Duration::from_secs(config.server.shutdown_timeout_secs);
+        let retention = Duration::from_secs(config.store.retention_days.saturating_mul(86_400));
+        Ok(Self { port, server, hub, router, shutdown_timeout, retention, _arbiters: arbiters })
     }
 
     /// The port the server listens on (useful with port 0).
@@ -157,8 +184,27 @@ impl Application {
     }
 
     /// Re-dispatches what was accepted but not finished before the last stop, then serves until
-    /// the server is stopped (SIGINT/SIGTERM stop it gracefully).
+    /// the server stops. SIGINT/SIGTERM stop it gracefully: no new connections, in-flight
+    /// requests finish, then accepted messages get up to `shutdown_timeout_secs` to be answered;
+    /// whatever is still open then is in the journal and resumes at the next start.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.resume_unfinished().await;
+        self.spawn_retention();
+        let result = self.server.await;
+        let deadline = std::time::Instant::now() + self.shutdown_timeout;
+        while self.hub.metrics.journal_open.get() > 0 && std::time::Instant::now() < deadline {
+            actix::clock::sleep(Duration::from_millis(50)).await;
+        }
+        let open = self.hub.metrics.journal_open.get();
+        if open > 0 {
+            tracing::warn!(open, "Stopping with messages unanswered; they resume at the next start.");
+        } else {
+            tracing::info!("Stopped; every accepted message was answered.");
+        }
+        result
+    }
+
+    async fn resume_unfinished(&self) {
         match self.hub.store.unfinished().await {
             Ok(pending) if !pending.is_empty() => {
                 tracing::info!(count = pending.len(), "Resuming unfinished messages.");
@@ -179,6 +225,25 @@ impl Application {
             Ok(_) => {}
             Err(error) => tracing::error!(%error, "Failed to read unfinished messages."),
         }
-        self.server.await
+    }
+
+    /// Prunes history and finished journal entries older than the retention period, hourly.
+    fn spawn_retention(&self) {
+        if self.retention.is_zero() {
+            return;
+        }
+        let (store, retention) = (self.hub.store.clone(), self.retention);
+        actix::spawn(async move {
+            let mut interval = actix::clock::interval(Duration::from_secs(3_600));
+            loop {
+                interval.tick().await;
+                let before = std::time::SystemTime::now() - retention;
+                match store.prune(before).await {
+                    Ok(0) => {}
+                    Ok(rows) => tracing::info!(rows, "Pruned old history and journal entries."),
+                    Err(error) => tracing::warn!(%error, "Pruning failed; retrying in an hour."),
+                }
+            }
+        });
     }
 }

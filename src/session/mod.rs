@@ -65,16 +65,24 @@ struct RegistryInner {
     generations: AtomicU64,
     hub: Hub,
     idle_timeout: Duration,
+    /// Threads sessions run on, chosen by key hash. Empty: the caller's arbiter.
+    arbiters: Vec<ArbiterHandle>,
 }
 
 impl SessionRegistry {
-    /// An empty registry whose sessions retire after `idle_timeout` of silence.
-    pub fn new(hub: Hub, idle_timeout: Duration) -> Self {
+    /// An empty registry whose sessions retire after `idle_timeout` of silence and run on
+    /// `arbiters` (spread by key), or on the dispatching arbiter when `arbiters` is empty.
+    ///
+    /// Dedicated arbiters keep session work (history, prompts, LLM streaming) off the HTTP
+    /// workers, so acknowledgements stay fast, and let sessions finish their turn while the
+    /// HTTP server shuts down.
+    pub fn new(hub: Hub, idle_timeout: Duration, arbiters: Vec<ArbiterHandle>) -> Self {
         Self(Arc::new(RegistryInner {
             sessions: DashMap::new(),
             generations: AtomicU64::new(0),
             hub,
             idle_timeout,
+            arbiters,
         }))
     }
 
@@ -100,10 +108,20 @@ impl SessionRegistry {
             last_activity: Instant::now(),
             history: None,
         };
-        Entry { addr: session.start(), generation }
+        let addr = if self.0.arbiters.is_empty() {
+            session.start()
+        } else {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            key.hash(&mut hasher);
+            let arbiter = &self.0.arbiters[(hasher.finish() % self.0.arbiters.len() as u64) as usize];
+            Session::start_in_arbiter(arbiter, move |_| session)
+        };
+        Entry { addr, generation }
     }
 
-    /// Routes a job to its session, starting one if needed. Must run inside an actix system.
+    /// Routes a job to its session, starting one if needed. Never blocks. Without dedicated
+    /// arbiters it must run inside an actix system.
     pub fn dispatch(&self, key: SessionKey, job: Job) -> Result<(), DispatchError> {
         let mut entry = self.0.sessions.entry(key.clone()).or_insert_with(|| self.start_session(&key));
         // NOTE: send while holding the entry (shard) lock. `deregister` takes the same lock, so
@@ -302,3 +320,6 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
     delivery::answer(&hub, &envelope, key.as_str(), new_turn, reply).await;
     history
 }
+
+#[cfg(test)]
+mod tests;

@@ -8,8 +8,10 @@
 //! key and journals the envelope together, so a crash can never leave one without the other.
 
 mod memory;
+mod sqlite;
 
 pub use memory::MemoryStore;
+pub use sqlite::{SqliteOptions, SqliteStore};
 
 use crate::llm::backend::{ChatMessage, Role};
 use std::time::{Duration, SystemTime};

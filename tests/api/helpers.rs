@@ -88,6 +88,9 @@ pub fn base_config(llm: &MockServer, wechat: &MockServer) -> String {
 bind = "127.0.0.1:0"
 workers = 2
 
+[store]
+kind = "memory"
+
 [llm]
 backend = "openai"
 base_url = "{llm}/v1"

@@ -3,8 +3,7 @@
 //! # Layout
 //! - [`settings`]: [`WechatMpSettings`], the channel's config section.
 //! - [`signature`]: the `sha1(sort(token, timestamp, nonce))` signature on every webhook call.
-//! - `inbound`: pushed XML → [`Envelope`](yizhan_channel_core::Envelope), for every message type
-//!   and event.
+//! - `inbound`: pushed XML → `Envelope`, for every message type and event.
 //! - [`markdown`] and [`split`]: LLM markdown → plain text → parts WeChat accepts.
 //! - `passive`: the XML answer carried in the webhook response (the 5-second path).
 //! - `api`: stable access token, customer-service sends and typing, error-code triage.
@@ -325,5 +324,61 @@ mod tests {
     fn unix_millis_handles_times_before_the_epoch() {
         assert_eq!(unix_millis(SystemTime::UNIX_EPOCH + Duration::from_millis(1500)), 1500);
         assert_eq!(unix_millis(SystemTime::UNIX_EPOCH - Duration::from_millis(1500)), -1500);
+    }
+
+    /// A tiny deterministic generator, so the robustness tests need no extra dependency.
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn next(&mut self, below: usize) -> usize {
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((self.0 >> 33) as usize) % below.max(1)
+        }
+    }
+
+    #[test]
+    fn rendering_random_markdown_never_panics_and_honours_the_limit() {
+        let alphabet = [
+            "*", "**", "_", "`", "```", "#", "## ", "- ", "1. ", "> ", "[", "]", "(", ")", "!", "<", ">",
+            "|", "\n", "\n\n", " ", "    ", "好", "。", "😀", "é", "a", "word", ".", "http://x.y/z", "\t",
+            "---", "~~", "<br>", "&amp;", "]]>",
+        ];
+        let mut rng = Lcg(7);
+        for limit in [64, 100, 2048] {
+            let channel = channel_with_limit(limit);
+            for _ in 0..300 {
+                let len = rng.next(400);
+                let text: String = (0..len).map(|_| alphabet[rng.next(alphabet.len())]).collect();
+                for part in channel.render(&Reply::text(text.clone())) {
+                    assert!(!part.text.trim().is_empty(), "empty part from {text:?}");
+                    assert!(part.text.len() <= limit, "over {limit}: {text:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn random_bodies_never_panic_the_webhook() {
+        let fragments = [
+            "<xml>", "</xml>", "<MsgType>", "</MsgType>", "<![CDATA[", "]]>", "text", "event", "<Event>",
+            "</Event>", "<FromUserName>", "</FromUserName>", "<ToUserName>", "</ToUserName>", "o", "&lt;",
+            "&", "<", ">", "<a/>", "<?xml?>", "<!--", "-->", "\u{0}", "好", "<CreateTime>", "</CreateTime>", "1",
+        ];
+        let channel = channel(0);
+        let mut rng = Lcg(11);
+        for _ in 0..2000 {
+            let len = rng.next(30);
+            let body: String = (0..len).map(|_| fragments[rng.next(fragments.len())]).collect();
+            let _ = channel.handle_webhook(&request(Method::Post, DOC_QUERY, &body, 0));
+        }
+    }
+
+    fn channel_with_limit(limit: usize) -> WechatMp {
+        let settings: WechatMpSettings = serde_json::from_value(json!({
+            "app_id": "wx1", "app_secret": "secret", "token": "AAAAA", "max_part_bytes": limit,
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let id = ChannelId::parse("mp").unwrap_or_else(|e| panic!("{e}"));
+        WechatMp::new(id, settings, reqwest::Client::new()).unwrap_or_else(|e| panic!("{e}"))
     }
 }

@@ -1,0 +1,240 @@
+//! Actor-level tests of the session protocol: creation, retirement, ordering, and no loss under
+//! concurrent dispatch while sessions retire.
+
+use super::*;
+use crate::config::{MessagesConfig, SessionConfig};
+use crate::delivery::{ChannelActor, RetryPolicy};
+use crate::hub::{ChannelEntry, HubInner};
+use crate::llm::client::LlmClientSettings;
+use crate::llm::{DeltaSink, LlmActor, LlmBackend, LlmClient};
+use crate::metrics::Metrics;
+use crate::store::MemoryStore;
+use std::collections::HashMap;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Mutex;
+use yizhan_channel_core::{
+    BoxFuture, Channel, ChannelError, ChannelId, Conversation, ConversationKind, Delivery, DeliveryReceipt,
+    ReplyHandle, Sender, WebhookOutcome, WebhookRequest,
+};
+
+/// Answers "答：<question>" after `delay`, tracking how many calls overlap.
+struct EchoBackend {
+    delay: Duration,
+    running: AtomicUsize,
+    max_running: AtomicUsize,
+}
+
+impl LlmBackend for EchoBackend {
+    fn name(&self) -> &'static str {
+        "echo"
+    }
+
+    fn complete<'a>(
+        &'a self,
+        request: &'a CompletionRequest,
+        _first_token_timeout: Duration,
+        _on_delta: &'a mut DeltaSink,
+    ) -> BoxFuture<'a, Result<String, LlmError>> {
+        Box::pin(async move {
+            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+            self.max_running.fetch_max(now, Ordering::SeqCst);
+            if !self.delay.is_zero() {
+                actix::clock::sleep(self.delay).await;
+            }
+            self.running.fetch_sub(1, Ordering::SeqCst);
+            let question = request.messages.last().map(|m| m.content.clone()).unwrap_or_default();
+            Ok(format!("答：{question}"))
+        })
+    }
+}
+
+/// Records every delivered part.
+struct RecordingChannel {
+    id: ChannelId,
+    delivered: Mutex<Vec<Delivery>>,
+}
+
+impl Channel for RecordingChannel {
+    fn id(&self) -> &ChannelId {
+        &self.id
+    }
+
+    fn kind(&self) -> &str {
+        "recording"
+    }
+
+    fn handle_webhook(&self, _request: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
+        Err(ChannelError::Unsupported("test channel".into()))
+    }
+
+    fn deliver<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
+        self.delivered.lock().unwrap_or_else(|p| p.into_inner()).push(delivery.clone());
+        Box::pin(async { Ok(DeliveryReceipt::default()) })
+    }
+}
+
+struct Fixture {
+    registry: SessionRegistry,
+    channel: Arc<RecordingChannel>,
+    backend: Arc<EchoBackend>,
+    metrics: Metrics,
+}
+
+fn fixture(llm_delay: Duration, idle_timeout: Duration, max_pending: usize) -> Fixture {
+    let metrics = Metrics::new();
+    let store: Arc<dyn crate::store::Store> = Arc::new(MemoryStore::new(10));
+    let backend = Arc::new(EchoBackend { delay: llm_delay, running: AtomicUsize::new(0), max_running: AtomicUsize::new(0) });
+    let client = LlmClient::new(
+        backend.clone(),
+        LlmClientSettings {
+            first_token_timeout: Duration::from_secs(60),
+            total_timeout: Duration::from_secs(60),
+            max_retries: 0,
+            retry_base_delay: Duration::from_millis(1),
+        },
+    );
+    let llm = LlmActor::new(client, 64, 100_000, metrics.clone()).start();
+    let id = ChannelId::parse("rec").unwrap_or_else(|e| panic!("{e}"));
+    let channel = Arc::new(RecordingChannel { id: id.clone(), delivered: Mutex::new(Vec::new()) });
+    let policy = RetryPolicy { max_attempts: 1, base_delay: Duration::from_millis(1), max_delay: Duration::from_millis(1) };
+    let outbound = ChannelActor::new(channel.clone(), store.clone(), policy, metrics.clone()).start();
+    let mut channels = HashMap::new();
+    channels.insert(id, ChannelEntry { channel: channel.clone(), outbound, system_prompt: String::new() });
+    let hub = Hub::new(HubInner {
+        store,
+        llm,
+        channels,
+        messages: MessagesConfig::default(),
+        session: SessionConfig { history_max_turns: 4, history_max_chars: 1_000, idle_timeout_secs: 1, max_pending },
+        dedupe_ttl: Duration::from_secs(60),
+        metrics: metrics.clone(),
+    });
+    Fixture { registry: SessionRegistry::new(hub, idle_timeout, Vec::new()), channel, backend, metrics }
+}
+
+fn job(user: &str, question: &str) -> (SessionKey, Job) {
+    let envelope = Envelope {
+        id: Envelope::new_id(),
+        channel: ChannelId::parse("rec").unwrap_or_else(|e| panic!("{e}")),
+        channel_kind: "recording".into(),
+        platform_message_id: Envelope::new_id(),
+        received_at_ms: 0,
+        conversation: Conversation { kind: ConversationKind::Direct, id: user.into() },
+        sender: Sender { id: user.into(), name: None },
+        content: vec![],
+        mentions_self: true,
+        reply_handle: ReplyHandle::default(),
+    };
+    (SessionKey::for_envelope(&envelope), Job { envelope, work: Work::Ask(question.into()) })
+}
+
+impl Fixture {
+    fn delivered(&self) -> Vec<Delivery> {
+        self.channel.delivered.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    async fn wait_for_deliveries(&self, count: usize) {
+        for _ in 0..100_000 {
+            if self.delivered().len() >= count {
+                return;
+            }
+            actix::clock::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("only {} of {count} deliveries arrived", self.delivered().len());
+    }
+}
+
+#[actix::test]
+async fn session_is_created_on_demand_and_retired_when_idle() {
+    tokio::time::pause();
+    let fixture = fixture(Duration::ZERO, Duration::from_secs(60), 16);
+    assert!(fixture.registry.is_empty());
+    let (key, job) = job("u1", "你好");
+    fixture.registry.dispatch(key, job).unwrap_or_else(|_| panic!("dispatch"));
+    assert_eq!(fixture.registry.len(), 1);
+    fixture.wait_for_deliveries(1).await;
+    assert_eq!(fixture.metrics.sessions_alive.get(), 1);
+    actix::clock::sleep(Duration::from_secs(30)).await;
+    assert_eq!(fixture.registry.len(), 1, "not idle long enough yet");
+    actix::clock::sleep(Duration::from_secs(80)).await;
+    assert!(fixture.registry.is_empty(), "idle session should have retired");
+    assert_eq!(fixture.metrics.sessions_alive.get(), 0);
+}
+
+#[actix::test]
+async fn one_user_is_served_in_order_and_one_at_a_time() {
+    tokio::time::pause();
+    let fixture = fixture(Duration::from_millis(100), Duration::from_secs(60), 16);
+    for i in 0..6 {
+        let (key, job) = job("u1", &format!("q{i}"));
+        fixture.registry.dispatch(key, job).unwrap_or_else(|_| panic!("dispatch"));
+    }
+    fixture.wait_for_deliveries(6).await;
+    let texts: Vec<String> = fixture.delivered().into_iter().map(|d| d.reply.text).collect();
+    assert_eq!(texts, (0..6).map(|i| format!("答：q{i}")).collect::<Vec<_>>());
+    assert_eq!(fixture.backend.max_running.load(Ordering::SeqCst), 1);
+}
+
+#[actix::test]
+async fn different_users_are_served_concurrently() {
+    tokio::time::pause();
+    let fixture = fixture(Duration::from_millis(100), Duration::from_secs(60), 16);
+    for user in 0..5 {
+        let (key, job) = job(&format!("u{user}"), "q");
+        fixture.registry.dispatch(key, job).unwrap_or_else(|_| panic!("dispatch"));
+    }
+    fixture.wait_for_deliveries(5).await;
+    assert_eq!(fixture.backend.max_running.load(Ordering::SeqCst), 5);
+}
+
+#[actix::test]
+async fn a_user_over_the_pending_bound_gets_the_busy_reply() {
+    tokio::time::pause();
+    let fixture = fixture(Duration::from_millis(100), Duration::from_secs(60), 2);
+    let mut refused = 0;
+    for i in 0..6 {
+        let (key, job) = job("u1", &format!("q{i}"));
+        if fixture.registry.dispatch(key, job).is_err() {
+            refused += 1;
+        }
+    }
+    fixture.wait_for_deliveries(6 - refused).await;
+    let texts: Vec<String> = fixture.delivered().into_iter().map(|d| d.reply.text).collect();
+    assert!(texts.iter().any(|t| t == &MessagesConfig::default().busy), "{texts:?}");
+    assert!(texts.contains(&"答：q0".to_owned()));
+}
+
+/// Four arbiters dispatch 2,000 messages to 8 users while sessions retire after 1 ms of silence:
+/// every message must be answered exactly once.
+#[actix::test]
+async fn no_message_is_lost_while_sessions_retire() {
+    let fixture = fixture(Duration::ZERO, Duration::from_millis(1), 100_000);
+    let arbiters: Vec<Arbiter> = (0..4).map(|_| Arbiter::new()).collect();
+    for (a, arbiter) in arbiters.iter().enumerate() {
+        let registry = fixture.registry.clone();
+        arbiter.spawn(async move {
+            for i in 0..500 {
+                let (key, job) = job(&format!("u{}", i % 8), &format!("a{a}-m{i}"));
+                if registry.dispatch(key, job).is_err() {
+                    panic!("dispatch refused");
+                }
+                if i % 25 == 0 {
+                    // Let sessions go idle and retire between bursts.
+                    actix::clock::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        });
+    }
+    fixture.wait_for_deliveries(2_000).await;
+    let mut texts: Vec<String> = fixture.delivered().into_iter().map(|d| d.reply.text).collect();
+    texts.sort();
+    let mut expected: Vec<String> =
+        (0..4).flat_map(|a| (0..500).map(move |i| format!("答：a{a}-m{i}"))).collect();
+    expected.sort();
+    assert_eq!(texts, expected);
+    let sessions_started = fixture.registry.0.generations.load(Ordering::SeqCst);
+    assert!(sessions_started > 8, "sessions never retired and restarted ({sessions_started} started)");
+    for arbiter in arbiters {
+        arbiter.stop();
+    }
+}

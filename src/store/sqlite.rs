@@ -1,0 +1,1117 @@
+//! A [`Store`] on SQLite: dedupe claims, the journal, the outbox and conversation history survive
+//! a restart, so a crash loses nothing that was acknowledged.
+//!
+//! Invariants: every method behaves as [`MemoryStore`](super::MemoryStore)'s does; a write is
+//! committed to disk (fsynced) before its future resolves; no SQLite call ever runs on an async
+//! executor thread.
+//!
+//! # Threading
+//!
+//! One dedicated **writer thread** owns the only write connection. Callers send it operations
+//! through a bounded channel (backpressure: a full queue makes callers wait, it never grows
+//! without bound) and await a [`oneshot`] answer. The writer takes everything queued (up to
+//! [`SqliteOptions::max_batch`]) and commits it in **one transaction** (group commit), so one
+//! fsync is shared by every webhook that arrived meanwhile; the more load, the bigger the batch
+//! and the cheaper each acknowledgement. Each operation runs inside its own `SAVEPOINT`, so one
+//! failing operation rolls back alone and only its caller sees the error. Answers are sent only
+//! after `COMMIT` succeeded: "accepted" always means "on disk".
+//!
+//! A small pool of **reader threads** (each with its own connection, [`SqliteOptions::readers`])
+//! serves `history` and `unfinished`. Under WAL, readers never block the writer nor each other,
+//! and they see every transaction committed before the read started, so a caller reads its own
+//! writes. Dedicated threads rather than `spawn_blocking` keep connections (and their statement
+//! caches) warm and make the store independent of which runtime polls its futures.
+//!
+//! An operation whose caller dropped its future before the writer reached it is skipped: a
+//! cancelled `accept` must not leave a journal entry that nobody dispatches.
+//!
+//! Dropping the store closes both queues; the writer commits everything already queued, then
+//! every thread is joined.
+//!
+//! # Durability
+//!
+//! `journal_mode=WAL` with `synchronous=FULL`. With `NORMAL`, WAL commits survive a process crash
+//! but the last transactions can be lost on power loss or a kernel panic, because the WAL is only
+//! fsynced at checkpoints; the webhook contract is "durable before acknowledged", so the writer
+//! pays one fsync per commit. Group commit amortises that fsync over the batch.
+//!
+//! # Schema (version 1, see [`MIGRATIONS`])
+//!
+//! Times are Unix milliseconds (wall clock, because they must mean the same after a restart).
+//!
+//! - `dedupe(channel, platform_message_id, expires_at)`, primary key on the pair, `WITHOUT
+//!   ROWID` (the key is the only access path). Indexed on `expires_at` so sweeping expired claims
+//!   never scans the table while the writer (and so every acknowledgement) waits.
+//! - `journal(seq, envelope_id UNIQUE, envelope JSON, state, created_at, finished_at)`. `seq` is
+//!   the `INTEGER PRIMARY KEY` (rowid alias): arrival order for free, stable across `VACUUM`,
+//!   always larger than every existing row. `envelope_id` is the lookup key (unique index).
+//!   `state` is `received` → `answered` → `finished`. Finished rows stay (for operators) until
+//!   [`Store::prune`]. Partial indexes cover the open rows (recovery) and the finished rows
+//!   (pruning).
+//! - `outbox(delivery_id PK, envelope_id, part_index, delivery JSON, state, reason,
+//!   updated_at)`. `pending` rows are parts to send; a delivered part's row is deleted; a
+//!   `failed` row keeps its reason for operators until pruned. Indexed on
+//!   `(envelope_id, part_index)`.
+//! - `history(seq, session_key, question, answer, created_at)`, indexed on `(session_key, seq)`
+//!   and `created_at`. At most [`SqliteOptions::max_turns_kept`] rows per key.
+//!
+//! Foreign keys are not declared: the writer is the only mutator and inserts outbox rows only for
+//! a live journal row, and declared keys would cost a lookup on every insert of the hot path.
+
+use super::{Acceptance, Store, StoreError, Turn, Unfinished};
+use rusqlite::{params, Connection, OpenFlags, TransactionBehavior};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot};
+use yizhan_channel_core::{BoxFuture, Delivery, Envelope};
+
+/// Schema steps, applied in order; step `i` brings `PRAGMA user_version` to `i + 1`.
+///
+/// NOTE: never edit a released step; append a new one. A database whose `user_version` is
+/// beyond this list was written by a newer build and is refused rather than misread.
+const MIGRATIONS: &[&str] = &[
+    // 1: initial schema.
+    "CREATE TABLE dedupe (
+        channel TEXT NOT NULL,
+        platform_message_id TEXT NOT NULL,
+        expires_at INTEGER NOT NULL,
+        PRIMARY KEY (channel, platform_message_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX dedupe_expiry ON dedupe (expires_at);
+
+    CREATE TABLE journal (
+        seq INTEGER PRIMARY KEY,
+        envelope_id TEXT NOT NULL UNIQUE,
+        envelope TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('received', 'answered', 'finished')),
+        created_at INTEGER NOT NULL,
+        finished_at INTEGER
+    );
+    CREATE INDEX journal_open ON journal (seq) WHERE state <> 'finished';
+    CREATE INDEX journal_finished ON journal (finished_at) WHERE state = 'finished';
+
+    CREATE TABLE outbox (
+        delivery_id TEXT PRIMARY KEY,
+        envelope_id TEXT NOT NULL,
+        part_index INTEGER NOT NULL,
+        delivery TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'failed')),
+        reason TEXT,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE INDEX outbox_envelope ON outbox (envelope_id, part_index);
+
+    CREATE TABLE history (
+        seq INTEGER PRIMARY KEY,
+        session_key TEXT NOT NULL,
+        question TEXT NOT NULL,
+        answer TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE INDEX history_session ON history (session_key, seq);
+    CREATE INDEX history_created ON history (created_at);",
+];
+
+/// Tuning for [`SqliteStore`]; [`Default`] suits a single service instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqliteOptions {
+    /// Turns kept per conversation (at least 1); older ones are never sent to the model anyway,
+    /// so keeping them would only grow the file.
+    pub max_turns_kept: usize,
+    /// Write operations that may wait for the writer (the read queue gets the same bound). When
+    /// full, callers wait to enqueue: load beyond what the disk can commit shows up as latency,
+    /// not as memory growth.
+    pub write_queue: usize,
+    /// The most operations committed in one transaction; bounds how long one commit (and so the
+    /// first caller in it) can take.
+    pub max_batch: usize,
+    /// Reader threads, each with its own connection (at least 1). Reads are rare (history per
+    /// turn, recovery at startup), so two are plenty.
+    pub readers: usize,
+    /// How long a connection waits for a lock held by another process (a backup tool, the
+    /// `sqlite3` shell) before the operation fails.
+    pub busy_timeout: Duration,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self {
+            max_turns_kept: 100,
+            write_queue: 4096,
+            max_batch: 1024,
+            readers: 2,
+            busy_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why the SQLite engine failed; reaches callers as [`StoreError::Backend`] with this text.
+#[derive(Debug, thiserror::Error)]
+enum SqliteError {
+    #[error("cannot create the directory {path}: {source}")]
+    CreateDir { path: PathBuf, source: std::io::Error },
+    #[error("cannot open the SQLite store {path}: {source}")]
+    Open { path: PathBuf, source: rusqlite::Error },
+    #[error(
+        "the SQLite store {path} has schema version {found}, but this build knows versions up to \
+         {known}; it was written by a newer yizhan (upgrade, or restore a backup)"
+    )]
+    TooNew { path: PathBuf, found: i64, known: usize },
+    #[error("the SQLite store {path} refused WAL mode (journal_mode is {mode})")]
+    NotWal { path: PathBuf, mode: String },
+    #[error("cannot start the store's {name} thread: {source}")]
+    Spawn { name: String, source: std::io::Error },
+    #[error("the store's {0} thread has stopped")]
+    Stopped(&'static str),
+    #[error("cannot encode a record as JSON: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("the batch's transaction was rolled back: {0}")]
+    RolledBack(String),
+    #[error("internal: the writer answered {0} with the wrong kind of result")]
+    Mismatch(&'static str),
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+impl From<SqliteError> for StoreError {
+    fn from(error: SqliteError) -> Self {
+        StoreError::Backend(error.to_string())
+    }
+}
+
+/// A [`Store`] on one SQLite file. See the module docs for threading, durability and schema.
+///
+/// Dropping it blocks the dropping thread until everything already queued is committed (usually
+/// one batch, a few milliseconds).
+pub struct SqliteStore {
+    /// Operations for the writer thread; `None` only while dropping.
+    writes: Option<mpsc::Sender<WriteJob>>,
+    /// Queries for the reader threads; `None` only while dropping.
+    reads: Option<mpsc::Sender<ReadJob>>,
+    /// Writer and readers, joined on drop so queued writes are committed before it returns.
+    threads: Vec<JoinHandle<()>>,
+    /// For `Debug` and logs.
+    path: PathBuf,
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating it and its directory if missing) the store at `path`, brings its schema
+    /// up to date and starts its threads.
+    ///
+    /// This blocks on disk I/O; call it at startup, before serving traffic.
+    pub fn open(path: &Path, options: SqliteOptions) -> Result<Self, StoreError> {
+        Self::open_inner(path, options).map_err(StoreError::from)
+    }
+
+    fn open_inner(path: &Path, options: SqliteOptions) -> Result<Self, SqliteError> {
+        if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|source| SqliteError::CreateDir { path: parent.to_owned(), source })?;
+        }
+        let at = |source| SqliteError::Open { path: path.to_owned(), source };
+
+        let mut writer = Connection::open(path).map_err(at)?;
+        writer.busy_timeout(options.busy_timeout).map_err(at)?;
+        let mode: String = writer.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0)).map_err(at)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(SqliteError::NotWal { path: path.to_owned(), mode });
+        }
+        writer.pragma_update(None, "synchronous", "FULL").map_err(at)?;
+        writer.set_prepared_statement_cache_capacity(64);
+        migrate(&mut writer, path)?;
+
+        let reader_count = options.readers.max(1);
+        let mut readers = Vec::with_capacity(reader_count);
+        for _ in 0..reader_count {
+            let flags =
+                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
+            let reader = Connection::open_with_flags(path, flags).map_err(at)?;
+            reader.busy_timeout(options.busy_timeout).map_err(at)?;
+            // Readers must never write: only the writer's batches are durable and ordered.
+            reader.pragma_update(None, "query_only", true).map_err(at)?;
+            reader.set_prepared_statement_cache_capacity(16);
+            readers.push(reader);
+        }
+
+        let (write_tx, write_rx) = mpsc::channel(options.write_queue.max(1));
+        let (read_tx, read_rx) = mpsc::channel(options.write_queue.max(1));
+        let mut threads = Vec::with_capacity(reader_count + 1);
+        let writer = Writer {
+            conn: writer,
+            max_turns_kept: i64::try_from(options.max_turns_kept.max(1)).unwrap_or(i64::MAX),
+            max_batch: options.max_batch.max(1),
+            // The first batch sweeps: claims may have expired while the process was down.
+            last_sweep: Instant::now().checked_sub(SWEEP_EVERY).unwrap_or_else(Instant::now),
+        };
+        threads.push(spawn("sqlite-writer".to_owned(), move || writer.run(write_rx))?);
+        let read_rx = Arc::new(Mutex::new(read_rx));
+        for (index, reader) in readers.into_iter().enumerate() {
+            let jobs = Arc::clone(&read_rx);
+            threads.push(spawn(format!("sqlite-reader-{index}"), move || run_reader(reader, &jobs))?);
+        }
+        Ok(Self { writes: Some(write_tx), reads: Some(read_tx), threads, path: path.to_owned() })
+    }
+
+    /// Queues `op` for the writer and waits until it is committed.
+    async fn write(&self, op: WriteOp) -> Result<Written, SqliteError> {
+        let writes = self.writes.as_ref().ok_or(SqliteError::Stopped("writer"))?;
+        let (reply, answer) = oneshot::channel();
+        writes.send(WriteJob { op, reply }).await.map_err(|_| SqliteError::Stopped("writer"))?;
+        answer.await.map_err(|_| SqliteError::Stopped("writer"))?
+    }
+
+    /// Queues `op` for a reader and waits for its answer.
+    async fn read(&self, op: ReadOp) -> Result<Fetched, SqliteError> {
+        let reads = self.reads.as_ref().ok_or(SqliteError::Stopped("reader"))?;
+        let (reply, answer) = oneshot::channel();
+        reads.send(ReadJob { op, reply }).await.map_err(|_| SqliteError::Stopped("reader"))?;
+        answer.await.map_err(|_| SqliteError::Stopped("reader"))?
+    }
+
+    /// A write whose only result is success.
+    async fn write_done(&self, op: WriteOp, what: &'static str) -> Result<(), StoreError> {
+        match self.write(op).await? {
+            Written::Done => Ok(()),
+            _ => Err(SqliteError::Mismatch(what).into()),
+        }
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // Closing the queues ends the threads once they have handled what is already queued.
+        self.writes.take();
+        self.reads.take();
+        for thread in self.threads.drain(..) {
+            if thread.join().is_err() {
+                tracing::error!(path = %self.path.display(), "SQLite store thread panicked.");
+            }
+        }
+    }
+}
+
+fn spawn(name: String, body: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, SqliteError> {
+    std::thread::Builder::new().name(name.clone()).spawn(body).map_err(|source| SqliteError::Spawn { name, source })
+}
+
+/// Applies the missing [`MIGRATIONS`] in one transaction, or refuses a newer schema.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), SqliteError> {
+    let at = |source| SqliteError::Open { path: path.to_owned(), source };
+    // IMMEDIATE: two processes opening a fresh file at once must not both migrate it.
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(at)?;
+    let found: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(at)?;
+    let applied = usize::try_from(found).ok().filter(|applied| *applied <= MIGRATIONS.len());
+    let Some(applied) = applied else {
+        return Err(SqliteError::TooNew { path: path.to_owned(), found, known: MIGRATIONS.len() });
+    };
+    for (index, step) in MIGRATIONS.iter().enumerate().skip(applied) {
+        tx.execute_batch(step).map_err(at)?;
+        tx.pragma_update(None, "user_version", index + 1).map_err(at)?;
+    }
+    tx.commit().map_err(at)
+}
+
+/// Unix milliseconds now; the writer takes it once per batch.
+fn now_ms() -> i64 {
+    system_time_ms(SystemTime::now())
+}
+
+/// Unix milliseconds, saturating (a time before 1970 is 0).
+fn system_time_ms(time: SystemTime) -> i64 {
+    time.duration_since(UNIX_EPOCH).map(|since| duration_ms(since)).unwrap_or(0)
+}
+
+fn duration_ms(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn to_i64(value: usize) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writer
+
+/// How often the writer deletes expired dedupe claims.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+/// One write operation, with everything already encoded so the writer only runs SQL.
+#[derive(Debug)]
+enum WriteOp {
+    Accept { channel: String, platform_message_id: String, envelope_id: String, envelope: String, ttl_ms: i64 },
+    RecordAnswer { envelope_id: String, session_key: String, turn: Option<Turn>, parts: Vec<Part> },
+    PartDelivered { delivery_id: String },
+    PartFailed { delivery_id: String, reason: String },
+    Finish { envelope_id: String },
+    Prune { before_ms: i64 },
+    AppendTurn { session_key: String, turn: Turn },
+    ClearHistory { session_key: String },
+}
+
+/// An outbox part: its id and its JSON.
+#[derive(Debug)]
+struct Part {
+    delivery_id: String,
+    json: String,
+}
+
+/// What a committed write operation produced.
+#[derive(Debug)]
+enum Written {
+    Accepted(Acceptance),
+    Pruned(u64),
+    Done,
+}
+
+struct WriteJob {
+    op: WriteOp,
+    reply: oneshot::Sender<Result<Written, SqliteError>>,
+}
+
+/// The writer thread's state: the write connection and the settings its SQL needs.
+struct Writer {
+    conn: Connection,
+    max_turns_kept: i64,
+    max_batch: usize,
+    /// When expired dedupe claims were last deleted. Sweeping on a timer (as `MemoryStore`
+    /// does) keeps the table bounded even if nobody calls `prune`.
+    last_sweep: Instant,
+}
+
+impl Writer {
+    /// Commits batches until every sender is gone and the queue is drained.
+    fn run(mut self, mut jobs: mpsc::Receiver<WriteJob>) {
+        let mut batch = Vec::with_capacity(self.max_batch);
+        while let Some(first) = jobs.blocking_recv() {
+            batch.push(first);
+            while batch.len() < self.max_batch {
+                match jobs.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            self.commit(&mut batch);
+        }
+    }
+
+    /// Runs `batch` in one transaction and answers each caller once it is committed.
+    fn commit(&mut self, batch: &mut Vec<WriteJob>) {
+        // A caller that gave up must not have its operation happen behind its back.
+        batch.retain(|job| !job.reply.is_closed());
+        if batch.is_empty() {
+            return;
+        }
+        match self.apply_batch(batch) {
+            Ok(results) => {
+                for (job, result) in batch.drain(..).zip(results) {
+                    let _ = job.reply.send(result);
+                }
+            }
+            Err(error) => {
+                // The whole transaction rolled back: nobody's operation happened.
+                let message = error.to_string();
+                tracing::error!(error = %message, operations = batch.len(), "SQLite store commit failed.");
+                for job in batch.drain(..) {
+                    let _ = job.reply.send(Err(SqliteError::RolledBack(message.clone())));
+                }
+            }
+        }
+    }
+
+    /// One transaction, one savepoint per operation. `Err` means the transaction rolled back.
+    fn apply_batch(&mut self, batch: &[WriteJob]) -> Result<Vec<Result<Written, SqliteError>>, rusqlite::Error> {
+        let now = now_ms();
+        let kept = self.max_turns_kept;
+        let sweep = self.last_sweep.elapsed() >= SWEEP_EVERY;
+        if sweep {
+            self.last_sweep = Instant::now();
+        }
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if sweep {
+            // Indexed on `expires_at`: costs what expired since the last sweep, not a scan.
+            tx.prepare_cached("SAVEPOINT op")?.execute([])?;
+            match tx.prepare_cached("DELETE FROM dedupe WHERE expires_at <= ?1")?.execute(params![now]) {
+                Ok(_) => tx.prepare_cached("RELEASE op")?.execute([])?,
+                Err(error) => {
+                    tx.prepare_cached("ROLLBACK TO op")?.execute([])?;
+                    tracing::warn!(%error, "Sweeping expired dedupe claims failed.");
+                    tx.prepare_cached("RELEASE op")?.execute([])?
+                }
+            };
+        }
+        let mut results = Vec::with_capacity(batch.len());
+        for job in batch {
+            tx.prepare_cached("SAVEPOINT op")?.execute([])?;
+            match apply(&tx, &job.op, now, kept) {
+                Ok(written) => {
+                    tx.prepare_cached("RELEASE op")?.execute([])?;
+                    results.push(Ok(written));
+                }
+                Err(error) => {
+                    // If SQLite already rolled back the whole transaction (I/O error, disk
+                    // full), the savepoint is gone and this fails the batch, as it must.
+                    tx.prepare_cached("ROLLBACK TO op")?.execute([])?;
+                    tx.prepare_cached("RELEASE op")?.execute([])?;
+                    tracing::warn!(%error, "SQLite store operation failed.");
+                    results.push(Err(SqliteError::Sqlite(error)));
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(results)
+    }
+}
+
+/// Runs one operation's SQL on the writer connection.
+fn apply(conn: &Connection, op: &WriteOp, now: i64, kept: i64) -> Result<Written, rusqlite::Error> {
+    match op {
+        WriteOp::Accept { channel, platform_message_id, envelope_id, envelope, ttl_ms } => {
+            // Inserts a new claim, or re-takes an expired one; a live claim changes nothing.
+            let claimed = conn
+                .prepare_cached(
+                    "INSERT INTO dedupe (channel, platform_message_id, expires_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (channel, platform_message_id) DO UPDATE SET expires_at = excluded.expires_at
+                     WHERE dedupe.expires_at <= ?4",
+                )?
+                .execute(params![channel, platform_message_id, now.saturating_add(*ttl_ms), now])?;
+            if claimed == 0 {
+                return Ok(Written::Accepted(Acceptance::Duplicate));
+            }
+            conn.prepare_cached(
+                "INSERT INTO journal (envelope_id, envelope, state, created_at) VALUES (?1, ?2, 'received', ?3)",
+            )?
+            .execute(params![envelope_id, envelope, now])?;
+            Ok(Written::Accepted(Acceptance::New))
+        }
+        WriteOp::RecordAnswer { envelope_id, session_key, turn, parts } => {
+            if let Some(turn) = turn {
+                push_turn(conn, session_key, turn, now, kept)?;
+            }
+            let answered = conn
+                .prepare_cached("UPDATE journal SET state = 'answered' WHERE envelope_id = ?1 AND state <> 'finished'")?
+                .execute(params![envelope_id])?;
+            // NOTE: parts of an unknown or finished envelope would never be recovered nor
+            // removed, so they are not stored (MemoryStore keeps them nowhere visible either).
+            if answered > 0 {
+                // Recording again replaces the parts, as MemoryStore does.
+                conn.prepare_cached("DELETE FROM outbox WHERE envelope_id = ?1 AND state = 'pending'")?
+                    .execute(params![envelope_id])?;
+                let mut insert = conn.prepare_cached(
+                    "INSERT INTO outbox (delivery_id, envelope_id, part_index, delivery, state, reason, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, 'pending', NULL, ?5)
+                     ON CONFLICT (delivery_id) DO UPDATE SET envelope_id = excluded.envelope_id,
+                         part_index = excluded.part_index, delivery = excluded.delivery, state = 'pending',
+                         reason = NULL, updated_at = excluded.updated_at",
+                )?;
+                for (index, part) in parts.iter().enumerate() {
+                    insert.execute(params![part.delivery_id, envelope_id, to_i64(index), part.json, now])?;
+                }
+            }
+            Ok(Written::Done)
+        }
+        WriteOp::PartDelivered { delivery_id } => {
+            conn.prepare_cached("DELETE FROM outbox WHERE delivery_id = ?1")?.execute(params![delivery_id])?;
+            Ok(Written::Done)
+        }
+        WriteOp::PartFailed { delivery_id, reason } => {
+            conn.prepare_cached(
+                "UPDATE outbox SET state = 'failed', reason = ?2, updated_at = ?3 WHERE delivery_id = ?1",
+            )?
+            .execute(params![delivery_id, reason, now])?;
+            Ok(Written::Done)
+        }
+        WriteOp::Finish { envelope_id } => {
+            conn.prepare_cached(
+                "UPDATE journal SET state = 'finished', finished_at = ?2 WHERE envelope_id = ?1 AND state <> 'finished'",
+            )?
+            .execute(params![envelope_id, now])?;
+            conn.prepare_cached("DELETE FROM outbox WHERE envelope_id = ?1 AND state = 'pending'")?
+                .execute(params![envelope_id])?;
+            Ok(Written::Done)
+        }
+        WriteOp::Prune { before_ms } => {
+            let mut removed = 0;
+            removed += conn.prepare_cached("DELETE FROM history WHERE created_at < ?1")?.execute(params![before_ms])?;
+            removed += conn
+                .prepare_cached("DELETE FROM journal WHERE state = 'finished' AND finished_at < ?1")?
+                .execute(params![before_ms])?;
+            removed += conn
+                .prepare_cached("DELETE FROM outbox WHERE state = 'failed' AND updated_at < ?1")?
+                .execute(params![before_ms])?;
+            removed += conn.prepare_cached("DELETE FROM dedupe WHERE expires_at <= ?1")?.execute(params![now])?;
+            Ok(Written::Pruned(u64::try_from(removed).unwrap_or(u64::MAX)))
+        }
+        WriteOp::AppendTurn { session_key, turn } => {
+            push_turn(conn, session_key, turn, now, kept)?;
+            Ok(Written::Done)
+        }
+        WriteOp::ClearHistory { session_key } => {
+            conn.prepare_cached("DELETE FROM history WHERE session_key = ?1")?.execute(params![session_key])?;
+            Ok(Written::Done)
+        }
+    }
+}
+
+/// Appends a turn and drops the key's turns beyond the `kept` most recent.
+fn push_turn(conn: &Connection, session_key: &str, turn: &Turn, now: i64, kept: i64) -> Result<(), rusqlite::Error> {
+    conn.prepare_cached("INSERT INTO history (session_key, question, answer, created_at) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![session_key, turn.question, turn.answer, now])?;
+    // The subquery is the oldest turn to keep; with fewer turns it is NULL and nothing goes.
+    conn.prepare_cached(
+        "DELETE FROM history WHERE session_key = ?1 AND seq <
+            (SELECT seq FROM history WHERE session_key = ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?2)",
+    )?
+    .execute(params![session_key, kept.saturating_sub(1)])?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Readers
+
+#[derive(Debug)]
+enum ReadOp {
+    History { session_key: String, max_turns: i64 },
+    Unfinished,
+}
+
+#[derive(Debug)]
+enum Fetched {
+    History(Vec<Turn>),
+    Unfinished(Vec<Unfinished>),
+}
+
+struct ReadJob {
+    op: ReadOp,
+    reply: oneshot::Sender<Result<Fetched, SqliteError>>,
+}
+
+/// Serves queries until the store is dropped; the readers share one queue.
+fn run_reader(mut conn: Connection, jobs: &Mutex<mpsc::Receiver<ReadJob>>) {
+    loop {
+        // NOTE: the lock is held only while waiting for the next job, never while querying.
+        let job = jobs.lock().unwrap_or_else(PoisonError::into_inner).blocking_recv();
+        let Some(job) = job else { break };
+        if job.reply.is_closed() {
+            continue;
+        }
+        let result = query(&mut conn, &job.op).map_err(SqliteError::from);
+        let _ = job.reply.send(result);
+    }
+}
+
+fn query(conn: &mut Connection, op: &ReadOp) -> Result<Fetched, rusqlite::Error> {
+    match op {
+        ReadOp::History { session_key, max_turns } => {
+            let mut statement = conn.prepare_cached(
+                "SELECT question, answer FROM
+                    (SELECT seq, question, answer FROM history WHERE session_key = ?1 ORDER BY seq DESC LIMIT ?2)
+                 ORDER BY seq",
+            )?;
+            let turns = statement
+                .query_map(params![session_key, max_turns], |row| {
+                    Ok(Turn { question: row.get(0)?, answer: row.get(1)? })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Fetched::History(turns))
+        }
+        ReadOp::Unfinished => {
+            // One read transaction: the journal and the outbox are seen at the same instant.
+            let tx = conn.transaction()?;
+            let mut unfinished = Vec::new();
+            {
+                let mut journal = tx.prepare_cached(
+                    "SELECT envelope_id, envelope, state FROM journal WHERE state <> 'finished' ORDER BY seq",
+                )?;
+                let mut outbox = tx.prepare_cached(
+                    "SELECT delivery_id, delivery FROM outbox
+                     WHERE envelope_id = ?1 AND state = 'pending' ORDER BY part_index",
+                )?;
+                let mut rows = journal.query([])?;
+                while let Some(row) = rows.next()? {
+                    let envelope_id: String = row.get(0)?;
+                    let json: String = row.get(1)?;
+                    let state: String = row.get(2)?;
+                    // NOTE: an unreadable row is logged and skipped rather than failing recovery
+                    // as a whole: one bad row must not stop every later restart.
+                    let envelope = match serde_json::from_str::<Envelope>(&json) {
+                        Ok(envelope) => envelope,
+                        Err(error) => {
+                            tracing::error!(%envelope_id, %error, "Journaled envelope is unreadable; skipped.");
+                            continue;
+                        }
+                    };
+                    let pending_parts = if state == "answered" {
+                        let mut parts = Vec::new();
+                        let mut part_rows = outbox.query(params![envelope_id])?;
+                        while let Some(part) = part_rows.next()? {
+                            let delivery_id: String = part.get(0)?;
+                            let json: String = part.get(1)?;
+                            match serde_json::from_str::<Delivery>(&json) {
+                                Ok(delivery) => parts.push(delivery),
+                                Err(error) => {
+                                    tracing::error!(%envelope_id, %delivery_id, %error, "Outbox part is unreadable; skipped.");
+                                }
+                            }
+                        }
+                        Some(parts)
+                    } else {
+                        None
+                    };
+                    unfinished.push(Unfinished { envelope, pending_parts });
+                }
+            }
+            tx.commit()?;
+            Ok(Fetched::Unfinished(unfinished))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The trait
+
+impl Store for SqliteStore {
+    fn accept<'a>(
+        &'a self,
+        envelope: &'a Envelope,
+        dedupe_ttl: Duration,
+    ) -> BoxFuture<'a, Result<Acceptance, StoreError>> {
+        Box::pin(async move {
+            // Encoded here, on the caller's thread, so the writer only runs SQL.
+            let op = WriteOp::Accept {
+                channel: envelope.channel.as_str().to_owned(),
+                platform_message_id: envelope.platform_message_id.clone(),
+                envelope_id: envelope.id.clone(),
+                envelope: serde_json::to_string(envelope).map_err(SqliteError::from)?,
+                ttl_ms: duration_ms(dedupe_ttl),
+            };
+            match self.write(op).await? {
+                Written::Accepted(acceptance) => Ok(acceptance),
+                _ => Err(SqliteError::Mismatch("accept").into()),
+            }
+        })
+    }
+
+    fn record_answer<'a>(
+        &'a self,
+        envelope_id: &'a str,
+        session_key: &'a str,
+        turn: Option<Turn>,
+        parts: &'a [Delivery],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let parts = parts
+                .iter()
+                .map(|part| Ok(Part { delivery_id: part.delivery_id.clone(), json: serde_json::to_string(part)? }))
+                .collect::<Result<Vec<_>, serde_json::Error>>()
+                .map_err(SqliteError::from)?;
+            let op = WriteOp::RecordAnswer {
+                envelope_id: envelope_id.to_owned(),
+                session_key: session_key.to_owned(),
+                turn,
+                parts,
+            };
+            self.write_done(op, "record_answer").await
+        })
+    }
+
+    fn part_delivered<'a>(&'a self, delivery_id: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.write_done(WriteOp::PartDelivered { delivery_id: delivery_id.to_owned() }, "part_delivered"))
+    }
+
+    fn part_failed<'a>(&'a self, delivery_id: &'a str, reason: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        let op = WriteOp::PartFailed { delivery_id: delivery_id.to_owned(), reason: reason.to_owned() };
+        Box::pin(self.write_done(op, "part_failed"))
+    }
+
+    fn finish<'a>(&'a self, envelope_id: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.write_done(WriteOp::Finish { envelope_id: envelope_id.to_owned() }, "finish"))
+    }
+
+    fn unfinished(&self) -> BoxFuture<'_, Result<Vec<Unfinished>, StoreError>> {
+        Box::pin(async move {
+            match self.read(ReadOp::Unfinished).await? {
+                Fetched::Unfinished(unfinished) => Ok(unfinished),
+                Fetched::History(_) => Err(SqliteError::Mismatch("unfinished").into()),
+            }
+        })
+    }
+
+    fn prune(&self, before: SystemTime) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(async move {
+            match self.write(WriteOp::Prune { before_ms: system_time_ms(before) }).await? {
+                Written::Pruned(removed) => Ok(removed),
+                _ => Err(SqliteError::Mismatch("prune").into()),
+            }
+        })
+    }
+
+    fn history<'a>(&'a self, session_key: &'a str, max_turns: usize) -> BoxFuture<'a, Result<Vec<Turn>, StoreError>> {
+        Box::pin(async move {
+            let op = ReadOp::History { session_key: session_key.to_owned(), max_turns: to_i64(max_turns) };
+            match self.read(op).await? {
+                Fetched::History(turns) => Ok(turns),
+                Fetched::Unfinished(_) => Err(SqliteError::Mismatch("history").into()),
+            }
+        })
+    }
+
+    fn append_turn<'a>(&'a self, session_key: &'a str, turn: Turn) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.write_done(WriteOp::AppendTurn { session_key: session_key.to_owned(), turn }, "append_turn"))
+    }
+
+    fn clear_history<'a>(&'a self, session_key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.write_done(WriteOp::ClearHistory { session_key: session_key.to_owned() }, "clear_history"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use yizhan_channel_core::{ChannelId, Conversation, ConversationKind, Reply, ReplyHandle, Sender};
+
+    /// A unique directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            static COUNTER: AtomicU64 = AtomicU64::new(0);
+            let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+            let name =
+                format!("yizhan-sqlite-{}-{}-{nanos}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+            Self(std::env::temp_dir().join(name))
+        }
+
+        /// In a subdirectory that does not exist yet: `open` must create it.
+        fn db(&self) -> PathBuf {
+            self.0.join("data").join("store.db")
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn ok<T, E: fmt::Display>(result: Result<T, E>) -> T {
+        result.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn open(dir: &TempDir, max_turns_kept: usize) -> SqliteStore {
+        ok(SqliteStore::open(&dir.db(), SqliteOptions { max_turns_kept, ..SqliteOptions::default() }))
+    }
+
+    fn envelope(message_id: &str) -> Envelope {
+        Envelope {
+            id: Envelope::new_id(),
+            channel: ok(ChannelId::parse("c")),
+            channel_kind: "test".into(),
+            platform_message_id: message_id.into(),
+            received_at_ms: 0,
+            conversation: Conversation { kind: ConversationKind::Direct, id: "u".into() },
+            sender: Sender { id: "u".into(), name: None },
+            content: vec![],
+            mentions_self: true,
+            reply_handle: ReplyHandle::default(),
+        }
+    }
+
+    fn part(envelope: &Envelope, index: usize) -> Delivery {
+        Delivery {
+            delivery_id: format!("{}-{index}", envelope.id),
+            channel: envelope.channel.clone(),
+            conversation: envelope.conversation.clone(),
+            recipient: envelope.sender.clone(),
+            reply_handle: envelope.reply_handle.clone(),
+            reply: Reply::text(format!("part {index}")),
+        }
+    }
+
+    fn turn(i: usize) -> Turn {
+        Turn { question: format!("q{i}"), answer: format!("a{i}") }
+    }
+
+    const TTL: Duration = Duration::from_secs(60);
+
+    #[tokio::test]
+    async fn a_message_id_is_accepted_once_within_the_window() {
+        let dir = TempDir::new();
+        let store = open(&dir, 10);
+        let first = envelope("m1");
+        assert_eq!(ok(store.accept(&first, TTL).await), Acceptance::New);
+        assert_eq!(ok(store.accept(&envelope("m1"), TTL).await), Acceptance::Duplicate);
+        assert_eq!(ok(store.accept(&envelope("m2"), TTL).await), Acceptance::New);
+        let pending = ok(store.unfinished().await);
+        assert_eq!(pending.len(), 2);
+        assert_eq!(pending[0].envelope, first);
+        assert_eq!(pending[0].pending_parts, None);
+        ok(store.finish(&first.id).await);
+        assert_eq!(ok(store.unfinished().await).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_expired_claim_can_be_taken_again() {
+        let dir = TempDir::new();
+        let store = open(&dir, 10);
+        assert_eq!(ok(store.accept(&envelope("m1"), Duration::ZERO).await), Acceptance::New);
+        assert_eq!(ok(store.accept(&envelope("m1"), Duration::ZERO).await), Acceptance::New);
+        assert_eq!(ok(store.unfinished().await).len(), 2);
+    }
+
+    #[tokio::test]
+    async fn history_keeps_the_most_recent_turns_and_can_be_cleared() {
+        let dir = TempDir::new();
+        let store = open(&dir, 3);
+        for i in 0..5 {
+            ok(store.append_turn("k", turn(i)).await);
+        }
+        ok(store.append_turn("other", turn(9)).await);
+        let turns = ok(store.history("k", 2).await);
+        assert_eq!(turns.iter().map(|t| t.question.as_str()).collect::<Vec<_>>(), ["q3", "q4"]);
+        let all = ok(store.history("k", 10).await);
+        assert_eq!(all.iter().map(|t| t.question.as_str()).collect::<Vec<_>>(), ["q2", "q3", "q4"]);
+        assert!(ok(store.history("k", 0).await).is_empty());
+        ok(store.clear_history("k").await);
+        assert!(ok(store.history("k", 10).await).is_empty());
+        assert_eq!(ok(store.history("other", 10).await), [turn(9)]);
+    }
+
+    #[tokio::test]
+    async fn unfinished_after_one_delivered_part_returns_only_the_remaining_part() {
+        let dir = TempDir::new();
+        let store = open(&dir, 10);
+        let asked = envelope("m1");
+        ok(store.accept(&asked, TTL).await);
+        let parts = [part(&asked, 0), part(&asked, 1), part(&asked, 2)];
+        ok(store.record_answer(&asked.id, "k", Some(turn(1)), &parts).await);
+        assert_eq!(ok(store.history("k", 10).await), [turn(1)]);
+        ok(store.part_delivered(&parts[0].delivery_id).await);
+        let pending = ok(store.unfinished().await);
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].pending_parts.as_deref(), Some(&parts[1..]));
+
+        // A failed part is kept for operators but is no longer pending.
+        ok(store.part_failed(&parts[1].delivery_id, "blocked by user").await);
+        assert_eq!(ok(store.unfinished().await)[0].pending_parts.as_deref(), Some(&parts[2..]));
+
+        ok(store.finish(&asked.id).await);
+        assert!(ok(store.unfinished().await).is_empty());
+        // Parts recorded for a finished envelope would never be sent: none are stored.
+        ok(store.record_answer(&asked.id, "k", None, &parts).await);
+        assert!(ok(store.unfinished().await).is_empty());
+    }
+
+    #[tokio::test]
+    async fn reopening_the_file_preserves_claims_journal_outbox_and_history() {
+        let dir = TempDir::new();
+        let (received, answered, finished) = (envelope("m1"), envelope("m2"), envelope("m3"));
+        let parts = [part(&answered, 0), part(&answered, 1)];
+        {
+            let store = open(&dir, 10);
+            for e in [&received, &answered, &finished] {
+                assert_eq!(ok(store.accept(e, TTL).await), Acceptance::New);
+            }
+            ok(store.record_answer(&answered.id, "k", Some(turn(1)), &parts).await);
+            ok(store.part_delivered(&parts[0].delivery_id).await);
+            ok(store.finish(&finished.id).await);
+            ok(store.append_turn("k", turn(2)).await);
+        }
+        let store = open(&dir, 10);
+        for id in ["m1", "m2", "m3"] {
+            assert_eq!(ok(store.accept(&envelope(id), TTL).await), Acceptance::Duplicate);
+        }
+        let pending = ok(store.unfinished().await);
+        assert_eq!(pending.len(), 2);
+        assert_eq!(pending[0], Unfinished { envelope: received, pending_parts: None });
+        assert_eq!(pending[1], Unfinished { envelope: answered, pending_parts: Some(parts[1..].to_vec()) });
+        assert_eq!(ok(store.history("k", 10).await), [turn(1), turn(2)]);
+    }
+
+    #[tokio::test]
+    async fn concurrent_accepts_are_group_committed_and_each_id_is_won_once() {
+        let dir = TempDir::new();
+        let store = Arc::new(open(&dir, 10));
+        let mut tasks = Vec::new();
+        for task in 0..50 {
+            let store = Arc::clone(&store);
+            tasks.push(tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                for i in 0..20 {
+                    // 1000 accepts of 500 ids: every id is raced by two tasks.
+                    let id = format!("m{}", (task * 20 + i) % 500);
+                    let acceptance = store.accept(&envelope(&id), TTL).await;
+                    outcomes.push((id, acceptance.map_err(|e| e.to_string())));
+                }
+                outcomes
+            }));
+        }
+        let mut wins: HashMap<String, usize> = HashMap::new();
+        for task in tasks {
+            for (id, acceptance) in ok(task.await) {
+                *wins.entry(id).or_default() += usize::from(ok(acceptance) == Acceptance::New);
+            }
+        }
+        assert_eq!(wins.len(), 500);
+        assert!(wins.values().all(|won| *won == 1));
+        assert_eq!(ok(store.unfinished().await).len(), 500);
+    }
+
+    #[tokio::test]
+    async fn one_failing_operation_rolls_back_alone() {
+        let dir = TempDir::new();
+        let store = Arc::new(open(&dir, 10));
+        let taken = envelope("m0");
+        ok(store.accept(&taken, TTL).await);
+        // Same envelope id under a new platform id: the journal insert violates its key.
+        let mut clash = envelope("clash");
+        clash.id = taken.id.clone();
+        let mut tasks = Vec::new();
+        for i in 1..=20 {
+            let store = Arc::clone(&store);
+            let e = if i == 10 { clash.clone() } else { envelope(&format!("m{i}")) };
+            tasks.push(tokio::spawn(async move { store.accept(&e, TTL).await.map_err(|e| e.to_string()) }));
+        }
+        let mut failures = 0;
+        for task in tasks {
+            match ok(task.await) {
+                Ok(acceptance) => assert_eq!(acceptance, Acceptance::New),
+                Err(_) => failures += 1,
+            }
+        }
+        assert_eq!(failures, 1);
+        assert_eq!(ok(store.unfinished().await).len(), 20);
+        // The failed operation's dedupe claim was rolled back with it.
+        assert_eq!(ok(store.accept(&envelope("clash"), TTL).await), Acceptance::New);
+    }
+
+    #[tokio::test]
+    async fn migrations_are_idempotent() {
+        let dir = TempDir::new();
+        let first = envelope("m1");
+        {
+            let store = open(&dir, 10);
+            ok(store.accept(&first, TTL).await);
+        }
+        for _ in 0..2 {
+            let store = open(&dir, 10);
+            assert_eq!(ok(store.unfinished().await).len(), 1);
+        }
+        let conn = ok(Connection::open(dir.db()));
+        let version: i64 = ok(conn.pragma_query_value(None, "user_version", |row| row.get(0)));
+        assert_eq!(version, to_i64(MIGRATIONS.len()));
+    }
+
+    #[tokio::test]
+    async fn a_database_from_a_newer_version_is_refused() {
+        let dir = TempDir::new();
+        drop(open(&dir, 10));
+        {
+            let conn = ok(Connection::open(dir.db()));
+            ok(conn.pragma_update(None, "user_version", 999));
+        }
+        let error = SqliteStore::open(&dir.db(), SqliteOptions::default()).map(|_| ()).err();
+        let message = error.map(|e| e.to_string()).unwrap_or_default();
+        assert!(message.contains("schema version 999"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn a_garbage_file_is_an_error_not_a_panic() {
+        let dir = TempDir::new();
+        ok(std::fs::create_dir_all(&dir.0));
+        let path = dir.0.join("garbage.db");
+        ok(std::fs::write(&path, "this is not a database, just some text. ".repeat(200)));
+        let message = SqliteStore::open(&path, SqliteOptions::default()).map(|_| ()).err().map(|e| e.to_string());
+        let message = message.unwrap_or_default();
+        assert!(message.contains("not a database") && message.contains("garbage.db"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn prune_removes_old_rows_and_keeps_new_ones() {
+        let dir = TempDir::new();
+        let store = open(&dir, 10);
+        let (done, open_one, expired) = (envelope("m1"), envelope("m2"), envelope("m3"));
+        ok(store.accept(&done, TTL).await);
+        ok(store.accept(&open_one, TTL).await);
+        ok(store.accept(&expired, Duration::ZERO).await);
+        let parts = [part(&open_one, 0), part(&open_one, 1)];
+        ok(store.record_answer(&open_one.id, "k", Some(turn(1)), &parts).await);
+        ok(store.part_failed(&parts[0].delivery_id, "rejected").await);
+        ok(store.append_turn("k", turn(2)).await);
+        ok(store.finish(&done.id).await);
+
+        // Nothing is older than an hour ago; only the expired claim goes.
+        let hour = Duration::from_secs(3600);
+        assert_eq!(ok(store.prune(SystemTime::now() - hour).await), 1);
+        assert_eq!(ok(store.history("k", 10).await).len(), 2);
+        assert_eq!(ok(store.accept(&envelope("m1"), TTL).await), Acceptance::Duplicate);
+
+        // Everything is older than an hour from now: two turns, the finished entry, the failed
+        // part. Unfinished entries, pending parts and live claims stay.
+        assert_eq!(ok(store.prune(SystemTime::now() + hour).await), 4);
+        assert!(ok(store.history("k", 10).await).is_empty());
+        let pending = ok(store.unfinished().await);
+        assert_eq!(pending.len(), 2);
+        assert_eq!(pending[0].pending_parts.as_deref(), Some(&parts[1..]));
+        assert_eq!(ok(store.accept(&envelope("m1"), TTL).await), Acceptance::Duplicate);
+    }
+
+    #[tokio::test]
+    async fn expired_claims_are_swept_without_prune() {
+        let dir = TempDir::new();
+        {
+            let store = open(&dir, 10);
+            ok(store.accept(&envelope("m1"), Duration::ZERO).await);
+            ok(store.accept(&envelope("m2"), TTL).await);
+        }
+        let store = open(&dir, 10);
+        ok(store.append_turn("k", turn(1)).await);
+        let conn = ok(Connection::open(dir.db()));
+        let claims: i64 = ok(conn.query_row("SELECT COUNT(*) FROM dedupe", [], |row| row.get(0)));
+        assert_eq!(claims, 1);
+    }
+
+    /// `cargo test --release --lib --no-default-features -p yizhan store::sqlite -- --ignored --nocapture`
+    #[tokio::test]
+    #[ignore]
+    async fn benchmark_accepts_per_second() {
+        const TOTAL: usize = 20_000;
+        const TASKS: usize = 64;
+        let dir = TempDir::new();
+        let store = Arc::new(open(&dir, 10));
+        let started = std::time::Instant::now();
+        let mut tasks = Vec::new();
+        for task in 0..TASKS {
+            let store = Arc::clone(&store);
+            tasks.push(tokio::spawn(async move {
+                let mut slowest = Duration::ZERO;
+                for i in (task..TOTAL).step_by(TASKS) {
+                    let e = envelope(&format!("m{i}"));
+                    let begun = std::time::Instant::now();
+                    ok(store.accept(&e, TTL).await);
+                    slowest = slowest.max(begun.elapsed());
+                }
+                slowest
+            }));
+        }
+        let mut slowest = Duration::ZERO;
+        for task in tasks {
+            slowest = slowest.max(ok(task.await));
+        }
+        let elapsed = started.elapsed();
+        println!(
+            "{TOTAL} accepts from {TASKS} tasks in {elapsed:?}: {:.0} accepts/s, slowest accept {slowest:?}",
+            TOTAL as f64 / elapsed.as_secs_f64()
+        );
+    }
+}
