@@ -27,7 +27,6 @@ pub struct Application {
     port: u16,
     server: Server,
     hub: Hub,
-    router: Router,
     shutdown_timeout: Duration,
     retention: Duration,
     // Kept so the actor threads live as long as the application.
@@ -151,6 +150,7 @@ impl Application {
             session_arbiters.iter().map(Arbiter::handle).collect(),
         );
         let router = Router::new(hub.clone(), sessions);
+        resume_unfinished(&hub, &router).await;
 
         let listener = TcpListener::bind(&config.server.bind)
             .with_context(|| format!("Failed to bind {} (config key `server.bind`)", config.server.bind))?;
@@ -175,7 +175,7 @@ impl Application {
         arbiters.extend(session_arbiters);
         let shutdown_timeout = Duration::from_secs(config.server.shutdown_timeout_secs);
         let retention = Duration::from_secs(config.store.retention_days.saturating_mul(86_400));
-        Ok(Self { port, server, hub, router, shutdown_timeout, retention, _arbiters: arbiters })
+        Ok(Self { port, server, hub, shutdown_timeout, retention, _arbiters: arbiters })
     }
 
     /// The port the server listens on (useful with port 0).
@@ -188,7 +188,6 @@ impl Application {
     /// requests finish, then accepted messages get up to `shutdown_timeout_secs` to be answered;
     /// whatever is still open then is in the journal and resumes at the next start.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.resume_unfinished().await;
         self.spawn_retention();
         let result = self.server.await;
         let deadline = std::time::Instant::now() + self.shutdown_timeout;
@@ -204,21 +203,26 @@ impl Application {
         result
     }
 
-    async fn resume_unfinished(&self) {
-        match self.hub.store.unfinished().await {
+}
+
+/// Re-dispatches what was accepted but not finished before the last stop. Runs before the
+/// server listens, so `journal_open` never reads 0 while old work is pending.
+async fn resume_unfinished(hub: &Hub, router: &Router) {
+    {
+        match hub.store.unfinished().await {
             Ok(pending) if !pending.is_empty() => {
                 tracing::info!(count = pending.len(), "Resuming unfinished messages.");
-                self.hub.metrics.journal_open.add(pending.len() as i64);
+                hub.metrics.journal_open.add(pending.len() as i64);
                 for unfinished in pending {
                     match unfinished.pending_parts {
                         // Answered before the stop: send what is left, never ask again.
                         Some(parts) => {
-                            let hub = self.hub.clone();
+                            let hub = hub.clone();
                             actix::spawn(async move {
                                 crate::delivery::send_parts(&hub, &unfinished.envelope, parts).await;
                             });
                         }
-                        None => self.router.dispatch(unfinished.envelope),
+                        None => router.dispatch(unfinished.envelope),
                     }
                 }
             }
@@ -226,7 +230,9 @@ impl Application {
             Err(error) => tracing::error!(%error, "Failed to read unfinished messages."),
         }
     }
+}
 
+impl Application {
     /// Prunes history and finished journal entries older than the retention period, hourly.
     fn spawn_retention(&self) {
         if self.retention.is_zero() {

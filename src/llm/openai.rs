@@ -264,7 +264,7 @@ fn content_text(content: Option<&Value>) -> Option<String> {
         Value::Array(parts) => {
             let text: String = parts
                 .iter()
-                .filter(|part| part.get("type").and_then(Value::as_str).map_or(true, |kind| kind == "text"))
+                .filter(|part| part.get("type").and_then(Value::as_str).is_none_or(|kind| kind == "text"))
                 .filter_map(|part| part.get("text").and_then(Value::as_str))
                 .collect();
             (!text.is_empty()).then_some(text)

@@ -102,7 +102,8 @@ impl Router {
             Err(DispatchError::Overloaded(job)) => {
                 self.hub.metrics.shed.with_label_values(&["session_mailbox"]).inc();
                 tracing::warn!(channel = %job.envelope.channel, "Session mailbox full; answered busy.");
-                self.hub.reply_now(job.envelope, self.hub.messages.busy.clone());
+                let Job { envelope, .. } = *job;
+                self.hub.reply_now(envelope, self.hub.messages.busy.clone());
             }
         }
     }

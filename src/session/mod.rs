@@ -48,7 +48,7 @@ struct Retire;
 #[derive(Debug)]
 pub enum DispatchError {
     /// The session's mailbox is full; the job comes back so the caller can answer busy.
-    Overloaded(Job),
+    Overloaded(Box<Job>),
 }
 
 struct Entry {
@@ -128,11 +128,11 @@ impl SessionRegistry {
         // nothing can be queued behind a session's `Retire`.
         match entry.addr.try_send(job) {
             Ok(()) => Ok(()),
-            Err(SendError::Full(job)) => Err(DispatchError::Overloaded(job)),
+            Err(SendError::Full(job)) => Err(DispatchError::Overloaded(Box::new(job))),
             // The actor died without deregistering (a bug, e.g. a panic): replace it.
             Err(SendError::Closed(job)) => {
                 *entry = self.start_session(&key);
-                entry.addr.try_send(job).map_err(|error| DispatchError::Overloaded(error.into_inner()))
+                entry.addr.try_send(job).map_err(|error| DispatchError::Overloaded(Box::new(error.into_inner())))
             }
         }
     }

@@ -327,7 +327,7 @@ fn now_ms() -> i64 {
 
 /// Unix milliseconds, saturating (a time before 1970 is 0).
 fn system_time_ms(time: SystemTime) -> i64 {
-    time.duration_since(UNIX_EPOCH).map(|since| duration_ms(since)).unwrap_or(0)
+    time.duration_since(UNIX_EPOCH).map(duration_ms).unwrap_or(0)
 }
 
 fn duration_ms(duration: Duration) -> i64 {

@@ -2,6 +2,7 @@
 //! 127.0.0.1, driven over HTTP.
 
 mod helpers;
+mod crash;
 mod http_surface;
 mod lobehub;
 mod plugin;

@@ -1,0 +1,105 @@
+//! `kill -9` the real binary while answers are in flight; after a restart every acknowledged
+//! message is answered exactly once.
+
+use crate::helpers::*;
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+use wiremock::MockServer;
+
+struct Yizhan {
+    child: Child,
+    address: String,
+}
+
+/// Starts the `yizhan` binary and learns its port from its JSON log.
+async fn start_binary(config: &PathBuf) -> Yizhan {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_yizhan"))
+        .arg("--config")
+        .arg(config)
+        .env("YIZHAN_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start yizhan: {e}"));
+    let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+    let (ports, port) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let log: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if let Some(port) = log["fields"]["port"].as_u64() {
+                let _ = ports.send(port);
+            }
+        }
+    });
+    let mut found = None;
+    wait_for("yizhan to listen", || {
+        found = found.or_else(|| port.try_recv().ok());
+        let ready = found.is_some();
+        async move { ready }
+    })
+    .await;
+    Yizhan { child, address: format!("http://127.0.0.1:{}", found.unwrap_or_default()) }
+}
+
+async fn metric(http: &reqwest::Client, address: &str, name: &str) -> Option<i64> {
+    let text = http.get(format!("{address}/metrics")).send().await.ok()?.text().await.ok()?;
+    text.lines().find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+}
+
+#[actix_web::test]
+async fn every_acknowledged_message_is_answered_exactly_once_across_a_kill_9() {
+    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+    echo_llm(&llm, Duration::from_millis(1_000)).await;
+    wechat_ok(&wechat).await;
+    let dir = std::env::temp_dir().join(format!("yizhan-crash-{}-{}", std::process::id(), now()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let config = base_config(&llm, &wechat)
+        .replace("kind = \"memory\"", &format!("kind = \"sqlite\"\npath = \"{}\"", dir.join("yizhan.db").display()))
+        .replace("max_concurrency = 8", "max_concurrency = 25")
+        .replace("max_waiting = 64", "max_waiting = 1000");
+    let config_path = dir.join("yizhan.toml");
+    std::fs::write(&config_path, config).unwrap_or_else(|e| panic!("{e}"));
+
+    let first = start_binary(&config_path).await;
+    let app = TestApp { address: first.address.clone(), wechat, llm, http: reqwest::Client::new() };
+    let posts = (0..50u64).map(|user| {
+        let app = &app;
+        async move { app.post_text(&format!("oCrash{user}"), 50_000 + user, &format!("问题{user}")).await }
+    });
+    for (status, body) in futures_util::future::join_all(posts).await {
+        assert_eq!((status, body.as_str()), (200, "success"));
+    }
+    // Kill while the second wave of 25 is inside the (1 s) LLM call: the first wave's answers
+    // are delivered and finished, the second wave's are not.
+    wait_for("the first wave answered and the second asked", || async {
+        app.sent_messages().await.len() == 25
+            && metric(&app.http, &first.address, "yizhan_journal_open ").await == Some(25)
+            && app.llm_requests().await.len() >= 50
+    })
+    .await;
+    let mut first = first;
+    first.child.kill().unwrap_or_else(|e| panic!("kill -9: {e}"));
+    let _ = first.child.wait();
+
+    let mut second = start_binary(&config_path).await;
+    let address = second.address.clone();
+    wait_for("every message answered after the restart", || async {
+        metric(&app.http, &address, "yizhan_journal_open ").await == Some(0)
+    })
+    .await;
+    let sent = app.sent_messages().await;
+    let _ = second.child.kill();
+    let _ = second.child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(sent.len(), 50, "{sent:#?}");
+    for user in 0..50 {
+        let to = format!("oCrash{user}");
+        let answers: Vec<_> = sent.iter().filter(|m| m["touser"] == to.as_str()).collect();
+        assert_eq!(answers.len(), 1, "{to} got {answers:?}");
+        assert_eq!(answers[0]["text"]["content"], format!("答：问题{user}"));
+    }
+}
