@@ -33,7 +33,7 @@ pub struct HubInner {
     /// The bounded LLM gateway.
     pub llm: Addr<LlmActor>,
     /// Channel accounts by id; fixed after startup, so read without locks.
-    pub channels: HashMap<ChannelId, ChannelEntry>,
+    pub channels: HashMap<ChannelId, ChannelEntry, foldhash::fast::RandomState>,
     /// The hub's own words to users.
     pub messages: MessagesConfig,
     /// Conversation bounds.

@@ -72,16 +72,6 @@ fn build_llm_client(config: &Config) -> anyhow::Result<LlmClient> {
     ))
 }
 
-/// Session threads: one per core, at least one.
-fn session_threads(config: &Config) -> usize {
-    let cores = std::thread::available_parallelism().map(usize::from).unwrap_or(1);
-    if config.server.workers > 0 {
-        config.server.workers.min(cores.max(1))
-    } else {
-        cores
-    }
-}
-
 fn build_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     match config.store.kind {
         StoreKind::Memory => Ok(Arc::new(MemoryStore::new(config.session.history_max_turns.max(1)))),
@@ -121,7 +111,7 @@ impl Application {
             .build()
             .context("Failed to build the HTTP client for platform APIs")?;
         let policy = RetryPolicy::from(&config.delivery);
-        let mut channels = HashMap::new();
+        let mut channels = HashMap::with_hasher(foldhash::fast::RandomState::default());
         for entry in &config.channels {
             let channel = kinds.build(&entry.settings, &http).map_err(|error| anyhow::anyhow!("{error}"))?;
             let (actor_channel, actor_store) = (channel.clone(), store.clone());
@@ -143,7 +133,7 @@ impl Application {
             dedupe_ttl: Duration::from_secs(config.store.dedupe_ttl_secs),
             metrics,
         });
-        let session_arbiters: Vec<Arbiter> = (0..session_threads(&config)).map(|_| Arbiter::new()).collect();
+        let session_arbiters: Vec<Arbiter> = (0..config.session.threads).map(|_| Arbiter::new()).collect();
         let sessions = SessionRegistry::new(
             hub.clone(),
             Duration::from_secs(config.session.idle_timeout_secs),
@@ -165,6 +155,9 @@ impl Application {
                 .route("/metrics", web::get().to(metrics_route))
                 .route("/webhooks/{channel_id}", web::route().to(webhook))
         })
+        // Signals are handled in `run_until_stopped`, which drains accepted messages before the
+        // workers (and the sessions running on them) stop.
+        .disable_signals()
         .shutdown_timeout(config.server.shutdown_timeout_secs);
         if config.server.workers > 0 {
             server = server.workers(config.server.workers);
@@ -183,26 +176,57 @@ impl Application {
         self.port
     }
 
-    /// Re-dispatches what was accepted but not finished before the last stop, then serves until
-    /// the server stops. SIGINT/SIGTERM stop it gracefully: no new connections, in-flight
-    /// requests finish, then accepted messages get up to `shutdown_timeout_secs` to be answered;
-    /// whatever is still open then is in the journal and resumes at the next start.
+    /// Serves until SIGINT/SIGTERM, then stops gracefully: no new connections, accepted messages
+    /// get up to `shutdown_timeout_secs` to be answered (sessions keep running meanwhile), then
+    /// in-flight requests finish and the workers stop. Whatever is still open is in the journal
+    /// and resumes at the next start.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         self.spawn_retention();
-        let result = self.server.await;
-        let deadline = std::time::Instant::now() + self.shutdown_timeout;
-        while self.hub.metrics.journal_open.get() > 0 && std::time::Instant::now() < deadline {
-            actix::clock::sleep(Duration::from_millis(50)).await;
-        }
-        let open = self.hub.metrics.journal_open.get();
-        if open > 0 {
-            tracing::warn!(open, "Stopping with messages unanswered; they resume at the next start.");
-        } else {
-            tracing::info!("Stopped; every accepted message was answered.");
-        }
-        result
+        let handle = self.server.handle();
+        let (hub, shutdown_timeout) = (self.hub.clone(), self.shutdown_timeout);
+        actix::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("Shutting down: no new connections; answering what was accepted.");
+            handle.pause().await;
+            let deadline = std::time::Instant::now() + shutdown_timeout;
+            while hub.metrics.journal_open.get() > 0 && std::time::Instant::now() < deadline {
+                actix::clock::sleep(Duration::from_millis(50)).await;
+            }
+            let open = hub.metrics.journal_open.get();
+            if open > 0 {
+                tracing::warn!(open, "Stopping with messages unanswered; they resume at the next start.");
+            } else {
+                tracing::info!("Every accepted message was answered.");
+            }
+            handle.stop(true).await;
+        });
+        self.server.await
     }
 
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "Cannot listen for SIGTERM; only Ctrl-C stops gracefully.");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// Re-dispatches what was accepted but not finished before the last stop. Runs before the

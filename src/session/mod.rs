@@ -61,7 +61,7 @@ struct Entry {
 pub struct SessionRegistry(Arc<RegistryInner>);
 
 struct RegistryInner {
-    sessions: DashMap<SessionKey, Entry>,
+    sessions: DashMap<SessionKey, Entry, foldhash::fast::RandomState>,
     generations: AtomicU64,
     hub: Hub,
     idle_timeout: Duration,
@@ -78,7 +78,7 @@ impl SessionRegistry {
     /// HTTP server shuts down.
     pub fn new(hub: Hub, idle_timeout: Duration, arbiters: Vec<ArbiterHandle>) -> Self {
         Self(Arc::new(RegistryInner {
-            sessions: DashMap::new(),
+            sessions: DashMap::with_hasher(foldhash::fast::RandomState::default()),
             generations: AtomicU64::new(0),
             hub,
             idle_timeout,

@@ -98,14 +98,14 @@ fn fixture(llm_delay: Duration, idle_timeout: Duration, max_pending: usize) -> F
     let channel = Arc::new(RecordingChannel { id: id.clone(), delivered: Mutex::new(Vec::new()) });
     let policy = RetryPolicy { max_attempts: 1, base_delay: Duration::from_millis(1), max_delay: Duration::from_millis(1) };
     let outbound = ChannelActor::new(channel.clone(), store.clone(), policy, metrics.clone()).start();
-    let mut channels = HashMap::new();
+    let mut channels = HashMap::with_hasher(foldhash::fast::RandomState::default());
     channels.insert(id, ChannelEntry { channel: channel.clone(), outbound, system_prompt: String::new() });
     let hub = Hub::new(HubInner {
         store,
         llm,
         channels,
         messages: MessagesConfig::default(),
-        session: SessionConfig { history_max_turns: 4, history_max_chars: 1_000, idle_timeout_secs: 1, max_pending },
+        session: SessionConfig { history_max_turns: 4, history_max_chars: 1_000, idle_timeout_secs: 1, max_pending, threads: 0 },
         dedupe_ttl: Duration::from_secs(60),
         metrics: metrics.clone(),
     });

@@ -5,6 +5,9 @@
 
 use super::{Acceptance, Store, StoreError, Turn, Unfinished};
 use dashmap::DashMap;
+
+/// Fast, randomly seeded hashing: keys come from platforms, so not a fixed-seed hash.
+type Hasher = foldhash::fast::RandomState;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -23,13 +26,13 @@ struct JournalEntry {
 #[derive(Debug)]
 pub struct MemoryStore {
     /// `channel \0 platform message id` → when the claim expires.
-    dedupe: DashMap<String, Instant>,
+    dedupe: DashMap<String, Instant, Hasher>,
     /// Journal: envelope id → entry.
-    journal: DashMap<String, JournalEntry>,
+    journal: DashMap<String, JournalEntry, Hasher>,
     /// Outbox: delivery id → envelope id whose entry holds the part.
-    outbox: DashMap<String, String>,
+    outbox: DashMap<String, String, Hasher>,
     arrivals: AtomicU64,
-    history: DashMap<String, VecDeque<Turn>>,
+    history: DashMap<String, VecDeque<Turn>, Hasher>,
     /// Turns kept per conversation; older ones are never sent to the model anyway.
     max_turns_kept: usize,
     /// When the dedupe map was last swept of expired keys.
@@ -40,11 +43,11 @@ impl MemoryStore {
     /// A store keeping at most `max_turns_kept` turns per conversation.
     pub fn new(max_turns_kept: usize) -> Self {
         Self {
-            dedupe: DashMap::new(),
-            journal: DashMap::new(),
-            outbox: DashMap::new(),
+            dedupe: DashMap::with_hasher(Hasher::default()),
+            journal: DashMap::with_hasher(Hasher::default()),
+            outbox: DashMap::with_hasher(Hasher::default()),
             arrivals: AtomicU64::new(0),
-            history: DashMap::new(),
+            history: DashMap::with_hasher(Hasher::default()),
             max_turns_kept: max_turns_kept.max(1),
             last_sweep: Mutex::new(Instant::now()),
         }

@@ -135,13 +135,29 @@ pub struct Capabilities {
     pub markdown: bool,
     /// The largest part `deliver` accepts, in bytes of UTF-8.
     pub max_part_bytes: usize,
+    /// The channel implements [`Channel::begin_stream`] and friends: the answer can be shown
+    /// while the model writes it.
+    pub streaming: bool,
+    /// The least time between two [`Channel::update_stream`] calls (platform edit rate limits).
+    pub min_stream_interval: Duration,
 }
 
 impl Default for Capabilities {
     fn default() -> Self {
-        Self { passive_reply_window: None, markdown: false, max_part_bytes: 2048 }
+        Self {
+            passive_reply_window: None,
+            markdown: false,
+            max_part_bytes: 2048,
+            streaming: false,
+            min_stream_interval: Duration::from_millis(200),
+        }
     }
 }
+
+/// A message being written while the model streams (a Feishu CardKit card, …). Opaque to the
+/// core; serialisable so it can be journaled.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StreamHandle(pub serde_json::Value);
 
 /// One configured account on one platform.
 ///
@@ -180,6 +196,35 @@ pub trait Channel: Send + Sync + 'static {
 
     /// Sends one rendered part through the platform's API.
     fn deliver<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>>;
+
+    /// Starts a message that will show the answer while it is written, addressed like
+    /// `target` (whose `reply` holds the text so far, possibly empty). Only called when
+    /// [`Capabilities::streaming`] is set. The core then calls [`update_stream`](Self::update_stream)
+    /// with the full text so far, at most once per [`Capabilities::min_stream_interval`], with a
+    /// strictly increasing `sequence`, and finally [`finish_stream`](Self::finish_stream).
+    fn begin_stream<'a>(&'a self, _target: &'a Delivery) -> BoxFuture<'a, Result<StreamHandle, ChannelError>> {
+        Box::pin(async { Err(ChannelError::Unsupported("streaming".into())) })
+    }
+
+    /// Replaces the streamed message's text with `text_so_far` (the whole answer so far).
+    fn update_stream<'a>(
+        &'a self,
+        _handle: &'a StreamHandle,
+        _text_so_far: &'a str,
+        _sequence: u64,
+    ) -> BoxFuture<'a, Result<(), ChannelError>> {
+        Box::pin(async { Err(ChannelError::Unsupported("streaming".into())) })
+    }
+
+    /// Writes the final text (exactly the whole answer) and ends streaming mode.
+    fn finish_stream<'a>(
+        &'a self,
+        _handle: &'a StreamHandle,
+        _full_text: &'a str,
+        _sequence: u64,
+    ) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
+        Box::pin(async { Err(ChannelError::Unsupported("streaming".into())) })
+    }
 
     /// Shows the user that an answer is being written, where the platform has such a thing.
     /// Failures are ignored by the core.

@@ -31,7 +31,9 @@ pub mod token;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
-pub use channel::{BoxFuture, Capabilities, Channel, Method, WebhookOutcome, WebhookRequest, WebhookResponse};
+pub use channel::{
+    BoxFuture, Capabilities, Channel, Method, StreamHandle, WebhookOutcome, WebhookRequest, WebhookResponse,
+};
 pub use envelope::{
     ChannelId, Conversation, ConversationKind, Envelope, Event, ReplyHandle, Segment, Sender,
 };

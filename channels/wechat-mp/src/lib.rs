@@ -153,6 +153,7 @@ impl Channel for WechatMp {
             passive_reply_window: Some(PASSIVE_REPLY_WINDOW),
             markdown: false,
             max_part_bytes: self.settings.max_part_bytes,
+            ..Capabilities::default()
         }
     }
 

@@ -1,0 +1,1 @@
+//! Yizhan channel for Feishu (飞书) bots. (in progress)

@@ -1,0 +1,395 @@
+//! Callback bodies → fields → [`Envelope`]: the outer envelope (`ToUserName`, `Encrypt`,
+//! `AgentID`) and the decrypted message, in XML or in WeCom's JSON callback variant.
+//!
+//! Invariants: parsing never panics; a body that is neither well-formed XML nor a JSON object is
+//! [`ChannelError::Malformed`]; a decrypted message without sender or type is `Malformed`; an
+//! unknown message type or event is kept as [`Event::Other`] rather than refused. Element names
+//! are matched without case, because the JSON variant spells them differently (`tousername`,
+//! `AgentId`).
+//!
+//! The XML reader is the 公众号 channel's (`yizhan-channel-wechat-mp`), copied because channel
+//! crates do not depend on one another; WeCom's element layout is the same as the 公众号's.
+
+use quick_xml::events::Event as XmlEvent;
+use quick_xml::Reader;
+use serde_json::Value;
+use std::collections::HashMap;
+use yizhan_channel_core::{
+    ChannelError, ChannelId, Conversation, ConversationKind, Envelope, Event, ReplyHandle, Segment,
+    Sender,
+};
+
+/// The format a callback arrived in; the decrypted message has the same one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Format {
+    /// `<xml>…</xml>`, the classic callback.
+    Xml,
+    /// `{"tousername", "encrypt", "agentid"}`, the JSON callback.
+    Json,
+}
+
+/// The text of the root element's direct children (or the top-level JSON members), by
+/// lower-cased name (`msgtype` → `text`).
+///
+/// WeCom pushes are flat; the few nested elements some events carry (`ScanCodeInfo`,
+/// `SendPicsInfo`) contribute only their direct text, which no field we read needs.
+#[derive(Debug, Default)]
+pub(crate) struct Fields(HashMap<String, String>);
+
+impl Fields {
+    /// The raw value, untrimmed (message text keeps its whitespace).
+    pub(crate) fn raw(&self, name: &str) -> Option<&str> {
+        self.0.get(&name.to_ascii_lowercase()).map(String::as_str)
+    }
+
+    /// The trimmed value, `None` when absent or blank.
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
+        self.raw(name).map(str::trim).filter(|value| !value.is_empty())
+    }
+
+    fn owned(&self, name: &str) -> Option<String> {
+        self.get(name).map(str::to_owned)
+    }
+
+    fn required(&self, name: &str) -> Result<&str, ChannelError> {
+        self.get(name).ok_or_else(|| malformed(format!("field `{name}` is missing or empty")))
+    }
+
+    /// A finite number; a coordinate that is absent or garbage makes the push malformed.
+    fn number(&self, name: &str) -> Result<f64, ChannelError> {
+        self.optional_number(name)
+            .ok_or_else(|| malformed(format!("field `{name}` is missing or not a number")))
+    }
+
+    /// A finite number, or `None`. Non-finite values are dropped because envelopes are
+    /// journaled as JSON, which cannot carry NaN.
+    fn optional_number(&self, name: &str) -> Option<f64> {
+        self.get(name).and_then(|value| value.parse::<f64>().ok()).filter(|value| value.is_finite())
+    }
+
+    fn insert(&mut self, name: &str, value: String) {
+        // NOTE: the first occurrence wins; WeCom never repeats a field.
+        self.0.entry(name.to_ascii_lowercase()).or_insert(value);
+    }
+}
+
+fn malformed(reason: impl Into<String>) -> ChannelError {
+    ChannelError::Malformed(reason.into())
+}
+
+/// Tells XML from JSON by the first non-blank byte (a UTF-8 BOM is skipped).
+pub(crate) fn sniff(body: &[u8]) -> Result<Format, ChannelError> {
+    let body = body.strip_prefix(b"\xEF\xBB\xBF".as_slice()).unwrap_or(body);
+    match body.iter().find(|byte| !byte.is_ascii_whitespace()) {
+        Some(b'<') => Ok(Format::Xml),
+        Some(b'{') => Ok(Format::Json),
+        Some(_) => Err(malformed("body is neither XML nor a JSON object")),
+        None => Err(malformed("body is empty")),
+    }
+}
+
+/// Reads a body in the given format.
+pub(crate) fn parse(body: &[u8], format: Format) -> Result<Fields, ChannelError> {
+    match format {
+        Format::Xml => parse_xml(body),
+        Format::Json => parse_json(body),
+    }
+}
+
+/// Reads the top-level members of a JSON object. Strings are taken as they are, numbers and
+/// booleans in their JSON spelling (so a 64-bit `MsgId` keeps every digit); nested values are
+/// ignored, as nested XML elements are.
+pub(crate) fn parse_json(body: &[u8]) -> Result<Fields, ChannelError> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|error| malformed(format!("invalid JSON: {error}")))?;
+    let Value::Object(members) = value else {
+        return Err(malformed("the JSON body is not an object"));
+    };
+    let mut fields = Fields::default();
+    for (name, value) in members {
+        let text = match value {
+            Value::String(text) => text,
+            Value::Number(number) => number.to_string(),
+            Value::Bool(flag) => flag.to_string(),
+            Value::Null | Value::Array(_) | Value::Object(_) => continue,
+        };
+        fields.insert(&name, text);
+    }
+    Ok(fields)
+}
+
+/// Reads the root's child elements from an XML body.
+pub(crate) fn parse_xml(body: &[u8]) -> Result<Fields, ChannelError> {
+    let text = std::str::from_utf8(body).map_err(|_| malformed("body is not UTF-8"))?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut reader = Reader::from_str(text);
+    let mut fields = Fields::default();
+    let mut depth = 0usize;
+    let mut seen_root = false;
+    // The child element being read: its name and its text and CDATA chunks.
+    let mut current: Option<(String, Vec<Chunk>)> = None;
+    loop {
+        let event = reader.read_event().map_err(|error| {
+            malformed(format!("invalid XML near byte {}: {error}", reader.error_position()))
+        })?;
+        match event {
+            XmlEvent::Start(start) => {
+                if depth == 0 {
+                    if seen_root {
+                        return Err(malformed("more than one root element"));
+                    }
+                    seen_root = true;
+                } else if depth == 1 {
+                    current = Some((element_name(start.name().as_ref())?, Vec::new()));
+                }
+                depth += 1;
+            }
+            XmlEvent::Empty(start) => {
+                if depth == 0 {
+                    if seen_root {
+                        return Err(malformed("more than one root element"));
+                    }
+                    seen_root = true;
+                } else if depth == 1 {
+                    fields.insert(&element_name(start.name().as_ref())?, String::new());
+                }
+            }
+            XmlEvent::End(_) => {
+                depth = depth.checked_sub(1).ok_or_else(|| malformed("unexpected closing tag"))?;
+                if depth == 1 {
+                    if let Some((name, chunks)) = current.take() {
+                        fields.insert(&name, join_chunks(chunks));
+                    }
+                }
+            }
+            XmlEvent::Text(text) => {
+                let text = text
+                    .unescape()
+                    .map_err(|error| malformed(format!("bad character reference: {error}")))?;
+                if depth == 0 && !text.trim().is_empty() {
+                    return Err(malformed("text outside the root element"));
+                }
+                if depth == 2 {
+                    if let Some((_, chunks)) = current.as_mut() {
+                        chunks.push(Chunk::Text(text.into_owned()));
+                    }
+                }
+            }
+            XmlEvent::CData(data) => {
+                if depth == 0 {
+                    return Err(malformed("CDATA outside the root element"));
+                }
+                if depth == 2 {
+                    let data = data.decode().map_err(|_| malformed("CDATA is not UTF-8"))?;
+                    if let Some((_, chunks)) = current.as_mut() {
+                        chunks.push(Chunk::CData(data.into_owned()));
+                    }
+                }
+            }
+            // NOTE: refused rather than ignored: WeCom never sends one, and entity definitions
+            // are how XML bombs start.
+            XmlEvent::DocType(_) => return Err(malformed("DOCTYPE is not allowed")),
+            XmlEvent::Decl(_) | XmlEvent::PI(_) | XmlEvent::Comment(_) => {}
+            XmlEvent::Eof => break,
+        }
+    }
+    if !seen_root {
+        return Err(malformed("no XML element in the body"));
+    }
+    if depth != 0 {
+        return Err(malformed("the root element is not closed"));
+    }
+    Ok(fields)
+}
+
+enum Chunk {
+    Text(String),
+    CData(String),
+}
+
+/// An element's value. When it holds CDATA, the whitespace around the CDATA is formatting, not
+/// content, so whitespace-only text chunks are dropped.
+fn join_chunks(chunks: Vec<Chunk>) -> String {
+    let has_cdata = chunks.iter().any(|chunk| matches!(chunk, Chunk::CData(_)));
+    chunks
+        .into_iter()
+        .filter_map(|chunk| match chunk {
+            Chunk::CData(data) => Some(data),
+            Chunk::Text(text) if has_cdata && text.trim().is_empty() => None,
+            Chunk::Text(text) => Some(text),
+        })
+        .collect()
+}
+
+fn element_name(raw: &[u8]) -> Result<String, ChannelError> {
+    std::str::from_utf8(raw).map(str::to_owned).map_err(|_| malformed("element name is not UTF-8"))
+}
+
+/// Builds the envelope for one decrypted message or event.
+///
+/// The conversation is always direct: a self-built app's callbacks come from one member talking
+/// to the app (group chats created through `appchat` push nothing back).
+pub(crate) fn to_envelope(
+    fields: &Fields,
+    channel: &ChannelId,
+    kind: &str,
+    received_at_ms: i64,
+) -> Result<Envelope, ChannelError> {
+    let userid = fields.required("FromUserName")?;
+    let msg_type = fields.required("MsgType")?;
+    let content = segments(msg_type, fields)?;
+    // Dedupe key (PROTOCOLS §3.2): MsgId for messages, sender + CreateTime for events.
+    let platform_message_id = match fields.get("MsgId") {
+        Some(msg_id) => msg_id.to_owned(),
+        None => format!("{userid}:{}", fields.required("CreateTime")?),
+    };
+    let agent_id = fields.get("AgentID").and_then(|id| id.parse::<i64>().ok());
+    Ok(Envelope {
+        id: Envelope::new_id(),
+        channel: channel.clone(),
+        channel_kind: kind.to_owned(),
+        platform_message_id,
+        received_at_ms,
+        conversation: Conversation { kind: ConversationKind::Direct, id: userid.to_owned() },
+        sender: Sender { id: userid.to_owned(), name: None },
+        content,
+        mentions_self: true,
+        reply_handle: ReplyHandle(serde_json::json!({ "agent_id": agent_id })),
+    })
+}
+
+fn segments(msg_type: &str, fields: &Fields) -> Result<Vec<Segment>, ChannelError> {
+    let segment = match msg_type {
+        "text" => Segment::Text { text: fields.raw("Content").unwrap_or_default().to_owned() },
+        "image" => Segment::Image { url: fields.owned("PicUrl"), media_id: fields.owned("MediaId") },
+        "voice" => Segment::Voice {
+            media_id: fields.owned("MediaId"),
+            format: fields.owned("Format"),
+            recognition: fields.owned("Recognition"),
+        },
+        "video" | "shortvideo" => Segment::Video {
+            media_id: fields.owned("MediaId"),
+            thumb_media_id: fields.owned("ThumbMediaId"),
+        },
+        "location" => Segment::Location {
+            latitude: fields.number("Location_X")?,
+            longitude: fields.number("Location_Y")?,
+            scale: fields.optional_number("Scale"),
+            label: fields.owned("Label"),
+        },
+        "link" => Segment::Link {
+            title: fields.owned("Title"),
+            description: fields.owned("Description"),
+            url: fields.required("Url")?.to_owned(),
+        },
+        "event" => Segment::Event(event(fields)?),
+        other => Segment::Event(Event::Other { name: format!("msgtype:{other}") }),
+    };
+    Ok(vec![segment])
+}
+
+fn event(fields: &Fields) -> Result<Event, ChannelError> {
+    let name = fields.required("Event")?;
+    let key = fields.owned("EventKey");
+    // WeCom writes event names in lower case except `LOCATION`; compare without case so a change
+    // of spelling does not turn them into `Other`.
+    let event = match name.to_ascii_lowercase().as_str() {
+        "enter_agent" => Event::EnterChat,
+        // A member joined the app's visible range; WeCom sends no QR scene for apps.
+        "subscribe" => Event::Subscribe { scene: None },
+        "unsubscribe" => Event::Unsubscribe,
+        // The periodic location report (上报地理位置), when the app asks for it.
+        "location" => Event::Location {
+            latitude: fields.number("Latitude")?,
+            longitude: fields.number("Longitude")?,
+            precision: fields.optional_number("Precision"),
+        },
+        "click" => Event::MenuClick { key: key.unwrap_or_default() },
+        "view" => Event::MenuView { url: key.unwrap_or_default() },
+        _ => Event::Other { name: name.to_owned() },
+    };
+    Ok(event)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(xml: &str) -> Result<Fields, ChannelError> {
+        parse_xml(xml.as_bytes())
+    }
+
+    #[test]
+    fn cdata_and_plain_text_values_are_both_read() {
+        let parsed = fields(
+            "<xml><ToUserName><![CDATA[ww1]]></ToUserName><CreateTime>123</CreateTime>\
+             <Content> <![CDATA[a]]>]]&gt;<![CDATA[b]]> </Content></xml>",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(parsed.get("ToUserName"), Some("ww1"));
+        assert_eq!(parsed.get("CreateTime"), Some("123"));
+        assert_eq!(parsed.raw("Content"), Some("a]]>b"));
+    }
+
+    #[test]
+    fn names_are_matched_without_case() {
+        let parsed = fields("<xml><AgentId>7</AgentId></xml>").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(parsed.get("AgentID"), Some("7"));
+        let parsed = parse_json(br#"{"tousername":"ww1","Encrypt":"x","agentid":218}"#)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(parsed.get("ToUserName"), Some("ww1"));
+        assert_eq!(parsed.get("encrypt"), Some("x"));
+        assert_eq!(parsed.get("AgentID"), Some("218"));
+    }
+
+    #[test]
+    fn json_numbers_keep_every_digit_and_nested_values_are_ignored() {
+        let parsed = parse_json(br#"{"MsgId":4561255354251345929,"Nested":{"a":1},"List":[1],"N":null}"#)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(parsed.get("MsgId"), Some("4561255354251345929"));
+        assert_eq!(parsed.get("Nested"), None);
+        assert_eq!(parsed.get("List"), None);
+        assert_eq!(parsed.get("N"), None);
+    }
+
+    #[test]
+    fn broken_json_is_malformed() {
+        for body in ["", "{", "[1]", "\"s\"", "{\"a\":}"] {
+            assert!(matches!(parse_json(body.as_bytes()), Err(ChannelError::Malformed(_))), "{body:?}");
+        }
+    }
+
+    #[test]
+    fn the_format_is_told_by_the_first_byte() {
+        assert_eq!(sniff(b"  <xml/>").ok(), Some(Format::Xml));
+        assert_eq!(sniff(b"\xEF\xBB\xBF{}").ok(), Some(Format::Json));
+        assert!(sniff(b"").is_err());
+        assert!(sniff(b" \n").is_err());
+        assert!(sniff(b"hello").is_err());
+    }
+
+    #[test]
+    fn broken_documents_are_malformed() {
+        for body in [
+            "",
+            "   ",
+            "<xml>",
+            "<xml><a></b></xml>",
+            "<xml></xml><xml></xml>",
+            "hello",
+            "<xml><a>1</a></xml>trailing",
+            "<!DOCTYPE x [<!ENTITY a \"b\">]><xml><a>&a;</a></xml>",
+        ] {
+            assert!(matches!(fields(body), Err(ChannelError::Malformed(_))), "accepted {body:?}");
+        }
+        assert!(matches!(parse_xml(b"<xml>\xff</xml>"), Err(ChannelError::Malformed(_))));
+    }
+
+    #[test]
+    fn non_finite_coordinates_are_refused() {
+        let parsed = fields("<xml><Location_X>NaN</Location_X><Location_Y>1</Location_Y></xml>")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(parsed.number("Location_X").is_err());
+        assert_eq!(parsed.optional_number("Location_Y"), Some(1.0));
+    }
+}
