@@ -91,6 +91,9 @@ pub struct StoreConfig {
     pub dedupe_ttl_secs: u64,
     /// Conversation history and finished journal entries older than this are pruned.
     pub retention_days: u64,
+    /// SQLite: `power_loss` (fsync every group commit) or `process_crash` (no fsync; survives
+    /// `kill -9` but not power loss).
+    pub durability: crate::store::Durability,
 }
 
 impl Default for StoreConfig {
@@ -100,6 +103,7 @@ impl Default for StoreConfig {
             path: PathBuf::from("data/yizhan.db"),
             dedupe_ttl_secs: 24 * 3600,
             retention_days: 30,
+            durability: crate::store::Durability::PowerLoss,
         }
     }
 }
@@ -311,6 +315,20 @@ pub struct ChannelCoreConfig {
     /// How answers go back.
     #[serde(default = "default_reply_mode")]
     pub reply_mode: ReplyMode,
+    /// In group chats: one conversation per group (`shared`) or per member (`per_user`).
+    #[serde(default)]
+    pub group_context: GroupContext,
+}
+
+/// Whose context a group message continues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupContext {
+    /// Everyone in the group shares one conversation.
+    #[default]
+    Shared,
+    /// Each member has their own conversation within the group.
+    PerUser,
 }
 
 fn default_reply_mode() -> ReplyMode {

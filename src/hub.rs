@@ -20,6 +20,8 @@ pub struct ChannelEntry {
     pub outbound: Addr<ChannelActor>,
     /// This account's persona.
     pub system_prompt: String,
+    /// Group messages are keyed per member rather than per group.
+    pub group_per_user: bool,
 }
 
 /// See the module docs.
@@ -63,9 +65,15 @@ impl Hub {
     pub fn reply_now(&self, envelope: Envelope, text: String) {
         let hub = self.clone();
         actix::spawn(async move {
-            let key = crate::routing::SessionKey::for_envelope(&envelope);
+            let key = hub.session_key(&envelope);
             delivery::answer(&hub, &envelope, key.as_str(), None, text).await;
         });
+    }
+
+    /// The conversation an envelope belongs to, by its channel's `group_context`.
+    pub fn session_key(&self, envelope: &Envelope) -> crate::routing::SessionKey {
+        let per_user = self.channels.get(&envelope.channel).is_some_and(|entry| entry.group_per_user);
+        crate::routing::SessionKey::for_envelope(envelope, per_user)
     }
 
     /// Marks an accepted envelope as finished: answered, failed for good, or needing no answer.

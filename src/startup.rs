@@ -76,7 +76,11 @@ fn build_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     match config.store.kind {
         StoreKind::Memory => Ok(Arc::new(MemoryStore::new(config.session.history_max_turns.max(1)))),
         StoreKind::Sqlite => {
-            let options = SqliteOptions { max_turns_kept: config.session.history_max_turns.max(1), ..SqliteOptions::default() };
+            let options = SqliteOptions {
+                max_turns_kept: config.session.history_max_turns.max(1),
+                durability: config.store.durability,
+                ..SqliteOptions::default()
+            };
             let store = SqliteStore::open(&config.store.path, options)
                 .with_context(|| format!("Failed to open the SQLite store {} (config key `store.path`)", config.store.path.display()))?;
             tracing::info!(path = %config.store.path.display(), "SQLite store open.");
@@ -121,7 +125,11 @@ impl Application {
             });
             let system_prompt = entry.core.system_prompt.clone().unwrap_or_else(|| config.llm.system_prompt.clone());
             tracing::info!(channel = %entry.settings.id, kind = %entry.settings.kind, "Channel ready.");
-            channels.insert(entry.settings.id.clone(), ChannelEntry { channel, outbound, system_prompt });
+            let group_per_user = entry.core.group_context == crate::config::GroupContext::PerUser;
+            channels.insert(
+                entry.settings.id.clone(),
+                ChannelEntry { channel, outbound, system_prompt, group_per_user },
+            );
         }
 
         let hub = Hub::new(HubInner {

@@ -12,14 +12,14 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-64}
-STORES=${STORES:-memory sqlite}
+STORES=${STORES:-memory sqlite sqlite:process_crash}
 LLM_PORT=18081 WECHAT_PORT=18082 BARE_PORT=18083 APP_PORT=18080
 TOKEN=benchtoken TS=1700000000 NONCE=1
 SIG=$(printf '%s' $(printf '%s\n' "$TOKEN" "$TS" "$NONCE" | sort | tr -d '\n') | sha1sum | cut -d' ' -f1)
 QUERY="signature=$SIG&timestamp=$TS&nonce=$NONCE"
 WORK=$(mktemp -d)
 PIDS=()
-cleanup() { for pid in "${PIDS[@]:-}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$WORK"; }
+cleanup() { for pid in "${PIDS[@]:-}"; do kill -9 "$pid" 2>/dev/null || true; done; rm -rf "$WORK"; }
 trap cleanup EXIT
 
 command -v wrk >/dev/null || { echo "wrk not found: apt-get install wrk" >&2; exit 1; }
@@ -33,12 +33,15 @@ start_standins() { # $1 = LLM delay in ms
   STANDINS=$!; PIDS+=($STANDINS); wait_port $LLM_PORT; wait_port $WECHAT_PORT; wait_port $BARE_PORT
 }
 
-start_yizhan() { # $1 = store kind
+start_yizhan() { # $1 = store kind, optionally ":durability"
+  local kind=${1%%:*} durability=power_loss
+  [[ $1 == *:* ]] && durability=${1#*:}
   cat >"$WORK/bench.toml" <<TOML
 [server]
 bind = "127.0.0.1:$APP_PORT"
 [store]
-kind = "$1"
+kind = "$kind"
+durability = "$durability"
 path = "$WORK/db/yizhan.db"
 [llm]
 base_url = "http://127.0.0.1:$LLM_PORT/v1"
@@ -60,12 +63,12 @@ api_base = "http://127.0.0.1:$WECHAT_PORT"
 replay_window_secs = 0
 TOML
   rm -rf "$WORK/db"
-  RUST_LOG=warn "$BIN/yizhan" --config "$WORK/bench.toml" >"$WORK/yizhan-$1.log" 2>&1 &
+  RUST_LOG=warn "$BIN/yizhan" --config "$WORK/bench.toml" >"$WORK/yizhan-$kind.log" 2>&1 &
   YIZHAN=$!; PIDS+=($YIZHAN); wait_port $APP_PORT
 }
 
 load() { # $1 = port; prints the RESULT line
-  wrk -t2 -c"$CONNECTIONS" -d"$DURATION" -s examples/bench/wechat.lua "http://127.0.0.1:$1/webhooks/mp?$QUERY" | grep RESULT
+  wrk -t2 -c"$CONNECTIONS" -d"${DURATION}" -s examples/bench/wechat.lua "http://127.0.0.1:$1/webhooks/mp?$QUERY" | grep RESULT
 }
 
 echo "== (a) webhook path, slow stand-in LLM, $CONNECTIONS connections, $DURATION"
@@ -74,24 +77,24 @@ echo "bare actix-web handler: $(load $BARE_PORT)"
 for store in $STORES; do
   start_yizhan "$store"
   echo "yizhan ($store store):   $(load $APP_PORT)"
-  kill "$YIZHAN"; wait "$YIZHAN" 2>/dev/null || true
+  kill -9 "$YIZHAN"; wait "$YIZHAN" 2>/dev/null || true
 done
 kill "$STANDINS"; wait "$STANDINS" 2>/dev/null || true
 
-echo "== (b) end to end, instant stand-in LLM"
+echo "== (b) end to end, instant stand-in LLM, ${E2E_DURATION:-5s} of load then until every answer is out"
 start_standins 0
 for store in $STORES; do
   start_yizhan "$store"
   before=$(curl -s "http://127.0.0.1:$WECHAT_PORT/stats")
   start=$(date +%s.%N)
-  result=$(load $APP_PORT)
+  result=$(DURATION=${E2E_DURATION:-5s} load $APP_PORT)
   # Wait for every accepted message to be answered.
-  for _ in $(seq 1 600); do
+  for _ in $(seq 1 1800); do
     curl -s "http://127.0.0.1:$APP_PORT/metrics" | grep -qx 'yizhan_journal_open 0' && break; sleep 0.1
   done
   end=$(date +%s.%N)
   after=$(curl -s "http://127.0.0.1:$WECHAT_PORT/stats")
   echo "yizhan ($store store): acks: $result"
   echo "yizhan ($store store): answers delivered: $((after - before)) in $(printf '%.1f' "$(echo "$end - $start" | bc)") s = $(echo "($after - $before) / ($end - $start)" | bc) answers/s"
-  kill "$YIZHAN"; wait "$YIZHAN" 2>/dev/null || true
+  kill -9 "$YIZHAN"; wait "$YIZHAN" 2>/dev/null || true
 done

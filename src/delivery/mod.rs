@@ -4,6 +4,8 @@
 //! Invariant: a part is retried only on [`ChannelError::is_retryable`] failures and at most
 //! `max_attempts` times; every part ends as delivered or as failed with a logged, counted reason.
 
+pub mod live;
+
 use crate::config::DeliveryConfig;
 use crate::hub::Hub;
 use crate::metrics::Metrics;

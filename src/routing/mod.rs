@@ -14,14 +14,17 @@ use yizhan_channel_core::{ConversationKind, Envelope, Event, Segment};
 pub struct SessionKey(String);
 
 impl SessionKey {
-    /// The key for an envelope. Direct chats are keyed by conversation; group chats share
-    /// one context per group.
-    pub fn for_envelope(envelope: &Envelope) -> Self {
-        let kind = match envelope.conversation.kind {
-            ConversationKind::Direct => "d",
-            ConversationKind::Group => "g",
-        };
-        Self(format!("{}:{kind}:{}", envelope.channel, envelope.conversation.id))
+    /// The key for an envelope. Direct chats are keyed by conversation; group chats by group,
+    /// or by group and member when `group_per_user`.
+    pub fn for_envelope(envelope: &Envelope, group_per_user: bool) -> Self {
+        match envelope.conversation.kind {
+            ConversationKind::Direct => Self(format!("{}:d:{}", envelope.channel, envelope.conversation.id)),
+            ConversationKind::Group if group_per_user => Self(format!(
+                "{}:g:{}:{}",
+                envelope.channel, envelope.conversation.id, envelope.sender.id
+            )),
+            ConversationKind::Group => Self(format!("{}:g:{}", envelope.channel, envelope.conversation.id)),
+        }
     }
 
     /// The key as stored.
@@ -96,7 +99,7 @@ impl Router {
             actix::spawn(async move { hub.finish(&envelope.id).await });
             return;
         };
-        let key = SessionKey::for_envelope(&envelope);
+        let key = self.hub.session_key(&envelope);
         match self.sessions.dispatch(key, Job { envelope, work }) {
             Ok(()) => {}
             Err(DispatchError::Overloaded(job)) => {
@@ -162,7 +165,11 @@ mod tests {
         let a = envelope(vec![]);
         let mut b = a.clone();
         b.conversation.id = "u2".into();
-        assert_ne!(SessionKey::for_envelope(&a), SessionKey::for_envelope(&b));
-        assert_eq!(SessionKey::for_envelope(&a).as_str(), "mp:d:u1");
+        assert_ne!(SessionKey::for_envelope(&a, false), SessionKey::for_envelope(&b, false));
+        assert_eq!(SessionKey::for_envelope(&a, false).as_str(), "mp:d:u1");
+        let mut group = a.clone();
+        group.conversation = Conversation { kind: ConversationKind::Group, id: "oc_1".into() };
+        assert_eq!(SessionKey::for_envelope(&group, false).as_str(), "mp:g:oc_1");
+        assert_eq!(SessionKey::for_envelope(&group, true).as_str(), "mp:g:oc_1:u1");
     }
 }

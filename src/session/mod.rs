@@ -257,6 +257,7 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
     };
     let mut history = history;
     let mut new_turn = None;
+    let mut live = None;
     let reply = match work {
         Work::Say(text) => text,
         Work::Reset => {
@@ -290,7 +291,14 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
                 user: format!("{}:{}", envelope.channel, envelope.sender.id),
                 channel_kind: envelope.channel_kind.clone(),
             };
-            match hub.llm.send(Complete { request, on_delta: None }).await {
+            let on_delta = match delivery::live::start(entry.channel.clone(), &envelope).await {
+                Some((answer, sink)) => {
+                    live = Some(answer);
+                    Some(sink)
+                }
+                None => None,
+            };
+            match hub.llm.send(Complete { request, on_delta }).await {
                 Ok(Ok(answer)) => {
                     let turn = Turn { question, answer: answer.clone() };
                     if let Some(turns) = history.as_mut() {
@@ -317,6 +325,20 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
             }
         }
     };
+    if let Some(live) = live {
+        match live.finish(&reply).await {
+            Ok(()) => {
+                if let Err(error) = hub.store.record_answer(&envelope.id, key.as_str(), new_turn, &[]).await {
+                    tracing::error!(session = %key, %error, "Failed to record a streamed answer.");
+                }
+                hub.finish(&envelope.id).await;
+                return history;
+            }
+            Err(error) => {
+                tracing::warn!(session = %key, %error, "Streamed answer not finished; sending it whole.");
+            }
+        }
+    }
     delivery::answer(&hub, &envelope, key.as_str(), new_turn, reply).await;
     history
 }

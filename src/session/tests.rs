@@ -99,7 +99,7 @@ fn fixture(llm_delay: Duration, idle_timeout: Duration, max_pending: usize) -> F
     let policy = RetryPolicy { max_attempts: 1, base_delay: Duration::from_millis(1), max_delay: Duration::from_millis(1) };
     let outbound = ChannelActor::new(channel.clone(), store.clone(), policy, metrics.clone()).start();
     let mut channels = HashMap::with_hasher(foldhash::fast::RandomState::default());
-    channels.insert(id, ChannelEntry { channel: channel.clone(), outbound, system_prompt: String::new() });
+    channels.insert(id, ChannelEntry { channel: channel.clone(), outbound, system_prompt: String::new(), group_per_user: false });
     let hub = Hub::new(HubInner {
         store,
         llm,
@@ -125,7 +125,7 @@ fn job(user: &str, question: &str) -> (SessionKey, Job) {
         mentions_self: true,
         reply_handle: ReplyHandle::default(),
     };
-    (SessionKey::for_envelope(&envelope), Job { envelope, work: Work::Ask(question.into()) })
+    (SessionKey::for_envelope(&envelope, false), Job { envelope, work: Work::Ask(question.into()) })
 }
 
 impl Fixture {

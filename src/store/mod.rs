@@ -11,7 +11,7 @@ mod memory;
 mod sqlite;
 
 pub use memory::MemoryStore;
-pub use sqlite::{SqliteOptions, SqliteStore};
+pub use sqlite::{Durability, SqliteOptions, SqliteStore};
 
 use crate::llm::backend::{ChatMessage, Role};
 use std::time::{Duration, SystemTime};
