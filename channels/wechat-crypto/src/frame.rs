@@ -76,7 +76,7 @@ impl AesKey {
     /// Decrypts raw ciphertext bytes and checks padding and frame; returns the random prefix,
     /// the message bytes and the receive id bytes.
     pub(crate) fn open(&self, ciphertext: &[u8]) -> Result<Opened, CryptoError> {
-        if ciphertext.is_empty() || ciphertext.len() % 16 != 0 {
+        if ciphertext.is_empty() || !ciphertext.chunks_exact(16).remainder().is_empty() {
             return Err(CryptoError::DecryptAes("the ciphertext is not a positive multiple of 16 bytes"));
         }
         let decryptor = Decryptor::new_from_slices(&self.0, self.iv())

@@ -4,7 +4,7 @@
 //! # Layout
 //! - [`WxCrypto`]: one account's token, EncodingAESKey(s) and receive id; verifies, decrypts,
 //!   encrypts and builds encrypted replies.
-//! - [`signature`]: the 3-field `signature` and 4-field `msg_signature`, with a constant-time
+//! - [`signature`](mod@signature): the 3-field `signature` and 4-field `msg_signature`, with a constant-time
 //!   comparison.
 //! - [`EncryptedReply`]: an encrypted passive reply, as XML or (WeCom) JSON.
 //! - [`CryptoError`]: failures, numbered like the official sample libraries (`-40001` …).
@@ -230,7 +230,9 @@ impl WxCrypto {
         };
         match self.open_with(previous, &ciphertext, KeySlot::Previous) {
             Ok(decrypted) => Ok(decrypted),
-            Err(error @ CryptoError::ValidateReceiveId { .. }) if !matches!(current, CryptoError::ValidateReceiveId { .. }) => {
+            Err(error @ CryptoError::ValidateReceiveId { .. })
+                if !matches!(current, CryptoError::ValidateReceiveId { .. }) =>
+            {
                 Err(error)
             }
             Err(_) => Err(current),
@@ -243,8 +245,8 @@ impl WxCrypto {
             let found: String = String::from_utf8_lossy(&opened.receive_id).chars().take(64).collect();
             return Err(CryptoError::ValidateReceiveId { found });
         }
-        let message = String::from_utf8(opened.message)
-            .map_err(|_| CryptoError::IllegalBuffer("the message is not UTF-8"))?;
+        let message =
+            String::from_utf8(opened.message).map_err(|_| CryptoError::IllegalBuffer("the message is not UTF-8"))?;
         Ok(Decrypted { message, key: slot, random: opened.random })
     }
 
@@ -273,7 +275,13 @@ impl WxCrypto {
 
     /// Encrypts and signs `message` as a passive reply: `timestamp` is chosen by us (the hub's
     /// clock), `nonce` is usually the request's.
-    pub fn seal_reply(&self, message: &str, timestamp: i64, nonce: &str, key: KeySlot) -> Result<EncryptedReply, CryptoError> {
+    pub fn seal_reply(
+        &self,
+        message: &str,
+        timestamp: i64,
+        nonce: &str,
+        key: KeySlot,
+    ) -> Result<EncryptedReply, CryptoError> {
         let encrypt = self.encrypt(message, key)?;
         let msg_signature = signature::msg_signature(&self.token, &timestamp.to_string(), nonce, &encrypt);
         Ok(EncryptedReply { encrypt, msg_signature, timestamp, nonce: nonce.to_owned() })

@@ -59,7 +59,12 @@ mod tests {
     use super::*;
 
     fn reply(nonce: &str) -> EncryptedReply {
-        EncryptedReply { encrypt: "abc=".into(), msg_signature: "0f".into(), timestamp: 1_409_735_669, nonce: nonce.into() }
+        EncryptedReply {
+            encrypt: "abc=".into(),
+            msg_signature: "0f".into(),
+            timestamp: 1_409_735_669,
+            nonce: nonce.into(),
+        }
     }
 
     #[test]

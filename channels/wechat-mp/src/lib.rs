@@ -1,8 +1,10 @@
-//! Yizhan's channel for WeChat Official Accounts (公众号, "MP"), in plaintext mode (明文模式).
+//! Yizhan's channel for WeChat Official Accounts (公众号, "MP"), in all three message encryption
+//! modes: plaintext (明文模式), compatible (兼容模式) and safe (安全模式).
 //!
 //! # Layout
 //! - [`settings`]: [`WechatMpSettings`], the channel's config section.
-//! - [`signature`]: the `sha1(sort(token, timestamp, nonce))` signature on every webhook call.
+//! - [`signature`]: the `sha1(sort(token, timestamp, nonce))` signature on every webhook call,
+//!   and the `msg_signature` that also covers an encrypted body.
 //! - `inbound`: pushed XML → `Envelope`, for every message type and event.
 //! - [`markdown`] and [`split`]: LLM markdown → plain text → parts WeChat accepts.
 //! - `passive`: the XML answer carried in the webhook response (the 5-second path).
@@ -24,16 +26,32 @@
 //! - **Nothing fails to parse.** Unknown message types and events become
 //!   [`Event::Other`](yizhan_channel_core::Event::Other); only broken XML or a push without
 //!   sender or type is refused.
-//! - **Safe mode later.** Requests with `encrypt_type=aes` are answered
-//!   [`ChannelError::Unsupported`] after the signature check, so switching the account to 安全模式
-//!   before the crypto lands fails loudly instead of silently dropping messages.
+//! - **Encrypted pushes (安全模式 / 兼容模式).** A POST with `encrypt_type=aes` is checked with
+//!   `msg_signature` over the body's `<Encrypt>` (never with the 3-field `signature`, which
+//!   does not cover the body; PROTOCOLS §0.4) and the replay window, then decrypted with
+//!   [`yizhan_channel_wechat_crypto`] (receive id = `app_id`) and parsed like a plaintext push.
+//!   In 兼容模式 the body also carries the plaintext fields; they are ignored, because only
+//!   `<Encrypt>` is signed. Any crypto failure is [`ChannelError::BadSignature`] (401); an
+//!   encrypted push while no `encoding_aes_key` is configured is
+//!   [`ChannelError::Misconfigured`] (after its signature checked out, so strangers cannot
+//!   trigger the operator alarm).
+//! - **Key rotation.** With `previous_encoding_aes_key` set, a push the current key cannot open
+//!   is tried with the previous one.
+//! - **How the passive reply knows it must encrypt.** `handle_webhook` records it in the
+//!   envelope's reply handle: `{"account": "gh_…", "encrypted": true, "key": "current"}` (or
+//!   `"previous"`: the key that opened the push); plaintext pushes keep `{"account": "gh_…"}`.
+//!   [`passive_reply`](Channel::passive_reply) encrypts when the handle says so (or the request
+//!   it is given has `encrypt_type=aes`), with that key, the request's `nonce` and the hub's
+//!   receipt time as `TimeStamp`, and wraps it in the encrypted reply XML (PROTOCOLS §1). The
+//!   handle is journaled with the envelope, so this survives a restart; it holds no secret.
 //!
 //! # Security note
 //! In plaintext mode WeChat signs the query (token, timestamp, nonce), not the body. The
 //! signature plus the replay window prove a URL was issued by WeChat recently; they cannot
 //! prove the body was not swapped by someone who captured a signed URL within the window. Safe
-//! mode (`msg_signature` over the encrypted body) closes that gap; serve the webhook over HTTPS
-//! meanwhile.
+//! mode (`msg_signature` over the encrypted body) closes that gap for encrypted pushes; a
+//! plaintext push is still accepted on the 3-field signature even when an EncodingAESKey is
+//! configured, so serve the webhook over HTTPS.
 #![warn(missing_docs)]
 
 mod api;
@@ -49,6 +67,7 @@ pub use split::split_text;
 
 use std::time::{Duration, SystemTime};
 use tracing::debug;
+use yizhan_channel_wechat_crypto::{KeySlot, WxCrypto};
 use yizhan_channel_core::{
     BoxFuture, Capabilities, Channel, ChannelError, ChannelId, ChannelSettings, Delivery,
     DeliveryReceipt, Envelope, Method, Reply, WebhookOutcome, WebhookRequest, WebhookResponse,
@@ -65,6 +84,9 @@ pub struct WechatMp {
     id: ChannelId,
     /// Validated settings (normalised `api_base`).
     settings: WechatMpSettings,
+    /// Present when an `encoding_aes_key` is configured: opens encrypted pushes and encrypts
+    /// their passive replies.
+    crypto: Option<WxCrypto>,
     api: api::Api,
 }
 
@@ -76,6 +98,20 @@ impl WechatMp {
     /// with the rest of the hub so connections are pooled.
     pub fn new(id: ChannelId, settings: WechatMpSettings, http: reqwest::Client) -> Result<Self, ChannelError> {
         let settings = settings.validate()?;
+        let crypto = match &settings.encoding_aes_key {
+            Some(key) => Some(
+                WxCrypto::new(
+                    &settings.token,
+                    key,
+                    settings.previous_encoding_aes_key.as_deref(),
+                    &settings.app_id,
+                )
+                .map_err(|error| {
+                    ChannelError::Misconfigured(format!("wechat_mp: `encoding_aes_key`: {error}"))
+                })?,
+            ),
+            None => None,
+        };
         let api = api::Api::new(
             id.clone(),
             http,
@@ -83,7 +119,7 @@ impl WechatMp {
             settings.app_id.clone(),
             settings.app_secret.clone(),
         );
-        Ok(Self { id, settings, api })
+        Ok(Self { id, settings, crypto, api })
     }
 
     /// Builds the channel from its `[[channels]]` entry; unknown keys (the core's) are ignored.
@@ -105,24 +141,100 @@ impl WechatMp {
         &self.settings
     }
 
-    /// A signed POST: parse the XML into one envelope.
+    /// A POST: plaintext pushes are checked with the 3-field signature, encrypted ones
+    /// (`encrypt_type=aes`) with `msg_signature`; either becomes one envelope.
     fn accept_push(&self, request: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
         let encrypt_type = request.query_param("encrypt_type").unwrap_or("raw");
-        if !encrypt_type.eq_ignore_ascii_case("raw") {
-            return Err(ChannelError::Unsupported(format!(
-                "encrypt_type={encrypt_type}: 安全模式/兼容模式 is not implemented yet; set the 公众号 \
-                 message encryption to 明文模式"
-            )));
+        let (fields, key) = if encrypt_type.eq_ignore_ascii_case("aes") {
+            let (fields, key) = self.open_encrypted(request)?;
+            (fields, Some(key))
+        } else {
+            signature::verify(request, &self.settings.token, self.settings.replay_window())?;
+            if !encrypt_type.eq_ignore_ascii_case("raw") {
+                return Err(ChannelError::Unsupported(format!(
+                    "encrypt_type={encrypt_type}: only raw (明文模式) and aes (兼容模式/安全模式) exist"
+                )));
+            }
+            (inbound::parse_fields(&request.body)?, None)
+        };
+        let mut envelope =
+            inbound::to_envelope(&fields, &self.id, Self::KIND, unix_millis(request.received_at))?;
+        if let (Some(key), Some(handle)) = (key, envelope.reply_handle.0.as_object_mut()) {
+            handle.insert("encrypted".into(), serde_json::Value::Bool(true));
+            handle.insert("key".into(), serde_json::Value::from(key.as_str()));
         }
-        let fields = inbound::parse_fields(&request.body)?;
-        let envelope = inbound::to_envelope(&fields, &self.id, Self::KIND, unix_millis(request.received_at))?;
         debug!(
             channel = %self.id,
             msg_type = fields.get("MsgType").unwrap_or_default(),
             message_id = %envelope.platform_message_id,
+            encrypted = key.is_some(),
+            key = key.map(KeySlot::as_str).unwrap_or("none"),
             "Push accepted."
         );
         Ok(WebhookOutcome::Accepted { envelopes: vec![envelope], ack: WebhookResponse::text("success") })
+    }
+
+    /// 安全模式 / 兼容模式: verify `msg_signature` over `<Encrypt>` and the replay window, then
+    /// decrypt and parse the inner XML. The plaintext fields of a 兼容模式 body are ignored:
+    /// only `<Encrypt>` is signed.
+    fn open_encrypted(&self, request: &WebhookRequest) -> Result<(inbound::Fields, KeySlot), ChannelError> {
+        if request.query_param("msg_signature").is_none() {
+            return Err(ChannelError::BadSignature(
+                "encrypt_type=aes but query parameter `msg_signature` is missing (`signature` does not \
+                 cover the body and is not accepted in its place)"
+                    .into(),
+            ));
+        }
+        let outer = inbound::parse_fields(&request.body)?;
+        let encrypt = outer
+            .get("Encrypt")
+            .ok_or_else(|| ChannelError::Malformed("encrypt_type=aes but the body has no <Encrypt>".into()))?;
+        signature::verify_encrypted(request, &self.settings.token, encrypt, self.settings.replay_window())?;
+        let crypto = self.crypto.as_ref().ok_or_else(|| {
+            ChannelError::Misconfigured(format!(
+                "wechat_mp channel {:?} received an encrypted push (安全模式/兼容模式, encrypt_type=aes) \
+                 but has no `encoding_aes_key`; copy the 消息加解密密钥 from 设置与开发 → 基本配置 → \
+                 服务器配置 into the channel's settings, or switch the account to 明文模式",
+                self.id.as_str()
+            ))
+        })?;
+        // NOTE: every crypto failure is the sender's (a wrong key or appid on their side, or a
+        // forgery), never a reason to retry: 401.
+        let decrypted = crypto.decrypt(encrypt).map_err(|error| ChannelError::BadSignature(error.to_string()))?;
+        let fields = inbound::parse_fields(decrypted.message.as_bytes())?;
+        Ok((fields, decrypted.key))
+    }
+
+    /// Encrypts a passive reply when the push was encrypted: the reply handle records it (and
+    /// which key opened the push); a request with `encrypt_type=aes` counts too, in case the
+    /// handle was written by an older version.
+    fn seal_passive(
+        &self,
+        request: &WebhookRequest,
+        envelope: &Envelope,
+        xml: String,
+    ) -> Result<WebhookResponse, ChannelError> {
+        let handle = &envelope.reply_handle.0;
+        let encrypted = handle.get("encrypted").and_then(serde_json::Value::as_bool).unwrap_or(false)
+            || request.query_param("encrypt_type").is_some_and(|kind| kind.eq_ignore_ascii_case("aes"));
+        if !encrypted {
+            return Ok(WebhookResponse::xml(xml));
+        }
+        let key = match handle.get("key").and_then(serde_json::Value::as_str) {
+            Some(slot) => slot.parse::<KeySlot>().map_err(ChannelError::Malformed)?,
+            None => KeySlot::Current,
+        };
+        let crypto = self.crypto.as_ref().ok_or_else(|| {
+            ChannelError::Misconfigured(format!(
+                "wechat_mp channel {:?} must encrypt a passive reply but has no `encoding_aes_key`",
+                self.id.as_str()
+            ))
+        })?;
+        let nonce = request
+            .query_param("nonce")
+            .ok_or_else(|| ChannelError::Malformed("the encrypted push's request has no `nonce`".into()))?;
+        let body = crypto.reply_xml(&xml, request.received_at_unix(), nonce, key).map_err(ChannelError::from)?;
+        Ok(WebhookResponse::xml(body))
     }
 }
 
@@ -157,13 +269,14 @@ impl Channel for WechatMp {
         }
     }
 
-    /// GET: URL verification, answered with `echostr`. POST: a message or event push, one
-    /// envelope, acknowledged with `success`. Both must carry a valid signature and a timestamp
-    /// inside the replay window.
+    /// GET: URL verification (never encrypted, even in 安全模式), answered with `echostr`.
+    /// POST: a message or event push, plaintext or encrypted, one envelope, acknowledged with
+    /// `success`. Every call must carry a valid signature (`msg_signature` for encrypted pushes)
+    /// and a timestamp inside the replay window.
     fn handle_webhook(&self, request: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
-        signature::verify(request, &self.settings.token, self.settings.replay_window())?;
         match request.method {
             Method::Get => {
+                signature::verify(request, &self.settings.token, self.settings.replay_window())?;
                 let echostr = request
                     .query_param("echostr")
                     .ok_or_else(|| ChannelError::BadSignature("query parameter `echostr` is missing".into()))?;
@@ -180,9 +293,11 @@ impl Channel for WechatMp {
         split::split_text(&plain, self.settings.max_part_bytes).into_iter().map(Reply::text).collect()
     }
 
-    /// The plaintext passive-reply XML for `reply`, which should be one part from
-    /// [`render`](Channel::render). An empty reply is answered `success` (WeChat then shows
-    /// nothing and does not retry) rather than with an empty `Content`.
+    /// The passive-reply XML for `reply`, which should be one part from
+    /// [`render`](Channel::render): plaintext, or wrapped in the encrypted reply XML when the push
+    /// was encrypted (see the crate docs). An empty reply is answered with a plain `success`
+    /// (WeChat then shows nothing and does not retry, in every mode) rather than with an empty
+    /// `Content`.
     fn passive_reply(
         &self,
         request: &WebhookRequest,
@@ -202,7 +317,7 @@ impl Channel for WechatMp {
                 ChannelError::Malformed("the envelope's reply handle names no account; it is not from this channel".into())
             })?;
         let xml = passive::text_reply_xml(&envelope.sender.id, account, request.received_at_unix(), &reply.text);
-        Ok(WebhookResponse::xml(xml))
+        self.seal_passive(request, envelope, xml)
     }
 
     /// Sends one part as a customer-service text message to the recipient's openid.
@@ -294,9 +409,16 @@ mod tests {
     }
 
     #[test]
-    fn safe_mode_pushes_are_unsupported_for_now() {
+    fn safe_mode_pushes_with_a_bad_msg_signature_are_refused() {
         let query = format!("{DOC_QUERY}&encrypt_type=aes&msg_signature=abc");
         let outcome = channel(0).handle_webhook(&request(Method::Post, &query, "<xml><Encrypt>x</Encrypt></xml>", 0));
+        assert!(matches!(outcome, Err(ChannelError::BadSignature(_))));
+    }
+
+    #[test]
+    fn an_unknown_encrypt_type_is_unsupported_after_the_signature_check() {
+        let query = format!("{DOC_QUERY}&encrypt_type=sm4");
+        let outcome = channel(0).handle_webhook(&request(Method::Post, &query, "<xml/>", 0));
         assert!(matches!(outcome, Err(ChannelError::Unsupported(_))));
     }
 

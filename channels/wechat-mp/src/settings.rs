@@ -1,8 +1,9 @@
 //! The `wechat_mp` section of the config file, parsed and checked once at startup.
 //!
 //! Invariant: a [`WechatMpSettings`] that passed [`validate`](WechatMpSettings::validate) has a
-//! non-empty app id, app secret and token, an `http(s)` API base without a trailing slash, and a
-//! part limit large enough for any UTF-8 character.
+//! non-empty app id, app secret and token, an `http(s)` API base without a trailing slash, a
+//! part limit large enough for any UTF-8 character, and EncodingAESKeys that are either absent
+//! or well-formed (43 characters of `[A-Za-z0-9]`), with no previous key without a current one.
 
 use serde::Deserialize;
 use std::fmt;
@@ -37,10 +38,16 @@ pub struct WechatMpSettings {
     /// 2048 is the community-measured one (errcode 45002 beyond it), hence configurable.
     #[serde(default = "default_max_part_bytes")]
     pub max_part_bytes: usize,
-    /// The EncodingAESKey for 安全模式. Accepted so configs can be written ahead of time; safe
-    /// mode itself is not implemented yet (its requests are answered `Unsupported`).
+    /// The EncodingAESKey (消息加解密密钥, 43 characters) from 服务器配置, needed for 安全模式 and
+    /// 兼容模式 pushes (`encrypt_type=aes`). Without it such pushes are refused as
+    /// misconfigured. Blank counts as absent. Secret: it decrypts every message.
     #[serde(default)]
     pub encoding_aes_key: Option<String>,
+    /// The EncodingAESKey before the last change, kept for a while after rotating: pushes
+    /// already encrypted with it still open, and are answered with it. Remove it once no
+    /// message needs it. Blank counts as absent. Secret.
+    #[serde(default)]
+    pub previous_encoding_aes_key: Option<String>,
 }
 
 fn default_api_base() -> String {
@@ -67,6 +74,7 @@ impl fmt::Debug for WechatMpSettings {
             .field("replay_window_secs", &self.replay_window_secs)
             .field("max_part_bytes", &self.max_part_bytes)
             .field("encoding_aes_key", &self.encoding_aes_key.as_ref().map(|_| "<redacted>"))
+            .field("previous_encoding_aes_key", &self.previous_encoding_aes_key.as_ref().map(|_| "<redacted>"))
             .finish()
     }
 }
@@ -105,6 +113,16 @@ impl WechatMpSettings {
                 self.max_part_bytes
             )));
         }
+        self.encoding_aes_key = checked_aes_key("encoding_aes_key", self.encoding_aes_key.take())?;
+        self.previous_encoding_aes_key =
+            checked_aes_key("previous_encoding_aes_key", self.previous_encoding_aes_key.take())?;
+        if self.previous_encoding_aes_key.is_some() && self.encoding_aes_key.is_none() {
+            return Err(ChannelError::Misconfigured(
+                "wechat_mp: `previous_encoding_aes_key` is set but `encoding_aes_key` is not; set the \
+                 current EncodingAESKey too"
+                    .into(),
+            ));
+        }
         Ok(self)
     }
 
@@ -112,6 +130,21 @@ impl WechatMpSettings {
     pub fn replay_window(&self) -> Duration {
         Duration::from_secs(self.replay_window_secs)
     }
+}
+
+/// A blank key is absent; any other must have the documented shape. The error names the key,
+/// never its value.
+fn checked_aes_key(name: &str, key: Option<String>) -> Result<Option<String>, ChannelError> {
+    let Some(key) = key.filter(|key| !key.trim().is_empty()) else {
+        return Ok(None);
+    };
+    yizhan_channel_wechat_crypto::validate_encoding_aes_key(&key).map_err(|error| {
+        ChannelError::Misconfigured(format!(
+            "wechat_mp: `{name}` is not a valid EncodingAESKey ({error}); copy the 43-character \
+             消息加解密密钥 from 设置与开发 → 基本配置 → 服务器配置"
+        ))
+    })?;
+    Ok(Some(key))
 }
 
 #[cfg(test)]
@@ -173,11 +206,47 @@ mod tests {
     fn debug_output_hides_the_secrets() {
         let settings = parse(json!({
             "app_id": "wx1", "app_secret": "very-secret", "token": "tok-secret",
-            "encoding_aes_key": "aes-secret",
+            "encoding_aes_key": KEY, "previous_encoding_aes_key": OLD_KEY,
         }))
         .unwrap_or_else(|e| panic!("{e}"));
         let shown = format!("{settings:?}");
         assert!(!shown.contains("very-secret") && !shown.contains("tok-secret"));
-        assert!(!shown.contains("aes-secret"));
+        assert!(!shown.contains(KEY) && !shown.contains(OLD_KEY));
+    }
+
+    const KEY: &str = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG";
+    const OLD_KEY: &str = "jWmYm7qr5nMoAUwZRjGtBxmz3KA1tkAj3ykkR6q2B2C";
+
+    #[test]
+    fn encoding_aes_keys_are_validated_and_blank_ones_are_absent() {
+        let settings = parse(json!({
+            "app_id": "a", "app_secret": "s", "token": "t",
+            "encoding_aes_key": KEY, "previous_encoding_aes_key": OLD_KEY,
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(settings.encoding_aes_key.as_deref(), Some(KEY));
+        assert_eq!(settings.previous_encoding_aes_key.as_deref(), Some(OLD_KEY));
+
+        let blank = parse(json!({"app_id": "a", "app_secret": "s", "token": "t", "encoding_aes_key": " "}))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(blank.encoding_aes_key.is_none());
+
+        let short = &KEY[..42];
+        let error = parse(json!({"app_id": "a", "app_secret": "s", "token": "t", "encoding_aes_key": short}))
+            .err()
+            .unwrap_or_default();
+        assert!(error.contains("`encoding_aes_key`") && !error.contains(short), "{error}");
+        let bad = "abcdefghijklmnopqrstuvwxyz0123456789ABCDE+G";
+        let error = parse(json!({
+            "app_id": "a", "app_secret": "s", "token": "t",
+            "encoding_aes_key": KEY, "previous_encoding_aes_key": bad,
+        }))
+        .err()
+        .unwrap_or_default();
+        assert!(error.contains("`previous_encoding_aes_key`") && !error.contains(bad), "{error}");
+        let error = parse(json!({"app_id": "a", "app_secret": "s", "token": "t", "previous_encoding_aes_key": KEY}))
+            .err()
+            .unwrap_or_default();
+        assert!(error.contains("`encoding_aes_key` is not"), "{error}");
     }
 }

@@ -242,11 +242,11 @@ fn a_signed_get_is_answered_with_echostr() {
 }
 
 #[test]
-fn safe_mode_requests_are_unsupported_not_misparsed() {
+fn safe_mode_requests_with_a_forged_msg_signature_are_refused_not_misparsed() {
     let mut request = signed_post("<xml><ToUserName><![CDATA[gh_toUser]]></ToUserName><Encrypt><![CDATA[abc]]></Encrypt></xml>");
     request.query.push(("encrypt_type".into(), "aes".into()));
     request.query.push(("msg_signature".into(), "0".repeat(40)));
-    assert!(matches!(channel().handle_webhook(&request), Err(ChannelError::Unsupported(_))));
+    assert!(matches!(channel().handle_webhook(&request), Err(ChannelError::BadSignature(_))));
 }
 
 #[test]
