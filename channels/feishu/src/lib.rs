@@ -1,1 +1,531 @@
-//! Yizhan channel for Feishu (飞书) bots. (in progress)
+//! Yizhan's channel for Feishu (飞书) / Lark bots: event subscription over HTTP (v2 events),
+//! replies through the IM API, and answers that stream into a CardKit card.
+//!
+//! # Layout
+//! - [`settings`]: [`FeishuSettings`], the channel's config section.
+//! - [`crypto`]: decryption of `{"encrypt": …}` bodies and the `X-Lark-Signature` check.
+//! - `inbound`: decrypted callback JSON → challenge answer, envelope, or an ignored event.
+//! - [`message`] and [`split`]: answer text → text messages or markdown cards that fit Feishu's
+//!   size limits; the streaming card; idempotency keys.
+//! - `api`: tenant token, replies, CardKit calls, error-code triage.
+//!
+//! # Design decisions
+//! - **Authenticate before reading.** With an Encrypt Key, every event must carry a valid
+//!   signature (`sha256(timestamp + nonce + key + body)`, compared in constant time) and a
+//!   timestamp inside the replay window; only URL verification, which Feishu does not sign, is
+//!   answered without one. The verification token is checked in every mode. Without an Encrypt
+//!   Key the token is the only proof of origin, so configuring the key is recommended.
+//! - **Dedupe on the message id.** Feishu redelivers one message under new `event_id`s for
+//!   hours; [`Envelope::platform_message_id`](yizhan_channel_core::Envelope::platform_message_id) is the `om_…` message id, so the core drops those.
+//! - **Groups need a mention.** An envelope from a group has `mentions_self` only when the bot
+//!   was @-mentioned (identified by `bot_open_id`, or any mention when that is unset), unless
+//!   `require_mention_in_groups` is off. The bot's own `@_user_N` placeholder is removed from the
+//!   text; other people's become `@Name`.
+//! - **Text for chat, cards for documents.** Short answers without markdown go out as `text`
+//!   messages; formatted or long ones as a wide card with one markdown element. Every send
+//!   carries the delivery id as Feishu's idempotency `uuid`, so a retried part is shown once.
+//! - **Streaming through CardKit**, not message edits: text edits have an undocumented per-message
+//!   cap, while a CardKit card takes up to 10 updates a second and types out the new text itself.
+//! - **A model cannot @-mention anyone**: `<at …>` tags in answers are defused before sending.
+//! - **Error codes are triaged, not passed through**, as in the 公众号 channel: rate limits are
+//!   transient with Feishu's advised delay, oversized content is refused, missing scopes and bad
+//!   credentials are misconfigurations logged once per code.
+#![warn(missing_docs)]
+
+mod api;
+pub mod crypto;
+mod inbound;
+pub mod message;
+pub mod settings;
+pub mod split;
+
+pub use settings::FeishuSettings;
+
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+use tracing::{debug, info};
+use yizhan_channel_core::{
+    constant_time_eq, BoxFuture, Capabilities, Channel, ChannelError, ChannelId, ChannelSettings, Delivery,
+    DeliveryReceipt, Method, Reply, StreamHandle, WebhookOutcome, WebhookRequest, WebhookResponse,
+};
+
+/// The channel kind, as written in config (`kind = "feishu"`).
+pub const KIND: &str = "feishu";
+
+/// At most 5 updates a second per card are shown smoothly (and CardKit takes at most 10
+/// operations a second per card), so the core waits this long between stream updates.
+const MIN_STREAM_INTERVAL: Duration = Duration::from_millis(200);
+
+/// The signature headers Feishu adds to events when an Encrypt Key is configured.
+const TIMESTAMP_HEADER: &str = "x-lark-request-timestamp";
+const NONCE_HEADER: &str = "x-lark-request-nonce";
+const SIGNATURE_HEADER: &str = "x-lark-signature";
+
+/// One Feishu app (bot).
+pub struct Feishu {
+    id: ChannelId,
+    /// Validated settings (normalised `api_base`, blank optionals as `None`).
+    settings: FeishuSettings,
+    api: api::Api,
+    /// Whether the "set `bot_open_id`" advice was logged already; once per process is enough.
+    bot_identity_advised: AtomicBool,
+}
+
+impl Feishu {
+    /// The kind, as written in config (same as the crate-level [`KIND`]).
+    pub const KIND: &'static str = KIND;
+
+    /// Builds the channel from already-parsed settings, validating them first. `http` is shared
+    /// with the rest of the hub so connections are pooled.
+    pub fn new(id: ChannelId, settings: FeishuSettings, http: reqwest::Client) -> Result<Self, ChannelError> {
+        let settings = settings.validate()?;
+        let api = api::Api::new(
+            id.clone(),
+            http,
+            settings.api_base.clone(),
+            settings.app_id.clone(),
+            settings.app_secret.clone(),
+        );
+        Ok(Self { id, settings, api, bot_identity_advised: AtomicBool::new(false) })
+    }
+
+    /// Builds the channel from its `[[channels]]` entry; unknown keys (the core's) are ignored.
+    pub fn from_settings(settings: &ChannelSettings, http: reqwest::Client) -> Result<Feishu, ChannelError> {
+        if settings.kind != Self::KIND {
+            return Err(ChannelError::Misconfigured(format!(
+                "channel {:?} has kind {:?}, not {:?}",
+                settings.id.as_str(),
+                settings.kind,
+                Self::KIND
+            )));
+        }
+        let parsed: FeishuSettings = settings.parse()?;
+        Self::new(settings.id.clone(), parsed, http)
+    }
+
+    /// The validated settings.
+    pub fn settings(&self) -> &FeishuSettings {
+        &self.settings
+    }
+
+    /// The constant-time verification-token check every callback passes.
+    fn check_token(&self, token: Option<&str>) -> Result<(), ChannelError> {
+        let given = token.unwrap_or_default();
+        if given.is_empty() || !constant_time_eq(given.as_bytes(), self.settings.verification_token.as_bytes()) {
+            return Err(ChannelError::BadSignature("verification token missing or wrong".into()));
+        }
+        Ok(())
+    }
+
+    /// Checks an event's signature headers against `encrypt_key`: all three present, the
+    /// timestamp inside the replay window, the signature right.
+    fn check_signature(&self, request: &WebhookRequest, encrypt_key: &str) -> Result<(), ChannelError> {
+        let header = |name: &str| {
+            request
+                .header(name)
+                .ok_or_else(|| ChannelError::BadSignature(format!("event without the `{name}` header")))
+        };
+        let (timestamp, nonce, signature) = (header(TIMESTAMP_HEADER)?, header(NONCE_HEADER)?, header(SIGNATURE_HEADER)?);
+        request.check_timestamp(timestamp, self.settings.replay_window())?;
+        if !crypto::signature_matches(signature, timestamp, nonce, encrypt_key, &request.body) {
+            return Err(ChannelError::BadSignature("X-Lark-Signature does not match".into()));
+        }
+        Ok(())
+    }
+
+    /// The callback as plain JSON: decrypted when it is `{"encrypt": …}`.
+    fn plaintext(&self, body: Value) -> Result<Value, ChannelError> {
+        let Some(encrypted) = body.get("encrypt") else { return Ok(body) };
+        let key = self.settings.encrypt_key.as_deref().ok_or_else(|| {
+            ChannelError::BadSignature("the callback is encrypted but no `encrypt_key` is configured".into())
+        })?;
+        let encrypted = encrypted
+            .as_str()
+            .ok_or_else(|| ChannelError::Malformed("`encrypt` is not a string".into()))?;
+        // A payload that does not decrypt was not made with our key: not from Feishu (for us).
+        let plain = crypto::decrypt(key, encrypted).map_err(|error| ChannelError::BadSignature(error.to_string()))?;
+        inbound::parse_object(plain.as_bytes(), "the decrypted callback")
+    }
+
+    /// A message event, authenticated: one envelope, acknowledged with `{}`.
+    fn accept_message(
+        &self,
+        request: &WebhookRequest,
+        event_id: &str,
+        event: &Value,
+    ) -> Result<WebhookOutcome, ChannelError> {
+        let context = inbound::Context {
+            channel: &self.id,
+            kind: Self::KIND,
+            received_at_ms: unix_millis(request.received_at),
+            bot_open_id: self.settings.bot_open_id.as_deref(),
+            require_mention_in_groups: self.settings.require_mention_in_groups,
+        };
+        let parsed = inbound::message_envelope(&context, event_id, event)?;
+        if parsed.assumed_self_mention && !self.bot_identity_advised.swap(true, Ordering::Relaxed) {
+            info!(
+                channel = %self.id,
+                "Treating any @-mention in a group as addressing the bot; set `bot_open_id` to tell mentions apart."
+            );
+        }
+        let envelope = parsed.envelope;
+        debug!(
+            channel = %self.id,
+            message_id = %envelope.platform_message_id,
+            event_id,
+            mentions_self = envelope.mentions_self,
+            "Message accepted."
+        );
+        Ok(WebhookOutcome::Accepted { envelopes: vec![envelope], ack: WebhookResponse::json("{}") })
+    }
+
+    /// Sends one message part with the delivery's idempotency key.
+    async fn send_part(&self, delivery: &Delivery) -> Result<DeliveryReceipt, ChannelError> {
+        let target = ReplyTarget::from_handle(&delivery.reply_handle.0)?;
+        let body = message::message_body(&delivery.reply.text);
+        let uuid = message::idempotency_key(&delivery.delivery_id);
+        let platform_message_id = self.api.send(target.as_api(), body.msg_type, &body.content, &uuid).await?;
+        Ok(DeliveryReceipt { platform_message_id })
+    }
+
+    async fn start_stream(&self, target: &Delivery) -> Result<StreamHandle, ChannelError> {
+        let reply_target = ReplyTarget::from_handle(&target.reply_handle.0)?;
+        let card_id = self.api.create_card(&message::streaming_card(&target.reply.text)).await?;
+        let content = json!({"type": "card", "data": {"card_id": card_id}}).to_string();
+        // NOTE: bound to the card as well as the delivery. If the core falls back to `deliver`
+        // for this delivery, its uuid must differ from this one (or Feishu would answer with this
+        // card message instead of sending the text); and a retried `begin_stream` makes a new
+        // card, which must be sent rather than deduplicated into the old card's message.
+        let uuid = message::idempotency_key(&format!("stream:{}:{card_id}", target.delivery_id));
+        let message_id = self.api.send(reply_target.as_api(), "interactive", &content, &uuid).await?;
+        debug!(channel = %self.id, %card_id, "Streaming card sent.");
+        Ok(StreamHandle(json!({
+            "card_id": card_id,
+            "element_id": message::STREAM_ELEMENT_ID,
+            "message_id": message_id,
+        })))
+    }
+
+    async fn stream_text(&self, handle: &StreamHandle, text: &str, sequence: u64) -> Result<(), ChannelError> {
+        if text.trim().is_empty() {
+            return Ok(());
+        }
+        let stream = StreamTarget::from_handle(handle)?;
+        let uuid = message::idempotency_key(&format!("{}:{}:{sequence}", stream.card_id, stream.element_id));
+        let text = message::defuse_mentions(text);
+        self.api.set_element_content(stream.card_id, stream.element_id, &text, sequence, &uuid).await
+    }
+
+    async fn end_stream(&self, handle: &StreamHandle, full_text: &str, sequence: u64) -> Result<DeliveryReceipt, ChannelError> {
+        let stream = StreamTarget::from_handle(handle)?;
+        self.stream_text(handle, full_text, sequence).await?;
+        self.api.end_streaming(stream.card_id, sequence.saturating_add(1)).await?;
+        Ok(DeliveryReceipt { platform_message_id: stream.message_id.map(str::to_owned) })
+    }
+}
+
+/// The parts of a reply handle a send needs.
+struct ReplyTarget<'a> {
+    message_id: Option<&'a str>,
+    chat_id: Option<&'a str>,
+}
+
+impl<'a> ReplyTarget<'a> {
+    fn from_handle(handle: &'a Value) -> Result<Self, ChannelError> {
+        let field = |key: &str| handle.get(key).and_then(Value::as_str).filter(|value| !value.is_empty());
+        let target = Self { message_id: field("message_id"), chat_id: field("chat_id") };
+        if target.message_id.is_none() && target.chat_id.is_none() {
+            return Err(ChannelError::Malformed(
+                "the reply handle names neither a message nor a chat; it is not from this channel".into(),
+            ));
+        }
+        Ok(target)
+    }
+
+    fn as_api(&self) -> api::Target<'a> {
+        api::Target { message_id: self.message_id, chat_id: self.chat_id }
+    }
+}
+
+/// The parts of a [`StreamHandle`] made by `begin_stream`.
+struct StreamTarget<'a> {
+    card_id: &'a str,
+    element_id: &'a str,
+    message_id: Option<&'a str>,
+}
+
+impl<'a> StreamTarget<'a> {
+    fn from_handle(handle: &'a StreamHandle) -> Result<Self, ChannelError> {
+        let field = |key: &str| handle.0.get(key).and_then(Value::as_str).filter(|value| !value.is_empty());
+        let card_id = field("card_id")
+            .ok_or_else(|| ChannelError::Malformed("the stream handle has no card_id; it is not from this channel".into()))?;
+        Ok(Self {
+            card_id,
+            element_id: field("element_id").unwrap_or(message::STREAM_ELEMENT_ID),
+            message_id: field("message_id"),
+        })
+    }
+}
+
+impl std::fmt::Debug for Feishu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Feishu").field("id", &self.id).field("settings", &self.settings).finish()
+    }
+}
+
+fn unix_millis(at: SystemTime) -> i64 {
+    match at.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(since) => i64::try_from(since.as_millis()).unwrap_or(i64::MAX),
+        Err(before) => i64::try_from(before.duration().as_millis()).map_or(i64::MIN, |ms| -ms),
+    }
+}
+
+impl Channel for Feishu {
+    fn id(&self) -> &ChannelId {
+        &self.id
+    }
+
+    fn kind(&self) -> &str {
+        Self::KIND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            passive_reply_window: None,
+            markdown: true,
+            max_part_bytes: self.settings.max_part_bytes,
+            streaming: self.settings.streaming,
+            min_stream_interval: MIN_STREAM_INTERVAL,
+        }
+    }
+
+    /// POST only. URL verification is answered with its challenge once its token checks out;
+    /// `im.message.receive_v1` becomes one envelope acknowledged with `{}`; other events are
+    /// answered `{}` and dispatch nothing. With an Encrypt Key, events must be signed.
+    fn handle_webhook(&self, request: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
+        if request.method != Method::Post {
+            return Err(ChannelError::Unsupported("Feishu calls the webhook with POST only".into()));
+        }
+        let body = inbound::parse_object(&request.body, "the body")?;
+        let callback = inbound::Callback::parse(&self.plaintext(body)?)?;
+        if let inbound::Callback::UrlVerification { challenge, .. } = &callback {
+            // NOTE: Feishu does not sign URL verification ("不包括请求网址校验"); the token,
+            // inside the encrypted body when there is an Encrypt Key, is the proof.
+            self.check_token(callback.token())?;
+            let answer = json!({"challenge": challenge}).to_string();
+            return Ok(WebhookOutcome::Respond(WebhookResponse::json(answer)));
+        }
+        if let Some(key) = self.settings.encrypt_key.as_deref() {
+            self.check_signature(request, key)?;
+        }
+        self.check_token(callback.token())?;
+        match &callback {
+            inbound::Callback::EventV2 { event_type, event_id, event, .. } if event_type == inbound::MESSAGE_RECEIVED => {
+                self.accept_message(request, event_id, event)
+            }
+            inbound::Callback::EventV2 { event_type, .. } => {
+                debug!(channel = %self.id, event_type = %event_type, "Event ignored.");
+                Ok(WebhookOutcome::Respond(WebhookResponse::json("{}")))
+            }
+            inbound::Callback::Other { name, .. } => {
+                debug!(channel = %self.id, name = %name, "Callback ignored (not a v2 event).");
+                Ok(WebhookOutcome::Respond(WebhookResponse::json("{}")))
+            }
+            inbound::Callback::UrlVerification { .. } => Ok(WebhookOutcome::Respond(WebhookResponse::json("{}"))),
+        }
+    }
+
+    /// Splits at paragraph, line and sentence breaks into parts of at most `max_part_bytes`,
+    /// keeping code fences balanced and every part's card under Feishu's 30 KB. Markdown stays
+    /// markdown: cards render it.
+    fn render(&self, reply: &Reply) -> Vec<Reply> {
+        message::render_parts(&reply.text, self.settings.max_part_bytes).into_iter().map(Reply::text).collect()
+    }
+
+    /// Replies to the user's message with one part: a text message or a markdown card.
+    fn deliver<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
+        Box::pin(async move {
+            if delivery.reply.text.trim().is_empty() {
+                debug!(channel = %self.id, delivery = %delivery.delivery_id, "Empty part skipped.");
+                return Ok(DeliveryReceipt::default());
+            }
+            self.send_part(delivery).await
+        })
+    }
+
+    /// Creates a CardKit streaming card and replies with it. The handle is
+    /// `{"card_id", "element_id", "message_id"}`.
+    fn begin_stream<'a>(&'a self, target: &'a Delivery) -> BoxFuture<'a, Result<StreamHandle, ChannelError>> {
+        Box::pin(async move {
+            if !self.settings.streaming {
+                return Err(ChannelError::Unsupported("streaming is off for this channel".into()));
+            }
+            self.start_stream(target).await
+        })
+    }
+
+    /// Writes the text so far into the card (a blank text is skipped; the sequence gap is fine).
+    fn update_stream<'a>(
+        &'a self,
+        handle: &'a StreamHandle,
+        text_so_far: &'a str,
+        sequence: u64,
+    ) -> BoxFuture<'a, Result<(), ChannelError>> {
+        Box::pin(self.stream_text(handle, text_so_far, sequence))
+    }
+
+    /// Writes the full text with `sequence`, then ends streaming mode with `sequence + 1`.
+    fn finish_stream<'a>(
+        &'a self,
+        handle: &'a StreamHandle,
+        full_text: &'a str,
+        sequence: u64,
+    ) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
+        Box::pin(self.end_stream(handle, full_text, sequence))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn channel(extra: Value) -> Feishu {
+        let mut table = json!({
+            "id": "fs", "kind": "feishu", "system_prompt": "hi",
+            "app_id": "cli_1", "app_secret": "secret", "verification_token": "vtoken",
+            "api_base": "http://127.0.0.1:9",
+        });
+        if let (Some(table), Some(extra)) = (table.as_object_mut(), extra.as_object()) {
+            table.extend(extra.clone());
+        }
+        let settings = ChannelSettings {
+            id: ChannelId::parse("fs").unwrap_or_else(|e| panic!("{e}")),
+            kind: KIND.into(),
+            table,
+        };
+        Feishu::from_settings(&settings, reqwest::Client::new()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn post(body: &str) -> WebhookRequest {
+        WebhookRequest {
+            method: Method::Post,
+            query: vec![],
+            raw_query: String::new(),
+            headers: vec![],
+            body: Bytes::from(body.to_owned()),
+            received_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        }
+    }
+
+    #[test]
+    fn capabilities_follow_the_settings() {
+        let capabilities = channel(json!({})).capabilities();
+        assert_eq!(capabilities.passive_reply_window, None);
+        assert!(capabilities.markdown && capabilities.streaming);
+        assert_eq!(capabilities.max_part_bytes, 30_000);
+        assert_eq!(capabilities.min_stream_interval, Duration::from_millis(200));
+        let quiet = channel(json!({"streaming": false, "max_part_bytes": 4000})).capabilities();
+        assert!(!quiet.streaming);
+        assert_eq!(quiet.max_part_bytes, 4000);
+    }
+
+    #[test]
+    fn get_requests_are_unsupported() {
+        let mut request = post("{}");
+        request.method = Method::Get;
+        assert!(matches!(channel(json!({})).handle_webhook(&request), Err(ChannelError::Unsupported(_))));
+    }
+
+    #[test]
+    fn a_settings_entry_of_another_kind_is_refused() {
+        let settings = ChannelSettings {
+            id: ChannelId::parse("fs").unwrap_or_else(|e| panic!("{e}")),
+            kind: "wechat_mp".into(),
+            table: json!({"app_id": "a", "app_secret": "s", "verification_token": "t"}),
+        };
+        assert!(matches!(Feishu::from_settings(&settings, reqwest::Client::new()), Err(ChannelError::Misconfigured(_))));
+    }
+
+    #[test]
+    fn an_encrypted_body_without_a_configured_key_is_refused() {
+        let outcome = channel(json!({})).handle_webhook(&post(r#"{"encrypt":"P37w+VZImNgPEO1RBhJ6RtKl7n6zymIbEG1pReEzghk="}"#));
+        assert!(matches!(outcome, Err(ChannelError::BadSignature(_))), "{outcome:?}");
+    }
+
+    #[test]
+    fn an_encrypted_body_that_does_not_decrypt_with_our_key_is_refused() {
+        let outcome = channel(json!({"encrypt_key": "test key2"}))
+            .handle_webhook(&post(r#"{"encrypt":"P37w+VZImNgPEO1RBhJ6RtKl7n6zymIbEG1pReEzghk="}"#));
+        assert!(matches!(outcome, Err(ChannelError::BadSignature(_))), "{outcome:?}");
+        // Decrypts fine ("hello world") but is not JSON.
+        let outcome = channel(json!({"encrypt_key": "test key"}))
+            .handle_webhook(&post(r#"{"encrypt":"P37w+VZImNgPEO1RBhJ6RtKl7n6zymIbEG1pReEzghk="}"#));
+        assert!(matches!(outcome, Err(ChannelError::Malformed(_))), "{outcome:?}");
+    }
+
+    #[test]
+    fn unix_millis_handles_times_before_the_epoch() {
+        assert_eq!(unix_millis(SystemTime::UNIX_EPOCH + Duration::from_millis(1500)), 1500);
+        assert_eq!(unix_millis(SystemTime::UNIX_EPOCH - Duration::from_millis(1500)), -1500);
+    }
+
+    #[test]
+    fn stream_handles_and_reply_handles_from_elsewhere_are_malformed() {
+        assert!(StreamTarget::from_handle(&StreamHandle(json!({"x": 1}))).is_err());
+        assert!(ReplyTarget::from_handle(&json!({"message_id": ""})).is_err());
+        let handle = StreamHandle(json!({"card_id": "c1"}));
+        let stream = StreamTarget::from_handle(&handle).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(stream.element_id, message::STREAM_ELEMENT_ID);
+    }
+
+    /// A tiny deterministic generator, so the robustness tests need no extra dependency.
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn next(&mut self, below: usize) -> usize {
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((self.0 >> 33) as usize) % below.max(1)
+        }
+    }
+
+    #[test]
+    fn random_bodies_never_panic_the_webhook() {
+        let fragments = [
+            "{", "}", "[", "]", ",", ":", "\"", "\"schema\"", "\"2.0\"", "\"header\"", "\"token\"", "\"vtoken\"",
+            "\"event\"", "\"message\"", "\"content\"", "\"{\\\"text\\\":1}\"", "\"type\"", "\"url_verification\"",
+            "\"challenge\"", "\"event_type\"", "\"im.message.receive_v1\"", "\"mentions\"", "\"key\"", "\"@_user_1\"",
+            "null", "1", "\"chat_type\"", "\"p2p\"", "\"encrypt\"", "\"AAAA\"", "好", "\\u0000",
+        ];
+        let plain = channel(json!({}));
+        let encrypted = channel(json!({"encrypt_key": "k"}));
+        let mut rng = Lcg(11);
+        for _ in 0..3000 {
+            let len = rng.next(40);
+            let body: String = (0..len).map(|_| fragments[rng.next(fragments.len())]).collect();
+            let _ = plain.handle_webhook(&post(&body));
+            let _ = encrypted.handle_webhook(&post(&body));
+        }
+    }
+
+    #[test]
+    fn rendering_random_markdown_never_panics_and_honours_the_limit() {
+        let alphabet = [
+            "*", "**", "_", "`", "```", "```rust", "~~~", "#", "## ", "- ", "1. ", "> ", "[", "]", "(", ")", "<at id=all>",
+            "|", "\n", "\n\n", " ", "    ", "好", "。", "😀", "é", "a", "word", ".", "\"", "\t", "---",
+        ];
+        let mut rng = Lcg(7);
+        for limit in [64, 100, 2048] {
+            let channel = channel(json!({"max_part_bytes": limit}));
+            for _ in 0..300 {
+                let len = rng.next(400);
+                let text: String = (0..len).map(|_| alphabet[rng.next(alphabet.len())]).collect();
+                for part in channel.render(&Reply::text(text.clone())) {
+                    assert!(!part.text.trim().is_empty(), "empty part from {text:?}");
+                    assert!(part.text.len() <= limit, "over {limit}: {text:?}");
+                }
+            }
+        }
+    }
+}

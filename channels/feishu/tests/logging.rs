@@ -1,0 +1,94 @@
+//! Logging of misconfigurations: once per code, never with secrets.
+//!
+//! NOTE: alone in its own test binary on purpose. `tracing` caches per-callsite interest
+//! globally, so a test in the same process that hits the `error!` callsite first, on another
+//! thread without a subscriber, can make this test's thread-local subscriber miss the line.
+
+use serde_json::json;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+use yizhan_channel_core::{
+    Channel, ChannelId, Conversation, ConversationKind, Delivery, ReplyHandle, Reply, Sender,
+};
+use yizhan_channel_feishu::{Feishu, FeishuSettings};
+
+const SECRET: &str = "the-app-secret";
+const TOKEN_PATH: &str = "/open-apis/auth/v3/tenant_access_token/internal";
+
+fn channel_for(server: &MockServer) -> Feishu {
+    let settings: FeishuSettings = serde_json::from_value(json!({
+        "app_id": "cli_9f5343c580712544",
+        "app_secret": SECRET,
+        "verification_token": "vt",
+        "api_base": server.uri(),
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let id = ChannelId::parse("fs").unwrap_or_else(|e| panic!("{e}"));
+    Feishu::new(id, settings, reqwest::Client::new()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn delivery(id: &str, text: &str) -> Delivery {
+    Delivery {
+        delivery_id: id.into(),
+        channel: ChannelId::parse("fs").unwrap_or_else(|e| panic!("{e}")),
+        conversation: Conversation { kind: ConversationKind::Direct, id: "oc_1".into() },
+        recipient: Sender { id: "ou_user".into(), name: None },
+        reply_handle: ReplyHandle(json!({"message_id": "om_1", "chat_id": "oc_1"})),
+        reply: Reply::text(text),
+    }
+}
+
+/// Log output captured in memory.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Captured {
+    fn lines(&self) -> Vec<String> {
+        let bytes = self.0.lock().map(|buffer| buffer.clone()).unwrap_or_default();
+        String::from_utf8_lossy(&bytes).lines().map(str::to_owned).collect()
+    }
+}
+
+impl std::io::Write for Captured {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut buffer) = self.0.lock() {
+            buffer.extend_from_slice(data);
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_wrong_secret_is_logged_once_per_code_not_per_message_and_never_with_secrets() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    // NOTE: a current-thread test runtime, so the thread-local default covers every await.
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path(TOKEN_PATH))
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({"code": 10014, "msg": format!("app secret invalid: {SECRET}")})))
+        .mount(&server)
+        .await;
+    let channel = channel_for(&server);
+    for i in 0..5 {
+        assert!(channel.deliver(&delivery(&format!("d{i}"), "hi")).await.is_err());
+    }
+    let lines = captured.lines();
+    let errors = lines.iter().filter(|line| line.contains("ERROR")).count();
+    assert_eq!(errors, 1, "{lines:#?}");
+    assert!(lines.iter().any(|line| line.contains("10014") && line.contains("channel=fs")), "{lines:#?}");
+    for line in &lines {
+        assert!(!line.contains(SECRET), "secret in log: {line}");
+    }
+}
