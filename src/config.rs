@@ -270,6 +270,20 @@ pub struct MessagesConfig {
     pub unsupported: String,
     /// For a new follower; says that the assistant is an AI.
     pub welcome: String,
+    /// For a voice message the platform could not transcribe.
+    pub voice_unrecognized: String,
+    /// Put before the first AI answer to each user (empty: never).
+    pub ai_label: String,
+    /// Put `ai_label` before every AI answer, not only the first.
+    pub ai_label_every_reply: bool,
+    /// Words that fetch the rest of a parked answer.
+    pub continue_commands: Vec<String>,
+    /// Appended when the rest of an answer waits for the continue word.
+    pub more_hint: String,
+    /// Put before an earlier answer delivered late, with the user's next message.
+    pub parked_prefix: String,
+    /// Answer to the continue word when nothing is parked.
+    pub nothing_parked: String,
 }
 
 impl Default for MessagesConfig {
@@ -281,6 +295,13 @@ impl Default for MessagesConfig {
             reset_commands: vec!["/reset".into(), "重置".into(), "清空对话".into()],
             unsupported: "抱歉，我目前只能理解文字消息，请用文字描述你的问题。".into(),
             welcome: "你好！我是 AI 助手（回答由人工智能生成），有什么可以帮你？".into(),
+            voice_unrecognized: "抱歉，没有听清你的语音，请发送文字消息。".into(),
+            ai_label: "「以下内容由AI生成」".into(),
+            ai_label_every_reply: false,
+            continue_commands: vec!["继续".into()],
+            more_hint: "（回复「继续」查看剩余内容）".into(),
+            parked_prefix: "【你上一条消息的回复】".into(),
+            nothing_parked: "没有待查看的内容了，请直接提问吧。".into(),
         }
     }
 }
@@ -291,6 +312,24 @@ impl Default for MessagesConfig {
 pub enum ReplyMode {
     /// Acknowledge at once, answer through the platform's send API.
     Push,
+    /// Answer only inside the webhook response (accounts without send permission); what does
+    /// not fit waits for the user's next message or the continue word.
+    Passive,
+    /// Answer inside the webhook response when ready in time, else through the send API. The
+    /// default for platforms with passive replies (WeChat).
+    Auto,
+}
+
+/// What a menu button does.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MenuAction {
+    /// Answer with this fixed text.
+    #[serde(default)]
+    pub reply: Option<String>,
+    /// Ask the model this, as if the user had typed it.
+    #[serde(default)]
+    pub prompt: Option<String>,
 }
 
 /// One `[[channels]]` entry: the keys the core reads, plus the channel's own keys.
@@ -312,9 +351,18 @@ pub struct ChannelCoreConfig {
     /// This account's persona; falls back to `[llm] system_prompt`.
     #[serde(default)]
     pub system_prompt: Option<String>,
-    /// How answers go back.
-    #[serde(default = "default_reply_mode")]
-    pub reply_mode: ReplyMode,
+    /// How answers go back; default `auto` where the platform has passive replies, else `push`.
+    #[serde(default)]
+    pub reply_mode: Option<ReplyMode>,
+    /// Override of the platform's passive-reply window (tests; proxies that add latency).
+    #[serde(default)]
+    pub passive_window_ms: Option<u64>,
+    /// The last attempt answers `success` this long before its deadline.
+    #[serde(default = "default_passive_margin_ms")]
+    pub passive_margin_ms: u64,
+    /// Menu keys (WeChat CLICK, WeCom click) mapped to a fixed reply or a prompt.
+    #[serde(default)]
+    pub menu: std::collections::HashMap<String, MenuAction>,
     /// In group chats: one conversation per group (`shared`) or per member (`per_user`).
     #[serde(default)]
     pub group_context: GroupContext,
@@ -331,8 +379,8 @@ pub enum GroupContext {
     PerUser,
 }
 
-fn default_reply_mode() -> ReplyMode {
-    ReplyMode::Push
+fn default_passive_margin_ms() -> u64 {
+    500
 }
 
 impl<'de> Deserialize<'de> for ChannelConfig {
@@ -498,7 +546,8 @@ token = "tok"
         assert_eq!(config.llm.backend, LlmBackendKind::Openai);
         assert_eq!(config.channels.len(), 1);
         assert_eq!(config.channels[0].settings.table["app_secret"], "file-secret");
-        assert_eq!(config.channels[0].core.reply_mode, ReplyMode::Push);
+        assert_eq!(config.channels[0].core.reply_mode, None);
+        assert_eq!(config.channels[0].core.passive_margin_ms, 500);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The shared, read-only wiring every part of the core reaches through: store, LLM, channels,
 //! texts, bounds, metrics. Built once at startup; cloning is an `Arc` bump.
 
-use crate::config::{MessagesConfig, SessionConfig};
+use crate::config::{MenuAction, MessagesConfig, ReplyMode, SessionConfig};
+use crate::delivery::passive::PassiveSlots;
 use crate::delivery::{self, ChannelActor};
 use crate::llm::LlmActor;
 use crate::metrics::Metrics;
@@ -22,6 +23,21 @@ pub struct ChannelEntry {
     pub system_prompt: String,
     /// Group messages are keyed per member rather than per group.
     pub group_per_user: bool,
+    /// How answers go back.
+    pub reply_mode: ReplyMode,
+    /// How long the platform holds a webhook open for a passive reply (`None`: it doesn't).
+    pub passive_window: Option<Duration>,
+    /// The last passive attempt answers `success` this long before its deadline.
+    pub passive_margin: Duration,
+    /// Menu keys mapped to replies or prompts.
+    pub menu: std::collections::HashMap<String, MenuAction>,
+}
+
+impl ChannelEntry {
+    /// Whether webhook calls are held open for a passive answer.
+    pub fn holds_for_passive(&self) -> bool {
+        self.passive_window.is_some() && matches!(self.reply_mode, ReplyMode::Auto | ReplyMode::Passive)
+    }
 }
 
 /// See the module docs.
@@ -44,6 +60,8 @@ pub struct HubInner {
     pub dedupe_ttl: Duration,
     /// Metrics.
     pub metrics: Metrics,
+    /// Passive-reply jobs and parked answers.
+    pub passive: PassiveSlots,
 }
 
 impl std::ops::Deref for Hub {

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub delivery_in_flight: IntGaugeVec,
     /// Accepted messages not yet finished (answered or deliberately left unanswered).
     pub journal_open: IntGauge,
+    /// Answers by how they left: `passive`, `push`, `parked`, `unparked`.
+    pub answers: IntCounterVec,
 }
 
 // NOTE: the metric definitions below are constants; `expect` cannot fail on them, and a failure
@@ -81,6 +83,11 @@ impl Metrics {
         .expect("valid metric");
         let journal_open =
             IntGauge::new("journal_open", "Accepted messages not yet finished.").expect("valid metric");
+        let answers = IntCounterVec::new(
+            Opts::new("answers_total", "Answers by channel and path (passive, push, parked, unparked)."),
+            &["channel", "path"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(webhook_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(webhook_ack_seconds.clone()),
@@ -93,6 +100,7 @@ impl Metrics {
             Box::new(shed.clone()),
             Box::new(delivery_in_flight.clone()),
             Box::new(journal_open.clone()),
+            Box::new(answers.clone()),
         ] {
             registry.register(collector).expect("metric registered once");
         }
@@ -109,6 +117,7 @@ impl Metrics {
             shed,
             delivery_in_flight,
             journal_open,
+            answers,
         }
     }
 

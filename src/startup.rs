@@ -1,7 +1,7 @@
 //! Builds the actors, the channel directory and the HTTP server from a [`Config`].
 
 use crate::channels::ChannelKinds;
-use crate::config::{Config, LlmBackendKind, StoreKind};
+use crate::config::{Config, LlmBackendKind, ReplyMode, StoreKind};
 use crate::delivery::{ChannelActor, RetryPolicy};
 use crate::hub::{ChannelEntry, Hub, HubInner};
 use crate::http::{healthz, metrics as metrics_route, webhook, AppState};
@@ -126,9 +126,33 @@ impl Application {
             let system_prompt = entry.core.system_prompt.clone().unwrap_or_else(|| config.llm.system_prompt.clone());
             tracing::info!(channel = %entry.settings.id, kind = %entry.settings.kind, "Channel ready.");
             let group_per_user = entry.core.group_context == crate::config::GroupContext::PerUser;
+            let capabilities = channel.capabilities();
+            let passive_window = match (capabilities.passive_reply_window, entry.core.passive_window_ms) {
+                (Some(_), Some(ms)) => Some(Duration::from_millis(ms)),
+                (window, _) => window,
+            };
+            let default_mode = if passive_window.is_some() { ReplyMode::Auto } else { ReplyMode::Push };
+            let reply_mode = entry.core.reply_mode.unwrap_or(default_mode);
+            if reply_mode != ReplyMode::Push && passive_window.is_none() {
+                anyhow::bail!(
+                    "config key `channels[{}].reply_mode`: {:?} needs passive replies, which {} does not have",
+                    entry.core.id,
+                    reply_mode,
+                    entry.core.kind
+                );
+            }
             channels.insert(
                 entry.settings.id.clone(),
-                ChannelEntry { channel, outbound, system_prompt, group_per_user },
+                ChannelEntry {
+                    channel,
+                    outbound,
+                    system_prompt,
+                    group_per_user,
+                    reply_mode,
+                    passive_window,
+                    passive_margin: Duration::from_millis(entry.core.passive_margin_ms),
+                    menu: entry.core.menu.clone(),
+                },
             );
         }
 
@@ -140,6 +164,7 @@ impl Application {
             session: config.session.clone(),
             dedupe_ttl: Duration::from_secs(config.store.dedupe_ttl_secs),
             metrics,
+            passive: Default::default(),
         });
         let session_arbiters: Vec<Arbiter> = (0..config.session.threads).map(|_| Arbiter::new()).collect();
         let sessions = SessionRegistry::new(
@@ -254,7 +279,9 @@ async fn resume_unfinished(hub: &Hub, router: &Router) {
                                 crate::delivery::send_parts(&hub, &unfinished.envelope, parts).await;
                             });
                         }
-                        None => router.dispatch(unfinished.envelope),
+                        None => {
+                            router.dispatch(unfinished.envelope);
+                        }
                     }
                 }
             }

@@ -5,6 +5,7 @@
 //! `max_attempts` times; every part ends as delivered or as failed with a logged, counted reason.
 
 pub mod live;
+pub mod passive;
 
 use crate::config::DeliveryConfig;
 use crate::hub::Hub;
@@ -20,9 +21,19 @@ use yizhan_channel_core::{Channel, ChannelError, Delivery, Envelope, Reply};
 /// (the parts after it are then recorded as failed too, so the user never gets a torn answer
 /// with a hole in it).
 #[derive(Message)]
-#[rtype(result = "Result<(), ChannelError>")]
+#[rtype(result = "Result<(), Undelivered>")]
 pub struct Deliver {
     /// The parts, as recorded in the outbox.
+    pub parts: Vec<Delivery>,
+}
+
+/// Parts that could not be delivered, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{error} ({} part(s) undelivered)", parts.len())]
+pub struct Undelivered {
+    /// The failure that stopped delivery.
+    pub error: ChannelError,
+    /// The part that failed and every part after it, in order.
     pub parts: Vec<Delivery>,
 }
 
@@ -58,15 +69,59 @@ pub async fn answer(hub: &Hub, envelope: &Envelope, session_key: &str, turn: Opt
         // by none.
         tracing::error!(envelope = %envelope.id, %error, "Failed to record an answer; delivering anyway.");
     }
-    send_parts(hub, envelope, parts).await;
+    if parts.is_empty() {
+        hub.finish(&envelope.id).await;
+        return;
+    }
+    let Some(job) = hub.passive.get(&envelope.channel, &envelope.platform_message_id) else {
+        send_parts(hub, envelope, parts).await;
+        return;
+    };
+    match job.offer(parts) {
+        passive::Offer::Push(parts) => {
+            hub.passive.close(&envelope.channel, &envelope.platform_message_id);
+            send_parts(hub, envelope, parts).await;
+        }
+        passive::Offer::Held => {
+            // An attempt takes it; if none comes within two windows (the platform stopped
+            // retrying), it goes out the normal way.
+            let window = entry.passive_window.unwrap_or_default();
+            let (hub, envelope) = (hub.clone(), envelope.clone());
+            actix::spawn(async move {
+                actix::clock::sleep(window * 2 + Duration::from_millis(500)).await;
+                if let Some(parts) = job.reclaim() {
+                    tracing::info!(channel = %envelope.channel, "No platform retry took the passive answer; pushing it.");
+                    hub.passive.close(&envelope.channel, &envelope.platform_message_id);
+                    send_parts(&hub, &envelope, parts).await;
+                }
+            });
+        }
+    }
 }
 
-/// Sends recorded parts through the channel's actor, then finishes the envelope.
+/// Sends recorded parts through the channel's actor, then finishes the envelope. Parts the
+/// platform refused are parked for the user's next message where the platform has passive
+/// replies; otherwise they are recorded as failed.
 pub async fn send_parts(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) {
     if let Some(entry) = hub.channels.get(&envelope.channel) {
+        let channel = envelope.channel.as_str();
         match entry.outbound.send(Deliver { parts }).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => tracing::warn!(envelope = %envelope.id, %error, "Answer not delivered."),
+            Ok(Ok(())) => hub.metrics.answers.with_label_values(&[channel, "push"]).inc(),
+            Ok(Err(Undelivered { error: error @ ChannelError::Refused { .. }, parts }))
+                if entry.passive_window.is_some() =>
+            {
+                let text = parts.iter().map(|part| part.reply.text.as_str()).collect::<Vec<_>>().join("\n\n");
+                tracing::warn!(
+                    channel,
+                    %error,
+                    "The platform refused the answer; parked for the user's next message."
+                );
+                hub.passive.park(&envelope.channel, &envelope.sender.id, text);
+                hub.metrics.answers.with_label_values(&[channel, "parked"]).inc();
+            }
+            Ok(Err(undelivered)) => {
+                tracing::warn!(envelope = %envelope.id, error = %undelivered, "Answer not delivered.")
+            }
             Err(error) => tracing::error!(envelope = %envelope.id, %error, "Delivery actor unavailable."),
         }
     }
@@ -141,7 +196,7 @@ impl Actor for ChannelActor {
 impl Handler<Deliver> for ChannelActor {
     // Detached: delivery of one conversation must not wait for another's retries. Order within
     // one conversation is kept by its session, which awaits each delivery.
-    type Result = ResponseFuture<Result<(), ChannelError>>;
+    type Result = ResponseFuture<Result<(), Undelivered>>;
 
     fn handle(&mut self, msg: Deliver, _: &mut Self::Context) -> Self::Result {
         let channel = self.channel.clone();
@@ -171,7 +226,7 @@ async fn deliver_all(
     policy: &RetryPolicy,
     metrics: &Metrics,
     parts: Vec<Delivery>,
-) -> Result<(), ChannelError> {
+) -> Result<(), Undelivered> {
     let channel_label = channel.id().to_string();
     let mut parts = parts.into_iter();
     while let Some(delivery) = parts.next() {
@@ -187,12 +242,13 @@ async fn deliver_all(
             }
             Err(error) => {
                 let reason = error.to_string();
-                for failed in std::iter::once(delivery).chain(parts) {
+                let undelivered: Vec<Delivery> = std::iter::once(delivery).chain(parts).collect();
+                for failed in &undelivered {
                     if let Err(store_error) = store.part_failed(&failed.delivery_id, &reason).await {
                         tracing::error!(part = %failed.delivery_id, error = %store_error, "Failed to record a failed part.");
                     }
                 }
-                return Err(error);
+                return Err(Undelivered { error, parts: undelivered });
             }
         }
     }

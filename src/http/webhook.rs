@@ -3,13 +3,17 @@
 //! Invariant: nothing here waits for the model. The only awaits are the store's journal write,
 //! which must complete before the platform is told the message arrived.
 
-use crate::hub::Hub;
+use crate::config::ReplyMode;
+use crate::delivery::passive::{AttemptKind, PassiveJob};
+use crate::delivery::send_parts;
+use crate::hub::{ChannelEntry, Hub};
 use crate::routing::Router;
 use crate::store::Acceptance;
+use std::sync::Arc;
 use actix_web::http::Method as HttpMethod;
 use actix_web::{web, HttpRequest, HttpResponse};
 use std::time::{Instant, SystemTime};
-use yizhan_channel_core::{ChannelId, Method, WebhookOutcome, WebhookRequest, WebhookResponse};
+use yizhan_channel_core::{ChannelId, Envelope, Method, Reply, WebhookOutcome, WebhookRequest, WebhookResponse};
 
 /// What the HTTP handlers share.
 pub struct AppState {
@@ -73,16 +77,33 @@ pub async fn webhook(
         Ok(WebhookOutcome::Accepted { envelopes, ack }) => {
             let mut outcome = "duplicate";
             let mut failed = false;
+            // Only a single message can be answered inside the response.
+            let hold = entry.holds_for_passive() && envelopes.len() == 1;
+            let mut held = None;
             for envelope in envelopes {
                 match hub.store.accept(&envelope, hub.dedupe_ttl).await {
                     Ok(Acceptance::New) => {
                         outcome = "accepted";
                         hub.metrics.journal_open.inc();
                         tracing::debug!(channel = %label, message = %envelope.platform_message_id, "Message accepted.");
-                        state.router.dispatch(envelope);
+                        if hold {
+                            // Opened before dispatch, so the answer always finds its job.
+                            let job = hub.passive.open(&envelope.channel, &envelope.platform_message_id);
+                            if state.router.dispatch(envelope.clone()) {
+                                held = Some((job, envelope));
+                            } else {
+                                hub.passive.close(&envelope.channel, &envelope.platform_message_id);
+                            }
+                        } else {
+                            state.router.dispatch(envelope);
+                        }
                     }
                     Ok(Acceptance::Duplicate) => {
-                        tracing::debug!(channel = %label, message = %envelope.platform_message_id, "Platform retry ignored.");
+                        tracing::debug!(channel = %label, message = %envelope.platform_message_id, "Platform retry.");
+                        if hold {
+                            // A retry of a message still being answered attaches to its job.
+                            held = hub.passive.get(&envelope.channel, &envelope.platform_message_id).map(|job| (job, envelope));
+                        }
                     }
                     Err(error) => {
                         // Not acknowledged, so the platform retries; what was journaled dedupes.
@@ -94,6 +115,11 @@ pub async fn webhook(
             }
             if failed {
                 ("store_error", plain(actix_web::http::StatusCode::SERVICE_UNAVAILABLE, "try again"))
+            } else if let Some((job, envelope)) = held {
+                hub.metrics.webhook_requests.with_label_values(&[label, outcome]).inc();
+                let (path, response) = hold_for_answer(hub, entry, &webhook_request, envelope, job, ack).await;
+                hub.metrics.webhook_requests.with_label_values(&[label, path]).inc();
+                return response;
             } else {
                 (outcome, respond(ack))
             }
@@ -102,4 +128,80 @@ pub async fn webhook(
     hub.metrics.webhook_requests.with_label_values(&[label, outcome]).inc();
     hub.metrics.webhook_ack_seconds.with_label_values(&[label]).observe(started.elapsed().as_secs_f64());
     response
+}
+
+/// Holds one webhook attempt open for the answer (see `delivery::passive`). Returns the path the
+/// attempt took (`passive`, `lapsed`, `pushed`) and the response.
+async fn hold_for_answer(
+    hub: &Hub,
+    entry: &ChannelEntry,
+    request: &WebhookRequest,
+    envelope: Envelope,
+    job: Arc<PassiveJob>,
+    ack: WebhookResponse,
+) -> (&'static str, HttpResponse) {
+    let window = entry.passive_window.unwrap_or_default();
+    let kind = job.begin_attempt(3);
+    let parts = match kind {
+        // Wait past the platform's own deadline: answering anything earlier ends its retries.
+        AttemptKind::Lapse => job.take(window + window / 5).await,
+        AttemptKind::Last => match job.take(window.saturating_sub(entry.passive_margin)).await {
+            Some(parts) => Some(parts),
+            None => job.give_up(),
+        },
+    };
+    let Some(mut parts) = parts else {
+        return match kind {
+            // The platform stopped listening at its deadline; this body reaches no one.
+            AttemptKind::Lapse => ("lapsed", respond(WebhookResponse::empty())),
+            AttemptKind::Last => ("pushed", respond(ack)),
+        };
+    };
+    hub.passive.close(&envelope.channel, &envelope.platform_message_id);
+    let channel = envelope.channel.as_str();
+    let limit = entry.channel.capabilities().max_part_bytes;
+    let first = parts.remove(0);
+    let mut text = first.reply.text.clone();
+    if let Some(parked) = hub.passive.unpark(&envelope.channel, &envelope.sender.id) {
+        let combined = format!("{}\n{parked}\n\n{text}", hub.messages.parked_prefix);
+        if combined.len() <= limit {
+            text = combined;
+            hub.metrics.answers.with_label_values(&[channel, "unparked"]).inc();
+        } else {
+            hub.passive.park(&envelope.channel, &envelope.sender.id, parked);
+        }
+    }
+    if entry.reply_mode == ReplyMode::Passive && !parts.is_empty() {
+        // No send API: the rest waits for the continue word.
+        let rest = parts.drain(..).map(|part| part.reply.text).collect::<Vec<_>>().join("\n\n");
+        hub.passive.park(&envelope.channel, &envelope.sender.id, rest);
+        hub.metrics.answers.with_label_values(&[channel, "parked"]).inc();
+        let with_hint = format!("{text}\n{}", hub.messages.more_hint);
+        if with_hint.len() <= limit {
+            text = with_hint;
+        }
+    }
+    let response = match entry.channel.passive_reply(request, &envelope, &Reply::text(text)) {
+        Ok(response) => response,
+        Err(error) => {
+            tracing::warn!(channel, %error, "Could not build the passive reply; pushing the answer.");
+            parts.insert(0, first);
+            let hub = hub.clone();
+            actix::spawn(async move { send_parts(&hub, &envelope, parts).await });
+            return ("pushed", respond(ack));
+        }
+    };
+    hub.metrics.answers.with_label_values(&[channel, "passive"]).inc();
+    if let Err(error) = hub.store.part_delivered(&first.delivery_id).await {
+        tracing::error!(part = %first.delivery_id, %error, "Failed to clear a delivered part.");
+    }
+    let hub = hub.clone();
+    actix::spawn(async move {
+        if parts.is_empty() {
+            hub.finish(&envelope.id).await;
+        } else {
+            send_parts(&hub, &envelope, parts).await;
+        }
+    });
+    ("passive", respond(response))
 }

@@ -3,7 +3,8 @@
 //! Invariant: every accepted envelope either reaches a session, is answered with the busy text,
 //! or is finished as needing no answer; none is left unfinished in the journal by routing.
 
-use crate::config::MessagesConfig;
+use crate::config::{MenuAction, MessagesConfig};
+use std::collections::HashMap;
 use crate::hub::Hub;
 use crate::session::{DispatchError, Job, SessionRegistry};
 use std::fmt;
@@ -51,11 +52,23 @@ pub enum Work {
 }
 
 /// Decides what an envelope asks for; `None` when it needs no answer (unfollow, menu views,
-/// location reports, group chatter without a mention).
-pub fn classify(envelope: &Envelope, messages: &MessagesConfig) -> Option<Work> {
+/// location reports, unknown menu keys, group chatter without a mention).
+pub fn classify<S: std::hash::BuildHasher>(
+    envelope: &Envelope,
+    messages: &MessagesConfig,
+    menu: &HashMap<String, MenuAction, S>,
+) -> Option<Work> {
     if let Some(event) = envelope.event() {
         return match event {
             Event::Subscribe { .. } | Event::EnterChat => Some(Work::Say(messages.welcome.clone())),
+            Event::MenuClick { key } => match menu.get(key) {
+                Some(MenuAction { reply: Some(reply), .. }) => Some(Work::Say(reply.clone())),
+                Some(MenuAction { prompt: Some(prompt), .. }) => Some(Work::Ask(prompt.clone())),
+                _ => {
+                    tracing::info!(channel = %envelope.channel, %key, "Menu key without a configured action.");
+                    None
+                }
+            },
             _ => None,
         };
     }
@@ -67,6 +80,10 @@ pub fn classify(envelope: &Envelope, messages: &MessagesConfig) -> Option<Work> 
     if !question.is_empty() {
         let is_reset = messages.reset_commands.iter().any(|command| command.trim().eq_ignore_ascii_case(question));
         return Some(if is_reset { Work::Reset } else { Work::Ask(question.to_owned()) });
+    }
+    let unrecognized_voice = envelope.content.iter().any(|segment| matches!(segment, Segment::Voice { recognition: None, .. }));
+    if unrecognized_voice {
+        return Some(Work::Say(messages.voice_unrecognized.clone()));
     }
     let has_content = envelope.content.iter().any(|segment| !matches!(segment, Segment::Mention { .. }));
     has_content.then(|| Work::Say(messages.unsupported.clone()))
@@ -90,23 +107,40 @@ impl Router {
         &self.sessions
     }
 
-    /// Sends an accepted envelope on its way. Never waits for the model. Must be called from
-    /// inside an actix system (sessions start on the current arbiter).
-    pub fn dispatch(&self, envelope: Envelope) {
-        let Some(work) = classify(&envelope, &self.hub.messages) else {
+    /// Sends an accepted envelope on its way; returns whether an answer will follow. Never
+    /// waits for the model. Must be called from inside an actix system (sessions start on the
+    /// current arbiter).
+    pub fn dispatch(&self, envelope: Envelope) -> bool {
+        let menu = self.hub.channels.get(&envelope.channel).map(|entry| &entry.menu);
+        let empty = HashMap::new();
+        let mut work = classify(&envelope, &self.hub.messages, menu.unwrap_or(&empty));
+        if let Some(Work::Ask(text)) = &work {
+            let is_continue = self.hub.messages.continue_commands.iter().any(|word| word.trim() == text.as_str());
+            if is_continue {
+                work = Some(match self.hub.passive.unpark(&envelope.channel, &envelope.sender.id) {
+                    Some(parked) => {
+                        self.hub.metrics.answers.with_label_values(&[envelope.channel.as_str(), "unparked"]).inc();
+                        Work::Say(parked)
+                    }
+                    None => Work::Say(self.hub.messages.nothing_parked.clone()),
+                });
+            }
+        }
+        let Some(work) = work else {
             tracing::debug!(channel = %envelope.channel, message = %envelope.platform_message_id, "Nothing to answer.");
             let hub = self.hub.clone();
             actix::spawn(async move { hub.finish(&envelope.id).await });
-            return;
+            return false;
         };
         let key = self.hub.session_key(&envelope);
         match self.sessions.dispatch(key, Job { envelope, work }) {
-            Ok(()) => {}
+            Ok(()) => true,
             Err(DispatchError::Overloaded(job)) => {
                 self.hub.metrics.shed.with_label_values(&["session_mailbox"]).inc();
                 tracing::warn!(channel = %job.envelope.channel, "Session mailbox full; answered busy.");
                 let Job { envelope, .. } = *job;
                 self.hub.reply_now(envelope, self.hub.messages.busy.clone());
+                true
             }
         }
     }
@@ -135,10 +169,10 @@ mod tests {
     #[test]
     fn text_is_a_question_and_reset_words_reset() {
         let messages = MessagesConfig::default();
-        let ask = classify(&envelope(vec![Segment::Text { text: "  你好 ".into() }]), &messages);
+        let ask = classify(&envelope(vec![Segment::Text { text: "  你好 ".into() }]), &messages, &HashMap::new());
         assert_eq!(ask, Some(Work::Ask("你好".into())));
         for word in ["/reset", "/RESET", "重置", "清空对话"] {
-            let reset = classify(&envelope(vec![Segment::Text { text: word.into() }]), &messages);
+            let reset = classify(&envelope(vec![Segment::Text { text: word.into() }]), &messages, &HashMap::new());
             assert_eq!(reset, Some(Work::Reset), "{word}");
         }
     }
@@ -146,18 +180,32 @@ mod tests {
     #[test]
     fn events_get_a_welcome_or_nothing() {
         let messages = MessagesConfig::default();
-        let welcome = classify(&envelope(vec![Segment::Event(Event::Subscribe { scene: None })]), &messages);
+        let welcome = classify(&envelope(vec![Segment::Event(Event::Subscribe { scene: None })]), &messages, &HashMap::new());
         assert_eq!(welcome, Some(Work::Say(messages.welcome.clone())));
-        assert_eq!(classify(&envelope(vec![Segment::Event(Event::Unsubscribe)]), &messages), None);
+        assert_eq!(classify(&envelope(vec![Segment::Event(Event::Unsubscribe)]), &messages, &HashMap::new()), None);
     }
 
     #[test]
     fn pictures_get_the_unsupported_text_and_voice_uses_recognition() {
         let messages = MessagesConfig::default();
-        let image = classify(&envelope(vec![Segment::Image { url: None, media_id: Some("m".into()) }]), &messages);
+        let image = classify(&envelope(vec![Segment::Image { url: None, media_id: Some("m".into()) }]), &messages, &HashMap::new());
         assert_eq!(image, Some(Work::Say(messages.unsupported.clone())));
         let voice = envelope(vec![Segment::Voice { media_id: None, format: None, recognition: Some("天气".into()) }]);
-        assert_eq!(classify(&voice, &messages), Some(Work::Ask("天气".into())));
+        assert_eq!(classify(&voice, &messages, &HashMap::new()), Some(Work::Ask("天气".into())));
+        let silent = envelope(vec![Segment::Voice { media_id: None, format: None, recognition: None }]);
+        assert_eq!(classify(&silent, &messages, &HashMap::new()), Some(Work::Say(messages.voice_unrecognized.clone())));
+    }
+
+    #[test]
+    fn menu_clicks_map_to_replies_or_prompts() {
+        let messages = MessagesConfig::default();
+        let mut menu = HashMap::new();
+        menu.insert("HELLO".to_owned(), MenuAction { reply: Some("你好！".into()), prompt: None });
+        menu.insert("ASK".to_owned(), MenuAction { reply: None, prompt: Some("介绍一下产品".into()) });
+        let click = |key: &str| envelope(vec![Segment::Event(Event::MenuClick { key: key.into() })]);
+        assert_eq!(classify(&click("HELLO"), &messages, &menu), Some(Work::Say("你好！".into())));
+        assert_eq!(classify(&click("ASK"), &messages, &menu), Some(Work::Ask("介绍一下产品".into())));
+        assert_eq!(classify(&click("OTHER"), &messages, &menu), None);
     }
 
     #[test]

@@ -279,6 +279,7 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
                 };
             }
             let earlier = history.as_deref().unwrap_or_default();
+            let earlier_is_empty = earlier.is_empty();
             let window = history_window(earlier, hub.session.history_max_turns, hub.session.history_max_chars);
             let mut messages = Vec::with_capacity(window.len() * 2 + 2);
             if !entry.system_prompt.trim().is_empty() {
@@ -300,6 +301,7 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
             };
             match hub.llm.send(Complete { request, on_delta }).await {
                 Ok(Ok(answer)) => {
+                    let first_contact = earlier_is_empty;
                     let turn = Turn { question, answer: answer.clone() };
                     if let Some(turns) = history.as_mut() {
                         turns.push(turn.clone());
@@ -307,7 +309,12 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
                         turns.drain(..excess);
                     }
                     new_turn = Some(turn);
-                    answer
+                    let label = &hub.messages.ai_label;
+                    if !label.is_empty() && (first_contact || hub.messages.ai_label_every_reply) {
+                        format!("{label}\n{answer}")
+                    } else {
+                        answer
+                    }
                 }
                 Ok(Err(LlmError::Overloaded(waiting))) => {
                     hub.metrics.shed.with_label_values(&["llm_queue"]).inc();

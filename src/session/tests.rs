@@ -99,15 +99,25 @@ fn fixture(llm_delay: Duration, idle_timeout: Duration, max_pending: usize) -> F
     let policy = RetryPolicy { max_attempts: 1, base_delay: Duration::from_millis(1), max_delay: Duration::from_millis(1) };
     let outbound = ChannelActor::new(channel.clone(), store.clone(), policy, metrics.clone()).start();
     let mut channels = HashMap::with_hasher(foldhash::fast::RandomState::default());
-    channels.insert(id, ChannelEntry { channel: channel.clone(), outbound, system_prompt: String::new(), group_per_user: false });
+    channels.insert(id, ChannelEntry {
+            channel: channel.clone(),
+            outbound,
+            system_prompt: String::new(),
+            group_per_user: false,
+            reply_mode: crate::config::ReplyMode::Push,
+            passive_window: None,
+            passive_margin: Duration::from_millis(500),
+            menu: Default::default(),
+        });
     let hub = Hub::new(HubInner {
         store,
         llm,
         channels,
-        messages: MessagesConfig::default(),
+        messages: MessagesConfig { ai_label: String::new(), ..MessagesConfig::default() },
         session: SessionConfig { history_max_turns: 4, history_max_chars: 1_000, idle_timeout_secs: 1, max_pending, threads: 0 },
         dedupe_ttl: Duration::from_secs(60),
         metrics: metrics.clone(),
+        passive: Default::default(),
     });
     Fixture { registry: SessionRegistry::new(hub, idle_timeout, Vec::new()), channel, backend, metrics }
 }

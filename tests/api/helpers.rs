@@ -102,6 +102,9 @@ first_token_timeout_secs = 10
 total_timeout_secs = 20
 max_retries = 0
 
+[messages]
+ai_label = ""
+
 [delivery]
 max_attempts = 3
 retry_base_delay_ms = 10
@@ -114,6 +117,7 @@ app_id = "wx-test-app"
 app_secret = "test-secret"
 token = "{WECHAT_TOKEN}"
 api_base = "{wechat}"
+reply_mode = "push"
 "#,
         llm = llm.uri(),
         wechat = wechat.uri(),

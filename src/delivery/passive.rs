@@ -1,0 +1,242 @@
+//! Answers carried in the platform's own webhook response (WeChat's passive reply), and answers
+//! parked until the user writes again.
+//!
+//! WeChat waits 5 s for the HTTP answer to a message, then retries the same MsgId twice (about
+//! 15 s in all). A passive reply costs no API quota and needs no customer-service permission, so
+//! in `auto` and `passive` mode every attempt is held open while the answer is produced:
+//! - attempts 1 and 2 wait up to the whole window and, if the answer is not ready, are left to
+//!   lapse (answering anything, even `success`, would end WeChat's retries);
+//! - attempt 3 waits until shortly before its deadline, then answers `success`; the answer then
+//!   goes out through the send API (`auto`) or is parked (`passive`).
+//! All attempts share one job (one LLM call). An answer that became ready between attempts waits
+//! in the job for the next attempt, and is pushed if no attempt comes for it.
+//!
+//! Parked answers (the send API refused: no permission, outside the 48-hour window, out of
+//! quota) go out passively with the user's next message, or when they send the continue word.
+
+use dashmap::DashMap;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+use yizhan_channel_core::{ChannelId, Delivery};
+
+type Hasher = foldhash::fast::RandomState;
+
+/// What the next attempt should do when the answer is not ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptKind {
+    /// Wait the whole window and let the attempt lapse if not ready.
+    Lapse,
+    /// Wait until the margin before the deadline, then answer `success`.
+    Last,
+}
+
+#[derive(Debug, Default)]
+struct JobState {
+    /// The answer's parts, once produced and not yet taken.
+    parts: Option<Vec<Delivery>>,
+    /// No attempt will come any more: hand the answer to the send path.
+    push: bool,
+    /// Attempts seen (WeChat sends up to three).
+    attempts: u32,
+}
+
+/// One message whose answer may leave through a webhook response.
+#[derive(Debug, Default)]
+pub struct PassiveJob {
+    state: Mutex<JobState>,
+    ready: Notify,
+}
+
+/// What happened to an answer offered to its job.
+#[derive(Debug)]
+pub enum Offer {
+    /// Parked in the job for an attempt to take.
+    Held,
+    /// No attempt will take it: send it the normal way.
+    Push(Vec<Delivery>),
+}
+
+impl PassiveJob {
+    fn lock(&self) -> std::sync::MutexGuard<'_, JobState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Counts an attempt and says how it should wait.
+    pub fn begin_attempt(&self, max_attempts: u32) -> AttemptKind {
+        let mut state = self.lock();
+        state.attempts += 1;
+        if state.attempts >= max_attempts {
+            AttemptKind::Last
+        } else {
+            AttemptKind::Lapse
+        }
+    }
+
+    /// Waits up to `wait` for the answer; takes it if it arrives.
+    pub async fn take(&self, wait: Duration) -> Option<Vec<Delivery>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.ready.notified();
+            tokio::pin!(notified);
+            // Register before checking, so an answer arriving in between is not missed.
+            notified.as_mut().enable();
+            if let Some(parts) = self.lock().parts.take() {
+                return Some(parts);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// After the last attempt gave up: the answer, if it raced in, or a promise to push it.
+    pub fn give_up(&self) -> Option<Vec<Delivery>> {
+        let mut state = self.lock();
+        state.push = true;
+        state.parts.take()
+    }
+
+    /// Hands the produced answer to the job.
+    pub fn offer(&self, parts: Vec<Delivery>) -> Offer {
+        let mut state = self.lock();
+        if state.push {
+            return Offer::Push(parts);
+        }
+        state.parts = Some(parts);
+        drop(state);
+        self.ready.notify_waiters();
+        Offer::Held
+    }
+
+    /// For the fallback timer: the answer if no attempt took it.
+    pub fn reclaim(&self) -> Option<Vec<Delivery>> {
+        let mut state = self.lock();
+        state.push = true;
+        state.parts.take()
+    }
+}
+
+/// Jobs by (channel, platform message id), and parked answers by (channel, user).
+#[derive(Debug, Default)]
+pub struct PassiveSlots {
+    jobs: DashMap<(ChannelId, String), Arc<PassiveJob>, Hasher>,
+    parked: DashMap<(ChannelId, String), VecDeque<String>, Hasher>,
+}
+
+/// Parked answers kept per user at most; older ones are dropped (and logged) beyond this.
+const MAX_PARKED_PER_USER: usize = 8;
+
+impl PassiveSlots {
+    /// Opens a job for a message that will be answered.
+    pub fn open(&self, channel: &ChannelId, message_id: &str) -> Arc<PassiveJob> {
+        self.jobs.entry((channel.clone(), message_id.to_owned())).or_default().clone()
+    }
+
+    /// The job of a message, if it is still open.
+    pub fn get(&self, channel: &ChannelId, message_id: &str) -> Option<Arc<PassiveJob>> {
+        self.jobs.get(&(channel.clone(), message_id.to_owned())).map(|job| job.clone())
+    }
+
+    /// Forgets a finished job.
+    pub fn close(&self, channel: &ChannelId, message_id: &str) {
+        self.jobs.remove(&(channel.clone(), message_id.to_owned()));
+    }
+
+    /// Parks text for a user's next message.
+    pub fn park(&self, channel: &ChannelId, user: &str, text: String) {
+        let mut queue = self.parked.entry((channel.clone(), user.to_owned())).or_default();
+        queue.push_back(text);
+        while queue.len() > MAX_PARKED_PER_USER {
+            queue.pop_front();
+            tracing::warn!(channel = %channel, "Too many parked answers for one user; dropped the oldest.");
+        }
+    }
+
+    /// Takes the oldest parked text for a user.
+    pub fn unpark(&self, channel: &ChannelId, user: &str) -> Option<String> {
+        let key = (channel.clone(), user.to_owned());
+        let mut queue = self.parked.get_mut(&key)?;
+        let text = queue.pop_front();
+        let empty = queue.is_empty();
+        drop(queue);
+        if empty {
+            self.parked.remove_if(&key, |_, queue| queue.is_empty());
+        }
+        text
+    }
+
+    /// Whether a user has parked answers.
+    pub fn has_parked(&self, channel: &ChannelId, user: &str) -> bool {
+        self.parked.get(&(channel.clone(), user.to_owned())).is_some_and(|queue| !queue.is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use yizhan_channel_core::{Conversation, ConversationKind, Reply, ReplyHandle, Sender};
+
+    fn part(text: &str) -> Delivery {
+        Delivery {
+            delivery_id: "e-0".into(),
+            channel: ChannelId::parse("c").unwrap_or_else(|e| panic!("{e}")),
+            conversation: Conversation { kind: ConversationKind::Direct, id: "u".into() },
+            recipient: Sender { id: "u".into(), name: None },
+            reply_handle: ReplyHandle::default(),
+            reply: Reply::text(text),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_offered_while_an_attempt_waits_is_taken_by_it() {
+        let job = Arc::new(PassiveJob::default());
+        let waiter = {
+            let job = job.clone();
+            tokio::spawn(async move { job.take(Duration::from_secs(5)).await })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(matches!(job.offer(vec![part("答")]), Offer::Held));
+        let taken = waiter.await.ok().flatten();
+        assert_eq!(taken.map(|parts| parts[0].reply.text.clone()).as_deref(), Some("答"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_offered_between_attempts_waits_for_the_next_one() {
+        let job = PassiveJob::default();
+        assert_eq!(job.begin_attempt(3), AttemptKind::Lapse);
+        assert!(job.take(Duration::from_secs(5)).await.is_none());
+        assert!(matches!(job.offer(vec![part("答")]), Offer::Held));
+        assert_eq!(job.begin_attempt(3), AttemptKind::Lapse);
+        assert!(job.take(Duration::from_secs(5)).await.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_the_last_attempt_gives_up_the_answer_is_pushed() {
+        let job = PassiveJob::default();
+        for _ in 0..2 {
+            assert_eq!(job.begin_attempt(3), AttemptKind::Lapse);
+        }
+        assert_eq!(job.begin_attempt(3), AttemptKind::Last);
+        assert!(job.take(Duration::from_millis(4_500)).await.is_none());
+        assert!(job.give_up().is_none());
+        assert!(matches!(job.offer(vec![part("答")]), Offer::Push(_)));
+    }
+
+    #[test]
+    fn parked_answers_come_back_oldest_first_and_are_bounded() {
+        let slots = PassiveSlots::default();
+        let channel = ChannelId::parse("c").unwrap_or_else(|e| panic!("{e}"));
+        for i in 0..10 {
+            slots.park(&channel, "u", format!("t{i}"));
+        }
+        assert!(slots.has_parked(&channel, "u"));
+        assert_eq!(slots.unpark(&channel, "u").as_deref(), Some("t2"));
+        for _ in 0..7 {
+            assert!(slots.unpark(&channel, "u").is_some());
+        }
+        assert!(!slots.has_parked(&channel, "u"));
+        assert_eq!(slots.unpark(&channel, "u"), None);
+    }
+}
