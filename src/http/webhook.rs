@@ -172,14 +172,21 @@ async fn hold_for_answer(
         }
     }
     if entry.reply_mode == ReplyMode::Passive && !parts.is_empty() {
-        // No send API: the rest waits for the continue word.
-        let rest = parts.drain(..).map(|part| part.reply.text).collect::<Vec<_>>().join("\n\n");
+        // No send API: the rest waits for the continue word, and the hint must fit too.
+        let mut rest = parts.drain(..).map(|part| part.reply.text).collect::<Vec<_>>().join("\n\n");
+        let hint = &hub.messages.more_hint;
+        let room = limit.saturating_sub(hint.len() + 1);
+        if text.len() > room {
+            let mut cut = room;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            rest = format!("{}{rest}", &text[cut..]);
+            text.truncate(cut);
+        }
+        text = format!("{text}\n{hint}");
         hub.passive.park(&envelope.channel, &envelope.sender.id, rest);
         hub.metrics.answers.with_label_values(&[channel, "parked"]).inc();
-        let with_hint = format!("{text}\n{}", hub.messages.more_hint);
-        if with_hint.len() <= limit {
-            text = with_hint;
-        }
     }
     let response = match entry.channel.passive_reply(request, &envelope, &Reply::text(text)) {
         Ok(response) => response,

@@ -5,5 +5,6 @@ mod helpers;
 mod crash;
 mod http_surface;
 mod lobehub;
+mod passive;
 mod plugin;
 mod wechat_mp;

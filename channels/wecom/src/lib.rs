@@ -1,1 +1,363 @@
-//! Yizhan channel for WeCom (企业微信) self-built apps. (in progress)
+//! Yizhan's channel for WeCom (企业微信) self-built apps (自建应用).
+//!
+//! # Layout
+//! - [`settings`]: [`WecomSettings`], the channel's config section.
+//! - `inbound`: callback bodies (XML or JSON) → fields → `Envelope`, for every message type and
+//!   event.
+//! - [`markdown`] and [`split`]: LLM markdown → WeCom's markdown subset (or plain text) → parts
+//!   of at most `max_part_bytes`.
+//! - `limiter`: the per-member rate limiter that makes sends wait rather than be dropped.
+//! - `api`: access token, `message/send`, error-code triage.
+//! - Verification and decryption are the shared `yizhan-channel-wechat-crypto` crate's
+//!   (WXBizMsgCrypt, receive id = corp id).
+//!
+//! # Design decisions
+//! - **Everything is encrypted.** WeCom signs (`msg_signature` over the ciphertext) and
+//!   encrypts every callback, the GET URL check included. Any verification or decryption
+//!   failure — wrong signature, stale timestamp, wrong key, a frame addressed to another corp —
+//!   is [`ChannelError::BadSignature`] (401), and no input can make the channel panic.
+//! - **Acknowledge, then send.** Callbacks are answered with an empty 200 at once (WeCom's
+//!   "no passive reply"), and answers go out through `message/send`, which has no 5-second
+//!   deadline and no size-one limit.
+//! - **Callbacks for another app are ignored, not refused.** Such a callback is authentic
+//!   (signed with our token, addressed to our corp) — typically the same URL and keys were
+//!   configured on two apps. Answering 401 would only make WeCom retry it three times, so it is
+//!   acknowledged with an empty 200, dispatched nowhere, and logged once per foreign AgentID.
+//! - **Never exceed the send limits.** WeCom silently drops messages beyond 30 per minute and
+//!   1000 per hour from one app to one member, so `deliver` waits for room (per member, both
+//!   windows) instead of sending and losing the part. The core awaits each part before sending
+//!   the next, so waiting keeps order.
+//! - **Error codes are triaged, not passed through.** Codes only an operator can fix (IP not in
+//!   企业可信IP, wrong corp id / secret / agent id) become [`ChannelError::Misconfigured`] with the
+//!   fix in the message, logged once per code; "no valid recipient" (81013) is
+//!   [`ChannelError::Refused`]; busy and frequency limits are [`ChannelError::Transient`]. A
+//!   rejected token is refreshed and the send retried exactly once.
+//! - **Instances are independent.** Every `[[channels]]` entry (one app of one corp) owns its
+//!   crypto state, token cache and rate limiter; nothing is global.
+//! - **Duplicate check on.** Sends ask WeCom to drop a message identical to one sent to the same
+//!   member in the last 30 minutes, so a part retried after a lost answer is not shown twice.
+//!   The price: an answer repeated word for word within 30 minutes is not shown again.
+#![warn(missing_docs)]
+
+mod api;
+mod inbound;
+mod limiter;
+pub mod markdown;
+pub mod settings;
+pub mod split;
+
+pub use settings::{ReplyFormat, WecomSettings};
+pub use split::split_text;
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::SystemTime;
+use tracing::{debug, info, warn};
+use yizhan_channel_core::{
+    BoxFuture, Capabilities, Channel, ChannelError, ChannelId, ChannelSettings, Delivery,
+    DeliveryReceipt, Method, Reply, WebhookOutcome, WebhookRequest, WebhookResponse,
+};
+use yizhan_channel_wechat_crypto::{CryptoError, Decrypted, WxCrypto};
+
+/// The channel kind, as written in config (`kind = "wecom"`).
+pub const KIND: &str = "wecom";
+
+/// At most this many foreign AgentIDs are remembered for log-once, so a flood of forged-looking
+/// (but validly signed) callbacks cannot grow memory.
+const MAX_FOREIGN_AGENTS_LOGGED: usize = 32;
+
+/// One WeCom self-built app.
+pub struct Wecom {
+    id: ChannelId,
+    /// Validated settings (normalised `api_base` and keys).
+    settings: WecomSettings,
+    /// Token, EncodingAESKey(s) and corp id: verifies and decrypts callbacks.
+    crypto: WxCrypto,
+    api: api::Api,
+    limiter: limiter::RateLimiter,
+    /// Foreign AgentIDs already logged.
+    foreign_agents: Mutex<HashSet<String>>,
+}
+
+impl Wecom {
+    /// The kind, as written in config (same as the crate-level [`KIND`]).
+    pub const KIND: &'static str = KIND;
+
+    /// Builds the channel from already-parsed settings, validating them first. `http` is shared
+    /// with the rest of the hub so connections are pooled.
+    pub fn new(id: ChannelId, settings: WecomSettings, http: reqwest::Client) -> Result<Self, ChannelError> {
+        let settings = settings.validate()?;
+        let crypto = WxCrypto::new(
+            &settings.token,
+            &settings.encoding_aes_key,
+            settings.previous_encoding_aes_key.as_deref(),
+            &settings.corp_id,
+        )
+        .map_err(|error| ChannelError::Misconfigured(format!("wecom: {error}")))?;
+        let api = api::Api::new(
+            id.clone(),
+            http,
+            settings.api_base.clone(),
+            settings.corp_id.clone(),
+            settings.corp_secret.clone(),
+            settings.agent_id,
+        );
+        let limiter = limiter::RateLimiter::new(settings.rate_per_minute, settings.rate_per_hour);
+        Ok(Self { id, settings, crypto, api, limiter, foreign_agents: Mutex::new(HashSet::new()) })
+    }
+
+    /// Builds the channel from its `[[channels]]` entry; unknown keys (the core's) are ignored.
+    pub fn from_settings(settings: &ChannelSettings, http: reqwest::Client) -> Result<Wecom, ChannelError> {
+        if settings.kind != Self::KIND {
+            return Err(ChannelError::Misconfigured(format!(
+                "channel {:?} has kind {:?}, not {:?}",
+                settings.id.as_str(),
+                settings.kind,
+                Self::KIND
+            )));
+        }
+        let parsed: WecomSettings = settings.parse()?;
+        Self::new(settings.id.clone(), parsed, http)
+    }
+
+    /// The validated settings.
+    pub fn settings(&self) -> &WecomSettings {
+        &self.settings
+    }
+
+    /// Checks `msg_signature` over `encrypt`, then the replay window, then decrypts (checking
+    /// the corp id). The timestamp is checked after the signature, so an unsigned caller learns
+    /// nothing about our clock, and before decryption, so a replay costs no AES work.
+    fn open(&self, request: &WebhookRequest, encrypt: &str) -> Result<Decrypted, ChannelError> {
+        let param = |name: &str| {
+            request
+                .query_param(name)
+                .ok_or_else(|| ChannelError::BadSignature(format!("query parameter `{name}` is missing")))
+        };
+        let (msg_signature, timestamp, nonce) = (param("msg_signature")?, param("timestamp")?, param("nonce")?);
+        self.crypto.verify_msg_signature(msg_signature, timestamp, nonce, encrypt).map_err(rejected)?;
+        request.check_timestamp(timestamp, self.settings.replay_window())?;
+        self.crypto.decrypt(encrypt).map_err(rejected)
+    }
+
+    /// GET: the URL check. WeCom sends an encrypted `echostr` and wants its plaintext back,
+    /// exactly (no quotes, no newline).
+    fn verify_url(&self, request: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
+        let echostr = request
+            .query_param("echostr")
+            .ok_or_else(|| ChannelError::BadSignature("query parameter `echostr` is missing".into()))?;
+        // NOTE: base64 has no spaces; a space here is a `+` that reached a form decoder
+        // unescaped, and the signature is over the `+`.
+        let echostr = echostr.replace(' ', "+");
+        let opened = self.open(request, &echostr)?;
+        debug!(channel = %self.id, "Callback URL verified.");
+        Ok(WebhookOutcome::Respond(WebhookResponse::text(opened.message)))
+    }
+
+    /// POST: one encrypted message or event, XML or JSON.
+    fn accept_callback(&self, request: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
+        let outer = inbound::parse(&request.body, inbound::sniff(&request.body)?)?;
+        let encrypt = outer
+            .get("Encrypt")
+            .ok_or_else(|| ChannelError::BadSignature("the body carries no `Encrypt`".into()))?;
+        let opened = self.open(request, encrypt)?;
+        let plaintext = opened.message.as_bytes();
+        let fields = inbound::parse(plaintext, inbound::sniff(plaintext)?)?;
+        let agent = fields.get("AgentID").or_else(|| outer.get("AgentID"));
+        if let Some(agent) = agent {
+            if agent.parse::<i64>().ok() != Some(self.settings.agent_id) {
+                self.ignore_foreign_agent(agent);
+                return Ok(WebhookOutcome::Respond(WebhookResponse::empty()));
+            }
+        }
+        let envelope = inbound::to_envelope(&fields, &self.id, Self::KIND, unix_millis(request.received_at))?;
+        debug!(
+            channel = %self.id,
+            msg_type = fields.get("MsgType").unwrap_or_default(),
+            message_id = %envelope.platform_message_id,
+            "Callback accepted."
+        );
+        Ok(WebhookOutcome::Accepted { envelopes: vec![envelope], ack: WebhookResponse::empty() })
+    }
+
+    fn ignore_foreign_agent(&self, agent: &str) {
+        let agent: String = agent.chars().take(32).collect();
+        let mut logged = self.foreign_agents.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if logged.len() < MAX_FOREIGN_AGENTS_LOGGED && logged.insert(agent.clone()) {
+            warn!(
+                channel = %self.id,
+                agent_id = %agent,
+                configured_agent_id = self.settings.agent_id,
+                "Callback for another app of this corp ignored; give each app its own callback URL, or fix `agent_id`."
+            );
+        }
+    }
+
+    fn msg_type(&self) -> api::MsgType {
+        match self.settings.reply_format {
+            ReplyFormat::Markdown => api::MsgType::Markdown,
+            ReplyFormat::Text => api::MsgType::Text,
+        }
+    }
+}
+
+/// Every failure to verify or open a callback means the request is not (intact and) from WeCom
+/// for this corp.
+fn rejected(error: CryptoError) -> ChannelError {
+    ChannelError::BadSignature(error.to_string())
+}
+
+/// Refuses recipients that would address more than one member: `@all` (the whole corp) or a
+/// `|`-separated list. Userids come from WeCom itself, so this only guards against a corrupted
+/// journal or a bug sending one member's answer to everybody.
+fn check_recipient(userid: &str) -> Result<(), ChannelError> {
+    if userid.is_empty() || userid.eq_ignore_ascii_case("@all") || userid.contains('|') {
+        return Err(ChannelError::Refused {
+            code: 40003,
+            reason: format!("recipient {userid:?} is not a single WeCom userid"),
+        });
+    }
+    Ok(())
+}
+
+impl std::fmt::Debug for Wecom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wecom").field("id", &self.id).field("settings", &self.settings).finish()
+    }
+}
+
+fn unix_millis(at: SystemTime) -> i64 {
+    match at.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(since) => i64::try_from(since.as_millis()).unwrap_or(i64::MAX),
+        Err(before) => i64::try_from(before.duration().as_millis()).map_or(i64::MIN, |ms| -ms),
+    }
+}
+
+impl Channel for Wecom {
+    fn id(&self) -> &ChannelId {
+        &self.id
+    }
+
+    fn kind(&self) -> &str {
+        Self::KIND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            passive_reply_window: None,
+            markdown: self.settings.reply_format == ReplyFormat::Markdown,
+            max_part_bytes: self.settings.max_part_bytes,
+            ..Capabilities::default()
+        }
+    }
+
+    /// GET: URL verification, answered with the decrypted `echostr`. POST: a message or event,
+    /// one envelope, acknowledged with an empty 200. Both must carry a valid `msg_signature`, a
+    /// timestamp inside the replay window, and a frame for the configured corp.
+    fn handle_webhook(&self, request: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
+        match request.method {
+            Method::Get => self.verify_url(request),
+            Method::Post => self.accept_callback(request),
+        }
+    }
+
+    /// Markdown → WeCom's markdown subset (or plain text, per `reply_format`), split into parts
+    /// of at most `max_part_bytes` at paragraph, line or sentence breaks. An answer with no
+    /// visible text renders to no parts.
+    fn render(&self, reply: &Reply) -> Vec<Reply> {
+        let text = match self.settings.reply_format {
+            ReplyFormat::Markdown => markdown::to_wecom_markdown(&reply.text),
+            ReplyFormat::Text => markdown::to_plain_text(&reply.text),
+        };
+        split::split_text(&text, self.settings.max_part_bytes).into_iter().map(Reply::text).collect()
+    }
+
+    /// Sends one part to the recipient's userid as an app message, after waiting for room in
+    /// the member's rate windows.
+    fn deliver<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
+        Box::pin(async move {
+            if delivery.reply.text.trim().is_empty() {
+                debug!(channel = %self.id, delivery = %delivery.delivery_id, "Empty part skipped.");
+                return Ok(DeliveryReceipt::default());
+            }
+            let userid = delivery.recipient.id.trim();
+            check_recipient(userid)?;
+            let waited = self.limiter.acquire(userid).await;
+            if !waited.is_zero() {
+                info!(
+                    channel = %self.id,
+                    user = %userid,
+                    waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+                    "Delivery waited for WeCom's per-member rate limit."
+                );
+            }
+            self.api.send(userid, self.msg_type(), &delivery.reply.text).await
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn channel_with(extra: serde_json::Value) -> Wecom {
+        let mut table = json!({
+            "id": "wecom", "kind": "wecom", "system_prompt": "hi",
+            "corp_id": "ww1", "corp_secret": "s3cr3t-value", "agent_id": 1000002, "token": "tok-value",
+            "encoding_aes_key": "jWmYm7qr5nMoAUwZRjGtBxmz3KA1tkAj3ykkR6q2B2C",
+        });
+        if let (Some(table), Some(extra)) = (table.as_object_mut(), extra.as_object()) {
+            table.extend(extra.clone());
+        }
+        let settings = ChannelSettings {
+            id: ChannelId::parse("wecom").unwrap_or_else(|e| panic!("{e}")),
+            kind: Wecom::KIND.into(),
+            table,
+        };
+        Wecom::from_settings(&settings, reqwest::Client::new()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn capabilities_follow_the_reply_format() {
+        let markdown = channel_with(json!({})).capabilities();
+        assert!(markdown.markdown && markdown.passive_reply_window.is_none());
+        assert_eq!(markdown.max_part_bytes, 2048);
+        let text = channel_with(json!({"reply_format": "text", "max_part_bytes": 600})).capabilities();
+        assert!(!text.markdown);
+        assert_eq!(text.max_part_bytes, 600);
+    }
+
+    #[test]
+    fn a_settings_entry_of_another_kind_is_refused() {
+        let settings = ChannelSettings {
+            id: ChannelId::parse("wecom").unwrap_or_else(|e| panic!("{e}")),
+            kind: "feishu".into(),
+            table: json!({}),
+        };
+        assert!(matches!(Wecom::from_settings(&settings, reqwest::Client::new()), Err(ChannelError::Misconfigured(_))));
+    }
+
+    #[test]
+    fn recipients_that_address_more_than_one_member_are_refused() {
+        for userid in ["", "@all", "@ALL", "a|b"] {
+            assert!(matches!(check_recipient(userid), Err(ChannelError::Refused { .. })), "{userid:?}");
+        }
+        assert!(check_recipient("zhangsan").is_ok());
+    }
+
+    #[test]
+    fn debug_output_hides_the_secrets() {
+        let shown = format!("{:?}", channel_with(json!({})));
+        for secret in ["s3cr3t-value", "tok-value", "jWmYm7"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+    }
+
+    #[test]
+    fn unix_millis_handles_times_before_the_epoch() {
+        use std::time::Duration;
+        assert_eq!(unix_millis(SystemTime::UNIX_EPOCH + Duration::from_millis(1500)), 1500);
+        assert_eq!(unix_millis(SystemTime::UNIX_EPOCH - Duration::from_millis(1500)), -1500);
+    }
+}

@@ -1,0 +1,85 @@
+//! Logging of misconfigurations: once per code until a send succeeds, never with secrets.
+//!
+//! NOTE: a test binary of its own. `tracing::subscriber::set_default` is per thread, but
+//! tracing caches per-callsite interest process-wide; a concurrent test hitting the same
+//! callsites without a subscriber could make this one miss events.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+use yizhan_channel_core::Channel;
+
+/// Log output captured in memory.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Captured {
+    fn lines(&self) -> Vec<String> {
+        let bytes = self.0.lock().map(|buffer| buffer.clone()).unwrap_or_default();
+        String::from_utf8_lossy(&bytes).lines().map(str::to_owned).collect()
+    }
+}
+
+impl std::io::Write for Captured {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut buffer) = self.0.lock() {
+            buffer.extend_from_slice(data);
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_misconfiguration_is_logged_once_per_code_until_a_send_succeeds_and_never_with_secrets() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    // NOTE: a current-thread test runtime, so the thread-local default covers every await.
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/cgi-bin/gettoken"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"errcode": 0, "access_token": "TOKEN1", "expires_in": 7200})))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let answers = [(json!({"errcode": 60020, "errmsg": "not allow ip"}), Some(5)), (json!({"errcode": 0, "errmsg": "ok"}), Some(1)), (json!({"errcode": 60020, "errmsg": "not allow ip"}), None)];
+    for (answer, times) in answers {
+        let mock = Mock::given(method("POST"))
+            .and(path("/cgi-bin/message/send"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(answer));
+        let mock = match times {
+            Some(times) => mock.up_to_n_times(times),
+            None => mock,
+        };
+        mock.mount(&server).await;
+    }
+    let channel = channel_with(json!({"api_base": server.uri()}));
+
+    let errors_logged = || captured.lines().iter().filter(|line| line.contains("ERROR")).count();
+    for _ in 0..5 {
+        assert!(channel.deliver(&delivery("hi")).await.is_err());
+    }
+    assert_eq!(errors_logged(), 1, "{:#?}", captured.lines());
+    assert!(channel.deliver(&delivery("fixed")).await.is_ok());
+    assert!(channel.deliver(&delivery("broken again")).await.is_err());
+    assert_eq!(errors_logged(), 2, "{:#?}", captured.lines());
+
+    let lines = captured.lines();
+    assert!(lines.iter().any(|line| line.contains("60020") && line.contains("channel=wecom-main")), "{lines:#?}");
+    for line in &lines {
+        assert!(!line.contains(SECRET) && !line.contains("TOKEN1"), "secret in log: {line}");
+    }
+}

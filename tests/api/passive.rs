@@ -1,0 +1,202 @@
+//! 公众号 `auto` and `passive` reply modes: answers inside WeChat's own webhook response, shared
+//! across its retries, with the customer-service API and parking as fallbacks. WeChat's 5-second
+//! window is scaled down to 800 ms through `passive_window_ms`; the stand-in "WeChat" below
+//! gives up on an attempt after that long and retries, as WeChat does.
+
+use crate::helpers::*;
+use std::time::Duration;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+use yizhan::channels::ChannelKinds;
+use yizhan_channel_wechat_crypto::{KeySlot, WxCrypto};
+
+const WINDOW_MS: u64 = 800;
+
+fn auto_env(mode: &'static str) -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("YIZHAN__CHANNELS__MP__REPLY_MODE", mode),
+        ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", "800"),
+        ("YIZHAN__CHANNELS__MP__PASSIVE_MARGIN_MS", "100"),
+    ]
+}
+
+/// Posts `xml` the way WeChat does: each attempt is abandoned after the window, up to three
+/// attempts. Returns the attempt number (1-based) that got an answer, and that answer.
+async fn wechat_delivers(app: &TestApp, xml: &str) -> Option<(usize, String)> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(WINDOW_MS))
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    for attempt in 1..=3 {
+        let url = format!("{}?{}", app.webhook_url(CHANNEL), signed_query(now()));
+        if let Ok(response) = client.post(url).body(xml.to_owned()).send().await {
+            if let Ok(body) = response.text().await {
+                return Some((attempt, body));
+            }
+        }
+    }
+    None
+}
+
+fn passive_content(xml: &str) -> String {
+    let start = xml.find("<Content><![CDATA[").map(|i| i + "<Content><![CDATA[".len());
+    let end = xml.find("]]></Content>");
+    match (start, end) {
+        (Some(start), Some(end)) if start <= end => xml[start..end].to_owned(),
+        _ => String::new(),
+    }
+}
+
+#[actix_web::test]
+async fn an_answer_ready_in_time_is_the_passive_reply_and_uses_no_api_quota() {
+    let app = spawn_app(&auto_env("auto"), Duration::from_millis(50)).await;
+    let (attempt, body) = wechat_delivers(&app, &text_xml("oP1", 1, "你好")).await.unwrap_or_default();
+    assert_eq!(attempt, 1);
+    assert!(body.contains("<ToUserName><![CDATA[oP1]]></ToUserName>"), "{body}");
+    assert!(body.contains("<FromUserName><![CDATA[gh_test]]></FromUserName>"), "{body}");
+    assert_eq!(passive_content(&body), "答：你好");
+    app.wait_until_idle().await;
+    assert!(app.sent_messages().await.is_empty(), "no customer-service call");
+}
+
+#[actix_web::test]
+async fn a_slow_answer_reaches_the_second_attempt_with_one_llm_call() {
+    let app = spawn_app(&auto_env("auto"), Duration::from_millis(1_200)).await;
+    let (attempt, body) = wechat_delivers(&app, &text_xml("oP2", 2, "慢一点")).await.unwrap_or_default();
+    assert_eq!(attempt, 2, "{body}");
+    assert_eq!(passive_content(&body), "答：慢一点");
+    app.wait_until_idle().await;
+    assert_eq!(app.llm_requests().await.len(), 1);
+    assert!(app.sent_messages().await.is_empty());
+}
+
+#[actix_web::test]
+async fn a_very_slow_answer_is_acknowledged_on_the_third_attempt_and_pushed() {
+    let app = spawn_app(&auto_env("auto"), Duration::from_millis(3_000)).await;
+    let (attempt, body) = wechat_delivers(&app, &text_xml("oP3", 3, "很慢")).await.unwrap_or_default();
+    assert_eq!((attempt, body.as_str()), (3, "success"));
+    app.wait_until_idle().await;
+    assert_eq!(app.llm_requests().await.len(), 1);
+    let sent = app.sent_messages().await;
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0]["touser"], "oP3");
+    assert_eq!(sent[0]["text"]["content"], "答：很慢");
+}
+
+#[actix_web::test]
+async fn an_answer_refused_with_48001_is_delivered_with_the_next_message() {
+    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+    // The first question takes longer than all three attempts; later ones are instant.
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .insert_header("content-type", "text/event-stream")
+                .set_body_string(sse_answer("第一个答案"))
+                .set_delay(Duration::from_millis(3_000)),
+        )
+        .up_to_n_times(1)
+        .mount(&llm)
+        .await;
+    echo_llm(&llm, Duration::ZERO).await;
+    Mock::given(method("POST"))
+        .and(path("/cgi-bin/stable_token"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"access_token":"T","expires_in":7200})))
+        .mount(&wechat)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/cgi-bin/message/custom/send"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"errcode":48001,"errmsg":"api unauthorized"})))
+        .mount(&wechat)
+        .await;
+    let config = base_config(&llm, &wechat);
+    let app = spawn_with(&config, &auto_env("auto"), ChannelKinds::builtin(), wechat, llm).await;
+
+    let (attempt, body) = wechat_delivers(&app, &text_xml("oPark", 10, "第一个问题")).await.unwrap_or_default();
+    assert_eq!((attempt, body.as_str()), (3, "success"));
+    app.wait_until_idle().await;
+    assert!(app.metrics().await.contains("yizhan_answers_total{channel=\"mp\",path=\"parked\"} 1"));
+
+    let (attempt, body) = wechat_delivers(&app, &text_xml("oPark", 11, "第二个问题")).await.unwrap_or_default();
+    assert_eq!(attempt, 1);
+    let content = passive_content(&body);
+    assert!(content.starts_with("【你上一条消息的回复】\n第一个答案"), "{content}");
+    assert!(content.ends_with("答：第二个问题"), "{content}");
+}
+
+#[actix_web::test]
+async fn in_passive_mode_the_rest_of_a_long_answer_waits_for_the_continue_word() {
+    let long_question = "长".repeat(300);
+    let app = spawn_app(
+        &[
+            ("YIZHAN__CHANNELS__MP__REPLY_MODE", "passive"),
+            ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", "800"),
+            ("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "600"),
+        ],
+        Duration::ZERO,
+    )
+    .await;
+    let (_, first) = wechat_delivers(&app, &text_xml("oLong", 20, &long_question)).await.unwrap_or_default();
+    let first = passive_content(&first);
+    assert!(first.ends_with("（回复「继续」查看剩余内容）"), "{first}");
+    app.wait_until_idle().await;
+    let (_, rest) = wechat_delivers(&app, &text_xml("oLong", 21, "继续")).await.unwrap_or_default();
+    let rest = passive_content(&rest);
+    let shown: String = (first.trim_end_matches("（回复「继续」查看剩余内容）").to_owned() + &rest)
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    assert_eq!(shown, format!("答：{long_question}"));
+    app.wait_until_idle().await;
+    assert!(app.sent_messages().await.is_empty(), "passive mode never calls the send API");
+    assert_eq!(app.llm_requests().await.len(), 1, "继续 asks no LLM");
+}
+
+#[actix_web::test]
+async fn a_safe_mode_message_gets_an_encrypted_passive_reply() {
+    const AES_KEY: &str = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG";
+    let mut env = auto_env("auto");
+    env.push(("YIZHAN__CHANNELS__MP__ENCODING_AES_KEY", AES_KEY));
+    let app = spawn_app(&env, Duration::from_millis(50)).await;
+    let crypto = WxCrypto::new(WECHAT_TOKEN, AES_KEY, None, "wx-test-app").unwrap_or_else(|e| panic!("{e}"));
+    let encrypt = crypto.encrypt(&text_xml("oSafe", 30, "加密你好"), KeySlot::Current).unwrap_or_else(|e| panic!("{e}"));
+    let (timestamp, nonce) = (now().to_string(), "777");
+    let msg_signature = yizhan_channel_wechat_crypto::msg_signature(WECHAT_TOKEN, &timestamp, nonce, &encrypt);
+    let url = format!(
+        "{}?signature={}&timestamp={timestamp}&nonce={nonce}&encrypt_type=aes&msg_signature={msg_signature}",
+        app.webhook_url(CHANNEL),
+        signature(WECHAT_TOKEN, &timestamp, nonce)
+    );
+    let body = format!("<xml><ToUserName><![CDATA[gh_test]]></ToUserName><Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>");
+    let response = app.http.post(url).body(body).send().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(response.status().as_u16(), 200);
+    let reply = response.text().await.unwrap_or_default();
+    let field = |name: &str| -> String {
+        let open = format!("<{name}><![CDATA[");
+        let start = reply.find(&open).map(|i| i + open.len()).unwrap_or(0);
+        let end = reply[start..].find("]]>").map(|i| start + i).unwrap_or(start);
+        reply[start..end].to_owned()
+    };
+    let reply_timestamp = reply
+        .split("<TimeStamp>")
+        .nth(1)
+        .and_then(|rest| rest.split("</TimeStamp>").next())
+        .unwrap_or_default()
+        .to_owned();
+    let opened = crypto
+        .verify_and_decrypt(&field("MsgSignature"), &reply_timestamp, &field("Nonce"), &field("Encrypt"))
+        .unwrap_or_else(|e| panic!("reply does not verify: {e}\n{reply}"));
+    assert_eq!(passive_content(&opened.message), "答：加密你好");
+}
+
+#[actix_web::test]
+async fn the_first_answer_to_a_user_carries_the_ai_label() {
+    let app = spawn_app(&[("YIZHAN__MESSAGES__AI_LABEL", "「以下内容由AI生成」")], Duration::ZERO).await;
+    app.post_text("oLabel", 40, "一").await;
+    app.wait_until_idle().await;
+    app.post_text("oLabel", 41, "二").await;
+    app.wait_until_idle().await;
+    let sent = app.sent_messages().await;
+    assert_eq!(sent[0]["text"]["content"], "「以下内容由AI生成」\n答：一");
+    assert_eq!(sent[1]["text"]["content"], "答：二");
+}
