@@ -29,6 +29,11 @@ impl ChannelKinds {
             let channel = yizhan_channel_wechat_mp::WechatMp::from_settings(settings, http.clone())?;
             Ok(Arc::new(channel) as Arc<dyn Channel>)
         });
+        #[cfg(feature = "wecom")]
+        kinds.register(yizhan_channel_wecom::Wecom::KIND, |settings, http| {
+            let channel = yizhan_channel_wecom::Wecom::from_settings(settings, http.clone())?;
+            Ok(Arc::new(channel) as Arc<dyn Channel>)
+        });
         #[cfg(feature = "feishu")]
         kinds.register(yizhan_channel_feishu::Feishu::KIND, |settings, http| {
             let channel = yizhan_channel_feishu::Feishu::from_settings(settings, http.clone())?;

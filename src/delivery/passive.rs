@@ -8,6 +8,7 @@
 //!   lapse (answering anything, even `success`, would end WeChat's retries);
 //! - attempt 3 waits until shortly before its deadline, then answers `success`; the answer then
 //!   goes out through the send API (`auto`) or is parked (`passive`).
+//!
 //! All attempts share one job (one LLM call). An answer that became ready between attempts waits
 //! in the job for the next attempt, and is pushed if no attempt comes for it.
 //!

@@ -8,3 +8,5 @@ mod lobehub;
 mod passive;
 mod plugin;
 mod wechat_mp;
+mod wecom;
+mod feishu;

@@ -1,0 +1,148 @@
+//! 飞书 bot, end to end: events in, replies and streamed cards out.
+
+use crate::helpers::*;
+use std::time::Duration;
+use wiremock::matchers::{method, path, path_regex};
+use wiremock::{Mock, MockServer, Request, ResponseTemplate};
+use yizhan::channels::ChannelKinds;
+
+async fn feishu_api(server: &MockServer) {
+    Mock::given(method("POST"))
+        .and(path("/open-apis/auth/v3/tenant_access_token/internal"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"code":0,"msg":"ok","tenant_access_token":"t-1","expire":7200})))
+        .mount(server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/open-apis/cardkit/v1/cards"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"code":0,"msg":"ok","data":{"card_id":"card_1"}})))
+        .mount(server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path_regex(r"^/open-apis/im/v1/messages/[^/]+/reply$"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"code":0,"msg":"ok","data":{"message_id":"om_answer"}})))
+        .mount(server)
+        .await;
+    Mock::given(method("PUT"))
+        .and(path("/open-apis/cardkit/v1/cards/card_1/elements/answer/content"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"code":0,"msg":"ok"})))
+        .mount(server)
+        .await;
+    Mock::given(method("PATCH"))
+        .and(path("/open-apis/cardkit/v1/cards/card_1/settings"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"code":0,"msg":"ok"})))
+        .mount(server)
+        .await;
+}
+
+async fn spawn_feishu(streaming: bool, llm_delay: Duration) -> TestApp {
+    let (llm, feishu) = (MockServer::start().await, MockServer::start().await);
+    echo_llm(&llm, llm_delay).await;
+    feishu_api(&feishu).await;
+    let config = format!(
+        "{}\n[[channels]]\nid = \"fs\"\nkind = \"feishu\"\napp_id = \"cli_test\"\napp_secret = \"secret\"\n\
+         verification_token = \"vtoken\"\nbot_open_id = \"ou_bot\"\nstreaming = {streaming}\napi_base = \"{}\"\n",
+        base_config(&llm, &feishu),
+        feishu.uri()
+    );
+    spawn_with(&config, &[], ChannelKinds::builtin(), feishu, llm).await
+}
+
+fn event(message_id: &str, chat_type: &str, text: &str, mentions: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "schema": "2.0",
+        "header": {"event_id": format!("ev-{message_id}-{}", now()), "event_type": "im.message.receive_v1",
+                   "create_time": "1608725989000", "token": "vtoken", "app_id": "cli_test", "tenant_key": "t"},
+        "event": {
+            "sender": {"sender_id": {"open_id": "ou_alice", "user_id": "alice", "union_id": "on_a"}, "sender_type": "user"},
+            "message": {"message_id": message_id, "create_time": "1609073151345", "chat_id": "oc_chat",
+                        "chat_type": chat_type, "message_type": "text",
+                        "content": serde_json::json!({"text": text}).to_string(), "mentions": mentions}
+        }
+    })
+}
+
+impl TestApp {
+    async fn post_feishu(&self, body: &serde_json::Value) -> (u16, String) {
+        let response = self.http.post(self.webhook_url("fs")).json(body).send().await.unwrap_or_else(|e| panic!("{e}"));
+        (response.status().as_u16(), response.text().await.unwrap_or_default())
+    }
+
+    async fn feishu_calls(&self, method_name: &str, suffix: &str) -> Vec<Request> {
+        self.wechat
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r.method.as_str() == method_name && r.url.path().ends_with(suffix))
+            .collect()
+    }
+}
+
+fn body(request: &Request) -> serde_json::Value {
+    serde_json::from_slice(&request.body).unwrap_or_default()
+}
+
+#[actix_web::test]
+async fn the_url_challenge_is_answered_and_a_wrong_token_is_401() {
+    let app = spawn_feishu(false, Duration::ZERO).await;
+    let challenge = serde_json::json!({"challenge": "ajls384kdjx98XX", "token": "vtoken", "type": "url_verification"});
+    let (status, text) = app.post_feishu(&challenge).await;
+    assert_eq!(status, 200);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&text).unwrap_or_default()["challenge"], "ajls384kdjx98XX");
+    let wrong = serde_json::json!({"challenge": "x", "token": "nope", "type": "url_verification"});
+    assert_eq!(app.post_feishu(&wrong).await.0, 401);
+}
+
+#[actix_web::test]
+async fn a_redelivered_event_is_answered_once_with_a_text_reply() {
+    let app = spawn_feishu(false, Duration::ZERO).await;
+    let message = event("om_p2p_1", "p2p", "你好", serde_json::json!([]));
+    assert_eq!(app.post_feishu(&message).await.0, 200);
+    // Feishu redelivers under a new event id.
+    let again = event("om_p2p_1", "p2p", "你好", serde_json::json!([]));
+    assert_eq!(app.post_feishu(&again).await.0, 200);
+    app.wait_until_idle().await;
+    let replies = app.feishu_calls("POST", "/om_p2p_1/reply").await;
+    assert_eq!(replies.len(), 1);
+    let reply = body(&replies[0]);
+    assert_eq!(reply["msg_type"], "text");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(reply["content"].as_str().unwrap_or("{}")).unwrap_or_default()["text"], "答：你好");
+    assert!(reply["uuid"].as_str().is_some_and(|uuid| !uuid.is_empty() && uuid.len() <= 50));
+}
+
+#[actix_web::test]
+async fn in_groups_only_mentions_of_the_bot_are_answered_without_the_placeholder() {
+    let app = spawn_feishu(false, Duration::ZERO).await;
+    let plain = event("om_g_1", "group", "大家好", serde_json::json!([]));
+    assert_eq!(app.post_feishu(&plain).await.0, 200);
+    let mentions = serde_json::json!([{"key": "@_user_1", "id": {"open_id": "ou_bot", "user_id": "", "union_id": "on_bot"}, "name": "驿站"}]);
+    let asked = event("om_g_2", "group", "@_user_1 今天天气如何", mentions);
+    assert_eq!(app.post_feishu(&asked).await.0, 200);
+    app.wait_until_idle().await;
+    assert!(app.feishu_calls("POST", "/om_g_1/reply").await.is_empty());
+    assert_eq!(app.feishu_calls("POST", "/om_g_2/reply").await.len(), 1);
+    let requests = app.llm_requests().await;
+    assert_eq!(requests.len(), 1);
+    assert_eq!(last_user_message(&requests[0]), "今天天气如何");
+}
+
+#[actix_web::test]
+async fn a_streamed_answer_updates_the_card_in_order_and_ends_with_the_whole_answer() {
+    let app = spawn_feishu(true, Duration::from_millis(50)).await;
+    let question = "请详细介绍一下驿站这个项目的设计";
+    assert_eq!(app.post_feishu(&event("om_s_1", "p2p", question, serde_json::json!([]))).await.0, 200);
+    app.wait_until_idle().await;
+    assert_eq!(app.feishu_calls("POST", "/cardkit/v1/cards").await.len(), 1);
+    let reply = app.feishu_calls("POST", "/om_s_1/reply").await;
+    assert_eq!(reply.len(), 1);
+    assert_eq!(body(&reply[0])["msg_type"], "interactive");
+    let updates = app.feishu_calls("PUT", "/elements/answer/content").await;
+    assert!(!updates.is_empty());
+    let sequences: Vec<u64> = updates.iter().filter_map(|r| body(r)["sequence"].as_u64()).collect();
+    assert!(sequences.windows(2).all(|pair| pair[0] < pair[1]), "{sequences:?}");
+    let last = updates.last().map(body).unwrap_or_default();
+    assert_eq!(last["content"], format!("答：{question}"));
+    let settings = app.feishu_calls("PATCH", "/cards/card_1/settings").await;
+    assert_eq!(settings.len(), 1);
+    assert!(body(&settings[0])["sequence"].as_u64() > sequences.last().copied());
+}
