@@ -1,7 +1,8 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
-use yizhan::{config::Config, startup::Application, telemetry};
+use yizhan::channels::ChannelKinds;
+use yizhan::{config::Config, startup, startup::Application, telemetry};
 
 /// Yizhan (驿站): relays WeChat, WeCom and Feishu messages to an LLM and back.
 #[derive(Parser)]
@@ -28,6 +29,7 @@ async fn main() -> anyhow::Result<()> {
     telemetry::init();
     let config = Config::load(&cli.config)?;
     if let Some(Command::Check) = cli.command {
+        startup::check(&config, &ChannelKinds::builtin())?;
         println!("{}: OK ({} channels)", cli.config.display(), config.channels.len());
         return Ok(());
     }

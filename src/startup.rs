@@ -89,6 +89,16 @@ fn build_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     }
 }
 
+/// Validates what `build` would, without binding or connecting: the config and every channel's
+/// own settings. For `yizhan check`.
+pub fn check(config: &Config, kinds: &ChannelKinds) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    for entry in &config.channels {
+        kinds.build(&entry.settings, &http).map_err(|error| anyhow::anyhow!("{error}"))?;
+    }
+    Ok(())
+}
+
 impl Application {
     /// Builds with the built-in channel kinds. Must run inside an actix system.
     pub async fn build(config: Config) -> anyhow::Result<Self> {

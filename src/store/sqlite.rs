@@ -42,12 +42,15 @@
 //! - `dedupe(channel, platform_message_id, expires_at)`, primary key on the pair, `WITHOUT
 //!   ROWID` (the key is the only access path). Indexed on `expires_at` so sweeping expired claims
 //!   never scans the table while the writer (and so every acknowledgement) waits.
-//! - `journal(seq, envelope_id UNIQUE, envelope JSON, state, created_at, finished_at)`. `seq` is
-//!   the `INTEGER PRIMARY KEY` (rowid alias): arrival order for free, stable across `VACUUM`,
-//!   always larger than every existing row. `envelope_id` is the lookup key (unique index).
-//!   `state` is `received` → `answered` → `finished`. Finished rows stay (for operators) until
-//!   [`Store::prune`]. Partial indexes cover the open rows (recovery) and the finished rows
-//!   (pruning).
+//! - `journal(seq, envelope_id, envelope JSON, state, created_at, finished_at)`. `seq` is the
+//!   `INTEGER PRIMARY KEY` (rowid alias): arrival order for free, stable across `VACUUM`, always
+//!   larger than every existing row. `state` is `received` → `answered` → `finished`. Finished
+//!   rows stay (for operators) until [`Store::prune`]. `envelope_id` is the lookup key, but only
+//!   open rows are ever looked up (every update is `… AND state <> 'finished'`), so it is
+//!   indexed (unique) only over the open rows: that partial index also serves recovery, and it
+//!   stays as small as the number of messages in flight. A unique index over every row would
+//!   take one random page write per accept (ids are random) into a tree that grows with the
+//!   retention. A second partial index covers the finished rows (pruning).
 //! - `outbox(delivery_id PK, envelope_id, part_index, delivery JSON, state, reason,
 //!   updated_at)`. `pending` rows are parts to send; a delivered part's row is deleted; a
 //!   `failed` row keeps its reason for operators until pruned. Indexed on
@@ -84,13 +87,13 @@ const MIGRATIONS: &[&str] = &[
 
     CREATE TABLE journal (
         seq INTEGER PRIMARY KEY,
-        envelope_id TEXT NOT NULL UNIQUE,
+        envelope_id TEXT NOT NULL,
         envelope TEXT NOT NULL,
         state TEXT NOT NULL CHECK (state IN ('received', 'answered', 'finished')),
         created_at INTEGER NOT NULL,
         finished_at INTEGER
     );
-    CREATE INDEX journal_open ON journal (seq) WHERE state <> 'finished';
+    CREATE UNIQUE INDEX journal_open ON journal (envelope_id) WHERE state <> 'finished';
     CREATE INDEX journal_finished ON journal (finished_at) WHERE state = 'finished';
 
     CREATE TABLE outbox (

@@ -103,3 +103,57 @@ async fn every_acknowledged_message_is_answered_exactly_once_across_a_kill_9() {
         assert_eq!(answers[0]["text"]["content"], format!("答：问题{user}"));
     }
 }
+
+#[actix_web::test]
+async fn sigterm_answers_what_was_accepted_before_exiting() {
+    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+    echo_llm(&llm, Duration::from_millis(500)).await;
+    wechat_ok(&wechat).await;
+    let dir = std::env::temp_dir().join(format!("yizhan-term-{}-{}", std::process::id(), now()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let config = base_config(&llm, &wechat)
+        .replace("kind = \"memory\"", &format!("kind = \"sqlite\"\npath = \"{}\"", dir.join("yizhan.db").display()));
+    let config_path = dir.join("yizhan.toml");
+    std::fs::write(&config_path, config).unwrap_or_else(|e| panic!("{e}"));
+    let mut yizhan = start_binary(&config_path).await;
+    let app = TestApp { address: yizhan.address.clone(), wechat, llm, http: reqwest::Client::new() };
+    for user in 0..5u64 {
+        assert_eq!(app.post_text(&format!("oTerm{user}"), 70_000 + user, "问题").await.0, 200);
+    }
+    let status = Command::new("kill").arg("-TERM").arg(yizhan.child.id().to_string()).status();
+    assert!(status.is_ok_and(|s| s.success()));
+    let mut exit = None;
+    wait_for("yizhan to exit", || {
+        exit = exit.or_else(|| yizhan.child.try_wait().ok().flatten());
+        let done = exit.is_some();
+        async move { done }
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(exit.is_some_and(|status| status.success()), "{exit:?}");
+    assert_eq!(app.sent_messages().await.len(), 5, "every accepted message answered before exit");
+}
+
+#[actix_web::test]
+async fn a_bad_config_exits_non_zero_naming_the_key_and_check_accepts_a_good_one() {
+    let dir = std::env::temp_dir().join(format!("yizhan-check-{}-{}", std::process::id(), now()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[llm]\nbase_url = \"http://127.0.0.1:1/v1\"\nmodel = \"m\"\nmax_concurrency = \"lots\"\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let output = Command::new(env!("CARGO_BIN_EXE_yizhan"))
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("llm.max_concurrency"), "{stderr}");
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/yizhan.example.toml");
+    let output = Command::new(env!("CARGO_BIN_EXE_yizhan"))
+        .args(["check", "--config", example])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}
