@@ -360,6 +360,10 @@ pub struct ChannelCoreConfig {
     /// The last attempt answers `success` this long before its deadline.
     #[serde(default = "default_passive_margin_ms")]
     pub passive_margin_ms: u64,
+    /// Parts the send API may carry per user message; default 5 on platforms with passive
+    /// replies (the 公众号 customer-service quota), unlimited elsewhere; 0 means unlimited.
+    #[serde(default)]
+    pub send_quota_per_message: Option<usize>,
     /// Menu keys (WeChat CLICK, WeCom click) mapped to a fixed reply or a prompt.
     #[serde(default)]
     pub menu: std::collections::HashMap<String, MenuAction>,

@@ -31,6 +31,8 @@ pub struct ChannelEntry {
     pub passive_margin: Duration,
     /// Menu keys mapped to replies or prompts.
     pub menu: std::collections::HashMap<String, MenuAction>,
+    /// Parts the send API accepts per user message (公众号: 5 in 48 h); `None`: no such quota.
+    pub send_quota: Option<usize>,
 }
 
 impl ChannelEntry {

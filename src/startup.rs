@@ -162,6 +162,11 @@ impl Application {
                     passive_window,
                     passive_margin: Duration::from_millis(entry.core.passive_margin_ms),
                     menu: entry.core.menu.clone(),
+                    send_quota: match entry.core.send_quota_per_message {
+                        Some(0) => None,
+                        Some(quota) => Some(quota),
+                        None => passive_window.map(|_| 5),
+                    },
                 },
             );
         }

@@ -74,12 +74,14 @@ pub async fn answer(hub: &Hub, envelope: &Envelope, session_key: &str, turn: Opt
         return;
     }
     let Some(job) = hub.passive.get(&envelope.channel, &envelope.platform_message_id) else {
+        let parts = within_send_quota(hub, envelope, parts);
         send_parts(hub, envelope, parts).await;
         return;
     };
     match job.offer(parts) {
         passive::Offer::Push(parts) => {
             hub.passive.close(&envelope.channel, &envelope.platform_message_id);
+            let parts = within_send_quota(hub, envelope, parts);
             send_parts(hub, envelope, parts).await;
         }
         passive::Offer::Held => {
@@ -92,11 +94,47 @@ pub async fn answer(hub: &Hub, envelope: &Envelope, session_key: &str, turn: Opt
                 if let Some(parts) = job.reclaim() {
                     tracing::info!(channel = %envelope.channel, "No platform retry took the passive answer; pushing it.");
                     hub.passive.close(&envelope.channel, &envelope.platform_message_id);
+                    let parts = within_send_quota(&hub, &envelope, parts);
                     send_parts(&hub, &envelope, parts).await;
                 }
             });
         }
     }
+}
+
+/// Keeps the parts the platform's send quota allows for one user message (公众号: 5 per message
+/// in 48 h); the rest is parked behind the continue word, and the last part kept says so.
+pub fn within_send_quota(hub: &Hub, envelope: &Envelope, mut parts: Vec<Delivery>) -> Vec<Delivery> {
+    let Some(quota) = hub.channels.get(&envelope.channel).and_then(|entry| entry.send_quota) else {
+        return parts;
+    };
+    if parts.len() <= quota || quota == 0 {
+        return parts;
+    }
+    let overflow: Vec<String> = parts.drain(quota..).map(|part| part.reply.text).collect();
+    let mut rest = overflow.join("\n\n");
+    if let Some(last) = parts.last_mut() {
+        let limit = hub.channels.get(&envelope.channel).map_or(2048, |entry| entry.channel.capabilities().max_part_bytes);
+        let (kept, spill) = fit_with_hint(&last.reply.text, &hub.messages.more_hint, limit);
+        last.reply.text = kept;
+        if !spill.is_empty() {
+            rest = format!("{spill}{rest}");
+        }
+    }
+    hub.passive.park(&envelope.channel, &envelope.sender.id, rest);
+    hub.metrics.answers.with_label_values(&[envelope.channel.as_str(), "parked"]).inc();
+    parts
+}
+
+/// `text` with `hint` on a new line, cut at a character boundary so the whole fits in `limit`
+/// bytes; returns the text and what was cut off (to be shown later).
+pub fn fit_with_hint(text: &str, hint: &str, limit: usize) -> (String, String) {
+    let room = limit.saturating_sub(hint.len() + 1);
+    let mut cut = text.len().min(room);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    (format!("{}\n{hint}", &text[..cut]), text[cut..].to_owned())
 }
 
 /// Sends recorded parts through the channel's actor, then finishes the envelope. Parts the
@@ -298,6 +336,16 @@ async fn deliver_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hint_always_fits_and_nothing_is_lost() {
+        let (kept, spill) = fit_with_hint("你好世界", "（继续）", 14);
+        assert!(kept.len() <= 14, "{kept}");
+        assert!(kept.ends_with("\n（继续）"));
+        assert_eq!(format!("{}{spill}", kept.trim_end_matches("\n（继续）")), "你好世界");
+        let (kept, spill) = fit_with_hint("短", "（继续）", 100);
+        assert_eq!((kept.as_str(), spill.as_str()), ("短\n（继续）", ""));
+    }
 
     #[test]
     fn retry_delays_grow_and_stay_within_bounds() {

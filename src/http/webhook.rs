@@ -173,25 +173,19 @@ async fn hold_for_answer(
     }
     if entry.reply_mode == ReplyMode::Passive && !parts.is_empty() {
         // No send API: the rest waits for the continue word, and the hint must fit too.
-        let mut rest = parts.drain(..).map(|part| part.reply.text).collect::<Vec<_>>().join("\n\n");
-        let hint = &hub.messages.more_hint;
-        let room = limit.saturating_sub(hint.len() + 1);
-        if text.len() > room {
-            let mut cut = room;
-            while !text.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            rest = format!("{}{rest}", &text[cut..]);
-            text.truncate(cut);
-        }
-        text = format!("{text}\n{hint}");
-        hub.passive.park(&envelope.channel, &envelope.sender.id, rest);
+        let rest = parts.drain(..).map(|part| part.reply.text).collect::<Vec<_>>().join("\n\n");
+        let (kept, spill) = crate::delivery::fit_with_hint(&text, &hub.messages.more_hint, limit);
+        text = kept;
+        hub.passive.park(&envelope.channel, &envelope.sender.id, format!("{spill}{rest}"));
         hub.metrics.answers.with_label_values(&[channel, "parked"]).inc();
     }
+    // The passive reply used no quota; the rest goes through the send API within it.
+    let parts = crate::delivery::within_send_quota(hub, &envelope, parts);
     let response = match entry.channel.passive_reply(request, &envelope, &Reply::text(text)) {
         Ok(response) => response,
         Err(error) => {
             tracing::warn!(channel, %error, "Could not build the passive reply; pushing the answer.");
+            let mut parts = parts;
             parts.insert(0, first);
             let hub = hub.clone();
             actix::spawn(async move { send_parts(&hub, &envelope, parts).await });

@@ -108,6 +108,7 @@ fn fixture(llm_delay: Duration, idle_timeout: Duration, max_pending: usize) -> F
             passive_window: None,
             passive_margin: Duration::from_millis(500),
             menu: Default::default(),
+            send_quota: None,
         });
     let hub = Hub::new(HubInner {
         store,

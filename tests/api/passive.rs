@@ -200,3 +200,28 @@ async fn the_first_answer_to_a_user_carries_the_ai_label() {
     assert_eq!(sent[0]["text"]["content"], "「以下内容由AI生成」\n答：一");
     assert_eq!(sent[1]["text"]["content"], "答：二");
 }
+
+#[actix_web::test]
+async fn a_long_pushed_answer_stays_within_the_five_message_quota_and_continues_on_request() {
+    let question = "问".repeat(240);
+    let app = spawn_app(&[("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "100")], Duration::ZERO).await;
+    app.post_text("oQuota", 50, &question).await;
+    app.wait_until_idle().await;
+    let first = app.sent_messages().await;
+    assert_eq!(first.len(), 5, "the customer-service quota is 5 messages per user message");
+    let hint = "（回复「继续」查看剩余内容）";
+    let last = first[4]["text"]["content"].as_str().unwrap_or_default().to_owned();
+    assert!(last.ends_with(hint), "{last}");
+    app.post_text("oQuota", 51, "继续").await;
+    app.wait_until_idle().await;
+    let all = app.sent_messages().await;
+    let shown: String = all
+        .iter()
+        .map(|m| m["text"]["content"].as_str().unwrap_or_default().replace(hint, ""))
+        .collect::<String>()
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    assert_eq!(shown, format!("答：{question}"));
+    assert_eq!(app.llm_requests().await.len(), 1);
+}
