@@ -23,7 +23,7 @@ cleanup() { for pid in "${PIDS[@]:-}"; do kill -9 "$pid" 2>/dev/null || true; do
 trap cleanup EXIT
 
 command -v wrk >/dev/null || { echo "wrk not found: apt-get install wrk" >&2; exit 1; }
-cargo build --release --quiet --bin yizhan --example bench_standins
+cargo build --release --quiet --bin yizhan --example bench_standins --example bench_safe_bodies
 BIN=target/release
 
 wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 did not open" >&2; exit 1; }
@@ -61,6 +61,8 @@ app_secret = "bench-secret"
 token = "$TOKEN"
 api_base = "http://127.0.0.1:$WECHAT_PORT"
 replay_window_secs = 0
+reply_mode = "push"
+encoding_aes_key = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
 TOML
   rm -rf "$WORK/db"
   RUST_LOG=warn "$BIN/yizhan" --config "$WORK/bench.toml" >"$WORK/yizhan-$kind.log" 2>&1 &
@@ -79,6 +81,13 @@ for store in $STORES; do
   echo "yizhan ($store store):   $(load $APP_PORT)"
   kill -9 "$YIZHAN"; wait "$YIZHAN" 2>/dev/null || true
 done
+if [[ ${SAFE_MODE:-1} == 1 ]]; then
+  "$BIN/examples/bench_safe_bodies" "${SAFE_REQUESTS:-600000}" "$WORK/safe.txt"
+  start_yizhan memory
+  echo "yizhan (memory store, 安全模式): $(wrk -t2 -c"$CONNECTIONS" -d"$DURATION" -s examples/bench/safe.lua \
+    "http://127.0.0.1:$APP_PORT" -- "$WORK/safe.txt" "http://127.0.0.1:$APP_PORT/webhooks/mp" | grep RESULT)"
+  kill -9 "$YIZHAN"; wait "$YIZHAN" 2>/dev/null || true
+fi
 kill "$STANDINS"; wait "$STANDINS" 2>/dev/null || true
 
 echo "== (b) end to end, instant stand-in LLM, ${E2E_DURATION:-5s} of load then until every answer is out"
