@@ -119,10 +119,8 @@ impl LobeHubBackend {
             user: (!request.user.is_empty()).then_some(request.user.as_str()),
             metadata: Metadata { channel: &request.channel_kind },
         };
-        let http_request = self
-            .post("/api/v1/responses")
-            .header(reqwest::header::ACCEPT, "text/event-stream")
-            .json(&body);
+        let http_request =
+            self.post("/api/v1/responses").header(reqwest::header::ACCEPT, "text/event-stream").json(&body);
         let response = sse::send_before(http_request, deadline, first_token_timeout).await?;
         if !response.status().is_success() {
             return Err(sse::status_error(response, ERROR_BODY_TIMEOUT).await);
@@ -143,37 +141,11 @@ impl LobeHubBackend {
             ResponseBody::Events(mut events) => {
                 // Whether any text arrived as deltas (then `response.completed` must not repeat it).
                 let mut saw_text = false;
-                loop {
-                    let next = if answer.has_started() {
-                        events.next_event().await
-                    } else {
-                        tokio::time::timeout_at(deadline, events.next_event())
-                            .await
-                            .map_err(|_elapsed| LlmError::FirstTokenTimeout(first_token_timeout))?
-                    };
-                    let Some(event) = next.map_err(sse::stream_error)? else { break };
-                    let data = event.data.trim();
-                    if data == "[DONE]" {
-                        break;
-                    }
-                    if data.is_empty() {
-                        continue;
-                    }
-                    let json: Value = match serde_json::from_str(data) {
-                        Ok(json) => json,
-                        Err(_) if event.event.as_deref() == Some("error") => {
-                            return Err(LlmError::Stream(sse::truncate_chars(data, MAX_ERROR_MESSAGE_CHARS)));
-                        }
-                        Err(error) => {
-                            debug!(backend = "lobehub", %error, "Ignoring an unparsable stream event.");
-                            continue;
-                        }
-                    };
-                    let kind = json
-                        .get("type")
-                        .and_then(Value::as_str)
-                        .or(event.event.as_deref())
-                        .unwrap_or_default();
+                while let Some((event_name, json)) =
+                    sse::next_json_event(&mut events, answer.has_started(), deadline, first_token_timeout, "lobehub")
+                        .await?
+                {
+                    let kind = json.get("type").and_then(Value::as_str).or(event_name.as_deref()).unwrap_or_default();
                     match kind {
                         "response.output_text.delta" => {
                             if let Some(delta) = json.get("delta").and_then(Value::as_str) {
@@ -212,7 +184,8 @@ impl LobeHubBackend {
                             return Err(LlmError::Stream(message));
                         }
                         "error" => {
-                            let message = sse::error_message(&json).unwrap_or_else(|| "error event in stream".to_owned());
+                            let message =
+                                sse::error_message(&json).unwrap_or_else(|| "error event in stream".to_owned());
                             return Err(LlmError::Stream(message));
                         }
                         // created / in_progress / output_item.* / reasoning.* / content_part.*
@@ -359,11 +332,7 @@ fn response_failure(response: &Value) -> Option<String> {
 
 /// Why a response is incomplete (`incomplete_details.reason`, e.g. `max_output_tokens`).
 fn incomplete_reason(response: &Value) -> String {
-    response
-        .pointer("/incomplete_details/reason")
-        .and_then(Value::as_str)
-        .unwrap_or("unknown")
-        .to_owned()
+    response.pointer("/incomplete_details/reason").and_then(Value::as_str).unwrap_or("unknown").to_owned()
 }
 
 #[cfg(test)]

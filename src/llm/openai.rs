@@ -126,11 +126,8 @@ impl OpenAiBackend {
             max_tokens: self.settings.max_tokens,
             user: (self.settings.send_user && !request.user.is_empty()).then_some(request.user.as_str()),
         };
-        let mut http_request = self
-            .http
-            .post(&self.url)
-            .header(reqwest::header::ACCEPT, "text/event-stream")
-            .json(&body);
+        let mut http_request =
+            self.http.post(&self.url).header(reqwest::header::ACCEPT, "text/event-stream").json(&body);
         if let Some(key) = &self.settings.api_key {
             // `bearer_auth` marks the header sensitive, so it is redacted from reqwest's Debug.
             http_request = http_request.bearer_auth(key.expose_secret());
@@ -155,55 +152,38 @@ impl OpenAiBackend {
                     }
                 }
             }
-            ResponseBody::Events(mut events) => loop {
-                let next = if answer.has_started() {
-                    events.next_event().await
-                } else {
-                    tokio::time::timeout_at(deadline, events.next_event())
-                        .await
-                        .map_err(|_elapsed| LlmError::FirstTokenTimeout(first_token_timeout))?
-                };
-                let Some(event) = next.map_err(sse::stream_error)? else { break };
-                let data = event.data.trim();
-                if data == "[DONE]" {
-                    break;
-                }
-                if data.is_empty() {
-                    continue;
-                }
-                let json: Value = match serde_json::from_str(data) {
-                    Ok(json) => json,
-                    Err(_) if event.event.as_deref() == Some("error") => {
-                        return Err(LlmError::Stream(sse::truncate_chars(data, MAX_ERROR_MESSAGE_CHARS)));
+            ResponseBody::Events(mut events) => {
+                while let Some((event_name, json)) =
+                    sse::next_json_event(&mut events, answer.has_started(), deadline, first_token_timeout, "openai")
+                        .await?
+                {
+                    if json.get("error").is_some_and(|error| !error.is_null()) || event_name.as_deref() == Some("error")
+                    {
+                        let message = sse::error_message(&json).unwrap_or_else(|| "error event in stream".to_owned());
+                        return Err(LlmError::Stream(message));
                     }
-                    Err(error) => {
-                        debug!(backend = "openai", %error, "Ignoring an unparsable stream event.");
-                        continue;
+                    for choice in first_choices(&json) {
+                        // NOTE: only `content` is read; `reasoning_content` / `reasoning` stay private.
+                        let piece = choice
+                            .get("delta")
+                            .and_then(|delta| content_text(delta.get("content")))
+                            .or_else(|| choice.get("message").and_then(|message| content_text(message.get("content"))));
+                        if let Some(piece) = piece {
+                            answer.push(&piece)?;
+                        }
+                        if let Some(reason) =
+                            choice.get("finish_reason").and_then(Value::as_str).filter(|r| !r.is_empty())
+                        {
+                            debug!(backend = "openai", finish_reason = reason, "Stream finished.");
+                        }
                     }
-                };
-                if json.get("error").is_some_and(|error| !error.is_null()) || event.event.as_deref() == Some("error") {
-                    let message = sse::error_message(&json).unwrap_or_else(|| "error event in stream".to_owned());
-                    return Err(LlmError::Stream(message));
-                }
-                for choice in first_choices(&json) {
-                    // NOTE: only `content` is read; `reasoning_content` / `reasoning` stay private.
-                    let piece = choice
-                        .get("delta")
-                        .and_then(|delta| content_text(delta.get("content")))
-                        .or_else(|| choice.get("message").and_then(|message| content_text(message.get("content"))));
-                    if let Some(piece) = piece {
-                        answer.push(&piece)?;
-                    }
-                    if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str).filter(|r| !r.is_empty()) {
-                        debug!(backend = "openai", finish_reason = reason, "Stream finished.");
+                    if let Some(usage) = json.get("usage").filter(|usage| usage.is_object()) {
+                        let prompt_tokens = usage.get("prompt_tokens").and_then(Value::as_u64);
+                        let completion_tokens = usage.get("completion_tokens").and_then(Value::as_u64);
+                        debug!(backend = "openai", prompt_tokens, completion_tokens, "LLM usage reported.");
                     }
                 }
-                if let Some(usage) = json.get("usage").filter(|usage| usage.is_object()) {
-                    let prompt_tokens = usage.get("prompt_tokens").and_then(Value::as_u64);
-                    let completion_tokens = usage.get("completion_tokens").and_then(Value::as_u64);
-                    debug!(backend = "openai", prompt_tokens, completion_tokens, "LLM usage reported.");
-                }
-            },
+            }
         }
         answer.finish()
     }

@@ -307,6 +307,45 @@ const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
 /// How many characters of a server's error message are kept in [`LlmError`]s and logs.
 pub(crate) const MAX_ERROR_MESSAGE_CHARS: usize = 500;
 
+/// The next event whose data is JSON, for both backends' stream loops: waits at most until
+/// `first_token_deadline` while nothing visible has arrived (`started == false`), stops at
+/// `[DONE]` or the end of the stream (`None`), skips blank and unparsable events, and turns a
+/// non-JSON `error` event into [`LlmError::Stream`].
+pub(crate) async fn next_json_event(
+    events: &mut SseStream,
+    started: bool,
+    first_token_deadline: Instant,
+    first_token_timeout: Duration,
+    backend: &'static str,
+) -> Result<Option<(Option<String>, serde_json::Value)>, LlmError> {
+    loop {
+        let next = if started {
+            events.next_event().await
+        } else {
+            tokio::time::timeout_at(first_token_deadline, events.next_event())
+                .await
+                .map_err(|_elapsed| LlmError::FirstTokenTimeout(first_token_timeout))?
+        };
+        let Some(event) = next.map_err(stream_error)? else { return Ok(None) };
+        let data = event.data.trim();
+        if data == "[DONE]" {
+            return Ok(None);
+        }
+        if data.is_empty() {
+            continue;
+        }
+        match serde_json::from_str(data) {
+            Ok(json) => return Ok(Some((event.event, json))),
+            Err(_) if event.event.as_deref() == Some("error") => {
+                return Err(LlmError::Stream(truncate_chars(data, MAX_ERROR_MESSAGE_CHARS)));
+            }
+            Err(error) => {
+                tracing::debug!(backend, %error, "Ignoring an unparsable stream event.");
+            }
+        }
+    }
+}
+
 /// Sends a request, mapping failures to [`LlmError`]: no response head before `deadline` is a
 /// first-token timeout, any transport failure a (retryable) connect error.
 pub(crate) async fn send_before(

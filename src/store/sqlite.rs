@@ -12,9 +12,10 @@
 //! without bound) and await a [`oneshot`] answer. The writer takes everything queued (up to
 //! [`SqliteOptions::max_batch`]) and commits it in **one transaction** (group commit), so one
 //! fsync is shared by every webhook that arrived meanwhile; the more load, the bigger the batch
-//! and the cheaper each acknowledgement. Each operation runs inside its own `SAVEPOINT`, so one
-//! failing operation rolls back alone and only its caller sees the error. Answers are sent only
-//! after `COMMIT` succeeded: "accepted" always means "on disk".
+//! and the cheaper each acknowledgement. One failing operation rolls back alone and only its
+//! caller sees the error: the batch runs without savepoints, and only if an operation fails is
+//! it rolled back and redone with one `SAVEPOINT` per operation. Answers are sent only after
+//! `COMMIT` succeeded: "accepted" always means "on disk".
 //!
 //! A small pool of **reader threads** (each with its own connection, [`SqliteOptions::readers`])
 //! serves `history` and `unfinished`. Under WAL, readers never block the writer nor each other,
@@ -73,7 +74,8 @@ use yizhan_channel_core::{BoxFuture, Delivery, Envelope};
 
 /// Schema steps, applied in order; step `i` brings `PRAGMA user_version` to `i + 1`.
 ///
-/// NOTE: never edit a released step; append a new one. A database whose `user_version` is
+/// NOTE: never edit a released step; append a new one. (Step 1 was last edited before any
+/// release, to index only the open journal rows by `envelope_id`.) A database whose `user_version` is
 /// beyond this list was written by a newer build and is refused rather than misread.
 const MIGRATIONS: &[&str] = &[
     // 1: initial schema.
