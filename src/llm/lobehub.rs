@@ -13,11 +13,11 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::warn;
 use yizhan_channel_core::BoxFuture;
 
 use super::backend::{ChatMessage, CompletionRequest, DeltaSink, LlmBackend, LlmError, Role};
-use super::sse::{self, ResponseBody, MAX_ERROR_MESSAGE_CHARS};
+use super::sse::{self, ResponseBody};
 use super::think::VisibleAnswer;
 
 /// How long an error body may take to arrive after an error status.

@@ -17,7 +17,7 @@ use tracing::debug;
 use yizhan_channel_core::BoxFuture;
 
 use super::backend::{ChatMessage, CompletionRequest, DeltaSink, LlmBackend, LlmError};
-use super::sse::{self, ResponseBody, MAX_ERROR_MESSAGE_CHARS};
+use super::sse::{self, ResponseBody};
 use super::think::VisibleAnswer;
 
 /// How long an error body may take to arrive after an error status.
