@@ -236,11 +236,17 @@ impl Envelope {
         })
     }
 
-    /// A fresh hub-side id: 128 random bits, hex.
+    /// A fresh hub-side id: milliseconds since the epoch then 64 random bits, in hex (28
+    /// characters). Time first, so ids sort by arrival and land at the end of store indexes
+    /// instead of on random pages.
     pub fn new_id() -> String {
         use rand::Rng;
-        let value: u128 = rand::thread_rng().gen();
-        format!("{value:032x}")
+        let millis = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_millis() as u64)
+            .unwrap_or_default();
+        let random: u64 = rand::thread_rng().gen();
+        format!("{millis:012x}{random:016x}")
     }
 }
 
@@ -254,6 +260,15 @@ mod tests {
         assert!(ChannelId::parse("").is_err());
         assert!(ChannelId::parse("a/b").is_err());
         assert!(ChannelId::parse(&"x".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn new_ids_are_unique_and_sort_by_time() {
+        let first = Envelope::new_id();
+        let second = Envelope::new_id();
+        assert_eq!(first.len(), 28);
+        assert_ne!(first, second);
+        assert!(first[..12] <= second[..12]);
     }
 
     #[test]
