@@ -12,10 +12,9 @@
 
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use std::collections::HashSet;
-use std::sync::Mutex;
 use std::time::Duration;
 use tracing::{debug, error, warn};
+use yizhan_channel_common::api::{scrub, transport_failure, ReportOnce};
 use yizhan_channel_core::{AccessToken, ChannelError, ChannelId, TokenCache};
 
 /// How long one API call may take before it counts as a transient failure, unless the hub's
@@ -58,7 +57,7 @@ pub(crate) struct Api {
     app_secret: String,
     tokens: TokenCache,
     /// Misconfiguration codes already logged; cleared when a call succeeds again.
-    reported: Mutex<HashSet<i64>>,
+    reported: ReportOnce,
 }
 
 /// One HTTP exchange, before its code is judged.
@@ -110,7 +109,7 @@ impl Api {
             app_id,
             app_secret,
             tokens: TokenCache::new(TOKEN_MARGIN),
-            reported: Mutex::new(HashSet::new()),
+            reported: ReportOnce::new(),
         }
     }
 
@@ -327,7 +326,7 @@ impl Api {
     /// Builds the operator-facing error and logs it, once per code until calls succeed again.
     fn misconfigured(&self, code: i64, hint: &str, message: &str, token: Option<&str>) -> ChannelError {
         let message = self.scrub(message, token);
-        let first = self.reported.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(code);
+        let first = self.reported.first(code);
         if first {
             error!(channel = %self.channel, code, hint, "Channel misconfigured; sends fail until an operator fixes it.");
         }
@@ -336,25 +335,13 @@ impl Api {
 
     /// A call succeeded: a misconfiguration seen earlier is fixed, so log it again if it returns.
     fn recovered(&self) {
-        let mut reported = self.reported.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if !reported.is_empty() {
-            reported.clear();
-        }
+        self.reported.reset();
     }
 
     /// Removes the secret and the token from platform text before it goes into an error, and
     /// bounds its length (it ends up in logs and journals).
     fn scrub(&self, message: &str, token: Option<&str>) -> String {
-        let mut clean = message.to_owned();
-        for secret in [Some(self.app_secret.as_str()), token].into_iter().flatten() {
-            if !secret.is_empty() {
-                clean = clean.replace(secret, "<redacted>");
-            }
-        }
-        match clean.char_indices().nth(200) {
-            Some((end, _)) => format!("{}…", &clean[..end]),
-            None => clean,
-        }
+        scrub(message, &[&self.app_secret, token.unwrap_or_default()])
     }
 }
 
@@ -385,18 +372,7 @@ fn transient(reason: impl Into<String>) -> ChannelError {
 
 /// A network-level failure as a transient error, without the URL (it names message ids).
 fn transport_error(error: reqwest::Error) -> ChannelError {
-    if error.is_timeout() {
-        return transient("request to Feishu timed out");
-    }
-    let error = error.without_url();
-    let mut reason = format!("request to Feishu failed: {error}");
-    let mut source = std::error::Error::source(&error);
-    while let Some(cause) = source {
-        reason.push_str(": ");
-        reason.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    transient(reason)
+    transient(transport_failure(error, "Feishu"))
 }
 
 #[cfg(test)]

@@ -26,6 +26,11 @@
 //!   carries the delivery id as Feishu's idempotency `uuid`, so a retried part is shown once.
 //! - **Streaming through CardKit**, not message edits: text edits have an undocumented per-message
 //!   cap, while a CardKit card takes up to 10 updates a second and types out the new text itself.
+//! - **Never exceed the per-chat send rate.** Feishu allows 5 QPS to one user and 5 QPS per group
+//!   shared by all bots (PROTOCOLS §4.7). Every call that sends or updates a message in a chat
+//!   (reply, streaming-card send, CardKit content and settings updates) first waits on a per-chat
+//!   sliding-window limiter (`chat_qps` per second, default 5); nothing is dropped, and since the
+//!   core awaits each part, waiting keeps order. Stream handles carry the `chat_id` for this.
 //! - **A model cannot @-mention anyone**: `<at …>` tags in answers are defused before sending.
 //! - **Error codes are triaged, not passed through**, as in the 公众号 channel: rate limits are
 //!   transient with Feishu's advised delay, oversized content is refused, missing scopes and bad
@@ -37,14 +42,18 @@ pub mod crypto;
 mod inbound;
 pub mod message;
 pub mod settings;
-pub mod split;
 
 pub use settings::FeishuSettings;
+/// Splitting is the shared splitter (`yizhan-channel-common`); the code-fence repair on top of
+/// it is Feishu's ([`message`]).
+pub use yizhan_channel_common::split;
 
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use tracing::{debug, info};
+use yizhan_channel_common::limiter::{RateLimiter, Window};
+use yizhan_channel_common::unix_millis;
 use yizhan_channel_core::{
     constant_time_eq, BoxFuture, Capabilities, Channel, ChannelError, ChannelId, ChannelSettings, Delivery,
     DeliveryReceipt, Method, Reply, StreamHandle, WebhookOutcome, WebhookRequest, WebhookResponse,
@@ -70,6 +79,8 @@ pub struct Feishu {
     api: api::Api,
     /// Whether the "set `bot_open_id`" advice was logged already; once per process is enough.
     bot_identity_advised: AtomicBool,
+    /// Sends and updates per chat, `chat_qps` per second: Feishu's per-user and per-group limit.
+    chat_limiter: RateLimiter,
 }
 
 impl Feishu {
@@ -87,7 +98,10 @@ impl Feishu {
             settings.app_id.clone(),
             settings.app_secret.clone(),
         );
-        Ok(Self { id, settings, api, bot_identity_advised: AtomicBool::new(false) })
+        // NOTE: no slack: unlike WeCom, Feishu answers an excess send with a retryable rate-limit
+        // code instead of dropping it, so an occasional early slot costs a retry, not a message.
+        let chat_limiter = RateLimiter::new(&[Window::new(settings.chat_qps, Duration::from_secs(1))]);
+        Ok(Self { id, settings, api, bot_identity_advised: AtomicBool::new(false), chat_limiter })
     }
 
     /// Builds the channel from its `[[channels]]` entry; unknown keys (the core's) are ignored.
@@ -180,17 +194,34 @@ impl Feishu {
         Ok(WebhookOutcome::Accepted { envelopes: vec![envelope], ack: WebhookResponse::json("{}") })
     }
 
+    /// Waits until the chat behind `key` may get another message or update (see the crate
+    /// docs), logging a wait.
+    async fn wait_for_chat(&self, key: &str) {
+        let waited = self.chat_limiter.acquire(key).await;
+        if !waited.is_zero() {
+            debug!(
+                channel = %self.id,
+                chat = %key,
+                waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+                "Send waited for Feishu's per-chat rate limit."
+            );
+        }
+    }
+
     /// Sends one message part with the delivery's idempotency key.
     async fn send_part(&self, delivery: &Delivery) -> Result<DeliveryReceipt, ChannelError> {
         let target = ReplyTarget::from_handle(&delivery.reply_handle.0)?;
         let body = message::message_body(&delivery.reply.text);
         let uuid = message::idempotency_key(&delivery.delivery_id);
+        self.wait_for_chat(target.limit_key()).await;
         let platform_message_id = self.api.send(target.as_api(), body.msg_type, &body.content, &uuid).await?;
         Ok(DeliveryReceipt { platform_message_id })
     }
 
     async fn start_stream(&self, target: &Delivery) -> Result<StreamHandle, ChannelError> {
         let reply_target = ReplyTarget::from_handle(&target.reply_handle.0)?;
+        // NOTE: one slot for create + send: creating the card entity puts nothing in the chat.
+        self.wait_for_chat(reply_target.limit_key()).await;
         let card_id = self.api.create_card(&message::streaming_card(&target.reply.text)).await?;
         let content = json!({"type": "card", "data": {"card_id": card_id}}).to_string();
         // NOTE: bound to the card as well as the delivery. If the core falls back to `deliver`
@@ -204,6 +235,7 @@ impl Feishu {
             "card_id": card_id,
             "element_id": message::STREAM_ELEMENT_ID,
             "message_id": message_id,
+            "chat_id": reply_target.chat_id,
         })))
     }
 
@@ -214,12 +246,14 @@ impl Feishu {
         let stream = StreamTarget::from_handle(handle)?;
         let uuid = message::idempotency_key(&format!("{}:{}:{sequence}", stream.card_id, stream.element_id));
         let text = message::defuse_mentions(text);
+        self.wait_for_chat(stream.limit_key()).await;
         self.api.set_element_content(stream.card_id, stream.element_id, &text, sequence, &uuid).await
     }
 
     async fn end_stream(&self, handle: &StreamHandle, full_text: &str, sequence: u64) -> Result<DeliveryReceipt, ChannelError> {
         let stream = StreamTarget::from_handle(handle)?;
         self.stream_text(handle, full_text, sequence).await?;
+        self.wait_for_chat(stream.limit_key()).await;
         self.api.end_streaming(stream.card_id, sequence.saturating_add(1)).await?;
         Ok(DeliveryReceipt { platform_message_id: stream.message_id.map(str::to_owned) })
     }
@@ -246,6 +280,12 @@ impl<'a> ReplyTarget<'a> {
     fn as_api(&self) -> api::Target<'a> {
         api::Target { message_id: self.message_id, chat_id: self.chat_id }
     }
+
+    /// The per-chat limiter's key: the chat, or (for a handle without one) the message replied
+    /// to, which stands for its chat.
+    fn limit_key(&self) -> &'a str {
+        self.chat_id.or(self.message_id).unwrap_or_default()
+    }
 }
 
 /// The parts of a [`StreamHandle`] made by `begin_stream`.
@@ -253,6 +293,8 @@ struct StreamTarget<'a> {
     card_id: &'a str,
     element_id: &'a str,
     message_id: Option<&'a str>,
+    /// The chat the card was sent to; absent in handles made before it was recorded.
+    chat_id: Option<&'a str>,
 }
 
 impl<'a> StreamTarget<'a> {
@@ -264,20 +306,19 @@ impl<'a> StreamTarget<'a> {
             card_id,
             element_id: field("element_id").unwrap_or(message::STREAM_ELEMENT_ID),
             message_id: field("message_id"),
+            chat_id: field("chat_id"),
         })
+    }
+
+    /// The per-chat limiter's key: the chat, or the card for a handle without one.
+    fn limit_key(&self) -> &'a str {
+        self.chat_id.unwrap_or(self.card_id)
     }
 }
 
 impl std::fmt::Debug for Feishu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Feishu").field("id", &self.id).field("settings", &self.settings).finish()
-    }
-}
-
-fn unix_millis(at: SystemTime) -> i64 {
-    match at.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(since) => i64::try_from(since.as_millis()).unwrap_or(i64::MAX),
-        Err(before) => i64::try_from(before.duration().as_millis()).map_or(i64::MIN, |ms| -ms),
     }
 }
 
@@ -355,7 +396,7 @@ impl Channel for Feishu {
     }
 
     /// Creates a CardKit streaming card and replies with it. The handle is
-    /// `{"card_id", "element_id", "message_id"}`.
+    /// `{"card_id", "element_id", "message_id", "chat_id"}` (the chat keys the per-chat rate limit).
     fn begin_stream<'a>(&'a self, target: &'a Delivery) -> BoxFuture<'a, Result<StreamHandle, ChannelError>> {
         Box::pin(async move {
             if !self.settings.streaming {
@@ -390,6 +431,7 @@ impl Channel for Feishu {
 mod tests {
     use super::*;
     use bytes::Bytes;
+    use std::time::SystemTime;
 
     fn channel(extra: Value) -> Feishu {
         let mut table = json!({
@@ -463,12 +505,6 @@ mod tests {
         let outcome = channel(json!({"encrypt_key": "test key"}))
             .handle_webhook(&post(r#"{"encrypt":"P37w+VZImNgPEO1RBhJ6RtKl7n6zymIbEG1pReEzghk="}"#));
         assert!(matches!(outcome, Err(ChannelError::Malformed(_))), "{outcome:?}");
-    }
-
-    #[test]
-    fn unix_millis_handles_times_before_the_epoch() {
-        assert_eq!(unix_millis(SystemTime::UNIX_EPOCH + Duration::from_millis(1500)), 1500);
-        assert_eq!(unix_millis(SystemTime::UNIX_EPOCH - Duration::from_millis(1500)), -1500);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 
-use crate::split::split_text;
+use yizhan_channel_common::split_text;
 
 /// Answers up to this many characters without markdown go out as plain `text` messages, which
 /// read like a person typing; longer ones go into a wide card, which is easier to read.

@@ -63,6 +63,12 @@ pub struct FeishuSettings {
     /// "all group messages" scope.
     #[serde(default)]
     pub bot_open_id: Option<String>,
+    /// Messages sent or updated per second in one chat (replies, card sends, CardKit updates).
+    /// Feishu allows 5 QPS to one user and 5 QPS per group **shared by all bots** in it
+    /// (PROTOCOLS §4.7), so lower this when other bots share your groups. Sends beyond it wait;
+    /// nothing is dropped.
+    #[serde(default = "default_chat_qps")]
+    pub chat_qps: u32,
 }
 
 fn default_api_base() -> String {
@@ -81,6 +87,10 @@ fn default_max_part_bytes() -> usize {
     30_000
 }
 
+fn default_chat_qps() -> u32 {
+    5
+}
+
 // NOTE: hand-written so that the secret, the verification token and the encrypt key can never
 // reach a log line through `{:?}`.
 impl fmt::Debug for FeishuSettings {
@@ -96,6 +106,7 @@ impl fmt::Debug for FeishuSettings {
             .field("require_mention_in_groups", &self.require_mention_in_groups)
             .field("max_part_bytes", &self.max_part_bytes)
             .field("bot_open_id", &self.bot_open_id)
+            .field("chat_qps", &self.chat_qps)
             .finish()
     }
 }
@@ -144,6 +155,11 @@ impl FeishuSettings {
                 self.max_part_bytes
             )));
         }
+        if self.chat_qps == 0 {
+            return Err(misconfigured(
+                "`chat_qps` is 0; nothing could ever be sent (Feishu allows 5 per second per chat)".to_owned(),
+            ));
+        }
         Ok(self)
     }
 
@@ -177,6 +193,7 @@ mod tests {
         assert!(settings.streaming);
         assert!(settings.require_mention_in_groups);
         assert_eq!(settings.max_part_bytes, 30_000);
+        assert_eq!(settings.chat_qps, 5);
         assert!(settings.encrypt_key.is_none() && settings.bot_open_id.is_none());
     }
 
@@ -217,6 +234,7 @@ mod tests {
         assert!(with("max_part_bytes", json!(10)).contains("`max_part_bytes`"));
         assert!(with("max_part_bytes", json!(200_000)).contains("`max_part_bytes`"));
         assert!(with("encrypt_key", json!(" key")).contains("`encrypt_key`"));
+        assert!(with("chat_qps", json!(0)).contains("`chat_qps`"));
     }
 
     #[test]

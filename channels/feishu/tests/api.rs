@@ -390,7 +390,9 @@ async fn an_answer_streams_through_a_cardkit_card_in_order() {
     let handle = channel.begin_stream(&target).await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         handle,
-        StreamHandle(json!({"card_id": "7355372766134157313", "element_id": "answer", "message_id": "om_card"}))
+        StreamHandle(json!({
+            "card_id": "7355372766134157313", "element_id": "answer", "message_id": "om_card", "chat_id": CHAT_ID,
+        }))
     );
     let full = "驿站是**古代**传递文书的地方。";
     for (sequence, text) in [(1, "驿站"), (2, "驿站是**古代**"), (3, "")] {

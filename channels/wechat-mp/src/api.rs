@@ -10,10 +10,9 @@
 //!   succeeds again, so a broken setup does not produce one error line per message.
 
 use serde_json::{json, Value};
-use std::collections::HashSet;
-use std::sync::Mutex;
 use std::time::Duration;
 use tracing::{debug, error, warn};
+use yizhan_channel_common::api::{scrub, transport_failure, wechat_errcode, ReportOnce};
 use yizhan_channel_core::{AccessToken, ChannelError, ChannelId, DeliveryReceipt, TokenCache};
 
 /// How long one API call may take before it counts as a transient failure, unless the hub's
@@ -39,7 +38,7 @@ pub(crate) struct Api {
     app_secret: String,
     tokens: TokenCache,
     /// Misconfiguration codes already logged; cleared when a call succeeds again.
-    reported: Mutex<HashSet<i64>>,
+    reported: ReportOnce,
 }
 
 impl Api {
@@ -57,7 +56,7 @@ impl Api {
             app_id,
             app_secret,
             tokens: TokenCache::new(TOKEN_MARGIN),
-            reported: Mutex::new(HashSet::new()),
+            reported: ReportOnce::new(),
         }
     }
 
@@ -89,7 +88,7 @@ impl Api {
         let url = format!("{}{path}", self.base);
         let token = self.access_token().await?;
         let answer = self.post_json(&url, Some(&token), body).await?;
-        let (code, message) = errcode(&answer);
+        let (code, message) = wechat_errcode(&answer);
         if code == 0 {
             self.recovered();
             return Ok(answer);
@@ -101,7 +100,7 @@ impl Api {
         self.tokens.invalidate(&token);
         let token = self.access_token().await?;
         let answer = self.post_json(&url, Some(&token), body).await?;
-        match errcode(&answer) {
+        match wechat_errcode(&answer) {
             (0, _) => {
                 self.recovered();
                 Ok(answer)
@@ -133,7 +132,7 @@ impl Api {
             "force_refresh": false,
         });
         let answer = self.post_json(&url, None, &body).await?;
-        match errcode(&answer) {
+        match wechat_errcode(&answer) {
             (0, _) => {}
             // From stable_token, "invalid credential" means the AppSecret is wrong.
             (40001, message) => {
@@ -228,11 +227,7 @@ impl Api {
     /// Builds the operator-facing error and logs it, once per code until calls succeed again.
     fn misconfigured(&self, code: i64, hint: &str, message: &str, token: Option<&str>) -> ChannelError {
         let message = self.scrub(message, token);
-        let first = self
-            .reported
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(code);
+        let first = self.reported.first(code);
         if first {
             error!(channel = %self.channel, code, hint, "Channel misconfigured; sends fail until an operator fixes it.");
         }
@@ -241,33 +236,14 @@ impl Api {
 
     /// A call succeeded: a misconfiguration seen earlier is fixed, so log it again if it comes back.
     fn recovered(&self) {
-        let mut reported = self.reported.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if !reported.is_empty() {
-            reported.clear();
-        }
+        self.reported.reset();
     }
 
     /// Removes the secret and the token from platform text before it goes into an error, and
     /// bounds its length (it ends up in logs and journals).
     fn scrub(&self, message: &str, token: Option<&str>) -> String {
-        let mut clean = message.to_owned();
-        for secret in [Some(self.app_secret.as_str()), token].into_iter().flatten() {
-            if !secret.is_empty() {
-                clean = clean.replace(secret, "<redacted>");
-            }
-        }
-        match clean.char_indices().nth(200) {
-            Some((end, _)) => format!("{}…", &clean[..end]),
-            None => clean,
-        }
+        scrub(message, &[&self.app_secret, token.unwrap_or_default()])
     }
-}
-
-/// WeChat's `errcode` (0 when absent, as in successful token answers) and `errmsg`.
-fn errcode(answer: &Value) -> (i64, String) {
-    let code = answer.get("errcode").and_then(Value::as_i64).unwrap_or(0);
-    let message = answer.get("errmsg").and_then(Value::as_str).unwrap_or_default().to_owned();
-    (code, message)
 }
 
 fn transient(reason: impl Into<String>) -> ChannelError {
@@ -280,18 +256,7 @@ fn transient(reason: impl Into<String>) -> ChannelError {
 /// the URL is removed before the error is formatted. Its sources (connect, TLS, I/O errors)
 /// never contain the query.
 fn transport_error(error: reqwest::Error) -> ChannelError {
-    if error.is_timeout() {
-        return transient("request to WeChat timed out");
-    }
-    let error = error.without_url();
-    let mut reason = format!("request to WeChat failed: {error}");
-    let mut source = std::error::Error::source(&error);
-    while let Some(cause) = source {
-        reason.push_str(": ");
-        reason.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    transient(reason)
+    transient(transport_failure(error, "WeChat"))
 }
 
 #[cfg(test)]

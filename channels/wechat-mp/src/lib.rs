@@ -56,17 +56,17 @@
 
 mod api;
 mod inbound;
-pub mod markdown;
 mod passive;
 pub mod settings;
 pub mod signature;
-pub mod split;
 
 pub use settings::WechatMpSettings;
-pub use split::split_text;
+/// Markdown → plain text and splitting are the shared ones (`yizhan-channel-common`).
+pub use yizhan_channel_common::{markdown, split, split_text};
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use tracing::debug;
+use yizhan_channel_common::unix_millis;
 use yizhan_channel_wechat_crypto::{KeySlot, WxCrypto};
 use yizhan_channel_core::{
     BoxFuture, Capabilities, Channel, ChannelError, ChannelId, ChannelSettings, Delivery,
@@ -177,7 +177,7 @@ impl WechatMp {
     /// 安全模式 / 兼容模式: verify `msg_signature` over `<Encrypt>` and the replay window, then
     /// decrypt and parse the inner XML. The plaintext fields of a 兼容模式 body are ignored:
     /// only `<Encrypt>` is signed.
-    fn open_encrypted(&self, request: &WebhookRequest) -> Result<(inbound::Fields, KeySlot), ChannelError> {
+    fn open_encrypted(&self, request: &WebhookRequest) -> Result<(yizhan_channel_common::xml::Fields, KeySlot), ChannelError> {
         if request.query_param("msg_signature").is_none() {
             return Err(ChannelError::BadSignature(
                 "encrypt_type=aes but query parameter `msg_signature` is missing (`signature` does not \
@@ -241,13 +241,6 @@ impl WechatMp {
 impl std::fmt::Debug for WechatMp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WechatMp").field("id", &self.id).field("settings", &self.settings).finish()
-    }
-}
-
-fn unix_millis(at: SystemTime) -> i64 {
-    match at.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(since) => i64::try_from(since.as_millis()).unwrap_or(i64::MAX),
-        Err(before) => i64::try_from(before.duration().as_millis()).map_or(i64::MIN, |ms| -ms),
     }
 }
 
@@ -342,6 +335,7 @@ impl Channel for WechatMp {
 mod tests {
     use super::*;
     use bytes::Bytes;
+    use std::time::SystemTime;
     use serde_json::json;
 
     fn channel(window: u64) -> WechatMp {
@@ -441,12 +435,6 @@ mod tests {
             WechatMp::from_settings(&settings, reqwest::Client::new()),
             Err(ChannelError::Misconfigured(_))
         ));
-    }
-
-    #[test]
-    fn unix_millis_handles_times_before_the_epoch() {
-        assert_eq!(unix_millis(SystemTime::UNIX_EPOCH + Duration::from_millis(1500)), 1500);
-        assert_eq!(unix_millis(SystemTime::UNIX_EPOCH - Duration::from_millis(1500)), -1500);
     }
 
     /// A tiny deterministic generator, so the robustness tests need no extra dependency.

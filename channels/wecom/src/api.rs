@@ -10,10 +10,9 @@
 //!   succeeds again, so a broken setup does not produce one error line per message.
 
 use serde_json::{json, Value};
-use std::collections::HashSet;
-use std::sync::Mutex;
 use std::time::Duration;
 use tracing::{debug, error, warn};
+use yizhan_channel_common::api::{scrub, transport_failure, wechat_errcode, ReportOnce};
 use yizhan_channel_core::{AccessToken, ChannelError, ChannelId, DeliveryReceipt, TokenCache};
 
 /// How long one API call may take before it counts as a transient failure, unless the hub's
@@ -72,7 +71,7 @@ pub(crate) struct Api {
     agent_id: i64,
     tokens: TokenCache,
     /// Misconfiguration codes already logged; cleared when a call succeeds again.
-    reported: Mutex<HashSet<i64>>,
+    reported: ReportOnce,
 }
 
 impl Api {
@@ -92,7 +91,7 @@ impl Api {
             corp_secret,
             agent_id,
             tokens: TokenCache::new(TOKEN_MARGIN),
-            reported: Mutex::new(HashSet::new()),
+            reported: ReportOnce::new(),
         }
     }
 
@@ -135,7 +134,7 @@ impl Api {
         let url = format!("{}{path}", self.base);
         let token = self.access_token().await?;
         let answer = self.post_json(&url, &token, body).await?;
-        let (code, message) = errcode(&answer);
+        let (code, message) = wechat_errcode(&answer);
         if code == 0 {
             self.recovered();
             return Ok(answer);
@@ -147,7 +146,7 @@ impl Api {
         self.tokens.invalidate(&token);
         let token = self.access_token().await?;
         let answer = self.post_json(&url, &token, body).await?;
-        match errcode(&answer) {
+        match wechat_errcode(&answer) {
             (0, _) => {
                 self.recovered();
                 Ok(answer)
@@ -177,7 +176,7 @@ impl Api {
             .get(&url)
             .query(&[("corpid", self.corp_id.as_str()), ("corpsecret", self.corp_secret.as_str())]);
         let answer = self.exchange(request).await?;
-        match errcode(&answer) {
+        match wechat_errcode(&answer) {
             (0, _) => {}
             (code, message) => return Err(self.classify(Stage::Token, code, &message, None)),
         }
@@ -277,7 +276,7 @@ impl Api {
     /// Builds the operator-facing error and logs it, once per code until calls succeed again.
     fn misconfigured(&self, code: i64, hint: &str, message: &str, token: Option<&str>) -> ChannelError {
         let message = self.scrub(message, token);
-        let first = self.reported.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(code);
+        let first = self.reported.first(code);
         if first {
             error!(channel = %self.channel, code, hint, "Channel misconfigured; sends fail until an operator fixes it.");
         }
@@ -286,33 +285,14 @@ impl Api {
 
     /// A call succeeded: a misconfiguration seen earlier is fixed, so log it again if it comes back.
     fn recovered(&self) {
-        let mut reported = self.reported.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if !reported.is_empty() {
-            reported.clear();
-        }
+        self.reported.reset();
     }
 
     /// Removes the secret and the token from platform text before it goes into an error, and
     /// bounds its length (it ends up in logs and journals).
     fn scrub(&self, message: &str, token: Option<&str>) -> String {
-        let mut clean = message.to_owned();
-        for secret in [Some(self.corp_secret.as_str()), token].into_iter().flatten() {
-            if !secret.is_empty() {
-                clean = clean.replace(secret, "<redacted>");
-            }
-        }
-        match clean.char_indices().nth(200) {
-            Some((end, _)) => format!("{}…", &clean[..end]),
-            None => clean,
-        }
+        scrub(message, &[&self.corp_secret, token.unwrap_or_default()])
     }
-}
-
-/// WeCom's `errcode` (0 when absent) and `errmsg`.
-fn errcode(answer: &Value) -> (i64, String) {
-    let code = answer.get("errcode").and_then(Value::as_i64).unwrap_or(0);
-    let message = answer.get("errmsg").and_then(Value::as_str).unwrap_or_default().to_owned();
-    (code, message)
 }
 
 fn transient(reason: impl Into<String>) -> ChannelError {
@@ -325,18 +305,7 @@ fn transient(reason: impl Into<String>) -> ChannelError {
 /// for gettoken, the app secret), so the URL is removed before the error is formatted. Its
 /// sources (connect, TLS, I/O errors) never contain the query.
 fn transport_error(error: reqwest::Error) -> ChannelError {
-    if error.is_timeout() {
-        return transient("request to WeCom timed out");
-    }
-    let error = error.without_url();
-    let mut reason = format!("request to WeCom failed: {error}");
-    let mut source = std::error::Error::source(&error);
-    while let Some(cause) = source {
-        reason.push_str(": ");
-        reason.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    transient(reason)
+    transient(transport_failure(error, "WeCom"))
 }
 
 #[cfg(test)]

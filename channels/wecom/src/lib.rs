@@ -6,7 +6,8 @@
 //!   event.
 //! - [`markdown`] and [`split`]: LLM markdown → WeCom's markdown subset (or plain text) → parts
 //!   of at most `max_part_bytes`.
-//! - `limiter`: the per-member rate limiter that makes sends wait rather than be dropped.
+//! - The per-member rate limiter that makes sends wait rather than be dropped, the splitter and
+//!   the markdown renderer are shared ones (`yizhan-channel-common`).
 //! - `api`: access token, `message/send`, error-code triage.
 //! - Verification and decryption are the shared `yizhan-channel-wechat-crypto` crate's
 //!   (WXBizMsgCrypt, receive id = corp id).
@@ -41,18 +42,19 @@
 
 mod api;
 mod inbound;
-mod limiter;
 pub mod markdown;
 pub mod settings;
-pub mod split;
 
 pub use settings::{ReplyFormat, WecomSettings};
-pub use split::split_text;
+/// Splitting is the shared splitter (`yizhan-channel-common`).
+pub use yizhan_channel_common::{split, split_text};
 
 use std::collections::HashSet;
 use std::sync::Mutex;
-use std::time::SystemTime;
+use std::time::Duration;
 use tracing::{debug, info, warn};
+use yizhan_channel_common::limiter::{RateLimiter, Window};
+use yizhan_channel_common::unix_millis;
 use yizhan_channel_core::{
     BoxFuture, Capabilities, Channel, ChannelError, ChannelId, ChannelSettings, Delivery,
     DeliveryReceipt, Method, Reply, WebhookOutcome, WebhookRequest, WebhookResponse,
@@ -74,7 +76,7 @@ pub struct Wecom {
     /// Token, EncodingAESKey(s) and corp id: verifies and decrypts callbacks.
     crypto: WxCrypto,
     api: api::Api,
-    limiter: limiter::RateLimiter,
+    limiter: RateLimiter,
     /// Foreign AgentIDs already logged.
     foreign_agents: Mutex<HashSet<String>>,
 }
@@ -102,7 +104,7 @@ impl Wecom {
             settings.corp_secret.clone(),
             settings.agent_id,
         );
-        let limiter = limiter::RateLimiter::new(settings.rate_per_minute, settings.rate_per_hour);
+        let limiter = member_limiter(settings.rate_per_minute, settings.rate_per_hour);
         Ok(Self { id, settings, crypto, api, limiter, foreign_agents: Mutex::new(HashSet::new()) })
     }
 
@@ -207,6 +209,22 @@ fn rejected(error: CryptoError) -> ChannelError {
     ChannelError::BadSignature(error.to_string())
 }
 
+/// WeCom's send limits per member: `per_minute` in any minute and `per_hour` in any hour
+/// (WeCom: 30 and 1000), excess **silently dropped** (doc path/90236: the API still answers
+/// `errcode: 0`), so sends wait for room instead. A slot frees [`LIMIT_SLACK`] after its window,
+/// because WeCom counts when a message *arrives*, a little after we grant it.
+fn member_limiter(per_minute: u32, per_hour: u32) -> RateLimiter {
+    RateLimiter::new(&[
+        Window::new(per_minute, Duration::from_secs(60)),
+        Window::new(per_hour, Duration::from_secs(3600)),
+    ])
+    .with_slack(LIMIT_SLACK)
+}
+
+/// Covers the delay between granting a slot and WeCom receiving the message, and clock
+/// granularity on WeCom's side.
+const LIMIT_SLACK: Duration = Duration::from_secs(1);
+
 /// Refuses recipients that would address more than one member: `@all` (the whole corp) or a
 /// `|`-separated list. Userids come from WeCom itself, so this only guards against a corrupted
 /// journal or a bug sending one member's answer to everybody.
@@ -223,13 +241,6 @@ fn check_recipient(userid: &str) -> Result<(), ChannelError> {
 impl std::fmt::Debug for Wecom {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Wecom").field("id", &self.id).field("settings", &self.settings).finish()
-    }
-}
-
-fn unix_millis(at: SystemTime) -> i64 {
-    match at.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(since) => i64::try_from(since.as_millis()).unwrap_or(i64::MAX),
-        Err(before) => i64::try_from(before.duration().as_millis()).map_or(i64::MIN, |ms| -ms),
     }
 }
 
@@ -354,10 +365,4 @@ mod tests {
         }
     }
 
-    #[test]
-    fn unix_millis_handles_times_before_the_epoch() {
-        use std::time::Duration;
-        assert_eq!(unix_millis(SystemTime::UNIX_EPOCH + Duration::from_millis(1500)), 1500);
-        assert_eq!(unix_millis(SystemTime::UNIX_EPOCH - Duration::from_millis(1500)), -1500);
-    }
 }

@@ -4,7 +4,8 @@
 //! `max_bytes >= 4`), no part is empty or whitespace-only, no cut falls inside a character, and
 //! joining the parts gives back the text less the whitespace at the cuts.
 //!
-//! Platform-neutral on purpose: WeCom and others will reuse it.
+//! Platform-neutral: it knows nothing of markup. A channel that must keep markup balanced across
+//! parts (Feishu's code fences) repairs the parts itself.
 
 /// Sentence-ending characters a cut may follow. ASCII ones count only before whitespace (or at
 /// the end), so `3.14` and `example.com` are not sentence ends.

@@ -1,0 +1,128 @@
+//! Pieces every platform API client needs: error-code bookkeeping that logs a misconfiguration
+//! once, scrubbing secrets from platform text, and transport errors without their URL.
+//!
+//! Invariant: text these helpers produce never contains a secret they were given, nor a request
+//! URL (whose query may carry a token or secret).
+
+use serde_json::Value;
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+/// How many characters of platform text an error keeps; it ends up in logs and journals.
+pub const MAX_MESSAGE_CHARS: usize = 200;
+
+/// The misconfiguration codes already reported, so that a broken setup is logged once per code
+/// rather than once per message, and again if it comes back after calls succeeded.
+#[derive(Debug, Default)]
+pub struct ReportOnce {
+    codes: Mutex<HashSet<i64>>,
+}
+
+impl ReportOnce {
+    /// Nothing reported yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether `code` is new since the last [`reset`](Self::reset): the caller logs it then.
+    pub fn first(&self, code: i64) -> bool {
+        self.codes.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(code)
+    }
+
+    /// A call succeeded: whatever was misconfigured is fixed, so report it again if it returns.
+    pub fn reset(&self) {
+        let mut codes = self.codes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !codes.is_empty() {
+            codes.clear();
+        }
+    }
+}
+
+/// Removes every non-empty `secrets` value from platform text before it goes into an error, and
+/// bounds its length to [`MAX_MESSAGE_CHARS`] (plus `…`).
+pub fn scrub(message: &str, secrets: &[&str]) -> String {
+    let mut clean = message.to_owned();
+    for secret in secrets {
+        if !secret.is_empty() {
+            clean = clean.replace(secret, "<redacted>");
+        }
+    }
+    match clean.char_indices().nth(MAX_MESSAGE_CHARS) {
+        Some((end, _)) => format!("{}…", &clean[..end]),
+        None => clean,
+    }
+}
+
+/// The reason for a network-level failure talking to `platform` (`"WeChat"`): `request to
+/// WeChat timed out`, or `request to WeChat failed: …` with the error's sources.
+///
+/// NOTE: `reqwest::Error`'s Display includes the URL, whose query may carry an access token or
+/// secret, so the URL is removed before the error is formatted. Its sources (connect, TLS, I/O
+/// errors) never contain the query.
+pub fn transport_failure(error: reqwest::Error, platform: &str) -> String {
+    if error.is_timeout() {
+        return format!("request to {platform} timed out");
+    }
+    let error = error.without_url();
+    let mut reason = format!("request to {platform} failed: {error}");
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        reason.push_str(": ");
+        reason.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    reason
+}
+
+/// The WeChat family's (公众号, WeCom) `errcode` (0 when absent, as in successful token answers)
+/// and `errmsg`.
+pub fn wechat_errcode(answer: &Value) -> (i64, String) {
+    let code = answer.get("errcode").and_then(Value::as_i64).unwrap_or(0);
+    let message = answer.get("errmsg").and_then(Value::as_str).unwrap_or_default().to_owned();
+    (code, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_code_is_first_once_until_reset() {
+        let reported = ReportOnce::new();
+        assert!(reported.first(40164));
+        assert!(!reported.first(40164));
+        assert!(reported.first(40013));
+        reported.reset();
+        assert!(reported.first(40164));
+    }
+
+    #[test]
+    fn secrets_are_redacted_and_long_text_is_cut() {
+        let clean = scrub("bad secret s3cret for token TOKEN123", &["s3cret", "TOKEN123", ""]);
+        assert_eq!(clean, "bad secret <redacted> for token <redacted>");
+        let long = scrub(&"长".repeat(1000), &[]);
+        assert_eq!(long.chars().count(), MAX_MESSAGE_CHARS + 1);
+        assert!(long.ends_with('…'));
+        assert_eq!(scrub("短", &[]), "短");
+    }
+
+    #[test]
+    fn errcode_defaults_to_zero_and_an_empty_message() {
+        assert_eq!(wechat_errcode(&json!({"errcode": 40001, "errmsg": "bad"})), (40001, "bad".to_owned()));
+        assert_eq!(wechat_errcode(&json!({"access_token": "t"})), (0, String::new()));
+    }
+
+    #[tokio::test]
+    async fn transport_failures_name_the_platform_but_not_the_url() {
+        let error = reqwest::Client::new()
+            .get("http://127.0.0.1:9/cgi-bin/x?access_token=SECRET")
+            .send()
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("port 9 answered"));
+        let reason = transport_failure(error, "WeChat");
+        assert!(reason.starts_with("request to WeChat "), "{reason}");
+        assert!(!reason.contains("SECRET"), "{reason}");
+    }
+}

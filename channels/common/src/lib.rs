@@ -1,0 +1,55 @@
+//! Helpers shared by Yizhan's platform channels (`yizhan-channel-wechat-mp`, `-wecom`,
+//! `-feishu`), so that each lives once, with its tests.
+//!
+//! # Layout
+//! - [`split`]: long text → parts of at most N bytes, cut at paragraph, line, sentence or word
+//!   breaks.
+//! - [`markdown`]: LLM markdown → plain text, or the basic markdown subset some platforms render.
+//! - [`limiter`]: a keyed sliding-window rate limiter whose `acquire` waits for a free slot.
+//! - [`xml`]: flat XML pushes (WeChat, WeCom) → fields by element name.
+//! - [`api`]: log-once bookkeeping for misconfiguration codes, secret scrubbing, transport
+//!   errors without URLs, the WeChat family's `errcode`.
+//!
+//! # Design decisions
+//! - **Helpers, not contract.** The contract crate (`yizhan-channel-core`) says what a channel
+//!   is; this crate only holds code that several channels would otherwise copy. It does not
+//!   depend on the contract crate: errors are plain values ([`xml::MalformedXml`], reason
+//!   strings) that each channel maps into its own `ChannelError`, with its own wording.
+//! - **Platform-specific behaviour stays configurable, not forked.** Where channels differed
+//!   (WeCom drops `<font>` tags from text messages; WeCom waits a second of slack after each
+//!   window; WeCom matches field names without case), the difference is a parameter here.
+//! - **Tokio time.** The limiter sleeps with `tokio::time`, so channel tests drive it with paused
+//!   time.
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod limiter;
+pub mod markdown;
+pub mod split;
+pub mod xml;
+
+pub use limiter::{RateLimiter, Window};
+pub use split::split_text;
+
+use std::time::SystemTime;
+
+/// Milliseconds since the Unix epoch (negative before it), saturating instead of overflowing:
+/// the `received_at_ms` of an envelope.
+pub fn unix_millis(at: SystemTime) -> i64 {
+    match at.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(since) => i64::try_from(since.as_millis()).unwrap_or(i64::MAX),
+        Err(before) => i64::try_from(before.duration().as_millis()).map_or(i64::MIN, |ms| -ms),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn unix_millis_handles_times_before_the_epoch() {
+        assert_eq!(unix_millis(SystemTime::UNIX_EPOCH + Duration::from_millis(1500)), 1500);
+        assert_eq!(unix_millis(SystemTime::UNIX_EPOCH - Duration::from_millis(1500)), -1500);
+    }
+}
