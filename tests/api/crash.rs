@@ -129,9 +129,29 @@ async fn sigterm_answers_what_was_accepted_before_exiting() {
         async move { done }
     })
     .await;
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(exit.is_some_and(|status| status.success()), "{exit:?}");
     assert_eq!(app.sent_messages().await.len(), 5, "every accepted message answered before exit");
+
+    // After a restart the conversation continues where it was, and WeChat's late retry of an
+    // answered message is still recognised.
+    let mut restarted = start_binary(&config_path).await;
+    let app = TestApp { address: restarted.address.clone(), ..app };
+    assert_eq!(app.post_text("oTerm0", 70_000, "问题").await.0, 200, "a retry from before the restart");
+    assert_eq!(app.post_text("oTerm0", 70_100, "我刚才问了什么？").await.0, 200);
+    let address = app.address.clone();
+    wait_for("the follow-up answered", || async {
+        metric(&app.http, &address, "yizhan_journal_open ").await == Some(0) && app.sent_messages().await.len() == 6
+    })
+    .await;
+    let _ = restarted.child.kill();
+    let _ = restarted.child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let requests = app.llm_requests().await;
+    assert_eq!(requests.len(), 6, "the retry asked no LLM");
+    let last: serde_json::Value = serde_json::from_slice(&requests[5].body).unwrap_or_default();
+    let contents: Vec<&str> =
+        last["messages"].as_array().map(|m| m.iter().filter_map(|m| m["content"].as_str()).collect()).unwrap_or_default();
+    assert_eq!(contents[1..], ["问题", "答：问题", "我刚才问了什么？"]);
 }
 
 #[actix_web::test]
