@@ -46,7 +46,9 @@ async fn main() -> std::io::Result<()> {
             .app_data(counter.clone())
             .route(
                 "/cgi-bin/stable_token",
-                web::post().to(|| async { HttpResponse::Ok().json(serde_json::json!({"access_token":"BENCH","expires_in":7200})) }),
+                web::post().to(|| async {
+                    HttpResponse::Ok().json(serde_json::json!({"access_token":"BENCH","expires_in":7200}))
+                }),
             )
             .route(
                 "/cgi-bin/message/custom/send",
@@ -73,7 +75,8 @@ async fn main() -> std::io::Result<()> {
     let bare = HttpServer::new(|| {
         App::new().route(
             "/webhooks/{channel_id}",
-            web::route().to(|_body: web::Bytes| async { HttpResponse::Ok().content_type("text/plain").body("success") }),
+            web::route()
+                .to(|_body: web::Bytes| async { HttpResponse::Ok().content_type("text/plain").body("success") }),
         )
     })
     .bind(("127.0.0.1", bare_port as u16))?

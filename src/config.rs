@@ -59,12 +59,7 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self {
-            bind: "0.0.0.0:8080".into(),
-            body_limit_bytes: 1024 * 1024,
-            workers: 0,
-            shutdown_timeout_secs: 10,
-        }
+        Self { bind: "0.0.0.0:8080".into(), body_limit_bytes: 1024 * 1024, workers: 0, shutdown_timeout_secs: 10 }
     }
 }
 
@@ -402,10 +397,9 @@ impl<'de> Deserialize<'de> for ChannelConfig {
 impl Config {
     /// Reads `path`, applies the process environment's overrides, and validates.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("Failed to read config file {}", path.display()))?;
-        Self::from_toml(&text, std::env::vars())
-            .with_context(|| format!("Invalid config file {}", path.display()))
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("Failed to read config file {}", path.display()))?;
+        Self::from_toml(&text, std::env::vars()).with_context(|| format!("Invalid config file {}", path.display()))
     }
 
     /// Parses TOML text with the given environment overrides (tests pass their own).
@@ -496,9 +490,7 @@ fn apply_override(root: &mut toml::Value, path: &str, raw: &str) -> anyhow::Resu
             index += 2;
             continue;
         }
-        node = table
-            .entry(segment.clone())
-            .or_insert_with(|| toml::Value::Table(toml::map::Map::new()));
+        node = table.entry(segment.clone()).or_insert_with(|| toml::Value::Table(toml::map::Map::new()));
         index += 1;
     }
     let key = segments.last().cloned().unwrap_or_default();

@@ -63,8 +63,10 @@ impl Metrics {
             &["backend", "kind"],
         )
         .expect("valid metric");
-        let llm_queue_depth = IntGauge::new("llm_queue_depth", "Requests waiting for an LLM slot.").expect("valid metric");
-        let llm_in_flight = IntGauge::new("llm_in_flight", "Requests being answered by the LLM.").expect("valid metric");
+        let llm_queue_depth =
+            IntGauge::new("llm_queue_depth", "Requests waiting for an LLM slot.").expect("valid metric");
+        let llm_in_flight =
+            IntGauge::new("llm_in_flight", "Requests being answered by the LLM.").expect("valid metric");
         let sessions_alive = IntGauge::new("sessions_alive", "Session actors alive.").expect("valid metric");
         let deliveries = IntCounterVec::new(
             Opts::new("deliveries_total", "Reply parts by channel and outcome."),
@@ -76,13 +78,10 @@ impl Metrics {
             &["bound"],
         )
         .expect("valid metric");
-        let delivery_in_flight = IntGaugeVec::new(
-            Opts::new("delivery_in_flight", "Reply parts being sent, by channel."),
-            &["channel"],
-        )
-        .expect("valid metric");
-        let journal_open =
-            IntGauge::new("journal_open", "Accepted messages not yet finished.").expect("valid metric");
+        let delivery_in_flight =
+            IntGaugeVec::new(Opts::new("delivery_in_flight", "Reply parts being sent, by channel."), &["channel"])
+                .expect("valid metric");
+        let journal_open = IntGauge::new("journal_open", "Accepted messages not yet finished.").expect("valid metric");
         let answers = IntCounterVec::new(
             Opts::new("answers_total", "Answers by channel and path (passive, push, parked, unparked)."),
             &["channel", "path"],

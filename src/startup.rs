@@ -3,8 +3,8 @@
 use crate::channels::ChannelKinds;
 use crate::config::{Config, LlmBackendKind, ReplyMode, StoreKind};
 use crate::delivery::{ChannelActor, RetryPolicy};
-use crate::hub::{ChannelEntry, Hub, HubInner};
 use crate::http::{healthz, metrics as metrics_route, webhook, AppState};
+use crate::hub::{ChannelEntry, Hub, HubInner};
 use crate::llm::client::{build_http_client, LlmClientSettings};
 use crate::llm::lobehub::{LobeHubBackend, LobeHubSettings};
 use crate::llm::openai::{OpenAiBackend, OpenAiSettings};
@@ -81,8 +81,9 @@ fn build_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
                 durability: config.store.durability,
                 ..SqliteOptions::default()
             };
-            let store = SqliteStore::open(&config.store.path, options)
-                .with_context(|| format!("Failed to open the SQLite store {} (config key `store.path`)", config.store.path.display()))?;
+            let store = SqliteStore::open(&config.store.path, options).with_context(|| {
+                format!("Failed to open the SQLite store {} (config key `store.path`)", config.store.path.display())
+            })?;
             tracing::info!(path = %config.store.path.display(), "SQLite store open.");
             Ok(Arc::new(store))
         }
@@ -250,7 +251,6 @@ impl Application {
         });
         self.server.await
     }
-
 }
 
 /// Resolves on SIGINT or SIGTERM.

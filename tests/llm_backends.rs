@@ -3,14 +3,14 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use yizhan::llm::backend::{ChatMessage, CompletionRequest, DeltaSink, LlmBackend, LlmError, Role};
-use yizhan::llm::client::{build_http_client, LlmClient, LlmClientSettings};
-use yizhan::llm::lobehub::{LobeHubBackend, LobeHubSettings};
-use yizhan::llm::openai::{OpenAiBackend, OpenAiSettings};
 use secrecy::SecretString;
 use serde_json::{json, Value};
 use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
+use yizhan::llm::backend::{ChatMessage, CompletionRequest, DeltaSink, LlmBackend, LlmError, Role};
+use yizhan::llm::client::{build_http_client, LlmClient, LlmClientSettings};
+use yizhan::llm::lobehub::{LobeHubBackend, LobeHubSettings};
+use yizhan::llm::openai::{OpenAiBackend, OpenAiSettings};
 
 const SECRET: &str = "sk-test-never-leak";
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -127,10 +127,7 @@ async fn openai_streams_the_answer_and_sends_the_expected_request() {
 #[tokio::test]
 async fn openai_sends_optional_fields_only_when_enabled_and_no_authorization_without_a_key() {
     let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(streaming(sse(&[&chunk("ok"), "[DONE]"])))
-        .mount(&server)
-        .await;
+    Mock::given(method("POST")).respond_with(streaming(sse(&[&chunk("ok"), "[DONE]"]))).mount(&server).await;
     let mut settings = openai_settings(&server);
     settings.api_key = None;
     settings.include_usage = true;
@@ -154,7 +151,8 @@ async fn openai_tolerates_keep_alives_empty_choices_odd_finish_reasons_and_usage
     let server = MockServer::start().await;
     let body = format!(
         ": keep-alive\r\n\r\n{}{}{}{}{}{}{}",
-        sse(&[&json!({"choices":[{"index":0,"delta":{"content":null},"finish_reason":""}]}).to_string()]).replace('\n', "\r\n"),
+        sse(&[&json!({"choices":[{"index":0,"delta":{"content":null},"finish_reason":""}]}).to_string()])
+            .replace('\n', "\r\n"),
         ": ping\n\n",
         sse(&[&json!({"choices":[{"index":0,"delta":{},"finish_reason":null}]}).to_string()]),
         sse(&[&json!({"choices":[{"index":0,"delta":{"content":"Hel"}}],"usage":{}}).to_string()]),
@@ -175,9 +173,17 @@ async fn openai_accepts_a_stream_that_ends_without_done_and_ignores_anything_aft
     let server = MockServer::start().await;
     // No [DONE] and no trailing blank line.
     let without_done = format!("data: {}\n\ndata: {}", chunk("a"), chunk("b"));
-    Mock::given(method("POST")).and(path("/one/chat/completions")).respond_with(streaming(without_done)).mount(&server).await;
+    Mock::given(method("POST"))
+        .and(path("/one/chat/completions"))
+        .respond_with(streaming(without_done))
+        .mount(&server)
+        .await;
     let after_done = sse(&[&chunk("x"), "[DONE]", &chunk("ignored")]);
-    Mock::given(method("POST")).and(path("/two/chat/completions")).respond_with(streaming(after_done)).mount(&server).await;
+    Mock::given(method("POST"))
+        .and(path("/two/chat/completions"))
+        .respond_with(streaming(after_done))
+        .mount(&server)
+        .await;
 
     let one = OpenAiSettings { base_url: format!("{}/one", server.uri()), ..openai_settings(&server) };
     let two = OpenAiSettings { base_url: format!("{}/two", server.uri()), ..openai_settings(&server) };
@@ -218,7 +224,14 @@ async fn openai_reasoning_only_stream_is_an_empty_answer() {
 #[tokio::test]
 async fn openai_strips_think_blocks_split_across_deltas_when_enabled() {
     let server = MockServer::start().await;
-    let body = sse(&[&chunk("<thi"), &chunk("nk>\nlet me think"), &chunk("…</th"), &chunk("ink>\n\n"), &chunk("Hi!"), "[DONE]"]);
+    let body = sse(&[
+        &chunk("<thi"),
+        &chunk("nk>\nlet me think"),
+        &chunk("…</th"),
+        &chunk("ink>\n\n"),
+        &chunk("Hi!"),
+        "[DONE]",
+    ]);
     Mock::given(method("POST")).respond_with(streaming(body)).mount(&server).await;
     let mut settings = openai_settings(&server);
     settings.strip_think = true;
@@ -236,7 +249,10 @@ async fn openai_strips_think_blocks_split_across_deltas_when_enabled() {
 #[tokio::test]
 async fn openai_error_event_inside_the_stream_is_a_stream_error() {
     let server = MockServer::start().await;
-    let body = sse(&[&chunk("partial "), &json!({"error":{"message":"upstream overloaded","type":"server_error"}}).to_string()]);
+    let body = sse(&[
+        &chunk("partial "),
+        &json!({"error":{"message":"upstream overloaded","type":"server_error"}}).to_string(),
+    ]);
     Mock::given(method("POST")).respond_with(streaming(body)).mount(&server).await;
 
     let (result, seen) = complete(&openai(openai_settings(&server))).await;
@@ -249,7 +265,11 @@ async fn openai_error_event_inside_the_stream_is_a_stream_error() {
 async fn openai_http_500_is_a_status_error_with_the_server_message() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(500).set_body_json(json!({"error":{"message":"model crashed","type":"server_error","param":null,"code":null}})))
+        .respond_with(
+            ResponseTemplate::new(500).set_body_json(
+                json!({"error":{"message":"model crashed","type":"server_error","param":null,"code":null}}),
+            ),
+        )
         .mount(&server)
         .await;
 
@@ -322,7 +342,10 @@ async fn openai_first_token_timeout_fires_when_the_server_is_slow() {
 
     let result = backend.complete(&request(), Duration::from_millis(100), &mut sink).await;
 
-    assert!(matches!(result, Err(LlmError::FirstTokenTimeout(timeout)) if timeout == Duration::from_millis(100)), "{result:?}");
+    assert!(
+        matches!(result, Err(LlmError::FirstTokenTimeout(timeout)) if timeout == Duration::from_millis(100)),
+        "{result:?}"
+    );
     assert!(pieces(&seen).is_empty());
 }
 
@@ -397,7 +420,10 @@ async fn llm_client_does_not_retry_a_400() {
 
     let result = client.complete(&request(), &mut sink).await;
 
-    assert!(matches!(result, Err(LlmError::Status { status: 400, ref message }) if message == "bad model"), "{result:?}");
+    assert!(
+        matches!(result, Err(LlmError::Status { status: 400, ref message }) if message == "bad model"),
+        "{result:?}"
+    );
 }
 
 #[tokio::test]
@@ -571,7 +597,10 @@ async fn lobehub_agent_http_401_is_a_status_error() {
 
     let (result, _) = complete(&lobehub(lobehub_settings(&server, Some("agt_1")))).await;
 
-    assert!(matches!(result, Err(LlmError::Status { status: 401, ref message }) if message == "invalid API key"), "{result:?}");
+    assert!(
+        matches!(result, Err(LlmError::Status { status: 401, ref message }) if message == "invalid API key"),
+        "{result:?}"
+    );
 }
 
 #[tokio::test]
@@ -580,7 +609,10 @@ async fn lobehub_without_an_agent_uses_the_chat_route() {
     Mock::given(method("POST"))
         .and(path("/api/v1/chat"))
         .and(header("authorization", format!("Bearer {SECRET}").as_str()))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"success":true,"data":{"content":"chat answer","usage":{}}})))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"success":true,"data":{"content":"chat answer","usage":{}}})),
+        )
         .expect(1)
         .mount(&server)
         .await;
@@ -604,7 +636,9 @@ async fn lobehub_chat_route_failure_reports_the_message() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path("/api/v1/chat"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"success":false,"error":{"message":"no provider key"}})))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"success":false,"error":{"message":"no provider key"}})),
+        )
         .mount(&server)
         .await;
 
@@ -668,7 +702,10 @@ async fn openai_keep_alives_and_reasoning_do_not_count_as_the_first_token() {
     let mut script = Vec::new();
     for _ in 0..8 {
         script.push((tick, ": keep-alive\n\n".to_owned()));
-        script.push((Duration::ZERO, format!("data: {}\n\n", json!({"choices":[{"index":0,"delta":{"reasoning_content":"hmm"}}]}))));
+        script.push((
+            Duration::ZERO,
+            format!("data: {}\n\n", json!({"choices":[{"index":0,"delta":{"reasoning_content":"hmm"}}]})),
+        ));
     }
     script.push((Duration::ZERO, format!("data: {}\n\ndata: [DONE]\n\n", chunk("too late"))));
     let base_url = trickling_server(script);

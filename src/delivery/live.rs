@@ -47,7 +47,8 @@ pub async fn start(channel: Arc<dyn Channel>, envelope: &Envelope) -> Option<(Li
         // Ignored error: the updater is gone, which only happens after the answer ended.
         let _ = sender.send(so_far.clone());
     });
-    let updates = actix::spawn(send_updates(channel.clone(), handle.clone(), receiver, capabilities.min_stream_interval));
+    let updates =
+        actix::spawn(send_updates(channel.clone(), handle.clone(), receiver, capabilities.min_stream_interval));
     Some((LiveAnswer { channel, handle, updates }, sink))
 }
 

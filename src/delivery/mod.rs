@@ -114,7 +114,8 @@ pub fn within_send_quota(hub: &Hub, envelope: &Envelope, mut parts: Vec<Delivery
     let overflow: Vec<String> = parts.drain(quota..).map(|part| part.reply.text).collect();
     let mut rest = overflow.join("\n\n");
     if let Some(last) = parts.last_mut() {
-        let limit = hub.channels.get(&envelope.channel).map_or(2048, |entry| entry.channel.capabilities().max_part_bytes);
+        let limit =
+            hub.channels.get(&envelope.channel).map_or(2048, |entry| entry.channel.capabilities().max_part_bytes);
         let (kept, spill) = fit_with_hint(&last.reply.text, &hub.messages.more_hint, limit);
         last.reply.text = kept;
         if !spill.is_empty() {

@@ -14,7 +14,5 @@ pub async fn healthz(state: web::Data<AppState>) -> HttpResponse {
 
 /// Prometheus text exposition.
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(state.hub.metrics.render())
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(state.hub.metrics.render())
 }

@@ -9,9 +9,9 @@ use crate::delivery::send_parts;
 use crate::hub::{ChannelEntry, Hub};
 use crate::routing::Router;
 use crate::store::Acceptance;
-use std::sync::Arc;
 use actix_web::http::Method as HttpMethod;
 use actix_web::{web, HttpRequest, HttpResponse};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 use yizhan_channel_core::{ChannelId, Envelope, Method, Reply, WebhookOutcome, WebhookRequest, WebhookResponse};
 
@@ -102,7 +102,10 @@ pub async fn webhook(
                         tracing::debug!(channel = %label, message = %envelope.platform_message_id, "Platform retry.");
                         if hold {
                             // A retry of a message still being answered attaches to its job.
-                            held = hub.passive.get(&envelope.channel, &envelope.platform_message_id).map(|job| (job, envelope));
+                            held = hub
+                                .passive
+                                .get(&envelope.channel, &envelope.platform_message_id)
+                                .map(|job| (job, envelope));
                         }
                     }
                     Err(error) => {

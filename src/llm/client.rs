@@ -324,7 +324,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_failure_after_visible_text_is_never_retried() {
-        let (client, backend) = client(vec![Script::DeltaThenFail(server_error), Script::Answer("ok")], fast_settings());
+        let (client, backend) =
+            client(vec![Script::DeltaThenFail(server_error), Script::Answer("ok")], fast_settings());
         let (mut sink, seen) = recorder();
         let result = client.complete(&request(), &mut sink).await;
         assert!(matches!(result, Err(LlmError::Status { status: 503, .. })));

@@ -4,9 +4,9 @@
 //! or is finished as needing no answer; none is left unfinished in the journal by routing.
 
 use crate::config::{MenuAction, MessagesConfig};
-use std::collections::HashMap;
 use crate::hub::Hub;
 use crate::session::{DispatchError, Job, SessionRegistry};
+use std::collections::HashMap;
 use std::fmt;
 use yizhan_channel_core::{ConversationKind, Envelope, Event, Segment};
 
@@ -20,10 +20,9 @@ impl SessionKey {
     pub fn for_envelope(envelope: &Envelope, group_per_user: bool) -> Self {
         match envelope.conversation.kind {
             ConversationKind::Direct => Self(format!("{}:d:{}", envelope.channel, envelope.conversation.id)),
-            ConversationKind::Group if group_per_user => Self(format!(
-                "{}:g:{}:{}",
-                envelope.channel, envelope.conversation.id, envelope.sender.id
-            )),
+            ConversationKind::Group if group_per_user => {
+                Self(format!("{}:g:{}:{}", envelope.channel, envelope.conversation.id, envelope.sender.id))
+            }
             ConversationKind::Group => Self(format!("{}:g:{}", envelope.channel, envelope.conversation.id)),
         }
     }
@@ -81,7 +80,8 @@ pub fn classify<S: std::hash::BuildHasher>(
         let is_reset = messages.reset_commands.iter().any(|command| command.trim().eq_ignore_ascii_case(question));
         return Some(if is_reset { Work::Reset } else { Work::Ask(question.to_owned()) });
     }
-    let unrecognized_voice = envelope.content.iter().any(|segment| matches!(segment, Segment::Voice { recognition: None, .. }));
+    let unrecognized_voice =
+        envelope.content.iter().any(|segment| matches!(segment, Segment::Voice { recognition: None, .. }));
     if unrecognized_voice {
         return Some(Work::Say(messages.voice_unrecognized.clone()));
     }
@@ -180,7 +180,8 @@ mod tests {
     #[test]
     fn events_get_a_welcome_or_nothing() {
         let messages = MessagesConfig::default();
-        let welcome = classify(&envelope(vec![Segment::Event(Event::Subscribe { scene: None })]), &messages, &HashMap::new());
+        let welcome =
+            classify(&envelope(vec![Segment::Event(Event::Subscribe { scene: None })]), &messages, &HashMap::new());
         assert_eq!(welcome, Some(Work::Say(messages.welcome.clone())));
         assert_eq!(classify(&envelope(vec![Segment::Event(Event::Unsubscribe)]), &messages, &HashMap::new()), None);
     }
@@ -188,7 +189,11 @@ mod tests {
     #[test]
     fn pictures_get_the_unsupported_text_and_voice_uses_recognition() {
         let messages = MessagesConfig::default();
-        let image = classify(&envelope(vec![Segment::Image { url: None, media_id: Some("m".into()) }]), &messages, &HashMap::new());
+        let image = classify(
+            &envelope(vec![Segment::Image { url: None, media_id: Some("m".into()) }]),
+            &messages,
+            &HashMap::new(),
+        );
         assert_eq!(image, Some(Work::Say(messages.unsupported.clone())));
         let voice = envelope(vec![Segment::Voice { media_id: None, format: None, recognition: Some("天气".into()) }]);
         assert_eq!(classify(&voice, &messages, &HashMap::new()), Some(Work::Ask("天气".into())));

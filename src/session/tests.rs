@@ -83,7 +83,8 @@ struct Fixture {
 fn fixture(llm_delay: Duration, idle_timeout: Duration, max_pending: usize) -> Fixture {
     let metrics = Metrics::new();
     let store: Arc<dyn crate::store::Store> = Arc::new(MemoryStore::new(10));
-    let backend = Arc::new(EchoBackend { delay: llm_delay, running: AtomicUsize::new(0), max_running: AtomicUsize::new(0) });
+    let backend =
+        Arc::new(EchoBackend { delay: llm_delay, running: AtomicUsize::new(0), max_running: AtomicUsize::new(0) });
     let client = LlmClient::new(
         backend.clone(),
         LlmClientSettings {
@@ -96,10 +97,13 @@ fn fixture(llm_delay: Duration, idle_timeout: Duration, max_pending: usize) -> F
     let llm = LlmActor::new(client, 64, 100_000, metrics.clone()).start();
     let id = ChannelId::parse("rec").unwrap_or_else(|e| panic!("{e}"));
     let channel = Arc::new(RecordingChannel { id: id.clone(), delivered: Mutex::new(Vec::new()) });
-    let policy = RetryPolicy { max_attempts: 1, base_delay: Duration::from_millis(1), max_delay: Duration::from_millis(1) };
+    let policy =
+        RetryPolicy { max_attempts: 1, base_delay: Duration::from_millis(1), max_delay: Duration::from_millis(1) };
     let outbound = ChannelActor::new(channel.clone(), store.clone(), policy, metrics.clone()).start();
     let mut channels = HashMap::with_hasher(foldhash::fast::RandomState::default());
-    channels.insert(id, ChannelEntry {
+    channels.insert(
+        id,
+        ChannelEntry {
             channel: channel.clone(),
             outbound,
             system_prompt: String::new(),
@@ -109,13 +113,20 @@ fn fixture(llm_delay: Duration, idle_timeout: Duration, max_pending: usize) -> F
             passive_margin: Duration::from_millis(500),
             menu: Default::default(),
             send_quota: None,
-        });
+        },
+    );
     let hub = Hub::new(HubInner {
         store,
         llm,
         channels,
         messages: MessagesConfig { ai_label: String::new(), ..MessagesConfig::default() },
-        session: SessionConfig { history_max_turns: 4, history_max_chars: 1_000, idle_timeout_secs: 1, max_pending, threads: 0 },
+        session: SessionConfig {
+            history_max_turns: 4,
+            history_max_chars: 1_000,
+            idle_timeout_secs: 1,
+            max_pending,
+            threads: 0,
+        },
         dedupe_ttl: Duration::from_secs(60),
         metrics: metrics.clone(),
         passive: Default::default(),
@@ -239,8 +250,7 @@ async fn no_message_is_lost_while_sessions_retire() {
     fixture.wait_for_deliveries(2_000).await;
     let mut texts: Vec<String> = fixture.delivered().into_iter().map(|d| d.reply.text).collect();
     texts.sort();
-    let mut expected: Vec<String> =
-        (0..4).flat_map(|a| (0..500).map(move |i| format!("答：a{a}-m{i}"))).collect();
+    let mut expected: Vec<String> = (0..4).flat_map(|a| (0..500).map(move |i| format!("答：a{a}-m{i}"))).collect();
     expected.sort();
     assert_eq!(texts, expected);
     let sessions_started = fixture.registry.0.generations.load(Ordering::SeqCst);

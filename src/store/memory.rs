@@ -113,7 +113,11 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
-    fn accept<'a>(&'a self, envelope: &'a Envelope, dedupe_ttl: Duration) -> BoxFuture<'a, Result<Acceptance, StoreError>> {
+    fn accept<'a>(
+        &'a self,
+        envelope: &'a Envelope,
+        dedupe_ttl: Duration,
+    ) -> BoxFuture<'a, Result<Acceptance, StoreError>> {
         let acceptance = self.accept_now(envelope, dedupe_ttl);
         Box::pin(async move { Ok(acceptance) })
     }

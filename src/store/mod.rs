@@ -65,7 +65,11 @@ pub trait Store: Send + Sync + 'static {
     /// Claims `(channel, platform message id)` for `dedupe_ttl` and journals the envelope, in one
     /// atomic step. Returns [`Acceptance::Duplicate`] (and journals nothing) when the id was
     /// claimed within the window.
-    fn accept<'a>(&'a self, envelope: &'a Envelope, dedupe_ttl: Duration) -> BoxFuture<'a, Result<Acceptance, StoreError>>;
+    fn accept<'a>(
+        &'a self,
+        envelope: &'a Envelope,
+        dedupe_ttl: Duration,
+    ) -> BoxFuture<'a, Result<Acceptance, StoreError>>;
 
     /// Records an envelope's answer in one atomic step: the conversation turn (if the answer
     /// came from the model), and every rendered part into the outbox. From then on, recovery

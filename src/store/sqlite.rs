@@ -493,7 +493,13 @@ impl Writer {
     /// One transaction over `batch`. Without `savepoints`, returns `Ok(false)` (transaction
     /// rolled back, `self.results` partial) as soon as an operation fails; with them, records
     /// each failure as that operation's result and commits the rest.
-    fn run_batch(&mut self, batch: &[WriteJob], now: i64, sweep: bool, savepoints: bool) -> Result<bool, rusqlite::Error> {
+    fn run_batch(
+        &mut self,
+        batch: &[WriteJob],
+        now: i64,
+        sweep: bool,
+        savepoints: bool,
+    ) -> Result<bool, rusqlite::Error> {
         let kept = self.max_turns_kept;
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         if sweep {

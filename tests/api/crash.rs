@@ -149,8 +149,10 @@ async fn sigterm_answers_what_was_accepted_before_exiting() {
     let requests = app.llm_requests().await;
     assert_eq!(requests.len(), 6, "the retry asked no LLM");
     let last: serde_json::Value = serde_json::from_slice(&requests[5].body).unwrap_or_default();
-    let contents: Vec<&str> =
-        last["messages"].as_array().map(|m| m.iter().filter_map(|m| m["content"].as_str()).collect()).unwrap_or_default();
+    let contents: Vec<&str> = last["messages"]
+        .as_array()
+        .map(|m| m.iter().filter_map(|m| m["content"].as_str()).collect())
+        .unwrap_or_default();
     assert_eq!(contents[1..], ["问题", "答：问题", "我刚才问了什么？"]);
 }
 

@@ -9,17 +9,26 @@ use yizhan::channels::ChannelKinds;
 async fn feishu_api(server: &MockServer) {
     Mock::given(method("POST"))
         .and(path("/open-apis/auth/v3/tenant_access_token/internal"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"code":0,"msg":"ok","tenant_access_token":"t-1","expire":7200})))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(serde_json::json!({"code":0,"msg":"ok","tenant_access_token":"t-1","expire":7200})),
+        )
         .mount(server)
         .await;
     Mock::given(method("POST"))
         .and(path("/open-apis/cardkit/v1/cards"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"code":0,"msg":"ok","data":{"card_id":"card_1"}})))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(serde_json::json!({"code":0,"msg":"ok","data":{"card_id":"card_1"}})),
+        )
         .mount(server)
         .await;
     Mock::given(method("POST"))
         .and(path_regex(r"^/open-apis/im/v1/messages/[^/]+/reply$"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"code":0,"msg":"ok","data":{"message_id":"om_answer"}})))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(serde_json::json!({"code":0,"msg":"ok","data":{"message_id":"om_answer"}})),
+        )
         .mount(server)
         .await;
     Mock::given(method("PUT"))
@@ -106,7 +115,11 @@ async fn a_redelivered_event_is_answered_once_with_a_text_reply() {
     assert_eq!(replies.len(), 1);
     let reply = body(&replies[0]);
     assert_eq!(reply["msg_type"], "text");
-    assert_eq!(serde_json::from_str::<serde_json::Value>(reply["content"].as_str().unwrap_or("{}")).unwrap_or_default()["text"], "答：你好");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(reply["content"].as_str().unwrap_or("{}")).unwrap_or_default()
+            ["text"],
+        "答：你好"
+    );
     assert!(reply["uuid"].as_str().is_some_and(|uuid| !uuid.is_empty() && uuid.len() <= 50));
 }
 

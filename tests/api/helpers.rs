@@ -64,7 +64,9 @@ pub async fn echo_llm(server: &MockServer, delay: Duration) {
 pub async fn wechat_ok(server: &MockServer) {
     Mock::given(method("POST"))
         .and(path("/cgi-bin/stable_token"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"access_token":"TOKEN-1","expires_in":7200})))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(serde_json::json!({"access_token":"TOKEN-1","expires_in":7200})),
+        )
         .mount(server)
         .await;
     Mock::given(method("POST"))
@@ -125,7 +127,13 @@ reply_mode = "push"
 }
 
 /// Starts the application with `config` and these environment overrides.
-pub async fn spawn_with(config: &str, env: &[(&str, &str)], kinds: ChannelKinds, wechat: MockServer, llm: MockServer) -> TestApp {
+pub async fn spawn_with(
+    config: &str,
+    env: &[(&str, &str)],
+    kinds: ChannelKinds,
+    wechat: MockServer,
+    llm: MockServer,
+) -> TestApp {
     let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
     let config = Config::from_toml(config, env).unwrap_or_else(|e| panic!("test config: {e:#}"));
     let app = Application::build_with(config, kinds).await.unwrap_or_else(|e| panic!("build: {e:#}"));
@@ -221,7 +229,9 @@ impl TestApp {
             .await
             .unwrap_or_default()
             .into_iter()
-            .filter(|request| request.url.path().ends_with("/chat/completions") || request.url.path().starts_with("/api/v1"))
+            .filter(|request| {
+                request.url.path().ends_with("/chat/completions") || request.url.path().starts_with("/api/v1")
+            })
             .collect()
     }
 }

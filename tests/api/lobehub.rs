@@ -18,7 +18,10 @@ async fn a_lobehub_agent_answers_through_the_responses_api() {
     let body: String = events
         .iter()
         .map(|data| {
-            let kind = serde_json::from_str::<serde_json::Value>(data).unwrap_or_default()["type"].as_str().unwrap_or_default().to_owned();
+            let kind = serde_json::from_str::<serde_json::Value>(data).unwrap_or_default()["type"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
             format!("event: {kind}\ndata: {data}\n\n")
         })
         .collect();
@@ -26,7 +29,9 @@ async fn a_lobehub_agent_answers_through_the_responses_api() {
         .and(path("/api/v1/responses"))
         .and(header("authorization", "Bearer sk-lh-test"))
         .and(body_partial_json(serde_json::json!({"model": "agt_test", "stream": true})))
-        .respond_with(ResponseTemplate::new(200).insert_header("content-type", "text/event-stream").set_body_string(body))
+        .respond_with(
+            ResponseTemplate::new(200).insert_header("content-type", "text/event-stream").set_body_string(body),
+        )
         .mount(&lobe)
         .await;
     let config = base_config(&lobe, &wechat)

@@ -23,10 +23,8 @@ fn auto_env(mode: &'static str) -> Vec<(&'static str, &'static str)> {
 /// Posts `xml` the way WeChat does: each attempt is abandoned after the window, up to three
 /// attempts. Returns the attempt number (1-based) that got an answer, and that answer.
 async fn wechat_delivers(app: &TestApp, xml: &str) -> Option<(usize, String)> {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_millis(WINDOW_MS))
-        .build()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let client =
+        reqwest::Client::builder().timeout(Duration::from_millis(WINDOW_MS)).build().unwrap_or_else(|e| panic!("{e}"));
     for attempt in 1..=3 {
         let url = format!("{}?{}", app.webhook_url(CHANNEL), signed_query(now()));
         if let Ok(response) = client.post(url).body(xml.to_owned()).send().await {
@@ -101,12 +99,16 @@ async fn an_answer_refused_with_48001_is_delivered_with_the_next_message() {
     echo_llm(&llm, Duration::ZERO).await;
     Mock::given(method("POST"))
         .and(path("/cgi-bin/stable_token"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"access_token":"T","expires_in":7200})))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(serde_json::json!({"access_token":"T","expires_in":7200})),
+        )
         .mount(&wechat)
         .await;
     Mock::given(method("POST"))
         .and(path("/cgi-bin/message/custom/send"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"errcode":48001,"errmsg":"api unauthorized"})))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(serde_json::json!({"errcode":48001,"errmsg":"api unauthorized"})),
+        )
         .mount(&wechat)
         .await;
     let config = base_config(&llm, &wechat);
@@ -159,7 +161,8 @@ async fn a_safe_mode_message_gets_an_encrypted_passive_reply() {
     env.push(("YIZHAN__CHANNELS__MP__ENCODING_AES_KEY", AES_KEY));
     let app = spawn_app(&env, Duration::from_millis(50)).await;
     let crypto = WxCrypto::new(WECHAT_TOKEN, AES_KEY, None, "wx-test-app").unwrap_or_else(|e| panic!("{e}"));
-    let encrypt = crypto.encrypt(&text_xml("oSafe", 30, "加密你好"), KeySlot::Current).unwrap_or_else(|e| panic!("{e}"));
+    let encrypt =
+        crypto.encrypt(&text_xml("oSafe", 30, "加密你好"), KeySlot::Current).unwrap_or_else(|e| panic!("{e}"));
     let (timestamp, nonce) = (now().to_string(), "777");
     let msg_signature = yizhan_channel_wechat_crypto::msg_signature(WECHAT_TOKEN, &timestamp, nonce, &encrypt);
     let url = format!(
@@ -167,7 +170,8 @@ async fn a_safe_mode_message_gets_an_encrypted_passive_reply() {
         app.webhook_url(CHANNEL),
         signature(WECHAT_TOKEN, &timestamp, nonce)
     );
-    let body = format!("<xml><ToUserName><![CDATA[gh_test]]></ToUserName><Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>");
+    let body =
+        format!("<xml><ToUserName><![CDATA[gh_test]]></ToUserName><Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>");
     let response = app.http.post(url).body(body).send().await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(response.status().as_u16(), 200);
     let reply = response.text().await.unwrap_or_default();

@@ -19,7 +19,12 @@ async fn a_text_message_is_acknowledged_and_answered_through_the_customer_servic
     assert_eq!(sent[0]["text"]["content"], "答：你好");
     let token_fetches = app.wechat.received_requests().await.unwrap_or_default();
     let send = token_fetches.iter().find(|r| r.url.path() == "/cgi-bin/message/custom/send");
-    assert_eq!(send.and_then(|r| r.url.query_pairs().find(|(k, _)| k == "access_token")).map(|(_, v)| v.into_owned()).as_deref(), Some("TOKEN-1"));
+    assert_eq!(
+        send.and_then(|r| r.url.query_pairs().find(|(k, _)| k == "access_token"))
+            .map(|(_, v)| v.into_owned())
+            .as_deref(),
+        Some("TOKEN-1")
+    );
 }
 
 #[actix_web::test]
@@ -72,7 +77,8 @@ async fn a_bad_signature_is_rejected_with_401_and_never_reaches_the_llm() {
     let response = app.http.post(url).body(text_xml("oUser1", 1, "hi")).send().await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(response.status().as_u16(), 401);
     let stale = format!("{}?{}", app.webhook_url(CHANNEL), signed_query(now() - 3_600));
-    let response = app.http.post(stale).body(text_xml("oUser1", 2, "hi")).send().await.unwrap_or_else(|e| panic!("{e}"));
+    let response =
+        app.http.post(stale).body(text_xml("oUser1", 2, "hi")).send().await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(response.status().as_u16(), 401);
     app.wait_until_idle().await;
     assert!(app.llm_requests().await.is_empty());
@@ -105,7 +111,9 @@ async fn an_llm_failure_still_gets_the_user_an_apology() {
         .await;
     wechat_ok(&wechat).await;
     let config = base_config(&llm, &wechat);
-    let app = spawn_with(&config, &[("YIZHAN__MESSAGES__APOLOGY", "抱歉，出错了")], ChannelKinds::builtin(), wechat, llm).await;
+    let app =
+        spawn_with(&config, &[("YIZHAN__MESSAGES__APOLOGY", "抱歉，出错了")], ChannelKinds::builtin(), wechat, llm)
+            .await;
     app.post_text("oUser1", 7, "你好").await;
     app.wait_until_idle().await;
     let sent = app.sent_messages().await;
@@ -119,19 +127,26 @@ async fn a_token_rejected_with_40001_is_refreshed_once_and_the_answer_delivered(
     echo_llm(&llm, Duration::ZERO).await;
     Mock::given(method("POST"))
         .and(path("/cgi-bin/stable_token"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"access_token":"OLD","expires_in":7200})))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(serde_json::json!({"access_token":"OLD","expires_in":7200})),
+        )
         .up_to_n_times(1)
         .mount(&wechat)
         .await;
     Mock::given(method("POST"))
         .and(path("/cgi-bin/stable_token"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"access_token":"NEW","expires_in":7200})))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(serde_json::json!({"access_token":"NEW","expires_in":7200})),
+        )
         .mount(&wechat)
         .await;
     Mock::given(method("POST"))
         .and(path("/cgi-bin/message/custom/send"))
         .and(wiremock::matchers::query_param("access_token", "OLD"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"errcode":40001,"errmsg":"invalid credential"})))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(serde_json::json!({"errcode":40001,"errmsg":"invalid credential"})),
+        )
         .mount(&wechat)
         .await;
     Mock::given(method("POST"))
@@ -174,7 +189,8 @@ async fn reset_clears_the_history_and_confirms() {
     let requests = app.llm_requests().await;
     assert_eq!(requests.len(), 2, "the reset itself asks no LLM");
     let body: serde_json::Value = serde_json::from_slice(&requests[1].body).unwrap_or_default();
-    let roles: Vec<&str> = body["messages"].as_array().map(|m| m.iter().filter_map(|m| m["role"].as_str()).collect()).unwrap_or_default();
+    let roles: Vec<&str> =
+        body["messages"].as_array().map(|m| m.iter().filter_map(|m| m["role"].as_str()).collect()).unwrap_or_default();
     assert_eq!(roles, ["system", "user"]);
 }
 

@@ -17,12 +17,17 @@ async fn spawn_wecom() -> TestApp {
     Mock::given(method("GET"))
         .and(path("/cgi-bin/gettoken"))
         .and(query_param("corpid", CORP))
-        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"errcode":0,"errmsg":"ok","access_token":"WT","expires_in":7200})))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(serde_json::json!({"errcode":0,"errmsg":"ok","access_token":"WT","expires_in":7200})),
+        )
         .mount(&wecom)
         .await;
     Mock::given(method("POST"))
         .and(path("/cgi-bin/message/send"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"errcode":0,"errmsg":"ok","msgid":"m"})))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(serde_json::json!({"errcode":0,"errmsg":"ok","msgid":"m"})),
+        )
         .mount(&wecom)
         .await;
     let config = format!(
@@ -119,7 +124,8 @@ async fn the_official_url_verification_vector_is_answered_with_the_plaintext() {
     );
     let app = spawn_with(&config, &[], ChannelKinds::builtin(), wecom, llm).await;
     let query = "msg_signature=5c45ff5e21c57e6ad56bac8758b79b1d9ac89fd3&timestamp=1409659589&nonce=263014780&echostr=P9nAzCzyDtyTWESHep1vC5X9xho%2FqYX3Zpb4yKa9SKld1DsH3Iyt3tP3zNdtp%2B4RPcs8TgAE7OaBO%2BFZXvnaqQ%3D%3D";
-    let response = app.http.get(format!("{}?{query}", app.webhook_url("wc"))).send().await.unwrap_or_else(|e| panic!("{e}"));
+    let response =
+        app.http.get(format!("{}?{query}", app.webhook_url("wc"))).send().await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(response.status().as_u16(), 200);
     assert_eq!(response.text().await.unwrap_or_default(), "1616140317555161061");
 }

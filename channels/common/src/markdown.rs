@@ -424,11 +424,10 @@ mod tests {
 
     #[test]
     fn plain_code_fences_go_but_the_code_stays_verbatim() {
-        let text = to_plain_text("看代码：\n\n```rust\nfn main() {\n    println!(\"**hi**\");\n}\n```\n\n用 `cargo run` 运行。");
-        assert_eq!(
-            text,
-            "看代码：\n\nfn main() {\n    println!(\"**hi**\");\n}\n\n用 cargo run 运行。"
+        let text = to_plain_text(
+            "看代码：\n\n```rust\nfn main() {\n    println!(\"**hi**\");\n}\n```\n\n用 `cargo run` 运行。",
         );
+        assert_eq!(text, "看代码：\n\nfn main() {\n    println!(\"**hi**\");\n}\n\n用 cargo run 运行。");
         assert!(!text.contains('`'));
     }
 
@@ -514,7 +513,8 @@ mod tests {
 
     #[test]
     fn unmatched_bold_markers_around_cjk_punctuation_are_removed() {
-        for text in [to_plain_text("他说**“你好”**然后走了。"), basic("他说**“你好”**然后走了。")] {
+        for text in [to_plain_text("他说**“你好”**然后走了。"), basic("他说**“你好”**然后走了。")]
+        {
             assert!(!text.contains("**"), "{text}");
             assert!(text.contains("“你好”"), "{text}");
         }

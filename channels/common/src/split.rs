@@ -115,11 +115,7 @@ fn last_sentence_end(rest: &str, limit: usize) -> Option<usize> {
 
 /// The offset just after the last whitespace character in `window`.
 fn last_space_end(window: &str) -> Option<usize> {
-    window
-        .char_indices()
-        .rev()
-        .find(|(_, ch)| ch.is_whitespace())
-        .map(|(at, ch)| at + ch.len_utf8())
+    window.char_indices().rev().find(|(_, ch)| ch.is_whitespace()).map(|(at, ch)| at + ch.len_utf8())
 }
 
 #[cfg(test)]

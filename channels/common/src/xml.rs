@@ -87,9 +87,9 @@ pub fn read_xml(body: &[u8], fields: &mut Fields) -> Result<(), MalformedXml> {
     // The child element being read: its name and its text and CDATA chunks.
     let mut current: Option<(String, Vec<Chunk>)> = None;
     loop {
-        let event = reader.read_event().map_err(|error| {
-            malformed(format!("invalid XML near byte {}: {error}", reader.error_position()))
-        })?;
+        let event = reader
+            .read_event()
+            .map_err(|error| malformed(format!("invalid XML near byte {}: {error}", reader.error_position())))?;
         match event {
             XmlEvent::Start(start) => {
                 if depth == 0 {
@@ -121,9 +121,7 @@ pub fn read_xml(body: &[u8], fields: &mut Fields) -> Result<(), MalformedXml> {
                 }
             }
             XmlEvent::Text(text) => {
-                let text = text
-                    .unescape()
-                    .map_err(|error| malformed(format!("bad character reference: {error}")))?;
+                let text = text.unescape().map_err(|error| malformed(format!("bad character reference: {error}")))?;
                 if depth == 0 && !text.trim().is_empty() {
                     return Err(malformed("text outside the root element"));
                 }
@@ -206,7 +204,8 @@ mod tests {
 
     #[test]
     fn entities_in_plain_text_are_unescaped_and_unknown_ones_refused() {
-        let parsed = fields("<xml><Content>a &lt;b&gt; &amp; &#x4F60;</Content></xml>").unwrap_or_else(|e| panic!("{e}"));
+        let parsed =
+            fields("<xml><Content>a &lt;b&gt; &amp; &#x4F60;</Content></xml>").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(parsed.raw("Content"), Some("a <b> & 你"));
         assert!(fields("<xml><Content>&bogus;</Content></xml>").is_err());
     }

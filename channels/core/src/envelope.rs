@@ -20,9 +20,7 @@ impl ChannelId {
         if ok {
             Ok(Self(value.to_owned()))
         } else {
-            Err(format!(
-                "channel id {value:?} must be 1-64 characters of letters, digits, '_' or '-'"
-            ))
+            Err(format!("channel id {value:?} must be 1-64 characters of letters, digits, '_' or '-'"))
         }
     }
 

@@ -27,16 +27,14 @@ pub mod envelope;
 pub mod error;
 pub mod reply;
 pub mod settings;
-pub mod token;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+pub mod token;
 
 pub use channel::{
     BoxFuture, Capabilities, Channel, Method, StreamHandle, WebhookOutcome, WebhookRequest, WebhookResponse,
 };
-pub use envelope::{
-    ChannelId, Conversation, ConversationKind, Envelope, Event, ReplyHandle, Segment, Sender,
-};
+pub use envelope::{ChannelId, Conversation, ConversationKind, Envelope, Event, ReplyHandle, Segment, Sender};
 pub use error::ChannelError;
 pub use reply::{Delivery, DeliveryReceipt, Reply};
 pub use settings::ChannelSettings;

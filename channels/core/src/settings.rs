@@ -27,15 +27,8 @@ impl ChannelSettings {
 // NOTE: the table holds secrets (app secrets, tokens), so Debug shows only the key names.
 impl std::fmt::Debug for ChannelSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let keys: Vec<&str> = self
-            .table
-            .as_object()
-            .map(|table| table.keys().map(String::as_str).collect())
-            .unwrap_or_default();
-        f.debug_struct("ChannelSettings")
-            .field("id", &self.id)
-            .field("kind", &self.kind)
-            .field("keys", &keys)
-            .finish()
+        let keys: Vec<&str> =
+            self.table.as_object().map(|table| table.keys().map(String::as_str).collect()).unwrap_or_default();
+        f.debug_struct("ChannelSettings").field("id", &self.id).field("kind", &self.kind).field("keys", &keys).finish()
     }
 }

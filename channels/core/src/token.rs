@@ -44,10 +44,7 @@ impl TokenCache {
 
     fn fresh(&self) -> Option<String> {
         let guard = self.cached.read().unwrap_or_else(|poisoned| poisoned.into_inner());
-        guard
-            .as_ref()
-            .filter(|cached| Instant::now() < cached.refresh_at)
-            .map(|cached| cached.value.clone())
+        guard.as_ref().filter(|cached| Instant::now() < cached.refresh_at).map(|cached| cached.value.clone())
     }
 
     /// Returns the cached token, or runs `fetch` (once, however many callers wait) to get one.
@@ -145,9 +142,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_fetch_is_reported_and_not_cached() {
         let cache = TokenCache::new(Duration::from_secs(300));
-        let failed = cache
-            .get(|| async { Err(ChannelError::Misconfigured("bad secret".into())) })
-            .await;
+        let failed = cache.get(|| async { Err(ChannelError::Misconfigured("bad secret".into())) }).await;
         assert!(failed.is_err());
         let ok = cache.get(|| async { Ok(token("t1", 7200)) }).await.ok();
         assert_eq!(ok.as_deref(), Some("t1"));

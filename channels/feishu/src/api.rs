@@ -130,8 +130,7 @@ impl Api {
             }
             (None, Some(chat_id)) => {
                 let body = json!({"receive_id": chat_id, "msg_type": msg_type, "content": content, "uuid": uuid});
-                self.call(Method::POST, "/open-apis/im/v1/messages", &[("receive_id_type", "chat_id")], &body)
-                    .await?
+                self.call(Method::POST, "/open-apis/im/v1/messages", &[("receive_id_type", "chat_id")], &body).await?
             }
             (None, None) => {
                 return Err(ChannelError::Malformed(
@@ -176,7 +175,13 @@ impl Api {
     }
 
     /// Calls an API with the tenant token, refreshing a rejected token once.
-    async fn call(&self, method: Method, path: &str, query: &[(&str, &str)], body: &Value) -> Result<Answer, ChannelError> {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, &str)],
+        body: &Value,
+    ) -> Result<Answer, ChannelError> {
         let url = format!("{}{path}", self.base);
         let token = self.tenant_token().await?;
         let answer = self.exchange(method.clone(), &url, query, Some(&token), body).await?;
@@ -285,12 +290,20 @@ impl Api {
         let code = answer.code();
         if answer.status == StatusCode::TOO_MANY_REQUESTS || code.is_some_and(|code| RATE_LIMITED.contains(&code)) {
             return ChannelError::Transient {
-                reason: format!("Feishu rate limit (HTTP {}, code {}: {message})", answer.status.as_u16(), code.unwrap_or(0)),
+                reason: format!(
+                    "Feishu rate limit (HTTP {}, code {}: {message})",
+                    answer.status.as_u16(),
+                    code.unwrap_or(0)
+                ),
                 retry_after: Some(answer.retry_after.unwrap_or(DEFAULT_RETRY_AFTER)),
             };
         }
         if answer.status.is_server_error() {
-            return transient(format!("Feishu answered HTTP {} (code {}: {message})", answer.status, code.unwrap_or(0)));
+            return transient(format!(
+                "Feishu answered HTTP {} (code {}: {message})",
+                answer.status,
+                code.unwrap_or(0)
+            ));
         }
         let Some(code) = code else {
             if answer.status.is_success() {
@@ -314,7 +327,9 @@ impl Api {
             return self.misconfigured(code, hint, &message, token);
         }
         let meaning = match code {
-            230025 => "the message is larger than Feishu accepts (30 KB for cards, 150 KB for text); lower `max_part_bytes`",
+            230025 => {
+                "the message is larger than Feishu accepts (30 KB for cards, 150 KB for text); lower `max_part_bytes`"
+            }
             230002 => "the bot is not in this chat (removed from the group?)",
             230013 => "the user is outside the app's availability range (可用范围)",
             230011 => "the message to reply to was recalled",
@@ -348,7 +363,8 @@ impl Api {
 /// An id that goes into a URL path: refused unless it is plain, so a forged reply handle cannot
 /// steer a call to another endpoint.
 fn path_id<'a>(name: &str, id: &'a str) -> Result<&'a str, ChannelError> {
-    let plain = !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    let plain =
+        !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
     if plain {
         Ok(id)
     } else {
@@ -396,7 +412,10 @@ mod tests {
     fn error_codes_are_sorted_into_what_the_core_should_do() {
         let api = api();
         for code in [99991672, 230006, 10014] {
-            assert!(matches!(api.classify(&answer(400, Some(code), "x"), None), ChannelError::Misconfigured(_)), "{code}");
+            assert!(
+                matches!(api.classify(&answer(400, Some(code), "x"), None), ChannelError::Misconfigured(_)),
+                "{code}"
+            );
         }
         for code in [230025, 230002, 230013, 12345] {
             let error = api.classify(&answer(400, Some(code), "x"), None);

@@ -32,18 +32,15 @@ pub enum DecryptError {
 /// IV = `buf[..16]` (not derived from the key, unlike WeChat), AES-256-CBC over `buf[16..]`,
 /// PKCS#7 with 16-byte blocks.
 pub fn decrypt(encrypt_key: &str, encrypted: &str) -> Result<String, DecryptError> {
-    let buf = base64::engine::general_purpose::STANDARD
-        .decode(encrypted.trim())
-        .map_err(|_| DecryptError::NotBase64)?;
+    let buf =
+        base64::engine::general_purpose::STANDARD.decode(encrypted.trim()).map_err(|_| DecryptError::NotBase64)?;
     if buf.len() < 32 || buf.len() % 16 != 0 {
         return Err(DecryptError::BadLength);
     }
     let (iv, ciphertext) = buf.split_at(16);
     let key = Sha256::digest(encrypt_key.as_bytes());
     let decryptor = Aes256CbcDec::new_from_slices(&key, iv).map_err(|_| DecryptError::BadLength)?;
-    let plain = decryptor
-        .decrypt_padded_vec_mut::<Pkcs7>(ciphertext)
-        .map_err(|_| DecryptError::BadPadding)?;
+    let plain = decryptor.decrypt_padded_vec_mut::<Pkcs7>(ciphertext).map_err(|_| DecryptError::BadPadding)?;
     String::from_utf8(plain).map_err(|_| DecryptError::NotUtf8)
 }
 

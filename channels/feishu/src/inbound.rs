@@ -10,8 +10,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 use yizhan_channel_core::{
-    ChannelError, ChannelId, Conversation, ConversationKind, Envelope, Event, ReplyHandle, Segment,
-    Sender,
+    ChannelError, ChannelId, Conversation, ConversationKind, Envelope, Event, ReplyHandle, Segment, Sender,
 };
 
 /// The event type of a message sent to the bot (v2 schema).
@@ -70,8 +69,8 @@ impl Callback {
     pub(crate) fn parse(body: &Value) -> Result<Self, ChannelError> {
         let text = |value: &Value, key: &str| value.get(key).and_then(Value::as_str).map(str::to_owned);
         if body.get("type").and_then(Value::as_str) == Some("url_verification") {
-            let challenge = text(body, "challenge")
-                .ok_or_else(|| malformed("url_verification without a `challenge` string"))?;
+            let challenge =
+                text(body, "challenge").ok_or_else(|| malformed("url_verification without a `challenge` string"))?;
             return Ok(Self::UrlVerification { token: text(body, "token"), challenge });
         }
         if let Some(header) = body.get("header").filter(|_| body.get("schema").is_some()) {
@@ -195,20 +194,15 @@ pub(crate) struct Parsed {
 
 /// Builds the envelope for an `im.message.receive_v1` event.
 pub(crate) fn message_envelope(ctx: &Context<'_>, event_id: &str, event: &Value) -> Result<Parsed, ChannelError> {
-    let event = MessageEvent::deserialize(event)
-        .map_err(|error| malformed(format!("im.message.receive_v1 event: {error}")))?;
+    let event =
+        MessageEvent::deserialize(event).map_err(|error| malformed(format!("im.message.receive_v1 event: {error}")))?;
     let message = event.message;
     for (name, value) in [("message_id", &message.message_id), ("chat_id", &message.chat_id)] {
         if value.trim().is_empty() {
             return Err(malformed(format!("message.{name} is empty")));
         }
     }
-    let sender_id = event
-        .sender
-        .sender_id
-        .best()
-        .ok_or_else(|| malformed("sender.sender_id has no id"))?
-        .to_owned();
+    let sender_id = event.sender.sender_id.best().ok_or_else(|| malformed("sender.sender_id has no id"))?.to_owned();
     let group = message.chat_type != "p2p";
     let kind = if group { ConversationKind::Group } else { ConversationKind::Direct };
 

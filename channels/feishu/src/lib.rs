@@ -136,11 +136,10 @@ impl Feishu {
     /// timestamp inside the replay window, the signature right.
     fn check_signature(&self, request: &WebhookRequest, encrypt_key: &str) -> Result<(), ChannelError> {
         let header = |name: &str| {
-            request
-                .header(name)
-                .ok_or_else(|| ChannelError::BadSignature(format!("event without the `{name}` header")))
+            request.header(name).ok_or_else(|| ChannelError::BadSignature(format!("event without the `{name}` header")))
         };
-        let (timestamp, nonce, signature) = (header(TIMESTAMP_HEADER)?, header(NONCE_HEADER)?, header(SIGNATURE_HEADER)?);
+        let (timestamp, nonce, signature) =
+            (header(TIMESTAMP_HEADER)?, header(NONCE_HEADER)?, header(SIGNATURE_HEADER)?);
         request.check_timestamp(timestamp, self.settings.replay_window())?;
         if !crypto::signature_matches(signature, timestamp, nonce, encrypt_key, &request.body) {
             return Err(ChannelError::BadSignature("X-Lark-Signature does not match".into()));
@@ -154,9 +153,8 @@ impl Feishu {
         let key = self.settings.encrypt_key.as_deref().ok_or_else(|| {
             ChannelError::BadSignature("the callback is encrypted but no `encrypt_key` is configured".into())
         })?;
-        let encrypted = encrypted
-            .as_str()
-            .ok_or_else(|| ChannelError::Malformed("`encrypt` is not a string".into()))?;
+        let encrypted =
+            encrypted.as_str().ok_or_else(|| ChannelError::Malformed("`encrypt` is not a string".into()))?;
         // A payload that does not decrypt was not made with our key: not from Feishu (for us).
         let plain = crypto::decrypt(key, encrypted).map_err(|error| ChannelError::BadSignature(error.to_string()))?;
         inbound::parse_object(plain.as_bytes(), "the decrypted callback")
@@ -250,7 +248,12 @@ impl Feishu {
         self.api.set_element_content(stream.card_id, stream.element_id, &text, sequence, &uuid).await
     }
 
-    async fn end_stream(&self, handle: &StreamHandle, full_text: &str, sequence: u64) -> Result<DeliveryReceipt, ChannelError> {
+    async fn end_stream(
+        &self,
+        handle: &StreamHandle,
+        full_text: &str,
+        sequence: u64,
+    ) -> Result<DeliveryReceipt, ChannelError> {
         let stream = StreamTarget::from_handle(handle)?;
         self.stream_text(handle, full_text, sequence).await?;
         self.wait_for_chat(stream.limit_key()).await;
@@ -300,8 +303,9 @@ struct StreamTarget<'a> {
 impl<'a> StreamTarget<'a> {
     fn from_handle(handle: &'a StreamHandle) -> Result<Self, ChannelError> {
         let field = |key: &str| handle.0.get(key).and_then(Value::as_str).filter(|value| !value.is_empty());
-        let card_id = field("card_id")
-            .ok_or_else(|| ChannelError::Malformed("the stream handle has no card_id; it is not from this channel".into()))?;
+        let card_id = field("card_id").ok_or_else(|| {
+            ChannelError::Malformed("the stream handle has no card_id; it is not from this channel".into())
+        })?;
         Ok(Self {
             card_id,
             element_id: field("element_id").unwrap_or(message::STREAM_ELEMENT_ID),
@@ -362,7 +366,9 @@ impl Channel for Feishu {
         }
         self.check_token(callback.token())?;
         match &callback {
-            inbound::Callback::EventV2 { event_type, event_id, event, .. } if event_type == inbound::MESSAGE_RECEIVED => {
+            inbound::Callback::EventV2 { event_type, event_id, event, .. }
+                if event_type == inbound::MESSAGE_RECEIVED =>
+            {
                 self.accept_message(request, event_id, event)
             }
             inbound::Callback::EventV2 { event_type, .. } => {
@@ -442,11 +448,8 @@ mod tests {
         if let (Some(table), Some(extra)) = (table.as_object_mut(), extra.as_object()) {
             table.extend(extra.clone());
         }
-        let settings = ChannelSettings {
-            id: ChannelId::parse("fs").unwrap_or_else(|e| panic!("{e}")),
-            kind: KIND.into(),
-            table,
-        };
+        let settings =
+            ChannelSettings { id: ChannelId::parse("fs").unwrap_or_else(|e| panic!("{e}")), kind: KIND.into(), table };
         Feishu::from_settings(&settings, reqwest::Client::new()).unwrap_or_else(|e| panic!("{e}"))
     }
 
@@ -487,12 +490,16 @@ mod tests {
             kind: "wechat_mp".into(),
             table: json!({"app_id": "a", "app_secret": "s", "verification_token": "t"}),
         };
-        assert!(matches!(Feishu::from_settings(&settings, reqwest::Client::new()), Err(ChannelError::Misconfigured(_))));
+        assert!(matches!(
+            Feishu::from_settings(&settings, reqwest::Client::new()),
+            Err(ChannelError::Misconfigured(_))
+        ));
     }
 
     #[test]
     fn an_encrypted_body_without_a_configured_key_is_refused() {
-        let outcome = channel(json!({})).handle_webhook(&post(r#"{"encrypt":"P37w+VZImNgPEO1RBhJ6RtKl7n6zymIbEG1pReEzghk="}"#));
+        let outcome =
+            channel(json!({})).handle_webhook(&post(r#"{"encrypt":"P37w+VZImNgPEO1RBhJ6RtKl7n6zymIbEG1pReEzghk="}"#));
         assert!(matches!(outcome, Err(ChannelError::BadSignature(_))), "{outcome:?}");
     }
 
@@ -529,10 +536,38 @@ mod tests {
     #[test]
     fn random_bodies_never_panic_the_webhook() {
         let fragments = [
-            "{", "}", "[", "]", ",", ":", "\"", "\"schema\"", "\"2.0\"", "\"header\"", "\"token\"", "\"vtoken\"",
-            "\"event\"", "\"message\"", "\"content\"", "\"{\\\"text\\\":1}\"", "\"type\"", "\"url_verification\"",
-            "\"challenge\"", "\"event_type\"", "\"im.message.receive_v1\"", "\"mentions\"", "\"key\"", "\"@_user_1\"",
-            "null", "1", "\"chat_type\"", "\"p2p\"", "\"encrypt\"", "\"AAAA\"", "好", "\\u0000",
+            "{",
+            "}",
+            "[",
+            "]",
+            ",",
+            ":",
+            "\"",
+            "\"schema\"",
+            "\"2.0\"",
+            "\"header\"",
+            "\"token\"",
+            "\"vtoken\"",
+            "\"event\"",
+            "\"message\"",
+            "\"content\"",
+            "\"{\\\"text\\\":1}\"",
+            "\"type\"",
+            "\"url_verification\"",
+            "\"challenge\"",
+            "\"event_type\"",
+            "\"im.message.receive_v1\"",
+            "\"mentions\"",
+            "\"key\"",
+            "\"@_user_1\"",
+            "null",
+            "1",
+            "\"chat_type\"",
+            "\"p2p\"",
+            "\"encrypt\"",
+            "\"AAAA\"",
+            "好",
+            "\\u0000",
         ];
         let plain = channel(json!({}));
         let encrypted = channel(json!({"encrypt_key": "k"}));
@@ -548,8 +583,38 @@ mod tests {
     #[test]
     fn rendering_random_markdown_never_panics_and_honours_the_limit() {
         let alphabet = [
-            "*", "**", "_", "`", "```", "```rust", "~~~", "#", "## ", "- ", "1. ", "> ", "[", "]", "(", ")", "<at id=all>",
-            "|", "\n", "\n\n", " ", "    ", "好", "。", "😀", "é", "a", "word", ".", "\"", "\t", "---",
+            "*",
+            "**",
+            "_",
+            "`",
+            "```",
+            "```rust",
+            "~~~",
+            "#",
+            "## ",
+            "- ",
+            "1. ",
+            "> ",
+            "[",
+            "]",
+            "(",
+            ")",
+            "<at id=all>",
+            "|",
+            "\n",
+            "\n\n",
+            " ",
+            "    ",
+            "好",
+            "。",
+            "😀",
+            "é",
+            "a",
+            "word",
+            ".",
+            "\"",
+            "\t",
+            "---",
         ];
         let mut rng = Lcg(7);
         for limit in [64, 100, 2048] {

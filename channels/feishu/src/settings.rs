@@ -131,14 +131,11 @@ impl FeishuSettings {
                 )));
             }
         }
-        for (key, value) in [
-            ("verification_token", Some(&self.verification_token)),
-            ("encrypt_key", self.encrypt_key.as_ref()),
-        ] {
+        for (key, value) in
+            [("verification_token", Some(&self.verification_token)), ("encrypt_key", self.encrypt_key.as_ref())]
+        {
             if value.is_some_and(|value| value != value.trim()) {
-                return Err(misconfigured(format!(
-                    "`{key}` has leading or trailing whitespace; it would never match"
-                )));
+                return Err(misconfigured(format!("`{key}` has leading or trailing whitespace; it would never match")));
             }
         }
         self.encrypt_key = self.encrypt_key.filter(|key| !key.is_empty());
@@ -210,13 +207,11 @@ mod tests {
 
     #[test]
     fn empty_or_missing_required_keys_are_named_in_the_error() {
-        let error = parse(json!({"app_id": "a", "app_secret": "s", "verification_token": ""}))
-            .err()
-            .unwrap_or_default();
+        let error =
+            parse(json!({"app_id": "a", "app_secret": "s", "verification_token": ""})).err().unwrap_or_default();
         assert!(error.contains("`verification_token`"), "{error}");
-        let error = parse(json!({"app_id": " ", "app_secret": "s", "verification_token": "v"}))
-            .err()
-            .unwrap_or_default();
+        let error =
+            parse(json!({"app_id": " ", "app_secret": "s", "verification_token": "v"})).err().unwrap_or_default();
         assert!(error.contains("`app_id`"), "{error}");
         let error = parse(json!({"app_id": "a", "verification_token": "v"})).err().unwrap_or_default();
         assert!(error.contains("app_secret"), "{error}");

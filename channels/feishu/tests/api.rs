@@ -7,7 +7,7 @@ use std::time::Duration;
 use wiremock::matchers::{body_json, header, method, path, query_param};
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
 use yizhan_channel_core::{
-    Channel, ChannelError, ChannelId, Conversation, ConversationKind, Delivery, ReplyHandle, Reply, Sender,
+    Channel, ChannelError, ChannelId, Conversation, ConversationKind, Delivery, Reply, ReplyHandle, Sender,
     StreamHandle,
 };
 use yizhan_channel_feishu::{Feishu, FeishuSettings};
@@ -143,7 +143,8 @@ async fn an_invalid_token_is_refreshed_once_and_the_reply_delivered() {
     let server = MockServer::start().await;
     mount_token(&server, "t-TOKEN1", 1).await;
     mount_token(&server, "t-TOKEN2", 1).await;
-    let rejected = ResponseTemplate::new(400).set_body_json(json!({"code": 99991663, "msg": "Invalid access token for authorization."}));
+    let rejected = ResponseTemplate::new(400)
+        .set_body_json(json!({"code": 99991663, "msg": "Invalid access token for authorization."}));
     mount_reply(&server, "t-TOKEN1", rejected, 1).await;
     mount_reply(&server, "t-TOKEN2", ok(json!({"message_id": "om_sent"})), 2).await;
     let channel = channel_for(&server);
@@ -153,7 +154,8 @@ async fn an_invalid_token_is_refreshed_once_and_the_reply_delivered() {
     assert!(channel.deliver(&delivery("d2", "again")).await.is_ok());
     assert_eq!(requests_to(&server, TOKEN_PATH).await.len(), 2);
     // The retry carries the same idempotency key, so Feishu cannot show it twice.
-    let uuids: Vec<Value> = requests_to(&server, &reply_path()).await.iter().map(|r| json_body(r)["uuid"].clone()).collect();
+    let uuids: Vec<Value> =
+        requests_to(&server, &reply_path()).await.iter().map(|r| json_body(r)["uuid"].clone()).collect();
     assert_eq!(uuids, vec![json!("d1"), json!("d1"), json!("d2")]);
 }
 
@@ -162,7 +164,10 @@ async fn a_token_rejected_twice_is_transient_and_not_retried_in_a_loop() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path(TOKEN_PATH))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"code": 0, "tenant_access_token": "t-TOKEN1", "expire": 7200})))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"code": 0, "tenant_access_token": "t-TOKEN1", "expire": 7200})),
+        )
         .expect(2)
         .mount(&server)
         .await;
@@ -219,7 +224,9 @@ async fn without_a_message_id_the_answer_is_posted_into_the_chat() {
     Mock::given(method("POST"))
         .and(path("/open-apis/im/v1/messages"))
         .and(query_param("receive_id_type", "chat_id"))
-        .and(body_json(json!({"receive_id": CHAT_ID, "msg_type": "text", "content": "{\"text\":\"hi\"}", "uuid": "d1"})))
+        .and(body_json(
+            json!({"receive_id": CHAT_ID, "msg_type": "text", "content": "{\"text\":\"hi\"}", "uuid": "d1"}),
+        ))
         .respond_with(ok(json!({"message_id": "om_new"})))
         .expect(1)
         .mount(&server)
@@ -232,7 +239,8 @@ async fn without_a_message_id_the_answer_is_posted_into_the_chat() {
 async fn content_too_large_is_refused_with_a_clear_reason() {
     let server = MockServer::start().await;
     mount_token(&server, "t-TOKEN1", 1).await;
-    let too_large = ResponseTemplate::new(400).set_body_json(json!({"code": 230025, "msg": "The length of the message content reaches its limit."}));
+    let too_large = ResponseTemplate::new(400)
+        .set_body_json(json!({"code": 230025, "msg": "The length of the message content reaches its limit."}));
     mount_reply(&server, "t-TOKEN1", too_large, 1).await;
     match channel_for(&server).deliver(&delivery("d1", "hi")).await {
         Err(ChannelError::Refused { code: 230025, reason }) => assert!(reason.contains("max_part_bytes"), "{reason}"),
@@ -284,7 +292,10 @@ async fn a_wrong_app_secret_is_a_misconfiguration_and_nothing_is_sent() {
         let server = MockServer::start().await;
         Mock::given(method("POST"))
             .and(path(TOKEN_PATH))
-            .respond_with(ResponseTemplate::new(400).set_body_json(json!({"code": code, "msg": format!("app secret invalid {SECRET}")})))
+            .respond_with(
+                ResponseTemplate::new(400)
+                    .set_body_json(json!({"code": code, "msg": format!("app secret invalid {SECRET}")})),
+            )
             .mount(&server)
             .await;
         let error = channel_for(&server).deliver(&delivery("d1", "hi")).await.err();
@@ -299,8 +310,9 @@ async fn a_wrong_app_secret_is_a_misconfiguration_and_nothing_is_sent() {
 async fn a_missing_scope_is_a_misconfiguration_that_says_what_to_do() {
     let server = MockServer::start().await;
     mount_token(&server, "t-TOKEN1", 1).await;
-    let denied = ResponseTemplate::new(400)
-        .set_body_json(json!({"code": 99991672, "msg": "Access denied. One of the following scopes is required: [im:message]"}));
+    let denied = ResponseTemplate::new(400).set_body_json(
+        json!({"code": 99991672, "msg": "Access denied. One of the following scopes is required: [im:message]"}),
+    );
     mount_reply(&server, "t-TOKEN1", denied, 1).await;
     match channel_for(&server).deliver(&delivery("d1", "hi")).await {
         Err(ChannelError::Misconfigured(message)) => {
@@ -419,11 +431,12 @@ async fn an_answer_streams_through_a_cardkit_card_in_order() {
     assert!(!uuid.is_empty() && uuid.len() <= 50 && uuid != "d-stream", "{uuid}");
 
     // 3. Content updates with increasing sequences (the blank one skipped), the last = full text.
-    let puts: Vec<Value> = requests_to(&server, "/open-apis/cardkit/v1/cards/7355372766134157313/elements/answer/content")
-        .await
-        .iter()
-        .map(json_body)
-        .collect();
+    let puts: Vec<Value> =
+        requests_to(&server, "/open-apis/cardkit/v1/cards/7355372766134157313/elements/answer/content")
+            .await
+            .iter()
+            .map(json_body)
+            .collect();
     let sequences: Vec<i64> = puts.iter().map(|p| p["sequence"].as_i64().unwrap_or(-1)).collect();
     assert_eq!(sequences, vec![1, 2, 4]);
     let texts: Vec<&str> = puts.iter().map(|p| p["content"].as_str().unwrap_or_default()).collect();
@@ -466,7 +479,10 @@ async fn a_failed_card_creation_is_triaged_like_a_send() {
     mount_token(&server, "t-TOKEN1", 1).await;
     Mock::given(method("POST"))
         .and(path("/open-apis/cardkit/v1/cards"))
-        .respond_with(ResponseTemplate::new(400).set_body_json(json!({"code": 99991672, "msg": "scope cardkit:card:write required"})))
+        .respond_with(
+            ResponseTemplate::new(400)
+                .set_body_json(json!({"code": 99991672, "msg": "scope cardkit:card:write required"})),
+        )
         .mount(&server)
         .await;
     let error = channel_for(&server).begin_stream(&delivery("d1", "")).await.err();

@@ -7,9 +7,7 @@
 use serde_json::json;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
-use yizhan_channel_core::{
-    Channel, ChannelId, Conversation, ConversationKind, Delivery, ReplyHandle, Reply, Sender,
-};
+use yizhan_channel_core::{Channel, ChannelId, Conversation, ConversationKind, Delivery, Reply, ReplyHandle, Sender};
 use yizhan_channel_feishu::{Feishu, FeishuSettings};
 
 const SECRET: &str = "the-app-secret";
@@ -77,7 +75,10 @@ async fn a_wrong_secret_is_logged_once_per_code_not_per_message_and_never_with_s
     let server = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path(TOKEN_PATH))
-        .respond_with(ResponseTemplate::new(400).set_body_json(json!({"code": 10014, "msg": format!("app secret invalid: {SECRET}")})))
+        .respond_with(
+            ResponseTemplate::new(400)
+                .set_body_json(json!({"code": 10014, "msg": format!("app secret invalid: {SECRET}")})),
+        )
         .mount(&server)
         .await;
     let channel = channel_for(&server);

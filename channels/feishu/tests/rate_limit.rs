@@ -33,7 +33,9 @@ fn reply_in(chat: &str, n: usize) -> Delivery {
         channel: ChannelId::parse("fs").unwrap_or_else(|e| panic!("{e}")),
         conversation: Conversation { kind: ConversationKind::Group, id: chat.into() },
         recipient: Sender { id: "ou_user".into(), name: None },
-        reply_handle: ReplyHandle(json!({"message_id": format!("om_{chat}_{n}"), "chat_id": chat, "chat_type": "group"})),
+        reply_handle: ReplyHandle(
+            json!({"message_id": format!("om_{chat}_{n}"), "chat_id": chat, "chat_type": "group"}),
+        ),
         reply: Reply::text(format!("part {n}")),
     }
 }
@@ -87,7 +89,8 @@ async fn mount_feishu(server: &MockServer) {
     Mock::given(method("POST"))
         .and(path_regex(r"^/open-apis/im/v1/messages/om_[a-z_0-9]+/reply$"))
         .respond_with(
-            ResponseTemplate::new(200).set_body_json(json!({"code": 0, "msg": "success", "data": {"message_id": "om_new"}})),
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"code": 0, "msg": "success", "data": {"message_id": "om_new"}})),
         )
         .mount(server)
         .await;

@@ -9,8 +9,8 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::time::{Duration, SystemTime};
 use yizhan_channel_core::{
-    testkit, Channel, ChannelError, ChannelId, ChannelSettings, ConversationKind, Envelope, Event, Method,
-    Segment, WebhookOutcome, WebhookRequest,
+    testkit, Channel, ChannelError, ChannelId, ChannelSettings, ConversationKind, Envelope, Event, Method, Segment,
+    WebhookOutcome, WebhookRequest,
 };
 use yizhan_channel_feishu::{crypto, Feishu};
 
@@ -275,8 +275,7 @@ fn a_group_mention_of_the_configured_bot_is_stripped_and_addresses_it() {
     assert!(envelope.mentions_self);
     assert_eq!(envelope.text(), "帮我问问 @Tom 的意见");
     assert!(!envelope.text().contains("@_user_"));
-    let mentions: Vec<&Segment> =
-        envelope.content.iter().filter(|s| matches!(s, Segment::Mention { .. })).collect();
+    let mentions: Vec<&Segment> = envelope.content.iter().filter(|s| matches!(s, Segment::Mention { .. })).collect();
     assert_eq!(
         mentions,
         vec![
@@ -305,9 +304,7 @@ fn without_bot_open_id_any_group_mention_counts_as_the_bot() {
 fn a_post_is_flattened_to_text_and_keeps_its_images() {
     let envelope = envelope("post_p2p");
     assert_eq!(envelope.text(), "周报\n请总结这份文档 (https://example.com/doc)\n\n```go\nfmt.Println(1)\n```");
-    assert!(envelope
-        .content
-        .contains(&Segment::Image { url: None, media_id: Some("img_v2_post_1".into()) }));
+    assert!(envelope.content.contains(&Segment::Image { url: None, media_id: Some("img_v2_post_1".into()) }));
 }
 
 #[test]
@@ -339,7 +336,8 @@ fn an_unreadable_message_type_is_kept_as_a_named_event() {
 #[test]
 fn a_redelivered_message_keeps_its_platform_message_id() {
     let first = envelope("text_p2p");
-    let redelivered = fixture("text_p2p").replace("5e3702a84e847582be8db7fb73283c02", "ffffffffffffffffffffffffffffffff");
+    let redelivered =
+        fixture("text_p2p").replace("5e3702a84e847582be8db7fb73283c02", "ffffffffffffffffffffffffffffffff");
     let second = accepted(&plain_channel(), &post(&redelivered));
     assert_eq!(first.platform_message_id, second.platform_message_id);
     assert_ne!(first.id, second.id);

@@ -193,12 +193,16 @@ impl Api {
     fn classify(&self, code: i64, message: &str, token: Option<&str>) -> ChannelError {
         let message = self.scrub(message, token);
         let hint = match code {
-            40164 => Some("add this server's outbound IP to the 公众号 IP whitelist (设置与开发 → 基本配置 → IP白名单)"),
+            40164 => {
+                Some("add this server's outbound IP to the 公众号 IP whitelist (设置与开发 → 基本配置 → IP白名单)")
+            }
             40013 => Some("`app_id` is not a valid AppID; copy it from 设置与开发 → 基本配置"),
             40125 => Some("`app_secret` is not a valid AppSecret; copy or reset it in 设置与开发 → 基本配置"),
             41002 => Some("`app_id` is missing from the request; check the channel's `app_id`"),
             41004 => Some("`app_secret` is missing from the request; check the channel's `app_secret`"),
-            89503 => Some("WeChat flagged this server's IP as risky; an administrator must confirm it in the 公众号 后台"),
+            89503 => {
+                Some("WeChat flagged this server's IP as risky; an administrator must confirm it in the 公众号 后台")
+            }
             _ => None,
         };
         if let Some(hint) = hint {

@@ -7,8 +7,7 @@
 
 use yizhan_channel_common::xml::{read_xml, Fields};
 use yizhan_channel_core::{
-    ChannelError, ChannelId, Conversation, ConversationKind, Envelope, Event, ReplyHandle, Segment,
-    Sender,
+    ChannelError, ChannelId, Conversation, ConversationKind, Envelope, Event, ReplyHandle, Segment, Sender,
 };
 
 /// The fields a push must have, with this channel's wording for what is wrong.
@@ -25,8 +24,7 @@ impl Required for Fields {
     }
 
     fn number(&self, name: &str) -> Result<f64, ChannelError> {
-        self.optional_number(name)
-            .ok_or_else(|| malformed(format!("element <{name}> is missing or not a number")))
+        self.optional_number(name).ok_or_else(|| malformed(format!("element <{name}> is missing or not a number")))
     }
 }
 
@@ -80,10 +78,9 @@ fn segments(msg_type: &str, fields: &Fields) -> Result<Vec<Segment>, ChannelErro
             format: fields.owned("Format"),
             recognition: fields.owned("Recognition"),
         },
-        "video" | "shortvideo" => Segment::Video {
-            media_id: fields.owned("MediaId"),
-            thumb_media_id: fields.owned("ThumbMediaId"),
-        },
+        "video" | "shortvideo" => {
+            Segment::Video { media_id: fields.owned("MediaId"), thumb_media_id: fields.owned("ThumbMediaId") }
+        }
         "location" => Segment::Location {
             latitude: fields.number("Location_X")?,
             longitude: fields.number("Location_Y")?,

@@ -67,11 +67,11 @@ pub use yizhan_channel_common::{markdown, split, split_text};
 use std::time::Duration;
 use tracing::debug;
 use yizhan_channel_common::unix_millis;
-use yizhan_channel_wechat_crypto::{KeySlot, WxCrypto};
 use yizhan_channel_core::{
-    BoxFuture, Capabilities, Channel, ChannelError, ChannelId, ChannelSettings, Delivery,
-    DeliveryReceipt, Envelope, Method, Reply, WebhookOutcome, WebhookRequest, WebhookResponse,
+    BoxFuture, Capabilities, Channel, ChannelError, ChannelId, ChannelSettings, Delivery, DeliveryReceipt, Envelope,
+    Method, Reply, WebhookOutcome, WebhookRequest, WebhookResponse,
 };
+use yizhan_channel_wechat_crypto::{KeySlot, WxCrypto};
 
 /// The channel kind, as written in config (`kind = "wechat_mp"`).
 pub const KIND: &str = "wechat_mp";
@@ -100,15 +100,8 @@ impl WechatMp {
         let settings = settings.validate()?;
         let crypto = match &settings.encoding_aes_key {
             Some(key) => Some(
-                WxCrypto::new(
-                    &settings.token,
-                    key,
-                    settings.previous_encoding_aes_key.as_deref(),
-                    &settings.app_id,
-                )
-                .map_err(|error| {
-                    ChannelError::Misconfigured(format!("wechat_mp: `encoding_aes_key`: {error}"))
-                })?,
+                WxCrypto::new(&settings.token, key, settings.previous_encoding_aes_key.as_deref(), &settings.app_id)
+                    .map_err(|error| ChannelError::Misconfigured(format!("wechat_mp: `encoding_aes_key`: {error}")))?,
             ),
             None => None,
         };
@@ -157,8 +150,7 @@ impl WechatMp {
             }
             (inbound::parse_fields(&request.body)?, None)
         };
-        let mut envelope =
-            inbound::to_envelope(&fields, &self.id, Self::KIND, unix_millis(request.received_at))?;
+        let mut envelope = inbound::to_envelope(&fields, &self.id, Self::KIND, unix_millis(request.received_at))?;
         if let (Some(key), Some(handle)) = (key, envelope.reply_handle.0.as_object_mut()) {
             handle.insert("encrypted".into(), serde_json::Value::Bool(true));
             handle.insert("key".into(), serde_json::Value::from(key.as_str()));
@@ -177,7 +169,10 @@ impl WechatMp {
     /// 安全模式 / 兼容模式: verify `msg_signature` over `<Encrypt>` and the replay window, then
     /// decrypt and parse the inner XML. The plaintext fields of a 兼容模式 body are ignored:
     /// only `<Encrypt>` is signed.
-    fn open_encrypted(&self, request: &WebhookRequest) -> Result<(yizhan_channel_common::xml::Fields, KeySlot), ChannelError> {
+    fn open_encrypted(
+        &self,
+        request: &WebhookRequest,
+    ) -> Result<(yizhan_channel_common::xml::Fields, KeySlot), ChannelError> {
         if request.query_param("msg_signature").is_none() {
             return Err(ChannelError::BadSignature(
                 "encrypt_type=aes but query parameter `msg_signature` is missing (`signature` does not \
@@ -307,7 +302,9 @@ impl Channel for WechatMp {
             .and_then(serde_json::Value::as_str)
             .filter(|account| !account.is_empty())
             .ok_or_else(|| {
-                ChannelError::Malformed("the envelope's reply handle names no account; it is not from this channel".into())
+                ChannelError::Malformed(
+                    "the envelope's reply handle names no account; it is not from this channel".into(),
+                )
             })?;
         let xml = passive::text_reply_xml(&envelope.sender.id, account, request.received_at_unix(), &reply.text);
         self.seal_passive(request, envelope, xml)
@@ -335,8 +332,8 @@ impl Channel for WechatMp {
 mod tests {
     use super::*;
     use bytes::Bytes;
-    use std::time::SystemTime;
     use serde_json::json;
+    use std::time::SystemTime;
 
     fn channel(window: u64) -> WechatMp {
         let settings = ChannelSettings {
@@ -450,9 +447,42 @@ mod tests {
     #[test]
     fn rendering_random_markdown_never_panics_and_honours_the_limit() {
         let alphabet = [
-            "*", "**", "_", "`", "```", "#", "## ", "- ", "1. ", "> ", "[", "]", "(", ")", "!", "<", ">",
-            "|", "\n", "\n\n", " ", "    ", "好", "。", "😀", "é", "a", "word", ".", "http://x.y/z", "\t",
-            "---", "~~", "<br>", "&amp;", "]]>",
+            "*",
+            "**",
+            "_",
+            "`",
+            "```",
+            "#",
+            "## ",
+            "- ",
+            "1. ",
+            "> ",
+            "[",
+            "]",
+            "(",
+            ")",
+            "!",
+            "<",
+            ">",
+            "|",
+            "\n",
+            "\n\n",
+            " ",
+            "    ",
+            "好",
+            "。",
+            "😀",
+            "é",
+            "a",
+            "word",
+            ".",
+            "http://x.y/z",
+            "\t",
+            "---",
+            "~~",
+            "<br>",
+            "&amp;",
+            "]]>",
         ];
         let mut rng = Lcg(7);
         for limit in [64, 100, 2048] {
@@ -471,9 +501,34 @@ mod tests {
     #[test]
     fn random_bodies_never_panic_the_webhook() {
         let fragments = [
-            "<xml>", "</xml>", "<MsgType>", "</MsgType>", "<![CDATA[", "]]>", "text", "event", "<Event>",
-            "</Event>", "<FromUserName>", "</FromUserName>", "<ToUserName>", "</ToUserName>", "o", "&lt;",
-            "&", "<", ">", "<a/>", "<?xml?>", "<!--", "-->", "\u{0}", "好", "<CreateTime>", "</CreateTime>", "1",
+            "<xml>",
+            "</xml>",
+            "<MsgType>",
+            "</MsgType>",
+            "<![CDATA[",
+            "]]>",
+            "text",
+            "event",
+            "<Event>",
+            "</Event>",
+            "<FromUserName>",
+            "</FromUserName>",
+            "<ToUserName>",
+            "</ToUserName>",
+            "o",
+            "&lt;",
+            "&",
+            "<",
+            ">",
+            "<a/>",
+            "<?xml?>",
+            "<!--",
+            "-->",
+            "\u{0}",
+            "好",
+            "<CreateTime>",
+            "</CreateTime>",
+            "1",
         ];
         let channel = channel(0);
         let mut rng = Lcg(11);

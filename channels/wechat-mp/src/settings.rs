@@ -83,9 +83,7 @@ impl WechatMpSettings {
     /// Checks the settings and normalises `api_base` (trims whitespace and trailing slashes).
     /// Errors name the offending key, never its value when the value is a secret.
     pub fn validate(mut self) -> Result<Self, ChannelError> {
-        for (key, value) in
-            [("app_id", &self.app_id), ("app_secret", &self.app_secret), ("token", &self.token)]
-        {
+        for (key, value) in [("app_id", &self.app_id), ("app_secret", &self.app_secret), ("token", &self.token)] {
             if value.trim().is_empty() {
                 return Err(ChannelError::Misconfigured(format!(
                     "wechat_mp: `{key}` is empty; copy it from the 公众号 后台 (设置与开发 → 基本配置)"
@@ -94,8 +92,7 @@ impl WechatMpSettings {
         }
         if self.token != self.token.trim() {
             return Err(ChannelError::Misconfigured(
-                "wechat_mp: `token` has leading or trailing whitespace; signatures would never match"
-                    .into(),
+                "wechat_mp: `token` has leading or trailing whitespace; signatures would never match".into(),
             ));
         }
         let base = self.api_base.trim().trim_end_matches('/').to_owned();
@@ -182,13 +179,9 @@ mod tests {
 
     #[test]
     fn empty_required_keys_are_named_in_the_error() {
-        let error = parse(json!({"app_id": "wx1", "app_secret": "s", "token": ""}))
-            .err()
-            .unwrap_or_default();
+        let error = parse(json!({"app_id": "wx1", "app_secret": "s", "token": ""})).err().unwrap_or_default();
         assert!(error.contains("`token`"), "{error}");
-        let error = parse(json!({"app_id": " ", "app_secret": "s", "token": "t"}))
-            .err()
-            .unwrap_or_default();
+        let error = parse(json!({"app_id": " ", "app_secret": "s", "token": "t"})).err().unwrap_or_default();
         assert!(error.contains("`app_id`"), "{error}");
         let error = parse(json!({"app_secret": "s", "token": "t"})).err().unwrap_or_default();
         assert!(error.contains("app_id"), "{error}");
@@ -196,10 +189,8 @@ mod tests {
 
     #[test]
     fn a_bad_api_base_or_tiny_part_limit_is_refused() {
-        assert!(parse(json!({"app_id": "a", "app_secret": "s", "token": "t", "api_base": "ftp://x"}))
-            .is_err());
-        assert!(parse(json!({"app_id": "a", "app_secret": "s", "token": "t", "max_part_bytes": 3}))
-            .is_err());
+        assert!(parse(json!({"app_id": "a", "app_secret": "s", "token": "t", "api_base": "ftp://x"})).is_err());
+        assert!(parse(json!({"app_id": "a", "app_secret": "s", "token": "t", "max_part_bytes": 3})).is_err());
     }
 
     #[test]

@@ -25,9 +25,7 @@ pub fn msg_signature(token: &str, timestamp: &str, nonce: &str, encrypt: &str) -
 }
 
 fn param<'a>(request: &'a WebhookRequest, name: &str) -> Result<&'a str, ChannelError> {
-    request
-        .query_param(name)
-        .ok_or_else(|| ChannelError::BadSignature(format!("query parameter `{name}` is missing")))
+    request.query_param(name).ok_or_else(|| ChannelError::BadSignature(format!("query parameter `{name}` is missing")))
 }
 
 /// Checks `signature`, `timestamp` and `nonce` of `request` against `token` and the replay
@@ -71,9 +69,6 @@ mod tests {
 
     #[test]
     fn the_documented_example_signature_is_reproduced() {
-        assert_eq!(
-            signature("AAAAA", "1714036504", "1514711492"),
-            "f464b24fc39322e44b38aa78f5edd27bd1441696"
-        );
+        assert_eq!(signature("AAAAA", "1714036504", "1514711492"), "f464b24fc39322e44b38aa78f5edd27bd1441696");
     }
 }

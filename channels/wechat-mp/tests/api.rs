@@ -6,8 +6,8 @@ use std::time::Duration;
 use wiremock::matchers::{body_json, method, path, query_param};
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
 use yizhan_channel_core::{
-    Channel, ChannelError, ChannelId, Conversation, ConversationKind, Delivery, Envelope, Event,
-    ReplyHandle, Reply, Segment, Sender,
+    Channel, ChannelError, ChannelId, Conversation, ConversationKind, Delivery, Envelope, Event, Reply, ReplyHandle,
+    Segment, Sender,
 };
 use yizhan_channel_wechat_mp::{WechatMp, WechatMpSettings};
 
@@ -134,10 +134,7 @@ async fn the_token_is_fetched_once_for_several_sends() {
     );
     for send in &sends {
         assert_eq!(send.url.query(), Some("access_token=TOKEN1"));
-        assert_eq!(
-            send.headers.get("content-type").and_then(|v| v.to_str().ok()),
-            Some("application/json")
-        );
+        assert_eq!(send.headers.get("content-type").and_then(|v| v.to_str().ok()), Some("application/json"));
     }
 }
 
@@ -243,13 +240,8 @@ async fn rate_limits_and_server_errors_are_transient() {
 async fn an_ip_outside_the_whitelist_is_a_misconfiguration_that_says_what_to_do() {
     let server = MockServer::start().await;
     mount_token(&server, "TOKEN1", 1).await;
-    mount_send(
-        &server,
-        "TOKEN1",
-        json!({"errcode": 40164, "errmsg": "invalid ip 203.0.113.9, not in whitelist"}),
-        3,
-    )
-    .await;
+    mount_send(&server, "TOKEN1", json!({"errcode": 40164, "errmsg": "invalid ip 203.0.113.9, not in whitelist"}), 3)
+        .await;
     let channel = channel_for(&server);
     for _ in 0..3 {
         let error = channel.deliver(&delivery("hi")).await.err();
@@ -279,7 +271,9 @@ async fn token_endpoint_errors_are_triaged_like_send_errors() {
         let server = MockServer::start().await;
         Mock::given(method("POST"))
             .and(path("/cgi-bin/stable_token"))
-            .respond_with(ResponseTemplate::new(200).set_body_json(json!({"errcode": code, "errmsg": format!("bad {SECRET}")})))
+            .respond_with(
+                ResponseTemplate::new(200).set_body_json(json!({"errcode": code, "errmsg": format!("bad {SECRET}")})),
+            )
             .mount(&server)
             .await;
         let error = channel_for(&server).deliver(&delivery("hi")).await.err();
@@ -308,10 +302,7 @@ async fn network_failures_and_timeouts_are_transient() {
         .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_millis(500)))
         .mount(&server)
         .await;
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_millis(100))
-        .build()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let http = reqwest::Client::builder().timeout(Duration::from_millis(100)).build().unwrap_or_else(|e| panic!("{e}"));
     let error = channel_with_client(&server, http).deliver(&delivery("hi")).await.err();
     let error = error.unwrap_or_else(|| panic!("delivered despite a timeout"));
     assert!(error.is_retryable(), "{error}");

@@ -5,8 +5,8 @@ use bytes::Bytes;
 use serde_json::json;
 use std::time::{Duration, SystemTime};
 use yizhan_channel_core::{
-    Channel, ChannelError, ChannelId, ChannelSettings, ConversationKind, Envelope, Event, Method,
-    Reply, Segment, WebhookOutcome, WebhookRequest,
+    Channel, ChannelError, ChannelId, ChannelSettings, ConversationKind, Envelope, Event, Method, Reply, Segment,
+    WebhookOutcome, WebhookRequest,
 };
 use yizhan_channel_wechat_mp::{signature::signature, WechatMp};
 
@@ -138,10 +138,7 @@ fn every_message_type_is_parsed() {
     );
     assert_eq!(
         only_segment("shortvideo"),
-        Segment::Video {
-            media_id: Some("media_id_shortvideo".into()),
-            thumb_media_id: Some("thumb_media_id".into()),
-        }
+        Segment::Video { media_id: Some("media_id_shortvideo".into()), thumb_media_id: Some("thumb_media_id".into()) }
     );
     assert_eq!(
         only_segment("location"),
@@ -243,7 +240,8 @@ fn a_signed_get_is_answered_with_echostr() {
 
 #[test]
 fn safe_mode_requests_with_a_forged_msg_signature_are_refused_not_misparsed() {
-    let mut request = signed_post("<xml><ToUserName><![CDATA[gh_toUser]]></ToUserName><Encrypt><![CDATA[abc]]></Encrypt></xml>");
+    let mut request =
+        signed_post("<xml><ToUserName><![CDATA[gh_toUser]]></ToUserName><Encrypt><![CDATA[abc]]></Encrypt></xml>");
     request.query.push(("encrypt_type".into(), "aes".into()));
     request.query.push(("msg_signature".into(), "0".repeat(40)));
     assert!(matches!(channel().handle_webhook(&request), Err(ChannelError::BadSignature(_))));
@@ -255,9 +253,7 @@ fn a_passive_reply_carries_the_text_back_with_to_and_from_swapped() {
     let request = signed_post(&fixture("text"));
     let envelope = envelope("text");
     let text = "答案：a]]>b <x> & 结束";
-    let response = channel
-        .passive_reply(&request, &envelope, &Reply::text(text))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let response = channel.passive_reply(&request, &envelope, &Reply::text(text)).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(response.status, 200);
     assert!(response.content_type.starts_with("application/xml"));
     let xml = std::str::from_utf8(&response.body).unwrap_or_else(|e| panic!("{e}"));
@@ -271,9 +267,8 @@ fn a_passive_reply_carries_the_text_back_with_to_and_from_swapped() {
 #[test]
 fn an_empty_passive_reply_is_answered_success() {
     let request = signed_post(&fixture("text"));
-    let response = channel()
-        .passive_reply(&request, &envelope("text"), &Reply::text("  "))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let response =
+        channel().passive_reply(&request, &envelope("text"), &Reply::text("  ")).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(response.body, Bytes::from_static(b"success"));
 }
 
@@ -299,7 +294,9 @@ fn values(xml: &str, element: &str) -> String {
 fn a_long_markdown_answer_renders_to_plain_parts_within_the_limit() {
     let mut answer = String::from("## 回答\n\n");
     for i in 1..=40 {
-        answer.push_str(&format!("{i}. **第{i}点**：这是一个比较长的解释，包含`代码`和[链接](https://example.com/{i})。\n"));
+        answer.push_str(&format!(
+            "{i}. **第{i}点**：这是一个比较长的解释，包含`代码`和[链接](https://example.com/{i})。\n"
+        ));
     }
     answer.push_str("\n```\nlet x = 1;\n```\n");
     let parts = channel().render(&Reply::text(answer));
@@ -309,7 +306,10 @@ fn a_long_markdown_answer_renders_to_plain_parts_within_the_limit() {
         assert!(!part.text.contains("**") && !part.text.contains("##") && !part.text.contains('`'));
     }
     let all: String = parts.iter().map(|p| p.text.as_str()).collect::<Vec<_>>().join("\n");
-    assert!(all.starts_with("回答\n\n1. 第1点：这是一个比较长的解释，包含代码和链接 (https://example.com/1)。"), "{all}");
+    assert!(
+        all.starts_with("回答\n\n1. 第1点：这是一个比较长的解释，包含代码和链接 (https://example.com/1)。"),
+        "{all}"
+    );
     assert!(all.contains("40. 第40点"));
     assert!(all.ends_with("let x = 1;"));
 }

@@ -96,7 +96,12 @@ impl Api {
     }
 
     /// Sends one app message to one member.
-    pub(crate) async fn send(&self, userid: &str, msg_type: MsgType, content: &str) -> Result<DeliveryReceipt, ChannelError> {
+    pub(crate) async fn send(
+        &self,
+        userid: &str,
+        msg_type: MsgType,
+        content: &str,
+    ) -> Result<DeliveryReceipt, ChannelError> {
         let kind = msg_type.as_str();
         let mut body = json!({
             "touser": userid,
@@ -171,10 +176,8 @@ impl Api {
     /// secret) pair; WeCom returns the same one to every caller while it is valid.
     async fn fetch_token(&self) -> Result<AccessToken, ChannelError> {
         let url = format!("{}/cgi-bin/gettoken", self.base);
-        let request = self
-            .http
-            .get(&url)
-            .query(&[("corpid", self.corp_id.as_str()), ("corpsecret", self.corp_secret.as_str())]);
+        let request =
+            self.http.get(&url).query(&[("corpid", self.corp_id.as_str()), ("corpsecret", self.corp_secret.as_str())]);
         let answer = self.exchange(request).await?;
         match wechat_errcode(&answer) {
             (0, _) => {}
@@ -235,9 +238,7 @@ impl Api {
                 "WeCom rejected `corp_secret`: copy the app's current Secret (应用管理 → the app → Secret; \
                  it changes when reset), not the 通讯录 or another app's",
             ),
-            (_, 40013) | (_, 41002) => {
-                Some("WeCom rejected `corp_id`: copy the 企业ID from 我的企业 → 企业信息")
-            }
+            (_, 40013) | (_, 41002) => Some("WeCom rejected `corp_id`: copy the 企业ID from 我的企业 → 企业信息"),
             (_, 40056) => Some(
                 "WeCom rejected `agent_id`: set it to the app's AgentId (应用管理 → the app), the app whose \
                  Secret is `corp_secret`",
@@ -352,7 +353,8 @@ mod tests {
     #[test]
     fn secrets_and_tokens_are_scrubbed_from_platform_messages() {
         let api = api();
-        let shown = api.classify(Stage::Token, 40001, "bad secret s3cret for token TOKEN123", Some("TOKEN123")).to_string();
+        let shown =
+            api.classify(Stage::Token, 40001, "bad secret s3cret for token TOKEN123", Some("TOKEN123")).to_string();
         assert!(!shown.contains("s3cret") && !shown.contains("TOKEN123"), "{shown}");
         let shown = api.classify(Stage::Call, 99999, "s3cret", None).to_string();
         assert!(!shown.contains("s3cret"), "{shown}");

@@ -13,8 +13,7 @@
 use serde_json::Value;
 use yizhan_channel_common::xml::{read_xml, Fields};
 use yizhan_channel_core::{
-    ChannelError, ChannelId, Conversation, ConversationKind, Envelope, Event, ReplyHandle, Segment,
-    Sender,
+    ChannelError, ChannelId, Conversation, ConversationKind, Envelope, Event, ReplyHandle, Segment, Sender,
 };
 
 /// The format a callback arrived in; the decrypted message has the same one.
@@ -40,8 +39,7 @@ impl Required for Fields {
     }
 
     fn number(&self, name: &str) -> Result<f64, ChannelError> {
-        self.optional_number(name)
-            .ok_or_else(|| malformed(format!("field `{name}` is missing or not a number")))
+        self.optional_number(name).ok_or_else(|| malformed(format!("field `{name}` is missing or not a number")))
     }
 }
 
@@ -72,8 +70,7 @@ pub(crate) fn parse(body: &[u8], format: Format) -> Result<Fields, ChannelError>
 /// booleans in their JSON spelling (so a 64-bit `MsgId` keeps every digit); nested values are
 /// ignored, as nested XML elements are.
 pub(crate) fn parse_json(body: &[u8]) -> Result<Fields, ChannelError> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|error| malformed(format!("invalid JSON: {error}")))?;
+    let value: Value = serde_json::from_slice(body).map_err(|error| malformed(format!("invalid JSON: {error}")))?;
     let Value::Object(members) = value else {
         return Err(malformed("the JSON body is not an object"));
     };
@@ -139,10 +136,9 @@ fn segments(msg_type: &str, fields: &Fields) -> Result<Vec<Segment>, ChannelErro
             format: fields.owned("Format"),
             recognition: fields.owned("Recognition"),
         },
-        "video" | "shortvideo" => Segment::Video {
-            media_id: fields.owned("MediaId"),
-            thumb_media_id: fields.owned("ThumbMediaId"),
-        },
+        "video" | "shortvideo" => {
+            Segment::Video { media_id: fields.owned("MediaId"), thumb_media_id: fields.owned("ThumbMediaId") }
+        }
         "location" => Segment::Location {
             latitude: fields.number("Location_X")?,
             longitude: fields.number("Location_Y")?,
@@ -195,8 +191,8 @@ mod tests {
     fn names_are_matched_without_case() {
         let parsed = fields("<xml><AgentId>7</AgentId></xml>").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(parsed.get("AgentID"), Some("7"));
-        let parsed = parse_json(br#"{"tousername":"ww1","Encrypt":"x","agentid":218}"#)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let parsed =
+            parse_json(br#"{"tousername":"ww1","Encrypt":"x","agentid":218}"#).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(parsed.get("ToUserName"), Some("ww1"));
         assert_eq!(parsed.get("encrypt"), Some("x"));
         assert_eq!(parsed.get("AgentID"), Some("218"));

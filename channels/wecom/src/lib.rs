@@ -56,8 +56,8 @@ use tracing::{debug, info, warn};
 use yizhan_channel_common::limiter::{RateLimiter, Window};
 use yizhan_channel_common::unix_millis;
 use yizhan_channel_core::{
-    BoxFuture, Capabilities, Channel, ChannelError, ChannelId, ChannelSettings, Delivery,
-    DeliveryReceipt, Method, Reply, WebhookOutcome, WebhookRequest, WebhookResponse,
+    BoxFuture, Capabilities, Channel, ChannelError, ChannelId, ChannelSettings, Delivery, DeliveryReceipt, Method,
+    Reply, WebhookOutcome, WebhookRequest, WebhookResponse,
 };
 use yizhan_channel_wechat_crypto::{CryptoError, Decrypted, WxCrypto};
 
@@ -159,9 +159,8 @@ impl Wecom {
     /// POST: one encrypted message or event, XML or JSON.
     fn accept_callback(&self, request: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
         let outer = inbound::parse(&request.body, inbound::sniff(&request.body)?)?;
-        let encrypt = outer
-            .get("Encrypt")
-            .ok_or_else(|| ChannelError::BadSignature("the body carries no `Encrypt`".into()))?;
+        let encrypt =
+            outer.get("Encrypt").ok_or_else(|| ChannelError::BadSignature("the body carries no `Encrypt`".into()))?;
         let opened = self.open(request, encrypt)?;
         let plaintext = opened.message.as_bytes();
         let fields = inbound::parse(plaintext, inbound::sniff(plaintext)?)?;
@@ -364,5 +363,4 @@ mod tests {
             assert!(!shown.contains(secret), "{shown}");
         }
     }
-
 }

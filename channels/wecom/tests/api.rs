@@ -185,7 +185,10 @@ async fn a_token_rejected_twice_is_transient_and_not_retried_in_a_loop() {
     let server = MockServer::start().await;
     Mock::given(method("GET"))
         .and(path("/cgi-bin/gettoken"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"errcode": 0, "access_token": "TOKEN1", "expires_in": 7200})))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"errcode": 0, "access_token": "TOKEN1", "expires_in": 7200})),
+        )
         .expect(2)
         .mount(&server)
         .await;
@@ -199,7 +202,13 @@ async fn a_token_rejected_twice_is_transient_and_not_retried_in_a_loop() {
 async fn an_untrusted_ip_is_a_misconfiguration_that_says_what_to_do() {
     let server = MockServer::start().await;
     mount_token(&server, "TOKEN1", 1).await;
-    mount_send(&server, "TOKEN1", json!({"errcode": 60020, "errmsg": "not allow to access from your ip, from ip: 203.0.113.9"}), 2).await;
+    mount_send(
+        &server,
+        "TOKEN1",
+        json!({"errcode": 60020, "errmsg": "not allow to access from your ip, from ip: 203.0.113.9"}),
+        2,
+    )
+    .await;
     let channel = channel_for(&server);
     for _ in 0..2 {
         match deliver_err(&channel, "hi").await {
@@ -255,7 +264,13 @@ async fn gettoken_errors_are_triaged_and_nothing_is_sent() {
 async fn no_valid_recipient_is_refused() {
     let server = MockServer::start().await;
     mount_token(&server, "TOKEN1", 1).await;
-    mount_send(&server, "TOKEN1", json!({"errcode": 81013, "errmsg": "user & party & tag all invalid", "invaliduser": USER}), 1).await;
+    mount_send(
+        &server,
+        "TOKEN1",
+        json!({"errcode": 81013, "errmsg": "user & party & tag all invalid", "invaliduser": USER}),
+        1,
+    )
+    .await;
     match deliver_err(&channel_for(&server), "hi").await {
         ChannelError::Refused { code: 81013, reason } => assert!(reason.contains("可见范围"), "{reason}"),
         other => panic!("{other:?}"),
@@ -323,7 +338,10 @@ async fn network_failures_and_timeouts_are_transient() {
     // before the token request even arrives, which is the same transient outcome.
     Mock::given(method("GET"))
         .and(path("/cgi-bin/gettoken"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"errcode": 0, "access_token": "SLOWTOKEN", "expires_in": 7200})))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"errcode": 0, "access_token": "SLOWTOKEN", "expires_in": 7200})),
+        )
         .mount(&server)
         .await;
     Mock::given(method("POST"))
@@ -353,7 +371,10 @@ async fn a_long_answer_is_delivered_in_order() {
         .mount(&server)
         .await;
     let channel = channel_for(&server);
-    let text = (1..=6).map(|n| format!("## 第{n}节\n\n{}", "这一节讲的内容很长。".repeat(60))).collect::<Vec<_>>().join("\n\n");
+    let text = (1..=6)
+        .map(|n| format!("## 第{n}节\n\n{}", "这一节讲的内容很长。".repeat(60)))
+        .collect::<Vec<_>>()
+        .join("\n\n");
     let parts = channel.render(&Reply::text(text));
     assert!(parts.len() >= 4, "{}", parts.len());
     for part in &parts {
@@ -391,7 +412,10 @@ async fn two_apps_keep_their_own_tokens() {
     Mock::given(method("GET"))
         .and(path("/cgi-bin/gettoken"))
         .and(query_param("corpid", "ww_second"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"errcode": 0, "access_token": "SECOND", "expires_in": 7200})))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"errcode": 0, "access_token": "SECOND", "expires_in": 7200})),
+        )
         .expect(1)
         .mount(&second)
         .await;

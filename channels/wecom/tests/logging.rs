@@ -51,11 +51,18 @@ async fn a_misconfiguration_is_logged_once_per_code_until_a_send_succeeds_and_ne
     let server = MockServer::start().await;
     Mock::given(method("GET"))
         .and(path("/cgi-bin/gettoken"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"errcode": 0, "access_token": "TOKEN1", "expires_in": 7200})))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"errcode": 0, "access_token": "TOKEN1", "expires_in": 7200})),
+        )
         .expect(1)
         .mount(&server)
         .await;
-    let answers = [(json!({"errcode": 60020, "errmsg": "not allow ip"}), Some(5)), (json!({"errcode": 0, "errmsg": "ok"}), Some(1)), (json!({"errcode": 60020, "errmsg": "not allow ip"}), None)];
+    let answers = [
+        (json!({"errcode": 60020, "errmsg": "not allow ip"}), Some(5)),
+        (json!({"errcode": 0, "errmsg": "ok"}), Some(1)),
+        (json!({"errcode": 60020, "errmsg": "not allow ip"}), None),
+    ];
     for (answer, times) in answers {
         let mock = Mock::given(method("POST"))
             .and(path("/cgi-bin/message/send"))

@@ -52,7 +52,9 @@ async fn the_thirty_first_send_in_a_minute_waits_for_the_window_while_others_go_
     let server = MockServer::start().await;
     Mock::given(method("GET"))
         .and(path("/cgi-bin/gettoken"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"errcode": 0, "access_token": "T", "expires_in": 7200})))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"errcode": 0, "access_token": "T", "expires_in": 7200})),
+        )
         .mount(&server)
         .await;
     Mock::given(method("POST"))

@@ -246,10 +246,7 @@ fn events_map_to_core_events_and_are_keyed_by_sender_and_time() {
         ("event_unsubscribe", Event::Unsubscribe),
         ("event_click", Event::MenuClick { key: "MENU_HELP".into() }),
         ("event_view", Event::MenuView { url: "https://work.weixin.qq.com/".into() }),
-        (
-            "event_location",
-            Event::Location { latitude: 23.104105, longitude: 113.320107, precision: Some(65.0) },
-        ),
+        ("event_location", Event::Location { latitude: 23.104105, longitude: 113.320107, precision: Some(65.0) }),
         ("event_other", Event::Other { name: "taskcard_click".into() }),
     ];
     for (name, expected) in cases {
@@ -385,7 +382,8 @@ fn garbage_bodies_and_a_missing_encrypt_are_refused() {
 
 #[test]
 fn markdown_replies_keep_the_wecom_subset() {
-    let parts = channel().render(&Reply::text("## 结论\n\n**好**，见[文档](https://a.b/c)。\n\n| a | b |\n|---|---|\n| 1 | 2 |"));
+    let parts = channel()
+        .render(&Reply::text("## 结论\n\n**好**，见[文档](https://a.b/c)。\n\n| a | b |\n|---|---|\n| 1 | 2 |"));
     let texts: Vec<&str> = parts.iter().map(|p| p.text.as_str()).collect();
     assert_eq!(texts, vec!["## 结论\n\n**好**，见[文档](https://a.b/c)。\n\na | b\n1 | 2"]);
 }
@@ -439,10 +437,41 @@ impl Lcg {
 #[test]
 fn random_plaintexts_inside_valid_encryption_never_panic() {
     let fragments = [
-        "<xml>", "</xml>", "<MsgType>", "</MsgType>", "<![CDATA[", "]]>", "text", "event", "<Event>", "</Event>",
-        "<FromUserName>", "</FromUserName>", "<AgentID>", "</AgentID>", "1000002", "&lt;", "&", "<", ">", "<a/>",
-        "{", "}", "\"MsgType\":", "\"x\"", ",", "\u{0}", "好", "<CreateTime>", "</CreateTime>", "1", "location",
-        "<Location_X>", "</Location_X>", "NaN", "enter_agent",
+        "<xml>",
+        "</xml>",
+        "<MsgType>",
+        "</MsgType>",
+        "<![CDATA[",
+        "]]>",
+        "text",
+        "event",
+        "<Event>",
+        "</Event>",
+        "<FromUserName>",
+        "</FromUserName>",
+        "<AgentID>",
+        "</AgentID>",
+        "1000002",
+        "&lt;",
+        "&",
+        "<",
+        ">",
+        "<a/>",
+        "{",
+        "}",
+        "\"MsgType\":",
+        "\"x\"",
+        ",",
+        "\u{0}",
+        "好",
+        "<CreateTime>",
+        "</CreateTime>",
+        "1",
+        "location",
+        "<Location_X>",
+        "</Location_X>",
+        "NaN",
+        "enter_agent",
     ];
     let channel = channel_with(json!({"replay_window_secs": 0}));
     let crypto = platform_crypto(CORP, KEY);
@@ -457,8 +486,22 @@ fn random_plaintexts_inside_valid_encryption_never_panic() {
 #[test]
 fn random_bodies_and_queries_never_panic() {
     let fragments = [
-        "<xml>", "</xml>", "<Encrypt>", "</Encrypt>", "<![CDATA[", "]]>", "AAAA", "====", "+/", "{\"encrypt\":",
-        "\"", "}", "\u{0}", "好", "<", "&",
+        "<xml>",
+        "</xml>",
+        "<Encrypt>",
+        "</Encrypt>",
+        "<![CDATA[",
+        "]]>",
+        "AAAA",
+        "====",
+        "+/",
+        "{\"encrypt\":",
+        "\"",
+        "}",
+        "\u{0}",
+        "好",
+        "<",
+        "&",
     ];
     let channel = channel();
     let mut rng = Lcg(17);

@@ -110,10 +110,7 @@ impl Channel for HttpJson {
             mentions_self: true,
             reply_handle: ReplyHandle(serde_json::json!({ "in_reply_to": inbound.message_id })),
         };
-        Ok(WebhookOutcome::Accepted {
-            envelopes: vec![envelope],
-            ack: WebhookResponse::json(r#"{"ok":true}"#),
-        })
+        Ok(WebhookOutcome::Accepted { envelopes: vec![envelope], ack: WebhookResponse::json(r#"{"ok":true}"#) })
     }
 
     fn deliver<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
@@ -132,10 +129,16 @@ impl Channel for HttpJson {
                 .map_err(|error| ChannelError::Transient { reason: error.to_string(), retry_after: None })?;
             let status = response.status();
             if status.is_server_error() || status.as_u16() == 429 {
-                return Err(ChannelError::Transient { reason: format!("callback answered {status}"), retry_after: None });
+                return Err(ChannelError::Transient {
+                    reason: format!("callback answered {status}"),
+                    retry_after: None,
+                });
             }
             if !status.is_success() {
-                return Err(ChannelError::Refused { code: i64::from(status.as_u16()), reason: "callback refused".into() });
+                return Err(ChannelError::Refused {
+                    code: i64::from(status.as_u16()),
+                    reason: "callback refused".into(),
+                });
             }
             Ok(DeliveryReceipt::default())
         })

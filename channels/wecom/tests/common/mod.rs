@@ -6,8 +6,8 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 use std::time::{Duration, SystemTime};
 use yizhan_channel_core::{
-    ChannelId, ChannelSettings, Conversation, ConversationKind, Delivery, Method, Reply, ReplyHandle,
-    Sender, WebhookRequest,
+    ChannelId, ChannelSettings, Conversation, ConversationKind, Delivery, Method, Reply, ReplyHandle, Sender,
+    WebhookRequest,
 };
 use yizhan_channel_wechat_crypto::{msg_signature, KeySlot, WxCrypto};
 use yizhan_channel_wecom::Wecom;
