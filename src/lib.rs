@@ -12,7 +12,9 @@
 //! - [`routing`]: envelope → work and session key; dispatch to sessions.
 //! - [`session`]: the per-conversation `Session` actor and its registry; history window.
 //! - [`llm`]: `LlmActor` (bounded concurrency and queue), the retrying client, backends.
-//! - [`delivery`]: `ChannelActor`, rendering and sending answers with retries.
+//! - [`delivery`]: `ChannelActor`, rendering and sending answers with retries and the outbox;
+//!   `delivery::passive` (answers inside the platform's webhook response, parked answers) and
+//!   `delivery::live` (answers streamed while the model writes them).
 //! - [`store`]: the `Store` trait (dedupe, journal, history) and its engines.
 //! - [`channels`]: channel kinds, built-in and plugin.
 //! - [`hub`]: the shared wiring; [`metrics`]: Prometheus; [`telemetry`]: logging.
@@ -23,6 +25,11 @@
 //!   per-account delivery.
 //! - Every bound is explicit (LLM concurrency and queue, per-conversation queue, history window,
 //!   body size); reaching one yields a polite "busy" reply, never a hang.
+//! - Durable before acknowledged: the store's `accept` journals an envelope (and claims its
+//!   dedupe key) before the platform hears "received"; answers sit in an outbox until the
+//!   platform confirms them; start-up resumes both.
+//! - The one webhook that waits for the model is WeChat's passive reply, bounded by WeChat's own
+//!   window and shared across its retries of the same message.
 
 pub mod channels;
 pub mod config;
