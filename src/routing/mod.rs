@@ -136,8 +136,8 @@ impl Router {
         match self.sessions.dispatch(key, Job { envelope, work }) {
             Ok(()) => true,
             Err(DispatchError::Overloaded(job)) => {
-                self.hub.metrics.shed.with_label_values(&["session_mailbox"]).inc();
-                tracing::warn!(channel = %job.envelope.channel, "Session mailbox full; answered busy.");
+                self.hub.metrics.shed.with_label_values(&["session_queue"]).inc();
+                tracing::warn!(channel = %job.envelope.channel, "Too many messages waiting in one conversation; answered busy.");
                 let Job { envelope, .. } = *job;
                 self.hub.reply_now(envelope, self.hub.messages.busy.clone());
                 true

@@ -30,8 +30,7 @@ use std::time::Duration;
 use yizhan_channel_core::Envelope;
 
 /// One envelope and what it asks for.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
+#[derive(Debug)]
 pub struct Job {
     /// The message.
     pub envelope: Envelope,
@@ -44,16 +43,42 @@ pub struct Job {
 #[rtype(result = "()")]
 struct Retire;
 
+/// Look at the inbox: jobs arrived while the session was idle.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Wake;
+
 /// Why a job could not be handed to its session.
 #[derive(Debug)]
 pub enum DispatchError {
-    /// The session's mailbox is full; the job comes back so the caller can answer busy.
+    /// The conversation already has `max_pending` jobs waiting; the job comes back so the
+    /// caller can answer busy.
     Overloaded(Box<Job>),
+}
+
+/// A conversation's waiting jobs, shared by the registry (which appends) and the session
+/// (which takes). Jobs that arrive while a turn is running are only appended: no mailbox
+/// message and no wake-up of the session's thread. It also makes `max_pending` an exact bound
+/// on waiting jobs, independent of the actor mailbox.
+#[derive(Default)]
+struct Inbox {
+    jobs: VecDeque<Job>,
+    /// The session will look at the inbox again (a `Wake` is queued or a turn is running).
+    /// NOTE: read and written only under the inbox lock, which is what makes a wake-up never
+    /// lost: the session clears it in the same critical section in which it finds no job.
+    awake: bool,
+}
+
+type SharedInbox = Arc<std::sync::Mutex<Inbox>>;
+
+fn lock(inbox: &SharedInbox) -> std::sync::MutexGuard<'_, Inbox> {
+    inbox.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 struct Entry {
     addr: Addr<Session>,
     generation: u64,
+    inbox: SharedInbox,
 }
 
 /// Finds or starts the session for a key. Cheap to clone.
@@ -96,13 +121,14 @@ impl SessionRegistry {
         self.0.sessions.is_empty()
     }
 
-    fn start_session(&self, key: &SessionKey) -> Entry {
+    /// Starts a session on `inbox` (a fresh one, or a dead session's, whose jobs it inherits).
+    fn start_session(&self, key: &SessionKey, inbox: SharedInbox) -> Entry {
         let generation = self.0.generations.fetch_add(1, Ordering::Relaxed);
         let session = Session {
             key: key.clone(),
             generation,
             registry: self.clone(),
-            pending: VecDeque::new(),
+            inbox: inbox.clone(),
             busy: false,
             retiring: false,
             last_activity: Instant::now(),
@@ -117,24 +143,37 @@ impl SessionRegistry {
             let arbiter = &self.0.arbiters[(hasher.finish() % self.0.arbiters.len() as u64) as usize];
             Session::start_in_arbiter(arbiter, move |_| session)
         };
-        Entry { addr, generation }
+        Entry { addr, generation, inbox }
     }
 
     /// Routes a job to its session, starting one if needed. Never blocks. Without dedicated
     /// arbiters it must run inside an actix system.
     pub fn dispatch(&self, key: SessionKey, job: Job) -> Result<(), DispatchError> {
-        let mut entry = self.0.sessions.entry(key.clone()).or_insert_with(|| self.start_session(&key));
-        // NOTE: send while holding the entry (shard) lock. `deregister` takes the same lock, so
-        // nothing can be queued behind a session's `Retire`.
-        match entry.addr.try_send(job) {
-            Ok(()) => Ok(()),
-            Err(SendError::Full(job)) => Err(DispatchError::Overloaded(Box::new(job))),
-            // The actor died without deregistering (a bug, e.g. a panic): replace it.
-            Err(SendError::Closed(job)) => {
-                *entry = self.start_session(&key);
-                entry.addr.try_send(job).map_err(|error| DispatchError::Overloaded(Box::new(error.into_inner())))
+        let max_pending = self.0.hub.session.max_pending;
+        // NOTE: everything below runs while holding the entry (shard) lock. `deregister` takes
+        // the same lock, so no job can be appended to a session that already deregistered, and
+        // a `Wake` can never be queued behind a session's `Retire`.
+        let mut entry =
+            self.0.sessions.entry(key.clone()).or_insert_with(|| self.start_session(&key, SharedInbox::default()));
+        let wake = {
+            let mut inbox = lock(&entry.inbox);
+            if inbox.jobs.len() >= max_pending {
+                return Err(DispatchError::Overloaded(Box::new(job)));
             }
+            inbox.jobs.push_back(job);
+            !std::mem::replace(&mut inbox.awake, true)
+        };
+        if wake {
+            if let Err(SendError::Closed(_)) = entry.addr.try_send(Wake) {
+                // The actor died without deregistering (a bug, e.g. a panic): a successor takes
+                // over its inbox, jobs included.
+                let inbox = entry.inbox.clone();
+                *entry = self.start_session(&key, inbox);
+                let _ = entry.addr.try_send(Wake);
+            }
+            // `Full` cannot happen: a session has at most one `Wake` and one `Retire` queued.
         }
+        Ok(())
     }
 
     /// Forgets `key` only if it still points at `generation`.
@@ -149,8 +188,8 @@ pub struct Session {
     /// Which registry entry this actor is; a successor has another.
     generation: u64,
     registry: SessionRegistry,
-    /// Jobs waiting behind the one being worked on.
-    pending: VecDeque<Job>,
+    /// Jobs waiting behind the one being worked on, shared with the registry.
+    inbox: SharedInbox,
     busy: bool,
     retiring: bool,
     /// tokio's clock, so paused-time tests can move it.
@@ -167,8 +206,16 @@ impl Session {
     /// Runs every `idle_timeout / 4`; reads a timestamp instead of cancelling timers.
     fn check_idle(&mut self, ctx: &mut Context<Self>) {
         let idle = self.last_activity.elapsed() >= self.registry.0.idle_timeout;
-        if self.retiring || self.busy || !self.pending.is_empty() || !idle {
+        if self.retiring || self.busy || !idle {
             return;
+        }
+        {
+            // NOTE: released before `deregister`, which takes the map lock; `dispatch` takes
+            // the two in the opposite order.
+            let inbox = lock(&self.inbox);
+            if inbox.awake || !inbox.jobs.is_empty() {
+                return;
+            }
         }
         // Phase 1: stop new traffic from finding us. Phase 2 (`Retire`) runs after every
         // message that was already in the mailbox.
@@ -182,7 +229,13 @@ impl Session {
         if self.busy {
             return;
         }
-        let Some(job) = self.pending.pop_front() else {
+        let next = {
+            let mut inbox = lock(&self.inbox);
+            let next = inbox.jobs.pop_front();
+            inbox.awake = next.is_some();
+            next
+        };
+        let Some(job) = next else {
             if self.retiring {
                 ctx.stop();
             }
@@ -205,7 +258,8 @@ impl Actor for Session {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(self.hub().session.max_pending.max(1));
+        // Only `Wake` and `Retire` travel through the mailbox; jobs wait in the inbox.
+        ctx.set_mailbox_capacity(4);
         let period = (self.registry.0.idle_timeout / 4).max(Duration::from_millis(1));
         ctx.run_interval(period, Self::check_idle);
         self.hub().metrics.sessions_alive.inc();
@@ -218,19 +272,11 @@ impl Actor for Session {
     }
 }
 
-impl Handler<Job> for Session {
+impl Handler<Wake> for Session {
     type Result = ();
 
-    fn handle(&mut self, job: Job, ctx: &mut Self::Context) {
+    fn handle(&mut self, _: Wake, ctx: &mut Self::Context) {
         self.last_activity = Instant::now();
-        if self.pending.len() >= self.hub().session.max_pending {
-            self.hub().metrics.shed.with_label_values(&["session_queue"]).inc();
-            tracing::warn!(session = %self.key, "Too many messages waiting in one conversation; answered busy.");
-            let busy = self.hub().messages.busy.clone();
-            self.hub().reply_now(job.envelope, busy);
-            return;
-        }
-        self.pending.push_back(job);
         self.pump(ctx);
     }
 }
@@ -239,7 +285,7 @@ impl Handler<Retire> for Session {
     type Result = ();
 
     fn handle(&mut self, _: Retire, ctx: &mut Self::Context) {
-        if !self.busy && self.pending.is_empty() {
+        if !self.busy && lock(&self.inbox).jobs.is_empty() {
             ctx.stop();
         }
         // Otherwise `pump` stops the actor once the queue drains.
