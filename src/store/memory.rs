@@ -1,7 +1,11 @@
 //! An in-memory [`Store`]: fast and lost on restart; for tests and trials.
 //!
-//! Memory stays bounded: dedupe keys expire and are swept, history keeps a fixed number of turns
-//! per conversation, and finished journal entries are removed.
+//! It keeps dedupe claims and history, but no journal or outbox: those exist to be read back
+//! after a restart, and a memory store always starts empty, so `unfinished` has nothing to
+//! return and keeping copies of every envelope would only cost time and memory.
+//!
+//! Memory stays bounded: dedupe keys expire and are swept, and history keeps a fixed number of
+//! turns per conversation.
 
 use super::{Acceptance, Store, StoreError, Turn, Unfinished};
 use dashmap::DashMap;
@@ -9,29 +13,15 @@ use dashmap::DashMap;
 /// Fast, randomly seeded hashing: keys come from platforms, so not a fixed-seed hash.
 type Hasher = foldhash::fast::RandomState;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 use yizhan_channel_core::{BoxFuture, Delivery, Envelope};
-
-#[derive(Debug, Clone)]
-struct JournalEntry {
-    order: u64,
-    envelope: Envelope,
-    /// Parts not yet delivered, once answered.
-    parts: Option<Vec<Delivery>>,
-}
 
 /// See the module docs.
 #[derive(Debug)]
 pub struct MemoryStore {
     /// `channel \0 platform message id` → when the claim expires.
     dedupe: DashMap<String, Instant, Hasher>,
-    /// Journal: envelope id → entry.
-    journal: DashMap<String, JournalEntry, Hasher>,
-    /// Outbox: delivery id → envelope id whose entry holds the part.
-    outbox: DashMap<String, String, Hasher>,
-    arrivals: AtomicU64,
     history: DashMap<String, VecDeque<Turn>, Hasher>,
     /// Turns kept per conversation; older ones are never sent to the model anyway.
     max_turns_kept: usize,
@@ -44,9 +34,6 @@ impl MemoryStore {
     pub fn new(max_turns_kept: usize) -> Self {
         Self {
             dedupe: DashMap::with_hasher(Hasher::default()),
-            journal: DashMap::with_hasher(Hasher::default()),
-            outbox: DashMap::with_hasher(Hasher::default()),
-            arrivals: AtomicU64::new(0),
             history: DashMap::with_hasher(Hasher::default()),
             max_turns_kept: max_turns_kept.max(1),
             last_sweep: Mutex::new(Instant::now()),
@@ -85,12 +72,11 @@ impl MemoryStore {
                 claimed = true;
                 now + dedupe_ttl
             });
-        if !claimed {
-            return Acceptance::Duplicate;
+        if claimed {
+            Acceptance::New
+        } else {
+            Acceptance::Duplicate
         }
-        let order = self.arrivals.fetch_add(1, Ordering::Relaxed);
-        self.journal.insert(envelope.id.clone(), JournalEntry { order, envelope: envelope.clone(), parts: None });
-        Acceptance::New
     }
 
     fn push_turn(&self, session_key: &str, turn: Turn) {
@@ -98,16 +84,6 @@ impl MemoryStore {
         turns.push_back(turn);
         while turns.len() > self.max_turns_kept {
             turns.pop_front();
-        }
-    }
-
-    fn remove_part(&self, delivery_id: &str) {
-        if let Some((_, envelope_id)) = self.outbox.remove(delivery_id) {
-            if let Some(mut entry) = self.journal.get_mut(&envelope_id) {
-                if let Some(parts) = entry.parts.as_mut() {
-                    parts.retain(|part| part.delivery_id != delivery_id);
-                }
-            }
         }
     }
 }
@@ -124,54 +100,36 @@ impl Store for MemoryStore {
 
     fn record_answer<'a>(
         &'a self,
-        envelope_id: &'a str,
+        _envelope_id: &'a str,
         session_key: &'a str,
         turn: Option<Turn>,
-        parts: &'a [Delivery],
+        _parts: &'a [Delivery],
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         if let Some(turn) = turn {
             self.push_turn(session_key, turn);
         }
-        for part in parts {
-            self.outbox.insert(part.delivery_id.clone(), envelope_id.to_owned());
-        }
-        if let Some(mut entry) = self.journal.get_mut(envelope_id) {
-            entry.parts = Some(parts.to_vec());
-        }
         Box::pin(async { Ok(()) })
     }
 
-    fn part_delivered<'a>(&'a self, delivery_id: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.remove_part(delivery_id);
+    fn part_delivered<'a>(&'a self, _delivery_id: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async { Ok(()) })
     }
 
-    fn part_failed<'a>(&'a self, delivery_id: &'a str, _reason: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.remove_part(delivery_id);
+    fn part_failed<'a>(&'a self, _delivery_id: &'a str, _reason: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async { Ok(()) })
     }
 
-    fn finish<'a>(&'a self, envelope_id: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
-        if let Some((_, entry)) = self.journal.remove(envelope_id) {
-            for part in entry.parts.unwrap_or_default() {
-                self.outbox.remove(&part.delivery_id);
-            }
-        }
+    fn finish<'a>(&'a self, _envelope_id: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async { Ok(()) })
     }
 
     fn unfinished(&self) -> BoxFuture<'_, Result<Vec<Unfinished>, StoreError>> {
-        let mut entries: Vec<JournalEntry> = self.journal.iter().map(|entry| entry.value().clone()).collect();
-        entries.sort_by_key(|entry| entry.order);
-        let unfinished = entries
-            .into_iter()
-            .map(|entry| Unfinished { envelope: entry.envelope, pending_parts: entry.parts })
-            .collect();
-        Box::pin(async move { Ok(unfinished) })
+        // A memory store starts empty with its process: there is never anything to resume.
+        Box::pin(async { Ok(Vec::new()) })
     }
 
     fn prune(&self, _before: SystemTime) -> BoxFuture<'_, Result<u64, StoreError>> {
-        // Memory is bounded by construction (turn cap, finished entries removed, TTL sweeps).
+        // Memory is bounded by construction (turn cap, TTL sweeps).
         Box::pin(async { Ok(0) })
     }
 
@@ -226,12 +184,8 @@ mod tests {
         assert_eq!(store.accept(&first, ttl).await.ok(), Some(Acceptance::New));
         assert_eq!(store.accept(&envelope("m1"), ttl).await.ok(), Some(Acceptance::Duplicate));
         assert_eq!(store.accept(&envelope("m2"), ttl).await.ok(), Some(Acceptance::New));
-        let pending = store.unfinished().await.unwrap_or_default();
-        assert_eq!(pending.len(), 2);
-        assert_eq!(pending[0].envelope.id, first.id);
-        assert_eq!(pending[0].pending_parts, None);
         let _ = store.finish(&first.id).await;
-        assert_eq!(store.unfinished().await.unwrap_or_default().len(), 1);
+        assert!(store.unfinished().await.unwrap_or_default().is_empty(), "nothing survives a memory store");
     }
 
     #[tokio::test]
