@@ -229,3 +229,53 @@ async fn a_long_pushed_answer_stays_within_the_five_message_quota_and_continues_
     assert_eq!(shown, format!("答：{question}"));
     assert_eq!(app.llm_requests().await.len(), 1);
 }
+
+/// Issue 4: the official compatible-mode vector (token `spamtest`), posted through the webhook, is
+/// answered with an encrypted passive reply that decrypts with the same parameters.
+#[actix_web::test]
+async fn the_official_safe_mode_vector_is_answered_with_an_encrypted_passive_reply() {
+    let vectors: serde_json::Value =
+        serde_json::from_str(include_str!("../../channels/wechat-crypto/tests/vectors/crypto.json"))
+            .unwrap_or_default();
+    let vector = vectors
+        .as_array()
+        .and_then(|all| all.iter().find(|v| v["name"] == "mp_decrypt_compat_mode_spamtest"))
+        .map(|v| v["inputs"].clone())
+        .unwrap_or_default();
+    let input = |key: &str| vector[key].as_str().unwrap_or_default().to_owned();
+    let (token, aes_key, appid) = (input("token"), input("encoding_aes_key"), input("appid"));
+    let mut env = auto_env("auto");
+    env.extend([
+        ("YIZHAN__CHANNELS__MP__TOKEN", token.as_str()),
+        ("YIZHAN__CHANNELS__MP__APP_ID", appid.as_str()),
+        ("YIZHAN__CHANNELS__MP__ENCODING_AES_KEY", aes_key.as_str()),
+        ("YIZHAN__CHANNELS__MP__REPLAY_WINDOW_SECS", "0"),
+    ]);
+    let app = spawn_app(&env, Duration::from_millis(50)).await;
+    let url = format!(
+        "{}?timestamp={}&nonce={}&encrypt_type=aes&msg_signature={}",
+        app.webhook_url(CHANNEL),
+        input("timestamp"),
+        input("nonce"),
+        input("msg_signature")
+    );
+    let response = app.http.post(url).body(input("post_body_xml")).send().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(response.status().as_u16(), 200);
+    let reply = response.text().await.unwrap_or_default();
+    let between = |open: &str, close: &str| -> String {
+        reply.split(open).nth(1).and_then(|rest| rest.split(close).next()).unwrap_or_default().to_owned()
+    };
+    let crypto = WxCrypto::new(&token, &aes_key, None, &appid).unwrap_or_else(|e| panic!("{e}"));
+    let opened = crypto
+        .verify_and_decrypt(
+            &between("<MsgSignature><![CDATA[", "]]>"),
+            &between("<TimeStamp>", "</TimeStamp>"),
+            &between("<Nonce><![CDATA[", "]]>"),
+            &between("<Encrypt><![CDATA[", "]]>"),
+        )
+        .unwrap_or_else(|e| panic!("reply does not verify: {e}\n{reply}"));
+    assert!(opened.message.contains("<ToUserName><![CDATA[oyORnuP8q7ou2gfYjqLzSIWZf0rs]]></ToUserName>"));
+    assert_eq!(passive_content(&opened.message), "答：abcdteT");
+    app.wait_until_idle().await;
+    assert!(app.sent_messages().await.is_empty());
+}
