@@ -119,7 +119,8 @@ pub async fn webhook(
             if failed {
                 ("store_error", plain(actix_web::http::StatusCode::SERVICE_UNAVAILABLE, "try again"))
             } else if let Some((job, envelope)) = held {
-                hub.metrics.webhook_requests.with_label_values(&[label, outcome]).inc();
+                // Counted once, by how the attempt ended; its duration is the answer's, not an
+                // acknowledgement's, so it stays out of the ack histogram.
                 let (path, response) = hold_for_answer(hub, entry, &webhook_request, envelope, job, ack).await;
                 hub.metrics.webhook_requests.with_label_values(&[label, path]).inc();
                 return response;
@@ -133,8 +134,8 @@ pub async fn webhook(
     response
 }
 
-/// Holds one webhook attempt open for the answer (see `delivery::passive`). Returns the path the
-/// attempt took (`passive`, `lapsed`, `pushed`) and the response.
+/// Holds one webhook attempt open for the answer (see `delivery::passive`). Returns how the
+/// attempt ended (`passive`, `lapsed`, `pushed`: the webhook outcome label) and the response.
 async fn hold_for_answer(
     hub: &Hub,
     entry: &ChannelEntry,
