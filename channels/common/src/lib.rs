@@ -7,14 +7,16 @@
 //! - [`markdown`]: LLM markdown → plain text, or the basic markdown subset some platforms render.
 //! - [`limiter`]: a keyed sliding-window rate limiter whose `acquire` waits for a free slot.
 //! - [`xml`]: flat XML pushes (WeChat, WeCom) → fields by element name.
+//! - [`wechat`]: the WeChat family's pushes (公众号, 企业微信): required fields, the segment of
+//!   each message type, the dedupe key.
 //! - [`api`]: log-once bookkeeping for misconfiguration codes, secret scrubbing, transport
 //!   errors without URLs, the WeChat family's `errcode`.
 //!
 //! # Design decisions
 //! - **Helpers, not contract.** The contract crate (`yizhan-channel-core`) says what a channel
-//!   is; this crate only holds code that several channels would otherwise copy. It does not
-//!   depend on the contract crate: errors are plain values ([`xml::MalformedXml`], reason
-//!   strings) that each channel maps into its own `ChannelError`, with its own wording.
+//!   is; this crate only holds code that several channels would otherwise copy. Only [`wechat`]
+//!   uses the contract's types (it builds segments); elsewhere errors are plain values
+//!   ([`xml::MalformedXml`], reason strings) that each channel maps into its own `ChannelError`.
 //! - **Platform-specific behaviour stays configurable, not forked.** Where channels differed
 //!   (WeCom drops `<font>` tags from text messages; WeCom waits a second of slack after each
 //!   window; WeCom matches field names without case), the difference is a parameter here.
@@ -26,6 +28,7 @@ pub mod api;
 pub mod limiter;
 pub mod markdown;
 pub mod split;
+pub mod wechat;
 pub mod xml;
 
 pub use limiter::{RateLimiter, Window};

@@ -5,28 +5,11 @@
 //! every push has (`ToUserName`, `FromUserName`, `MsgType`), is [`ChannelError::Malformed`]; an
 //! unknown message type or event is kept as [`Event::Other`] rather than refused.
 
+use yizhan_channel_common::wechat::{dedupe_key, message_segment, RequiredFields};
 use yizhan_channel_common::xml::{read_xml, Fields};
 use yizhan_channel_core::{
-    ChannelError, ChannelId, Conversation, ConversationKind, Envelope, Event, ReplyHandle, Segment, Sender,
+    ChannelError, ChannelId, Conversation, ConversationKind, Envelope, Event, ReplyHandle, Sender,
 };
-
-/// The fields a push must have, with this channel's wording for what is wrong.
-trait Required {
-    /// The trimmed value; absent or blank makes the push malformed.
-    fn required(&self, name: &str) -> Result<&str, ChannelError>;
-    /// A finite number; a coordinate that is absent or garbage makes the push malformed.
-    fn number(&self, name: &str) -> Result<f64, ChannelError>;
-}
-
-impl Required for Fields {
-    fn required(&self, name: &str) -> Result<&str, ChannelError> {
-        self.get(name).ok_or_else(|| malformed(format!("element <{name}> is missing or empty")))
-    }
-
-    fn number(&self, name: &str) -> Result<f64, ChannelError> {
-        self.optional_number(name).ok_or_else(|| malformed(format!("element <{name}> is missing or not a number")))
-    }
-}
 
 fn malformed(reason: impl Into<String>) -> ChannelError {
     ChannelError::Malformed(reason.into())
@@ -49,12 +32,9 @@ pub(crate) fn to_envelope(
     let openid = fields.required("FromUserName")?;
     let account = fields.required("ToUserName")?;
     let msg_type = fields.required("MsgType")?;
-    let content = segments(msg_type, fields)?;
+    let content = vec![message_segment(msg_type, fields, event)?];
     // Dedupe key (PROTOCOLS §2.4): MsgId for messages, sender + CreateTime for events.
-    let platform_message_id = match fields.get("MsgId") {
-        Some(msg_id) => msg_id.to_owned(),
-        None => format!("{openid}:{}", fields.required("CreateTime")?),
-    };
+    let platform_message_id = dedupe_key(fields, openid)?;
     Ok(Envelope {
         id: Envelope::new_id(),
         channel: channel.clone(),
@@ -67,35 +47,6 @@ pub(crate) fn to_envelope(
         mentions_self: true,
         reply_handle: ReplyHandle(serde_json::json!({ "account": account })),
     })
-}
-
-fn segments(msg_type: &str, fields: &Fields) -> Result<Vec<Segment>, ChannelError> {
-    let segment = match msg_type {
-        "text" => Segment::Text { text: fields.raw("Content").unwrap_or_default().to_owned() },
-        "image" => Segment::Image { url: fields.owned("PicUrl"), media_id: fields.owned("MediaId") },
-        "voice" => Segment::Voice {
-            media_id: fields.owned("MediaId"),
-            format: fields.owned("Format"),
-            recognition: fields.owned("Recognition"),
-        },
-        "video" | "shortvideo" => {
-            Segment::Video { media_id: fields.owned("MediaId"), thumb_media_id: fields.owned("ThumbMediaId") }
-        }
-        "location" => Segment::Location {
-            latitude: fields.number("Location_X")?,
-            longitude: fields.number("Location_Y")?,
-            scale: fields.optional_number("Scale"),
-            label: fields.owned("Label"),
-        },
-        "link" => Segment::Link {
-            title: fields.owned("Title"),
-            description: fields.owned("Description"),
-            url: fields.required("Url")?.to_owned(),
-        },
-        "event" => Segment::Event(event(fields)?),
-        other => Segment::Event(Event::Other { name: format!("msgtype:{other}") }),
-    };
-    Ok(vec![segment])
 }
 
 fn event(fields: &Fields) -> Result<Event, ChannelError> {

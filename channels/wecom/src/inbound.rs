@@ -11,9 +11,10 @@
 //! the same as the 公众号's.
 
 use serde_json::Value;
+use yizhan_channel_common::wechat::{dedupe_key, message_segment, RequiredFields};
 use yizhan_channel_common::xml::{read_xml, Fields};
 use yizhan_channel_core::{
-    ChannelError, ChannelId, Conversation, ConversationKind, Envelope, Event, ReplyHandle, Segment, Sender,
+    ChannelError, ChannelId, Conversation, ConversationKind, Envelope, Event, ReplyHandle, Sender,
 };
 
 /// The format a callback arrived in; the decrypted message has the same one.
@@ -23,24 +24,6 @@ pub(crate) enum Format {
     Xml,
     /// `{"tousername", "encrypt", "agentid"}`, the JSON callback.
     Json,
-}
-
-/// The fields a callback must have, with this channel's wording for what is wrong.
-trait Required {
-    /// The trimmed value; absent or blank makes the callback malformed.
-    fn required(&self, name: &str) -> Result<&str, ChannelError>;
-    /// A finite number; a coordinate that is absent or garbage makes the push malformed.
-    fn number(&self, name: &str) -> Result<f64, ChannelError>;
-}
-
-impl Required for Fields {
-    fn required(&self, name: &str) -> Result<&str, ChannelError> {
-        self.get(name).ok_or_else(|| malformed(format!("field `{name}` is missing or empty")))
-    }
-
-    fn number(&self, name: &str) -> Result<f64, ChannelError> {
-        self.optional_number(name).ok_or_else(|| malformed(format!("field `{name}` is missing or not a number")))
-    }
 }
 
 fn malformed(reason: impl Into<String>) -> ChannelError {
@@ -106,12 +89,9 @@ pub(crate) fn to_envelope(
 ) -> Result<Envelope, ChannelError> {
     let userid = fields.required("FromUserName")?;
     let msg_type = fields.required("MsgType")?;
-    let content = segments(msg_type, fields)?;
+    let content = vec![message_segment(msg_type, fields, event)?];
     // Dedupe key (PROTOCOLS §3.2): MsgId for messages, sender + CreateTime for events.
-    let platform_message_id = match fields.get("MsgId") {
-        Some(msg_id) => msg_id.to_owned(),
-        None => format!("{userid}:{}", fields.required("CreateTime")?),
-    };
+    let platform_message_id = dedupe_key(fields, userid)?;
     let agent_id = fields.get("AgentID").and_then(|id| id.parse::<i64>().ok());
     Ok(Envelope {
         id: Envelope::new_id(),
@@ -125,35 +105,6 @@ pub(crate) fn to_envelope(
         mentions_self: true,
         reply_handle: ReplyHandle(serde_json::json!({ "agent_id": agent_id })),
     })
-}
-
-fn segments(msg_type: &str, fields: &Fields) -> Result<Vec<Segment>, ChannelError> {
-    let segment = match msg_type {
-        "text" => Segment::Text { text: fields.raw("Content").unwrap_or_default().to_owned() },
-        "image" => Segment::Image { url: fields.owned("PicUrl"), media_id: fields.owned("MediaId") },
-        "voice" => Segment::Voice {
-            media_id: fields.owned("MediaId"),
-            format: fields.owned("Format"),
-            recognition: fields.owned("Recognition"),
-        },
-        "video" | "shortvideo" => {
-            Segment::Video { media_id: fields.owned("MediaId"), thumb_media_id: fields.owned("ThumbMediaId") }
-        }
-        "location" => Segment::Location {
-            latitude: fields.number("Location_X")?,
-            longitude: fields.number("Location_Y")?,
-            scale: fields.optional_number("Scale"),
-            label: fields.owned("Label"),
-        },
-        "link" => Segment::Link {
-            title: fields.owned("Title"),
-            description: fields.owned("Description"),
-            url: fields.required("Url")?.to_owned(),
-        },
-        "event" => Segment::Event(event(fields)?),
-        other => Segment::Event(Event::Other { name: format!("msgtype:{other}") }),
-    };
-    Ok(vec![segment])
 }
 
 fn event(fields: &Fields) -> Result<Event, ChannelError> {

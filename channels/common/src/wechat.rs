@@ -1,0 +1,98 @@
+//! The WeChat family's push messages (公众号 and 企业微信 share one XML layout): required
+//! fields, the content segment of each `MsgType`, and the dedupe key.
+//!
+//! Only event names differ between the two platforms, so each channel passes its own event
+//! mapping to [`message_segment`].
+
+use crate::xml::Fields;
+use yizhan_channel_core::{ChannelError, Event, Segment};
+
+/// Fields a push cannot do without; a missing one makes the push malformed (400).
+pub trait RequiredFields {
+    /// The trimmed value; absent or blank is an error.
+    fn required(&self, name: &str) -> Result<&str, ChannelError>;
+    /// A finite number; absent or garbage is an error.
+    fn number(&self, name: &str) -> Result<f64, ChannelError>;
+}
+
+impl RequiredFields for Fields {
+    fn required(&self, name: &str) -> Result<&str, ChannelError> {
+        self.get(name).ok_or_else(|| ChannelError::Malformed(format!("field <{name}> is missing or empty")))
+    }
+
+    fn number(&self, name: &str) -> Result<f64, ChannelError> {
+        self.optional_number(name)
+            .ok_or_else(|| ChannelError::Malformed(format!("field <{name}> is missing or not a number")))
+    }
+}
+
+/// The content of a push of type `msg_type`; `event` maps `MsgType=event` pushes. Unknown types
+/// become [`Event::Other`] so that nothing fails to parse.
+pub fn message_segment(
+    msg_type: &str,
+    fields: &Fields,
+    event: impl FnOnce(&Fields) -> Result<Event, ChannelError>,
+) -> Result<Segment, ChannelError> {
+    Ok(match msg_type {
+        "text" => Segment::Text { text: fields.raw("Content").unwrap_or_default().to_owned() },
+        "image" => Segment::Image { url: fields.owned("PicUrl"), media_id: fields.owned("MediaId") },
+        "voice" => Segment::Voice {
+            media_id: fields.owned("MediaId"),
+            format: fields.owned("Format"),
+            recognition: fields.owned("Recognition"),
+        },
+        "video" | "shortvideo" => {
+            Segment::Video { media_id: fields.owned("MediaId"), thumb_media_id: fields.owned("ThumbMediaId") }
+        }
+        "location" => Segment::Location {
+            latitude: fields.number("Location_X")?,
+            longitude: fields.number("Location_Y")?,
+            scale: fields.optional_number("Scale"),
+            label: fields.owned("Label"),
+        },
+        "link" => Segment::Link {
+            title: fields.owned("Title"),
+            description: fields.owned("Description"),
+            url: fields.required("Url")?.to_owned(),
+        },
+        "event" => Segment::Event(event(fields)?),
+        other => Segment::Event(Event::Other { name: format!("msgtype:{other}") }),
+    })
+}
+
+/// The dedupe key (PROTOCOLS §2.4, §3.2): `MsgId` for messages, sender + `CreateTime` for
+/// events, which carry no id.
+pub fn dedupe_key(fields: &Fields, sender: &str) -> Result<String, ChannelError> {
+    match fields.get("MsgId") {
+        Some(msg_id) => Ok(msg_id.to_owned()),
+        None => Ok(format!("{sender}:{}", fields.required("CreateTime")?)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(pairs: &[(&str, &str)]) -> Fields {
+        let mut fields = Fields::new();
+        for (name, value) in pairs {
+            fields.insert(name, value.to_string());
+        }
+        fields
+    }
+
+    #[test]
+    fn messages_dedupe_on_msg_id_and_events_on_sender_and_time() {
+        assert_eq!(dedupe_key(&fields(&[("MsgId", "42")]), "u").ok().as_deref(), Some("42"));
+        assert_eq!(dedupe_key(&fields(&[("CreateTime", "7")]), "u").ok().as_deref(), Some("u:7"));
+        assert!(dedupe_key(&fields(&[]), "u").is_err());
+    }
+
+    #[test]
+    fn a_location_without_coordinates_is_malformed_and_unknown_types_are_kept() {
+        let no_event = |_: &Fields| Ok(Event::Unsubscribe);
+        assert!(message_segment("location", &fields(&[("Location_X", "1")]), no_event).is_err());
+        let other = message_segment("miniprogrampage", &fields(&[]), no_event).ok();
+        assert_eq!(other, Some(Segment::Event(Event::Other { name: "msgtype:miniprogrampage".into() })));
+    }
+}
