@@ -251,6 +251,27 @@ impl Application {
         });
         self.server.await
     }
+
+    /// Prunes history and finished journal entries older than the retention period, hourly.
+    fn spawn_retention(&self) {
+        if self.retention.is_zero() {
+            return;
+        }
+        let (store, retention) = (self.hub.store.clone(), self.retention);
+        actix::spawn(async move {
+            let mut interval = actix::clock::interval(Duration::from_secs(3_600));
+            loop {
+                interval.tick().await;
+                // `checked_sub`: a retention longer than the epoch (a huge `retention_days`) keeps all.
+                let before = std::time::SystemTime::now().checked_sub(retention).unwrap_or(std::time::UNIX_EPOCH);
+                match store.prune(before).await {
+                    Ok(0) => {}
+                    Ok(rows) => tracing::info!(rows, "Pruned old history and journal entries."),
+                    Err(error) => tracing::warn!(%error, "Pruning failed; retrying in an hour."),
+                }
+            }
+        });
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -280,50 +301,30 @@ async fn wait_for_signal() {
 /// Re-dispatches what was accepted but not finished before the last stop. Runs before the
 /// server listens, so `journal_open` never reads 0 while old work is pending.
 async fn resume_unfinished(hub: &Hub, router: &Router) {
-    {
-        match hub.store.unfinished().await {
-            Ok(pending) if !pending.is_empty() => {
-                tracing::info!(count = pending.len(), "Resuming unfinished messages.");
-                hub.metrics.journal_open.add(pending.len() as i64);
-                for unfinished in pending {
-                    match unfinished.pending_parts {
-                        // Answered before the stop: send what is left, never ask again.
-                        Some(parts) => {
-                            let hub = hub.clone();
-                            actix::spawn(async move {
-                                crate::delivery::send_parts(&hub, &unfinished.envelope, parts).await;
-                            });
-                        }
-                        None => {
-                            router.dispatch(unfinished.envelope);
-                        }
-                    }
-                }
-            }
-            Ok(_) => {}
-            Err(error) => tracing::error!(%error, "Failed to read unfinished messages."),
-        }
-    }
-}
-
-impl Application {
-    /// Prunes history and finished journal entries older than the retention period, hourly.
-    fn spawn_retention(&self) {
-        if self.retention.is_zero() {
+    let pending = match hub.store.unfinished().await {
+        Ok(pending) => pending,
+        Err(error) => {
+            tracing::error!(%error, "Failed to read unfinished messages.");
             return;
         }
-        let (store, retention) = (self.hub.store.clone(), self.retention);
-        actix::spawn(async move {
-            let mut interval = actix::clock::interval(Duration::from_secs(3_600));
-            loop {
-                interval.tick().await;
-                let before = std::time::SystemTime::now() - retention;
-                match store.prune(before).await {
-                    Ok(0) => {}
-                    Ok(rows) => tracing::info!(rows, "Pruned old history and journal entries."),
-                    Err(error) => tracing::warn!(%error, "Pruning failed; retrying in an hour."),
-                }
+    };
+    if pending.is_empty() {
+        return;
+    }
+    tracing::info!(count = pending.len(), "Resuming unfinished messages.");
+    hub.metrics.journal_open.add(pending.len() as i64);
+    for unfinished in pending {
+        match unfinished.pending_parts {
+            // Answered before the stop: send what is left, never ask again.
+            Some(parts) => {
+                let hub = hub.clone();
+                actix::spawn(async move {
+                    crate::delivery::send_parts(&hub, &unfinished.envelope, parts).await;
+                });
             }
-        });
+            None => {
+                router.dispatch(unfinished.envelope);
+            }
+        }
     }
 }
