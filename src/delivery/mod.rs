@@ -105,17 +105,16 @@ pub async fn answer(hub: &Hub, envelope: &Envelope, session_key: &str, turn: Opt
 /// Keeps the parts the platform's send quota allows for one user message (公众号: 5 per message
 /// in 48 h); the rest is parked behind the continue word, and the last part kept says so.
 pub fn within_send_quota(hub: &Hub, envelope: &Envelope, mut parts: Vec<Delivery>) -> Vec<Delivery> {
-    let Some(quota) = hub.channels.get(&envelope.channel).and_then(|entry| entry.send_quota) else {
+    let Some(entry) = hub.channels.get(&envelope.channel) else {
         return parts;
     };
-    if parts.len() <= quota || quota == 0 {
+    let Some(quota) = entry.send_quota.filter(|quota| *quota > 0 && parts.len() > *quota) else {
         return parts;
-    }
+    };
     let overflow: Vec<String> = parts.drain(quota..).map(|part| part.reply.text).collect();
     let mut rest = overflow.join("\n\n");
     if let Some(last) = parts.last_mut() {
-        let limit =
-            hub.channels.get(&envelope.channel).map_or(2048, |entry| entry.channel.capabilities().max_part_bytes);
+        let limit = entry.channel.capabilities().max_part_bytes;
         let (kept, spill) = fit_with_hint(&last.reply.text, &hub.messages.more_hint, limit);
         last.reply.text = kept;
         if !spill.is_empty() {
