@@ -7,6 +7,7 @@
 //! shaped so that each one is a single atomic step in any engine: `accept` claims the dedupe
 //! key and journals the envelope together, so a crash can never leave one without the other.
 
+mod claims;
 mod memory;
 mod sqlite;
 

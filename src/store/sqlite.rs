@@ -15,7 +15,11 @@
 //! and the cheaper each acknowledgement. One failing operation rolls back alone and only its
 //! caller sees the error: the batch runs without savepoints, and only if an operation fails is
 //! it rolled back and redone with one `SAVEPOINT` per operation. Answers are sent only after
-//! `COMMIT` succeeded: "accepted" always means "on disk".
+//! `COMMIT` succeeded and, by default, the syncer has made it durable (see Durability):
+//! "accepted" always means "on disk".
+//!
+//! The writer also answers "seen this platform message before?" from memory ([`Claims`]):
+//! journal rows only ever append, instead of each accept inserting a random-keyed dedupe row.
 //!
 //! A small pool of **reader threads** (each with its own connection, [`SqliteOptions::readers`])
 //! serves `history` and `unfinished`. Under WAL, readers never block the writer nor each other,
@@ -31,19 +35,30 @@
 //!
 //! # Durability
 //!
-//! `journal_mode=WAL` with `synchronous=FULL`. With `NORMAL`, WAL commits survive a process crash
-//! but the last transactions can be lost on power loss or a kernel panic, because the WAL is only
-//! fsynced at checkpoints; the webhook contract is "durable before acknowledged", so the writer
-//! pays one fsync per commit. Group commit amortises that fsync over the batch.
+//! `journal_mode=WAL`, `synchronous=NORMAL`: a commit writes its WAL frames and returns without
+//! waiting for the disk, so it survives the process being killed. For
+//! [`Durability::PowerLoss`] (the default) a **syncer thread** then `fdatasync`s the WAL file,
+//! and only after that are the batch's callers answered: the same guarantee as
+//! `synchronous=FULL` (which fsyncs inside every `COMMIT`), but pipelined. While the syncer
+//! waits for the disk, the writer already commits the next batch; it hands a batch over only
+//! when the syncer takes it (a rendezvous), so batches grow while a sync runs instead of
+//! becoming many small commits. Syncing the file from a second descriptor is sound: `fsync`
+//! covers the file's data whichever descriptor wrote it; the WAL header SQLite rewrites when it
+//! restarts the log is written (and, in `NORMAL`, synced) before the frames that follow it, and
+//! checkpoints sync the WAL and the database themselves. A failed fsync breaks the store for
+//! good (see `run_syncer`). [`Durability::ProcessCrash`] answers right after `COMMIT`.
 //!
-//! # Schema (version 1, see [`MIGRATIONS`])
+//! # Schema (version 2, see [`MIGRATIONS`])
 //!
 //! Times are Unix milliseconds (wall clock, because they must mean the same after a restart).
 //!
-//! - `dedupe(channel, platform_message_id, expires_at)`, primary key on the pair, `WITHOUT
-//!   ROWID` (the key is the only access path). Indexed on `expires_at` so sweeping expired claims
-//!   never scans the table while the writer (and so every acknowledgement) waits.
-//! - `journal(seq, envelope_id, envelope JSON, state, created_at, finished_at)`. `seq` is the
+//! - `dedupe(channel, platform_message_id, expires_at)`: schema 1's claims. No longer written;
+//!   its live rows are loaded at startup and expired ones swept, until it is empty.
+//! - `journal(seq, envelope_id, envelope JSON, state, created_at, finished_at, claim,
+//!   claim_expires_at)`. `claim` is the row's dedupe claim ([`claim_key`]) and
+//!   `claim_expires_at` when it lapses, indexed so that startup reloads the live claims without
+//!   a scan (that index only ever appends). A finished row whose claim is still live is kept by
+//!   [`Store::prune`]. `seq` is the
 //!   `INTEGER PRIMARY KEY` (rowid alias): arrival order for free, stable across `VACUUM`, always
 //!   larger than every existing row. `state` is `received` → `answered` → `finished`. Finished
 //!   rows stay (for operators) until [`Store::prune`]. `envelope_id` is the lookup key, but only
@@ -62,10 +77,13 @@
 //! Foreign keys are not declared: the writer is the only mutator and inserts outbox rows only for
 //! a live journal row, and declared keys would cost a lookup on every insert of the hot path.
 
+use super::claims::{claim_key, ClaimKey, Claims};
 use super::{Acceptance, Store, StoreError, Turn, Unfinished};
 use rusqlite::{params, Connection, OpenFlags, TransactionBehavior};
 use std::fmt;
+use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -118,6 +136,11 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX history_session ON history (session_key, seq);
     CREATE INDEX history_created ON history (created_at);",
+    // 2: a journal row carries its own dedupe claim (see `claims.rs`); `dedupe` is no longer
+    // written, only read at startup and swept until the claims schema 1 wrote there expire.
+    "ALTER TABLE journal ADD COLUMN claim BLOB;
+    ALTER TABLE journal ADD COLUMN claim_expires_at INTEGER;
+    CREATE INDEX journal_claims ON journal (claim_expires_at);",
 ];
 
 /// WAL pages after which a commit checkpoints (copies them into the database file). SQLite's
@@ -190,6 +213,13 @@ enum SqliteError {
     TooNew { path: PathBuf, found: i64, known: usize },
     #[error("the SQLite store {path} refused WAL mode (journal_mode is {mode})")]
     NotWal { path: PathBuf, mode: String },
+    #[error("cannot open the SQLite store's write-ahead log {path}: {source}")]
+    OpenWal { path: PathBuf, source: std::io::Error },
+    #[error(
+        "the disk failed to sync the SQLite store's write-ahead log ({0}); nothing more is \
+         accepted, because what was written may not be on disk: restart yizhan"
+    )]
+    SyncFailed(String),
     #[error("cannot start the store's {name} thread: {source}")]
     Spawn { name: String, source: std::io::Error },
     #[error("the store's {0} thread has stopped")]
@@ -237,10 +267,15 @@ impl SqliteStore {
     ///
     /// This blocks on disk I/O; call it at startup, before serving traffic.
     pub fn open(path: &Path, options: SqliteOptions) -> Result<Self, StoreError> {
-        Self::open_inner(path, options).map_err(StoreError::from)
+        Self::open_inner(path, options, |wal| Box::new(move || wal.sync_data())).map_err(StoreError::from)
     }
 
-    fn open_inner(path: &Path, options: SqliteOptions) -> Result<Self, SqliteError> {
+    /// `sync_wal` turns the open WAL file into the syncer's fsync (tests inject failures).
+    fn open_inner(
+        path: &Path,
+        options: SqliteOptions,
+        sync_wal: impl FnOnce(File) -> SyncWal,
+    ) -> Result<Self, SqliteError> {
         if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)
                 .map_err(|source| SqliteError::CreateDir { path: parent.to_owned(), source })?;
@@ -253,16 +288,17 @@ impl SqliteStore {
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(SqliteError::NotWal { path: path.to_owned(), mode });
         }
-        let synchronous = match options.durability {
-            Durability::PowerLoss => "FULL",
-            Durability::ProcessCrash => "NORMAL",
-        };
-        writer.pragma_update(None, "synchronous", synchronous).map_err(at)?;
+        // NORMAL in both modes: a commit writes its WAL frames without waiting for the disk. For
+        // `PowerLoss` the syncer thread then fsyncs the WAL before anyone is told (see the
+        // module docs); checkpoints sync as SQLite always does.
+        writer.pragma_update(None, "synchronous", "NORMAL").map_err(at)?;
         // Statement journals and sorts stay in memory instead of temporary files.
         writer.pragma_update(None, "temp_store", "MEMORY").map_err(at)?;
         writer.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_PAGES).map_err(at)?;
         writer.set_prepared_statement_cache_capacity(64);
         migrate(&mut writer, path)?;
+        let claims = load_claims(&writer).map_err(at)?;
+        tracing::debug!(path = %path.display(), live = claims.len(), "Dedupe claims restored.");
 
         let reader_count = options.readers.max(1);
         let mut readers = Vec::with_capacity(reader_count);
@@ -281,7 +317,25 @@ impl SqliteStore {
 
         let (write_tx, write_rx) = mpsc::channel(options.write_queue.max(1));
         let (read_tx, read_rx) = mpsc::channel(options.write_queue.max(1));
-        let mut threads = Vec::with_capacity(reader_count + 1);
+        let mut threads = Vec::with_capacity(reader_count + 2);
+        let broken = Arc::new(AtomicBool::new(false));
+        let acks = match options.durability {
+            Durability::ProcessCrash => Acks::AtCommit,
+            Durability::PowerLoss => {
+                // SQLite names the WAL `<database>-wal`; the migration's transaction created it.
+                let wal_path = wal_path(path);
+                let wal = File::options()
+                    .read(true)
+                    .write(true)
+                    .open(&wal_path)
+                    .map_err(|source| SqliteError::OpenWal { path: wal_path, source })?;
+                let (to_syncer, synced) = std::sync::mpsc::sync_channel(0);
+                let broken = Arc::clone(&broken);
+                let sync = sync_wal(wal);
+                threads.push(spawn("sqlite-syncer".to_owned(), move || run_syncer(sync, &synced, &broken))?);
+                Acks::AfterSync(to_syncer)
+            }
+        };
         let writer = Writer {
             conn: writer,
             max_turns_kept: i64::try_from(options.max_turns_kept.max(1)).unwrap_or(i64::MAX),
@@ -289,8 +343,12 @@ impl SqliteStore {
             results: Vec::with_capacity(options.max_batch.max(1)),
             // The first batch sweeps: claims may have expired while the process was down.
             last_sweep: Instant::now().checked_sub(SWEEP_EVERY).unwrap_or_else(Instant::now),
+            claims,
+            acks,
+            broken,
         };
-        threads.push(spawn("sqlite-writer".to_owned(), move || writer.run(write_rx))?);
+        // The writer goes first in `threads`: joining it drops its `Acks`, which ends the syncer.
+        threads.insert(0, spawn("sqlite-writer".to_owned(), move || writer.run(write_rx))?);
         let read_rx = Arc::new(Mutex::new(read_rx));
         for (index, reader) in readers.into_iter().enumerate() {
             let jobs = Arc::clone(&read_rx);
@@ -335,6 +393,36 @@ impl Drop for SqliteStore {
             }
         }
     }
+}
+
+/// The WAL file of the database at `path`, as SQLite names it.
+fn wal_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push("-wal");
+    PathBuf::from(name)
+}
+
+/// Rebuilds the live dedupe claims: those on journal rows, and those schema 1 kept in `dedupe`.
+fn load_claims(conn: &Connection) -> Result<Claims, rusqlite::Error> {
+    let now = now_ms();
+    let mut claims = Claims::default();
+    let mut journal = conn.prepare("SELECT claim, claim_expires_at FROM journal WHERE claim_expires_at > ?1")?;
+    let mut rows = journal.query(params![now])?;
+    while let Some(row) = rows.next()? {
+        let claim: Option<Vec<u8>> = row.get(0)?;
+        match claim.as_deref().map(ClaimKey::try_from) {
+            Some(Ok(key)) => claims.restore(key, row.get(1)?),
+            _ => tracing::warn!("A journal row's dedupe claim is malformed; skipped."),
+        }
+    }
+    let mut legacy =
+        conn.prepare("SELECT channel, platform_message_id, expires_at FROM dedupe WHERE expires_at > ?1")?;
+    let mut rows = legacy.query(params![now])?;
+    while let Some(row) = rows.next()? {
+        let (channel, id): (String, String) = (row.get(0)?, row.get(1)?);
+        claims.restore(claim_key(&channel, &id), row.get(2)?);
+    }
+    Ok(claims)
 }
 
 fn spawn(name: String, body: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, SqliteError> {
@@ -385,7 +473,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// One write operation, with everything already encoded so the writer only runs SQL.
 #[derive(Debug)]
 enum WriteOp {
-    Accept { channel: String, platform_message_id: String, envelope_id: String, envelope: String, ttl_ms: i64 },
+    Accept { claim: ClaimKey, envelope_id: String, envelope: String, ttl_ms: i64 },
     RecordAnswer { envelope_id: String, session_key: String, turn: Option<Turn>, parts: Vec<Part> },
     PartDelivered { delivery_id: String },
     PartFailed { delivery_id: String, reason: String },
@@ -410,9 +498,22 @@ enum Written {
     Done,
 }
 
+type WriteReply = oneshot::Sender<Result<Written, SqliteError>>;
+
 struct WriteJob {
     op: WriteOp,
-    reply: oneshot::Sender<Result<Written, SqliteError>>,
+    reply: WriteReply,
+}
+
+/// A committed operation's answer, not yet sent.
+type Ack = (WriteReply, Result<Written, SqliteError>);
+
+/// When callers learn that their committed operations happened.
+enum Acks {
+    /// Right after `COMMIT` (`Durability::ProcessCrash`).
+    AtCommit,
+    /// After the syncer thread has fsynced the WAL past the commit (`Durability::PowerLoss`).
+    AfterSync(std::sync::mpsc::SyncSender<Vec<Ack>>),
 }
 
 /// The writer thread's state: the write connection and the settings its SQL needs.
@@ -423,8 +524,13 @@ struct Writer {
     /// Each batch's results until its commit; kept to reuse the allocation.
     results: Vec<Result<Written, SqliteError>>,
     /// When expired dedupe claims were last deleted. Sweeping on a timer (as `MemoryStore`
-    /// does) keeps the table bounded even if nobody calls `prune`.
+    /// does) keeps them bounded even if nobody calls `prune`.
     last_sweep: Instant,
+    /// Live dedupe claims; only this thread takes them.
+    claims: Claims,
+    acks: Acks,
+    /// Set by the syncer when an fsync failed: from then on every write fails.
+    broken: Arc<AtomicBool>,
 }
 
 impl Writer {
@@ -450,10 +556,26 @@ impl Writer {
         if batch.is_empty() {
             return;
         }
+        if self.broken.load(Ordering::Acquire) {
+            for job in batch.drain(..) {
+                let _ = job.reply.send(Err(SqliteError::SyncFailed("an earlier fsync failed".to_owned())));
+            }
+            return;
+        }
         match self.apply_batch(batch) {
             Ok(()) => {
-                for (job, result) in batch.drain(..).zip(self.results.drain(..)) {
-                    let _ = job.reply.send(result);
+                let acks = batch.drain(..).map(|job| job.reply).zip(self.results.drain(..));
+                match &self.acks {
+                    Acks::AtCommit => acks.for_each(|(reply, result)| drop(reply.send(result))),
+                    Acks::AfterSync(syncer) => {
+                        if let Err(unsent) = syncer.send(acks.collect()) {
+                            // The syncer only stops with the store; nobody may hear "done"
+                            // for a write that was never synced.
+                            for (reply, _) in unsent.0 {
+                                let _ = reply.send(Err(SqliteError::Stopped("syncer")));
+                            }
+                        }
+                    }
                 }
             }
             Err(error) => {
@@ -501,29 +623,45 @@ impl Writer {
         savepoints: bool,
     ) -> Result<bool, rusqlite::Error> {
         let kept = self.max_turns_kept;
+        let claims = &mut self.claims;
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         if sweep {
-            // Indexed on `expires_at`: costs what expired since the last sweep, not a scan.
+            claims.sweep(now);
+            // Claims written by schema 1. Indexed on `expires_at`: costs what expired since the
+            // last sweep, not a scan.
             let swept = isolated(&tx, savepoints, |tx| {
                 tx.prepare_cached("DELETE FROM dedupe WHERE expires_at <= ?1")?.execute(params![now])
             })?;
             match swept {
                 Ok(_) => {}
                 Err(_) if !savepoints => return tx.rollback().map(|()| false),
-                Err(error) => tracing::warn!(%error, "Sweeping expired dedupe claims failed."),
+                Err(error) => tracing::warn!(%error, "Sweeping expired schema-1 dedupe claims failed."),
             }
         }
         for job in batch {
-            match isolated(&tx, savepoints, |tx| apply(tx, &job.op, now, kept))? {
-                Ok(written) => self.results.push(Ok(written)),
-                Err(_) if !savepoints => return tx.rollback().map(|()| false),
-                Err(error) => {
+            match isolated(&tx, savepoints, |tx| apply(tx, &job.op, now, kept, claims)) {
+                Ok(Ok(written)) => self.results.push(Ok(written)),
+                Ok(Err(_)) if !savepoints => {
+                    claims.discard_staged();
+                    return tx.rollback().map(|()| false);
+                }
+                Ok(Err(error)) => {
                     tracing::warn!(%error, "SQLite store operation failed.");
                     self.results.push(Err(SqliteError::Sqlite(error)));
                 }
+                Err(error) => {
+                    claims.discard_staged();
+                    return Err(error);
+                }
             }
         }
-        tx.commit()?;
+        match tx.commit() {
+            Ok(()) => claims.commit_staged(),
+            Err(error) => {
+                claims.discard_staged();
+                return Err(error);
+            }
+        }
         Ok(true)
     }
 }
@@ -550,24 +688,26 @@ fn isolated<T>(
 }
 
 /// Runs one operation's SQL on the writer connection.
-fn apply(conn: &Connection, op: &WriteOp, now: i64, kept: i64) -> Result<Written, rusqlite::Error> {
+fn apply(
+    conn: &Connection,
+    op: &WriteOp,
+    now: i64,
+    kept: i64,
+    claims: &mut Claims,
+) -> Result<Written, rusqlite::Error> {
     match op {
-        WriteOp::Accept { channel, platform_message_id, envelope_id, envelope, ttl_ms } => {
-            // Inserts a new claim, or re-takes an expired one; a live claim changes nothing.
-            let claimed = conn
-                .prepare_cached(
-                    "INSERT INTO dedupe (channel, platform_message_id, expires_at) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (channel, platform_message_id) DO UPDATE SET expires_at = excluded.expires_at
-                     WHERE dedupe.expires_at <= ?4",
-                )?
-                .execute(params![channel, platform_message_id, now.saturating_add(*ttl_ms), now])?;
-            if claimed == 0 {
+        WriteOp::Accept { claim, envelope_id, envelope, ttl_ms } => {
+            if claims.is_claimed(claim, now) {
                 return Ok(Written::Accepted(Acceptance::Duplicate));
             }
+            let expires_at = now.saturating_add(*ttl_ms);
             conn.prepare_cached(
-                "INSERT INTO journal (envelope_id, envelope, state, created_at) VALUES (?1, ?2, 'received', ?3)",
+                "INSERT INTO journal (envelope_id, envelope, state, created_at, claim, claim_expires_at)
+                 VALUES (?1, ?2, 'received', ?3, ?4, ?5)",
             )?
-            .execute(params![envelope_id, envelope, now])?;
+            .execute(params![envelope_id, envelope, now, &claim[..], expires_at])?;
+            // Last, so an operation that failed never holds a claim.
+            claims.stage(*claim, expires_at);
             Ok(Written::Accepted(Acceptance::New))
         }
         WriteOp::RecordAnswer { envelope_id, session_key, turn, parts } => {
@@ -619,9 +759,13 @@ fn apply(conn: &Connection, op: &WriteOp, now: i64, kept: i64) -> Result<Written
         WriteOp::Prune { before_ms } => {
             let mut removed = 0;
             removed += conn.prepare_cached("DELETE FROM history WHERE created_at < ?1")?.execute(params![before_ms])?;
+            // A finished entry whose claim is live stays: after a restart, it is the claim.
             removed += conn
-                .prepare_cached("DELETE FROM journal WHERE state = 'finished' AND finished_at < ?1")?
-                .execute(params![before_ms])?;
+                .prepare_cached(
+                    "DELETE FROM journal WHERE state = 'finished' AND finished_at < ?1
+                     AND (claim_expires_at IS NULL OR claim_expires_at <= ?2)",
+                )?
+                .execute(params![before_ms, now])?;
             removed += conn
                 .prepare_cached("DELETE FROM outbox WHERE state = 'failed' AND updated_at < ?1")?
                 .execute(params![before_ms])?;
@@ -650,6 +794,52 @@ fn push_turn(conn: &Connection, session_key: &str, turn: &Turn, now: i64, kept: 
     )?
     .execute(params![session_key, kept.saturating_sub(1)])?;
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Syncer
+
+/// Makes the WAL durable (`fdatasync` in production).
+type SyncWal = Box<dyn FnMut() -> std::io::Result<()> + Send>;
+
+/// Makes committed batches durable, then answers their callers. One fsync covers every batch
+/// committed since the previous one, and while it runs the writer already executes the next
+/// batch instead of waiting for the disk.
+///
+/// A failed fsync leaves the store broken for good: the kernel may have dropped the dirty
+/// pages, and a second fsync could report success for data that never reached the disk (the
+/// lesson PostgreSQL learnt in 2018). Every waiting and later write fails; a restart recovers
+/// from what is really on disk.
+fn run_syncer(mut sync: SyncWal, batches: &std::sync::mpsc::Receiver<Vec<Ack>>, broken: &AtomicBool) {
+    let mut waiting: Vec<Vec<Ack>> = Vec::new();
+    while let Ok(first) = batches.recv() {
+        waiting.push(first);
+        waiting.extend(batches.try_iter());
+        let synced = if broken.load(Ordering::Acquire) {
+            Err("an earlier fsync failed".to_owned())
+        } else {
+            sync().map_err(|error| error.to_string())
+        };
+        match synced {
+            Ok(()) => {
+                for (reply, result) in waiting.drain(..).flatten() {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(error) => {
+                if !broken.swap(true, Ordering::AcqRel) {
+                    tracing::error!(
+                        %error,
+                        "Syncing the SQLite store's write-ahead log failed; the store refuses every \
+                         write from now on. Check the disk, then restart yizhan."
+                    );
+                }
+                for (reply, _) in waiting.drain(..).flatten() {
+                    let _ = reply.send(Err(SqliteError::SyncFailed(error.clone())));
+                }
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -768,8 +958,7 @@ impl Store for SqliteStore {
         Box::pin(async move {
             // Encoded here, on the caller's thread, so the writer only runs SQL.
             let op = WriteOp::Accept {
-                channel: envelope.channel.as_str().to_owned(),
-                platform_message_id: envelope.platform_message_id.clone(),
+                claim: claim_key(envelope.channel.as_str(), &envelope.platform_message_id),
                 envelope_id: envelope.id.clone(),
                 envelope: serde_json::to_string(envelope).map_err(SqliteError::from)?,
                 ttl_ms: duration_ms(dedupe_ttl),
@@ -1131,24 +1320,110 @@ mod tests {
         ok(store.append_turn("k", turn(2)).await);
         ok(store.finish(&done.id).await);
 
-        // Nothing is older than an hour ago; only the expired claim goes.
+        // Nothing is older than an hour ago.
         let hour = Duration::from_secs(3600);
-        assert_eq!(ok(store.prune(SystemTime::now() - hour).await), 1);
+        assert_eq!(ok(store.prune(SystemTime::now() - hour).await), 0);
         assert_eq!(ok(store.history("k", 10).await).len(), 2);
         assert_eq!(ok(store.accept(&envelope("m1"), TTL).await), Acceptance::Duplicate);
 
-        // Everything is older than an hour from now: two turns, the finished entry, the failed
-        // part. Unfinished entries, pending parts and live claims stay.
-        assert_eq!(ok(store.prune(SystemTime::now() + hour).await), 4);
+        // Everything is older than an hour from now: two turns and the failed part go.
+        // Unfinished entries, pending parts, and the finished entry (its claim is live) stay.
+        assert_eq!(ok(store.prune(SystemTime::now() + hour).await), 3);
         assert!(ok(store.history("k", 10).await).is_empty());
         let pending = ok(store.unfinished().await);
         assert_eq!(pending.len(), 2);
         assert_eq!(pending[0].pending_parts.as_deref(), Some(&parts[1..]));
+        drop(store);
+        let store = open(&dir, 10);
         assert_eq!(ok(store.accept(&envelope("m1"), TTL).await), Acceptance::Duplicate);
+
+        // A finished entry goes once its claim has lapsed too.
+        let lapsed = envelope("m4");
+        ok(store.accept(&lapsed, Duration::ZERO).await);
+        ok(store.finish(&lapsed.id).await);
+        assert_eq!(ok(store.prune(SystemTime::now() + hour).await), 1);
     }
 
     #[tokio::test]
-    async fn expired_claims_are_swept_without_prune() {
+    async fn claims_schema_1_kept_in_the_dedupe_table_still_count_after_the_upgrade() {
+        let dir = TempDir::new();
+        ok(std::fs::create_dir_all(dir.0.join("data")));
+        let waiting = envelope("old-live");
+        {
+            // A database as schema 1 left it: a claim per message in `dedupe`.
+            let conn = ok(Connection::open(dir.db()));
+            ok(conn.execute_batch(MIGRATIONS[0]));
+            ok(conn.pragma_update(None, "user_version", 1));
+            let live = now_ms() + 60_000;
+            ok(conn.execute("INSERT INTO dedupe VALUES ('c', 'old-live', ?1), ('c', 'old-lapsed', 0)", [live]));
+            ok(conn.execute(
+                "INSERT INTO journal (envelope_id, envelope, state, created_at) VALUES (?1, ?2, 'received', 0)",
+                params![waiting.id, ok(serde_json::to_string(&waiting))],
+            ));
+        }
+        let store = open(&dir, 10);
+        assert_eq!(ok(store.unfinished().await), [Unfinished { envelope: waiting, pending_parts: None }]);
+        assert_eq!(ok(store.accept(&envelope("old-live"), TTL).await), Acceptance::Duplicate);
+        assert_eq!(ok(store.accept(&envelope("old-lapsed"), TTL).await), Acceptance::New);
+        // The first batch swept the lapsed row away.
+        let conn = ok(Connection::open(dir.db()));
+        let left: i64 = ok(conn.query_row("SELECT COUNT(*) FROM dedupe", [], |row| row.get(0)));
+        assert_eq!(left, 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_fsync_fails_the_waiting_writes_and_every_later_one() {
+        let dir = TempDir::new();
+        let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&syncs);
+        let options = SqliteOptions { durability: Durability::PowerLoss, ..SqliteOptions::default() };
+        let store = ok(SqliteStore::open_inner(&dir.db(), options, move |_wal| {
+            Box::new(move || match counted.fetch_add(1, Ordering::SeqCst) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::other("injected EIO")),
+            })
+        }));
+        assert_eq!(ok(store.accept(&envelope("m1"), TTL).await), Acceptance::New);
+        let failed = store.accept(&envelope("m2"), TTL).await.map(|_| ()).err().map(|e| e.to_string());
+        assert!(failed.as_deref().is_some_and(|e| e.contains("injected EIO")), "{failed:?}");
+        // Later writes fail without another fsync: a second one could wrongly succeed.
+        let later = store.append_turn("k", turn(1)).await.err().map(|e| e.to_string());
+        assert!(later.as_deref().is_some_and(|e| e.contains("restart yizhan")), "{later:?}");
+        assert_eq!(syncs.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn power_loss_durability_answers_only_after_the_wal_is_synced() {
+        let dir = TempDir::new();
+        let (synced_tx, synced_rx) = std::sync::mpsc::channel::<()>();
+        let gate = Mutex::new(synced_rx);
+        let options = SqliteOptions { durability: Durability::PowerLoss, ..SqliteOptions::default() };
+        let store = Arc::new(ok(SqliteStore::open_inner(&dir.db(), options, move |_wal| {
+            // Each fsync waits until the test lets it through (or gives up, so a failing test
+            // cannot hang in the store's drop).
+            Box::new(move || {
+                let gate = gate.lock().map_err(|_| std::io::Error::other("poisoned"))?;
+                gate.recv_timeout(Duration::from_secs(10)).map_err(std::io::Error::other)
+            })
+        })));
+        let accepting = tokio::spawn({
+            let store = Arc::clone(&store);
+            async move { store.accept(&envelope("m1"), TTL).await.map_err(|e| e.to_string()) }
+        });
+        // Committed (a reader sees it) but not answered while the fsync is held back.
+        let committed = tokio::time::timeout(Duration::from_secs(10), async {
+            while ok(store.unfinished().await).is_empty() {
+                tokio::task::yield_now().await;
+            }
+        });
+        assert!(committed.await.is_ok());
+        assert!(!accepting.is_finished());
+        ok(synced_tx.send(()));
+        assert_eq!(ok(ok(accepting.await)), Acceptance::New);
+    }
+
+    #[tokio::test]
+    async fn only_live_claims_are_restored_at_startup() {
         let dir = TempDir::new();
         {
             let store = open(&dir, 10);
@@ -1156,10 +1431,8 @@ mod tests {
             ok(store.accept(&envelope("m2"), TTL).await);
         }
         let store = open(&dir, 10);
-        ok(store.append_turn("k", turn(1)).await);
-        let conn = ok(Connection::open(dir.db()));
-        let claims: i64 = ok(conn.query_row("SELECT COUNT(*) FROM dedupe", [], |row| row.get(0)));
-        assert_eq!(claims, 1);
+        assert_eq!(ok(store.accept(&envelope("m1"), TTL).await), Acceptance::New);
+        assert_eq!(ok(store.accept(&envelope("m2"), TTL).await), Acceptance::Duplicate);
     }
 
     /// Nanoseconds of CPU this process's live threads have used, and the writer thread's share
