@@ -86,7 +86,7 @@ pub struct StoreConfig {
     pub dedupe_ttl_secs: u64,
     /// Conversation history and finished journal entries older than this are pruned.
     pub retention_days: u64,
-    /// SQLite: `power_loss` (fsync every group commit) or `process_crash` (no fsync; survives
+    /// SQLite: `power_loss` (fsync before acknowledging) or `process_crash` (no fsync; survives
     /// `kill -9` but not power loss).
     pub durability: crate::store::Durability,
 }

@@ -190,12 +190,14 @@ impl Default for SqliteOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Durability {
-    /// `synchronous=FULL`: an acknowledged message survives power loss and kernel panics.
+    /// The WAL is fsynced before a write is acknowledged: an acknowledged message survives
+    /// power loss and kernel panics.
     #[default]
     PowerLoss,
-    /// `synchronous=NORMAL`: survives the process being killed (`kill -9`, OOM, crash), but the
-    /// last moments before a power loss may be lost. Commits skip the fsync, so acknowledgements
-    /// are faster; for hosts on battery-backed or replicated storage.
+    /// Acknowledged at `COMMIT`: survives the process being killed (`kill -9`, OOM, crash), but
+    /// the last moments before a power loss may be lost (the WAL is fsynced only at
+    /// checkpoints). Acknowledgements skip the fsync, so they are faster; for hosts on
+    /// battery-backed or replicated storage.
     ProcessCrash,
 }
 
