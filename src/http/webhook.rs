@@ -75,47 +75,17 @@ pub async fn webhook(
         }
         Ok(WebhookOutcome::Respond(response)) => ("responded", respond(response)),
         Ok(WebhookOutcome::Accepted { envelopes, ack }) => {
-            let mut outcome = "duplicate";
-            let mut failed = false;
             // Only a single message can be answered inside the response.
             let hold = entry.holds_for_passive() && envelopes.len() == 1;
-            let mut held = None;
-            for envelope in envelopes {
-                match hub.store.accept(&envelope, hub.dedupe_ttl).await {
-                    Ok(Acceptance::New) => {
-                        outcome = "accepted";
-                        hub.metrics.journal_open.inc();
-                        tracing::debug!(channel = %label, message = %envelope.platform_message_id, "Message accepted.");
-                        if hold {
-                            // Opened before dispatch, so the answer always finds its job.
-                            let job = hub.passive.open(&envelope.channel, &envelope.platform_message_id);
-                            if state.router.dispatch(envelope.clone()) {
-                                held = Some((job, envelope));
-                            } else {
-                                hub.passive.close(&envelope.channel, &envelope.platform_message_id);
-                            }
-                        } else {
-                            state.router.dispatch(envelope);
-                        }
-                    }
-                    Ok(Acceptance::Duplicate) => {
-                        tracing::debug!(channel = %label, message = %envelope.platform_message_id, "Platform retry.");
-                        if hold {
-                            // A retry of a message still being answered attaches to its job.
-                            held = hub
-                                .passive
-                                .get(&envelope.channel, &envelope.platform_message_id)
-                                .map(|job| (job, envelope));
-                        }
-                    }
-                    Err(error) => {
-                        // Not acknowledged, so the platform retries; what was journaled dedupes.
-                        tracing::error!(channel = %label, %error, "Failed to journal a message.");
-                        failed = true;
-                        break;
-                    }
-                }
-            }
+            // In a task of its own: once the store has an envelope, it must be dispatched even
+            // if this handler is dropped (the platform hung up, shutdown), or the platform's
+            // retry would find it journaled, be acknowledged as a duplicate, and nobody would
+            // answer it before the next restart.
+            let journaled = actix_web::rt::spawn(journal_and_dispatch(state.clone(), envelopes, hold)).await;
+            let Journaled { outcome, failed, held } = journaled.unwrap_or_else(|error| {
+                tracing::error!(channel = %label, %error, "Journaling a message panicked; this is a bug.");
+                Journaled { outcome: "duplicate", failed: true, held: None }
+            });
             if failed {
                 ("store_error", plain(actix_web::http::StatusCode::SERVICE_UNAVAILABLE, "try again"))
             } else if let Some((job, envelope)) = held {
@@ -132,6 +102,59 @@ pub async fn webhook(
     hub.metrics.webhook_requests.with_label_values(&[label, outcome]).inc();
     hub.metrics.webhook_ack_seconds.with_label_values(&[label]).observe(started.elapsed().as_secs_f64());
     response
+}
+
+/// What [`journal_and_dispatch`] did with a webhook's envelopes.
+struct Journaled {
+    /// `accepted` if any envelope was new, else `duplicate`.
+    outcome: &'static str,
+    /// The store failed: do not acknowledge, so the platform retries.
+    failed: bool,
+    /// The passive-reply job the response waits for, with its envelope.
+    held: Option<(Arc<PassiveJob>, Envelope)>,
+}
+
+/// Journals each envelope and dispatches the new ones; with `hold` (one envelope, passive
+/// replies), also finds the job the webhook response will wait for.
+async fn journal_and_dispatch(state: web::Data<AppState>, envelopes: Vec<Envelope>, hold: bool) -> Journaled {
+    let hub = &state.hub;
+    let mut journaled = Journaled { outcome: "duplicate", failed: false, held: None };
+    for envelope in envelopes {
+        let label = envelope.channel.as_str();
+        match hub.store.accept(&envelope, hub.dedupe_ttl).await {
+            Ok(Acceptance::New) => {
+                journaled.outcome = "accepted";
+                hub.metrics.journal_open.inc();
+                tracing::debug!(channel = %label, message = %envelope.platform_message_id, "Message accepted.");
+                if hold {
+                    // Opened before dispatch, so the answer always finds its job.
+                    let job = hub.passive.open(&envelope.channel, &envelope.platform_message_id);
+                    if state.router.dispatch(envelope.clone()) {
+                        journaled.held = Some((job, envelope));
+                    } else {
+                        hub.passive.close(&envelope.channel, &envelope.platform_message_id);
+                    }
+                } else {
+                    state.router.dispatch(envelope);
+                }
+            }
+            Ok(Acceptance::Duplicate) => {
+                tracing::debug!(channel = %label, message = %envelope.platform_message_id, "Platform retry.");
+                if hold {
+                    // A retry of a message still being answered attaches to its job.
+                    journaled.held =
+                        hub.passive.get(&envelope.channel, &envelope.platform_message_id).map(|job| (job, envelope));
+                }
+            }
+            Err(error) => {
+                // Not acknowledged, so the platform retries; what was journaled dedupes.
+                tracing::error!(channel = %label, %error, "Failed to journal a message.");
+                journaled.failed = true;
+                break;
+            }
+        }
+    }
+    journaled
 }
 
 /// Holds one webhook attempt open for the answer (see `delivery::passive`). Returns how the

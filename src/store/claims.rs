@@ -3,15 +3,16 @@
 //! Why in memory: platform message ids arrive in no particular order (Feishu's and WeCom's are
 //! random), so a B-tree keyed on them takes one random page write per accepted message, and at
 //! group-commit rates those pages were the largest part of every commit. Instead each journal
-//! row carries its claim (a digest and an expiry), which only ever appends, and the writer —
+//! row carries its claim (a digest and an expiry), which appends, and the writer —
 //! the only thread that accepts — answers "seen before?" from this map. At startup the map is
 //! rebuilt from the rows whose claims are still live, so retries that arrive after a restart
 //! are still recognised.
 //!
-//! Memory: one entry (about 40 bytes) per message accepted within the dedupe window.
+//! Memory: one map entry and one queue entry (together about 80 bytes) per message accepted
+//! within the dedupe window.
 
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 /// A claim's identity: the first 128 bits of SHA-256 over `channel \0 platform message id`.
 /// Fixed-size (a map entry costs the same whatever the ids' lengths), stable across versions
@@ -35,14 +36,34 @@ pub fn claim_key(channel: &str, platform_message_id: &str) -> ClaimKey {
 /// A claim taken inside a transaction counts at once (a retry in the same batch is a
 /// duplicate), but if the transaction rolls back, [`Claims::discard_staged`] puts back what
 /// was there before, so a rolled-back accept leaves no claim behind.
+///
+/// Sweeping never scans the map (millions of claims with the default 24-hour window, on the
+/// thread every acknowledgement waits for): claims also queue up in the order they were taken,
+/// which is their expiry order while the dedupe window stays the same, and a sweep pops the
+/// expired ones off the front. After the window is lengthened, a longer-lived claim at the
+/// front holds back the sweep of shorter ones behind it until it expires; they still stop
+/// counting on time, they just stay in memory a little longer.
 #[derive(Debug, Default)]
 pub struct Claims {
     live: HashMap<ClaimKey, i64, foldhash::fast::RandomState>,
-    /// What each claim of the transaction in progress replaced, in order.
-    undo: Vec<(ClaimKey, Option<i64>)>,
+    /// Claims in the order they were taken (committed), with their expiry.
+    by_age: VecDeque<(i64, ClaimKey)>,
+    /// Each claim of the transaction in progress: its key, what it replaced, its expiry.
+    undo: Vec<(ClaimKey, Option<i64>, i64)>,
 }
 
 impl Claims {
+    /// The claims read back from disk at startup; for a key found twice, the later expiry wins.
+    pub fn restored(mut claims: Vec<(ClaimKey, i64)>) -> Self {
+        claims.sort_unstable_by_key(|(_, expires_at)| *expires_at);
+        let mut restored = Self::default();
+        for (key, expires_at) in claims {
+            restored.live.insert(key, expires_at);
+            restored.by_age.push_back((expires_at, key));
+        }
+        restored
+    }
+
     /// Whether `key` is claimed and unexpired at `now`.
     pub fn is_claimed(&self, key: &ClaimKey, now: i64) -> bool {
         self.live.get(key).is_some_and(|expires_at| *expires_at > now)
@@ -51,17 +72,19 @@ impl Claims {
     /// Takes `key` until `expires_at`, undone if the transaction rolls back.
     pub fn stage(&mut self, key: ClaimKey, expires_at: i64) {
         let replaced = self.live.insert(key, expires_at);
-        self.undo.push((key, replaced));
+        self.undo.push((key, replaced, expires_at));
     }
 
     /// The transaction committed: its claims stay.
     pub fn commit_staged(&mut self) {
-        self.undo.clear();
+        for (key, _, expires_at) in self.undo.drain(..) {
+            self.by_age.push_back((expires_at, key));
+        }
     }
 
     /// The transaction rolled back: its claims never happened.
     pub fn discard_staged(&mut self) {
-        for (key, replaced) in self.undo.drain(..).rev() {
+        for (key, replaced, _) in self.undo.drain(..).rev() {
             match replaced {
                 Some(expires_at) => self.live.insert(key, expires_at),
                 None => self.live.remove(&key),
@@ -69,17 +92,19 @@ impl Claims {
         }
     }
 
-    /// Adds a claim read back from disk (startup); the later expiry wins.
-    pub fn restore(&mut self, key: ClaimKey, expires_at: i64) {
-        let entry = self.live.entry(key).or_insert(expires_at);
-        *entry = (*entry).max(expires_at);
-    }
-
-    /// Forgets expired claims; returns how many went.
+    /// Forgets the claims expired at `now`, oldest first; returns how many went. Costs what
+    /// expired, not what is live.
     pub fn sweep(&mut self, now: i64) -> usize {
-        let before = self.live.len();
-        self.live.retain(|_, expires_at| *expires_at > now);
-        before - self.live.len()
+        let mut swept = 0;
+        while let Some(&(expires_at, key)) = self.by_age.front().filter(|(expires_at, _)| *expires_at <= now) {
+            self.by_age.pop_front();
+            // A key taken again since has a later entry further back; that one removes it.
+            if self.live.get(&key) == Some(&expires_at) {
+                self.live.remove(&key);
+                swept += 1;
+            }
+        }
+        swept
     }
 
     /// Live claims (for tests and logs).
@@ -120,15 +145,29 @@ mod tests {
     }
 
     #[test]
-    fn expired_claims_do_not_count_and_are_swept() {
-        let mut claims = Claims::default();
-        let (old, new) = (claim_key("mp", "old"), claim_key("mp", "new"));
-        claims.restore(old, 10);
-        claims.restore(new, 100);
-        claims.restore(new, 50);
+    fn expired_claims_do_not_count_and_are_swept_oldest_first() {
+        let (old, new, retaken) = (claim_key("mp", "old"), claim_key("mp", "new"), claim_key("mp", "again"));
+        let mut claims = Claims::restored(vec![(new, 100), (old, 10), (new, 50), (retaken, 20)]);
         assert!(!claims.is_claimed(&old, 10));
         assert!(claims.is_claimed(&new, 99));
-        assert_eq!(claims.sweep(10), 1);
-        assert_eq!(claims.len(), 1);
+        // Taken again after it lapsed: sweeping its first expiry must not remove it.
+        claims.stage(retaken, 200);
+        claims.commit_staged();
+        assert_eq!(claims.sweep(20), 1);
+        assert!(claims.is_claimed(&retaken, 150));
+        assert_eq!(claims.len(), 2);
+        assert_eq!(claims.sweep(100), 1);
+        assert_eq!(claims.sweep(200), 1);
+        assert_eq!(claims.len(), 0);
+    }
+
+    #[test]
+    fn a_rolled_back_claim_is_never_swept_into_or_out_of_the_queue() {
+        let mut claims = Claims::default();
+        let key = claim_key("mp", "1");
+        claims.stage(key, 10);
+        claims.discard_staged();
+        assert_eq!(claims.sweep(10), 0);
+        assert!(claims.by_age.is_empty());
     }
 }

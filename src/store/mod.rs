@@ -97,7 +97,8 @@ pub trait Store: Send + Sync + 'static {
     fn unfinished(&self) -> BoxFuture<'_, Result<Vec<Unfinished>, StoreError>>;
 
     /// Deletes history turns and finished journal entries (and failed-part records) older than
-    /// `before`; returns how many rows went.
+    /// `before`; returns how many rows went. A finished entry whose dedupe claim is still live
+    /// may be kept until the claim lapses (the SQLite store remembers claims on those rows).
     fn prune(&self, before: SystemTime) -> BoxFuture<'_, Result<u64, StoreError>>;
 
     /// The most recent `max_turns` turns of a conversation, oldest first.

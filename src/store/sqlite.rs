@@ -2,8 +2,8 @@
 //! a restart, so a crash loses nothing that was acknowledged.
 //!
 //! Invariants: every method behaves as [`MemoryStore`](super::MemoryStore)'s does; a write is
-//! committed to disk (fsynced) before its future resolves; no SQLite call ever runs on an async
-//! executor thread.
+//! committed, and with [`Durability::PowerLoss`] fsynced, before its future resolves; no SQLite
+//! call ever runs on an async executor thread.
 //!
 //! # Threading
 //!
@@ -57,7 +57,7 @@
 //! - `journal(seq, envelope_id, envelope JSON, state, created_at, finished_at, claim,
 //!   claim_expires_at)`. `claim` is the row's dedupe claim ([`claim_key`]) and
 //!   `claim_expires_at` when it lapses, indexed so that startup reloads the live claims without
-//!   a scan (that index only ever appends). A finished row whose claim is still live is kept by
+//!   a scan (that index appends while the dedupe window stays the same). A finished row whose claim is still live is kept by
 //!   [`Store::prune`]. `seq` is the
 //!   `INTEGER PRIMARY KEY` (rowid alias): arrival order for free, stable across `VACUUM`, always
 //!   larger than every existing row. `state` is `received` → `answered` → `finished`. Finished
@@ -244,14 +244,15 @@ impl From<SqliteError> for StoreError {
 
 /// A [`Store`] on one SQLite file. See the module docs for threading, durability and schema.
 ///
-/// Dropping it blocks the dropping thread until everything already queued is committed (usually
-/// one batch, a few milliseconds).
+/// Dropping it blocks the dropping thread until everything already queued is committed and
+/// synced (usually one batch, a few milliseconds).
 pub struct SqliteStore {
     /// Operations for the writer thread; `None` only while dropping.
     writes: Option<mpsc::Sender<WriteJob>>,
     /// Queries for the reader threads; `None` only while dropping.
     reads: Option<mpsc::Sender<ReadJob>>,
-    /// Writer and readers, joined on drop so queued writes are committed before it returns.
+    /// Writer, syncer (if any) and readers, joined on drop (the writer first: its end ends the
+    /// syncer) so queued writes are committed and synced before it returns.
     threads: Vec<JoinHandle<()>>,
     /// For `Debug` and logs.
     path: PathBuf,
@@ -324,8 +325,9 @@ impl SqliteStore {
         let acks = match options.durability {
             Durability::ProcessCrash => Acks::AtCommit,
             Durability::PowerLoss => {
-                // SQLite names the WAL `<database>-wal`; the migration's transaction created it.
-                let wal_path = wal_path(path);
+                // SQLite names the WAL `<database>-wal`, after resolving a symlinked database
+                // to its target, so the name comes from SQLite; the migration created the file.
+                let wal_path = writer.path().map_or_else(|| wal_path(path), |db| wal_path(Path::new(db)));
                 let wal = File::options()
                     .read(true)
                     .write(true)
@@ -407,13 +409,13 @@ fn wal_path(path: &Path) -> PathBuf {
 /// Rebuilds the live dedupe claims: those on journal rows, and those schema 1 kept in `dedupe`.
 fn load_claims(conn: &Connection) -> Result<Claims, rusqlite::Error> {
     let now = now_ms();
-    let mut claims = Claims::default();
+    let mut claims = Vec::new();
     let mut journal = conn.prepare("SELECT claim, claim_expires_at FROM journal WHERE claim_expires_at > ?1")?;
     let mut rows = journal.query(params![now])?;
     while let Some(row) = rows.next()? {
         let claim: Option<Vec<u8>> = row.get(0)?;
         match claim.as_deref().map(ClaimKey::try_from) {
-            Some(Ok(key)) => claims.restore(key, row.get(1)?),
+            Some(Ok(key)) => claims.push((key, row.get(1)?)),
             _ => tracing::warn!("A journal row's dedupe claim is malformed; skipped."),
         }
     }
@@ -422,9 +424,9 @@ fn load_claims(conn: &Connection) -> Result<Claims, rusqlite::Error> {
     let mut rows = legacy.query(params![now])?;
     while let Some(row) = rows.next()? {
         let (channel, id): (String, String) = (row.get(0)?, row.get(1)?);
-        claims.restore(claim_key(&channel, &id), row.get(2)?);
+        claims.push((claim_key(&channel, &id), row.get(2)?));
     }
-    Ok(claims)
+    Ok(Claims::restored(claims))
 }
 
 fn spawn(name: String, body: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, SqliteError> {
@@ -551,7 +553,8 @@ impl Writer {
         }
     }
 
-    /// Runs `batch` in one transaction and answers each caller once it is committed.
+    /// Runs `batch` in one transaction and answers each caller once it is committed (and, with
+    /// a syncer, synced).
     fn commit(&mut self, batch: &mut Vec<WriteJob>) {
         // A caller that gave up must not have its operation happen behind its back.
         batch.retain(|job| !job.reply.is_closed());
@@ -571,8 +574,11 @@ impl Writer {
                     Acks::AtCommit => acks.for_each(|(reply, result)| drop(reply.send(result))),
                     Acks::AfterSync(syncer) => {
                         if let Err(unsent) = syncer.send(acks.collect()) {
-                            // The syncer only stops with the store; nobody may hear "done"
-                            // for a write that was never synced.
+                            // The syncer only stops with the store (or by a bug); nobody may
+                            // hear "done" for a write that was never synced, so nothing more
+                            // is written either.
+                            self.broken.store(true, Ordering::Release);
+                            tracing::error!("The SQLite store's syncer thread has stopped; writes are refused.");
                             for (reply, _) in unsent.0 {
                                 let _ = reply.send(Err(SqliteError::Stopped("syncer")));
                             }
@@ -804,14 +810,16 @@ fn push_turn(conn: &Connection, session_key: &str, turn: &Turn, now: i64, kept: 
 /// Makes the WAL durable (`fdatasync` in production).
 type SyncWal = Box<dyn FnMut() -> std::io::Result<()> + Send>;
 
-/// Makes committed batches durable, then answers their callers. One fsync covers every batch
-/// committed since the previous one, and while it runs the writer already executes the next
-/// batch instead of waiting for the disk.
+/// Makes committed batches durable, then answers their callers. While an fsync runs, the
+/// writer already executes the next batch instead of waiting for the disk; it hands that batch
+/// over when this thread is ready for it (a rendezvous), so usually each fsync answers one
+/// batch, grown while the previous fsync ran.
 ///
 /// A failed fsync leaves the store broken for good: the kernel may have dropped the dirty
 /// pages, and a second fsync could report success for data that never reached the disk (the
-/// lesson PostgreSQL learnt in 2018). Every waiting and later write fails; a restart recovers
-/// from what is really on disk.
+/// lesson PostgreSQL learnt in 2018). Every waiting and later write fails until yizhan is
+/// restarted, once the disk has been checked. (Until the machine reboots, the kernel's cache
+/// may still show the restarted process data the disk never got.)
 fn run_syncer(mut sync: SyncWal, batches: &std::sync::mpsc::Receiver<Vec<Ack>>, broken: &AtomicBool) {
     let mut waiting: Vec<Vec<Ack>> = Vec::new();
     while let Ok(first) = batches.recv() {
@@ -1392,10 +1400,12 @@ mod tests {
         let later = store.append_turn("k", turn(1)).await.err().map(|e| e.to_string());
         assert!(later.as_deref().is_some_and(|e| e.contains("restart yizhan")), "{later:?}");
         assert_eq!(syncs.load(Ordering::SeqCst), 2);
+        // Refused by the writer, not committed and then failed: nothing of it is in the file.
+        assert!(ok(store.history("k", 10).await).is_empty());
     }
 
     #[tokio::test]
-    async fn power_loss_durability_answers_only_after_the_wal_is_synced() {
+    async fn power_loss_durability_answers_new_and_duplicate_only_after_the_wal_is_synced() {
         let dir = TempDir::new();
         let (synced_tx, synced_rx) = std::sync::mpsc::channel::<()>();
         let gate = Mutex::new(synced_rx);
@@ -1408,10 +1418,11 @@ mod tests {
                 gate.recv_timeout(Duration::from_secs(10)).map_err(std::io::Error::other)
             })
         })));
-        let accepting = tokio::spawn({
+        let accept = |id: &'static str| {
             let store = Arc::clone(&store);
-            async move { store.accept(&envelope("m1"), TTL).await.map_err(|e| e.to_string()) }
-        });
+            tokio::spawn(async move { store.accept(&envelope(id), TTL).await.map_err(|e| e.to_string()) })
+        };
+        let mut first = accept("m1");
         // Committed (a reader sees it) but not answered while the fsync is held back.
         let committed = tokio::time::timeout(Duration::from_secs(10), async {
             while ok(store.unfinished().await).is_empty() {
@@ -1419,13 +1430,20 @@ mod tests {
             }
         });
         assert!(committed.await.is_ok());
-        assert!(!accepting.is_finished());
-        ok(synced_tx.send(()));
-        assert_eq!(ok(ok(accepting.await)), Acceptance::New);
+        let held_back = Duration::from_millis(200);
+        assert!(tokio::time::timeout(held_back, &mut first).await.is_err(), "answered before the fsync");
+        // A retry must not hear "duplicate" before the claim it relies on is on disk either.
+        let mut retry = accept("m1");
+        assert!(tokio::time::timeout(held_back, &mut retry).await.is_err(), "duplicate before the fsync");
+        for _ in 0..4 {
+            ok(synced_tx.send(()));
+        }
+        assert_eq!(ok(ok(first.await)), Acceptance::New);
+        assert_eq!(ok(ok(retry.await)), Acceptance::Duplicate);
     }
 
     #[tokio::test]
-    async fn only_live_claims_are_restored_at_startup() {
+    async fn live_claims_are_restored_at_startup_and_lapsed_ones_do_not_count() {
         let dir = TempDir::new();
         {
             let store = open(&dir, 10);
