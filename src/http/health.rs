@@ -3,10 +3,16 @@
 use super::AppState;
 use actix_web::{web, HttpResponse};
 
-/// Liveness: the process serves HTTP and its actors run.
+/// Liveness: the process serves HTTP, its actors run, and its store accepts writes (503 with
+/// `status: "store_failed"` and the reason otherwise: only a restart helps).
 pub async fn healthz(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({
-        "status": "ok",
+    let (mut response, status, problem) = match state.hub.store.health() {
+        Ok(()) => (HttpResponse::Ok(), "ok", None),
+        Err(why) => (HttpResponse::ServiceUnavailable(), "store_failed", Some(why)),
+    };
+    response.json(serde_json::json!({
+        "status": status,
+        "problem": problem,
         "channels": state.hub.channels.len(),
         "sessions": state.router.sessions().len(),
     }))
@@ -15,4 +21,78 @@ pub async fn healthz(state: web::Data<AppState>) -> HttpResponse {
 /// Prometheus text exposition.
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(state.hub.metrics.render())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::{Hub, HubInner};
+    use crate::llm::client::{LlmClient, LlmClientSettings};
+    use crate::llm::openai::{OpenAiBackend, OpenAiSettings};
+    use crate::llm::LlmActor;
+    use crate::metrics::Metrics;
+    use crate::routing::Router;
+    use crate::session::SessionRegistry;
+    use crate::store::{SqliteStore, Store};
+    use actix::Actor;
+    use std::sync::Arc;
+    use std::time::Duration;
+    use yizhan_channel_core::{ChannelId, Conversation, ConversationKind, Envelope, ReplyHandle, Sender};
+
+    fn ok<T, E: std::fmt::Display>(result: Result<T, E>) -> T {
+        result.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[actix_web::test]
+    async fn a_store_that_refuses_writes_turns_healthz_to_503() {
+        let dir = std::env::temp_dir().join(format!("yizhan-health-{}-{}", std::process::id(), Envelope::new_id()));
+        let store = ok(SqliteStore::open_with_failing_disk(&dir.join("store.db")));
+        let envelope = Envelope {
+            id: Envelope::new_id(),
+            channel: ok(ChannelId::parse("c")),
+            channel_kind: "test".into(),
+            platform_message_id: "m1".into(),
+            received_at_ms: 0,
+            conversation: Conversation { kind: ConversationKind::Direct, id: "u".into() },
+            sender: Sender { id: "u".into(), name: None },
+            content: vec![],
+            mentions_self: true,
+            reply_handle: ReplyHandle::default(),
+        };
+        assert!(store.accept(&envelope, Duration::from_secs(60)).await.is_err());
+
+        let metrics = Metrics::new();
+        // Never called: nothing here asks the model.
+        let backend = OpenAiBackend::new(OpenAiSettings::new("http://127.0.0.1:9/v1", "m"), reqwest::Client::new());
+        let settings = LlmClientSettings {
+            first_token_timeout: Duration::from_secs(1),
+            total_timeout: Duration::from_secs(1),
+            max_retries: 0,
+            retry_base_delay: Duration::from_millis(1),
+        };
+        let llm = LlmActor::new(LlmClient::new(Arc::new(backend), settings), 1, 1, metrics.clone()).start();
+        let hub = Hub::new(HubInner {
+            store: Arc::new(store),
+            llm,
+            channels: Default::default(),
+            messages: Default::default(),
+            session: Default::default(),
+            dedupe_ttl: Duration::from_secs(60),
+            metrics,
+            passive: Default::default(),
+        });
+        let sessions = SessionRegistry::new(hub.clone(), Duration::from_secs(60), Vec::new());
+        let state = web::Data::new(AppState { router: Router::new(hub.clone(), sessions), hub });
+        let app = actix_web::test::init_service(
+            actix_web::App::new().app_data(state).route("/healthz", web::get().to(healthz)),
+        )
+        .await;
+        let request = actix_web::test::TestRequest::get().uri("/healthz").to_request();
+        let response = actix_web::test::call_service(&app, request).await;
+        assert_eq!(response.status().as_u16(), 503);
+        let body: serde_json::Value = actix_web::test::read_body_json(response).await;
+        assert_eq!(body["status"], "store_failed");
+        assert!(body["problem"].as_str().is_some_and(|problem| problem.contains("failed fsync")), "{body}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -109,4 +109,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Forgets a conversation's history (`/reset`).
     fn clear_history<'a>(&'a self, session_key: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// `Err(why)` once the engine can no longer accept writes until the process restarts
+    /// (`/healthz` then reports it, so a supervisor restarts Yizhan).
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
 }

@@ -256,6 +256,8 @@ pub struct SqliteStore {
     threads: Vec<JoinHandle<()>>,
     /// For `Debug` and logs.
     path: PathBuf,
+    /// Set once writes are refused for good (see `run_syncer`).
+    broken: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -271,6 +273,14 @@ impl SqliteStore {
     /// This blocks on disk I/O; call it at startup, before serving traffic.
     pub fn open(path: &Path, options: SqliteOptions) -> Result<Self, StoreError> {
         Self::open_inner(path, options, |wal| Box::new(move || wal.sync_data())).map_err(StoreError::from)
+    }
+
+    /// A store whose every fsync fails (`PowerLoss`), for tests of what a broken store does.
+    #[cfg(test)]
+    pub(crate) fn open_with_failing_disk(path: &Path) -> Result<Self, StoreError> {
+        let options = SqliteOptions { durability: Durability::PowerLoss, ..SqliteOptions::default() };
+        Self::open_inner(path, options, |_wal| Box::new(|| Err(std::io::Error::other("injected EIO"))))
+            .map_err(StoreError::from)
     }
 
     /// `sync_wal` turns the open WAL file into the syncer's fsync (tests inject failures).
@@ -349,7 +359,7 @@ impl SqliteStore {
             last_sweep: Instant::now().checked_sub(SWEEP_EVERY).unwrap_or_else(Instant::now),
             claims,
             acks,
-            broken,
+            broken: Arc::clone(&broken),
         };
         // The writer goes first in `threads`: joining it drops its `Acks`, which ends the syncer.
         threads.insert(0, spawn("sqlite-writer".to_owned(), move || writer.run(write_rx))?);
@@ -358,7 +368,7 @@ impl SqliteStore {
             let jobs = Arc::clone(&read_rx);
             threads.push(spawn(format!("sqlite-reader-{index}"), move || run_reader(reader, &jobs))?);
         }
-        Ok(Self { writes: Some(write_tx), reads: Some(read_tx), threads, path: path.to_owned() })
+        Ok(Self { writes: Some(write_tx), reads: Some(read_tx), threads, path: path.to_owned(), broken })
     }
 
     /// Queues `op` for the writer and waits until it is committed.
@@ -1051,6 +1061,17 @@ impl Store for SqliteStore {
     fn clear_history<'a>(&'a self, session_key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(self.write_done(WriteOp::ClearHistory { session_key: session_key.to_owned() }, "clear_history"))
     }
+
+    fn health(&self) -> Result<(), String> {
+        if self.broken.load(Ordering::Acquire) {
+            return Err(format!(
+                "the SQLite store {} refuses writes after a failed fsync or a stopped syncer; check the disk \
+                 and restart yizhan",
+                self.path.display()
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -1402,6 +1423,7 @@ mod tests {
         assert_eq!(syncs.load(Ordering::SeqCst), 2);
         // Refused by the writer, not committed and then failed: nothing of it is in the file.
         assert!(ok(store.history("k", 10).await).is_empty());
+        assert!(store.health().is_err_and(|why| why.contains("failed fsync")));
     }
 
     #[tokio::test]
