@@ -37,7 +37,7 @@ mod tests {
     use actix::Actor;
     use std::sync::Arc;
     use std::time::Duration;
-    use yizhan_channel_core::{ChannelId, Conversation, ConversationKind, Envelope, ReplyHandle, Sender};
+    use yizhan_channel_core::Envelope;
 
     fn ok<T, E: std::fmt::Display>(result: Result<T, E>) -> T {
         result.unwrap_or_else(|e| panic!("{e}"))
@@ -47,18 +47,7 @@ mod tests {
     async fn a_store_that_refuses_writes_turns_healthz_to_503() {
         let dir = std::env::temp_dir().join(format!("yizhan-health-{}-{}", std::process::id(), Envelope::new_id()));
         let store = ok(SqliteStore::open_with_failing_disk(&dir.join("store.db")));
-        let envelope = Envelope {
-            id: Envelope::new_id(),
-            channel: ok(ChannelId::parse("c")),
-            channel_kind: "test".into(),
-            platform_message_id: "m1".into(),
-            received_at_ms: 0,
-            conversation: Conversation { kind: ConversationKind::Direct, id: "u".into() },
-            sender: Sender { id: "u".into(), name: None },
-            content: vec![],
-            mentions_self: true,
-            reply_handle: ReplyHandle::default(),
-        };
+        let envelope = crate::store::test_envelope("m1");
         assert!(store.accept(&envelope, Duration::from_secs(60)).await.is_err());
 
         let metrics = Metrics::new();

@@ -159,22 +159,8 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use yizhan_channel_core::{ChannelId, Conversation, ConversationKind, ReplyHandle, Sender};
 
-    fn envelope(message_id: &str) -> Envelope {
-        Envelope {
-            id: Envelope::new_id(),
-            channel: ChannelId::parse("c").unwrap_or_else(|e| panic!("{e}")),
-            channel_kind: "test".into(),
-            platform_message_id: message_id.into(),
-            received_at_ms: 0,
-            conversation: Conversation { kind: ConversationKind::Direct, id: "u".into() },
-            sender: Sender { id: "u".into(), name: None },
-            content: vec![],
-            mentions_self: true,
-            reply_handle: ReplyHandle::default(),
-        }
-    }
+    use crate::store::test_envelope as envelope;
 
     #[tokio::test]
     async fn a_message_id_is_accepted_once_within_the_window() {

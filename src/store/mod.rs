@@ -116,3 +116,21 @@ pub trait Store: Send + Sync + 'static {
         Ok(())
     }
 }
+
+/// A minimal envelope from user `u` on channel `c`, for tests of stores and what sits on them.
+#[cfg(test)]
+pub(crate) fn test_envelope(message_id: &str) -> Envelope {
+    use yizhan_channel_core::{ChannelId, Conversation, ConversationKind, ReplyHandle, Sender};
+    Envelope {
+        id: Envelope::new_id(),
+        channel: ChannelId::parse("c").unwrap_or_else(|e| panic!("{e}")),
+        channel_kind: "test".into(),
+        platform_message_id: message_id.into(),
+        received_at_ms: 0,
+        conversation: Conversation { kind: ConversationKind::Direct, id: "u".into() },
+        sender: Sender { id: "u".into(), name: None },
+        content: vec![],
+        mentions_self: true,
+        reply_handle: ReplyHandle::default(),
+    }
+}

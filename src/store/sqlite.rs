@@ -1079,7 +1079,7 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
     use std::sync::atomic::{AtomicU64, Ordering};
-    use yizhan_channel_core::{ChannelId, Conversation, ConversationKind, Reply, ReplyHandle, Sender};
+    use yizhan_channel_core::{Reply, ReplyHandle, Sender};
 
     /// A unique directory under the system temp dir, removed on drop.
     struct TempDir(PathBuf);
@@ -1113,20 +1113,7 @@ mod tests {
         ok(SqliteStore::open(&dir.db(), SqliteOptions { max_turns_kept, ..SqliteOptions::default() }))
     }
 
-    fn envelope(message_id: &str) -> Envelope {
-        Envelope {
-            id: Envelope::new_id(),
-            channel: ok(ChannelId::parse("c")),
-            channel_kind: "test".into(),
-            platform_message_id: message_id.into(),
-            received_at_ms: 0,
-            conversation: Conversation { kind: ConversationKind::Direct, id: "u".into() },
-            sender: Sender { id: "u".into(), name: None },
-            content: vec![],
-            mentions_self: true,
-            reply_handle: ReplyHandle::default(),
-        }
-    }
+    use crate::store::test_envelope as envelope;
 
     fn part(envelope: &Envelope, index: usize) -> Delivery {
         Delivery {
