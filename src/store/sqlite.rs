@@ -57,16 +57,15 @@
 //! - `journal(seq, envelope_id, envelope JSON, state, created_at, finished_at, claim,
 //!   claim_expires_at)`. `claim` is the row's dedupe claim ([`claim_key`]) and
 //!   `claim_expires_at` when it lapses, indexed so that startup reloads the live claims without
-//!   a scan (that index appends while the dedupe window stays the same). A finished row whose claim is still live is kept by
-//!   [`Store::prune`]. `seq` is the
-//!   `INTEGER PRIMARY KEY` (rowid alias): arrival order for free, stable across `VACUUM`, always
-//!   larger than every existing row. `state` is `received` → `answered` → `finished`. Finished
-//!   rows stay (for operators) until [`Store::prune`]. `envelope_id` is the lookup key, but only
-//!   open rows are ever looked up (every update is `… AND state <> 'finished'`), so it is
-//!   indexed (unique) only over the open rows: that partial index also serves recovery, and it
-//!   stays as small as the number of messages in flight. A unique index over every row would
-//!   take one random page write per accept (ids are random) into a tree that grows with the
-//!   retention. A second partial index covers the finished rows (pruning).
+//!   a scan (that index appends while the dedupe window stays the same). A finished row whose
+//!   claim is still live is kept by [`Store::prune`]. `seq` is the `INTEGER PRIMARY KEY` (rowid
+//!   alias): arrival order for free, stable across `VACUUM`, always larger than every existing
+//!   row. `state` is `received` → `answered` → `finished`. Finished rows stay (for operators)
+//!   until [`Store::prune`]. `envelope_id` is the lookup key, but only open rows are ever looked
+//!   up (every update is `… AND state <> 'finished'`), so it is indexed (unique) only over the
+//!   open rows: that partial index also serves recovery, and it stays as small as the number of
+//!   messages in flight instead of growing with the retention. A second partial index covers the
+//!   finished rows (pruning).
 //! - `outbox(delivery_id PK, envelope_id, part_index, delivery JSON, state, reason,
 //!   updated_at)`. `pending` rows are parts to send; a delivered part's row is deleted; a
 //!   `failed` row keeps its reason for operators until pruned. Indexed on
@@ -573,7 +572,7 @@ impl Writer {
         }
         if self.broken.load(Ordering::Acquire) {
             for job in batch.drain(..) {
-                let _ = job.reply.send(Err(SqliteError::SyncFailed("an earlier fsync failed".to_owned())));
+                let _ = job.reply.send(Err(SqliteError::SyncFailed(ALREADY_BROKEN.to_owned())));
             }
             return;
         }
@@ -817,6 +816,9 @@ fn push_turn(conn: &Connection, session_key: &str, turn: &Turn, now: i64, kept: 
 // ---------------------------------------------------------------------------------------------
 // Syncer
 
+/// Why a write is refused once the store is broken (the first failure was logged then).
+const ALREADY_BROKEN: &str = "an earlier fsync failed or the syncer thread stopped";
+
 /// Makes the WAL durable (`fdatasync` in production).
 type SyncWal = Box<dyn FnMut() -> std::io::Result<()> + Send>;
 
@@ -836,7 +838,7 @@ fn run_syncer(mut sync: SyncWal, batches: &std::sync::mpsc::Receiver<Vec<Ack>>, 
         waiting.push(first);
         waiting.extend(batches.try_iter());
         let synced = if broken.load(Ordering::Acquire) {
-            Err("an earlier fsync failed".to_owned())
+            Err(ALREADY_BROKEN.to_owned())
         } else {
             sync().map_err(|error| error.to_string())
         };
