@@ -3,15 +3,18 @@
 # next to a bare actix-web handler that only answers "success", in the same run.
 #
 #   bash examples/bench/run.sh            # needs wrk (apt-get install wrk)
-#   DURATION=20s CONNECTIONS=64 STORES="memory sqlite" bash examples/bench/run.sh
+#   DURATION=20s CONNECTIONS=64 ROUNDS=5 STORES="memory sqlite" bash examples/bench/run.sh
 #
 # (a) webhook path alone: acks/s and p99 while the stand-in LLM is slow (answers wait, so they
-#     do not compete for the CPU);  (b) end to end: answers delivered per second with an
-#     instant stand-in LLM.
+#     do not compete for the CPU), in ROUNDS rounds that each measure every store once, back to
+#     back, so that each store is compared with the memory store of its own round (a shared
+#     machine drifts by more than the differences measured); the summary gives medians.
+# (b) end to end: answers delivered per second with an instant stand-in LLM.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-64}
+ROUNDS=${ROUNDS:-3}
 STORES=${STORES:-memory sqlite sqlite:process_crash}
 LLM_PORT=18081 WECHAT_PORT=18082 BARE_PORT=18083 APP_PORT=18080
 TOKEN=benchtoken TS=1700000000 NONCE=1
@@ -73,13 +76,31 @@ load() { # $1 = port; prints the RESULT line
   wrk -t2 -c"$CONNECTIONS" -d"${DURATION}" -s examples/bench/wechat.lua "http://127.0.0.1:$1/webhooks/mp?$QUERY" | grep RESULT
 }
 
-echo "== (a) webhook path, slow stand-in LLM, $CONNECTIONS connections, $DURATION"
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+rps_of() { sed -n 's/.*requests_per_sec=\([0-9]*\).*/\1/p'; }
+
+echo "== (a) webhook path, slow stand-in LLM, $CONNECTIONS connections, $DURATION, $ROUNDS rounds"
 start_standins 3600000
-echo "bare actix-web handler: $(load $BARE_PORT)"
-for store in $STORES; do
-  start_yizhan "$store"
-  echo "yizhan ($store store):   $(load $APP_PORT)"
-  kill -9 "$YIZHAN"; wait "$YIZHAN" 2>/dev/null || true
+declare -A RPS
+for round in $(seq 1 "$ROUNDS"); do
+  echo "-- round $round"
+  result=$(load $BARE_PORT); RPS[bare,$round]=$(rps_of <<<"$result")
+  echo "bare actix-web handler: $result"
+  for store in $STORES; do
+    start_yizhan "$store"
+    result=$(load $APP_PORT); RPS[$store,$round]=$(rps_of <<<"$result")
+    echo "yizhan ($store store):   $result"
+    kill -9 "$YIZHAN"; wait "$YIZHAN" 2>/dev/null || true
+  done
+done
+echo "-- medians over $ROUNDS rounds (each ratio is taken within its round)"
+for store in bare $STORES; do
+  line="$store: $(for r in $(seq 1 "$ROUNDS"); do echo "${RPS[$store,$r]}"; done | median) acks/s"
+  if [[ $store != bare && $store != memory && " $STORES " == *" memory "* ]]; then
+    ratios=$(for r in $(seq 1 "$ROUNDS"); do echo "${RPS[$store,$r]} ${RPS[memory,$r]}" | awk '{ printf "%.0f\n", 100 * $1 / $2 }'; done)
+    line="$line, $(median <<<"$ratios")% of the memory store (rounds: $(tr '\n' ' ' <<<"$ratios" | sed 's/ $//'))"
+  fi
+  echo "$line"
 done
 if [[ ${SAFE_MODE:-1} == 1 ]]; then
   "$BIN/examples/bench_safe_bodies" "${SAFE_REQUESTS:-600000}" "$WORK/safe.txt"
