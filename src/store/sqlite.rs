@@ -30,9 +30,12 @@
 //! A **checkpointer thread** (its own connection) copies committed WAL pages into the database
 //! file in the background, at most every [`CHECKPOINT_INTERVAL`] while there are commits. SQLite
 //! allows one checkpoint to run alongside the writer, so commits no longer stall behind a
-//! checkpoint that copies tens of megabytes (that stall set the tail latency of every webhook
-//! waiting on those commits). Restarting the WAL from its beginning still takes the writer: its
-//! own automatic checkpoint, at [`CHECKPOINT_PAGES`], finds almost every page already copied.
+//! checkpoint that copies tens of megabytes (SQLite's automatic checkpoint, inside a commit, set
+//! the tail latency of every webhook waiting on it). The WAL restarts from its beginning when a
+//! transaction starts with every frame copied. Under steady load the checkpointer never quite
+//! catches up, so once the WAL holds [`CHECKPOINT_PAGES`] frames it asks the writer, which
+//! copies the last few frames itself between batches; its next transaction then restarts the
+//! WAL. A checkpoint that hits an I/O error breaks the store for good, as a failed fsync does.
 //!
 //! An operation whose caller dropped its future before the writer reached it is skipped: a
 //! cancelled `accept` must not leave a journal entry that nobody dispatches.
@@ -149,16 +152,18 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX journal_claims ON journal (claim_expires_at);",
 ];
 
-/// WAL pages after which the writer's commit checkpoints, so that its next transaction restarts
-/// the WAL from the beginning: this bounds the WAL at about 40 MiB. The checkpointer thread has
-/// usually copied the pages already, so the writer only copies the last few. (Much larger WALs
-/// slow every page lookup, the WAL index being searched first, and are replayed at startup.)
+/// WAL pages (frames) after which the writer copies the last frames itself so that the WAL
+/// restarts: this bounds the WAL at about 40 MiB. Not SQLite's default of 1000: every restart
+/// rewrites the WAL header and costs the writer a checkpoint with two fsyncs; a larger WAL is
+/// restarted less often. (Much larger WALs slow every page lookup, the WAL index being searched
+/// first, and are replayed at startup.)
 const CHECKPOINT_PAGES: i64 = 10_000;
 
 /// How often, at most, the checkpointer thread copies WAL pages into the database file while
-/// commits keep coming. Each pass costs two fsyncs (WAL, then database); ten a second are
-/// nothing next to the syncer's thousands, and a page rewritten by many batches within the
-/// interval is copied once.
+/// commits keep coming. A pass fsyncs the WAL, and the database too when it reaches the WAL's
+/// end; ten passes a second are little next to the syncer's thousands of fsyncs (and with
+/// `ProcessCrash`, they are what gets pages onto the disk at all). A page rewritten by many
+/// batches within the interval is copied once.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Tuning for [`SqliteStore`]; [`Default`] suits a single service instance.
@@ -182,6 +187,10 @@ pub struct SqliteOptions {
     /// How long a connection waits for a lock held by another process (a backup tool, the
     /// `sqlite3` shell) before the operation fails.
     pub busy_timeout: Duration,
+    /// WAL frames after which the WAL is restarted ([`CHECKPOINT_PAGES`]).
+    pub checkpoint_pages: i64,
+    /// How often, at most, the checkpointer thread runs ([`CHECKPOINT_INTERVAL`]).
+    pub checkpoint_interval: Duration,
 }
 
 impl Default for SqliteOptions {
@@ -193,6 +202,8 @@ impl Default for SqliteOptions {
             readers: 2,
             busy_timeout: Duration::from_secs(5),
             durability: Durability::PowerLoss,
+            checkpoint_pages: CHECKPOINT_PAGES,
+            checkpoint_interval: CHECKPOINT_INTERVAL,
         }
     }
 }
@@ -319,7 +330,9 @@ impl SqliteStore {
         writer.pragma_update(None, "synchronous", "NORMAL").map_err(at)?;
         // Statement journals and sorts stay in memory instead of temporary files.
         writer.pragma_update(None, "temp_store", "MEMORY").map_err(at)?;
-        writer.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_PAGES).map_err(at)?;
+        // The checkpointer thread and the writer, between batches, checkpoint instead; SQLite's
+        // own would copy the whole WAL inside a commit.
+        writer.pragma_update(None, "wal_autocheckpoint", 0).map_err(at)?;
         writer.set_prepared_statement_cache_capacity(64);
         migrate(&mut writer, path)?;
         let claims = load_claims(&writer).map_err(at)?;
@@ -342,10 +355,14 @@ impl SqliteStore {
 
         let checkpointer = Connection::open(path).map_err(at)?;
         checkpointer.busy_timeout(options.busy_timeout).map_err(at)?;
+        // A checkpoint syncs the WAL before copying and the database before the WAL may restart
+        // only if `synchronous` is at least NORMAL; without those syncs a restart could overwrite
+        // frames whose pages never reached the disk. Set, not left to the build's default.
+        checkpointer.pragma_update(None, "synchronous", "NORMAL").map_err(at)?;
 
         let (write_tx, write_rx) = mpsc::channel(options.write_queue.max(1));
         let (read_tx, read_rx) = mpsc::channel(options.write_queue.max(1));
-        let mut threads = Vec::with_capacity(reader_count + 2);
+        let mut threads = Vec::with_capacity(reader_count + 3);
         let broken = Arc::new(AtomicBool::new(false));
         let acks = match options.durability {
             Durability::ProcessCrash => Acks::AtCommit,
@@ -366,9 +383,16 @@ impl SqliteStore {
             }
         };
         let (poke, pokes) = std::sync::mpsc::sync_channel(1);
-        let dirty = Arc::new(AtomicBool::new(false));
-        let commits = CommitSignal { dirty: Arc::clone(&dirty), poke };
-        threads.push(spawn("sqlite-checkpointer".to_owned(), move || run_checkpointer(&checkpointer, &pokes, &dirty))?);
+        let checkpoints = Arc::new(CheckpointFlags::default());
+        let commits = CommitSignal { flags: Arc::clone(&checkpoints), poke };
+        let checkpointer = Checkpointer {
+            conn: checkpointer,
+            flags: checkpoints,
+            broken: Arc::clone(&broken),
+            restart_pages: options.checkpoint_pages.max(1),
+            interval: options.checkpoint_interval,
+        };
+        threads.push(spawn("sqlite-checkpointer".to_owned(), move || checkpointer.run(&pokes))?);
         let writer = Writer {
             conn: writer,
             max_turns_kept: i64::try_from(options.max_turns_kept.max(1)).unwrap_or(i64::MAX),
@@ -381,7 +405,8 @@ impl SqliteStore {
             broken: Arc::clone(&broken),
             commits,
         };
-        // The writer goes first in `threads`: joining it drops its `Acks`, which ends the syncer.
+        // The writer goes first in `threads`: joining it drops its `Acks` and `CommitSignal`,
+        // which ends the syncer and the checkpointer.
         threads.insert(0, spawn("sqlite-writer".to_owned(), move || writer.run(write_rx))?);
         let read_rx = Arc::new(Mutex::new(read_rx));
         for (index, reader) in readers.into_iter().enumerate() {
@@ -565,7 +590,7 @@ struct Writer {
     acks: Acks,
     /// Set by the syncer when an fsync failed: from then on every write fails.
     broken: Arc<AtomicBool>,
-    /// Tells the checkpointer there are new pages to copy.
+    /// Tells the checkpointer there are new pages to copy; says when the WAL should restart.
     commits: CommitSignal,
 }
 
@@ -627,6 +652,25 @@ impl Writer {
                 for job in batch.drain(..) {
                     let _ = job.reply.send(Err(SqliteError::RolledBack(message.clone())));
                 }
+            }
+        }
+        // After the answers are on their way, so that only the next batch waits for it.
+        if self.commits.flags.restart_due.swap(false, Ordering::AcqRel) {
+            self.copy_rest_of_wal();
+        }
+    }
+
+    /// Copies the frames the checkpointer has not, so that the next transaction restarts the
+    /// WAL. Tried again after the next batch if it could not finish (the checkpointer or a
+    /// reader's snapshot in the way).
+    fn copy_rest_of_wal(&self) {
+        match checkpoint(&self.conn) {
+            Checkpointed::Done { complete: true, .. } => {}
+            Checkpointed::Done { complete: false, .. } | Checkpointed::Failed(_) => {
+                self.commits.flags.restart_due.store(true, Ordering::Release);
+            }
+            Checkpointed::DiskFailed(error) => {
+                break_for_good(&self.broken, "copying the WAL into the database", &error)
             }
         }
     }
@@ -873,13 +917,7 @@ fn run_syncer(mut sync: SyncWal, batches: &std::sync::mpsc::Receiver<Vec<Ack>>, 
                 }
             }
             Err(error) => {
-                if !broken.swap(true, Ordering::AcqRel) {
-                    tracing::error!(
-                        %error,
-                        "Syncing the SQLite store's write-ahead log failed; the store refuses every \
-                         write from now on. Check the disk, then restart yizhan."
-                    );
-                }
+                break_for_good(broken, "syncing the write-ahead log", &error);
                 for (reply, _) in waiting.drain(..).flatten() {
                     let _ = reply.send(Err(SqliteError::SyncFailed(error.clone())));
                 }
@@ -891,54 +929,130 @@ fn run_syncer(mut sync: SyncWal, batches: &std::sync::mpsc::Receiver<Vec<Ack>>, 
 // ---------------------------------------------------------------------------------------------
 // Checkpointer
 
+/// What the writer and the checkpointer tell each other, besides the poke.
+#[derive(Default)]
+struct CheckpointFlags {
+    /// Set by every commit, cleared by each checkpoint pass.
+    dirty: AtomicBool,
+    /// Set by the checkpointer once the WAL has `checkpoint_pages` frames: the writer should
+    /// copy the rest so that the WAL restarts.
+    restart_due: AtomicBool,
+}
+
 /// The writer's side of the checkpointer's wake-up: a flag, and a poke only when it flips, so
 /// thousands of commits a second cost an atomic swap each, not a wake-up each.
 struct CommitSignal {
-    /// Set by every commit, cleared by each checkpoint pass.
-    dirty: Arc<AtomicBool>,
+    flags: Arc<CheckpointFlags>,
     /// Wakes an idle checkpointer (capacity 1; a full channel already will).
     poke: std::sync::mpsc::SyncSender<()>,
 }
 
 impl CommitSignal {
     fn committed(&self) {
-        if !self.dirty.swap(true, Ordering::AcqRel) {
+        if !self.flags.dirty.swap(true, Ordering::AcqRel) {
             let _ = self.poke.try_send(());
         }
     }
 }
 
-/// Copies committed WAL pages into the database file, at most every [`CHECKPOINT_INTERVAL`]
-/// while commits keep coming; sleeps while there are none. Ends when the writer does.
-///
-/// `PASSIVE` never waits for the writer or readers and never blocks them; it copies what it
-/// can. If it fails, the writer's own checkpoints still bound the WAL, so a failure is logged
-/// (once, and once more when it recovers) rather than fatal.
-fn run_checkpointer(conn: &Connection, pokes: &std::sync::mpsc::Receiver<()>, dirty: &AtomicBool) {
-    let mut failing = false;
-    while pokes.recv().is_ok() {
-        while dirty.swap(false, Ordering::AcqRel) {
-            // Columns: busy, WAL frames, frames checkpointed.
-            match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| row.get::<_, i64>(0)) {
-                Ok(_) if failing => {
-                    failing = false;
-                    tracing::info!("Background checkpoints of the SQLite WAL work again.");
+/// What one `PRAGMA wal_checkpoint(PASSIVE)` did.
+#[derive(Debug, PartialEq)]
+enum Checkpointed {
+    /// Copied what it could: every frame (`complete`), or up to a reader's snapshot or not at
+    /// all because another checkpoint was running. The WAL holds `frames` frames.
+    Done { complete: bool, frames: i64 },
+    /// The disk failed (an I/O error, typically a failed write or fsync of the database).
+    DiskFailed(String),
+    /// Anything else (a lock held by another process, memory); worth trying again.
+    Failed(String),
+}
+
+/// Runs a `PASSIVE` checkpoint on `conn`: it never waits for the writer or readers and never
+/// blocks them; it copies what it can.
+fn checkpoint(conn: &Connection) -> Checkpointed {
+    let counts = conn.prepare_cached("PRAGMA wal_checkpoint(PASSIVE)").and_then(|mut statement| {
+        // Columns: blocked (1 if it could not run at all), WAL frames, frames copied.
+        statement.query_row([], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get::<_, i64>(2)?)))
+    });
+    checkpoint_outcome(counts)
+}
+
+fn checkpoint_outcome(counts: Result<(i64, i64, i64), rusqlite::Error>) -> Checkpointed {
+    match counts {
+        Ok((blocked, frames, copied)) => Checkpointed::Done { complete: blocked == 0 && copied >= frames, frames },
+        Err(error) if error.sqlite_error_code() == Some(rusqlite::ErrorCode::SystemIoFailure) => {
+            Checkpointed::DiskFailed(error.to_string())
+        }
+        Err(error) => Checkpointed::Failed(error.to_string()),
+    }
+}
+
+/// Refuses every write from now on, after the disk failed. No retry: the kernel may have
+/// dropped the pages that failed, and the next fsync may succeed without them (see
+/// `run_syncer`). A checkpoint that goes on after such a failure could restart the WAL over
+/// frames whose pages never reached the database. Logs the first failure only.
+fn break_for_good(broken: &AtomicBool, step: &str, error: &str) {
+    if !broken.swap(true, Ordering::AcqRel) {
+        tracing::error!(
+            %error,
+            step,
+            "The SQLite store's disk failed; the store refuses every write from now on. Check the \
+             disk, then restart yizhan."
+        );
+    }
+}
+
+/// The checkpointer thread's state.
+struct Checkpointer {
+    conn: Connection,
+    flags: Arc<CheckpointFlags>,
+    broken: Arc<AtomicBool>,
+    /// WAL frames from which the writer is asked to restart the WAL.
+    restart_pages: i64,
+    /// The least time between two passes.
+    interval: Duration,
+}
+
+impl Checkpointer {
+    /// Copies committed WAL pages into the database file, at most every `interval` while commits
+    /// keep coming; sleeps while there are none. Ends when the writer does, or when the disk
+    /// fails. A pass cut short (a reader's snapshot, the writer's own checkpoint) is simply
+    /// followed by the next one.
+    fn run(self, pokes: &std::sync::mpsc::Receiver<()>) {
+        let Self { conn, flags, broken, restart_pages, interval } = self;
+        let mut failing = false;
+        while pokes.recv().is_ok() {
+            while flags.dirty.swap(false, Ordering::AcqRel) {
+                match checkpoint(&conn) {
+                    Checkpointed::Done { frames, .. } => {
+                        if failing {
+                            failing = false;
+                            tracing::info!("Background checkpoints of the SQLite WAL work again.");
+                        }
+                        if frames >= restart_pages {
+                            flags.restart_due.store(true, Ordering::Release);
+                        }
+                    }
+                    Checkpointed::DiskFailed(error) => {
+                        break_for_good(&broken, "copying the WAL into the database", &error);
+                        return;
+                    }
+                    Checkpointed::Failed(error) => {
+                        if !failing {
+                            failing = true;
+                            tracing::warn!(%error, "Background checkpoint of the SQLite WAL failed; trying again with the next commits.");
+                        }
+                    }
                 }
-                Ok(_) => {}
-                Err(error) if !failing => {
-                    failing = true;
-                    tracing::warn!(%error, "Background checkpoint of the SQLite WAL failed; the writer's own checkpoints bound the WAL meanwhile.");
-                }
-                Err(_) => {}
-            }
-            // Rest for the interval, but leave at once when the writer is gone. A poke here
-            // means commits came meanwhile; `dirty` says so too.
-            let deadline = Instant::now() + CHECKPOINT_INTERVAL;
-            loop {
-                match pokes.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                    Ok(()) => {}
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                // Rest for the interval, but leave at once when the writer is gone. A poke here
+                // means commits came meanwhile; `dirty` says so too.
+                let deadline = Instant::now() + interval;
+                loop {
+                    match pokes.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                        Ok(()) => {}
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
                 }
             }
         }
@@ -1559,6 +1673,56 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// The WAL header's checkpoint sequence number, which SQLite bumps whenever it restarts the
+    /// WAL from the beginning.
+    fn wal_restarts(db: &Path) -> u32 {
+        use std::io::Read;
+        // Only the header: the WAL of a store that never restarts grows with every round.
+        let mut header = [0_u8; 16];
+        let read = std::fs::File::open(wal_path(db)).and_then(|mut wal| wal.read_exact(&mut header));
+        read.map_or(0, |()| u32::from_be_bytes([header[12], header[13], header[14], header[15]]))
+    }
+
+    #[tokio::test]
+    async fn the_wal_keeps_restarting_under_steady_writes() {
+        let dir = TempDir::new();
+        let options = SqliteOptions {
+            durability: Durability::ProcessCrash,
+            checkpoint_pages: 32,
+            checkpoint_interval: Duration::from_millis(1),
+            ..SqliteOptions::default()
+        };
+        let store = Arc::new(ok(SqliteStore::open(&dir.db(), options)));
+        let first = wal_restarts(&dir.db());
+        // Rounds of concurrent accepts, so that commits keep coming; bounded only so that a
+        // WAL that never restarts fails the test instead of hanging it.
+        for round in 0..5_000 {
+            if wal_restarts(&dir.db()).wrapping_sub(first) >= 3 {
+                return;
+            }
+            let accepts = (0..16).map(|i| {
+                let store = Arc::clone(&store);
+                async move { store.accept(&realistic_envelope(&format!("m{round}-{i}")), TTL).await }
+            });
+            for accepted in futures_util::future::join_all(accepts).await {
+                assert_eq!(ok(accepted), Acceptance::New);
+            }
+        }
+        panic!("the WAL restarted {} times in 80,000 accepts", wal_restarts(&dir.db()).wrapping_sub(first));
+    }
+
+    #[test]
+    fn checkpoint_outcomes_tell_disk_failures_from_passes_cut_short() {
+        let failure = |code| Err(rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None));
+        assert_eq!(checkpoint_outcome(Ok((0, 40, 40))), Checkpointed::Done { complete: true, frames: 40 });
+        // Stopped at a reader's snapshot, or another checkpoint was running.
+        assert_eq!(checkpoint_outcome(Ok((0, 40, 12))), Checkpointed::Done { complete: false, frames: 40 });
+        assert_eq!(checkpoint_outcome(Ok((1, 40, 40))), Checkpointed::Done { complete: false, frames: 40 });
+        assert!(matches!(checkpoint_outcome(failure(rusqlite::ffi::SQLITE_IOERR_FSYNC)), Checkpointed::DiskFailed(_)));
+        assert!(matches!(checkpoint_outcome(failure(rusqlite::ffi::SQLITE_IOERR_WRITE)), Checkpointed::DiskFailed(_)));
+        assert!(matches!(checkpoint_outcome(failure(rusqlite::ffi::SQLITE_BUSY)), Checkpointed::Failed(_)));
     }
 
     #[tokio::test]
