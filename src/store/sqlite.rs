@@ -166,6 +166,10 @@ const CHECKPOINT_PAGES: i64 = 10_000;
 /// batches within the interval is copied once.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
 
+/// The longest `checkpoint_interval` taken as given; longer ones are cut to it (a checkpointer
+/// that never ran would leave the WAL to grow without bound).
+const MAX_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(3600);
+
 /// Tuning for [`SqliteStore`]; [`Default`] suits a single service instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SqliteOptions {
@@ -281,6 +285,9 @@ pub struct SqliteStore {
     path: PathBuf,
     /// Set once writes are refused for good (see `run_syncer`).
     broken: Arc<AtomicBool>,
+    /// Shared by the writer and the checkpointer; kept here so tests can ask for a restart.
+    #[cfg(test)]
+    checkpoints: Arc<CheckpointFlags>,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -387,10 +394,10 @@ impl SqliteStore {
         let commits = CommitSignal { flags: Arc::clone(&checkpoints), poke };
         let checkpointer = Checkpointer {
             conn: checkpointer,
-            flags: checkpoints,
+            flags: Arc::clone(&checkpoints),
             broken: Arc::clone(&broken),
             restart_pages: options.checkpoint_pages.max(1),
-            interval: options.checkpoint_interval,
+            interval: options.checkpoint_interval.min(MAX_CHECKPOINT_INTERVAL),
         };
         threads.push(spawn("sqlite-checkpointer".to_owned(), move || checkpointer.run(&pokes))?);
         let writer = Writer {
@@ -413,7 +420,21 @@ impl SqliteStore {
             let jobs = Arc::clone(&read_rx);
             threads.push(spawn(format!("sqlite-reader-{index}"), move || run_reader(reader, &jobs))?);
         }
-        Ok(Self { writes: Some(write_tx), reads: Some(read_tx), threads, path: path.to_owned(), broken })
+        Ok(Self {
+            writes: Some(write_tx),
+            reads: Some(read_tx),
+            threads,
+            path: path.to_owned(),
+            broken,
+            #[cfg(test)]
+            checkpoints,
+        })
+    }
+
+    /// Asks the writer to restart the WAL, as the checkpointer does once it is long.
+    #[cfg(test)]
+    fn request_wal_restart(&self) {
+        self.checkpoints.restart_due.store(true, Ordering::Release);
     }
 
     /// Queues `op` for the writer and waits until it is committed.
@@ -980,11 +1001,30 @@ fn checkpoint(conn: &Connection) -> Checkpointed {
 fn checkpoint_outcome(counts: Result<(i64, i64, i64), rusqlite::Error>) -> Checkpointed {
     match counts {
         Ok((blocked, frames, copied)) => Checkpointed::Done { complete: blocked == 0 && copied >= frames, frames },
-        Err(error) if error.sqlite_error_code() == Some(rusqlite::ErrorCode::SystemIoFailure) => {
-            Checkpointed::DiskFailed(error.to_string())
+        Err(rusqlite::Error::SqliteFailure(failure, message)) if is_disk_failure(failure) => {
+            Checkpointed::DiskFailed(rusqlite::Error::SqliteFailure(failure, message).to_string())
         }
         Err(error) => Checkpointed::Failed(error.to_string()),
     }
+}
+
+/// Whether `failure` says the disk may have lost data: any I/O error except those of locks,
+/// shared memory and allocation, which lose nothing and may pass. (An I/O error of a kind not
+/// listed counts as lost data: the store stops rather than guesses.)
+fn is_disk_failure(failure: rusqlite::ffi::Error) -> bool {
+    use rusqlite::ffi;
+    const HARMLESS: &[std::ffi::c_int] = &[
+        ffi::SQLITE_IOERR_LOCK,
+        ffi::SQLITE_IOERR_RDLOCK,
+        ffi::SQLITE_IOERR_UNLOCK,
+        ffi::SQLITE_IOERR_CHECKRESERVEDLOCK,
+        ffi::SQLITE_IOERR_SHMOPEN,
+        ffi::SQLITE_IOERR_SHMSIZE,
+        ffi::SQLITE_IOERR_SHMLOCK,
+        ffi::SQLITE_IOERR_SHMMAP,
+        ffi::SQLITE_IOERR_NOMEM,
+    ];
+    failure.code == rusqlite::ErrorCode::SystemIoFailure && !HARMLESS.contains(&failure.extended_code)
 }
 
 /// Refuses every write from now on, after the disk failed. No retry: the kernel may have
@@ -1022,7 +1062,21 @@ impl Checkpointer {
         let Self { conn, flags, broken, restart_pages, interval } = self;
         let mut failing = false;
         while pokes.recv().is_ok() {
-            while flags.dirty.swap(false, Ordering::AcqRel) {
+            loop {
+                // Rest first: the commits of the next `interval` are copied in one pass, and a
+                // page they rewrite many times is copied once. Leave at once when the writer is
+                // gone (a poke here means more commits; `dirty` says so too).
+                let deadline = Instant::now() + interval;
+                loop {
+                    match pokes.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                        Ok(()) => {}
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+                if !flags.dirty.swap(false, Ordering::AcqRel) {
+                    break;
+                }
                 match checkpoint(&conn) {
                     Checkpointed::Done { frames, .. } => {
                         if failing {
@@ -1042,16 +1096,6 @@ impl Checkpointer {
                             failing = true;
                             tracing::warn!(%error, "Background checkpoint of the SQLite WAL failed; trying again with the next commits.");
                         }
-                    }
-                }
-                // Rest for the interval, but leave at once when the writer is gone. A poke here
-                // means commits came meanwhile; `dirty` says so too.
-                let deadline = Instant::now() + interval;
-                loop {
-                    match pokes.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                        Ok(()) => {}
-                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
-                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
                     }
                 }
             }
@@ -1697,7 +1741,9 @@ mod tests {
         let store = Arc::new(ok(SqliteStore::open(&dir.db(), options)));
         let first = wal_restarts(&dir.db());
         // Rounds of concurrent accepts, so that commits keep coming; bounded only so that a
-        // WAL that never restarts fails the test instead of hanging it.
+        // WAL that never restarts fails the test instead of hanging it. This checks the outcome,
+        // whichever thread brings it about (between rounds the checkpointer may copy everything
+        // itself); `once_asked_the_writer_restarts_the_wal_by_itself` checks the writer's part.
         for round in 0..5_000 {
             if wal_restarts(&dir.db()).wrapping_sub(first) >= 3 {
                 return;
@@ -1713,16 +1759,50 @@ mod tests {
         panic!("the WAL restarted {} times in 80,000 accepts", wal_restarts(&dir.db()).wrapping_sub(first));
     }
 
+    #[tokio::test]
+    async fn once_asked_the_writer_restarts_the_wal_by_itself() {
+        let dir = TempDir::new();
+        // The checkpointer rests an hour before its first pass and never asks for a restart, so
+        // only the writer can copy frames into the database file.
+        let options = SqliteOptions {
+            durability: Durability::ProcessCrash,
+            checkpoint_pages: i64::MAX,
+            checkpoint_interval: Duration::from_secs(3600),
+            ..SqliteOptions::default()
+        };
+        let store = ok(SqliteStore::open(&dir.db(), options));
+        for i in 0..20 {
+            assert_eq!(ok(store.accept(&realistic_envelope(&format!("m{i}")), TTL).await), Acceptance::New);
+        }
+        let before = wal_restarts(&dir.db());
+        for i in 20..40 {
+            assert_eq!(ok(store.accept(&realistic_envelope(&format!("m{i}")), TTL).await), Acceptance::New);
+        }
+        assert_eq!(wal_restarts(&dir.db()), before, "nothing but the writer may restart the WAL here");
+
+        store.request_wal_restart();
+        // The writer copies the frames after this batch (its answer goes out first) ...
+        assert_eq!(ok(store.accept(&realistic_envelope("m40"), TTL).await), Acceptance::New);
+        // ... so this transaction starts on a fully copied WAL, which restarts it.
+        assert_eq!(ok(store.accept(&realistic_envelope("m41"), TTL).await), Acceptance::New);
+        assert_eq!(wal_restarts(&dir.db()), before + 1);
+    }
+
     #[test]
     fn checkpoint_outcomes_tell_disk_failures_from_passes_cut_short() {
         let failure = |code| Err(rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None));
         assert_eq!(checkpoint_outcome(Ok((0, 40, 40))), Checkpointed::Done { complete: true, frames: 40 });
-        // Stopped at a reader's snapshot, or another checkpoint was running.
+        // Stopped at a reader's snapshot.
         assert_eq!(checkpoint_outcome(Ok((0, 40, 12))), Checkpointed::Done { complete: false, frames: 40 });
-        assert_eq!(checkpoint_outcome(Ok((1, 40, 40))), Checkpointed::Done { complete: false, frames: 40 });
+        // Another checkpoint was running: SQLite reports the counts as -1.
+        assert_eq!(checkpoint_outcome(Ok((1, -1, -1))), Checkpointed::Done { complete: false, frames: -1 });
         assert!(matches!(checkpoint_outcome(failure(rusqlite::ffi::SQLITE_IOERR_FSYNC)), Checkpointed::DiskFailed(_)));
         assert!(matches!(checkpoint_outcome(failure(rusqlite::ffi::SQLITE_IOERR_WRITE)), Checkpointed::DiskFailed(_)));
+        assert!(matches!(checkpoint_outcome(failure(rusqlite::ffi::SQLITE_IOERR)), Checkpointed::DiskFailed(_)));
         assert!(matches!(checkpoint_outcome(failure(rusqlite::ffi::SQLITE_BUSY)), Checkpointed::Failed(_)));
+        // A lock or shared-memory failure loses nothing.
+        assert!(matches!(checkpoint_outcome(failure(rusqlite::ffi::SQLITE_IOERR_SHMLOCK)), Checkpointed::Failed(_)));
+        assert!(matches!(checkpoint_outcome(failure(rusqlite::ffi::SQLITE_IOERR_LOCK)), Checkpointed::Failed(_)));
     }
 
     #[tokio::test]
