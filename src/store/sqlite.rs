@@ -193,7 +193,8 @@ pub struct SqliteOptions {
     pub busy_timeout: Duration,
     /// WAL frames after which the WAL is restarted ([`CHECKPOINT_PAGES`]).
     pub checkpoint_pages: i64,
-    /// How often, at most, the checkpointer thread runs ([`CHECKPOINT_INTERVAL`]).
+    /// How often, at most, the checkpointer thread runs ([`CHECKPOINT_INTERVAL`]; longer than
+    /// [`MAX_CHECKPOINT_INTERVAL`] counts as that).
     pub checkpoint_interval: Duration,
 }
 
