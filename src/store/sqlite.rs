@@ -1002,17 +1002,15 @@ fn checkpoint(conn: &Connection) -> Checkpointed {
 fn checkpoint_outcome(counts: Result<(i64, i64, i64), rusqlite::Error>) -> Checkpointed {
     match counts {
         Ok((blocked, frames, copied)) => Checkpointed::Done { complete: blocked == 0 && copied >= frames, frames },
-        Err(rusqlite::Error::SqliteFailure(failure, message)) if is_disk_failure(failure) => {
-            Checkpointed::DiskFailed(rusqlite::Error::SqliteFailure(failure, message).to_string())
-        }
+        Err(error) if is_disk_failure(&error) => Checkpointed::DiskFailed(error.to_string()),
         Err(error) => Checkpointed::Failed(error.to_string()),
     }
 }
 
-/// Whether `failure` says the disk may have lost data: any I/O error except those of locks,
+/// Whether `error` says the disk may have lost data: any I/O error except those of locks,
 /// shared memory and allocation, which lose nothing and may pass. (An I/O error of a kind not
 /// listed counts as lost data: the store stops rather than guesses.)
-fn is_disk_failure(failure: rusqlite::ffi::Error) -> bool {
+fn is_disk_failure(error: &rusqlite::Error) -> bool {
     use rusqlite::ffi;
     const HARMLESS: &[std::ffi::c_int] = &[
         ffi::SQLITE_IOERR_LOCK,
@@ -1025,7 +1023,8 @@ fn is_disk_failure(failure: rusqlite::ffi::Error) -> bool {
         ffi::SQLITE_IOERR_SHMMAP,
         ffi::SQLITE_IOERR_NOMEM,
     ];
-    failure.code == rusqlite::ErrorCode::SystemIoFailure && !HARMLESS.contains(&failure.extended_code)
+    matches!(error, rusqlite::Error::SqliteFailure(failure, _)
+        if failure.code == rusqlite::ErrorCode::SystemIoFailure && !HARMLESS.contains(&failure.extended_code))
 }
 
 /// Refuses every write from now on, after the disk failed. No retry: the kernel may have
