@@ -681,9 +681,7 @@ impl Writer {
                             // could then succeed for data that never reached the disk.
                             let error = error.to_string();
                             break_for_good(&self.broken, "starting the write-ahead log's writeback", &error);
-                            for (reply, _) in acks {
-                                let _ = reply.send(Err(SqliteError::SyncFailed(error.clone())));
-                            }
+                            answer_not_durable(acks, &error);
                         } else if let Err(unsent) = syncer.send(acks) {
                             // The syncer only stops with the store (or by a bug); nobody may
                             // hear "done" for a write that was never synced, so nothing more
@@ -943,6 +941,13 @@ const ALREADY_BROKEN: &str = "an earlier fsync failed or the syncer thread stopp
 /// Makes the WAL durable (`fdatasync` in production).
 type SyncWal = Box<dyn FnMut() -> std::io::Result<()> + Send>;
 
+/// Tells the callers of committed operations that their writes may not be on disk.
+fn answer_not_durable(acks: impl IntoIterator<Item = Ack>, error: &str) {
+    for (reply, _) in acks {
+        let _ = reply.send(Err(SqliteError::SyncFailed(error.to_owned())));
+    }
+}
+
 /// Starts the WAL's new frames on their way to the disk without waiting for them
 /// ([`writeback_starter`] in production). `Err` means pages may have been lost.
 type StartWriteback = Box<dyn FnMut() -> std::io::Result<()> + Send>;
@@ -1028,9 +1033,7 @@ fn run_syncer(mut sync: SyncWal, batches: &std::sync::mpsc::Receiver<Vec<Ack>>, 
             }
             Err(error) => {
                 break_for_good(broken, "syncing the write-ahead log", &error);
-                for (reply, _) in waiting.drain(..).flatten() {
-                    let _ = reply.send(Err(SqliteError::SyncFailed(error.clone())));
-                }
+                answer_not_durable(waiting.drain(..).flatten(), &error);
             }
         }
     }
@@ -1442,6 +1445,18 @@ mod tests {
         ok(SqliteStore::open(&dir.db(), SqliteOptions { max_turns_kept, ..SqliteOptions::default() }))
     }
 
+    /// A `PowerLoss` store whose fsync and writeback start are `sync` and `start`.
+    fn open_with_disk(
+        dir: &TempDir,
+        sync: impl FnMut() -> std::io::Result<()> + Send + 'static,
+        start: impl FnMut() -> std::io::Result<()> + Send + 'static,
+    ) -> SqliteStore {
+        let options = SqliteOptions { durability: Durability::PowerLoss, ..SqliteOptions::default() };
+        ok(SqliteStore::open_inner(&dir.db(), options, move |_sync, _writeback| -> (SyncWal, StartWriteback) {
+            (Box::new(sync), Box::new(start))
+        }))
+    }
+
     use crate::store::test_envelope as envelope;
 
     fn part(envelope: &Envelope, index: usize) -> Delivery {
@@ -1723,15 +1738,11 @@ mod tests {
         let dir = TempDir::new();
         let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = Arc::clone(&syncs);
-        let options = SqliteOptions { durability: Durability::PowerLoss, ..SqliteOptions::default() };
-        let store =
-            ok(SqliteStore::open_inner(&dir.db(), options, move |_sync, _writeback| -> (SyncWal, StartWriteback) {
-                let sync = move || match counted.fetch_add(1, Ordering::SeqCst) {
-                    0 => Ok(()),
-                    _ => Err(std::io::Error::other("injected EIO")),
-                };
-                (Box::new(sync), Box::new(|| Ok(())))
-            }));
+        let sync = move || match counted.fetch_add(1, Ordering::SeqCst) {
+            0 => Ok(()),
+            _ => Err(std::io::Error::other("injected EIO")),
+        };
+        let store = open_with_disk(&dir, sync, || Ok(()));
         assert_eq!(ok(store.accept(&envelope("m1"), TTL).await), Acceptance::New);
         let failed = store.accept(&envelope("m2"), TTL).await.map(|_| ()).err().map(|e| e.to_string());
         assert!(failed.as_deref().is_some_and(|e| e.contains("injected EIO")), "{failed:?}");
@@ -1749,20 +1760,13 @@ mod tests {
         let dir = TempDir::new();
         let (synced_tx, synced_rx) = std::sync::mpsc::channel::<()>();
         let gate = Mutex::new(synced_rx);
-        let options = SqliteOptions { durability: Durability::PowerLoss, ..SqliteOptions::default() };
-        let store = Arc::new(ok(SqliteStore::open_inner(
-            &dir.db(),
-            options,
-            move |_sync, _writeback| -> (SyncWal, StartWriteback) {
-                // Each fsync waits until the test lets it through (or gives up, so a failing test
-                // cannot hang in the store's drop).
-                let sync = move || {
-                    let gate = gate.lock().map_err(|_| std::io::Error::other("poisoned"))?;
-                    gate.recv_timeout(Duration::from_secs(10)).map_err(std::io::Error::other)
-                };
-                (Box::new(sync), Box::new(|| Ok(())))
-            },
-        )));
+        // Each fsync waits until the test lets it through (or gives up, so a failing test cannot
+        // hang in the store's drop).
+        let sync = move || {
+            let gate = gate.lock().map_err(|_| std::io::Error::other("poisoned"))?;
+            gate.recv_timeout(Duration::from_secs(10)).map_err(std::io::Error::other)
+        };
+        let store = Arc::new(open_with_disk(&dir, sync, || Ok(())));
         let accept = |id: &'static str| {
             let store = Arc::clone(&store);
             tokio::spawn(async move { store.accept(&envelope(id), TTL).await.map_err(|e| e.to_string()) })
@@ -1804,24 +1808,17 @@ mod tests {
         let counted = Arc::clone(&started);
         let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
         let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
-        let options = SqliteOptions { durability: Durability::PowerLoss, ..SqliteOptions::default() };
-        let store = Arc::new(ok(SqliteStore::open_inner(
-            &dir.db(),
-            options,
-            move |_sync, _writeback| -> (SyncWal, StartWriteback) {
-                let start = move || {
-                    counted.fetch_add(1, Ordering::SeqCst);
-                    Ok(())
-                };
-                // Each fsync says it began, then waits until the test lets it through (or gives
-                // up, so that a failing test cannot hang in the store's drop).
-                let sync = move || {
-                    let _ = entered_tx.send(());
-                    gate_rx.recv_timeout(Duration::from_secs(10)).map_err(std::io::Error::other)
-                };
-                (Box::new(sync), Box::new(start))
-            },
-        )));
+        let start = move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        };
+        // Each fsync says it began, then waits until the test lets it through (or gives up, so
+        // that a failing test cannot hang in the store's drop).
+        let sync = move || {
+            let _ = entered_tx.send(());
+            gate_rx.recv_timeout(Duration::from_secs(10)).map_err(std::io::Error::other)
+        };
+        let store = Arc::new(open_with_disk(&dir, sync, start));
         let accept = |id: &'static str| {
             let store = Arc::clone(&store);
             tokio::spawn(async move { store.accept(&envelope(id), TTL).await.map_err(|e| e.to_string()) })
@@ -1846,15 +1843,11 @@ mod tests {
         let dir = TempDir::new();
         let syncs = Arc::new(AtomicU64::new(0));
         let counted = Arc::clone(&syncs);
-        let options = SqliteOptions { durability: Durability::PowerLoss, ..SqliteOptions::default() };
-        let store =
-            ok(SqliteStore::open_inner(&dir.db(), options, move |_sync, _writeback| -> (SyncWal, StartWriteback) {
-                let sync = move || {
-                    counted.fetch_add(1, Ordering::SeqCst);
-                    Ok(())
-                };
-                (Box::new(sync), Box::new(|| Err(std::io::Error::other("injected EIO"))))
-            }));
+        let sync = move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        };
+        let store = open_with_disk(&dir, sync, || Err(std::io::Error::other("injected EIO")));
         let failed = store.accept(&envelope("m1"), TTL).await.map(|_| ()).err().map(|e| e.to_string());
         assert!(failed.as_deref().is_some_and(|e| e.contains("injected EIO")), "{failed:?}");
         let later = store.append_turn("k", turn(1)).await.err().map(|e| e.to_string());
