@@ -8,6 +8,7 @@
 //! key and journals the envelope together, so a crash can never leave one without the other.
 
 mod claims;
+mod inbound_log;
 mod memory;
 mod sqlite;
 

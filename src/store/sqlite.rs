@@ -94,7 +94,8 @@
 //! Foreign keys are not declared: the writer is the only mutator and inserts outbox rows only for
 //! a live journal row, and declared keys would cost a lookup on every insert of the hot path.
 
-use super::claims::{claim_key, ClaimKey, Claims};
+use super::claims::{claim_key, ClaimKey};
+use super::inbound_log::{self, InboundLog, LogJob, LogOp, Logged, OpenEnvelope, SyncSegment};
 use super::{Acceptance, Store, StoreError, Turn, Unfinished};
 use rusqlite::{params, Connection, OpenFlags, TransactionBehavior};
 use std::fmt;
@@ -158,6 +159,14 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE journal ADD COLUMN claim BLOB;
     ALTER TABLE journal ADD COLUMN claim_expires_at INTEGER;
     CREATE INDEX journal_claims ON journal (claim_expires_at);",
+    // 3: accepted envelopes are journaled in the inbound log (`inbound_log.rs`); `journal` is
+    // only read (its open rows and live claims) and updated, until its rows are pruned. Which
+    // logged envelopes are answered is recorded here, atomically with their outbox parts.
+    "CREATE TABLE answered (
+        envelope_id TEXT PRIMARY KEY,
+        answered_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX answered_at ON answered (answered_at);",
 ];
 
 /// WAL pages (frames) after which the writer copies the last frames itself so that the WAL
@@ -204,7 +213,14 @@ pub struct SqliteOptions {
     /// How often, at most, the checkpointer thread runs ([`CHECKPOINT_INTERVAL`]; longer than
     /// [`MAX_CHECKPOINT_INTERVAL`] counts as that).
     pub checkpoint_interval: Duration,
+    /// Size of each inbound log segment, zero-filled before use ([`LOG_SEGMENT_BYTES`]).
+    pub log_segment_bytes: u64,
 }
+
+/// Inbound log segments of 32 MiB: at 35,000 acknowledgements a second (the benchmark's), one
+/// is filled about every two seconds, while the next is zero-filled in the background; few
+/// enough files for a day's dedupe window at ordinary rates.
+pub const LOG_SEGMENT_BYTES: u64 = 32 << 20;
 
 impl Default for SqliteOptions {
     fn default() -> Self {
@@ -217,6 +233,7 @@ impl Default for SqliteOptions {
             durability: Durability::PowerLoss,
             checkpoint_pages: CHECKPOINT_PAGES,
             checkpoint_interval: CHECKPOINT_INTERVAL,
+            log_segment_bytes: LOG_SEGMENT_BYTES,
         }
     }
 }
@@ -250,6 +267,10 @@ enum SqliteError {
     TooNew { path: PathBuf, found: i64, known: usize },
     #[error("the SQLite store {path} refused WAL mode (journal_mode is {mode})")]
     NotWal { path: PathBuf, mode: String },
+    #[error("cannot open the inbound log {path}: {source}")]
+    OpenLog { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Log(String),
     #[error("cannot open the SQLite store's write-ahead log {path}: {source}")]
     OpenWal { path: PathBuf, source: std::io::Error },
     #[error(
@@ -284,6 +305,8 @@ impl From<SqliteError> for StoreError {
 pub struct SqliteStore {
     /// Operations for the writer thread; `None` only while dropping.
     writes: Option<mpsc::Sender<WriteJob>>,
+    /// Accepts and finishes for the inbound log's thread; `None` only while dropping.
+    log: Option<mpsc::Sender<LogJob>>,
     /// Queries for the reader threads; `None` only while dropping.
     reads: Option<mpsc::Sender<ReadJob>>,
     /// Writer, syncer (if any), checkpointer and readers, joined on drop (the writer first: its
@@ -314,25 +337,30 @@ impl SqliteStore {
         let wal_disk = |sync: File, writeback: File| -> (SyncWal, StartWriteback) {
             (Box::new(move || sync.sync_data()), writeback_starter(writeback))
         };
-        Self::open_inner(path, options, wal_disk).map_err(StoreError::from)
+        Self::open_inner(path, options, wal_disk, Box::new(|segment: &File| segment.sync_data()))
+            .map_err(StoreError::from)
     }
 
     /// A store whose every fsync fails (`PowerLoss`), for tests of what a broken store does.
     #[cfg(test)]
     pub(crate) fn open_with_failing_disk(path: &Path) -> Result<Self, StoreError> {
-        let options = SqliteOptions { durability: Durability::PowerLoss, ..SqliteOptions::default() };
-        Self::open_inner(path, options, |_sync, _writeback| -> (SyncWal, StartWriteback) {
+        let options =
+            SqliteOptions { durability: Durability::PowerLoss, log_segment_bytes: 64 << 10, ..SqliteOptions::default() };
+        let wal_disk = |_sync, _writeback| -> (SyncWal, StartWriteback) {
             (Box::new(|| Err(std::io::Error::other("injected EIO"))), Box::new(|| Ok(())))
-        })
-        .map_err(StoreError::from)
+        };
+        Self::open_inner(path, options, wal_disk, Box::new(|_: &File| Err(std::io::Error::other("injected EIO"))))
+            .map_err(StoreError::from)
     }
 
     /// `wal_disk` turns two descriptors of the WAL file into the syncer's fsync and the
-    /// writer's writeback start (tests inject failures and watch the order).
+    /// writer's writeback start; `segment_sync` makes an inbound log segment durable (tests
+    /// inject failures and watch the order).
     fn open_inner(
         path: &Path,
         options: SqliteOptions,
         wal_disk: impl FnOnce(File, File) -> (SyncWal, StartWriteback),
+        segment_sync: SyncSegment,
     ) -> Result<Self, SqliteError> {
         if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)
@@ -357,8 +385,16 @@ impl SqliteStore {
         writer.pragma_update(None, "wal_autocheckpoint", 0).map_err(at)?;
         writer.set_prepared_statement_cache_capacity(64);
         migrate(&mut writer, path)?;
-        let claims = load_claims(&writer).map_err(at)?;
-        tracing::debug!(path = %path.display(), live = claims.len(), "Dedupe claims restored.");
+        let legacy_claims = load_claims(&writer).map_err(at)?;
+        let log_dir = inbound_log::log_dir(path);
+        let at_log = |source| SqliteError::OpenLog { path: log_dir.clone(), source };
+        let scanned = inbound_log::scan(&log_dir, now_ms()).map_err(at_log)?;
+        tracing::debug!(
+            path = %path.display(),
+            legacy_claims = legacy_claims.len(),
+            open = scanned.open_count(),
+            "Inbound log read back."
+        );
 
         let reader_count = options.readers.max(1);
         let mut readers = Vec::with_capacity(reader_count);
@@ -383,6 +419,7 @@ impl SqliteStore {
         checkpointer.pragma_update(None, "synchronous", "NORMAL").map_err(at)?;
 
         let (write_tx, write_rx) = mpsc::channel(options.write_queue.max(1));
+        let (log_tx, log_rx) = mpsc::channel(options.write_queue.max(1));
         let (read_tx, read_rx) = mpsc::channel(options.write_queue.max(1));
         let mut threads = Vec::with_capacity(reader_count + 3);
         let broken = Arc::new(AtomicBool::new(false));
@@ -426,7 +463,6 @@ impl SqliteStore {
             results: Vec::with_capacity(options.max_batch.max(1)),
             // The first batch sweeps: claims may have expired while the process was down.
             last_sweep: Instant::now().checked_sub(SWEEP_EVERY).unwrap_or_else(Instant::now),
-            claims,
             acks,
             broken: Arc::clone(&broken),
             commits,
@@ -434,6 +470,23 @@ impl SqliteStore {
         // The writer goes first in `threads`: joining it drops its `Acks` and `CommitSignal`,
         // which ends the syncer and the checkpointer.
         threads.insert(0, spawn("sqlite-writer".to_owned(), move || writer.run(write_rx))?);
+        let log_sync = match options.durability {
+            Durability::PowerLoss => Some(segment_sync),
+            Durability::ProcessCrash => None,
+        };
+        let (log, preparer) = InboundLog::start(
+            log_dir.clone(),
+            scanned,
+            legacy_claims,
+            options.log_segment_bytes.max(4096),
+            options.max_batch,
+            log_sync,
+            Arc::clone(&broken),
+        )
+        .map_err(at_log)?;
+        // Before the writer: the log thread's end ends the preparer, joined after it.
+        threads.insert(0, preparer);
+        threads.insert(0, spawn("inbound-log".to_owned(), move || log.run(log_rx))?);
         let read_rx = Arc::new(Mutex::new(read_rx));
         for (index, reader) in readers.into_iter().enumerate() {
             let jobs = Arc::clone(&read_rx);
@@ -441,6 +494,7 @@ impl SqliteStore {
         }
         Ok(Self {
             writes: Some(write_tx),
+            log: Some(log_tx),
             reads: Some(read_tx),
             threads,
             path: path.to_owned(),
@@ -464,6 +518,14 @@ impl SqliteStore {
         answer.await.map_err(|_| SqliteError::Stopped("writer"))?
     }
 
+    /// Queues `op` for the inbound log's thread and waits until it is written (and synced).
+    async fn log(&self, op: LogOp) -> Result<Logged, SqliteError> {
+        let log = self.log.as_ref().ok_or(SqliteError::Stopped("inbound log"))?;
+        let (reply, answer) = oneshot::channel();
+        log.send(LogJob { op, reply }).await.map_err(|_| SqliteError::Stopped("inbound log"))?;
+        answer.await.map_err(|_| SqliteError::Stopped("inbound log"))?.map_err(SqliteError::Log)
+    }
+
     /// Queues `op` for a reader and waits for its answer.
     async fn read(&self, op: ReadOp) -> Result<Fetched, SqliteError> {
         let reads = self.reads.as_ref().ok_or(SqliteError::Stopped("reader"))?;
@@ -484,6 +546,7 @@ impl SqliteStore {
 impl Drop for SqliteStore {
     fn drop(&mut self) {
         // Closing the queues ends the threads once they have handled what is already queued.
+        self.log.take();
         self.writes.take();
         self.reads.take();
         for thread in self.threads.drain(..) {
@@ -502,7 +565,7 @@ fn wal_path(path: &Path) -> PathBuf {
 }
 
 /// Rebuilds the live dedupe claims: those on journal rows, and those schema 1 kept in `dedupe`.
-fn load_claims(conn: &Connection) -> Result<Claims, rusqlite::Error> {
+fn load_claims(conn: &Connection) -> Result<Vec<(ClaimKey, i64)>, rusqlite::Error> {
     let now = now_ms();
     let mut claims = Vec::new();
     let mut journal = conn.prepare("SELECT claim, claim_expires_at FROM journal WHERE claim_expires_at > ?1")?;
@@ -521,7 +584,7 @@ fn load_claims(conn: &Connection) -> Result<Claims, rusqlite::Error> {
         let (channel, id): (String, String) = (row.get(0)?, row.get(1)?);
         claims.push((claim_key(&channel, &id), row.get(2)?));
     }
-    Ok(Claims::restored(claims))
+    Ok(claims)
 }
 
 fn spawn(name: String, body: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, SqliteError> {
@@ -572,11 +635,12 @@ const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// One write operation, with everything already encoded so the writer only runs SQL.
 #[derive(Debug)]
 enum WriteOp {
-    Accept { claim: ClaimKey, envelope_id: String, envelope: String, ttl_ms: i64 },
-    RecordAnswer { envelope_id: String, session_key: String, turn: Option<Turn>, parts: Vec<Part> },
+    /// `open_in_log`: the inbound log had the envelope open when the answer was recorded.
+    RecordAnswer { envelope_id: String, session_key: String, turn: Option<Turn>, parts: Vec<Part>, open_in_log: bool },
     PartDelivered { delivery_id: String },
     PartFailed { delivery_id: String, reason: String },
-    Finish { envelope_id: String },
+    /// The SQLite side of finishing: pending parts and the answered mark go.
+    ForgetAnswer { envelope_id: String },
     Prune { before_ms: i64 },
     AppendTurn { session_key: String, turn: Turn },
     ClearHistory { session_key: String },
@@ -592,7 +656,6 @@ struct Part {
 /// What a committed write operation produced.
 #[derive(Debug)]
 enum Written {
-    Accepted(Acceptance),
     Pruned(u64),
     Done,
 }
@@ -629,8 +692,6 @@ struct Writer {
     /// When expired dedupe claims were last deleted. Sweeping on a timer (as `MemoryStore`
     /// does) keeps them bounded even if nobody calls `prune`.
     last_sweep: Instant,
-    /// Live dedupe claims; only this thread takes them.
-    claims: Claims,
     acks: Acks,
     /// Set by the syncer when an fsync failed: from then on every write fails.
     broken: Arc<AtomicBool>,
@@ -759,10 +820,8 @@ impl Writer {
         savepoints: bool,
     ) -> Result<bool, rusqlite::Error> {
         let kept = self.max_turns_kept;
-        let claims = &mut self.claims;
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         if sweep {
-            claims.sweep(now);
             // Claims written by schema 1. Indexed on `expires_at`: costs what expired since the
             // last sweep, not a scan.
             let swept = isolated(&tx, savepoints, |tx| {
@@ -775,29 +834,17 @@ impl Writer {
             }
         }
         for job in batch {
-            match isolated(&tx, savepoints, |tx| apply(tx, &job.op, now, kept, claims)) {
+            match isolated(&tx, savepoints, |tx| apply(tx, &job.op, now, kept)) {
                 Ok(Ok(written)) => self.results.push(Ok(written)),
-                Ok(Err(_)) if !savepoints => {
-                    claims.discard_staged();
-                    return tx.rollback().map(|()| false);
-                }
+                Ok(Err(_)) if !savepoints => return tx.rollback().map(|()| false),
                 Ok(Err(error)) => {
                     tracing::warn!(%error, "SQLite store operation failed.");
                     self.results.push(Err(SqliteError::Sqlite(error)));
                 }
-                Err(error) => {
-                    claims.discard_staged();
-                    return Err(error);
-                }
+                Err(error) => return Err(error),
             }
         }
-        match tx.commit() {
-            Ok(()) => claims.commit_staged(),
-            Err(error) => {
-                claims.discard_staged();
-                return Err(error);
-            }
-        }
+        tx.commit()?;
         Ok(true)
     }
 }
@@ -824,38 +871,23 @@ fn isolated<T>(
 }
 
 /// Runs one operation's SQL on the writer connection.
-fn apply(
-    conn: &Connection,
-    op: &WriteOp,
-    now: i64,
-    kept: i64,
-    claims: &mut Claims,
-) -> Result<Written, rusqlite::Error> {
+fn apply(conn: &Connection, op: &WriteOp, now: i64, kept: i64) -> Result<Written, rusqlite::Error> {
     match op {
-        WriteOp::Accept { claim, envelope_id, envelope, ttl_ms } => {
-            if claims.is_claimed(claim, now) {
-                return Ok(Written::Accepted(Acceptance::Duplicate));
-            }
-            let expires_at = now.saturating_add(*ttl_ms);
-            conn.prepare_cached(
-                "INSERT INTO journal (envelope_id, envelope, state, created_at, claim, claim_expires_at)
-                 VALUES (?1, ?2, 'received', ?3, ?4, ?5)",
-            )?
-            .execute(params![envelope_id, envelope, now, &claim[..], expires_at])?;
-            // Last, so an operation that failed never holds a claim.
-            claims.stage(*claim, expires_at);
-            Ok(Written::Accepted(Acceptance::New))
-        }
-        WriteOp::RecordAnswer { envelope_id, session_key, turn, parts } => {
+        WriteOp::RecordAnswer { envelope_id, session_key, turn, parts, open_in_log } => {
             if let Some(turn) = turn {
                 push_turn(conn, session_key, turn, now, kept)?;
             }
-            let answered = conn
+            // A row journaled before schema 3.
+            let answered_in_table = conn
                 .prepare_cached("UPDATE journal SET state = 'answered' WHERE envelope_id = ?1 AND state <> 'finished'")?
                 .execute(params![envelope_id])?;
+            if *open_in_log {
+                conn.prepare_cached("INSERT OR REPLACE INTO answered (envelope_id, answered_at) VALUES (?1, ?2)")?
+                    .execute(params![envelope_id, now])?;
+            }
             // NOTE: parts of an unknown or finished envelope would never be recovered nor
             // removed, so they are not stored (MemoryStore keeps them nowhere visible either).
-            if answered > 0 {
+            if *open_in_log || answered_in_table > 0 {
                 // Recording again replaces the parts, as MemoryStore does.
                 conn.prepare_cached("DELETE FROM outbox WHERE envelope_id = ?1 AND state = 'pending'")?
                     .execute(params![envelope_id])?;
@@ -883,13 +915,14 @@ fn apply(
             .execute(params![delivery_id, reason, now])?;
             Ok(Written::Done)
         }
-        WriteOp::Finish { envelope_id } => {
+        WriteOp::ForgetAnswer { envelope_id } => {
             conn.prepare_cached(
                 "UPDATE journal SET state = 'finished', finished_at = ?2 WHERE envelope_id = ?1 AND state <> 'finished'",
             )?
             .execute(params![envelope_id, now])?;
             conn.prepare_cached("DELETE FROM outbox WHERE envelope_id = ?1 AND state = 'pending'")?
                 .execute(params![envelope_id])?;
+            conn.prepare_cached("DELETE FROM answered WHERE envelope_id = ?1")?.execute(params![envelope_id])?;
             Ok(Written::Done)
         }
         WriteOp::Prune { before_ms } => {
@@ -1200,7 +1233,9 @@ impl Checkpointer {
 #[derive(Debug)]
 enum ReadOp {
     History { session_key: String, max_turns: i64 },
-    Unfinished,
+    /// The open rows journaled before schema 3, then `logged` (the inbound log's open
+    /// envelopes), each with its pending parts if answered.
+    Unfinished { logged: Vec<OpenEnvelope> },
 }
 
 #[derive(Debug)]
@@ -1243,7 +1278,7 @@ fn query(conn: &mut Connection, op: &ReadOp) -> Result<Fetched, rusqlite::Error>
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(Fetched::History(turns))
         }
-        ReadOp::Unfinished => {
+        ReadOp::Unfinished { logged } => {
             // One read transaction: the journal and the outbox are seen at the same instant.
             let tx = conn.transaction()?;
             let mut unfinished = Vec::new();
@@ -1263,39 +1298,59 @@ fn query(conn: &mut Connection, op: &ReadOp) -> Result<Fetched, rusqlite::Error>
                     let envelope_id: String = row.get(0)?;
                     let json: String = row.get(1)?;
                     let state: String = row.get(2)?;
-                    // NOTE: an unreadable row is logged and skipped rather than failing recovery
-                    // as a whole: one bad row must not stop every later restart.
-                    let envelope = match serde_json::from_str::<Envelope>(&json) {
-                        Ok(envelope) => envelope,
-                        Err(error) => {
-                            tracing::error!(%envelope_id, %error, "Journaled envelope is unreadable; skipped.");
-                            continue;
-                        }
-                    };
-                    let pending_parts = if state == "answered" {
-                        let mut parts = Vec::new();
-                        let mut part_rows = outbox.query(params![envelope_id])?;
-                        while let Some(part) = part_rows.next()? {
-                            let delivery_id: String = part.get(0)?;
-                            let json: String = part.get(1)?;
-                            match serde_json::from_str::<Delivery>(&json) {
-                                Ok(delivery) => parts.push(delivery),
-                                Err(error) => {
-                                    tracing::error!(%envelope_id, %delivery_id, %error, "Outbox part is unreadable; skipped.");
-                                }
-                            }
-                        }
-                        Some(parts)
-                    } else {
-                        None
-                    };
-                    unfinished.push(Unfinished { envelope, pending_parts });
+                    if let Some(envelope) = parse_envelope(&envelope_id, &json) {
+                        let pending_parts =
+                            if state == "answered" { Some(pending_parts(&mut outbox, &envelope_id)?) } else { None };
+                        unfinished.push(Unfinished { envelope, pending_parts });
+                    }
+                }
+                let mut answered = tx.prepare_cached("SELECT 1 FROM answered WHERE envelope_id = ?1")?;
+                for OpenEnvelope { envelope_id, json } in logged {
+                    if let Some(envelope) = parse_envelope(envelope_id, json) {
+                        let pending_parts = if answered.exists(params![envelope_id])? {
+                            Some(pending_parts(&mut outbox, envelope_id)?)
+                        } else {
+                            None
+                        };
+                        unfinished.push(Unfinished { envelope, pending_parts });
+                    }
                 }
             }
             tx.commit()?;
             Ok(Fetched::Unfinished(unfinished))
         }
     }
+}
+
+/// A journaled envelope, or `None` (logged) if it cannot be read.
+///
+/// NOTE: an unreadable envelope is logged and skipped rather than failing recovery as a whole:
+/// one bad entry must not stop every later restart.
+fn parse_envelope(envelope_id: &str, json: &str) -> Option<Envelope> {
+    match serde_json::from_str::<Envelope>(json) {
+        Ok(envelope) => Some(envelope),
+        Err(error) => {
+            tracing::error!(%envelope_id, %error, "Journaled envelope is unreadable; skipped.");
+            None
+        }
+    }
+}
+
+/// The pending outbox parts of `envelope_id`, in order; unreadable ones are logged and skipped.
+fn pending_parts(outbox: &mut rusqlite::CachedStatement<'_>, envelope_id: &str) -> Result<Vec<Delivery>, rusqlite::Error> {
+    let mut parts = Vec::new();
+    let mut rows = outbox.query(params![envelope_id])?;
+    while let Some(part) = rows.next()? {
+        let delivery_id: String = part.get(0)?;
+        let json: String = part.get(1)?;
+        match serde_json::from_str::<Delivery>(&json) {
+            Ok(delivery) => parts.push(delivery),
+            Err(error) => {
+                tracing::error!(%envelope_id, %delivery_id, %error, "Outbox part is unreadable; skipped.");
+            }
+        }
+    }
+    Ok(parts)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1308,15 +1363,15 @@ impl Store for SqliteStore {
         dedupe_ttl: Duration,
     ) -> BoxFuture<'a, Result<Acceptance, StoreError>> {
         Box::pin(async move {
-            // Encoded here, on the caller's thread, so the writer only runs SQL.
-            let op = WriteOp::Accept {
+            // Encoded here, on the caller's thread, so the log's thread only copies bytes.
+            let op = LogOp::Accept {
                 claim: claim_key(envelope.channel.as_str(), &envelope.platform_message_id),
                 envelope_id: envelope.id.clone(),
                 envelope: serde_json::to_string(envelope).map_err(SqliteError::from)?,
                 ttl_ms: duration_ms(dedupe_ttl),
             };
-            match self.write(op).await? {
-                Written::Accepted(acceptance) => Ok(acceptance),
+            match self.log(op).await? {
+                Logged::Accepted(acceptance) => Ok(acceptance),
                 _ => Err(SqliteError::Mismatch("accept").into()),
             }
         })
@@ -1335,11 +1390,16 @@ impl Store for SqliteStore {
                 .map(|part| Ok(Part { delivery_id: part.delivery_id.clone(), json: serde_json::to_string(part)? }))
                 .collect::<Result<Vec<_>, serde_json::Error>>()
                 .map_err(SqliteError::from)?;
+            let open_in_log = match self.log(LogOp::IsOpen { envelope_id: envelope_id.to_owned() }).await? {
+                Logged::IsOpen(open) => open,
+                _ => return Err(SqliteError::Mismatch("record_answer").into()),
+            };
             let op = WriteOp::RecordAnswer {
                 envelope_id: envelope_id.to_owned(),
                 session_key: session_key.to_owned(),
                 turn,
                 parts,
+                open_in_log,
             };
             self.write_done(op, "record_answer").await
         })
@@ -1355,12 +1415,24 @@ impl Store for SqliteStore {
     }
 
     fn finish<'a>(&'a self, envelope_id: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.write_done(WriteOp::Finish { envelope_id: envelope_id.to_owned() }, "finish"))
+        Box::pin(async move {
+            // The log first: once the finish is durable, recovery never asks about this envelope
+            // again, so a crash before the SQLite side only leaves unused rows behind.
+            match self.log(LogOp::Finish { envelope_id: envelope_id.to_owned() }).await? {
+                Logged::Finished => {}
+                _ => return Err(SqliteError::Mismatch("finish").into()),
+            }
+            self.write_done(WriteOp::ForgetAnswer { envelope_id: envelope_id.to_owned() }, "finish").await
+        })
     }
 
     fn unfinished(&self) -> BoxFuture<'_, Result<Vec<Unfinished>, StoreError>> {
         Box::pin(async move {
-            match self.read(ReadOp::Unfinished).await? {
+            let logged = match self.log(LogOp::Open).await? {
+                Logged::Open(logged) => logged,
+                _ => return Err(SqliteError::Mismatch("unfinished").into()),
+            };
+            match self.read(ReadOp::Unfinished { logged }).await? {
                 Fetched::Unfinished(unfinished) => Ok(unfinished),
                 Fetched::History(_) => Err(SqliteError::Mismatch("unfinished").into()),
             }
@@ -1441,8 +1513,13 @@ mod tests {
         result.unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// Default options with small inbound log segments (each is zero-filled before use).
+    fn test_options() -> SqliteOptions {
+        SqliteOptions { log_segment_bytes: 64 << 10, ..SqliteOptions::default() }
+    }
+
     fn open(dir: &TempDir, max_turns_kept: usize) -> SqliteStore {
-        ok(SqliteStore::open(&dir.db(), SqliteOptions { max_turns_kept, ..SqliteOptions::default() }))
+        ok(SqliteStore::open(&dir.db(), SqliteOptions { max_turns_kept, ..test_options() }))
     }
 
     /// A `PowerLoss` store whose fsync and writeback start are `sync` and `start`.
@@ -1451,10 +1528,9 @@ mod tests {
         sync: impl FnMut() -> std::io::Result<()> + Send + 'static,
         start: impl FnMut() -> std::io::Result<()> + Send + 'static,
     ) -> SqliteStore {
-        let options = SqliteOptions { durability: Durability::PowerLoss, ..SqliteOptions::default() };
-        ok(SqliteStore::open_inner(&dir.db(), options, move |_sync, _writeback| -> (SyncWal, StartWriteback) {
-            (Box::new(sync), Box::new(start))
-        }))
+        let options = SqliteOptions { durability: Durability::PowerLoss, ..test_options() };
+        let wal_disk = move |_sync, _writeback| -> (SyncWal, StartWriteback) { (Box::new(sync), Box::new(start)) };
+        ok(SqliteStore::open_inner(&dir.db(), options, wal_disk, Box::new(|segment: &File| segment.sync_data())))
     }
 
     use crate::store::test_envelope as envelope;
@@ -1605,7 +1681,7 @@ mod tests {
         let store = Arc::new(open(&dir, 10));
         let taken = envelope("m0");
         ok(store.accept(&taken, TTL).await);
-        // Same envelope id under a new platform id: the journal insert violates its key.
+        // Same envelope id under a new platform id: the inbound log refuses a second open entry.
         let mut clash = envelope("clash");
         clash.id = taken.id.clone();
         let mut tasks = Vec::new();
@@ -1625,6 +1701,35 @@ mod tests {
         assert_eq!(ok(store.unfinished().await).len(), 20);
         // The failed operation's dedupe claim was rolled back with it.
         assert_eq!(ok(store.accept(&envelope("clash"), TTL).await), Acceptance::New);
+    }
+
+    #[tokio::test]
+    async fn one_failing_sqlite_operation_rolls_back_alone() {
+        let dir = TempDir::new();
+        let store = Arc::new(open(&dir, 10));
+        {
+            // A trigger stands in for a failure that only one operation of a batch meets.
+            let conn = ok(Connection::open(dir.db()));
+            ok(conn.execute_batch(
+                "CREATE TRIGGER boom BEFORE INSERT ON history WHEN NEW.question = 'boom'
+                 BEGIN SELECT RAISE(ABORT, 'boom'); END;",
+            ));
+        }
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let store = Arc::clone(&store);
+            let question = if i == 10 { "boom".to_owned() } else { format!("q{i}") };
+            let turn = Turn { question, answer: "a".into() };
+            tasks.push(tokio::spawn(async move { store.append_turn(&format!("k{i}"), turn).await.map_err(|e| e.to_string()) }));
+        }
+        let mut failures = 0;
+        for task in tasks {
+            failures += usize::from(ok(task.await).is_err());
+        }
+        assert_eq!(failures, 1);
+        for i in 0..20 {
+            assert_eq!(ok(store.history(&format!("k{i}"), 10).await).len(), usize::from(i != 10), "k{i}");
+        }
     }
 
     #[tokio::test]
@@ -1652,7 +1757,7 @@ mod tests {
             let conn = ok(Connection::open(dir.db()));
             ok(conn.pragma_update(None, "user_version", 999));
         }
-        let error = SqliteStore::open(&dir.db(), SqliteOptions::default()).map(|_| ()).err();
+        let error = SqliteStore::open(&dir.db(), test_options()).map(|_| ()).err();
         let message = error.map(|e| e.to_string()).unwrap_or_default();
         assert!(message.contains("schema version 999"), "{message}");
     }
@@ -1663,7 +1768,7 @@ mod tests {
         ok(std::fs::create_dir_all(&dir.0));
         let path = dir.0.join("garbage.db");
         ok(std::fs::write(&path, "this is not a database, just some text. ".repeat(200)));
-        let message = SqliteStore::open(&path, SqliteOptions::default()).map(|_| ()).err().map(|e| e.to_string());
+        let message = SqliteStore::open(&path, test_options()).map(|_| ()).err().map(|e| e.to_string());
         let message = message.unwrap_or_default();
         assert!(message.contains("not a database") && message.contains("garbage.db"), "{message}");
     }
@@ -1698,12 +1803,8 @@ mod tests {
         drop(store);
         let store = open(&dir, 10);
         assert_eq!(ok(store.accept(&envelope("m1"), TTL).await), Acceptance::Duplicate);
-
-        // A finished entry goes once its claim has lapsed too.
-        let lapsed = envelope("m4");
-        ok(store.accept(&lapsed, Duration::ZERO).await);
-        ok(store.finish(&lapsed.id).await);
-        assert_eq!(ok(store.prune(SystemTime::now() + hour).await), 1);
+        // Finished entries of the inbound log go with their segments, not here (see
+        // `inbound_log`'s tests).
     }
 
     #[tokio::test]
@@ -1727,7 +1828,8 @@ mod tests {
         assert_eq!(ok(store.unfinished().await), [Unfinished { envelope: waiting, pending_parts: None }]);
         assert_eq!(ok(store.accept(&envelope("old-live"), TTL).await), Acceptance::Duplicate);
         assert_eq!(ok(store.accept(&envelope("old-lapsed"), TTL).await), Acceptance::New);
-        // The first batch swept the lapsed row away.
+        // The writer's first batch sweeps the lapsed row away.
+        ok(store.append_turn("k", turn(1)).await);
         let conn = ok(Connection::open(dir.db()));
         let left: i64 = ok(conn.query_row("SELECT COUNT(*) FROM dedupe", [], |row| row.get(0)));
         assert_eq!(left, 1);
@@ -1743,8 +1845,8 @@ mod tests {
             _ => Err(std::io::Error::other("injected EIO")),
         };
         let store = open_with_disk(&dir, sync, || Ok(()));
-        assert_eq!(ok(store.accept(&envelope("m1"), TTL).await), Acceptance::New);
-        let failed = store.accept(&envelope("m2"), TTL).await.map(|_| ()).err().map(|e| e.to_string());
+        ok(store.append_turn("a", turn(1)).await);
+        let failed = store.append_turn("b", turn(2)).await.err().map(|e| e.to_string());
         assert!(failed.as_deref().is_some_and(|e| e.contains("injected EIO")), "{failed:?}");
         // Later writes fail without another fsync: a second one could wrongly succeed.
         let later = store.append_turn("k", turn(1)).await.err().map(|e| e.to_string());
@@ -1753,10 +1855,12 @@ mod tests {
         // Refused by the writer, not committed and then failed: nothing of it is in the file.
         assert!(ok(store.history("k", 10).await).is_empty());
         assert!(store.health().is_err_and(|why| why.contains("failed fsync")));
+        // Accepts are refused too: the inbound log shares the verdict.
+        assert!(store.accept(&envelope("m1"), TTL).await.is_err());
     }
 
     #[tokio::test]
-    async fn power_loss_durability_answers_new_and_duplicate_only_after_the_wal_is_synced() {
+    async fn power_loss_durability_answers_sqlite_writes_only_after_the_wal_is_synced() {
         let dir = TempDir::new();
         let (synced_tx, synced_rx) = std::sync::mpsc::channel::<()>();
         let gate = Mutex::new(synced_rx);
@@ -1767,28 +1871,27 @@ mod tests {
             gate.recv_timeout(Duration::from_secs(10)).map_err(std::io::Error::other)
         };
         let store = Arc::new(open_with_disk(&dir, sync, || Ok(())));
-        let accept = |id: &'static str| {
+        let append = |key: &'static str| {
             let store = Arc::clone(&store);
-            tokio::spawn(async move { store.accept(&envelope(id), TTL).await.map_err(|e| e.to_string()) })
+            tokio::spawn(async move { store.append_turn(key, turn(1)).await.map_err(|e| e.to_string()) })
         };
-        let mut first = accept("m1");
+        let mut first = append("k");
         // Committed (a reader sees it) but not answered while the fsync is held back.
         let committed = tokio::time::timeout(Duration::from_secs(10), async {
-            while ok(store.unfinished().await).is_empty() {
+            while ok(store.history("k", 10).await).is_empty() {
                 tokio::task::yield_now().await;
             }
         });
         assert!(committed.await.is_ok());
         let held_back = Duration::from_millis(200);
         assert!(tokio::time::timeout(held_back, &mut first).await.is_err(), "answered before the fsync");
-        // A retry must not hear "duplicate" before the claim it relies on is on disk either.
-        let mut retry = accept("m1");
-        assert!(tokio::time::timeout(held_back, &mut retry).await.is_err(), "duplicate before the fsync");
+        let mut second = append("j");
+        assert!(tokio::time::timeout(held_back, &mut second).await.is_err(), "answered before the fsync");
         for _ in 0..4 {
             ok(synced_tx.send(()));
         }
-        assert_eq!(ok(ok(first.await)), Acceptance::New);
-        assert_eq!(ok(ok(retry.await)), Acceptance::Duplicate);
+        ok(ok(first.await));
+        ok(ok(second.await));
     }
 
     /// Waits (on the test's runtime, without blocking it) until `done` holds.
@@ -1819,23 +1922,23 @@ mod tests {
             gate_rx.recv_timeout(Duration::from_secs(10)).map_err(std::io::Error::other)
         };
         let store = Arc::new(open_with_disk(&dir, sync, start));
-        let accept = |id: &'static str| {
+        let append = |key: &'static str| {
             let store = Arc::clone(&store);
-            tokio::spawn(async move { store.accept(&envelope(id), TTL).await.map_err(|e| e.to_string()) })
+            tokio::spawn(async move { store.append_turn(key, turn(1)).await.map_err(|e| e.to_string()) })
         };
-        let first = accept("m1");
+        let first = append("m1");
         until("m1's fsync began", || entered_rx.try_recv().is_ok()).await;
         assert_eq!(started.load(Ordering::SeqCst), 1);
         // The syncer is busy with m1, so the writer must hold m2 until it is free; m2's writeback
         // has to start before that wait, not after it.
-        let second = accept("m2");
+        let second = append("m2");
         until("m2's writeback started", || started.load(Ordering::SeqCst) == 2).await;
         assert!(!first.is_finished(), "answered before its fsync");
         for _ in 0..4 {
             ok(gate_tx.send(()));
         }
-        assert_eq!(ok(ok(first.await)), Acceptance::New);
-        assert_eq!(ok(ok(second.await)), Acceptance::New);
+        ok(ok(first.await));
+        ok(ok(second.await));
     }
 
     #[tokio::test]
@@ -1848,7 +1951,7 @@ mod tests {
             Ok(())
         };
         let store = open_with_disk(&dir, sync, || Err(std::io::Error::other("injected EIO")));
-        let failed = store.accept(&envelope("m1"), TTL).await.map(|_| ()).err().map(|e| e.to_string());
+        let failed = store.append_turn("m1", turn(1)).await.err().map(|e| e.to_string());
         assert!(failed.as_deref().is_some_and(|e| e.contains("injected EIO")), "{failed:?}");
         let later = store.append_turn("k", turn(1)).await.err().map(|e| e.to_string());
         assert!(later.as_deref().is_some_and(|e| e.contains("restart yizhan")), "{later:?}");
@@ -1892,14 +1995,14 @@ mod tests {
         let store = Arc::new(open(&dir, 10));
         let file_size = || std::fs::metadata(dir.db()).map_or(0, |meta| meta.len());
         let before = file_size();
-        // About 1.6 MB of journal rows: far below the writer's own checkpoint threshold
+        // About 1.6 MB of history rows: far below the writer's own checkpoint threshold
         // (`CHECKPOINT_PAGES`), so only the checkpointer thread can move them into the file.
-        let accepts = (0..2_000).map(|i| {
+        let writes = (0..2_000).map(|i| {
             let store = Arc::clone(&store);
-            async move { store.accept(&realistic_envelope(&format!("m{i}")), TTL).await }
+            async move { store.append_turn(&format!("k{i}"), realistic_turn(i)).await }
         });
-        for accepted in futures_util::future::join_all(accepts).await {
-            assert_eq!(ok(accepted), Acceptance::New);
+        for written in futures_util::future::join_all(writes).await {
+            ok(written);
         }
         // Usually within one `CHECKPOINT_INTERVAL`; the bound only matters if it never happens.
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -1930,11 +2033,11 @@ mod tests {
             durability: Durability::ProcessCrash,
             checkpoint_pages: 32,
             checkpoint_interval: Duration::from_millis(1),
-            ..SqliteOptions::default()
+            ..test_options()
         };
         let store = Arc::new(ok(SqliteStore::open(&dir.db(), options)));
         let first = wal_restarts(&dir.db());
-        // Rounds of concurrent accepts, so that commits keep coming; bounded only so that a
+        // Rounds of concurrent writes, so that commits keep coming; bounded only so that a
         // WAL that never restarts fails the test instead of hanging it. This checks the outcome,
         // whichever thread brings it about (between rounds the checkpointer may copy everything
         // itself); `once_asked_the_writer_restarts_the_wal_by_itself` checks the writer's part.
@@ -1942,15 +2045,15 @@ mod tests {
             if wal_restarts(&dir.db()).wrapping_sub(first) >= 3 {
                 return;
             }
-            let accepts = (0..16).map(|i| {
+            let writes = (0..16).map(|i| {
                 let store = Arc::clone(&store);
-                async move { store.accept(&realistic_envelope(&format!("m{round}-{i}")), TTL).await }
+                async move { store.append_turn(&format!("k{round}-{i}"), realistic_turn(i)).await }
             });
-            for accepted in futures_util::future::join_all(accepts).await {
-                assert_eq!(ok(accepted), Acceptance::New);
+            for written in futures_util::future::join_all(writes).await {
+                ok(written);
             }
         }
-        panic!("the WAL restarted {} times in 80,000 accepts", wal_restarts(&dir.db()).wrapping_sub(first));
+        panic!("the WAL restarted {} times in 80,000 writes", wal_restarts(&dir.db()).wrapping_sub(first));
     }
 
     #[tokio::test]
@@ -1962,23 +2065,23 @@ mod tests {
             durability: Durability::ProcessCrash,
             checkpoint_pages: i64::MAX,
             checkpoint_interval: Duration::from_secs(3600),
-            ..SqliteOptions::default()
+            ..test_options()
         };
         let store = ok(SqliteStore::open(&dir.db(), options));
         for i in 0..20 {
-            assert_eq!(ok(store.accept(&realistic_envelope(&format!("m{i}")), TTL).await), Acceptance::New);
+            ok(store.append_turn(&format!("k{i}"), realistic_turn(i)).await);
         }
         let before = wal_restarts(&dir.db());
         for i in 20..40 {
-            assert_eq!(ok(store.accept(&realistic_envelope(&format!("m{i}")), TTL).await), Acceptance::New);
+            ok(store.append_turn(&format!("k{i}"), realistic_turn(i)).await);
         }
         assert_eq!(wal_restarts(&dir.db()), before, "nothing but the writer may restart the WAL here");
 
         store.request_wal_restart();
         // The writer copies the frames after this batch (its answer goes out first) ...
-        assert_eq!(ok(store.accept(&realistic_envelope("m40"), TTL).await), Acceptance::New);
+        ok(store.append_turn("k40", realistic_turn(40)).await);
         // ... so this transaction starts on a fully copied WAL, which restarts it.
-        assert_eq!(ok(store.accept(&realistic_envelope("m41"), TTL).await), Acceptance::New);
+        ok(store.append_turn("k41", realistic_turn(41)).await);
         assert_eq!(wal_restarts(&dir.db()), before + 1);
     }
 
@@ -2031,6 +2134,12 @@ mod tests {
         (total, writer)
     }
 
+    /// A history turn about the size of a real envelope's JSON.
+    fn realistic_turn(i: usize) -> Turn {
+        let question = format!("{i}: 请帮我把下面这段话翻译成英文，并解释一下其中的成语：这件事情我们要从长计议，不能操之过急，否则就会欲速则不达。");
+        Turn { answer: question.repeat(3), question }
+    }
+
     /// An envelope the size of a real one (its JSON is about 700 bytes).
     fn realistic_envelope(message_id: &str) -> Envelope {
         let mut e = envelope(message_id);
@@ -2057,7 +2166,7 @@ mod tests {
         const TOTAL: usize = 50_000;
         const TASKS: usize = 64;
         let dir = TempDir::new();
-        let options = SqliteOptions { max_turns_kept: 10, durability, ..SqliteOptions::default() };
+        let options = SqliteOptions { max_turns_kept: 10, durability, ..test_options() };
         let store = Arc::new(ok(SqliteStore::open(&dir.db(), options)));
         let size = ok(serde_json::to_string(&realistic_envelope(&format!("om_{:032x}", 0)))).len();
         let (cpu_before, writer_before) = cpu_ns();

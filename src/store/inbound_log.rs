@@ -1,0 +1,661 @@
+//! The inbound log: where the SQLite store journals accepted envelopes, and their dedupe claims,
+//! before the platform is acknowledged.
+//!
+//! Why not a SQLite table: on the accept path every microsecond of CPU and every thread hand-off
+//! shows in the acknowledgement rate. A journal row cost the writer thread about 10 µs (three
+//! B-tree inserts, about nine 4 KiB WAL frames per commit) and its fsync a hand-off to a syncer
+//! thread; an append to a preallocated file, fsynced by the thread that wrote it, costs a
+//! fraction of either (README, Benchmarks). Answers, the outbox and history stay in SQLite,
+//! where they need its transactions.
+//!
+//! # Files
+//!
+//! `<database>.inbound/<number, 16 hex digits>.log`, segments of
+//! [`SqliteOptions::log_segment_bytes`](super::SqliteOptions) each, written front to back. A
+//! segment is zero-filled and fsynced (with its directory) by the **preparer thread** before
+//! the writer takes it, so that an `fdatasync` after an append only has data to flush: writing
+//! into a file's unallocated or unwritten blocks would make every `fdatasync` commit the
+//! filesystem's metadata journal too.
+//!
+//! # Records
+//!
+//! `[payload length: u32 LE][CRC-32 of (segment number LE, payload): u32 LE][payload]`, where
+//! the payload is either
+//! - accept: `1, seq u64, claim [16], claim expiry i64 (Unix ms), id length u16, id, envelope JSON`
+//! - finish: `2, id`.
+//!
+//! A zero length, a record running past the end or a wrong CRC ends a segment: that is where
+//! a crash tore the last batch, whose callers were never answered. The CRC covers the segment
+//! number so that nothing written under another number can pass for a record here. After a
+//! restart the writer never appends behind a torn tail (records after it could be read back
+//! later); it starts a new segment.
+//!
+//! # Lifetimes
+//!
+//! An accepted envelope is open until its finish record. A segment is deleted once it is not
+//! the one being written, holds no open envelope, all its dedupe claims have lapsed, and every
+//! older segment is gone (its finish records may be what closes envelopes of older segments,
+//! so they may not disappear first).
+
+use super::claims::{ClaimKey, Claims};
+use super::Acceptance;
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+const ACCEPT: u8 = 1;
+const FINISH: u8 = 2;
+/// Length and CRC.
+const HEADER: usize = 8;
+/// Kind, seq, claim, expiry and id length: the accept payload before the id.
+const ACCEPT_FIXED: usize = 1 + 8 + 16 + 8 + 2;
+
+/// How often, at most, the writer forgets lapsed claims and deletes finished segments.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
+
+/// What the log thread is asked to do.
+#[derive(Debug)]
+pub(super) enum LogOp {
+    /// Claim and journal an envelope (see `Store::accept`).
+    Accept { claim: ClaimKey, envelope_id: String, envelope: String, ttl_ms: i64 },
+    /// Close an open envelope; a no-op for one that is not open.
+    Finish { envelope_id: String },
+    /// The open envelopes, oldest first, with their JSON.
+    Open,
+    /// Whether an envelope is open.
+    IsOpen { envelope_id: String },
+}
+
+/// What a [`LogOp`] produced.
+#[derive(Debug)]
+pub(super) enum Logged {
+    Accepted(Acceptance),
+    Finished,
+    Open(Vec<OpenEnvelope>),
+    IsOpen(bool),
+}
+
+/// An envelope accepted and not finished.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct OpenEnvelope {
+    pub envelope_id: String,
+    pub json: String,
+}
+
+pub(super) type LogReply = oneshot::Sender<Result<Logged, String>>;
+
+pub(super) struct LogJob {
+    pub op: LogOp,
+    pub reply: LogReply,
+}
+
+/// Makes a segment's appended bytes durable (`fdatasync` in production); `None` for
+/// `Durability::ProcessCrash`, which answers after the write.
+pub(super) type SyncSegment = Box<dyn FnMut(&File) -> std::io::Result<()> + Send>;
+
+/// The log's directory for the database at `db`.
+pub(super) fn log_dir(db: &Path) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push(".inbound");
+    PathBuf::from(name)
+}
+
+fn segment_path(dir: &Path, number: u64) -> PathBuf {
+    dir.join(format!("{number:016x}.log"))
+}
+
+/// The segment numbers in `dir`, ascending; other files are left alone.
+fn segment_numbers(dir: &Path) -> std::io::Result<Vec<u64>> {
+    let mut numbers = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let Some(stem) = name.to_str().and_then(|name| name.strip_suffix(".log")) else { continue };
+        if stem.len() == 16 {
+            if let Ok(number) = u64::from_str_radix(stem, 16) {
+                numbers.push(number);
+            }
+        }
+    }
+    numbers.sort_unstable();
+    Ok(numbers)
+}
+
+fn crc(segment: u64, payload: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&segment.to_le_bytes());
+    hasher.update(payload);
+    hasher.finalize()
+}
+
+/// Appends one framed record to `buf`.
+fn frame(buf: &mut Vec<u8>, segment: u64, payload: &[u8]) {
+    // Payloads are bounded by the segment size, itself far below 4 GiB.
+    let length = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+    buf.extend_from_slice(&length.to_le_bytes());
+    buf.extend_from_slice(&crc(segment, payload).to_le_bytes());
+    buf.extend_from_slice(payload);
+}
+
+fn accept_payload(seq: u64, claim: &ClaimKey, expires_at: i64, envelope_id: &str, envelope: &str) -> Option<Vec<u8>> {
+    let id_length = u16::try_from(envelope_id.len()).ok()?;
+    let mut payload = Vec::with_capacity(ACCEPT_FIXED + envelope_id.len() + envelope.len());
+    payload.push(ACCEPT);
+    payload.extend_from_slice(&seq.to_le_bytes());
+    payload.extend_from_slice(claim);
+    payload.extend_from_slice(&expires_at.to_le_bytes());
+    payload.extend_from_slice(&id_length.to_le_bytes());
+    payload.extend_from_slice(envelope_id.as_bytes());
+    payload.extend_from_slice(envelope.as_bytes());
+    Some(payload)
+}
+
+fn finish_payload(envelope_id: &str) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(1 + envelope_id.len());
+    payload.push(FINISH);
+    payload.extend_from_slice(envelope_id.as_bytes());
+    payload
+}
+
+/// A record read back.
+#[derive(Debug, PartialEq)]
+enum Record<'a> {
+    Accept { seq: u64, claim: ClaimKey, expires_at: i64, envelope_id: &'a str, envelope_at: usize, envelope_len: usize },
+    Finish { envelope_id: &'a str },
+}
+
+/// Reads the record at `at` in `data` (a whole segment); `None` where the segment ends. The
+/// envelope's place is given relative to `data`.
+fn read_record(data: &[u8], at: usize, segment: u64) -> Option<(Record<'_>, usize)> {
+    let header = data.get(at..at.checked_add(HEADER)?)?;
+    let length = u32::from_le_bytes(header[..4].try_into().ok()?) as usize;
+    let stored_crc = u32::from_le_bytes(header[4..].try_into().ok()?);
+    if length == 0 {
+        return None;
+    }
+    let start = at + HEADER;
+    let payload = data.get(start..start.checked_add(length)?)?;
+    if crc(segment, payload) != stored_crc {
+        return None;
+    }
+    let next = start + length;
+    match payload[0] {
+        ACCEPT if payload.len() >= ACCEPT_FIXED => {
+            let seq = u64::from_le_bytes(payload[1..9].try_into().ok()?);
+            let claim: ClaimKey = payload[9..25].try_into().ok()?;
+            let expires_at = i64::from_le_bytes(payload[25..33].try_into().ok()?);
+            let id_length = u16::from_le_bytes(payload[33..35].try_into().ok()?) as usize;
+            let id_end = ACCEPT_FIXED.checked_add(id_length)?;
+            let envelope_id = std::str::from_utf8(payload.get(ACCEPT_FIXED..id_end)?).ok()?;
+            let envelope_at = start + id_end;
+            Some((
+                Record::Accept { seq, claim, expires_at, envelope_id, envelope_at, envelope_len: next - envelope_at },
+                next,
+            ))
+        }
+        FINISH => Some((Record::Finish { envelope_id: std::str::from_utf8(&payload[1..]).ok()? }, next)),
+        _ => None,
+    }
+}
+
+/// Where an open envelope's JSON is.
+#[derive(Debug, Clone, Copy)]
+struct OpenEntry {
+    seq: u64,
+    segment: u64,
+    at: u64,
+    len: usize,
+}
+
+/// What the log knows about one segment.
+#[derive(Debug)]
+struct SegmentInfo {
+    number: u64,
+    /// Open envelopes accepted in it.
+    open: usize,
+    /// The latest claim expiry of its accepts.
+    claims_until: i64,
+}
+
+/// Everything read back from the segments at startup.
+pub(super) struct Scanned {
+    open: HashMap<String, OpenEntry>,
+    segments: VecDeque<SegmentInfo>,
+    claims: Vec<(ClaimKey, i64)>,
+    next_seq: u64,
+    next_segment: u64,
+}
+
+impl Scanned {
+    pub fn open_count(&self) -> usize {
+        self.open.len()
+    }
+}
+
+/// Reads every segment in `dir` (created if missing), oldest first.
+pub(super) fn scan(dir: &Path, now: i64) -> std::io::Result<Scanned> {
+    if !dir.exists() {
+        std::fs::create_dir_all(dir)?;
+        if let Some(parent) = dir.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+            File::open(parent)?.sync_all()?;
+        }
+    }
+    let mut scanned = Scanned {
+        open: HashMap::new(),
+        segments: VecDeque::new(),
+        claims: Vec::new(),
+        next_seq: 1,
+        next_segment: 1,
+    };
+    let mut data = Vec::new();
+    for number in segment_numbers(dir)? {
+        data.clear();
+        File::open(segment_path(dir, number))?.read_to_end_into(&mut data)?;
+        let mut info = SegmentInfo { number, open: 0, claims_until: i64::MIN };
+        let mut at = 0;
+        while let Some((record, next)) = read_record(&data, at, number) {
+            match record {
+                Record::Accept { seq, claim, expires_at, envelope_id, envelope_at, envelope_len } => {
+                    if seq < scanned.next_seq {
+                        // Never written by this log's writer, whose seqs only grow.
+                        tracing::error!(segment = number, seq, "Inbound log record out of order; rest of segment skipped.");
+                        break;
+                    }
+                    scanned.next_seq = seq + 1;
+                    info.open += 1;
+                    info.claims_until = info.claims_until.max(expires_at);
+                    if expires_at > now {
+                        scanned.claims.push((claim, expires_at));
+                    }
+                    let entry = OpenEntry { seq, segment: number, at: envelope_at as u64, len: envelope_len };
+                    scanned.open.insert(envelope_id.to_owned(), entry);
+                }
+                Record::Finish { envelope_id } => close(&mut scanned.open, &mut scanned.segments, &mut info, envelope_id),
+            }
+            at = next;
+        }
+        scanned.next_segment = number + 1;
+        scanned.segments.push_back(info);
+    }
+    Ok(scanned)
+}
+
+/// Forgets `envelope_id` as open, counting it off its segment (`current` is the segment being
+/// read or written, not yet in `segments`).
+fn close(open: &mut HashMap<String, OpenEntry>, segments: &mut VecDeque<SegmentInfo>, current: &mut SegmentInfo, envelope_id: &str) {
+    let Some(entry) = open.remove(envelope_id) else { return };
+    let info = if entry.segment == current.number {
+        Some(current)
+    } else {
+        segments.iter_mut().find(|info| info.number == entry.segment)
+    };
+    if let Some(info) = info {
+        info.open = info.open.saturating_sub(1);
+    }
+}
+
+trait ReadToEndInto {
+    fn read_to_end_into(self, data: &mut Vec<u8>) -> std::io::Result<usize>;
+}
+
+impl ReadToEndInto for File {
+    fn read_to_end_into(mut self, data: &mut Vec<u8>) -> std::io::Result<usize> {
+        std::io::Read::read_to_end(&mut self, data)
+    }
+}
+
+/// Creates segment `number` in `dir`: zero-filled to `bytes`, fsynced, directory fsynced.
+fn prepare_segment(dir: &Path, number: u64, bytes: u64) -> std::io::Result<File> {
+    let path = segment_path(dir, number);
+    let mut file = File::options().read(true).write(true).create_new(true).open(&path)?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        let chunk = usize::try_from(left.min(zeros.len() as u64)).unwrap_or(zeros.len());
+        file.write_all(&zeros[..chunk])?;
+        left -= chunk as u64;
+    }
+    file.sync_all()?;
+    File::open(dir)?.sync_all()?;
+    Ok(file)
+}
+
+/// Keeps one segment ready ahead of the writer; ends when the writer is gone.
+fn run_preparer(dir: &Path, mut number: u64, bytes: u64, ready: &std::sync::mpsc::SyncSender<std::io::Result<(u64, File)>>) {
+    loop {
+        let prepared = prepare_segment(dir, number, bytes).map(|file| (number, file));
+        let failed = prepared.is_err();
+        if ready.send(prepared).is_err() || failed {
+            return;
+        }
+        number += 1;
+    }
+}
+
+/// The log thread's state.
+pub(super) struct InboundLog {
+    dir: PathBuf,
+    segment_bytes: u64,
+    active: File,
+    active_info: SegmentInfo,
+    /// Where the next record goes in `active`.
+    offset: u64,
+    segments: VecDeque<SegmentInfo>,
+    open: HashMap<String, OpenEntry>,
+    claims: Claims,
+    next_seq: u64,
+    spares: std::sync::mpsc::Receiver<std::io::Result<(u64, File)>>,
+    sync: Option<SyncSegment>,
+    broken: Arc<AtomicBool>,
+    last_housekeeping: Instant,
+    max_batch: usize,
+    /// Reused per batch.
+    buf: Vec<u8>,
+}
+
+/// Unix milliseconds now (wall clock: expiries must mean the same after a restart).
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Why the log cannot go on.
+const BROKEN: &str = "the inbound log refuses writes after a disk error; check the disk and restart yizhan";
+
+impl InboundLog {
+    /// Starts from `scanned` (claims restored from elsewhere are added), with the preparer
+    /// thread creating segments from the next free number on. Returns the log and the
+    /// preparer's handle.
+    pub fn start(
+        dir: PathBuf,
+        scanned: Scanned,
+        extra_claims: Vec<(ClaimKey, i64)>,
+        segment_bytes: u64,
+        max_batch: usize,
+        sync: Option<SyncSegment>,
+        broken: Arc<AtomicBool>,
+    ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
+        let Scanned { open, segments, mut claims, next_seq, next_segment } = scanned;
+        claims.extend(extra_claims);
+        let (ready, spares) = std::sync::mpsc::sync_channel(0);
+        let preparer_dir = dir.clone();
+        let preparer = std::thread::Builder::new()
+            .name("inbound-log-preparer".to_owned())
+            .spawn(move || run_preparer(&preparer_dir, next_segment, segment_bytes, &ready))?;
+        // A fresh segment after every start: never append behind a possibly torn tail.
+        let (number, active) = spares.recv().map_err(|_| std::io::Error::other("the segment preparer stopped"))??;
+        let log = Self {
+            dir,
+            segment_bytes,
+            active,
+            active_info: SegmentInfo { number, open: 0, claims_until: i64::MIN },
+            offset: 0,
+            segments,
+            open,
+            claims: {
+                let claims = Claims::restored(claims);
+                tracing::debug!(live = claims.len(), "Dedupe claims restored.");
+                claims
+            },
+            next_seq,
+            spares,
+            sync,
+            broken,
+            last_housekeeping: Instant::now().checked_sub(HOUSEKEEPING_EVERY).unwrap_or_else(Instant::now),
+            max_batch: max_batch.max(1),
+            buf: Vec::new(),
+        };
+        Ok((log, preparer))
+    }
+
+    /// Serves jobs until every sender is gone and the queue is drained.
+    pub fn run(mut self, mut jobs: mpsc::Receiver<LogJob>) {
+        let mut batch = Vec::with_capacity(self.max_batch);
+        while let Some(first) = jobs.blocking_recv() {
+            batch.push(first);
+            while batch.len() < self.max_batch {
+                match jobs.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            self.serve(&mut batch);
+        }
+    }
+
+    fn serve(&mut self, batch: &mut Vec<LogJob>) {
+        // A caller that gave up must not have its envelope journaled behind its back.
+        batch.retain(|job| !job.reply.is_closed());
+        if self.broken.load(Ordering::Acquire) {
+            for job in batch.drain(..) {
+                let _ = job.reply.send(Err(BROKEN.to_owned()));
+            }
+            return;
+        }
+        let now = now_ms();
+        let mut results = Vec::with_capacity(batch.len());
+        // Segments written by this batch besides the active one (a rotation mid-batch).
+        let mut filled: Vec<File> = Vec::new();
+        let mut written = Ok(());
+        self.buf.clear();
+        let mut staged_open: Vec<(String, OpenEntry)> = Vec::new();
+        let mut staged_finish: Vec<String> = Vec::new();
+        for job in batch.iter() {
+            let result = match &job.op {
+                LogOp::Open => Ok(None),
+                LogOp::IsOpen { envelope_id } => Ok(Some(Logged::IsOpen(
+                    (self.open.contains_key(envelope_id.as_str()) || staged_open.iter().any(|(id, _)| id == envelope_id))
+                        && !staged_finish.contains(envelope_id),
+                ))),
+                LogOp::Accept { claim, envelope_id, envelope, ttl_ms } => {
+                    if self.claims.is_claimed(claim, now) {
+                        Ok(Some(Logged::Accepted(Acceptance::Duplicate)))
+                    } else if self.open.contains_key(envelope_id.as_str())
+                        || staged_open.iter().any(|(id, _)| id == envelope_id)
+                    {
+                        // Ids are fresh per webhook; two open entries under one id could never
+                        // both be finished.
+                        Err(format!("envelope {envelope_id} is already journaled"))
+                    } else {
+                        let expires_at = now.saturating_add(*ttl_ms);
+                        match accept_payload(self.next_seq, claim, expires_at, envelope_id, envelope) {
+                            None => Err("envelope id too long for the inbound log".to_owned()),
+                            Some(payload) => match self.append(&payload, &mut filled) {
+                                Err(error) => {
+                                    written = Err(error.to_string());
+                                    break;
+                                }
+                                Ok(None) => Err("envelope too large for an inbound log segment".to_owned()),
+                                Ok(Some(at)) => {
+                                    let envelope_at = at + (HEADER + ACCEPT_FIXED + envelope_id.len()) as u64;
+                                    let entry = OpenEntry {
+                                        seq: self.next_seq,
+                                        segment: self.active_info.number,
+                                        at: envelope_at,
+                                        len: envelope.len(),
+                                    };
+                                    self.next_seq += 1;
+                                    self.active_info.open += 1;
+                                    self.active_info.claims_until = self.active_info.claims_until.max(expires_at);
+                                    self.claims.stage(*claim, expires_at);
+                                    staged_open.push((envelope_id.clone(), entry));
+                                    Ok(Some(Logged::Accepted(Acceptance::New)))
+                                }
+                            },
+                        }
+                    }
+                }
+                LogOp::Finish { envelope_id } => {
+                    let open_now = self.open.contains_key(envelope_id.as_str())
+                        || staged_open.iter().any(|(id, _)| id == envelope_id);
+                    if open_now && !staged_finish.contains(envelope_id) {
+                        match self.append(&finish_payload(envelope_id), &mut filled) {
+                            Err(error) => {
+                                written = Err(error.to_string());
+                                break;
+                            }
+                            Ok(None) => Err("envelope id too long for an inbound log segment".to_owned()),
+                            Ok(Some(_)) => {
+                                staged_finish.push(envelope_id.clone());
+                                Ok(Some(Logged::Finished))
+                            }
+                        }
+                    } else {
+                        Ok(Some(Logged::Finished))
+                    }
+                }
+            };
+            results.push(result);
+        }
+        if written.is_ok() {
+            written = self.write_and_sync(&filled).map_err(|error| error.to_string());
+        }
+        if let Err(error) = written {
+            // Pages that failed to reach the disk may be dropped by the kernel without a later
+            // fsync hearing of it: nothing more is accepted (as for the SQLite WAL).
+            self.broken.store(true, Ordering::Release);
+            tracing::error!(%error, "Writing the inbound log failed; the store refuses writes until yizhan restarts.");
+            self.claims.discard_staged();
+            for job in batch.drain(..) {
+                let _ = job.reply.send(Err(format!("{BROKEN} ({error})")));
+            }
+            return;
+        }
+        self.claims.commit_staged();
+        for (envelope_id, entry) in staged_open {
+            self.open.insert(envelope_id, entry);
+        }
+        for envelope_id in staged_finish {
+            close(&mut self.open, &mut self.segments, &mut self.active_info, &envelope_id);
+        }
+        for (job, result) in batch.drain(..).zip(results) {
+            let answer = match (result, &job.op) {
+                (Ok(Some(logged)), _) => Ok(logged),
+                (Ok(None), _) => self.list_open().map(Logged::Open).map_err(|error| error.to_string()),
+                (Err(error), _) => Err(error),
+            };
+            let _ = job.reply.send(answer);
+        }
+        if self.last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
+            self.last_housekeeping = Instant::now();
+            self.claims.sweep(now);
+            self.delete_finished_segments(now);
+        }
+    }
+
+    /// Frames `payload` into the batch buffer for the active segment, rotating to a fresh
+    /// segment first if it does not fit. Returns the record's offset in its segment, or `None`
+    /// if it could never fit a segment.
+    fn append(&mut self, payload: &[u8], filled: &mut Vec<File>) -> std::io::Result<Option<u64>> {
+        let size = (HEADER + payload.len()) as u64;
+        if size > self.segment_bytes {
+            return Ok(None);
+        }
+        if self.offset + self.buf.len() as u64 + size > self.segment_bytes {
+            self.active.write_all_at(&self.buf, self.offset)?;
+            self.buf.clear();
+            let (number, next) =
+                self.spares.recv().map_err(|_| std::io::Error::other("the segment preparer stopped"))??;
+            let full = std::mem::replace(&mut self.active, next);
+            filled.push(full);
+            let info = std::mem::replace(&mut self.active_info, SegmentInfo { number, open: 0, claims_until: i64::MIN });
+            self.segments.push_back(info);
+            self.offset = 0;
+        }
+        let at = self.offset + self.buf.len() as u64;
+        frame(&mut self.buf, self.active_info.number, payload);
+        Ok(Some(at))
+    }
+
+    fn write_and_sync(&mut self, filled: &[File]) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            self.active.write_all_at(&self.buf, self.offset)?;
+            self.offset += self.buf.len() as u64;
+        }
+        if let Some(sync) = self.sync.as_mut() {
+            for file in filled {
+                sync(file)?;
+            }
+            if !self.buf.is_empty() {
+                sync(&self.active)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The open envelopes, oldest first, read back from their segments.
+    fn list_open(&self) -> std::io::Result<Vec<OpenEnvelope>> {
+        let mut entries: Vec<(&String, &OpenEntry)> = self.open.iter().collect();
+        entries.sort_unstable_by_key(|(_, entry)| entry.seq);
+        let mut files: HashMap<u64, File> = HashMap::new();
+        let mut open = Vec::with_capacity(entries.len());
+        for (envelope_id, entry) in entries {
+            let file = match files.entry(entry.segment) {
+                std::collections::hash_map::Entry::Occupied(file) => file.into_mut(),
+                std::collections::hash_map::Entry::Vacant(slot) => slot.insert(File::open(segment_path(&self.dir, entry.segment))?),
+            };
+            let mut json = vec![0; entry.len];
+            file.read_exact_at(&mut json, entry.at)?;
+            match String::from_utf8(json) {
+                Ok(json) => open.push(OpenEnvelope { envelope_id: envelope_id.clone(), json }),
+                Err(_) => tracing::error!(%envelope_id, "Journaled envelope is not UTF-8; skipped."),
+            }
+        }
+        Ok(open)
+    }
+
+    /// Deletes segments from the oldest on while they are done with (module docs).
+    fn delete_finished_segments(&mut self, now: i64) {
+        while let Some(front) = self.segments.front() {
+            if front.open > 0 || front.claims_until > now {
+                return;
+            }
+            let path = segment_path(&self.dir, front.number);
+            if let Err(error) = std::fs::remove_file(&path) {
+                if error.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %path.display(), %error, "Cannot delete a finished inbound log segment.");
+                    return;
+                }
+            }
+            self.segments.pop_front();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_read_back_and_a_wrong_segment_number_or_a_flipped_bit_ends_the_segment() {
+        let claim = [7u8; 16];
+        let mut buf = Vec::new();
+        let accept = accept_payload(5, &claim, 99, "e1", "{\"x\":1}").unwrap_or_default();
+        frame(&mut buf, 3, &accept);
+        let second = buf.len();
+        frame(&mut buf, 3, &finish_payload("e1"));
+        let end = buf.len();
+        buf.extend_from_slice(&[0; 16]);
+
+        let (record, next) = read_record(&buf, 0, 3).unwrap_or_else(|| panic!("accept not read"));
+        let Record::Accept { seq, claim: read_claim, expires_at, envelope_id, envelope_at, envelope_len } = record else {
+            panic!("not an accept")
+        };
+        assert_eq!((seq, read_claim, expires_at, envelope_id), (5, claim, 99, "e1"));
+        assert_eq!(&buf[envelope_at..envelope_at + envelope_len], b"{\"x\":1}");
+        assert_eq!(next, second);
+        assert_eq!(read_record(&buf, second, 3).map(|(record, next)| (record, next)), Some((Record::Finish { envelope_id: "e1" }, end)));
+        assert!(read_record(&buf, end, 3).is_none(), "zeros end the segment");
+        assert!(read_record(&buf, 0, 4).is_none(), "a record of another segment number is not one");
+        let mut flipped = buf.clone();
+        flipped[HEADER + 3] ^= 1;
+        assert!(read_record(&flipped, 0, 3).is_none());
+        assert!(read_record(&buf[..second - 1], 0, 3).is_none(), "a torn record is not one");
+    }
+}
