@@ -344,8 +344,11 @@ impl SqliteStore {
     /// A store whose every fsync fails (`PowerLoss`), for tests of what a broken store does.
     #[cfg(test)]
     pub(crate) fn open_with_failing_disk(path: &Path) -> Result<Self, StoreError> {
-        let options =
-            SqliteOptions { durability: Durability::PowerLoss, log_segment_bytes: 64 << 10, ..SqliteOptions::default() };
+        let options = SqliteOptions {
+            durability: Durability::PowerLoss,
+            log_segment_bytes: 64 << 10,
+            ..SqliteOptions::default()
+        };
         let wal_disk = |_sync, _writeback| -> (SyncWal, StartWriteback) {
             (Box::new(|| Err(std::io::Error::other("injected EIO"))), Box::new(|| Ok(())))
         };
@@ -636,14 +639,34 @@ const SWEEP_EVERY: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 enum WriteOp {
     /// `open_in_log`: the inbound log had the envelope open when the answer was recorded.
-    RecordAnswer { envelope_id: String, session_key: String, turn: Option<Turn>, parts: Vec<Part>, open_in_log: bool },
-    PartDelivered { delivery_id: String },
-    PartFailed { delivery_id: String, reason: String },
+    RecordAnswer {
+        envelope_id: String,
+        session_key: String,
+        turn: Option<Turn>,
+        parts: Vec<Part>,
+        open_in_log: bool,
+    },
+    PartDelivered {
+        delivery_id: String,
+    },
+    PartFailed {
+        delivery_id: String,
+        reason: String,
+    },
     /// The SQLite side of finishing: pending parts and the answered mark go.
-    ForgetAnswer { envelope_id: String },
-    Prune { before_ms: i64 },
-    AppendTurn { session_key: String, turn: Turn },
-    ClearHistory { session_key: String },
+    ForgetAnswer {
+        envelope_id: String,
+    },
+    Prune {
+        before_ms: i64,
+    },
+    AppendTurn {
+        session_key: String,
+        turn: Turn,
+    },
+    ClearHistory {
+        session_key: String,
+    },
 }
 
 /// An outbox part: its id and its JSON.
@@ -1232,10 +1255,15 @@ impl Checkpointer {
 
 #[derive(Debug)]
 enum ReadOp {
-    History { session_key: String, max_turns: i64 },
+    History {
+        session_key: String,
+        max_turns: i64,
+    },
     /// The open rows journaled before schema 3, then `logged` (the inbound log's open
     /// envelopes), each with its pending parts if answered.
-    Unfinished { logged: Vec<OpenEnvelope> },
+    Unfinished {
+        logged: Vec<OpenEnvelope>,
+    },
 }
 
 #[derive(Debug)]
@@ -1337,7 +1365,10 @@ fn parse_envelope(envelope_id: &str, json: &str) -> Option<Envelope> {
 }
 
 /// The pending outbox parts of `envelope_id`, in order; unreadable ones are logged and skipped.
-fn pending_parts(outbox: &mut rusqlite::CachedStatement<'_>, envelope_id: &str) -> Result<Vec<Delivery>, rusqlite::Error> {
+fn pending_parts(
+    outbox: &mut rusqlite::CachedStatement<'_>,
+    envelope_id: &str,
+) -> Result<Vec<Delivery>, rusqlite::Error> {
     let mut parts = Vec::new();
     let mut rows = outbox.query(params![envelope_id])?;
     while let Some(part) = rows.next()? {
@@ -1720,7 +1751,9 @@ mod tests {
             let store = Arc::clone(&store);
             let question = if i == 10 { "boom".to_owned() } else { format!("q{i}") };
             let turn = Turn { question, answer: "a".into() };
-            tasks.push(tokio::spawn(async move { store.append_turn(&format!("k{i}"), turn).await.map_err(|e| e.to_string()) }));
+            tasks.push(tokio::spawn(async move {
+                store.append_turn(&format!("k{i}"), turn).await.map_err(|e| e.to_string())
+            }));
         }
         let mut failures = 0;
         for task in tasks {
@@ -1892,6 +1925,41 @@ mod tests {
         }
         ok(ok(first.await));
         ok(ok(second.await));
+    }
+
+    #[tokio::test]
+    async fn power_loss_durability_answers_new_and_duplicate_only_after_the_inbound_log_is_synced() {
+        let dir = TempDir::new();
+        let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
+        let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+        // Each log sync says it began, then waits until the test lets it through (or gives up,
+        // so that a failing test cannot hang in the store's drop).
+        let segment_sync: SyncSegment = Box::new(move |segment: &File| {
+            let _ = entered_tx.send(());
+            gate_rx.recv_timeout(Duration::from_secs(10)).map_err(std::io::Error::other)?;
+            segment.sync_data()
+        });
+        let wal_disk = |sync: File, writeback: File| -> (SyncWal, StartWriteback) {
+            (Box::new(move || sync.sync_data()), writeback_starter(writeback))
+        };
+        let options = SqliteOptions { durability: Durability::PowerLoss, ..test_options() };
+        let store = Arc::new(ok(SqliteStore::open_inner(&dir.db(), options, wal_disk, segment_sync)));
+        let accept = |id: &'static str| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.accept(&envelope(id), TTL).await.map_err(|e| e.to_string()) })
+        };
+        let mut first = accept("m1");
+        until("m1's sync began", || entered_rx.try_recv().is_ok()).await;
+        let held_back = Duration::from_millis(200);
+        assert!(tokio::time::timeout(held_back, &mut first).await.is_err(), "answered before the sync");
+        // A retry must not hear "duplicate" before the claim it relies on is on disk either.
+        let mut retry = accept("m1");
+        assert!(tokio::time::timeout(held_back, &mut retry).await.is_err(), "duplicate before the sync");
+        for _ in 0..4 {
+            ok(gate_tx.send(()));
+        }
+        assert_eq!(ok(ok(first.await)), Acceptance::New);
+        assert_eq!(ok(ok(retry.await)), Acceptance::Duplicate);
     }
 
     /// Waits (on the test's runtime, without blocking it) until `done` holds.
