@@ -1,6 +1,14 @@
 //! A [`Store`] on SQLite: dedupe claims, the journal, the outbox and conversation history survive
 //! a restart, so a crash loses nothing that was acknowledged.
 //!
+//! Accepted envelopes and their dedupe claims are journaled in the **inbound log** next to the
+//! database file (`<path>.inbound/`, see [`inbound_log`]): an append-only file fsynced by the
+//! thread that writes it, which costs the acknowledgement a fraction of a SQLite insert and
+//! hand-off. Everything after acceptance (answers, the outbox, history, which logged envelopes
+//! are answered) is in SQLite, below. `accept` and `finish` go to the log's thread; `finish`
+//! then forgets the answer on the SQLite side; `unfinished` joins the log's open envelopes
+//! with their answers and pending parts.
+//!
 //! Invariants: every method behaves as [`MemoryStore`](super::MemoryStore)'s does; a write is
 //! committed, and with [`Durability::PowerLoss`] fsynced, before its future resolves; no SQLite
 //! call ever runs on an async executor thread.
@@ -18,8 +26,9 @@
 //! `COMMIT` succeeded and, by default, the syncer has made it durable (see Durability):
 //! "accepted" always means "on disk".
 //!
-//! The writer also answers "seen this platform message before?" from memory ([`Claims`]):
-//! journal rows only ever append, instead of each accept inserting a random-keyed dedupe row.
+//! The inbound log's thread answers "seen this platform message before?" from memory
+//! ([`Claims`](super::claims::Claims)), rebuilt at startup from the log and from schema 1 and
+//! 2's rows.
 //!
 //! A small pool of **reader threads** (each with its own connection, [`SqliteOptions::readers`])
 //! serves `history` and `unfinished`. Under WAL, readers never block the writer nor each other,
@@ -38,7 +47,8 @@
 //! WAL. A checkpoint that hits an I/O error breaks the store for good, as a failed fsync does.
 //!
 //! An operation whose caller dropped its future before the writer reached it is skipped: a
-//! cancelled `accept` must not leave a journal entry that nobody dispatches.
+//! cancelled `accept` must not leave a journal entry that nobody dispatches (the log's thread
+//! skips those too).
 //!
 //! Dropping the store closes both queues; the writer commits everything already queued, then
 //! every thread is joined.
@@ -66,14 +76,20 @@
 //! checkpoints sync the WAL and the database themselves. A failed fsync breaks the store for
 //! good (see `run_syncer`). [`Durability::ProcessCrash`] answers right after `COMMIT`.
 //!
-//! # Schema (version 2, see [`MIGRATIONS`])
+//! # Schema (version 3, see [`MIGRATIONS`])
 //!
 //! Times are Unix milliseconds (wall clock, because they must mean the same after a restart).
 //!
 //! - `dedupe(channel, platform_message_id, expires_at)`: schema 1's claims. No longer written;
 //!   its live rows are loaded at startup and expired ones swept, until it is empty.
-//! - `journal(seq, envelope_id, envelope JSON, state, created_at, finished_at, claim,
-//!   claim_expires_at)`. `claim` is the row's dedupe claim ([`claim_key`]) and
+//! - `answered(envelope_id PK, answered_at)`: the logged envelopes whose answer is recorded
+//!   (written with their outbox parts, in one transaction; deleted when they finish). Recovery
+//!   re-sends their pending parts instead of asking the model again. A crash between the log's
+//!   finish record and that delete leaves a row nobody reads.
+//! - `journal(…)`: where schema 1 and 2 journaled accepted envelopes. No longer written but for
+//!   state changes of its open rows; those rows are still recovered and their live claims
+//!   loaded at startup, until they are finished and pruned. Its columns: `(seq, envelope_id,
+//!   envelope JSON, state, created_at, finished_at, claim, claim_expires_at)`. `claim` is the row's dedupe claim ([`claim_key`]) and
 //!   `claim_expires_at` when it lapses, indexed so that startup reloads the live claims without
 //!   a scan (that index appends while the dedupe window stays the same). A finished row whose
 //!   claim is still live is kept by [`Store::prune`]. `seq` is the `INTEGER PRIMARY KEY` (rowid
