@@ -434,23 +434,16 @@ impl InboundLog {
     }
 
     /// Serves jobs until every sender is gone and the queue is drained.
-    pub fn run(mut self, mut jobs: mpsc::Receiver<LogJob>) {
-        let mut batch = Vec::with_capacity(self.max_batch);
-        while let Some(first) = jobs.blocking_recv() {
-            batch.push(first);
-            while batch.len() < self.max_batch {
-                match jobs.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
-            }
-            self.serve(&mut batch);
-        }
+    pub fn run(mut self, jobs: mpsc::Receiver<LogJob>) {
+        super::serve_in_batches(jobs, self.max_batch, |batch| self.serve(batch));
     }
 
     fn serve(&mut self, batch: &mut Vec<LogJob>) {
         // A caller that gave up must not have its envelope journaled behind its back.
         batch.retain(|job| !job.reply.is_closed());
+        if batch.is_empty() {
+            return;
+        }
         if self.broken.load(Ordering::Acquire) {
             for job in batch.drain(..) {
                 let _ = job.reply.send(Err(BROKEN.to_owned()));

@@ -118,6 +118,24 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
+/// Hands `serve` everything queued in `jobs`, up to `max_batch` at a time (waiting for the first
+/// of each batch), until every sender is gone and the queue is drained: the group-commit loop of
+/// the store threads.
+fn serve_in_batches<J>(mut jobs: tokio::sync::mpsc::Receiver<J>, max_batch: usize, mut serve: impl FnMut(&mut Vec<J>)) {
+    let mut batch = Vec::with_capacity(max_batch);
+    while let Some(first) = jobs.blocking_recv() {
+        batch.push(first);
+        while batch.len() < max_batch {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        serve(&mut batch);
+        batch.clear();
+    }
+}
+
 /// A minimal envelope from user `u` on channel `c`, for tests of stores and what sits on them.
 #[cfg(test)]
 pub(crate) fn test_envelope(message_id: &str) -> Envelope {

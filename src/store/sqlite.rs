@@ -740,18 +740,8 @@ struct Writer {
 
 impl Writer {
     /// Commits batches until every sender is gone and the queue is drained.
-    fn run(mut self, mut jobs: mpsc::Receiver<WriteJob>) {
-        let mut batch = Vec::with_capacity(self.max_batch);
-        while let Some(first) = jobs.blocking_recv() {
-            batch.push(first);
-            while batch.len() < self.max_batch {
-                match jobs.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
-            }
-            self.commit(&mut batch);
-        }
+    fn run(mut self, jobs: mpsc::Receiver<WriteJob>) {
+        super::serve_in_batches(jobs, self.max_batch, |batch| self.commit(batch));
     }
 
     /// Runs `batch` in one transaction and answers each caller once it is committed (and, with
