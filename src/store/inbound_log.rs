@@ -238,34 +238,83 @@ pub(super) struct Scanned {
     claims: Vec<(ClaimKey, i64)>,
     next_seq: u64,
     next_segment: u64,
+    /// The last segment, if it was never written to (the spare a previous run prepared): the
+    /// next writer starts in it instead of leaving it behind.
+    blank_last: Option<u64>,
+    /// Held while the log is in use (see [`lock_dir`]).
+    lock: Option<File>,
 }
 
 impl Scanned {
     pub fn open_count(&self) -> usize {
         self.open.len()
     }
+
+    pub fn is_open(&self, envelope_id: &str) -> bool {
+        self.open.contains_key(envelope_id)
+    }
 }
 
-/// Reads every segment in `dir` (created if missing), oldest first.
-pub(super) fn scan(dir: &Path, now: i64) -> std::io::Result<Scanned> {
+/// Takes `dir/LOCK` for this process (`flock`, released when the file closes or the process
+/// dies): two processes writing one log would delete and overwrite each other's segments.
+#[cfg(target_os = "linux")]
+fn lock_dir(dir: &Path) -> std::io::Result<Option<File>> {
+    use std::os::fd::AsRawFd;
+    let file = File::options().read(true).write(true).create(true).truncate(false).open(dir.join("LOCK"))?;
+    // SAFETY: flock on a descriptor this function owns; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let error = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(
+            error.kind(),
+            format!("{} is in use by another process ({error}); one yizhan per database", dir.display()),
+        ));
+    }
+    Ok(Some(file))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lock_dir(_dir: &Path) -> std::io::Result<Option<File>> {
+    Ok(None)
+}
+
+/// Creates `dir` if it is missing, durably.
+pub(super) fn create_dir(dir: &Path) -> std::io::Result<()> {
     if !dir.exists() {
         std::fs::create_dir_all(dir)?;
         if let Some(parent) = dir.parent().filter(|parent| !parent.as_os_str().is_empty()) {
             File::open(parent)?.sync_all()?;
         }
     }
-    let mut scanned =
-        Scanned { open: OpenEntries::new(), segments: VecDeque::new(), claims: Vec::new(), next_seq: 1, next_segment: 1 };
+    Ok(())
+}
+
+/// Reads every segment in `dir` (created if missing), oldest first, and locks the directory.
+/// Blank segments (never written) are deleted, but for the last one; so are segments left half
+/// prepared by a crash. `segment_bytes` is the size a reusable blank segment must have.
+pub(super) fn scan(dir: &Path, now: i64, segment_bytes: u64) -> std::io::Result<Scanned> {
+    create_dir(dir)?;
+    let lock = lock_dir(dir)?;
+    let mut scanned = Scanned {
+        open: OpenEntries::new(),
+        segments: VecDeque::new(),
+        claims: Vec::new(),
+        next_seq: 1,
+        next_segment: 1,
+        blank_last: None,
+        lock,
+    };
+    let numbers = segment_numbers(dir)?;
     let mut data = Vec::new();
-    for number in segment_numbers(dir)? {
+    for (index, &number) in numbers.iter().enumerate() {
         data.clear();
         File::open(segment_path(dir, number))?.read_to_end_into(&mut data)?;
         let mut info = SegmentInfo { number, open: 0, claims_until: i64::MIN };
         let mut at = 0;
+        let mut last_seq = None;
         while let Some((record, next)) = read_record(&data, at, number) {
             match record {
                 Record::Accept { seq, claim, expires_at, envelope_id, envelope_at, envelope_len } => {
-                    if seq < scanned.next_seq {
+                    if last_seq.is_some_and(|last| seq <= last) {
                         // Never written by this log's writer, whose seqs only grow.
                         tracing::error!(
                             segment = number,
@@ -274,7 +323,8 @@ pub(super) fn scan(dir: &Path, now: i64) -> std::io::Result<Scanned> {
                         );
                         break;
                     }
-                    scanned.next_seq = seq + 1;
+                    last_seq = Some(seq);
+                    scanned.next_seq = scanned.next_seq.max(seq.saturating_add(1));
                     info.open += 1;
                     info.claims_until = info.claims_until.max(expires_at);
                     if expires_at > now {
@@ -289,25 +339,45 @@ pub(super) fn scan(dir: &Path, now: i64) -> std::io::Result<Scanned> {
             }
             at = next;
         }
-        scanned.next_segment = number + 1;
+        let rest = data.get(at..).unwrap_or_default();
+        if let Some(offset) = rest.iter().position(|byte| *byte != 0) {
+            // A crash can tear the last batch a run wrote; damage looks the same. Either way
+            // nothing after this point is read, so say where.
+            tracing::error!(
+                segment = %segment_path(dir, number).display(),
+                valid_up_to = at,
+                next_nonzero_byte = at + offset,
+                "Inbound log segment has bytes after its last readable record: a write torn by a \
+                 crash (then those messages were never acknowledged) or damage to the disk."
+            );
+        }
+        scanned.next_segment = number.checked_add(1).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "inbound log segment number too large")
+        })?;
+        if at == 0 && rest.iter().all(|byte| *byte == 0) {
+            // Never written: it holds nothing, not even finish records, so it can go in any
+            // order. The last one is kept for reuse if it was fully prepared.
+            if index + 1 == numbers.len() && data.len() as u64 == segment_bytes {
+                scanned.blank_last = Some(number);
+            } else {
+                std::fs::remove_file(segment_path(dir, number))?;
+            }
+            continue;
+        }
         scanned.segments.push_back(info);
     }
+    File::open(dir)?.sync_all()?;
     Ok(scanned)
 }
 
 /// Forgets `envelope_id` as open, counting it off its segment (`current` is the segment being
 /// read or written, not yet in `segments`).
-fn close(
-    open: &mut OpenEntries,
-    segments: &mut VecDeque<SegmentInfo>,
-    current: &mut SegmentInfo,
-    envelope_id: &str,
-) {
+fn close(open: &mut OpenEntries, segments: &mut VecDeque<SegmentInfo>, current: &mut SegmentInfo, envelope_id: &str) {
     let Some(entry) = open.remove(envelope_id) else { return };
     let info = if entry.segment == current.number {
         Some(current)
     } else {
-        segments.iter_mut().find(|info| info.number == entry.segment)
+        segments.binary_search_by_key(&entry.segment, |info| info.number).ok().and_then(|index| segments.get_mut(index))
     };
     if let Some(info) = info {
         info.open = info.open.saturating_sub(1);
@@ -377,6 +447,8 @@ pub(super) struct InboundLog {
     spares: std::sync::mpsc::Receiver<std::io::Result<(u64, File)>>,
     sync: Option<SyncSegment>,
     broken: Arc<AtomicBool>,
+    /// The directory's lock, held as long as this log.
+    _lock: Option<File>,
     last_housekeeping: Instant,
     max_batch: usize,
     /// Reused per batch.
@@ -406,15 +478,19 @@ impl InboundLog {
         sync: Option<SyncSegment>,
         broken: Arc<AtomicBool>,
     ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
-        let Scanned { open, segments, mut claims, next_seq, next_segment } = scanned;
+        let Scanned { open, segments, mut claims, next_seq, next_segment, blank_last, lock } = scanned;
         claims.extend(extra_claims);
         let (ready, spares) = std::sync::mpsc::sync_channel(0);
         let preparer_dir = dir.clone();
         let preparer = std::thread::Builder::new()
             .name("inbound-log-preparer".to_owned())
             .spawn(move || run_preparer(&preparer_dir, next_segment, segment_bytes, &ready))?;
-        // A fresh segment after every start: never append behind a possibly torn tail.
-        let (number, active) = spares.recv().map_err(|_| std::io::Error::other("the segment preparer stopped"))??;
+        // A fresh segment after every start: never append behind a possibly torn tail. The
+        // previous run's spare qualifies: nothing was ever written to it.
+        let (number, active) = match blank_last {
+            Some(number) => (number, File::options().read(true).write(true).open(segment_path(&dir, number))?),
+            None => spares.recv().map_err(|_| std::io::Error::other("the segment preparer stopped"))??,
+        };
         let log = Self {
             dir,
             segment_bytes,
@@ -432,6 +508,7 @@ impl InboundLog {
             spares,
             sync,
             broken,
+            _lock: lock,
             last_housekeeping: Instant::now().checked_sub(HOUSEKEEPING_EVERY).unwrap_or_else(Instant::now),
             max_batch: max_batch.max(1),
             buf: Vec::new(),
@@ -651,6 +728,13 @@ impl InboundLog {
                     return;
                 }
             }
+            // Durable before the next one goes: were a later segment's deletion to survive a
+            // power loss and an earlier one's not, the earlier one's envelopes would come back
+            // without the finish records the later one held.
+            if let Err(error) = File::open(&self.dir).and_then(|dir| dir.sync_all()) {
+                tracing::warn!(dir = %self.dir.display(), %error, "Cannot sync the inbound log's directory.");
+                return;
+            }
             self.segments.pop_front();
         }
     }
@@ -681,7 +765,7 @@ mod tests {
     const SEGMENT: u64 = 4096;
 
     fn start(dir: &TempDir, syncs: Arc<std::sync::atomic::AtomicUsize>) -> (InboundLog, std::thread::JoinHandle<()>) {
-        let scanned = scan(&dir.0, now_ms()).unwrap_or_else(|e| panic!("{e}"));
+        let scanned = scan(&dir.0, now_ms(), SEGMENT).unwrap_or_else(|e| panic!("{e}"));
         let sync: SyncSegment = Box::new(move |_| {
             syncs.fetch_add(1, Ordering::SeqCst);
             Ok(())
@@ -817,9 +901,45 @@ mod tests {
     }
 
     #[test]
+    fn restarts_reuse_the_unwritten_spare_instead_of_piling_up_segments() {
+        let dir = TempDir::new();
+        let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (mut log, preparer) = start(&dir, Arc::clone(&syncs));
+        serve(&mut log, vec![accept("waiting", 3_600_000)]);
+        let mut active = log.active_info.number;
+        drop(log);
+        let _ = preparer.join();
+        for _ in 0..5 {
+            let (log, preparer) = start(&dir, Arc::clone(&syncs));
+            // The spare prepared right after the last active segment, not a newly made one.
+            assert_eq!(log.active_info.number, active + 1);
+            active = log.active_info.number;
+            drop(log);
+            let _ = preparer.join();
+        }
+        // The written segment, the active one and the spare.
+        assert!(segment_count(&dir) <= 3, "{} segments", segment_count(&dir));
+        let (mut log, preparer) = start(&dir, syncs);
+        assert_eq!(open_ids(&mut log), ["waiting"]);
+        drop(log);
+        let _ = preparer.join();
+    }
+
+    #[test]
+    fn a_second_process_cannot_open_a_log_in_use() {
+        let dir = TempDir::new();
+        let (log, preparer) = start(&dir, Arc::new(std::sync::atomic::AtomicUsize::new(0)));
+        let second = scan(&dir.0, now_ms(), SEGMENT).map(|_| ()).err().map(|e| e.to_string());
+        assert!(second.as_deref().is_some_and(|e| e.contains("in use")), "{second:?}");
+        drop(log);
+        let _ = preparer.join();
+        assert!(scan(&dir.0, now_ms(), SEGMENT).is_ok(), "free again once the first is gone");
+    }
+
+    #[test]
     fn a_failed_sync_fails_the_batch_and_every_later_one() {
         let dir = TempDir::new();
-        let scanned = scan(&dir.0, now_ms()).unwrap_or_else(|e| panic!("{e}"));
+        let scanned = scan(&dir.0, now_ms(), SEGMENT).unwrap_or_else(|e| panic!("{e}"));
         let broken = Arc::new(AtomicBool::new(false));
         let sync: SyncSegment = Box::new(|_| Err(std::io::Error::other("injected EIO")));
         let (mut log, preparer) =

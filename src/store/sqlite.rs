@@ -283,6 +283,12 @@ enum SqliteError {
     TooNew { path: PathBuf, found: i64, known: usize },
     #[error("the SQLite store {path} refused WAL mode (journal_mode is {mode})")]
     NotWal { path: PathBuf, mode: String },
+    #[error(
+        "the inbound log {path} is missing, but the database says it was in use: it journals the \
+         messages not yet answered and the ids of recent ones. Restore it together with the \
+         database, or create the empty directory to start without them"
+    )]
+    LogMissing { path: PathBuf },
     #[error("cannot open the inbound log {path}: {source}")]
     OpenLog { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
@@ -403,17 +409,46 @@ impl SqliteStore {
         // own would copy the whole WAL inside a commit.
         writer.pragma_update(None, "wal_autocheckpoint", 0).map_err(at)?;
         writer.set_prepared_statement_cache_capacity(64);
-        migrate(&mut writer, path)?;
-        let legacy_claims = load_claims(&writer).map_err(at)?;
         let log_dir = inbound_log::log_dir(path);
         let at_log = |source| SqliteError::OpenLog { path: log_dir.clone(), source };
-        let scanned = inbound_log::scan(&log_dir, now_ms()).map_err(at_log)?;
+        let version: i64 = writer.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(at)?;
+        if version >= LOG_SCHEMA_VERSION && !log_dir.exists() {
+            // Without it, every acknowledged message not yet answered and every remembered
+            // message id would be gone without a word (a backup restored without it, say).
+            return Err(SqliteError::LogMissing { path: log_dir });
+        }
+        // Before the schema says the log is in use, so that no crash leaves it said but missing.
+        inbound_log::create_dir(&log_dir).map_err(at_log)?;
+        migrate(&mut writer, path)?;
+        let legacy_claims = load_claims(&writer).map_err(at)?;
+        let segment_bytes = options.log_segment_bytes.max(4096);
+        let scanned = inbound_log::scan(&log_dir, now_ms(), segment_bytes).map_err(at_log)?;
         tracing::debug!(
             path = %path.display(),
             legacy_claims = legacy_claims.len(),
             open = scanned.open_count(),
             "Inbound log read back."
         );
+        forget_answers_of_closed(&mut writer, &scanned).map_err(at)?;
+        // Started before any SQLite thread, so that a failure here leaves none running.
+        let broken = Arc::new(AtomicBool::new(false));
+        let (log_tx, log_rx) = mpsc::channel(options.write_queue.max(1));
+        let log_sync = match options.durability {
+            Durability::PowerLoss => Some(segment_sync),
+            Durability::ProcessCrash => None,
+        };
+        let (log, preparer) = InboundLog::start(
+            log_dir.clone(),
+            scanned,
+            legacy_claims,
+            segment_bytes,
+            options.max_batch,
+            log_sync,
+            Arc::clone(&broken),
+        )
+        .map_err(at_log)?;
+        // Joined first (closing its queue ends it), then the preparer, which ends with it.
+        let mut threads = vec![spawn("inbound-log".to_owned(), move || log.run(log_rx))?, preparer];
 
         let reader_count = options.readers.max(1);
         let mut readers = Vec::with_capacity(reader_count);
@@ -438,10 +473,7 @@ impl SqliteStore {
         checkpointer.pragma_update(None, "synchronous", "NORMAL").map_err(at)?;
 
         let (write_tx, write_rx) = mpsc::channel(options.write_queue.max(1));
-        let (log_tx, log_rx) = mpsc::channel(options.write_queue.max(1));
         let (read_tx, read_rx) = mpsc::channel(options.write_queue.max(1));
-        let mut threads = Vec::with_capacity(reader_count + 3);
-        let broken = Arc::new(AtomicBool::new(false));
         let acks = match options.durability {
             Durability::ProcessCrash => Acks::AtCommit,
             Durability::PowerLoss => {
@@ -486,26 +518,9 @@ impl SqliteStore {
             broken: Arc::clone(&broken),
             commits,
         };
-        // The writer goes first in `threads`: joining it drops its `Acks` and `CommitSignal`,
-        // which ends the syncer and the checkpointer.
-        threads.insert(0, spawn("sqlite-writer".to_owned(), move || writer.run(write_rx))?);
-        let log_sync = match options.durability {
-            Durability::PowerLoss => Some(segment_sync),
-            Durability::ProcessCrash => None,
-        };
-        let (log, preparer) = InboundLog::start(
-            log_dir.clone(),
-            scanned,
-            legacy_claims,
-            options.log_segment_bytes.max(4096),
-            options.max_batch,
-            log_sync,
-            Arc::clone(&broken),
-        )
-        .map_err(at_log)?;
-        // Before the writer: the log thread's end ends the preparer, joined after it.
-        threads.insert(0, preparer);
-        threads.insert(0, spawn("inbound-log".to_owned(), move || log.run(log_rx))?);
+        // The writer goes right after the log's threads: joining it drops its `Acks` and
+        // `CommitSignal`, which ends the syncer and the checkpointer.
+        threads.insert(2, spawn("sqlite-writer".to_owned(), move || writer.run(write_rx))?);
         let read_rx = Arc::new(Mutex::new(read_rx));
         for (index, reader) in readers.into_iter().enumerate() {
             let jobs = Arc::clone(&read_rx);
@@ -610,6 +625,9 @@ fn spawn(name: String, body: impl FnOnce() + Send + 'static) -> Result<JoinHandl
     std::thread::Builder::new().name(name.clone()).spawn(body).map_err(|source| SqliteError::Spawn { name, source })
 }
 
+/// The schema version from which accepted envelopes are in the inbound log.
+const LOG_SCHEMA_VERSION: i64 = 3;
+
 /// Applies the missing [`MIGRATIONS`] in one transaction, or refuses a newer schema.
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), SqliteError> {
     let at = |source| SqliteError::Open { path: path.to_owned(), source };
@@ -625,6 +643,19 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), SqliteError> {
         tx.pragma_update(None, "user_version", index + 1).map_err(at)?;
     }
     tx.commit().map_err(at)
+}
+
+/// Deletes the answered marks and pending parts of logged envelopes that are no longer open: a
+/// crash between the log's finish record and the SQLite side of `finish` leaves them behind.
+fn forget_answers_of_closed(conn: &mut Connection, scanned: &inbound_log::Scanned) -> Result<(), rusqlite::Error> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let answered: Vec<String> =
+        tx.prepare("SELECT envelope_id FROM answered")?.query_map([], |row| row.get(0))?.collect::<Result<_, _>>()?;
+    for envelope_id in answered.iter().filter(|id| !scanned.is_open(id)) {
+        tx.execute("DELETE FROM outbox WHERE envelope_id = ?1 AND state = 'pending'", params![envelope_id])?;
+        tx.execute("DELETE FROM answered WHERE envelope_id = ?1", params![envelope_id])?;
+    }
+    tx.commit()
 }
 
 /// Unix milliseconds now; the writer takes it once per batch.
@@ -1268,7 +1299,7 @@ enum ReadOp {
     /// The open rows journaled before schema 3, then `logged` (the inbound log's open
     /// envelopes), each with its pending parts if answered.
     Unfinished {
-        logged: Vec<OpenEnvelope>,
+        logged: Vec<Envelope>,
     },
 }
 
@@ -1339,15 +1370,13 @@ fn query(conn: &mut Connection, op: &ReadOp) -> Result<Fetched, rusqlite::Error>
                     }
                 }
                 let mut answered = tx.prepare_cached("SELECT 1 FROM answered WHERE envelope_id = ?1")?;
-                for OpenEnvelope { envelope_id, json } in logged {
-                    if let Some(envelope) = parse_envelope(envelope_id, json) {
-                        let pending_parts = if answered.exists(params![envelope_id])? {
-                            Some(pending_parts(&mut outbox, envelope_id)?)
-                        } else {
-                            None
-                        };
-                        unfinished.push(Unfinished { envelope, pending_parts });
-                    }
+                for envelope in logged {
+                    let pending_parts = if answered.exists(params![envelope.id])? {
+                        Some(pending_parts(&mut outbox, &envelope.id)?)
+                    } else {
+                        None
+                    };
+                    unfinished.push(Unfinished { envelope: envelope.clone(), pending_parts });
                 }
             }
             tx.commit()?;
@@ -1469,6 +1498,15 @@ impl Store for SqliteStore {
                 Logged::Open(logged) => logged,
                 _ => return Err(SqliteError::Mismatch("unfinished").into()),
             };
+            let mut readable = Vec::with_capacity(logged.len());
+            for OpenEnvelope { envelope_id, json } in logged {
+                match parse_envelope(&envelope_id, &json) {
+                    Some(envelope) => readable.push(envelope),
+                    // Finished, or it would hold its segment, and every later one, forever.
+                    None => drop(self.log(LogOp::Finish { envelope_id }).await?),
+                }
+            }
+            let logged = readable;
             match self.read(ReadOp::Unfinished { logged }).await? {
                 Fetched::Unfinished(unfinished) => Ok(unfinished),
                 Fetched::History(_) => Err(SqliteError::Mismatch("unfinished").into()),
@@ -1769,6 +1807,60 @@ mod tests {
         for i in 0..20 {
             assert_eq!(ok(store.history(&format!("k{i}"), 10).await).len(), usize::from(i != 10), "k{i}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_missing_inbound_log_is_an_error_once_the_database_has_used_one() {
+        let dir = TempDir::new();
+        drop(open(&dir, 10));
+        let log = inbound_log::log_dir(&dir.db());
+        ok(std::fs::remove_dir_all(&log));
+        let refused = SqliteStore::open(&dir.db(), test_options()).map(|_| ()).err().map(|e| e.to_string());
+        assert!(refused.as_deref().is_some_and(|e| e.contains("is missing")), "{refused:?}");
+        // The operator's way to start without it.
+        ok(std::fs::create_dir(&log));
+        drop(open(&dir, 10));
+    }
+
+    #[tokio::test]
+    async fn answers_left_behind_by_a_crash_inside_finish_are_forgotten_at_startup() {
+        let dir = TempDir::new();
+        let (done, waiting) = (envelope("m1"), envelope("m2"));
+        {
+            let store = open(&dir, 10);
+            ok(store.accept(&done, TTL).await);
+            ok(store.accept(&waiting, TTL).await);
+            ok(store.record_answer(&done.id, "k", None, &[part(&done, 0)]).await);
+            ok(store.record_answer(&waiting.id, "k", None, &[part(&waiting, 0)]).await);
+            // The log's half of `finish` only, as if the process died before the SQLite half.
+            ok(store.log(LogOp::Finish { envelope_id: done.id.clone() }).await);
+        }
+        let store = open(&dir, 10);
+        let unfinished = ok(store.unfinished().await);
+        assert_eq!(unfinished.len(), 1);
+        assert_eq!(unfinished[0].pending_parts.as_deref(), Some(&[part(&waiting, 0)][..]));
+        drop(store);
+        let conn = ok(Connection::open(dir.db()));
+        let rows = |sql: &str| -> i64 { ok(conn.query_row(sql, params![done.id], |row| row.get(0))) };
+        assert_eq!(rows("SELECT COUNT(*) FROM answered WHERE envelope_id = ?1"), 0);
+        assert_eq!(rows("SELECT COUNT(*) FROM outbox WHERE envelope_id = ?1"), 0);
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_logged_envelope_is_skipped_and_finished() {
+        let dir = TempDir::new();
+        let store = open(&dir, 10);
+        let op = LogOp::Accept {
+            claim: claim_key("c", "bad"),
+            envelope_id: "bad".into(),
+            envelope: "{not json".into(),
+            ttl_ms: 60_000,
+        };
+        ok(store.log(op).await);
+        ok(store.accept(&envelope("good"), TTL).await);
+        assert_eq!(ok(store.unfinished().await).len(), 1);
+        let still_open = ok(store.log(LogOp::IsOpen { envelope_id: "bad".into() }).await);
+        assert!(matches!(still_open, Logged::IsOpen(false)), "{still_open:?}");
     }
 
     #[tokio::test]
