@@ -15,7 +15,11 @@
 //! segment is zero-filled and fsynced (with its directory) by the **preparer thread** before
 //! the writer takes it, so that an `fdatasync` after an append only has data to flush: writing
 //! into a file's unallocated or unwritten blocks would make every `fdatasync` commit the
-//! filesystem's metadata journal too.
+//! filesystem's metadata journal too. At startup the previous run's spare, never written,
+//! becomes the first segment; other segments never written (or left half prepared by a crash)
+//! are deleted. `LOCK` in the directory is `flock`ed for as long as the log is open: one
+//! process per log. A database that has used a log refuses to open without its directory (see
+//! `SqliteStore::open`).
 //!
 //! # Records
 //!
@@ -428,7 +432,8 @@ fn run_preparer(
         if ready.send(prepared).is_err() || failed {
             return;
         }
-        number += 1;
+        let Some(next) = number.checked_add(1) else { return };
+        number = next;
     }
 }
 
