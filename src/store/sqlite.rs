@@ -50,8 +50,8 @@
 //! cancelled `accept` must not leave a journal entry that nobody dispatches (the log's thread
 //! skips those too).
 //!
-//! Dropping the store closes both queues; the writer commits everything already queued, then
-//! every thread is joined.
+//! Dropping the store closes its queues; the log's thread and the writer handle everything
+//! already queued, then every thread is joined.
 //!
 //! # Durability
 //!
@@ -108,7 +108,8 @@
 //!   and `created_at`. At most [`SqliteOptions::max_turns_kept`] rows per key.
 //!
 //! Foreign keys are not declared: the writer is the only mutator and inserts outbox rows only for
-//! a live journal row, and declared keys would cost a lookup on every insert of the hot path.
+//! an open envelope (in the inbound log, or a legacy journal row), and declared keys would cost a
+//! lookup on every insert of the hot path.
 
 use super::claims::{claim_key, ClaimKey};
 use super::inbound_log::{self, InboundLog, LogJob, LogOp, Logged, OpenEnvelope, SyncSegment};
@@ -331,9 +332,9 @@ pub struct SqliteStore {
     log: Option<mpsc::Sender<LogJob>>,
     /// Queries for the reader threads; `None` only while dropping.
     reads: Option<mpsc::Sender<ReadJob>>,
-    /// Writer, syncer (if any), checkpointer and readers, joined on drop (the writer first: its
-    /// end ends the syncer and the checkpointer) so queued writes are committed and synced before
-    /// it returns.
+    /// The inbound log's thread and its preparer, then the writer, syncer (if any), checkpointer
+    /// and readers, joined on drop in that order (the writer's end ends the syncer and the
+    /// checkpointer) so queued writes are committed and synced before it returns.
     threads: Vec<JoinHandle<()>>,
     /// For `Debug` and logs.
     path: PathBuf,
