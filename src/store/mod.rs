@@ -118,6 +118,20 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
+/// Unix milliseconds now (wall clock: expiries must mean the same after a restart).
+fn now_ms() -> i64 {
+    system_time_ms(SystemTime::now())
+}
+
+/// Unix milliseconds, saturating (a time before 1970 is 0).
+fn system_time_ms(time: SystemTime) -> i64 {
+    time.duration_since(std::time::UNIX_EPOCH).map(duration_ms).unwrap_or(0)
+}
+
+fn duration_ms(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
 /// Hands `serve` everything queued in `jobs`, up to `max_batch` at a time (waiting for the first
 /// of each batch), until every sender is gone and the queue is drained: the group-commit loop of
 /// the store threads.

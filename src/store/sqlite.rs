@@ -113,7 +113,7 @@
 
 use super::claims::{claim_key, ClaimKey};
 use super::inbound_log::{self, InboundLog, LogJob, LogOp, Logged, OpenEnvelope, SyncSegment};
-use super::{Acceptance, Store, StoreError, Turn, Unfinished};
+use super::{duration_ms, now_ms, system_time_ms, Acceptance, Store, StoreError, Turn, Unfinished};
 use rusqlite::{params, Connection, OpenFlags, TransactionBehavior};
 use std::fmt;
 use std::fs::File;
@@ -121,7 +121,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, oneshot};
 use yizhan_channel_core::{BoxFuture, Delivery, Envelope};
 
@@ -513,7 +513,7 @@ impl SqliteStore {
             max_turns_kept: i64::try_from(options.max_turns_kept.max(1)).unwrap_or(i64::MAX),
             max_batch: options.max_batch.max(1),
             results: Vec::with_capacity(options.max_batch.max(1)),
-            // The first batch sweeps: claims may have expired while the process was down.
+            // The first batch sweeps: rows may have expired while the process was down.
             last_sweep: Instant::now().checked_sub(SWEEP_EVERY).unwrap_or_else(Instant::now),
             acks,
             broken: Arc::clone(&broken),
@@ -659,20 +659,6 @@ fn forget_answers_of_closed(conn: &mut Connection, scanned: &inbound_log::Scanne
     tx.commit()
 }
 
-/// Unix milliseconds now; the writer takes it once per batch.
-fn now_ms() -> i64 {
-    system_time_ms(SystemTime::now())
-}
-
-/// Unix milliseconds, saturating (a time before 1970 is 0).
-fn system_time_ms(time: SystemTime) -> i64 {
-    time.duration_since(UNIX_EPOCH).map(duration_ms).unwrap_or(0)
-}
-
-fn duration_ms(duration: Duration) -> i64 {
-    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
-}
-
 fn to_i64(value: usize) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
@@ -680,7 +666,8 @@ fn to_i64(value: usize) -> i64 {
 // ---------------------------------------------------------------------------------------------
 // Writer
 
-/// How often the writer deletes expired dedupe claims.
+/// How often the writer deletes schema 1's expired `dedupe` rows (the inbound log's thread
+/// sweeps the live claims itself).
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
 /// One write operation, with everything already encoded so the writer only runs SQL.
@@ -760,8 +747,8 @@ struct Writer {
     max_batch: usize,
     /// Each batch's results until its commit; kept to reuse the allocation.
     results: Vec<Result<Written, SqliteError>>,
-    /// When expired dedupe claims were last deleted. Sweeping on a timer (as `MemoryStore`
-    /// does) keeps them bounded even if nobody calls `prune`.
+    /// When schema 1's expired `dedupe` rows were last deleted. Sweeping on a timer (as
+    /// `MemoryStore` does) deletes them even if nobody calls `prune`.
     last_sweep: Instant,
     acks: Acks,
     /// Set by the syncer when an fsync failed: from then on every write fails.
@@ -1567,7 +1554,7 @@ mod tests {
     impl TempDir {
         fn new() -> Self {
             static COUNTER: AtomicU64 = AtomicU64::new(0);
-            let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+            let nanos = SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
             let name =
                 format!("yizhan-sqlite-{}-{}-{nanos}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
             Self(std::env::temp_dir().join(name))
