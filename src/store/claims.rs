@@ -1,12 +1,12 @@
-//! The SQLite store's live dedupe claims, held in memory by its writer thread.
+//! The SQLite store's live dedupe claims, held in memory by its inbound log thread.
 //!
 //! Why in memory: platform message ids arrive in no particular order (Feishu's and WeCom's are
 //! random), so a B-tree keyed on them takes one random page write per accepted message, and at
-//! group-commit rates those pages were the largest part of every commit. Instead each journal
-//! row carries its claim (a digest and an expiry), which appends, and the writer —
-//! the only thread that accepts — answers "seen before?" from this map. At startup the map is
-//! rebuilt from the rows whose claims are still live, so retries that arrive after a restart
-//! are still recognised.
+//! group-commit rates those pages were the largest part of every commit. Instead each accept
+//! record of the inbound log carries its claim (a digest and an expiry), which appends, and the
+//! log thread — the only thread that accepts — answers "seen before?" from this map. At startup
+//! the map is rebuilt from the records (and from schema 1 and 2 rows) whose claims are still
+//! live, so retries that arrive after a restart are still recognised.
 //!
 //! Memory: one map entry and one queue entry (together about 80 bytes) per message accepted
 //! within the dedupe window.
@@ -31,11 +31,11 @@ pub fn claim_key(channel: &str, platform_message_id: &str) -> ClaimKey {
     key
 }
 
-/// Live claims (key → expiry in Unix ms), with an undo log for the transaction in progress.
+/// Live claims (key → expiry in Unix ms), with an undo log for the batch in progress.
 ///
-/// A claim taken inside a transaction counts at once (a retry in the same batch is a
-/// duplicate), but if the transaction rolls back, [`Claims::discard_staged`] puts back what
-/// was there before, so a rolled-back accept leaves no claim behind.
+/// A claim taken inside a batch counts at once (a retry in the same batch is a
+/// duplicate), but if the batch fails to be written, [`Claims::discard_staged`] puts back what
+/// was there before, so an accept that failed leaves no claim behind.
 ///
 /// Sweeping never scans the map (millions of claims with the default 24-hour window, on the
 /// thread every acknowledgement waits for): claims also queue up in the order they were taken,
@@ -48,7 +48,7 @@ pub struct Claims {
     live: HashMap<ClaimKey, i64, foldhash::fast::RandomState>,
     /// Claims in the order they were taken (committed), with their expiry.
     by_age: VecDeque<(i64, ClaimKey)>,
-    /// Each claim of the transaction in progress: its key, what it replaced, its expiry.
+    /// Each claim of the batch in progress: its key, what it replaced, its expiry.
     undo: Vec<(ClaimKey, Option<i64>, i64)>,
 }
 
@@ -69,20 +69,20 @@ impl Claims {
         self.live.get(key).is_some_and(|expires_at| *expires_at > now)
     }
 
-    /// Takes `key` until `expires_at`, undone if the transaction rolls back.
+    /// Takes `key` until `expires_at`, undone if the batch fails.
     pub fn stage(&mut self, key: ClaimKey, expires_at: i64) {
         let replaced = self.live.insert(key, expires_at);
         self.undo.push((key, replaced, expires_at));
     }
 
-    /// The transaction committed: its claims stay.
+    /// The batch is on disk: its claims stay.
     pub fn commit_staged(&mut self) {
         for (key, _, expires_at) in self.undo.drain(..) {
             self.by_age.push_back((expires_at, key));
         }
     }
 
-    /// The transaction rolled back: its claims never happened.
+    /// The batch failed: its claims never happened.
     pub fn discard_staged(&mut self) {
         for (key, replaced, _) in self.undo.drain(..).rev() {
             match replaced {
