@@ -60,7 +60,12 @@ pub fn parts_for(channel: &dyn Channel, envelope: &Envelope, text: String) -> Ve
 /// order.
 pub async fn answer(hub: &Hub, envelope: &Envelope, session_key: &str, turn: Option<Turn>, text: String) {
     let Some(entry) = hub.channels.get(&envelope.channel) else {
-        tracing::error!(channel = %envelope.channel, "Answer for an unknown channel dropped.");
+        tracing::error!(
+            channel = %envelope.channel,
+            envelope = %envelope.id,
+            "Answer for a channel no longer configured; finished unanswered."
+        );
+        hub.finish(&envelope.id).await;
         return;
     };
     let parts = parts_for(entry.channel.as_ref(), envelope, text);
@@ -162,6 +167,12 @@ pub async fn send_parts(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) {
             }
             Err(error) => tracing::error!(envelope = %envelope.id, %error, "Delivery actor unavailable."),
         }
+    } else {
+        tracing::error!(
+            channel = %envelope.channel,
+            envelope = %envelope.id,
+            "Recorded answer for a channel no longer configured; finished unsent."
+        );
     }
     hub.finish(&envelope.id).await;
 }

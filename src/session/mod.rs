@@ -298,7 +298,14 @@ impl Handler<Retire> for Session {
 async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>) -> Option<Vec<Turn>> {
     let Job { envelope, work } = job;
     let Some(entry) = hub.channels.get(&envelope.channel) else {
-        tracing::error!(channel = %envelope.channel, "Job for an unknown channel dropped.");
+        // Only after a restart with the channel gone from the config: nothing could deliver an
+        // answer, and an entry left open would keep its inbound log segment forever.
+        tracing::error!(
+            channel = %envelope.channel,
+            envelope = %envelope.id,
+            "Message for a channel no longer configured; finished unanswered."
+        );
+        hub.finish(&envelope.id).await;
         return history;
     };
     let mut history = history;

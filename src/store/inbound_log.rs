@@ -544,6 +544,10 @@ impl InboundLog {
                         // Ids are fresh per webhook; two open entries under one id could never
                         // both be finished.
                         Err(format!("envelope {envelope_id} is already journaled"))
+                    } else if self.next_seq == u64::MAX {
+                        // Only a damaged or foreign segment can carry a seq this high (the scan
+                        // resumes after the largest one read); never reuse or wrap one.
+                        Err("the inbound log's sequence numbers are exhausted".to_owned())
                     } else {
                         let expires_at = now.saturating_add(*ttl_ms);
                         match accept_payload(self.next_seq, claim, expires_at, envelope_id, envelope) {
@@ -887,6 +891,30 @@ mod tests {
                 Ok(Logged::Accepted(Acceptance::New))
             ]
         ));
+        drop(log);
+        let _ = preparer.join();
+    }
+
+    #[test]
+    fn a_record_with_the_last_seq_refuses_later_accepts_instead_of_wrapping() {
+        let dir = TempDir::new();
+        let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (log, preparer) = start(&dir, Arc::clone(&syncs));
+        let segment = log.active_info.number;
+        drop(log);
+        let _ = preparer.join();
+        // A foreign or damaged segment whose (valid) record carries the largest seq there is.
+        let mut record = Vec::new();
+        let payload = accept_payload(u64::MAX, &claim_key("c", "last"), i64::MAX, "last", "{}");
+        frame(&mut record, segment, &payload.unwrap_or_default());
+        let file = File::options().write(true).open(segment_path(&dir.0, segment));
+        file.and_then(|file| file.write_all_at(&record, 0)).unwrap_or_else(|e| panic!("{e}"));
+
+        let (mut log, preparer) = start(&dir, syncs);
+        assert_eq!(open_ids(&mut log), ["last"]);
+        let answers = serve(&mut log, vec![accept("next", 1)]);
+        assert!(matches!(&answers[..], [Err(error)] if error.contains("exhausted")), "{answers:?}");
+        assert_eq!(open_ids(&mut log), ["last"], "nothing journaled under a reused seq");
         drop(log);
         let _ = preparer.join();
     }

@@ -76,6 +76,10 @@ pub trait Store: Send + Sync + 'static {
     /// Records an envelope's answer in one atomic step: the conversation turn (if the answer
     /// came from the model), and every rendered part into the outbox. From then on, recovery
     /// re-sends the parts instead of asking the model again.
+    ///
+    /// Callers finish an envelope only after its `record_answer` returned. (Run side by side
+    /// with that envelope's `finish`, the SQLite store may keep its parts until the next start,
+    /// which forgets the parts of finished envelopes; nothing is sent twice either way.)
     fn record_answer<'a>(
         &'a self,
         envelope_id: &'a str,

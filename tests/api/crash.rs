@@ -179,3 +179,42 @@ async fn a_bad_config_exits_non_zero_naming_the_key_and_check_accepts_a_good_one
     let _ = std::fs::remove_dir_all(&dir);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 }
+
+#[actix_web::test]
+async fn a_message_left_for_a_channel_since_removed_from_the_config_is_finished_unanswered() {
+    use yizhan::store::{SqliteOptions, SqliteStore, Store};
+    use yizhan_channel_core::{ChannelId, Conversation, ConversationKind, Envelope, ReplyHandle, Segment, Sender};
+
+    let dir = std::env::temp_dir().join(format!("yizhan-gone-{}-{}", std::process::id(), now()));
+    let db = dir.join("yizhan.db");
+    // The last run accepted a message on channel `gone` and stopped before answering it.
+    {
+        let store = SqliteStore::open(&db, SqliteOptions::default()).unwrap_or_else(|e| panic!("{e}"));
+        let envelope = Envelope {
+            id: Envelope::new_id(),
+            channel: ChannelId::parse("gone").unwrap_or_else(|e| panic!("{e}")),
+            channel_kind: "wechat_mp".into(),
+            platform_message_id: "1".into(),
+            received_at_ms: 0,
+            conversation: Conversation { kind: ConversationKind::Direct, id: "oGone".into() },
+            sender: Sender { id: "oGone".into(), name: None },
+            content: vec![Segment::Text { text: "你好".into() }],
+            mentions_self: true,
+            reply_handle: ReplyHandle::default(),
+        };
+        let accepted = store.accept(&envelope, Duration::from_secs(60)).await;
+        assert!(matches!(accepted, Ok(yizhan::store::Acceptance::New)), "{accepted:?}");
+    }
+    // Restarted with `gone` no longer configured: nothing can answer it, and left open it would
+    // pin its log segment (and every later one) for good.
+    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+    echo_llm(&llm, Duration::ZERO).await;
+    wechat_ok(&wechat).await;
+    let config = base_config(&llm, &wechat)
+        .replace("kind = \"memory\"", &format!("kind = \"sqlite\"\npath = \"{}\"", db.display()));
+    let app = spawn_with(&config, &[], yizhan::channels::ChannelKinds::builtin(), wechat, llm).await;
+    app.wait_until_idle().await;
+    assert!(app.llm_requests().await.is_empty());
+    assert!(app.sent_messages().await.is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}
