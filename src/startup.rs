@@ -304,7 +304,12 @@ async fn resume_unfinished(hub: &Hub, router: &Router) {
     let pending = match hub.store.unfinished().await {
         Ok(pending) => pending,
         Err(error) => {
-            tracing::error!(%error, "Failed to read unfinished messages.");
+            // They stay journaled (and keep their log segments): the next start tries again.
+            tracing::error!(
+                %error,
+                "Failed to read the messages the last run left unanswered; they stay journaled \
+                 and are resumed at the next start."
+            );
             return;
         }
     };

@@ -294,7 +294,7 @@ pub(super) fn create_dir(dir: &Path) -> std::io::Result<()> {
 
 /// Reads every segment in `dir` (created if missing), oldest first, and locks the directory.
 /// Blank segments (never written) are deleted, but for the last one; so are segments left half
-/// prepared by a crash. `segment_bytes` is the size a reusable blank segment must have.
+/// prepared by a crash, and the oldest ones with nothing open and no live claim left. `segment_bytes` is the size a reusable blank segment must have.
 pub(super) fn scan(dir: &Path, now: i64, segment_bytes: u64) -> std::io::Result<Scanned> {
     create_dir(dir)?;
     let lock = lock_dir(dir)?;
@@ -370,6 +370,8 @@ pub(super) fn scan(dir: &Path, now: i64, segment_bytes: u64) -> std::io::Result<
         }
         scanned.segments.push_back(info);
     }
+    // Before the writer asks for a fresh segment: on a full disk, this may be what makes room.
+    delete_finished_segments(dir, &mut scanned.segments, now);
     File::open(dir)?.sync_all()?;
     Ok(scanned)
 }
@@ -712,26 +714,32 @@ impl InboundLog {
 
     /// Deletes segments from the oldest on while they are done with (module docs).
     fn delete_finished_segments(&mut self, now: i64) {
-        while let Some(front) = self.segments.front() {
-            if front.open > 0 || front.claims_until > now {
-                return;
-            }
-            let path = segment_path(&self.dir, front.number);
-            if let Err(error) = std::fs::remove_file(&path) {
-                if error.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(path = %path.display(), %error, "Cannot delete a finished inbound log segment.");
-                    return;
-                }
-            }
-            // Durable before the next one goes: were a later segment's deletion to survive a
-            // power loss and an earlier one's not, the earlier one's envelopes would come back
-            // without the finish records the later one held.
-            if let Err(error) = File::open(&self.dir).and_then(|dir| dir.sync_all()) {
-                tracing::warn!(dir = %self.dir.display(), %error, "Cannot sync the inbound log's directory.");
-                return;
-            }
-            self.segments.pop_front();
+        delete_finished_segments(&self.dir, &mut self.segments, now);
+    }
+}
+
+/// Deletes segments from the front of `segments` (oldest first) while nothing in them is open
+/// and their claims have lapsed at `now`.
+fn delete_finished_segments(dir: &Path, segments: &mut VecDeque<SegmentInfo>, now: i64) {
+    while let Some(front) = segments.front() {
+        if front.open > 0 || front.claims_until > now {
+            return;
         }
+        let path = segment_path(dir, front.number);
+        if let Err(error) = std::fs::remove_file(&path) {
+            if error.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %path.display(), %error, "Cannot delete a finished inbound log segment.");
+                return;
+            }
+        }
+        // Durable before the next one goes: were a later segment's deletion to survive a power
+        // loss and an earlier one's not, the earlier one's envelopes would come back without
+        // the finish records the later one held.
+        if let Err(error) = File::open(dir).and_then(|dir| dir.sync_all()) {
+            tracing::warn!(dir = %dir.display(), %error, "Cannot sync the inbound log's directory.");
+            return;
+        }
+        segments.pop_front();
     }
 }
 
@@ -893,6 +901,34 @@ mod tests {
         ));
         drop(log);
         let _ = preparer.join();
+    }
+
+    #[test]
+    fn a_restart_deletes_finished_segments_before_asking_for_a_fresh_one() {
+        let dir = TempDir::new();
+        let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (mut log, preparer) = start(&dir, Arc::clone(&syncs));
+        let (done, kept) = (log.active_info.number, "kept");
+        serve(&mut log, vec![accept("done", 1_000), accept(kept, 3_600_000)]);
+        serve(&mut log, vec![finish("done")]);
+        drop(log);
+        let _ = preparer.join();
+        let later = crate::store::now_ms() + 10_000;
+
+        // `kept` is still open: its segment stays.
+        let scanned = scan(&dir.0, later, SEGMENT).unwrap_or_else(|e| panic!("{e}"));
+        assert!(segment_path(&dir.0, done).exists());
+        drop(scanned);
+
+        let (mut log, preparer) = start(&dir, Arc::clone(&syncs));
+        serve(&mut log, vec![finish(kept)]);
+        drop(log);
+        let _ = preparer.join();
+        // Now all of it is finished and the claims have lapsed: gone before any new segment.
+        let scanned = scan(&dir.0, later + 3_600_000, SEGMENT).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!segment_path(&dir.0, done).exists());
+        assert!(scanned.segments.iter().all(|info| info.number != done));
+        assert!(scanned.open.is_empty());
     }
 
     #[test]
