@@ -39,7 +39,10 @@
 //! An accepted envelope is open until its finish record. A segment is deleted once it is not
 //! the one being written, holds no open envelope, all its dedupe claims have lapsed, and every
 //! older segment is gone (its finish records may be what closes envelopes of older segments,
-//! so they may not disappear first).
+//! so they may not disappear first). Envelopes still open an hour after every claim of the
+//! oldest segment lapsed are journaled again in the active segment, so that one envelope stuck
+//! somewhere cannot keep every segment after its own; of two accept records for one envelope,
+//! the later one counts.
 
 use super::claims::{ClaimKey, Claims};
 use super::Acceptance;
@@ -65,6 +68,12 @@ const ZERO_FILL_CHUNK: usize = 256 << 10;
 
 /// How often, at most, the writer forgets lapsed claims and deletes finished segments.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
+
+/// How long past the lapse of the oldest segment's claims its open envelopes wait before they
+/// are journaled again (see `InboundLog::carry_forward_stuck`), in ms. Not at once: with a short
+/// `dedupe_ttl_secs`, envelopes queued behind a slow model outlive their claims while still
+/// being worked on, and copying them over and over would only cost writes.
+const CARRY_FORWARD_AFTER_MS: i64 = 3_600_000;
 
 /// What the log thread is asked to do.
 #[derive(Debug)]
@@ -149,7 +158,7 @@ fn frame(buf: &mut Vec<u8>, segment: u64, payload: &[u8]) {
     buf.extend_from_slice(payload);
 }
 
-fn accept_payload(seq: u64, claim: &ClaimKey, expires_at: i64, envelope_id: &str, envelope: &str) -> Option<Vec<u8>> {
+fn accept_payload(seq: u64, claim: &ClaimKey, expires_at: i64, envelope_id: &str, envelope: &[u8]) -> Option<Vec<u8>> {
     let id_length = u16::try_from(envelope_id.len()).ok()?;
     let mut payload = Vec::with_capacity(ACCEPT_FIXED + envelope_id.len() + envelope.len());
     payload.push(ACCEPT);
@@ -158,7 +167,7 @@ fn accept_payload(seq: u64, claim: &ClaimKey, expires_at: i64, envelope_id: &str
     payload.extend_from_slice(&expires_at.to_le_bytes());
     payload.extend_from_slice(&id_length.to_le_bytes());
     payload.extend_from_slice(envelope_id.as_bytes());
-    payload.extend_from_slice(envelope.as_bytes());
+    payload.extend_from_slice(envelope);
     Some(payload)
 }
 
@@ -329,6 +338,8 @@ pub(super) fn scan(dir: &Path, now: i64, segment_bytes: u64) -> std::io::Result<
                     }
                     last_seq = Some(seq);
                     scanned.next_seq = scanned.next_seq.max(seq.saturating_add(1));
+                    // Carried forward (see `carry_forward_stuck`): the later copy is the one.
+                    close(&mut scanned.open, &mut scanned.segments, &mut info, envelope_id);
                     info.open += 1;
                     info.claims_until = info.claims_until.max(expires_at);
                     if expires_at > now {
@@ -552,30 +563,19 @@ impl InboundLog {
                         Err("the inbound log's sequence numbers are exhausted".to_owned())
                     } else {
                         let expires_at = now.saturating_add(*ttl_ms);
-                        match accept_payload(self.next_seq, claim, expires_at, envelope_id, envelope) {
-                            None => Err("envelope id too long for the inbound log".to_owned()),
-                            Some(payload) => match self.append(&payload, &mut filled) {
-                                Err(error) => {
-                                    written = Err(error.to_string());
-                                    break;
-                                }
-                                Ok(None) => Err("envelope too large for an inbound log segment".to_owned()),
-                                Ok(Some(at)) => {
-                                    let envelope_at = at + (HEADER + ACCEPT_FIXED + envelope_id.len()) as u64;
-                                    let entry = OpenEntry {
-                                        seq: self.next_seq,
-                                        segment: self.active_info.number,
-                                        at: envelope_at,
-                                        len: envelope.len(),
-                                    };
-                                    self.next_seq += 1;
-                                    self.active_info.open += 1;
-                                    self.active_info.claims_until = self.active_info.claims_until.max(expires_at);
-                                    self.claims.stage(*claim, expires_at);
-                                    staged_open.push((envelope_id.clone(), entry));
-                                    Ok(Some(Logged::Accepted(Acceptance::New)))
-                                }
-                            },
+                        match self.append_accept(claim, expires_at, envelope_id, envelope.as_bytes(), &mut filled) {
+                            Err(error) => {
+                                written = Err(error.to_string());
+                                break;
+                            }
+                            Ok(None) => Err("envelope (or its id) too large for the inbound log".to_owned()),
+                            Ok(Some(entry)) => {
+                                self.active_info.open += 1;
+                                self.active_info.claims_until = self.active_info.claims_until.max(expires_at);
+                                self.claims.stage(*claim, expires_at);
+                                staged_open.push((envelope_id.clone(), entry));
+                                Ok(Some(Logged::Accepted(Acceptance::New)))
+                            }
                         }
                     }
                 }
@@ -605,8 +605,7 @@ impl InboundLog {
         if let Err(error) = written {
             // Pages that failed to reach the disk may be dropped by the kernel without a later
             // fsync hearing of it: nothing more is accepted (as for the SQLite WAL).
-            self.broken.store(true, Ordering::Release);
-            tracing::error!(%error, "Writing the inbound log failed; the store refuses writes until yizhan restarts.");
+            self.break_on(&error);
             self.claims.discard_staged();
             for job in batch.drain(..) {
                 let _ = job.reply.send(Err(format!("{BROKEN} ({error})")));
@@ -632,8 +631,129 @@ impl InboundLog {
         if self.last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
             self.last_housekeeping = Instant::now();
             self.claims.sweep(now);
+            self.carry_forward_stuck(now);
             self.delete_finished_segments(now);
         }
+    }
+
+    /// Journals again, in the active segment, the envelopes that alone keep the oldest segment:
+    /// still open an hour after every claim in it lapsed, so open for longer than the dedupe
+    /// window and that hour (a bug or a store failure somewhere; nothing normal takes that
+    /// long). Otherwise that segment, and every later one, would stay until a restart resumed
+    /// them. The copies are synced before the segment can go; a scan that meets both keeps the
+    /// later one.
+    fn carry_forward_stuck(&mut self, now: i64) {
+        let stuck_since = now.saturating_sub(CARRY_FORWARD_AFTER_MS);
+        let Some(front) = self.segments.front().filter(|front| front.open > 0 && front.claims_until <= stuck_since)
+        else {
+            return;
+        };
+        let number = front.number;
+        let stuck: Vec<(String, OpenEntry)> = self
+            .open
+            .iter()
+            .filter(|(_, entry)| entry.segment == number)
+            .map(|(envelope_id, entry)| (envelope_id.clone(), *entry))
+            .collect();
+        let mut files = HashMap::new();
+        let mut envelopes = Vec::with_capacity(stuck.len());
+        for (_, entry) in &stuck {
+            // As bytes: copied as they are, whatever they hold.
+            match self.read_entry(&mut files, entry) {
+                Ok(json) => envelopes.push(json),
+                Err(error) => {
+                    tracing::warn!(segment = number, %error, "Cannot read envelopes to carry forward; segment kept.");
+                    return;
+                }
+            }
+        }
+        self.buf.clear();
+        let mut filled = Vec::new();
+        let mut carried = Vec::with_capacity(stuck.len());
+        for ((envelope_id, _), envelope) in stuck.iter().zip(&envelopes) {
+            if self.next_seq == u64::MAX {
+                break;
+            }
+            // A lapsed claim: the original's lapsed too, and a scan restores only live ones.
+            match self.append_accept(&[0; 16], i64::MIN, envelope_id, envelope, &mut filled) {
+                Ok(Some(entry)) => carried.push((envelope_id.clone(), entry)),
+                Ok(None) => {}
+                Err(error) => {
+                    self.break_on(&error);
+                    return;
+                }
+            }
+        }
+        if let Err(error) = self.write_and_sync(&filled) {
+            self.break_on(&error);
+            return;
+        }
+        tracing::warn!(
+            segment = number,
+            envelopes = carried.len(),
+            "Envelopes open for longer than the dedupe window carried forward in the inbound log."
+        );
+        for (envelope_id, entry) in carried {
+            let new_segment = entry.segment;
+            close(&mut self.open, &mut self.segments, &mut self.active_info, &envelope_id);
+            let info = if new_segment == self.active_info.number {
+                Some(&mut self.active_info)
+            } else {
+                self.segments
+                    .binary_search_by_key(&new_segment, |info| info.number)
+                    .ok()
+                    .and_then(|index| self.segments.get_mut(index))
+            };
+            if let Some(info) = info {
+                info.open += 1;
+            }
+            self.open.insert(envelope_id, entry);
+        }
+    }
+
+    /// Stops the log for good after a failed write or sync.
+    fn break_on(&self, error: &dyn std::fmt::Display) {
+        self.broken.store(true, Ordering::Release);
+        tracing::error!(%error, "Writing the inbound log failed; the store refuses writes until yizhan restarts.");
+    }
+
+    /// The journaled JSON of `entry`, read back from its segment (kept open in `files` for the
+    /// next entry).
+    fn read_entry(&self, files: &mut HashMap<u64, File>, entry: &OpenEntry) -> std::io::Result<Vec<u8>> {
+        let file = match files.entry(entry.segment) {
+            std::collections::hash_map::Entry::Occupied(file) => file.into_mut(),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(File::open(segment_path(&self.dir, entry.segment))?)
+            }
+        };
+        let mut json = vec![0; entry.len];
+        file.read_exact_at(&mut json, entry.at)?;
+        Ok(json)
+    }
+
+    /// Frames an accept record into the batch buffer (see `append`) under the next seq, which
+    /// the caller has checked is not the last. Returns where its envelope lies, or `None` if
+    /// the record could never fit a segment.
+    fn append_accept(
+        &mut self,
+        claim: &ClaimKey,
+        expires_at: i64,
+        envelope_id: &str,
+        envelope: &[u8],
+        filled: &mut Vec<File>,
+    ) -> std::io::Result<Option<OpenEntry>> {
+        let Some(payload) = accept_payload(self.next_seq, claim, expires_at, envelope_id, envelope) else {
+            return Ok(None);
+        };
+        let Some(at) = self.append(&payload, filled)? else { return Ok(None) };
+        let entry = OpenEntry {
+            seq: self.next_seq,
+            segment: self.active_info.number,
+            at: at + (HEADER + ACCEPT_FIXED + envelope_id.len()) as u64,
+            len: envelope.len(),
+        };
+        self.next_seq = self.next_seq.saturating_add(1);
+        Ok(Some(entry))
     }
 
     /// Frames `payload` into the batch buffer for the active segment, rotating to a fresh
@@ -693,18 +813,10 @@ impl InboundLog {
     fn list_open(&self) -> std::io::Result<Vec<OpenEnvelope>> {
         let mut entries: Vec<(&String, &OpenEntry)> = self.open.iter().collect();
         entries.sort_unstable_by_key(|(_, entry)| entry.seq);
-        let mut files: HashMap<u64, File> = HashMap::new();
+        let mut files = HashMap::new();
         let mut open = Vec::with_capacity(entries.len());
         for (envelope_id, entry) in entries {
-            let file = match files.entry(entry.segment) {
-                std::collections::hash_map::Entry::Occupied(file) => file.into_mut(),
-                std::collections::hash_map::Entry::Vacant(slot) => {
-                    slot.insert(File::open(segment_path(&self.dir, entry.segment))?)
-                }
-            };
-            let mut json = vec![0; entry.len];
-            file.read_exact_at(&mut json, entry.at)?;
-            match String::from_utf8(json) {
+            match String::from_utf8(self.read_entry(&mut files, entry)?) {
                 Ok(json) => open.push(OpenEnvelope { envelope_id: envelope_id.clone(), json }),
                 Err(_) => tracing::error!(%envelope_id, "Journaled envelope is not UTF-8; skipped."),
             }
@@ -828,7 +940,8 @@ mod tests {
         assert_eq!(syncs.load(Ordering::SeqCst), 30, "one sync per batch");
         assert_eq!(open_ids(&mut log), ids);
 
-        // Everything but e0 finished: e0 holds its segment, and with it every later one.
+        // Everything but e0 finished: e0 holds its segment, and with it every later one (for an
+        // hour past its claim, see `carry_forward_stuck`).
         let finishes = ids[1..].iter().map(|id| finish(id)).collect();
         serve(&mut log, finishes);
         log.last_housekeeping = Instant::now() - HOUSEKEEPING_EVERY;
@@ -882,7 +995,7 @@ mod tests {
         frame(
             &mut torn,
             torn_segment,
-            &accept_payload(9, &claim_key("c", "torn"), i64::MAX, "torn", "{}").unwrap_or_default(),
+            &accept_payload(9, &claim_key("c", "torn"), i64::MAX, "torn", b"{}").unwrap_or_default(),
         );
         torn.truncate(torn.len() - 3);
         file.and_then(|file| file.write_all_at(&torn, torn_at)).unwrap_or_else(|e| panic!("{e}"));
@@ -931,6 +1044,68 @@ mod tests {
         assert!(scanned.open.is_empty());
     }
 
+    /// The open envelopes with their JSON.
+    fn open_envelopes(log: &mut InboundLog) -> Vec<OpenEnvelope> {
+        match serve(log, vec![LogOp::Open]).pop() {
+            Some(Ok(Logged::Open(open))) => open,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_envelope_open_past_its_claims_is_carried_forward_and_its_segment_freed() {
+        const TTL: i64 = 60_000;
+        let dir = TempDir::new();
+        let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (mut log, preparer) = start(&dir, Arc::clone(&syncs));
+        let first = log.active_info.number;
+        serve(&mut log, vec![accept("stuck", TTL)]);
+        let original = open_envelopes(&mut log);
+        for i in 0..30 {
+            let id = format!("f{i}");
+            serve(&mut log, vec![accept(&id, TTL)]);
+            serve(&mut log, vec![finish(&id)]);
+        }
+        assert!(log.segments.len() >= 2, "rotated: {:?}", log.segments);
+        let lapsed = crate::store::now_ms() + 2 * TTL;
+        let later = lapsed + CARRY_FORWARD_AFTER_MS;
+
+        // Everything else in the first segment is done and every claim has lapsed, yet the one
+        // open envelope keeps it, and with it every later segment; for an hour, as it may still
+        // be on its way.
+        log.delete_finished_segments(lapsed);
+        log.carry_forward_stuck(lapsed);
+        log.delete_finished_segments(lapsed);
+        assert!(segment_path(&dir.0, first).exists());
+        let synced = syncs.load(Ordering::SeqCst);
+        log.carry_forward_stuck(later);
+        assert!(syncs.load(Ordering::SeqCst) > synced, "the copy is synced before anything goes");
+        assert_eq!(open_envelopes(&mut log), original);
+        // A crash here, before the deletion: the restart keeps the later copy, once.
+        drop(log);
+        let _ = preparer.join();
+        let scanned = scan(&dir.0, later, SEGMENT).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!segment_path(&dir.0, first).exists(), "the old copy's segment went at the scan");
+        assert!(scanned.segments.iter().all(|info| info.open == usize::from(info.number != first)));
+        drop(scanned);
+
+        let (mut log, preparer) = start(&dir, Arc::clone(&syncs));
+        assert_eq!(open_envelopes(&mut log), original);
+        assert_eq!(log.segments.iter().map(|info| info.open).sum::<usize>(), 1);
+        // Carrying again (the copy's own claim lapsed long ago) and finishing both work.
+        log.carry_forward_stuck(later);
+        log.delete_finished_segments(later);
+        assert_eq!(open_envelopes(&mut log), original);
+        serve(&mut log, vec![finish("stuck")]);
+        assert!(open_envelopes(&mut log).is_empty());
+        drop(log);
+        let _ = preparer.join();
+        let (mut log, preparer) = start(&dir, syncs);
+        assert!(open_envelopes(&mut log).is_empty());
+        drop(log);
+        let _ = preparer.join();
+    }
+
     #[test]
     fn a_record_with_the_last_seq_refuses_later_accepts_instead_of_wrapping() {
         let dir = TempDir::new();
@@ -941,7 +1116,7 @@ mod tests {
         let _ = preparer.join();
         // A foreign or damaged segment whose (valid) record carries the largest seq there is.
         let mut record = Vec::new();
-        let payload = accept_payload(u64::MAX, &claim_key("c", "last"), i64::MAX, "last", "{}");
+        let payload = accept_payload(u64::MAX, &claim_key("c", "last"), i64::MAX, "last", b"{}");
         frame(&mut record, segment, &payload.unwrap_or_default());
         let file = File::options().write(true).open(segment_path(&dir.0, segment));
         file.and_then(|file| file.write_all_at(&record, 0)).unwrap_or_else(|e| panic!("{e}"));
@@ -1014,7 +1189,7 @@ mod tests {
     fn records_read_back_and_a_wrong_segment_number_or_a_flipped_bit_ends_the_segment() {
         let claim = [7u8; 16];
         let mut buf = Vec::new();
-        let accept = accept_payload(5, &claim, 99, "e1", "{\"x\":1}").unwrap_or_default();
+        let accept = accept_payload(5, &claim, 99, "e1", b"{\"x\":1}").unwrap_or_default();
         frame(&mut buf, 3, &accept);
         let second = buf.len();
         frame(&mut buf, 3, &finish_payload("e1"));
