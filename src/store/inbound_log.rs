@@ -26,7 +26,9 @@
 //! `[payload length: u32 LE][CRC-32 of (segment number LE, payload): u32 LE][payload]`, where
 //! the payload is either
 //! - accept: `1, seq u64, claim [16], claim expiry i64 (Unix ms), id length u16, id, envelope JSON`
-//! - finish: `2, id`.
+//! - finish: `2, id`
+//! - carry: `3, seq u64, original seq u64, time carried i64 (Unix ms), id length u16, id,
+//!   envelope JSON`: an open envelope journaled again (see Lifetimes).
 //!
 //! A zero length, a record running past the end or a wrong CRC ends a segment: that is where
 //! a crash tore the last batch, whose callers were never answered. The CRC covers the segment
@@ -58,10 +60,13 @@ use tokio::sync::{mpsc, oneshot};
 
 const ACCEPT: u8 = 1;
 const FINISH: u8 = 2;
+const CARRY: u8 = 3;
 /// Length and CRC.
 const HEADER: usize = 8;
 /// Kind, seq, claim, expiry and id length: the accept payload before the id.
 const ACCEPT_FIXED: usize = 1 + 8 + 16 + 8 + 2;
+/// Kind, seq, original seq, time carried and id length: the carry payload before the id.
+const CARRY_FIXED: usize = 1 + 8 + 8 + 8 + 2;
 
 /// See [`prepare_segment`].
 const ZERO_FILL_CHUNK: usize = 256 << 10;
@@ -74,6 +79,9 @@ const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 /// `dedupe_ttl_secs`, envelopes queued behind a slow model outlive their claims while still
 /// being worked on, and copying them over and over would only cost writes.
 const CARRY_FORWARD_AFTER_MS: i64 = 3_600_000;
+
+/// How long a carry forward that could not free its segment waits before it tries again.
+const CARRY_RETRY_AFTER: Duration = Duration::from_secs(600);
 
 /// What the log thread is asked to do.
 #[derive(Debug)]
@@ -171,6 +179,19 @@ fn accept_payload(seq: u64, claim: &ClaimKey, expires_at: i64, envelope_id: &str
     Some(payload)
 }
 
+fn carry_payload(seq: u64, original_seq: u64, carried_at: i64, envelope_id: &str, envelope: &[u8]) -> Option<Vec<u8>> {
+    let id_length = u16::try_from(envelope_id.len()).ok()?;
+    let mut payload = Vec::with_capacity(CARRY_FIXED + envelope_id.len() + envelope.len());
+    payload.push(CARRY);
+    payload.extend_from_slice(&seq.to_le_bytes());
+    payload.extend_from_slice(&original_seq.to_le_bytes());
+    payload.extend_from_slice(&carried_at.to_le_bytes());
+    payload.extend_from_slice(&id_length.to_le_bytes());
+    payload.extend_from_slice(envelope_id.as_bytes());
+    payload.extend_from_slice(envelope);
+    Some(payload)
+}
+
 fn finish_payload(envelope_id: &str) -> Vec<u8> {
     let mut payload = Vec::with_capacity(1 + envelope_id.len());
     payload.push(FINISH);
@@ -181,8 +202,35 @@ fn finish_payload(envelope_id: &str) -> Vec<u8> {
 /// A record read back.
 #[derive(Debug, PartialEq)]
 enum Record<'a> {
-    Accept { seq: u64, claim: ClaimKey, expires_at: i64, envelope_id: &'a str, envelope_at: usize, envelope_len: usize },
-    Finish { envelope_id: &'a str },
+    Accept {
+        seq: u64,
+        claim: ClaimKey,
+        expires_at: i64,
+        envelope_id: &'a str,
+        envelope_at: usize,
+        envelope_len: usize,
+    },
+    Finish {
+        envelope_id: &'a str,
+    },
+    /// An open envelope journaled again (see `InboundLog::carry_forward_stuck`).
+    Carry {
+        seq: u64,
+        original_seq: u64,
+        carried_at: i64,
+        envelope_id: &'a str,
+        envelope_at: usize,
+        envelope_len: usize,
+    },
+}
+
+/// The id (its length at `fixed - 2`) and the envelope's place after `fixed` bytes of
+/// `payload`, which starts at `start` in its segment.
+fn id_and_envelope(payload: &[u8], fixed: usize, start: usize) -> Option<(&str, usize, usize)> {
+    let id_length = u16::from_le_bytes(payload.get(fixed - 2..fixed)?.try_into().ok()?) as usize;
+    let id_end = fixed.checked_add(id_length)?;
+    let envelope_id = std::str::from_utf8(payload.get(fixed..id_end)?).ok()?;
+    Some((envelope_id, start + id_end, payload.len().checked_sub(id_end)?))
 }
 
 /// Reads the record at `at` in `data` (a whole segment); `None` where the segment ends. The
@@ -205,14 +253,15 @@ fn read_record(data: &[u8], at: usize, segment: u64) -> Option<(Record<'_>, usiz
             let seq = u64::from_le_bytes(payload[1..9].try_into().ok()?);
             let claim: ClaimKey = payload[9..25].try_into().ok()?;
             let expires_at = i64::from_le_bytes(payload[25..33].try_into().ok()?);
-            let id_length = u16::from_le_bytes(payload[33..35].try_into().ok()?) as usize;
-            let id_end = ACCEPT_FIXED.checked_add(id_length)?;
-            let envelope_id = std::str::from_utf8(payload.get(ACCEPT_FIXED..id_end)?).ok()?;
-            let envelope_at = start + id_end;
-            Some((
-                Record::Accept { seq, claim, expires_at, envelope_id, envelope_at, envelope_len: next - envelope_at },
-                next,
-            ))
+            let (envelope_id, envelope_at, envelope_len) = id_and_envelope(payload, ACCEPT_FIXED, start)?;
+            Some((Record::Accept { seq, claim, expires_at, envelope_id, envelope_at, envelope_len }, next))
+        }
+        CARRY if payload.len() >= CARRY_FIXED => {
+            let seq = u64::from_le_bytes(payload[1..9].try_into().ok()?);
+            let original_seq = u64::from_le_bytes(payload[9..17].try_into().ok()?);
+            let carried_at = i64::from_le_bytes(payload[17..25].try_into().ok()?);
+            let (envelope_id, envelope_at, envelope_len) = id_and_envelope(payload, CARRY_FIXED, start)?;
+            Some((Record::Carry { seq, original_seq, carried_at, envelope_id, envelope_at, envelope_len }, next))
         }
         FINISH => Some((Record::Finish { envelope_id: std::str::from_utf8(&payload[1..]).ok()? }, next)),
         _ => None,
@@ -222,6 +271,7 @@ fn read_record(data: &[u8], at: usize, segment: u64) -> Option<(Record<'_>, usiz
 /// Where an open envelope's JSON is.
 #[derive(Debug, Clone, Copy)]
 struct OpenEntry {
+    /// Its accept's seq: its place in arrival order (a carried copy keeps its original's).
     seq: u64,
     segment: u64,
     at: u64,
@@ -325,33 +375,37 @@ pub(super) fn scan(dir: &Path, now: i64, segment_bytes: u64) -> std::io::Result<
         let mut at = 0;
         let mut last_seq = None;
         while let Some((record, next)) = read_record(&data, at, number) {
-            match record {
-                Record::Accept { seq, claim, expires_at, envelope_id, envelope_at, envelope_len } => {
-                    if last_seq.is_some_and(|last| seq <= last) {
-                        // Never written by this log's writer, whose seqs only grow.
-                        tracing::error!(
-                            segment = number,
-                            seq,
-                            "Inbound log record out of order; rest of segment skipped."
-                        );
-                        break;
-                    }
-                    last_seq = Some(seq);
-                    scanned.next_seq = scanned.next_seq.max(seq.saturating_add(1));
-                    // Carried forward (see `carry_forward_stuck`): the later copy is the one.
-                    close(&mut scanned.open, &mut scanned.segments, &mut info, envelope_id);
-                    info.open += 1;
-                    info.claims_until = info.claims_until.max(expires_at);
-                    if expires_at > now {
-                        scanned.claims.push((claim, expires_at));
-                    }
-                    let entry = OpenEntry { seq, segment: number, at: envelope_at as u64, len: envelope_len };
-                    scanned.open.insert(envelope_id.to_owned(), entry);
-                }
+            // An accept, or a carried copy (its claim lapsed long ago; its segment is kept for
+            // an hour from the carry, as a claim would keep it), which replaces the earlier
+            // record of the same envelope and keeps its place in the order.
+            let (seq, order, claim, kept_until, envelope_id, envelope_at, envelope_len) = match record {
                 Record::Finish { envelope_id } => {
-                    close(&mut scanned.open, &mut scanned.segments, &mut info, envelope_id)
+                    close(&mut scanned.open, &mut scanned.segments, &mut info, envelope_id);
+                    at = next;
+                    continue;
                 }
+                Record::Accept { seq, claim, expires_at, envelope_id, envelope_at, envelope_len } => {
+                    (seq, seq, Some((claim, expires_at)), expires_at, envelope_id, envelope_at, envelope_len)
+                }
+                Record::Carry { seq, original_seq, carried_at, envelope_id, envelope_at, envelope_len } => {
+                    (seq, original_seq, None, carried_at, envelope_id, envelope_at, envelope_len)
+                }
+            };
+            if last_seq.is_some_and(|last| seq <= last) {
+                // Never written by this log's writer, whose seqs only grow.
+                tracing::error!(segment = number, seq, "Inbound log record out of order; rest of segment skipped.");
+                break;
             }
+            last_seq = Some(seq);
+            scanned.next_seq = scanned.next_seq.max(seq.saturating_add(1));
+            close(&mut scanned.open, &mut scanned.segments, &mut info, envelope_id);
+            info.open += 1;
+            info.claims_until = info.claims_until.max(kept_until);
+            if let Some((claim, expires_at)) = claim.filter(|(_, expires_at)| *expires_at > now) {
+                scanned.claims.push((claim, expires_at));
+            }
+            let entry = OpenEntry { seq: order, segment: number, at: envelope_at as u64, len: envelope_len };
+            scanned.open.insert(envelope_id.to_owned(), entry);
             at = next;
         }
         let rest = data.get(at..).unwrap_or_default();
@@ -460,6 +514,8 @@ pub(super) struct InboundLog {
     /// The directory's lock, held as long as this log.
     _lock: Option<File>,
     last_housekeeping: Instant,
+    /// Set when a carry forward could not free the oldest segment (see `carry_forward_stuck`).
+    carry_paused_until: Option<Instant>,
     max_batch: usize,
     /// Reused per batch.
     buf: Vec<u8>,
@@ -513,6 +569,7 @@ impl InboundLog {
             broken,
             _lock: lock,
             last_housekeeping: Instant::now().checked_sub(HOUSEKEEPING_EVERY).unwrap_or_else(Instant::now),
+            carry_paused_until: None,
             max_batch: max_batch.max(1),
             buf: Vec::new(),
         };
@@ -563,7 +620,10 @@ impl InboundLog {
                         Err("the inbound log's sequence numbers are exhausted".to_owned())
                     } else {
                         let expires_at = now.saturating_add(*ttl_ms);
-                        match self.append_accept(claim, expires_at, envelope_id, envelope.as_bytes(), &mut filled) {
+                        let payload =
+                            accept_payload(self.next_seq, claim, expires_at, envelope_id, envelope.as_bytes());
+                        let envelope_at = ACCEPT_FIXED + envelope_id.len();
+                        match self.append_envelope_record(payload, envelope_at, self.next_seq, &mut filled) {
                             Err(error) => {
                                 written = Err(error.to_string());
                                 break;
@@ -640,21 +700,26 @@ impl InboundLog {
     /// still open an hour after every claim in it lapsed, so open for longer than the dedupe
     /// window and that hour (a bug or a store failure somewhere; nothing normal takes that
     /// long). Otherwise that segment, and every later one, would stay until a restart resumed
-    /// them. The copies are synced before the segment can go; a scan that meets both keeps the
-    /// later one.
+    /// them. The copies keep their originals' place in the order, are synced before the
+    /// segment can go, and keep their own segment for an hour (so that a segment of copies is
+    /// not copied again at once); a scan that meets both records keeps the later one.
     fn carry_forward_stuck(&mut self, now: i64) {
+        if self.carry_paused_until.is_some_and(|until| Instant::now() < until) {
+            return;
+        }
         let stuck_since = now.saturating_sub(CARRY_FORWARD_AFTER_MS);
         let Some(front) = self.segments.front().filter(|front| front.open > 0 && front.claims_until <= stuck_since)
         else {
             return;
         };
-        let number = front.number;
-        let stuck: Vec<(String, OpenEntry)> = self
+        let (number, open) = (front.number, front.open);
+        let mut stuck: Vec<(String, OpenEntry)> = self
             .open
             .iter()
             .filter(|(_, entry)| entry.segment == number)
             .map(|(envelope_id, entry)| (envelope_id.clone(), *entry))
             .collect();
+        stuck.sort_unstable_by_key(|(_, entry)| entry.seq);
         let mut files = HashMap::new();
         let mut envelopes = Vec::with_capacity(stuck.len());
         for (_, entry) in &stuck {
@@ -662,7 +727,8 @@ impl InboundLog {
             match self.read_entry(&mut files, entry) {
                 Ok(json) => envelopes.push(json),
                 Err(error) => {
-                    tracing::warn!(segment = number, %error, "Cannot read envelopes to carry forward; segment kept.");
+                    tracing::warn!(segment = number, %error, "Cannot read envelopes to carry forward; retried later.");
+                    self.carry_paused_until = Some(Instant::now() + CARRY_RETRY_AFTER);
                     return;
                 }
             }
@@ -670,12 +736,13 @@ impl InboundLog {
         self.buf.clear();
         let mut filled = Vec::new();
         let mut carried = Vec::with_capacity(stuck.len());
-        for ((envelope_id, _), envelope) in stuck.iter().zip(&envelopes) {
+        for ((envelope_id, original), envelope) in stuck.iter().zip(&envelopes) {
             if self.next_seq == u64::MAX {
                 break;
             }
-            // A lapsed claim: the original's lapsed too, and a scan restores only live ones.
-            match self.append_accept(&[0; 16], i64::MIN, envelope_id, envelope, &mut filled) {
+            let payload = carry_payload(self.next_seq, original.seq, now, envelope_id, envelope);
+            let envelope_at = CARRY_FIXED + envelope_id.len();
+            match self.append_envelope_record(payload, envelope_at, original.seq, &mut filled) {
                 Ok(Some(entry)) => carried.push((envelope_id.clone(), entry)),
                 Ok(None) => {}
                 Err(error) => {
@@ -688,11 +755,24 @@ impl InboundLog {
             self.break_on(&error);
             return;
         }
-        tracing::warn!(
-            segment = number,
-            envelopes = carried.len(),
-            "Envelopes open for longer than the dedupe window carried forward in the inbound log."
-        );
+        if carried.len() < stuck.len() || stuck.is_empty() {
+            // Too large for the segment size now configured, seqs exhausted, or (with nothing
+            // found in it) counts gone wrong: the segment stays; say so, and do not spin on it.
+            tracing::error!(
+                segment = number,
+                open,
+                carried = carried.len(),
+                "Inbound log segment kept by open envelopes that cannot be carried forward."
+            );
+            self.carry_paused_until = Some(Instant::now() + CARRY_RETRY_AFTER);
+        }
+        if !carried.is_empty() {
+            tracing::warn!(
+                segment = number,
+                envelopes = carried.len(),
+                "Envelopes open for over an hour past the dedupe window carried forward in the inbound log."
+            );
+        }
         for (envelope_id, entry) in carried {
             let new_segment = entry.segment;
             close(&mut self.open, &mut self.segments, &mut self.active_info, &envelope_id);
@@ -706,6 +786,7 @@ impl InboundLog {
             };
             if let Some(info) = info {
                 info.open += 1;
+                info.claims_until = info.claims_until.max(now);
             }
             self.open.insert(envelope_id, entry);
         }
@@ -731,26 +812,24 @@ impl InboundLog {
         Ok(json)
     }
 
-    /// Frames an accept record into the batch buffer (see `append`) under the next seq, which
-    /// the caller has checked is not the last. Returns where its envelope lies, or `None` if
-    /// the record could never fit a segment.
-    fn append_accept(
+    /// Frames `payload`, an accept or carry record made under the next seq (which the caller
+    /// has checked is not the last), into the batch buffer (see `append`). `envelope_at` is
+    /// where the envelope starts in the payload; `order` the envelope's place among the open
+    /// ones. Returns where its envelope lies, or `None` if the record could never fit.
+    fn append_envelope_record(
         &mut self,
-        claim: &ClaimKey,
-        expires_at: i64,
-        envelope_id: &str,
-        envelope: &[u8],
+        payload: Option<Vec<u8>>,
+        envelope_at: usize,
+        order: u64,
         filled: &mut Vec<File>,
     ) -> std::io::Result<Option<OpenEntry>> {
-        let Some(payload) = accept_payload(self.next_seq, claim, expires_at, envelope_id, envelope) else {
-            return Ok(None);
-        };
+        let Some(payload) = payload else { return Ok(None) };
         let Some(at) = self.append(&payload, filled)? else { return Ok(None) };
         let entry = OpenEntry {
-            seq: self.next_seq,
+            seq: order,
             segment: self.active_info.number,
-            at: at + (HEADER + ACCEPT_FIXED + envelope_id.len()) as u64,
-            len: envelope.len(),
+            at: at + (HEADER + envelope_at) as u64,
+            len: payload.len().saturating_sub(envelope_at),
         };
         self.next_seq = self.next_seq.saturating_add(1);
         Ok(Some(entry))
@@ -1059,44 +1138,59 @@ mod tests {
         let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (mut log, preparer) = start(&dir, Arc::clone(&syncs));
         let first = log.active_info.number;
-        serve(&mut log, vec![accept("stuck", TTL)]);
-        let original = open_envelopes(&mut log);
+        // Two stuck envelopes whose ids sort against their arrival order, then one that came
+        // later and is still within its dedupe window (its claim keeps its own segment).
+        serve(&mut log, vec![accept("zz-stuck", TTL), accept("aa-stuck", TTL)]);
         for i in 0..30 {
             let id = format!("f{i}");
             serve(&mut log, vec![accept(&id, TTL)]);
             serve(&mut log, vec![finish(&id)]);
         }
+        serve(&mut log, vec![accept("late", 100 * CARRY_FORWARD_AFTER_MS)]);
+        let late_segment = log.active_info.number;
+        for i in 30..60 {
+            let id = format!("f{i}");
+            serve(&mut log, vec![accept(&id, TTL)]);
+            serve(&mut log, vec![finish(&id)]);
+        }
+        assert!(log.active_info.number > late_segment, "the copies go where no live claim is");
+        let original = open_envelopes(&mut log);
+        let ids: Vec<&str> = original.iter().map(|open| open.envelope_id.as_str()).collect();
+        assert_eq!(ids, ["zz-stuck", "aa-stuck", "late"]);
         assert!(log.segments.len() >= 2, "rotated: {:?}", log.segments);
         let lapsed = crate::store::now_ms() + 2 * TTL;
         let later = lapsed + CARRY_FORWARD_AFTER_MS;
 
-        // Everything else in the first segment is done and every claim has lapsed, yet the one
-        // open envelope keeps it, and with it every later segment; for an hour, as it may still
-        // be on its way.
+        // Everything else in the first segment is done and every claim has lapsed, yet the
+        // open envelopes keep it, and with it every later segment; for an hour, as they may
+        // still be on their way.
         log.delete_finished_segments(lapsed);
         log.carry_forward_stuck(lapsed);
         log.delete_finished_segments(lapsed);
         assert!(segment_path(&dir.0, first).exists());
         let synced = syncs.load(Ordering::SeqCst);
         log.carry_forward_stuck(later);
-        assert!(syncs.load(Ordering::SeqCst) > synced, "the copy is synced before anything goes");
-        assert_eq!(open_envelopes(&mut log), original);
-        // A crash here, before the deletion: the restart keeps the later copy, once.
+        assert!(syncs.load(Ordering::SeqCst) > synced, "the copies are synced before anything goes");
+        assert_eq!(open_envelopes(&mut log), original, "same envelopes, same order");
+        // The copies keep their segment for an hour from the carry, as a claim would.
+        assert_eq!(log.open.get("zz-stuck").map(|entry| entry.segment), Some(log.active_info.number));
+        assert!(log.active_info.claims_until >= later);
+        // A crash here, before the deletion: the restart keeps the later copies, once each.
         drop(log);
         let _ = preparer.join();
         let scanned = scan(&dir.0, later, SEGMENT).unwrap_or_else(|e| panic!("{e}"));
-        assert!(!segment_path(&dir.0, first).exists(), "the old copy's segment went at the scan");
-        assert!(scanned.segments.iter().all(|info| info.open == usize::from(info.number != first)));
+        assert!(!segment_path(&dir.0, first).exists(), "the originals' segment went at the scan");
+        assert_eq!(scanned.segments.iter().map(|info| info.open).sum::<usize>(), 3);
+        let copies = scanned.open.get("aa-stuck").map(|entry| entry.segment);
+        let copies = scanned.segments.iter().find(|info| Some(info.number) == copies);
+        assert!(copies.is_some_and(|info| info.claims_until >= later), "{copies:?}");
         drop(scanned);
 
         let (mut log, preparer) = start(&dir, Arc::clone(&syncs));
         assert_eq!(open_envelopes(&mut log), original);
-        assert_eq!(log.segments.iter().map(|info| info.open).sum::<usize>(), 1);
-        // Carrying again (the copy's own claim lapsed long ago) and finishing both work.
-        log.carry_forward_stuck(later);
-        log.delete_finished_segments(later);
-        assert_eq!(open_envelopes(&mut log), original);
-        serve(&mut log, vec![finish("stuck")]);
+        for id in ["zz-stuck", "aa-stuck", "late"] {
+            serve(&mut log, vec![finish(id)]);
+        }
         assert!(open_envelopes(&mut log).is_empty());
         drop(log);
         let _ = preparer.join();
