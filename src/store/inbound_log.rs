@@ -167,25 +167,24 @@ fn frame(buf: &mut Vec<u8>, segment: u64, payload: &[u8]) {
 }
 
 fn accept_payload(seq: u64, claim: &ClaimKey, expires_at: i64, envelope_id: &str, envelope: &[u8]) -> Option<Vec<u8>> {
-    let id_length = u16::try_from(envelope_id.len()).ok()?;
-    let mut payload = Vec::with_capacity(ACCEPT_FIXED + envelope_id.len() + envelope.len());
-    payload.push(ACCEPT);
-    payload.extend_from_slice(&seq.to_le_bytes());
-    payload.extend_from_slice(claim);
-    payload.extend_from_slice(&expires_at.to_le_bytes());
-    payload.extend_from_slice(&id_length.to_le_bytes());
-    payload.extend_from_slice(envelope_id.as_bytes());
-    payload.extend_from_slice(envelope);
-    Some(payload)
+    envelope_payload(ACCEPT, [&seq.to_le_bytes(), claim, &expires_at.to_le_bytes()], envelope_id, envelope)
 }
 
 fn carry_payload(seq: u64, original_seq: u64, carried_at: i64, envelope_id: &str, envelope: &[u8]) -> Option<Vec<u8>> {
+    let fields: [&[u8]; 3] = [&seq.to_le_bytes(), &original_seq.to_le_bytes(), &carried_at.to_le_bytes()];
+    envelope_payload(CARRY, fields, envelope_id, envelope)
+}
+
+/// `kind`, its fixed fields, the id's length (u16), the id and the envelope; `None` for an id
+/// too long for its length field.
+fn envelope_payload(kind: u8, fields: [&[u8]; 3], envelope_id: &str, envelope: &[u8]) -> Option<Vec<u8>> {
     let id_length = u16::try_from(envelope_id.len()).ok()?;
-    let mut payload = Vec::with_capacity(CARRY_FIXED + envelope_id.len() + envelope.len());
-    payload.push(CARRY);
-    payload.extend_from_slice(&seq.to_le_bytes());
-    payload.extend_from_slice(&original_seq.to_le_bytes());
-    payload.extend_from_slice(&carried_at.to_le_bytes());
+    let fixed = 1 + fields.iter().map(|field| field.len()).sum::<usize>() + 2;
+    let mut payload = Vec::with_capacity(fixed + envelope_id.len() + envelope.len());
+    payload.push(kind);
+    for field in fields {
+        payload.extend_from_slice(field);
+    }
     payload.extend_from_slice(&id_length.to_le_bytes());
     payload.extend_from_slice(envelope_id.as_bytes());
     payload.extend_from_slice(envelope);
@@ -353,7 +352,8 @@ pub(super) fn create_dir(dir: &Path) -> std::io::Result<()> {
 
 /// Reads every segment in `dir` (created if missing), oldest first, and locks the directory.
 /// Blank segments (never written) are deleted, but for the last one; so are segments left half
-/// prepared by a crash, and the oldest ones with nothing open and no live claim left. `segment_bytes` is the size a reusable blank segment must have.
+/// prepared by a crash, and the oldest ones with nothing open and no live claim left.
+/// `segment_bytes` is the size a reusable blank segment must have.
 pub(super) fn scan(dir: &Path, now: i64, segment_bytes: u64) -> std::io::Result<Scanned> {
     create_dir(dir)?;
     let lock = lock_dir(dir)?;
@@ -445,13 +445,22 @@ pub(super) fn scan(dir: &Path, now: i64, segment_bytes: u64) -> std::io::Result<
 /// read or written, not yet in `segments`).
 fn close(open: &mut OpenEntries, segments: &mut VecDeque<SegmentInfo>, current: &mut SegmentInfo, envelope_id: &str) {
     let Some(entry) = open.remove(envelope_id) else { return };
-    let info = if entry.segment == current.number {
+    if let Some(info) = segment_info(segments, current, entry.segment) {
+        info.open = info.open.saturating_sub(1);
+    }
+}
+
+/// What is known of segment `number`: `current` (the one being read or written) or one of
+/// `segments` (ascending).
+fn segment_info<'a>(
+    segments: &'a mut VecDeque<SegmentInfo>,
+    current: &'a mut SegmentInfo,
+    number: u64,
+) -> Option<&'a mut SegmentInfo> {
+    if number == current.number {
         Some(current)
     } else {
-        segments.binary_search_by_key(&entry.segment, |info| info.number).ok().and_then(|index| segments.get_mut(index))
-    };
-    if let Some(info) = info {
-        info.open = info.open.saturating_sub(1);
+        segments.binary_search_by_key(&number, |info| info.number).ok().and_then(|index| segments.get_mut(index))
     }
 }
 
@@ -774,17 +783,8 @@ impl InboundLog {
             );
         }
         for (envelope_id, entry) in carried {
-            let new_segment = entry.segment;
             close(&mut self.open, &mut self.segments, &mut self.active_info, &envelope_id);
-            let info = if new_segment == self.active_info.number {
-                Some(&mut self.active_info)
-            } else {
-                self.segments
-                    .binary_search_by_key(&new_segment, |info| info.number)
-                    .ok()
-                    .and_then(|index| self.segments.get_mut(index))
-            };
-            if let Some(info) = info {
+            if let Some(info) = segment_info(&mut self.segments, &mut self.active_info, entry.segment) {
                 info.open += 1;
                 info.claims_until = info.claims_until.max(now);
             }
