@@ -96,6 +96,18 @@ impl Hub {
         crate::routing::SessionKey::for_envelope(envelope, per_user)
     }
 
+    /// Finishes, unanswered, an envelope whose channel is no longer configured (which happens
+    /// only after a restart with the channel gone from the config): nothing could deliver an
+    /// answer, and an entry left open would keep its inbound log segment forever.
+    pub async fn finish_without_channel(&self, envelope: &yizhan_channel_core::Envelope) {
+        tracing::error!(
+            channel = %envelope.channel,
+            envelope = %envelope.id,
+            "Message for a channel no longer configured; finished unanswered."
+        );
+        self.finish(&envelope.id).await;
+    }
+
     /// Marks an accepted envelope as finished: answered, failed for good, or needing no answer.
     pub async fn finish(&self, envelope_id: &str) {
         match self.store.finish(envelope_id).await {

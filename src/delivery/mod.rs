@@ -60,12 +60,7 @@ pub fn parts_for(channel: &dyn Channel, envelope: &Envelope, text: String) -> Ve
 /// order.
 pub async fn answer(hub: &Hub, envelope: &Envelope, session_key: &str, turn: Option<Turn>, text: String) {
     let Some(entry) = hub.channels.get(&envelope.channel) else {
-        tracing::error!(
-            channel = %envelope.channel,
-            envelope = %envelope.id,
-            "Answer for a channel no longer configured; finished unanswered."
-        );
-        hub.finish(&envelope.id).await;
+        hub.finish_without_channel(envelope).await;
         return;
     };
     let parts = parts_for(entry.channel.as_ref(), envelope, text);
@@ -146,33 +141,29 @@ pub fn fit_with_hint(text: &str, hint: &str, limit: usize) -> (String, String) {
 /// platform refused are parked for the user's next message where the platform has passive
 /// replies; otherwise they are recorded as failed.
 pub async fn send_parts(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) {
-    if let Some(entry) = hub.channels.get(&envelope.channel) {
-        let channel = envelope.channel.as_str();
-        match entry.outbound.send(Deliver { parts }).await {
-            Ok(Ok(())) => hub.metrics.answers.with_label_values(&[channel, "push"]).inc(),
-            Ok(Err(Undelivered { error: error @ ChannelError::Refused { .. }, parts }))
-                if entry.passive_window.is_some() =>
-            {
-                let text = parts.iter().map(|part| part.reply.text.as_str()).collect::<Vec<_>>().join("\n\n");
-                tracing::warn!(
-                    channel,
-                    %error,
-                    "The platform refused the answer; parked for the user's next message."
-                );
-                hub.passive.park(&envelope.channel, &envelope.sender.id, text);
-                hub.metrics.answers.with_label_values(&[channel, "parked"]).inc();
-            }
-            Ok(Err(undelivered)) => {
-                tracing::warn!(envelope = %envelope.id, error = %undelivered, "Answer not delivered.")
-            }
-            Err(error) => tracing::error!(envelope = %envelope.id, %error, "Delivery actor unavailable."),
+    let Some(entry) = hub.channels.get(&envelope.channel) else {
+        hub.finish_without_channel(envelope).await;
+        return;
+    };
+    let channel = envelope.channel.as_str();
+    match entry.outbound.send(Deliver { parts }).await {
+        Ok(Ok(())) => hub.metrics.answers.with_label_values(&[channel, "push"]).inc(),
+        Ok(Err(Undelivered { error: error @ ChannelError::Refused { .. }, parts }))
+            if entry.passive_window.is_some() =>
+        {
+            let text = parts.iter().map(|part| part.reply.text.as_str()).collect::<Vec<_>>().join("\n\n");
+            tracing::warn!(
+                channel,
+                %error,
+                "The platform refused the answer; parked for the user's next message."
+            );
+            hub.passive.park(&envelope.channel, &envelope.sender.id, text);
+            hub.metrics.answers.with_label_values(&[channel, "parked"]).inc();
         }
-    } else {
-        tracing::error!(
-            channel = %envelope.channel,
-            envelope = %envelope.id,
-            "Recorded answer for a channel no longer configured; finished unsent."
-        );
+        Ok(Err(undelivered)) => {
+            tracing::warn!(envelope = %envelope.id, error = %undelivered, "Answer not delivered.")
+        }
+        Err(error) => tracing::error!(envelope = %envelope.id, %error, "Delivery actor unavailable."),
     }
     hub.finish(&envelope.id).await;
 }

@@ -298,14 +298,7 @@ impl Handler<Retire> for Session {
 async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>) -> Option<Vec<Turn>> {
     let Job { envelope, work } = job;
     let Some(entry) = hub.channels.get(&envelope.channel) else {
-        // Only after a restart with the channel gone from the config: nothing could deliver an
-        // answer, and an entry left open would keep its inbound log segment forever.
-        tracing::error!(
-            channel = %envelope.channel,
-            envelope = %envelope.id,
-            "Message for a channel no longer configured; finished unanswered."
-        );
-        hub.finish(&envelope.id).await;
+        hub.finish_without_channel(&envelope).await;
         return history;
     };
     let mut history = history;
