@@ -547,26 +547,17 @@ impl SqliteStore {
 
     /// Queues `op` for the writer and waits until it is committed.
     async fn write(&self, op: WriteOp) -> Result<Written, SqliteError> {
-        let writes = self.writes.as_ref().ok_or(SqliteError::Stopped("writer"))?;
-        let (reply, answer) = oneshot::channel();
-        writes.send(WriteJob { op, reply }).await.map_err(|_| SqliteError::Stopped("writer"))?;
-        answer.await.map_err(|_| SqliteError::Stopped("writer"))?
+        ask(self.writes.as_ref(), "writer", |reply| WriteJob { op, reply }).await?
     }
 
     /// Queues `op` for the inbound log's thread and waits until it is written (and synced).
     async fn log(&self, op: LogOp) -> Result<Logged, SqliteError> {
-        let log = self.log.as_ref().ok_or(SqliteError::Stopped("inbound log"))?;
-        let (reply, answer) = oneshot::channel();
-        log.send(LogJob { op, reply }).await.map_err(|_| SqliteError::Stopped("inbound log"))?;
-        answer.await.map_err(|_| SqliteError::Stopped("inbound log"))?.map_err(SqliteError::Log)
+        ask(self.log.as_ref(), "inbound log", |reply| LogJob { op, reply }).await?.map_err(SqliteError::Log)
     }
 
     /// Queues `op` for a reader and waits for its answer.
     async fn read(&self, op: ReadOp) -> Result<Fetched, SqliteError> {
-        let reads = self.reads.as_ref().ok_or(SqliteError::Stopped("reader"))?;
-        let (reply, answer) = oneshot::channel();
-        reads.send(ReadJob { op, reply }).await.map_err(|_| SqliteError::Stopped("reader"))?;
-        answer.await.map_err(|_| SqliteError::Stopped("reader"))?
+        ask(self.reads.as_ref(), "reader", |reply| ReadJob { op, reply }).await?
     }
 
     /// A write whose only result is success.
@@ -576,6 +567,19 @@ impl SqliteStore {
             _ => Err(SqliteError::Mismatch(what).into()),
         }
     }
+}
+
+/// Queues the job `job` makes around its reply channel on `queue` (the queue of the store's
+/// `thread`) and waits for the reply.
+async fn ask<J, T>(
+    queue: Option<&mpsc::Sender<J>>,
+    thread: &'static str,
+    job: impl FnOnce(oneshot::Sender<T>) -> J,
+) -> Result<T, SqliteError> {
+    let queue = queue.ok_or(SqliteError::Stopped(thread))?;
+    let (reply, answer) = oneshot::channel();
+    queue.send(job(reply)).await.map_err(|_| SqliteError::Stopped(thread))?;
+    answer.await.map_err(|_| SqliteError::Stopped(thread))
 }
 
 impl Drop for SqliteStore {
