@@ -792,10 +792,9 @@ impl InboundLog {
         }
     }
 
-    /// Stops the log for good after a failed write or sync.
+    /// Stops the log, and the whole store, for good after a failed write or sync.
     fn break_on(&self, error: &dyn std::fmt::Display) {
-        self.broken.store(true, Ordering::Release);
-        tracing::error!(%error, "Writing the inbound log failed; the store refuses writes until yizhan restarts.");
+        super::break_for_good(&self.broken, "writing the inbound log", &error.to_string());
     }
 
     /// The journaled JSON of `entry`, read back from its segment (kept open in `files` for the

@@ -16,6 +16,7 @@ pub use memory::MemoryStore;
 pub use sqlite::{Durability, SqliteOptions, SqliteStore};
 
 use crate::llm::backend::{ChatMessage, Role};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 use yizhan_channel_core::{BoxFuture, Delivery, Envelope};
 
@@ -134,6 +135,22 @@ fn system_time_ms(time: SystemTime) -> i64 {
 
 fn duration_ms(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Refuses every write from now on, after the disk failed (the SQLite store's threads and its
+/// inbound log share `broken`). No retry: the kernel may have dropped the pages that failed,
+/// and the next fsync may succeed without them (see `sqlite::run_syncer`). A checkpoint that
+/// goes on after such a failure could restart the WAL over frames whose pages never reached
+/// the database. Logs the first failure only.
+fn break_for_good(broken: &AtomicBool, step: &str, error: &str) {
+    if !broken.swap(true, Ordering::AcqRel) {
+        tracing::error!(
+            %error,
+            step,
+            "The store's disk failed; the store refuses every write from now on. Check the \
+             disk, then restart yizhan."
+        );
+    }
 }
 
 /// Hands `serve` everything queued in `jobs`, up to `max_batch` at a time (waiting for the first

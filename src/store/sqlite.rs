@@ -113,7 +113,7 @@
 
 use super::claims::{claim_key, ClaimKey};
 use super::inbound_log::{self, InboundLog, LogJob, LogOp, Logged, OpenEnvelope, SyncSegment};
-use super::{duration_ms, now_ms, system_time_ms, Acceptance, Store, StoreError, Turn, Unfinished};
+use super::{break_for_good, duration_ms, now_ms, system_time_ms, Acceptance, Store, StoreError, Turn, Unfinished};
 use rusqlite::{params, Connection, OpenFlags, TransactionBehavior};
 use std::fmt;
 use std::fs::File;
@@ -1201,21 +1201,6 @@ fn is_disk_failure(error: &rusqlite::Error) -> bool {
     ];
     matches!(error, rusqlite::Error::SqliteFailure(failure, _)
         if failure.code == rusqlite::ErrorCode::SystemIoFailure && !HARMLESS.contains(&failure.extended_code))
-}
-
-/// Refuses every write from now on, after the disk failed. No retry: the kernel may have
-/// dropped the pages that failed, and the next fsync may succeed without them (see
-/// `run_syncer`). A checkpoint that goes on after such a failure could restart the WAL over
-/// frames whose pages never reached the database. Logs the first failure only.
-fn break_for_good(broken: &AtomicBool, step: &str, error: &str) {
-    if !broken.swap(true, Ordering::AcqRel) {
-        tracing::error!(
-            %error,
-            step,
-            "The SQLite store's disk failed; the store refuses every write from now on. Check the \
-             disk, then restart yizhan."
-        );
-    }
 }
 
 /// The checkpointer thread's state.
