@@ -352,7 +352,8 @@ pub struct ChannelCoreConfig {
     /// Override of the platform's passive-reply window (tests; proxies that add latency).
     #[serde(default)]
     pub passive_window_ms: Option<u64>,
-    /// The last attempt answers `success` this long before its deadline.
+    /// Attempts stop taking the answer this long before their deadline; the last one then
+    /// answers `success`.
     #[serde(default = "default_passive_margin_ms")]
     pub passive_margin_ms: u64,
     /// Parts the send API may carry per user message; default 5 on platforms with passive

@@ -70,6 +70,11 @@ pub async fn answer(hub: &Hub, envelope: &Envelope, session_key: &str, turn: Opt
         tracing::error!(envelope = %envelope.id, %error, "Failed to record an answer; delivering anyway.");
     }
     if parts.is_empty() {
+        if let Some(job) = hub.passive.get(&envelope.channel, &envelope.platform_message_id) {
+            // Held attempts answer at once instead of waiting out their windows.
+            hub.passive.close(&envelope.channel, &envelope.platform_message_id);
+            job.offer(Vec::new());
+        }
         hub.finish(&envelope.id).await;
         return;
     }

@@ -4,8 +4,10 @@
 //! WeChat waits 5 s for the HTTP answer to a message, then retries the same MsgId twice (about
 //! 15 s in all). A passive reply costs no API quota and needs no customer-service permission, so
 //! in `auto` and `passive` mode every attempt is held open while the answer is produced:
-//! - attempts 1 and 2 wait up to the whole window and, if the answer is not ready, are left to
-//!   lapse (answering anything, even `success`, would end WeChat's retries);
+//! - attempts 1 and 2 wait for the answer until shortly before their deadline (the margin), then
+//!   are held open past it and left to lapse (answering anything, even `success`, would end
+//!   WeChat's retries; and an answer taken after the deadline could be written to a connection
+//!   WeChat has given up on, so it waits in the job for the next attempt instead);
 //! - attempt 3 waits until shortly before its deadline, then answers `success`; the answer then
 //!   goes out through the send API (`auto`) or is parked (`passive`).
 //!

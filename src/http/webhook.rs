@@ -158,7 +158,8 @@ async fn journal_and_dispatch(state: web::Data<AppState>, envelopes: Vec<Envelop
 }
 
 /// Holds one webhook attempt open for the answer (see `delivery::passive`). Returns how the
-/// attempt ended (`passive`, `lapsed`, `pushed`: the webhook outcome label) and the response.
+/// attempt ended (`passive`, `lapsed`, `pushed`, `empty`: the webhook outcome label) and the
+/// response.
 async fn hold_for_answer(
     hub: &Hub,
     entry: &ChannelEntry,
@@ -168,23 +169,34 @@ async fn hold_for_answer(
     ack: WebhookResponse,
 ) -> (&'static str, HttpResponse) {
     let window = entry.passive_window.unwrap_or_default();
+    // Past this the platform may have hung up (the connection can stay half-open and this
+    // handler keep running): an answer taken later could be written to no one, so it is left
+    // in the job for the next attempt.
+    let answer_by = window.saturating_sub(entry.passive_margin);
     let kind = job.begin_attempt(3);
     let parts = match kind {
-        // Wait past the platform's own deadline: answering anything earlier ends its retries.
-        AttemptKind::Lapse => job.take(window + window / 5).await,
-        AttemptKind::Last => match job.take(window.saturating_sub(entry.passive_margin)).await {
+        AttemptKind::Lapse => match job.take(answer_by).await {
+            Some(parts) => Some(parts),
+            None => {
+                // Held open past the platform's own deadline: answering anything earlier,
+                // even `success`, ends its retries.
+                actix::clock::sleep((window + window / 5).saturating_sub(answer_by)).await;
+                return ("lapsed", respond(WebhookResponse::empty()));
+            }
+        },
+        AttemptKind::Last => match job.take(answer_by).await {
             Some(parts) => Some(parts),
             None => job.give_up(),
         },
     };
     let Some(mut parts) = parts else {
-        return match kind {
-            // The platform stopped listening at its deadline; this body reaches no one.
-            AttemptKind::Lapse => ("lapsed", respond(WebhookResponse::empty())),
-            AttemptKind::Last => ("pushed", respond(ack)),
-        };
+        return ("pushed", respond(ack));
     };
     hub.passive.close(&envelope.channel, &envelope.platform_message_id);
+    if parts.is_empty() {
+        // The answer rendered to nothing (an empty welcome, say) and is already finished.
+        return ("empty", respond(ack));
+    }
     let channel = envelope.channel.as_str();
     let limit = entry.channel.capabilities().max_part_bytes;
     let first = parts.remove(0);

@@ -68,6 +68,35 @@ async fn a_slow_answer_reaches_the_second_attempt_with_one_llm_call() {
     assert!(app.sent_messages().await.is_empty());
 }
 
+/// Ready after WeChat gave up on attempt 1 but while that handler still runs (the connection
+/// is only half-closed): the answer must wait for attempt 2, not go down the dead connection.
+#[actix_web::test]
+async fn an_answer_ready_just_after_an_attempt_was_abandoned_goes_to_the_next_attempt() {
+    let app = spawn_app(&auto_env("auto"), Duration::from_millis(WINDOW_MS + 60)).await;
+    let (attempt, body) = wechat_delivers(&app, &text_xml("oP9", 9, "刚刚好")).await.unwrap_or_default();
+    assert_eq!(attempt, 2, "{body}");
+    assert_eq!(passive_content(&body), "答：刚刚好");
+    app.wait_until_idle().await;
+    assert_eq!(app.llm_requests().await.len(), 1);
+    assert!(app.sent_messages().await.is_empty());
+}
+
+#[actix_web::test]
+async fn an_answer_that_renders_to_nothing_releases_the_held_attempt_at_once() {
+    let mut env = auto_env("auto");
+    env.push(("YIZHAN__MESSAGES__WELCOME", ""));
+    let app = spawn_app(&env, Duration::ZERO).await;
+    let subscribe = format!(
+        "<xml><ToUserName>gh_test</ToUserName><FromUserName>oP10</FromUserName><CreateTime>{}</CreateTime>\
+         <MsgType>event</MsgType><Event>subscribe</Event></xml>",
+        now()
+    );
+    let (attempt, body) = wechat_delivers(&app, &subscribe).await.unwrap_or_default();
+    assert_eq!((attempt, body.as_str()), (1, "success"));
+    app.wait_until_idle().await;
+    assert!(app.sent_messages().await.is_empty());
+}
+
 #[actix_web::test]
 async fn a_very_slow_answer_is_acknowledged_on_the_third_attempt_and_pushed() {
     let app = spawn_app(&auto_env("auto"), Duration::from_millis(3_000)).await;
