@@ -3,9 +3,12 @@
 //!
 //! Invariants (see STYLE §3.3 for why each exists):
 //! - one turn at a time per conversation, in arrival order; conversations run concurrently;
-//! - a message that races a session's retirement is never lost: the registry sends while
-//!   holding the map entry's lock, and a session first deregisters, then lets a `Retire` travel
-//!   through its mailbox behind everything already queued;
+//! - a message that races a session's retirement is never lost, and never starts a second
+//!   session beside it: the registry queues while holding the map entry's lock, a session
+//!   deregisters only if its inbox is still empty under that same lock, and then lets a
+//!   `Retire` travel through its mailbox behind everything already queued;
+//! - a session stopped by anything but retirement (a bug that panicked mid-turn) hands the
+//!   jobs queued behind that turn to a successor;
 //! - a session's idle check runs on a `run_interval`, which also keeps the actor alive until it
 //!   stops itself (an actor with no external `Addr` and no items would otherwise stop with mail
 //!   in its mailbox).
@@ -165,8 +168,9 @@ impl SessionRegistry {
         };
         if wake {
             if let Err(SendError::Closed(_)) = entry.addr.try_send(Wake) {
-                // The actor died without deregistering (a bug, e.g. a panic): a successor takes
-                // over its inbox, jobs included.
+                // The actor died without deregistering (a bug; even a panic runs `stopped`): a
+                // successor takes over its inbox, jobs included.
+                tracing::error!(session = %key, "A session stopped without retiring (a bug); a new one takes over its queue.");
                 let inbox = entry.inbox.clone();
                 *entry = self.start_session(&key, inbox);
                 let _ = entry.addr.try_send(Wake);
@@ -179,6 +183,23 @@ impl SessionRegistry {
     /// Forgets `key` only if it still points at `generation`.
     fn deregister(&self, key: &SessionKey, generation: u64) {
         self.0.sessions.remove_if(key, |_, entry| entry.generation == generation);
+    }
+
+    /// Forgets `key` if it still points at `generation` and nothing waits in its inbox, checked
+    /// under the map entry's lock that `dispatch` holds while it queues a job. Returns false if
+    /// a job got in first (the session must then stay); true if it was forgotten or was
+    /// already replaced.
+    fn deregister_if_idle(&self, key: &SessionKey, generation: u64) -> bool {
+        let mut still_needed = false;
+        self.0.sessions.remove_if(key, |_, entry| {
+            if entry.generation != generation {
+                return false;
+            }
+            let inbox = lock(&entry.inbox);
+            still_needed = inbox.awake || !inbox.jobs.is_empty();
+            !still_needed
+        });
+        !still_needed
     }
 }
 
@@ -209,17 +230,12 @@ impl Session {
         if self.retiring || self.busy || !idle {
             return;
         }
-        {
-            // NOTE: released before `deregister`, which takes the map lock; `dispatch` takes
-            // the two in the opposite order.
-            let inbox = lock(&self.inbox);
-            if inbox.awake || !inbox.jobs.is_empty() {
-                return;
-            }
+        // Phase 1: stop new traffic from finding us, unless a job slipped in since the turn
+        // ended (checked under the map lock, or a second session could start beside us).
+        // Phase 2 (`Retire`) runs after every message that was already in the mailbox.
+        if !self.registry.deregister_if_idle(&self.key, self.generation) {
+            return;
         }
-        // Phase 1: stop new traffic from finding us. Phase 2 (`Retire`) runs after every
-        // message that was already in the mailbox.
-        self.registry.deregister(&self.key, self.generation);
         self.retiring = true;
         ctx.address().do_send(Retire);
     }
@@ -269,6 +285,24 @@ impl Actor for Session {
         self.hub().metrics.sessions_alive.dec();
         // Normally already done by `check_idle`; this covers a stop for any other reason.
         self.registry.deregister(&self.key, self.generation);
+        // A session retires only between turns. Stopped in the middle of one, it was stopped by
+        // a bug that panicked there (or by the runtime going away): that turn's job stays open
+        // in the journal until a restart, and the jobs queued behind it go to a successor.
+        // Nothing can join this inbox any more: it left the registry above. (Only when `busy`:
+        // a successor stopped at once, by a runtime going away, must not hand them on again.)
+        if !self.busy {
+            return;
+        }
+        let orphans: Vec<Job> = lock(&self.inbox).jobs.drain(..).collect();
+        if !orphans.is_empty() {
+            tracing::error!(session = %self.key, queued = orphans.len(), "A session stopped mid-conversation (a bug); a new one takes over its queue.");
+        }
+        for job in orphans {
+            if let Err(DispatchError::Overloaded(job)) = self.registry.dispatch(self.key.clone(), job) {
+                // Only if newer messages filled the successor's queue meanwhile.
+                self.hub().reply_now(job.envelope, self.hub().messages.busy.clone());
+            }
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Mutex;
 use yizhan_channel_core::{
-    BoxFuture, Channel, ChannelError, ChannelId, Conversation, ConversationKind, Delivery, DeliveryReceipt,
+    BoxFuture, Channel, ChannelError, ChannelId, Conversation, ConversationKind, Delivery, DeliveryReceipt, Reply,
     ReplyHandle, Sender, WebhookOutcome, WebhookRequest,
 };
 
@@ -70,6 +70,12 @@ impl Channel for RecordingChannel {
     fn deliver<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
         self.delivered.lock().unwrap_or_else(|p| p.into_inner()).push(delivery.clone());
         Box::pin(async { Ok(DeliveryReceipt::default()) })
+    }
+
+    /// Panics on an answer containing "💥": a stand-in for a bug inside a session's turn.
+    fn render(&self, reply: &Reply) -> Vec<Reply> {
+        assert!(!reply.text.contains('💥'), "a bug in the middle of a turn");
+        vec![reply.clone()]
     }
 }
 
@@ -262,4 +268,21 @@ async fn no_message_is_lost_while_sessions_retire() {
     for arbiter in arbiters {
         arbiter.stop();
     }
+}
+
+/// A bug that panics in the middle of a turn stops the session (actix runs `stopped`); the
+/// messages queued behind that turn must still be answered, in order.
+#[actix::test]
+async fn messages_queued_behind_a_turn_that_panicked_are_still_answered() {
+    tokio::time::pause();
+    let fixture = fixture(Duration::ZERO, Duration::from_secs(60), 16);
+    for question in ["💥", "q1", "q2"] {
+        let (key, next) = job("u1", question);
+        fixture.registry.dispatch(key, next).unwrap_or_else(|_| panic!("dispatch"));
+    }
+    fixture.wait_for_deliveries(2).await;
+    let texts: Vec<String> = fixture.delivered().into_iter().map(|d| d.reply.text).collect();
+    assert_eq!(texts, ["答：q1", "答：q2"]);
+    assert_eq!(fixture.registry.len(), 1);
+    assert_eq!(fixture.metrics.sessions_alive.get(), 1);
 }
