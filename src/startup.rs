@@ -231,6 +231,7 @@ impl Application {
     /// and resumes at the next start.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         self.spawn_retention();
+        self.spawn_parked_expiry();
         let handle = self.server.handle();
         let (hub, shutdown_timeout) = (self.hub.clone(), self.shutdown_timeout);
         actix::spawn(async move {
@@ -250,6 +251,25 @@ impl Application {
             handle.stop(true).await;
         });
         self.server.await
+    }
+
+    /// Forgets, hourly, the parked answers of users for whom nothing was parked for
+    /// [`PARKED_FOR`](crate::delivery::passive::PARKED_FOR).
+    fn spawn_parked_expiry(&self) {
+        let hub = self.hub.clone();
+        actix::spawn(async move {
+            let mut interval = actix::clock::interval(Duration::from_secs(3_600));
+            loop {
+                interval.tick().await;
+                let Some(cutoff) = std::time::Instant::now().checked_sub(crate::delivery::passive::PARKED_FOR) else {
+                    continue;
+                };
+                let forgotten = hub.passive.forget_parked_before(cutoff);
+                if forgotten > 0 {
+                    tracing::info!(forgotten, "Forgot parked answers not asked for within a week.");
+                }
+            }
+        });
     }
 
     /// Prunes history and finished journal entries older than the retention period, hourly.

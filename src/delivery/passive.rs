@@ -125,8 +125,27 @@ impl PassiveJob {
 #[derive(Debug, Default)]
 pub struct PassiveSlots {
     jobs: DashMap<(ChannelId, String), Arc<PassiveJob>, Hasher>,
-    parked: DashMap<(ChannelId, String), VecDeque<String>, Hasher>,
+    parked: DashMap<(ChannelId, String), Parked, Hasher>,
 }
+
+/// One user's parked answers, oldest first.
+#[derive(Debug)]
+struct Parked {
+    texts: VecDeque<String>,
+    /// When text was last parked for the user; [`PARKED_FOR`] later, if nothing was parked
+    /// since, the queue is dropped (see [`PassiveSlots::forget_parked_before`]).
+    parked_at: std::time::Instant,
+}
+
+impl Default for Parked {
+    fn default() -> Self {
+        Self { texts: VecDeque::new(), parked_at: std::time::Instant::now() }
+    }
+}
+
+/// How long parked answers wait for their user to ask for them. They live in memory only, so
+/// without a limit every user who never came back would keep theirs for good.
+pub const PARKED_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Parked answers kept per user at most; older ones are dropped (and logged) beyond this.
 const MAX_PARKED_PER_USER: usize = 8;
@@ -149,30 +168,66 @@ impl PassiveSlots {
 
     /// Parks text for a user's next message.
     pub fn park(&self, channel: &ChannelId, user: &str, text: String) {
-        let mut queue = self.parked.entry((channel.clone(), user.to_owned())).or_default();
-        queue.push_back(text);
+        self.enqueue(channel, user, text, false);
+    }
+
+    /// Puts back text taken by [`Self::unpark`] that could not be delivered after all, so it is
+    /// the next to come out again.
+    pub fn put_back(&self, channel: &ChannelId, user: &str, text: String) {
+        self.enqueue(channel, user, text, true);
+    }
+
+    /// Queues text for a user at the front or the back; beyond the bound, what sits at the
+    /// other end goes.
+    fn enqueue(&self, channel: &ChannelId, user: &str, text: String, at_front: bool) {
+        let mut parked = self.parked.entry((channel.clone(), user.to_owned())).or_default();
+        parked.parked_at = std::time::Instant::now();
+        let queue = &mut parked.texts;
+        if at_front {
+            queue.push_front(text);
+        } else {
+            queue.push_back(text);
+        }
         while queue.len() > MAX_PARKED_PER_USER {
-            queue.pop_front();
-            tracing::warn!(channel = %channel, "Too many parked answers for one user; dropped the oldest.");
+            if at_front {
+                queue.pop_back();
+            } else {
+                queue.pop_front();
+            }
+            tracing::warn!(channel = %channel, "Too many parked answers for one user; dropped one.");
         }
     }
 
     /// Takes the oldest parked text for a user.
     pub fn unpark(&self, channel: &ChannelId, user: &str) -> Option<String> {
         let key = (channel.clone(), user.to_owned());
-        let mut queue = self.parked.get_mut(&key)?;
-        let text = queue.pop_front();
-        let empty = queue.is_empty();
-        drop(queue);
+        let mut parked = self.parked.get_mut(&key)?;
+        let text = parked.texts.pop_front();
+        let empty = parked.texts.is_empty();
+        drop(parked);
         if empty {
-            self.parked.remove_if(&key, |_, queue| queue.is_empty());
+            self.parked.remove_if(&key, |_, parked| parked.texts.is_empty());
         }
         text
     }
 
+    /// Drops the parked answers of users for whom nothing was parked since `cutoff`; returns
+    /// how many answers went.
+    pub fn forget_parked_before(&self, cutoff: std::time::Instant) -> usize {
+        let mut forgotten = 0;
+        self.parked.retain(|_, parked| {
+            let keep = parked.parked_at >= cutoff;
+            if !keep {
+                forgotten += parked.texts.len();
+            }
+            keep
+        });
+        forgotten
+    }
+
     /// Whether a user has parked answers.
     pub fn has_parked(&self, channel: &ChannelId, user: &str) -> bool {
-        self.parked.get(&(channel.clone(), user.to_owned())).is_some_and(|queue| !queue.is_empty())
+        self.parked.get(&(channel.clone(), user.to_owned())).is_some_and(|parked| !parked.texts.is_empty())
     }
 }
 
@@ -241,5 +296,35 @@ mod tests {
         }
         assert!(!slots.has_parked(&channel, "u"));
         assert_eq!(slots.unpark(&channel, "u"), None);
+    }
+
+    #[test]
+    fn parked_answers_of_users_silent_since_the_cutoff_are_forgotten() {
+        let slots = PassiveSlots::default();
+        let channel = ChannelId::parse("c").unwrap_or_else(|e| panic!("{e}"));
+        slots.park(&channel, "gone", "a".into());
+        slots.park(&channel, "gone", "b".into());
+        slots.park(&channel, "back", "c".into());
+        let now = std::time::Instant::now();
+        let ago = |secs| now.checked_sub(Duration::from_secs(secs)).unwrap_or_else(|| panic!("uptime under {secs} s"));
+        if let Some(mut gone) = slots.parked.get_mut(&(channel.clone(), "gone".to_owned())) {
+            gone.parked_at = ago(2);
+        }
+        let cutoff = ago(1);
+        assert_eq!(slots.forget_parked_before(cutoff), 2);
+        assert!(!slots.has_parked(&channel, "gone"));
+        assert_eq!(slots.unpark(&channel, "back").as_deref(), Some("c"));
+    }
+
+    #[test]
+    fn text_put_back_comes_out_first() {
+        let slots = PassiveSlots::default();
+        let channel = ChannelId::parse("c").unwrap_or_else(|e| panic!("{e}"));
+        slots.park(&channel, "u", "older".into());
+        slots.park(&channel, "u", "newer".into());
+        let taken = slots.unpark(&channel, "u").unwrap_or_default();
+        slots.put_back(&channel, "u", taken);
+        assert_eq!(slots.unpark(&channel, "u").as_deref(), Some("older"));
+        assert_eq!(slots.unpark(&channel, "u").as_deref(), Some("newer"));
     }
 }

@@ -201,13 +201,14 @@ async fn hold_for_answer(
     let limit = entry.channel.capabilities().max_part_bytes;
     let first = parts.remove(0);
     let mut text = first.reply.text.clone();
+    let mut unparked = None;
     if let Some(parked) = hub.passive.unpark(&envelope.channel, &envelope.sender.id) {
         let combined = format!("{}\n{parked}\n\n{text}", hub.messages.parked_prefix);
         if combined.len() <= limit {
             text = combined;
-            hub.metrics.answers.with_label_values(&[channel, "unparked"]).inc();
+            unparked = Some(parked);
         } else {
-            hub.passive.park(&envelope.channel, &envelope.sender.id, parked);
+            hub.passive.put_back(&envelope.channel, &envelope.sender.id, parked);
         }
     }
     if entry.reply_mode == ReplyMode::Passive && !parts.is_empty() {
@@ -224,6 +225,9 @@ async fn hold_for_answer(
         Ok(response) => response,
         Err(error) => {
             tracing::warn!(channel, %error, "Could not build the passive reply; pushing the answer.");
+            if let Some(parked) = unparked {
+                hub.passive.put_back(&envelope.channel, &envelope.sender.id, parked);
+            }
             let mut parts = parts;
             parts.insert(0, first);
             let hub = hub.clone();
@@ -232,6 +236,9 @@ async fn hold_for_answer(
         }
     };
     hub.metrics.answers.with_label_values(&[channel, "passive"]).inc();
+    if unparked.is_some() {
+        hub.metrics.answers.with_label_values(&[channel, "unparked"]).inc();
+    }
     if let Err(error) = hub.store.part_delivered(&first.delivery_id).await {
         tracing::error!(part = %first.delivery_id, %error, "Failed to clear a delivered part.");
     }

@@ -114,12 +114,13 @@ impl Router {
         let menu = self.hub.channels.get(&envelope.channel).map(|entry| &entry.menu);
         let empty = HashMap::new();
         let mut work = classify(&envelope, &self.hub.messages, menu.unwrap_or(&empty));
+        let mut unparked = false;
         if let Some(Work::Ask(text)) = &work {
             let is_continue = self.hub.messages.continue_commands.iter().any(|word| word.trim() == text.as_str());
             if is_continue {
                 work = Some(match self.hub.passive.unpark(&envelope.channel, &envelope.sender.id) {
                     Some(parked) => {
-                        self.hub.metrics.answers.with_label_values(&[envelope.channel.as_str(), "unparked"]).inc();
+                        unparked = true;
                         Work::Say(parked)
                     }
                     None => Work::Say(self.hub.messages.nothing_parked.clone()),
@@ -133,12 +134,22 @@ impl Router {
             return false;
         };
         let key = self.hub.session_key(&envelope);
+        let channel = envelope.channel.clone();
         match self.sessions.dispatch(key, Job { envelope, work }) {
-            Ok(()) => true,
+            Ok(()) => {
+                if unparked {
+                    self.hub.metrics.answers.with_label_values(&[channel.as_str(), "unparked"]).inc();
+                }
+                true
+            }
             Err(DispatchError::Overloaded(job)) => {
                 self.hub.metrics.shed.with_label_values(&["session_queue"]).inc();
                 tracing::warn!(channel = %job.envelope.channel, "Too many messages waiting in one conversation; answered busy.");
-                let Job { envelope, .. } = *job;
+                let Job { envelope, work } = *job;
+                if let (true, Work::Say(parked)) = (unparked, work) {
+                    // Still there for the next continue word.
+                    self.hub.passive.put_back(&envelope.channel, &envelope.sender.id, parked);
+                }
                 self.hub.reply_now(envelope, self.hub.messages.busy.clone());
                 true
             }

@@ -236,6 +236,32 @@ async fn a_user_over_the_pending_bound_gets_the_busy_reply() {
     assert_eq!(texts, expected);
 }
 
+#[actix::test]
+async fn a_continue_word_answered_busy_leaves_the_parked_text_for_the_next_one() {
+    tokio::time::pause();
+    let fixture = fixture(Duration::from_millis(100), Duration::from_secs(60), 1);
+    let hub = fixture.registry.0.hub.clone();
+    let router = crate::routing::Router::new(hub.clone(), fixture.registry.clone());
+    let channel = ChannelId::parse("rec").unwrap_or_else(|e| panic!("{e}"));
+    hub.passive.park(&channel, "u1", "早先的回答".into());
+    let say = |text: &str| {
+        let (_, mut job) = job("u1", "");
+        job.envelope.content = vec![yizhan_channel_core::Segment::Text { text: text.into() }];
+        assert!(router.dispatch(job.envelope));
+    };
+    // One turn running and one waiting fill the bound of one: the continue word is answered busy.
+    say("q0");
+    say("q1");
+    say("继续");
+    fixture.wait_for_deliveries(3).await;
+    assert!(hub.passive.has_parked(&channel, "u1"), "the parked text must survive the busy reply");
+    say("继续");
+    fixture.wait_for_deliveries(4).await;
+    let texts: Vec<String> = fixture.delivered().into_iter().map(|d| d.reply.text).collect();
+    assert_eq!(texts[3], "早先的回答");
+    assert!(!hub.passive.has_parked(&channel, "u1"));
+}
+
 /// Four arbiters dispatch 2,000 messages to 8 users while sessions retire after 1 ms of silence:
 /// every message must be answered exactly once.
 #[actix::test]
