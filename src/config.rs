@@ -235,7 +235,8 @@ impl Default for SessionConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveryConfig {
-    /// Sends of one part before it is recorded as failed.
+    /// Sends of one part before it is recorded as failed. The default's retries span about 2.5–5
+    /// minutes, so a platform API's brief outage does not cost answers.
     pub max_attempts: u32,
     /// First retry delay; doubles each attempt, with jitter.
     pub retry_base_delay_ms: u64,
@@ -245,7 +246,7 @@ pub struct DeliveryConfig {
 
 impl Default for DeliveryConfig {
     fn default() -> Self {
-        Self { max_attempts: 6, retry_base_delay_ms: 500, retry_max_delay_ms: 60_000 }
+        Self { max_attempts: 12, retry_base_delay_ms: 500, retry_max_delay_ms: 60_000 }
     }
 }
 
