@@ -74,11 +74,29 @@ async fn send_updates(
     sequence
 }
 
+/// Tries at writing the final text on a transient error before the caller sends the answer
+/// whole instead, which shows it twice when the card already holds most of it.
+const FINISH_ATTEMPTS: u32 = 3;
+
 impl LiveAnswer {
     /// Waits for the last update, then writes `full_text` (exactly the whole answer) and ends
-    /// streaming.
+    /// streaming, retrying transient failures.
     pub async fn finish(self, full_text: &str) -> Result<(), ChannelError> {
         let sequence = self.updates.await.unwrap_or(1_000_000);
-        self.channel.finish_stream(&self.handle, full_text, sequence).await.map(|_| ())
+        let mut attempt = 1;
+        loop {
+            // `finish_stream` uses `sequence` and the one after it; a retry moves past both, as
+            // the platform may have applied either before the error.
+            let sequence = sequence.saturating_add(2 * u64::from(attempt - 1));
+            match self.channel.finish_stream(&self.handle, full_text, sequence).await {
+                Ok(_) => return Ok(()),
+                Err(error) if error.is_retryable() && attempt < FINISH_ATTEMPTS => {
+                    tracing::debug!(channel = %self.channel.id(), attempt, %error, "Finishing a streamed answer failed; retrying.");
+                    actix::clock::sleep(std::time::Duration::from_millis(250) * attempt).await;
+                    attempt += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 }

@@ -159,3 +159,25 @@ async fn a_streamed_answer_updates_the_card_in_order_and_ends_with_the_whole_ans
     assert_eq!(settings.len(), 1);
     assert!(body(&settings[0])["sequence"].as_u64() > sequences.last().copied());
 }
+
+#[actix_web::test]
+async fn a_streamed_answer_whose_finish_failed_once_is_finished_again_not_sent_twice() {
+    let app = spawn_feishu(true, Duration::from_millis(50)).await;
+    Mock::given(method("PATCH"))
+        .and(path("/open-apis/cardkit/v1/cards/card_1/settings"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&app.wechat)
+        .await;
+    assert_eq!(app.post_feishu(&event("om_s_9", "p2p", "再说一遍", serde_json::json!([]))).await.0, 200);
+    app.wait_until_idle().await;
+    let settings = app.feishu_calls("PATCH", "/cards/card_1/settings").await;
+    assert_eq!(settings.len(), 2, "finished again after the failure");
+    let sequences: Vec<u64> = settings.iter().filter_map(|r| body(r)["sequence"].as_u64()).collect();
+    assert!(sequences[0] < sequences[1], "{sequences:?}");
+    let replies = app.feishu_calls("POST", "/om_s_9/reply").await;
+    assert_eq!(replies.len(), 1, "only the card; the answer is not sent a second time");
+    let updates = app.feishu_calls("PUT", "/elements/answer/content").await;
+    assert_eq!(updates.last().map(body).unwrap_or_default()["content"], "答：再说一遍");
+}
