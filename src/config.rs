@@ -146,7 +146,8 @@ pub struct LlmConfig {
     /// TCP/TLS connect timeout.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
-    /// Time to the first visible token.
+    /// Time to the model's first token, reasoning included (a reasoning model may think long
+    /// before its first visible word); after that only `total_timeout_secs` applies.
     #[serde(default = "default_first_token_timeout_secs")]
     pub first_token_timeout_secs: u64,
     /// Time to the whole answer, retries included.

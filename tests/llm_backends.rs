@@ -697,14 +697,14 @@ fn trickling_server(script: Vec<(Duration, String)>) -> String {
 }
 
 #[tokio::test]
-async fn openai_keep_alives_and_reasoning_do_not_count_as_the_first_token() {
+async fn openai_keep_alives_do_not_count_as_the_first_token() {
     let tick = Duration::from_millis(40);
     let mut script = Vec::new();
     for _ in 0..8 {
         script.push((tick, ": keep-alive\n\n".to_owned()));
         script.push((
             Duration::ZERO,
-            format!("data: {}\n\n", json!({"choices":[{"index":0,"delta":{"reasoning_content":"hmm"}}]})),
+            format!("data: {}\n\n", json!({"choices":[{"index":0,"delta":{"role":"assistant"}}]})),
         ));
     }
     script.push((Duration::ZERO, format!("data: {}\n\ndata: [DONE]\n\n", chunk("too late"))));
@@ -716,6 +716,29 @@ async fn openai_keep_alives_and_reasoning_do_not_count_as_the_first_token() {
 
     assert!(matches!(result, Err(LlmError::FirstTokenTimeout(_))), "{result:?}");
     assert!(pieces(&seen).is_empty());
+}
+
+/// A reasoning model may think for longer than the first-token timeout before its first visible
+/// word: its reasoning meets the deadline (and is still never shown).
+#[tokio::test]
+async fn openai_reasoning_meets_the_first_token_deadline_without_being_shown() {
+    let tick = Duration::from_millis(40);
+    let mut script = Vec::new();
+    for _ in 0..8 {
+        script.push((
+            tick,
+            format!("data: {}\n\n", json!({"choices":[{"index":0,"delta":{"reasoning_content":"hmm"}}]})),
+        ));
+    }
+    script.push((Duration::ZERO, format!("data: {}\n\ndata: [DONE]\n\n", chunk("after thinking"))));
+    let base_url = trickling_server(script);
+    let backend = openai(OpenAiSettings::new(base_url, "m"));
+    let (mut sink, seen) = recorder();
+
+    let result = backend.complete(&request(), Duration::from_millis(150), &mut sink).await;
+
+    assert_eq!(result.ok().as_deref(), Some("after thinking"));
+    assert_eq!(pieces(&seen), vec!["after thinking"]);
 }
 
 #[tokio::test]
@@ -733,4 +756,36 @@ async fn openai_slow_tokens_after_the_first_are_not_cut_by_the_first_token_timeo
 
     assert_eq!(result.ok().as_deref(), Some("first, then more"));
     assert_eq!(pieces(&seen), vec!["first, ", "then more"]);
+}
+
+/// An agent that reasons or runs tools for longer than the first-token timeout before its first
+/// visible word is working, not stalled.
+#[tokio::test]
+async fn lobehub_agent_reasoning_and_tool_events_meet_the_first_token_deadline() {
+    let tick = Duration::from_millis(40);
+    let mut script = vec![(
+        Duration::ZERO,
+        responses_sse(&[json!({"type":"response.created","response":{"status":"in_progress"}})]),
+    )];
+    for _ in 0..4 {
+        script.push((tick, responses_sse(&[json!({"type":"response.reasoning_summary_text.delta","delta":"hidden"})])));
+        script.push((tick, responses_sse(&[json!({"type":"response.function_call_arguments.delta","delta":"{"})])));
+    }
+    script.push((
+        Duration::ZERO,
+        responses_sse(&[
+            json!({"type":"response.output_text.delta","delta":"查到了"}),
+            json!({"type":"response.completed","response":{"status":"completed","output_text":"查到了"}}),
+        ]),
+    ));
+    let base_url = trickling_server(script);
+    let mut settings = LobeHubSettings::new(base_url.trim_end_matches("v1").to_owned());
+    settings.agent_id = Some("agt_1".into());
+    let backend = lobehub(settings);
+    let (mut sink, seen) = recorder();
+
+    let result = backend.complete(&request(), Duration::from_millis(150), &mut sink).await;
+
+    assert_eq!(result.ok().as_deref(), Some("查到了"));
+    assert_eq!(pieces(&seen), vec!["查到了"]);
 }

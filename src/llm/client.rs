@@ -19,8 +19,8 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 /// Timeouts and retry policy of an [`LlmClient`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LlmClientSettings {
-    /// From sending a request to the first visible text of the answer (per attempt). Catches a
-    /// hung or overloaded server long before the total timeout.
+    /// From sending a request to the model's first text, reasoning included (per attempt).
+    /// Catches a hung or overloaded server long before the total timeout.
     pub first_token_timeout: Duration,
     /// The whole call, all attempts and backoff included; the user is waiting.
     pub total_timeout: Duration,

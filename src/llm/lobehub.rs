@@ -141,11 +141,20 @@ impl LobeHubBackend {
             ResponseBody::Events(mut events) => {
                 // Whether any text arrived as deltas (then `response.completed` must not repeat it).
                 let mut saw_text = false;
-                while let Some((event_name, json)) =
-                    sse::next_json_event(&mut events, answer.has_started(), deadline, first_token_timeout, "lobehub")
-                        .await?
+                // An agent that reasons or calls tools before its first visible word is working:
+                // any event past `created` / `in_progress` meets the first-token deadline.
+                let mut working = false;
+                while let Some((event_name, json)) = sse::next_json_event(
+                    &mut events,
+                    working || answer.has_started(),
+                    deadline,
+                    first_token_timeout,
+                    "lobehub",
+                )
+                .await?
                 {
                     let kind = json.get("type").and_then(Value::as_str).or(event_name.as_deref()).unwrap_or_default();
+                    working |= !matches!(kind, "response.created" | "response.in_progress");
                     match kind {
                         "response.output_text.delta" => {
                             if let Some(delta) = json.get("delta").and_then(Value::as_str) {

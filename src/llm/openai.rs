@@ -153,9 +153,18 @@ impl OpenAiBackend {
                 }
             }
             ResponseBody::Events(mut events) => {
-                while let Some((event_name, json)) =
-                    sse::next_json_event(&mut events, answer.has_started(), deadline, first_token_timeout, "openai")
-                        .await?
+                // Reasoning (or an inline `<think>` block) counts as the model answering for the
+                // first-token deadline, though none of it is shown: a reasoning model may think
+                // for longer than that deadline before its first visible word.
+                let mut thinking = false;
+                while let Some((event_name, json)) = sse::next_json_event(
+                    &mut events,
+                    thinking || answer.has_started(),
+                    deadline,
+                    first_token_timeout,
+                    "openai",
+                )
+                .await?
                 {
                     if json.get("error").is_some_and(|error| !error.is_null()) || event_name.as_deref() == Some("error")
                     {
@@ -163,6 +172,7 @@ impl OpenAiBackend {
                         return Err(LlmError::Stream(message));
                     }
                     for choice in first_choices(&json) {
+                        thinking |= shows_progress(choice);
                         // NOTE: only `content` is read; `reasoning_content` / `reasoning` stay private.
                         let piece = choice
                             .get("delta")
@@ -228,6 +238,16 @@ struct StreamOptions {
 
 /// The choices that belong to the first answer (`index` 0 or absent); `choices` of any other
 /// shape (missing, null, `[]`) yields nothing.
+/// Whether a streamed choice carries any text, visible or reasoning.
+fn shows_progress(choice: &Value) -> bool {
+    let Some(delta) = choice.get("delta") else { return false };
+    ["content", "reasoning_content", "reasoning"].iter().any(|field| match delta.get(field) {
+        Some(Value::String(text)) => !text.is_empty(),
+        Some(Value::Array(parts)) => !parts.is_empty(),
+        _ => false,
+    })
+}
+
 fn first_choices(json: &Value) -> impl Iterator<Item = &Value> {
     json.get("choices")
         .and_then(Value::as_array)

@@ -308,7 +308,8 @@ const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
 pub(crate) const MAX_ERROR_MESSAGE_CHARS: usize = 500;
 
 /// The next event whose data is JSON, for both backends' stream loops: waits at most until
-/// `first_token_deadline` while nothing visible has arrived (`started == false`), stops at
+/// `first_token_deadline` while the model has not started (`started == false`: no text, visible
+/// or reasoning, yet; after that only the caller's total timeout applies), stops at
 /// `[DONE]` or the end of the stream (`None`), skips blank and unparsable events, and turns a
 /// non-JSON `error` event into [`LlmError::Stream`].
 pub(crate) async fn next_json_event(
