@@ -285,6 +285,34 @@ async fn openai_http_500_is_a_status_error_with_the_server_message() {
     assert!(seen.is_empty());
 }
 
+/// Some gateways quote the key they were sent; the message is logged, so the key must go.
+#[tokio::test]
+async fn a_gateway_that_echoes_the_api_key_does_not_get_it_into_the_error() {
+    let server = MockServer::start().await;
+    let quoted = format!("Incorrect API key provided: {SECRET}. Received API Key = {SECRET}");
+    let padding = "x".repeat(490);
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .respond_with(ResponseTemplate::new(401).set_body_json(json!({"error":{"message": quoted}})))
+        .mount(&server)
+        .await;
+    // A plain-text body with the key straddling the point where messages are cut.
+    Mock::given(method("POST"))
+        .and(path("/api/v1/responses"))
+        .respond_with(ResponseTemplate::new(401).set_body_string(format!("{padding}{SECRET} rejected")))
+        .mount(&server)
+        .await;
+
+    let (openai_result, _) = complete(&openai(openai_settings(&server))).await;
+    let (lobehub_result, _) = complete(&lobehub(lobehub_settings(&server, Some("agt_1")))).await;
+
+    for result in [openai_result, lobehub_result] {
+        let message = result.err().map(|error| error.to_string()).unwrap_or_default();
+        assert!(message.contains("HTTP 401"), "{message}");
+        assert!(!message.contains("sk-test"), "{message}");
+    }
+}
+
 #[tokio::test]
 async fn openai_long_non_json_error_bodies_are_truncated() {
     let server = MockServer::start().await;

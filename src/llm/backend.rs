@@ -88,6 +88,19 @@ impl LlmError {
         }
     }
 
+    /// The same error with `secret` (the backend's API key, which a gateway may quote back in a
+    /// message) replaced wherever the server's words are kept.
+    pub fn redacting(self, secret: Option<&str>) -> Self {
+        let clean = |text: String| super::sse::redact(text, secret);
+        match self {
+            Self::Connect(message) => Self::Connect(clean(message)),
+            Self::Status { status, message } => Self::Status { status, message: clean(message) },
+            Self::Stream(message) => Self::Stream(clean(message)),
+            Self::Protocol(message) => Self::Protocol(clean(message)),
+            other => other,
+        }
+    }
+
     /// A short, stable label for metrics.
     pub fn label(&self) -> &'static str {
         match self {

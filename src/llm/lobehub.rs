@@ -123,7 +123,7 @@ impl LobeHubBackend {
             self.post("/api/v1/responses").header(reqwest::header::ACCEPT, "text/event-stream").json(&body);
         let response = sse::send_before(http_request, deadline, first_token_timeout).await?;
         if !response.status().is_success() {
-            return Err(sse::status_error(response, ERROR_BODY_TIMEOUT).await);
+            return Err(sse::status_error(response, ERROR_BODY_TIMEOUT, self.api_key()).await);
         }
 
         let mut answer = VisibleAnswer::new(false, on_delta);
@@ -224,7 +224,7 @@ impl LobeHubBackend {
         let http_request = self.post("/api/v1/chat").json(&body);
         let mut response = sse::send_before(http_request, deadline, first_token_timeout).await?;
         if !response.status().is_success() {
-            return Err(sse::status_error(response, ERROR_BODY_TIMEOUT).await);
+            return Err(sse::status_error(response, ERROR_BODY_TIMEOUT, self.api_key()).await);
         }
         let (bytes, truncated) = sse::read_body_limited(&mut response, MAX_CHAT_BODY_BYTES)
             .await
@@ -262,11 +262,18 @@ impl LlmBackend for LobeHubBackend {
         on_delta: &'a mut DeltaSink,
     ) -> BoxFuture<'a, Result<String, LlmError>> {
         Box::pin(async move {
-            match self.settings.agent_id.as_deref().filter(|id| !id.is_empty()) {
+            let result = match self.settings.agent_id.as_deref().filter(|id| !id.is_empty()) {
                 Some(agent_id) => self.complete_with_agent(agent_id, request, first_token_timeout, on_delta).await,
                 None => self.complete_with_model(request, first_token_timeout, on_delta).await,
-            }
+            };
+            result.map_err(|error| error.redacting(self.api_key()))
         })
+    }
+}
+
+impl LobeHubBackend {
+    fn api_key(&self) -> Option<&str> {
+        self.settings.api_key.as_ref().map(|key| key.expose_secret())
     }
 }
 

@@ -134,7 +134,7 @@ impl OpenAiBackend {
         }
         let response = sse::send_before(http_request, deadline, first_token_timeout).await?;
         if !response.status().is_success() {
-            return Err(sse::status_error(response, ERROR_BODY_TIMEOUT).await);
+            return Err(sse::status_error(response, ERROR_BODY_TIMEOUT, self.api_key()).await);
         }
 
         let mut answer = VisibleAnswer::new(self.settings.strip_think, on_delta);
@@ -210,7 +210,17 @@ impl LlmBackend for OpenAiBackend {
         first_token_timeout: Duration,
         on_delta: &'a mut DeltaSink,
     ) -> BoxFuture<'a, Result<String, LlmError>> {
-        Box::pin(self.complete_once(request, first_token_timeout, on_delta))
+        Box::pin(async move {
+            self.complete_once(request, first_token_timeout, on_delta)
+                .await
+                .map_err(|error| error.redacting(self.api_key()))
+        })
+    }
+}
+
+impl OpenAiBackend {
+    fn api_key(&self) -> Option<&str> {
+        self.settings.api_key.as_ref().map(|key| key.expose_secret())
     }
 }
 

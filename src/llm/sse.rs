@@ -384,11 +384,18 @@ pub(crate) async fn read_body_limited(
 ///
 /// The body read is bounded in size and in time (`read_timeout`), so a server that stalls after an
 /// error status cannot hold the attempt.
-pub(crate) async fn status_error(mut response: reqwest::Response, read_timeout: Duration) -> LlmError {
+///
+/// `api_key` is removed from the body before anything is kept: some gateways quote the key
+/// they were sent in a 401's message, and the message is logged.
+pub(crate) async fn status_error(
+    mut response: reqwest::Response,
+    read_timeout: Duration,
+    api_key: Option<&str>,
+) -> LlmError {
     let status = response.status();
     let body = tokio::time::timeout(read_timeout, read_body_limited(&mut response, MAX_ERROR_BODY_BYTES)).await;
     let text = match body {
-        Ok(Ok((bytes, _))) => String::from_utf8_lossy(&bytes).into_owned(),
+        Ok(Ok((bytes, _))) => redact(String::from_utf8_lossy(&bytes).into_owned(), api_key),
         _ => String::new(),
     };
     let message = serde_json::from_str::<serde_json::Value>(&text)
@@ -401,6 +408,14 @@ pub(crate) async fn status_error(mut response: reqwest::Response, read_timeout: 
         truncate_chars(&message, MAX_ERROR_MESSAGE_CHARS)
     };
     LlmError::Status { status: status.as_u16(), message }
+}
+
+/// `text` with every occurrence of `secret` replaced.
+pub(crate) fn redact(text: String, secret: Option<&str>) -> String {
+    match secret.filter(|secret| !secret.is_empty()) {
+        Some(secret) if text.contains(secret) => text.replace(secret, "<redacted>"),
+        _ => text,
+    }
 }
 
 /// Finds a human-readable error message in the error shapes seen in the wild:

@@ -67,7 +67,8 @@ impl WebhookRequest {
             .trim()
             .parse()
             .map_err(|_| ChannelError::BadSignature(format!("timestamp {timestamp:?} is not a number")))?;
-        let skew = (self.received_at_unix() - sent).unsigned_abs();
+        // `abs_diff`: any i64 parses, and a subtraction could overflow.
+        let skew = self.received_at_unix().abs_diff(sent);
         if skew > window.as_secs() {
             return Err(ChannelError::BadSignature(format!(
                 "timestamp is {skew} s away from now, outside the {} s replay window",
@@ -259,6 +260,9 @@ mod tests {
         assert!(request.check_timestamp("1301", window).is_err());
         assert!(request.check_timestamp("abc", window).is_err());
         assert!(request.check_timestamp("-99999999999999999999", window).is_err());
+        // The extremes of i64 parse; the skew must not overflow (a panic in debug builds).
+        assert!(request.check_timestamp(&i64::MIN.to_string(), window).is_err());
+        assert!(request.check_timestamp(&i64::MAX.to_string(), window).is_err());
     }
 
     #[test]

@@ -64,7 +64,9 @@ impl TokenCache {
         let token = fetch().await?;
         // A token that lives shorter than the margin is still used once rather than refetched
         // in a loop; it is refreshed on the next call.
-        let lifetime = token.expires_in.saturating_sub(self.margin);
+        // Capped: the lifetime comes from the platform (or a proxy at a configured base URL), and
+        // `Instant + Duration` panics on overflow; no platform issues tokens for over a day.
+        let lifetime = token.expires_in.min(MAX_TOKEN_LIFETIME).saturating_sub(self.margin);
         let mut guard = self.cached.write().unwrap_or_else(|poisoned| poisoned.into_inner());
         *guard = Some(Cached { value: token.value.clone(), refresh_at: Instant::now() + lifetime });
         Ok(token.value)
@@ -79,6 +81,9 @@ impl TokenCache {
         }
     }
 }
+
+/// The longest a token is trusted, whatever lifetime the platform claims.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 #[cfg(test)]
 mod tests {
@@ -146,5 +151,15 @@ mod tests {
         assert!(failed.is_err());
         let ok = cache.get(|| async { Ok(token("t1", 7200)) }).await.ok();
         assert_eq!(ok.as_deref(), Some("t1"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_absurd_lifetime_is_capped_instead_of_overflowing_the_clock() {
+        let cache = TokenCache::new(Duration::from_secs(300));
+        let first = cache.get(|| async { Ok(token("forever", u64::MAX)) }).await;
+        assert_eq!(first.ok().as_deref(), Some("forever"));
+        tokio::time::advance(MAX_TOKEN_LIFETIME).await;
+        let second = cache.get(|| async { Ok(token("next", 7200)) }).await;
+        assert_eq!(second.ok().as_deref(), Some("next"));
     }
 }

@@ -140,11 +140,10 @@ impl Feishu {
         };
         let (timestamp, nonce, signature) =
             (header(TIMESTAMP_HEADER)?, header(NONCE_HEADER)?, header(SIGNATURE_HEADER)?);
-        request.check_timestamp(timestamp, self.settings.replay_window())?;
         if !crypto::signature_matches(signature, timestamp, nonce, encrypt_key, &request.body) {
             return Err(ChannelError::BadSignature("X-Lark-Signature does not match".into()));
         }
-        Ok(())
+        request.check_timestamp(timestamp, self.settings.replay_window())
     }
 
     /// The callback as plain JSON: decrypted when it is `{"encrypt": …}`.
