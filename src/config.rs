@@ -459,11 +459,16 @@ impl Config {
 }
 
 /// Names whose values are secrets or identifiers: an override stays a string even if it looks
-/// like a number.
+/// like a number. Decided by the key's last word, so that `first_token_timeout_secs`,
+/// `max_tokens` or `retry_base_delay_ms` stay numbers.
 fn is_string_key(key: &str) -> bool {
-    ["secret", "token", "key", "id", "password", "url", "base", "prompt", "bind", "path", "model"]
-        .iter()
-        .any(|word| key.contains(word))
+    // WeCom's AgentId is a number (LobeHub's agent ids are not numeric anyway).
+    if key == "agent_id" {
+        return false;
+    }
+    let last_word = key.rsplit('_').next().unwrap_or(key);
+    ["secret", "token", "key", "id", "password", "url", "base", "prompt", "bind", "path", "model", "provider"]
+        .contains(&last_word)
 }
 
 fn apply_override(root: &mut toml::Value, path: &str, raw: &str) -> anyhow::Result<()> {
@@ -568,6 +573,28 @@ token = "tok"
         assert_eq!(config.server.bind, "127.0.0.1:0");
         assert_eq!(config.channels[0].settings.table["app_secret"], "env-secret");
         assert_eq!(config.channels[0].settings.table["replay_window_secs"], 0);
+    }
+
+    #[test]
+    fn overrides_of_keys_absent_from_the_file_get_the_type_their_name_implies() {
+        let config = load(
+            MINIMAL,
+            &[
+                ("YIZHAN__LLM__FIRST_TOKEN_TIMEOUT_SECS", "60"),
+                ("YIZHAN__LLM__MAX_TOKENS", "800"),
+                ("YIZHAN__DELIVERY__RETRY_BASE_DELAY_MS", "250"),
+                ("YIZHAN__CHANNELS__MP_MAIN__TOKEN", "123456"),
+                ("YIZHAN__CHANNELS__MP_MAIN__ENCODING_AES_KEY", "1234567890"),
+                ("YIZHAN__CHANNELS__MP_MAIN__AGENT_ID", "1000002"),
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(config.llm.first_token_timeout_secs, 60);
+        assert_eq!(config.llm.max_tokens, Some(800));
+        assert_eq!(config.delivery.retry_base_delay_ms, 250);
+        let table = &config.channels[0].settings.table;
+        assert_eq!((table["token"].as_str(), table["encoding_aes_key"].as_str()), (Some("123456"), Some("1234567890")));
+        assert_eq!(table["agent_id"].as_i64(), Some(1_000_002));
     }
 
     #[test]
