@@ -461,9 +461,9 @@ impl Config {
 /// Names whose values are secrets or identifiers: an override stays a string even if it looks
 /// like a number. Decided by the key's last word, so that `first_token_timeout_secs`,
 /// `max_tokens` or `retry_base_delay_ms` stay numbers.
-fn is_string_key(key: &str) -> bool {
-    // WeCom's AgentId is a number (LobeHub's agent ids are not numeric anyway).
-    if key == "agent_id" {
+fn is_string_key(key: &str, in_channel: bool) -> bool {
+    // A channel's `agent_id` is WeCom's numeric AgentId; `[llm] agent_id` is a LobeHub id.
+    if in_channel && key == "agent_id" {
         return false;
     }
     let last_word = key.rsplit('_').next().unwrap_or(key);
@@ -501,6 +501,7 @@ fn apply_override(root: &mut toml::Value, path: &str, raw: &str) -> anyhow::Resu
         node = table.entry(segment.clone()).or_insert_with(|| toml::Value::Table(toml::map::Map::new()));
         index += 1;
     }
+    let in_channel = segments.first().is_some_and(|first| first == "channels");
     let key = segments.last().cloned().unwrap_or_default();
     let table = node.as_table_mut().ok_or_else(|| anyhow!("parent of `{key}` is not a table"))?;
     let existing_is_string = table.get(&key).map(toml::Value::is_str);
@@ -508,7 +509,7 @@ fn apply_override(root: &mut toml::Value, path: &str, raw: &str) -> anyhow::Resu
     let value = match (existing_is_string, parsed) {
         (Some(true), _) | (None, None) => toml::Value::String(raw.to_owned()),
         (None, Some(toml::Value::String(text))) => toml::Value::String(text),
-        (None, Some(_)) if is_string_key(&key) => toml::Value::String(raw.to_owned()),
+        (None, Some(_)) if is_string_key(&key, in_channel) => toml::Value::String(raw.to_owned()),
         (_, Some(value)) => value,
         (Some(false), None) => toml::Value::String(raw.to_owned()),
     };
@@ -586,6 +587,7 @@ token = "tok"
                 ("YIZHAN__CHANNELS__MP_MAIN__TOKEN", "123456"),
                 ("YIZHAN__CHANNELS__MP_MAIN__ENCODING_AES_KEY", "1234567890"),
                 ("YIZHAN__CHANNELS__MP_MAIN__AGENT_ID", "1000002"),
+                ("YIZHAN__LLM__AGENT_ID", "42"),
             ],
         )
         .unwrap_or_else(|e| panic!("{e:#}"));
@@ -595,6 +597,7 @@ token = "tok"
         let table = &config.channels[0].settings.table;
         assert_eq!((table["token"].as_str(), table["encoding_aes_key"].as_str()), (Some("123456"), Some("1234567890")));
         assert_eq!(table["agent_id"].as_i64(), Some(1_000_002));
+        assert_eq!(config.llm.agent_id.as_deref(), Some("42"));
     }
 
     #[test]

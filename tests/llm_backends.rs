@@ -750,9 +750,10 @@ async fn openai_keep_alives_do_not_count_as_the_first_token() {
 /// word: its reasoning meets the deadline (and is still never shown).
 #[tokio::test]
 async fn openai_reasoning_meets_the_first_token_deadline_without_being_shown() {
+    // The first reasoning arrives well inside the 400 ms deadline; the answer well after it.
     let tick = Duration::from_millis(40);
     let mut script = Vec::new();
-    for _ in 0..8 {
+    for _ in 0..16 {
         script.push((
             tick,
             format!("data: {}\n\n", json!({"choices":[{"index":0,"delta":{"reasoning_content":"hmm"}}]})),
@@ -763,7 +764,7 @@ async fn openai_reasoning_meets_the_first_token_deadline_without_being_shown() {
     let backend = openai(OpenAiSettings::new(base_url, "m"));
     let (mut sink, seen) = recorder();
 
-    let result = backend.complete(&request(), Duration::from_millis(150), &mut sink).await;
+    let result = backend.complete(&request(), Duration::from_millis(400), &mut sink).await;
 
     assert_eq!(result.ok().as_deref(), Some("after thinking"));
     assert_eq!(pieces(&seen), vec!["after thinking"]);
@@ -795,7 +796,7 @@ async fn lobehub_agent_reasoning_and_tool_events_meet_the_first_token_deadline()
         Duration::ZERO,
         responses_sse(&[json!({"type":"response.created","response":{"status":"in_progress"}})]),
     )];
-    for _ in 0..4 {
+    for _ in 0..8 {
         script.push((tick, responses_sse(&[json!({"type":"response.reasoning_summary_text.delta","delta":"hidden"})])));
         script.push((tick, responses_sse(&[json!({"type":"response.function_call_arguments.delta","delta":"{"})])));
     }
@@ -812,8 +813,36 @@ async fn lobehub_agent_reasoning_and_tool_events_meet_the_first_token_deadline()
     let backend = lobehub(settings);
     let (mut sink, seen) = recorder();
 
-    let result = backend.complete(&request(), Duration::from_millis(150), &mut sink).await;
+    let result = backend.complete(&request(), Duration::from_millis(400), &mut sink).await;
 
     assert_eq!(result.ok().as_deref(), Some("查到了"));
     assert_eq!(pieces(&seen), vec!["查到了"]);
+}
+
+/// Opening the response, its message item and content part is scaffolding, not an answer: a
+/// server that stalls after it still meets the first-token timeout.
+#[tokio::test]
+async fn lobehub_agent_scaffolding_alone_does_not_meet_the_first_token_deadline() {
+    let script = vec![
+        (
+            Duration::ZERO,
+            responses_sse(&[
+                json!({"type":"response.created","response":{"status":"in_progress"}}),
+                json!({"type":"response.in_progress","response":{"status":"in_progress"}}),
+                json!({"type":"response.output_item.added","item":{"type":"message","role":"assistant","content":[]}}),
+                json!({"type":"response.content_part.added","part":{"type":"output_text","text":""}}),
+            ]),
+        ),
+        (Duration::from_millis(600), responses_sse(&[json!({"type":"response.output_text.delta","delta":"太迟了"})])),
+    ];
+    let base_url = trickling_server(script);
+    let mut settings = LobeHubSettings::new(base_url.trim_end_matches("v1").to_owned());
+    settings.agent_id = Some("agt_1".into());
+    let backend = lobehub(settings);
+    let (mut sink, seen) = recorder();
+
+    let result = backend.complete(&request(), Duration::from_millis(300), &mut sink).await;
+
+    assert!(matches!(result, Err(LlmError::FirstTokenTimeout(_))), "{result:?}");
+    assert!(pieces(&seen).is_empty());
 }

@@ -142,7 +142,7 @@ impl LobeHubBackend {
                 // Whether any text arrived as deltas (then `response.completed` must not repeat it).
                 let mut saw_text = false;
                 // An agent that reasons or calls tools before its first visible word is working:
-                // any event past `created` / `in_progress` meets the first-token deadline.
+                // such events meet the first-token deadline (see `shows_work`).
                 let mut working = false;
                 while let Some((event_name, json)) = sse::next_json_event(
                     &mut events,
@@ -154,7 +154,7 @@ impl LobeHubBackend {
                 .await?
                 {
                     let kind = json.get("type").and_then(Value::as_str).or(event_name.as_deref()).unwrap_or_default();
-                    working |= !matches!(kind, "response.created" | "response.in_progress");
+                    working |= shows_work(kind, &json);
                     match kind {
                         "response.output_text.delta" => {
                             if let Some(delta) = json.get("delta").and_then(Value::as_str) {
@@ -275,6 +275,17 @@ impl LobeHubBackend {
     fn api_key(&self) -> Option<&str> {
         self.settings.api_key.as_ref().map(|key| key.expose_secret())
     }
+}
+
+/// Whether a Responses event shows the agent producing something: any delta (text, reasoning,
+/// tool arguments), reasoning, or an output item other than the answer's message (a tool call,
+/// which may run for a while without further events). Scaffolding (`created`, `in_progress`,
+/// the message item and its content part being opened) does not count.
+fn shows_work(kind: &str, json: &Value) -> bool {
+    kind.ends_with(".delta")
+        || kind.contains("reasoning")
+        || (kind.starts_with("response.output_item.")
+            && json.pointer("/item/type").and_then(Value::as_str).is_some_and(|item| item != "message"))
 }
 
 /// `/api/v1/responses` request.

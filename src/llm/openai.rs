@@ -246,8 +246,6 @@ struct StreamOptions {
     include_usage: bool,
 }
 
-/// The choices that belong to the first answer (`index` 0 or absent); `choices` of any other
-/// shape (missing, null, `[]`) yields nothing.
 /// Whether a streamed choice carries any text, visible or reasoning.
 fn shows_progress(choice: &Value) -> bool {
     let Some(delta) = choice.get("delta") else { return false };
@@ -258,6 +256,8 @@ fn shows_progress(choice: &Value) -> bool {
     })
 }
 
+/// The choices that belong to the first answer (`index` 0 or absent); `choices` of any other
+/// shape (missing, null, `[]`) yields nothing.
 fn first_choices(json: &Value) -> impl Iterator<Item = &Value> {
     json.get("choices")
         .and_then(Value::as_array)

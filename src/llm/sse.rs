@@ -410,11 +410,22 @@ pub(crate) async fn status_error(
     LlmError::Status { status: status.as_u16(), message }
 }
 
-/// `text` with every occurrence of `secret` replaced.
+/// `text` with every occurrence of `secret` replaced, and with the start of `secret` removed
+/// where a message cut short (optionally marked `…`) ends inside it.
 pub(crate) fn redact(text: String, secret: Option<&str>) -> String {
-    match secret.filter(|secret| !secret.is_empty()) {
-        Some(secret) if text.contains(secret) => text.replace(secret, "<redacted>"),
-        _ => text,
+    let Some(secret) = secret.filter(|secret| !secret.is_empty()) else { return text };
+    let text = if text.contains(secret) { text.replace(secret, "<redacted>") } else { text };
+    let body = text.strip_suffix('…').unwrap_or(&text);
+    // The longest start of the secret the message ends with; a few characters reveal nothing
+    // (key prefixes such as `sk-` are public).
+    let cut = (4..secret.len())
+        .rev()
+        .filter(|&len| secret.is_char_boundary(len))
+        .find(|&len| body.ends_with(&secret[..len]))
+        .map(|len| body.len() - len);
+    match cut {
+        Some(cut) => format!("{}<redacted>…", &body[..cut]),
+        None => text,
     }
 }
 
@@ -520,6 +531,16 @@ pub(crate) fn stream_error(error: SseError) -> LlmError {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn redaction_covers_a_secret_cut_short_at_the_end_of_a_message() {
+        let key = Some("sk-abcdefghijklmnop");
+        assert_eq!(redact("key sk-abcdefghijklmnop bad".into(), key), "key <redacted> bad");
+        assert_eq!(redact("...quoted sk-abcdefg…".into(), key), "...quoted <redacted>…");
+        assert_eq!(redact("...quoted sk-abcdefg".into(), key), "...quoted <redacted>…");
+        assert_eq!(redact("ends in sk-".into(), key), "ends in sk-");
+        assert_eq!(redact("no key here".into(), None), "no key here");
+    }
+
     use super::*;
 
     fn parse_all(chunks: &[&[u8]]) -> Vec<SseEvent> {

@@ -7,8 +7,8 @@
 //!   session beside it: the registry queues while holding the map entry's lock, a session
 //!   deregisters only if its inbox is still empty under that same lock, and then lets a
 //!   `Retire` travel through its mailbox behind everything already queued;
-//! - a session stopped by anything but retirement (a bug that panicked mid-turn) hands the
-//!   jobs queued behind that turn to a successor;
+//! - a turn that panics (a bug) ends that turn only: the session goes on with the jobs queued
+//!   behind it, in order;
 //! - a session's idle check runs on a `run_interval`, which also keeps the actor alive until it
 //!   stops itself (an actor with no external `Addr` and no items would otherwise stop with mail
 //!   in its mailbox).
@@ -26,7 +26,9 @@ use actix::clock::Instant;
 use actix::dev::SendError;
 use actix::prelude::*;
 use dashmap::DashMap;
+use futures_util::FutureExt;
 use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -258,10 +260,22 @@ impl Session {
             return;
         };
         self.busy = true;
-        let turn = run_job(self.hub().clone(), self.key.clone(), job, self.history.take());
+        let envelope_id = job.envelope.id.clone();
+        // A panic in a turn (a bug) would otherwise stop the actor and drop the jobs queued
+        // behind it; caught here, the conversation goes on in order with the next job.
+        let turn =
+            AssertUnwindSafe(run_job(self.hub().clone(), self.key.clone(), job, self.history.take())).catch_unwind();
         turn.into_actor(self)
-            .map(|history, act, ctx| {
-                act.history = history;
+            .map(move |outcome, act, ctx| {
+                act.history = outcome.unwrap_or_else(|_panic| {
+                    tracing::error!(
+                        session = %act.key,
+                        envelope = %envelope_id,
+                        "A turn panicked (a bug); its message stays unanswered in the journal until a restart."
+                    );
+                    // Reloaded from the store by the next turn.
+                    None
+                });
                 act.busy = false;
                 act.last_activity = Instant::now();
                 act.pump(ctx);
@@ -285,24 +299,6 @@ impl Actor for Session {
         self.hub().metrics.sessions_alive.dec();
         // Normally already done by `check_idle`; this covers a stop for any other reason.
         self.registry.deregister(&self.key, self.generation);
-        // A session retires only between turns. Stopped in the middle of one, it was stopped by
-        // a bug that panicked there (or by the runtime going away): that turn's job stays open
-        // in the journal until a restart, and the jobs queued behind it go to a successor.
-        // Nothing can join this inbox any more: it left the registry above. (Only when `busy`:
-        // a successor stopped at once, by a runtime going away, must not hand them on again.)
-        if !self.busy {
-            return;
-        }
-        let orphans: Vec<Job> = lock(&self.inbox).jobs.drain(..).collect();
-        if !orphans.is_empty() {
-            tracing::error!(session = %self.key, queued = orphans.len(), "A session stopped mid-conversation (a bug); a new one takes over its queue.");
-        }
-        for job in orphans {
-            if let Err(DispatchError::Overloaded(job)) = self.registry.dispatch(self.key.clone(), job) {
-                // Only if newer messages filled the successor's queue meanwhile.
-                self.hub().reply_now(job.envelope, self.hub().messages.busy.clone());
-            }
-        }
     }
 }
 
