@@ -36,8 +36,10 @@
 //! - **Instances are independent.** Every `[[channels]]` entry (one app of one corp) owns its
 //!   crypto state, token cache and rate limiter; nothing is global.
 //! - **Duplicate check on.** Sends ask WeCom to drop a message identical to one sent to the same
-//!   member in the last 30 minutes, so a part retried after a lost answer is not shown twice.
-//!   The price: an answer repeated word for word within 30 minutes is not shown again.
+//!   member in the last 10 minutes, so a part retried after a lost answer (retries span up to
+//!   about 5 minutes) or resent after a quick restart is not shown twice. The price: an answer
+//!   repeated word for word within 10 minutes (a canned text, a greeting answered the same way)
+//!   is not shown again, so the window is kept no longer than the retries need.
 #![warn(missing_docs)]
 
 mod api;
