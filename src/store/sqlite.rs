@@ -46,9 +46,10 @@
 //! copies the last few frames itself between batches; its next transaction then restarts the
 //! WAL. A checkpoint that hits an I/O error breaks the store for good, as a failed fsync does.
 //!
-//! An operation whose caller dropped its future before the writer reached it is skipped: a
-//! cancelled `accept` must not leave a journal entry that nobody dispatches (the log's thread
-//! skips those too).
+//! An `accept` whose caller dropped its future before the inbound log's thread reached it is
+//! skipped: it must not leave a journal entry that nobody dispatches. The writer applies every
+//! operation it gets, caller or not: each records something that already happened (a part the
+//! platform confirmed, an answer, a finish), and skipping it would make recovery repeat it.
 //!
 //! Dropping the store closes its queues; the log's thread and the writer handle everything
 //! already queued, then every thread is joined.
@@ -770,8 +771,9 @@ impl Writer {
     /// Runs `batch` in one transaction and answers each caller once it is committed (and, with
     /// a syncer, synced).
     fn commit(&mut self, batch: &mut Vec<WriteJob>) {
-        // A caller that gave up must not have its operation happen behind its back.
-        batch.retain(|job| !job.reply.is_closed());
+        // NOTE: applied even if its caller is gone. Writes record what already happened (a part
+        // the platform confirmed, an answer, a finish): skipping one would make recovery send a
+        // part again or ask the model again. Only accepts, in the inbound log, are skipped.
         if batch.is_empty() {
             return;
         }
@@ -1670,6 +1672,56 @@ mod tests {
         // Parts recorded for a finished envelope would never be sent: none are stored.
         ok(store.record_answer(&asked.id, "k", None, &parts).await);
         assert!(ok(store.unfinished().await).is_empty());
+    }
+
+    /// A part the platform confirmed stays confirmed even if its caller is gone before the writer
+    /// gets to it (a shutdown dropping in-flight futures): otherwise recovery would send it again.
+    #[tokio::test]
+    async fn a_delivered_part_is_recorded_even_when_its_caller_gave_up_waiting() {
+        let dir = TempDir::new();
+        let hold = Arc::new(AtomicBool::new(false));
+        let held = Arc::clone(&hold);
+        // While `hold` is set, every WAL fsync waits (for at most 10 s, so a failing test cannot
+        // hang in the store's drop); the writer then waits for the syncer, and jobs queue up.
+        let sync = move || {
+            let started = std::time::Instant::now();
+            while held.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(())
+        };
+        let store = Arc::new(open_with_disk(&dir, sync, || Ok(())));
+        let answered = envelope("m1");
+        ok(store.accept(&answered, TTL).await);
+        let parts = [part(&answered, 0)];
+        ok(store.record_answer(&answered.id, "k", None, &parts).await);
+
+        hold.store(true, Ordering::SeqCst);
+        // The first write holds the syncer, the second the writer (handing over to the syncer).
+        let busy = |key: &'static str| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.append_turn(key, turn(1)).await.map_err(|e| e.to_string()) })
+        };
+        let first = busy("first");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let second = busy("second");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let delivered = {
+            let (store, id) = (Arc::clone(&store), parts[0].delivery_id.clone());
+            tokio::spawn(async move { store.part_delivered(&id).await.map_err(|e| e.to_string()) })
+        };
+        // Queued behind the held batch; then its caller goes away.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        delivered.abort();
+        hold.store(false, Ordering::SeqCst);
+        ok(ok(first.await));
+        ok(ok(second.await));
+        // Anything queued after the abandoned job is written after it.
+        ok(store.append_turn("after", turn(2)).await);
+
+        let pending = ok(store.unfinished().await);
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].pending_parts.as_deref(), Some(&[][..]), "the delivered part is not sent again");
     }
 
     #[tokio::test]
