@@ -344,6 +344,8 @@ async fn resume_unfinished(hub: &Hub, router: &Router) {
             Some(parts) => {
                 let hub = hub.clone();
                 actix::spawn(async move {
+                    // The platform's per-message quota holds for a resent answer too.
+                    let parts = crate::delivery::within_send_quota(&hub, &unfinished.envelope, parts);
                     crate::delivery::send_parts(&hub, &unfinished.envelope, parts).await;
                 });
             }

@@ -59,9 +59,23 @@ pub fn parts_for(channel: &dyn Channel, envelope: &Envelope, text: String) -> Ve
 /// and finishes the journal entry. Waits until delivery is over, so a session's answers leave in
 /// order.
 pub async fn answer(hub: &Hub, envelope: &Envelope, session_key: &str, turn: Option<Turn>, text: String) {
+    if let Some(parts) = record(hub, envelope, session_key, turn, text).await {
+        deliver_recorded(hub, envelope, parts).await;
+    }
+}
+
+/// Records an answer (turn and outbox parts) atomically, before any of it is sent, and returns
+/// its parts; `None` when the envelope's channel is gone (the envelope is then finished).
+pub async fn record(
+    hub: &Hub,
+    envelope: &Envelope,
+    session_key: &str,
+    turn: Option<Turn>,
+    text: String,
+) -> Option<Vec<Delivery>> {
     let Some(entry) = hub.channels.get(&envelope.channel) else {
         hub.finish_without_channel(envelope).await;
-        return;
+        return None;
     };
     let parts = parts_for(entry.channel.as_ref(), envelope, text);
     if let Err(error) = hub.store.record_answer(&envelope.id, session_key, turn, &parts).await {
@@ -69,6 +83,16 @@ pub async fn answer(hub: &Hub, envelope: &Envelope, session_key: &str, turn: Opt
         // by none.
         tracing::error!(envelope = %envelope.id, %error, "Failed to record an answer; delivering anyway.");
     }
+    Some(parts)
+}
+
+/// Sends the parts [`record`] returned (through a held passive attempt where there is one),
+/// then finishes the envelope.
+pub async fn deliver_recorded(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) {
+    let Some(entry) = hub.channels.get(&envelope.channel) else {
+        hub.finish_without_channel(envelope).await;
+        return;
+    };
     if parts.is_empty() {
         if let Some(job) = hub.passive.get(&envelope.channel, &envelope.platform_message_id) {
             // Held attempts answer at once instead of waiting out their windows.

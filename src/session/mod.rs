@@ -409,18 +409,26 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
         }
     };
     if let Some(live) = live {
+        // Recorded, whole, before the card is finished: a crash in between then sends the saved
+        // text at the next start instead of asking the model again (a second, different answer).
+        let Some(parts) = delivery::record(&hub, &envelope, key.as_str(), new_turn, reply.clone()).await else {
+            return history;
+        };
         match live.finish(&reply).await {
             Ok(()) => {
-                if let Err(error) = hub.store.record_answer(&envelope.id, key.as_str(), new_turn, &[]).await {
-                    tracing::error!(session = %key, %error, "Failed to record a streamed answer.");
+                for part in &parts {
+                    if let Err(error) = hub.store.part_delivered(&part.delivery_id).await {
+                        tracing::error!(part = %part.delivery_id, %error, "Failed to clear a streamed part.");
+                    }
                 }
                 hub.finish(&envelope.id).await;
-                return history;
             }
             Err(error) => {
                 tracing::warn!(session = %key, %error, "Streamed answer not finished; sending it whole.");
+                delivery::deliver_recorded(&hub, &envelope, parts).await;
             }
         }
+        return history;
     }
     delivery::answer(&hub, &envelope, key.as_str(), new_turn, reply).await;
     history

@@ -48,10 +48,14 @@ impl LlmBackend for EchoBackend {
     }
 }
 
-/// Records every delivered part.
+/// Records every delivered part. With `streaming` set, it streams answers, and notes at each
+/// finished stream what the store then held as the answer's pending parts.
 struct RecordingChannel {
     id: ChannelId,
     delivered: Mutex<Vec<Delivery>>,
+    streaming: std::sync::atomic::AtomicBool,
+    store: std::sync::OnceLock<Arc<dyn crate::store::Store>>,
+    recorded_at_finish: Mutex<Vec<Option<Vec<Delivery>>>>,
 }
 
 impl Channel for RecordingChannel {
@@ -72,6 +76,42 @@ impl Channel for RecordingChannel {
         Box::pin(async { Ok(DeliveryReceipt::default()) })
     }
 
+    fn capabilities(&self) -> yizhan_channel_core::Capabilities {
+        yizhan_channel_core::Capabilities { streaming: self.streaming.load(Ordering::SeqCst), ..Default::default() }
+    }
+
+    fn begin_stream<'a>(
+        &'a self,
+        _target: &'a Delivery,
+    ) -> BoxFuture<'a, Result<yizhan_channel_core::StreamHandle, ChannelError>> {
+        Box::pin(async { Ok(yizhan_channel_core::StreamHandle(serde_json::Value::Null)) })
+    }
+
+    fn update_stream<'a>(
+        &'a self,
+        _handle: &'a yizhan_channel_core::StreamHandle,
+        _text_so_far: &'a str,
+        _sequence: u64,
+    ) -> BoxFuture<'a, Result<(), ChannelError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn finish_stream<'a>(
+        &'a self,
+        _handle: &'a yizhan_channel_core::StreamHandle,
+        _full_text: &'a str,
+        _sequence: u64,
+    ) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
+        Box::pin(async move {
+            if let Some(store) = self.store.get() {
+                let unfinished = store.unfinished().await.unwrap_or_default();
+                let mut recorded = self.recorded_at_finish.lock().unwrap_or_else(|p| p.into_inner());
+                recorded.extend(unfinished.into_iter().map(|entry| entry.pending_parts));
+            }
+            Ok(DeliveryReceipt::default())
+        })
+    }
+
     /// Panics on an answer containing "💥": a stand-in for a bug inside a session's turn.
     fn render(&self, reply: &Reply) -> Vec<Reply> {
         assert!(!reply.text.contains('💥'), "a bug in the middle of a turn");
@@ -81,14 +121,24 @@ impl Channel for RecordingChannel {
 
 struct Fixture {
     registry: SessionRegistry,
+    store: Arc<dyn crate::store::Store>,
     channel: Arc<RecordingChannel>,
     backend: Arc<EchoBackend>,
     metrics: Metrics,
 }
 
 fn fixture(llm_delay: Duration, idle_timeout: Duration, max_pending: usize) -> Fixture {
+    fixture_on(Arc::new(MemoryStore::new(10)), llm_delay, idle_timeout, max_pending)
+}
+
+fn fixture_on(
+    store: Arc<dyn crate::store::Store>,
+    llm_delay: Duration,
+    idle_timeout: Duration,
+    max_pending: usize,
+) -> Fixture {
     let metrics = Metrics::new();
-    let store: Arc<dyn crate::store::Store> = Arc::new(MemoryStore::new(10));
+    let store_handle = store.clone();
     let backend =
         Arc::new(EchoBackend { delay: llm_delay, running: AtomicUsize::new(0), max_running: AtomicUsize::new(0) });
     let client = LlmClient::new(
@@ -102,7 +152,14 @@ fn fixture(llm_delay: Duration, idle_timeout: Duration, max_pending: usize) -> F
     );
     let llm = LlmActor::new(client, 64, 100_000, metrics.clone()).start();
     let id = ChannelId::parse("rec").unwrap_or_else(|e| panic!("{e}"));
-    let channel = Arc::new(RecordingChannel { id: id.clone(), delivered: Mutex::new(Vec::new()) });
+    let channel = Arc::new(RecordingChannel {
+        id: id.clone(),
+        delivered: Mutex::new(Vec::new()),
+        streaming: Default::default(),
+        store: std::sync::OnceLock::new(),
+        recorded_at_finish: Mutex::new(Vec::new()),
+    });
+    let _ = channel.store.set(store.clone());
     let policy =
         RetryPolicy { max_attempts: 1, base_delay: Duration::from_millis(1), max_delay: Duration::from_millis(1) };
     let outbound = ChannelActor::new(channel.clone(), store.clone(), policy, metrics.clone()).start();
@@ -137,7 +194,13 @@ fn fixture(llm_delay: Duration, idle_timeout: Duration, max_pending: usize) -> F
         metrics: metrics.clone(),
         passive: Default::default(),
     });
-    Fixture { registry: SessionRegistry::new(hub, idle_timeout, Vec::new()), channel, backend, metrics }
+    Fixture {
+        registry: SessionRegistry::new(hub, idle_timeout, Vec::new()),
+        store: store_handle,
+        channel,
+        backend,
+        metrics,
+    }
 }
 
 fn job(user: &str, question: &str) -> (SessionKey, Job) {
@@ -312,4 +375,43 @@ async fn messages_queued_behind_a_turn_that_panicked_are_still_answered() {
     assert_eq!(fixture.registry.len(), 1);
     assert_eq!(fixture.metrics.sessions_alive.get(), 1);
     assert_eq!(fixture.registry.0.generations.load(Ordering::SeqCst), 1, "no second session was started");
+}
+
+/// A streamed answer is recorded, whole, before its stream is finished: a crash in between then
+/// sends the saved text at the next start instead of asking the model again.
+#[actix::test]
+async fn a_streamed_answer_is_recorded_before_its_stream_is_finished() {
+    // The SQLite store: the memory store keeps no journal or outbox to look at.
+    let dir = std::env::temp_dir().join(format!("yizhan-stream-{}-{}", std::process::id(), Envelope::new_id()));
+    let store = crate::store::SqliteStore::open(&dir.join("yizhan.db"), crate::store::SqliteOptions::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let fixture = fixture_on(Arc::new(store), Duration::ZERO, Duration::from_secs(60), 16);
+    fixture.channel.streaming.store(true, Ordering::SeqCst);
+    let (key, job) = job("u1", "流");
+    let accepted = fixture.store.accept(&job.envelope, Duration::from_secs(60)).await;
+    assert!(matches!(accepted, Ok(crate::store::Acceptance::New)), "{accepted:?}");
+    fixture.registry.dispatch(key, job).unwrap_or_else(|_| panic!("dispatch"));
+    let recorded = || fixture.channel.recorded_at_finish.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    for _ in 0..1_000 {
+        if !recorded().is_empty() {
+            break;
+        }
+        actix::clock::sleep(Duration::from_millis(1)).await;
+    }
+    let at_finish = recorded();
+    let texts: Vec<Option<Vec<String>>> = at_finish
+        .into_iter()
+        .map(|parts| parts.map(|parts| parts.into_iter().map(|part| part.reply.text).collect()))
+        .collect();
+    assert_eq!(texts, [Some(vec!["答：流".to_owned()])], "the whole answer was pending when the stream ended");
+    for _ in 0..1_000 {
+        if fixture.store.unfinished().await.map(|open| open.is_empty()).unwrap_or(false) {
+            break;
+        }
+        actix::clock::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(fixture.store.unfinished().await.is_ok_and(|open| open.is_empty()), "finished once the stream ended");
+    assert!(fixture.delivered().is_empty(), "streamed, not also sent as a message");
+    drop(fixture);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -45,6 +45,16 @@ async fn start_binary(config: &PathBuf) -> Yizhan {
     Yizhan { child, address: format!("http://127.0.0.1:{}", found.unwrap_or_default()) }
 }
 
+/// Starts the app in this process on the SQLite store at `db`, with an instant stand-in LLM.
+async fn start_in_process_on(db: &std::path::Path) -> TestApp {
+    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+    echo_llm(&llm, Duration::ZERO).await;
+    wechat_ok(&wechat).await;
+    let config = base_config(&llm, &wechat)
+        .replace("kind = \"memory\"", &format!("kind = \"sqlite\"\npath = \"{}\"", db.display()));
+    spawn_with(&config, &[], yizhan::channels::ChannelKinds::builtin(), wechat, llm).await
+}
+
 async fn metric(http: &reqwest::Client, address: &str, name: &str) -> Option<i64> {
     let text = http.get(format!("{address}/metrics")).send().await.ok()?.text().await.ok()?;
     text.lines().find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
@@ -207,14 +217,61 @@ async fn a_message_left_for_a_channel_since_removed_from_the_config_is_finished_
     }
     // Restarted with `gone` no longer configured: nothing can answer it, and left open it would
     // pin its log segment (and every later one) for good.
-    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
-    echo_llm(&llm, Duration::ZERO).await;
-    wechat_ok(&wechat).await;
-    let config = base_config(&llm, &wechat)
-        .replace("kind = \"memory\"", &format!("kind = \"sqlite\"\npath = \"{}\"", db.display()));
-    let app = spawn_with(&config, &[], yizhan::channels::ChannelKinds::builtin(), wechat, llm).await;
+    let app = start_in_process_on(&db).await;
     app.wait_until_idle().await;
     assert!(app.llm_requests().await.is_empty());
     assert!(app.sent_messages().await.is_empty());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An answer recorded before a crash but not yet sent goes out at the next start within the
+/// platform's per-message quota (公众号: 5 parts), the rest waiting for 「继续」 as usual.
+#[actix_web::test]
+async fn an_answer_resent_after_a_restart_keeps_to_the_send_quota() {
+    use yizhan::store::{SqliteOptions, SqliteStore, Store};
+    use yizhan_channel_core::{
+        ChannelId, Conversation, ConversationKind, Delivery, Envelope, Reply, ReplyHandle, Segment, Sender,
+    };
+
+    let dir = std::env::temp_dir().join(format!("yizhan-resend-{}-{}", std::process::id(), now()));
+    let db = dir.join("yizhan.db");
+    let user = Sender { id: "oResend".into(), name: None };
+    // The last run answered in seven parts and stopped before sending any of them.
+    {
+        let store = SqliteStore::open(&db, SqliteOptions::default()).unwrap_or_else(|e| panic!("{e}"));
+        let envelope = Envelope {
+            id: Envelope::new_id(),
+            channel: ChannelId::parse(CHANNEL).unwrap_or_else(|e| panic!("{e}")),
+            channel_kind: "wechat_mp".into(),
+            platform_message_id: "7".into(),
+            received_at_ms: 0,
+            conversation: Conversation { kind: ConversationKind::Direct, id: user.id.clone() },
+            sender: user.clone(),
+            content: vec![Segment::Text { text: "长问题".into() }],
+            mentions_self: true,
+            reply_handle: ReplyHandle::default(),
+        };
+        let accepted = store.accept(&envelope, Duration::from_secs(60)).await;
+        assert!(matches!(accepted, Ok(yizhan::store::Acceptance::New)), "{accepted:?}");
+        let parts: Vec<Delivery> = (0..7)
+            .map(|index| Delivery {
+                delivery_id: format!("{}-{index}", envelope.id),
+                channel: envelope.channel.clone(),
+                conversation: envelope.conversation.clone(),
+                recipient: user.clone(),
+                reply_handle: envelope.reply_handle.clone(),
+                reply: Reply::text(format!("第{index}段")),
+            })
+            .collect();
+        let recorded = store.record_answer(&envelope.id, "mp:d:oResend", None, &parts).await;
+        assert!(recorded.is_ok(), "{recorded:?}");
+    }
+    let app = start_in_process_on(&db).await;
+    app.wait_until_idle().await;
+    let sent = app.sent_messages().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(sent.len(), 5, "{sent:#?}");
+    assert!(app.llm_requests().await.is_empty(), "answered before the crash: not asked again");
+    let last = sent[4]["text"]["content"].as_str().unwrap_or_default();
+    assert!(last.starts_with("第4段") && last.contains("继续"), "{last}");
 }
