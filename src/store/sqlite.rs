@@ -1528,6 +1528,15 @@ impl Store for SqliteStore {
                 self.path.display()
             ));
         }
+        // Every thread runs as long as the store does; one that ended (a bug: a panic) leaves
+        // its callers failing, or, for the checkpointer, the WAL growing, until a restart.
+        if let Some(stopped) = self.threads.iter().find(|thread| thread.is_finished()) {
+            return Err(format!(
+                "the SQLite store {}'s thread {} has stopped (a bug); restart yizhan",
+                self.path.display(),
+                stopped.thread().name().unwrap_or("unnamed")
+            ));
+        }
         Ok(())
     }
 }
@@ -1722,6 +1731,21 @@ mod tests {
         let pending = ok(store.unfinished().await);
         assert_eq!(pending.len(), 1);
         assert_eq!(pending[0].pending_parts.as_deref(), Some(&[][..]), "the delivered part is not sent again");
+    }
+
+    #[tokio::test]
+    async fn health_reports_a_store_thread_that_stopped() {
+        let dir = TempDir::new();
+        let mut store = open(&dir, 10);
+        assert!(store.health().is_ok());
+        // Closing the readers' queue ends them, as a panic would.
+        store.reads.take();
+        until("a reader stopped", || store.threads.iter().any(|thread| thread.is_finished())).await;
+        let health = store.health();
+        assert!(
+            health.as_ref().is_err_and(|why| why.contains("sqlite-reader") && why.contains("stopped")),
+            "{health:?}"
+        );
     }
 
     #[tokio::test]
