@@ -4,8 +4,9 @@
 //! after a restart, and a memory store always starts empty, so `unfinished` has nothing to
 //! return and keeping copies of every envelope would only cost time and memory.
 //!
-//! Memory stays bounded: dedupe keys expire and are swept, and history keeps a fixed number of
-//! turns per conversation.
+//! Memory stays bounded: dedupe keys expire and are swept, history keeps a fixed number of
+//! turns per conversation, and `prune` forgets conversations untouched since its cutoff (the
+//! retention period), as the SQLite store deletes old history.
 
 use super::{Acceptance, Store, StoreError, Turn, Unfinished};
 use dashmap::DashMap;
@@ -17,12 +18,19 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 use yizhan_channel_core::{BoxFuture, Delivery, Envelope};
 
+/// One conversation's kept turns, and when it last gained one.
+#[derive(Debug)]
+struct Conversation {
+    turns: VecDeque<Turn>,
+    touched: SystemTime,
+}
+
 /// See the module docs.
 #[derive(Debug)]
 pub struct MemoryStore {
     /// `channel \0 platform message id` → when the claim expires.
     dedupe: DashMap<String, Instant, Hasher>,
-    history: DashMap<String, VecDeque<Turn>, Hasher>,
+    history: DashMap<String, Conversation, Hasher>,
     /// Turns kept per conversation; older ones are never sent to the model anyway.
     max_turns_kept: usize,
     /// When the dedupe map was last swept of expired keys.
@@ -80,7 +88,12 @@ impl MemoryStore {
     }
 
     fn push_turn(&self, session_key: &str, turn: Turn) {
-        let mut turns = self.history.entry(session_key.to_owned()).or_default();
+        let mut conversation = self
+            .history
+            .entry(session_key.to_owned())
+            .or_insert_with(|| Conversation { turns: VecDeque::new(), touched: SystemTime::now() });
+        conversation.touched = SystemTime::now();
+        let turns = &mut conversation.turns;
         turns.push_back(turn);
         while turns.len() > self.max_turns_kept {
             turns.pop_front();
@@ -128,16 +141,25 @@ impl Store for MemoryStore {
         Box::pin(async { Ok(Vec::new()) })
     }
 
-    fn prune(&self, _before: SystemTime) -> BoxFuture<'_, Result<u64, StoreError>> {
-        // Memory is bounded by construction (turn cap, TTL sweeps).
-        Box::pin(async { Ok(0) })
+    fn prune(&self, before: SystemTime) -> BoxFuture<'_, Result<u64, StoreError>> {
+        // Claims are swept by expiry and there is no journal: only idle conversations go.
+        let mut pruned = 0u64;
+        self.history.retain(|_, conversation| {
+            let keep = conversation.touched >= before;
+            if !keep {
+                pruned = pruned.saturating_add(conversation.turns.len() as u64);
+            }
+            keep
+        });
+        Box::pin(async move { Ok(pruned) })
     }
 
     fn history<'a>(&'a self, session_key: &'a str, max_turns: usize) -> BoxFuture<'a, Result<Vec<Turn>, StoreError>> {
         let turns = self
             .history
             .get(session_key)
-            .map(|turns| {
+            .map(|conversation| {
+                let turns = &conversation.turns;
                 let skip = turns.len().saturating_sub(max_turns);
                 turns.iter().skip(skip).cloned().collect()
             })
@@ -192,5 +214,22 @@ mod tests {
         assert_eq!(store.history("k", 10).await.unwrap_or_default().len(), 3);
         let _ = store.clear_history("k").await;
         assert!(store.history("k", 10).await.unwrap_or_default().is_empty());
+    }
+
+    #[tokio::test]
+    async fn pruning_forgets_conversations_untouched_since_the_cutoff() {
+        let store = MemoryStore::new(3);
+        let turn = |i: usize| Turn { question: format!("q{i}"), answer: format!("a{i}") };
+        for i in 0..2 {
+            let _ = store.append_turn("idle", turn(i)).await;
+        }
+        let _ = store.append_turn("active", turn(9)).await;
+        if let Some(mut idle) = store.history.get_mut("idle") {
+            idle.touched = SystemTime::UNIX_EPOCH;
+        }
+        let cutoff = SystemTime::UNIX_EPOCH + Duration::from_secs(1);
+        assert_eq!(store.prune(cutoff).await.ok(), Some(2));
+        assert!(store.history("idle", 10).await.unwrap_or_default().is_empty());
+        assert_eq!(store.history("active", 10).await.unwrap_or_default().len(), 1);
     }
 }
