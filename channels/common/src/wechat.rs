@@ -60,12 +60,19 @@ pub fn message_segment(
     })
 }
 
-/// The dedupe key (PROTOCOLS §2.4, §3.2): `MsgId` for messages, sender + `CreateTime` for
-/// events, which carry no id.
+/// The dedupe key (PROTOCOLS §2.4, §3.2): `MsgId` for messages; for events, which carry no id,
+/// sender + `CreateTime` as the platform suggests, plus `Event` and `EventKey`: two different
+/// events often share a second (`subscribe` and the `LOCATION` report on entering, two menu
+/// clicks), and a retry repeats every field.
 pub fn dedupe_key(fields: &Fields, sender: &str) -> Result<String, ChannelError> {
     match fields.get("MsgId") {
         Some(msg_id) => Ok(msg_id.to_owned()),
-        None => Ok(format!("{sender}:{}", fields.required("CreateTime")?)),
+        None => Ok(format!(
+            "{sender}:{}:{}:{}",
+            fields.required("CreateTime")?,
+            fields.get("Event").unwrap_or_default(),
+            fields.get("EventKey").unwrap_or_default()
+        )),
     }
 }
 
@@ -84,8 +91,15 @@ mod tests {
     #[test]
     fn messages_dedupe_on_msg_id_and_events_on_sender_and_time() {
         assert_eq!(dedupe_key(&fields(&[("MsgId", "42")]), "u").ok().as_deref(), Some("42"));
-        assert_eq!(dedupe_key(&fields(&[("CreateTime", "7")]), "u").ok().as_deref(), Some("u:7"));
+        assert_eq!(dedupe_key(&fields(&[("CreateTime", "7")]), "u").ok().as_deref(), Some("u:7::"));
         assert!(dedupe_key(&fields(&[]), "u").is_err());
+        // Different events in one second are different messages; a retry repeats every field.
+        let event = |name: &str, key: &str| {
+            dedupe_key(&fields(&[("CreateTime", "7"), ("Event", name), ("EventKey", key)]), "u").ok()
+        };
+        assert_ne!(event("subscribe", ""), event("LOCATION", ""));
+        assert_ne!(event("CLICK", "menu_a"), event("CLICK", "menu_b"));
+        assert_eq!(event("CLICK", "menu_a"), event("CLICK", "menu_a"));
     }
 
     #[test]

@@ -181,9 +181,9 @@ fn an_unknown_message_type_is_kept_as_an_other_event() {
 }
 
 #[test]
-fn events_are_deduplicated_by_sender_and_create_time() {
-    assert_eq!(envelope("event_subscribe").platform_message_id, "oFromUser:123456789");
-    assert_eq!(envelope("event_click").platform_message_id, "oFromUser:123456793");
+fn events_are_deduplicated_by_sender_create_time_event_and_key() {
+    assert_eq!(envelope("event_subscribe").platform_message_id, "oFromUser:123456789:subscribe:");
+    assert_eq!(envelope("event_click").platform_message_id, "oFromUser:123456793:CLICK:V1001_TODAY_MUSIC");
 }
 
 #[test]

@@ -239,7 +239,7 @@ fn location_and_link_messages_are_parsed() {
 }
 
 #[test]
-fn events_map_to_core_events_and_are_keyed_by_sender_and_time() {
+fn events_map_to_core_events_and_are_keyed_by_sender_time_and_event() {
     let cases = [
         ("event_enter_agent", Event::EnterChat),
         ("event_subscribe", Event::Subscribe { scene: None }),
@@ -249,11 +249,17 @@ fn events_map_to_core_events_and_are_keyed_by_sender_and_time() {
         ("event_location", Event::Location { latitude: 23.104105, longitude: 113.320107, precision: Some(65.0) }),
         ("event_other", Event::Other { name: "taskcard_click".into() }),
     ];
+    let mut ids = Vec::new();
     for (name, expected) in cases {
         let envelope = fixture_envelope(name);
         assert_eq!(envelope.event(), Some(&expected), "{name}");
-        assert_eq!(envelope.platform_message_id, format!("{USER}:{NOW}"), "{name}");
+        let prefix = format!("{USER}:{NOW}:");
+        assert!(envelope.platform_message_id.starts_with(&prefix), "{name}: {}", envelope.platform_message_id);
+        ids.push(envelope.platform_message_id);
     }
+    // Sent in the same second by the same member, they are still different messages.
+    let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len(), "{ids:?}");
 }
 
 #[test]
@@ -283,7 +289,7 @@ fn a_json_callback_round_trips() {
     .to_string();
     let envelope = accept(&channel(), &json_callback(&event));
     assert_eq!(envelope.event(), Some(&Event::MenuClick { key: "K1".into() }));
-    assert_eq!(envelope.platform_message_id, format!("lisi:{NOW}"));
+    assert_eq!(envelope.platform_message_id, format!("lisi:{NOW}:click:K1"));
 }
 
 #[test]
