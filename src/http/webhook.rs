@@ -74,6 +74,12 @@ pub async fn webhook(
             (error.label(), plain(status, error.label()))
         }
         Ok(WebhookOutcome::Respond(response)) => ("responded", respond(response)),
+        Ok(WebhookOutcome::Accepted { envelopes, .. }) if envelopes.iter().any(|e| !usable_platform_id(e)) => {
+            // A blank id would make every later message of the channel a "retry" of the first,
+            // and the id is stored: refuse rather than drop messages silently (a plugin's bug).
+            tracing::error!(channel = %label, "Webhook refused: a message without a usable platform message id (blank, or over 512 bytes).");
+            ("malformed", plain(actix_web::http::StatusCode::BAD_REQUEST, "malformed"))
+        }
         Ok(WebhookOutcome::Accepted { envelopes, ack }) => {
             // Only a single message can be answered inside the response.
             let hold = entry.holds_for_passive() && envelopes.len() == 1;
@@ -102,6 +108,13 @@ pub async fn webhook(
     hub.metrics.webhook_requests.with_label_values(&[label, outcome]).inc();
     hub.metrics.webhook_ack_seconds.with_label_values(&[label]).observe(started.elapsed().as_secs_f64());
     response
+}
+
+/// Whether an envelope's platform message id can serve as its dedupe key: not blank, and of a
+/// size an id has.
+fn usable_platform_id(envelope: &Envelope) -> bool {
+    let id = envelope.platform_message_id.trim();
+    !id.is_empty() && id.len() <= 512
 }
 
 /// What [`journal_and_dispatch`] did with a webhook's envelopes.

@@ -52,4 +52,19 @@ async fn a_plugin_channel_receives_and_answers_through_the_core() {
         .map(|r| serde_json::from_slice(&r.body).unwrap_or_default())
         .collect();
     assert_eq!(answers, [serde_json::json!({"user":"alice","text":"答：插件你好","in_reply_to":"m1"})]);
+
+    // A plugin that hands over a blank id is refused, not deduplicated into silence.
+    for blank in ["", "  "] {
+        let refused = app
+            .http
+            .post(app.webhook_url("intranet"))
+            .bearer_auth("plugin-secret-token")
+            .json(&serde_json::json!({"message_id": blank, "user":"bob", "text":"没有编号"}))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or_default();
+        assert_eq!(refused, 400);
+    }
+    assert!(app.metrics().await.contains(r#"yizhan_webhook_requests_total{channel="intranet",outcome="malformed"} 2"#));
 }

@@ -195,8 +195,10 @@ pub struct Envelope {
     pub channel: ChannelId,
     /// The channel kind (`wechat_mp`, `wecom`, `feishu`, or a plugin's).
     pub channel_kind: String,
-    /// The platform's id for this message: the dedupe key. For events without one, the channel
-    /// builds it from sender and create time.
+    /// The platform's id for this message: the dedupe key. It must differ between messages, be
+    /// the same on every retry of one, and be non-blank and at most 512 bytes (the core refuses
+    /// a webhook otherwise). For events without one, the channel builds it from what a retry
+    /// repeats (WeChat: sender, create time, event and event key).
     pub platform_message_id: String,
     /// When the hub received it, Unix milliseconds.
     pub received_at_ms: i64,
