@@ -51,7 +51,7 @@ pub use yizhan_channel_common::split;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 use yizhan_channel_common::limiter::{RateLimiter, Window};
 use yizhan_channel_common::unix_millis;
 use yizhan_channel_core::{
@@ -79,6 +79,8 @@ pub struct Feishu {
     api: api::Api,
     /// Whether the "set `bot_open_id`" advice was logged already; once per process is enough.
     bot_identity_advised: AtomicBool,
+    /// Whether the "subscribe to v2 message events" warning was logged already.
+    v1_messages_warned: AtomicBool,
     /// Sends and updates per chat, `chat_qps` per second: Feishu's per-user and per-group limit.
     chat_limiter: RateLimiter,
 }
@@ -101,7 +103,14 @@ impl Feishu {
         // NOTE: no slack: unlike WeCom, Feishu answers an excess send with a retryable rate-limit
         // code instead of dropping it, so an occasional early slot costs a retry, not a message.
         let chat_limiter = RateLimiter::new(&[Window::new(settings.chat_qps, Duration::from_secs(1))]);
-        Ok(Self { id, settings, api, bot_identity_advised: AtomicBool::new(false), chat_limiter })
+        Ok(Self {
+            id,
+            settings,
+            api,
+            bot_identity_advised: AtomicBool::new(false),
+            v1_messages_warned: AtomicBool::new(false),
+            chat_limiter,
+        })
     }
 
     /// Builds the channel from its `[[channels]]` entry; unknown keys (the core's) are ignored.
@@ -375,6 +384,15 @@ impl Channel for Feishu {
                 Ok(WebhookOutcome::Respond(WebhookResponse::json("{}")))
             }
             inbound::Callback::Other { name, .. } => {
+                if name == "message" && !self.v1_messages_warned.swap(true, Ordering::Relaxed) {
+                    // Acknowledged all the same (Feishu would only retry it), but the operator
+                    // must learn that users are going unanswered.
+                    warn!(
+                        channel = %self.id,
+                        "Feishu sent a schema 1.0 message event, which Yizhan does not answer: subscribe \
+                         the app to the v2.0 event im.message.receive_v1 (事件订阅 → 接收消息) instead."
+                    );
+                }
                 debug!(channel = %self.id, name = %name, "Callback ignored (not a v2 event).");
                 Ok(WebhookOutcome::Respond(WebhookResponse::json("{}")))
             }

@@ -17,6 +17,12 @@ fn malformed(reason: impl Into<String>) -> ChannelError {
 
 /// Reads the root's child elements from a pushed body (names matched exactly).
 pub(crate) fn parse_fields(body: &[u8]) -> Result<Fields, ChannelError> {
+    if body.trim_ascii_start().starts_with(b"{") {
+        // The console's other 数据格式; every push would fail the same way, so say how to fix it.
+        return Err(ChannelError::Unsupported(
+            "the push is JSON: set 数据格式 to XML in the 公众号 console (基本配置 → 服务器配置)".into(),
+        ));
+    }
     let mut fields = Fields::new();
     read_xml(body, &mut fields).map_err(|error| malformed(error.0))?;
     Ok(fields)
@@ -84,10 +90,13 @@ mod tests {
 
     #[test]
     fn broken_documents_are_malformed() {
-        for body in ["", "<xml>", "<!DOCTYPE x [<!ENTITY a \"b\">]><xml><a>&a;</a></xml>", "{\"json\": true}"] {
+        for body in ["", "<xml>", "<!DOCTYPE x [<!ENTITY a \"b\">]><xml><a>&a;</a></xml>"] {
             assert!(matches!(fields(body), Err(ChannelError::Malformed(_))), "accepted {body:?}");
         }
         assert!(matches!(parse_fields(b"<xml>\xff</xml>"), Err(ChannelError::Malformed(_))));
+        // JSON (the console's other data format) is refused with the way out.
+        let json = br#" {"ToUserName":"gh_1","FromUserName":"o1","MsgType":"text","Content":"hi","MsgId":1}"#;
+        assert!(matches!(parse_fields(json), Err(ChannelError::Unsupported(why)) if why.contains("XML")));
     }
 
     #[test]
