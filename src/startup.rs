@@ -320,6 +320,11 @@ async fn wait_for_signal() {
 
 /// Re-dispatches what was accepted but not finished before the last stop. Runs before the
 /// server listens, so `journal_open` never reads 0 while old work is pending.
+/// A part's place in its answer, from its id (`{envelope id}-{index}`, see `parts_for`).
+fn part_index(delivery_id: &str) -> Option<usize> {
+    delivery_id.rsplit_once('-')?.1.parse().ok()
+}
+
 async fn resume_unfinished(hub: &Hub, router: &Router) {
     let pending = match hub.store.unfinished().await {
         Ok(pending) => pending,
@@ -344,8 +349,11 @@ async fn resume_unfinished(hub: &Hub, router: &Router) {
             Some(parts) => {
                 let hub = hub.clone();
                 actix::spawn(async move {
-                    // The platform's per-message quota holds for a resent answer too.
-                    let parts = crate::delivery::within_send_quota(&hub, &unfinished.envelope, parts);
+                    // The platform's per-message quota holds for a resent answer too, counting
+                    // the parts the last run sent (those before the first one still pending).
+                    let already_sent = parts.first().and_then(|part| part_index(&part.delivery_id)).unwrap_or(0);
+                    let parts =
+                        crate::delivery::within_send_quota_after(&hub, &unfinished.envelope, parts, already_sent);
                     crate::delivery::send_parts(&hub, &unfinished.envelope, parts).await;
                 });
             }

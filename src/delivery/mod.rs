@@ -133,13 +133,28 @@ pub async fn deliver_recorded(hub: &Hub, envelope: &Envelope, parts: Vec<Deliver
 
 /// Keeps the parts the platform's send quota allows for one user message (公众号: 5 per message
 /// in 48 h); the rest is parked behind the continue word, and the last part kept says so.
-pub fn within_send_quota(hub: &Hub, envelope: &Envelope, mut parts: Vec<Delivery>) -> Vec<Delivery> {
+pub fn within_send_quota(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) -> Vec<Delivery> {
+    within_send_quota_after(hub, envelope, parts, 0)
+}
+
+/// [`within_send_quota`] for the rest of an answer of which `already_sent` parts went out
+/// earlier (an answer resumed after a restart).
+pub fn within_send_quota_after(
+    hub: &Hub,
+    envelope: &Envelope,
+    mut parts: Vec<Delivery>,
+    already_sent: usize,
+) -> Vec<Delivery> {
     let Some(entry) = hub.channels.get(&envelope.channel) else {
         return parts;
     };
-    let Some(quota) = entry.send_quota.filter(|quota| *quota > 0 && parts.len() > *quota) else {
+    let Some(quota) = entry.send_quota.filter(|quota| *quota > 0).map(|quota| quota.saturating_sub(already_sent))
+    else {
         return parts;
     };
+    if parts.len() <= quota {
+        return parts;
+    }
     let overflow: Vec<String> = parts.drain(quota..).map(|part| part.reply.text).collect();
     let mut rest = overflow.join("\n\n");
     if let Some(last) = parts.last_mut() {

@@ -411,16 +411,14 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
     if let Some(live) = live {
         // Recorded, whole, before the card is finished: a crash in between then sends the saved
         // text at the next start instead of asking the model again (a second, different answer).
+        // A crash after the card but before the finish below sends that text once more.
         let Some(parts) = delivery::record(&hub, &envelope, key.as_str(), new_turn, reply.clone()).await else {
             return history;
         };
         match live.finish(&reply).await {
             Ok(()) => {
-                for part in &parts {
-                    if let Err(error) = hub.store.part_delivered(&part.delivery_id).await {
-                        tracing::error!(part = %part.delivery_id, %error, "Failed to clear a streamed part.");
-                    }
-                }
+                // Finishing clears the parts too, in one step (the log's finish first, so that
+                // recovery stops at once); clearing them one by one only widened the window.
                 hub.finish(&envelope.id).await;
             }
             Err(error) => {

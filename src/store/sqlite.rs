@@ -46,8 +46,10 @@
 //! copies the last few frames itself between batches; its next transaction then restarts the
 //! WAL. A checkpoint that hits an I/O error breaks the store for good, as a failed fsync does.
 //!
-//! An `accept` whose caller dropped its future before the inbound log's thread reached it is
-//! skipped: it must not leave a journal entry that nobody dispatches. The writer applies every
+//! An operation for the inbound log whose caller dropped its future before the log's thread
+//! reached it is skipped: an `accept` must not leave a journal entry that nobody dispatches (a
+//! skipped finish only leaves the envelope to resume with its undelivered parts). The writer
+//! applies every
 //! operation it gets, caller or not: each records something that already happened (a part the
 //! platform confirmed, an answer, a finish), and skipping it would make recovery repeat it.
 //!
@@ -773,7 +775,7 @@ impl Writer {
     fn commit(&mut self, batch: &mut Vec<WriteJob>) {
         // NOTE: applied even if its caller is gone. Writes record what already happened (a part
         // the platform confirmed, an answer, a finish): skipping one would make recovery send a
-        // part again or ask the model again. Only accepts, in the inbound log, are skipped.
+        // part again or ask the model again. (The inbound log skips them: see the module docs.)
         if batch.is_empty() {
             return;
         }

@@ -224,16 +224,29 @@ async fn a_message_left_for_a_channel_since_removed_from_the_config_is_finished_
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// An answer recorded before a crash but not yet sent goes out at the next start within the
-/// platform's per-message quota (公众号: 5 parts), the rest waiting for 「继续」 as usual.
+/// An answer recorded before a crash but not yet (or not all) sent goes out at the next start
+/// within the platform's per-message quota (公众号: 5 parts), counting what the last run sent;
+/// the rest waits for 「继续」 as usual.
 #[actix_web::test]
 async fn an_answer_resent_after_a_restart_keeps_to_the_send_quota() {
+    resend_after_a_restart(0, &["第0段", "第1段", "第2段", "第3段", "第4段"]).await;
+}
+
+#[actix_web::test]
+async fn the_rest_of_a_partly_sent_answer_keeps_to_what_is_left_of_the_send_quota() {
+    resend_after_a_restart(3, &["第3段", "第4段"]).await;
+}
+
+/// Seven parts recorded, the first `sent_before_the_crash` of them delivered, then a restart:
+/// `expected` go out (the last with the 「继续」 hint).
+async fn resend_after_a_restart(sent_before_the_crash: usize, expected: &[&str]) {
     use yizhan::store::{SqliteOptions, SqliteStore, Store};
     use yizhan_channel_core::{
         ChannelId, Conversation, ConversationKind, Delivery, Envelope, Reply, ReplyHandle, Segment, Sender,
     };
 
-    let dir = std::env::temp_dir().join(format!("yizhan-resend-{}-{}", std::process::id(), now()));
+    let dir =
+        std::env::temp_dir().join(format!("yizhan-resend-{}-{}-{sent_before_the_crash}", std::process::id(), now()));
     let db = dir.join("yizhan.db");
     let user = Sender { id: "oResend".into(), name: None };
     // The last run answered in seven parts and stopped before sending any of them.
@@ -265,13 +278,21 @@ async fn an_answer_resent_after_a_restart_keeps_to_the_send_quota() {
             .collect();
         let recorded = store.record_answer(&envelope.id, "mp:d:oResend", None, &parts).await;
         assert!(recorded.is_ok(), "{recorded:?}");
+        if sent_before_the_crash > 0 {
+            for part in &parts[..sent_before_the_crash] {
+                assert!(store.part_delivered(&part.delivery_id).await.is_ok());
+            }
+        }
     }
     let app = start_in_process_on(&db).await;
     app.wait_until_idle().await;
     let sent = app.sent_messages().await;
     let _ = std::fs::remove_dir_all(&dir);
-    assert_eq!(sent.len(), 5, "{sent:#?}");
     assert!(app.llm_requests().await.is_empty(), "answered before the crash: not asked again");
-    let last = sent[4]["text"]["content"].as_str().unwrap_or_default();
-    assert!(last.starts_with("第4段") && last.contains("继续"), "{last}");
+    let texts: Vec<&str> = sent.iter().map(|message| message["text"]["content"].as_str().unwrap_or_default()).collect();
+    assert_eq!(texts.len(), expected.len(), "{texts:?}");
+    for (text, start) in texts.iter().zip(expected) {
+        assert!(text.starts_with(start), "{texts:?}");
+    }
+    assert!(texts.last().is_some_and(|last| last.contains("继续")), "{texts:?}");
 }

@@ -64,17 +64,31 @@ pub fn message_segment(
 /// sender + `CreateTime` as the platform suggests, plus `Event` and `EventKey`: two different
 /// events often share a second (`subscribe` and the `LOCATION` report on entering, two menu
 /// clicks), and a retry repeats every field.
+///
+/// An `EventKey` longer than [`MAX_KEY_IN_DEDUPE`] (a menu's URL, up to 1 KiB) is kept as its
+/// SHA-256 digest, so that keys stay short.
 pub fn dedupe_key(fields: &Fields, sender: &str) -> Result<String, ChannelError> {
     match fields.get("MsgId") {
         Some(msg_id) => Ok(msg_id.to_owned()),
-        None => Ok(format!(
-            "{sender}:{}:{}:{}",
-            fields.required("CreateTime")?,
-            fields.get("Event").unwrap_or_default(),
-            fields.get("EventKey").unwrap_or_default()
-        )),
+        None => {
+            let event_key = fields.get("EventKey").unwrap_or_default();
+            let event_key = if event_key.len() > MAX_KEY_IN_DEDUPE {
+                use sha2::Digest;
+                std::borrow::Cow::Owned(format!("sha256:{}", hex::encode(sha2::Sha256::digest(event_key.as_bytes()))))
+            } else {
+                std::borrow::Cow::Borrowed(event_key)
+            };
+            Ok(format!(
+                "{sender}:{}:{}:{event_key}",
+                fields.required("CreateTime")?,
+                fields.get("Event").unwrap_or_default(),
+            ))
+        }
     }
 }
+
+/// The longest `EventKey` kept as it is in a dedupe key.
+const MAX_KEY_IN_DEDUPE: usize = 128;
 
 #[cfg(test)]
 mod tests {
@@ -100,6 +114,13 @@ mod tests {
         assert_ne!(event("subscribe", ""), event("LOCATION", ""));
         assert_ne!(event("CLICK", "menu_a"), event("CLICK", "menu_b"));
         assert_eq!(event("CLICK", "menu_a"), event("CLICK", "menu_a"));
+        // A long menu URL is digested: the key stays short, distinct and stable.
+        let (url_a, url_b) =
+            (format!("https://a.example/{}", "x".repeat(1_000)), format!("https://b.example/{}", "x".repeat(1_000)));
+        let (view_a, view_b) = (event("VIEW", &url_a), event("VIEW", &url_b));
+        assert!(view_a.as_ref().is_some_and(|key| key.len() < 128), "{view_a:?}");
+        assert_ne!(view_a, view_b);
+        assert_eq!(view_a, event("VIEW", &url_a));
     }
 
     #[test]
