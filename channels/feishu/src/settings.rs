@@ -42,7 +42,9 @@ pub struct FeishuSettings {
     pub api_base: String,
     /// How far (seconds) a signed event's `X-Lark-Request-Timestamp` may be from our clock before
     /// the call is refused as a replay. 0 disables the check, for hosts whose clock cannot be
-    /// trusted. Only signed (Encrypt Key) events carry a timestamp.
+    /// trusted. Only signed (Encrypt Key) events carry a timestamp. The default, 7.5 h, covers
+    /// Feishu's retries (15 s, 5 min, 1 h, 6 h) in case a retry keeps its first timestamp;
+    /// replays inside it are already caught by the dedupe window (24 h by default).
     #[serde(default = "default_replay_window_secs")]
     pub replay_window_secs: u64,
     /// Show answers while they are written, in a CardKit streaming card (needs the
@@ -76,7 +78,7 @@ fn default_api_base() -> String {
 }
 
 fn default_replay_window_secs() -> u64 {
-    300
+    27_000
 }
 
 fn default_true() -> bool {
@@ -186,7 +188,7 @@ mod tests {
         }))
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(settings.api_base, "https://open.feishu.cn");
-        assert_eq!(settings.replay_window_secs, 300);
+        assert_eq!(settings.replay_window_secs, 27_000);
         assert!(settings.streaming);
         assert!(settings.require_mention_in_groups);
         assert_eq!(settings.max_part_bytes, 30_000);

@@ -200,12 +200,16 @@ fn an_event_without_signature_headers_is_refused_when_an_encrypt_key_is_set() {
 
 #[test]
 fn a_stale_timestamp_is_refused_even_with_a_good_signature() {
-    let stale = signed(&fixture("text_p2p"), NOW - 301);
+    // The default window covers Feishu's retries, about 7 h: 27,000 s.
+    let stale = signed(&fixture("text_p2p"), NOW - 27_001);
     assert!(is_bad_signature(&encrypted_channel().handle_webhook(&stale)));
-    let future = signed(&fixture("text_p2p"), NOW + 301);
+    let future = signed(&fixture("text_p2p"), NOW + 27_001);
     assert!(is_bad_signature(&encrypted_channel().handle_webhook(&future)));
-    let fresh = signed(&fixture("text_p2p"), NOW - 299);
-    assert!(encrypted_channel().handle_webhook(&fresh).is_ok());
+    let six_hours_old = signed(&fixture("text_p2p"), NOW - 6 * 3600 - 60);
+    assert!(encrypted_channel().handle_webhook(&six_hours_old).is_ok());
+    let narrow = channel_with(json!({"encrypt_key": ENCRYPT_KEY, "replay_window_secs": 300}));
+    assert!(is_bad_signature(&narrow.handle_webhook(&signed(&fixture("text_p2p"), NOW - 301))));
+    assert!(narrow.handle_webhook(&signed(&fixture("text_p2p"), NOW - 299)).is_ok());
     let unchecked = channel_with(json!({"encrypt_key": ENCRYPT_KEY, "replay_window_secs": 0}));
     assert!(unchecked.handle_webhook(&stale).is_ok());
 }
