@@ -124,6 +124,21 @@ async fn a_redelivered_event_is_answered_once_with_a_text_reply() {
 }
 
 #[actix_web::test]
+async fn a_sticker_gets_the_text_only_reply_without_asking_the_model() {
+    let app = spawn_feishu(false, Duration::ZERO).await;
+    let mut sticker = event("om_sticker_1", "p2p", "", serde_json::json!([]));
+    sticker["event"]["message"]["message_type"] = "sticker".into();
+    sticker["event"]["message"]["content"] = serde_json::json!({"file_key": "v2_sticker"}).to_string().into();
+    assert_eq!(app.post_feishu(&sticker).await.0, 200);
+    app.wait_until_idle().await;
+    let replies = app.feishu_calls("POST", "/om_sticker_1/reply").await;
+    assert_eq!(replies.len(), 1);
+    let content = body(&replies[0])["content"].as_str().unwrap_or_default().to_owned();
+    assert!(content.contains("只能理解文字消息"), "{content}");
+    assert!(app.llm_requests().await.is_empty());
+}
+
+#[actix_web::test]
 async fn in_groups_only_mentions_of_the_bot_are_answered_without_the_placeholder() {
     let app = spawn_feishu(false, Duration::ZERO).await;
     let plain = event("om_g_1", "group", "大家好", serde_json::json!([]));

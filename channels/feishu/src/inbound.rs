@@ -300,8 +300,15 @@ fn read_content(message_type: &str, content: &str, mentions: &[Mention]) -> Resu
             let value = parse()?;
             vec![Segment::Video { media_id: text(&value, "file_key"), thumb_media_id: text(&value, "image_key") }]
         }
-        // Stickers, shared chats and users, cards, red packets, merged forwards …: nothing the
-        // model can read. Kept as a named event so the envelope is never empty.
+        // A sticker is a picture: the user is told, as for any picture, that only text is read
+        // (as an event it would get no answer at all).
+        "sticker" => {
+            let value = parse()?;
+            vec![Segment::Image { url: None, media_id: text(&value, "file_key") }]
+        }
+        // Shared chats and users, cards, red packets, merged forwards, system notices …: nothing
+        // the model can read, and some are not the user's words. Kept as a named event so the
+        // envelope is never empty.
         other => vec![Segment::Event(Event::Other { name: format!("message:{other}") })],
     };
     Ok(segments)
@@ -481,9 +488,11 @@ mod tests {
     }
 
     #[test]
-    fn unknown_message_types_become_a_named_event() {
+    fn unknown_message_types_become_a_named_event_and_stickers_a_picture() {
+        let segments = read_content("share_chat", "{\"chat_id\":\"oc_1\"}", &[]).unwrap_or_default();
+        assert_eq!(segments, vec![Segment::Event(Event::Other { name: "message:share_chat".into() })]);
         let segments = read_content("sticker", "{\"file_key\":\"f\"}", &[]).unwrap_or_default();
-        assert_eq!(segments, vec![Segment::Event(Event::Other { name: "message:sticker".into() })]);
+        assert_eq!(segments, vec![Segment::Image { url: None, media_id: Some("f".into()) }]);
     }
 
     #[test]

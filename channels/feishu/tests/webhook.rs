@@ -329,12 +329,16 @@ fn an_image_message_carries_its_image_key() {
 }
 
 #[test]
-fn an_unreadable_message_type_is_kept_as_a_named_event() {
-    let sticker = fixture("text_p2p")
-        .replace("\"message_type\": \"text\"", "\"message_type\": \"sticker\"")
-        .replace(r#"{\"text\":\"你好，今天天气怎么样？\"}"#, r#"{\"file_key\":\"v2_sticker\"}"#);
-    let envelope = accepted(&plain_channel(), &post(&sticker));
-    assert_eq!(envelope.event(), Some(&Event::Other { name: "message:sticker".into() }));
+fn an_unreadable_message_type_is_kept_as_a_named_event_and_a_sticker_as_a_picture() {
+    let with_type = |kind: &str, content: &str| {
+        fixture("text_p2p")
+            .replace("\"message_type\": \"text\"", &format!("\"message_type\": \"{kind}\""))
+            .replace(r#"{\"text\":\"你好，今天天气怎么样？\"}"#, content)
+    };
+    let shared = accepted(&plain_channel(), &post(&with_type("share_chat", r#"{\"chat_id\":\"oc_x\"}"#)));
+    assert_eq!(shared.event(), Some(&Event::Other { name: "message:share_chat".into() }));
+    let sticker = accepted(&plain_channel(), &post(&with_type("sticker", r#"{\"file_key\":\"v2_sticker\"}"#)));
+    assert_eq!(sticker.content, vec![Segment::Image { url: None, media_id: Some("v2_sticker".into()) }]);
 }
 
 #[test]
