@@ -252,11 +252,14 @@ async fn hold_for_answer(
     if unparked.is_some() {
         hub.metrics.answers.with_label_values(&[channel, "unparked"]).inc();
     }
-    if let Err(error) = hub.store.part_delivered(&first.delivery_id).await {
-        tracing::error!(part = %first.delivery_id, %error, "Failed to clear a delivered part.");
-    }
     let hub = hub.clone();
+    // Cleared from the outbox only after this handler has returned its response (the task runs
+    // once the worker is free again): a crash before the response left would otherwise lose the
+    // start of the answer; a crash in between now at worst sends it once more.
     actix::spawn(async move {
+        if let Err(error) = hub.store.part_delivered(&first.delivery_id).await {
+            tracing::error!(part = %first.delivery_id, %error, "Failed to clear a delivered part.");
+        }
         if parts.is_empty() {
             hub.finish(&envelope.id).await;
         } else {
