@@ -368,6 +368,11 @@ pub struct ChannelCoreConfig {
     /// In group chats: one conversation per group (`shared`) or per member (`per_user`).
     #[serde(default)]
     pub group_context: GroupContext,
+    /// Every other key: the channel's own, handed to it as [`ChannelSettings::table`], where
+    /// the built-in channels refuse keys they do not know (a misspelt key is an error, not a
+    /// silently ignored setting).
+    #[serde(flatten)]
+    pub channel_keys: toml::Table,
 }
 
 /// Whose context a group message continues.
@@ -389,9 +394,9 @@ impl<'de> Deserialize<'de> for ChannelConfig {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         use serde::de::Error;
         let table = toml::Value::deserialize(deserializer)?;
-        let core = ChannelCoreConfig::deserialize(table.clone()).map_err(D::Error::custom)?;
+        let core = ChannelCoreConfig::deserialize(table).map_err(D::Error::custom)?;
         let id = ChannelId::parse(&core.id).map_err(D::Error::custom)?;
-        let json = serde_json::to_value(&table).map_err(D::Error::custom)?;
+        let json = serde_json::to_value(&core.channel_keys).map_err(D::Error::custom)?;
         let settings = ChannelSettings { id, kind: core.kind.clone(), table: json };
         Ok(Self { core, settings })
     }

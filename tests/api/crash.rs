@@ -181,7 +181,21 @@ async fn a_bad_config_exits_non_zero_naming_the_key_and_check_accepts_a_good_one
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("llm.max_concurrency"), "{stderr}");
+    // A misspelt channel key is an error too, not a setting silently left at its default.
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/yizhan.example.toml");
+    let misspelt = dir.join("misspelt.toml");
+    let text = std::fs::read_to_string(example).unwrap_or_else(|e| panic!("{e}"));
+    assert!(text.contains("\nrequire_mention_in_groups = "), "the example changed");
+    std::fs::write(&misspelt, text.replacen("\nrequire_mention_in_groups = ", "\nrequire_mention_in_group = ", 1))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let output = Command::new(env!("CARGO_BIN_EXE_yizhan"))
+        .args(["check", "--config"])
+        .arg(&misspelt)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("require_mention_in_group`") && stderr.contains("feishu"), "{stderr}");
     let output = Command::new(env!("CARGO_BIN_EXE_yizhan"))
         .args(["check", "--config", example])
         .output()

@@ -11,7 +11,9 @@ pub struct ChannelSettings {
     pub id: ChannelId,
     /// The configured kind.
     pub kind: String,
-    /// All keys of the entry (including `id` and `kind`).
+    /// The entry's keys for the channel itself: the core takes out its own (`id`, `kind`,
+    /// `system_prompt`, `reply_mode`, `menu` …), so a channel's settings type can refuse unknown
+    /// keys (`#[serde(deny_unknown_fields)]`), as the built-in channels do.
     pub table: serde_json::Value,
 }
 

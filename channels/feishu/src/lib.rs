@@ -458,7 +458,7 @@ mod tests {
 
     fn channel(extra: Value) -> Feishu {
         let mut table = json!({
-            "id": "fs", "kind": "feishu", "system_prompt": "hi",
+
             "app_id": "cli_1", "app_secret": "secret", "verification_token": "vtoken",
             "api_base": "http://127.0.0.1:9",
         });

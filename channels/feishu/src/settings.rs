@@ -21,9 +21,10 @@ pub const MAX_PART_BYTES: usize = 100_000;
 
 /// One Feishu (飞书) bot's settings.
 ///
-/// Unknown keys are ignored on purpose: the same config table also carries the core's keys
-/// (`id`, `kind`, `system_prompt`, `reply_mode`, `group_context` …).
+/// Unknown keys are refused, so that a misspelt key is reported instead of silently leaving a
+/// setting at its default (the core takes its own keys out of the table first).
 #[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FeishuSettings {
     /// The app's App ID (`cli_…`), from 开发者后台 → 凭证与基础信息; needed for the tenant token.
     pub app_id: String,
@@ -180,10 +181,11 @@ mod tests {
     }
 
     #[test]
-    fn defaults_apply_and_core_keys_are_ignored() {
+    fn defaults_apply_and_unknown_keys_are_refused() {
+        let misspelt =
+            parse(json!({"app_id": "cli_1", "app_secret": "s", "verification_token": "v", "encrypt_kye": "k"}));
+        assert!(misspelt.as_ref().is_err_and(|e| e.contains("encrypt_kye")), "{misspelt:?}");
         let settings = parse(json!({
-            "id": "fs", "kind": "feishu", "system_prompt": "be nice", "reply_mode": "auto",
-            "group_context": "shared",
             "app_id": "cli_1", "app_secret": "s", "verification_token": "v",
         }))
         .unwrap_or_else(|e| panic!("{e}"));

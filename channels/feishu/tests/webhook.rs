@@ -20,8 +20,6 @@ const NOW: u64 = 1_700_000_000;
 
 fn channel_with(extra: Value) -> Feishu {
     let mut table = json!({
-        "id": "fs-main", "kind": "feishu", "system_prompt": "be brief", "reply_mode": "auto",
-        "group_context": "shared",
         "app_id": "cli_9f5343c580712544", "app_secret": "app-secret", "verification_token": TOKEN,
         "api_base": "http://127.0.0.1:9/",
     });

@@ -340,7 +340,7 @@ mod tests {
             id: ChannelId::parse("mp").unwrap_or_else(|e| panic!("{e}")),
             kind: WechatMp::KIND.into(),
             table: json!({
-                "id": "mp", "kind": "wechat_mp", "system_prompt": "hi",
+
                 "app_id": "wx1", "app_secret": "secret", "token": "AAAAA",
                 "replay_window_secs": window,
             }),

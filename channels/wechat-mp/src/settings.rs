@@ -16,9 +16,10 @@ pub const MIN_PART_BYTES: usize = 64;
 
 /// One 公众号 account's settings.
 ///
-/// Unknown keys are ignored on purpose: the same config table also carries the core's keys
-/// (`id`, `kind`, `system_prompt`, `reply_mode` …).
+/// Unknown keys are refused, so that a misspelt key is reported instead of silently leaving a
+/// setting at its default (the core takes its own keys out of the table first).
 #[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WechatMpSettings {
     /// The account's AppID (开发者ID), from 设置与开发 → 基本配置; needed for the access token.
     pub app_id: String,
@@ -156,9 +157,10 @@ mod tests {
     }
 
     #[test]
-    fn defaults_apply_and_core_keys_are_ignored() {
+    fn defaults_apply_and_unknown_keys_are_refused() {
+        let misspelt = parse(json!({"app_id": "wx1", "app_secret": "s", "token": "t", "encoding_aes_kye": "k"}));
+        assert!(misspelt.as_ref().is_err_and(|e| e.contains("encoding_aes_kye")), "{misspelt:?}");
         let settings = parse(json!({
-            "id": "mp", "kind": "wechat_mp", "system_prompt": "be nice", "reply_mode": "auto",
             "app_id": "wx1", "app_secret": "s", "token": "t",
         }))
         .unwrap_or_else(|e| panic!("{e}"));

@@ -55,7 +55,7 @@ const NOW: u64 = 1_714_036_504;
 fn channel_with(extra: Value) -> WechatMp {
     let v = vector();
     let mut table = json!({
-        "id": "mp-safe", "kind": "wechat_mp", "app_id": v.appid, "app_secret": "app-secret",
+        "app_id": v.appid, "app_secret": "app-secret",
         "token": v.token, "encoding_aes_key": v.key, "replay_window_secs": 0,
         "api_base": "http://127.0.0.1:9",
     });

@@ -19,7 +19,6 @@ fn channel() -> WechatMp {
 
 fn channel_with(extra: serde_json::Value) -> WechatMp {
     let mut table = json!({
-        "id": "mp-main", "kind": "wechat_mp", "system_prompt": "be brief", "reply_mode": "auto",
         "app_id": "wx0123456789", "app_secret": "app-secret", "token": TOKEN,
         "api_base": "http://127.0.0.1:9/",
     });

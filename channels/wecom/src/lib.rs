@@ -315,7 +315,7 @@ mod tests {
 
     fn channel_with(extra: serde_json::Value) -> Wecom {
         let mut table = json!({
-            "id": "wecom", "kind": "wecom", "system_prompt": "hi",
+
             "corp_id": "ww1", "corp_secret": "s3cr3t-value", "agent_id": 1000002, "token": "tok-value",
             "encoding_aes_key": "jWmYm7qr5nMoAUwZRjGtBxmz3KA1tkAj3ykkR6q2B2C",
         });

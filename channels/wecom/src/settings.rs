@@ -29,9 +29,10 @@ pub enum ReplyFormat {
 
 /// One WeCom self-built app's settings.
 ///
-/// Unknown keys are ignored on purpose: the same config table also carries the core's keys
-/// (`id`, `kind`, `system_prompt`, `reply_mode` …).
+/// Unknown keys are refused, so that a misspelt key is reported instead of silently leaving a
+/// setting at its default (the core takes its own keys out of the table first).
 #[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WecomSettings {
     /// The corp id (企业ID, 我的企业 → 企业信息). It is the `receiveid` inside every encrypted
     /// callback, so callbacks for another corp are refused, and it fetches the access token.
@@ -200,7 +201,6 @@ mod tests {
 
     fn base() -> serde_json::Value {
         json!({
-            "id": "wecom", "kind": "wecom", "system_prompt": "be nice", "reply_mode": "auto",
             "corp_id": "ww1", "corp_secret": "s", "agent_id": 1000002, "token": "t",
             "encoding_aes_key": KEY,
         })
@@ -227,7 +227,9 @@ mod tests {
     }
 
     #[test]
-    fn defaults_apply_and_core_keys_are_ignored() {
+    fn defaults_apply_and_unknown_keys_are_refused() {
+        let misspelt = parse(with(json!({"reply_fromat": "text"})));
+        assert!(misspelt.as_ref().is_err_and(|e| e.contains("reply_fromat")), "{misspelt:?}");
         let settings = parse(base()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(settings.api_base, "https://qyapi.weixin.qq.com");
         assert_eq!(settings.replay_window_secs, 300);

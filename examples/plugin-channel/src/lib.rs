@@ -36,6 +36,7 @@ use yizhan_channel_core::{
 
 /// The plugin's config keys.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HttpJsonSettings {
     /// The bearer token callers must present.
     pub token: String,

@@ -22,10 +22,10 @@ pub const NOW: u64 = 1_714_036_504;
 pub const NONCE: &str = "1372623149";
 pub const USER: &str = "zhangsan";
 
-/// The settings table of a `[[channels]]` entry, core keys included, with `extra` merged in.
+/// The channel's part of a `[[channels]]` entry (the core takes its own keys out), with `extra`
+/// merged in.
 pub fn table(extra: Value) -> Value {
     let mut table = json!({
-        "id": "wecom-main", "kind": "wecom", "system_prompt": "be brief", "reply_mode": "auto",
         "corp_id": CORP, "corp_secret": SECRET, "agent_id": AGENT, "token": TOKEN,
         "encoding_aes_key": KEY, "api_base": "http://127.0.0.1:9/",
     });
