@@ -455,8 +455,13 @@ impl Config {
         }
         let mut seen = HashSet::new();
         for (index, channel) in self.channels.iter().enumerate() {
-            if !seen.insert(channel.core.id.clone()) {
-                bail!("config key `channels[{index}].id`: duplicate channel id {:?}", channel.core.id);
+            // As environment overrides address channels: case-insensitive, `-` written `_`.
+            if !seen.insert(channel.core.id.to_ascii_lowercase().replace('-', "_")) {
+                bail!(
+                    "config key `channels[{index}].id`: duplicate channel id {:?} (ids must differ in more than \
+                     case or `-`/`_`, which environment overrides cannot tell apart)",
+                    channel.core.id
+                );
             }
         }
         Ok(())
@@ -622,6 +627,14 @@ token = "tok"
             .map(|e| format!("{e:#}"))
             .unwrap_or_default();
         assert!(error.contains("llm.max_concurrency"), "{error}");
+    }
+
+    #[test]
+    fn channel_ids_that_overrides_cannot_tell_apart_are_duplicates() {
+        let second = MINIMAL.replace("id = \"mp-main\"", "id = \"MP_main\"");
+        let both = format!("{MINIMAL}\n{}", &second[second.find("[[channels]]").unwrap_or(0)..]);
+        let error = load(&both, &[]).err().map(|e| format!("{e:#}")).unwrap_or_default();
+        assert!(error.contains("duplicate channel id \"MP_main\""), "{error}");
     }
 
     #[test]

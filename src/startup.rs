@@ -95,9 +95,33 @@ fn build_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
 pub fn check(config: &Config, kinds: &ChannelKinds) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     for entry in &config.channels {
-        kinds.build(&entry.settings, &http).map_err(|error| anyhow::anyhow!("{error}"))?;
+        let channel = kinds.build(&entry.settings, &http).map_err(|error| anyhow::anyhow!("{error}"))?;
+        reply_path(entry, channel.capabilities())?;
     }
     Ok(())
+}
+
+/// The channel's passive-reply window (the platform's, or the config's override of it) and its
+/// reply mode, refusing a mode the platform cannot serve.
+fn reply_path(
+    entry: &crate::config::ChannelConfig,
+    capabilities: yizhan_channel_core::Capabilities,
+) -> anyhow::Result<(Option<Duration>, ReplyMode)> {
+    let passive_window = match (capabilities.passive_reply_window, entry.core.passive_window_ms) {
+        (Some(_), Some(ms)) => Some(Duration::from_millis(ms)),
+        (window, _) => window,
+    };
+    let default_mode = if passive_window.is_some() { ReplyMode::Auto } else { ReplyMode::Push };
+    let reply_mode = entry.core.reply_mode.unwrap_or(default_mode);
+    if reply_mode != ReplyMode::Push && passive_window.is_none() {
+        anyhow::bail!(
+            "config key `channels[{}].reply_mode`: {:?} needs passive replies, which {} does not have",
+            entry.core.id,
+            reply_mode,
+            entry.core.kind
+        );
+    }
+    Ok((passive_window, reply_mode))
 }
 
 impl Application {
@@ -138,20 +162,7 @@ impl Application {
             tracing::info!(channel = %entry.settings.id, kind = %entry.settings.kind, "Channel ready.");
             let group_per_user = entry.core.group_context == crate::config::GroupContext::PerUser;
             let capabilities = channel.capabilities();
-            let passive_window = match (capabilities.passive_reply_window, entry.core.passive_window_ms) {
-                (Some(_), Some(ms)) => Some(Duration::from_millis(ms)),
-                (window, _) => window,
-            };
-            let default_mode = if passive_window.is_some() { ReplyMode::Auto } else { ReplyMode::Push };
-            let reply_mode = entry.core.reply_mode.unwrap_or(default_mode);
-            if reply_mode != ReplyMode::Push && passive_window.is_none() {
-                anyhow::bail!(
-                    "config key `channels[{}].reply_mode`: {:?} needs passive replies, which {} does not have",
-                    entry.core.id,
-                    reply_mode,
-                    entry.core.kind
-                );
-            }
+            let (passive_window, reply_mode) = reply_path(entry, capabilities.clone())?;
             channels.insert(
                 entry.settings.id.clone(),
                 ChannelEntry {

@@ -170,38 +170,36 @@ async fn sigterm_answers_what_was_accepted_before_exiting() {
 async fn a_bad_config_exits_non_zero_naming_the_key_and_check_accepts_a_good_one() {
     let dir = std::env::temp_dir().join(format!("yizhan-check-{}-{}", std::process::id(), now()));
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
-    let bad = dir.join("bad.toml");
-    std::fs::write(&bad, "[llm]\nbase_url = \"http://127.0.0.1:1/v1\"\nmodel = \"m\"\nmax_concurrency = \"lots\"\n")
+    // Writes `text` as a config and runs `yizhan check` on it: whether it passed, and stderr.
+    let check = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+        let output = Command::new(env!("CARGO_BIN_EXE_yizhan"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    let (passed, stderr) =
+        check("bad.toml", "[llm]\nbase_url = \"http://127.0.0.1:1/v1\"\nmodel = \"m\"\nmax_concurrency = \"lots\"\n");
+    assert!(!passed && stderr.contains("llm.max_concurrency"), "{stderr}");
+
+    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/yizhan.example.toml"))
         .unwrap_or_else(|e| panic!("{e}"));
-    let output = Command::new(env!("CARGO_BIN_EXE_yizhan"))
-        .args(["check", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("llm.max_concurrency"), "{stderr}");
+    let (passed, stderr) = check("example.toml", &example);
+    assert!(passed, "{stderr}");
     // A misspelt channel key is an error too, not a setting silently left at its default.
-    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/yizhan.example.toml");
-    let misspelt = dir.join("misspelt.toml");
-    let text = std::fs::read_to_string(example).unwrap_or_else(|e| panic!("{e}"));
-    assert!(text.contains("\nrequire_mention_in_groups = "), "the example changed");
-    std::fs::write(&misspelt, text.replacen("\nrequire_mention_in_groups = ", "\nrequire_mention_in_group = ", 1))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let output = Command::new(env!("CARGO_BIN_EXE_yizhan"))
-        .args(["check", "--config"])
-        .arg(&misspelt)
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("require_mention_in_group`") && stderr.contains("feishu"), "{stderr}");
-    let output = Command::new(env!("CARGO_BIN_EXE_yizhan"))
-        .args(["check", "--config", example])
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(example.contains("\nrequire_mention_in_groups = "), "the example changed");
+    let misspelt = example.replacen("\nrequire_mention_in_groups = ", "\nrequire_mention_in_group = ", 1);
+    let (passed, stderr) = check("misspelt.toml", &misspelt);
+    assert!(!passed && stderr.contains("require_mention_in_group`") && stderr.contains("feishu"), "{stderr}");
+    // So is a reply mode the platform cannot serve, caught by `check` and not only at start.
+    assert!(example.contains("\nkind = \"wecom\"\n"), "the example changed");
+    let passive_wecom = example.replacen("\nkind = \"wecom\"\n", "\nkind = \"wecom\"\nreply_mode = \"passive\"\n", 1);
+    let (passed, stderr) = check("passive-wecom.toml", &passive_wecom);
+    assert!(!passed && stderr.contains("reply_mode"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 }
 
 #[actix_web::test]
