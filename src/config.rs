@@ -334,7 +334,7 @@ pub struct MenuAction {
 pub struct ChannelConfig {
     /// What the core reads.
     pub core: ChannelCoreConfig,
-    /// The whole entry for the channel's own parser.
+    /// The channel's own keys, for its parser (its `Debug` shows key names only).
     pub settings: ChannelSettings,
 }
 
@@ -368,9 +368,9 @@ pub struct ChannelCoreConfig {
     /// In group chats: one conversation per group (`shared`) or per member (`per_user`).
     #[serde(default)]
     pub group_context: GroupContext,
-    /// Every other key: the channel's own, handed to it as [`ChannelSettings::table`], where
-    /// the built-in channels refuse keys they do not know (a misspelt key is an error, not a
-    /// silently ignored setting).
+    /// Every other key: the channel's own, moved to [`ChannelSettings::table`] (so empty once
+    /// loaded), where the built-in channels refuse keys they do not know (a misspelt key is an
+    /// error, not a silently ignored setting).
     #[serde(flatten)]
     pub channel_keys: toml::Table,
 }
@@ -394,9 +394,11 @@ impl<'de> Deserialize<'de> for ChannelConfig {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         use serde::de::Error;
         let table = toml::Value::deserialize(deserializer)?;
-        let core = ChannelCoreConfig::deserialize(table).map_err(D::Error::custom)?;
+        let mut core = ChannelCoreConfig::deserialize(table).map_err(D::Error::custom)?;
         let id = ChannelId::parse(&core.id).map_err(D::Error::custom)?;
-        let json = serde_json::to_value(&core.channel_keys).map_err(D::Error::custom)?;
+        // Moved, not copied: they hold the channel's secrets, and only `ChannelSettings` keeps
+        // them out of `Debug` output.
+        let json = serde_json::to_value(std::mem::take(&mut core.channel_keys)).map_err(D::Error::custom)?;
         let settings = ChannelSettings { id, kind: core.kind.clone(), table: json };
         Ok(Self { core, settings })
     }
@@ -645,7 +647,9 @@ token = "tok"
     #[test]
     fn secrets_do_not_appear_in_debug_output() {
         let config = load(MINIMAL, &[("YIZHAN__LLM__API_KEY", "sk-very-secret")]).unwrap_or_else(|e| panic!("{e:#}"));
-        assert!(!format!("{:?}", config.llm).contains("sk-very-secret"));
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("sk-very-secret") && !debug.contains("file-secret"), "{debug}");
+        assert!(debug.contains("app_secret"), "key names are shown: {debug}");
     }
 
     #[test]
