@@ -96,7 +96,7 @@ pub fn check(config: &Config, kinds: &ChannelKinds) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     for entry in &config.channels {
         let channel = kinds.build(&entry.settings, &http).map_err(|error| anyhow::anyhow!("{error}"))?;
-        reply_path(entry, channel.capabilities())?;
+        reply_path(entry, channel.capabilities().passive_reply_window)?;
     }
     Ok(())
 }
@@ -105,9 +105,9 @@ pub fn check(config: &Config, kinds: &ChannelKinds) -> anyhow::Result<()> {
 /// reply mode, refusing a mode the platform cannot serve.
 fn reply_path(
     entry: &crate::config::ChannelConfig,
-    capabilities: yizhan_channel_core::Capabilities,
+    platform_window: Option<Duration>,
 ) -> anyhow::Result<(Option<Duration>, ReplyMode)> {
-    let passive_window = match (capabilities.passive_reply_window, entry.core.passive_window_ms) {
+    let passive_window = match (platform_window, entry.core.passive_window_ms) {
         (Some(_), Some(ms)) => Some(Duration::from_millis(ms)),
         (window, _) => window,
     };
@@ -162,7 +162,7 @@ impl Application {
             tracing::info!(channel = %entry.settings.id, kind = %entry.settings.kind, "Channel ready.");
             let group_per_user = entry.core.group_context == crate::config::GroupContext::PerUser;
             let capabilities = channel.capabilities();
-            let (passive_window, reply_mode) = reply_path(entry, capabilities.clone())?;
+            let (passive_window, reply_mode) = reply_path(entry, capabilities.passive_reply_window)?;
             channels.insert(
                 entry.settings.id.clone(),
                 ChannelEntry {
@@ -331,11 +331,6 @@ async fn wait_for_signal() {
 
 /// Re-dispatches what was accepted but not finished before the last stop. Runs before the
 /// server listens, so `journal_open` never reads 0 while old work is pending.
-/// A part's place in its answer, from its id (`{envelope id}-{index}`, see `parts_for`).
-fn part_index(delivery_id: &str) -> Option<usize> {
-    delivery_id.rsplit_once('-')?.1.parse().ok()
-}
-
 async fn resume_unfinished(hub: &Hub, router: &Router) {
     let pending = match hub.store.unfinished().await {
         Ok(pending) => pending,
@@ -362,7 +357,8 @@ async fn resume_unfinished(hub: &Hub, router: &Router) {
                 actix::spawn(async move {
                     // The platform's per-message quota holds for a resent answer too, counting
                     // the parts the last run sent (those before the first one still pending).
-                    let already_sent = parts.first().and_then(|part| part_index(&part.delivery_id)).unwrap_or(0);
+                    let already_sent =
+                        parts.first().and_then(|part| crate::delivery::part_index(&part.delivery_id)).unwrap_or(0);
                     let parts =
                         crate::delivery::within_send_quota_after(&hub, &unfinished.envelope, parts, already_sent);
                     crate::delivery::send_parts(&hub, &unfinished.envelope, parts).await;

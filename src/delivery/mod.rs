@@ -45,7 +45,7 @@ pub fn parts_for(channel: &dyn Channel, envelope: &Envelope, text: String) -> Ve
         .into_iter()
         .enumerate()
         .map(|(index, part)| Delivery {
-            delivery_id: format!("{}-{index}", envelope.id),
+            delivery_id: part_id(&envelope.id, index),
             channel: envelope.channel.clone(),
             conversation: envelope.conversation.clone(),
             recipient: envelope.sender.clone(),
@@ -53,6 +53,16 @@ pub fn parts_for(channel: &dyn Channel, envelope: &Envelope, text: String) -> Ve
             reply: part,
         })
         .collect()
+}
+
+/// The id of part `index` of the answer to `envelope_id`: its outbox key.
+pub fn part_id(envelope_id: &str, index: usize) -> String {
+    format!("{envelope_id}-{index}")
+}
+
+/// A part's place in its answer, read back from its id (see [`part_id`]).
+pub fn part_index(delivery_id: &str) -> Option<usize> {
+    delivery_id.rsplit_once('-')?.1.parse().ok()
 }
 
 /// Answers an envelope: records the answer (turn and outbox parts) atomically, sends the parts,

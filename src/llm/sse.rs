@@ -531,6 +531,8 @@ pub(crate) fn stream_error(error: SseError) -> LlmError {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn redaction_covers_a_secret_cut_short_at_the_end_of_a_message() {
         let key = Some("sk-abcdefghijklmnop");
@@ -540,8 +542,6 @@ mod tests {
         assert_eq!(redact("ends in sk-".into(), key), "ends in sk-");
         assert_eq!(redact("no key here".into(), None), "no key here");
     }
-
-    use super::*;
 
     fn parse_all(chunks: &[&[u8]]) -> Vec<SseEvent> {
         let mut parser = SseParser::default();

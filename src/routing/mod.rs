@@ -114,13 +114,14 @@ impl Router {
         let menu = self.hub.channels.get(&envelope.channel).map(|entry| &entry.menu);
         let empty = HashMap::new();
         let mut work = classify(&envelope, &self.hub.messages, menu.unwrap_or(&empty));
-        let mut unparked = false;
+        // The channel (for the metric) when the continue word took parked text.
+        let mut unparked_on = None;
         if let Some(Work::Ask(text)) = &work {
             let is_continue = self.hub.messages.continue_commands.iter().any(|word| word.trim() == text.as_str());
             if is_continue {
                 work = Some(match self.hub.passive.unpark(&envelope.channel, &envelope.sender.id) {
                     Some(parked) => {
-                        unparked = true;
+                        unparked_on = Some(envelope.channel.clone());
                         Work::Say(parked)
                     }
                     None => Work::Say(self.hub.messages.nothing_parked.clone()),
@@ -134,10 +135,9 @@ impl Router {
             return false;
         };
         let key = self.hub.session_key(&envelope);
-        let channel = envelope.channel.clone();
         match self.sessions.dispatch(key, Job { envelope, work }) {
             Ok(()) => {
-                if unparked {
+                if let Some(channel) = unparked_on {
                     self.hub.metrics.answers.with_label_values(&[channel.as_str(), "unparked"]).inc();
                 }
                 true
@@ -146,7 +146,7 @@ impl Router {
                 self.hub.metrics.shed.with_label_values(&["session_queue"]).inc();
                 tracing::warn!(channel = %job.envelope.channel, "Too many messages waiting in one conversation; answered busy.");
                 let Job { envelope, work } = *job;
-                if let (true, Work::Say(parked)) = (unparked, work) {
+                if let (Some(_), Work::Say(parked)) = (unparked_on, work) {
                     // Still there for the next continue word.
                     self.hub.passive.put_back(&envelope.channel, &envelope.sender.id, parked);
                 }

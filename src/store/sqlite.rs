@@ -49,9 +49,9 @@
 //! An operation for the inbound log whose caller dropped its future before the log's thread
 //! reached it is skipped: an `accept` must not leave a journal entry that nobody dispatches (a
 //! skipped finish only leaves the envelope to resume with its undelivered parts). The writer
-//! applies every
-//! operation it gets, caller or not: each records something that already happened (a part the
-//! platform confirmed, an answer, a finish), and skipping it would make recovery repeat it.
+//! applies every operation it gets, caller or not: each records something that already
+//! happened (a part the platform confirmed, an answer, a finish), and skipping it would make
+//! recovery repeat it.
 //!
 //! Dropping the store closes its queues; the log's thread and the writer handle everything
 //! already queued, then every thread is joined.
@@ -776,9 +776,6 @@ impl Writer {
         // NOTE: applied even if its caller is gone. Writes record what already happened (a part
         // the platform confirmed, an answer, a finish): skipping one would make recovery send a
         // part again or ask the model again. (The inbound log skips them: see the module docs.)
-        if batch.is_empty() {
-            return;
-        }
         if self.broken.load(Ordering::Acquire) {
             for job in batch.drain(..) {
                 let _ = job.reply.send(Err(SqliteError::SyncFailed(ALREADY_BROKEN.to_owned())));
@@ -1602,7 +1599,7 @@ mod tests {
 
     fn part(envelope: &Envelope, index: usize) -> Delivery {
         Delivery {
-            delivery_id: format!("{}-{index}", envelope.id),
+            delivery_id: crate::delivery::part_id(&envelope.id, index),
             channel: envelope.channel.clone(),
             conversation: envelope.conversation.clone(),
             recipient: envelope.sender.clone(),

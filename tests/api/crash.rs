@@ -45,6 +45,39 @@ async fn start_binary(config: &PathBuf) -> Yizhan {
     Yizhan { child, address: format!("http://127.0.0.1:{}", found.unwrap_or_default()) }
 }
 
+/// The SQLite store at `db`, as a previous run of Yizhan would have left it.
+fn open_store(db: &std::path::Path) -> yizhan::store::SqliteStore {
+    yizhan::store::SqliteStore::open(db, yizhan::store::SqliteOptions::default()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Accepts, into `store`, a direct text message `text` from `user` on `channel` (a 公众号 kind),
+/// with platform message id `platform_id`.
+async fn accept_text(
+    store: &yizhan::store::SqliteStore,
+    channel: &str,
+    user: &str,
+    platform_id: &str,
+    text: &str,
+) -> yizhan_channel_core::Envelope {
+    use yizhan::store::Store;
+    use yizhan_channel_core::{ChannelId, Conversation, ConversationKind, Envelope, ReplyHandle, Segment, Sender};
+    let envelope = Envelope {
+        id: Envelope::new_id(),
+        channel: ChannelId::parse(channel).unwrap_or_else(|e| panic!("{e}")),
+        channel_kind: "wechat_mp".into(),
+        platform_message_id: platform_id.into(),
+        received_at_ms: 0,
+        conversation: Conversation { kind: ConversationKind::Direct, id: user.into() },
+        sender: Sender { id: user.into(), name: None },
+        content: vec![Segment::Text { text: text.into() }],
+        mentions_self: true,
+        reply_handle: ReplyHandle::default(),
+    };
+    let accepted = store.accept(&envelope, Duration::from_secs(60)).await;
+    assert!(matches!(accepted, Ok(yizhan::store::Acceptance::New)), "{accepted:?}");
+    envelope
+}
+
 /// Starts the app in this process on the SQLite store at `db`, with an instant stand-in LLM.
 async fn start_in_process_on(db: &std::path::Path) -> TestApp {
     let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
@@ -204,28 +237,12 @@ async fn a_bad_config_exits_non_zero_naming_the_key_and_check_accepts_a_good_one
 
 #[actix_web::test]
 async fn a_message_left_for_a_channel_since_removed_from_the_config_is_finished_unanswered() {
-    use yizhan::store::{SqliteOptions, SqliteStore, Store};
-    use yizhan_channel_core::{ChannelId, Conversation, ConversationKind, Envelope, ReplyHandle, Segment, Sender};
-
     let dir = std::env::temp_dir().join(format!("yizhan-gone-{}-{}", std::process::id(), now()));
     let db = dir.join("yizhan.db");
     // The last run accepted a message on channel `gone` and stopped before answering it.
     {
-        let store = SqliteStore::open(&db, SqliteOptions::default()).unwrap_or_else(|e| panic!("{e}"));
-        let envelope = Envelope {
-            id: Envelope::new_id(),
-            channel: ChannelId::parse("gone").unwrap_or_else(|e| panic!("{e}")),
-            channel_kind: "wechat_mp".into(),
-            platform_message_id: "1".into(),
-            received_at_ms: 0,
-            conversation: Conversation { kind: ConversationKind::Direct, id: "oGone".into() },
-            sender: Sender { id: "oGone".into(), name: None },
-            content: vec![Segment::Text { text: "你好".into() }],
-            mentions_self: true,
-            reply_handle: ReplyHandle::default(),
-        };
-        let accepted = store.accept(&envelope, Duration::from_secs(60)).await;
-        assert!(matches!(accepted, Ok(yizhan::store::Acceptance::New)), "{accepted:?}");
+        let store = open_store(&db);
+        accept_text(&store, "gone", "oGone", "1", "你好").await;
     }
     // Restarted with `gone` no longer configured: nothing can answer it, and left open it would
     // pin its log segment (and every later one) for good.
@@ -252,48 +269,30 @@ async fn the_rest_of_a_partly_sent_answer_keeps_to_what_is_left_of_the_send_quot
 /// Seven parts recorded, the first `sent_before_the_crash` of them delivered, then a restart:
 /// `expected` go out (the last with the 「继续」 hint).
 async fn resend_after_a_restart(sent_before_the_crash: usize, expected: &[&str]) {
-    use yizhan::store::{SqliteOptions, SqliteStore, Store};
-    use yizhan_channel_core::{
-        ChannelId, Conversation, ConversationKind, Delivery, Envelope, Reply, ReplyHandle, Segment, Sender,
-    };
+    use yizhan::store::Store;
+    use yizhan_channel_core::{Delivery, Reply};
 
     let dir =
         std::env::temp_dir().join(format!("yizhan-resend-{}-{}-{sent_before_the_crash}", std::process::id(), now()));
     let db = dir.join("yizhan.db");
-    let user = Sender { id: "oResend".into(), name: None };
-    // The last run answered in seven parts and stopped before sending any of them.
+    // The last run answered in seven parts, sent the first `sent_before_the_crash`, and stopped.
     {
-        let store = SqliteStore::open(&db, SqliteOptions::default()).unwrap_or_else(|e| panic!("{e}"));
-        let envelope = Envelope {
-            id: Envelope::new_id(),
-            channel: ChannelId::parse(CHANNEL).unwrap_or_else(|e| panic!("{e}")),
-            channel_kind: "wechat_mp".into(),
-            platform_message_id: "7".into(),
-            received_at_ms: 0,
-            conversation: Conversation { kind: ConversationKind::Direct, id: user.id.clone() },
-            sender: user.clone(),
-            content: vec![Segment::Text { text: "长问题".into() }],
-            mentions_self: true,
-            reply_handle: ReplyHandle::default(),
-        };
-        let accepted = store.accept(&envelope, Duration::from_secs(60)).await;
-        assert!(matches!(accepted, Ok(yizhan::store::Acceptance::New)), "{accepted:?}");
+        let store = open_store(&db);
+        let envelope = accept_text(&store, CHANNEL, "oResend", "7", "长问题").await;
         let parts: Vec<Delivery> = (0..7)
             .map(|index| Delivery {
-                delivery_id: format!("{}-{index}", envelope.id),
+                delivery_id: yizhan::delivery::part_id(&envelope.id, index),
                 channel: envelope.channel.clone(),
                 conversation: envelope.conversation.clone(),
-                recipient: user.clone(),
+                recipient: envelope.sender.clone(),
                 reply_handle: envelope.reply_handle.clone(),
                 reply: Reply::text(format!("第{index}段")),
             })
             .collect();
         let recorded = store.record_answer(&envelope.id, "mp:d:oResend", None, &parts).await;
         assert!(recorded.is_ok(), "{recorded:?}");
-        if sent_before_the_crash > 0 {
-            for part in &parts[..sent_before_the_crash] {
-                assert!(store.part_delivered(&part.delivery_id).await.is_ok());
-            }
+        for part in &parts[..sent_before_the_crash] {
+            assert!(store.part_delivered(&part.delivery_id).await.is_ok());
         }
     }
     let app = start_in_process_on(&db).await;
