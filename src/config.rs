@@ -10,7 +10,7 @@
 //! type is a number or boolean; quote a value (`'"123"'`) to force a string.
 
 use anyhow::{anyhow, bail, Context};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -171,6 +171,10 @@ pub struct LlmConfig {
     /// Remove `<think>…</think>` from answers of models that inline their reasoning.
     #[serde(default = "default_true")]
     pub strip_think: bool,
+    /// The model's chat template opens the `<think>` block in the prompt (QwQ, DeepSeek-R1 or
+    /// Qwen3 thinking models served without a reasoning parser): only `</think>` is streamed.
+    #[serde(default)]
+    pub think_open_in_prompt: bool,
 }
 
 fn default_backend() -> LlmBackendKind {
@@ -409,7 +413,7 @@ impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("Failed to read config file {}", path.display()))?;
-        Self::from_toml(&text, std::env::vars()).with_context(|| format!("Invalid config file {}", path.display()))
+        Self::from_toml(&text, overrides_from_env()?).with_context(|| format!("Invalid config file {}", path.display()))
     }
 
     /// Parses TOML text with the given environment overrides (tests pass their own).
@@ -449,6 +453,21 @@ impl Config {
         if self.llm.base_url.trim().is_empty() {
             bail!("config key `llm.base_url` must not be empty");
         }
+        // Caught here, not at the first message: reqwest would refuse each request before sending
+        // it, and every user would get the apology.
+        match reqwest::Url::parse(self.llm.base_url.trim()) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+            _ => bail!(
+                "config key `llm.base_url`: {:?} is not an http:// or https:// URL with a host",
+                self.llm.base_url
+            ),
+        }
+        if let Some(key) = &self.llm.api_key {
+            // Not quoted: it is a secret. A trailing newline (a key read from a file) is the usual cause.
+            if reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.expose_secret())).is_err() {
+                bail!("config key `llm.api_key` cannot be sent in an HTTP header (a line break or control character?)");
+            }
+        }
         match self.llm.backend {
             LlmBackendKind::Openai if self.llm.model.as_deref().unwrap_or("").is_empty() => {
                 bail!("config key `llm.model` is required for the openai backend")
@@ -468,6 +487,20 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The process environment's `YIZHAN__*` variables. Others are not read, so that an unrelated
+/// variable that is not UTF-8 cannot stop Yizhan; one of ours that is not is named.
+fn overrides_from_env() -> anyhow::Result<Vec<(String, String)>> {
+    std::env::vars_os()
+        .filter_map(|(name, value)| {
+            let name = name.into_string().ok().filter(|name| name.starts_with("YIZHAN__"))?;
+            Some(match value.into_string() {
+                Ok(value) => Ok((name, value)),
+                Err(_) => Err(anyhow!("environment variable {name} is not valid UTF-8")),
+            })
+        })
+        .collect()
 }
 
 /// Names whose values are secrets or identifiers: an override stays a string even if it looks
@@ -519,8 +552,9 @@ fn apply_override(root: &mut toml::Value, path: &str, raw: &str) -> anyhow::Resu
     let existing_is_string = table.get(&key).map(toml::Value::is_str);
     let parsed = parse_scalar(raw);
     let value = match (existing_is_string, parsed) {
+        // Quoted to force a string: the text inside, whether or not the file sets the key.
+        (_, Some(toml::Value::String(text))) => toml::Value::String(text),
         (Some(true), _) | (None, None) => toml::Value::String(raw.to_owned()),
-        (None, Some(toml::Value::String(text))) => toml::Value::String(text),
         (None, Some(_)) if is_string_key(&key, in_channel) => toml::Value::String(raw.to_owned()),
         (_, Some(value)) => value,
         (Some(false), None) => toml::Value::String(raw.to_owned()),
@@ -586,6 +620,26 @@ token = "tok"
         assert_eq!(config.server.bind, "127.0.0.1:0");
         assert_eq!(config.channels[0].settings.table["app_secret"], "env-secret");
         assert_eq!(config.channels[0].settings.table["replay_window_secs"], 0);
+    }
+
+    #[test]
+    fn a_quoted_override_is_the_text_inside_whether_or_not_the_file_sets_the_key() {
+        let config =
+            load(MINIMAL, &[("YIZHAN__CHANNELS__MP_MAIN__TOKEN", "\"123456\"")]).unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(config.channels[0].settings.table["token"], "123456");
+    }
+
+    #[test]
+    fn an_llm_url_without_a_scheme_or_a_key_unfit_for_a_header_is_refused_without_quoting_the_key() {
+        for url in ["127.0.0.1:11434/v1", "localhost:11434/v1", "ftp://host/v1", "http://"] {
+            let text = MINIMAL.replace("http://127.0.0.1:11434/v1", url);
+            let error = load(&text, &[]).err().map(|e| format!("{e:#}")).unwrap_or_default();
+            assert!(error.contains("llm.base_url"), "{url}: {error}");
+        }
+        let error = load(MINIMAL, &[("YIZHAN__LLM__API_KEY", "sk-abc\n")]).err().map(|e| format!("{e:#}"));
+        let error = error.unwrap_or_default();
+        assert!(error.contains("llm.api_key") && !error.contains("sk-abc"), "{error}");
+        assert!(load(MINIMAL, &[("YIZHAN__LLM__API_KEY", "sk-abc")]).is_ok());
     }
 
     #[test]

@@ -47,6 +47,7 @@ fn build_llm_client(config: &Config) -> anyhow::Result<LlmClient> {
                 include_usage: llm.include_usage,
                 send_user: llm.send_user,
                 strip_think: llm.strip_think,
+                think_open_in_prompt: llm.think_open_in_prompt,
             },
             http,
         )),

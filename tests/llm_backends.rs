@@ -247,6 +247,25 @@ async fn openai_strips_think_blocks_split_across_deltas_when_enabled() {
 }
 
 #[tokio::test]
+async fn openai_hides_reasoning_whose_think_tag_the_prompt_opened() {
+    let server = MockServer::start().await;
+    let body = sse(&[&chunk("用户在打招呼"), &chunk("。</th"), &chunk("ink>\n\n"), &chunk("你好！"), "[DONE]"]);
+    Mock::given(method("POST")).respond_with(streaming(body)).mount(&server).await;
+    let mut settings = openai_settings(&server);
+    settings.strip_think = true;
+    settings.think_open_in_prompt = true;
+
+    let (result, seen) = complete(&openai(settings.clone())).await;
+    assert_eq!(result.ok().as_deref(), Some("你好！"));
+    assert_eq!(seen, vec!["你好！"]);
+
+    // Without the setting only the stray closing tag tells, too late: the reasoning is shown.
+    settings.think_open_in_prompt = false;
+    let (result, _) = complete(&openai(settings)).await;
+    assert_eq!(result.ok().as_deref(), Some("用户在打招呼。</think>\n\n你好！"));
+}
+
+#[tokio::test]
 async fn openai_error_event_inside_the_stream_is_a_stream_error() {
     let server = MockServer::start().await;
     let body = sse(&[
@@ -657,6 +676,28 @@ async fn lobehub_without_an_agent_uses_the_chat_route() {
     assert_eq!(body["provider"], json!("openai"));
     assert_eq!(body["messages"][0], json!({"role":"system","content":"You are terse."}));
     assert_eq!(body["messages"].as_array().map(Vec::len), Some(4));
+}
+
+/// The chat route answers in one piece once the whole answer is generated, so its response head
+/// comes late for every long answer: only the total timeout may bound it.
+#[tokio::test]
+async fn lobehub_chat_route_answer_slower_than_the_first_token_timeout_is_taken() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/v1/chat"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"success":true,"data":{"content":"a long answer"}}))
+                .set_delay(Duration::from_millis(200)),
+        )
+        .mount(&server)
+        .await;
+    let (mut sink, _) = recorder();
+
+    let result =
+        lobehub(lobehub_settings(&server, None)).complete(&request(), Duration::from_millis(20), &mut sink).await;
+
+    assert_eq!(result.ok().as_deref(), Some("a long answer"));
 }
 
 #[tokio::test]

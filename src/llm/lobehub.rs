@@ -18,7 +18,7 @@ use yizhan_channel_core::BoxFuture;
 
 use super::backend::{ChatMessage, CompletionRequest, DeltaSink, LlmBackend, LlmError, Role};
 use super::sse::{self, ResponseBody};
-use super::think::VisibleAnswer;
+use super::think::{ThinkFilter, VisibleAnswer};
 
 /// How long an error body may take to arrive after an error status.
 const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -126,7 +126,7 @@ impl LobeHubBackend {
             return Err(sse::status_error(response, ERROR_BODY_TIMEOUT, self.api_key()).await);
         }
 
-        let mut answer = VisibleAnswer::new(false, on_delta);
+        let mut answer = VisibleAnswer::new(ThinkFilter::new(false), on_delta);
         match sse::open_body(response, deadline, first_token_timeout).await? {
             ResponseBody::Json(bytes) => {
                 let json: Value = serde_json::from_slice(&bytes)
@@ -207,22 +207,20 @@ impl LobeHubBackend {
     }
 
     /// Asks a plain model via `/api/v1/chat`, which does not stream: the whole answer is passed to
-    /// `on_delta` once. The first-token timeout covers the wait for the response head; the body is
-    /// bounded only by the caller's total timeout.
+    /// `on_delta` once. Only the caller's total timeout bounds it: the response head comes once
+    /// the whole answer is generated, so a first-token deadline would cut every long answer.
     async fn complete_with_model(
         &self,
         request: &CompletionRequest,
-        first_token_timeout: Duration,
         on_delta: &mut DeltaSink,
     ) -> Result<String, LlmError> {
-        let deadline = Instant::now() + first_token_timeout;
         let body = ChatBody {
             messages: &request.messages,
             model: self.settings.model.as_deref(),
             provider: self.settings.provider.as_deref(),
         };
         let http_request = self.post("/api/v1/chat").json(&body);
-        let mut response = sse::send_before(http_request, deadline, first_token_timeout).await?;
+        let mut response = sse::send(http_request).await?;
         if !response.status().is_success() {
             return Err(sse::status_error(response, ERROR_BODY_TIMEOUT, self.api_key()).await);
         }
@@ -244,7 +242,7 @@ impl LobeHubBackend {
             .pointer("/data/content")
             .and_then(Value::as_str)
             .ok_or_else(|| LlmError::Protocol("no data.content in the answer".to_owned()))?;
-        let mut answer = VisibleAnswer::new(false, on_delta);
+        let mut answer = VisibleAnswer::new(ThinkFilter::new(false), on_delta);
         answer.push(content)?;
         answer.finish()
     }
@@ -264,7 +262,7 @@ impl LlmBackend for LobeHubBackend {
         Box::pin(async move {
             let result = match self.settings.agent_id.as_deref().filter(|id| !id.is_empty()) {
                 Some(agent_id) => self.complete_with_agent(agent_id, request, first_token_timeout, on_delta).await,
-                None => self.complete_with_model(request, first_token_timeout, on_delta).await,
+                None => self.complete_with_model(request, on_delta).await,
             };
             result.map_err(|error| error.redacting(self.api_key()))
         })

@@ -18,7 +18,7 @@ use yizhan_channel_core::BoxFuture;
 
 use super::backend::{ChatMessage, CompletionRequest, DeltaSink, LlmBackend, LlmError};
 use super::sse::{self, ResponseBody};
-use super::think::VisibleAnswer;
+use super::think::{ThinkFilter, VisibleAnswer};
 
 /// How long an error body may take to arrive after an error status.
 const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -52,6 +52,10 @@ pub struct OpenAiSettings {
     /// Remove inline `<think>…</think>` blocks from the answer (DeepSeek-R1, QwQ, …).
     #[serde(default)]
     pub strip_think: bool,
+    /// The model's chat template ends the prompt with `<think>`, so its answer starts inside the
+    /// reasoning block (see [`ThinkFilter::opened_by_prompt`]).
+    #[serde(default)]
+    pub think_open_in_prompt: bool,
 }
 
 impl OpenAiSettings {
@@ -67,6 +71,7 @@ impl OpenAiSettings {
             include_usage: false,
             send_user: false,
             strip_think: false,
+            think_open_in_prompt: false,
         }
     }
 }
@@ -83,6 +88,7 @@ impl fmt::Debug for OpenAiSettings {
             .field("include_usage", &self.include_usage)
             .field("send_user", &self.send_user)
             .field("strip_think", &self.strip_think)
+            .field("think_open_in_prompt", &self.think_open_in_prompt)
             .finish()
     }
 }
@@ -137,7 +143,10 @@ impl OpenAiBackend {
             return Err(sse::status_error(response, ERROR_BODY_TIMEOUT, self.api_key()).await);
         }
 
-        let mut answer = VisibleAnswer::new(self.settings.strip_think, on_delta);
+        let mut answer = VisibleAnswer::new(
+            ThinkFilter::new(self.settings.strip_think).opened_by_prompt(self.settings.think_open_in_prompt),
+            on_delta,
+        );
         match sse::open_body(response, deadline, first_token_timeout).await? {
             ResponseBody::Json(bytes) => {
                 let json: Value = serde_json::from_slice(&bytes)

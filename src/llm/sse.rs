@@ -354,11 +354,23 @@ pub(crate) async fn send_before(
     deadline: Instant,
     first_token_timeout: Duration,
 ) -> Result<reqwest::Response, LlmError> {
-    match tokio::time::timeout_at(deadline, request.send()).await {
+    match tokio::time::timeout_at(deadline, send(request)).await {
         Err(_elapsed) => Err(LlmError::FirstTokenTimeout(first_token_timeout)),
-        Ok(Err(error)) => Err(LlmError::Connect(describe_reqwest_error(error))),
-        Ok(Ok(response)) => Ok(response),
+        Ok(result) => result,
     }
+}
+
+/// Sends a request with no deadline but the caller's: a transport failure is a (retryable)
+/// connect error, a request refused before sending (a bad URL or header value) a protocol
+/// error, since every retry would be refused the same way.
+pub(crate) async fn send(request: reqwest::RequestBuilder) -> Result<reqwest::Response, LlmError> {
+    request.send().await.map_err(|error| {
+        if error.is_builder() {
+            LlmError::Protocol(describe_reqwest_error(error))
+        } else {
+            LlmError::Connect(describe_reqwest_error(error))
+        }
+    })
 }
 
 /// Reads the body up to `limit` bytes. Returns the bytes and whether more was left unread.

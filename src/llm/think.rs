@@ -29,6 +29,10 @@ pub struct ThinkFilter {
     pending: String,
     /// Some non-whitespace text has been emitted, so whitespace is no longer leading.
     started: bool,
+    /// The text so far, while the answer may still be inside a reasoning block whose `<think>`
+    /// the chat template wrote into the prompt (see [`ThinkFilter::opened_by_prompt`]): dropped
+    /// at the first `</think>`, shown if the answer ends without one.
+    held: Option<String>,
 }
 
 impl ThinkFilter {
@@ -37,8 +41,38 @@ impl ThinkFilter {
         Self { strip_think, ..Self::default() }
     }
 
+    /// For models whose chat template ends the prompt with `<think>` (QwQ, DeepSeek-R1 and
+    /// Qwen3 thinking models served without a reasoning parser): their output starts inside the
+    /// reasoning block and only its `</think>` is seen. Until then nothing is shown; an answer
+    /// that ends without `</think>` did not reason and is shown whole. Only with `strip_think`.
+    pub fn opened_by_prompt(mut self, opened: bool) -> Self {
+        self.held = (opened && self.strip_think).then(String::new);
+        self
+    }
+
     /// Feeds the next raw piece and returns the text now safe to show (possibly empty).
     pub fn push(&mut self, piece: &str) -> String {
+        if let Some(held) = self.held.as_mut() {
+            // Only the new piece, and a tag's length before it, can hold a new `</think>`.
+            let mut from = held.len().saturating_sub(CLOSE.len() - 1);
+            while !held.is_char_boundary(from) {
+                from -= 1;
+            }
+            held.push_str(piece);
+            if let Some(at) = held[from..].find(CLOSE) {
+                let after = held[from + at + CLOSE.len()..].to_owned();
+                self.held = None;
+                return self.push(&after);
+            }
+            if held.len() > MAX_ANSWER_BYTES {
+                // Too long to be shown anyway: from here on it is reasoning like any other.
+                let keep = partial_tag_suffix(held, CLOSE);
+                self.pending = held[held.len() - keep..].to_owned();
+                self.held = None;
+                self.inside = true;
+            }
+            return String::new();
+        }
         let mut input = std::mem::take(&mut self.pending);
         input.push_str(piece);
         if !self.strip_think {
@@ -74,6 +108,9 @@ impl ThinkFilter {
     /// Ends the answer: returns held-back text that turned out not to be a tag. An unclosed
     /// reasoning block is dropped.
     pub fn finish(&mut self) -> String {
+        if let Some(held) = self.held.take() {
+            return self.visible(held);
+        }
         let pending = std::mem::take(&mut self.pending);
         if self.inside {
             self.inside = false;
@@ -121,9 +158,9 @@ pub(crate) struct VisibleAnswer<'s> {
 }
 
 impl<'s> VisibleAnswer<'s> {
-    /// An empty answer that forwards to `sink`.
-    pub(crate) fn new(strip_think: bool, sink: &'s mut DeltaSink) -> Self {
-        Self { filter: ThinkFilter::new(strip_think), text: String::new(), sink }
+    /// An empty answer that forwards to `sink` what `filter` lets through.
+    pub(crate) fn new(filter: ThinkFilter, sink: &'s mut DeltaSink) -> Self {
+        Self { filter, text: String::new(), sink }
     }
 
     /// Feeds a raw content piece.
@@ -193,6 +230,45 @@ mod tests {
             let (left, right) = sample.split_at(split);
             assert_eq!(run(true, &[left, right]), "答案 <b> is < 3 and done.", "split at {split}");
         }
+    }
+
+    fn run_opened_by_prompt(pieces: &[&str]) -> String {
+        let mut filter = ThinkFilter::new(true).opened_by_prompt(true);
+        let mut out: String = pieces.iter().map(|piece| filter.push(piece)).collect();
+        out.push_str(&filter.finish());
+        out
+    }
+
+    #[test]
+    fn reasoning_opened_by_the_prompt_is_removed_up_to_its_closing_tag() {
+        assert_eq!(run_opened_by_prompt(&["用户在打招呼", "。</think>\n\n你好！"]), "你好！");
+        let sample = "想一想 <b>\n</think>\n\n答案 <think>x</think>done.";
+        for split in (0..=sample.len()).filter(|&at| sample.is_char_boundary(at)) {
+            let (left, right) = sample.split_at(split);
+            assert_eq!(run_opened_by_prompt(&[left, right]), "答案 done.", "split at {split}");
+        }
+        // A template that does not open the block after all: the model's own tag is reasoning too.
+        assert_eq!(run_opened_by_prompt(&["<think>hmm</think>", "好的"]), "好的");
+    }
+
+    #[test]
+    fn an_answer_opened_by_the_prompt_that_never_closes_the_block_is_shown_whole() {
+        assert_eq!(run_opened_by_prompt(&["你好", "！今天 </thi", "nking>"]), "你好！今天 </thinking>");
+        // Without strip_think there is nothing to strip.
+        let mut filter = ThinkFilter::new(false).opened_by_prompt(true);
+        assert_eq!(filter.push("a</think>b"), "a</think>b");
+    }
+
+    #[test]
+    fn reasoning_opened_by_the_prompt_past_the_answer_limit_is_dropped_not_kept() {
+        let mut filter = ThinkFilter::new(true).opened_by_prompt(true);
+        let chunk = "想".repeat(1 << 16);
+        for _ in 0..=MAX_ANSWER_BYTES / chunk.len() {
+            assert_eq!(filter.push(&chunk), "");
+        }
+        assert!(filter.held.is_none() && filter.inside);
+        assert_eq!(filter.push("</thi"), "");
+        assert_eq!(filter.push("nk>答案"), "答案");
     }
 
     #[test]

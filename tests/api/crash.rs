@@ -222,6 +222,19 @@ async fn a_bad_config_exits_non_zero_naming_the_key_and_check_accepts_a_good_one
         .unwrap_or_else(|e| panic!("{e}"));
     let (passed, stderr) = check("example.toml", &example);
     assert!(passed, "{stderr}");
+    // An unrelated variable that is not UTF-8 is none of Yizhan's business.
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let path = dir.join("example.toml");
+        let output = Command::new(env!("CARGO_BIN_EXE_yizhan"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .env("YIZHAN_TEST_JUNK", std::ffi::OsStr::from_bytes(b"\xff"))
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    }
     // A misspelt channel key is an error too, not a setting silently left at its default.
     assert!(example.contains("\nrequire_mention_in_groups = "), "the example changed");
     let misspelt = example.replacen("\nrequire_mention_in_groups = ", "\nrequire_mention_in_group = ", 1);
