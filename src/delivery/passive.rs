@@ -22,7 +22,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
-use yizhan_channel_core::{ChannelId, Delivery};
+use yizhan_channel_core::{ChannelId, Delivery, Envelope};
 
 type Hasher = foldhash::fast::RandomState;
 
@@ -46,10 +46,14 @@ struct JobState {
 }
 
 /// One message whose answer may leave through a webhook response.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PassiveJob {
     state: Mutex<JobState>,
     ready: Notify,
+    /// The envelope journaled for the message. A platform retry parses into an envelope of its
+    /// own, with a fresh id that was never journaled: whichever attempt takes the answer must
+    /// finish and send as this one.
+    envelope: Envelope,
 }
 
 /// What happened to an answer offered to its job.
@@ -62,6 +66,16 @@ pub enum Offer {
 }
 
 impl PassiveJob {
+    /// A job for `envelope`'s answer, with no attempt seen yet.
+    pub fn new(envelope: Envelope) -> Self {
+        Self { state: Mutex::default(), ready: Notify::new(), envelope }
+    }
+
+    /// The envelope journaled for the message (not a retry's).
+    pub fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, JobState> {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -151,9 +165,12 @@ pub const PARKED_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
 const MAX_PARKED_PER_USER: usize = 8;
 
 impl PassiveSlots {
-    /// Opens a job for a message that will be answered.
-    pub fn open(&self, channel: &ChannelId, message_id: &str) -> Arc<PassiveJob> {
-        self.jobs.entry((channel.clone(), message_id.to_owned())).or_default().clone()
+    /// Opens a job for a journaled message that will be answered.
+    pub fn open(&self, envelope: &Envelope) -> Arc<PassiveJob> {
+        self.jobs
+            .entry((envelope.channel.clone(), envelope.platform_message_id.clone()))
+            .or_insert_with(|| Arc::new(PassiveJob::new(envelope.clone())))
+            .clone()
     }
 
     /// The job of a message, if it is still open.
@@ -249,7 +266,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_answer_offered_while_an_attempt_waits_is_taken_by_it() {
-        let job = Arc::new(PassiveJob::default());
+        let job = Arc::new(PassiveJob::new(crate::store::test_envelope("m")));
         let waiter = {
             let job = job.clone();
             tokio::spawn(async move { job.take(Duration::from_secs(5)).await })
@@ -262,7 +279,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_answer_offered_between_attempts_waits_for_the_next_one() {
-        let job = PassiveJob::default();
+        let job = PassiveJob::new(crate::store::test_envelope("m"));
         assert_eq!(job.begin_attempt(3), AttemptKind::Lapse);
         assert!(job.take(Duration::from_secs(5)).await.is_none());
         assert!(matches!(job.offer(vec![part("答")]), Offer::Held));
@@ -272,7 +289,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn after_the_last_attempt_gives_up_the_answer_is_pushed() {
-        let job = PassiveJob::default();
+        let job = PassiveJob::new(crate::store::test_envelope("m"));
         for _ in 0..2 {
             assert_eq!(job.begin_attempt(3), AttemptKind::Lapse);
         }

@@ -141,7 +141,7 @@ async fn journal_and_dispatch(state: web::Data<AppState>, envelopes: Vec<Envelop
                 tracing::debug!(channel = %label, message = %envelope.platform_message_id, "Message accepted.");
                 if hold {
                     // Opened before dispatch, so the answer always finds its job.
-                    let job = hub.passive.open(&envelope.channel, &envelope.platform_message_id);
+                    let job = hub.passive.open(&envelope);
                     if state.router.dispatch(envelope.clone()) {
                         journaled.held = Some((job, envelope));
                     } else {
@@ -154,9 +154,12 @@ async fn journal_and_dispatch(state: web::Data<AppState>, envelopes: Vec<Envelop
             Ok(Acceptance::Duplicate) => {
                 tracing::debug!(channel = %label, message = %envelope.platform_message_id, "Platform retry.");
                 if hold {
-                    // A retry of a message still being answered attaches to its job.
-                    journaled.held =
-                        hub.passive.get(&envelope.channel, &envelope.platform_message_id).map(|job| (job, envelope));
+                    // A retry of a message still being answered attaches to its job, and
+                    // answers as the envelope that was journaled, not as its own.
+                    journaled.held = hub.passive.get(&envelope.channel, &envelope.platform_message_id).map(|job| {
+                        let journaled_envelope = job.envelope().clone();
+                        (job, journaled_envelope)
+                    });
                 }
             }
             Err(error) => {

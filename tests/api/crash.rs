@@ -147,6 +147,37 @@ async fn every_acknowledged_message_is_answered_exactly_once_across_a_kill_9() {
     }
 }
 
+/// WeChat's second attempt parses into an envelope of its own; the answer it takes must finish
+/// the envelope that was journaled, or that message stays open and is resumed at every start.
+#[actix_web::test]
+async fn a_passive_answer_taken_by_a_retry_finishes_the_journaled_message() {
+    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+    echo_llm(&llm, Duration::from_millis(1_200)).await;
+    wechat_ok(&wechat).await;
+    let dir = std::env::temp_dir().join(format!("yizhan-retry-{}-{}", std::process::id(), now()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let db = dir.join("yizhan.db");
+    let config = base_config(&llm, &wechat)
+        .replace("kind = \"memory\"", &format!("kind = \"sqlite\"\npath = \"{}\"", db.display()))
+        .replace("reply_mode = \"push\"", "reply_mode = \"auto\"\npassive_window_ms = 800\npassive_margin_ms = 100");
+    let config_path = dir.join("yizhan.toml");
+    std::fs::write(&config_path, config).unwrap_or_else(|e| panic!("{e}"));
+
+    let mut yizhan = start_binary(&config_path).await;
+    let app = TestApp { address: yizhan.address.clone(), wechat, llm, http: reqwest::Client::new() };
+    let delivered = wechat_delivers_within(&app, &text_xml("oRetry", 7, "慢一点"), Duration::from_millis(800)).await;
+    let (attempt, body) = delivered.unwrap_or_default();
+    assert!(attempt == 2 && body.contains("答：慢一点"), "attempt {attempt}: {body}");
+    app.wait_until_idle().await;
+    yizhan.child.kill().unwrap_or_else(|e| panic!("kill -9: {e}"));
+    let _ = yizhan.child.wait();
+
+    use yizhan::store::Store;
+    let unfinished = open_store(&db).unfinished().await.unwrap_or_else(|e| panic!("{e}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(unfinished.is_empty(), "{unfinished:?}");
+}
+
 #[actix_web::test]
 async fn sigterm_answers_what_was_accepted_before_exiting() {
     let (llm, wechat) = (MockServer::start().await, MockServer::start().await);

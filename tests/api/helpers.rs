@@ -252,3 +252,18 @@ where
     }
     panic!("timed out waiting for: {what}");
 }
+
+/// Posts `xml` the way WeChat does: each attempt is abandoned after `window`, up to three
+/// attempts. Returns the attempt number (1-based) that got an answer, and that answer.
+pub async fn wechat_delivers_within(app: &TestApp, xml: &str, window: Duration) -> Option<(usize, String)> {
+    let client = reqwest::Client::builder().timeout(window).build().unwrap_or_else(|e| panic!("{e}"));
+    for attempt in 1..=3 {
+        let url = format!("{}?{}", app.webhook_url(CHANNEL), signed_query(now()));
+        if let Ok(response) = client.post(url).body(xml.to_owned()).send().await {
+            if let Ok(body) = response.text().await {
+                return Some((attempt, body));
+            }
+        }
+    }
+    None
+}
