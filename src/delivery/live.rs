@@ -41,12 +41,9 @@ pub async fn start(channel: Arc<dyn Channel>, envelope: &Envelope) -> Option<(Li
         }
     };
     let (sender, receiver) = watch::channel(String::new());
-    let mut so_far = String::new();
-    let sink: DeltaSink = Box::new(move |delta: &str| {
-        so_far.push_str(delta);
-        // Ignored error: the updater is gone, which only happens after the answer ended.
-        let _ = sender.send(so_far.clone());
-    });
+    // Appended in place: a copy of the text so far per delta would be quadratic in the answer's
+    // length, on the LLM actor's thread that every user's stream shares.
+    let sink: DeltaSink = Box::new(move |delta: &str| sender.send_modify(|so_far| so_far.push_str(delta)));
     let updates =
         actix::spawn(send_updates(channel.clone(), handle.clone(), receiver, capabilities.min_stream_interval));
     Some((LiveAnswer { channel, handle, updates }, sink))

@@ -175,6 +175,26 @@ async fn a_streamed_answer_updates_the_card_in_order_and_ends_with_the_whole_ans
     assert!(body(&settings[0])["sequence"].as_u64() > sequences.last().copied());
 }
 
+/// The card already shows the whole answer when only ending its streaming mode fails: the
+/// answer must not be sent again as a message.
+#[actix_web::test]
+async fn a_streamed_answer_whose_streaming_mode_cannot_be_ended_is_not_sent_twice() {
+    let app = spawn_feishu(true, Duration::from_millis(50)).await;
+    Mock::given(method("PATCH"))
+        .and(path("/open-apis/cardkit/v1/cards/card_1/settings"))
+        .respond_with(ResponseTemplate::new(503))
+        .with_priority(1)
+        .mount(&app.wechat)
+        .await;
+    assert_eq!(app.post_feishu(&event("om_s_10", "p2p", "别重复", serde_json::json!([]))).await.0, 200);
+    app.wait_until_idle().await;
+    assert_eq!(app.feishu_calls("PATCH", "/cards/card_1/settings").await.len(), 3, "tried three times");
+    let replies = app.feishu_calls("POST", "/om_s_10/reply").await;
+    assert_eq!(replies.len(), 1, "only the card; the answer is not sent a second time");
+    let updates = app.feishu_calls("PUT", "/elements/answer/content").await;
+    assert_eq!(updates.last().map(body).unwrap_or_default()["content"], "答：别重复");
+}
+
 #[actix_web::test]
 async fn a_streamed_answer_whose_finish_failed_once_is_finished_again_not_sent_twice() {
     let app = spawn_feishu(true, Duration::from_millis(50)).await;

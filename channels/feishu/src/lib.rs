@@ -65,6 +65,8 @@ pub const KIND: &str = "feishu";
 /// At most 5 updates a second per card are shown smoothly (and CardKit takes at most 10
 /// operations a second per card), so the core waits this long between stream updates.
 const MIN_STREAM_INTERVAL: Duration = Duration::from_millis(200);
+/// Tries at ending a card's streaming mode once it holds the whole answer.
+const END_STREAMING_ATTEMPTS: u32 = 3;
 
 /// The signature headers Feishu adds to events when an Encrypt Key is configured.
 const TIMESTAMP_HEADER: &str = "x-lark-request-timestamp";
@@ -264,8 +266,27 @@ impl Feishu {
     ) -> Result<DeliveryReceipt, ChannelError> {
         let stream = StreamTarget::from_handle(handle)?;
         self.stream_text(handle, full_text, sequence).await?;
-        self.wait_for_chat(stream.limit_key()).await;
-        self.api.end_streaming(stream.card_id, sequence.saturating_add(1)).await?;
+        // From here the card shows the whole answer. Failing to end streaming must not fail the
+        // finish: the core would then send the answer again and the user read it twice. At
+        // worst the card stays in streaming mode until Feishu closes it by itself.
+        let mut sequence = sequence;
+        for attempt in 1..=END_STREAMING_ATTEMPTS {
+            // A higher sequence each time: the platform may have applied the failed one.
+            sequence = sequence.saturating_add(1);
+            self.wait_for_chat(stream.limit_key()).await;
+            match self.api.end_streaming(stream.card_id, sequence).await {
+                Ok(()) => break,
+                Err(error) if error.is_retryable() && attempt < END_STREAMING_ATTEMPTS => {
+                    debug!(channel = %self.id, attempt, %error, "Ending a card's streaming mode failed; retrying.");
+                    tokio::time::sleep(Duration::from_millis(250) * attempt).await;
+                }
+                Err(error) => {
+                    warn!(channel = %self.id, card_id = stream.card_id, %error,
+                        "Could not end a card's streaming mode; it holds the whole answer, which is not sent again.");
+                    break;
+                }
+            }
+        }
         Ok(DeliveryReceipt { platform_message_id: stream.message_id.map(str::to_owned) })
     }
 }
