@@ -36,6 +36,13 @@ pub struct ChannelEntry {
 }
 
 impl ChannelEntry {
+    /// Whether answers can be parked for this channel's users (a passive window, or a send
+    /// quota whose overflow waits for the continue word). Elsewhere the continue word is
+    /// ordinary text: "继续" asks the model to go on.
+    pub fn can_park(&self) -> bool {
+        self.passive_window.is_some() || self.send_quota.is_some()
+    }
+
     /// Whether webhook calls are held open for a passive answer.
     pub fn holds_for_passive(&self) -> bool {
         self.passive_window.is_some() && matches!(self.reply_mode, ReplyMode::Auto | ReplyMode::Passive)
@@ -86,7 +93,7 @@ impl Hub {
         let hub = self.clone();
         actix::spawn(async move {
             let key = hub.session_key(&envelope);
-            delivery::answer(&hub, &envelope, key.as_str(), None, text).await;
+            delivery::answer(&hub, &envelope, key.as_str(), None, text.into()).await;
         });
     }
 

@@ -37,11 +37,35 @@ pub struct Undelivered {
     pub parts: Vec<Delivery>,
 }
 
+/// An answer's text, as it reaches delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnswerText {
+    /// The model's (or a configured) markdown: the channel renders it.
+    Markdown(String),
+    /// Text the channel rendered before (parked parts coming back): only split to size, since
+    /// rendering plain text again mangles it (`**kwargs`, `__init__`, `# comment` in code).
+    Rendered(String),
+}
+
+impl From<String> for AnswerText {
+    fn from(text: String) -> Self {
+        Self::Markdown(text)
+    }
+}
+
 /// Renders `text` into the channel's parts for `envelope`'s conversation. Part ids derive from
 /// the envelope id, so they are stable across restarts (platform idempotency keys).
-pub fn parts_for(channel: &dyn Channel, envelope: &Envelope, text: String) -> Vec<Delivery> {
-    channel
-        .render(&Reply::text(text))
+pub fn parts_for(channel: &dyn Channel, envelope: &Envelope, text: AnswerText) -> Vec<Delivery> {
+    let parts = match text {
+        AnswerText::Markdown(text) => channel.render(&Reply::text(text)),
+        AnswerText::Rendered(text) => {
+            yizhan_channel_common::split::split_text(&text, channel.capabilities().max_part_bytes)
+                .into_iter()
+                .map(Reply::text)
+                .collect()
+        }
+    };
+    parts
         .into_iter()
         .enumerate()
         .map(|(index, part)| Delivery {
@@ -68,7 +92,7 @@ pub fn part_index(delivery_id: &str) -> Option<usize> {
 /// Answers an envelope: records the answer (turn and outbox parts) atomically, sends the parts,
 /// and finishes the journal entry. Waits until delivery is over, so a session's answers leave in
 /// order.
-pub async fn answer(hub: &Hub, envelope: &Envelope, session_key: &str, turn: Option<Turn>, text: String) {
+pub async fn answer(hub: &Hub, envelope: &Envelope, session_key: &str, turn: Option<Turn>, text: AnswerText) {
     if let Some(parts) = record(hub, envelope, session_key, turn, text).await {
         deliver_recorded(hub, envelope, parts).await;
     }
@@ -81,7 +105,7 @@ pub async fn record(
     envelope: &Envelope,
     session_key: &str,
     turn: Option<Turn>,
-    text: String,
+    text: AnswerText,
 ) -> Option<Vec<Delivery>> {
     let Some(entry) = hub.channels.get(&envelope.channel) else {
         hub.finish_without_channel(envelope).await;

@@ -46,6 +46,8 @@ pub enum Work {
     Ask(String),
     /// A fixed answer (welcome, "I only read text").
     Say(String),
+    /// Parked answer text, already rendered for the channel.
+    SayParked(String),
     /// Forget the conversation, then confirm.
     Reset,
 }
@@ -111,18 +113,20 @@ impl Router {
     /// waits for the model. Must be called from inside an actix system (sessions start on the
     /// current arbiter).
     pub fn dispatch(&self, envelope: Envelope) -> bool {
-        let menu = self.hub.channels.get(&envelope.channel).map(|entry| &entry.menu);
+        let entry = self.hub.channels.get(&envelope.channel);
+        let menu = entry.as_ref().map(|entry| &entry.menu);
+        let can_park = entry.as_ref().is_some_and(|entry| entry.can_park());
         let empty = HashMap::new();
         let mut work = classify(&envelope, &self.hub.messages, menu.unwrap_or(&empty));
         // The channel (for the metric) when the continue word took parked text.
         let mut unparked_on = None;
-        if let Some(Work::Ask(text)) = &work {
+        if let (Some(Work::Ask(text)), true) = (&work, can_park) {
             let is_continue = self.hub.messages.continue_commands.iter().any(|word| word.trim() == text.as_str());
             if is_continue {
                 work = Some(match self.hub.passive.unpark(&envelope.channel, &envelope.sender.id) {
                     Some(parked) => {
                         unparked_on = Some(envelope.channel.clone());
-                        Work::Say(parked)
+                        Work::SayParked(parked)
                     }
                     None => Work::Say(self.hub.messages.nothing_parked.clone()),
                 });
@@ -146,7 +150,7 @@ impl Router {
                 self.hub.metrics.shed.with_label_values(&["session_queue"]).inc();
                 tracing::warn!(channel = %job.envelope.channel, "Too many messages waiting in one conversation; answered busy.");
                 let Job { envelope, work } = *job;
-                if let (Some(_), Work::Say(parked)) = (unparked_on, work) {
+                if let (Some(_), Work::SayParked(parked)) = (unparked_on, work) {
                     // Still there for the next continue word.
                     self.hub.passive.put_back(&envelope.channel, &envelope.sender.id, parked);
                 }

@@ -17,7 +17,7 @@ mod window;
 
 pub use window::history_window;
 
-use crate::delivery::{self, Typing};
+use crate::delivery::{self, AnswerText, Typing};
 use crate::hub::Hub;
 use crate::llm::{ChatMessage, Complete, CompletionRequest, LlmError, Role};
 use crate::routing::{SessionKey, Work};
@@ -336,6 +336,10 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
     let mut live = None;
     let reply = match work {
         Work::Say(text) => text,
+        Work::SayParked(text) => {
+            delivery::answer(&hub, &envelope, key.as_str(), None, AnswerText::Rendered(text)).await;
+            return history;
+        }
         Work::Reset => {
             if let Err(error) = hub.store.clear_history(key.as_str()).await {
                 tracing::error!(session = %key, %error, "Failed to clear history.");
@@ -412,7 +416,7 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
         // Recorded, whole, before the card is finished: a crash in between then sends the saved
         // text at the next start instead of asking the model again (a second, different answer).
         // A crash after the card but before the finish below sends that text once more.
-        let Some(parts) = delivery::record(&hub, &envelope, key.as_str(), new_turn, reply.clone()).await else {
+        let Some(parts) = delivery::record(&hub, &envelope, key.as_str(), new_turn, reply.clone().into()).await else {
             return history;
         };
         match live.finish(&reply).await {
@@ -428,7 +432,7 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
         }
         return history;
     }
-    delivery::answer(&hub, &envelope, key.as_str(), new_turn, reply).await;
+    delivery::answer(&hub, &envelope, key.as_str(), new_turn, reply.into()).await;
     history
 }
 

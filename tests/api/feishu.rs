@@ -216,3 +216,14 @@ async fn a_streamed_answer_whose_finish_failed_once_is_finished_again_not_sent_t
     let updates = app.feishu_calls("PUT", "/elements/answer/content").await;
     assert_eq!(updates.last().map(body).unwrap_or_default()["content"], "答：再说一遍");
 }
+
+/// Nothing is ever parked on Feishu (no passive replies, no send quota): 「继续」 is a request
+/// to the model like any other, not a lookup of parked text.
+#[actix_web::test]
+async fn the_continue_word_reaches_the_model_where_nothing_is_ever_parked() {
+    let app = spawn_feishu(false, Duration::ZERO).await;
+    assert_eq!(app.post_feishu(&event("om_go_on", "p2p", "继续", serde_json::json!([]))).await.0, 200);
+    app.wait_until_idle().await;
+    let asked: Vec<String> = app.llm_requests().await.iter().map(last_user_message).collect();
+    assert_eq!(asked, ["继续"]);
+}

@@ -225,7 +225,8 @@ async fn the_first_answer_to_a_user_carries_the_ai_label() {
 
 #[actix_web::test]
 async fn a_long_pushed_answer_stays_within_the_five_message_quota_and_continues_on_request() {
-    let question = "问".repeat(240);
+    // Ends in code: the parked rest is plain text already and must not be rendered again.
+    let question = format!("{}\n\n```\nprintln!(\"**hi**\"); // __init__\n```", "问".repeat(240));
     let app = spawn_app(&[("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "100")], Duration::ZERO).await;
     app.post_text("oQuota", 50, &question).await;
     app.wait_until_idle().await;
@@ -244,7 +245,7 @@ async fn a_long_pushed_answer_stays_within_the_five_message_quota_and_continues_
         .chars()
         .filter(|c| !c.is_whitespace())
         .collect();
-    assert_eq!(shown, format!("答：{question}"));
+    assert_eq!(shown, format!("答：{}println!(\"**hi**\");//__init__", "问".repeat(240)));
     assert_eq!(app.llm_requests().await.len(), 1);
 }
 
