@@ -7,7 +7,7 @@
 pub mod live;
 pub mod passive;
 
-use crate::config::DeliveryConfig;
+use crate::config::{DeliveryConfig, ReplyMode};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::store::{Store, Turn};
@@ -215,28 +215,31 @@ pub fn fit_with_hint(text: &str, hint: &str, limit: usize) -> (String, String) {
     (format!("{}\n{hint}", &text[..cut]), text[cut..].to_owned())
 }
 
-/// Sends recorded parts through the channel's actor, then finishes the envelope. Parts the
-/// platform refused are parked for the user's next message where the platform has passive
-/// replies; otherwise they are recorded as failed.
+/// Sends recorded parts through the channel's actor, then finishes the envelope.
+///
+/// Where an answer can still leave in a webhook response, it is parked for the user's next
+/// message instead of being lost: always in `passive` mode (the account has no send API: no
+/// call is made), in `auto` mode when the send failed for good (refused, misconfigured such as
+/// a missing IP whitelist, or retries used up), and on a refusal otherwise. What cannot be
+/// parked is recorded as failed.
 pub async fn send_parts(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) {
     let Some(entry) = hub.channels.get(&envelope.channel) else {
         hub.finish_without_channel(envelope).await;
         return;
     };
     let channel = envelope.channel.as_str();
+    if entry.passive_window.is_some() && entry.reply_mode == ReplyMode::Passive {
+        park(hub, envelope, &parts, "passive mode has no send API");
+        hub.finish(&envelope.id).await;
+        return;
+    }
     match entry.outbound.send(Deliver { parts }).await {
         Ok(Ok(())) => hub.metrics.answers.with_label_values(&[channel, "push"]).inc(),
-        Ok(Err(Undelivered { error: error @ ChannelError::Refused { .. }, parts }))
-            if entry.passive_window.is_some() =>
+        Ok(Err(Undelivered { error, parts }))
+            if entry.passive_window.is_some()
+                && (matches!(error, ChannelError::Refused { .. }) || entry.reply_mode == ReplyMode::Auto) =>
         {
-            let text = parts.iter().map(|part| part.reply.text.as_str()).collect::<Vec<_>>().join("\n\n");
-            tracing::warn!(
-                channel,
-                %error,
-                "The platform refused the answer; parked for the user's next message."
-            );
-            hub.passive.park(&envelope.channel, &envelope.sender.id, text);
-            hub.metrics.answers.with_label_values(&[channel, "parked"]).inc();
+            park(hub, envelope, &parts, &error.to_string());
         }
         Ok(Err(undelivered)) => {
             tracing::warn!(envelope = %envelope.id, error = %undelivered, "Answer not delivered.")
@@ -244,6 +247,19 @@ pub async fn send_parts(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) {
         Err(error) => tracing::error!(envelope = %envelope.id, %error, "Delivery actor unavailable."),
     }
     hub.finish(&envelope.id).await;
+}
+
+/// Parks `parts` for the user's next message, whose passive reply (or the continue word) brings
+/// them.
+fn park(hub: &Hub, envelope: &Envelope, parts: &[Delivery], why: &str) {
+    if parts.is_empty() {
+        return;
+    }
+    let channel = envelope.channel.as_str();
+    let text = parts.iter().map(|part| part.reply.text.as_str()).collect::<Vec<_>>().join("\n\n");
+    tracing::warn!(channel, why, "Answer not sent; parked for the user's next message.");
+    hub.passive.park(&envelope.channel, &envelope.sender.id, text);
+    hub.metrics.answers.with_label_values(&[channel, "parked"]).inc();
 }
 
 /// Show a typing indicator for the envelope's conversation (best effort).

@@ -17,6 +17,7 @@ mod window;
 
 pub use window::history_window;
 
+use crate::config::ReplyMode;
 use crate::delivery::{self, AnswerText, Typing};
 use crate::hub::Hub;
 use crate::llm::{ChatMessage, Complete, CompletionRequest, LlmError, Role};
@@ -348,7 +349,10 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
             hub.messages.reset_done.clone()
         }
         Work::Ask(question) => {
-            entry.outbound.do_send(Typing { envelope: envelope.clone() });
+            if entry.reply_mode != ReplyMode::Passive {
+                // Passive mode is for accounts without the send APIs, typing included.
+                entry.outbound.do_send(Typing { envelope: envelope.clone() });
+            }
             if history.is_none() {
                 history = match hub.store.history(key.as_str(), hub.session.history_max_turns).await {
                     Ok(turns) => Some(turns),

@@ -175,7 +175,8 @@ fn fixture_on(
             passive_window: None,
             passive_margin: Duration::from_millis(500),
             menu: Default::default(),
-            send_quota: None,
+            // Never reached here; set so that answers can be parked (and the continue word fetches them).
+            send_quota: Some(1_000),
         },
     );
     let hub = Hub::new(HubInner {

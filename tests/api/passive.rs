@@ -101,6 +101,34 @@ async fn a_very_slow_answer_is_acknowledged_on_the_third_attempt_and_pushed() {
 
 #[actix_web::test]
 async fn an_answer_refused_with_48001_is_delivered_with_the_next_message() {
+    let app =
+        first_answer_missing_all_attempts("auto", serde_json::json!({"errcode":48001,"errmsg":"api unauthorized"}))
+            .await;
+    assert!(!app.sent_messages().await.is_empty());
+}
+
+/// Not only a refusal: a send that failed for good for any reason (here the IP whitelist) is
+/// still carried by the user's next passive reply.
+#[actix_web::test]
+async fn an_answer_whose_send_is_misconfigured_is_delivered_with_the_next_message() {
+    let app =
+        first_answer_missing_all_attempts("auto", serde_json::json!({"errcode":40164,"errmsg":"invalid ip"})).await;
+    assert!(!app.sent_messages().await.is_empty());
+}
+
+/// Passive mode is for accounts without the send API: an answer too late for every attempt
+/// waits for the next message, and no send (or typing) call is made at all.
+#[actix_web::test]
+async fn in_passive_mode_an_answer_too_late_for_every_attempt_comes_with_the_next_message() {
+    let app = first_answer_missing_all_attempts("passive", serde_json::json!({"errcode":0,"errmsg":"ok"})).await;
+    let calls = app.wechat.received_requests().await.unwrap_or_default();
+    let paths: Vec<String> = calls.iter().map(|request| request.url.path().to_owned()).collect();
+    assert!(paths.is_empty(), "{paths:?}");
+}
+
+/// The first question is answered after all three of WeChat's attempts; the send API answers
+/// `send_answer`. Asserts that the next question's passive reply brings the first answer.
+async fn first_answer_missing_all_attempts(mode: &'static str, send_answer: serde_json::Value) -> TestApp {
     let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
     // The first question takes longer than all three attempts; later ones are instant.
     Mock::given(method("POST"))
@@ -124,13 +152,11 @@ async fn an_answer_refused_with_48001_is_delivered_with_the_next_message() {
         .await;
     Mock::given(method("POST"))
         .and(path("/cgi-bin/message/custom/send"))
-        .respond_with(
-            ResponseTemplate::new(200).set_body_json(serde_json::json!({"errcode":48001,"errmsg":"api unauthorized"})),
-        )
+        .respond_with(ResponseTemplate::new(200).set_body_json(send_answer))
         .mount(&wechat)
         .await;
     let config = base_config(&llm, &wechat);
-    let app = spawn_with(&config, &auto_env("auto"), ChannelKinds::builtin(), wechat, llm).await;
+    let app = spawn_with(&config, &auto_env(mode), ChannelKinds::builtin(), wechat, llm).await;
 
     let (attempt, body) = wechat_delivers(&app, &text_xml("oPark", 10, "第一个问题")).await.unwrap_or_default();
     assert_eq!((attempt, body.as_str()), (3, "success"));
@@ -142,6 +168,7 @@ async fn an_answer_refused_with_48001_is_delivered_with_the_next_message() {
     let content = passive_content(&body);
     assert!(content.starts_with("【你上一条消息的回复】\n第一个答案"), "{content}");
     assert!(content.ends_with("答：第二个问题"), "{content}");
+    app
 }
 
 #[actix_web::test]
