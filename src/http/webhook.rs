@@ -97,7 +97,7 @@ pub async fn webhook(
             } else if let Some((job, envelope)) = held {
                 // Counted once, by how the attempt ended; its duration is the answer's, not an
                 // acknowledgement's, so it stays out of the ack histogram.
-                let (path, response) = hold_for_answer(hub, entry, &webhook_request, envelope, job, ack).await;
+                let (path, response) = hold_for_answer(hub, entry, &webhook_request, started, envelope, job, ack).await;
                 hub.metrics.webhook_requests.with_label_values(&[label, path]).inc();
                 return response;
             } else {
@@ -176,10 +176,15 @@ async fn journal_and_dispatch(state: web::Data<AppState>, envelopes: Vec<Envelop
 /// Holds one webhook attempt open for the answer (see `delivery::passive`). Returns how the
 /// attempt ended (`passive`, `lapsed`, `pushed`, `empty`: the webhook outcome label) and the
 /// response.
+///
+/// The platform's window runs from when it sent the request, so the waits are measured from
+/// `started` (when the handler began), not from when the hold begins: parsing and journaling
+/// come first, and a slow disk must not move the deadline.
 async fn hold_for_answer(
     hub: &Hub,
     entry: &ChannelEntry,
     request: &WebhookRequest,
+    started: Instant,
     envelope: Envelope,
     job: Arc<PassiveJob>,
     ack: WebhookResponse,
@@ -188,7 +193,7 @@ async fn hold_for_answer(
     // Past this the platform may have hung up (the connection can stay half-open and this
     // handler keep running): an answer taken later could be written to no one, so it is left
     // in the job for the next attempt.
-    let answer_by = window.saturating_sub(entry.passive_margin);
+    let answer_by = window.saturating_sub(entry.passive_margin).saturating_sub(started.elapsed());
     let kind = job.begin_attempt(3);
     let parts = match kind {
         AttemptKind::Lapse => match job.take(answer_by).await {
@@ -196,7 +201,7 @@ async fn hold_for_answer(
             None => {
                 // Held open past the platform's own deadline: answering anything earlier,
                 // even `success`, ends its retries.
-                actix::clock::sleep((window + window / 5).saturating_sub(answer_by)).await;
+                actix::clock::sleep((window + window / 5).saturating_sub(started.elapsed())).await;
                 return ("lapsed", respond(WebhookResponse::empty()));
             }
         },

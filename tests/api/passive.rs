@@ -325,3 +325,65 @@ async fn the_official_safe_mode_vector_is_answered_with_an_encrypted_passive_rep
     app.wait_until_idle().await;
     assert!(app.sent_messages().await.is_empty());
 }
+
+/// The 公众号 channel, 300 ms slower to read each webhook (a loaded worker, a slow disk).
+struct SlowToRead(std::sync::Arc<dyn yizhan_channel_core::Channel>);
+
+impl yizhan_channel_core::Channel for SlowToRead {
+    fn id(&self) -> &yizhan_channel_core::ChannelId {
+        self.0.id()
+    }
+    fn kind(&self) -> &str {
+        self.0.kind()
+    }
+    fn capabilities(&self) -> yizhan_channel_core::Capabilities {
+        self.0.capabilities()
+    }
+    fn handle_webhook(
+        &self,
+        request: &yizhan_channel_core::WebhookRequest,
+    ) -> Result<yizhan_channel_core::WebhookOutcome, yizhan_channel_core::ChannelError> {
+        std::thread::sleep(Duration::from_millis(300));
+        self.0.handle_webhook(request)
+    }
+    fn render(&self, reply: &yizhan_channel_core::Reply) -> Vec<yizhan_channel_core::Reply> {
+        self.0.render(reply)
+    }
+    fn passive_reply(
+        &self,
+        request: &yizhan_channel_core::WebhookRequest,
+        envelope: &yizhan_channel_core::Envelope,
+        reply: &yizhan_channel_core::Reply,
+    ) -> Result<yizhan_channel_core::WebhookResponse, yizhan_channel_core::ChannelError> {
+        self.0.passive_reply(request, envelope, reply)
+    }
+    fn deliver<'a>(
+        &'a self,
+        delivery: &'a yizhan_channel_core::Delivery,
+    ) -> yizhan_channel_core::BoxFuture<
+        'a,
+        Result<yizhan_channel_core::DeliveryReceipt, yizhan_channel_core::ChannelError>,
+    > {
+        self.0.deliver(delivery)
+    }
+}
+
+/// WeChat's window runs from when it sent the request: time spent reading and journaling it
+/// comes out of the wait, or an answer ready after WeChat hung up would be taken by the
+/// abandoned attempt (and lost: the retry would find the message answered).
+#[actix_web::test]
+async fn the_passive_wait_counts_from_when_the_request_arrived() {
+    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+    echo_llm(&llm, Duration::from_millis(650)).await;
+    wechat_ok(&wechat).await;
+    let mut kinds = ChannelKinds::builtin();
+    let builtin = ChannelKinds::builtin();
+    kinds.register("wechat_mp", move |settings, http| {
+        Ok(std::sync::Arc::new(SlowToRead(builtin.build(settings, http)?)) as std::sync::Arc<_>)
+    });
+    let app = spawn_with(&base_config(&llm, &wechat), &auto_env("auto"), kinds, wechat, llm).await;
+    let (attempt, body) = wechat_delivers(&app, &text_xml("oSlowRead", 30, "慢读")).await.unwrap_or_default();
+    assert_eq!((attempt, passive_content(&body).as_str()), (2, "答：慢读"), "{body}");
+    app.wait_until_idle().await;
+    assert!(app.sent_messages().await.is_empty());
+}
