@@ -199,7 +199,7 @@ pub fn within_send_quota_after(
             rest = format!("{spill}{rest}");
         }
     }
-    hub.passive.park(&envelope.channel, &envelope.sender.id, rest);
+    hub.passive.park(&envelope.channel, &envelope.sender.id, &envelope.id, rest);
     hub.metrics.answers.with_label_values(&[envelope.channel.as_str(), "parked"]).inc();
     parts
 }
@@ -258,7 +258,7 @@ fn park(hub: &Hub, envelope: &Envelope, parts: &[Delivery], why: &str) {
     let channel = envelope.channel.as_str();
     let text = parts.iter().map(|part| part.reply.text.as_str()).collect::<Vec<_>>().join("\n\n");
     tracing::warn!(channel, why, "Answer not sent; parked for the user's next message.");
-    hub.passive.park(&envelope.channel, &envelope.sender.id, text);
+    hub.passive.park(&envelope.channel, &envelope.sender.id, &envelope.id, text);
     hub.metrics.answers.with_label_values(&[channel, "parked"]).inc();
 }
 

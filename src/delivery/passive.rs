@@ -145,7 +145,9 @@ pub struct PassiveSlots {
 /// One user's parked answers, oldest first.
 #[derive(Debug)]
 struct Parked {
-    texts: VecDeque<String>,
+    /// Each text with the envelope whose answer it is (empty when put back: its place is
+    /// known).
+    texts: VecDeque<(String, String)>,
     /// When text was last parked for the user; [`PARKED_FOR`] later, if nothing was parked
     /// since, the queue is dropped (see [`PassiveSlots::forget_parked_before`]).
     parked_at: std::time::Instant,
@@ -183,30 +185,31 @@ impl PassiveSlots {
         self.jobs.remove(&(channel.clone(), message_id.to_owned()));
     }
 
-    /// Parks text for a user's next message.
-    pub fn park(&self, channel: &ChannelId, user: &str, text: String) {
-        self.enqueue(channel, user, text, false);
+    /// Parks text of the answer to `envelope_id` for the user's next message: after what is
+    /// parked already, but before later text of the same answer (the end of an answer is
+    /// parked for the send quota before its start can fail to send).
+    pub fn park(&self, channel: &ChannelId, user: &str, envelope_id: &str, text: String) {
+        let mut parked = self.parked.entry((channel.clone(), user.to_owned())).or_default();
+        parked.parked_at = std::time::Instant::now();
+        let queue = &mut parked.texts;
+        let at = queue.iter().position(|(id, _)| id == envelope_id).unwrap_or(queue.len());
+        queue.insert(at, (envelope_id.to_owned(), text));
+        Self::bound(channel, queue, false);
     }
 
     /// Puts back text taken by [`Self::unpark`] that could not be delivered after all, so it is
     /// the next to come out again.
     pub fn put_back(&self, channel: &ChannelId, user: &str, text: String) {
-        self.enqueue(channel, user, text, true);
-    }
-
-    /// Queues text for a user at the front or the back; beyond the bound, what sits at the
-    /// other end goes.
-    fn enqueue(&self, channel: &ChannelId, user: &str, text: String, at_front: bool) {
         let mut parked = self.parked.entry((channel.clone(), user.to_owned())).or_default();
         parked.parked_at = std::time::Instant::now();
-        let queue = &mut parked.texts;
-        if at_front {
-            queue.push_front(text);
-        } else {
-            queue.push_back(text);
-        }
+        parked.texts.push_front((String::new(), text));
+        Self::bound(channel, &mut parked.texts, true);
+    }
+
+    /// Beyond the bound, drops from the end opposite to where text was just added.
+    fn bound(channel: &ChannelId, queue: &mut VecDeque<(String, String)>, added_at_front: bool) {
         while queue.len() > MAX_PARKED_PER_USER {
-            if at_front {
+            if added_at_front {
                 queue.pop_back();
             } else {
                 queue.pop_front();
@@ -219,7 +222,7 @@ impl PassiveSlots {
     pub fn unpark(&self, channel: &ChannelId, user: &str) -> Option<String> {
         let key = (channel.clone(), user.to_owned());
         let mut parked = self.parked.get_mut(&key)?;
-        let text = parked.texts.pop_front();
+        let text = parked.texts.pop_front().map(|(_, text)| text);
         let empty = parked.texts.is_empty();
         drop(parked);
         if empty {
@@ -304,7 +307,7 @@ mod tests {
         let slots = PassiveSlots::default();
         let channel = ChannelId::parse("c").unwrap_or_else(|e| panic!("{e}"));
         for i in 0..10 {
-            slots.park(&channel, "u", format!("t{i}"));
+            slots.park(&channel, "u", &format!("e{i}"), format!("t{i}"));
         }
         assert!(slots.has_parked(&channel, "u"));
         assert_eq!(slots.unpark(&channel, "u").as_deref(), Some("t2"));
@@ -319,9 +322,9 @@ mod tests {
     fn parked_answers_of_users_silent_since_the_cutoff_are_forgotten() {
         let slots = PassiveSlots::default();
         let channel = ChannelId::parse("c").unwrap_or_else(|e| panic!("{e}"));
-        slots.park(&channel, "gone", "a".into());
-        slots.park(&channel, "gone", "b".into());
-        slots.park(&channel, "back", "c".into());
+        slots.park(&channel, "gone", "e1", "a".into());
+        slots.park(&channel, "gone", "e2", "b".into());
+        slots.park(&channel, "back", "e3", "c".into());
         let now = std::time::Instant::now();
         let ago = |secs| now.checked_sub(Duration::from_secs(secs)).unwrap_or_else(|| panic!("uptime under {secs} s"));
         if let Some(mut gone) = slots.parked.get_mut(&(channel.clone(), "gone".to_owned())) {
@@ -337,11 +340,24 @@ mod tests {
     fn text_put_back_comes_out_first() {
         let slots = PassiveSlots::default();
         let channel = ChannelId::parse("c").unwrap_or_else(|e| panic!("{e}"));
-        slots.park(&channel, "u", "older".into());
-        slots.park(&channel, "u", "newer".into());
+        slots.park(&channel, "u", "e1", "older".into());
+        slots.park(&channel, "u", "e2", "newer".into());
         let taken = slots.unpark(&channel, "u").unwrap_or_default();
         slots.put_back(&channel, "u", taken);
         assert_eq!(slots.unpark(&channel, "u").as_deref(), Some("older"));
         assert_eq!(slots.unpark(&channel, "u").as_deref(), Some("newer"));
+    }
+
+    /// The end of an answer is parked for the send quota before its start fails to send and is
+    /// parked too: the start must still come out first, after older answers.
+    #[test]
+    fn the_start_of_an_answer_parked_after_its_end_comes_out_before_it() {
+        let slots = PassiveSlots::default();
+        let channel = ChannelId::parse("c").unwrap_or_else(|e| panic!("{e}"));
+        slots.park(&channel, "u", "e1", "older answer".into());
+        slots.park(&channel, "u", "e2", "end".into());
+        slots.park(&channel, "u", "e2", "start".into());
+        let order: Vec<String> = std::iter::from_fn(|| slots.unpark(&channel, "u")).collect();
+        assert_eq!(order, ["older answer", "start", "end"]);
     }
 }

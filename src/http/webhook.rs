@@ -237,7 +237,7 @@ async fn hold_for_answer(
         let rest = parts.drain(..).map(|part| part.reply.text).collect::<Vec<_>>().join("\n\n");
         let (kept, spill) = crate::delivery::fit_with_hint(&text, &hub.messages.more_hint, limit);
         text = kept;
-        hub.passive.park(&envelope.channel, &envelope.sender.id, format!("{spill}{rest}"));
+        hub.passive.park(&envelope.channel, &envelope.sender.id, &envelope.id, format!("{spill}{rest}"));
         hub.metrics.answers.with_label_values(&[channel, "parked"]).inc();
     }
     // The passive reply used no quota; the rest goes through the send API within it.

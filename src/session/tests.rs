@@ -307,7 +307,7 @@ async fn a_continue_word_answered_busy_leaves_the_parked_text_for_the_next_one()
     let hub = fixture.registry.0.hub.clone();
     let router = crate::routing::Router::new(hub.clone(), fixture.registry.clone());
     let channel = ChannelId::parse("rec").unwrap_or_else(|e| panic!("{e}"));
-    hub.passive.park(&channel, "u1", "早先的回答".into());
+    hub.passive.park(&channel, "u1", "e0", "早先的回答".into());
     let say = |text: &str| {
         let (_, mut job) = job("u1", "");
         job.envelope.content = vec![yizhan_channel_core::Segment::Text { text: text.into() }];
