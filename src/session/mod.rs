@@ -261,7 +261,8 @@ impl Session {
             return;
         };
         self.busy = true;
-        let envelope_id = job.envelope.id.clone();
+        // Kept to answer the message if its turn panics.
+        let envelope = job.envelope.clone();
         // A panic in a turn (a bug) would otherwise stop the actor and drop the jobs queued
         // behind it; caught here, the conversation goes on in order with the next job.
         let turn =
@@ -271,9 +272,13 @@ impl Session {
                 act.history = outcome.unwrap_or_else(|_panic| {
                     tracing::error!(
                         session = %act.key,
-                        envelope = %envelope_id,
-                        "A turn panicked (a bug); its message stays unanswered in the journal until a restart."
+                        envelope = %envelope.id,
+                        "A turn panicked (a bug); its message is answered with the apology."
                     );
+                    // Answered and finished, not left open: a restart would run the same turn
+                    // into the same panic, and the user would wait for nothing.
+                    let hub = act.hub();
+                    hub.reply_now(envelope, hub.messages.apology.clone());
                     // Reloaded from the store by the next turn.
                     None
                 });
