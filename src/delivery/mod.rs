@@ -141,7 +141,8 @@ pub async fn deliver_recorded(hub: &Hub, envelope: &Envelope, parts: Vec<Deliver
         send_parts(hub, envelope, parts).await;
         return;
     };
-    match job.offer(parts) {
+    let offer = if hub.passive.is_closing() { job.offer_while_closing(parts) } else { job.offer(parts) };
+    match offer {
         passive::Offer::Push(parts) => {
             hub.passive.close(&envelope.channel, &envelope.platform_message_id);
             let parts = within_send_quota(hub, envelope, parts);

@@ -43,6 +43,18 @@ struct JobState {
     push: bool,
     /// Attempts seen (WeChat sends up to three).
     attempts: u32,
+    /// Attempts waiting in [`PassiveJob::take`] now.
+    waiting: u32,
+}
+
+/// Counts an attempt as waiting for as long as it lives (a dropped handler included).
+struct Waiting<'a>(&'a PassiveJob);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.waiting = state.waiting.saturating_sub(1);
+    }
 }
 
 /// One message whose answer may leave through a webhook response.
@@ -94,6 +106,8 @@ impl PassiveJob {
     /// Waits up to `wait` for the answer; takes it if it arrives.
     pub async fn take(&self, wait: Duration) -> Option<Vec<Delivery>> {
         let deadline = tokio::time::Instant::now() + wait;
+        self.lock().waiting += 1;
+        let _waiting = Waiting(self);
         loop {
             let notified = self.ready.notified();
             tokio::pin!(notified);
@@ -127,6 +141,28 @@ impl PassiveJob {
         Offer::Held
     }
 
+    /// [`offer`](Self::offer) once the server takes no new connections, so that no platform
+    /// retry can come: held only for an attempt waiting now, else to be pushed.
+    pub fn offer_while_closing(&self, parts: Vec<Delivery>) -> Offer {
+        let mut state = self.lock();
+        if state.waiting == 0 {
+            state.push = true;
+        }
+        drop(state);
+        self.offer(parts)
+    }
+
+    /// At shutdown: unless an attempt waits now, no attempt will come; the answer held for one,
+    /// if any, is returned to be pushed, and a later one will be pushed too.
+    fn release_unwatched(&self) -> Option<Vec<Delivery>> {
+        let mut state = self.lock();
+        if state.waiting > 0 {
+            return None;
+        }
+        state.push = true;
+        state.parts.take()
+    }
+
     /// For the fallback timer: the answer if no attempt took it.
     pub fn reclaim(&self) -> Option<Vec<Delivery>> {
         let mut state = self.lock();
@@ -140,6 +176,8 @@ impl PassiveJob {
 pub struct PassiveSlots {
     jobs: DashMap<(ChannelId, String), Arc<PassiveJob>, Hasher>,
     parked: DashMap<(ChannelId, String), Parked, Hasher>,
+    /// Set at shutdown, once no new connection (so no platform retry) can come in.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 /// One user's parked answers, oldest first.
@@ -178,6 +216,20 @@ impl PassiveSlots {
     /// The job of a message, if it is still open.
     pub fn get(&self, channel: &ChannelId, message_id: &str) -> Option<Arc<PassiveJob>> {
         self.jobs.get(&(channel.clone(), message_id.to_owned())).map(|job| job.clone())
+    }
+
+    /// At shutdown, once the server takes no new connections: platform retries can no longer
+    /// reach a held answer, so answers wait only for attempts in progress. Returns the jobs
+    /// whose answers were held for a retry, with their answers, to be pushed.
+    pub fn close_for_shutdown(&self) -> Vec<(Arc<PassiveJob>, Vec<Delivery>)> {
+        self.closing.store(true, std::sync::atomic::Ordering::SeqCst);
+        let jobs: Vec<Arc<PassiveJob>> = self.jobs.iter().map(|entry| entry.value().clone()).collect();
+        jobs.into_iter().filter_map(|job| job.release_unwatched().map(|parts| (job, parts))).collect()
+    }
+
+    /// Whether [`close_for_shutdown`](Self::close_for_shutdown) was called.
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Forgets a finished job.

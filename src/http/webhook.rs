@@ -198,6 +198,9 @@ async fn hold_for_answer(
     let parts = match kind {
         AttemptKind::Lapse => match job.take(answer_by).await {
             Some(parts) => Some(parts),
+            // Shutting down: the platform's retry could not get in, so this attempt is the
+            // last; the answer will be pushed.
+            None if hub.passive.is_closing() => job.give_up(),
             None => {
                 // Held open past the platform's own deadline: answering anything earlier,
                 // even `success`, ends its retries.

@@ -178,6 +178,47 @@ async fn a_passive_answer_taken_by_a_retry_finishes_the_journaled_message() {
     assert!(unfinished.is_empty(), "{unfinished:?}");
 }
 
+/// At shutdown the server takes no new connections, so WeChat's retries cannot come in: a 公众号
+/// answer ready after its attempt lapsed must be pushed before the process exits, not held for
+/// a retry until the shutdown bound runs out.
+#[actix_web::test]
+async fn sigterm_pushes_a_passive_answer_no_retry_can_take_any_more() {
+    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+    echo_llm(&llm, Duration::from_millis(900)).await;
+    wechat_ok(&wechat).await;
+    let dir = std::env::temp_dir().join(format!("yizhan-term-passive-{}-{}", std::process::id(), now()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let config = base_config(&llm, &wechat)
+        .replace("workers = 2", "workers = 2\nshutdown_timeout_secs = 2")
+        .replace("reply_mode = \"push\"", "reply_mode = \"auto\"\npassive_window_ms = 800\npassive_margin_ms = 100");
+    let config_path = dir.join("yizhan.toml");
+    std::fs::write(&config_path, config).unwrap_or_else(|e| panic!("{e}"));
+    let mut yizhan = start_binary(&config_path).await;
+    let app = TestApp { address: yizhan.address.clone(), wechat, llm, http: reqwest::Client::new() };
+    let pid = yizhan.child.id().to_string();
+    let terminate = async {
+        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+        Command::new("kill").arg("-TERM").arg(&pid).status()
+    };
+    let xml = text_xml("oTermPassive", 80_000, "关机前");
+    let (delivered, status) =
+        futures_util::join!(wechat_delivers_within(&app, &xml, Duration::from_millis(800)), terminate);
+    assert!(status.is_ok_and(|s| s.success()));
+    let mut exit = None;
+    wait_for("yizhan to exit", || {
+        exit = exit.or_else(|| yizhan.child.try_wait().ok().flatten());
+        let done = exit.is_some();
+        async move { done }
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(exit.is_some_and(|status| status.success()), "{exit:?}");
+    assert_eq!(delivered.map(|(_, body)| body).as_deref(), Some("success"), "the lapsing attempt is the last");
+    let sent = app.sent_messages().await;
+    assert_eq!(sent.len(), 1, "pushed before exit");
+    assert_eq!(sent[0]["text"]["content"], "答：关机前");
+}
+
 #[actix_web::test]
 async fn sigterm_answers_what_was_accepted_before_exiting() {
     let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
