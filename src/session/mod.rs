@@ -428,7 +428,21 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
         let Some(parts) = delivery::record(&hub, &envelope, key.as_str(), new_turn, reply.clone().into()).await else {
             return history;
         };
-        match live.finish(&reply).await {
+        // The card holds the first part, as a message would: the platform's size limit and the
+        // operator's `max_part_bytes` apply to it too. Any further parts follow as messages.
+        let card_text = match parts.as_slice() {
+            [first, _, ..] => first.reply.text.clone(),
+            _ => reply.clone(),
+        };
+        match live.finish(&card_text).await {
+            Ok(()) if parts.len() > 1 => {
+                if let Some(first) = parts.first() {
+                    if let Err(error) = hub.store.part_delivered(&first.delivery_id).await {
+                        tracing::error!(part = %first.delivery_id, %error, "Failed to clear a delivered part.");
+                    }
+                }
+                delivery::deliver_recorded(&hub, &envelope, parts.into_iter().skip(1).collect()).await;
+            }
             Ok(()) => {
                 // Finishing clears the parts too, in one step (the log's finish first, so that
                 // recovery stops at once); clearing them one by one only widened the window.

@@ -44,6 +44,11 @@ async fn feishu_api(server: &MockServer) {
 }
 
 async fn spawn_feishu(streaming: bool, llm_delay: Duration) -> TestApp {
+    spawn_feishu_with(streaming, llm_delay, &[]).await
+}
+
+/// [`spawn_feishu`] with environment overrides.
+async fn spawn_feishu_with(streaming: bool, llm_delay: Duration, env: &[(&str, &str)]) -> TestApp {
     let (llm, feishu) = (MockServer::start().await, MockServer::start().await);
     echo_llm(&llm, llm_delay).await;
     feishu_api(&feishu).await;
@@ -53,7 +58,7 @@ async fn spawn_feishu(streaming: bool, llm_delay: Duration) -> TestApp {
         base_config(&llm, &feishu),
         feishu.uri()
     );
-    spawn_with(&config, &[], ChannelKinds::builtin(), feishu, llm).await
+    spawn_with(&config, env, ChannelKinds::builtin(), feishu, llm).await
 }
 
 fn event(message_id: &str, chat_type: &str, text: &str, mentions: serde_json::Value) -> serde_json::Value {
@@ -226,4 +231,29 @@ async fn the_continue_word_reaches_the_model_where_nothing_is_ever_parked() {
     app.wait_until_idle().await;
     let asked: Vec<String> = app.llm_requests().await.iter().map(last_user_message).collect();
     assert_eq!(asked, ["继续"]);
+}
+
+/// A streamed answer longer than `max_part_bytes` ends as a card holding the first part, and the
+/// rest follows as messages: the card is bound by the same limits as a message.
+#[actix_web::test]
+async fn a_streamed_answer_longer_than_a_part_keeps_the_card_to_one_part() {
+    let app = spawn_feishu_with(true, Duration::ZERO, &[("YIZHAN__CHANNELS__FS__MAX_PART_BYTES", "200")]).await;
+    let question = "长问题。".repeat(50);
+    assert_eq!(app.post_feishu(&event("om_long", "p2p", &question, serde_json::json!([]))).await.0, 200);
+    app.wait_until_idle().await;
+    let updates = app.feishu_calls("PUT", "/elements/answer/content").await;
+    let card = updates.last().map(body).unwrap_or_default()["content"].as_str().unwrap_or_default().to_owned();
+    assert!(!card.is_empty() && card.len() <= 200, "{} bytes: {card}", card.len());
+    let replies = app.feishu_calls("POST", "/om_long/reply").await;
+    assert!(replies.len() >= 4, "the card and the rest as messages: {}", replies.len());
+    let texts: String = replies[1..]
+        .iter()
+        .map(|reply| {
+            let content: serde_json::Value =
+                serde_json::from_str(body(reply)["content"].as_str().unwrap_or_default()).unwrap_or_default();
+            content["text"].as_str().unwrap_or_default().to_owned()
+        })
+        .collect();
+    let shown: String = format!("{card}{texts}").chars().filter(|c| !c.is_whitespace()).collect();
+    assert_eq!(shown, format!("答：{question}"));
 }
