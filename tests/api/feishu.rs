@@ -257,3 +257,46 @@ async fn a_streamed_answer_longer_than_a_part_keeps_the_card_to_one_part() {
     let shown: String = format!("{card}{texts}").chars().filter(|c| !c.is_whitespace()).collect();
     assert_eq!(shown, format!("答：{question}"));
 }
+
+/// An app without the CardKit scope: the first refusal turns streaming off, so later answers
+/// cost no failed call (and no warning) each.
+#[actix_web::test]
+async fn a_refused_streaming_card_turns_streaming_off_for_later_answers() {
+    let app = spawn_feishu(true, Duration::ZERO).await;
+    Mock::given(method("POST"))
+        .and(path("/open-apis/cardkit/v1/cards"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(serde_json::json!({"code":99991672,"msg":"Access denied"})),
+        )
+        .with_priority(1)
+        .mount(&app.wechat)
+        .await;
+    for id in ["om_scope_1", "om_scope_2"] {
+        assert_eq!(app.post_feishu(&event(id, "p2p", "你好", serde_json::json!([]))).await.0, 200);
+        app.wait_until_idle().await;
+        assert_eq!(app.feishu_calls("POST", &format!("/{id}/reply")).await.len(), 1, "answered whole");
+    }
+    assert_eq!(app.feishu_calls("POST", "/open-apis/cardkit/v1/cards").await.len(), 1);
+}
+
+/// A card whose send failed once is sent again (same uuid) and streamed, not dropped for a
+/// whole-answer message beside a card that may have reached the chat.
+#[actix_web::test]
+async fn a_streaming_card_whose_send_failed_once_is_sent_again() {
+    let app = spawn_feishu(true, Duration::ZERO).await;
+    Mock::given(method("POST"))
+        .and(path("/open-apis/im/v1/messages/om_card_retry/reply"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&app.wechat)
+        .await;
+    assert_eq!(app.post_feishu(&event("om_card_retry", "p2p", "重试", serde_json::json!([]))).await.0, 200);
+    app.wait_until_idle().await;
+    let replies = app.feishu_calls("POST", "/om_card_retry/reply").await;
+    assert_eq!(replies.len(), 2, "the card, twice");
+    assert!(replies.iter().all(|reply| body(reply)["msg_type"] == "interactive"));
+    assert_eq!(body(&replies[0])["uuid"], body(&replies[1])["uuid"]);
+    let updates = app.feishu_calls("PUT", "/elements/answer/content").await;
+    assert_eq!(updates.last().map(body).unwrap_or_default()["content"], "答：重试");
+}

@@ -67,6 +67,8 @@ pub const KIND: &str = "feishu";
 const MIN_STREAM_INTERVAL: Duration = Duration::from_millis(200);
 /// Tries at ending a card's streaming mode once it holds the whole answer.
 const END_STREAMING_ATTEMPTS: u32 = 3;
+/// Tries at sending a streaming card (with one uuid, so at most one card reaches the chat).
+const CARD_SEND_ATTEMPTS: u32 = 3;
 
 /// The signature headers Feishu adds to events when an Encrypt Key is configured.
 const TIMESTAMP_HEADER: &str = "x-lark-request-timestamp";
@@ -83,6 +85,9 @@ pub struct Feishu {
     bot_identity_advised: AtomicBool,
     /// Whether the "subscribe to v2 message events" warning was logged already.
     v1_messages_warned: AtomicBool,
+    /// Feishu refused a streaming card as misconfigured (no CardKit scope, say): answers are
+    /// sent whole until a restart, instead of a failed call and a warning per message.
+    streaming_refused: AtomicBool,
     /// Sends and updates per chat, `chat_qps` per second: Feishu's per-user and per-group limit.
     chat_limiter: RateLimiter,
 }
@@ -111,6 +116,7 @@ impl Feishu {
             api,
             bot_identity_advised: AtomicBool::new(false),
             v1_messages_warned: AtomicBool::new(false),
+            streaming_refused: AtomicBool::new(false),
             chat_limiter,
         })
     }
@@ -237,7 +243,19 @@ impl Feishu {
         // card message instead of sending the text); and a retried `begin_stream` makes a new
         // card, which must be sent rather than deduplicated into the old card's message.
         let uuid = message::idempotency_key(&format!("stream:{}:{card_id}", target.delivery_id));
-        let message_id = self.api.send(reply_target.as_api(), "interactive", &content, &uuid).await?;
+        // Retried with the same uuid, which Feishu dedupes: a send whose answer was lost must
+        // not leave an empty card in the chat beside the answer sent whole.
+        let mut attempt = 1;
+        let message_id = loop {
+            match self.api.send(reply_target.as_api(), "interactive", &content, &uuid).await {
+                Err(error) if error.is_retryable() && attempt < CARD_SEND_ATTEMPTS => {
+                    debug!(channel = %self.id, attempt, %error, "Sending a streaming card failed; retrying.");
+                    tokio::time::sleep(Duration::from_millis(250) * attempt).await;
+                    attempt += 1;
+                }
+                sent => break sent?,
+            }
+        };
         debug!(channel = %self.id, %card_id, "Streaming card sent.");
         Ok(StreamHandle(json!({
             "card_id": card_id,
@@ -369,7 +387,7 @@ impl Channel for Feishu {
             passive_reply_window: None,
             markdown: true,
             max_part_bytes: self.settings.max_part_bytes,
-            streaming: self.settings.streaming,
+            streaming: self.settings.streaming && !self.streaming_refused.load(Ordering::Relaxed),
             min_stream_interval: MIN_STREAM_INTERVAL,
         }
     }
@@ -443,10 +461,18 @@ impl Channel for Feishu {
     /// `{"card_id", "element_id", "message_id", "chat_id"}` (the chat keys the per-chat rate limit).
     fn begin_stream<'a>(&'a self, target: &'a Delivery) -> BoxFuture<'a, Result<StreamHandle, ChannelError>> {
         Box::pin(async move {
-            if !self.settings.streaming {
+            if !self.settings.streaming || self.streaming_refused.load(Ordering::Relaxed) {
                 return Err(ChannelError::Unsupported("streaming is off for this channel".into()));
             }
-            self.start_stream(target).await
+            let started = self.start_stream(target).await;
+            if let Err(error @ ChannelError::Misconfigured(_)) = &started {
+                if !self.streaming_refused.swap(true, Ordering::Relaxed) {
+                    warn!(channel = %self.id, %error,
+                        "Feishu refused a streaming card; answers are sent whole until a restart (grant the app \
+                         cardkit:card:write, or set streaming = false).");
+                }
+            }
+            started
         })
     }
 
