@@ -183,7 +183,10 @@ pub fn within_send_quota_after(
     let Some(entry) = hub.channels.get(&envelope.channel) else {
         return parts;
     };
-    let Some(quota) = entry.send_quota.filter(|quota| *quota > 0).map(|quota| quota.saturating_sub(already_sent))
+    let Some(quota) = entry
+        .send_quota
+        .filter(|quota| *quota > 0)
+        .map(|quota| event_send_quota(envelope, quota).saturating_sub(already_sent))
     else {
         return parts;
     };
@@ -204,6 +207,19 @@ pub fn within_send_quota_after(
     hub.metrics.answers.with_label_values(&[envelope.channel.as_str(), "parked"]).inc();
     parts
 }
+
+/// The send quota an envelope opens: a menu click, a follow or a QR scan opens only 3 messages
+/// (公众号, within a minute), not the quota of a message the user typed.
+fn event_send_quota(envelope: &Envelope, quota: usize) -> usize {
+    use yizhan_channel_core::Event;
+    match envelope.event() {
+        Some(Event::MenuClick { .. } | Event::Subscribe { .. } | Event::Scan { .. }) => quota.min(EVENT_SEND_QUOTA),
+        _ => quota,
+    }
+}
+
+/// Messages the send API carries after a menu click, follow or scan (PROTOCOLS §2.5).
+const EVENT_SEND_QUOTA: usize = 3;
 
 /// `text` with `hint` on a new line, cut at a character boundary so the whole fits in `limit`
 /// bytes; returns the text and what was cut off (to be shown later).

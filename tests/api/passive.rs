@@ -387,3 +387,26 @@ async fn the_passive_wait_counts_from_when_the_request_arrived() {
     app.wait_until_idle().await;
     assert!(app.sent_messages().await.is_empty());
 }
+
+/// A menu click opens only 3 customer-service messages (not a typed message's 5): a long answer
+/// to a menu prompt stops at 3, the last saying that more follows on 「继续」.
+#[actix_web::test]
+async fn an_answer_to_a_menu_click_keeps_to_its_three_message_quota() {
+    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+    echo_llm(&llm, Duration::ZERO).await;
+    wechat_ok(&wechat).await;
+    let config = format!("{}menu.LONG = {{ prompt = \"{}\" }}\n", base_config(&llm, &wechat), "问".repeat(240));
+    let env = [("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "100")];
+    let app = spawn_with(&config, &env, ChannelKinds::builtin(), wechat, llm).await;
+    let click = format!(
+        "<xml><ToUserName>gh_test</ToUserName><FromUserName>oMenu</FromUserName><CreateTime>{}</CreateTime>\
+         <MsgType>event</MsgType><Event>CLICK</Event><EventKey>LONG</EventKey></xml>",
+        now()
+    );
+    assert_eq!(app.post_signed(&click).await.0, 200);
+    app.wait_until_idle().await;
+    let sent = app.sent_messages().await;
+    assert_eq!(sent.len(), 3, "three messages after a menu click");
+    let last = sent[2]["text"]["content"].as_str().unwrap_or_default();
+    assert!(last.ends_with("（回复「继续」查看剩余内容）"), "{last}");
+}
