@@ -343,7 +343,7 @@ async fn openai_long_non_json_error_bodies_are_truncated() {
     let (result, _) = complete(&openai(openai_settings(&server))).await;
 
     match result {
-        Err(LlmError::Status { status: 502, message }) => {
+        Err(LlmError::Status { status: 502, message, .. }) => {
             assert!(message.chars().count() <= 501, "message has {} chars", message.chars().count());
             assert!(message.ends_with('…'));
         }
@@ -454,6 +454,31 @@ async fn llm_client_retries_a_500_and_then_succeeds() {
     assert_eq!(client.backend_name(), "openai");
 }
 
+/// A 429 asking for a pause longer than the time left is not retried (each retry would be
+/// refused the same way, and the user would wait for the total timeout).
+#[tokio::test]
+async fn llm_client_does_not_retry_sooner_than_retry_after() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(429)
+                .insert_header("retry-after", "30")
+                .set_body_json(json!({"error":{"message":"slow down"}})),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    let client = LlmClient::new(Arc::new(openai(openai_settings(&server))), client_settings());
+    let (mut sink, _) = recorder();
+
+    let result = client.complete(&request(), &mut sink).await;
+
+    assert!(
+        matches!(result, Err(LlmError::Status { status: 429, retry_after: Some(after), .. }) if after == Duration::from_secs(30)),
+        "{result:?}"
+    );
+}
+
 #[tokio::test]
 async fn llm_client_does_not_retry_a_400() {
     let server = MockServer::start().await;
@@ -468,7 +493,7 @@ async fn llm_client_does_not_retry_a_400() {
     let result = client.complete(&request(), &mut sink).await;
 
     assert!(
-        matches!(result, Err(LlmError::Status { status: 400, ref message }) if message == "bad model"),
+        matches!(result, Err(LlmError::Status { status: 400, ref message, .. }) if message == "bad model"),
         "{result:?}"
     );
 }
@@ -645,7 +670,7 @@ async fn lobehub_agent_http_401_is_a_status_error() {
     let (result, _) = complete(&lobehub(lobehub_settings(&server, Some("agt_1")))).await;
 
     assert!(
-        matches!(result, Err(LlmError::Status { status: 401, ref message }) if message == "invalid API key"),
+        matches!(result, Err(LlmError::Status { status: 401, ref message, .. }) if message == "invalid API key"),
         "{result:?}"
     );
 }

@@ -59,6 +59,9 @@ pub enum LlmError {
         status: u16,
         /// The server's error message (never includes our API key).
         message: String,
+        /// How long the server asked to be left alone (`Retry-After` in seconds, on a 429 or
+        /// 503).
+        retry_after: Option<Duration>,
     },
     /// No first token within the first-token timeout.
     #[error("no first token within {0:?}")]
@@ -94,7 +97,9 @@ impl LlmError {
         let clean = |text: String| super::sse::redact(text, secret);
         match self {
             Self::Connect(message) => Self::Connect(clean(message)),
-            Self::Status { status, message } => Self::Status { status, message: clean(message) },
+            Self::Status { status, message, retry_after } => {
+                Self::Status { status, message: clean(message), retry_after }
+            }
             Self::Stream(message) => Self::Stream(clean(message)),
             Self::Protocol(message) => Self::Protocol(clean(message)),
             other => other,

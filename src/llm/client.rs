@@ -104,6 +104,7 @@ impl LlmClient {
         // The caller's sink is lent to each attempt through a tracking wrapper; the guard puts it
         // back when this future ends, however it ends (even when cancelled by the timeout).
         let guard = SinkLoan::new(on_delta);
+        let started = tokio::time::Instant::now();
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
@@ -118,8 +119,17 @@ impl LlmClient {
             if !retry {
                 return Err(error);
             }
-            warn!(backend, attempt, error = %error, "LLM attempt failed; retrying.");
-            tokio::time::sleep(backoff_delay(settings.retry_base_delay, attempt)).await;
+            let mut delay = backoff_delay(settings.retry_base_delay, attempt);
+            if let LlmError::Status { retry_after: Some(asked), .. } = &error {
+                // A server that asked for a pause is not asked again sooner; if the pause
+                // outlasts the time left, the user hears now rather than at the total timeout.
+                if started.elapsed() + *asked >= settings.total_timeout {
+                    return Err(error);
+                }
+                delay = delay.max(*asked);
+            }
+            warn!(backend, attempt, error = %error, ?delay, "LLM attempt failed; retrying.");
+            tokio::time::sleep(delay).await;
         }
     }
 }
@@ -293,11 +303,11 @@ mod tests {
     }
 
     fn server_error() -> LlmError {
-        LlmError::Status { status: 503, message: "busy".into() }
+        LlmError::Status { status: 503, message: "busy".into(), retry_after: None }
     }
 
     fn bad_request() -> LlmError {
-        LlmError::Status { status: 400, message: "bad".into() }
+        LlmError::Status { status: 400, message: "bad".into(), retry_after: None }
     }
 
     #[tokio::test(start_paused = true)]
@@ -311,6 +321,21 @@ mod tests {
         // The caller's sink is back in place and received the text once.
         sink("!");
         assert_eq!(seen.lock().unwrap_or_else(PoisonError::into_inner).as_str(), "ok!");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_waits_at_least_as_long_as_the_server_asked() {
+        fn rate_limited() -> LlmError {
+            LlmError::Status { status: 429, message: "slow down".into(), retry_after: Some(Duration::from_secs(2)) }
+        }
+        let (client, backend) = client(vec![Script::Fail(rate_limited), Script::Answer("ok")], fast_settings());
+        let (mut sink, _) = recorder();
+        let started = tokio::time::Instant::now();
+        let answer = client.complete(&request(), &mut sink).await;
+        assert_eq!(answer.ok().as_deref(), Some("ok"));
+        assert_eq!(backend.calls.load(Ordering::SeqCst), 2);
+        // Paused time: this is the virtual clock, not a real wait.
+        assert!(started.elapsed() >= Duration::from_secs(2), "{:?}", started.elapsed());
     }
 
     #[tokio::test(start_paused = true)]

@@ -405,6 +405,13 @@ pub(crate) async fn status_error(
     api_key: Option<&str>,
 ) -> LlmError {
     let status = response.status();
+    // Seconds only: servers in front of models send that form; an HTTP date is ignored.
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
     let body = tokio::time::timeout(read_timeout, read_body_limited(&mut response, MAX_ERROR_BODY_BYTES)).await;
     let text = match body {
         Ok(Ok((bytes, _))) => redact(String::from_utf8_lossy(&bytes).into_owned(), api_key),
@@ -419,7 +426,7 @@ pub(crate) async fn status_error(
     } else {
         truncate_chars(&message, MAX_ERROR_MESSAGE_CHARS)
     };
-    LlmError::Status { status: status.as_u16(), message }
+    LlmError::Status { status: status.as_u16(), message, retry_after }
 }
 
 /// `text` with every occurrence of `secret` replaced, and with the start of `secret` removed
