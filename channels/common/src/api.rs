@@ -53,6 +53,22 @@ pub fn scrub(message: &str, secrets: &[&str]) -> String {
     }
 }
 
+/// The largest platform API answer read: tokens, message ids and errors are far smaller. A
+/// misbehaving proxy at `api_base` cannot make a channel buffer more than this.
+pub const MAX_API_ANSWER_BYTES: usize = 1 << 20;
+
+/// Reads an API answer's body, at most [`MAX_API_ANSWER_BYTES`]; `None` when it is larger.
+pub async fn read_bounded(mut response: reqwest::Response) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > MAX_API_ANSWER_BYTES {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
+}
+
 /// The reason for a network-level failure talking to `platform` (`"WeChat"`): `request to
 /// WeChat timed out`, or `request to WeChat failed: …` with the error's sources.
 ///

@@ -271,7 +271,10 @@ impl Api {
             let response = request.send().await.map_err(transport_error)?;
             let status = response.status();
             let retry_after = retry_after(response.headers());
-            let bytes = response.bytes().await.map_err(transport_error)?;
+            let bytes = yizhan_channel_common::api::read_bounded(response)
+                .await
+                .map_err(transport_error)?
+                .ok_or_else(|| transient("Feishu's answer is larger than 1 MiB"))?;
             Ok::<_, ChannelError>((status, retry_after, bytes))
         };
         let (status, retry_after, bytes) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)

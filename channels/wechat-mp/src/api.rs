@@ -168,7 +168,10 @@ impl Api {
         let exchange = async {
             let response = request.send().await.map_err(transport_error)?;
             let status = response.status();
-            let bytes = response.bytes().await.map_err(transport_error)?;
+            let bytes = yizhan_channel_common::api::read_bounded(response)
+                .await
+                .map_err(transport_error)?
+                .ok_or_else(|| transient("WeChat's answer is larger than 1 MiB"))?;
             Ok::<_, ChannelError>((status, bytes))
         };
         let (status, bytes) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)

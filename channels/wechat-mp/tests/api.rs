@@ -427,3 +427,21 @@ async fn a_misconfiguration_is_logged_once_per_code_until_a_send_succeeds_and_ne
         assert!(!line.contains(SECRET) && !line.contains("TOKEN1"), "secret in log: {line}");
     }
 }
+
+/// A proxy at `api_base` answering with an endless body cannot make the channel buffer it: past
+/// 1 MiB the answer is a transient failure.
+#[tokio::test]
+async fn an_oversized_api_answer_is_a_transient_error_not_memory_to_fill() {
+    let server = MockServer::start().await;
+    mount_token(&server, "TOKEN1", 1).await;
+    Mock::given(method("POST"))
+        .and(path("/cgi-bin/message/custom/send"))
+        .respond_with(ResponseTemplate::new(200).set_body_string(" ".repeat(2 << 20)))
+        .mount(&server)
+        .await;
+    let error = channel_for(&server).deliver(&delivery("大")).await.err();
+    assert!(
+        matches!(&error, Some(ChannelError::Transient { reason, .. }) if reason.contains("larger than 1 MiB")),
+        "{error:?}"
+    );
+}
