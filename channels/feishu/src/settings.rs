@@ -143,6 +143,13 @@ impl FeishuSettings {
         }
         self.encrypt_key = self.encrypt_key.filter(|key| !key.is_empty());
         self.bot_open_id = self.bot_open_id.map(|id| id.trim().to_owned()).filter(|id| !id.is_empty());
+        if let Some(id) = self.bot_open_id.as_deref().filter(|id| !id.starts_with("ou_")) {
+            // An App ID (`cli_…`) or a user_id never matches a mention: every group message
+            // would be ignored, silently.
+            return Err(misconfigured(format!(
+                "`bot_open_id` {id:?} is not an open_id (those start with `ou_`; the App ID starts with `cli_`)"
+            )));
+        }
         let base = self.api_base.trim().trim_end_matches('/').to_owned();
         let scheme_ok = base.starts_with("https://") || base.starts_with("http://");
         if !scheme_ok || reqwest::Url::parse(&base).is_err() {
@@ -173,6 +180,20 @@ impl FeishuSettings {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_bot_open_id_that_is_not_an_open_id_is_refused_by_name() {
+        let parse = |id: &str| {
+            let settings: FeishuSettings = serde_json::from_value(
+                json!({"app_id": "cli_a", "app_secret": "s", "verification_token": "v", "bot_open_id": id}),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            settings.validate()
+        };
+        let error = parse("cli_a1b2").err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(error.contains("bot_open_id"), "{error}");
+        assert!(parse("ou_84aad35d084aa403a838cf73ee18467").is_ok());
+    }
 
     fn parse(value: serde_json::Value) -> Result<FeishuSettings, String> {
         serde_json::from_value::<FeishuSettings>(value)
