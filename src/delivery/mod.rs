@@ -12,7 +12,9 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::store::{Store, Turn};
 use actix::prelude::*;
+use futures_util::FutureExt;
 use rand::Rng;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 use yizhan_channel_core::{Channel, ChannelError, Delivery, Envelope, Reply};
@@ -416,7 +418,12 @@ async fn deliver_one(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match channel.deliver(delivery).await {
+        // A panic in a channel's send (a plugin's bug) fails this part for good, recorded and
+        // counted like any other failure, instead of ending the detached task unrecorded.
+        let sent = AssertUnwindSafe(channel.deliver(delivery)).catch_unwind().await.unwrap_or_else(|_panic| {
+            Err(ChannelError::Unsupported(format!("channel {channel_label} panicked while sending this part (a bug)")))
+        });
+        match sent {
             Ok(_) => {
                 metrics.deliveries.with_label_values(&[channel_label, "delivered"]).inc();
                 return Ok(());
@@ -449,6 +456,47 @@ async fn deliver_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use yizhan_channel_core::{
+        BoxFuture, ChannelId, Conversation, ConversationKind, DeliveryReceipt, ReplyHandle, Sender, WebhookOutcome,
+        WebhookRequest,
+    };
+
+    /// A channel whose send panics: a stand-in for a plugin's bug.
+    struct PanicsOnSend(ChannelId);
+
+    impl Channel for PanicsOnSend {
+        fn id(&self) -> &ChannelId {
+            &self.0
+        }
+        fn kind(&self) -> &str {
+            "panics"
+        }
+        fn handle_webhook(&self, _: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
+            Err(ChannelError::Unsupported("no webhooks".into()))
+        }
+        fn deliver<'a>(&'a self, _: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
+            Box::pin(async { panic!("a bug in a channel's send") })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_channel_that_panics_while_sending_fails_the_part_recorded_and_counted() {
+        let id = ChannelId::parse("p").unwrap_or_else(|e| panic!("{e}"));
+        let part = Delivery {
+            delivery_id: "e-0".into(),
+            channel: id.clone(),
+            conversation: Conversation { kind: ConversationKind::Direct, id: "u".into() },
+            recipient: Sender { id: "u".into(), name: None },
+            reply_handle: ReplyHandle::default(),
+            reply: Reply::text("答"),
+        };
+        let (metrics, store) = (Metrics::new(), crate::store::MemoryStore::new(10));
+        let policy = RetryPolicy { max_attempts: 3, base_delay: Duration::ZERO, max_delay: Duration::ZERO };
+        let result = deliver_all(&PanicsOnSend(id), &store, &policy, &metrics, vec![part]).await;
+        assert!(matches!(&result, Err(Undelivered { error: ChannelError::Unsupported(_), parts }) if parts.len() == 1));
+        assert_eq!(metrics.deliveries.with_label_values(&["p", "unsupported"]).get(), 1);
+        assert_eq!(metrics.delivery_in_flight.with_label_values(&["p"]).get(), 0);
+    }
 
     #[test]
     fn a_hint_always_fits_and_nothing_is_lost() {
