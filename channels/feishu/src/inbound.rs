@@ -213,12 +213,15 @@ pub(crate) fn message_envelope(ctx: &Context<'_>, event_id: &str, event: &Value)
         .flatten()
         .take(MAX_MENTIONS)
         .filter(|mention| !mention.key.is_empty())
-        .map(|mention| {
+        .enumerate()
+        .map(|(index, mention)| {
             let is_self = match ctx.bot_open_id {
                 Some(bot) => mention.id.open_id.as_deref() == Some(bot),
+                // Unknown identity: the first mention (Feishu lists them in order) is taken as
+                // the bot's, as in "@bot what does @Tom think"; the others stay people, named.
                 None => {
                     assumed_self_mention |= group;
-                    group
+                    group && index == 0
                 }
             };
             Mention {

@@ -194,7 +194,7 @@ impl Feishu {
         if parsed.assumed_self_mention && !self.bot_identity_advised.swap(true, Ordering::Relaxed) {
             info!(
                 channel = %self.id,
-                "Treating any @-mention in a group as addressing the bot; set `bot_open_id` to tell mentions apart."
+                "Treating any @-mention in a group as addressing the bot (the first as the bot's); set `bot_open_id` to tell mentions apart."
             );
         }
         let envelope = parsed.envelope;

@@ -296,10 +296,10 @@ fn a_group_mention_of_someone_else_does_not_address_the_configured_bot() {
 }
 
 #[test]
-fn without_bot_open_id_any_group_mention_counts_as_the_bot() {
+fn without_bot_open_id_the_first_group_mention_counts_as_the_bot_and_the_others_stay_named() {
     let envelope = envelope("text_group_mentions");
     assert!(envelope.mentions_self);
-    assert!(!envelope.text().contains("@_user_"));
+    assert_eq!(envelope.text(), "帮我问问 @Tom 的意见");
 }
 
 #[test]
