@@ -22,6 +22,10 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Seconds actix-web waits for open connections (a held 公众号 attempt, keep-alive) after the
+/// wait for answers: held answers are pushed or parked by then, and acknowledgements are quick.
+const CONNECTION_DRAIN_SECS: u64 = 1;
+
 /// A built, not yet running, Yizhan.
 pub struct Application {
     port: u16,
@@ -219,7 +223,9 @@ impl Application {
         // Signals are handled in `run_until_stopped`, which drains accepted messages before the
         // workers (and the sessions running on them) stop.
         .disable_signals()
-        .shutdown_timeout(config.server.shutdown_timeout_secs);
+        // Connections get only this once the wait for answers (the configured bound) is over;
+        // actix-web's graceful stop cannot be cut short once started.
+        .shutdown_timeout(CONNECTION_DRAIN_SECS);
         if config.server.workers > 0 {
             server = server.workers(config.server.workers);
         }
@@ -271,13 +277,7 @@ impl Application {
             } else {
                 tracing::info!("Every accepted message was answered.");
             }
-            // Within what is left of the one bound: actix-web's own graceful stop would wait up
-            // to the whole bound again (a held 公众号 attempt, keep-alive connections).
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if actix::clock::timeout(left, handle.stop(true)).await.is_err() {
-                tracing::warn!("Closing the connections still open at the shutdown bound.");
-                handle.stop(false).await;
-            }
+            handle.stop(true).await;
         });
         self.server.await
     }

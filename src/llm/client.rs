@@ -123,7 +123,7 @@ impl LlmClient {
             if let LlmError::Status { retry_after: Some(asked), .. } = &error {
                 // A server that asked for a pause is not asked again sooner; if the pause
                 // outlasts the time left, the user hears now rather than at the total timeout.
-                if started.elapsed() + *asked >= settings.total_timeout {
+                if started.elapsed().saturating_add(*asked) >= settings.total_timeout {
                     return Err(error);
                 }
                 delay = delay.max(*asked);

@@ -390,6 +390,9 @@ pub(crate) async fn read_body_limited(
     Ok((body, false))
 }
 
+/// The longest `Retry-After` believed; more is a broken server's (and would overflow a deadline).
+const MAX_RETRY_AFTER_SECS: u64 = 3_600;
+
 /// Turns a non-2xx response into [`LlmError::Status`], with the server's own message when its
 /// body is a JSON error (OpenAI `{"error":{"message"}}`, LobeHub `{"error":…}`/`{"message"}`),
 /// else the start of the body text.
@@ -411,7 +414,7 @@ pub(crate) async fn status_error(
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
+        .map(|secs| Duration::from_secs(secs.min(MAX_RETRY_AFTER_SECS)));
     let body = tokio::time::timeout(read_timeout, read_body_limited(&mut response, MAX_ERROR_BODY_BYTES)).await;
     let text = match body {
         Ok(Ok((bytes, _))) => redact(String::from_utf8_lossy(&bytes).into_owned(), api_key),

@@ -183,21 +183,54 @@ async fn a_passive_answer_taken_by_a_retry_finishes_the_journaled_message() {
 /// a retry until the shutdown bound runs out.
 #[actix_web::test]
 async fn sigterm_pushes_a_passive_answer_no_retry_can_take_any_more() {
+    let (app, delivered, _unfinished) = sigterm_while_a_passive_answer_is_held("auto").await;
+    assert_eq!(delivered.map(|(_, body)| body).as_deref(), Some("success"), "the lapsing attempt is the last");
+    let sent = app.sent_messages().await;
+    assert_eq!(sent.len(), 1, "pushed before exit");
+    assert_eq!(sent[0]["text"]["content"], "答：关机前");
+}
+
+/// In passive mode the answer cannot be pushed, and parked text lives in memory only: it must
+/// stay journaled, its parts pending, for the next start, not be parked and finished.
+#[actix_web::test]
+async fn sigterm_in_passive_mode_leaves_a_held_answer_for_the_next_start() {
+    let (app, _, unfinished) = sigterm_while_a_passive_answer_is_held("passive").await;
+    assert!(app.sent_messages().await.is_empty());
+    let parts: Vec<String> =
+        unfinished.iter().flat_map(|u| u.pending_parts.iter().flatten().map(|p| p.reply.text.clone())).collect();
+    assert_eq!(parts, ["答：关机前"], "{unfinished:?}");
+}
+
+/// Sends one 公众号 message (answered after 900 ms, past its attempt's wait) to the binary in
+/// `mode` on the SQLite store, SIGTERMs it once the message is accepted, and waits for the
+/// exit. Returns the app, what WeChat's attempts got, and what the store left unfinished.
+async fn sigterm_while_a_passive_answer_is_held(
+    mode: &str,
+) -> (TestApp, Option<(usize, String)>, Vec<yizhan::store::Unfinished>) {
     let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
     echo_llm(&llm, Duration::from_millis(900)).await;
     wechat_ok(&wechat).await;
-    let dir = std::env::temp_dir().join(format!("yizhan-term-passive-{}-{}", std::process::id(), now()));
+    let dir = std::env::temp_dir().join(format!("yizhan-term-{mode}-{}-{}", std::process::id(), now()));
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let db = dir.join("yizhan.db");
     let config = base_config(&llm, &wechat)
+        .replace("kind = \"memory\"", &format!("kind = \"sqlite\"\npath = \"{}\"", db.display()))
         .replace("workers = 2", "workers = 2\nshutdown_timeout_secs = 2")
-        .replace("reply_mode = \"push\"", "reply_mode = \"auto\"\npassive_window_ms = 800\npassive_margin_ms = 100");
+        .replace(
+            "reply_mode = \"push\"",
+            &format!("reply_mode = \"{mode}\"\npassive_window_ms = 800\npassive_margin_ms = 300"),
+        );
     let config_path = dir.join("yizhan.toml");
     std::fs::write(&config_path, config).unwrap_or_else(|e| panic!("{e}"));
     let mut yizhan = start_binary(&config_path).await;
     let app = TestApp { address: yizhan.address.clone(), wechat, llm, http: reqwest::Client::new() };
     let pid = yizhan.child.id().to_string();
+    // Once the message is accepted (and its attempt held), not at a guessed moment.
     let terminate = async {
-        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+        wait_for("the message accepted", || async {
+            metric(&app.http, &app.address, "yizhan_journal_open ").await == Some(1)
+        })
+        .await;
         Command::new("kill").arg("-TERM").arg(&pid).status()
     };
     let xml = text_xml("oTermPassive", 80_000, "关机前");
@@ -211,12 +244,11 @@ async fn sigterm_pushes_a_passive_answer_no_retry_can_take_any_more() {
         async move { done }
     })
     .await;
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(exit.is_some_and(|status| status.success()), "{exit:?}");
-    assert_eq!(delivered.map(|(_, body)| body).as_deref(), Some("success"), "the lapsing attempt is the last");
-    let sent = app.sent_messages().await;
-    assert_eq!(sent.len(), 1, "pushed before exit");
-    assert_eq!(sent[0]["text"]["content"], "答：关机前");
+    use yizhan::store::Store;
+    let unfinished = open_store(&db).unfinished().await.unwrap_or_else(|e| panic!("{e}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    (app, delivered, unfinished)
 }
 
 #[actix_web::test]
