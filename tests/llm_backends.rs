@@ -265,6 +265,24 @@ async fn openai_hides_reasoning_whose_think_tag_the_prompt_opened() {
     assert_eq!(result.ok().as_deref(), Some("用户在打招呼。</think>\n\n你好！"));
 }
 
+/// Reasoning cut off at the token limit before its `</think>` is not an answer: nothing of it
+/// reaches the user, who gets the apology instead.
+#[tokio::test]
+async fn openai_reasoning_opened_by_the_prompt_and_cut_at_the_token_limit_is_never_shown() {
+    let server = MockServer::start().await;
+    let cut = json!({"choices":[{"index":0,"delta":{"content":"还要再想"},"finish_reason":"length"}]}).to_string();
+    let body = sse(&[&chunk("用户在问天气，"), &cut, "[DONE]"]);
+    Mock::given(method("POST")).respond_with(streaming(body)).mount(&server).await;
+    let mut settings = openai_settings(&server);
+    settings.strip_think = true;
+    settings.think_open_in_prompt = true;
+
+    let (result, seen) = complete(&openai(settings)).await;
+
+    assert!(matches!(result, Err(LlmError::Protocol(_))), "{result:?}");
+    assert!(seen.is_empty(), "{seen:?}");
+}
+
 #[tokio::test]
 async fn openai_error_event_inside_the_stream_is_a_stream_error() {
     let server = MockServer::start().await;

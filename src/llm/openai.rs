@@ -159,6 +159,9 @@ impl OpenAiBackend {
                     if let Some(text) = choice.get("message").and_then(|message| content_text(message.get("content"))) {
                         answer.push(&text)?;
                     }
+                    if choice.get("finish_reason").and_then(Value::as_str) == Some("length") {
+                        answer.cut_short();
+                    }
                 }
             }
             ResponseBody::Events(mut events) => {
@@ -194,6 +197,9 @@ impl OpenAiBackend {
                             choice.get("finish_reason").and_then(Value::as_str).filter(|r| !r.is_empty())
                         {
                             debug!(backend = "openai", finish_reason = reason, "Stream finished.");
+                            if reason == "length" {
+                                answer.cut_short();
+                            }
                         }
                     }
                     if let Some(usage) = json.get("usage").filter(|usage| usage.is_object()) {

@@ -105,6 +105,15 @@ impl ThinkFilter {
         self.visible(out)
     }
 
+    /// The model stopped at its token limit: text held in case the prompt opened a reasoning
+    /// block is reasoning cut off before its `</think>`, never to be shown.
+    pub fn cut_short(&mut self) {
+        if self.held.take().is_some() {
+            self.inside = true;
+            self.pending.clear();
+        }
+    }
+
     /// Ends the answer: returns held-back text that turned out not to be a tag. An unclosed
     /// reasoning block is dropped.
     pub fn finish(&mut self) -> String {
@@ -167,6 +176,11 @@ impl<'s> VisibleAnswer<'s> {
     pub(crate) fn push(&mut self, raw: &str) -> Result<(), LlmError> {
         let visible = self.filter.push(raw);
         self.emit(visible)
+    }
+
+    /// The model stopped at its token limit (`finish_reason: length`).
+    pub(crate) fn cut_short(&mut self) {
+        self.filter.cut_short();
     }
 
     /// Whether visible text has reached the sink (the first-token deadline is then met).
@@ -257,6 +271,14 @@ mod tests {
         // Without strip_think there is nothing to strip.
         let mut filter = ThinkFilter::new(false).opened_by_prompt(true);
         assert_eq!(filter.push("a</think>b"), "a</think>b");
+    }
+
+    #[test]
+    fn reasoning_opened_by_the_prompt_and_cut_at_the_token_limit_is_never_shown() {
+        let mut filter = ThinkFilter::new(true).opened_by_prompt(true);
+        assert_eq!(filter.push("用户想知道"), "");
+        filter.cut_short();
+        assert_eq!(filter.finish(), "");
     }
 
     #[test]
