@@ -261,27 +261,35 @@ impl Session {
             return;
         };
         self.busy = true;
+        let (hub, key, history) = (self.hub().clone(), self.key.clone(), self.history.take());
         // Kept to answer the message if its turn panics.
         let envelope = job.envelope.clone();
         // A panic in a turn (a bug) would otherwise stop the actor and drop the jobs queued
         // behind it; caught here, the conversation goes on in order with the next job.
-        let turn =
-            AssertUnwindSafe(run_job(self.hub().clone(), self.key.clone(), job, self.history.take())).catch_unwind();
-        turn.into_actor(self)
-            .map(move |outcome, act, ctx| {
-                act.history = outcome.unwrap_or_else(|_panic| {
+        let turn = async move {
+            match AssertUnwindSafe(run_job(hub.clone(), key.clone(), job, history)).catch_unwind().await {
+                Ok(history) => history,
+                Err(_panic) => {
                     tracing::error!(
-                        session = %act.key,
+                        session = %key,
                         envelope = %envelope.id,
                         "A turn panicked (a bug); its message is answered with the apology."
                     );
                     // Answered and finished, not left open: a restart would run the same turn
-                    // into the same panic, and the user would wait for nothing.
-                    let hub = act.hub();
-                    hub.reply_now(envelope, hub.messages.apology.clone());
+                    // into the same panic. Awaited here, so it goes out before the next answer.
+                    let apology =
+                        delivery::answer(&hub, &envelope, key.as_str(), None, hub.messages.apology.clone().into());
+                    if AssertUnwindSafe(apology).catch_unwind().await.is_err() {
+                        tracing::error!(session = %key, envelope = %envelope.id, "The apology panicked too.");
+                    }
                     // Reloaded from the store by the next turn.
                     None
-                });
+                }
+            }
+        };
+        turn.into_actor(self)
+            .map(move |history, act, ctx| {
+                act.history = history;
                 act.busy = false;
                 act.last_activity = Instant::now();
                 act.pump(ctx);
