@@ -117,6 +117,7 @@ impl Hub {
 
     /// Marks an accepted envelope as finished: answered, failed for good, or needing no answer.
     pub async fn finish(&self, envelope_id: &str) {
+        self.passive.forget_continuation(envelope_id);
         match self.store.finish(envelope_id).await {
             Ok(()) => self.metrics.journal_open.dec(),
             Err(error) => tracing::error!(envelope = %envelope_id, %error, "Failed to finish a journal entry."),
@@ -128,6 +129,7 @@ impl Hub {
     /// longer waits for it.
     pub fn leave_for_next_start(&self, envelope: &Envelope) {
         tracing::info!(channel = %envelope.channel, envelope = %envelope.id, "Answer left for the next start.");
+        self.passive.forget_continuation(&envelope.id);
         self.metrics.journal_open.dec();
     }
 }

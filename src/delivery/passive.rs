@@ -178,6 +178,9 @@ pub struct PassiveSlots {
     parked: DashMap<(ChannelId, String), Parked, Hasher>,
     /// Set at shutdown, once no new connection (so no platform retry) can come in.
     closing: std::sync::atomic::AtomicBool,
+    /// Messages answered with parked text (the continue word), to the answer that text came
+    /// from: what of it is parked again keeps that answer's place in the queue.
+    continuing: DashMap<String, String, Hasher>,
 }
 
 /// One user's parked answers, oldest first.
@@ -240,13 +243,38 @@ impl PassiveSlots {
     /// Parks text of the answer to `envelope_id` for the user's next message: after what is
     /// parked already, but before later text of the same answer (the end of an answer is
     /// parked for the send quota before its start can fail to send).
+    ///
+    /// Text of a message answered with parked text (see [`Self::unpark_for`]) is the rest of the
+    /// answer it came from, which was at the front: it goes back before that answer's later
+    /// text, or to the front.
     pub fn park(&self, channel: &ChannelId, user: &str, envelope_id: &str, text: String) {
+        let continued = self.continuing.get(envelope_id).map(|original| original.value().clone());
         let mut parked = self.parked.entry((channel.clone(), user.to_owned())).or_default();
         parked.parked_at = std::time::Instant::now();
         let queue = &mut parked.texts;
-        let at = queue.iter().position(|(id, _)| id == envelope_id).unwrap_or(queue.len());
-        queue.insert(at, (envelope_id.to_owned(), text));
+        let (id, otherwise) = match continued {
+            Some(original) => (original, 0),
+            None => (envelope_id.to_owned(), queue.len()),
+        };
+        let at = queue.iter().position(|(queued, _)| *queued == id).unwrap_or(otherwise);
+        queue.insert(at, (id, text));
         Self::bound(channel, queue, false);
+    }
+
+    /// Takes the oldest parked text for a user to answer `envelope_id` (the continue word):
+    /// what of it is parked again keeps its place (see [`Self::park`]) until
+    /// [`Self::forget_continuation`].
+    pub fn unpark_for(&self, channel: &ChannelId, user: &str, envelope_id: &str) -> Option<String> {
+        let (original, text) = self.take_front(channel, user)?;
+        self.continuing.insert(envelope_id.to_owned(), original);
+        Some(text)
+    }
+
+    /// Forgets what [`Self::unpark_for`] noted for a finished message.
+    pub fn forget_continuation(&self, envelope_id: &str) {
+        if !self.continuing.is_empty() {
+            self.continuing.remove(envelope_id);
+        }
     }
 
     /// Puts back text taken by [`Self::unpark`] that could not be delivered after all, so it is
@@ -272,15 +300,20 @@ impl PassiveSlots {
 
     /// Takes the oldest parked text for a user.
     pub fn unpark(&self, channel: &ChannelId, user: &str) -> Option<String> {
+        self.take_front(channel, user).map(|(_, text)| text)
+    }
+
+    /// The oldest parked text for a user, with the id of the answer it came from.
+    fn take_front(&self, channel: &ChannelId, user: &str) -> Option<(String, String)> {
         let key = (channel.clone(), user.to_owned());
         let mut parked = self.parked.get_mut(&key)?;
-        let text = parked.texts.pop_front().map(|(_, text)| text);
+        let front = parked.texts.pop_front();
         let empty = parked.texts.is_empty();
         drop(parked);
         if empty {
             self.parked.remove_if(&key, |_, parked| parked.texts.is_empty());
         }
-        text
+        front
     }
 
     /// Drops the parked answers of users for whom nothing was parked since `cutoff`; returns
@@ -411,5 +444,22 @@ mod tests {
         slots.park(&channel, "u", "e2", "start".into());
         let order: Vec<String> = std::iter::from_fn(|| slots.unpark(&channel, "u")).collect();
         assert_eq!(order, ["older answer", "start", "end"]);
+    }
+
+    /// 继续 (message e2) shows the start of answer e1; what of it does not fit is parked again
+    /// and must come before the end of e1, not after answers parked since.
+    #[test]
+    fn what_the_continue_word_could_not_show_keeps_its_place() {
+        let slots = PassiveSlots::default();
+        let channel = ChannelId::parse("c").unwrap_or_else(|e| panic!("{e}"));
+        slots.park(&channel, "u", "e1", "end".into());
+        slots.park(&channel, "u", "e1", "start".into());
+        slots.park(&channel, "u", "e3", "a newer answer".into());
+        assert_eq!(slots.unpark_for(&channel, "u", "e2").as_deref(), Some("start"));
+        slots.park(&channel, "u", "e2", "rest of start".into());
+        slots.forget_continuation("e2");
+        let order: Vec<String> = std::iter::from_fn(|| slots.unpark(&channel, "u")).collect();
+        assert_eq!(order, ["rest of start", "end", "a newer answer"]);
+        assert!(slots.continuing.is_empty());
     }
 }

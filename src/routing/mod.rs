@@ -123,7 +123,7 @@ impl Router {
         if let (Some(Work::Ask(text)), true) = (&work, can_park) {
             let is_continue = self.hub.messages.continue_commands.iter().any(|word| word.trim() == text.as_str());
             if is_continue {
-                work = Some(match self.hub.passive.unpark(&envelope.channel, &envelope.sender.id) {
+                work = Some(match self.hub.passive.unpark_for(&envelope.channel, &envelope.sender.id, &envelope.id) {
                     Some(parked) => {
                         unparked_on = Some(envelope.channel.clone());
                         Work::SayParked(parked)
