@@ -226,7 +226,10 @@ async fn hold_for_answer(
     let first = parts.remove(0);
     let mut text = first.reply.text.clone();
     let mut unparked = None;
-    if let Some(parked) = hub.passive.unpark(&envelope.channel, &envelope.sender.id) {
+    // Not when this answer is itself parked text (the continue word): the next parked text is
+    // later than it and would be shown first.
+    let unpark = !hub.passive.is_continuation(&envelope.id);
+    if let Some(parked) = unpark.then(|| hub.passive.unpark(&envelope.channel, &envelope.sender.id)).flatten() {
         let combined = format!("{}\n{parked}\n\n{text}", hub.messages.parked_prefix);
         if combined.len() <= limit {
             text = combined;
@@ -235,7 +238,10 @@ async fn hold_for_answer(
             hub.passive.put_back(&envelope.channel, &envelope.sender.id, parked);
         }
     }
-    if entry.reply_mode == ReplyMode::Passive && !parts.is_empty() {
+    // Shutting down: parked text would die with the process, so the rest stays pending in the
+    // store for the next start to park (`send_parts` leaves it there).
+    let leave_rest = entry.reply_mode == ReplyMode::Passive && hub.passive.is_closing();
+    if entry.reply_mode == ReplyMode::Passive && !parts.is_empty() && !leave_rest {
         // No send API: the rest waits for the continue word, and the hint must fit too.
         let rest = parts.drain(..).map(|part| part.reply.text).collect::<Vec<_>>().join("\n\n");
         let (kept, spill) = crate::delivery::fit_with_hint(&text, &hub.messages.more_hint, limit);
@@ -244,7 +250,7 @@ async fn hold_for_answer(
         hub.metrics.answers.with_label_values(&[channel, "parked"]).inc();
     }
     // The passive reply used no quota; the rest goes through the send API within it.
-    let parts = crate::delivery::within_send_quota(hub, &envelope, parts);
+    let parts = if leave_rest { parts } else { crate::delivery::within_send_quota(hub, &envelope, parts) };
     let response = match entry.channel.passive_reply(request, &envelope, &Reply::text(text)) {
         Ok(response) => response,
         Err(error) => {

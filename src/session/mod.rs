@@ -280,7 +280,12 @@ impl Session {
                     let apology =
                         delivery::answer(&hub, &envelope, key.as_str(), None, hub.messages.apology.clone().into());
                     if AssertUnwindSafe(apology).catch_unwind().await.is_err() {
-                        tracing::error!(session = %key, envelope = %envelope.id, "The apology panicked too.");
+                        tracing::error!(
+                            session = %key,
+                            envelope = %envelope.id,
+                            "The apology panicked too; the message is finished unanswered."
+                        );
+                        hub.finish(&envelope.id).await;
                     }
                     // Reloaded from the store by the next turn.
                     None

@@ -16,9 +16,15 @@ struct Yizhan {
 
 /// Starts the `yizhan` binary and learns its port from its JSON log.
 async fn start_binary(config: &PathBuf) -> Yizhan {
+    start_binary_with(config, &[]).await
+}
+
+/// [`start_binary`] with environment overrides.
+async fn start_binary_with(config: &PathBuf, env: &[(&str, &str)]) -> Yizhan {
     let mut child = Command::new(env!("CARGO_BIN_EXE_yizhan"))
         .arg("--config")
         .arg(config)
+        .envs(env.iter().copied())
         .env("YIZHAN_LOG_FORMAT", "json")
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
@@ -183,46 +189,65 @@ async fn a_passive_answer_taken_by_a_retry_finishes_the_journaled_message() {
 /// a retry until the shutdown bound runs out.
 #[actix_web::test]
 async fn sigterm_pushes_a_passive_answer_no_retry_can_take_any_more() {
-    let (app, delivered, _unfinished) = sigterm_while_a_passive_answer_is_held("auto").await;
+    let (app, delivered, _unfinished) = sigterm_while_a_passive_answer_is_held("auto", 2_500, &[]).await;
     assert_eq!(delivered.map(|(_, body)| body).as_deref(), Some("success"), "the lapsing attempt is the last");
     let sent = app.sent_messages().await;
     assert_eq!(sent.len(), 1, "pushed before exit");
-    assert_eq!(sent[0]["text"]["content"], "答：关机前");
+    assert!(sent[0]["text"]["content"].as_str().is_some_and(|text| text.starts_with("答：关机前")));
 }
 
 /// In passive mode the answer cannot be pushed, and parked text lives in memory only: it must
 /// stay journaled, its parts pending, for the next start, not be parked and finished.
 #[actix_web::test]
 async fn sigterm_in_passive_mode_leaves_a_held_answer_for_the_next_start() {
-    let (app, _, unfinished) = sigterm_while_a_passive_answer_is_held("passive").await;
+    let (app, _, unfinished) = sigterm_while_a_passive_answer_is_held("passive", 2_500, &[]).await;
     assert!(app.sent_messages().await.is_empty());
     let parts: Vec<String> =
         unfinished.iter().flat_map(|u| u.pending_parts.iter().flatten().map(|p| p.reply.text.clone())).collect();
-    assert_eq!(parts, ["答：关机前"], "{unfinished:?}");
+    assert!(parts.len() == 1 && parts[0].starts_with("答：关机前"), "{unfinished:?}");
 }
 
-/// Sends one 公众号 message (answered after 900 ms, past its attempt's wait) to the binary in
-/// `mode` on the SQLite store, SIGTERMs it once the message is accepted, and waits for the
-/// exit. Returns the app, what WeChat's attempts got, and what the store left unfinished.
+/// A held attempt takes a long answer during shutdown in passive mode: its first part is the
+/// reply, and the rest stays pending in the store for the next start (parked text would die
+/// with the process).
+#[actix_web::test]
+async fn sigterm_in_passive_mode_leaves_the_rest_of_a_long_answer_for_the_next_start() {
+    let env = [("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "100")];
+    let (app, delivered, unfinished) = sigterm_while_a_passive_answer_is_held("passive", 1_000, &env).await;
+    let (attempt, body) = delivered.unwrap_or_default();
+    assert!(attempt == 1 && body.contains("答：关机前"), "attempt {attempt}: {body}");
+    assert!(app.sent_messages().await.is_empty());
+    let pending: usize = unfinished.iter().map(|u| u.pending_parts.as_ref().map_or(0, Vec::len)).sum();
+    assert!(pending >= 1, "the rest is left for the next start: {unfinished:?}");
+}
+
+/// Sends one 公众号 message (answered after `llm_delay_ms`; an attempt waits 1.7 s) to the
+/// binary in `mode` on the SQLite store with `env`, SIGTERMs it once the message is accepted,
+/// and waits for the exit. Returns the app, what WeChat's attempts got, and what the store left
+/// unfinished.
 async fn sigterm_while_a_passive_answer_is_held(
     mode: &str,
+    llm_delay_ms: u64,
+    env: &[(&str, &str)],
 ) -> (TestApp, Option<(usize, String)>, Vec<yizhan::store::Unfinished>) {
     let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
-    echo_llm(&llm, Duration::from_millis(900)).await;
+    echo_llm(&llm, Duration::from_millis(llm_delay_ms)).await;
     wechat_ok(&wechat).await;
-    let dir = std::env::temp_dir().join(format!("yizhan-term-{mode}-{}-{}", std::process::id(), now()));
+    // Nanoseconds: tests of one mode start within the same second.
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let dir = std::env::temp_dir().join(format!("yizhan-term-{mode}-{}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
     let db = dir.join("yizhan.db");
     let config = base_config(&llm, &wechat)
         .replace("kind = \"memory\"", &format!("kind = \"sqlite\"\npath = \"{}\"", db.display()))
-        .replace("workers = 2", "workers = 2\nshutdown_timeout_secs = 2")
+        .replace("workers = 2", "workers = 2\nshutdown_timeout_secs = 5")
         .replace(
             "reply_mode = \"push\"",
-            &format!("reply_mode = \"{mode}\"\npassive_window_ms = 800\npassive_margin_ms = 300"),
+            &format!("reply_mode = \"{mode}\"\npassive_window_ms = 2000\npassive_margin_ms = 300"),
         );
     let config_path = dir.join("yizhan.toml");
     std::fs::write(&config_path, config).unwrap_or_else(|e| panic!("{e}"));
-    let mut yizhan = start_binary(&config_path).await;
+    let mut yizhan = start_binary_with(&config_path, env).await;
     let app = TestApp { address: yizhan.address.clone(), wechat, llm, http: reqwest::Client::new() };
     let pid = yizhan.child.id().to_string();
     // Once the message is accepted (and its attempt held), not at a guessed moment.
@@ -233,9 +258,10 @@ async fn sigterm_while_a_passive_answer_is_held(
         .await;
         Command::new("kill").arg("-TERM").arg(&pid).status()
     };
-    let xml = text_xml("oTermPassive", 80_000, "关机前");
+    // Long enough to need several parts when `max_part_bytes` is small.
+    let xml = text_xml("oTermPassive", 80_000, &format!("关机前{}", "。".repeat(60)));
     let (delivered, status) =
-        futures_util::join!(wechat_delivers_within(&app, &xml, Duration::from_millis(800)), terminate);
+        futures_util::join!(wechat_delivers_within(&app, &xml, Duration::from_millis(2_000)), terminate);
     assert!(status.is_ok_and(|s| s.success()));
     let mut exit = None;
     wait_for("yizhan to exit", || {

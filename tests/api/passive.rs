@@ -410,3 +410,26 @@ async fn an_answer_to_a_menu_click_keeps_to_its_three_message_quota() {
     let last = sent[2]["text"]["content"].as_str().unwrap_or_default();
     assert!(last.ends_with("（回复「继续」查看剩余内容）"), "{last}");
 }
+
+/// Two answers too late for every attempt are parked in order; 继续 brings the older one alone,
+/// not the newer one in front of it (the continue word's own answer is parked text already).
+#[actix_web::test]
+async fn the_continue_word_brings_parked_answers_oldest_first_one_at_a_time() {
+    let env = [
+        ("YIZHAN__CHANNELS__MP__REPLY_MODE", "passive"),
+        ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", "800"),
+        ("YIZHAN__CHANNELS__MP__PASSIVE_MARGIN_MS", "100"),
+    ];
+    let app = spawn_app(&env, Duration::from_millis(3_000)).await;
+    for (id, question) in [(40, "问题一"), (41, "问题三")] {
+        let (attempt, body) = wechat_delivers(&app, &text_xml("oOrder", id, question)).await.unwrap_or_default();
+        assert_eq!((attempt, body.as_str()), (3, "success"));
+    }
+    app.wait_until_idle().await;
+    let mut shown = Vec::new();
+    for id in [42, 43] {
+        let (_, body) = wechat_delivers(&app, &text_xml("oOrder", id, "继续")).await.unwrap_or_default();
+        shown.push(passive_content(&body));
+    }
+    assert_eq!(shown, ["答：问题一", "答：问题三"]);
+}
