@@ -205,7 +205,7 @@ impl Application {
             session_arbiters.iter().map(Arbiter::handle).collect(),
         );
         let router = Router::new(hub.clone(), sessions);
-        resume_unfinished(&hub, &router).await;
+        resume_unfinished(&hub, &router).await?;
 
         let listener = TcpListener::bind(&config.server.bind)
             .with_context(|| format!("Failed to bind {} (config key `server.bind`)", config.server.bind))?;
@@ -349,21 +349,14 @@ async fn wait_for_signal() {
 
 /// Re-dispatches what was accepted but not finished before the last stop. Runs before the
 /// server listens, so `journal_open` never reads 0 while old work is pending.
-async fn resume_unfinished(hub: &Hub, router: &Router) {
-    let pending = match hub.store.unfinished().await {
-        Ok(pending) => pending,
-        Err(error) => {
-            // They stay journaled (and keep their log segments): the next start tries again.
-            tracing::error!(
-                %error,
-                "Failed to read the messages the last run left unanswered; they stay journaled \
-                 and are resumed at the next start."
-            );
-            return;
-        }
-    };
+async fn resume_unfinished(hub: &Hub, router: &Router) -> anyhow::Result<()> {
+    // Not started without them: their claims would answer the platform's retries as duplicates
+    // while nothing answered the messages (they stay journaled for the next attempt to start).
+    let pending = hub.store.unfinished().await.context(
+        "Failed to read the messages the last run left unanswered (they stay journaled; fix the store and start again)",
+    )?;
     if pending.is_empty() {
-        return;
+        return Ok(());
     }
     tracing::info!(count = pending.len(), "Resuming unfinished messages.");
     hub.metrics.journal_open.add(pending.len() as i64);
@@ -387,4 +380,5 @@ async fn resume_unfinished(hub: &Hub, router: &Router) {
             }
         }
     }
+    Ok(())
 }

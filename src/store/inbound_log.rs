@@ -320,7 +320,7 @@ impl Scanned {
 /// Takes `dir/LOCK` for this process (`flock`, released when the file closes or the process
 /// dies): two processes writing one log would delete and overwrite each other's segments.
 #[cfg(target_os = "linux")]
-fn lock_dir(dir: &Path) -> std::io::Result<Option<File>> {
+pub(super) fn lock_dir(dir: &Path) -> std::io::Result<Option<File>> {
     use std::os::fd::AsRawFd;
     let file = File::options().read(true).write(true).create(true).truncate(false).open(dir.join("LOCK"))?;
     // SAFETY: flock on a descriptor this function owns; no memory is passed.
@@ -335,7 +335,7 @@ fn lock_dir(dir: &Path) -> std::io::Result<Option<File>> {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn lock_dir(_dir: &Path) -> std::io::Result<Option<File>> {
+pub(super) fn lock_dir(_dir: &Path) -> std::io::Result<Option<File>> {
     Ok(None)
 }
 
@@ -350,13 +350,34 @@ pub(super) fn create_dir(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Reads every segment in `dir` (created if missing), oldest first, and locks the directory.
-/// Blank segments (never written) are deleted, but for the last one; so are segments left half
-/// prepared by a crash, and the oldest ones with nothing open and no live claim left.
-/// `segment_bytes` is the size a reusable blank segment must have.
+/// [`scan_locked`], creating and locking the directory first.
+#[cfg(test)]
 pub(super) fn scan(dir: &Path, now: i64, segment_bytes: u64) -> std::io::Result<Scanned> {
     create_dir(dir)?;
     let lock = lock_dir(dir)?;
+    scan_locked(dir, now, segment_bytes, lock)
+}
+
+/// Reads every segment in `dir`, oldest first, holding the directory's `lock` (from
+/// [`lock_dir`]). Blank segments (never written) are deleted, but for the last one; so are
+/// segments left half prepared by a crash, and the oldest ones with nothing open and no live
+/// claim left. `segment_bytes` is the size a reusable blank segment must have.
+pub(super) fn scan_locked(dir: &Path, now: i64, segment_bytes: u64, lock: Option<File>) -> std::io::Result<Scanned> {
+    scan_syncing(dir, now, segment_bytes, lock, &mut |file: &File| file.sync_data())
+}
+
+/// [`scan`], with `sync` for each segment that holds records. Those are synced before anything
+/// is decided on them: a run killed between a batch's write and its sync leaves records that
+/// this run reads from the page cache but that are not on disk yet; answering a retry as a
+/// duplicate on such a claim, or deleting what such a finish or carried copy freed, would then
+/// be undone by a power loss.
+fn scan_syncing(
+    dir: &Path,
+    now: i64,
+    segment_bytes: u64,
+    lock: Option<File>,
+    sync: &mut dyn FnMut(&File) -> std::io::Result<()>,
+) -> std::io::Result<Scanned> {
     let mut scanned = Scanned {
         open: OpenEntries::new(),
         segments: VecDeque::new(),
@@ -370,7 +391,8 @@ pub(super) fn scan(dir: &Path, now: i64, segment_bytes: u64) -> std::io::Result<
     let mut data = Vec::new();
     for (index, &number) in numbers.iter().enumerate() {
         data.clear();
-        File::open(segment_path(dir, number))?.read_to_end(&mut data)?;
+        let mut file = File::open(segment_path(dir, number))?;
+        file.read_to_end(&mut data)?;
         let mut info = SegmentInfo { number, open: 0, claims_until: i64::MIN };
         let mut at = 0;
         let mut last_seq = None;
@@ -433,6 +455,7 @@ pub(super) fn scan(dir: &Path, now: i64, segment_bytes: u64) -> std::io::Result<
             }
             continue;
         }
+        sync(&file)?;
         scanned.segments.push_back(info);
     }
     // Before the writer asks for a fresh segment: on a full disk, this may be what makes room.
@@ -764,6 +787,14 @@ impl InboundLog {
             self.break_on(&error);
             return;
         }
+        if self.sync.is_none() && !carried.is_empty() {
+            // Whatever the durability mode: the originals' segment is deleted (durably) once
+            // the copies are counted, so the copies must be on disk first. Carries are rare.
+            if let Err(error) = filled.iter().chain([&self.active]).try_for_each(File::sync_data) {
+                self.break_on(&error);
+                return;
+            }
+        }
         if carried.len() < stuck.len() || stuck.is_empty() {
             // Too large for the segment size now configured, seqs exhausted, or (with nothing
             // found in it) counts gone wrong: the segment stays; say so, and do not spin on it.
@@ -1002,6 +1033,27 @@ mod tests {
 
     fn segment_count(dir: &TempDir) -> usize {
         segment_numbers(&dir.0).map_or(0, |numbers| numbers.len())
+    }
+
+    /// A run killed between a batch's write and its sync leaves records the next run reads
+    /// from the page cache: the scan syncs every segment holding records before using them.
+    #[test]
+    fn a_restart_syncs_the_records_it_reads_before_using_them() {
+        let dir = TempDir::new();
+        let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (mut log, preparer) = start(&dir, syncs);
+        assert!(matches!(serve(&mut log, vec![accept("m1", 60_000)]).pop(), Some(Ok(_))));
+        drop(log);
+        let _ = preparer.join();
+        let mut synced = Vec::new();
+        let lock = lock_dir(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+        let scanned = scan_syncing(&dir.0, crate::store::now_ms(), SEGMENT, lock, &mut |file: &File| {
+            synced.push(file.metadata().map(|meta| meta.len()).unwrap_or_default());
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(scanned.is_open("m1"));
+        assert_eq!(synced, [SEGMENT], "the segment holding m1, and no blank one");
     }
 
     #[test]

@@ -423,10 +423,13 @@ impl SqliteStore {
         }
         // Before the schema says the log is in use, so that no crash leaves it said but missing.
         inbound_log::create_dir(&log_dir).map_err(at_log)?;
+        // Before any migration: a second process (an overlapping restart during an upgrade)
+        // must not change the schema under the one running.
+        let lock = inbound_log::lock_dir(&log_dir).map_err(at_log)?;
         migrate(&mut writer, path)?;
         let legacy_claims = load_claims(&writer).map_err(at)?;
         let segment_bytes = options.log_segment_bytes.max(4096);
-        let scanned = inbound_log::scan(&log_dir, now_ms(), segment_bytes).map_err(at_log)?;
+        let scanned = inbound_log::scan_locked(&log_dir, now_ms(), segment_bytes, lock).map_err(at_log)?;
         tracing::debug!(
             path = %path.display(),
             legacy_claims = legacy_claims.len(),
@@ -2016,6 +2019,27 @@ mod tests {
         let conn = ok(Connection::open(dir.db()));
         let left: i64 = ok(conn.query_row("SELECT COUNT(*) FROM dedupe", [], |row| row.get(0)));
         assert_eq!(left, 1);
+    }
+
+    /// An overlapping start (an upgrade's new binary while the old one runs) is refused before
+    /// it migrates: the running process must not find its schema changed under it.
+    #[test]
+    fn a_database_in_use_is_not_migrated_by_a_second_process() {
+        let dir = TempDir::new();
+        ok(std::fs::create_dir_all(dir.0.join("data")));
+        {
+            let conn = ok(Connection::open(dir.db()));
+            ok(conn.execute_batch(MIGRATIONS[0]));
+            ok(conn.pragma_update(None, "user_version", 1));
+        }
+        let log_dir = inbound_log::log_dir(&dir.db());
+        ok(inbound_log::create_dir(&log_dir));
+        let _held = ok(inbound_log::lock_dir(&log_dir));
+        let refused = SqliteStore::open(&dir.db(), SqliteOptions::default()).err().map(|e| e.to_string());
+        assert!(refused.as_deref().is_some_and(|e| e.contains("in use")), "{refused:?}");
+        let conn = ok(Connection::open(dir.db()));
+        let version: i64 = ok(conn.pragma_query_value(None, "user_version", |row| row.get(0)));
+        assert_eq!(version, 1, "not migrated");
     }
 
     #[tokio::test]
