@@ -260,12 +260,7 @@ impl Application {
             // rather than after the fallback timer, which the shutdown bound may not outlast.
             for (job, parts) in hub.passive.close_for_shutdown() {
                 let hub = hub.clone();
-                actix::spawn(async move {
-                    let envelope = job.envelope();
-                    hub.passive.close(&envelope.channel, &envelope.platform_message_id);
-                    let parts = crate::delivery::within_send_quota(&hub, envelope, parts);
-                    crate::delivery::send_parts(&hub, envelope, parts).await;
-                });
+                actix::spawn(async move { crate::delivery::push_instead(&hub, job.envelope(), parts).await });
             }
             let deadline = std::time::Instant::now() + shutdown_timeout;
             while hub.metrics.journal_open.get() > 0 && std::time::Instant::now() < deadline {

@@ -145,11 +145,7 @@ pub async fn deliver_recorded(hub: &Hub, envelope: &Envelope, parts: Vec<Deliver
     };
     let offer = if hub.passive.is_closing() { job.offer_while_closing(parts) } else { job.offer(parts) };
     match offer {
-        passive::Offer::Push(parts) => {
-            hub.passive.close(&envelope.channel, &envelope.platform_message_id);
-            let parts = within_send_quota(hub, envelope, parts);
-            send_parts(hub, envelope, parts).await;
-        }
+        passive::Offer::Push(parts) => push_instead(hub, envelope, parts).await,
         passive::Offer::Held => {
             // An attempt takes it; if none comes within two windows (the platform stopped
             // retrying), it goes out the normal way.
@@ -159,12 +155,26 @@ pub async fn deliver_recorded(hub: &Hub, envelope: &Envelope, parts: Vec<Deliver
                 actix::clock::sleep(window * 2 + Duration::from_millis(500)).await;
                 if let Some(parts) = job.reclaim() {
                     tracing::info!(channel = %envelope.channel, "No platform retry took the passive answer; pushing it.");
-                    hub.passive.close(&envelope.channel, &envelope.platform_message_id);
-                    let parts = within_send_quota(&hub, &envelope, parts);
-                    send_parts(&hub, &envelope, parts).await;
+                    push_instead(&hub, &envelope, parts).await;
                 }
             });
         }
+    }
+}
+
+/// Sends an answer its passive job will not carry after all (no attempt will take it): the job
+/// is closed, and the parts go within the send quota.
+pub async fn push_instead(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) {
+    hub.passive.close(&envelope.channel, &envelope.platform_message_id);
+    let parts = within_send_quota(hub, envelope, parts);
+    send_parts(hub, envelope, parts).await;
+}
+
+/// Clears a part the platform took from the outbox (a failure only means it may be sent again
+/// after a restart).
+pub async fn clear_delivered(store: &dyn Store, part: &Delivery) {
+    if let Err(error) = store.part_delivered(&part.delivery_id).await {
+        tracing::error!(part = %part.delivery_id, %error, "Failed to clear a delivered part.");
     }
 }
 
@@ -195,19 +205,39 @@ pub fn within_send_quota_after(
     if parts.len() <= quota {
         return parts;
     }
-    let overflow: Vec<String> = parts.drain(quota..).map(|part| part.reply.text).collect();
-    let mut rest = overflow.join("\n\n");
-    if let Some(last) = parts.last_mut() {
-        let limit = entry.channel.capabilities().max_part_bytes;
-        let (kept, spill) = fit_with_hint(&last.reply.text, &hub.messages.more_hint, limit);
-        last.reply.text = kept;
-        if !spill.is_empty() {
-            rest = format!("{spill}{rest}");
-        }
-    }
-    hub.passive.park(&envelope.channel, &envelope.sender.id, &envelope.id, rest);
-    hub.metrics.answers.with_label_values(&[envelope.channel.as_str(), "parked"]).inc();
+    let overflow: Vec<Delivery> = parts.drain(quota..).collect();
+    let limit = entry.channel.capabilities().max_part_bytes;
+    park_behind_hint(hub, envelope, parts.last_mut().map(|last| &mut last.reply.text), limit, &overflow);
     parts
+}
+
+/// Parks `overflow` behind the continue word: `last`, the text shown last now, gets the hint
+/// (cut to fit `limit` bytes with it; what the hint displaces is parked first).
+pub fn park_behind_hint(
+    hub: &Hub,
+    envelope: &Envelope,
+    last: Option<&mut String>,
+    limit: usize,
+    overflow: &[Delivery],
+) {
+    let mut rest = joined(overflow);
+    if let Some(last) = last {
+        let (kept, spill) = fit_with_hint(last, &hub.messages.more_hint, limit);
+        *last = kept;
+        rest.insert_str(0, &spill);
+    }
+    park_text(hub, envelope, rest);
+}
+
+/// The texts of `parts`, as one text.
+fn joined(parts: &[Delivery]) -> String {
+    parts.iter().map(|part| part.reply.text.as_str()).collect::<Vec<_>>().join("\n\n")
+}
+
+/// Parks `text` of `envelope`'s answer for the user's next message, and counts it.
+fn park_text(hub: &Hub, envelope: &Envelope, text: String) {
+    hub.passive.park(&envelope.channel, &envelope.sender.id, &envelope.id, text);
+    hub.metrics.answers.with_label_values(&[envelope.channel.as_str(), "parked"]).inc();
 }
 
 /// The send quota an envelope opens: a menu click, a follow or a QR scan opens only 3 messages
@@ -225,7 +255,7 @@ const EVENT_SEND_QUOTA: usize = 3;
 
 /// `text` with `hint` on a new line, cut at a character boundary so the whole fits in `limit`
 /// bytes; returns the text and what was cut off (to be shown later).
-pub fn fit_with_hint(text: &str, hint: &str, limit: usize) -> (String, String) {
+fn fit_with_hint(text: &str, hint: &str, limit: usize) -> (String, String) {
     let room = limit.saturating_sub(hint.len() + 1);
     let mut cut = text.len().min(room);
     while !text.is_char_boundary(cut) {
@@ -280,11 +310,8 @@ fn park(hub: &Hub, envelope: &Envelope, parts: &[Delivery], why: &str) {
     if parts.is_empty() {
         return;
     }
-    let channel = envelope.channel.as_str();
-    let text = parts.iter().map(|part| part.reply.text.as_str()).collect::<Vec<_>>().join("\n\n");
-    tracing::warn!(channel, why, "Answer not sent; parked for the user's next message.");
-    hub.passive.park(&envelope.channel, &envelope.sender.id, &envelope.id, text);
-    hub.metrics.answers.with_label_values(&[channel, "parked"]).inc();
+    tracing::warn!(channel = %envelope.channel, why, "Answer not sent; parked for the user's next message.");
+    park_text(hub, envelope, joined(parts));
 }
 
 /// Show a typing indicator for the envelope's conversation (best effort).
@@ -394,11 +421,7 @@ async fn deliver_all(
         let result = deliver_one(channel, policy, metrics, &channel_label, &delivery).await;
         gauge.dec();
         match result {
-            Ok(()) => {
-                if let Err(error) = store.part_delivered(&delivery.delivery_id).await {
-                    tracing::error!(part = %delivery.delivery_id, %error, "Failed to clear a delivered part.");
-                }
-            }
+            Ok(()) => clear_delivered(store, &delivery).await,
             Err(error) => {
                 let reason = error.to_string();
                 let undelivered: Vec<Delivery> = std::iter::once(delivery).chain(parts).collect();

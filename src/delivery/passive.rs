@@ -272,14 +272,12 @@ impl PassiveSlots {
 
     /// Whether `envelope_id` is being answered with parked text (see [`Self::unpark_for`]).
     pub fn is_continuation(&self, envelope_id: &str) -> bool {
-        !self.continuing.is_empty() && self.continuing.contains_key(envelope_id)
+        self.continuing.contains_key(envelope_id)
     }
 
     /// Forgets what [`Self::unpark_for`] noted for a finished message.
     pub fn forget_continuation(&self, envelope_id: &str) {
-        if !self.continuing.is_empty() {
-            self.continuing.remove(envelope_id);
-        }
+        self.continuing.remove(envelope_id);
     }
 
     /// Puts back text taken by [`Self::unpark`] that could not be delivered after all, so it is

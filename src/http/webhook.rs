@@ -243,11 +243,8 @@ async fn hold_for_answer(
     let leave_rest = entry.reply_mode == ReplyMode::Passive && hub.passive.is_closing();
     if entry.reply_mode == ReplyMode::Passive && !parts.is_empty() && !leave_rest {
         // No send API: the rest waits for the continue word, and the hint must fit too.
-        let rest = parts.drain(..).map(|part| part.reply.text).collect::<Vec<_>>().join("\n\n");
-        let (kept, spill) = crate::delivery::fit_with_hint(&text, &hub.messages.more_hint, limit);
-        text = kept;
-        hub.passive.park(&envelope.channel, &envelope.sender.id, &envelope.id, format!("{spill}{rest}"));
-        hub.metrics.answers.with_label_values(&[channel, "parked"]).inc();
+        let rest = std::mem::take(&mut parts);
+        crate::delivery::park_behind_hint(hub, &envelope, Some(&mut text), limit, &rest);
     }
     // The passive reply used no quota; the rest goes through the send API within it.
     let parts = if leave_rest { parts } else { crate::delivery::within_send_quota(hub, &envelope, parts) };
@@ -274,9 +271,7 @@ async fn hold_for_answer(
     // once the worker is free again): a crash before the response left would otherwise lose the
     // start of the answer; a crash in between now at worst sends it once more.
     actix::spawn(async move {
-        if let Err(error) = hub.store.part_delivered(&first.delivery_id).await {
-            tracing::error!(part = %first.delivery_id, %error, "Failed to clear a delivered part.");
-        }
+        crate::delivery::clear_delivered(hub.store.as_ref(), &first).await;
         if parts.is_empty() {
             hub.finish(&envelope.id).await;
         } else {

@@ -118,16 +118,11 @@ impl Router {
         let can_park = entry.as_ref().is_some_and(|entry| entry.can_park());
         let empty = HashMap::new();
         let mut work = classify(&envelope, &self.hub.messages, menu.unwrap_or(&empty));
-        // The channel (for the metric) when the continue word took parked text.
-        let mut unparked_on = None;
         if let (Some(Work::Ask(text)), true) = (&work, can_park) {
             let is_continue = self.hub.messages.continue_commands.iter().any(|word| word.trim() == text.as_str());
             if is_continue {
                 work = Some(match self.hub.passive.unpark_for(&envelope.channel, &envelope.sender.id, &envelope.id) {
-                    Some(parked) => {
-                        unparked_on = Some(envelope.channel.clone());
-                        Work::SayParked(parked)
-                    }
+                    Some(parked) => Work::SayParked(parked),
                     None => Work::Say(self.hub.messages.nothing_parked.clone()),
                 });
             }
@@ -139,6 +134,8 @@ impl Router {
             return false;
         };
         let key = self.hub.session_key(&envelope);
+        // The channel (for the metric) when the continue word took parked text.
+        let unparked_on = matches!(work, Work::SayParked(_)).then(|| envelope.channel.clone());
         match self.sessions.dispatch(key, Job { envelope, work }) {
             Ok(()) => {
                 if let Some(channel) = unparked_on {
@@ -150,7 +147,7 @@ impl Router {
                 self.hub.metrics.shed.with_label_values(&["session_queue"]).inc();
                 tracing::warn!(channel = %job.envelope.channel, "Too many messages waiting in one conversation; answered busy.");
                 let Job { envelope, work } = *job;
-                if let (Some(_), Work::SayParked(parked)) = (unparked_on, work) {
+                if let Work::SayParked(parked) = work {
                     // Still there for the next continue word.
                     self.hub.passive.put_back(&envelope.channel, &envelope.sender.id, parked);
                 }

@@ -449,11 +449,7 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
         };
         match live.finish(&card_text).await {
             Ok(()) if parts.len() > 1 => {
-                if let Some(first) = parts.first() {
-                    if let Err(error) = hub.store.part_delivered(&first.delivery_id).await {
-                        tracing::error!(part = %first.delivery_id, %error, "Failed to clear a delivered part.");
-                    }
-                }
+                delivery::clear_delivered(hub.store.as_ref(), &parts[0]).await;
                 delivery::deliver_recorded(&hub, &envelope, parts.into_iter().skip(1).collect()).await;
             }
             Ok(()) => {

@@ -14,6 +14,25 @@ struct Yizhan {
     address: String,
 }
 
+impl Yizhan {
+    /// Waits for the process to exit (after a SIGTERM) and asserts it exited with success.
+    async fn exits_cleanly(&mut self) {
+        let mut exit = None;
+        wait_for("yizhan to exit", || {
+            exit = exit.or_else(|| self.child.try_wait().ok().flatten());
+            let done = exit.is_some();
+            async move { done }
+        })
+        .await;
+        assert!(exit.is_some_and(|status| status.success()), "{exit:?}");
+    }
+}
+
+/// `base_config` on the SQLite store at `db`.
+fn on_sqlite(config: String, db: &std::path::Path) -> String {
+    config.replace("kind = \"memory\"", &format!("kind = \"sqlite\"\npath = \"{}\"", db.display()))
+}
+
 /// Starts the `yizhan` binary and learns its port from its JSON log.
 async fn start_binary(config: &PathBuf) -> Yizhan {
     start_binary_with(config, &[]).await
@@ -89,8 +108,7 @@ async fn start_in_process_on(db: &std::path::Path) -> TestApp {
     let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
     echo_llm(&llm, Duration::ZERO).await;
     wechat_ok(&wechat).await;
-    let config = base_config(&llm, &wechat)
-        .replace("kind = \"memory\"", &format!("kind = \"sqlite\"\npath = \"{}\"", db.display()));
+    let config = on_sqlite(base_config(&llm, &wechat), db);
     spawn_with(&config, &[], yizhan::channels::ChannelKinds::builtin(), wechat, llm).await
 }
 
@@ -106,8 +124,7 @@ async fn every_acknowledged_message_is_answered_exactly_once_across_a_kill_9() {
     wechat_ok(&wechat).await;
     let dir = std::env::temp_dir().join(format!("yizhan-crash-{}-{}", std::process::id(), now()));
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
-    let config = base_config(&llm, &wechat)
-        .replace("kind = \"memory\"", &format!("kind = \"sqlite\"\npath = \"{}\"", dir.join("yizhan.db").display()))
+    let config = on_sqlite(base_config(&llm, &wechat), &dir.join("yizhan.db"))
         .replace("max_concurrency = 8", "max_concurrency = 25")
         .replace("max_waiting = 64", "max_waiting = 1000");
     let config_path = dir.join("yizhan.toml");
@@ -163,8 +180,7 @@ async fn a_passive_answer_taken_by_a_retry_finishes_the_journaled_message() {
     let dir = std::env::temp_dir().join(format!("yizhan-retry-{}-{}", std::process::id(), now()));
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
     let db = dir.join("yizhan.db");
-    let config = base_config(&llm, &wechat)
-        .replace("kind = \"memory\"", &format!("kind = \"sqlite\"\npath = \"{}\"", db.display()))
+    let config = on_sqlite(base_config(&llm, &wechat), &db)
         .replace("reply_mode = \"push\"", "reply_mode = \"auto\"\npassive_window_ms = 800\npassive_margin_ms = 100");
     let config_path = dir.join("yizhan.toml");
     std::fs::write(&config_path, config).unwrap_or_else(|e| panic!("{e}"));
@@ -238,8 +254,7 @@ async fn sigterm_while_a_passive_answer_is_held(
     let dir = std::env::temp_dir().join(format!("yizhan-term-{mode}-{}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
     let db = dir.join("yizhan.db");
-    let config = base_config(&llm, &wechat)
-        .replace("kind = \"memory\"", &format!("kind = \"sqlite\"\npath = \"{}\"", db.display()))
+    let config = on_sqlite(base_config(&llm, &wechat), &db)
         .replace("workers = 2", "workers = 2\nshutdown_timeout_secs = 5")
         .replace(
             "reply_mode = \"push\"",
@@ -263,14 +278,7 @@ async fn sigterm_while_a_passive_answer_is_held(
     let (delivered, status) =
         futures_util::join!(wechat_delivers_within(&app, &xml, Duration::from_millis(2_000)), terminate);
     assert!(status.is_ok_and(|s| s.success()));
-    let mut exit = None;
-    wait_for("yizhan to exit", || {
-        exit = exit.or_else(|| yizhan.child.try_wait().ok().flatten());
-        let done = exit.is_some();
-        async move { done }
-    })
-    .await;
-    assert!(exit.is_some_and(|status| status.success()), "{exit:?}");
+    yizhan.exits_cleanly().await;
     use yizhan::store::Store;
     let unfinished = open_store(&db).unfinished().await.unwrap_or_else(|e| panic!("{e}"));
     let _ = std::fs::remove_dir_all(&dir);
@@ -284,8 +292,7 @@ async fn sigterm_answers_what_was_accepted_before_exiting() {
     wechat_ok(&wechat).await;
     let dir = std::env::temp_dir().join(format!("yizhan-term-{}-{}", std::process::id(), now()));
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
-    let config = base_config(&llm, &wechat)
-        .replace("kind = \"memory\"", &format!("kind = \"sqlite\"\npath = \"{}\"", dir.join("yizhan.db").display()));
+    let config = on_sqlite(base_config(&llm, &wechat), &dir.join("yizhan.db"));
     let config_path = dir.join("yizhan.toml");
     std::fs::write(&config_path, config).unwrap_or_else(|e| panic!("{e}"));
     let mut yizhan = start_binary(&config_path).await;
@@ -295,14 +302,7 @@ async fn sigterm_answers_what_was_accepted_before_exiting() {
     }
     let status = Command::new("kill").arg("-TERM").arg(yizhan.child.id().to_string()).status();
     assert!(status.is_ok_and(|s| s.success()));
-    let mut exit = None;
-    wait_for("yizhan to exit", || {
-        exit = exit.or_else(|| yizhan.child.try_wait().ok().flatten());
-        let done = exit.is_some();
-        async move { done }
-    })
-    .await;
-    assert!(exit.is_some_and(|status| status.success()), "{exit:?}");
+    yizhan.exits_cleanly().await;
     assert_eq!(app.sent_messages().await.len(), 5, "every accepted message answered before exit");
 
     // After a restart the conversation continues where it was, and WeChat's late retry of an
