@@ -9,6 +9,7 @@
 use crate::llm::DeltaSink;
 use std::sync::Arc;
 use tokio::sync::watch;
+use yizhan_channel_common::api::retry_transient;
 use yizhan_channel_core::{Channel, ChannelError, Delivery, Envelope, Reply, StreamHandle};
 
 /// A message being streamed.
@@ -80,20 +81,14 @@ impl LiveAnswer {
     /// streaming, retrying transient failures.
     pub async fn finish(self, full_text: &str) -> Result<(), ChannelError> {
         let sequence = self.updates.await.unwrap_or(1_000_000);
-        let mut attempt = 1;
-        loop {
+        let channel = &self.channel;
+        retry_transient(channel.id(), "Finishing a streamed answer", FINISH_ATTEMPTS, |attempt| {
             // `finish_stream` uses `sequence` and the one after it; a retry moves past both, as
             // the platform may have applied either before the error.
             let sequence = sequence.saturating_add(2 * u64::from(attempt - 1));
-            match self.channel.finish_stream(&self.handle, full_text, sequence).await {
-                Ok(_) => return Ok(()),
-                Err(error) if error.is_retryable() && attempt < FINISH_ATTEMPTS => {
-                    tracing::debug!(channel = %self.channel.id(), attempt, %error, "Finishing a streamed answer failed; retrying.");
-                    actix::clock::sleep(std::time::Duration::from_millis(250) * attempt).await;
-                    attempt += 1;
-                }
-                Err(error) => return Err(error),
-            }
-        }
+            channel.finish_stream(&self.handle, full_text, sequence)
+        })
+        .await
+        .map(drop)
     }
 }

@@ -53,6 +53,31 @@ pub fn scrub(message: &str, secrets: &[&str]) -> String {
     }
 }
 
+/// Calls `call(attempt)` (attempt 1, 2, …) until it succeeds, fails for good, or `attempts`
+/// were made, waiting 250 ms × attempt after each transient failure. Only for calls whose retry
+/// is safe: deduplicated by the platform (a uuid), or made with a fresh sequence each time.
+pub async fn retry_transient<T, Fut>(
+    channel: &yizhan_channel_core::ChannelId,
+    what: &str,
+    attempts: u32,
+    mut call: impl FnMut(u32) -> Fut,
+) -> Result<T, yizhan_channel_core::ChannelError>
+where
+    Fut: std::future::Future<Output = Result<T, yizhan_channel_core::ChannelError>>,
+{
+    let mut attempt = 1;
+    loop {
+        match call(attempt).await {
+            Err(error) if error.is_retryable() && attempt < attempts => {
+                tracing::debug!(%channel, attempt, %error, "{what} failed; retrying.");
+                tokio::time::sleep(std::time::Duration::from_millis(250) * attempt).await;
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
 /// The largest platform API answer read: tokens, message ids and errors are far smaller. A
 /// misbehaving proxy at `api_base` cannot make a channel buffer more than this.
 pub const MAX_API_ANSWER_BYTES: usize = 1 << 20;

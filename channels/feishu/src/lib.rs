@@ -52,6 +52,7 @@ use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tracing::{debug, info, warn};
+use yizhan_channel_common::api::retry_transient;
 use yizhan_channel_common::limiter::{RateLimiter, Window};
 use yizhan_channel_common::unix_millis;
 use yizhan_channel_core::{
@@ -245,17 +246,10 @@ impl Feishu {
         let uuid = message::idempotency_key(&format!("stream:{}:{card_id}", target.delivery_id));
         // Retried with the same uuid, which Feishu dedupes: a send whose answer was lost must
         // not leave an empty card in the chat beside the answer sent whole.
-        let mut attempt = 1;
-        let message_id = loop {
-            match self.api.send(reply_target.as_api(), "interactive", &content, &uuid).await {
-                Err(error) if error.is_retryable() && attempt < CARD_SEND_ATTEMPTS => {
-                    debug!(channel = %self.id, attempt, %error, "Sending a streaming card failed; retrying.");
-                    tokio::time::sleep(Duration::from_millis(250) * attempt).await;
-                    attempt += 1;
-                }
-                sent => break sent?,
-            }
-        };
+        let message_id = retry_transient(&self.id, "Sending a streaming card", CARD_SEND_ATTEMPTS, |_| {
+            self.api.send(reply_target.as_api(), "interactive", &content, &uuid)
+        })
+        .await?;
         debug!(channel = %self.id, %card_id, "Streaming card sent.");
         Ok(StreamHandle(json!({
             "card_id": card_id,
@@ -287,23 +281,19 @@ impl Feishu {
         // From here the card shows the whole answer. Failing to end streaming must not fail the
         // finish: the core would then send the answer again and the user read it twice. At
         // worst the card stays in streaming mode until Feishu closes it by itself.
-        let mut sequence = sequence;
-        for attempt in 1..=END_STREAMING_ATTEMPTS {
+        let stream = &stream;
+        let ended = retry_transient(&self.id, "Ending a card's streaming mode", END_STREAMING_ATTEMPTS, |attempt| {
             // A higher sequence each time: the platform may have applied the failed one.
-            sequence = sequence.saturating_add(1);
-            self.wait_for_chat(stream.limit_key()).await;
-            match self.api.end_streaming(stream.card_id, sequence).await {
-                Ok(()) => break,
-                Err(error) if error.is_retryable() && attempt < END_STREAMING_ATTEMPTS => {
-                    debug!(channel = %self.id, attempt, %error, "Ending a card's streaming mode failed; retrying.");
-                    tokio::time::sleep(Duration::from_millis(250) * attempt).await;
-                }
-                Err(error) => {
-                    warn!(channel = %self.id, card_id = stream.card_id, %error,
-                        "Could not end a card's streaming mode; it holds the whole answer, which is not sent again.");
-                    break;
-                }
+            let sequence = sequence.saturating_add(u64::from(attempt));
+            async move {
+                self.wait_for_chat(stream.limit_key()).await;
+                self.api.end_streaming(stream.card_id, sequence).await
             }
+        })
+        .await;
+        if let Err(error) = ended {
+            warn!(channel = %self.id, card_id = stream.card_id, %error,
+                "Could not end a card's streaming mode; it holds the whole answer, which is not sent again.");
         }
         Ok(DeliveryReceipt { platform_message_id: stream.message_id.map(str::to_owned) })
     }
