@@ -66,6 +66,8 @@ api_base = "http://127.0.0.1:$WECHAT_PORT"
 replay_window_secs = 0
 reply_mode = "push"
 encoding_aes_key = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
+# The plaintext rows post 明文模式 pushes to the same account as the 安全模式 row.
+accept_plaintext = true
 TOML
   rm -rf "$WORK/db"
   RUST_LOG=warn "$BIN/yizhan" --config "$WORK/bench.toml" >"$WORK/yizhan-$kind.log" 2>&1 &

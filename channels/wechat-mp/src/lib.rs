@@ -49,9 +49,9 @@
 //! In plaintext mode WeChat signs the query (token, timestamp, nonce), not the body. The
 //! signature plus the replay window prove a URL was issued by WeChat recently; they cannot
 //! prove the body was not swapped by someone who captured a signed URL within the window. Safe
-//! mode (`msg_signature` over the encrypted body) closes that gap for encrypted pushes; a
-//! plaintext push is still accepted on the 3-field signature even when an EncodingAESKey is
-//! configured, so serve the webhook over HTTPS.
+//! mode (`msg_signature` over the encrypted body) closes that gap, so once an EncodingAESKey is
+//! configured a plaintext push is refused (401) unless `accept_plaintext` is on, for the few
+//! minutes of a switch from 明文模式. Without a key, serve the webhook over HTTPS.
 #![warn(missing_docs)]
 
 mod api;
@@ -134,7 +134,8 @@ impl WechatMp {
         &self.settings
     }
 
-    /// A POST: plaintext pushes are checked with the 3-field signature, encrypted ones
+    /// A POST: plaintext pushes are checked with the 3-field signature (refused outright once an
+    /// EncodingAESKey is configured, unless `accept_plaintext`), encrypted ones
     /// (`encrypt_type=aes`) with `msg_signature`; either becomes one envelope.
     fn accept_push(&self, request: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
         let encrypt_type = request.query_param("encrypt_type").unwrap_or("raw");
@@ -142,6 +143,14 @@ impl WechatMp {
             let (fields, key) = self.open_encrypted(request)?;
             (fields, Some(key))
         } else {
+            if self.crypto.is_some() && !self.settings.accept_plaintext {
+                return Err(ChannelError::BadSignature(
+                    "a plaintext push to an account with an `encoding_aes_key`: only pushes with \
+                     `encrypt_type=aes` and `msg_signature` are accepted (set `accept_plaintext` \
+                     while switching from 明文模式)"
+                        .into(),
+                ));
+            }
             signature::verify(request, &self.settings.token, self.settings.replay_window())?;
             if !encrypt_type.eq_ignore_ascii_case("raw") {
                 return Err(ChannelError::Unsupported(format!(
@@ -292,7 +301,7 @@ impl Channel for WechatMp {
         envelope: &Envelope,
         reply: &Reply,
     ) -> Result<WebhookResponse, ChannelError> {
-        if reply.text.trim().is_empty() {
+        if passive::shows_nothing(&reply.text) {
             return Ok(WebhookResponse::text("success"));
         }
         let account = envelope

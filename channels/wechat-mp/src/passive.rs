@@ -17,6 +17,12 @@ pub(crate) fn text_reply_xml(to_openid: &str, from_account: &str, create_time: i
     )
 }
 
+/// Whether a reply with `text` would show nothing: only whitespace once the characters XML
+/// cannot carry are dropped (an empty `Content` makes WeChat show 该公众号暂时无法提供服务).
+pub(crate) fn shows_nothing(text: &str) -> bool {
+    text.chars().filter(|&ch| is_xml_char(ch)).all(char::is_whitespace)
+}
+
 /// Wraps `text` in CDATA. A `]]>` inside would end the section early, so it is split across two
 /// sections (`]]` ends one, `>` starts the next), which readers join back into the same text.
 fn cdata(text: &str) -> String {
@@ -52,5 +58,12 @@ mod tests {
         let xml = text_reply_xml("o", "gh", 1, "a\u{0}b\u{1b}c\nd");
         let fields = parse_fields(xml.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(fields.raw("Content"), Some("abc\nd"));
+    }
+
+    #[test]
+    fn a_text_of_control_characters_shows_nothing() {
+        assert!(shows_nothing("\u{7}"));
+        assert!(shows_nothing(" \u{1b}\u{0}\n"));
+        assert!(!shows_nothing("\u{7}a"));
     }
 }

@@ -49,6 +49,13 @@ pub struct WechatMpSettings {
     /// message needs it. Blank counts as absent. Secret.
     #[serde(default)]
     pub previous_encoding_aes_key: Option<String>,
+    /// With an `encoding_aes_key`, whether plaintext pushes (明文模式, no `encrypt_type=aes`)
+    /// are still accepted. Off by default: their 3-field signature covers neither the body nor
+    /// the method, so anyone who saw one signed URL (a proxy's access log) could post a forged
+    /// plaintext message as any user within the replay window and read the answer in the
+    /// response. Turn it on only for the minutes of a switch from 明文模式 to 安全模式.
+    #[serde(default)]
+    pub accept_plaintext: bool,
 }
 
 fn default_api_base() -> String {
@@ -76,6 +83,7 @@ impl fmt::Debug for WechatMpSettings {
             .field("max_part_bytes", &self.max_part_bytes)
             .field("encoding_aes_key", &self.encoding_aes_key.as_ref().map(|_| "<redacted>"))
             .field("previous_encoding_aes_key", &self.previous_encoding_aes_key.as_ref().map(|_| "<redacted>"))
+            .field("accept_plaintext", &self.accept_plaintext)
             .finish()
     }
 }

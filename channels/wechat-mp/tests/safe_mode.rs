@@ -419,7 +419,7 @@ fn every_fixture_survives_encryption_unchanged() {
             &xml,
             NOW,
         );
-        let plain = accepted(&channel(), &plain_request);
+        let plain = accepted(&channel_with(json!({"accept_plaintext": true})), &plain_request);
         assert_eq!(encrypted.content, plain.content, "{name}");
         assert_eq!(encrypted.platform_message_id, plain.platform_message_id, "{name}");
         assert_eq!(encrypted.reply_handle.0["encrypted"], true, "{name}");
@@ -430,6 +430,32 @@ fn every_fixture_survives_encryption_unchanged() {
     let encrypt = crypto.encrypt(&xml, KeySlot::Current).unwrap_or_else(|e| panic!("{e}"));
     let envelope = accepted(&channel(), &signed_encrypted(&v, &encrypt));
     assert!(matches!(envelope.content.as_slice(), [Segment::Voice { recognition: None, .. }]));
+}
+
+#[test]
+fn a_plaintext_push_to_an_account_with_a_key_is_refused_unless_plaintext_is_accepted() {
+    let v = vector();
+    let xml = "<xml><ToUserName><![CDATA[gh_x]]></ToUserName><FromUserName><![CDATA[victim]]></FromUserName>\
+               <CreateTime>1</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[hi]]></Content>\
+               <MsgId>42</MsgId></xml>";
+    // A correctly signed URL (as a proxy's log would show one) with a body of the sender's choice.
+    let signed = [
+        ("signature", signature(&v.token, &v.timestamp, &v.nonce)),
+        ("timestamp", v.timestamp.clone()),
+        ("nonce", v.nonce.clone()),
+    ];
+    let query: Vec<(&str, &str)> = signed.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    match channel().handle_webhook(&request(&query, xml, NOW)) {
+        Err(ChannelError::BadSignature(reason)) => assert!(reason.contains("accept_plaintext"), "{reason}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let mut with_raw = query.clone();
+    with_raw.push(("encrypt_type", "raw"));
+    assert!(matches!(channel().handle_webhook(&request(&with_raw, xml, NOW)), Err(ChannelError::BadSignature(_))));
+    // Accepted while switching modes, and answered in plaintext.
+    let envelope = accepted(&channel_with(json!({"accept_plaintext": true})), &request(&query, xml, NOW));
+    assert_eq!(envelope.sender.id, "victim");
+    assert!(envelope.reply_handle.0.get("encrypted").is_none());
 }
 
 #[test]
