@@ -52,8 +52,8 @@ pub enum Work {
     Reset,
 }
 
-/// Decides what an envelope asks for; `None` when it needs no answer (unfollow, menu views,
-/// location reports, unknown menu keys, group chatter without a mention).
+/// Decides what an envelope asks for; `None` when it needs no answer (unfollow, opening the
+/// chat, menu views, location reports, unknown menu keys, group chatter without a mention).
 pub fn classify<S: std::hash::BuildHasher>(
     envelope: &Envelope,
     messages: &MessagesConfig,
@@ -61,7 +61,10 @@ pub fn classify<S: std::hash::BuildHasher>(
 ) -> Option<Work> {
     if let Some(event) = envelope.event() {
         return match event {
-            Event::Subscribe { .. } | Event::EnterChat => Some(Work::Say(messages.welcome.clone())),
+            Event::Subscribe { .. } => Some(Work::Say(messages.welcome.clone())),
+            // WeCom sends `enter_agent` each time a member opens the app's chat: a welcome on each
+            // would repeat all day. The first AI answer carries the AI label instead.
+            Event::EnterChat => None,
             Event::MenuClick { key } => match menu.get(key) {
                 Some(MenuAction { reply: Some(reply), .. }) => Some(Work::Say(reply.clone())),
                 Some(MenuAction { prompt: Some(prompt), .. }) => Some(Work::Ask(prompt.clone())),
@@ -196,6 +199,7 @@ mod tests {
             classify(&envelope(vec![Segment::Event(Event::Subscribe { scene: None })]), &messages, &HashMap::new());
         assert_eq!(welcome, Some(Work::Say(messages.welcome.clone())));
         assert_eq!(classify(&envelope(vec![Segment::Event(Event::Unsubscribe)]), &messages, &HashMap::new()), None);
+        assert_eq!(classify(&envelope(vec![Segment::Event(Event::EnterChat)]), &messages, &HashMap::new()), None);
     }
 
     #[test]

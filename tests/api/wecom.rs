@@ -40,14 +40,30 @@ async fn spawn_wecom() -> TestApp {
 }
 
 fn callback(corp: &str, user: &str, msg_id: u64, content: &str) -> (String, String) {
-    let crypto = WxCrypto::new(TOKEN, AES_KEY, None, corp).unwrap_or_else(|e| panic!("{e}"));
     let inner = format!(
         "<xml><ToUserName><![CDATA[{corp}]]></ToUserName><FromUserName><![CDATA[{user}]]></FromUserName>\
          <CreateTime>{}</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[{content}]]></Content>\
          <MsgId>{msg_id}</MsgId><AgentID>1000002</AgentID></xml>",
         now()
     );
-    let encrypt = crypto.encrypt(&inner, KeySlot::Current).unwrap_or_else(|e| panic!("{e}"));
+    encrypted(corp, &inner)
+}
+
+/// An event callback (`subscribe`, `enter_agent` …) from `user`.
+fn event_callback(user: &str, event: &str) -> (String, String) {
+    let inner = format!(
+        "<xml><ToUserName><![CDATA[{CORP}]]></ToUserName><FromUserName><![CDATA[{user}]]></FromUserName>\
+         <CreateTime>{}</CreateTime><MsgType><![CDATA[event]]></MsgType><Event><![CDATA[{event}]]></Event>\
+         <EventKey><![CDATA[]]></EventKey><AgentID>1000002</AgentID></xml>",
+        now()
+    );
+    encrypted(CORP, &inner)
+}
+
+/// The query and body WeCom posts for the plaintext callback `inner`.
+fn encrypted(corp: &str, inner: &str) -> (String, String) {
+    let crypto = WxCrypto::new(TOKEN, AES_KEY, None, corp).unwrap_or_else(|e| panic!("{e}"));
+    let encrypt = crypto.encrypt(inner, KeySlot::Current).unwrap_or_else(|e| panic!("{e}"));
     let (timestamp, nonce) = (now().to_string(), "1372623149");
     let query = format!(
         "msg_signature={}&timestamp={timestamp}&nonce={nonce}",
@@ -98,6 +114,21 @@ async fn an_encrypted_callback_is_answered_through_message_send_once() {
     assert_eq!(sent[0]["msgtype"], "markdown");
     assert_eq!(sent[0]["markdown"]["content"], "答：你好");
     assert_eq!(app.llm_requests().await.len(), 1);
+}
+
+#[actix_web::test]
+async fn a_follow_gets_the_welcome_but_opening_the_app_gets_nothing() {
+    let app = spawn_wecom().await;
+    for (user, event) in [("lisi", "enter_agent"), ("wangwu", "subscribe")] {
+        let (query, body) = event_callback(user, event);
+        assert_eq!(app.post_wecom(&query, &body).await, (200, String::new()));
+    }
+    app.wait_until_idle().await;
+    let sent = app.wecom_sends().await;
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0]["touser"], "wangwu");
+    assert!(sent[0]["markdown"]["content"].as_str().unwrap_or_default().contains("AI"), "{sent:?}");
+    assert!(app.llm_requests().await.is_empty());
 }
 
 #[actix_web::test]
