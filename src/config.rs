@@ -51,6 +51,8 @@ pub struct ServerConfig {
     pub bind: String,
     /// Largest webhook body accepted; larger gets 413.
     pub body_limit_bytes: usize,
+    /// How long a webhook body may take to arrive after its headers; slower gets 408.
+    pub body_timeout_ms: u64,
     /// HTTP worker threads; 0 means one per core.
     pub workers: usize,
     /// How long a graceful shutdown may take before in-flight work is abandoned to recovery.
@@ -59,7 +61,13 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { bind: "0.0.0.0:8080".into(), body_limit_bytes: 1024 * 1024, workers: 0, shutdown_timeout_secs: 10 }
+        Self {
+            bind: "0.0.0.0:8080".into(),
+            body_limit_bytes: 1024 * 1024,
+            body_timeout_ms: 5000,
+            workers: 0,
+            shutdown_timeout_secs: 10,
+        }
     }
 }
 
@@ -436,6 +444,7 @@ impl Config {
     fn validate(&self) -> anyhow::Result<()> {
         let positive = [
             ("server.body_limit_bytes", self.server.body_limit_bytes as u64),
+            ("server.body_timeout_ms", self.server.body_timeout_ms),
             ("llm.max_concurrency", self.llm.max_concurrency as u64),
             ("llm.first_token_timeout_secs", self.llm.first_token_timeout_secs),
             ("llm.total_timeout_secs", self.llm.total_timeout_secs),

@@ -3,7 +3,7 @@
 use crate::channels::ChannelKinds;
 use crate::config::{Config, LlmBackendKind, ReplyMode, StoreKind};
 use crate::delivery::{ChannelActor, RetryPolicy};
-use crate::http::{healthz, metrics as metrics_route, webhook, AppState};
+use crate::http::{healthz, metrics as metrics_route, webhook, AppState, BodyLimits};
 use crate::hub::{ChannelEntry, Hub, HubInner};
 use crate::llm::client::{build_http_client, LlmClientSettings};
 use crate::llm::lobehub::{LobeHubBackend, LobeHubSettings};
@@ -210,12 +210,14 @@ impl Application {
         let listener = TcpListener::bind(&config.server.bind)
             .with_context(|| format!("Failed to bind {} (config key `server.bind`)", config.server.bind))?;
         let port = listener.local_addr().context("Failed to read the bound address")?.port();
-        let state = web::Data::new(AppState { hub: hub.clone(), router: router.clone() });
-        let body_limit = config.server.body_limit_bytes;
+        let body = BodyLimits {
+            max_bytes: config.server.body_limit_bytes,
+            timeout: Duration::from_millis(config.server.body_timeout_ms),
+        };
+        let state = web::Data::new(AppState { hub: hub.clone(), router: router.clone(), body });
         let mut server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
-                .app_data(web::PayloadConfig::new(body_limit))
                 .route("/healthz", web::get().to(healthz))
                 .route("/metrics", web::get().to(metrics_route))
                 .route("/webhooks/{channel_id}", web::route().to(webhook))

@@ -71,7 +71,11 @@ mod tests {
             passive: Default::default(),
         });
         let sessions = SessionRegistry::new(hub.clone(), Duration::from_secs(60), Vec::new());
-        let state = web::Data::new(AppState { router: Router::new(hub.clone(), sessions), hub });
+        let state = web::Data::new(AppState {
+            router: Router::new(hub.clone(), sessions),
+            hub,
+            body: crate::http::BodyLimits { max_bytes: 1024, timeout: Duration::from_secs(1) },
+        });
         let app = actix_web::test::init_service(
             actix_web::App::new().app_data(state).route("/healthz", web::get().to(healthz)),
         )

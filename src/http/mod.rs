@@ -4,4 +4,4 @@ mod health;
 mod webhook;
 
 pub use health::{healthz, metrics};
-pub use webhook::{webhook, AppState};
+pub use webhook::{webhook, AppState, BodyLimits};

@@ -12,7 +12,7 @@ use crate::store::Acceptance;
 use actix_web::http::Method as HttpMethod;
 use actix_web::{web, HttpRequest, HttpResponse};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use yizhan_channel_core::{ChannelId, Envelope, Method, Reply, WebhookOutcome, WebhookRequest, WebhookResponse};
 
 /// What the HTTP handlers share.
@@ -21,6 +21,84 @@ pub struct AppState {
     pub hub: Hub,
     /// Where accepted envelopes go.
     pub router: Router,
+    /// How webhook bodies are read.
+    pub body: BodyLimits,
+}
+
+/// How webhook bodies are read (`[server]`).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    /// Largest body accepted (`body_limit_bytes`); larger gets 413.
+    pub max_bytes: usize,
+    /// How long a body may take to arrive once its headers have (`body_timeout_ms`; headers
+    /// are bounded by actix-web's request timeout). Platforms send a few KiB at once; a body
+    /// still trickling in after this holds a connection for nothing, and would eat a passive
+    /// reply's 5 seconds. Slower gets 408.
+    pub timeout: Duration,
+}
+
+/// Why a webhook's body was not read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyRefused {
+    /// Larger than the limit (413).
+    TooLarge,
+    /// Not complete within [`BodyLimits::timeout`] (408).
+    TooSlow,
+    /// Compressed (415): no platform compresses webhooks, and a small compressed body can
+    /// expand far beyond the limit before it could be checked.
+    Encoded,
+    /// The connection failed mid-body (400; the client is most likely gone).
+    Broken,
+}
+
+impl BodyRefused {
+    fn response(self) -> (&'static str, HttpResponse) {
+        use actix_web::http::StatusCode;
+        match self {
+            Self::TooLarge => ("body_too_large", plain(StatusCode::PAYLOAD_TOO_LARGE, "body too large")),
+            Self::TooSlow => ("body_timeout", plain(StatusCode::REQUEST_TIMEOUT, "body too slow")),
+            Self::Encoded => {
+                ("body_encoded", plain(StatusCode::UNSUPPORTED_MEDIA_TYPE, "compressed bodies are not accepted"))
+            }
+            Self::Broken => ("body_broken", plain(StatusCode::BAD_REQUEST, "body not read")),
+        }
+    }
+}
+
+/// Reads a webhook's body: uncompressed, within `limits`.
+async fn read_body(
+    request: &HttpRequest,
+    mut payload: web::Payload,
+    limits: BodyLimits,
+) -> Result<web::Bytes, BodyRefused> {
+    let limit = limits.max_bytes;
+    use futures_util::StreamExt;
+    let headers = request.headers();
+    let encoded = headers
+        .get(actix_web::http::header::CONTENT_ENCODING)
+        .is_some_and(|encoding| !encoding.as_bytes().eq_ignore_ascii_case(b"identity"));
+    if encoded {
+        return Err(BodyRefused::Encoded);
+    }
+    let declared = headers
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|length| length.to_str().ok())
+        .and_then(|length| length.parse::<usize>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return Err(BodyRefused::TooLarge);
+    }
+    let read = async {
+        let mut body = web::BytesMut::with_capacity(declared.unwrap_or(0));
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|_| BodyRefused::Broken)?;
+            if body.len() + chunk.len() > limit {
+                return Err(BodyRefused::TooLarge);
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.freeze())
+    };
+    tokio::time::timeout(limits.timeout, read).await.unwrap_or(Err(BodyRefused::TooSlow))
 }
 
 fn respond(response: WebhookResponse) -> HttpResponse {
@@ -37,7 +115,7 @@ fn plain(status: actix_web::http::StatusCode, text: &'static str) -> HttpRespons
 pub async fn webhook(
     request: HttpRequest,
     path: web::Path<String>,
-    body: web::Bytes,
+    payload: web::Payload,
     state: web::Data<AppState>,
 ) -> HttpResponse {
     let started = Instant::now();
@@ -55,6 +133,15 @@ pub async fn webhook(
         _ => {
             hub.metrics.webhook_requests.with_label_values(&[label, "method_not_allowed"]).inc();
             return plain(actix_web::http::StatusCode::METHOD_NOT_ALLOWED, "use GET or POST");
+        }
+    };
+    let body = match read_body(&request, payload, state.body).await {
+        Ok(body) => body,
+        Err(refused) => {
+            let (outcome, response) = refused.response();
+            tracing::info!(channel = %label, ?refused, "Webhook body refused.");
+            hub.metrics.webhook_requests.with_label_values(&[label, outcome]).inc();
+            return response;
         }
     };
     let raw_query = request.query_string().to_owned();

@@ -28,6 +28,53 @@ async fn a_body_over_the_limit_is_413() {
 }
 
 #[actix_web::test]
+async fn a_compressed_body_is_415_and_counted() {
+    let app = spawn_app(&[], Duration::ZERO).await;
+    let url = format!("{}?{}", app.webhook_url(CHANNEL), signed_query(now()));
+    // A tiny gzip body could expand far past the limit before it is checked; none is unpacked.
+    let gzip_of_zeros: &[u8] = &[0x1f, 0x8b, 0x08, 0x00, 0, 0, 0, 0, 0x00, 0x03, 0x03, 0x00, 0, 0, 0, 0, 0, 0, 0, 0];
+    let response = app
+        .http
+        .post(url)
+        .header("content-encoding", "gzip")
+        .body(gzip_of_zeros)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(response.status().as_u16(), 415);
+    let metrics = app.metrics().await;
+    assert!(metrics.contains("yizhan_webhook_requests_total{channel=\"mp\",outcome=\"body_encoded\"} 1"), "{metrics}");
+}
+
+#[actix_web::test]
+async fn a_body_that_stops_arriving_is_408_once_its_time_is_up() {
+    let app = spawn_app(&[("YIZHAN__SERVER__BODY_TIMEOUT_MS", "200")], Duration::ZERO).await;
+    let address = app.address.trim_start_matches("http://").to_owned();
+    let target = format!("/webhooks/{CHANNEL}?{}", signed_query(now()));
+    // Headers promise 100 bytes; 10 arrive, and the client keeps the connection open.
+    let response = actix_web::rt::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&address).unwrap_or_else(|e| panic!("{e}"));
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap_or_else(|e| panic!("{e}"));
+        let head = format!("POST {target} HTTP/1.1\r\nHost: test\r\nContent-Length: 100\r\n\r\n<xml><To>");
+        stream.write_all(head.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        let mut response = Vec::new();
+        let mut buffer = [0u8; 1024];
+        while !String::from_utf8_lossy(&response).contains("\r\n\r\n") {
+            match stream.read(&mut buffer) {
+                Ok(0) | Err(_) => break,
+                Ok(read) => response.extend_from_slice(&buffer[..read]),
+            }
+        }
+        String::from_utf8_lossy(&response).into_owned()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    assert!(app.llm_requests().await.is_empty());
+}
+
+#[actix_web::test]
 async fn malformed_xml_with_a_valid_signature_is_400() {
     let app = spawn_app(&[], Duration::ZERO).await;
     let (status, _) = app.post_signed("<xml><FromUserName>oops").await;
