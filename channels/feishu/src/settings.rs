@@ -134,9 +134,12 @@ impl FeishuSettings {
                 )));
             }
         }
-        for (key, value) in
-            [("verification_token", Some(&self.verification_token)), ("encrypt_key", self.encrypt_key.as_ref())]
-        {
+        for (key, value) in [
+            ("app_id", Some(&self.app_id)),
+            ("app_secret", Some(&self.app_secret)),
+            ("verification_token", Some(&self.verification_token)),
+            ("encrypt_key", self.encrypt_key.as_ref()),
+        ] {
             if value.is_some_and(|value| value != value.trim()) {
                 return Err(misconfigured(format!("`{key}` has leading or trailing whitespace; it would never match")));
             }
@@ -254,6 +257,8 @@ mod tests {
         assert!(with("max_part_bytes", json!(10)).contains("`max_part_bytes`"));
         assert!(with("max_part_bytes", json!(200_000)).contains("`max_part_bytes`"));
         assert!(with("encrypt_key", json!(" key")).contains("`encrypt_key`"));
+        assert!(with("app_secret", json!("s ")).contains("`app_secret`"));
+        assert!(with("app_id", json!("\ta")).contains("`app_id`"));
         assert!(with("chat_qps", json!(0)).contains("`chat_qps`"));
     }
 

@@ -99,10 +99,13 @@ impl WechatMpSettings {
                 )));
             }
         }
-        if self.token != self.token.trim() {
-            return Err(ChannelError::Misconfigured(
-                "wechat_mp: `token` has leading or trailing whitespace; signatures would never match".into(),
-            ));
+        for (key, value) in [("app_id", &self.app_id), ("app_secret", &self.app_secret), ("token", &self.token)] {
+            if value != value.trim() {
+                return Err(ChannelError::Misconfigured(format!(
+                    "wechat_mp: `{key}` has leading or trailing whitespace (an env file's trailing space?); \
+                     signatures and the access token would never match"
+                )));
+            }
         }
         let base = self.api_base.trim().trim_end_matches('/').to_owned();
         let scheme_ok = base.starts_with("https://") || base.starts_with("http://");
@@ -195,6 +198,12 @@ mod tests {
         assert!(error.contains("`app_id`"), "{error}");
         let error = parse(json!({"app_secret": "s", "token": "t"})).err().unwrap_or_default();
         assert!(error.contains("app_id"), "{error}");
+        for key in ["app_id", "app_secret", "token"] {
+            let mut table = json!({"app_id": "wx1", "app_secret": "s", "token": "t"});
+            table[key] = json!(format!("{} ", table[key].as_str().unwrap_or_default()));
+            let error = parse(table).err().unwrap_or_default();
+            assert!(error.contains(&format!("`{key}` has leading or trailing whitespace")), "{error}");
+        }
     }
 
     #[test]

@@ -32,13 +32,19 @@ fn malformed(reason: impl Into<String>) -> ChannelError {
 
 /// Tells XML from JSON by the first non-blank byte (a UTF-8 BOM is skipped).
 pub(crate) fn sniff(body: &[u8]) -> Result<Format, ChannelError> {
-    let body = body.strip_prefix(b"\xEF\xBB\xBF".as_slice()).unwrap_or(body);
+    let body = without_bom(body);
     match body.iter().find(|byte| !byte.is_ascii_whitespace()) {
         Some(b'<') => Ok(Format::Xml),
         Some(b'{') => Ok(Format::Json),
         Some(_) => Err(malformed("body is neither XML nor a JSON object")),
         None => Err(malformed("body is empty")),
     }
+}
+
+/// `body` without a leading UTF-8 byte-order mark (serde_json refuses one; the XML reader
+/// skips it itself).
+fn without_bom(body: &[u8]) -> &[u8] {
+    body.strip_prefix(b"\xEF\xBB\xBF".as_slice()).unwrap_or(body)
 }
 
 /// Reads a body in the given format.
@@ -53,7 +59,8 @@ pub(crate) fn parse(body: &[u8], format: Format) -> Result<Fields, ChannelError>
 /// booleans in their JSON spelling (so a 64-bit `MsgId` keeps every digit); nested values are
 /// ignored, as nested XML elements are.
 pub(crate) fn parse_json(body: &[u8]) -> Result<Fields, ChannelError> {
-    let value: Value = serde_json::from_slice(body).map_err(|error| malformed(format!("invalid JSON: {error}")))?;
+    let value: Value =
+        serde_json::from_slice(without_bom(body)).map_err(|error| malformed(format!("invalid JSON: {error}")))?;
     let Value::Object(members) = value else {
         return Err(malformed("the JSON body is not an object"));
     };
@@ -170,6 +177,8 @@ mod tests {
     fn the_format_is_told_by_the_first_byte() {
         assert_eq!(sniff(b"  <xml/>").ok(), Some(Format::Xml));
         assert_eq!(sniff(b"\xEF\xBB\xBF{}").ok(), Some(Format::Json));
+        let with_bom = parse_json(b"\xEF\xBB\xBF{\"MsgId\": 7}").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(with_bom.get("MsgId"), Some("7"));
         assert!(sniff(b"").is_err());
         assert!(sniff(b" \n").is_err());
         assert!(sniff(b"hello").is_err());

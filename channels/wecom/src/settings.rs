@@ -14,6 +14,14 @@ use yizhan_channel_core::ChannelError;
 /// splitter needs at least 4 bytes to fit any UTF-8 character.
 pub const MIN_PART_BYTES: usize = 64;
 
+/// The largest `max_part_bytes` accepted: WeCom cuts text and markdown content beyond it and
+/// still answers errcode 0 (doc path/90236).
+pub const MAX_PART_BYTES: usize = 2048;
+
+/// WeCom's send limits from one app to one member; it drops what exceeds them without an error.
+const MAX_RATE_PER_MINUTE: u32 = 30;
+const MAX_RATE_PER_HOUR: u32 = 1000;
+
 /// How answers are sent: WeCom's `markdown` message type or plain `text`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -82,15 +90,15 @@ fn default_replay_window_secs() -> u64 {
 }
 
 fn default_max_part_bytes() -> usize {
-    2048
+    MAX_PART_BYTES
 }
 
 fn default_rate_per_minute() -> u32 {
-    30
+    MAX_RATE_PER_MINUTE
 }
 
 fn default_rate_per_hour() -> u32 {
-    1000
+    MAX_RATE_PER_HOUR
 }
 
 // NOTE: hand-written so that the secret, the token and the AES keys can never reach a log line
@@ -131,10 +139,11 @@ impl WecomSettings {
                 return Err(misconfigured(format!("`{key}` is empty; copy it from the WeCom admin console ({place})")));
             }
         }
-        for (key, value) in [("corp_id", &self.corp_id), ("token", &self.token)] {
+        for (key, value) in [("corp_id", &self.corp_id), ("corp_secret", &self.corp_secret), ("token", &self.token)] {
             if value != value.trim() {
                 return Err(misconfigured(format!(
-                    "`{key}` has leading or trailing whitespace; signatures and the corp check would never match"
+                    "`{key}` has leading or trailing whitespace (an env file's trailing space?); signatures, the \
+                     corp check and the access token would never match"
                 )));
             }
         }
@@ -160,16 +169,21 @@ impl WecomSettings {
             return Err(misconfigured(format!("`api_base` {:?} is not an http(s) URL", self.api_base)));
         }
         self.api_base = base;
-        if self.max_part_bytes < MIN_PART_BYTES {
+        if !(MIN_PART_BYTES..=MAX_PART_BYTES).contains(&self.max_part_bytes) {
             return Err(misconfigured(format!(
-                "`max_part_bytes` is {}, below the minimum of {MIN_PART_BYTES}",
+                "`max_part_bytes` is {}; it must be {MIN_PART_BYTES} to {MAX_PART_BYTES} (WeCom cuts text and \
+                 markdown beyond {MAX_PART_BYTES} bytes without an error)",
                 self.max_part_bytes
             )));
         }
-        for (key, value) in [("rate_per_minute", self.rate_per_minute), ("rate_per_hour", self.rate_per_hour)] {
-            if value == 0 {
+        for (key, value, most) in [
+            ("rate_per_minute", self.rate_per_minute, MAX_RATE_PER_MINUTE),
+            ("rate_per_hour", self.rate_per_hour, MAX_RATE_PER_HOUR),
+        ] {
+            if value == 0 || value > most {
                 return Err(misconfigured(format!(
-                    "`{key}` is 0; nothing could ever be sent (WeCom allows 30 per minute and 1000 per hour)"
+                    "`{key}` is {value}; it must be 1 to {most} (WeCom silently drops messages beyond \
+                     {MAX_RATE_PER_MINUTE} per minute and {MAX_RATE_PER_HOUR} per hour to one member)"
                 )));
             }
         }
@@ -266,9 +280,13 @@ mod tests {
             (json!({"encoding_aes_key": format!("{}+", &KEY[..42])}), "`encoding_aes_key`"),
             (json!({"previous_encoding_aes_key": "short"}), "`previous_encoding_aes_key`"),
             (json!({"api_base": "ftp://x"}), "`api_base`"),
+            (json!({"corp_secret": "s\n"}), "`corp_secret`"),
             (json!({"max_part_bytes": 3}), "`max_part_bytes`"),
+            (json!({"max_part_bytes": 4000}), "`max_part_bytes`"),
             (json!({"rate_per_minute": 0}), "`rate_per_minute`"),
+            (json!({"rate_per_minute": 60}), "`rate_per_minute`"),
             (json!({"rate_per_hour": 0}), "`rate_per_hour`"),
+            (json!({"rate_per_hour": 1001}), "`rate_per_hour`"),
             (json!({"corp_id": null}), "corp_id"),
             (json!({"agent_id": "x"}), "invalid type"),
         ];
