@@ -483,6 +483,32 @@ impl Config {
             }
             _ => {}
         }
+        let seconds = |ms: u64| ms / 1000;
+        let mut durations = vec![
+            ("server.body_timeout_ms".to_owned(), seconds(self.server.body_timeout_ms)),
+            ("server.shutdown_timeout_secs".to_owned(), self.server.shutdown_timeout_secs),
+            ("store.dedupe_ttl_secs".to_owned(), self.store.dedupe_ttl_secs),
+            ("store.retention_days".to_owned(), self.store.retention_days.saturating_mul(86_400)),
+            ("llm.connect_timeout_ms".to_owned(), seconds(self.llm.connect_timeout_ms)),
+            ("llm.first_token_timeout_secs".to_owned(), self.llm.first_token_timeout_secs),
+            ("llm.total_timeout_secs".to_owned(), self.llm.total_timeout_secs),
+            ("session.idle_timeout_secs".to_owned(), self.session.idle_timeout_secs),
+            ("delivery.retry_base_delay_ms".to_owned(), seconds(self.delivery.retry_base_delay_ms)),
+            ("delivery.retry_max_delay_ms".to_owned(), seconds(self.delivery.retry_max_delay_ms)),
+        ];
+        for (index, channel) in self.channels.iter().enumerate() {
+            durations.push((format!("channels[{index}].passive_margin_ms"), seconds(channel.core.passive_margin_ms)));
+            if let Some(window) = channel.core.passive_window_ms {
+                durations.push((format!("channels[{index}].passive_window_ms"), seconds(window)));
+            }
+        }
+        // Durations are added to clock readings (deadlines, expiries), which an absurd value
+        // (u64::MAX meant as "never") would overflow, panicking on the first message.
+        for (key, value) in durations {
+            if value > LONGEST_DURATION_SECS {
+                bail!("config key `{key}` is more than ten years");
+            }
+        }
         let mut seen = HashSet::new();
         for (index, channel) in self.channels.iter().enumerate() {
             // As environment overrides address channels: case-insensitive, `-` written `_`.
@@ -497,6 +523,9 @@ impl Config {
         Ok(())
     }
 }
+
+/// The longest duration any setting may hold (ten years, in seconds).
+const LONGEST_DURATION_SECS: u64 = 10 * 365 * 86_400;
 
 /// The process environment's `YIZHAN__*` variables. Others are not read, so that an unrelated
 /// variable that is not UTF-8 cannot stop Yizhan; one of ours that is not is named.
@@ -608,6 +637,21 @@ token = "tok"
         assert_eq!(config.channels[0].settings.table["app_secret"], "file-secret");
         assert_eq!(config.channels[0].core.reply_mode, None);
         assert_eq!(config.channels[0].core.passive_margin_ms, 500);
+    }
+
+    #[test]
+    fn durations_beyond_ten_years_are_refused_by_name() {
+        for (name, key) in [
+            ("YIZHAN__LLM__FIRST_TOKEN_TIMEOUT_SECS", "llm.first_token_timeout_secs"),
+            ("YIZHAN__STORE__DEDUPE_TTL_SECS", "store.dedupe_ttl_secs"),
+            ("YIZHAN__SERVER__SHUTDOWN_TIMEOUT_SECS", "server.shutdown_timeout_secs"),
+            ("YIZHAN__CHANNELS__MP_MAIN__PASSIVE_WINDOW_MS", "channels[0].passive_window_ms"),
+        ] {
+            let error = load(MINIMAL, &[(name, "9223372036854775807")]).err().map(|e| format!("{e:#}"));
+            assert!(error.as_deref().is_some_and(|e| e.contains(key) && e.contains("ten years")), "{name}: {error:?}");
+        }
+        let ten_years = (super::LONGEST_DURATION_SECS).to_string();
+        assert!(load(MINIMAL, &[("YIZHAN__LLM__TOTAL_TIMEOUT_SECS", ten_years.as_str())]).is_ok());
     }
 
     #[test]

@@ -118,9 +118,13 @@ impl Hub {
     /// Marks an accepted envelope as finished: answered, failed for good, or needing no answer.
     pub async fn finish(&self, envelope_id: &str) {
         self.passive.forget_continuation(envelope_id);
-        match self.store.finish(envelope_id).await {
-            Ok(()) => self.metrics.journal_open.dec(),
-            Err(error) => tracing::error!(envelope = %envelope_id, %error, "Failed to finish a journal entry."),
+        // Counted as no longer open either way: nothing in this process will finish it now (if
+        // the store failed before recording the finish, the next start resumes it), and the
+        // shutdown must not wait for it. The SQLite store can also fail after its inbound log
+        // recorded the finish.
+        self.metrics.journal_open.dec();
+        if let Err(error) = self.store.finish(envelope_id).await {
+            tracing::error!(envelope = %envelope_id, %error, "Failed to finish a journal entry.");
         }
     }
 

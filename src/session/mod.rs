@@ -359,13 +359,18 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
             delivery::answer(&hub, &envelope, key.as_str(), None, AnswerText::Rendered(text)).await;
             return history;
         }
-        Work::Reset => {
-            if let Err(error) = hub.store.clear_history(key.as_str()).await {
-                tracing::error!(session = %key, %error, "Failed to clear history.");
+        Work::Reset => match hub.store.clear_history(key.as_str()).await {
+            Ok(()) => {
+                history = Some(Vec::new());
+                hub.messages.reset_done.clone()
             }
-            history = Some(Vec::new());
-            hub.messages.reset_done.clone()
-        }
+            Err(error) => {
+                // Saying "reset" would be false: the stored history comes back with the next
+                // load (after a restart, or once this session retires).
+                tracing::error!(session = %key, %error, "Failed to clear history; sending the apology.");
+                hub.messages.apology.clone()
+            }
+        },
         Work::Ask(question) => {
             if entry.reply_mode != ReplyMode::Passive {
                 // Passive mode is for accounts without the send APIs, typing included.

@@ -22,6 +22,8 @@ struct EchoBackend {
     delay: Duration,
     running: AtomicUsize,
     max_running: AtomicUsize,
+    /// How many messages (history included) the last request carried.
+    last_request_messages: AtomicUsize,
 }
 
 impl LlmBackend for EchoBackend {
@@ -36,6 +38,7 @@ impl LlmBackend for EchoBackend {
         _on_delta: &'a mut DeltaSink,
     ) -> BoxFuture<'a, Result<String, LlmError>> {
         Box::pin(async move {
+            self.last_request_messages.store(request.messages.len(), Ordering::SeqCst);
             let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
             self.max_running.fetch_max(now, Ordering::SeqCst);
             if !self.delay.is_zero() {
@@ -139,8 +142,12 @@ fn fixture_on(
 ) -> Fixture {
     let metrics = Metrics::new();
     let store_handle = store.clone();
-    let backend =
-        Arc::new(EchoBackend { delay: llm_delay, running: AtomicUsize::new(0), max_running: AtomicUsize::new(0) });
+    let backend = Arc::new(EchoBackend {
+        delay: llm_delay,
+        running: AtomicUsize::new(0),
+        max_running: AtomicUsize::new(0),
+        last_request_messages: AtomicUsize::new(0),
+    });
     let client = LlmClient::new(
         backend.clone(),
         LlmClientSettings {
@@ -362,6 +369,43 @@ async fn no_message_is_lost_while_sessions_retire() {
 
 /// A bug that panics in the middle of a turn must not cost the messages queued behind it: they
 /// are answered, in order, by the same session.
+#[actix::test]
+async fn a_reset_whose_history_cannot_be_cleared_says_so_and_keeps_the_conversation() {
+    let store = Arc::new(MemoryStore::new(10));
+    let fixture = fixture_on(store.clone(), Duration::ZERO, Duration::from_secs(60), 16);
+    let (key, first) = job("u1", "第一");
+    fixture.registry.dispatch(key.clone(), first).unwrap_or_else(|_| panic!("dispatch"));
+    fixture.wait_for_deliveries(1).await;
+    store.refuse_writes.store(true, Ordering::SeqCst);
+    let (_, mut reset) = job("u1", "/reset");
+    reset.work = Work::Reset;
+    fixture.registry.dispatch(key.clone(), reset).unwrap_or_else(|_| panic!("dispatch"));
+    fixture.wait_for_deliveries(2).await;
+    assert_eq!(fixture.delivered()[1].reply.text, MessagesConfig::default().apology);
+    let (_, second) = job("u1", "第二");
+    fixture.registry.dispatch(key, second).unwrap_or_else(|_| panic!("dispatch"));
+    fixture.wait_for_deliveries(3).await;
+    // The first turn (question and answer) is still in the conversation the model sees.
+    assert_eq!(fixture.backend.last_request_messages.load(Ordering::SeqCst), 3);
+}
+
+#[actix::test]
+async fn a_message_whose_finish_fails_is_no_longer_counted_open() {
+    let store = Arc::new(MemoryStore::new(10));
+    let fixture = fixture_on(store.clone(), Duration::ZERO, Duration::from_secs(60), 16);
+    store.refuse_writes.store(true, Ordering::SeqCst);
+    // As the webhook counts an accepted message.
+    fixture.metrics.journal_open.inc();
+    let (key, job) = job("u1", "问");
+    fixture.registry.dispatch(key, job).unwrap_or_else(|_| panic!("dispatch"));
+    fixture.wait_for_deliveries(1).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while fixture.metrics.journal_open.get() != 0 && std::time::Instant::now() < deadline {
+        actix::clock::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(fixture.metrics.journal_open.get(), 0, "a shutdown would wait its whole bound for it");
+}
+
 #[actix::test]
 async fn messages_queued_behind_a_turn_that_panicked_are_still_answered() {
     tokio::time::pause();

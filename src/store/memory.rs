@@ -5,8 +5,8 @@
 //! return and keeping copies of every envelope would only cost time and memory.
 //!
 //! Memory stays bounded: dedupe keys expire and are swept, history keeps a fixed number of
-//! turns per conversation, and `prune` forgets conversations untouched since its cutoff (the
-//! retention period), as the SQLite store deletes old history.
+//! turns per conversation, and `prune` forgets turns older than its cutoff (the retention
+//! period), and conversations left empty, as the SQLite store deletes old history.
 
 use super::{Acceptance, Store, StoreError, Turn, Unfinished};
 use dashmap::DashMap;
@@ -18,11 +18,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 use yizhan_channel_core::{BoxFuture, Delivery, Envelope};
 
-/// One conversation's kept turns, and when it last gained one.
-#[derive(Debug)]
+/// One conversation's kept turns, oldest first, each with when it was added.
+#[derive(Debug, Default)]
 struct Conversation {
-    turns: VecDeque<Turn>,
-    touched: SystemTime,
+    turns: VecDeque<(SystemTime, Turn)>,
 }
 
 /// See the module docs.
@@ -35,6 +34,9 @@ pub struct MemoryStore {
     max_turns_kept: usize,
     /// When the dedupe map was last swept of expired keys.
     last_sweep: Mutex<Instant>,
+    /// Tests: `clear_history` and `finish` fail, as a broken SQLite store's would.
+    #[cfg(test)]
+    pub(crate) refuse_writes: std::sync::atomic::AtomicBool,
 }
 
 impl MemoryStore {
@@ -45,6 +47,8 @@ impl MemoryStore {
             history: DashMap::with_hasher(Hasher::default()),
             max_turns_kept: max_turns_kept.max(1),
             last_sweep: Mutex::new(Instant::now()),
+            #[cfg(test)]
+            refuse_writes: Default::default(),
         }
     }
 
@@ -88,13 +92,9 @@ impl MemoryStore {
     }
 
     fn push_turn(&self, session_key: &str, turn: Turn) {
-        let mut conversation = self
-            .history
-            .entry(session_key.to_owned())
-            .or_insert_with(|| Conversation { turns: VecDeque::new(), touched: SystemTime::now() });
-        conversation.touched = SystemTime::now();
+        let mut conversation = self.history.entry(session_key.to_owned()).or_default();
         let turns = &mut conversation.turns;
-        turns.push_back(turn);
+        turns.push_back((SystemTime::now(), turn));
         while turns.len() > self.max_turns_kept {
             turns.pop_front();
         }
@@ -133,6 +133,10 @@ impl Store for MemoryStore {
     }
 
     fn finish<'a>(&'a self, _envelope_id: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        #[cfg(test)]
+        if self.refuse_writes.load(std::sync::atomic::Ordering::SeqCst) {
+            return Box::pin(async { Err(StoreError::Backend("refused for a test".into())) });
+        }
         Box::pin(async { Ok(()) })
     }
 
@@ -142,14 +146,15 @@ impl Store for MemoryStore {
     }
 
     fn prune(&self, before: SystemTime) -> BoxFuture<'_, Result<u64, StoreError>> {
-        // Claims are swept by expiry and there is no journal: only idle conversations go.
+        // Claims are swept by expiry and there is no journal: only old turns go, as in SQLite.
         let mut pruned = 0u64;
         self.history.retain(|_, conversation| {
-            let keep = conversation.touched >= before;
-            if !keep {
-                pruned = pruned.saturating_add(conversation.turns.len() as u64);
+            let turns = &mut conversation.turns;
+            while turns.front().is_some_and(|(added, _)| *added < before) {
+                turns.pop_front();
+                pruned = pruned.saturating_add(1);
             }
-            keep
+            !turns.is_empty()
         });
         Box::pin(async move { Ok(pruned) })
     }
@@ -161,7 +166,7 @@ impl Store for MemoryStore {
             .map(|conversation| {
                 let turns = &conversation.turns;
                 let skip = turns.len().saturating_sub(max_turns);
-                turns.iter().skip(skip).cloned().collect()
+                turns.iter().skip(skip).map(|(_, turn)| turn.clone()).collect()
             })
             .unwrap_or_default();
         Box::pin(async move { Ok(turns) })
@@ -173,6 +178,10 @@ impl Store for MemoryStore {
     }
 
     fn clear_history<'a>(&'a self, session_key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        #[cfg(test)]
+        if self.refuse_writes.load(std::sync::atomic::Ordering::SeqCst) {
+            return Box::pin(async { Err(StoreError::Backend("refused for a test".into())) });
+        }
         self.history.remove(session_key);
         Box::pin(async { Ok(()) })
     }
@@ -217,19 +226,27 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn pruning_forgets_conversations_untouched_since_the_cutoff() {
+    async fn pruning_forgets_turns_older_than_the_cutoff_even_in_active_conversations() {
         let store = MemoryStore::new(3);
         let turn = |i: usize| Turn { question: format!("q{i}"), answer: format!("a{i}") };
         for i in 0..2 {
             let _ = store.append_turn("idle", turn(i)).await;
+            let _ = store.append_turn("active", turn(i)).await;
         }
         let _ = store.append_turn("active", turn(9)).await;
-        if let Some(mut idle) = store.history.get_mut("idle") {
-            idle.touched = SystemTime::UNIX_EPOCH;
+        // The first two turns of each conversation are from long ago.
+        for key in ["idle", "active"] {
+            if let Some(mut conversation) = store.history.get_mut(key) {
+                for (added, _) in conversation.turns.iter_mut().take(2) {
+                    *added = SystemTime::UNIX_EPOCH;
+                }
+            }
         }
         let cutoff = SystemTime::UNIX_EPOCH + Duration::from_secs(1);
-        assert_eq!(store.prune(cutoff).await.ok(), Some(2));
+        assert_eq!(store.prune(cutoff).await.ok(), Some(4));
         assert!(store.history("idle", 10).await.unwrap_or_default().is_empty());
-        assert_eq!(store.history("active", 10).await.unwrap_or_default().len(), 1);
+        assert!(!store.history.contains_key("idle"), "an emptied conversation goes too");
+        let active = store.history("active", 10).await.unwrap_or_default();
+        assert_eq!(active.iter().map(|t| t.question.as_str()).collect::<Vec<_>>(), ["q9"]);
     }
 }
