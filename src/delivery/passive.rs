@@ -16,6 +16,13 @@
 //!
 //! Parked answers (the send API refused: no permission, outside the 48-hour window, out of
 //! quota) go out passively with the user's next message, or when they send the continue word.
+//!
+//! A passive reply written near the deadline can still reach WeChat too late (the request
+//! queued before the handler ran, the network is slow), and WeChat then drops it and retries.
+//! Since WeChat retries only a request it got no answer to in time, a retry of a message
+//! already answered passively proves that reply was lost: it gets the same reply again
+//! ([`PassiveSlots::reply_again`]) instead of `success`, which would end the retries with the
+//! start of the answer gone.
 
 use dashmap::DashMap;
 use std::collections::VecDeque;
@@ -181,7 +188,26 @@ pub struct PassiveSlots {
     /// Messages answered with parked text (the continue word), to the answer that text came
     /// from: what of it is parked again keeps that answer's place in the queue.
     continuing: DashMap<String, String, Hasher>,
+    /// Passive replies given in the last [`REPLIED_FOR`], by (channel, platform message id).
+    replied: DashMap<(ChannelId, String), Replied, Hasher>,
+    /// When `replied` was last swept of old replies.
+    replied_swept: Mutex<Option<std::time::Instant>>,
 }
+
+/// A passive reply already given, kept for the platform's retries (see the module docs).
+#[derive(Debug)]
+struct Replied {
+    /// The journaled envelope, without its content (the reply needs its handle and sender).
+    envelope: Envelope,
+    /// The reply's text, as rendered.
+    text: String,
+    /// When it was given.
+    at: std::time::Instant,
+}
+
+/// How long a passive reply is kept for retries: WeChat's three attempts span about 15 s from
+/// the first; twice that leaves room for a retry that queued.
+const REPLIED_FOR: Duration = Duration::from_secs(30);
 
 /// One user's parked answers, oldest first.
 #[derive(Debug)]
@@ -331,6 +357,33 @@ impl PassiveSlots {
             keep
         });
         forgotten
+    }
+
+    /// Remembers the passive reply given to `envelope` for [`REPLIED_FOR`], in case it reached
+    /// the platform too late (see the module docs).
+    pub fn remember_reply(&self, envelope: &Envelope, text: String) {
+        let now = std::time::Instant::now();
+        let sweep = {
+            let mut swept = self.replied_swept.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let due = swept.is_none_or(|swept| now.duration_since(swept) >= REPLIED_FOR);
+            if due {
+                *swept = Some(now);
+            }
+            due
+        };
+        if sweep {
+            self.replied.retain(|_, replied| now.duration_since(replied.at) < REPLIED_FOR);
+        }
+        let envelope = Envelope { content: Vec::new(), ..envelope.clone() };
+        let key = (envelope.channel.clone(), envelope.platform_message_id.clone());
+        self.replied.insert(key, Replied { envelope, text, at: now });
+    }
+
+    /// The passive reply given lately to a message (its envelope and text), for a platform
+    /// retry of it: the retry proves that reply did not arrive in time.
+    pub fn reply_again(&self, channel: &ChannelId, message_id: &str) -> Option<(Envelope, String)> {
+        let replied = self.replied.get(&(channel.clone(), message_id.to_owned()))?;
+        (replied.at.elapsed() < REPLIED_FOR).then(|| (replied.envelope.clone(), replied.text.clone()))
     }
 
     /// Whether a user has parked answers.

@@ -175,9 +175,9 @@ pub async fn webhook(
             // retry would find it journaled, be acknowledged as a duplicate, and nobody would
             // answer it before the next restart.
             let journaled = actix_web::rt::spawn(journal_and_dispatch(state.clone(), envelopes, hold)).await;
-            let Journaled { outcome, failed, held } = journaled.unwrap_or_else(|error| {
+            let Journaled { outcome, failed, held, again } = journaled.unwrap_or_else(|error| {
                 tracing::error!(channel = %label, %error, "Journaling a message panicked; this is a bug.");
-                Journaled { outcome: "duplicate", failed: true, held: None }
+                Journaled { outcome: "duplicate", failed: true, held: None, again: None }
             });
             if failed {
                 ("store_error", plain(actix_web::http::StatusCode::SERVICE_UNAVAILABLE, "try again"))
@@ -187,6 +187,17 @@ pub async fn webhook(
                 let (path, response) = hold_for_answer(hub, entry, &webhook_request, started, envelope, job, ack).await;
                 hub.metrics.webhook_requests.with_label_values(&[label, path]).inc();
                 return response;
+            } else if let Some((envelope, text)) = again {
+                match channel.passive_reply(&webhook_request, &envelope, &Reply::text(text)) {
+                    Ok(response) => {
+                        tracing::warn!(channel = %label, message = %envelope.platform_message_id, "A passive reply arrived too late; given again to the retry.");
+                        ("passive_again", respond(response))
+                    }
+                    Err(error) => {
+                        tracing::error!(channel = %label, %error, "Could not build a passive reply again; its text is lost.");
+                        (outcome, respond(ack))
+                    }
+                }
             } else {
                 (outcome, respond(ack))
             }
@@ -212,13 +223,16 @@ struct Journaled {
     failed: bool,
     /// The passive-reply job the response waits for, with its envelope.
     held: Option<(Arc<PassiveJob>, Envelope)>,
+    /// A retry of a message already answered passively: that reply (envelope and text) did
+    /// not arrive in time, so this attempt gives it again.
+    again: Option<(Envelope, String)>,
 }
 
 /// Journals each envelope and dispatches the new ones; with `hold` (one envelope, passive
 /// replies), also finds the job the webhook response will wait for.
 async fn journal_and_dispatch(state: web::Data<AppState>, envelopes: Vec<Envelope>, hold: bool) -> Journaled {
     let hub = &state.hub;
-    let mut journaled = Journaled { outcome: "duplicate", failed: false, held: None };
+    let mut journaled = Journaled { outcome: "duplicate", failed: false, held: None, again: None };
     for envelope in envelopes {
         let label = envelope.channel.as_str();
         match hub.store.accept(&envelope, hub.dedupe_ttl).await {
@@ -247,6 +261,9 @@ async fn journal_and_dispatch(state: web::Data<AppState>, envelopes: Vec<Envelop
                         let journaled_envelope = job.envelope().clone();
                         (job, journaled_envelope)
                     });
+                    if journaled.held.is_none() {
+                        journaled.again = hub.passive.reply_again(&envelope.channel, &envelope.platform_message_id);
+                    }
                 }
             }
             Err(error) => {
@@ -335,8 +352,11 @@ async fn hold_for_answer(
     }
     // The passive reply used no quota; the rest goes through the send API within it.
     let parts = if leave_rest { parts } else { crate::delivery::within_send_quota(hub, &envelope, parts) };
-    let response = match entry.channel.passive_reply(request, &envelope, &Reply::text(text)) {
-        Ok(response) => response,
+    let response = match entry.channel.passive_reply(request, &envelope, &Reply::text(text.clone())) {
+        Ok(response) => {
+            hub.passive.remember_reply(&envelope, text);
+            response
+        }
         Err(error) => {
             tracing::warn!(channel, %error, "Could not build the passive reply; pushing the answer.");
             if let Some(parked) = unparked {

@@ -46,6 +46,26 @@ async fn an_answer_ready_in_time_is_the_passive_reply_and_uses_no_api_quota() {
     assert!(app.sent_messages().await.is_empty(), "no customer-service call");
 }
 
+/// WeChat retries only an attempt it got no answer to in time: a retry after a passive reply
+/// proves that reply arrived too late (a queue before the handler, a slow network), so the
+/// retry gets it again instead of `success`, which would end the retries with it lost.
+#[actix_web::test]
+async fn a_retry_after_a_passive_reply_gets_the_same_reply_again() {
+    let app = spawn_app(&auto_env("auto"), Duration::from_millis(50)).await;
+    let xml = text_xml("oP13", 13, "迟到");
+    let (attempt, first) = wechat_delivers(&app, &xml).await.unwrap_or_default();
+    assert_eq!((attempt, passive_content(&first).as_str()), (1, "答：迟到"));
+    // As if that reply had reached WeChat after its deadline: the retry comes.
+    let (status, again) = app.post_signed(&xml).await;
+    assert_eq!(status, 200);
+    assert_eq!(passive_content(&again), "答：迟到", "{again}");
+    app.wait_until_idle().await;
+    assert_eq!(app.llm_requests().await.len(), 1);
+    assert!(app.sent_messages().await.is_empty());
+    let metrics = app.metrics().await;
+    assert!(metrics.contains("outcome=\"passive_again\"} 1"), "{metrics}");
+}
+
 #[actix_web::test]
 async fn a_slow_answer_reaches_the_second_attempt_with_one_llm_call() {
     let app = spawn_app(&auto_env("auto"), Duration::from_millis(1_200)).await;
