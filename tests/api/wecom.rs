@@ -117,6 +117,20 @@ async fn an_encrypted_callback_is_answered_through_message_send_once() {
 }
 
 #[actix_web::test]
+async fn an_answer_repeated_word_for_word_is_not_swallowed_by_the_duplicate_check() {
+    let app = spawn_wecom().await;
+    for msg_id in [9101, 9102] {
+        let (query, body) = callback(CORP, "zhaoliu", msg_id, "在吗");
+        assert_eq!(app.post_wecom(&query, &body).await, (200, String::new()));
+        app.wait_until_idle().await;
+    }
+    let sent = app.wecom_sends().await;
+    let checks: Vec<&serde_json::Value> = sent.iter().map(|send| &send["enable_duplicate_check"]).collect();
+    assert_eq!(checks, [1, 0], "{sent:?}");
+    assert!(sent.iter().all(|send| send["markdown"]["content"] == "答：在吗"), "{sent:?}");
+}
+
+#[actix_web::test]
 async fn a_follow_gets_the_welcome_but_opening_the_app_gets_nothing() {
     let app = spawn_wecom().await;
     for (user, event) in [("lisi", "enter_agent"), ("wangwu", "subscribe")] {

@@ -32,8 +32,8 @@ const FREQUENCY_BACKOFF: Duration = Duration::from_secs(60);
 
 /// WeCom's duplicate-message check window for `message/send`, in seconds: a part retried after
 /// a lost answer is not shown twice (doc path/90236; default 1800, maximum 4 h). Kept to the
-/// retry horizon: identical legitimate answers within it are dropped too.
-const DUPLICATE_CHECK_SECS: u64 = 600;
+/// retry horizon; a different part with the same text is sent without the check (`repeats`).
+pub(crate) const DUPLICATE_CHECK_SECS: u64 = 600;
 
 /// Which call an errcode came from; a few codes mean different things in each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,12 +96,14 @@ impl Api {
         }
     }
 
-    /// Sends one app message to one member.
+    /// Sends one app message to one member, asking WeCom to drop it if an identical one went to
+    /// them within [`DUPLICATE_CHECK_SECS`] when `duplicate_check` is set.
     pub(crate) async fn send(
         &self,
         userid: &str,
         msg_type: MsgType,
         content: &str,
+        duplicate_check: bool,
     ) -> Result<DeliveryReceipt, ChannelError> {
         let kind = msg_type.as_str();
         let mut body = json!({
@@ -109,7 +111,7 @@ impl Api {
             "msgtype": kind,
             "agentid": self.agent_id,
             "safe": 0,
-            "enable_duplicate_check": 1,
+            "enable_duplicate_check": u8::from(duplicate_check),
             "duplicate_check_interval": DUPLICATE_CHECK_SECS,
         });
         if let Some(members) = body.as_object_mut() {

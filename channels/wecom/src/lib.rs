@@ -35,16 +35,18 @@
 //!   rejected token is refreshed and the send retried exactly once.
 //! - **Instances are independent.** Every `[[channels]]` entry (one app of one corp) owns its
 //!   crypto state, token cache and rate limiter; nothing is global.
-//! - **Duplicate check on.** Sends ask WeCom to drop a message identical to one sent to the same
-//!   member in the last 10 minutes, so a part retried after a lost answer (retries span up to
-//!   about 5 minutes) or resent after a quick restart is not shown twice. The price: an answer
-//!   repeated word for word within 10 minutes (a canned text, a greeting answered the same way)
-//!   is not shown again, so the window is kept no longer than the retries need.
+//! - **Duplicate check for resends only.** A part's first send asks WeCom to drop it if an
+//!   identical message went to the member in the last 10 minutes, and so do its resends, so a
+//!   part retried after a lost answer (retries span up to about 5 minutes) or resent after a
+//!   quick restart is not shown twice. A *different* part with the same text (the apology while
+//!   the model is down, an answer repeated word for word) is sent without the check, or WeCom
+//!   would swallow it (`repeats`).
 #![warn(missing_docs)]
 
 mod api;
 mod inbound;
 pub mod markdown;
+mod repeats;
 pub mod settings;
 
 pub use settings::{ReplyFormat, WecomSettings};
@@ -79,6 +81,8 @@ pub struct Wecom {
     crypto: WxCrypto,
     api: api::Api,
     limiter: RateLimiter,
+    /// Which part last sent each text to each member, for WeCom's duplicate check.
+    recent_sends: repeats::RecentSends,
     /// Foreign AgentIDs already logged.
     foreign_agents: Mutex<HashSet<String>>,
 }
@@ -107,7 +111,15 @@ impl Wecom {
             settings.agent_id,
         );
         let limiter = member_limiter(settings.rate_per_minute, settings.rate_per_hour);
-        Ok(Self { id, settings, crypto, api, limiter, foreign_agents: Mutex::new(HashSet::new()) })
+        Ok(Self {
+            id,
+            settings,
+            crypto,
+            api,
+            limiter,
+            recent_sends: repeats::RecentSends::new(Duration::from_secs(api::DUPLICATE_CHECK_SECS)),
+            foreign_agents: Mutex::new(HashSet::new()),
+        })
     }
 
     /// Builds the channel from its `[[channels]]` entry; unknown keys (the core's) are ignored.
@@ -303,7 +315,9 @@ impl Channel for Wecom {
                     "Delivery waited for WeCom's per-member rate limit."
                 );
             }
-            self.api.send(userid, self.msg_type(), &delivery.reply.text).await
+            let text = &delivery.reply.text;
+            let duplicate_check = self.recent_sends.duplicate_check(userid, text, &delivery.delivery_id);
+            self.api.send(userid, self.msg_type(), text, duplicate_check).await
         })
     }
 }

@@ -120,6 +120,26 @@ async fn an_encrypted_callback_is_answered_through_message_send() {
     assert_eq!(sends[0].headers.get("content-type").and_then(|v| v.to_str().ok()), Some("application/json"));
 }
 
+/// WeCom's duplicate check stops a resent part from showing twice, but would also swallow a
+/// different message with the same text (the apology while the model is down).
+#[tokio::test]
+async fn a_resend_asks_for_the_duplicate_check_but_a_new_message_with_the_same_text_does_not() {
+    let server = MockServer::start().await;
+    mount_token(&server, "TOKEN1", 1).await;
+    mount_send(&server, "TOKEN1", ok_answer(), 4).await;
+    let channel = channel_for(&server);
+    let apology = |id: &str| Delivery { delivery_id: id.into(), ..delivery("抱歉，出了点问题。") };
+    for id in ["e1-0", "e1-0", "e2-0", "e2-0"] {
+        channel.deliver(&apology(id)).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    let checks: Vec<Value> = requests_to(&server, "/cgi-bin/message/send")
+        .await
+        .iter()
+        .map(|request| json_body(request)["enable_duplicate_check"].clone())
+        .collect();
+    assert_eq!(checks, [json!(1), json!(1), json!(0), json!(0)]);
+}
+
 #[tokio::test]
 async fn text_format_sends_text_messages() {
     let server = MockServer::start().await;

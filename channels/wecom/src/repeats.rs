@@ -1,0 +1,107 @@
+//! When to ask WeCom for its duplicate check.
+//!
+//! WeCom's check drops a message identical to one sent to the same member within its window. That
+//! keeps a part resent after a lost answer (or after a quick restart) from showing twice, but it
+//! also swallows a different message that happens to have the same text: the hub's fixed texts
+//! (the apology while the model is down, "I only read text" for a second picture, the reset
+//! confirmation) and an answer repeated word for word. So the channel remembers, per member,
+//! which part last sent each text: the same part sent again keeps the check as first decided; a
+//! different part with the same text goes without it.
+//!
+//! After a restart nothing is remembered, and every first send has the check on: a resend of a
+//! part the platform took before the crash is then dropped, at the price of swallowing a
+//! legitimate repeat of a text sent just before the restart.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Hashing with a random seed per process: the texts come from users and models.
+type Hasher = std::collections::hash_map::RandomState;
+
+/// The last part that sent a text to a member.
+#[derive(Debug)]
+struct LastSend {
+    delivery_id: String,
+    at: Instant,
+    /// Whether that part asked for the duplicate check.
+    checked: bool,
+}
+
+/// Recent sends by (member, hash of the text), for [`duplicate_check`](Self::duplicate_check).
+#[derive(Debug)]
+pub(crate) struct RecentSends {
+    window: Duration,
+    hasher: Hasher,
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    sends: HashMap<(String, u64), LastSend, Hasher>,
+    swept: Instant,
+}
+
+impl RecentSends {
+    /// Remembers sends for `window` (WeCom's duplicate-check interval).
+    pub(crate) fn new(window: Duration) -> Self {
+        Self {
+            window,
+            hasher: Hasher::default(),
+            state: Mutex::new(State { sends: HashMap::with_hasher(Hasher::default()), swept: Instant::now() }),
+        }
+    }
+
+    /// Whether the send of `delivery_id` with `text` to `member` should ask for WeCom's
+    /// duplicate check (and records it): yes for the first send of a text within the window
+    /// and for every resend of the same part; no for a different part with the same text.
+    pub(crate) fn duplicate_check(&self, member: &str, text: &str, delivery_id: &str) -> bool {
+        let now = Instant::now();
+        let key = (member.to_owned(), self.hasher.hash_one(text));
+        let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if now.duration_since(state.swept) >= self.window {
+            // Bounded by the sends of one window.
+            let window = self.window;
+            state.sends.retain(|_, send| now.duration_since(send.at) < window);
+            state.swept = now;
+        }
+        let checked = match state.sends.get(&key) {
+            Some(last) if now.duration_since(last.at) < self.window => {
+                if last.delivery_id == delivery_id {
+                    last.checked
+                } else {
+                    false
+                }
+            }
+            _ => true,
+        };
+        state.sends.insert(key, LastSend { delivery_id: delivery_id.to_owned(), at: now, checked });
+        checked
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resend_keeps_the_check_and_a_different_part_with_the_same_text_goes_without() {
+        let sends = RecentSends::new(Duration::from_secs(600));
+        assert!(sends.duplicate_check("u", "抱歉", "e1-0"));
+        assert!(sends.duplicate_check("u", "抱歉", "e1-0"), "a resend of the same part");
+        assert!(!sends.duplicate_check("u", "抱歉", "e2-0"), "the same text as another message");
+        assert!(!sends.duplicate_check("u", "抱歉", "e2-0"), "its resend is sent as it was first");
+        assert!(sends.duplicate_check("v", "抱歉", "e3-0"), "another member");
+        assert!(sends.duplicate_check("u", "别的", "e4-0"), "another text");
+    }
+
+    #[test]
+    fn sends_older_than_the_window_are_forgotten() {
+        let sends = RecentSends::new(Duration::ZERO);
+        assert!(sends.duplicate_check("u", "抱歉", "e1-0"));
+        assert!(sends.duplicate_check("u", "抱歉", "e2-0"));
+        let state = sends.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        assert!(state.sends.len() <= 1, "swept");
+    }
+}
