@@ -118,12 +118,14 @@ impl Hub {
     /// Marks an accepted envelope as finished: answered, failed for good, or needing no answer.
     pub async fn finish(&self, envelope_id: &str) {
         self.passive.forget_continuation(envelope_id);
-        // Counted as no longer open either way: nothing in this process will finish it now (if
-        // the store failed before recording the finish, the next start resumes it), and the
-        // shutdown must not wait for it. The SQLite store can also fail after its inbound log
-        // recorded the finish.
+        let finished = self.store.finish(envelope_id).await;
+        // Counted as no longer open either way, but only once the store is done with it (a
+        // shutdown that saw 0 earlier would stop before the finish is written): nothing in this
+        // process will finish it now (if the store failed before recording the finish, the next
+        // start resumes it), and the shutdown must not wait for it. The SQLite store can also
+        // fail after its inbound log recorded the finish.
         self.metrics.journal_open.dec();
-        if let Err(error) = self.store.finish(envelope_id).await {
+        if let Err(error) = finished {
             tracing::error!(envelope = %envelope_id, %error, "Failed to finish a journal entry.");
         }
     }

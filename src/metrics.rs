@@ -9,7 +9,7 @@ use prometheus::{
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    /// Webhook calls by channel and outcome (`accepted`, `duplicate`, `respond`, `unauthorized` …).
+    /// Webhook calls by channel and outcome (`accepted`, `duplicate`, `responded`, `unauthorized` …).
     pub webhook_requests: IntCounterVec,
     /// Time from receiving a webhook call to acknowledging it.
     pub webhook_ack_seconds: HistogramVec,

@@ -65,6 +65,12 @@ impl BodyRefused {
     }
 }
 
+/// `Content-Encoding` values that compress (RFC 9110 and common use).
+const COMPRESSIONS: [&str; 7] = ["gzip", "x-gzip", "deflate", "br", "zstd", "compress", "x-compress"];
+
+/// Buffer reserved for a body before it arrives; platform bodies are a few KiB.
+const INITIAL_BODY_CAPACITY: usize = 16 * 1024;
+
 /// Reads a webhook's body: uncompressed, within `limits`.
 async fn read_body(
     request: &HttpRequest,
@@ -74,9 +80,13 @@ async fn read_body(
     let limit = limits.max_bytes;
     use futures_util::StreamExt;
     let headers = request.headers();
-    let encoded = headers
-        .get(actix_web::http::header::CONTENT_ENCODING)
-        .is_some_and(|encoding| !encoding.as_bytes().eq_ignore_ascii_case(b"identity"));
+    // Only real compressions: a meaningless value (`utf-8`) was always read as it is.
+    let encoded = headers.get(actix_web::http::header::CONTENT_ENCODING).is_some_and(|encoding| {
+        encoding.as_bytes().split(|&byte| byte == b',').any(|coding| {
+            let coding = coding.trim_ascii();
+            COMPRESSIONS.iter().any(|known| coding.eq_ignore_ascii_case(known.as_bytes()))
+        })
+    });
     if encoded {
         return Err(BodyRefused::Encoded);
     }
@@ -88,7 +98,9 @@ async fn read_body(
         return Err(BodyRefused::TooLarge);
     }
     let read = async {
-        let mut body = web::BytesMut::with_capacity(declared.unwrap_or(0));
+        // Not the declared length: a client that claims a large body and sends nothing would
+        // hold that much memory for the whole timeout.
+        let mut body = web::BytesMut::with_capacity(declared.unwrap_or(0).min(INITIAL_BODY_CAPACITY));
         while let Some(chunk) = payload.next().await {
             let chunk = chunk.map_err(|_| BodyRefused::Broken)?;
             if body.len() + chunk.len() > limit {

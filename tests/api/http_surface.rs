@@ -23,8 +23,18 @@ async fn an_unknown_channel_is_404() {
 async fn a_body_over_the_limit_is_413() {
     let app = spawn_app(&[("YIZHAN__SERVER__BODY_LIMIT_BYTES", "1024")], Duration::ZERO).await;
     let url = format!("{}?{}", app.webhook_url(CHANNEL), signed_query(now()));
-    let response = app.http.post(url).body("x".repeat(4096)).send().await.unwrap_or_else(|e| panic!("{e}"));
+    let response = app.http.post(&url).body("x".repeat(4096)).send().await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(response.status().as_u16(), 413);
+    // Without a Content-Length (chunked), the size is counted as the body arrives.
+    let chunks = (0..8).map(|_| Ok::<_, std::io::Error>("x".repeat(512)));
+    let chunked = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
+    let response = app.http.post(&url).body(chunked).send().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(response.status().as_u16(), 413);
+    let metrics = app.metrics().await;
+    assert!(
+        metrics.contains("yizhan_webhook_requests_total{channel=\"mp\",outcome=\"body_too_large\"} 2"),
+        "{metrics}"
+    );
 }
 
 #[actix_web::test]
@@ -36,7 +46,7 @@ async fn a_compressed_body_is_415_and_counted() {
     let response = app
         .http
         .post(url)
-        .header("content-encoding", "gzip")
+        .header("content-encoding", "identity, GZIP")
         .body(gzip_of_zeros)
         .send()
         .await

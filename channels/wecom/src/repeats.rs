@@ -6,7 +6,10 @@
 //! (the apology while the model is down, "I only read text" for a second picture, the reset
 //! confirmation) and an answer repeated word for word. So the channel remembers, per member,
 //! which part last sent each text: the same part sent again keeps the check as first decided; a
-//! different part with the same text goes without it.
+//! different part with the same text goes without it, and so do its resends (with the check on,
+//! WeCom would drop them as copies of the earlier message, and the part would never show). The
+//! price: if such a part reached WeCom but the answer to the call was lost, its resend shows
+//! it twice, which beats never.
 //!
 //! After a restart nothing is remembered, and every first send has the check on: a resend of a
 //! part the platform took before the crash is then dropped, at the price of swallowing a
