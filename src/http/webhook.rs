@@ -179,7 +179,16 @@ pub async fn webhook(
             tracing::error!(channel = %label, "Webhook refused: a message without a usable platform message id (blank, or over 512 bytes).");
             ("malformed", plain(actix_web::http::StatusCode::BAD_REQUEST, "malformed"))
         }
-        Ok(WebhookOutcome::Accepted { envelopes, ack }) => {
+        Ok(WebhookOutcome::Accepted { mut envelopes, ack }) => {
+            // The hub's fields, whatever the channel put there: a plugin that left `id` blank
+            // or reused one would make every other message a store error while one is open, and
+            // one naming another channel would have its answers dropped or sent from another
+            // account.
+            for envelope in &mut envelopes {
+                envelope.id = Envelope::new_id();
+                envelope.channel = channel.id().clone();
+                envelope.channel_kind = channel.kind().to_owned();
+            }
             // Only a single message can be answered inside the response.
             let hold = entry.holds_for_passive() && envelopes.len() == 1;
             // In a task of its own: once the store has an envelope, it must be dispatched even

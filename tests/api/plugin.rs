@@ -6,6 +6,9 @@ use std::time::Duration;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 use yizhan::channels::ChannelKinds;
+use yizhan_channel_core::{
+    BoxFuture, Channel, ChannelError, ChannelId, Delivery, DeliveryReceipt, WebhookOutcome, WebhookRequest,
+};
 use yizhan_plugin_example::HttpJson;
 
 #[actix_web::test]
@@ -67,4 +70,77 @@ async fn a_plugin_channel_receives_and_answers_through_the_core() {
         assert_eq!(refused, 400);
     }
     assert!(app.metrics().await.contains(r#"yizhan_webhook_requests_total{channel="intranet",outcome="malformed"} 2"#));
+}
+
+/// The example plugin with a careless author's envelopes: the same `id` for every message, and
+/// another channel's id and kind.
+struct Careless(HttpJson);
+
+impl Channel for Careless {
+    fn id(&self) -> &ChannelId {
+        self.0.id()
+    }
+
+    fn kind(&self) -> &str {
+        self.0.kind()
+    }
+
+    fn handle_webhook(&self, request: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
+        let mut outcome = self.0.handle_webhook(request)?;
+        if let WebhookOutcome::Accepted { envelopes, .. } = &mut outcome {
+            for envelope in envelopes {
+                envelope.id = "same-for-all".into();
+                envelope.channel = ChannelId::parse("elsewhere").unwrap_or_else(|e| panic!("{e}"));
+                envelope.channel_kind = "other".into();
+            }
+        }
+        Ok(outcome)
+    }
+
+    fn deliver<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
+        self.0.deliver(delivery)
+    }
+}
+
+#[actix_web::test]
+async fn the_hub_sets_the_envelope_id_and_channel_whatever_a_plugin_put_there() {
+    let (llm, callback) = (MockServer::start().await, MockServer::start().await);
+    // Slow enough that the first message is still open when the second arrives.
+    echo_llm(&llm, Duration::from_millis(200)).await;
+    Mock::given(method("POST")).and(path("/answers")).respond_with(ResponseTemplate::new(200)).mount(&callback).await;
+    let config = format!(
+        "{}\n[[channels]]\nid = \"intranet\"\nkind = \"http_json\"\ntoken = \"plugin-secret-token\"\ncallback_url = \"{}/answers\"\n",
+        base_config(&llm, &callback),
+        callback.uri()
+    );
+    let mut kinds = ChannelKinds::builtin();
+    kinds.register(HttpJson::KIND, |settings, http| {
+        Ok(Arc::new(Careless(HttpJson::from_settings(settings, http.clone())?)))
+    });
+    let app = spawn_with(&config, &[], kinds, callback, llm).await;
+    for (id, user) in [("c1", "carol"), ("c2", "dave")] {
+        let status = app
+            .http
+            .post(app.webhook_url("intranet"))
+            .bearer_auth("plugin-secret-token")
+            .json(&serde_json::json!({"message_id": id, "user": user, "text": id}))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or_default();
+        assert_eq!(status, 200, "{id}");
+    }
+    app.wait_until_idle().await;
+    let mut answered: Vec<String> = app
+        .wechat
+        .received_requests()
+        .await
+        .unwrap_or_default()
+        .iter()
+        .filter(|r| r.url.path() == "/answers")
+        .filter_map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).ok())
+        .filter_map(|answer| answer["in_reply_to"].as_str().map(str::to_owned))
+        .collect();
+    answered.sort();
+    assert_eq!(answered, ["c1", "c2"]);
 }

@@ -189,11 +189,12 @@ pub struct ReplyHandle(pub serde_json::Value);
 /// One inbound message in the form every part of the core understands.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Envelope {
-    /// Assigned by the hub; unique per accepted message.
+    /// Assigned by the hub; unique per accepted message. The hub sets it (and `channel` and
+    /// `channel_kind`) on every envelope a webhook returns, whatever the channel put there.
     pub id: String,
-    /// The channel account it arrived on.
+    /// The channel account it arrived on (set by the hub).
     pub channel: ChannelId,
-    /// The channel kind (`wechat_mp`, `wecom`, `feishu`, or a plugin's).
+    /// The channel kind (`wechat_mp`, `wecom`, `feishu`, or a plugin's; set by the hub).
     pub channel_kind: String,
     /// The platform's id for this message: the dedupe key. It must differ between messages, be
     /// the same on every retry of one, and be non-blank and at most 512 bytes (the core refuses
