@@ -54,8 +54,10 @@ pub fn scrub(message: &str, secrets: &[&str]) -> String {
 }
 
 /// Calls `call(attempt)` (attempt 1, 2, …) until it succeeds, fails for good, or `attempts`
-/// were made, waiting 250 ms × attempt after each transient failure. Only for calls whose retry
-/// is safe: deduplicated by the platform (a uuid), or made with a fresh sequence each time.
+/// were made, waiting 250 ms × attempt after each transient failure, or as long as the platform
+/// asked (`retry_after`, at most [`LONGEST_HINTED_WAIT`]) if that is longer: retrying inside a
+/// rate limit's window only spends the attempts. Only for calls whose retry is safe:
+/// deduplicated by the platform (a uuid), or made with a fresh sequence each time.
 pub async fn retry_transient<T, Fut>(
     channel: &yizhan_channel_core::ChannelId,
     what: &str,
@@ -70,13 +72,23 @@ where
         match call(attempt).await {
             Err(error) if error.is_retryable() && attempt < attempts => {
                 tracing::debug!(%channel, attempt, %error, "{what} failed; retrying.");
-                tokio::time::sleep(std::time::Duration::from_millis(250) * attempt).await;
+                let backoff = std::time::Duration::from_millis(250) * attempt;
+                let hinted = match &error {
+                    yizhan_channel_core::ChannelError::Transient { retry_after: Some(wait), .. } => {
+                        (*wait).min(LONGEST_HINTED_WAIT)
+                    }
+                    _ => std::time::Duration::ZERO,
+                };
+                tokio::time::sleep(backoff.max(hinted)).await;
                 attempt += 1;
             }
             result => return result,
         }
     }
 }
+
+/// The longest [`retry_transient`] waits for a platform's `retry_after` before its next try.
+pub const LONGEST_HINTED_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The largest platform API answer read: tokens, message ids and errors are far smaller. A
 /// misbehaving proxy at `api_base` cannot make a channel buffer more than this.
@@ -127,6 +139,30 @@ pub fn wechat_errcode(answer: &Value) -> (i64, String) {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_waits_as_long_as_the_platform_asked_within_a_bound() {
+        use std::time::Duration;
+        use yizhan_channel_core::{ChannelError, ChannelId};
+        let channel = ChannelId::parse("c").unwrap_or_else(|e| panic!("{e}"));
+        for (asked, waited) in [
+            (None, Duration::from_millis(250)),
+            (Some(Duration::from_millis(100)), Duration::from_millis(250)),
+            (Some(Duration::from_secs(2)), Duration::from_secs(2)),
+            (Some(Duration::from_secs(600)), LONGEST_HINTED_WAIT),
+        ] {
+            let started = tokio::time::Instant::now();
+            let result = retry_transient(&channel, "test", 2, |attempt| async move {
+                if attempt == 1 {
+                    Err(ChannelError::Transient { reason: "rate limited".into(), retry_after: asked })
+                } else {
+                    Ok(started.elapsed())
+                }
+            })
+            .await;
+            assert_eq!(result.ok(), Some(waited), "{asked:?}");
+        }
+    }
 
     #[test]
     fn a_code_is_first_once_until_reset() {

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 /// Why a webhook call or a delivery failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ChannelError {
     /// The request is not from the platform: bad signature, stale timestamp, wrong account.
     /// The core answers 401 and changes nothing.

@@ -3,7 +3,9 @@
 //! Every platform hands out a short-lived token (WeChat `access_token`, WeCom `access_token`,
 //! Feishu `tenant_access_token`). Refreshing too often invalidates tokens or burns a daily quota,
 //! so the cache refreshes shortly before expiry, lets only one refresh run at a time, and makes
-//! concurrent callers wait for that one instead of starting their own.
+//! concurrent callers wait for that one instead of starting their own. When that one fails, the
+//! callers that waited for it get its error rather than each trying again in turn (with a
+//! token endpoint that hangs, the last of them would wait one timeout per caller ahead).
 
 use crate::ChannelError;
 use std::future::Future;
@@ -26,12 +28,20 @@ struct Cached {
     refresh_at: Instant,
 }
 
+/// A fetch that failed, and when.
+#[derive(Debug)]
+struct Failed {
+    at: Instant,
+    error: ChannelError,
+}
+
 /// Caches one account's token. Share it (`Arc`) between everything that calls the platform.
 #[derive(Debug)]
 pub struct TokenCache {
     cached: RwLock<Option<Cached>>,
-    // NOTE: held across the fetch on purpose: it is what makes the refresh single-flight.
-    refresh: tokio::sync::Mutex<()>,
+    // NOTE: held across the fetch on purpose: it is what makes the refresh single-flight. It
+    // guards the last fetch's failure, for the callers that waited for that fetch.
+    refresh: tokio::sync::Mutex<Option<Failed>>,
     /// Refresh this long before the platform's expiry, so a token never expires mid-call.
     margin: Duration,
 }
@@ -39,7 +49,7 @@ pub struct TokenCache {
 impl TokenCache {
     /// A cache that refreshes `margin` before expiry (WeChat: 5 min; Feishu: 30 min).
     pub fn new(margin: Duration) -> Self {
-        Self { cached: RwLock::new(None), refresh: tokio::sync::Mutex::new(()), margin }
+        Self { cached: RwLock::new(None), refresh: tokio::sync::Mutex::new(None), margin }
     }
 
     fn fresh(&self) -> Option<String> {
@@ -56,17 +66,30 @@ impl TokenCache {
         if let Some(token) = self.fresh() {
             return Ok(token);
         }
-        let _refreshing = self.refresh.lock().await;
+        let arrived = Instant::now();
+        let mut last_failure = self.refresh.lock().await;
         // Someone else may have refreshed while we waited for the lock.
         if let Some(token) = self.fresh() {
             return Ok(token);
         }
-        let token = fetch().await?;
-        // A token that lives shorter than the margin is still used once rather than refetched
-        // in a loop; it is refreshed on the next call.
+        // Or failed to, after we arrived: that was the fetch we waited for.
+        if let Some(failed) = last_failure.as_ref().filter(|failed| failed.at > arrived) {
+            return Err(failed.error.clone());
+        }
+        let token = match fetch().await {
+            Ok(token) => token,
+            Err(error) => {
+                *last_failure = Some(Failed { at: Instant::now(), error: error.clone() });
+                return Err(error);
+            }
+        };
+        *last_failure = None;
         // Capped: the lifetime comes from the platform (or a proxy at a configured base URL), and
-        // `Instant + Duration` panics on overflow; no platform issues tokens for over a day.
-        let lifetime = token.expires_in.min(MAX_TOKEN_LIFETIME).saturating_sub(self.margin);
+        // `Instant + Duration` panics on overflow; no platform issues tokens for over a day. A
+        // token that lives no longer than the margin is used for half its life, rather than
+        // fetched again by every caller.
+        let claimed = token.expires_in.min(MAX_TOKEN_LIFETIME);
+        let lifetime = if claimed > self.margin { claimed - self.margin } else { claimed / 2 };
         let mut guard = self.cached.write().unwrap_or_else(|poisoned| poisoned.into_inner());
         *guard = Some(Cached { value: token.value.clone(), refresh_at: Instant::now() + lifetime });
         Ok(token.value)
@@ -151,6 +174,47 @@ mod tests {
         assert!(failed.is_err());
         let ok = cache.get(|| async { Ok(token("t1", 7200)) }).await.ok();
         assert_eq!(ok.as_deref(), Some("t1"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn callers_that_waited_for_a_failed_fetch_get_its_error_without_fetching_again() {
+        let cache = Arc::new(TokenCache::new(Duration::from_secs(300)));
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..5 {
+            let (cache, fetches) = (cache.clone(), fetches.clone());
+            tasks.push(tokio::spawn(async move {
+                cache
+                    .get(|| async {
+                        fetches.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                        Err(ChannelError::Transient { reason: "token endpoint timed out".into(), retry_after: None })
+                    })
+                    .await
+            }));
+        }
+        for task in tasks {
+            let result = task.await.unwrap_or_else(|e| panic!("{e}"));
+            assert!(matches!(result, Err(ChannelError::Transient { .. })), "{result:?}");
+        }
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+        // A caller that comes later tries again.
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let later = cache.get(|| async { Ok(token("t1", 7200)) }).await;
+        assert_eq!(later.ok().as_deref(), Some("t1"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_shorter_lived_than_the_margin_is_used_for_half_its_life() {
+        let cache = TokenCache::new(Duration::from_secs(300));
+        let first = cache.get(|| async { Ok(token("short", 200)) }).await;
+        assert_eq!(first.ok().as_deref(), Some("short"));
+        tokio::time::advance(Duration::from_secs(99)).await;
+        let cached = cache.get(|| async { Ok(token("next", 200)) }).await;
+        assert_eq!(cached.ok().as_deref(), Some("short"));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let renewed = cache.get(|| async { Ok(token("next", 200)) }).await;
+        assert_eq!(renewed.ok().as_deref(), Some("next"));
     }
 
     #[tokio::test(start_paused = true)]
