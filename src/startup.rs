@@ -101,7 +101,41 @@ pub fn check(config: &Config, kinds: &ChannelKinds) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     for entry in &config.channels {
         let channel = kinds.build(&entry.settings, &http).map_err(|error| anyhow::anyhow!("{error}"))?;
-        reply_path(entry, channel.capabilities().passive_reply_window)?;
+        let capabilities = channel.capabilities();
+        let (passive_window, _) = reply_path(entry, capabilities.passive_reply_window)?;
+        let can_park = passive_window.is_some() || send_quota(entry, passive_window).is_some();
+        more_hint_fits(config, entry, can_park, capabilities.max_part_bytes)?;
+    }
+    Ok(())
+}
+
+/// Parts the send API may carry per user message (`None`: unlimited): the configured number
+/// (0 = unlimited), else 5 where the platform has passive replies (the 公众号 quota).
+fn send_quota(entry: &crate::config::ChannelConfig, passive_window: Option<Duration>) -> Option<usize> {
+    match entry.core.send_quota_per_message {
+        Some(0) => None,
+        Some(quota) => Some(quota),
+        None => passive_window.map(|_| 5),
+    }
+}
+
+/// Where answers can be parked, the continue hint goes at the end of a part: it must leave
+/// room for text, or every part would be the hint alone (and over the limit) and the answer
+/// would never move on.
+fn more_hint_fits(
+    config: &Config,
+    entry: &crate::config::ChannelConfig,
+    can_park: bool,
+    max_part_bytes: usize,
+) -> anyhow::Result<()> {
+    let hint = config.messages.more_hint.len() + 1;
+    if can_park && hint > max_part_bytes / 2 {
+        anyhow::bail!(
+            "config key `messages.more_hint` is {} bytes, too long for channel {:?}, whose parts hold {max_part_bytes} \
+             bytes: keep it under half of that",
+            hint - 1,
+            entry.core.id
+        );
     }
     Ok(())
 }
@@ -168,6 +202,13 @@ impl Application {
             let group_per_user = entry.core.group_context == crate::config::GroupContext::PerUser;
             let capabilities = channel.capabilities();
             let (passive_window, reply_mode) = reply_path(entry, capabilities.passive_reply_window)?;
+            let send_quota = send_quota(entry, passive_window);
+            more_hint_fits(
+                &config,
+                entry,
+                passive_window.is_some() || send_quota.is_some(),
+                capabilities.max_part_bytes,
+            )?;
             channels.insert(
                 entry.settings.id.clone(),
                 ChannelEntry {
@@ -179,11 +220,7 @@ impl Application {
                     passive_window,
                     passive_margin: Duration::from_millis(entry.core.passive_margin_ms),
                     menu: entry.core.menu.clone(),
-                    send_quota: match entry.core.send_quota_per_message {
-                        Some(0) => None,
-                        Some(quota) => Some(quota),
-                        None => passive_window.map(|_| 5),
-                    },
+                    send_quota,
                 },
             );
         }

@@ -352,6 +352,12 @@ async fn a_bad_config_exits_non_zero_naming_the_key_and_check_accepts_a_good_one
         .unwrap_or_else(|e| panic!("{e}"));
     let (passed, stderr) = check("example.toml", &example);
     assert!(passed, "{stderr}");
+    // A continue hint that leaves a 公众号 part no room for text.
+    let long_hint = example
+        .replace("more_hint = \"（回复「继续」查看剩余内容）\"", &format!("more_hint = \"{}\"", "继续".repeat(400)));
+    assert_ne!(long_hint, example, "the example sets more_hint");
+    let (passed, stderr) = check("long-hint.toml", &long_hint);
+    assert!(!passed && stderr.contains("messages.more_hint"), "{stderr}");
     // An unrelated variable that is not UTF-8 is none of Yizhan's business.
     #[cfg(unix)]
     {

@@ -45,16 +45,10 @@ async fn a_plugin_channel_receives_and_answers_through_the_core() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(response.status().as_u16(), 200);
     app.wait_until_idle().await;
-    let answers: Vec<serde_json::Value> = app
-        .wechat
-        .received_requests()
-        .await
-        .unwrap_or_default()
-        .iter()
-        .filter(|r| r.url.path() == "/answers")
-        .map(|r| serde_json::from_slice(&r.body).unwrap_or_default())
-        .collect();
-    assert_eq!(answers, [serde_json::json!({"user":"alice","text":"答：插件你好","in_reply_to":"m1"})]);
+    let answers = answers_received(&app).await;
+    let bodies: Vec<&serde_json::Value> = answers.iter().map(|(body, _)| body).collect();
+    assert_eq!(bodies, [&serde_json::json!({"user":"alice","text":"答：插件你好","in_reply_to":"m1"})]);
+    assert!(!answers[0].1.is_empty(), "each part carries its delivery id as Idempotency-Key");
 
     // A plugin that hands over a blank id is refused, not deduplicated into silence.
     for blank in ["", "  "] {
@@ -70,6 +64,21 @@ async fn a_plugin_channel_receives_and_answers_through_the_core() {
         assert_eq!(refused, 400);
     }
     assert!(app.metrics().await.contains(r#"yizhan_webhook_requests_total{channel="intranet",outcome="malformed"} 2"#));
+}
+
+/// The answers the stand-in callback received: each body, with its Idempotency-Key header.
+async fn answers_received(app: &TestApp) -> Vec<(serde_json::Value, String)> {
+    app.wechat
+        .received_requests()
+        .await
+        .unwrap_or_default()
+        .iter()
+        .filter(|r| r.url.path() == "/answers")
+        .map(|r| {
+            let key = r.headers.get("idempotency-key").and_then(|key| key.to_str().ok()).unwrap_or_default();
+            (serde_json::from_slice(&r.body).unwrap_or_default(), key.to_owned())
+        })
+        .collect()
 }
 
 /// The example plugin with a careless author's envelopes: the same `id` for every message, and
@@ -131,15 +140,10 @@ async fn the_hub_sets_the_envelope_id_and_channel_whatever_a_plugin_put_there() 
         assert_eq!(status, 200, "{id}");
     }
     app.wait_until_idle().await;
-    let mut answered: Vec<String> = app
-        .wechat
-        .received_requests()
+    let mut answered: Vec<String> = answers_received(&app)
         .await
-        .unwrap_or_default()
         .iter()
-        .filter(|r| r.url.path() == "/answers")
-        .filter_map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).ok())
-        .filter_map(|answer| answer["in_reply_to"].as_str().map(str::to_owned))
+        .filter_map(|(answer, _)| answer["in_reply_to"].as_str().map(str::to_owned))
         .collect();
     answered.sort();
     assert_eq!(answered, ["c1", "c2"]);

@@ -357,7 +357,7 @@ impl Writer {
         }
         // Emphasis the parser could not match (CommonMark's flanking rules often fail around
         // CJK punctuation, e.g. `**“引用”**后`) would otherwise show up as literal `**`.
-        let text = self.pending.replace("**", "");
+        let text = without_unmatched_strong(&self.pending);
         self.out.push_str(&text);
         self.pending.clear();
     }
@@ -393,7 +393,8 @@ impl Writer {
         }
         let mut text = String::with_capacity(self.out.len());
         let mut newlines = 0;
-        for ch in self.out.trim().chars() {
+        // Not `trim`: a code block that opens the answer keeps its first line's indentation.
+        for ch in self.out.trim_start_matches(['\n', '\r']).trim_end().chars() {
             if ch == '\n' {
                 newlines += 1;
                 if newlines > 2 {
@@ -406,6 +407,24 @@ impl Writer {
         }
         text
     }
+}
+
+/// `text` without the `**` the parser left unmatched: those next to a non-ASCII character
+/// (CJK text or punctuation, where CommonMark's flanking rules fail and a literal `**` is next
+/// to unheard of). Any other `**` is text (`2**10`, `f(**kwargs)`) and stays.
+fn without_unmatched_strong(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = 0;
+    for (at, _) in text.match_indices("**") {
+        let before = text[..at].chars().next_back();
+        let after = text[at + 2..].chars().next();
+        if before.is_some_and(|ch| !ch.is_ascii()) || after.is_some_and(|ch| !ch.is_ascii()) {
+            out.push_str(&text[rest..at]);
+            rest = at + 2;
+        }
+    }
+    out.push_str(&text[rest..]);
+    out
 }
 
 #[cfg(test)]
@@ -518,6 +537,29 @@ mod tests {
             assert!(!text.contains("**"), "{text}");
             assert!(text.contains("“你好”"), "{text}");
         }
+    }
+
+    #[test]
+    fn double_stars_that_are_not_emphasis_stay() {
+        for (markdown, plain) in [
+            ("计算 2**10 的值", "计算 2**10 的值"),
+            ("调用 f(*args, **kwargs) 即可", "调用 f(*args, **kwargs) 即可"),
+            ("他说**“你好”**，又说**“再见”**。", "他说“你好”，又说“再见”。"),
+        ] {
+            assert_eq!(to_plain_text(markdown), plain, "{markdown}");
+        }
+    }
+
+    #[test]
+    fn a_code_block_that_opens_the_answer_keeps_its_indentation() {
+        assert_eq!(
+            to_plain_text(
+                "```python
+    return 1
+```"
+            ),
+            "    return 1"
+        );
     }
 
     #[test]

@@ -155,6 +155,34 @@ impl Default for Capabilities {
     }
 }
 
+/// `text` in parts of at most `limit` bytes (each holds at least one character, whatever the
+/// limit), cut after the last line break in the second half of a part, or else at the last
+/// character boundary; nothing is lost or repeated. Blank text gives no part.
+fn split_to_bytes(text: &str, limit: usize) -> Vec<Reply> {
+    let mut parts = Vec::new();
+    let mut rest = text;
+    while !rest.trim().is_empty() {
+        if rest.len() <= limit {
+            parts.push(Reply::text(rest));
+            break;
+        }
+        let mut cut = limit;
+        while cut > 0 && !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        if cut == 0 {
+            // A limit smaller than the first character: that character alone.
+            cut = rest.chars().next().map_or(rest.len(), char::len_utf8);
+        }
+        if let Some(newline) = rest[..cut].rfind('\n').filter(|&newline| newline + 1 > cut / 2) {
+            cut = newline + 1;
+        }
+        parts.push(Reply::text(&rest[..cut]));
+        rest = &rest[cut..];
+    }
+    parts
+}
+
 /// A message being written while the model streams (a Feishu CardKit card, …). Opaque to the
 /// core; serialisable so it can be journaled.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -179,9 +207,11 @@ pub trait Channel: Send + Sync + 'static {
     fn handle_webhook(&self, request: &WebhookRequest) -> Result<WebhookOutcome, ChannelError>;
 
     /// Renders an answer for this platform and splits it into parts that `deliver` accepts,
-    /// in the order they must arrive.
+    /// in the order they must arrive. By default the text is kept as it is, split into parts of
+    /// at most [`Capabilities::max_part_bytes`] (at a line break where one is near the end,
+    /// otherwise at a character boundary).
     fn render(&self, reply: &Reply) -> Vec<Reply> {
-        vec![reply.clone()]
+        split_to_bytes(&reply.text, self.capabilities().max_part_bytes)
     }
 
     /// Builds the HTTP answer that carries `reply` passively, for platforms with a
@@ -247,6 +277,21 @@ mod tests {
             body: Bytes::new(),
             received_at: SystemTime::UNIX_EPOCH + Duration::from_secs(now),
         }
+    }
+
+    #[test]
+    fn the_default_render_splits_to_the_part_limit_losing_nothing() {
+        let text = format!("{}\n{}", "一".repeat(500), "二🇨🇳".repeat(300));
+        for limit in [0, 1, 3, 5, 64, 2048, 100_000] {
+            let parts = split_to_bytes(&text, limit);
+            let joined: String = parts.iter().map(|part| part.text.as_str()).collect();
+            assert_eq!(joined, text, "limit {limit}");
+            let most = limit.max(4);
+            assert!(parts.iter().all(|part| part.text.len() <= most && !part.text.is_empty()), "limit {limit}");
+        }
+        assert_eq!(split_to_bytes("a\nbcd", 4).iter().map(|p| p.text.as_str()).collect::<Vec<_>>(), ["a\nbc", "d"]);
+        assert_eq!(split_to_bytes("abc\nd", 4).iter().map(|p| p.text.as_str()).collect::<Vec<_>>(), ["abc\n", "d"]);
+        assert!(split_to_bytes("  ", 10).is_empty());
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! "HTTP JSON" is the smallest useful platform: an internal system POSTs
 //! `{"message_id": "...", "user": "...", "text": "..."}` to `/webhooks/{id}` with
 //! `Authorization: Bearer <token>`, and receives answers as
-//! `{"user": "...", "text": "...", "in_reply_to": "..."}` POSTed to its `callback_url`.
+//! `{"user": "...", "text": "...", "in_reply_to": "..."}` POSTed to its `callback_url`, each
+//! with an `Idempotency-Key` header that is the same on every retry of one part (a retry after
+//! a lost response can then be recognised).
 //!
 //! Register it before building the application:
 //!
@@ -71,6 +73,16 @@ impl HttpJson {
                 settings.id.as_str()
             )));
         }
+        // Checked here, once, rather than failing (and being retried) at every delivery.
+        let url_ok = reqwest::Url::parse(&parsed.callback_url)
+            .is_ok_and(|url| matches!(url.scheme(), "http" | "https") && url.host().is_some());
+        if !url_ok {
+            return Err(ChannelError::Misconfigured(format!(
+                "channel {:?}: `callback_url` {:?} is not an http(s) URL with a host",
+                settings.id.as_str(),
+                parsed.callback_url
+            )));
+        }
         Ok(Self { id: settings.id.clone(), settings: parsed, http })
     }
 }
@@ -124,10 +136,20 @@ impl Channel for HttpJson {
             let response = self
                 .http
                 .post(&self.settings.callback_url)
+                .header("Idempotency-Key", &delivery.delivery_id)
                 .json(&body)
                 .send()
                 .await
-                .map_err(|error| ChannelError::Transient { reason: error.to_string(), retry_after: None })?;
+                .map_err(|error| {
+                    // Without the URL: a callback URL may carry a secret in its query.
+                    let misconfigured = error.is_builder();
+                    let reason = format!("callback failed: {}", error.without_url());
+                    if misconfigured {
+                        ChannelError::Misconfigured(reason)
+                    } else {
+                        ChannelError::Transient { reason, retry_after: None }
+                    }
+                })?;
             let status = response.status();
             if status.is_server_error() || status.as_u16() == 429 {
                 return Err(ChannelError::Transient {
@@ -143,5 +165,32 @@ impl Channel for HttpJson {
             }
             Ok(DeliveryReceipt::default())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn channel(callback_url: &str) -> Result<HttpJson, ChannelError> {
+        let settings = ChannelSettings {
+            id: ChannelId::parse("intranet").map_err(ChannelError::Misconfigured)?,
+            kind: HttpJson::KIND.into(),
+            table: serde_json::json!({"token": "a-long-token", "callback_url": callback_url}),
+        };
+        HttpJson::from_settings(&settings, reqwest::Client::new())
+    }
+
+    #[test]
+    fn it_passes_the_core_conformance_kit() {
+        let channel = channel("http://127.0.0.1:9/answers").unwrap_or_else(|e| panic!("{e}"));
+        yizhan_channel_core::testkit::check_channel(&channel);
+    }
+
+    #[test]
+    fn a_callback_url_that_is_not_http_is_refused_at_start() {
+        for url in ["intranet/answers", "ftp://host/x", "http://"] {
+            assert!(matches!(channel(url), Err(ChannelError::Misconfigured(_))), "{url}");
+        }
     }
 }
