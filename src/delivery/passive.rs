@@ -22,7 +22,8 @@
 //! Since WeChat retries only a request it got no answer to in time, a retry of a message
 //! already answered passively proves that reply was lost: it gets the same reply again
 //! ([`PassiveSlots::reply_again`]) instead of `success`, which would end the retries with the
-//! start of the answer gone.
+//! start of the answer gone. In `auto` mode the rest of a long answer went out through the send
+//! API when the first reply was written, so the start then arrives after it: late, but shown.
 
 use dashmap::DashMap;
 use std::collections::VecDeque;
