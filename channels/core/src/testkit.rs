@@ -56,7 +56,8 @@ pub fn rejects_unsigned_and_garbage_requests(channel: &dyn Channel) {
     }
 }
 
-/// `render` never produces a part over `max_part_bytes`, never an empty part, and loses no text.
+/// `render` never produces a part over `max_part_bytes`, never an empty part, loses no text
+/// and repeats none (a few characters per part, for a label or a hint, are allowed).
 pub fn renders_within_its_part_limit(channel: &dyn Channel) {
     let limit = channel.capabilities().max_part_bytes;
     let samples = [
@@ -64,6 +65,8 @@ pub fn renders_within_its_part_limit(channel: &dyn Channel) {
         "你好，世界。".repeat(limit / 6 + 7),
         "a".repeat(limit * 3 + 1),
         format!("{}\n\n{}", "第一段。".repeat(limit / 8), "第二段！".repeat(limit / 8)),
+        // Four-byte characters and multi-character emoji, with no natural break anywhere.
+        "好🇨🇳👨\u{200d}👩\u{200d}👧😀".repeat(limit / 10 + 3),
     ];
     for sample in samples {
         let parts = channel.render(&Reply::text(sample.clone()));
@@ -75,5 +78,6 @@ pub fn renders_within_its_part_limit(channel: &dyn Channel) {
         let kept: usize = parts.iter().map(|part| part.text.chars().filter(|c| !c.is_whitespace()).count()).sum();
         let given = sample.chars().filter(|c| !c.is_whitespace()).count();
         assert!(kept >= given, "render lost text: {kept} of {given} characters kept");
+        assert!(kept <= given + 64 * parts.len(), "render repeated text: {kept} characters for {given}");
     }
 }
