@@ -283,6 +283,44 @@ async fn openai_reasoning_opened_by_the_prompt_and_cut_at_the_token_limit_is_nev
     assert!(seen.is_empty(), "{seen:?}");
 }
 
+/// A stream cut off before the server said the answer was complete (no finish reason, no
+/// `[DONE]`: a gateway closing after an upstream failure) leaves held reasoning unshown.
+#[tokio::test]
+async fn openai_reasoning_opened_by_the_prompt_of_a_stream_cut_off_is_never_shown() {
+    let server = MockServer::start().await;
+    let body = sse(&[&chunk("用户想知道"), &chunk("管理员密码，不能说")]);
+    Mock::given(method("POST")).respond_with(streaming(body)).mount(&server).await;
+    let mut settings = openai_settings(&server);
+    settings.strip_think = true;
+    settings.think_open_in_prompt = true;
+
+    let (result, seen) = complete(&openai(settings.clone())).await;
+    assert!(matches!(result, Err(LlmError::Protocol(_))), "{result:?}");
+    assert!(seen.is_empty(), "{seen:?}");
+
+    // The same answer ended on purpose did not reason after all, and is shown.
+    let server = MockServer::start().await;
+    let stop = json!({"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}).to_string();
+    let body = sse(&[&chunk("你好，"), &chunk("有什么可以帮你？"), &stop]);
+    Mock::given(method("POST")).respond_with(streaming(body)).mount(&server).await;
+    settings.base_url = format!("{}/v1/", server.uri());
+    let (result, _) = complete(&openai(settings)).await;
+    assert_eq!(result.ok().as_deref(), Some("你好，有什么可以帮你？"));
+}
+
+/// Some servers end a stream with the whole `message` again; it must not be appended.
+#[tokio::test]
+async fn openai_a_whole_message_closing_a_stream_is_not_appended_again() {
+    let server = MockServer::start().await;
+    let last = json!({"choices":[{"index":0,"delta":{},"message":{"role":"assistant","content":"Hello"},"finish_reason":"stop"}]})
+        .to_string();
+    let body = sse(&[&chunk("Hel"), &chunk("lo"), &last, "[DONE]"]);
+    Mock::given(method("POST")).respond_with(streaming(body)).mount(&server).await;
+    let (result, seen) = complete(&openai(openai_settings(&server))).await;
+    assert_eq!(result.ok().as_deref(), Some("Hello"));
+    assert_eq!(seen.concat(), "Hello");
+}
+
 #[tokio::test]
 async fn openai_error_event_inside_the_stream_is_a_stream_error() {
     let server = MockServer::start().await;

@@ -169,6 +169,8 @@ impl OpenAiBackend {
                 // first-token deadline, though none of it is shown: a reasoning model may think
                 // for longer than that deadline before its first visible word.
                 let mut thinking = false;
+                let mut saw_delta_text = false;
+                let mut completed = false;
                 while let Some((event_name, json)) = sse::next_json_event(
                     &mut events,
                     thinking || answer.has_started(),
@@ -186,10 +188,15 @@ impl OpenAiBackend {
                     for choice in first_choices(&json) {
                         thinking |= shows_progress(choice);
                         // NOTE: only `content` is read; `reasoning_content` / `reasoning` stay private.
-                        let piece = choice
-                            .get("delta")
-                            .and_then(|delta| content_text(delta.get("content")))
-                            .or_else(|| choice.get("message").and_then(|message| content_text(message.get("content"))));
+                        let delta = choice.get("delta").and_then(|delta| content_text(delta.get("content")));
+                        saw_delta_text |= delta.as_deref().is_some_and(|text| !text.is_empty());
+                        // A whole `message` in a stream is the answer of a server that does not
+                        // stream; after deltas it repeats them (some servers end a stream so).
+                        let piece = delta.or_else(|| {
+                            (!saw_delta_text)
+                                .then(|| choice.get("message").and_then(|message| content_text(message.get("content"))))
+                                .flatten()
+                        });
                         if let Some(piece) = piece {
                             answer.push(&piece)?;
                         }
@@ -197,6 +204,7 @@ impl OpenAiBackend {
                             choice.get("finish_reason").and_then(Value::as_str).filter(|r| !r.is_empty())
                         {
                             debug!(backend = "openai", finish_reason = reason, "Stream finished.");
+                            completed = true;
                             if reason == "length" {
                                 answer.cut_short();
                             }
@@ -207,6 +215,9 @@ impl OpenAiBackend {
                         let completion_tokens = usage.get("completion_tokens").and_then(Value::as_u64);
                         debug!(backend = "openai", prompt_tokens, completion_tokens, "LLM usage reported.");
                     }
+                }
+                if !(completed || events.saw_done()) {
+                    answer.ended_abruptly();
                 }
             }
         }

@@ -108,6 +108,10 @@ impl SseParser {
     /// [`SseError::TooLarge`] when a line or an event outgrows the bound; the partial line or
     /// event is discarded, and the caller should stop reading.
     pub fn push(&mut self, mut chunk: &[u8]) -> Result<(), SseError> {
+        if chunk.is_empty() {
+            // Between a `\r` and its `\n`, an empty chunk must not end the pending line pair.
+            return Ok(());
+        }
         if self.pending_cr {
             self.pending_cr = false;
             if let Some(rest) = chunk.strip_prefix(b"\n") {
@@ -232,12 +236,19 @@ pub struct SseStream {
     parser: SseParser,
     /// The body has ended (or failed); only buffered events remain.
     finished: bool,
+    /// `data: [DONE]` was seen: the server ended the answer (not merely the connection).
+    done: bool,
 }
 
 impl SseStream {
     /// Wraps a response whose body is an event stream.
     pub fn new(response: reqwest::Response, max_event_bytes: usize) -> Self {
-        Self { response, parser: SseParser::new(max_event_bytes), finished: false }
+        Self { response, parser: SseParser::new(max_event_bytes), finished: false, done: false }
+    }
+
+    /// Whether the server sent `data: [DONE]`, ending the answer on purpose.
+    pub fn saw_done(&self) -> bool {
+        self.done
     }
 
     /// Like [`new`](Self::new), for a body whose first bytes were already read (for example to
@@ -330,6 +341,7 @@ pub(crate) async fn next_json_event(
         let Some(event) = next.map_err(stream_error)? else { return Ok(None) };
         let data = event.data.trim();
         if data == "[DONE]" {
+            events.done = true;
             return Ok(None);
         }
         if data.is_empty() {
@@ -586,6 +598,12 @@ mod tests {
     fn a_simple_stream_yields_one_event_per_blank_line() {
         let events = parse_all(&[b"data: one\n\ndata: two\n\n"]);
         assert_eq!(events, vec![data("one"), data("two")]);
+    }
+
+    #[test]
+    fn an_empty_chunk_between_cr_and_lf_does_not_end_the_event() {
+        let events = parse_all(&[b"data: a\r", b"", b"\ndata: b\r\n\r\n"]);
+        assert_eq!(events, vec![data("a\nb")]);
     }
 
     #[test]

@@ -1,5 +1,7 @@
-//! Turns raw streamed answer text into what a chat user may see: `<think>…</think>` blocks
-//! removed (when enabled) and leading whitespace dropped.
+//! Turns raw streamed answer text into what a chat user may see: the `<think>…</think>` block
+//! that opens an answer removed (when enabled) and leading whitespace dropped. Models put their
+//! reasoning first; a `<think>` later in the answer is the answer talking about the tag (or
+//! quoting it in code) and is kept.
 //!
 //! Invariants: tags may be split across pieces at any character; at most one tag's length of
 //! text is held back, so memory stays constant however long a reasoning block runs; an unclosed
@@ -92,9 +94,14 @@ impl ThinkFilter {
                 break;
             }
             if let Some(at) = rest.find(OPEN) {
+                let opens_answer = !self.started && out.trim().is_empty() && rest[..at].trim().is_empty();
                 out.push_str(&rest[..at]);
                 rest = &rest[at + OPEN.len()..];
-                self.inside = true;
+                if opens_answer {
+                    self.inside = true;
+                } else {
+                    out.push_str(OPEN);
+                }
                 continue;
             }
             let keep = partial_tag_suffix(rest, OPEN);
@@ -103,6 +110,12 @@ impl ThinkFilter {
             break;
         }
         self.visible(out)
+    }
+
+    /// The stream ended without the server saying the answer was complete (no finish reason,
+    /// no `[DONE]`): held text may be reasoning cut off by a failure, never to be shown.
+    pub fn ended_abruptly(&mut self) {
+        self.cut_short();
     }
 
     /// The model stopped at its token limit: text held in case the prompt opened a reasoning
@@ -183,6 +196,11 @@ impl<'s> VisibleAnswer<'s> {
         self.filter.cut_short();
     }
 
+    /// The stream ended without a finish reason or `[DONE]` (see [`ThinkFilter::ended_abruptly`]).
+    pub(crate) fn ended_abruptly(&mut self) {
+        self.filter.ended_abruptly();
+    }
+
     /// Whether visible text has reached the sink (the first-token deadline is then met).
     pub(crate) fn has_started(&self) -> bool {
         !self.text.is_empty()
@@ -242,7 +260,7 @@ mod tests {
                 continue;
             }
             let (left, right) = sample.split_at(split);
-            assert_eq!(run(true, &[left, right]), "答案 <b> is < 3 and done.", "split at {split}");
+            assert_eq!(run(true, &[left, right]), "答案 <b> is < 3 and <think>more</think>done.", "split at {split}");
         }
     }
 
@@ -259,7 +277,7 @@ mod tests {
         let sample = "想一想 <b>\n</think>\n\n答案 <think>x</think>done.";
         for split in (0..=sample.len()).filter(|&at| sample.is_char_boundary(at)) {
             let (left, right) = sample.split_at(split);
-            assert_eq!(run_opened_by_prompt(&[left, right]), "答案 done.", "split at {split}");
+            assert_eq!(run_opened_by_prompt(&[left, right]), "答案 <think>x</think>done.", "split at {split}");
         }
         // A template that does not open the block after all: the model's own tag is reasoning too.
         assert_eq!(run_opened_by_prompt(&["<think>hmm</think>", "好的"]), "好的");
@@ -295,8 +313,25 @@ mod tests {
 
     #[test]
     fn an_unclosed_block_at_the_end_is_dropped() {
-        assert_eq!(run(true, &["Answer.", "<think>never closed"]), "Answer.");
         assert_eq!(run(true, &["<think>only thoughts"]), "");
+        assert_eq!(run(true, &["\n  <think>only", " thoughts"]), "");
+    }
+
+    #[test]
+    fn a_think_tag_inside_the_answer_is_text() {
+        let answer = "Use the tag `<think>` to mark reasoning. More tips: keep it short.";
+        assert_eq!(run(true, &[answer]), answer);
+        assert_eq!(run(true, &["Answer.", "<think>never closed"]), "Answer.<think>never closed");
+        let code = "例子：\n```\n<think>plan</think>\nAnswer\n```";
+        assert_eq!(run(true, &["<think>私下</think>", code]), code);
+    }
+
+    #[test]
+    fn held_reasoning_of_a_stream_that_ended_abruptly_is_never_shown() {
+        let mut filter = ThinkFilter::new(true).opened_by_prompt(true);
+        assert_eq!(filter.push("用户想知道密码"), "");
+        filter.ended_abruptly();
+        assert_eq!(filter.finish(), "");
     }
 
     #[test]
