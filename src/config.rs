@@ -183,6 +183,21 @@ pub struct LlmConfig {
     /// Qwen3 thinking models served without a reasoning parser): only `</think>` is streamed.
     #[serde(default)]
     pub think_open_in_prompt: bool,
+    /// LLM calls failing in a row (no connection, 429/5xx, timeouts, broken streams) after which
+    /// the circuit breaker stops asking for `breaker_cooldown_secs` and users get the apology at
+    /// once; 0 disables it.
+    #[serde(default = "default_breaker_threshold")]
+    pub breaker_threshold: u32,
+    /// How long the open breaker refuses calls before one probe is let through.
+    #[serde(default = "default_breaker_cooldown_secs")]
+    pub breaker_cooldown_secs: u64,
+}
+
+fn default_breaker_threshold() -> u32 {
+    5
+}
+fn default_breaker_cooldown_secs() -> u64 {
+    30
 }
 
 fn default_backend() -> LlmBackendKind {
@@ -492,6 +507,7 @@ impl Config {
             ("llm.connect_timeout_ms".to_owned(), seconds(self.llm.connect_timeout_ms)),
             ("llm.first_token_timeout_secs".to_owned(), self.llm.first_token_timeout_secs),
             ("llm.total_timeout_secs".to_owned(), self.llm.total_timeout_secs),
+            ("llm.breaker_cooldown_secs".to_owned(), self.llm.breaker_cooldown_secs),
             ("session.idle_timeout_secs".to_owned(), self.session.idle_timeout_secs),
             ("delivery.retry_base_delay_ms".to_owned(), seconds(self.delivery.retry_base_delay_ms)),
             ("delivery.retry_max_delay_ms".to_owned(), seconds(self.delivery.retry_max_delay_ms)),

@@ -21,6 +21,8 @@ pub struct Metrics {
     pub llm_queue_depth: IntGauge,
     /// Requests being answered by the LLM.
     pub llm_in_flight: IntGauge,
+    /// 1 while the LLM circuit breaker refuses calls (until a probe succeeds).
+    pub llm_breaker_open: IntGauge,
     /// Session actors alive.
     pub sessions_alive: IntGauge,
     /// Parts sent (or not) by channel and outcome (`delivered`, `failed`, `refused` …).
@@ -67,6 +69,8 @@ impl Metrics {
             IntGauge::new("llm_queue_depth", "Requests waiting for an LLM slot.").expect("valid metric");
         let llm_in_flight =
             IntGauge::new("llm_in_flight", "Requests being answered by the LLM.").expect("valid metric");
+        let llm_breaker_open =
+            IntGauge::new("llm_breaker_open", "1 while the LLM circuit breaker refuses calls.").expect("valid metric");
         let sessions_alive = IntGauge::new("sessions_alive", "Session actors alive.").expect("valid metric");
         let deliveries = IntCounterVec::new(
             Opts::new("deliveries_total", "Reply parts by channel and outcome."),
@@ -94,6 +98,7 @@ impl Metrics {
             Box::new(llm_errors.clone()),
             Box::new(llm_queue_depth.clone()),
             Box::new(llm_in_flight.clone()),
+            Box::new(llm_breaker_open.clone()),
             Box::new(sessions_alive.clone()),
             Box::new(deliveries.clone()),
             Box::new(shed.clone()),
@@ -111,6 +116,7 @@ impl Metrics {
             llm_errors,
             llm_queue_depth,
             llm_in_flight,
+            llm_breaker_open,
             sessions_alive,
             deliveries,
             shed,

@@ -178,9 +178,13 @@ impl Application {
         let llm_arbiter = Arbiter::new();
         let delivery_arbiter = Arbiter::new();
         let (max_concurrency, max_waiting) = (config.llm.max_concurrency, config.llm.max_waiting);
+        let breaker = crate::llm::breaker::BreakerSettings {
+            threshold: config.llm.breaker_threshold,
+            cooldown: Duration::from_secs(config.llm.breaker_cooldown_secs),
+        };
         let llm_metrics = metrics.clone();
         let llm = LlmActor::start_in_arbiter(&llm_arbiter.handle(), move |_| {
-            LlmActor::new(llm_client, max_concurrency, max_waiting, llm_metrics)
+            LlmActor::new(llm_client, max_concurrency, max_waiting, llm_metrics).with_breaker(breaker)
         });
 
         let http = reqwest::Client::builder()

@@ -78,6 +78,10 @@ pub enum LlmError {
     /// Too many requests waiting; the caller should tell the user to retry later.
     #[error("LLM queue full ({0} waiting)")]
     Overloaded(usize),
+    /// Not asked: the circuit breaker is open after a run of server failures, for about this
+    /// much longer (see [`super::breaker`]).
+    #[error("LLM not asked: it failed repeatedly (circuit breaker open for another {0:?})")]
+    Unavailable(Duration),
 }
 
 impl LlmError {
@@ -116,6 +120,7 @@ impl LlmError {
             Self::Stream(_) => "stream",
             Self::Protocol(_) => "protocol",
             Self::Overloaded(_) => "overloaded",
+            Self::Unavailable(_) => "circuit_open",
         }
     }
 }

@@ -4,9 +4,11 @@
 //! Invariant: at most `max_concurrency` requests are in flight and at most `max_waiting` wait for
 //! a slot; anything beyond is refused at once with [`LlmError::Overloaded`], so a traffic spike
 //! turns into polite "busy" replies instead of an ever-growing queue. A request that waited the
-//! total timeout for a slot is refused the same way.
+//! total timeout for a slot is refused the same way. While the [`breaker`] is open (the server
+//! failed repeatedly) requests are refused at once with [`LlmError::Unavailable`].
 
 pub mod backend;
+pub mod breaker;
 pub mod client;
 pub mod lobehub;
 pub mod openai;
@@ -18,6 +20,7 @@ pub use client::LlmClient;
 
 use crate::metrics::Metrics;
 use actix::prelude::*;
+use breaker::{Admission, Breaker, BreakerSettings};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::Semaphore;
@@ -41,6 +44,7 @@ pub struct LlmActor {
     waiting: Arc<AtomicUsize>,
     max_waiting: usize,
     metrics: Metrics,
+    breaker: Arc<Breaker>,
 }
 
 impl LlmActor {
@@ -53,7 +57,14 @@ impl LlmActor {
             waiting: Arc::new(AtomicUsize::new(0)),
             max_waiting,
             metrics,
+            breaker: Arc::new(Breaker::new(BreakerSettings::DISABLED)),
         }
+    }
+
+    /// The same actor with a circuit breaker (see [`breaker`]).
+    pub fn with_breaker(mut self, settings: BreakerSettings) -> Self {
+        self.breaker = Arc::new(Breaker::new(settings));
+        self
     }
 }
 
@@ -72,13 +83,23 @@ impl Handler<Complete> for LlmActor {
     type Result = ResponseFuture<Result<String, LlmError>>;
 
     fn handle(&mut self, msg: Complete, _: &mut Self::Context) -> Self::Result {
+        let admission = self.breaker.admit();
+        if let Admission::Refuse(left) = admission {
+            self.metrics.llm_errors.with_label_values(&[self.backend, "circuit_open"]).inc();
+            return Box::pin(async move { Err(LlmError::Unavailable(left)) });
+        }
+        let probe = admission == Admission::Probe;
+        let breaker = self.breaker.clone();
         let waiting_before = self.waiting.fetch_add(1, Ordering::SeqCst);
         // Requests admitted in one burst take their permits only once their futures run, so free
         // permits count as taken by those already waiting.
         if waiting_before >= self.max_waiting.saturating_add(self.permits.available_permits()) {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
             self.metrics.llm_errors.with_label_values(&[self.backend, "overloaded"]).inc();
-            return Box::pin(async move { Err(LlmError::Overloaded(waiting_before)) });
+            let result = Err(LlmError::Overloaded(waiting_before));
+            // Not asked after all: a probe must not hold the breaker half-open.
+            self.breaker.record(probe, &result);
+            return Box::pin(async move { result });
         }
         self.metrics.llm_queue_depth.inc();
         let permits = self.permits.clone();
@@ -96,7 +117,9 @@ impl Handler<Complete> for LlmActor {
             let Ok(permit) = permit else {
                 metrics.llm_errors.with_label_values(&[backend, "overloaded"]).inc();
                 tracing::warn!(backend, waited = ?wait_limit, "No LLM slot within the total timeout; answered busy.");
-                return Err(LlmError::Overloaded(still_waiting));
+                let result = Err(LlmError::Overloaded(still_waiting));
+                breaker.record(probe, &result);
+                return result;
             };
             // The semaphore is never closed, so this error cannot happen; map it anyway.
             let _permit = permit.map_err(|_| LlmError::Overloaded(0))?;
@@ -113,6 +136,13 @@ impl Handler<Complete> for LlmActor {
                 }
             };
             metrics.llm_seconds.with_label_values(&[backend, outcome]).observe(started.elapsed().as_secs_f64());
+            if breaker.record(probe, &result) {
+                tracing::error!(
+                    backend,
+                    "The LLM failed repeatedly; not asking it for a while (circuit breaker open)."
+                );
+            }
+            metrics.llm_breaker_open.set(i64::from(breaker.is_open()));
             result
         })
     }

@@ -121,6 +121,38 @@ async fn an_llm_failure_still_gets_the_user_an_apology() {
     assert_eq!(sent[0]["text"]["content"], "抱歉，出错了");
 }
 
+/// After a run of server failures the breaker stops asking the LLM: the next users get the
+/// apology at once instead of each waiting for their own failure.
+#[actix_web::test]
+async fn an_llm_that_keeps_failing_is_not_asked_again_until_the_breaker_cools_down() {
+    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .respond_with(ResponseTemplate::new(503).set_body_string(r#"{"error":{"message":"down"}}"#))
+        .mount(&llm)
+        .await;
+    wechat_ok(&wechat).await;
+    let config = base_config(&llm, &wechat);
+    let env = [
+        ("YIZHAN__MESSAGES__APOLOGY", "抱歉，出错了"),
+        ("YIZHAN__LLM__MAX_RETRIES", "0"),
+        ("YIZHAN__LLM__BREAKER_THRESHOLD", "2"),
+        ("YIZHAN__LLM__BREAKER_COOLDOWN_SECS", "3600"),
+    ];
+    let app = spawn_with(&config, &env, ChannelKinds::builtin(), wechat, llm).await;
+    for user in 0..4u64 {
+        app.post_text(&format!("oDown{user}"), 300 + user, "你好").await;
+        app.wait_until_idle().await;
+    }
+    let sent = app.sent_messages().await;
+    assert_eq!(sent.len(), 4);
+    assert!(sent.iter().all(|message| message["text"]["content"] == "抱歉，出错了"), "{sent:?}");
+    assert_eq!(app.llm_requests().await.len(), 2, "two failures open the breaker");
+    let metrics = app.metrics().await;
+    assert!(metrics.contains("yizhan_llm_breaker_open 1"), "{metrics}");
+    assert!(metrics.contains(r#"yizhan_llm_errors_total{backend="openai",kind="circuit_open"} 2"#), "{metrics}");
+}
+
 #[actix_web::test]
 async fn a_token_rejected_with_40001_is_refreshed_once_and_the_answer_delivered() {
     let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
