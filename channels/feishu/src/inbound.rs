@@ -207,21 +207,23 @@ pub(crate) fn message_envelope(ctx: &Context<'_>, event_id: &str, event: &Value)
     let kind = if group { ConversationKind::Group } else { ConversationKind::Direct };
 
     let mut assumed_self_mention = false;
-    let mentions: Vec<Mention> = message
-        .mentions
+    let listed: Vec<&EventMention> =
+        message.mentions.iter().flatten().take(MAX_MENTIONS).filter(|mention| !mention.key.is_empty()).collect();
+    // `@所有人` is listed like a person, without one: it never addresses the bot.
+    let is_everyone = |mention: &EventMention| mention.key == "@_all" || mention.id.best().is_none();
+    let first_person = listed.iter().position(|mention| !is_everyone(mention));
+    let mentions: Vec<Mention> = listed
         .iter()
-        .flatten()
-        .take(MAX_MENTIONS)
-        .filter(|mention| !mention.key.is_empty())
         .enumerate()
         .map(|(index, mention)| {
             let is_self = match ctx.bot_open_id {
                 Some(bot) => mention.id.open_id.as_deref() == Some(bot),
-                // Unknown identity: the first mention (Feishu lists them in order) is taken as
-                // the bot's, as in "@bot what does @Tom think"; the others stay people, named.
+                // Unknown identity: the first person mentioned (Feishu lists them in order) is
+                // taken as the bot, as in "@bot what does @Tom think"; the others stay people,
+                // named. In a direct chat only the bot can be meant.
                 None => {
                     assumed_self_mention |= group;
-                    group && index == 0
+                    Some(index) == first_person
                 }
             };
             Mention {

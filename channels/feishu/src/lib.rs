@@ -70,6 +70,8 @@ const MIN_STREAM_INTERVAL: Duration = Duration::from_millis(200);
 const END_STREAMING_ATTEMPTS: u32 = 3;
 /// Tries at sending a streaming card (with one uuid, so at most one card reaches the chat).
 const CARD_SEND_ATTEMPTS: u32 = 3;
+/// How long answers are sent whole after Feishu refused to create a streaming card.
+const STREAMING_PAUSE: Duration = Duration::from_secs(600);
 
 /// The signature headers Feishu adds to events when an Encrypt Key is configured.
 const TIMESTAMP_HEADER: &str = "x-lark-request-timestamp";
@@ -86,9 +88,11 @@ pub struct Feishu {
     bot_identity_advised: AtomicBool,
     /// Whether the "subscribe to v2 message events" warning was logged already.
     v1_messages_warned: AtomicBool,
-    /// Feishu refused a streaming card as misconfigured (no CardKit scope, say): answers are
-    /// sent whole until a restart, instead of a failed call and a warning per message.
-    streaming_refused: AtomicBool,
+    /// Until when streaming is paused: Feishu refused to create a streaming card as
+    /// misconfigured (no CardKit scope, say), so answers are sent whole for
+    /// [`STREAMING_PAUSE`] instead of a failed call and a warning per message; then a card is
+    /// tried again, so a scope granted in the console needs no restart.
+    streaming_paused_until: std::sync::Mutex<Option<std::time::Instant>>,
     /// Sends and updates per chat, `chat_qps` per second: Feishu's per-user and per-group limit.
     chat_limiter: RateLimiter,
 }
@@ -117,7 +121,7 @@ impl Feishu {
             api,
             bot_identity_advised: AtomicBool::new(false),
             v1_messages_warned: AtomicBool::new(false),
-            streaming_refused: AtomicBool::new(false),
+            streaming_paused_until: std::sync::Mutex::new(None),
             chat_limiter,
         })
     }
@@ -233,11 +237,34 @@ impl Feishu {
         Ok(DeliveryReceipt { platform_message_id })
     }
 
+    /// Whether streaming is paused after a refused card (see `streaming_paused_until`).
+    fn streaming_paused(&self) -> bool {
+        let until = self.streaming_paused_until.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        until.is_some_and(|until| std::time::Instant::now() < until)
+    }
+
+    fn pause_streaming(&self, error: &ChannelError) {
+        let mut until = self.streaming_paused_until.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *until = Some(std::time::Instant::now() + STREAMING_PAUSE);
+        warn!(channel = %self.id, %error, pause_secs = STREAMING_PAUSE.as_secs(),
+            "Feishu refused a streaming card; answers are sent whole for a while (grant the app \
+             cardkit:card:write, or set streaming = false).");
+    }
+
     async fn start_stream(&self, target: &Delivery) -> Result<StreamHandle, ChannelError> {
         let reply_target = ReplyTarget::from_handle(&target.reply_handle.0)?;
         // NOTE: one slot for create + send: creating the card entity puts nothing in the chat.
         self.wait_for_chat(reply_target.limit_key()).await;
-        let card_id = self.api.create_card(&message::streaming_card(&target.reply.text)).await?;
+        let card_id = match self.api.create_card(&message::streaming_card(&target.reply.text)).await {
+            Ok(card_id) => card_id,
+            Err(error @ ChannelError::Misconfigured(_)) => {
+                // Only a refused card pauses streaming: a refused send fails the whole answer
+                // anyway, and says nothing about CardKit.
+                self.pause_streaming(&error);
+                return Err(error);
+            }
+            Err(error) => return Err(error),
+        };
         let content = json!({"type": "card", "data": {"card_id": card_id}}).to_string();
         // NOTE: bound to the card as well as the delivery. If the core falls back to `deliver`
         // for this delivery, its uuid must differ from this one (or Feishu would answer with this
@@ -377,7 +404,7 @@ impl Channel for Feishu {
             passive_reply_window: None,
             markdown: true,
             max_part_bytes: self.settings.max_part_bytes,
-            streaming: self.settings.streaming && !self.streaming_refused.load(Ordering::Relaxed),
+            streaming: self.settings.streaming && !self.streaming_paused(),
             min_stream_interval: MIN_STREAM_INTERVAL,
         }
     }
@@ -451,18 +478,10 @@ impl Channel for Feishu {
     /// `{"card_id", "element_id", "message_id", "chat_id"}` (the chat keys the per-chat rate limit).
     fn begin_stream<'a>(&'a self, target: &'a Delivery) -> BoxFuture<'a, Result<StreamHandle, ChannelError>> {
         Box::pin(async move {
-            if !self.settings.streaming || self.streaming_refused.load(Ordering::Relaxed) {
+            if !self.settings.streaming || self.streaming_paused() {
                 return Err(ChannelError::Unsupported("streaming is off for this channel".into()));
             }
-            let started = self.start_stream(target).await;
-            if let Err(error @ ChannelError::Misconfigured(_)) = &started {
-                if !self.streaming_refused.swap(true, Ordering::Relaxed) {
-                    warn!(channel = %self.id, %error,
-                        "Feishu refused a streaming card; answers are sent whole until a restart (grant the app \
-                         cardkit:card:write, or set streaming = false).");
-                }
-            }
-            started
+            self.start_stream(target).await
         })
     }
 

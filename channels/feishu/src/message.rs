@@ -16,8 +16,19 @@ use yizhan_channel_common::split_text;
 /// read like a person typing; longer ones go into a wide card, which is easier to read.
 pub const PLAIN_TEXT_MAX_CHARS: usize = 500;
 
-/// Feishu refuses cards (and rich text) whose content is over 30 KB (error 230025).
-pub const CARD_MAX_BYTES: usize = 30 * 1024;
+/// Feishu refuses a card (or rich text) whose *request body* is over 30 KB (error 230025:
+/// 卡片及富文本消息请求体最大不能超过30KB). Taken as 30,000 bytes, the smaller reading.
+pub const CARD_MAX_BYTES: usize = 30_000;
+
+/// What a send or reply request holds besides the card's content string: `msg_type`, `uuid`,
+/// `receive_id` and the JSON around them (about 150 bytes), with room to spare.
+const REQUEST_FRAME_BYTES: usize = 512;
+
+/// The size of the request body that carries `content` (a card's JSON string), which escapes
+/// it a second time: every quote and line break in the answer counts three or two times.
+pub fn request_bytes(content: &str) -> usize {
+    serde_json::to_string(content).map_or(usize::MAX, |encoded| encoded.len()).saturating_add(REQUEST_FRAME_BYTES)
+}
 
 /// The id of the markdown element the streaming card writes into.
 pub const STREAM_ELEMENT_ID: &str = "answer";
@@ -102,7 +113,7 @@ pub fn text_content(text: &str) -> String {
 pub fn message_body(text: &str) -> MessageBody {
     if wants_card(text) {
         let content = card_content(text);
-        if content.len() <= CARD_MAX_BYTES {
+        if request_bytes(&content) <= CARD_MAX_BYTES {
             return MessageBody { msg_type: "interactive", content };
         }
     }
@@ -148,8 +159,9 @@ pub fn idempotency_key(id: &str) -> String {
 }
 
 /// Splits an answer into parts of at most `max_bytes`, preferring paragraph, line and sentence
-/// breaks, keeping code fences balanced in every part, and shrinking any part whose card would be
-/// over [`CARD_MAX_BYTES`] (JSON escaping can make a card much larger than its text).
+/// breaks, keeping code fences balanced in every part, and shrinking any part whose card's
+/// request would be over [`CARD_MAX_BYTES`] (JSON escaping, twice, can make it much larger than
+/// the text).
 pub fn render_parts(text: &str, max_bytes: usize) -> Vec<String> {
     let mut parts = Vec::new();
     for part in split_markdown(text, max_bytes) {
@@ -160,7 +172,7 @@ pub fn render_parts(text: &str, max_bytes: usize) -> Vec<String> {
 
 /// Splits `part` again until its card fits, at most `depth` times.
 fn fit_card(part: String, depth: u32, out: &mut Vec<String>) {
-    let size = if wants_card(&part) { card_content(&part).len() } else { 0 };
+    let size = if wants_card(&part) { request_bytes(&card_content(&part)) } else { 0 };
     if size <= CARD_MAX_BYTES || depth == 0 || part.len() <= 64 {
         out.push(part);
         return;
@@ -332,7 +344,21 @@ mod tests {
             assert!(part.len() <= 30_000);
             let body = message_body(part);
             assert_eq!(body.msg_type, "interactive");
-            assert!(body.content.len() <= CARD_MAX_BYTES);
+            assert!(request_bytes(&body.content) <= CARD_MAX_BYTES);
+        }
+    }
+
+    #[test]
+    fn a_full_part_of_code_fits_its_card_request_not_only_its_card() {
+        // About 29 KB of code with a quote or two per line: its card alone is under 30 KB, but
+        // the request that carries it escapes every quote and line break again.
+        let code = "    println!(\"{}\", \"value\");\n".repeat(900);
+        let text = format!("```rust\n{code}```");
+        for part in render_parts(&text, 30_000) {
+            let body = message_body(&part);
+            let request = serde_json::json!({"receive_id": "oc_x", "msg_type": body.msg_type, "content": body.content,
+                "uuid": "y0123456789012345678901234567890123456789"});
+            assert!(request.to_string().len() <= CARD_MAX_BYTES, "{} bytes", request.to_string().len());
         }
     }
 }

@@ -485,7 +485,34 @@ async fn a_failed_card_creation_is_triaged_like_a_send() {
         )
         .mount(&server)
         .await;
-    let error = channel_for(&server).begin_stream(&delivery("d1", "")).await.err();
+    let channel = channel_for(&server);
+    let error = channel.begin_stream(&delivery("d1", "")).await.err();
     assert!(matches!(error, Some(ChannelError::Misconfigured(_))), "{error:?}");
     assert!(requests_to(&server, &reply_path()).await.is_empty());
+    // Answers are sent whole for a while rather than failing a card each time.
+    assert!(!channel.capabilities().streaming);
+}
+
+#[tokio::test]
+async fn a_refused_card_message_does_not_pause_streaming() {
+    let server = MockServer::start().await;
+    mount_token(&server, "t-TOKEN1", 1).await;
+    Mock::given(method("POST"))
+        .and(path("/open-apis/cardkit/v1/cards"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"code": 0, "msg": "ok", "data": {"card_id": "c1"}})),
+        )
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(reply_path()))
+        .respond_with(
+            ResponseTemplate::new(400).set_body_json(json!({"code": 99991672, "msg": "scope im:message required"})),
+        )
+        .mount(&server)
+        .await;
+    let channel = channel_for(&server);
+    let error = channel.begin_stream(&delivery("d1", "")).await.err();
+    assert!(matches!(error, Some(ChannelError::Misconfigured(_))), "{error:?}");
+    assert!(channel.capabilities().streaming, "the card was fine; the send scope is another matter");
 }

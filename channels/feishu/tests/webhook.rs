@@ -303,6 +303,37 @@ fn without_bot_open_id_the_first_group_mention_counts_as_the_bot_and_the_others_
 }
 
 #[test]
+fn without_bot_open_id_an_at_all_neither_addresses_the_bot_nor_counts_as_it() {
+    let at_all = fixture("text_group_mentions")
+        .replace(
+            r#"{"key": "@_user_1", "id": {"union_id": "on_bot", "user_id": "", "open_id": "ou_bot"}, "name": "驿站助手", "tenant_key": "t"},
+        "#,
+            r#"{"key": "@_all", "id": {"union_id": "", "user_id": "", "open_id": ""}, "name": "所有人", "tenant_key": "t"},
+        {"key": "@_user_3", "id": {"union_id": "on_bot", "user_id": "", "open_id": "ou_bot"}, "name": "驿站助手", "tenant_key": "t"},
+        "#,
+        )
+        .replace(r#"@_user_1 帮我问问"#, r#"@_all @_user_3 帮我问问"#);
+    assert!(at_all.contains("@_all @_user_3"), "fixture changed");
+    let envelope = accepted(&plain_channel(), &post(&at_all));
+    assert!(envelope.mentions_self);
+    assert!(!envelope.text().contains("驿站助手"), "the bot's own @ is not in the question: {}", envelope.text());
+    // An announcement to everyone alone does not address the bot.
+    let mentions = fixture("text_group_mentions");
+    let (Some(start), Some(end)) = (mentions.find(r#""mentions": ["#), mentions.rfind(']')) else {
+        panic!("fixture changed");
+    };
+    let only_all = format!(
+        "{}{}{}",
+        &mentions[..start],
+        r#""mentions": [{"key": "@_all", "id": {"union_id": "", "user_id": "", "open_id": ""}, "name": "所有人", "tenant_key": "t"}]"#,
+        &mentions[end + 1..]
+    )
+    .replace(r#"@_user_1 帮我问问 @_user_2 的意见"#, r#"@_all 周五团建"#);
+    assert!(only_all.contains("@_all 周五团建"), "fixture changed");
+    assert!(!accepted(&plain_channel(), &post(&only_all)).mentions_self);
+}
+
+#[test]
 fn a_post_is_flattened_to_text_and_keeps_its_images() {
     let envelope = envelope("post_p2p");
     assert_eq!(envelope.text(), "周报\n请总结这份文档 (https://example.com/doc)\n\n```go\nfmt.Println(1)\n```");
