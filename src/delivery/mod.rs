@@ -27,6 +27,10 @@ use yizhan_channel_core::{Channel, ChannelError, Delivery, Envelope, Reply};
 pub struct Deliver {
     /// The parts, as recorded in the outbox.
     pub parts: Vec<Delivery>,
+    /// Whether parts that could not be delivered are recorded as failed here. The sender of an
+    /// answer that may be parked instead records them itself, once it knows whether they are
+    /// parked or left pending for the next start.
+    pub record_failures: bool,
 }
 
 /// Parts that could not be delivered, and why.
@@ -205,6 +209,13 @@ pub fn within_send_quota_after(
     if parts.len() <= quota {
         return parts;
     }
+    if hub.passive.is_closing() {
+        // Parked text would die with this process: the rest stays pending in the outbox, and
+        // the next start, finding the quota used, parks it.
+        parts.truncate(quota);
+        hub.passive.keep_rest_pending(&envelope.id);
+        return parts;
+    }
     let overflow: Vec<Delivery> = parts.drain(quota..).collect();
     let limit = entry.channel.capabilities().max_part_bytes;
     park_behind_hint(hub, envelope, parts.last_mut().map(|last| &mut last.reply.text), limit, &overflow);
@@ -288,20 +299,34 @@ pub async fn send_parts(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) {
         hub.finish(&envelope.id).await;
         return;
     }
-    match entry.outbound.send(Deliver { parts }).await {
+    // Where a failed answer may be parked, its failures are recorded here (see below).
+    let parkable = entry.passive_window.is_some();
+    match entry.outbound.send(Deliver { parts, record_failures: !parkable }).await {
         Ok(Ok(())) => hub.metrics.answers.with_label_values(&[channel, "push"]).inc(),
-        Ok(Err(Undelivered { error, parts }))
-            if entry.passive_window.is_some()
-                && (matches!(error, ChannelError::Refused { .. }) || entry.reply_mode == ReplyMode::Auto) =>
+        Ok(Err(undelivered))
+            if parkable
+                && (matches!(undelivered.error, ChannelError::Refused { .. })
+                    || entry.reply_mode == ReplyMode::Auto) =>
         {
-            park(hub, envelope, &parts, &error.to_string());
+            if hub.passive.is_closing() {
+                // Parked text would die with this process: left pending (not failed), the
+                // answer is sent, or parked, by the next start.
+                tracing::info!(envelope = %envelope.id, error = %undelivered, "Answer not delivered while shutting down; left for the next start.");
+                hub.leave_for_next_start(envelope);
+                return;
+            }
+            record_failed(hub.store.as_ref(), &undelivered).await;
+            park(hub, envelope, &undelivered.parts, &undelivered.error.to_string());
         }
         Ok(Err(undelivered)) => {
+            if parkable {
+                record_failed(hub.store.as_ref(), &undelivered).await;
+            }
             tracing::warn!(envelope = %envelope.id, error = %undelivered, "Answer not delivered.")
         }
         Err(error) => tracing::error!(envelope = %envelope.id, %error, "Delivery actor unavailable."),
     }
-    hub.finish(&envelope.id).await;
+    hub.finish_answered(envelope).await;
 }
 
 /// Parks `parts` for the user's next message, whose passive reply (or the continue word) brings
@@ -389,7 +414,13 @@ impl Handler<Deliver> for ChannelActor {
         let store = self.store.clone();
         let policy = self.policy.clone();
         let metrics = self.metrics.clone();
-        Box::pin(async move { deliver_all(channel.as_ref(), store.as_ref(), &policy, &metrics, msg.parts).await })
+        Box::pin(async move {
+            let result = deliver_all(channel.as_ref(), store.as_ref(), &policy, &metrics, msg.parts).await;
+            if let (Err(undelivered), true) = (&result, msg.record_failures) {
+                record_failed(store.as_ref(), undelivered).await;
+            }
+            result
+        })
     }
 }
 
@@ -403,6 +434,16 @@ impl Handler<Typing> for ChannelActor {
                 tracing::debug!(channel = %channel.id(), %error, "Typing indicator failed.");
             }
         })
+    }
+}
+
+/// Records every undelivered part as failed, with the reason.
+async fn record_failed(store: &dyn Store, undelivered: &Undelivered) {
+    let reason = undelivered.error.to_string();
+    for failed in &undelivered.parts {
+        if let Err(store_error) = store.part_failed(&failed.delivery_id, &reason).await {
+            tracing::error!(part = %failed.delivery_id, error = %store_error, "Failed to record a failed part.");
+        }
     }
 }
 
@@ -423,13 +464,7 @@ async fn deliver_all(
         match result {
             Ok(()) => clear_delivered(store, &delivery).await,
             Err(error) => {
-                let reason = error.to_string();
                 let undelivered: Vec<Delivery> = std::iter::once(delivery).chain(parts).collect();
-                for failed in &undelivered {
-                    if let Err(store_error) = store.part_failed(&failed.delivery_id, &reason).await {
-                        tracing::error!(part = %failed.delivery_id, error = %store_error, "Failed to record a failed part.");
-                    }
-                }
                 return Err(Undelivered { error, parts: undelivered });
             }
         }
