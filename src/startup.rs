@@ -298,6 +298,9 @@ impl Application {
         actix::spawn(async move {
             wait_for_signal().await;
             tracing::info!("Shutting down: no new connections; answering what was accepted.");
+            // Listening before anything else: an operator's second Ctrl-C or SIGTERM stops the
+            // wait (what is unanswered resumes at the next start).
+            let mut again = SecondSignal::listen();
             handle.pause().await;
             // No platform retry can reach a held passive answer any more: push those now
             // rather than after the fallback timer, which the shutdown bound may not outlast.
@@ -307,7 +310,13 @@ impl Application {
             }
             let deadline = std::time::Instant::now() + shutdown_timeout;
             while hub.metrics.journal_open.get() > 0 && std::time::Instant::now() < deadline {
-                actix::clock::sleep(Duration::from_millis(50)).await;
+                tokio::select! {
+                    () = again.recv() => {
+                        tracing::warn!("A second signal: stopping without waiting for the rest.");
+                        break;
+                    }
+                    () = actix::clock::sleep(Duration::from_millis(50)) => {}
+                }
             }
             let open = hub.metrics.journal_open.get();
             if open > 0 {
@@ -382,6 +391,47 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// SIGTERM or SIGINT, listened for from the moment it is created (unlike [`wait_for_signal`],
+/// which registers when first polled).
+struct SecondSignal {
+    #[cfg(unix)]
+    streams: Vec<tokio::signal::unix::Signal>,
+}
+
+impl SecondSignal {
+    fn listen() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let streams = [SignalKind::terminate(), SignalKind::interrupt()]
+                .into_iter()
+                .filter_map(|kind| signal(kind).ok())
+                .collect();
+            Self { streams }
+        }
+        #[cfg(not(unix))]
+        {
+            Self {}
+        }
+    }
+
+    /// Completes at the next signal (never, if none could be listened for).
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            if self.streams.is_empty() {
+                return std::future::pending().await;
+            }
+            let next = self.streams.iter_mut().map(|stream| Box::pin(stream.recv()));
+            futures_util::future::select_all(next).await;
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

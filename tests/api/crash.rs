@@ -318,6 +318,42 @@ async fn sigterm_while_a_passive_answer_is_held(
     (app, delivered, unfinished)
 }
 
+/// An operator's second signal ends the wait for unanswered messages (they resume at the next
+/// start) instead of leaving the process up for the whole shutdown bound.
+#[actix_web::test]
+async fn a_second_sigterm_stops_the_wait_for_unanswered_messages() {
+    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+    echo_llm(&llm, Duration::from_secs(600)).await;
+    wechat_ok(&wechat).await;
+    let dir = std::env::temp_dir().join(format!("yizhan-term2-{}-{}", std::process::id(), now()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let db = dir.join("yizhan.db");
+    let config =
+        on_sqlite(base_config(&llm, &wechat), &db).replace("workers = 2", "workers = 2\nshutdown_timeout_secs = 600");
+    let config_path = dir.join("yizhan.toml");
+    std::fs::write(&config_path, config).unwrap_or_else(|e| panic!("{e}"));
+    let mut yizhan = start_binary(&config_path).await;
+    let app = TestApp { address: yizhan.address.clone(), wechat, llm, http: reqwest::Client::new() };
+    assert_eq!(app.post_text("oTwice", 90_000, "慢问题").await.0, 200);
+    let pid = yizhan.child.id().to_string();
+    let term = || Command::new("kill").arg("-TERM").arg(&pid).status().is_ok_and(|s| s.success());
+    assert!(term());
+    // The first signal is being handled once the server stops taking connections.
+    let probe =
+        reqwest::Client::builder().timeout(Duration::from_millis(300)).build().unwrap_or_else(|e| panic!("{e}"));
+    wait_for("the shutdown to begin", || {
+        let request = probe.get(format!("{}/healthz", app.address)).send();
+        async move { request.await.is_err() }
+    })
+    .await;
+    assert!(term());
+    yizhan.exits_cleanly().await;
+    use yizhan::store::Store;
+    let unfinished = open_store(&db).unfinished().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(unfinished.len(), 1, "left for the next start");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[actix_web::test]
 async fn sigterm_answers_what_was_accepted_before_exiting() {
     let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
