@@ -297,10 +297,10 @@ impl Application {
         let (hub, shutdown_timeout) = (self.hub.clone(), self.shutdown_timeout);
         actix::spawn(async move {
             wait_for_signal().await;
-            tracing::info!("Shutting down: no new connections; answering what was accepted.");
             // Listening before anything else: an operator's second Ctrl-C or SIGTERM stops the
             // wait (what is unanswered resumes at the next start).
             let mut again = SecondSignal::listen();
+            tracing::info!("Shutting down: no new connections; answering what was accepted.");
             handle.pause().await;
             // No platform retry can reach a held passive answer any more: push those now
             // rather than after the fallback timer, which the shutdown bound may not outlast.
@@ -448,25 +448,39 @@ async fn resume_unfinished(hub: &Hub, router: &Router) -> anyhow::Result<()> {
     }
     tracing::info!(count = pending.len(), "Resuming unfinished messages.");
     hub.metrics.journal_open.add(pending.len() as i64);
+    // Answers to send again, by conversation, in the order they were accepted: one task per
+    // conversation sends them one after another, so two answers to one user do not interleave.
+    type Answers = Vec<(yizhan_channel_core::Envelope, Vec<yizhan_channel_core::Delivery>)>;
+    let mut resends: Vec<Answers> = Vec::new();
+    let mut conversations: HashMap<crate::routing::SessionKey, usize> = HashMap::new();
     for unfinished in pending {
         match unfinished.pending_parts {
             // Answered before the stop: send what is left, never ask again.
             Some(parts) => {
-                let hub = hub.clone();
-                actix::spawn(async move {
-                    // The platform's per-message quota holds for a resent answer too, counting
-                    // the parts the last run sent (those before the first one still pending).
-                    let already_sent =
-                        parts.first().and_then(|part| crate::delivery::part_index(&part.delivery_id)).unwrap_or(0);
-                    let parts =
-                        crate::delivery::within_send_quota_after(&hub, &unfinished.envelope, parts, already_sent);
-                    crate::delivery::send_parts(&hub, &unfinished.envelope, parts).await;
+                let key = hub.session_key(&unfinished.envelope);
+                let index = *conversations.entry(key).or_insert_with(|| {
+                    resends.push(Vec::new());
+                    resends.len() - 1
                 });
+                resends[index].push((unfinished.envelope, parts));
             }
             None => {
-                router.dispatch(unfinished.envelope);
+                router.dispatch_resumed(unfinished.envelope);
             }
         }
+    }
+    for answers in resends {
+        let hub = hub.clone();
+        actix::spawn(async move {
+            for (envelope, parts) in answers {
+                // The platform's per-message quota holds for a resent answer too, counting the
+                // parts the last run sent (those before the first one still pending).
+                let already_sent =
+                    parts.first().and_then(|part| crate::delivery::part_index(&part.delivery_id)).unwrap_or(0);
+                let parts = crate::delivery::within_send_quota_after(&hub, &envelope, parts, already_sent);
+                crate::delivery::send_parts(&hub, &envelope, parts).await;
+            }
+        });
     }
     Ok(())
 }

@@ -116,6 +116,16 @@ impl Router {
     /// waits for the model. Must be called from inside an actix system (sessions start on the
     /// current arbiter).
     pub fn dispatch(&self, envelope: Envelope) -> bool {
+        self.route(envelope, false)
+    }
+
+    /// [`dispatch`](Self::dispatch) for a message the last run accepted and did not answer: its
+    /// conversation's queue bound does not apply (see [`SessionRegistry::dispatch_resumed`]).
+    pub fn dispatch_resumed(&self, envelope: Envelope) -> bool {
+        self.route(envelope, true)
+    }
+
+    fn route(&self, envelope: Envelope, resumed: bool) -> bool {
         let entry = self.hub.channels.get(&envelope.channel);
         let menu = entry.as_ref().map(|entry| &entry.menu);
         let can_park = entry.as_ref().is_some_and(|entry| entry.can_park());
@@ -139,7 +149,10 @@ impl Router {
         let key = self.hub.session_key(&envelope);
         // The channel (for the metric) when the continue word took parked text.
         let unparked_on = matches!(work, Work::SayParked(_)).then(|| envelope.channel.clone());
-        match self.sessions.dispatch(key, Job { envelope, work }) {
+        let job = Job { envelope, work };
+        let dispatched =
+            if resumed { self.sessions.dispatch_resumed(key, job) } else { self.sessions.dispatch(key, job) };
+        match dispatched {
             Ok(()) => {
                 if let Some(channel) = unparked_on {
                     self.hub.metrics.answers.with_label_values(&[channel.as_str(), "unparked"]).inc();

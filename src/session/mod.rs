@@ -155,7 +155,17 @@ impl SessionRegistry {
     /// Routes a job to its session, starting one if needed. Never blocks. Without dedicated
     /// arbiters it must run inside an actix system.
     pub fn dispatch(&self, key: SessionKey, job: Job) -> Result<(), DispatchError> {
-        let max_pending = self.0.hub.session.max_pending;
+        self.enqueue(key, job, self.0.hub.session.max_pending)
+    }
+
+    /// [`dispatch`](Self::dispatch) for a message the last run accepted and did not answer:
+    /// not held to `max_pending`, which it was accepted within (a conversation may come back
+    /// with one more open message than that: the one that was being answered).
+    pub fn dispatch_resumed(&self, key: SessionKey, job: Job) -> Result<(), DispatchError> {
+        self.enqueue(key, job, usize::MAX)
+    }
+
+    fn enqueue(&self, key: SessionKey, job: Job, max_pending: usize) -> Result<(), DispatchError> {
         // NOTE: everything below runs while holding the entry (shard) lock. `deregister` takes
         // the same lock, so no job can be appended to a session that already deregistered, and
         // a `Wake` can never be queued behind a session's `Retire`.

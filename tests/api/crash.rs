@@ -13,6 +13,8 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 struct Yizhan {
     child: Child,
     address: String,
+    /// The `message` of every log line so far.
+    logged: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Yizhan {
@@ -53,11 +55,16 @@ async fn start_binary_with(config: &PathBuf, env: &[(&str, &str)]) -> Yizhan {
         .unwrap_or_else(|e| panic!("start yizhan: {e}"));
     let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
     let (ports, port) = mpsc::channel();
+    let logged = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log_sink = logged.clone();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
             let log: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
             if let Some(port) = log["fields"]["port"].as_u64() {
                 let _ = ports.send(port);
+            }
+            if let Some(message) = log["fields"]["message"].as_str() {
+                log_sink.lock().unwrap_or_else(|p| p.into_inner()).push(message.to_owned());
             }
         }
     });
@@ -68,7 +75,7 @@ async fn start_binary_with(config: &PathBuf, env: &[(&str, &str)]) -> Yizhan {
         async move { ready }
     })
     .await;
-    Yizhan { child, address: format!("http://127.0.0.1:{}", found.unwrap_or_default()) }
+    Yizhan { child, address: format!("http://127.0.0.1:{}", found.unwrap_or_default()), logged }
 }
 
 /// The SQLite store at `db`, as a previous run of Yizhan would have left it.
@@ -104,13 +111,44 @@ async fn accept_text(
     envelope
 }
 
+/// Records in `store` an answer to `envelope` in parts with `texts`, all pending, as the last
+/// run would have before sending them; returns the parts.
+async fn record_parts(
+    store: &yizhan::store::SqliteStore,
+    envelope: &yizhan_channel_core::Envelope,
+    texts: &[String],
+) -> Vec<yizhan_channel_core::Delivery> {
+    use yizhan::store::Store;
+    let parts: Vec<yizhan_channel_core::Delivery> = texts
+        .iter()
+        .enumerate()
+        .map(|(index, text)| yizhan_channel_core::Delivery {
+            delivery_id: yizhan::delivery::part_id(&envelope.id, index),
+            channel: envelope.channel.clone(),
+            conversation: envelope.conversation.clone(),
+            recipient: envelope.sender.clone(),
+            reply_handle: envelope.reply_handle.clone(),
+            reply: yizhan_channel_core::Reply::text(text.clone()),
+        })
+        .collect();
+    let key = format!("{}:d:{}", envelope.channel, envelope.sender.id);
+    let recorded = store.record_answer(&envelope.id, &key, None, &parts).await;
+    assert!(recorded.is_ok(), "{recorded:?}");
+    parts
+}
+
 /// Starts the app in this process on the SQLite store at `db`, with an instant stand-in LLM.
 async fn start_in_process_on(db: &std::path::Path) -> TestApp {
+    start_in_process_with(db, &[]).await
+}
+
+/// [`start_in_process_on`] with environment overrides.
+async fn start_in_process_with(db: &std::path::Path, env: &[(&str, &str)]) -> TestApp {
     let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
     echo_llm(&llm, Duration::ZERO).await;
     wechat_ok(&wechat).await;
     let config = on_sqlite(base_config(&llm, &wechat), db);
-    spawn_with(&config, &[], yizhan::channels::ChannelKinds::builtin(), wechat, llm).await
+    spawn_with(&config, env, yizhan::channels::ChannelKinds::builtin(), wechat, llm).await
 }
 
 async fn metric(http: &reqwest::Client, address: &str, name: &str) -> Option<i64> {
@@ -338,12 +376,11 @@ async fn a_second_sigterm_stops_the_wait_for_unanswered_messages() {
     let pid = yizhan.child.id().to_string();
     let term = || Command::new("kill").arg("-TERM").arg(&pid).status().is_ok_and(|s| s.success());
     assert!(term());
-    // The first signal is being handled once the server stops taking connections.
-    let probe =
-        reqwest::Client::builder().timeout(Duration::from_millis(300)).build().unwrap_or_else(|e| panic!("{e}"));
+    // Logged once the first signal is handled and a second one is listened for.
+    let logged = yizhan.logged.clone();
     wait_for("the shutdown to begin", || {
-        let request = probe.get(format!("{}/healthz", app.address)).send();
-        async move { request.await.is_err() }
+        let begun = logged.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|m| m.starts_with("Shutting down"));
+        async move { begun }
     })
     .await;
     assert!(term());
@@ -488,7 +525,6 @@ async fn the_rest_of_a_partly_sent_answer_keeps_to_what_is_left_of_the_send_quot
 /// `expected` go out (the last with the 「继续」 hint).
 async fn resend_after_a_restart(sent_before_the_crash: usize, expected: &[&str]) {
     use yizhan::store::Store;
-    use yizhan_channel_core::{Delivery, Reply};
 
     let dir =
         std::env::temp_dir().join(format!("yizhan-resend-{}-{}-{sent_before_the_crash}", std::process::id(), now()));
@@ -497,18 +533,8 @@ async fn resend_after_a_restart(sent_before_the_crash: usize, expected: &[&str])
     {
         let store = open_store(&db);
         let envelope = accept_text(&store, CHANNEL, "oResend", "7", "长问题").await;
-        let parts: Vec<Delivery> = (0..7)
-            .map(|index| Delivery {
-                delivery_id: yizhan::delivery::part_id(&envelope.id, index),
-                channel: envelope.channel.clone(),
-                conversation: envelope.conversation.clone(),
-                recipient: envelope.sender.clone(),
-                reply_handle: envelope.reply_handle.clone(),
-                reply: Reply::text(format!("第{index}段")),
-            })
-            .collect();
-        let recorded = store.record_answer(&envelope.id, "mp:d:oResend", None, &parts).await;
-        assert!(recorded.is_ok(), "{recorded:?}");
+        let texts: Vec<String> = (0..7).map(|index| format!("第{index}段")).collect();
+        let parts = record_parts(&store, &envelope, &texts).await;
         for part in &parts[..sent_before_the_crash] {
             assert!(store.part_delivered(&part.delivery_id).await.is_ok());
         }
@@ -524,4 +550,44 @@ async fn resend_after_a_restart(sent_before_the_crash: usize, expected: &[&str])
         assert!(text.starts_with(start), "{texts:?}");
     }
     assert!(texts.last().is_some_and(|last| last.contains("继续")), "{texts:?}");
+}
+
+/// A conversation can come back from a stop with one more open message than its queue bound
+/// (the one being answered, plus a full queue): every one is answered, none with the busy text.
+#[actix_web::test]
+async fn a_conversation_resumed_beyond_its_queue_bound_gets_every_answer() {
+    let dir = std::env::temp_dir().join(format!("yizhan-resume-bound-{}-{}", std::process::id(), now()));
+    let db = dir.join("yizhan.db");
+    {
+        let store = open_store(&db);
+        for index in 0..3 {
+            accept_text(&store, CHANNEL, "oBacklog", &format!("b{index}"), &format!("问题{index}")).await;
+        }
+    }
+    let app = start_in_process_with(&db, &[("YIZHAN__SESSION__MAX_PENDING", "1")]).await;
+    app.wait_until_idle().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let texts = app.sent_texts().await;
+    assert_eq!(texts, ["答：问题0", "答：问题1", "答：问题2"]);
+}
+
+/// Two answers to one user, both left partly unsent by the last run, go out one after the other
+/// (not interleaved), in the order their messages were accepted.
+#[actix_web::test]
+async fn answers_resent_to_one_user_after_a_restart_do_not_interleave() {
+    let dir = std::env::temp_dir().join(format!("yizhan-resend-order-{}-{}", std::process::id(), now()));
+    let db = dir.join("yizhan.db");
+    {
+        let store = open_store(&db);
+        for (id, name) in [("r1", "甲"), ("r2", "乙")] {
+            let envelope = accept_text(&store, CHANNEL, "oOrder", id, name).await;
+            let texts: Vec<String> = (0..3).map(|index| format!("{name}{index}")).collect();
+            record_parts(&store, &envelope, &texts).await;
+        }
+    }
+    let app = start_in_process_on(&db).await;
+    app.wait_until_idle().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let texts = app.sent_texts().await;
+    assert_eq!(texts, ["甲0", "甲1", "甲2", "乙0", "乙1", "乙2"]);
 }

@@ -223,6 +223,12 @@ impl TestApp {
             .collect()
     }
 
+    /// The texts of [`Self::sent_messages`], in order.
+    pub async fn sent_texts(&self) -> Vec<String> {
+        let sent = self.sent_messages().await;
+        sent.iter().map(|message| message["text"]["content"].as_str().unwrap_or_default().to_owned()).collect()
+    }
+
     pub async fn llm_requests(&self) -> Vec<Request> {
         self.llm
             .received_requests()
