@@ -465,6 +465,10 @@ async fn resume_unfinished(hub: &Hub, router: &Router) -> anyhow::Result<()> {
                 resends[index].push((unfinished.envelope, parts));
             }
             None => {
+                // A platform retry soon after a quick restart can still carry the answer.
+                if hub.channels.get(&unfinished.envelope.channel).is_some_and(|entry| entry.holds_for_passive()) {
+                    hub.passive.open(&unfinished.envelope);
+                }
                 router.dispatch_resumed(unfinished.envelope);
             }
         }

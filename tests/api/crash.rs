@@ -104,7 +104,8 @@ async fn accept_text(
         sender: Sender { id: user.into(), name: None },
         content: vec![Segment::Text { text: text.into() }],
         mentions_self: true,
-        reply_handle: ReplyHandle::default(),
+        // As the 公众号 channel journals it (its passive reply is addressed from this account).
+        reply_handle: ReplyHandle(serde_json::json!({"account": "gh_test"})),
     };
     let accepted = store.accept(&envelope, Duration::from_secs(60)).await;
     assert!(matches!(accepted, Ok(yizhan::store::Acceptance::New)), "{accepted:?}");
@@ -590,4 +591,29 @@ async fn answers_resent_to_one_user_after_a_restart_do_not_interleave() {
     let _ = std::fs::remove_dir_all(&dir);
     let texts = app.sent_texts().await;
     assert_eq!(texts, ["甲0", "甲1", "甲2", "乙0", "乙1", "乙2"]);
+}
+
+/// A 公众号 retry arriving soon after a quick restart can carry the answer to a message the last
+/// run accepted, as it would have without the restart, instead of being acknowledged `success`.
+#[actix_web::test]
+async fn a_platform_retry_after_a_quick_restart_carries_the_resumed_answer() {
+    let dir = std::env::temp_dir().join(format!("yizhan-resume-passive-{}-{}", std::process::id(), now()));
+    let db = dir.join("yizhan.db");
+    {
+        let store = open_store(&db);
+        accept_text(&store, CHANNEL, "oQuick", "91000", "重启前").await;
+    }
+    let env = [
+        ("YIZHAN__CHANNELS__MP__REPLY_MODE", "passive"),
+        ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", "2000"),
+        ("YIZHAN__CHANNELS__MP__PASSIVE_MARGIN_MS", "300"),
+    ];
+    let app = start_in_process_with(&db, &env).await;
+    let delivered =
+        wechat_delivers_within(&app, &text_xml("oQuick", 91_000, "重启前"), Duration::from_millis(2_000)).await;
+    app.wait_until_idle().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let (_, body) = delivered.unwrap_or_default();
+    assert!(body.contains("答：重启前"), "{body}");
+    assert!(app.sent_messages().await.is_empty(), "passive mode sends nothing");
 }
