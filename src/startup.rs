@@ -33,6 +33,8 @@ pub struct Application {
     hub: Hub,
     shutdown_timeout: Duration,
     retention: Duration,
+    /// Where parked answers are kept across a graceful restart (durable stores only).
+    parked_file: Option<std::path::PathBuf>,
     // Kept so the actor threads live as long as the application.
     _arbiters: Vec<Arbiter>,
 }
@@ -246,6 +248,10 @@ impl Application {
             session_arbiters.iter().map(Arbiter::handle).collect(),
         );
         let router = Router::new(hub.clone(), sessions);
+        let parked_file = (config.store.kind == StoreKind::Sqlite).then(|| parked_file_of(&config.store.path));
+        if let Some(path) = &parked_file {
+            load_parked(&hub, path);
+        }
         resume_unfinished(&hub, &router).await?;
 
         let listener = TcpListener::bind(&config.server.bind)
@@ -278,7 +284,7 @@ impl Application {
         arbiters.extend(session_arbiters);
         let shutdown_timeout = Duration::from_secs(config.server.shutdown_timeout_secs);
         let retention = Duration::from_secs(config.store.retention_days.saturating_mul(86_400));
-        Ok(Self { port, server, hub, shutdown_timeout, retention, _arbiters: arbiters })
+        Ok(Self { port, server, hub, shutdown_timeout, retention, parked_file, _arbiters: arbiters })
     }
 
     /// The port the server listens on (useful with port 0).
@@ -294,7 +300,7 @@ impl Application {
         self.spawn_retention();
         self.spawn_parked_expiry();
         let handle = self.server.handle();
-        let (hub, shutdown_timeout) = (self.hub.clone(), self.shutdown_timeout);
+        let (hub, shutdown_timeout, parked_file) = (self.hub.clone(), self.shutdown_timeout, self.parked_file.clone());
         actix::spawn(async move {
             wait_for_signal().await;
             // Listening before anything else: an operator's second Ctrl-C or SIGTERM stops the
@@ -317,6 +323,9 @@ impl Application {
                     }
                     () = actix::clock::sleep(Duration::from_millis(50)) => {}
                 }
+            }
+            if let Some(path) = &parked_file {
+                save_parked(&hub, path);
             }
             let open = hub.metrics.journal_open.get();
             if open > 0 {
@@ -391,6 +400,68 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The file next to the database that keeps parked answers across a graceful restart.
+fn parked_file_of(database: &std::path::Path) -> std::path::PathBuf {
+    let mut name = database.as_os_str().to_owned();
+    name.push(".parked.json");
+    std::path::PathBuf::from(name)
+}
+
+/// Takes back the parked answers the last graceful stop saved, then removes the file: a later
+/// crash must not bring back texts shown since. A file that cannot be read is set aside (as
+/// `….bad`) and logged, not fatal.
+fn load_parked(hub: &Hub, path: &std::path::Path) {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return,
+        Err(error) => {
+            tracing::error!(path = %path.display(), %error, "Failed to read the parked answers saved at the last stop.");
+            return;
+        }
+    };
+    match serde_json::from_slice::<Vec<crate::delivery::passive::ParkedRecord>>(&bytes) {
+        Ok(records) => {
+            let texts = hub.passive.import_parked(records);
+            tracing::info!(texts, "Parked answers from the last stop taken back.");
+            if let Err(error) = std::fs::remove_file(path) {
+                tracing::error!(path = %path.display(), %error, "Failed to remove the parked answers' file; they may come back after a crash.");
+            }
+        }
+        Err(error) => {
+            let mut bad = path.as_os_str().to_owned();
+            bad.push(".bad");
+            tracing::error!(path = %path.display(), %error, "The parked answers' file is unreadable; set aside.");
+            let _ = std::fs::rename(path, bad);
+        }
+    }
+}
+
+/// Saves every parked answer for the next start (written to a temporary file, synced, then
+/// renamed over, so a crash leaves the old file or the new one, never half of one).
+fn save_parked(hub: &Hub, path: &std::path::Path) {
+    let records = hub.passive.export_parked();
+    if records.is_empty() {
+        return;
+    }
+    let texts: usize = records.iter().map(|record| record.texts.len()).sum();
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    let temporary = std::path::PathBuf::from(temporary);
+    let written = serde_json::to_vec(&records).map_err(std::io::Error::other).and_then(|bytes| {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&temporary)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, path)
+    });
+    match written {
+        Ok(()) => tracing::info!(texts, path = %path.display(), "Parked answers saved for the next start."),
+        Err(error) => {
+            tracing::error!(texts, path = %path.display(), %error, "Failed to save parked answers; they are lost.")
+        }
     }
 }
 

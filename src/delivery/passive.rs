@@ -234,6 +234,20 @@ impl Default for Parked {
 /// without a limit every user who never came back would keep theirs for good.
 pub const PARKED_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// One user's parked answers as saved across a graceful restart (see
+/// [`PassiveSlots::export_parked`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ParkedRecord {
+    /// The channel id.
+    pub channel: String,
+    /// The user's platform id.
+    pub user: String,
+    /// Each parked text with the id of the message whose answer it is, oldest first.
+    pub texts: Vec<(String, String)>,
+    /// Seconds since text was last parked for the user (for [`PARKED_FOR`]).
+    pub age_secs: u64,
+}
+
 /// Parked answers kept per user at most; older ones are dropped (and logged) beyond this.
 const MAX_PARKED_PER_USER: usize = 8;
 
@@ -402,6 +416,41 @@ impl PassiveSlots {
         (replied.at.elapsed() < REPLIED_FOR).then(|| (replied.envelope.clone(), replied.text.clone()))
     }
 
+    /// Every user's parked answers, to be saved at shutdown: they live in memory, and a
+    /// graceful restart (a deploy) would otherwise lose them.
+    pub fn export_parked(&self) -> Vec<ParkedRecord> {
+        self.parked
+            .iter()
+            .filter(|entry| !entry.value().texts.is_empty())
+            .map(|entry| {
+                let ((channel, user), parked) = (entry.key(), entry.value());
+                ParkedRecord {
+                    channel: channel.as_str().to_owned(),
+                    user: user.clone(),
+                    texts: parked.texts.iter().cloned().collect(),
+                    age_secs: parked.parked_at.elapsed().as_secs(),
+                }
+            })
+            .collect()
+    }
+
+    /// Takes back parked answers saved by [`Self::export_parked`]; returns how many texts.
+    /// Records of an invalid channel id are skipped; a user's bound applies as usual.
+    pub fn import_parked(&self, records: Vec<ParkedRecord>) -> usize {
+        let mut imported = 0;
+        for record in records {
+            let Ok(channel) = ChannelId::parse(&record.channel) else { continue };
+            let now = std::time::Instant::now();
+            let parked_at = now.checked_sub(Duration::from_secs(record.age_secs)).unwrap_or(now);
+            let mut parked = self.parked.entry((channel.clone(), record.user)).or_default();
+            parked.parked_at = parked_at;
+            imported += record.texts.len();
+            parked.texts.extend(record.texts);
+            Self::bound(&channel, &mut parked.texts, false);
+        }
+        imported
+    }
+
     /// Whether a user has parked answers.
     pub fn has_parked(&self, channel: &ChannelId, user: &str) -> bool {
         self.parked.get(&(channel.clone(), user.to_owned())).is_some_and(|parked| !parked.texts.is_empty())
@@ -473,6 +522,25 @@ mod tests {
         }
         assert!(!slots.has_parked(&channel, "u"));
         assert_eq!(slots.unpark(&channel, "u"), None);
+    }
+
+    #[test]
+    fn parked_answers_exported_and_imported_come_back_in_order_and_bounded() {
+        let slots = PassiveSlots::default();
+        let channel = ChannelId::parse("mp").unwrap_or_else(|e| panic!("{e}"));
+        slots.park(&channel, "u", "e1", "一".into());
+        slots.park(&channel, "u", "e2", "二".into());
+        let records = slots.export_parked();
+        assert_eq!(records.len(), 1);
+        let json = serde_json::to_string(&records).unwrap_or_default();
+        let back: Vec<ParkedRecord> = serde_json::from_str(&json).unwrap_or_default();
+        let restarted = PassiveSlots::default();
+        restarted.park(&channel, "u", "e0", "零".into());
+        assert_eq!(restarted.import_parked(back), 2);
+        let bad = ParkedRecord { channel: "not an id!".into(), user: "u".into(), texts: vec![], age_secs: 0 };
+        assert_eq!(restarted.import_parked(vec![bad]), 0);
+        let texts: Vec<String> = std::iter::from_fn(|| restarted.unpark(&channel, "u")).collect();
+        assert_eq!(texts, ["零", "一", "二"]);
     }
 
     #[test]

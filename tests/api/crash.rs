@@ -617,3 +617,43 @@ async fn a_platform_retry_after_a_quick_restart_carries_the_resumed_answer() {
     assert!(body.contains("答：重启前"), "{body}");
     assert!(app.sent_messages().await.is_empty(), "passive mode sends nothing");
 }
+
+/// Parked answers live in memory; a graceful restart (a deploy) saves them beside the database
+/// and takes them back, so the continue word still brings the rest of an answer.
+#[actix_web::test]
+async fn parked_answers_survive_a_graceful_restart() {
+    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+    echo_llm(&llm, Duration::ZERO).await;
+    wechat_ok(&wechat).await;
+    let dir = std::env::temp_dir().join(format!("yizhan-parked-{}-{}", std::process::id(), now()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let config = on_sqlite(base_config(&llm, &wechat), &dir.join("yizhan.db")).replace(
+        "reply_mode = \"push\"",
+        "reply_mode = \"passive\"\npassive_window_ms = 2000\npassive_margin_ms = 300\nmax_part_bytes = 100",
+    );
+    let config_path = dir.join("yizhan.toml");
+    std::fs::write(&config_path, config).unwrap_or_else(|e| panic!("{e}"));
+    let window = Duration::from_millis(2_000);
+
+    let mut first = start_binary(&config_path).await;
+    let app = TestApp { address: first.address.clone(), wechat, llm, http: reqwest::Client::new() };
+    let question = format!("长{}尾巴", "。".repeat(60));
+    let (_, reply) =
+        wechat_delivers_within(&app, &text_xml("oParked", 95_000, &question), window).await.unwrap_or_default();
+    assert!(reply.contains("继续"), "the rest is parked behind the hint: {reply}");
+    wait_for("the answer finished", || async {
+        metric(&app.http, &app.address, "yizhan_journal_open ").await == Some(0)
+    })
+    .await;
+    assert!(Command::new("kill").arg("-TERM").arg(first.child.id().to_string()).status().is_ok_and(|s| s.success()));
+    first.exits_cleanly().await;
+
+    let mut second = start_binary(&config_path).await;
+    let app = TestApp { address: second.address.clone(), ..app };
+    let (_, more) =
+        wechat_delivers_within(&app, &text_xml("oParked", 95_001, "继续"), window).await.unwrap_or_default();
+    assert!(more.contains("。。。") && !more.contains("没有待查看"), "the parked rest comes back: {more}");
+    assert!(Command::new("kill").arg("-TERM").arg(second.child.id().to_string()).status().is_ok_and(|s| s.success()));
+    second.exits_cleanly().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
