@@ -183,7 +183,7 @@ pub struct LlmConfig {
     /// Qwen3 thinking models served without a reasoning parser): only `</think>` is streamed.
     #[serde(default)]
     pub think_open_in_prompt: bool,
-    /// LLM calls failing in a row (no connection, 429/5xx, timeouts, broken streams) after which
+    /// LLM calls failing in a row (no connection, 429/5xx, timeouts) after which
     /// the circuit breaker stops asking for `breaker_cooldown_secs` and users get the apology at
     /// once; 0 disables it.
     #[serde(default = "default_breaker_threshold")]

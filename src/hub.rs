@@ -130,18 +130,6 @@ impl Hub {
         }
     }
 
-    /// Finishes a message whose answer went out, unless part of it was left pending for the
-    /// next start while shutting down (see [`PassiveSlots::keep_rest_pending`]).
-    ///
-    /// [`PassiveSlots::keep_rest_pending`]: crate::delivery::passive::PassiveSlots::keep_rest_pending
-    pub async fn finish_answered(&self, envelope: &Envelope) {
-        if self.passive.take_kept_pending(&envelope.id) {
-            self.leave_for_next_start(envelope);
-        } else {
-            self.finish(&envelope.id).await;
-        }
-    }
-
     /// Leaves an answered message open, its parts pending, for the next start to deliver (at
     /// shutdown, when what would keep it here lives in memory only); the shutdown then no
     /// longer waits for it.

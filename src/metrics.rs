@@ -21,7 +21,7 @@ pub struct Metrics {
     pub llm_queue_depth: IntGauge,
     /// Requests being answered by the LLM.
     pub llm_in_flight: IntGauge,
-    /// 1 while the LLM circuit breaker refuses calls (until a probe succeeds).
+    /// 1 from the moment the LLM circuit breaker opens until a probe succeeds.
     pub llm_breaker_open: IntGauge,
     /// Session actors alive.
     pub sessions_alive: IntGauge,
@@ -70,7 +70,8 @@ impl Metrics {
         let llm_in_flight =
             IntGauge::new("llm_in_flight", "Requests being answered by the LLM.").expect("valid metric");
         let llm_breaker_open =
-            IntGauge::new("llm_breaker_open", "1 while the LLM circuit breaker refuses calls.").expect("valid metric");
+            IntGauge::new("llm_breaker_open", "1 from an LLM circuit breaker trip until a probe succeeds.")
+                .expect("valid metric");
         let sessions_alive = IntGauge::new("sessions_alive", "Session actors alive.").expect("valid metric");
         let deliveries = IntCounterVec::new(
             Opts::new("deliveries_total", "Reply parts by channel and outcome."),

@@ -209,13 +209,6 @@ pub fn within_send_quota_after(
     if parts.len() <= quota {
         return parts;
     }
-    if hub.passive.is_closing() {
-        // Parked text would die with this process: the rest stays pending in the outbox, and
-        // the next start, finding the quota used, parks it.
-        parts.truncate(quota);
-        hub.passive.keep_rest_pending(&envelope.id);
-        return parts;
-    }
     let overflow: Vec<Delivery> = parts.drain(quota..).collect();
     let limit = entry.channel.capabilities().max_part_bytes;
     park_behind_hint(hub, envelope, parts.last_mut().map(|last| &mut last.reply.text), limit, &overflow);
@@ -301,7 +294,9 @@ pub async fn send_parts(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) {
     }
     // Where a failed answer may be parked, its failures are recorded here (see below).
     let parkable = entry.passive_window.is_some();
+    let nothing_to_send = parts.is_empty();
     match entry.outbound.send(Deliver { parts, record_failures: !parkable }).await {
+        Ok(Ok(())) if nothing_to_send => {}
         Ok(Ok(())) => hub.metrics.answers.with_label_values(&[channel, "push"]).inc(),
         Ok(Err(undelivered))
             if parkable
@@ -309,8 +304,8 @@ pub async fn send_parts(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) {
                     || entry.reply_mode == ReplyMode::Auto) =>
         {
             if hub.passive.is_closing() {
-                // Parked text would die with this process: left pending (not failed), the
-                // answer is sent, or parked, by the next start.
+                // Left pending (not failed) rather than parked: the next start tries to send
+                // it again, and parks it if the platform still refuses.
                 tracing::info!(envelope = %envelope.id, error = %undelivered, "Answer not delivered while shutting down; left for the next start.");
                 hub.leave_for_next_start(envelope);
                 return;
@@ -326,7 +321,7 @@ pub async fn send_parts(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) {
         }
         Err(error) => tracing::error!(envelope = %envelope.id, %error, "Delivery actor unavailable."),
     }
-    hub.finish_answered(envelope).await;
+    hub.finish(&envelope.id).await;
 }
 
 /// Parks `parts` for the user's next message, whose passive reply (or the continue word) brings

@@ -191,9 +191,6 @@ pub struct PassiveSlots {
     continuing: DashMap<String, String, Hasher>,
     /// Passive replies given in the last [`REPLIED_FOR`], by (channel, platform message id).
     replied: DashMap<(ChannelId, String), Replied, Hasher>,
-    /// Messages whose overflow beyond the send quota was left pending instead of parked,
-    /// because the process is shutting down (see [`Self::keep_rest_pending`]).
-    kept_pending: DashMap<String, (), Hasher>,
     /// When `replied` was last swept of old replies.
     replied_swept: Mutex<Option<std::time::Instant>>,
 }
@@ -375,18 +372,6 @@ impl PassiveSlots {
             keep
         });
         forgotten
-    }
-
-    /// Notes that the rest of `envelope_id`'s answer was left pending in the outbox (shutting
-    /// down: parked text would die with the process), so that the message is left for the next
-    /// start, which parks it, instead of finished.
-    pub fn keep_rest_pending(&self, envelope_id: &str) {
-        self.kept_pending.insert(envelope_id.to_owned(), ());
-    }
-
-    /// Whether [`Self::keep_rest_pending`] was noted for `envelope_id` (and forgets it).
-    pub fn take_kept_pending(&self, envelope_id: &str) -> bool {
-        self.kept_pending.remove(envelope_id).is_some()
     }
 
     /// Remembers the passive reply given to `envelope` for [`REPLIED_FOR`], in case it reached

@@ -401,7 +401,7 @@ async fn hold_for_answer(
     actix::spawn(async move {
         crate::delivery::clear_delivered(hub.store.as_ref(), &first).await;
         if parts.is_empty() {
-            hub.finish_answered(&envelope).await;
+            hub.finish(&envelope.id).await;
         } else {
             send_parts(&hub, &envelope, parts).await;
         }

@@ -7,12 +7,13 @@
 //! failed that way, calls fail at once for `cooldown`; then one call is let through as a probe:
 //! if it succeeds the breaker closes, if it fails the breaker opens for another `cooldown`.
 //!
-//! Only failures that point at the server count (no connection, 429 and 5xx, timeouts, broken
-//! streams). A 4xx or an answer that could not be read says nothing about the server's health,
-//! and a success ends the run.
+//! Only failures that point at the server count (no connection, 429 and 5xx, timeouts). A 4xx,
+//! an error the server reports in its stream or an answer that could not be read says nothing
+//! about the server's health, and a success ends the run. Calls that waited for a slot while
+//! the breaker opened are refused too.
 
 use super::LlmError;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -30,21 +31,21 @@ impl BreakerSettings {
     pub const DISABLED: Self = Self { threshold: 0, cooldown: Duration::ZERO };
 }
 
-/// What the breaker says about a call about to be made.
+/// How a recorded call changed the breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
-    /// Make the call.
-    Call,
-    /// Make the call: it is the probe after a cooldown, and its outcome decides.
-    Probe,
-    /// Do not call; the breaker is open for this much longer.
-    Refuse(Duration),
+pub enum Transition {
+    /// It opened (or opened again after a failed probe).
+    Opened,
+    /// A probe succeeded: it closed.
+    Closed,
+    /// No change.
+    Unchanged,
 }
 
 #[derive(Debug)]
 struct State {
     failures_in_a_row: u32,
-    /// Open until then.
+    /// Open until then; stays set (in the past) until a probe succeeds.
     open_until: Option<Instant>,
     /// A probe is out: other calls are refused until it returns.
     probing: bool,
@@ -57,6 +58,16 @@ pub struct Breaker {
     state: Mutex<State>,
 }
 
+/// Permission to make one call, from [`Breaker::admit`]; its outcome goes to
+/// [`Ticket::record`]. A probe ticket dropped unrecorded (the call panicked or was cancelled)
+/// lets the next call probe instead of keeping the breaker half-open for good.
+#[derive(Debug)]
+pub struct Ticket {
+    breaker: Arc<Breaker>,
+    probe: bool,
+    recorded: bool,
+}
+
 impl Breaker {
     /// A closed breaker.
     pub fn new(settings: BreakerSettings) -> Self {
@@ -67,64 +78,98 @@ impl Breaker {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Whether a call may be made now.
-    pub fn admit(&self) -> Admission {
+    /// A ticket for a call now, or how much longer the breaker stays open.
+    pub fn admit(self: &Arc<Self>) -> Result<Ticket, Duration> {
         let mut state = self.state();
-        let Some(open_until) = state.open_until else {
-            return Admission::Call;
+        let probe = match state.open_until {
+            None => false,
+            Some(open_until) => {
+                let now = Instant::now();
+                if now < open_until {
+                    return Err(open_until - now);
+                }
+                if state.probing {
+                    return Err(Duration::ZERO);
+                }
+                state.probing = true;
+                true
+            }
         };
-        let now = Instant::now();
-        if now < open_until {
-            return Admission::Refuse(open_until - now);
-        }
-        if state.probing {
-            return Admission::Refuse(Duration::ZERO);
-        }
-        state.probing = true;
-        Admission::Probe
+        Ok(Ticket { breaker: self.clone(), probe, recorded: false })
     }
 
-    /// Records how an admitted call ended (`probe`: it was admitted as [`Admission::Probe`]).
-    /// Returns whether the breaker opened because of it.
-    pub fn record(&self, probe: bool, result: &Result<String, LlmError>) -> bool {
-        if self.settings.threshold == 0 {
-            return false;
+    /// Whether calls are being refused now (open, or half-open with a probe out).
+    pub fn is_open(&self) -> bool {
+        let state = self.state();
+        state.open_until.is_some_and(|open_until| Instant::now() < open_until || state.probing)
+    }
+}
+
+impl Ticket {
+    /// Whether this call is the probe after a cooldown.
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+
+    /// Whether a call admitted earlier may still go ahead after waiting for a slot: not if the
+    /// breaker opened meanwhile (a probe always goes).
+    pub fn still_admitted(&self) -> bool {
+        self.probe || !self.breaker.is_open()
+    }
+
+    /// Records how the call ended.
+    pub fn record(mut self, result: &Result<String, LlmError>) -> Transition {
+        self.recorded = true;
+        let breaker = &self.breaker;
+        if breaker.settings.threshold == 0 {
+            return Transition::Unchanged;
         }
-        let mut state = self.state();
-        if probe {
+        let mut state = breaker.state();
+        if self.probe {
             state.probing = false;
         }
         match result {
             Ok(_) => {
                 state.failures_in_a_row = 0;
-                state.open_until = None;
-                false
+                match state.open_until.take() {
+                    Some(_) => Transition::Closed,
+                    None => Transition::Unchanged,
+                }
             }
             Err(error) if points_at_the_server(error) => {
                 state.failures_in_a_row = state.failures_in_a_row.saturating_add(1);
-                let trips = probe || (state.open_until.is_none() && state.failures_in_a_row >= self.settings.threshold);
+                let trips =
+                    self.probe || (state.open_until.is_none() && state.failures_in_a_row >= breaker.settings.threshold);
                 if trips {
-                    state.open_until = Some(Instant::now() + self.settings.cooldown);
+                    state.open_until = Some(Instant::now() + breaker.settings.cooldown);
+                    Transition::Opened
+                } else {
+                    Transition::Unchanged
                 }
-                trips
             }
             // Says nothing about the server's health; a probe that ends so lets the next one go.
-            Err(_) => false,
+            Err(_) => Transition::Unchanged,
         }
-    }
-
-    /// Whether calls are being refused now.
-    pub fn is_open(&self) -> bool {
-        self.state().open_until.is_some_and(|open_until| Instant::now() < open_until)
     }
 }
 
-/// Whether a failure says the server is unwell.
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.probe && !self.recorded {
+            self.breaker.state().probing = false;
+        }
+    }
+}
+
+/// Whether a failure says the server is unwell: no connection, 429 or 5xx, no first token or
+/// no whole answer in time. A broken stream does not count: it is also how a server reports a
+/// refusal of the request itself (a content filter, a context too long), which five users in a
+/// row must not turn into an outage for everyone.
 fn points_at_the_server(error: &LlmError) -> bool {
     match error {
-        LlmError::Connect(_) | LlmError::FirstTokenTimeout(_) | LlmError::TotalTimeout(_) | LlmError::Stream(_) => true,
+        LlmError::Connect(_) | LlmError::FirstTokenTimeout(_) | LlmError::TotalTimeout(_) => true,
         LlmError::Status { status, .. } => *status == 429 || *status >= 500,
-        LlmError::Protocol(_) | LlmError::Overloaded(_) | LlmError::Unavailable(_) => false,
+        LlmError::Stream(_) | LlmError::Protocol(_) | LlmError::Overloaded(_) | LlmError::Unavailable(_) => false,
     }
 }
 
@@ -136,55 +181,80 @@ mod tests {
         Err(LlmError::Connect("connection refused".into()))
     }
 
-    fn breaker() -> Breaker {
-        Breaker::new(BreakerSettings { threshold: 3, cooldown: Duration::from_secs(30) })
+    fn breaker() -> Arc<Breaker> {
+        Arc::new(Breaker::new(BreakerSettings { threshold: 3, cooldown: Duration::from_secs(30) }))
+    }
+
+    fn call(breaker: &Arc<Breaker>, result: Result<String, LlmError>) -> Transition {
+        match breaker.admit() {
+            Ok(ticket) => ticket.record(&result),
+            Err(left) => panic!("refused for {left:?}"),
+        }
     }
 
     #[tokio::test(start_paused = true)]
     async fn it_opens_after_the_threshold_probes_after_the_cooldown_and_closes_on_success() {
         let breaker = breaker();
-        for _ in 0..2 {
-            assert_eq!(breaker.admit(), Admission::Call);
-            assert!(!breaker.record(false, &down()));
-        }
-        assert_eq!(breaker.admit(), Admission::Call);
-        assert!(breaker.record(false, &down()), "the third failure in a row opens it");
-        assert_eq!(breaker.admit(), Admission::Refuse(Duration::from_secs(30)));
+        assert_eq!(call(&breaker, down()), Transition::Unchanged);
+        assert_eq!(call(&breaker, down()), Transition::Unchanged);
+        assert_eq!(call(&breaker, down()), Transition::Opened, "the third failure in a row opens it");
+        assert_eq!(breaker.admit().err(), Some(Duration::from_secs(30)));
         tokio::time::advance(Duration::from_secs(30)).await;
-        assert_eq!(breaker.admit(), Admission::Probe);
-        assert_eq!(breaker.admit(), Admission::Refuse(Duration::ZERO), "one probe at a time");
-        assert!(breaker.record(true, &down()), "a failed probe opens it again");
+        let probe = breaker.admit().unwrap_or_else(|left| panic!("refused for {left:?}"));
+        assert!(probe.is_probe());
+        assert_eq!(breaker.admit().err(), Some(Duration::ZERO), "one probe at a time");
+        assert_eq!(probe.record(&down()), Transition::Opened, "a failed probe opens it again");
         assert!(breaker.is_open());
         tokio::time::advance(Duration::from_secs(30)).await;
-        assert_eq!(breaker.admit(), Admission::Probe);
-        assert!(!breaker.record(true, &Ok("好".into())));
-        assert_eq!(breaker.admit(), Admission::Call);
+        assert_eq!(call(&breaker, Ok("好".into())), Transition::Closed);
         assert!(!breaker.is_open());
+        assert!(!breaker.admit().is_ok_and(|ticket| ticket.is_probe()));
     }
 
     #[tokio::test(start_paused = true)]
     async fn only_failures_of_the_server_count_and_a_success_ends_the_run() {
         let breaker = breaker();
-        let client_error = Err(LlmError::Status { status: 400, message: "bad".into(), retry_after: None });
         for _ in 0..5 {
-            breaker.record(false, &client_error);
+            let bad_request = LlmError::Status { status: 400, message: "bad".into(), retry_after: None };
+            assert_eq!(call(&breaker, Err(bad_request)), Transition::Unchanged);
+            assert_eq!(call(&breaker, Err(LlmError::Stream("content filter".into()))), Transition::Unchanged);
         }
-        breaker.record(false, &down());
-        breaker.record(false, &down());
-        breaker.record(false, &Ok("好".into()));
-        breaker.record(false, &down());
-        breaker.record(false, &down());
-        assert_eq!(breaker.admit(), Admission::Call);
+        call(&breaker, down());
+        call(&breaker, down());
+        call(&breaker, Ok("好".into()));
+        call(&breaker, down());
+        call(&breaker, down());
         let busy = Err(LlmError::Status { status: 503, message: "busy".into(), retry_after: None });
-        assert!(breaker.record(false, &busy));
+        assert_eq!(call(&breaker, busy), Transition::Opened);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_dropped_unrecorded_lets_the_next_call_probe() {
+        let breaker = breaker();
+        for _ in 0..3 {
+            call(&breaker, down());
+        }
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let probe = breaker.admit().unwrap_or_else(|left| panic!("refused for {left:?}"));
+        drop(probe);
+        assert!(breaker.admit().is_ok_and(|ticket| ticket.is_probe()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_that_waited_while_the_breaker_opened_is_no_longer_admitted() {
+        let breaker = breaker();
+        let waiting = breaker.admit().unwrap_or_else(|left| panic!("refused for {left:?}"));
+        for _ in 0..3 {
+            call(&breaker, down());
+        }
+        assert!(!waiting.still_admitted());
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_threshold_of_zero_never_opens() {
-        let breaker = Breaker::new(BreakerSettings::DISABLED);
+        let breaker = Arc::new(Breaker::new(BreakerSettings::DISABLED));
         for _ in 0..100 {
-            assert_eq!(breaker.admit(), Admission::Call);
-            assert!(!breaker.record(false, &down()));
+            assert_eq!(call(&breaker, down()), Transition::Unchanged);
         }
     }
 }

@@ -20,7 +20,7 @@ pub use client::LlmClient;
 
 use crate::metrics::Metrics;
 use actix::prelude::*;
-use breaker::{Admission, Breaker, BreakerSettings};
+use breaker::{Breaker, BreakerSettings, Transition};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::Semaphore;
@@ -83,23 +83,21 @@ impl Handler<Complete> for LlmActor {
     type Result = ResponseFuture<Result<String, LlmError>>;
 
     fn handle(&mut self, msg: Complete, _: &mut Self::Context) -> Self::Result {
-        let admission = self.breaker.admit();
-        if let Admission::Refuse(left) = admission {
-            self.metrics.llm_errors.with_label_values(&[self.backend, "circuit_open"]).inc();
-            return Box::pin(async move { Err(LlmError::Unavailable(left)) });
-        }
-        let probe = admission == Admission::Probe;
-        let breaker = self.breaker.clone();
+        let ticket = match self.breaker.admit() {
+            Ok(ticket) => ticket,
+            Err(left) => {
+                self.metrics.llm_errors.with_label_values(&[self.backend, "circuit_open"]).inc();
+                return Box::pin(async move { Err(LlmError::Unavailable(left)) });
+            }
+        };
         let waiting_before = self.waiting.fetch_add(1, Ordering::SeqCst);
         // Requests admitted in one burst take their permits only once their futures run, so free
         // permits count as taken by those already waiting.
         if waiting_before >= self.max_waiting.saturating_add(self.permits.available_permits()) {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
             self.metrics.llm_errors.with_label_values(&[self.backend, "overloaded"]).inc();
-            let result = Err(LlmError::Overloaded(waiting_before));
-            // Not asked after all: a probe must not hold the breaker half-open.
-            self.breaker.record(probe, &result);
-            return Box::pin(async move { result });
+            // Not asked after all: the ticket, dropped unrecorded, frees a probe's place.
+            return Box::pin(async move { Err(LlmError::Overloaded(waiting_before)) });
         }
         self.metrics.llm_queue_depth.inc();
         let permits = self.permits.clone();
@@ -117,12 +115,15 @@ impl Handler<Complete> for LlmActor {
             let Ok(permit) = permit else {
                 metrics.llm_errors.with_label_values(&[backend, "overloaded"]).inc();
                 tracing::warn!(backend, waited = ?wait_limit, "No LLM slot within the total timeout; answered busy.");
-                let result = Err(LlmError::Overloaded(still_waiting));
-                breaker.record(probe, &result);
-                return result;
+                return Err(LlmError::Overloaded(still_waiting));
             };
             // The semaphore is never closed, so this error cannot happen; map it anyway.
             let _permit = permit.map_err(|_| LlmError::Overloaded(0))?;
+            if !ticket.still_admitted() {
+                // The server failed repeatedly while this call waited for its slot.
+                metrics.llm_errors.with_label_values(&[backend, "circuit_open"]).inc();
+                return Err(LlmError::Unavailable(std::time::Duration::ZERO));
+            }
             metrics.llm_in_flight.inc();
             let started = std::time::Instant::now();
             let mut sink: DeltaSink = msg.on_delta.unwrap_or_else(|| Box::new(|_: &str| {}));
@@ -136,13 +137,20 @@ impl Handler<Complete> for LlmActor {
                 }
             };
             metrics.llm_seconds.with_label_values(&[backend, outcome]).observe(started.elapsed().as_secs_f64());
-            if breaker.record(probe, &result) {
-                tracing::error!(
-                    backend,
-                    "The LLM failed repeatedly; not asking it for a while (circuit breaker open)."
-                );
+            match ticket.record(&result) {
+                Transition::Opened => {
+                    metrics.llm_breaker_open.set(1);
+                    tracing::error!(
+                        backend,
+                        "The LLM failed repeatedly; not asking it for a while (circuit breaker open)."
+                    );
+                }
+                Transition::Closed => {
+                    metrics.llm_breaker_open.set(0);
+                    tracing::info!(backend, "The LLM answered again; circuit breaker closed.");
+                }
+                Transition::Unchanged => {}
             }
-            metrics.llm_breaker_open.set(i64::from(breaker.is_open()));
             result
         })
     }

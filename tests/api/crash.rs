@@ -245,7 +245,7 @@ async fn a_passive_answer_taken_by_a_retry_finishes_the_journaled_message() {
 /// a retry until the shutdown bound runs out.
 #[actix_web::test]
 async fn sigterm_pushes_a_passive_answer_no_retry_can_take_any_more() {
-    let (app, delivered, _unfinished) = sigterm_while_a_passive_answer_is_held("auto", 2_500, &[], None).await;
+    let Stopped { app, delivered, .. } = sigterm_while_a_passive_answer_is_held("auto", 2_500, &[], None).await;
     assert_eq!(delivered.map(|(_, body)| body).as_deref(), Some("success"), "the lapsing attempt is the last");
     let sent = app.sent_messages().await;
     assert_eq!(sent.len(), 1, "pushed before exit");
@@ -256,7 +256,7 @@ async fn sigterm_pushes_a_passive_answer_no_retry_can_take_any_more() {
 /// stay journaled, its parts pending, for the next start, not be parked and finished.
 #[actix_web::test]
 async fn sigterm_in_passive_mode_leaves_a_held_answer_for_the_next_start() {
-    let (app, _, unfinished) = sigterm_while_a_passive_answer_is_held("passive", 2_500, &[], None).await;
+    let Stopped { app, unfinished, .. } = sigterm_while_a_passive_answer_is_held("passive", 2_500, &[], None).await;
     assert!(app.sent_messages().await.is_empty());
     let parts: Vec<String> =
         unfinished.iter().flat_map(|u| u.pending_parts.iter().flatten().map(|p| p.reply.text.clone())).collect();
@@ -269,7 +269,8 @@ async fn sigterm_in_passive_mode_leaves_a_held_answer_for_the_next_start() {
 #[actix_web::test]
 async fn sigterm_in_passive_mode_leaves_the_rest_of_a_long_answer_for_the_next_start() {
     let env = [("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "100")];
-    let (app, delivered, unfinished) = sigterm_while_a_passive_answer_is_held("passive", 1_000, &env, None).await;
+    let Stopped { app, delivered, unfinished, .. } =
+        sigterm_while_a_passive_answer_is_held("passive", 1_000, &env, None).await;
     let (attempt, body) = delivered.unwrap_or_default();
     assert!(attempt == 1 && body.contains("答：关机前"), "attempt {attempt}: {body}");
     assert!(app.sent_messages().await.is_empty());
@@ -282,34 +283,48 @@ async fn sigterm_in_passive_mode_leaves_the_rest_of_a_long_answer_for_the_next_s
 #[actix_web::test]
 async fn sigterm_in_auto_mode_leaves_a_refused_answer_for_the_next_start() {
     let refusal = serde_json::json!({"errcode": 48001, "errmsg": "api unauthorized"});
-    let (app, _, unfinished) = sigterm_while_a_passive_answer_is_held("auto", 2_500, &[], Some(refusal)).await;
+    let Stopped { app, unfinished, .. } =
+        sigterm_while_a_passive_answer_is_held("auto", 2_500, &[], Some(refusal)).await;
     assert!(!app.sent_messages().await.is_empty(), "the push was tried");
     let parts: Vec<String> =
         unfinished.iter().flat_map(|u| u.pending_parts.iter().flatten().map(|p| p.reply.text.clone())).collect();
     assert!(parts.len() == 1 && parts[0].starts_with("答：关机前"), "{unfinished:?}");
 }
 
-/// The rest of a long answer beyond the send quota would be parked; during shutdown it stays
-/// pending for the next start instead (which parks it, the quota being used).
+/// The rest of a long answer beyond the send quota, parked during shutdown behind the continue
+/// hint, is saved with the other parked answers for the next start.
 #[actix_web::test]
-async fn sigterm_in_auto_mode_leaves_the_rest_beyond_the_quota_for_the_next_start() {
+async fn sigterm_in_auto_mode_saves_the_rest_beyond_the_quota_for_the_next_start() {
     let env = [("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "100"), ("YIZHAN__CHANNELS__MP__SEND_QUOTA_PER_MESSAGE", "1")];
-    let (app, _, unfinished) = sigterm_while_a_passive_answer_is_held("auto", 2_500, &env, None).await;
-    assert_eq!(app.sent_messages().await.len(), 1, "within the quota");
-    let pending: usize = unfinished.iter().map(|u| u.pending_parts.as_ref().map_or(0, Vec::len)).sum();
-    assert!(pending >= 1, "the rest is left for the next start: {unfinished:?}");
+    let Stopped { app, unfinished, parked, .. } =
+        sigterm_while_a_passive_answer_is_held("auto", 2_500, &env, None).await;
+    let sent = app.sent_texts().await;
+    assert!(sent.len() == 1 && sent[0].contains("继续"), "within the quota, with the hint: {sent:?}");
+    assert!(unfinished.is_empty(), "{unfinished:?}");
+    let saved = parked.unwrap_or_default();
+    assert!(saved.contains("。。。"), "the rest is saved: {saved}");
+}
+
+/// What [`sigterm_while_a_passive_answer_is_held`] saw.
+struct Stopped {
+    app: TestApp,
+    /// The attempt that got an answer, and that answer.
+    delivered: Option<(usize, String)>,
+    /// What the store left unfinished.
+    unfinished: Vec<yizhan::store::Unfinished>,
+    /// The parked answers' file the stop left, if any.
+    parked: Option<String>,
 }
 
 /// Sends one 公众号 message (answered after `llm_delay_ms`; an attempt waits 1.7 s) to the
 /// binary in `mode` on the SQLite store with `env`, SIGTERMs it once the message is accepted,
-/// and waits for the exit. The send API answers `send_answer` when given, else success. Returns
-/// the app, what WeChat's attempts got, and what the store left unfinished.
+/// and waits for the exit. The send API answers `send_answer` when given, else success.
 async fn sigterm_while_a_passive_answer_is_held(
     mode: &str,
     llm_delay_ms: u64,
     env: &[(&str, &str)],
     send_answer: Option<serde_json::Value>,
-) -> (TestApp, Option<(usize, String)>, Vec<yizhan::store::Unfinished>) {
+) -> Stopped {
     let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
     echo_llm(&llm, Duration::from_millis(llm_delay_ms)).await;
     if let Some(answer) = send_answer {
@@ -353,8 +368,9 @@ async fn sigterm_while_a_passive_answer_is_held(
     yizhan.exits_cleanly().await;
     use yizhan::store::Store;
     let unfinished = open_store(&db).unfinished().await.unwrap_or_else(|e| panic!("{e}"));
+    let parked = std::fs::read_to_string(dir.join("yizhan.db.parked.json")).ok();
     let _ = std::fs::remove_dir_all(&dir);
-    (app, delivered, unfinished)
+    Stopped { app, delivered, unfinished, parked }
 }
 
 /// An operator's second signal ends the wait for unanswered messages (they resume at the next

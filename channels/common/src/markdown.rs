@@ -409,22 +409,21 @@ impl Writer {
     }
 }
 
-/// `text` without the `**` the parser left unmatched: those next to a non-ASCII character
-/// (CJK text or punctuation, where CommonMark's flanking rules fail and a literal `**` is next
-/// to unheard of). Any other `**` is text (`2**10`, `f(**kwargs)`) and stays.
+/// `text` without the `**` the parser left unmatched. Where any `**` in the text touches a
+/// non-ASCII character (CJK text or punctuation, where CommonMark's flanking rules fail, as in
+/// `**“引用”**后` or `- **Docker：**容器`), every `**` in it goes, so a pair never loses one
+/// half; text whose `**` all sit between ASCII characters (`2**10`, `f(**kwargs)`) keeps them.
 fn without_unmatched_strong(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = 0;
-    for (at, _) in text.match_indices("**") {
+    let touches_cjk = text.match_indices("**").any(|(at, _)| {
         let before = text[..at].chars().next_back();
         let after = text[at + 2..].chars().next();
-        if before.is_some_and(|ch| !ch.is_ascii()) || after.is_some_and(|ch| !ch.is_ascii()) {
-            out.push_str(&text[rest..at]);
-            rest = at + 2;
-        }
+        before.is_some_and(|ch| !ch.is_ascii()) || after.is_some_and(|ch| !ch.is_ascii())
+    });
+    if touches_cjk {
+        text.replace("**", "")
+    } else {
+        text.to_owned()
     }
-    out.push_str(&text[rest..]);
-    out
 }
 
 #[cfg(test)]
@@ -545,6 +544,8 @@ mod tests {
             ("计算 2**10 的值", "计算 2**10 的值"),
             ("调用 f(*args, **kwargs) 即可", "调用 f(*args, **kwargs) 即可"),
             ("他说**“你好”**，又说**“再见”**。", "他说“你好”，又说“再见”。"),
+            ("- **Docker：**容器工具", "• Docker：容器工具"),
+            ("**Python 示例：**如下", "Python 示例：如下"),
         ] {
             assert_eq!(to_plain_text(markdown), plain, "{markdown}");
         }

@@ -218,12 +218,12 @@ pub(crate) fn message_envelope(ctx: &Context<'_>, event_id: &str, event: &Value)
         .map(|(index, mention)| {
             let is_self = match ctx.bot_open_id {
                 Some(bot) => mention.id.open_id.as_deref() == Some(bot),
-                // Unknown identity: the first person mentioned (Feishu lists them in order) is
-                // taken as the bot, as in "@bot what does @Tom think"; the others stay people,
-                // named. In a direct chat only the bot can be meant.
+                // Unknown identity: in a group, the first person mentioned (Feishu lists them in
+                // order) is taken as the bot, as in "@bot what does @Tom think"; the others stay
+                // people, named.
                 None => {
                     assumed_self_mention |= group;
-                    Some(index) == first_person
+                    group && Some(index) == first_person
                 }
             };
             Mention {
