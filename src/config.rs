@@ -308,6 +308,9 @@ pub struct MessagesConfig {
     pub parked_prefix: String,
     /// Answer to the continue word when nothing is parked.
     pub nothing_parked: String,
+    /// Left in a streamed card (Feishu) whose final text could not be written, when the answer
+    /// is sent as messages instead.
+    pub answer_below: String,
 }
 
 impl Default for MessagesConfig {
@@ -326,6 +329,7 @@ impl Default for MessagesConfig {
             more_hint: "（回复「继续」查看剩余内容）".into(),
             parked_prefix: "【你上一条消息的回复】".into(),
             nothing_parked: "没有待查看的内容了，请直接提问吧。".into(),
+            answer_below: "（完整回答见下方消息）".into(),
         }
     }
 }

@@ -78,17 +78,26 @@ const FINISH_ATTEMPTS: u32 = 3;
 
 impl LiveAnswer {
     /// Waits for the last update, then writes `full_text` (exactly the whole answer) and ends
-    /// streaming, retrying transient failures.
-    pub async fn finish(self, full_text: &str) -> Result<(), ChannelError> {
+    /// streaming, retrying transient failures. If that fails, the caller sends the answer as
+    /// messages; the card is then given `note_if_failed` (one try: the text so far would
+    /// otherwise stay there, cut off and still streaming, above the messages).
+    pub async fn finish(self, full_text: &str, note_if_failed: &str) -> Result<(), ChannelError> {
         let sequence = self.updates.await.unwrap_or(1_000_000);
         let channel = &self.channel;
-        retry_transient(channel.id(), "Finishing a streamed answer", FINISH_ATTEMPTS, |attempt| {
+        let finished = retry_transient(channel.id(), "Finishing a streamed answer", FINISH_ATTEMPTS, |attempt| {
             // `finish_stream` uses `sequence` and the one after it; a retry moves past both, as
             // the platform may have applied either before the error.
             let sequence = sequence.saturating_add(2 * u64::from(attempt - 1));
             channel.finish_stream(&self.handle, full_text, sequence)
         })
         .await
-        .map(drop)
+        .map(drop);
+        if finished.is_err() && !note_if_failed.trim().is_empty() {
+            let sequence = sequence.saturating_add(2 * u64::from(FINISH_ATTEMPTS));
+            if let Err(error) = channel.finish_stream(&self.handle, note_if_failed, sequence).await {
+                tracing::debug!(channel = %channel.id(), %error, "Could not leave a note in the streamed card.");
+            }
+        }
+        finished
     }
 }
