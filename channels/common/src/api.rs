@@ -7,6 +7,7 @@
 use serde_json::Value;
 use std::collections::HashSet;
 use std::sync::Mutex;
+use yizhan_channel_core::ChannelError;
 
 /// How many characters of platform text an error keeps; it ends up in logs and journals.
 pub const MAX_MESSAGE_CHARS: usize = 200;
@@ -130,9 +131,59 @@ pub fn transport_failure(error: reqwest::Error, platform: &str) -> String {
 /// The WeChat family's (公众号, WeCom) `errcode` (0 when absent, as in successful token answers)
 /// and `errmsg`.
 pub fn wechat_errcode(answer: &Value) -> (i64, String) {
-    let code = answer.get("errcode").and_then(Value::as_i64).unwrap_or(0);
-    let message = answer.get("errmsg").and_then(Value::as_str).unwrap_or_default().to_owned();
-    (code, message)
+    (errcode_of(answer).unwrap_or(0), errmsg_of(answer))
+}
+
+/// [`wechat_errcode`] for an API call's answer, which always carries an errcode: one that has
+/// none (or an unreadable one, from a proxy at `api_base`, say) is a transient failure, not a
+/// success that would clear the part from the outbox unsent.
+pub fn wechat_call_errcode(answer: &Value, platform: &str) -> Result<(i64, String), ChannelError> {
+    match errcode_of(answer) {
+        Some(code) => Ok((code, errmsg_of(answer))),
+        None => {
+            Err(ChannelError::Transient { reason: format!("{platform}'s answer has no errcode"), retry_after: None })
+        }
+    }
+}
+
+/// `errcode` read leniently: a number, a whole float (`45047.0`) or a quoted number, as a proxy
+/// may rewrite it.
+fn errcode_of(answer: &Value) -> Option<i64> {
+    match answer.get("errcode")? {
+        Value::Number(number) => number.as_i64().or_else(|| {
+            number.as_f64().filter(|code| code.fract() == 0.0 && code.abs() < 1e15).map(|code| code as i64)
+        }),
+        Value::String(text) => text.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+fn errmsg_of(answer: &Value) -> String {
+    answer.get("errmsg").and_then(Value::as_str).unwrap_or_default().to_owned()
+}
+
+/// The error a WeChat-family API's HTTP status means, `None` for a success. These APIs answer
+/// their own errors with 200 and an errcode, so another status comes from the way there (a
+/// proxy at `api_base`) or a broken server: 5xx, 429 and 408 are transient; 401, 403, 404, 405
+/// and 407 (a wrong address, a proxy's access) need an operator, and go through
+/// `misconfigured(code, hint, message)` so the channel logs them once; others are refusals.
+pub fn status_error(
+    platform: &str,
+    status: u16,
+    misconfigured: impl FnOnce(i64, &str, &str) -> ChannelError,
+) -> Option<ChannelError> {
+    let reason = format!("{platform} answered HTTP {status}");
+    match status {
+        200..=299 => None,
+        408 | 429 | 500..=599 => Some(ChannelError::Transient { reason, retry_after: None }),
+        401 | 403 | 404 | 405 | 407 => Some(misconfigured(
+            i64::from(status),
+            "the API answered with an HTTP error meant for a wrong address or a proxy; check `api_base` and any \
+             proxy in front of it",
+            &reason,
+        )),
+        _ => Some(ChannelError::Refused { code: i64::from(status), reason }),
+    }
 }
 
 #[cfg(test)]
@@ -188,6 +239,14 @@ mod tests {
     fn errcode_defaults_to_zero_and_an_empty_message() {
         assert_eq!(wechat_errcode(&json!({"errcode": 40001, "errmsg": "bad"})), (40001, "bad".to_owned()));
         assert_eq!(wechat_errcode(&json!({"access_token": "t"})), (0, String::new()));
+        for quoted in [json!({"errcode": "45047"}), json!({"errcode": 45047.0}), json!({"errcode": " 45047 "})] {
+            assert_eq!(wechat_errcode(&quoted).0, 45047, "{quoted}");
+        }
+        for unreadable in [json!({}), json!({"errcode": "x"}), json!({"errcode": null}), json!({"error": "bad"})] {
+            let result = wechat_call_errcode(&unreadable, "WeChat");
+            assert!(matches!(result, Err(ChannelError::Transient { .. })), "{unreadable}: {result:?}");
+        }
+        assert_eq!(wechat_call_errcode(&json!({"errcode": 0, "errmsg": "ok"}), "WeChat").ok(), Some((0, "ok".into())));
     }
 
     #[tokio::test]

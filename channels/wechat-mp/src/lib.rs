@@ -322,11 +322,12 @@ impl Channel for WechatMp {
     /// Sends one part as a customer-service text message to the recipient's openid.
     fn deliver<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
         Box::pin(async move {
-            if delivery.reply.text.trim().is_empty() {
+            if passive::shows_nothing(&delivery.reply.text) {
                 debug!(channel = %self.id, delivery = %delivery.delivery_id, "Empty part skipped.");
                 return Ok(DeliveryReceipt::default());
             }
-            self.api.send_text(&delivery.recipient.id, &delivery.reply.text).await
+            let text = passive::without_control_characters(&delivery.reply.text);
+            self.api.send_text(&delivery.recipient.id, &text).await
         })
     }
 

@@ -23,6 +23,12 @@ pub(crate) fn shows_nothing(text: &str) -> bool {
     text.chars().filter(|&ch| is_xml_char(ch)).all(char::is_whitespace)
 }
 
+/// `text` without the control characters XML cannot carry, which the send API's JSON would
+/// carry as `\u001b`-style escapes WeChat refuses (errcode 40033); tabs and line breaks stay.
+pub(crate) fn without_control_characters(text: &str) -> String {
+    text.chars().filter(|&ch| is_xml_char(ch)).collect()
+}
+
 /// Wraps `text` in CDATA. A `]]>` inside would end the section early, so it is split across two
 /// sections (`]]` ends one, `>` starts the next), which readers join back into the same text.
 fn cdata(text: &str) -> String {

@@ -236,6 +236,35 @@ async fn rate_limits_and_server_errors_are_transient() {
     assert!(matches!(error, Some(ChannelError::Transient { .. })), "{error:?}");
 }
 
+/// A proxy at `api_base` may answer with HTTP errors WeChat never uses, or rewrite its JSON.
+#[tokio::test]
+async fn a_proxy_s_http_errors_and_answers_without_an_errcode_are_not_taken_for_success() {
+    let server = MockServer::start().await;
+    mount_token(&server, "TOKEN1", 1).await;
+    for (answer, times) in [
+        (ResponseTemplate::new(200).set_body_json(json!({"ok": true})), 1),
+        (ResponseTemplate::new(200).set_body_json(json!({"errcode": "45047", "errmsg": "quota"})), 1),
+        (ResponseTemplate::new(404).set_body_string("not found"), 1),
+    ] {
+        Mock::given(method("POST"))
+            .and(path("/cgi-bin/message/custom/send"))
+            .respond_with(answer)
+            .up_to_n_times(times)
+            .mount(&server)
+            .await;
+    }
+    let channel = channel_for(&server);
+    let no_errcode = channel.deliver(&delivery("hi")).await.err();
+    assert!(matches!(no_errcode, Some(ChannelError::Transient { .. })), "{no_errcode:?}");
+    let quoted = channel.deliver(&delivery("hi")).await.err();
+    assert!(matches!(quoted, Some(ChannelError::Refused { code: 45047, .. })), "{quoted:?}");
+    let not_found = channel.deliver(&delivery("hi")).await.err();
+    assert!(
+        matches!(not_found, Some(ChannelError::Misconfigured(ref why)) if why.contains("api_base")),
+        "{not_found:?}"
+    );
+}
+
 #[tokio::test]
 async fn an_ip_outside_the_whitelist_is_a_misconfiguration_that_says_what_to_do() {
     let server = MockServer::start().await;
@@ -350,9 +379,21 @@ async fn typing_declined_for_lack_of_recent_interaction_is_quietly_ok() {
 #[tokio::test]
 async fn an_empty_part_is_not_sent() {
     let server = MockServer::start().await;
-    let receipt = channel_for(&server).deliver(&delivery(" \n")).await;
-    assert!(receipt.is_ok());
+    for blank in [" \n", "\u{1b}\u{7} "] {
+        let receipt = channel_for(&server).deliver(&delivery(blank)).await;
+        assert!(receipt.is_ok());
+    }
     assert!(server.received_requests().await.unwrap_or_default().is_empty());
+}
+
+#[tokio::test]
+async fn control_characters_are_not_sent() {
+    let server = MockServer::start().await;
+    mount_token(&server, "TOKEN1", 1).await;
+    mount_send(&server, "TOKEN1", json!({"errcode": 0, "errmsg": "ok"}), 1).await;
+    channel_for(&server).deliver(&delivery("终端输出\u{1b}[31m红\u{7}\t完")).await.unwrap_or_else(|e| panic!("{e}"));
+    let sends = requests_to(&server, "/cgi-bin/message/custom/send").await;
+    assert_eq!(json_body(&sends[0])["text"]["content"], "终端输出[31m红\t完");
 }
 
 /// Log output captured in memory.

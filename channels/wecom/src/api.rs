@@ -12,7 +12,9 @@
 use serde_json::{json, Value};
 use std::time::Duration;
 use tracing::{debug, error, warn};
-use yizhan_channel_common::api::{scrub, transport_failure, wechat_errcode, ReportOnce};
+use yizhan_channel_common::api::{
+    scrub, status_error, transport_failure, wechat_call_errcode, wechat_errcode, ReportOnce,
+};
 use yizhan_channel_core::{AccessToken, ChannelError, ChannelId, DeliveryReceipt, TokenCache};
 
 /// How long one API call may take before it counts as a transient failure, unless the hub's
@@ -142,7 +144,7 @@ impl Api {
         let url = format!("{}{path}", self.base);
         let token = self.access_token().await?;
         let answer = self.post_json(&url, &token, body).await?;
-        let (code, message) = wechat_errcode(&answer);
+        let (code, message) = wechat_call_errcode(&answer, "WeCom")?;
         if code == 0 {
             self.recovered();
             return Ok(answer);
@@ -154,7 +156,7 @@ impl Api {
         self.tokens.invalidate(&token);
         let token = self.access_token().await?;
         let answer = self.post_json(&url, &token, body).await?;
-        match wechat_errcode(&answer) {
+        match wechat_call_errcode(&answer, "WeCom")? {
             (0, _) => {
                 self.recovered();
                 Ok(answer)
@@ -218,14 +220,9 @@ impl Api {
         let (status, bytes) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
             .await
             .map_err(|_| transient("request to WeCom timed out"))??;
-        if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
-            return Err(transient(format!("WeCom answered HTTP {status}")));
-        }
-        if !status.is_success() {
-            return Err(ChannelError::Refused {
-                code: i64::from(status.as_u16()),
-                reason: format!("WeCom answered HTTP {status}"),
-            });
+        let misconfigured = |code: i64, hint: &str, message: &str| self.misconfigured(code, hint, message, None);
+        if let Some(error) = status_error("WeCom", status.as_u16(), misconfigured) {
+            return Err(error);
         }
         match serde_json::from_slice::<Value>(&bytes) {
             Ok(answer @ Value::Object(_)) => Ok(answer),
