@@ -202,7 +202,8 @@ mod tests {
         assert_eq!(store.accept(&envelope("m1"), ttl).await.ok(), Some(Acceptance::Duplicate));
         assert_eq!(store.accept(&envelope("m2"), ttl).await.ok(), Some(Acceptance::New));
         let _ = store.finish(&first.id).await;
-        assert!(store.unfinished().await.unwrap_or_default().is_empty(), "nothing survives a memory store");
+        // Finishing does not release the claim: a late platform retry is still a duplicate.
+        assert_eq!(store.accept(&envelope("m1"), ttl).await.ok(), Some(Acceptance::Duplicate));
     }
 
     #[tokio::test]

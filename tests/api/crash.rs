@@ -17,6 +17,17 @@ struct Yizhan {
     logged: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
+/// A test that fails before it stops its binary must not leave it running: it would keep
+/// calling the stand-ins (and their reused ports) of later tests.
+impl Drop for Yizhan {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl Yizhan {
     /// Waits for the process to exit (after a SIGTERM) and asserts it exited with success.
     async fn exits_cleanly(&mut self) {
@@ -160,7 +171,10 @@ async fn metric(http: &reqwest::Client, address: &str, name: &str) -> Option<i64
 #[actix_web::test]
 async fn every_acknowledged_message_is_answered_exactly_once_across_a_kill_9() {
     let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
-    echo_llm(&llm, Duration::from_millis(1_000)).await;
+    // The first 25 questions are answered at once; the other 25 hang (until the first-token
+    // timeout), so the moment to kill is a state that lasts, not a race against a delay.
+    echo_llm_mock(Duration::ZERO).up_to_n_times(25).mount(&llm).await;
+    echo_llm(&llm, Duration::from_secs(600)).await;
     wechat_ok(&wechat).await;
     let dir = std::env::temp_dir().join(format!("yizhan-crash-{}-{}", std::process::id(), now()));
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
@@ -179,17 +193,20 @@ async fn every_acknowledged_message_is_answered_exactly_once_across_a_kill_9() {
     for (status, body) in futures_util::future::join_all(posts).await {
         assert_eq!((status, body.as_str()), (200, "success"));
     }
-    // Kill while the second wave of 25 is inside the (1 s) LLM call: the first wave's answers
-    // are delivered and finished, the second wave's are not.
+    // Kill while the second wave of 25 is inside its LLM call: the first wave's answers are
+    // delivered and finished, the second wave's are not.
     wait_for("the first wave answered and the second asked", || async {
         app.sent_messages().await.len() == 25
             && metric(&app.http, &first.address, "yizhan_journal_open ").await == Some(25)
-            && app.llm_requests().await.len() >= 50
+            && app.llm_requests().await.len() == 50
     })
     .await;
     let mut first = first;
     first.child.kill().unwrap_or_else(|e| panic!("kill -9: {e}"));
     let _ = first.child.wait();
+    // The model answers again after the restart.
+    app.llm.reset().await;
+    echo_llm(&app.llm, Duration::ZERO).await;
 
     let mut second = start_binary(&config_path).await;
     let address = second.address.clone();
@@ -354,8 +371,10 @@ async fn sigterm_while_a_passive_answer_is_held(
     let pid = yizhan.child.id().to_string();
     // Once the message is accepted (and its attempt held), not at a guessed moment.
     let terminate = async {
+        // The model asked too: by then the attempt that carried the message is held.
         wait_for("the message accepted", || async {
             metric(&app.http, &app.address, "yizhan_journal_open ").await == Some(1)
+                && metric(&app.http, &app.address, "yizhan_llm_in_flight ").await == Some(1)
         })
         .await;
         Command::new("kill").arg("-TERM").arg(&pid).status()

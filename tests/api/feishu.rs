@@ -172,6 +172,7 @@ async fn a_streamed_answer_updates_the_card_in_order_and_ends_with_the_whole_ans
     let updates = app.feishu_calls("PUT", "/elements/answer/content").await;
     assert!(!updates.is_empty());
     let sequences: Vec<u64> = updates.iter().filter_map(|r| body(r)["sequence"].as_u64()).collect();
+    assert_eq!(sequences.len(), updates.len(), "every update carries its sequence");
     assert!(sequences.windows(2).all(|pair| pair[0] < pair[1]), "{sequences:?}");
     let last = updates.last().map(body).unwrap_or_default();
     assert_eq!(last["content"], format!("答：{question}"));

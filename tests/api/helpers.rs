@@ -47,17 +47,18 @@ pub fn sse_answer(answer: &str) -> String {
 
 /// A stand-in LLM that answers "答：<question>" after `delay`.
 pub async fn echo_llm(server: &MockServer, delay: Duration) {
-    Mock::given(method("POST"))
-        .and(path("/v1/chat/completions"))
-        .respond_with(move |request: &Request| {
-            let answer = format!("答：{}", last_user_message(request));
-            ResponseTemplate::new(200)
-                .insert_header("content-type", "text/event-stream")
-                .set_body_string(sse_answer(&answer))
-                .set_delay(delay)
-        })
-        .mount(server)
-        .await;
+    echo_llm_mock(delay).mount(server).await;
+}
+
+/// The mock [`echo_llm`] mounts, for tests that limit or order it.
+pub fn echo_llm_mock(delay: Duration) -> Mock {
+    Mock::given(method("POST")).and(path("/v1/chat/completions")).respond_with(move |request: &Request| {
+        let answer = format!("答：{}", last_user_message(request));
+        ResponseTemplate::new(200)
+            .insert_header("content-type", "text/event-stream")
+            .set_body_string(sse_answer(&answer))
+            .set_delay(delay)
+    })
 }
 
 /// A stand-in WeChat API: tokens and customer-service sends succeed.

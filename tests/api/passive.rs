@@ -1,7 +1,8 @@
 //! 公众号 `auto` and `passive` reply modes: answers inside WeChat's own webhook response, shared
 //! across its retries, with the customer-service API and parking as fallbacks. WeChat's 5-second
-//! window is scaled down to 800 ms through `passive_window_ms`; the stand-in "WeChat" below
-//! gives up on an attempt after that long and retries, as WeChat does.
+//! window is scaled down to 1000 ms through `passive_window_ms` (answers stop being taken 300 ms
+//! before its end, so a reply has that long to reach the client on a loaded machine); the
+//! stand-in "WeChat" below gives up on an attempt after that long and retries, as WeChat does.
 
 use crate::helpers::*;
 use std::time::Duration;
@@ -10,13 +11,13 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 use yizhan::channels::ChannelKinds;
 use yizhan_channel_wechat_crypto::{KeySlot, WxCrypto};
 
-const WINDOW_MS: u64 = 800;
+const WINDOW_MS: u64 = 1_000;
 
 fn auto_env(mode: &'static str) -> Vec<(&'static str, &'static str)> {
     vec![
         ("YIZHAN__CHANNELS__MP__REPLY_MODE", mode),
-        ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", "800"),
-        ("YIZHAN__CHANNELS__MP__PASSIVE_MARGIN_MS", "100"),
+        ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", "1000"),
+        ("YIZHAN__CHANNELS__MP__PASSIVE_MARGIN_MS", "300"),
     ]
 }
 
@@ -197,7 +198,8 @@ async fn in_passive_mode_the_rest_of_a_long_answer_waits_for_the_continue_word()
     let app = spawn_app(
         &[
             ("YIZHAN__CHANNELS__MP__REPLY_MODE", "passive"),
-            ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", "800"),
+            ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", "1000"),
+            ("YIZHAN__CHANNELS__MP__PASSIVE_MARGIN_MS", "300"),
             ("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "600"),
         ],
         Duration::ZERO,
@@ -437,8 +439,8 @@ async fn an_answer_to_a_menu_click_keeps_to_its_three_message_quota() {
 async fn the_continue_word_brings_parked_answers_oldest_first_one_at_a_time() {
     let env = [
         ("YIZHAN__CHANNELS__MP__REPLY_MODE", "passive"),
-        ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", "800"),
-        ("YIZHAN__CHANNELS__MP__PASSIVE_MARGIN_MS", "100"),
+        ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", "1000"),
+        ("YIZHAN__CHANNELS__MP__PASSIVE_MARGIN_MS", "300"),
     ];
     let app = spawn_app(&env, Duration::from_millis(3_000)).await;
     for (id, question) in [(40, "问题一"), (41, "问题三")] {

@@ -249,18 +249,20 @@ async fn a_subscribe_event_gets_the_welcome_and_an_unsubscribe_gets_nothing() {
 async fn a_full_llm_queue_gets_the_busy_reply_instead_of_a_hang() {
     let app = spawn_app(
         &[("YIZHAN__LLM__MAX_CONCURRENCY", "1"), ("YIZHAN__LLM__MAX_WAITING", "0")],
-        Duration::from_millis(300),
+        Duration::from_secs(600),
     )
     .await;
-    for user in 0..4 {
+    // The only slot is taken (the model does not answer within this test) …
+    app.post_text("oBusy0", 100, "问题").await;
+    wait_for("the first question asked", || async { app.llm_requests().await.len() == 1 }).await;
+    // … so every later question is told at once that the service is busy.
+    for user in 1..4 {
         app.post_text(&format!("oBusy{user}"), 100 + user, "问题").await;
     }
-    app.wait_until_idle().await;
+    wait_for("three busy replies", || async { app.sent_messages().await.len() == 3 }).await;
     let sent = app.sent_messages().await;
-    assert_eq!(sent.len(), 4);
-    let busy = sent.iter().filter(|m| m["text"]["content"] == "当前咨询人数较多，请稍后再试。").count();
-    assert!(busy >= 1, "{sent:?}");
-    assert_eq!(app.llm_requests().await.len(), 4 - busy);
+    assert!(sent.iter().all(|m| m["text"]["content"] == "当前咨询人数较多，请稍后再试。"), "{sent:?}");
+    assert_eq!(app.llm_requests().await.len(), 1);
 }
 
 #[actix_web::test]

@@ -1,114 +1,15 @@
 //! The outbound API against a local wiremock server: token caching and refresh, sends, typing,
 //! and the error-code triage. Nothing here reaches the internet.
 
+mod common;
+
+use common::*;
 use serde_json::{json, Value};
 use std::time::Duration;
 use wiremock::matchers::{body_json, method, path, query_param};
-use wiremock::{Mock, MockServer, Request, ResponseTemplate};
-use yizhan_channel_core::{
-    Channel, ChannelError, ChannelId, Conversation, ConversationKind, Delivery, Envelope, Event, Reply, ReplyHandle,
-    Segment, Sender,
-};
-use yizhan_channel_wechat_mp::{WechatMp, WechatMpSettings};
-
-const SECRET: &str = "the-app-secret";
-const OPENID: &str = "oUser123";
-
-fn settings(api_base: String) -> WechatMpSettings {
-    serde_json::from_value(json!({
-        "app_id": "wx0123456789",
-        "app_secret": SECRET,
-        "token": "tok",
-        "api_base": format!("{api_base}/"),
-    }))
-    .unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn channel_for(server: &MockServer) -> WechatMp {
-    channel_with_client(server, reqwest::Client::new())
-}
-
-fn channel_with_client(server: &MockServer, http: reqwest::Client) -> WechatMp {
-    let id = ChannelId::parse("mp").unwrap_or_else(|e| panic!("{e}"));
-    WechatMp::new(id, settings(server.uri()), http).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn delivery(text: &str) -> Delivery {
-    Delivery {
-        delivery_id: "d1".into(),
-        channel: ChannelId::parse("mp").unwrap_or_else(|e| panic!("{e}")),
-        conversation: Conversation { kind: ConversationKind::Direct, id: OPENID.into() },
-        recipient: Sender { id: OPENID.into(), name: None },
-        reply_handle: ReplyHandle(json!({"account": "gh_acct"})),
-        reply: Reply::text(text),
-    }
-}
-
-fn envelope() -> Envelope {
-    Envelope {
-        id: Envelope::new_id(),
-        channel: ChannelId::parse("mp").unwrap_or_else(|e| panic!("{e}")),
-        channel_kind: "wechat_mp".into(),
-        platform_message_id: "1".into(),
-        received_at_ms: 0,
-        conversation: Conversation { kind: ConversationKind::Direct, id: OPENID.into() },
-        sender: Sender { id: OPENID.into(), name: None },
-        content: vec![Segment::Event(Event::Subscribe { scene: None })],
-        mentions_self: true,
-        reply_handle: ReplyHandle(json!({"account": "gh_acct"})),
-    }
-}
-
-fn token_request() -> Value {
-    json!({
-        "grant_type": "client_credential",
-        "appid": "wx0123456789",
-        "secret": SECRET,
-        "force_refresh": false,
-    })
-}
-
-async fn mount_token(server: &MockServer, token: &str, times: u64) {
-    Mock::given(method("POST"))
-        .and(path("/cgi-bin/stable_token"))
-        .and(body_json(token_request()))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"access_token": token, "expires_in": 7200})))
-        .up_to_n_times(times)
-        .expect(times)
-        .mount(server)
-        .await;
-}
-
-async fn mount_send(server: &MockServer, token: &str, answer: Value, times: u64) {
-    Mock::given(method("POST"))
-        .and(path("/cgi-bin/message/custom/send"))
-        .and(query_param("access_token", token))
-        .respond_with(ResponseTemplate::new(200).set_body_json(answer))
-        .expect(times)
-        .mount(server)
-        .await;
-}
-
-async fn requests_to(server: &MockServer, wanted: &str) -> Vec<Request> {
-    server
-        .received_requests()
-        .await
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|request| request.url.path() == wanted)
-        .collect()
-}
-
-fn json_body(request: &Request) -> Value {
-    serde_json::from_slice(&request.body).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// No error, whatever its kind, may carry the secret or the token.
-fn assert_no_secrets(error: &ChannelError, token: &str) {
-    let shown = format!("{error} {error:?}");
-    assert!(!shown.contains(SECRET), "secret leaked: {shown}");
-    assert!(!shown.contains(token), "token leaked: {shown}");
-}
+use wiremock::{Mock, MockServer, ResponseTemplate};
+use yizhan_channel_core::{Channel, ChannelError, ChannelId, Delivery};
+use yizhan_channel_wechat_mp::WechatMp;
 
 #[tokio::test]
 async fn the_token_is_fetched_once_for_several_sends() {
@@ -325,7 +226,9 @@ async fn network_failures_and_timeouts_are_transient() {
     assert!(matches!(error, Some(ChannelError::Transient { .. })), "{error:?}");
 
     let server = MockServer::start().await;
-    mount_token(&server, "SLOWTOKEN", 1).await;
+    // A 100 ms client timeout may expire before the token request even arrives on a loaded
+    // machine: the same transient outcome, so the token call is not counted.
+    mount_token_unchecked(&server, "SLOWTOKEN").await;
     Mock::given(method("POST"))
         .and(path("/cgi-bin/message/custom/send"))
         .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_millis(500)))
@@ -394,79 +297,6 @@ async fn control_characters_are_not_sent() {
     channel_for(&server).deliver(&delivery("终端输出\u{1b}[31m红\u{7}\t完")).await.unwrap_or_else(|e| panic!("{e}"));
     let sends = requests_to(&server, "/cgi-bin/message/custom/send").await;
     assert_eq!(json_body(&sends[0])["text"]["content"], "终端输出[31m红\t完");
-}
-
-/// Log output captured in memory.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn lines(&self) -> Vec<String> {
-        let bytes = self.0.lock().map(|buffer| buffer.clone()).unwrap_or_default();
-        String::from_utf8_lossy(&bytes).lines().map(str::to_owned).collect()
-    }
-}
-
-impl std::io::Write for Captured {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        if let Ok(mut buffer) = self.0.lock() {
-            buffer.extend_from_slice(data);
-        }
-        Ok(data.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-#[tokio::test]
-async fn a_misconfiguration_is_logged_once_per_code_until_a_send_succeeds_and_never_with_secrets() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    // NOTE: a current-thread test runtime, so the thread-local default covers every await.
-    let _guard = tracing::subscriber::set_default(subscriber);
-
-    let server = MockServer::start().await;
-    mount_token(&server, "TOKEN1", 1).await;
-    Mock::given(method("POST"))
-        .and(path("/cgi-bin/message/custom/send"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"errcode": 40164, "errmsg": "invalid ip"})))
-        .up_to_n_times(5)
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .and(path("/cgi-bin/message/custom/send"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"errcode": 0, "errmsg": "ok"})))
-        .up_to_n_times(1)
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .and(path("/cgi-bin/message/custom/send"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"errcode": 40164, "errmsg": "invalid ip"})))
-        .mount(&server)
-        .await;
-    let channel = channel_for(&server);
-
-    let errors_logged = || captured.lines().iter().filter(|line| line.contains("ERROR")).count();
-    for _ in 0..5 {
-        assert!(channel.deliver(&delivery("hi")).await.is_err());
-    }
-    assert_eq!(errors_logged(), 1, "{:#?}", captured.lines());
-    assert!(channel.deliver(&delivery("fixed")).await.is_ok());
-    assert!(channel.deliver(&delivery("broken again")).await.is_err());
-    assert_eq!(errors_logged(), 2, "{:#?}", captured.lines());
-
-    let lines = captured.lines();
-    assert!(lines.iter().any(|line| line.contains("40164") && line.contains("channel=mp")), "{lines:#?}");
-    for line in &lines {
-        assert!(!line.contains(SECRET) && !line.contains("TOKEN1"), "secret in log: {line}");
-    }
 }
 
 /// A proxy at `api_base` answering with an endless body cannot make the channel buffer it: past

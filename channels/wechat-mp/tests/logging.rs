@@ -1,0 +1,86 @@
+//! Logging of misconfigurations: once per code until a send succeeds, never with secrets.
+//!
+//! NOTE: a test binary of its own. `tracing::subscriber::set_default` is per thread, but
+//! tracing caches per-callsite interest process-wide; a concurrent test hitting the same
+//! callsites without a subscriber could make this one miss events.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+use yizhan_channel_core::Channel;
+
+/// Log output captured in memory.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Captured {
+    fn lines(&self) -> Vec<String> {
+        let bytes = self.0.lock().map(|buffer| buffer.clone()).unwrap_or_default();
+        String::from_utf8_lossy(&bytes).lines().map(str::to_owned).collect()
+    }
+}
+
+impl std::io::Write for Captured {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut buffer) = self.0.lock() {
+            buffer.extend_from_slice(data);
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_misconfiguration_is_logged_once_per_code_until_a_send_succeeds_and_never_with_secrets() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    // NOTE: a current-thread test runtime, so the thread-local default covers every await.
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let server = MockServer::start().await;
+    mount_token(&server, "TOKEN1", 1).await;
+    Mock::given(method("POST"))
+        .and(path("/cgi-bin/message/custom/send"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"errcode": 40164, "errmsg": "invalid ip"})))
+        .up_to_n_times(5)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/cgi-bin/message/custom/send"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"errcode": 0, "errmsg": "ok"})))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/cgi-bin/message/custom/send"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"errcode": 40164, "errmsg": "invalid ip"})))
+        .mount(&server)
+        .await;
+    let channel = channel_for(&server);
+
+    let errors_logged = || captured.lines().iter().filter(|line| line.contains("ERROR")).count();
+    for _ in 0..5 {
+        assert!(channel.deliver(&delivery("hi")).await.is_err());
+    }
+    assert_eq!(errors_logged(), 1, "{:#?}", captured.lines());
+    assert!(channel.deliver(&delivery("fixed")).await.is_ok());
+    assert!(channel.deliver(&delivery("broken again")).await.is_err());
+    assert_eq!(errors_logged(), 2, "{:#?}", captured.lines());
+
+    let lines = captured.lines();
+    assert!(lines.iter().any(|line| line.contains("40164") && line.contains("channel=mp")), "{lines:#?}");
+    for line in &lines {
+        assert!(!line.contains(SECRET) && !line.contains("TOKEN1"), "secret in log: {line}");
+    }
+}
