@@ -267,7 +267,7 @@ async fn a_full_llm_queue_gets_the_busy_reply_instead_of_a_hang() {
 
 #[actix_web::test]
 async fn two_hundred_users_at_once_with_a_slow_llm_are_all_answered() {
-    let app = spawn_app(&[("YIZHAN__LLM__MAX_CONCURRENCY", "256")], Duration::from_secs(3)).await;
+    let app = spawn_app(&[("YIZHAN__LLM__MAX_CONCURRENCY", "256")], Duration::from_millis(500)).await;
     let posts = (0..200u64).map(|user| {
         let app = &app;
         async move { app.post_text(&format!("oMany{user}"), 10_000 + user, &format!("问题{user}")).await }
