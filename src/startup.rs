@@ -300,7 +300,14 @@ impl Application {
         self.spawn_retention();
         self.spawn_parked_expiry();
         let handle = self.server.handle();
-        let (hub, shutdown_timeout, parked_file) = (self.hub.clone(), self.shutdown_timeout, self.parked_file.clone());
+        // Taken back at build; removed only now that this start has succeeded (a start that
+        // failed leaves the file for the next attempt).
+        if let Some(path) = self.parked_file.as_ref().filter(|path| path.exists()) {
+            if let Err(error) = std::fs::remove_file(path) {
+                tracing::error!(path = %path.display(), %error, "Failed to remove the parked answers' file; they may come back after a crash.");
+            }
+        }
+        let (hub, shutdown_timeout) = (self.hub.clone(), self.shutdown_timeout);
         actix::spawn(async move {
             wait_for_signal().await;
             // Listening before anything else: an operator's second Ctrl-C or SIGTERM stops the
@@ -324,9 +331,6 @@ impl Application {
                     () = actix::clock::sleep(Duration::from_millis(50)) => {}
                 }
             }
-            if let Some(path) = &parked_file {
-                save_parked(&hub, path);
-            }
             let open = hub.metrics.journal_open.get();
             if open > 0 {
                 tracing::warn!(open, "Stopping with messages unanswered; they resume at the next start.");
@@ -335,7 +339,13 @@ impl Application {
             }
             handle.stop(true).await;
         });
-        self.server.await
+        let served = self.server.await;
+        // Saved once the workers (and the sessions on them) have stopped, so nothing is parked
+        // or taken after the save.
+        if let Some(path) = &self.parked_file {
+            save_parked(&self.hub, path);
+        }
+        served
     }
 
     /// Forgets, hourly, the parked answers of users for whom nothing was parked for
@@ -403,6 +413,10 @@ async fn wait_for_signal() {
     }
 }
 
+/// How old a resumed message may be for a platform retry to still come for it (WeChat's three
+/// tries span about 15 s), in milliseconds.
+const RESUMED_RETRY_HORIZON_MS: i64 = 20_000;
+
 /// The file next to the database that keeps parked answers across a graceful restart.
 fn parked_file_of(database: &std::path::Path) -> std::path::PathBuf {
     let mut name = database.as_os_str().to_owned();
@@ -410,9 +424,9 @@ fn parked_file_of(database: &std::path::Path) -> std::path::PathBuf {
     std::path::PathBuf::from(name)
 }
 
-/// Takes back the parked answers the last graceful stop saved, then removes the file: a later
-/// crash must not bring back texts shown since. A file that cannot be read is set aside (as
-/// `….bad`) and logged, not fatal.
+/// Takes back the parked answers the last graceful stop saved. The file is removed once the
+/// start has succeeded (`run_until_stopped`): a later crash must not bring back texts shown
+/// since. A file that cannot be read is set aside (as `….bad`) and logged, not fatal.
 fn load_parked(hub: &Hub, path: &std::path::Path) {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
@@ -426,9 +440,6 @@ fn load_parked(hub: &Hub, path: &std::path::Path) {
         Ok(records) => {
             let texts = hub.passive.import_parked(records);
             tracing::info!(texts, "Parked answers from the last stop taken back.");
-            if let Err(error) = std::fs::remove_file(path) {
-                tracing::error!(path = %path.display(), %error, "Failed to remove the parked answers' file; they may come back after a crash.");
-            }
         }
         Err(error) => {
             let mut bad = path.as_os_str().to_owned();
@@ -455,7 +466,12 @@ fn save_parked(hub: &Hub, path: &std::path::Path) {
         let mut file = std::fs::File::create(&temporary)?;
         file.write_all(&bytes)?;
         file.sync_all()?;
-        std::fs::rename(&temporary, path)
+        std::fs::rename(&temporary, path)?;
+        // The rename itself survives a power loss once the directory is synced.
+        match path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+            Some(directory) => std::fs::File::open(directory)?.sync_all(),
+            None => Ok(()),
+        }
     });
     match written {
         Ok(()) => tracing::info!(texts, path = %path.display(), "Parked answers saved for the next start."),
@@ -536,11 +552,22 @@ async fn resume_unfinished(hub: &Hub, router: &Router) -> anyhow::Result<()> {
                 resends[index].push((unfinished.envelope, parts));
             }
             None => {
-                // A platform retry soon after a quick restart can still carry the answer.
-                if hub.channels.get(&unfinished.envelope.channel).is_some_and(|entry| entry.holds_for_passive()) {
-                    hub.passive.open(&unfinished.envelope);
+                // A platform retry soon after a quick restart can still carry the answer; for an
+                // older message none will come, and a job would only delay the push.
+                let envelope = unfinished.envelope;
+                let age_ms = yizhan_channel_common::unix_millis(std::time::SystemTime::now())
+                    .saturating_sub(envelope.received_at_ms);
+                let holds = hub.channels.get(&envelope.channel).is_some_and(|entry| entry.holds_for_passive());
+                let job_key = (holds && age_ms < RESUMED_RETRY_HORIZON_MS)
+                    .then(|| (envelope.channel.clone(), envelope.platform_message_id.clone()));
+                if job_key.is_some() {
+                    // WeChat's next try may be its last (its earlier ones came before the stop).
+                    hub.passive.open(&envelope).assume_earlier_attempts(2);
                 }
-                router.dispatch_resumed(unfinished.envelope);
+                let answered = router.dispatch_resumed(envelope);
+                if let (false, Some((channel, message_id))) = (answered, job_key) {
+                    hub.passive.close(&channel, &message_id);
+                }
             }
         }
     }

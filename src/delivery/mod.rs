@@ -307,6 +307,8 @@ pub async fn send_parts(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) {
                 // Left pending (not failed) rather than parked: the next start tries to send
                 // it again, and parks it if the platform still refuses.
                 tracing::info!(envelope = %envelope.id, error = %undelivered, "Answer not delivered while shutting down; left for the next start.");
+                // Its rest beyond the send quota may be parked already; it is pending too.
+                hub.passive.forget_parked_of(&envelope.channel, &envelope.sender.id, &envelope.id);
                 hub.leave_for_next_start(envelope);
                 return;
             }

@@ -100,6 +100,13 @@ impl PassiveJob {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Counts `count` attempts made before this job existed (a message resumed after a restart:
+    /// the platform's next try may be its last, and must answer rather than lapse).
+    pub fn assume_earlier_attempts(&self, count: u32) {
+        let mut state = self.lock();
+        state.attempts = state.attempts.max(count);
+    }
+
     /// Counts an attempt and says how it should wait.
     pub fn begin_attempt(&self, max_attempts: u32) -> AttemptKind {
         let mut state = self.lock();
@@ -401,6 +408,17 @@ impl PassiveSlots {
         (replied.at.elapsed() < REPLIED_FOR).then(|| (replied.envelope.clone(), replied.text.clone()))
     }
 
+    /// Drops what of `envelope_id`'s answer is parked for a user: the message is left for the
+    /// next start with its parts pending, which parks them again (parked here too, they would
+    /// come back twice).
+    pub fn forget_parked_of(&self, channel: &ChannelId, user: &str, envelope_id: &str) {
+        let key = (channel.clone(), user.to_owned());
+        if let Some(mut parked) = self.parked.get_mut(&key) {
+            parked.texts.retain(|(answer, _)| answer != envelope_id);
+        }
+        self.parked.remove_if(&key, |_, parked| parked.texts.is_empty());
+    }
+
     /// Every user's parked answers, to be saved at shutdown: they live in memory, and a
     /// graceful restart (a deploy) would otherwise lose them.
     pub fn export_parked(&self) -> Vec<ParkedRecord> {
@@ -522,7 +540,12 @@ mod tests {
         let restarted = PassiveSlots::default();
         restarted.park(&channel, "u", "e0", "零".into());
         assert_eq!(restarted.import_parked(back), 2);
-        let bad = ParkedRecord { channel: "not an id!".into(), user: "u".into(), texts: vec![], age_secs: 0 };
+        let bad = ParkedRecord {
+            channel: "not an id!".into(),
+            user: "u".into(),
+            texts: vec![("e9".into(), "九".into())],
+            age_secs: 0,
+        };
         assert_eq!(restarted.import_parked(vec![bad]), 0);
         let texts: Vec<String> = std::iter::from_fn(|| restarted.unpark(&channel, "u")).collect();
         assert_eq!(texts, ["零", "一", "二"]);

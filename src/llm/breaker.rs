@@ -162,9 +162,9 @@ impl Drop for Ticket {
 }
 
 /// Whether a failure says the server is unwell: no connection, 429 or 5xx, no first token or
-/// no whole answer in time. A broken stream does not count: it is also how a server reports a
-/// refusal of the request itself (a content filter, a context too long), which five users in a
-/// row must not turn into an outage for everyone.
+/// no whole answer in time. A stream that broke after it began does not count: that is also how
+/// a server reports a refusal of the request itself (a content filter, a context too long),
+/// which five users in a row must not turn into an outage for everyone.
 fn points_at_the_server(error: &LlmError) -> bool {
     match error {
         LlmError::Connect(_) | LlmError::FirstTokenTimeout(_) | LlmError::TotalTimeout(_) => true,

@@ -110,7 +110,7 @@ async fn accept_text(
         channel: ChannelId::parse(channel).unwrap_or_else(|e| panic!("{e}")),
         channel_kind: "wechat_mp".into(),
         platform_message_id: platform_id.into(),
-        received_at_ms: 0,
+        received_at_ms: yizhan_channel_common::unix_millis(std::time::SystemTime::now()),
         conversation: Conversation { kind: ConversationKind::Direct, id: user.into() },
         sender: Sender { id: user.into(), name: None },
         content: vec![Segment::Text { text: text.into() }],
@@ -306,6 +306,19 @@ async fn sigterm_in_auto_mode_leaves_a_refused_answer_for_the_next_start() {
     let parts: Vec<String> =
         unfinished.iter().flat_map(|u| u.pending_parts.iter().flatten().map(|p| p.reply.text.clone())).collect();
     assert!(parts.len() == 1 && parts[0].starts_with("答：关机前"), "{unfinished:?}");
+}
+
+/// A long answer refused during shutdown is left pending whole, its rest beyond the quota
+/// included; that rest is not also saved as parked, or the next start would park it twice.
+#[actix_web::test]
+async fn sigterm_in_auto_mode_leaves_a_refused_long_answer_pending_and_not_also_parked() {
+    let refusal = serde_json::json!({"errcode": 48001, "errmsg": "api unauthorized"});
+    let env = [("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "100"), ("YIZHAN__CHANNELS__MP__SEND_QUOTA_PER_MESSAGE", "1")];
+    let Stopped { unfinished, parked, .. } =
+        sigterm_while_a_passive_answer_is_held("auto", 2_500, &env, Some(refusal)).await;
+    let pending: usize = unfinished.iter().map(|u| u.pending_parts.as_ref().map_or(0, Vec::len)).sum();
+    assert!(pending >= 2, "every part is left for the next start: {unfinished:?}");
+    assert!(!parked.unwrap_or_default().contains("。。。"), "the rest is not parked as well");
 }
 
 /// The rest of a long answer beyond the send quota, parked during shutdown behind the continue

@@ -409,21 +409,34 @@ impl Writer {
     }
 }
 
-/// `text` without the `**` the parser left unmatched. Where any `**` in the text touches a
-/// non-ASCII character (CJK text or punctuation, where CommonMark's flanking rules fail, as in
-/// `**“引用”**后` or `- **Docker：**容器`), every `**` in it goes, so a pair never loses one
-/// half; text whose `**` all sit between ASCII characters (`2**10`, `f(**kwargs)`) keeps them.
+/// `text` without the `**` the parser left unmatched: those touching a non-ASCII character
+/// (CJK text or punctuation, where CommonMark's flanking rules fail, as in `**“引用”**后`),
+/// taken as pairs. When they are odd in number, the one missing is the opener of a pair whose
+/// closer touches CJK (`- **Docker：**容器`): the `**` just before the first of them. Any other
+/// `**` is text (`2**10`, `f(**kwargs)`) and stays.
 fn without_unmatched_strong(text: &str) -> String {
-    let touches_cjk = text.match_indices("**").any(|(at, _)| {
-        let before = text[..at].chars().next_back();
-        let after = text[at + 2..].chars().next();
-        before.is_some_and(|ch| !ch.is_ascii()) || after.is_some_and(|ch| !ch.is_ascii())
-    });
-    if touches_cjk {
-        text.replace("**", "")
-    } else {
-        text.to_owned()
+    let positions: Vec<usize> = text.match_indices("**").map(|(at, _)| at).collect();
+    let mut drop: Vec<bool> = positions
+        .iter()
+        .map(|&at| {
+            let before = text[..at].chars().next_back();
+            let after = text[at + 2..].chars().next();
+            before.is_some_and(|ch| !ch.is_ascii()) || after.is_some_and(|ch| !ch.is_ascii())
+        })
+        .collect();
+    if drop.iter().filter(|dropped| **dropped).count() % 2 == 1 {
+        if let Some(first) = drop.iter().position(|dropped| *dropped).filter(|first| *first > 0) {
+            drop[first - 1] = true;
+        }
     }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = 0;
+    for (&at, _) in positions.iter().zip(&drop).filter(|(_, dropped)| **dropped) {
+        out.push_str(&text[rest..at]);
+        rest = at + 2;
+    }
+    out.push_str(&text[rest..]);
+    out
 }
 
 #[cfg(test)]
@@ -545,6 +558,7 @@ mod tests {
             ("调用 f(*args, **kwargs) 即可", "调用 f(*args, **kwargs) 即可"),
             ("他说**“你好”**，又说**“再见”**。", "他说“你好”，又说“再见”。"),
             ("- **Docker：**容器工具", "• Docker：容器工具"),
+            ("**用法：**调用 f(**kwargs)", "用法：调用 f(**kwargs)"),
             ("**Python 示例：**如下", "Python 示例：如下"),
         ] {
             assert_eq!(to_plain_text(markdown), plain, "{markdown}");
