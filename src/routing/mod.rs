@@ -46,8 +46,10 @@ pub enum Work {
     Ask(String),
     /// A fixed answer (welcome, "I only read text").
     Say(String),
-    /// Parked answer text, already rendered for the channel.
-    SayParked(String),
+    /// The continue word: the oldest parked answer text for the user, taken when the session
+    /// gets to it (after the turns queued before it, which may park more), or the
+    /// nothing-parked text.
+    Continue,
     /// Forget the conversation, then confirm.
     Reset,
 }
@@ -134,10 +136,7 @@ impl Router {
         if let (Some(Work::Ask(text)), true) = (&work, can_park) {
             let is_continue = self.hub.messages.continue_commands.iter().any(|word| word.trim() == text.as_str());
             if is_continue {
-                work = Some(match self.hub.passive.unpark_for(&envelope.channel, &envelope.sender.id, &envelope.id) {
-                    Some(parked) => Work::SayParked(parked),
-                    None => Work::Say(self.hub.messages.nothing_parked.clone()),
-                });
+                work = Some(Work::Continue);
             }
         }
         let Some(work) = work else {
@@ -147,27 +146,16 @@ impl Router {
             return false;
         };
         let key = self.hub.session_key(&envelope);
-        // The channel (for the metric) when the continue word took parked text.
-        let unparked_on = matches!(work, Work::SayParked(_)).then(|| envelope.channel.clone());
         let job = Job { envelope, work };
         let dispatched =
             if resumed { self.sessions.dispatch_resumed(key, job) } else { self.sessions.dispatch(key, job) };
         match dispatched {
-            Ok(()) => {
-                if let Some(channel) = unparked_on {
-                    self.hub.metrics.answers.with_label_values(&[channel.as_str(), "unparked"]).inc();
-                }
-                true
-            }
+            Ok(()) => true,
             Err(DispatchError::Overloaded(job)) => {
                 self.hub.metrics.shed.with_label_values(&["session_queue"]).inc();
                 tracing::warn!(channel = %job.envelope.channel, "Too many messages waiting in one conversation; answered busy.");
-                let Job { envelope, work } = *job;
-                if let Work::SayParked(parked) = work {
-                    // Still there for the next continue word.
-                    self.hub.passive.put_back(&envelope.channel, &envelope.sender.id, parked);
-                }
-                self.hub.reply_now(envelope, self.hub.messages.busy.clone());
+                // A continue word took nothing yet: the parked text waits for the next one.
+                self.hub.reply_now(job.envelope, self.hub.messages.busy.clone());
                 true
             }
         }

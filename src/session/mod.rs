@@ -365,10 +365,14 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
     let mut live = None;
     let reply = match work {
         Work::Say(text) => text,
-        Work::SayParked(text) => {
-            delivery::answer(&hub, &envelope, key.as_str(), None, AnswerText::Rendered(text)).await;
-            return history;
-        }
+        Work::Continue => match hub.passive.unpark_for(&envelope.channel, &envelope.sender.id, &envelope.id) {
+            Some(parked) => {
+                hub.metrics.answers.with_label_values(&[envelope.channel.as_str(), "unparked"]).inc();
+                delivery::answer(&hub, &envelope, key.as_str(), None, AnswerText::Rendered(parked)).await;
+                return history;
+            }
+            None => hub.messages.nothing_parked.clone(),
+        },
         Work::Reset => match hub.store.clear_history(key.as_str()).await {
             Ok(()) => {
                 history = Some(Vec::new());

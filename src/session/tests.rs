@@ -333,6 +333,31 @@ async fn a_continue_word_answered_busy_leaves_the_parked_text_for_the_next_one()
     assert!(!hub.passive.has_parked(&channel, "u1"));
 }
 
+/// The continue word takes parked text when its turn comes, not when it arrives: what the turn
+/// queued before it parks (the rest of a long answer), it brings; and a stop before its turn
+/// leaves the text parked (saved) rather than taken by a message that was never answered.
+#[actix::test]
+async fn a_continue_word_takes_what_the_turns_before_it_parked() {
+    tokio::time::pause();
+    let fixture = fixture(Duration::from_millis(100), Duration::from_secs(60), 4);
+    let hub = fixture.registry.0.hub.clone();
+    let router = crate::routing::Router::new(hub.clone(), fixture.registry.clone());
+    let channel = ChannelId::parse("rec").unwrap_or_else(|e| panic!("{e}"));
+    let say = |text: &str| {
+        let (_, mut job) = job("u1", "");
+        job.envelope.content = vec![yizhan_channel_core::Segment::Text { text: text.into() }];
+        assert!(router.dispatch(job.envelope));
+    };
+    say("长问题");
+    say("继续");
+    // Parked while the first turn still runs (as its rest beyond the quota would be).
+    hub.passive.park(&channel, "u1", "e-long", "后半段".into());
+    fixture.wait_for_deliveries(2).await;
+    let texts: Vec<String> = fixture.delivered().into_iter().map(|d| d.reply.text).collect();
+    assert_eq!(texts, ["答：长问题", "后半段"]);
+    assert!(!hub.passive.has_parked(&channel, "u1"));
+}
+
 /// Four arbiters dispatch 2,000 messages to 8 users while sessions retire after 1 ms of silence:
 /// every message must be answered exactly once.
 #[actix::test]
