@@ -112,9 +112,10 @@ impl Ticket {
     }
 
     /// Whether a call admitted earlier may still go ahead after waiting for a slot: not if the
-    /// breaker opened meanwhile (a probe always goes).
+    /// breaker opened meanwhile and no probe has closed it since, even once its cooldown is
+    /// over (then only the probe goes; a probe always goes).
     pub fn still_admitted(&self) -> bool {
-        self.probe || !self.breaker.is_open()
+        self.probe || self.breaker.state().open_until.is_none()
     }
 
     /// Records how the call ended.
@@ -248,6 +249,13 @@ mod tests {
             call(&breaker, down());
         }
         assert!(!waiting.still_admitted());
+        // Nor once the cooldown is over: the probe alone finds out whether the server is back.
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert!(!waiting.still_admitted());
+        let probe = breaker.admit().unwrap_or_else(|left| panic!("refused for {left:?}"));
+        assert!(probe.still_admitted());
+        assert_eq!(probe.record(&Ok("好".into())), Transition::Closed);
+        assert!(waiting.still_admitted());
     }
 
     #[tokio::test(start_paused = true)]
