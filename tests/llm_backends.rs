@@ -454,11 +454,9 @@ async fn openai_first_token_timeout_fires_when_the_server_is_slow() {
 
 #[tokio::test]
 async fn openai_unreachable_server_is_a_connect_error_without_the_key() {
-    // A port that was just free: nothing listens there, so the connection is refused.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a local port");
-    let port = listener.local_addr().expect("local address").port();
-    drop(listener);
-    let mut settings = OpenAiSettings::new(format!("http://127.0.0.1:{port}/v1"), "m");
+    // A privileged port nobody listens on, so the connection is refused. Not a freshly freed
+    // one: a wiremock server started by a parallel test (on port 0) could take it.
+    let mut settings = OpenAiSettings::new("http://127.0.0.1:9/v1", "m");
     settings.api_key = Some(SecretString::from(SECRET));
 
     let (result, _) = complete(&openai(settings)).await;

@@ -324,10 +324,9 @@ async fn a_missing_scope_is_a_misconfiguration_that_says_what_to_do() {
 
 #[tokio::test]
 async fn network_failures_and_timeouts_are_transient() {
-    // A port nobody listens on (wiremock pools its servers, so dropping one does not close it).
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
-    let uri = format!("http://{}", listener.local_addr().unwrap_or_else(|e| panic!("{e}")));
-    drop(listener);
+    // A privileged port nobody listens on. Not a freshly freed one: a wiremock server started
+    // by a parallel test (on port 0) could take it.
+    let uri = "http://127.0.0.1:9".to_owned();
     let id = ChannelId::parse("fs").unwrap_or_else(|e| panic!("{e}"));
     let channel = Feishu::new(id.clone(), settings(uri), reqwest::Client::new()).unwrap_or_else(|e| panic!("{e}"));
     let error = channel.deliver(&delivery("d1", "hi")).await.err();

@@ -345,10 +345,9 @@ async fn busy_server_errors_and_garbage_answers_are_transient() {
 
 #[tokio::test]
 async fn network_failures_and_timeouts_are_transient() {
-    // A port nobody listens on (wiremock pools its servers, so dropping one does not close it).
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
-    let uri = format!("http://{}", listener.local_addr().unwrap_or_else(|e| panic!("{e}")));
-    drop(listener);
+    // A privileged port nobody listens on. Not a freshly freed one: a wiremock server started
+    // by a parallel test (on port 0) could take it.
+    let uri = "http://127.0.0.1:9".to_owned();
     let error = deliver_err(&channel_with(json!({"api_base": uri})), "hi").await;
     assert!(matches!(error, ChannelError::Transient { .. }), "{error:?}");
     assert_no_secrets(&error, "never-issued");
