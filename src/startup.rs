@@ -303,7 +303,12 @@ impl Application {
         // Taken back at build; removed only now that this start has succeeded (a start that
         // failed leaves the file for the next attempt).
         if let Some(path) = self.parked_file.as_ref().filter(|path| path.exists()) {
-            if let Err(error) = std::fs::remove_file(path) {
+            // Synced with its directory, or a power loss could bring back texts shown since.
+            let removed = std::fs::remove_file(path).and_then(|()| match path.parent() {
+                Some(directory) if !directory.as_os_str().is_empty() => std::fs::File::open(directory)?.sync_all(),
+                _ => Ok(()),
+            });
+            if let Err(error) = removed {
                 tracing::error!(path = %path.display(), %error, "Failed to remove the parked answers' file; they may come back after a crash.");
             }
         }
@@ -544,6 +549,10 @@ async fn resume_unfinished(hub: &Hub, router: &Router) -> anyhow::Result<()> {
         match unfinished.pending_parts {
             // Answered before the stop: send what is left, never ask again.
             Some(parts) => {
+                // What of it the stop saved as parked is pending here too, and is parked again
+                // (or sent) from these parts: taken back twice, the user would see it twice.
+                let envelope = &unfinished.envelope;
+                hub.passive.forget_parked_of(&envelope.channel, &envelope.sender.id, &envelope.id);
                 let key = hub.session_key(&unfinished.envelope);
                 let index = *conversations.entry(key).or_insert_with(|| {
                     resends.push(Vec::new());

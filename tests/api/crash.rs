@@ -705,3 +705,30 @@ async fn parked_answers_survive_a_graceful_restart() {
     second.exits_cleanly().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A stop can leave an answer both pending (its message unfinished) and parked (saved with the
+/// other parked answers). The next start sends it from its pending parts once, and forgets the
+/// saved copy, or the continue word would show it a second time.
+#[actix_web::test]
+async fn an_answer_both_pending_and_saved_as_parked_comes_back_once() {
+    use yizhan::store::Store;
+    let dir = std::env::temp_dir().join(format!("yizhan-parked-twice-{}-{}", std::process::id(), now()));
+    let db = dir.join("yizhan.db");
+    {
+        let store = open_store(&db);
+        let envelope = accept_text(&store, CHANNEL, "oTwice", "96000", "长问题").await;
+        let parts = record_parts(&store, &envelope, &["前半段".to_owned(), "后半段".to_owned()]).await;
+        assert!(store.part_delivered(&parts[0].delivery_id).await.is_ok());
+        let saved = serde_json::json!([
+            {"channel": CHANNEL, "user": "oTwice", "texts": [[envelope.id, "后半段"]], "age_secs": 0}
+        ]);
+        std::fs::write(dir.join("yizhan.db.parked.json"), saved.to_string()).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let app = start_in_process_on(&db).await;
+    app.wait_until_idle().await;
+    assert_eq!(app.post_text("oTwice", 96_001, "继续").await.0, 200);
+    app.wait_until_idle().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let texts = app.sent_texts().await;
+    assert_eq!(texts, ["后半段", "没有待查看的内容了，请直接提问吧。"]);
+}
