@@ -313,11 +313,12 @@ impl Application {
             }
         }
         let (hub, shutdown_timeout) = (self.hub.clone(), self.shutdown_timeout);
+        let mut signals = Signals::listen();
         actix::spawn(async move {
-            wait_for_signal().await;
-            // Listening before anything else: an operator's second Ctrl-C or SIGTERM stops the
-            // wait (what is unanswered resumes at the next start).
-            let mut again = SecondSignal::listen();
+            signals.recv().await;
+            // Listening again before anything else: an operator's second Ctrl-C or SIGTERM
+            // stops the wait (what is unanswered resumes at the next start).
+            let mut again = Signals::listen();
             tracing::info!("Shutting down: no new connections; answering what was accepted.");
             handle.pause().await;
             // No platform retry can reach a held passive answer any more: push those now
@@ -394,30 +395,6 @@ impl Application {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = terminate.recv() => {}
-                }
-            }
-            Err(error) => {
-                tracing::warn!(%error, "Cannot listen for SIGTERM; only Ctrl-C stops gracefully.");
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
 /// How old a resumed message may be for a platform retry to still come for it (WeChat's three
 /// tries span about 15 s), in milliseconds.
 const RESUMED_RETRY_HORIZON_MS: i64 = 20_000;
@@ -486,21 +463,27 @@ fn save_parked(hub: &Hub, path: &std::path::Path) {
     }
 }
 
-/// SIGTERM or SIGINT, listened for from the moment it is created (unlike [`wait_for_signal`],
-/// which registers when first polled).
-struct SecondSignal {
+/// SIGTERM or SIGINT, listened for from the moment a [`Signals`] is created (so a signal sent
+/// once the previous one was handled is never missed).
+struct Signals {
     #[cfg(unix)]
     streams: Vec<tokio::signal::unix::Signal>,
 }
 
-impl SecondSignal {
+impl Signals {
     fn listen() -> Self {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{signal, SignalKind};
-            let streams = [SignalKind::terminate(), SignalKind::interrupt()]
+            let streams: Vec<_> = [SignalKind::terminate(), SignalKind::interrupt()]
                 .into_iter()
-                .filter_map(|kind| signal(kind).ok())
+                .filter_map(|kind| match signal(kind) {
+                    Ok(stream) => Some(stream),
+                    Err(error) => {
+                        tracing::warn!(%error, ?kind, "Cannot listen for a signal; it will not stop Yizhan gracefully.");
+                        None
+                    }
+                })
                 .collect();
             Self { streams }
         }
@@ -553,7 +536,7 @@ async fn resume_unfinished(hub: &Hub, router: &Router) -> anyhow::Result<()> {
                 // (or sent) from these parts: taken back twice, the user would see it twice.
                 let envelope = &unfinished.envelope;
                 hub.passive.forget_parked_of(&envelope.channel, &envelope.sender.id, &envelope.id);
-                let key = hub.session_key(&unfinished.envelope);
+                let key = hub.session_key(envelope);
                 let index = *conversations.entry(key).or_insert_with(|| {
                     resends.push(Vec::new());
                     resends.len() - 1
