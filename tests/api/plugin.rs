@@ -13,17 +13,9 @@ use yizhan_plugin_example::HttpJson;
 
 #[actix_web::test]
 async fn a_plugin_channel_receives_and_answers_through_the_core() {
-    let (llm, callback) = (MockServer::start().await, MockServer::start().await);
-    echo_llm(&llm, Duration::ZERO).await;
-    Mock::given(method("POST")).and(path("/answers")).respond_with(ResponseTemplate::new(200)).mount(&callback).await;
-    let config = format!(
-        "{}\n[[channels]]\nid = \"intranet\"\nkind = \"http_json\"\ntoken = \"plugin-secret-token\"\ncallback_url = \"{}/answers\"\n",
-        base_config(&llm, &callback),
-        callback.uri()
-    );
     let mut kinds = ChannelKinds::builtin();
     kinds.register(HttpJson::KIND, |settings, http| Ok(Arc::new(HttpJson::from_settings(settings, http.clone())?)));
-    let app = spawn_with(&config, &[], kinds, callback, llm).await;
+    let app = spawn_intranet(kinds, Duration::ZERO).await;
 
     let unauthorized = app
         .http
@@ -64,6 +56,20 @@ async fn a_plugin_channel_receives_and_answers_through_the_core() {
         assert_eq!(refused, 400);
     }
     assert!(app.metrics().await.contains(r#"yizhan_webhook_requests_total{channel="intranet",outcome="malformed"} 2"#));
+}
+
+/// The app with an `http_json` channel "intranet" built by `kinds`, its callback a stand-in at
+/// `/answers` and an echoing LLM that answers after `llm_delay`.
+async fn spawn_intranet(kinds: ChannelKinds, llm_delay: Duration) -> TestApp {
+    let (llm, callback) = (MockServer::start().await, MockServer::start().await);
+    echo_llm(&llm, llm_delay).await;
+    Mock::given(method("POST")).and(path("/answers")).respond_with(ResponseTemplate::new(200)).mount(&callback).await;
+    let config = format!(
+        "{}\n[[channels]]\nid = \"intranet\"\nkind = \"http_json\"\ntoken = \"plugin-secret-token\"\ncallback_url = \"{}/answers\"\n",
+        base_config(&llm, &callback),
+        callback.uri()
+    );
+    spawn_with(&config, &[], kinds, callback, llm).await
 }
 
 /// The answers the stand-in callback received: each body, with its Idempotency-Key header.
@@ -113,20 +119,12 @@ impl Channel for Careless {
 
 #[actix_web::test]
 async fn the_hub_sets_the_envelope_id_and_channel_whatever_a_plugin_put_there() {
-    let (llm, callback) = (MockServer::start().await, MockServer::start().await);
-    // Slow enough that the first message is still open when the second arrives.
-    echo_llm(&llm, Duration::from_millis(200)).await;
-    Mock::given(method("POST")).and(path("/answers")).respond_with(ResponseTemplate::new(200)).mount(&callback).await;
-    let config = format!(
-        "{}\n[[channels]]\nid = \"intranet\"\nkind = \"http_json\"\ntoken = \"plugin-secret-token\"\ncallback_url = \"{}/answers\"\n",
-        base_config(&llm, &callback),
-        callback.uri()
-    );
     let mut kinds = ChannelKinds::builtin();
     kinds.register(HttpJson::KIND, |settings, http| {
         Ok(Arc::new(Careless(HttpJson::from_settings(settings, http.clone())?)))
     });
-    let app = spawn_with(&config, &[], kinds, callback, llm).await;
+    // Slow enough that the first message is still open when the second arrives.
+    let app = spawn_intranet(kinds, Duration::from_millis(200)).await;
     for (id, user) in [("c1", "carol"), ("c2", "dave")] {
         let status = app
             .http

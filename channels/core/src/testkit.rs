@@ -81,3 +81,44 @@ pub fn renders_within_its_part_limit(channel: &dyn Channel) {
         assert!(kept <= given + 64 * parts.len(), "render repeated text: {kept} characters for {given}");
     }
 }
+
+/// Captures every log line (any level, no colours) of the current thread until the guard is
+/// dropped. For a current-thread test runtime, so the thread-local default covers every await;
+/// run such a test in a binary of its own (tracing caches per-callsite interest process-wide,
+/// so a concurrent test hitting the same callsites without a subscriber could hide events).
+pub fn capture_logs() -> (CapturedLog, tracing::subscriber::DefaultGuard) {
+    let captured = CapturedLog::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    (captured, tracing::subscriber::set_default(subscriber))
+}
+
+/// Log output captured in memory, for tests that check what a channel logs: what
+/// [`capture_logs`] collects.
+#[derive(Clone, Default)]
+pub struct CapturedLog(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl CapturedLog {
+    /// Every line written so far.
+    pub fn lines(&self) -> Vec<String> {
+        let bytes = self.0.lock().map(|buffer| buffer.clone()).unwrap_or_default();
+        String::from_utf8_lossy(&bytes).lines().map(str::to_owned).collect()
+    }
+}
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut buffer) = self.0.lock() {
+            buffer.extend_from_slice(data);
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
