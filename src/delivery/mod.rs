@@ -25,12 +25,10 @@ use yizhan_channel_core::{Channel, ChannelError, Delivery, Envelope, Reply};
 #[derive(Message)]
 #[rtype(result = "Result<(), Undelivered>")]
 pub struct Deliver {
-    /// The parts, as recorded in the outbox.
+    /// The parts, as recorded in the outbox. Those that could not be delivered come back in
+    /// [`Undelivered`] still pending: the sender records them as failed, parks them, or leaves
+    /// them for the next start.
     pub parts: Vec<Delivery>,
-    /// Whether parts that could not be delivered are recorded as failed here. The sender of an
-    /// answer that may be parked instead records them itself, once it knows whether they are
-    /// parked or left pending for the next start.
-    pub record_failures: bool,
 }
 
 /// Parts that could not be delivered, and why.
@@ -292,10 +290,9 @@ pub async fn send_parts(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) {
         hub.finish(&envelope.id).await;
         return;
     }
-    // Where a failed answer may be parked, its failures are recorded here (see below).
     let parkable = entry.passive_window.is_some();
     let nothing_to_send = parts.is_empty();
-    match entry.outbound.send(Deliver { parts, record_failures: !parkable }).await {
+    match entry.outbound.send(Deliver { parts }).await {
         Ok(Ok(())) if nothing_to_send => {}
         Ok(Ok(())) => hub.metrics.answers.with_label_values(&[channel, "push"]).inc(),
         Ok(Err(undelivered))
@@ -316,9 +313,7 @@ pub async fn send_parts(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) {
             park(hub, envelope, &undelivered.parts, &undelivered.error.to_string());
         }
         Ok(Err(undelivered)) => {
-            if parkable {
-                record_failed(hub.store.as_ref(), &undelivered).await;
-            }
+            record_failed(hub.store.as_ref(), &undelivered).await;
             tracing::warn!(envelope = %envelope.id, error = %undelivered, "Answer not delivered.")
         }
         Err(error) => tracing::error!(envelope = %envelope.id, %error, "Delivery actor unavailable."),
@@ -411,13 +406,7 @@ impl Handler<Deliver> for ChannelActor {
         let store = self.store.clone();
         let policy = self.policy.clone();
         let metrics = self.metrics.clone();
-        Box::pin(async move {
-            let result = deliver_all(channel.as_ref(), store.as_ref(), &policy, &metrics, msg.parts).await;
-            if let (Err(undelivered), true) = (&result, msg.record_failures) {
-                record_failed(store.as_ref(), undelivered).await;
-            }
-            result
-        })
+        Box::pin(async move { deliver_all(channel.as_ref(), store.as_ref(), &policy, &metrics, msg.parts).await })
     }
 }
 
