@@ -198,8 +198,8 @@ pub struct PassiveSlots {
     continuing: DashMap<String, String, Hasher>,
     /// Passive replies given in the last [`REPLIED_FOR`], by (channel, platform message id).
     replied: DashMap<(ChannelId, String), Replied, Hasher>,
-    /// When `replied` was last swept of old replies.
-    replied_swept: Mutex<Option<std::time::Instant>>,
+    /// When `replied` is next swept of old replies.
+    replied_sweeps: Mutex<yizhan_channel_common::SweepClock>,
 }
 
 /// A passive reply already given, kept for the platform's retries (see the module docs).
@@ -385,14 +385,7 @@ impl PassiveSlots {
     /// the platform too late (see the module docs).
     pub fn remember_reply(&self, envelope: &Envelope, text: String) {
         let now = std::time::Instant::now();
-        let sweep = {
-            let mut swept = self.replied_swept.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            let due = swept.is_none_or(|swept| now.duration_since(swept) >= REPLIED_FOR);
-            if due {
-                *swept = Some(now);
-            }
-            due
-        };
+        let sweep = self.replied_sweeps.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).due(now, REPLIED_FOR);
         if sweep {
             self.replied.retain(|_, replied| now.duration_since(replied.at) < REPLIED_FOR);
         }

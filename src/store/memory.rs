@@ -24,6 +24,9 @@ struct Conversation {
     turns: VecDeque<(SystemTime, Turn)>,
 }
 
+/// How often expired dedupe claims are swept out.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
 /// See the module docs.
 #[derive(Debug)]
 pub struct MemoryStore {
@@ -32,8 +35,8 @@ pub struct MemoryStore {
     history: DashMap<String, Conversation, Hasher>,
     /// Turns kept per conversation; older ones are never sent to the model anyway.
     max_turns_kept: usize,
-    /// When the dedupe map was last swept of expired keys.
-    last_sweep: Mutex<Instant>,
+    /// When the dedupe map is next swept of expired keys.
+    sweeps: Mutex<yizhan_channel_common::SweepClock>,
     /// Tests: `clear_history` and `finish` fail, as a broken SQLite store's would.
     #[cfg(test)]
     pub(crate) refuse_writes: std::sync::atomic::AtomicBool,
@@ -46,22 +49,14 @@ impl MemoryStore {
             dedupe: DashMap::with_hasher(Hasher::default()),
             history: DashMap::with_hasher(Hasher::default()),
             max_turns_kept: max_turns_kept.max(1),
-            last_sweep: Mutex::new(Instant::now()),
+            sweeps: Mutex::default(),
             #[cfg(test)]
             refuse_writes: Default::default(),
         }
     }
 
     fn sweep_expired(&self, now: Instant) {
-        let due = {
-            let mut last = self.last_sweep.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            if now.duration_since(*last) < Duration::from_secs(30) {
-                false
-            } else {
-                *last = now;
-                true
-            }
-        };
+        let due = self.sweeps.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).due(now, SWEEP_EVERY);
         if due {
             self.dedupe.retain(|_, expires| *expires > now);
         }

@@ -34,7 +34,27 @@ pub mod xml;
 pub use limiter::{RateLimiter, Window};
 pub use split::split_text;
 
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
+
+/// When a map's expired entries are next swept out: at most once per period, by whoever passes
+/// by (an insert, a lookup), with no task of its own. Keeps memory bounded by what one period
+/// adds.
+#[derive(Debug, Default)]
+pub struct SweepClock {
+    last: Option<Instant>,
+}
+
+impl SweepClock {
+    /// Whether a sweep is due at `now` (the first call, or `period` since the last sweep); if
+    /// so, it counts as done at `now`.
+    pub fn due(&mut self, now: Instant, period: Duration) -> bool {
+        let due = self.last.is_none_or(|last| now.duration_since(last) >= period);
+        if due {
+            self.last = Some(now);
+        }
+        due
+    }
+}
 
 /// Milliseconds since the Unix epoch (negative before it), saturating instead of overflowing:
 /// the `received_at_ms` of an envelope.
@@ -48,7 +68,17 @@ pub fn unix_millis(at: SystemTime) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+
+    #[test]
+    fn a_sweep_is_due_at_first_then_once_per_period() {
+        let mut clock = SweepClock::default();
+        let start = Instant::now();
+        let period = Duration::from_secs(30);
+        assert!(clock.due(start, period));
+        assert!(!clock.due(start + Duration::from_secs(29), period));
+        assert!(clock.due(start + Duration::from_secs(30), period));
+        assert!(!clock.due(start + Duration::from_secs(31), period));
+    }
 
     #[test]
     fn unix_millis_handles_times_before_the_epoch() {

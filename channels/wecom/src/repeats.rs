@@ -43,7 +43,7 @@ pub(crate) struct RecentSends {
 #[derive(Debug)]
 struct State {
     sends: HashMap<(String, u64), LastSend, Hasher>,
-    swept: Instant,
+    sweeps: yizhan_channel_common::SweepClock,
 }
 
 impl RecentSends {
@@ -52,7 +52,7 @@ impl RecentSends {
         Self {
             window,
             hasher: Hasher::default(),
-            state: Mutex::new(State { sends: HashMap::with_hasher(Hasher::default()), swept: Instant::now() }),
+            state: Mutex::new(State { sends: HashMap::with_hasher(Hasher::default()), sweeps: Default::default() }),
         }
     }
 
@@ -63,11 +63,10 @@ impl RecentSends {
         let now = Instant::now();
         let key = (member.to_owned(), self.hasher.hash_one(text));
         let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if now.duration_since(state.swept) >= self.window {
+        let window = self.window;
+        if state.sweeps.due(now, window) {
             // Bounded by the sends of one window.
-            let window = self.window;
             state.sends.retain(|_, send| now.duration_since(send.at) < window);
-            state.swept = now;
         }
         let checked = match state.sends.get(&key) {
             Some(last) if now.duration_since(last.at) < self.window => {
