@@ -105,8 +105,7 @@ pub fn check(config: &Config, kinds: &ChannelKinds) -> anyhow::Result<()> {
         let channel = kinds.build(&entry.settings, &http).map_err(|error| anyhow::anyhow!("{error}"))?;
         let capabilities = channel.capabilities();
         let (passive_window, _) = reply_path(entry, capabilities.passive_reply_window)?;
-        let can_park = passive_window.is_some() || send_quota(entry, passive_window).is_some();
-        more_hint_fits(config, entry, can_park, capabilities.max_part_bytes)?;
+        more_hint_fits(config, entry, passive_window, capabilities.max_part_bytes)?;
     }
     Ok(())
 }
@@ -121,15 +120,16 @@ fn send_quota(entry: &crate::config::ChannelConfig, passive_window: Option<Durat
     }
 }
 
-/// Where answers can be parked, the continue hint goes at the end of a part: it must leave
-/// room for text, or every part would be the hint alone (and over the limit) and the answer
-/// would never move on.
+/// Where answers can be parked (a passive window or a send quota), the continue hint goes at
+/// the end of a part: it must leave room for text, or every part would be the hint alone (and
+/// over the limit) and the answer would never move on.
 fn more_hint_fits(
     config: &Config,
     entry: &crate::config::ChannelConfig,
-    can_park: bool,
+    passive_window: Option<Duration>,
     max_part_bytes: usize,
 ) -> anyhow::Result<()> {
+    let can_park = passive_window.is_some() || send_quota(entry, passive_window).is_some();
     let hint = config.messages.more_hint.len() + 1;
     if can_park && hint > max_part_bytes / 2 {
         anyhow::bail!(
@@ -209,12 +209,7 @@ impl Application {
             let capabilities = channel.capabilities();
             let (passive_window, reply_mode) = reply_path(entry, capabilities.passive_reply_window)?;
             let send_quota = send_quota(entry, passive_window);
-            more_hint_fits(
-                &config,
-                entry,
-                passive_window.is_some() || send_quota.is_some(),
-                capabilities.max_part_bytes,
-            )?;
+            more_hint_fits(&config, entry, passive_window, capabilities.max_part_bytes)?;
             channels.insert(
                 entry.settings.id.clone(),
                 ChannelEntry {
@@ -304,10 +299,7 @@ impl Application {
         // failed leaves the file for the next attempt).
         if let Some(path) = self.parked_file.as_ref().filter(|path| path.exists()) {
             // Synced with its directory, or a power loss could bring back texts shown since.
-            let removed = std::fs::remove_file(path).and_then(|()| match path.parent() {
-                Some(directory) if !directory.as_os_str().is_empty() => std::fs::File::open(directory)?.sync_all(),
-                _ => Ok(()),
-            });
+            let removed = std::fs::remove_file(path).and_then(|()| sync_directory_of(path));
             if let Err(error) = removed {
                 tracing::error!(path = %path.display(), %error, "Failed to remove the parked answers' file; they may come back after a crash.");
             }
@@ -449,17 +441,22 @@ fn save_parked(hub: &Hub, path: &std::path::Path) {
         file.write_all(&bytes)?;
         file.sync_all()?;
         std::fs::rename(&temporary, path)?;
-        // The rename itself survives a power loss once the directory is synced.
-        match path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
-            Some(directory) => std::fs::File::open(directory)?.sync_all(),
-            None => Ok(()),
-        }
+        sync_directory_of(path)
     });
     match written {
         Ok(()) => tracing::info!(texts, path = %path.display(), "Parked answers saved for the next start."),
         Err(error) => {
             tracing::error!(texts, path = %path.display(), %error, "Failed to save parked answers; they are lost.")
         }
+    }
+}
+
+/// Syncs the directory holding `path`, so that a file created, renamed or removed there stays
+/// so after a power loss.
+fn sync_directory_of(path: &std::path::Path) -> std::io::Result<()> {
+    match path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+        Some(directory) => std::fs::File::open(directory)?.sync_all(),
+        None => Ok(()),
     }
 }
 

@@ -99,7 +99,8 @@ impl Breaker {
     }
 
     /// Whether calls are being refused now (open, or half-open with a probe out).
-    pub fn is_open(&self) -> bool {
+    #[cfg(test)]
+    fn is_open(&self) -> bool {
         let state = self.state();
         state.open_until.is_some_and(|open_until| Instant::now() < open_until || state.probing)
     }
