@@ -315,9 +315,12 @@ impl Application {
             handle.pause().await;
             // No platform retry can reach a held passive answer any more: push those now
             // rather than after the fallback timer, which the shutdown bound may not outlast.
-            for (job, parts) in hub.passive.close_for_shutdown() {
+            for (job, held) in hub.passive.close_for_shutdown() {
                 let hub = hub.clone();
-                actix::spawn(async move { crate::delivery::push_instead(&hub, job.envelope(), parts).await });
+                actix::spawn(async move {
+                    crate::delivery::push_instead(&hub, job.envelope(), held.parts).await;
+                    drop(held.gone);
+                });
             }
             let deadline = std::time::Instant::now() + shutdown_timeout;
             while hub.metrics.journal_open.get() > 0 && std::time::Instant::now() < deadline {
@@ -520,11 +523,8 @@ async fn resume_unfinished(hub: &Hub, router: &Router) -> anyhow::Result<()> {
     }
     tracing::info!(count = pending.len(), "Resuming unfinished messages.");
     hub.metrics.journal_open.add(pending.len() as i64);
-    // Answers to send again, by conversation, in the order they were accepted: one task per
-    // conversation sends them one after another, so two answers to one user do not interleave.
-    type Answers = Vec<(yizhan_channel_core::Envelope, Vec<yizhan_channel_core::Delivery>)>;
-    let mut resends: Vec<Answers> = Vec::new();
-    let mut conversations: HashMap<crate::routing::SessionKey, usize> = HashMap::new();
+    // Answers to send again go through their conversation's session like the messages asked
+    // again, so each conversation's answers leave in the order its messages were accepted.
     for unfinished in pending {
         match unfinished.pending_parts {
             // Answered before the stop: send what is left, never ask again.
@@ -533,12 +533,7 @@ async fn resume_unfinished(hub: &Hub, router: &Router) -> anyhow::Result<()> {
                 // (or sent) from these parts: taken back twice, the user would see it twice.
                 let envelope = &unfinished.envelope;
                 hub.passive.forget_parked_of(&envelope.channel, &envelope.sender.id, &envelope.id);
-                let key = hub.session_key(envelope);
-                let index = *conversations.entry(key).or_insert_with(|| {
-                    resends.push(Vec::new());
-                    resends.len() - 1
-                });
-                resends[index].push((unfinished.envelope, parts));
+                router.resend_resumed(unfinished.envelope, parts);
             }
             None => {
                 // A platform retry soon after a quick restart can still carry the answer; for an
@@ -559,19 +554,6 @@ async fn resume_unfinished(hub: &Hub, router: &Router) -> anyhow::Result<()> {
                 }
             }
         }
-    }
-    for answers in resends {
-        let hub = hub.clone();
-        actix::spawn(async move {
-            for (envelope, parts) in answers {
-                // The platform's per-message quota holds for a resent answer too, counting the
-                // parts the last run sent (those before the first one still pending).
-                let already_sent =
-                    parts.first().and_then(|part| crate::delivery::part_index(&part.delivery_id)).unwrap_or(0);
-                let parts = crate::delivery::within_send_quota_after(&hub, &envelope, parts, already_sent);
-                crate::delivery::send_parts(&hub, &envelope, parts).await;
-            }
-        });
     }
     Ok(())
 }

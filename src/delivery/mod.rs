@@ -148,20 +148,32 @@ pub async fn deliver_recorded(hub: &Hub, envelope: &Envelope, parts: Vec<Deliver
     let offer = if hub.passive.is_closing() { job.offer_while_closing(parts) } else { job.offer(parts) };
     match offer {
         passive::Offer::Push(parts) => push_instead(hub, envelope, parts).await,
-        passive::Offer::Held => {
+        passive::Offer::Held(gone) => {
             // An attempt takes it; if none comes within two windows (the platform stopped
             // retrying), it goes out the normal way.
             let window = entry.passive_window.unwrap_or_default();
-            let (hub, envelope) = (hub.clone(), envelope.clone());
+            let (timer_hub, envelope) = (hub.clone(), envelope.clone());
             actix::spawn(async move {
                 actix::clock::sleep(window * 2 + Duration::from_millis(500)).await;
-                if let Some(parts) = job.reclaim() {
+                if let Some(held) = job.reclaim() {
                     tracing::info!(channel = %envelope.channel, "No platform retry took the passive answer; pushing it.");
-                    push_instead(&hub, &envelope, parts).await;
+                    push_instead(&timer_hub, &envelope, held.parts).await;
                 }
             });
+            // Like every other delivery, over only once the answer has left: the session's
+            // next answer must not overtake it.
+            gone.wait().await;
         }
     }
+}
+
+/// Sends the unsent parts of an answer the last run recorded (found pending at start).
+pub async fn resend(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) {
+    // The platform's per-message quota holds for a resent answer too, counting the parts the
+    // last run sent (those before the first one still pending).
+    let already_sent = parts.first().and_then(|part| part_index(&part.delivery_id)).unwrap_or(0);
+    let parts = within_send_quota_after(hub, envelope, parts, already_sent);
+    send_parts(hub, envelope, parts).await;
 }
 
 /// Sends an answer its passive job will not carry after all (no attempt will take it): the job

@@ -12,7 +12,9 @@
 //!   goes out through the send API (`auto`) or is parked (`passive`).
 //!
 //! All attempts share one job (one LLM call). An answer that became ready between attempts waits
-//! in the job for the next attempt, and is pushed if no attempt comes for it.
+//! in the job for the next attempt, and is pushed if no attempt comes for it. Either way its
+//! session waits until it has left, the rest of a long answer included ([`AnswerGone`]), before
+//! it starts on the user's next message.
 //!
 //! Parked answers (the send API refused: no permission, outside the 48-hour window, out of
 //! quota) go out passively with the user's next message, or when they send the continue word.
@@ -29,7 +31,7 @@ use dashmap::DashMap;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 use yizhan_channel_core::{ChannelId, Delivery, Envelope};
 
 type Hasher = foldhash::fast::RandomState;
@@ -45,8 +47,8 @@ pub enum AttemptKind {
 
 #[derive(Debug, Default)]
 struct JobState {
-    /// The answer's parts, once produced and not yet taken.
-    parts: Option<Vec<Delivery>>,
+    /// The answer, once produced and not yet taken.
+    parts: Option<HeldAnswer>,
     /// No attempt will come any more: hand the answer to the send path.
     push: bool,
     /// Attempts seen (WeChat sends up to three).
@@ -79,10 +81,39 @@ pub struct PassiveJob {
 /// What happened to an answer offered to its job.
 #[derive(Debug)]
 pub enum Offer {
-    /// Parked in the job for an attempt to take.
-    Held,
+    /// Parked in the job for an attempt to take; resolves once whoever took it is done with it.
+    Held(AnswerGone),
     /// No attempt will take it: send it the normal way.
     Push(Vec<Delivery>),
+}
+
+/// An answer held in a job for an attempt, the fallback timer or shutdown to take.
+#[derive(Debug)]
+pub struct HeldAnswer {
+    pub parts: Vec<Delivery>,
+    /// Kept by whoever takes the answer until it has left (sent, parked or left pending):
+    /// dropping it lets the session that offered the answer go on to its next turn.
+    pub gone: GoneSignal,
+}
+
+/// See [`HeldAnswer::gone`].
+#[derive(Debug)]
+pub struct GoneSignal {
+    _sender: oneshot::Sender<()>,
+}
+
+/// Resolves once a held answer's [`GoneSignal`] is dropped. The session awaits it: the next
+/// turn's answer (an instant one, or one a still-open attempt of its own carries) would
+/// otherwise reach the user before this one, whose attempt or send-API rest comes later.
+#[derive(Debug)]
+pub struct AnswerGone(oneshot::Receiver<()>);
+
+impl AnswerGone {
+    /// Waits until the answer has left.
+    pub async fn wait(self) {
+        // Only ever dropped, never sent: the error is the signal.
+        let _ = self.0.await;
+    }
 }
 
 impl PassiveJob {
@@ -119,7 +150,7 @@ impl PassiveJob {
     }
 
     /// Waits up to `wait` for the answer; takes it if it arrives.
-    pub async fn take(&self, wait: Duration) -> Option<Vec<Delivery>> {
+    pub async fn take(&self, wait: Duration) -> Option<HeldAnswer> {
         let deadline = tokio::time::Instant::now() + wait;
         self.lock().waiting += 1;
         let _waiting = Waiting(self);
@@ -138,7 +169,7 @@ impl PassiveJob {
     }
 
     /// After the last attempt gave up: the answer, if it raced in, or a promise to push it.
-    pub fn give_up(&self) -> Option<Vec<Delivery>> {
+    pub fn give_up(&self) -> Option<HeldAnswer> {
         let mut state = self.lock();
         state.push = true;
         state.parts.take()
@@ -150,10 +181,11 @@ impl PassiveJob {
         if state.push {
             return Offer::Push(parts);
         }
-        state.parts = Some(parts);
+        let (sender, receiver) = oneshot::channel();
+        state.parts = Some(HeldAnswer { parts, gone: GoneSignal { _sender: sender } });
         drop(state);
         self.ready.notify_waiters();
-        Offer::Held
+        Offer::Held(AnswerGone(receiver))
     }
 
     /// [`offer`](Self::offer) once the server takes no new connections, so that no platform
@@ -169,7 +201,7 @@ impl PassiveJob {
 
     /// At shutdown: unless an attempt waits now, no attempt will come; the answer held for one,
     /// if any, is returned to be pushed, and a later one will be pushed too.
-    fn release_unwatched(&self) -> Option<Vec<Delivery>> {
+    fn release_unwatched(&self) -> Option<HeldAnswer> {
         let mut state = self.lock();
         if state.waiting > 0 {
             return None;
@@ -179,7 +211,7 @@ impl PassiveJob {
     }
 
     /// For the fallback timer: the answer if no attempt took it.
-    pub fn reclaim(&self) -> Option<Vec<Delivery>> {
+    pub fn reclaim(&self) -> Option<HeldAnswer> {
         let mut state = self.lock();
         state.push = true;
         state.parts.take()
@@ -272,7 +304,7 @@ impl PassiveSlots {
     /// At shutdown, once the server takes no new connections: platform retries can no longer
     /// reach a held answer, so answers wait only for attempts in progress. Returns the jobs
     /// whose answers were held for a retry, with their answers, to be pushed.
-    pub fn close_for_shutdown(&self) -> Vec<(Arc<PassiveJob>, Vec<Delivery>)> {
+    pub fn close_for_shutdown(&self) -> Vec<(Arc<PassiveJob>, HeldAnswer)> {
         self.closing.store(true, std::sync::atomic::Ordering::SeqCst);
         let jobs: Vec<Arc<PassiveJob>> = self.jobs.iter().map(|entry| entry.value().clone()).collect();
         jobs.into_iter().filter_map(|job| job.release_unwatched().map(|parts| (job, parts))).collect()
@@ -477,9 +509,22 @@ mod tests {
             tokio::spawn(async move { job.take(Duration::from_secs(5)).await })
         };
         tokio::time::sleep(Duration::from_secs(1)).await;
-        assert!(matches!(job.offer(vec![part("答")]), Offer::Held));
+        assert!(matches!(job.offer(vec![part("答")]), Offer::Held(_)));
         let taken = waiter.await.ok().flatten();
-        assert_eq!(taken.map(|parts| parts[0].reply.text.clone()).as_deref(), Some("答"));
+        assert_eq!(taken.map(|held| held.parts[0].reply.text.clone()).as_deref(), Some("答"));
+    }
+
+    /// The session that offered an answer waits until whoever took it is done with it.
+    #[tokio::test(start_paused = true)]
+    async fn a_held_answer_is_gone_only_once_its_taker_is_done_with_it() {
+        let job = PassiveJob::new(crate::store::test_envelope("m"));
+        let Offer::Held(gone) = job.offer(vec![part("答")]) else { panic!("not held") };
+        let mut gone = Box::pin(gone.wait());
+        let taken = job.take(Duration::from_secs(5)).await;
+        assert!(taken.is_some());
+        assert!(tokio::time::timeout(Duration::from_secs(60), gone.as_mut()).await.is_err(), "gone while still taken");
+        drop(taken);
+        assert!(tokio::time::timeout(Duration::from_secs(1), gone).await.is_ok());
     }
 
     #[tokio::test(start_paused = true)]
@@ -487,7 +532,7 @@ mod tests {
         let job = PassiveJob::new(crate::store::test_envelope("m"));
         assert_eq!(job.begin_attempt(3), AttemptKind::Lapse);
         assert!(job.take(Duration::from_secs(5)).await.is_none());
-        assert!(matches!(job.offer(vec![part("答")]), Offer::Held));
+        assert!(matches!(job.offer(vec![part("答")]), Offer::Held(_)));
         assert_eq!(job.begin_attempt(3), AttemptKind::Lapse);
         assert!(job.take(Duration::from_secs(5)).await.is_some());
     }

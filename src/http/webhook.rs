@@ -4,7 +4,7 @@
 //! which must complete before the platform is told the message arrived.
 
 use crate::config::ReplyMode;
-use crate::delivery::passive::{AttemptKind, PassiveJob};
+use crate::delivery::passive::{AttemptKind, HeldAnswer, PassiveJob};
 use crate::delivery::send_parts;
 use crate::hub::{ChannelEntry, Hub};
 use crate::routing::Router;
@@ -320,9 +320,9 @@ async fn hold_for_answer(
     // in the job for the next attempt.
     let answer_by = window.saturating_sub(entry.passive_margin).saturating_sub(started.elapsed());
     let kind = job.begin_attempt(3);
-    let parts = match kind {
+    let held = match kind {
         AttemptKind::Lapse => match job.take(answer_by).await {
-            Some(parts) => Some(parts),
+            Some(held) => Some(held),
             // Shutting down: the platform's retry could not get in, so this attempt is the
             // last; the answer will be pushed.
             None if hub.passive.is_closing() => job.give_up(),
@@ -334,11 +334,11 @@ async fn hold_for_answer(
             }
         },
         AttemptKind::Last => match job.take(answer_by).await {
-            Some(parts) => Some(parts),
+            Some(held) => Some(held),
             None => job.give_up(),
         },
     };
-    let Some(mut parts) = parts else {
+    let Some(HeldAnswer { mut parts, gone }) = held else {
         return ("pushed", respond(ack));
     };
     hub.passive.close(&envelope.channel, &envelope.platform_message_id);
@@ -386,7 +386,10 @@ async fn hold_for_answer(
             let mut parts = parts;
             parts.insert(0, first);
             let hub = hub.clone();
-            actix::spawn(async move { send_parts(&hub, &envelope, parts).await });
+            actix::spawn(async move {
+                send_parts(&hub, &envelope, parts).await;
+                drop(gone);
+            });
             return ("pushed", respond(ack));
         }
     };
@@ -405,6 +408,9 @@ async fn hold_for_answer(
         } else {
             send_parts(&hub, &envelope, parts).await;
         }
+        // The session's next answer may go now: this one's reply was written before this task
+        // ran, and its rest has been sent.
+        drop(gone);
     });
     ("passive", respond(response))
 }

@@ -8,7 +8,7 @@ use crate::hub::Hub;
 use crate::session::{DispatchError, Job, SessionRegistry};
 use std::collections::HashMap;
 use std::fmt;
-use yizhan_channel_core::{ConversationKind, Envelope, Event, Segment};
+use yizhan_channel_core::{ConversationKind, Delivery, Envelope, Event, Segment};
 
 /// Identifies one conversation context: channel + conversation (+ sender in groups).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -40,7 +40,7 @@ impl fmt::Display for SessionKey {
 }
 
 /// What an envelope asks of the hub.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Work {
     /// A question for the model.
     Ask(String),
@@ -52,6 +52,9 @@ pub enum Work {
     Continue,
     /// Forget the conversation, then confirm.
     Reset,
+    /// The unsent parts of an answer the last run recorded: sent in the conversation's order
+    /// (after what was accepted before it, before what came after), never asked again.
+    Resend(Vec<Delivery>),
 }
 
 /// Decides what an envelope asks for; `None` when it needs no answer (unfollow, opening the
@@ -125,6 +128,20 @@ impl Router {
     /// conversation's queue bound does not apply (see [`SessionRegistry::dispatch_resumed`]).
     pub fn dispatch_resumed(&self, envelope: Envelope) -> bool {
         self.route(envelope, true)
+    }
+
+    /// Queues the unsent parts of an answer the last run recorded to `envelope`, in its
+    /// conversation's order (see [`Work::Resend`]).
+    pub fn resend_resumed(&self, envelope: Envelope, parts: Vec<Delivery>) {
+        let key = self.hub.session_key(&envelope);
+        let job = Job { envelope, work: Work::Resend(parts) };
+        if let Err(DispatchError::Overloaded(job)) = self.sessions.dispatch_resumed(key, job) {
+            // Not bounded, so never refused; sent at once rather than lost if it ever were.
+            let (hub, Job { envelope, work }) = (self.hub.clone(), *job);
+            if let Work::Resend(parts) = work {
+                actix::spawn(async move { crate::delivery::resend(&hub, &envelope, parts).await });
+            }
+        }
     }
 
     fn route(&self, envelope: Envelope, resumed: bool) -> bool {

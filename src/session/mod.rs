@@ -373,6 +373,10 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
             }
             None => hub.messages.nothing_parked.clone(),
         },
+        Work::Resend(parts) => {
+            delivery::resend(&hub, &envelope, parts).await;
+            return history;
+        }
         Work::Reset => match hub.store.clear_history(key.as_str()).await {
             Ok(()) => {
                 history = Some(Vec::new());

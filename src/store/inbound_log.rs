@@ -140,7 +140,9 @@ fn segment_numbers(dir: &Path) -> std::io::Result<Vec<u64>> {
     for entry in std::fs::read_dir(dir)? {
         let name = entry?.file_name();
         let Some(stem) = name.to_str().and_then(|name| name.strip_suffix(".log")) else { continue };
-        if stem.len() == 16 {
+        // Exactly the names `segment_path` makes: `from_str_radix` alone would also take
+        // `000000000000000A` or `+000000000000001`, which are then opened under another name.
+        if stem.len() == 16 && stem.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             if let Ok(number) = u64::from_str_radix(stem, 16) {
                 numbers.push(number);
             }
@@ -1104,9 +1106,11 @@ mod tests {
         all.push(finish("kept"));
         serve(&mut log, all);
         log.last_housekeeping = Instant::now() - HOUSEKEEPING_EVERY;
-        let before = segment_count(&dir);
+        // By name, not by count: the preparer may add a spare at any moment.
+        let oldest = segment_numbers(&dir.0).ok().and_then(|numbers| numbers.first().copied());
         serve(&mut log, vec![LogOp::Open]);
-        assert_eq!(segment_count(&dir), before, "the first segment's claim is live");
+        let still_oldest = segment_numbers(&dir.0).ok().and_then(|numbers| numbers.first().copied());
+        assert_eq!(still_oldest, oldest, "the first segment's claim is live");
         assert!(matches!(serve(&mut log, vec![accept("kept", 0)])[..], [Ok(Logged::Accepted(Acceptance::Duplicate))]));
         drop(log);
         let _ = preparer.join();
@@ -1175,6 +1179,31 @@ mod tests {
         assert!(!segment_path(&dir.0, done).exists());
         assert!(scanned.segments.iter().all(|info| info.number != done));
         assert!(scanned.open.is_empty());
+    }
+
+    /// Names `u64::from_str_radix` would take but `segment_path` never makes are someone
+    /// else's files: left alone, not opened under another name or counted twice.
+    #[test]
+    fn files_named_almost_like_segments_are_left_alone() {
+        let dir = TempDir::new();
+        let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (mut log, preparer) = start(&dir, Arc::clone(&syncs));
+        serve(&mut log, vec![accept("kept", 3_600_000)]);
+        let first = log.active_info.number;
+        drop(log);
+        let _ = preparer.join();
+        // Read as the segment's own number, one of them, and as one with no file of its name.
+        let foreign = [format!("+{first:015x}.log"), "00000000000000AB.log".to_owned()];
+        for name in &foreign {
+            std::fs::write(dir.0.join(name), b"not a segment").unwrap_or_else(|e| panic!("{e}"));
+        }
+        let (mut log, preparer) = start(&dir, Arc::clone(&syncs));
+        assert_eq!(open_ids(&mut log), ["kept"]);
+        drop(log);
+        let _ = preparer.join();
+        for name in &foreign {
+            assert!(dir.0.join(name).exists(), "{name}");
+        }
     }
 
     /// The open envelopes with their JSON.

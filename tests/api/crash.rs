@@ -641,6 +641,30 @@ async fn answers_resent_to_one_user_after_a_restart_do_not_interleave() {
     assert_eq!(texts, ["甲0", "甲1", "甲2", "乙0", "乙1", "乙2"]);
 }
 
+/// An answer left partly unsent and a later message of the same user left unanswered: after a
+/// restart the rest of the first answer goes out before the second message's answer, even when
+/// the platform is slow to take it.
+#[actix_web::test]
+async fn a_resent_answer_leaves_before_the_answer_to_a_later_message_asked_again() {
+    let dir = std::env::temp_dir().join(format!("yizhan-resend-then-ask-{}-{}", std::process::id(), now()));
+    let db = dir.join("yizhan.db");
+    {
+        let store = open_store(&db);
+        let answered = accept_text(&store, CHANNEL, "oMixed", "m1", "甲").await;
+        let texts: Vec<String> = (0..3).map(|index| format!("甲{index}")).collect();
+        record_parts(&store, &answered, &texts).await;
+        accept_text(&store, CHANNEL, "oMixed", "m2", "乙").await;
+    }
+    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+    echo_llm(&llm, Duration::ZERO).await;
+    wechat_ok_sending_after(&wechat, Duration::from_millis(100)).await;
+    let config = on_sqlite(base_config(&llm, &wechat), &db);
+    let app = spawn_with(&config, &[], yizhan::channels::ChannelKinds::builtin(), wechat, llm).await;
+    app.wait_until_idle().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(app.sent_texts().await, ["甲0", "甲1", "甲2", "答：乙"]);
+}
+
 /// A 公众号 retry arriving soon after a quick restart can carry the answer to a message the last
 /// run accepted, as it would have without the restart, instead of being acknowledged `success`.
 #[actix_web::test]

@@ -63,6 +63,11 @@ pub fn echo_llm_mock(delay: Duration) -> Mock {
 
 /// A stand-in WeChat API: tokens and customer-service sends succeed.
 pub async fn wechat_ok(server: &MockServer) {
+    wechat_ok_sending_after(server, Duration::ZERO).await;
+}
+
+/// [`wechat_ok`], with each customer-service send answered after `delay`.
+pub async fn wechat_ok_sending_after(server: &MockServer, delay: Duration) {
     Mock::given(method("POST"))
         .and(path("/cgi-bin/stable_token"))
         .respond_with(
@@ -72,7 +77,9 @@ pub async fn wechat_ok(server: &MockServer) {
         .await;
     Mock::given(method("POST"))
         .and(path("/cgi-bin/message/custom/send"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"errcode":0,"errmsg":"ok"})))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(serde_json::json!({"errcode":0,"errmsg":"ok"})).set_delay(delay),
+        )
         .mount(server)
         .await;
     Mock::given(method("POST"))

@@ -91,6 +91,32 @@ async fn an_answer_ready_just_after_an_attempt_was_abandoned_goes_to_the_next_at
     assert!(app.sent_messages().await.is_empty());
 }
 
+/// The rest of a long answer goes out through the send API after its start was the passive
+/// reply; the user's next message must not be answered before that rest is out (its own
+/// attempt would otherwise carry the next answer ahead of it).
+#[actix_web::test]
+async fn the_next_answer_waits_until_the_rest_of_a_passive_answer_is_sent() {
+    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+    echo_llm(&llm, Duration::from_millis(50)).await;
+    wechat_ok_sending_after(&wechat, Duration::from_millis(300)).await;
+    let mut env = auto_env("auto");
+    env.push(("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "100"));
+    let app = spawn_with(&base_config(&llm, &wechat), &env, ChannelKinds::builtin(), wechat, llm).await;
+    let question = "长".repeat(100);
+    let (attempt, first) = wechat_delivers(&app, &text_xml("oP14", 14, &question)).await.unwrap_or_default();
+    assert_eq!(attempt, 1, "{first}");
+    assert!(passive_content(&first).starts_with("答："), "{first}");
+    let (_, second) = wechat_delivers(&app, &text_xml("oP14", 15, "下一个")).await.unwrap_or_default();
+    assert_eq!(passive_content(&second), "答：下一个", "{second}");
+    // Every send of the first answer's rest had been made before the second reply left.
+    let rest = app.sent_texts().await;
+    assert!(rest.len() >= 2, "{rest:?}");
+    app.wait_until_idle().await;
+    assert_eq!(app.sent_texts().await, rest);
+    let shown: String = [passive_content(&first)].into_iter().chain(rest).collect();
+    assert_eq!(shown.replace('\n', ""), format!("答：{question}"));
+}
+
 #[actix_web::test]
 async fn an_answer_that_renders_to_nothing_releases_the_held_attempt_at_once() {
     let mut env = auto_env("auto");
