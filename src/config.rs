@@ -445,7 +445,17 @@ impl Config {
 
     /// Parses TOML text with the given environment overrides (tests pass their own).
     pub fn from_toml(text: &str, env: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<Self> {
-        let mut value: toml::Value = toml::from_str(text).context("Failed to parse TOML")?;
+        // Only the position and the parser's message: its default display quotes the line,
+        // which may hold a secret.
+        let mut value: toml::Value = toml::from_str(text).map_err(|error| {
+            let at = error.span().map(|span| line_and_column(text, span.start));
+            match at {
+                Some((line, column)) => {
+                    anyhow!("Failed to parse TOML at line {line}, column {column}: {}", error.message())
+                }
+                None => anyhow!("Failed to parse TOML: {}", error.message()),
+            }
+        })?;
         for (name, raw) in env {
             if let Some(path) = name.strip_prefix("YIZHAN__") {
                 apply_override(&mut value, path, &raw)
@@ -454,7 +464,7 @@ impl Config {
         }
         let config: Config = serde_path_to_error::deserialize(value).map_err(|error| {
             let path = error.path().to_string();
-            anyhow!("config key `{path}`: {}", error.into_inner())
+            anyhow!("config key `{path}`: {}", yizhan_channel_core::without_value(&error.into_inner().to_string()))
         })?;
         config.validate()?;
         Ok(config)
@@ -626,6 +636,13 @@ fn parse_scalar(raw: &str) -> Option<toml::Value> {
     wrapped.get("v").cloned()
 }
 
+/// The 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line_start = before.rfind('\n').map_or(0, |at| at + 1);
+    (before.matches('\n').count() + 1, before[line_start..].chars().count() + 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -769,6 +786,16 @@ token = "tok"
     #[test]
     fn an_override_for_an_unknown_channel_is_an_error() {
         assert!(load(MINIMAL, &[("YIZHAN__CHANNELS__NOPE__TOKEN", "x")]).is_err());
+    }
+
+    #[test]
+    fn config_errors_name_the_key_or_line_but_never_the_value() {
+        let numeric = MINIMAL.replace("[llm]", "[llm]\napi_key = 987654321987");
+        let error = format!("{:#}", load(&numeric, &[]).err().unwrap_or_else(|| panic!("accepted")));
+        assert!(error.contains("llm.api_key") && !error.contains("987654321987"), "{error}");
+        let unquoted = MINIMAL.replace("[llm]", "[llm]\napi_key = sk-unquoted-secret");
+        let error = format!("{:#}", load(&unquoted, &[]).err().unwrap_or_else(|| panic!("accepted")));
+        assert!(error.contains("line ") && !error.contains("unquoted-secret"), "{error}");
     }
 
     #[test]

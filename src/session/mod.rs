@@ -351,6 +351,13 @@ impl Handler<Retire> for Session {
     }
 }
 
+/// How many of its latest turns a session loads and keeps: the prompt's `history_max_turns`,
+/// but at least one, which tells a first contact (for the AI label) from a returning user even
+/// when no history goes into the prompt.
+fn turns_cached(history_max_turns: usize) -> usize {
+    history_max_turns.max(1)
+}
+
 /// Does one job to the end: asks the model if needed, delivers the answer, finishes the
 /// journal entry. Returns the conversation history as it stands afterwards (`None` when it
 /// could not be loaded, so the next turn tries again).
@@ -395,7 +402,7 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
                 entry.outbound.do_send(Typing { envelope: envelope.clone() });
             }
             if history.is_none() {
-                history = match hub.store.history(key.as_str(), hub.session.history_max_turns).await {
+                history = match hub.store.history(key.as_str(), turns_cached(hub.session.history_max_turns)).await {
                     Ok(turns) => Some(turns),
                     Err(error) => {
                         tracing::error!(session = %key, %error, "Failed to load history; answering without it.");
@@ -430,7 +437,7 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
                     let turn = Turn { question, answer: answer.clone() };
                     if let Some(turns) = history.as_mut() {
                         turns.push(turn.clone());
-                        let excess = turns.len().saturating_sub(hub.session.history_max_turns);
+                        let excess = turns.len().saturating_sub(turns_cached(hub.session.history_max_turns));
                         turns.drain(..excess);
                     }
                     new_turn = Some(turn);

@@ -927,10 +927,14 @@ impl InboundLog {
         let mut files = HashMap::new();
         let mut open = Vec::with_capacity(entries.len());
         for (envelope_id, entry) in entries {
-            match String::from_utf8(self.read_entry(&mut files, entry)?) {
-                Ok(json) => open.push(OpenEnvelope { envelope_id: envelope_id.clone(), json }),
-                Err(_) => tracing::error!(%envelope_id, "Journaled envelope is not UTF-8; skipped."),
-            }
+            // Never skipped: an entry left out here would never be finished, and would keep its
+            // segment for good. Damaged text then either still parses (and is answered) or is
+            // finished as unreadable by the store.
+            let json = String::from_utf8(self.read_entry(&mut files, entry)?).unwrap_or_else(|error| {
+                tracing::error!(%envelope_id, "Journaled envelope is not UTF-8; read with replacement characters.");
+                String::from_utf8_lossy(error.as_bytes()).into_owned()
+            });
+            open.push(OpenEnvelope { envelope_id: envelope_id.clone(), json });
         }
         Ok(open)
     }
@@ -1149,6 +1153,29 @@ mod tests {
                 Ok(Logged::Accepted(Acceptance::New))
             ]
         ));
+        drop(log);
+        let _ = preparer.join();
+    }
+
+    /// A record that passed its CRC but whose envelope is not UTF-8 (written by something else)
+    /// is still listed, so that the store can answer or finish it.
+    #[test]
+    fn an_open_envelope_that_is_not_utf8_is_still_listed() {
+        let dir = TempDir::new();
+        let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (log, preparer) = start(&dir, Arc::clone(&syncs));
+        let (segment, at) = (log.active_info.number, log.offset);
+        drop(log);
+        let _ = preparer.join();
+        let mut record = Vec::new();
+        let payload = accept_payload(9, &claim_key("c", "bad"), i64::MAX, "bad", b"{\"text\":\"\xff\"}");
+        frame(&mut record, segment, &payload.unwrap_or_default());
+        let file = File::options().write(true).open(segment_path(&dir.0, segment));
+        file.and_then(|file| file.write_all_at(&record, at)).unwrap_or_else(|e| panic!("{e}"));
+        let (mut log, preparer) = start(&dir, syncs);
+        let open = open_envelopes(&mut log);
+        assert_eq!(open.len(), 1);
+        assert_eq!((open[0].envelope_id.as_str(), open[0].json.as_str()), ("bad", "{\"text\":\"\u{fffd}\"}"));
         drop(log);
         let _ = preparer.join();
     }

@@ -298,6 +298,24 @@ async fn the_first_answer_to_a_user_carries_the_ai_label() {
     assert_eq!(sent[1]["text"]["content"], "答：二");
 }
 
+/// With no history in the prompt (`history_max_turns = 0`), a returning user is still told
+/// from a first contact: the label is not repeated on every answer.
+#[actix_web::test]
+async fn without_history_in_the_prompt_only_the_first_answer_carries_the_ai_label() {
+    let env = [("YIZHAN__MESSAGES__AI_LABEL", "「AI」"), ("YIZHAN__SESSION__HISTORY_MAX_TURNS", "0")];
+    let app = spawn_app(&env, Duration::ZERO).await;
+    app.post_text("oNoHistory", 42, "一").await;
+    app.wait_until_idle().await;
+    app.post_text("oNoHistory", 43, "二").await;
+    app.wait_until_idle().await;
+    assert_eq!(app.sent_texts().await, ["「AI」\n答：一", "答：二"]);
+    let requests = app.llm_requests().await;
+    let second: serde_json::Value = serde_json::from_slice(&requests[1].body).unwrap_or_default();
+    let asked: Vec<&str> =
+        second["messages"].as_array().into_iter().flatten().filter_map(|m| m["content"].as_str()).collect();
+    assert!(!asked.contains(&"一"), "no history in the prompt: {asked:?}");
+}
+
 #[actix_web::test]
 async fn a_long_pushed_answer_stays_within_the_five_message_quota_and_continues_on_request() {
     // Ends in code: the parked rest is plain text already and must not be rendered again.

@@ -146,3 +146,47 @@ async fn the_hub_sets_the_envelope_id_and_channel_whatever_a_plugin_put_there() 
     answered.sort();
     assert_eq!(answered, ["c1", "c2"]);
 }
+
+/// The example plugin answering `id()` with an id of its own instead of the configured one.
+struct Renamed(HttpJson, ChannelId);
+
+impl Channel for Renamed {
+    fn id(&self) -> &ChannelId {
+        &self.1
+    }
+
+    fn kind(&self) -> &str {
+        self.0.kind()
+    }
+
+    fn handle_webhook(&self, request: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
+        self.0.handle_webhook(request)
+    }
+
+    fn deliver<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
+        self.0.deliver(delivery)
+    }
+}
+
+/// Envelopes carry the channel's `id()`: one that is not the configured id would have their
+/// answers, dedupe and settings looked up under the wrong channel, so start-up refuses it.
+#[actix_web::test]
+async fn a_plugin_whose_id_is_not_the_configured_one_is_refused_at_start() {
+    let mut kinds = ChannelKinds::builtin();
+    kinds.register(HttpJson::KIND, |settings, http| {
+        let own = ChannelId::parse("mine").unwrap_or_else(|e| panic!("{e}"));
+        Ok(Arc::new(Renamed(HttpJson::from_settings(settings, http.clone())?, own)))
+    });
+    let (llm, callback) = (MockServer::start().await, MockServer::start().await);
+    let config = format!(
+        "{}\n[[channels]]\nid = \"intranet\"\nkind = \"http_json\"\ntoken = \"plugin-secret-token\"\ncallback_url = \"{}/answers\"\n",
+        base_config(&llm, &callback),
+        callback.uri()
+    );
+    let config = yizhan::config::Config::from_toml(&config, std::iter::empty()).unwrap_or_else(|e| panic!("{e:#}"));
+    let error = match yizhan::startup::Application::build_with(config, kinds).await {
+        Ok(_) => panic!("started with a channel answering to another id"),
+        Err(error) => format!("{error:#}"),
+    };
+    assert!(error.contains("channels.intranet") && error.contains("\"mine\""), "{error}");
+}

@@ -18,12 +18,35 @@ pub struct ChannelSettings {
 }
 
 impl ChannelSettings {
-    /// Parses the entry into the channel's settings type. The error names the offending key.
+    /// Parses the entry into the channel's settings type. The error names the offending key,
+    /// never its value (it may be a secret).
     pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ChannelError> {
-        serde_json::from_value(self.table.clone()).map_err(|error| {
-            ChannelError::Misconfigured(format!("channel {:?} ({}): {error}", self.id.as_str(), self.kind))
+        serde_path_to_error::deserialize(self.table.clone()).map_err(|error| {
+            let key = error.path().to_string();
+            let message = without_value(&error.into_inner().to_string());
+            ChannelError::Misconfigured(format!(
+                "channel {:?} ({}): key `{key}`: {message}",
+                self.id.as_str(),
+                self.kind
+            ))
         })
     }
+}
+
+/// A serde error message without the value it complains about: "invalid type: integer
+/// `12345678`, expected a string" becomes "invalid type: integer, expected a string". Config
+/// values can be secrets (a numeric token, a secret in the wrong key), and these messages are
+/// printed and logged.
+pub fn without_value(message: &str) -> String {
+    for prefix in ["invalid type: ", "invalid value: "] {
+        let Some(rest) = message.strip_prefix(prefix) else { continue };
+        // The value comes first, so the last ", expected" is serde's own, whatever the value.
+        let Some(expected_at) = rest.rfind(", expected ") else { break };
+        let unexpected = &rest[..expected_at];
+        let what = unexpected.find(['`', '"']).map_or(unexpected, |value_at| unexpected[..value_at].trim_end());
+        return format!("{prefix}{what}{}", &rest[expected_at..]);
+    }
+    message.to_owned()
 }
 
 // NOTE: the table holds secrets (app secrets, tokens), so Debug shows only the key names.
@@ -32,5 +55,46 @@ impl std::fmt::Debug for ChannelSettings {
         let keys: Vec<&str> =
             self.table.as_object().map(|table| table.keys().map(String::as_str).collect()).unwrap_or_default();
         f.debug_struct("ChannelSettings").field("id", &self.id).field("kind", &self.kind).field("keys", &keys).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serde_messages_lose_the_value_and_keep_what_was_expected() {
+        let cases = [
+            ("invalid type: integer `20240101123456`, expected a string", "invalid type: integer, expected a string"),
+            ("invalid type: string \"s3cret, expected x\", expected u64", "invalid type: string, expected u64"),
+            (
+                "invalid value: string \"hunter2\", expected one of `a`, `b`",
+                "invalid value: string, expected one of `a`, `b`",
+            ),
+            ("invalid type: map, expected a string", "invalid type: map, expected a string"),
+            ("unknown field `tokn`, expected `token`", "unknown field `tokn`, expected `token`"),
+        ];
+        for (message, expected) in cases {
+            assert_eq!(without_value(message), expected);
+        }
+    }
+
+    #[test]
+    fn a_settings_error_names_the_key_and_not_its_value() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Settings {
+            token: String,
+        }
+        let settings = ChannelSettings {
+            id: ChannelId::parse("mp").unwrap_or_else(|e| panic!("{e}")),
+            kind: "wechat_mp".into(),
+            table: serde_json::json!({"token": 20240101123456_u64}),
+        };
+        let error = match settings.parse::<Settings>() {
+            Ok(parsed) => panic!("parsed {parsed:?}"),
+            Err(error) => error.to_string(),
+        };
+        assert!(error.contains("`token`") && !error.contains("20240101123456"), "{error}");
     }
 }
