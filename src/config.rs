@@ -268,7 +268,8 @@ pub struct DeliveryConfig {
     pub max_attempts: u32,
     /// First retry delay; doubles each attempt, with jitter.
     pub retry_base_delay_ms: u64,
-    /// Longest retry delay.
+    /// Longest retry delay. A wait the platform asks for (`retry_after`) is not cut to it: it
+    /// pauses the channel's sends for as long as asked (see `delivery::AccountPause`).
     pub retry_max_delay_ms: u64,
 }
 

@@ -373,15 +373,48 @@ impl From<&DeliveryConfig> for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// The delay before attempt `attempt + 1`: exponential with full jitter, or the platform's
-    /// own hint when it gave one.
-    pub fn delay(&self, attempt: u32, hint: Option<Duration>) -> Duration {
-        if let Some(hint) = hint {
-            return hint.min(self.max_delay);
-        }
+    /// The delay before attempt `attempt + 1`: exponential with jitter (between half the
+    /// ceiling and all of it).
+    pub fn delay(&self, attempt: u32) -> Duration {
         let ceiling = self.base_delay.saturating_mul(1u32 << attempt.min(16)).min(self.max_delay);
         let millis = ceiling.as_millis() as u64;
         Duration::from_millis(rand::thread_rng().gen_range(millis / 2..=millis.max(1)))
+    }
+}
+
+/// The longest an account's sends wait for a platform that asked to wait (`retry_after`).
+const LONGEST_ACCOUNT_PAUSE: Duration = Duration::from_secs(600);
+
+/// Until when a channel's account must not be called: a platform's quota or rate limit
+/// (公众号 45011, WeCom 45009, Feishu's 429) holds for the whole account, so when one send is
+/// told to wait, every conversation's parts wait it out, without spending their attempts on
+/// calls that would be refused the same way.
+#[derive(Debug, Clone, Default)]
+struct AccountPause(Arc<std::sync::Mutex<Option<actix::clock::Instant>>>);
+
+impl AccountPause {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<actix::clock::Instant>> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Pauses the account for `wait` from now (at most [`LONGEST_ACCOUNT_PAUSE`]), unless it is
+    /// paused for longer already.
+    fn extend(&self, wait: Duration) {
+        let until = actix::clock::Instant::now() + wait.min(LONGEST_ACCOUNT_PAUSE);
+        let mut paused = self.lock();
+        *paused = Some(paused.map_or(until, |earlier| earlier.max(until)));
+    }
+
+    /// Waits until the account is no longer paused. Each waiter adds its own share of up to a
+    /// tenth of the pause, so that the parts held back do not all call at the same moment.
+    async fn wait_out(&self) {
+        loop {
+            let now = actix::clock::Instant::now();
+            let Some(until) = self.lock().filter(|until| *until > now) else { return };
+            let tenth = (until - now).as_millis() as u64 / 10;
+            let spread = Duration::from_millis(rand::thread_rng().gen_range(0..=tenth));
+            actix::clock::sleep_until(until + spread).await;
+        }
     }
 }
 
@@ -391,12 +424,13 @@ pub struct ChannelActor {
     store: Arc<dyn Store>,
     policy: RetryPolicy,
     metrics: Metrics,
+    pause: AccountPause,
 }
 
 impl ChannelActor {
     /// The delivery actor for one channel account.
     pub fn new(channel: Arc<dyn Channel>, store: Arc<dyn Store>, policy: RetryPolicy, metrics: Metrics) -> Self {
-        Self { channel, store, policy, metrics }
+        Self { channel, store, policy, metrics, pause: AccountPause::default() }
     }
 }
 
@@ -418,7 +452,10 @@ impl Handler<Deliver> for ChannelActor {
         let store = self.store.clone();
         let policy = self.policy.clone();
         let metrics = self.metrics.clone();
-        Box::pin(async move { deliver_all(channel.as_ref(), store.as_ref(), &policy, &metrics, msg.parts).await })
+        let pause = self.pause.clone();
+        Box::pin(async move {
+            deliver_all(channel.as_ref(), store.as_ref(), &policy, &pause, &metrics, msg.parts).await
+        })
     }
 }
 
@@ -449,6 +486,7 @@ async fn deliver_all(
     channel: &dyn Channel,
     store: &dyn Store,
     policy: &RetryPolicy,
+    pause: &AccountPause,
     metrics: &Metrics,
     parts: Vec<Delivery>,
 ) -> Result<(), Undelivered> {
@@ -457,7 +495,7 @@ async fn deliver_all(
     while let Some(delivery) = parts.next() {
         let gauge = metrics.delivery_in_flight.with_label_values(&[&channel_label]);
         gauge.inc();
-        let result = deliver_one(channel, policy, metrics, &channel_label, &delivery).await;
+        let result = deliver_one(channel, policy, pause, metrics, &channel_label, &delivery).await;
         gauge.dec();
         match result {
             Ok(()) => clear_delivered(store, &delivery).await,
@@ -473,12 +511,14 @@ async fn deliver_all(
 async fn deliver_one(
     channel: &dyn Channel,
     policy: &RetryPolicy,
+    pause: &AccountPause,
     metrics: &Metrics,
     channel_label: &str,
     delivery: &Delivery,
 ) -> Result<(), ChannelError> {
     let mut attempt = 0;
     loop {
+        pause.wait_out().await;
         attempt += 1;
         // A panic in a channel's send (a plugin's bug) fails this part for good, recorded and
         // counted like any other failure, instead of ending the detached task unrecorded.
@@ -491,14 +531,19 @@ async fn deliver_one(
                 return Ok(());
             }
             Err(error) if error.is_retryable() && attempt < policy.max_attempts => {
-                let hint = match &error {
-                    ChannelError::Transient { retry_after, .. } => *retry_after,
-                    _ => None,
-                };
-                let delay = policy.delay(attempt - 1, hint);
-                tracing::warn!(channel = %channel_label, attempt, ?delay, %error, "Delivery failed; retrying.");
                 metrics.deliveries.with_label_values(&[channel_label, "retried"]).inc();
-                actix::clock::sleep(delay).await;
+                match &error {
+                    // The platform said how long: the whole account waits (see `AccountPause`).
+                    ChannelError::Transient { retry_after: Some(wait), .. } => {
+                        tracing::warn!(channel = %channel_label, attempt, ?wait, %error, "Delivery failed; the channel's sends wait as the platform asked.");
+                        pause.extend(*wait);
+                    }
+                    _ => {
+                        let delay = policy.delay(attempt - 1);
+                        tracing::warn!(channel = %channel_label, attempt, ?delay, %error, "Delivery failed; retrying.");
+                        actix::clock::sleep(delay).await;
+                    }
+                }
             }
             Err(error) => {
                 metrics.deliveries.with_label_values(&[channel_label, error.label()]).inc();
@@ -554,7 +599,8 @@ mod tests {
         };
         let (metrics, store) = (Metrics::new(), crate::store::MemoryStore::new(10));
         let policy = RetryPolicy { max_attempts: 3, base_delay: Duration::ZERO, max_delay: Duration::ZERO };
-        let result = deliver_all(&PanicsOnSend(id), &store, &policy, &metrics, vec![part]).await;
+        let pause = AccountPause::default();
+        let result = deliver_all(&PanicsOnSend(id), &store, &policy, &pause, &metrics, vec![part]).await;
         assert!(matches!(&result, Err(Undelivered { error: ChannelError::Unsupported(_), parts }) if parts.len() == 1));
         assert_eq!(metrics.deliveries.with_label_values(&["p", "unsupported"]).get(), 1);
         assert_eq!(metrics.delivery_in_flight.with_label_values(&["p"]).get(), 0);
@@ -578,11 +624,78 @@ mod tests {
             max_delay: Duration::from_millis(1_000),
         };
         for attempt in 0..20 {
-            let delay = policy.delay(attempt, None);
+            let delay = policy.delay(attempt);
             assert!(delay <= Duration::from_millis(1_000), "{delay:?}");
         }
-        assert!(policy.delay(0, None) <= Duration::from_millis(100));
-        assert!(policy.delay(3, None) >= Duration::from_millis(400));
-        assert_eq!(policy.delay(0, Some(Duration::from_secs(30))), Duration::from_millis(1_000));
+        assert!(policy.delay(0) <= Duration::from_millis(100));
+        assert!(policy.delay(3) >= Duration::from_millis(400));
+    }
+
+    /// Sends `Transient { retry_after: 60 s }` to its first call, then takes everything.
+    struct QuotaOnce {
+        id: ChannelId,
+        calls: std::sync::Mutex<Vec<(String, actix::clock::Instant)>>,
+    }
+
+    impl Channel for QuotaOnce {
+        fn id(&self) -> &ChannelId {
+            &self.id
+        }
+        fn kind(&self) -> &str {
+            "quota"
+        }
+        fn handle_webhook(&self, _: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
+            Err(ChannelError::Unsupported("no webhooks".into()))
+        }
+        fn deliver<'a>(&'a self, part: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
+            let mut calls = self.calls.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            calls.push((part.delivery_id.clone(), actix::clock::Instant::now()));
+            let first = calls.len() == 1;
+            Box::pin(async move {
+                if first {
+                    Err(ChannelError::Transient {
+                        reason: "per-minute quota".into(),
+                        retry_after: Some(Duration::from_secs(60)),
+                    })
+                } else {
+                    Ok(DeliveryReceipt::default())
+                }
+            })
+        }
+    }
+
+    /// A quota pause holds for the account: a second conversation's part, sent while the first
+    /// waits it out, waits too instead of spending an attempt; both go once the minute is over,
+    /// whatever `retry_max_delay_ms` says.
+    #[tokio::test(start_paused = true)]
+    async fn a_platform_pause_holds_every_conversation_of_the_account_for_as_long_as_asked() {
+        let id = ChannelId::parse("q").unwrap_or_else(|e| panic!("{e}"));
+        let channel = QuotaOnce { id: id.clone(), calls: std::sync::Mutex::default() };
+        let part = |delivery_id: &str, user: &str| Delivery {
+            delivery_id: delivery_id.into(),
+            channel: id.clone(),
+            conversation: Conversation { kind: ConversationKind::Direct, id: user.into() },
+            recipient: Sender { id: user.into(), name: None },
+            reply_handle: ReplyHandle::default(),
+            reply: Reply::text("答"),
+        };
+        let (metrics, store) = (Metrics::new(), crate::store::MemoryStore::new(10));
+        let policy = RetryPolicy { max_attempts: 2, base_delay: Duration::ZERO, max_delay: Duration::from_secs(1) };
+        let pause = AccountPause::default();
+        let started = actix::clock::Instant::now();
+        let first = deliver_all(&channel, &store, &policy, &pause, &metrics, vec![part("a-0", "u1")]);
+        let second = async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            deliver_all(&channel, &store, &policy, &pause, &metrics, vec![part("b-0", "u2")]).await
+        };
+        let (first, second) = tokio::join!(first, second);
+        assert!(first.is_ok() && second.is_ok());
+        let calls = channel.calls.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        let ids: Vec<&str> = calls.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(ids.len(), 3, "{ids:?}");
+        assert_eq!(ids[0], "a-0");
+        for (id, at) in &calls[1..] {
+            assert!(*at - started >= Duration::from_secs(60), "{id} sent {:?} after the start", *at - started);
+        }
     }
 }
