@@ -328,7 +328,13 @@ pub async fn send_parts(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) {
             record_failed(hub.store.as_ref(), &undelivered).await;
             tracing::warn!(envelope = %envelope.id, error = %undelivered, "Answer not delivered.")
         }
-        Err(error) => tracing::error!(envelope = %envelope.id, %error, "Delivery actor unavailable."),
+        Err(error) => {
+            // Only when the delivery thread is gone (a stop): finishing would drop the parts,
+            // which are still pending in the store for the next start to send.
+            tracing::error!(envelope = %envelope.id, %error, "Delivery actor unavailable.");
+            hub.leave_for_next_start(envelope);
+            return;
+        }
     }
     hub.finish(&envelope.id).await;
 }
@@ -453,9 +459,9 @@ impl Handler<Deliver> for ChannelActor {
         let policy = self.policy.clone();
         let metrics = self.metrics.clone();
         let pause = self.pause.clone();
-        Box::pin(async move {
-            deliver_all(channel.as_ref(), store.as_ref(), &policy, &pause, &metrics, msg.parts).await
-        })
+        Box::pin(
+            async move { deliver_all(channel.as_ref(), store.as_ref(), &policy, &pause, &metrics, msg.parts).await },
+        )
     }
 }
 

@@ -81,7 +81,8 @@ pub fn classify<S: std::hash::BuildHasher>(
             _ => None,
         };
     }
-    if !envelope.mentions_self {
+    // In a direct chat every message is addressed to the bot, whatever a channel set.
+    if envelope.conversation.kind == ConversationKind::Group && !envelope.mentions_self {
         return None;
     }
     let text = envelope.text();
@@ -208,6 +209,16 @@ mod tests {
             let reset = classify(&envelope(vec![Segment::Text { text: word.into() }]), &messages, &HashMap::new());
             assert_eq!(reset, Some(Work::Reset), "{word}");
         }
+    }
+
+    #[test]
+    fn group_chatter_needs_a_mention_and_a_direct_message_never_does() {
+        let messages = MessagesConfig::default();
+        let mut unmentioned = envelope(vec![Segment::Text { text: "你好".into() }]);
+        unmentioned.mentions_self = false;
+        assert_eq!(classify(&unmentioned, &messages, &HashMap::new()), Some(Work::Ask("你好".into())));
+        unmentioned.conversation.kind = ConversationKind::Group;
+        assert_eq!(classify(&unmentioned, &messages, &HashMap::new()), None);
     }
 
     #[test]

@@ -131,8 +131,17 @@ pub enum WebhookOutcome {
 pub struct Capabilities {
     /// The platform accepts an answer in the webhook's HTTP response, and waits this long for
     /// it (WeChat: 5 s). `None` for platforms that want an immediate acknowledgement.
+    ///
+    /// Declaring a window brings WeChat's whole model with it, not just the wait: the core
+    /// expects the platform to retry an unanswered request (three attempts in all; the first
+    /// two are held past the window and left to lapse, the last answers the `ack`), defaults
+    /// the channel to `reply_mode = "auto"` with a send quota of 5 parts per message (3 after a
+    /// menu click, follow or scan), and parks what cannot be sent behind the continue word. A
+    /// platform that does not retry waits out two windows before its answer is pushed.
     pub passive_reply_window: Option<Duration>,
-    /// The platform renders markdown.
+    /// The platform renders markdown. Informational: the core passes the model's text (usually
+    /// markdown) to [`Channel::render`] as it is; a channel whose platform would show `**` and
+    /// `#` literally converts the text there (`yizhan_channel_common::markdown` has converters).
     pub markdown: bool,
     /// The largest part `deliver` accepts, in bytes of UTF-8.
     pub max_part_bytes: usize,
@@ -237,7 +246,8 @@ pub trait Channel: Send + Sync + 'static {
         Box::pin(async { Err(ChannelError::Unsupported("streaming".into())) })
     }
 
-    /// Replaces the streamed message's text with `text_so_far` (the whole answer so far).
+    /// Replaces the streamed message's text with `text_so_far` (the whole answer so far, as the
+    /// model wrote it: not rendered, and not cut to `max_part_bytes`; a channel shows what fits).
     fn update_stream<'a>(
         &'a self,
         _handle: &'a StreamHandle,
@@ -247,7 +257,14 @@ pub trait Channel: Send + Sync + 'static {
         Box::pin(async { Err(ChannelError::Unsupported("streaming".into())) })
     }
 
-    /// Writes the final text (exactly the whole answer) and ends streaming mode.
+    /// Writes the final text and ends streaming mode. `full_text` is the answer's first part
+    /// as [`render`](Self::render) made it (the whole answer when it fits one part; further
+    /// parts follow through [`deliver`](Self::deliver)). The core may call this more than once
+    /// for one handle: again after a transient error (with `sequence` moved past the two
+    /// previous values, as either may have been applied), and once more with a short note when
+    /// it gives up and sends the answer as messages instead. Implementations should make a
+    /// repeated call harmless (write the text, not append it), and may use `sequence` and
+    /// `sequence + 1`.
     fn finish_stream<'a>(
         &'a self,
         _handle: &'a StreamHandle,

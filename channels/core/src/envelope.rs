@@ -201,7 +201,9 @@ pub struct Envelope {
     /// a webhook otherwise). For events without one, the channel builds it from what a retry
     /// repeats (WeChat: sender, create time, event and event key).
     pub platform_message_id: String,
-    /// When the hub received it, Unix milliseconds.
+    /// When the message was received, Unix milliseconds. Set by the channel (from
+    /// [`WebhookRequest::received_at`](crate::WebhookRequest)); after a restart the core uses
+    /// it to tell whether the platform may still retry the message.
     pub received_at_ms: i64,
     /// Where it was said.
     pub conversation: Conversation,
@@ -209,7 +211,8 @@ pub struct Envelope {
     pub sender: Sender,
     /// What was said.
     pub content: Vec<Segment>,
-    /// Whether the bot was @-mentioned (always true in direct chats).
+    /// Whether the bot was @-mentioned. Group messages without a mention are not answered;
+    /// in direct chats the core ignores it (every message there is for the bot).
     pub mentions_self: bool,
     /// What the channel needs to answer.
     pub reply_handle: ReplyHandle,

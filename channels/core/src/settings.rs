@@ -12,8 +12,10 @@ pub struct ChannelSettings {
     /// The configured kind.
     pub kind: String,
     /// The entry's keys for the channel itself: the core takes out its own (`id`, `kind`,
-    /// `system_prompt`, `reply_mode`, `menu` …), so a channel's settings type can refuse unknown
-    /// keys (`#[serde(deny_unknown_fields)]`), as the built-in channels do.
+    /// `system_prompt`, `reply_mode`, `passive_window_ms`, `passive_margin_ms`,
+    /// `send_quota_per_message`, `menu`, `group_context`), so a channel's settings type can
+    /// refuse unknown keys (`#[serde(deny_unknown_fields)]`), as the built-in channels do. A
+    /// plugin cannot have keys of its own under these names.
     pub table: serde_json::Value,
 }
 
