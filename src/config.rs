@@ -540,6 +540,22 @@ impl Config {
                 bail!("config key `{key}` is more than ten years");
             }
         }
+        for (index, channel) in self.channels.iter().enumerate() {
+            let mut keys: Vec<&String> = channel.core.menu.keys().collect();
+            keys.sort();
+            for key in keys {
+                match &channel.core.menu[key] {
+                    MenuAction { reply: Some(_), prompt: Some(_) } => bail!(
+                        "config key `channels[{index}].menu.{key}`: set `reply` (a fixed answer) or `prompt` (a \
+                         question for the model), not both"
+                    ),
+                    MenuAction { reply: None, prompt: None } => {
+                        bail!("config key `channels[{index}].menu.{key}`: set `reply` or `prompt`")
+                    }
+                    _ => {}
+                }
+            }
+        }
         let mut seen = HashSet::new();
         for (index, channel) in self.channels.iter().enumerate() {
             // As environment overrides address channels: case-insensitive, `-` written `_`.
@@ -797,6 +813,19 @@ token = "tok"
         let unquoted = MINIMAL.replace("[llm]", "[llm]\napi_key = sk-unquoted-secret");
         let error = format!("{:#}", load(&unquoted, &[]).err().unwrap_or_else(|| panic!("accepted")));
         assert!(error.contains("line ") && !error.contains("unquoted-secret"), "{error}");
+    }
+
+    #[test]
+    fn a_menu_button_does_one_thing() {
+        for (action, error) in
+            [(r#"{ reply = "你好", prompt = "介绍一下" }"#, "not both"), ("{}", "set `reply` or `prompt`")]
+        {
+            let text = format!("{MINIMAL}menu.HELLO = {action}\n");
+            let message = format!("{:#}", load(&text, &[]).err().unwrap_or_else(|| panic!("accepted {action}")));
+            assert!(message.contains("menu.HELLO") && message.contains(error), "{message}");
+        }
+        let one = format!("{MINIMAL}menu.HELLO = {{ reply = \"你好\" }}\n");
+        load(&one, &[]).unwrap_or_else(|e| panic!("{e:#}"));
     }
 
     #[test]

@@ -150,7 +150,12 @@ fn reply_path(
 ) -> anyhow::Result<(Option<Duration>, ReplyMode)> {
     let passive_window = match (platform_window, entry.core.passive_window_ms) {
         (Some(_), Some(ms)) => Some(Duration::from_millis(ms)),
-        (window, _) => window,
+        (None, Some(_)) => anyhow::bail!(
+            "config key `channels[{}].passive_window_ms`: {} has no passive replies, so there is no window to set",
+            entry.core.id,
+            entry.core.kind
+        ),
+        (window, None) => window,
     };
     let default_mode = if passive_window.is_some() { ReplyMode::Auto } else { ReplyMode::Push };
     let reply_mode = entry.core.reply_mode.unwrap_or(default_mode);

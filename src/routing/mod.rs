@@ -18,12 +18,13 @@ impl SessionKey {
     /// The key for an envelope. Direct chats are keyed by conversation; group chats by group,
     /// or by group and member when `group_per_user`.
     pub fn for_envelope(envelope: &Envelope, group_per_user: bool) -> Self {
+        let (conversation, sender) = (escaped(&envelope.conversation.id), escaped(&envelope.sender.id));
         match envelope.conversation.kind {
-            ConversationKind::Direct => Self(format!("{}:d:{}", envelope.channel, envelope.conversation.id)),
+            ConversationKind::Direct => Self(format!("{}:d:{conversation}", envelope.channel)),
             ConversationKind::Group if group_per_user => {
-                Self(format!("{}:g:{}:{}", envelope.channel, envelope.conversation.id, envelope.sender.id))
+                Self(format!("{}:g:{conversation}:{sender}", envelope.channel))
             }
-            ConversationKind::Group => Self(format!("{}:g:{}", envelope.channel, envelope.conversation.id)),
+            ConversationKind::Group => Self(format!("{}:g:{conversation}", envelope.channel)),
         }
     }
 
@@ -36,6 +37,17 @@ impl SessionKey {
 impl fmt::Display for SessionKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+/// A platform id as a part of a key: `:` (the separator) and `%` written as `%3A` and `%25`,
+/// so that group `a:b` with member `c` and group `a` with member `b:c` stay apart. The built-in
+/// platforms' ids have neither, so their keys (and stored history) are as they always were.
+fn escaped(id: &str) -> std::borrow::Cow<'_, str> {
+    if id.contains([':', '%']) {
+        id.replace('%', "%25").replace(':', "%3A").into()
+    } else {
+        id.into()
     }
 }
 
@@ -209,6 +221,20 @@ mod tests {
             let reset = classify(&envelope(vec![Segment::Text { text: word.into() }]), &messages, &HashMap::new());
             assert_eq!(reset, Some(Work::Reset), "{word}");
         }
+    }
+
+    #[test]
+    fn session_keys_of_different_conversations_differ_whatever_their_ids_hold() {
+        let key = |group: &str, member: &str| {
+            let mut envelope = envelope(vec![]);
+            envelope.conversation = Conversation { kind: ConversationKind::Group, id: group.into() };
+            envelope.sender = Sender { id: member.into(), name: None };
+            SessionKey::for_envelope(&envelope, true)
+        };
+        assert_ne!(key("a:b", "c"), key("a", "b:c"));
+        assert_ne!(key("a%3Ab", "c"), key("a:b", "c"));
+        assert_eq!(key("oGroup", "oMember").as_str(), "mp:g:oGroup:oMember");
+        assert_eq!(SessionKey::for_envelope(&envelope(vec![]), false).as_str(), "mp:d:u1");
     }
 
     #[test]

@@ -536,6 +536,10 @@ async fn a_bad_config_exits_non_zero_naming_the_key_and_check_accepts_a_good_one
     let passive_wecom = example.replacen("\nkind = \"wecom\"\n", "\nkind = \"wecom\"\nreply_mode = \"passive\"\n", 1);
     let (passed, stderr) = check("passive-wecom.toml", &passive_wecom);
     assert!(!passed && stderr.contains("reply_mode"), "{stderr}");
+    // And a passive window for a platform without passive replies, which would be ignored.
+    let window_wecom = example.replacen("\nkind = \"wecom\"\n", "\nkind = \"wecom\"\npassive_window_ms = 3000\n", 1);
+    let (passed, stderr) = check("window-wecom.toml", &window_wecom);
+    assert!(!passed && stderr.contains("passive_window_ms"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
