@@ -44,9 +44,11 @@ impl WebhookRequest {
         self.query.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str())
     }
 
-    /// The first header called `name` (give it in lower case).
+    /// The first header called `name`, in any case.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str())
+        // HTTP header names are case-insensitive; the hub hands them over lowercased, tests and
+        // other callers may not.
+        self.headers.iter().find(|(key, _)| key.eq_ignore_ascii_case(name)).map(|(_, value)| value.as_str())
     }
 
     /// Seconds since the Unix epoch at [`received_at`](Self::received_at).

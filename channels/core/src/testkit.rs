@@ -32,6 +32,63 @@ pub fn check_channel(channel: &dyn Channel) {
     renders_within_its_part_limit(channel);
 }
 
+/// [`check_channel`], and [`survives_signed_garbage`] with `sign`: for a channel that checks
+/// its callers, so that the garbage gets past the check and reaches its parser.
+pub fn check_signed_channel(channel: &dyn Channel, sign: &dyn Fn(&mut WebhookRequest)) {
+    check_channel(channel);
+    survives_signed_garbage(channel, sign);
+}
+
+/// Garbage that carries a valid signature (`sign` adds it: a header, a query parameter) is an
+/// error or an acknowledgement, never a panic, and any message it yields has a usable id.
+pub fn survives_signed_garbage(channel: &dyn Channel, sign: &dyn Fn(&mut WebhookRequest)) {
+    let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    let long = format!("{{\"text\":\"{}\"}}", "字".repeat(100_000));
+    let bodies: Vec<Vec<u8>> = vec![
+        b"".to_vec(),
+        b"null".to_vec(),
+        b"{}".to_vec(),
+        b"[]".to_vec(),
+        b"{\"message_id\":1,\"user\":[],\"text\":{}}".to_vec(),
+        b"{\"message_id\":\"\",\"user\":\"\",\"text\":\"\"}".to_vec(),
+        b"<xml><MsgType>text</MsgType><Content>\xff</Content></xml>".to_vec(),
+        b"\xff\xfe\x00garbage".to_vec(),
+        deep.into_bytes(),
+        long.into_bytes(),
+    ];
+    let mut past_the_check = false;
+    for body in bodies {
+        for method in [Method::Get, Method::Post] {
+            let mut request = WebhookRequest {
+                method,
+                query: vec![],
+                raw_query: String::new(),
+                headers: vec![],
+                body: Bytes::from(body.clone()),
+                received_at: SystemTime::now(),
+            };
+            sign(&mut request);
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| channel.handle_webhook(&request)));
+            let preview = String::from_utf8_lossy(&body[..body.len().min(60)]).into_owned();
+            let Ok(outcome) = outcome else {
+                panic!("channel {} panicked on a signed {method:?} request: {preview:?}", channel.id())
+            };
+            past_the_check |= !matches!(outcome, Err(crate::ChannelError::BadSignature(_)));
+            if let Ok(crate::WebhookOutcome::Accepted { envelopes, .. }) = outcome {
+                for envelope in envelopes {
+                    let id = envelope.platform_message_id.trim();
+                    assert!(
+                        !id.is_empty() && id.len() <= 512,
+                        "channel {} accepted {preview:?} as a message without a usable id",
+                        channel.id()
+                    );
+                }
+            }
+        }
+    }
+    assert!(past_the_check, "channel {}: `sign` did not sign (every request was refused as unsigned)", channel.id());
+}
+
 /// Unsigned, empty and garbage requests are errors, not panics and not accepted messages.
 pub fn rejects_unsigned_and_garbage_requests(channel: &dyn Channel) {
     let bodies: [&'static [u8]; 6] = [

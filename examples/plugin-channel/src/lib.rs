@@ -106,6 +106,10 @@ impl Channel for HttpJson {
         }
         let inbound: Inbound =
             serde_json::from_slice(&request.body).map_err(|error| ChannelError::Malformed(error.to_string()))?;
+        // A blank user would put every such caller into one shared conversation.
+        if inbound.user.trim().is_empty() {
+            return Err(ChannelError::Malformed("`user` is blank".into()));
+        }
         let received_at_ms = request
             .received_at
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -151,7 +155,8 @@ impl Channel for HttpJson {
                     }
                 })?;
             let status = response.status();
-            if status.is_server_error() || status.as_u16() == 429 {
+            // A timeout, a rate limit or the server's own trouble: worth another try.
+            if status.is_server_error() || matches!(status.as_u16(), 408 | 429) {
                 return Err(ChannelError::Transient {
                     reason: format!("callback answered {status}"),
                     retry_after: None,
@@ -184,7 +189,24 @@ mod tests {
     #[test]
     fn it_passes_the_core_conformance_kit() {
         let channel = channel("http://127.0.0.1:9/answers").unwrap_or_else(|e| panic!("{e}"));
-        yizhan_channel_core::testkit::check_channel(&channel);
+        // Signed with the bearer token, so that the garbage reaches the JSON parser too.
+        yizhan_channel_core::testkit::check_signed_channel(&channel, &|request| {
+            request.headers.push(("Authorization".into(), "Bearer a-long-token".into()));
+        });
+    }
+
+    #[test]
+    fn a_message_from_a_blank_user_is_refused() {
+        let channel = channel("http://127.0.0.1:9/answers").unwrap_or_else(|e| panic!("{e}"));
+        let request = WebhookRequest {
+            method: Method::Post,
+            query: vec![],
+            raw_query: String::new(),
+            headers: vec![("Authorization".into(), "Bearer a-long-token".into())],
+            body: br#"{"message_id":"m1","user":"  ","text":"hi"}"#.to_vec().into(),
+            received_at: SystemTime::now(),
+        };
+        assert!(matches!(channel.handle_webhook(&request), Err(ChannelError::Malformed(_))));
     }
 
     #[test]
