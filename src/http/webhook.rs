@@ -11,9 +11,12 @@ use crate::routing::Router;
 use crate::store::Acceptance;
 use actix_web::http::Method as HttpMethod;
 use actix_web::{web, HttpRequest, HttpResponse};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use yizhan_channel_core::{ChannelId, Envelope, Method, Reply, WebhookOutcome, WebhookRequest, WebhookResponse};
+use yizhan_channel_core::{
+    Channel, ChannelError, ChannelId, Envelope, Method, Reply, WebhookOutcome, WebhookRequest, WebhookResponse,
+};
 
 /// What the HTTP handlers share.
 pub struct AppState {
@@ -165,7 +168,17 @@ pub async fn webhook(
         .collect();
     let webhook_request = WebhookRequest { method, query, raw_query, headers, body, received_at: SystemTime::now() };
 
-    let (outcome, response) = match channel.handle_webhook(&webhook_request) {
+    // A panic in a channel (a plugin's bug) must not unwind through the worker, which would
+    // drop every other connection it holds, held passive attempts included.
+    let handled = match std::panic::catch_unwind(AssertUnwindSafe(|| channel.handle_webhook(&webhook_request))) {
+        Ok(handled) => handled,
+        Err(_panic) => {
+            tracing::error!(channel = %label, "The channel panicked handling a webhook (a bug); answered 500.");
+            hub.metrics.webhook_requests.with_label_values(&[label, "channel_panicked"]).inc();
+            return plain(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR, "internal error");
+        }
+    };
+    let (outcome, response) = match handled {
         Err(error) => {
             tracing::warn!(channel = %label, reason = %error, "Webhook rejected.");
             let status = actix_web::http::StatusCode::from_u16(error.http_status())
@@ -209,7 +222,7 @@ pub async fn webhook(
                 hub.metrics.webhook_requests.with_label_values(&[label, path]).inc();
                 return response;
             } else if let Some((envelope, text)) = again {
-                match channel.passive_reply(&webhook_request, &envelope, &Reply::text(text)) {
+                match passive_reply(channel.as_ref(), &webhook_request, &envelope, &Reply::text(text)) {
                     Ok(response) => {
                         tracing::warn!(channel = %label, message = %envelope.platform_message_id, "A passive reply arrived too late; given again to the retry.");
                         ("passive_again", respond(response))
@@ -227,6 +240,23 @@ pub async fn webhook(
     hub.metrics.webhook_requests.with_label_values(&[label, outcome]).inc();
     hub.metrics.webhook_ack_seconds.with_label_values(&[label]).observe(started.elapsed().as_secs_f64());
     response
+}
+
+/// The channel's passive reply; a panic (a plugin's bug) is an error, handled as one.
+fn passive_reply(
+    channel: &dyn Channel,
+    request: &WebhookRequest,
+    envelope: &Envelope,
+    reply: &Reply,
+) -> Result<WebhookResponse, ChannelError> {
+    std::panic::catch_unwind(AssertUnwindSafe(|| channel.passive_reply(request, envelope, reply))).unwrap_or_else(
+        |_panic| {
+            Err(ChannelError::Unsupported(format!(
+                "channel {} panicked building a passive reply (a bug)",
+                channel.id()
+            )))
+        },
+    )
 }
 
 /// Whether an envelope's platform message id can serve as its dedupe key: not blank, and of a
@@ -373,7 +403,7 @@ async fn hold_for_answer(
     }
     // The passive reply used no quota; the rest goes through the send API within it.
     let parts = if leave_rest { parts } else { crate::delivery::within_send_quota(hub, &envelope, parts) };
-    let response = match entry.channel.passive_reply(request, &envelope, &Reply::text(text.clone())) {
+    let response = match passive_reply(entry.channel.as_ref(), request, &envelope, &Reply::text(text.clone())) {
         Ok(response) => {
             hub.passive.remember_reply(&envelope, text);
             response

@@ -190,3 +190,56 @@ async fn a_plugin_whose_id_is_not_the_configured_one_is_refused_at_start() {
     };
     assert!(error.contains("channels.intranet") && error.contains("\"mine\""), "{error}");
 }
+
+/// The example plugin with a bug: its parser panics on one message.
+struct PanicsOnBoom(HttpJson);
+
+impl Channel for PanicsOnBoom {
+    fn id(&self) -> &ChannelId {
+        self.0.id()
+    }
+
+    fn kind(&self) -> &str {
+        self.0.kind()
+    }
+
+    fn handle_webhook(&self, request: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
+        if request.body.windows(4).any(|window| window == b"boom") {
+            panic!("a bug in a plugin's parser");
+        }
+        self.0.handle_webhook(request)
+    }
+
+    fn deliver<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
+        self.0.deliver(delivery)
+    }
+}
+
+/// A channel that panics on a request answers that request 500 and nothing else is disturbed:
+/// a message in flight on the same worker is still answered.
+#[actix_web::test]
+async fn a_channel_that_panics_on_a_webhook_answers_500_and_keeps_serving() {
+    let mut kinds = ChannelKinds::builtin();
+    kinds.register(HttpJson::KIND, |settings, http| {
+        Ok(Arc::new(PanicsOnBoom(HttpJson::from_settings(settings, http.clone())?)))
+    });
+    let app = spawn_intranet(kinds, Duration::ZERO).await;
+    let post = |body: serde_json::Value| {
+        app.http.post(app.webhook_url("intranet")).bearer_auth("plugin-secret-token").json(&body).send()
+    };
+    let status = post(serde_json::json!({"message_id":"p1","user":"erin","text":"boom"}))
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or_default();
+    assert_eq!(status, 500);
+    let status = post(serde_json::json!({"message_id":"p2","user":"erin","text":"还在吗"}))
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or_default();
+    assert_eq!(status, 200);
+    app.wait_until_idle().await;
+    let answers = answers_received(&app).await;
+    assert_eq!(answers.len(), 1);
+    assert_eq!(answers[0].0["text"], "答：还在吗");
+    assert!(app.metrics().await.contains(r#"outcome="channel_panicked"} 1"#));
+}
