@@ -63,7 +63,18 @@ impl ChannelKinds {
                 known.join(", ")
             ))
         })?;
-        factory(settings, http)
+        let channel = factory(settings, http)?;
+        // Answers, dedupe and the channel's settings go by the id its envelopes carry, which
+        // the hub takes from `id()`: it must be the configured one (a plugin's bug otherwise).
+        if channel.id() != &settings.id {
+            return Err(ChannelError::Misconfigured(format!(
+                "channel {:?}: the {} channel kind built a channel whose id() is {:?}, not the configured id",
+                settings.id.as_str(),
+                settings.kind,
+                channel.id().as_str()
+            )));
+        }
+        Ok(channel)
     }
 }
 

@@ -203,15 +203,6 @@ impl Application {
         let mut channels = HashMap::with_hasher(foldhash::fast::RandomState::default());
         for entry in &config.channels {
             let channel = kinds.build(&entry.settings, &http).map_err(|error| anyhow::anyhow!("{error}"))?;
-            // Answers, dedupe and the channel's settings go by the id its envelopes carry, which
-            // the hub takes from `id()`: it must be the configured one (a plugin's bug otherwise).
-            anyhow::ensure!(
-                channel.id() == &entry.settings.id,
-                "channels.{}: the {} channel kind built a channel whose id() is {:?}, not the configured id",
-                entry.settings.id,
-                entry.settings.kind,
-                channel.id().as_str()
-            );
             let (actor_channel, actor_store) = (channel.clone(), store.clone());
             let (actor_policy, actor_metrics) = (policy.clone(), metrics.clone());
             let outbound = ChannelActor::start_in_arbiter(&delivery_arbiter.handle(), move |_| {

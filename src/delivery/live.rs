@@ -77,7 +77,8 @@ async fn send_updates(
 const FINISH_ATTEMPTS: u32 = 3;
 
 impl LiveAnswer {
-    /// Waits for the last update, then writes `full_text` (exactly the whole answer) and ends
+    /// Waits for the last update, then writes `full_text` (the answer's first part, which is
+    /// the whole answer when it fits one) and ends
     /// streaming, retrying transient failures. If that fails, the caller sends the answer as
     /// messages; the card is then given `note_if_failed` (one try: the text so far would
     /// otherwise stay there, cut off and still streaming, above the messages).

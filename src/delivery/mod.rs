@@ -531,6 +531,15 @@ async fn deliver_one(
         let sent = AssertUnwindSafe(channel.deliver(delivery)).catch_unwind().await.unwrap_or_else(|_panic| {
             Err(ChannelError::Unsupported(format!("channel {channel_label} panicked while sending this part (a bug)")))
         });
+        // The platform said how long: the whole account waits (see `AccountPause`), whether or
+        // not this part tries again.
+        let asked_to_wait = match &sent {
+            Err(ChannelError::Transient { retry_after: Some(wait), .. }) => {
+                pause.extend(*wait);
+                Some(*wait)
+            }
+            _ => None,
+        };
         match sent {
             Ok(_) => {
                 metrics.deliveries.with_label_values(&[channel_label, "delivered"]).inc();
@@ -538,13 +547,11 @@ async fn deliver_one(
             }
             Err(error) if error.is_retryable() && attempt < policy.max_attempts => {
                 metrics.deliveries.with_label_values(&[channel_label, "retried"]).inc();
-                match &error {
-                    // The platform said how long: the whole account waits (see `AccountPause`).
-                    ChannelError::Transient { retry_after: Some(wait), .. } => {
+                match asked_to_wait {
+                    Some(wait) => {
                         tracing::warn!(channel = %channel_label, attempt, ?wait, %error, "Delivery failed; the channel's sends wait as the platform asked.");
-                        pause.extend(*wait);
                     }
-                    _ => {
+                    None => {
                         let delay = policy.delay(attempt - 1);
                         tracing::warn!(channel = %channel_label, attempt, ?delay, %error, "Delivery failed; retrying.");
                         actix::clock::sleep(delay).await;
@@ -672,36 +679,39 @@ mod tests {
 
     /// A quota pause holds for the account: a second conversation's part, sent while the first
     /// waits it out, waits too instead of spending an attempt; both go once the minute is over,
-    /// whatever `retry_max_delay_ms` says.
+    /// whatever `retry_max_delay_ms` says. Also when the refused send was its part's last try.
     #[tokio::test(start_paused = true)]
     async fn a_platform_pause_holds_every_conversation_of_the_account_for_as_long_as_asked() {
-        let id = ChannelId::parse("q").unwrap_or_else(|e| panic!("{e}"));
-        let channel = QuotaOnce { id: id.clone(), calls: std::sync::Mutex::default() };
-        let part = |delivery_id: &str, user: &str| Delivery {
-            delivery_id: delivery_id.into(),
-            channel: id.clone(),
-            conversation: Conversation { kind: ConversationKind::Direct, id: user.into() },
-            recipient: Sender { id: user.into(), name: None },
-            reply_handle: ReplyHandle::default(),
-            reply: Reply::text("答"),
-        };
-        let (metrics, store) = (Metrics::new(), crate::store::MemoryStore::new(10));
-        let policy = RetryPolicy { max_attempts: 2, base_delay: Duration::ZERO, max_delay: Duration::from_secs(1) };
-        let pause = AccountPause::default();
-        let started = actix::clock::Instant::now();
-        let first = deliver_all(&channel, &store, &policy, &pause, &metrics, vec![part("a-0", "u1")]);
-        let second = async {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            deliver_all(&channel, &store, &policy, &pause, &metrics, vec![part("b-0", "u2")]).await
-        };
-        let (first, second) = tokio::join!(first, second);
-        assert!(first.is_ok() && second.is_ok());
-        let calls = channel.calls.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
-        let ids: Vec<&str> = calls.iter().map(|(id, _)| id.as_str()).collect();
-        assert_eq!(ids.len(), 3, "{ids:?}");
-        assert_eq!(ids[0], "a-0");
-        for (id, at) in &calls[1..] {
-            assert!(*at - started >= Duration::from_secs(60), "{id} sent {:?} after the start", *at - started);
+        for max_attempts in [2, 1] {
+            let id = ChannelId::parse("q").unwrap_or_else(|e| panic!("{e}"));
+            let channel = QuotaOnce { id: id.clone(), calls: std::sync::Mutex::default() };
+            let part = |delivery_id: &str, user: &str| Delivery {
+                delivery_id: delivery_id.into(),
+                channel: id.clone(),
+                conversation: Conversation { kind: ConversationKind::Direct, id: user.into() },
+                recipient: Sender { id: user.into(), name: None },
+                reply_handle: ReplyHandle::default(),
+                reply: Reply::text("答"),
+            };
+            let (metrics, store) = (Metrics::new(), crate::store::MemoryStore::new(10));
+            let policy = RetryPolicy { max_attempts, base_delay: Duration::ZERO, max_delay: Duration::from_secs(1) };
+            let pause = AccountPause::default();
+            let started = actix::clock::Instant::now();
+            let first = deliver_all(&channel, &store, &policy, &pause, &metrics, vec![part("a-0", "u1")]);
+            let second = async {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                deliver_all(&channel, &store, &policy, &pause, &metrics, vec![part("b-0", "u2")]).await
+            };
+            let (first, second) = tokio::join!(first, second);
+            assert_eq!(first.is_ok(), max_attempts > 1);
+            assert!(second.is_ok());
+            let calls = channel.calls.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+            let ids: Vec<&str> = calls.iter().map(|(id, _)| id.as_str()).collect();
+            assert_eq!(ids.len(), max_attempts as usize + 1, "{ids:?}");
+            assert_eq!(ids[0], "a-0");
+            for (id, at) in &calls[1..] {
+                assert!(*at - started >= Duration::from_secs(60), "{id} sent {:?} after the start", *at - started);
+            }
         }
     }
 }

@@ -98,7 +98,7 @@ async fn an_answer_ready_just_after_an_attempt_was_abandoned_goes_to_the_next_at
 async fn the_next_answer_waits_until_the_rest_of_a_passive_answer_is_sent() {
     let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
     echo_llm(&llm, Duration::from_millis(50)).await;
-    wechat_ok_sending_after(&wechat, Duration::from_millis(300)).await;
+    wechat_ok_sending_after(&wechat, Duration::from_millis(150)).await;
     let mut env = auto_env("auto");
     env.push(("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "100"));
     let app = spawn_with(&base_config(&llm, &wechat), &env, ChannelKinds::builtin(), wechat, llm).await;

@@ -188,7 +188,7 @@ async fn a_plugin_whose_id_is_not_the_configured_one_is_refused_at_start() {
         Ok(_) => panic!("started with a channel answering to another id"),
         Err(error) => format!("{error:#}"),
     };
-    assert!(error.contains("channels.intranet") && error.contains("\"mine\""), "{error}");
+    assert!(error.contains("\"intranet\"") && error.contains("\"mine\""), "{error}");
 }
 
 /// The example plugin with a bug: its parser panics on one message.

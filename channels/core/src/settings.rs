@@ -40,13 +40,13 @@ impl ChannelSettings {
 /// values can be secrets (a numeric token, a secret in the wrong key), and these messages are
 /// printed and logged.
 pub fn without_value(message: &str) -> String {
-    for prefix in ["invalid type: ", "invalid value: "] {
+    for prefix in ["invalid type: ", "invalid value: ", "unknown variant "] {
         let Some(rest) = message.strip_prefix(prefix) else { continue };
         // The value comes first, so the last ", expected" is serde's own, whatever the value.
         let Some(expected_at) = rest.rfind(", expected ") else { break };
         let unexpected = &rest[..expected_at];
         let what = unexpected.find(['`', '"']).map_or(unexpected, |value_at| unexpected[..value_at].trim_end());
-        return format!("{prefix}{what}{}", &rest[expected_at..]);
+        return format!("{}{}", format!("{prefix}{what}").trim_end(), &rest[expected_at..]);
     }
     message.to_owned()
 }
@@ -74,6 +74,7 @@ mod tests {
                 "invalid value: string, expected one of `a`, `b`",
             ),
             ("invalid type: map, expected a string", "invalid type: map, expected a string"),
+            ("unknown variant `sk-live-123`, expected `push` or `auto`", "unknown variant, expected `push` or `auto`"),
             ("unknown field `tokn`, expected `token`", "unknown field `tokn`, expected `token`"),
         ];
         for (message, expected) in cases {
