@@ -3,7 +3,7 @@
 
 use crate::config::{MenuAction, MessagesConfig, ReplyMode, SessionConfig};
 use crate::delivery::passive::PassiveSlots;
-use crate::delivery::{self, ChannelActor};
+use crate::delivery::ChannelActor;
 use crate::llm::LlmActor;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -85,16 +85,6 @@ impl Hub {
     /// Wraps the wiring.
     pub fn new(inner: HubInner) -> Self {
         Self(Arc::new(inner))
-    }
-
-    /// Sends `text` to the envelope's conversation now, bypassing its session (for the busy
-    /// reply when a bound is reached), then finishes the envelope's journal entry.
-    pub fn reply_now(&self, envelope: Envelope, text: String) {
-        let hub = self.clone();
-        actix::spawn(async move {
-            let key = hub.session_key(&envelope);
-            delivery::answer(&hub, &envelope, key.as_str(), None, text.into()).await;
-        });
     }
 
     /// The conversation an envelope belongs to, by its channel's `group_context`.

@@ -8,6 +8,7 @@ use crate::hub::Hub;
 use crate::session::{DispatchError, Job, SessionRegistry};
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use yizhan_channel_core::{ConversationKind, Delivery, Envelope, Event, Segment};
 
 /// Identifies one conversation context: channel + conversation (+ sender in groups).
@@ -117,12 +118,15 @@ pub fn classify<S: std::hash::BuildHasher>(
 pub struct Router {
     hub: Hub,
     sessions: SessionRegistry,
+    /// Conversations with a busy reply on its way: one at a time each. A flood would otherwise
+    /// start a task per message, all waiting behind the platform's rate limits.
+    busy_replies: Arc<dashmap::DashSet<SessionKey, foldhash::fast::RandomState>>,
 }
 
 impl Router {
     /// A router over the hub's sessions.
     pub fn new(hub: Hub, sessions: SessionRegistry) -> Self {
-        Self { hub, sessions }
+        Self { hub, sessions, busy_replies: Arc::default() }
     }
 
     /// The session registry (for metrics and shutdown).
@@ -183,9 +187,22 @@ impl Router {
             Ok(()) => true,
             Err(DispatchError::Overloaded(job)) => {
                 self.hub.metrics.shed.with_label_values(&["session_queue"]).inc();
-                tracing::warn!(channel = %job.envelope.channel, "Too many messages waiting in one conversation; answered busy.");
+                let (hub, envelope) = (self.hub.clone(), job.envelope);
+                let key = hub.session_key(&envelope);
+                if !self.busy_replies.insert(key.clone()) {
+                    // Told already, by a busy reply still on its way.
+                    tracing::debug!(channel = %envelope.channel, "Too many messages waiting in one conversation; finished unanswered.");
+                    actix::spawn(async move { hub.finish(&envelope.id).await });
+                    return false;
+                }
+                tracing::warn!(channel = %envelope.channel, "Too many messages waiting in one conversation; answered busy.");
                 // A continue word took nothing yet: the parked text waits for the next one.
-                self.hub.reply_now(job.envelope, self.hub.messages.busy.clone());
+                let busy_replies = self.busy_replies.clone();
+                actix::spawn(async move {
+                    let busy = hub.messages.busy.clone();
+                    crate::delivery::answer(&hub, &envelope, key.as_str(), None, busy.into()).await;
+                    busy_replies.remove(&key);
+                });
                 true
             }
         }

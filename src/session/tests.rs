@@ -291,20 +291,33 @@ async fn a_user_over_the_pending_bound_gets_the_busy_reply() {
     tokio::time::pause();
     let fixture = fixture(Duration::from_millis(100), Duration::from_secs(60), 2);
     let router = crate::routing::Router::new(fixture.registry.0.hub.clone(), fixture.registry.clone());
-    for i in 0..6 {
-        let (_, mut job) = job("u1", "");
-        job.envelope.content = vec![yizhan_channel_core::Segment::Text { text: format!("q{i}") }];
-        assert!(router.dispatch(job.envelope), "every message gets an answer, busy or not");
-    }
-    fixture.wait_for_deliveries(6).await;
+    let answered: Vec<bool> = (0..6)
+        .map(|i| {
+            let (_, mut job) = job("u1", "");
+            job.envelope.content = vec![yizhan_channel_core::Segment::Text { text: format!("q{i}") }];
+            router.dispatch(job.envelope)
+        })
+        .collect();
+    assert_eq!(answered, [true, true, true, false, false, false]);
+    fixture.wait_for_deliveries(3).await;
+    let busy = MessagesConfig::default().busy;
+    // Nothing ran yet while the six arrived: two fit the bound; of the four over it, the first
+    // is told to retry, and the rest, while that busy reply is on its way, are not told again.
     let mut texts: Vec<String> = fixture.delivered().into_iter().map(|d| d.reply.text).collect();
     texts.sort();
-    let busy = MessagesConfig::default().busy;
-    // Nothing ran yet while the six arrived: two fit the bound, four are told to retry.
-    let mut expected = vec!["答：q0".to_owned(), "答：q1".to_owned()];
-    expected.extend(std::iter::repeat_n(busy, 4));
+    let mut expected = vec!["答：q0".to_owned(), "答：q1".to_owned(), busy.clone()];
     expected.sort();
     assert_eq!(texts, expected);
+    assert_eq!(fixture.registry.0.hub.metrics.shed.with_label_values(&["session_queue"]).get(), 4);
+    // Once it has gone, the next message over the bound is told again.
+    for i in 6..9 {
+        let (_, mut job) = job("u1", "");
+        job.envelope.content = vec![yizhan_channel_core::Segment::Text { text: format!("q{i}") }];
+        router.dispatch(job.envelope);
+    }
+    fixture.wait_for_deliveries(6).await;
+    let busy_replies = fixture.delivered().into_iter().filter(|d| d.reply.text == busy).count();
+    assert_eq!(busy_replies, 2);
 }
 
 #[actix::test]
