@@ -166,6 +166,15 @@ impl Wecom {
         // unescaped, and the signature is over the `+`.
         let echostr = echostr.replace(' ', "+");
         let opened = self.open(request, &echostr)?;
+        // A POST's `msg_signature` covers the same four fields, with its `<Encrypt>` where the
+        // echostr goes: without this check, anyone who saw a callback (its URL and body) could
+        // replay it as a URL check within the window and be answered its decrypted message.
+        // WeCom's echostr is a short random string of digits.
+        let echo_like = (1..=128).contains(&opened.message.len())
+            && opened.message.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'));
+        if !echo_like {
+            return Err(ChannelError::BadSignature("the echostr does not decrypt to an echo string".into()));
+        }
         debug!(channel = %self.id, "Callback URL verified.");
         Ok(WebhookOutcome::Respond(WebhookResponse::text(opened.message)))
     }

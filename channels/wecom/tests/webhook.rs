@@ -103,6 +103,23 @@ fn the_official_url_verification_vector_answers_the_plaintext_exactly() {
     }
 }
 
+/// A callback's signature covers the same fields as a URL check's, with its `<Encrypt>` in the
+/// echostr's place: replayed as a GET, it must not be answered with the decrypted message.
+#[test]
+fn a_callback_replayed_as_a_url_check_is_refused_not_decrypted() {
+    let vector = vector("wecom_decrypt_msg_QDG6eK");
+    let inputs = &vector["inputs"];
+    let query = vec![
+        ("msg_signature".to_owned(), str_of(inputs, "msg_signature").to_owned()),
+        ("timestamp".to_owned(), str_of(inputs, "timestamp").to_owned()),
+        ("nonce".to_owned(), str_of(inputs, "nonce").to_owned()),
+        ("echostr".to_owned(), str_of(inputs, "encrypt").to_owned()),
+    ];
+    let request = request(Method::Get, query, "", unix(inputs));
+    let error = rejected(&vector_channel(str_of(inputs, "receiveid")), &request);
+    assert!(matches!(error, ChannelError::BadSignature(_)), "{error:?}");
+}
+
 #[test]
 fn a_plus_turned_into_a_space_by_a_form_decoder_still_verifies() {
     let vector = vector("wecom_verify_url_QDG6eK");
