@@ -131,6 +131,17 @@ impl Api {
                 ),
             });
         }
+        // Reported the same way: a member without an interface licence (接口许可) for the app
+        // is not reached either.
+        let unlicensed = answer.get("unlicenseduser").and_then(Value::as_str).unwrap_or_default();
+        if !unlicensed.trim().is_empty() {
+            return Err(ChannelError::Refused {
+                code: 0,
+                reason: format!(
+                    "WeCom listed the recipient as unlicensed (unlicenseduser {unlicensed:?}): the member needs an interface licence (接口许可) for this app"
+                ),
+            });
+        }
         let platform_message_id = match answer.get("msgid") {
             Some(Value::String(id)) if !id.is_empty() => Some(id.clone()),
             Some(Value::Number(id)) => Some(id.to_string()),

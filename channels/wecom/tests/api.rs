@@ -309,6 +309,20 @@ async fn an_invalid_user_listed_in_a_successful_answer_is_refused() {
 }
 
 #[tokio::test]
+async fn an_unlicensed_user_listed_in_a_successful_answer_is_refused() {
+    let server = MockServer::start().await;
+    mount_token(&server, "TOKEN1", 1).await;
+    let answer = json!({"errcode": 0, "errmsg": "ok", "invaliduser": "", "unlicenseduser": USER, "msgid": "m"});
+    mount_send(&server, "TOKEN1", answer, 1).await;
+    match deliver_err(&channel_for(&server), "hi").await {
+        ChannelError::Refused { reason, .. } => {
+            assert!(reason.contains(USER) && reason.contains("接口许可"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
 async fn the_frequency_limit_is_transient_with_a_back_off_hint() {
     let server = MockServer::start().await;
     mount_token(&server, "TOKEN1", 1).await;
