@@ -287,6 +287,11 @@ pub struct ParkedRecord {
 /// Parked answers kept per user at most; older ones are dropped (and logged) beyond this.
 const MAX_PARKED_PER_USER: usize = 8;
 
+/// Users with parked answers kept at most. Parked answers live in memory and most users never
+/// come back for theirs (a 公众号 in passive mode, or whose send API fails, parks every late
+/// answer), so beyond this the users whose text was parked longest ago lose theirs (logged).
+const MAX_PARKED_USERS: usize = 100_000;
+
 impl PassiveSlots {
     /// Opens a job for a journaled message that will be answered.
     pub fn open(&self, envelope: &Envelope) -> Arc<PassiveJob> {
@@ -339,6 +344,8 @@ impl PassiveSlots {
         let at = queue.iter().position(|(queued, _)| *queued == id).unwrap_or(otherwise);
         queue.insert(at, (id, text));
         Self::bound(channel, queue, false);
+        drop(parked);
+        self.bound_users(MAX_PARKED_USERS);
     }
 
     /// Takes the oldest parked text for a user to answer `envelope_id` (the continue word):
@@ -367,6 +374,33 @@ impl PassiveSlots {
         parked.parked_at = std::time::Instant::now();
         parked.texts.push_front((String::new(), text));
         Self::bound(channel, &mut parked.texts, true);
+        drop(parked);
+        self.bound_users(MAX_PARKED_USERS);
+    }
+
+    /// Beyond `limit` users with parked answers, drops those whose text was parked longest
+    /// ago, down to nine tenths of it (so that the scan runs once per tenth of new users, not
+    /// at each one).
+    fn bound_users(&self, limit: usize) {
+        if self.parked.len() <= limit {
+            return;
+        }
+        let mut ages: Vec<((ChannelId, String), std::time::Instant)> =
+            self.parked.iter().map(|entry| (entry.key().clone(), entry.parked_at)).collect();
+        ages.sort_unstable_by_key(|(_, parked_at)| *parked_at);
+        let excess = ages.len().saturating_sub(limit - limit / 10);
+        let mut dropped = 0;
+        for (key, parked_at) in ages.into_iter().take(excess) {
+            // Unless text was parked for them meanwhile.
+            if let Some((_, parked)) = self.parked.remove_if(&key, |_, parked| parked.parked_at <= parked_at) {
+                dropped += parked.texts.len();
+            }
+        }
+        tracing::warn!(
+            users = excess,
+            answers = dropped,
+            "Too many users with parked answers; the oldest were dropped."
+        );
     }
 
     /// Beyond the bound, drops from the end opposite to where text was just added.
@@ -476,6 +510,7 @@ impl PassiveSlots {
             parked.texts.extend(record.texts);
             Self::bound(&channel, &mut parked.texts, false);
         }
+        self.bound_users(MAX_PARKED_USERS);
         imported
     }
 
@@ -605,6 +640,28 @@ mod tests {
         assert_eq!(slots.forget_parked_before(cutoff), 2);
         assert!(!slots.has_parked(&channel, "gone"));
         assert_eq!(slots.unpark(&channel, "back").as_deref(), Some("c"));
+    }
+
+    #[test]
+    fn beyond_the_user_bound_the_users_parked_longest_ago_lose_their_answers() {
+        let slots = PassiveSlots::default();
+        let channel = ChannelId::parse("c").unwrap_or_else(|e| panic!("{e}"));
+        let now = std::time::Instant::now();
+        for user in 0..12u64 {
+            slots.park(&channel, &format!("u{user}"), &format!("e{user}"), "答".into());
+            if let Some(mut parked) = slots.parked.get_mut(&(channel.clone(), format!("u{user}"))) {
+                // u0 parked longest ago, u11 last.
+                parked.parked_at = now.checked_sub(Duration::from_secs(100 - user)).unwrap_or(now);
+            }
+        }
+        slots.bound_users(10);
+        assert_eq!(slots.parked.len(), 9);
+        for user in 0..3 {
+            assert!(!slots.has_parked(&channel, &format!("u{user}")), "u{user}");
+        }
+        assert!(slots.has_parked(&channel, "u3") && slots.has_parked(&channel, "u11"));
+        slots.bound_users(10);
+        assert_eq!(slots.parked.len(), 9, "within the bound, nothing goes");
     }
 
     #[test]
