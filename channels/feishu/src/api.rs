@@ -312,10 +312,13 @@ impl Api {
             if answer.status.is_success() {
                 return transient("Feishu's answer is not a JSON object with a code");
             }
-            return ChannelError::Refused {
-                code: i64::from(answer.status.as_u16()),
-                reason: format!("Feishu answered HTTP {} without an error code", answer.status),
-            };
+            // Not Feishu's own answer (a proxy's, a wrong address): read as the other channels
+            // read a bare HTTP error (a 408 is worth a retry, a 404 needs an operator).
+            let status = answer.status.as_u16();
+            let misconfigured = |code, hint: &str, message: &str| self.misconfigured(code, hint, message, token);
+            return yizhan_channel_common::api::status_error("Feishu", status, misconfigured).unwrap_or_else(|| {
+                ChannelError::Refused { code: i64::from(status), reason: format!("Feishu answered HTTP {status}") }
+            });
         };
         let hint = match code {
             99991672 => Some(
@@ -427,7 +430,9 @@ mod tests {
         for (status, code) in [(200, Some(99991400)), (400, Some(230020)), (429, None), (502, None), (500, Some(1))] {
             assert!(api.classify(&answer(status, code, "x"), None).is_retryable(), "{status} {code:?}");
         }
-        assert!(matches!(api.classify(&answer(404, None, ""), None), ChannelError::Refused { code: 404, .. }));
+        assert!(matches!(api.classify(&answer(404, None, ""), None), ChannelError::Misconfigured(_)));
+        assert!(matches!(api.classify(&answer(408, None, ""), None), ChannelError::Transient { .. }));
+        assert!(matches!(api.classify(&answer(418, None, ""), None), ChannelError::Refused { code: 418, .. }));
     }
 
     #[test]

@@ -292,7 +292,9 @@ impl Feishu {
         }
         let stream = StreamTarget::from_handle(handle)?;
         let uuid = message::idempotency_key(&format!("{}:{}:{sequence}", stream.card_id, stream.element_id));
-        let text = message::defuse_mentions(text);
+        // The core streams the whole answer so far; the card ends up holding its first part, and
+        // an update over the request limit would be refused, freezing the card mid-answer.
+        let text = message::defuse_mentions(message::streamable_prefix(text, self.settings.max_part_bytes));
         self.wait_for_chat(stream.limit_key()).await;
         self.api.set_element_content(stream.card_id, stream.element_id, &text, sequence, &uuid).await
     }

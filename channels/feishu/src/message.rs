@@ -120,6 +120,23 @@ pub fn message_body(text: &str) -> MessageBody {
     MessageBody { msg_type: "text", content: text_content(text) }
 }
 
+/// The longest start of `text` a streaming update shows: at most `max_bytes` (the size of the
+/// first part, which the card holds in the end) and within [`CARD_MAX_BYTES`] once escaped for
+/// the request, cut at a character boundary.
+pub fn streamable_prefix(text: &str, max_bytes: usize) -> &str {
+    let mut end = text.len().min(max_bytes);
+    loop {
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        if end == 0 || request_bytes(&text[..end]) <= CARD_MAX_BYTES {
+            return &text[..end];
+        }
+        // Escaping grows a text by at most six times; shrink in steps of a tenth.
+        end -= end / 10 + 1;
+    }
+}
+
 /// The CardKit card (JSON 2.0) an answer streams into: streaming mode on, `update_multi` (which
 /// streaming requires), and one markdown element named [`STREAM_ELEMENT_ID`].
 pub fn streaming_card(initial: &str) -> String {

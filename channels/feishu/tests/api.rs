@@ -286,6 +286,27 @@ async fn rate_limits_are_transient_with_feishus_advised_delay() {
     assert!(matches!(error, Some(ChannelError::Transient { .. })), "{error:?}");
 }
 
+/// A bare HTTP error without Feishu's `code` comes from something in between (a proxy, a wrong
+/// address): a timeout is worth a retry, a 404 needs an operator.
+#[tokio::test]
+async fn bare_http_errors_are_read_like_the_other_platforms() {
+    let server = MockServer::start().await;
+    mount_token(&server, "t-TOKEN1", 1).await;
+    for (status, times) in [(408, 1), (404, 1)] {
+        Mock::given(method("POST"))
+            .and(path(reply_path()))
+            .respond_with(ResponseTemplate::new(status).set_body_string("<html>proxy</html>"))
+            .up_to_n_times(times)
+            .mount(&server)
+            .await;
+    }
+    let channel = channel_for(&server);
+    let timed_out = channel.deliver(&delivery("d1", "hi")).await.err();
+    assert!(matches!(timed_out, Some(ChannelError::Transient { .. })), "{timed_out:?}");
+    let not_found = channel.deliver(&delivery("d1", "hi")).await.err();
+    assert!(matches!(not_found, Some(ChannelError::Misconfigured(_))), "{not_found:?}");
+}
+
 #[tokio::test]
 async fn a_wrong_app_secret_is_a_misconfiguration_and_nothing_is_sent() {
     for code in [10014, 10003] {
@@ -459,6 +480,24 @@ async fn an_answer_streams_through_a_cardkit_card_in_order() {
         .collect();
     assert!(order.first().is_some_and(|l| l == "POST /open-apis/cardkit/v1/cards"), "{order:#?}");
     assert!(order.last().is_some_and(|l| l.starts_with("PATCH")), "{order:#?}");
+}
+
+/// The whole answer so far is streamed; past what a card request can carry the update shows its
+/// start instead of being refused (which froze the card mid-answer).
+#[tokio::test]
+async fn a_streamed_answer_longer_than_a_card_holds_shows_its_start() {
+    let server = MockServer::start().await;
+    mount_token(&server, "t-TOKEN1", 1).await;
+    mount_streaming(&server).await;
+    let channel = channel_for(&server);
+    let handle = channel.begin_stream(&delivery("d-long", "")).await.unwrap_or_else(|e| panic!("{e}"));
+    let long = "长\"文\n".repeat(20_000);
+    channel.update_stream(&handle, &long, 1).await.unwrap_or_else(|e| panic!("{e}"));
+    let puts = requests_to(&server, "/open-apis/cardkit/v1/cards/7355372766134157313/elements/answer/content").await;
+    let shown = json_body(&puts[0])["content"].as_str().unwrap_or_default().to_owned();
+    assert!(!shown.is_empty() && long.starts_with(&shown), "{} bytes", shown.len());
+    assert!(puts[0].body.len() <= 30_000, "{} bytes", puts[0].body.len());
+    channel.finish_stream(&handle, &shown, 2).await.unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[tokio::test]
