@@ -261,7 +261,8 @@ impl Application {
             max_bytes: config.server.body_limit_bytes,
             timeout: Duration::from_millis(config.server.body_timeout_ms),
         };
-        let state = web::Data::new(AppState { hub: hub.clone(), router: router.clone(), body });
+        let state =
+            web::Data::new(AppState { hub: hub.clone(), router: router.clone(), body, refusals: Default::default() });
         let mut server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())

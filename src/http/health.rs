@@ -75,6 +75,7 @@ mod tests {
             router: Router::new(hub.clone(), sessions),
             hub,
             body: crate::http::BodyLimits { max_bytes: 1024, timeout: Duration::from_secs(1) },
+            refusals: Default::default(),
         });
         let app = actix_web::test::init_service(
             actix_web::App::new().app_data(state).route("/healthz", web::get().to(healthz)),

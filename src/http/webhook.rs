@@ -26,6 +26,49 @@ pub struct AppState {
     pub router: Router,
     /// How webhook bodies are read.
     pub body: BodyLimits,
+    /// Throttles the log lines of refused requests.
+    pub refusals: RefusalLog,
+}
+
+/// Log lines for refused webhooks, at most one per channel and outcome every
+/// [`REFUSAL_LOG_EVERY`], saying how many were left out since: anyone can send refused
+/// requests, and must not be able to fill the disk with log lines (the metrics count each one).
+#[derive(Debug, Default)]
+pub struct RefusalLog {
+    /// By (channel label, outcome), both from a bounded set: when one was last logged, and how
+    /// many went unlogged since.
+    last: std::sync::Mutex<std::collections::HashMap<RefusalKind, (Instant, u64)>>,
+}
+
+/// A channel label and an outcome.
+type RefusalKind = (String, &'static str);
+
+/// See [`RefusalLog`].
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+impl RefusalLog {
+    /// Whether to log this refusal now; if so, how many of its kind went unlogged before it.
+    pub fn admit(&self, channel: &str, outcome: &'static str) -> Option<u64> {
+        self.admit_at(channel, outcome, Instant::now())
+    }
+
+    fn admit_at(&self, channel: &str, outcome: &'static str, now: Instant) -> Option<u64> {
+        let mut last = self.last.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match last.get_mut(&(channel.to_owned(), outcome)) {
+            Some((logged_at, left_out)) if now.saturating_duration_since(*logged_at) < REFUSAL_LOG_EVERY => {
+                *left_out += 1;
+                None
+            }
+            Some((logged_at, left_out)) => {
+                *logged_at = now;
+                Some(std::mem::take(left_out))
+            }
+            None => {
+                last.insert((channel.to_owned(), outcome), (now, 0));
+                Some(0)
+            }
+        }
+    }
 }
 
 /// How webhook bodies are read (`[server]`).
@@ -137,7 +180,11 @@ pub async fn webhook(
     let hub = &state.hub;
     let Some(entry) = ChannelId::parse(&path).ok().and_then(|id| hub.channels.get(&id)) else {
         hub.metrics.webhook_requests.with_label_values(&["_unknown", "unknown_channel"]).inc();
-        tracing::info!(channel = %path.as_str(), "Webhook for an unknown channel.");
+        if let Some(left_out) = state.refusals.admit("_unknown", "unknown_channel") {
+            // Cut: the path is the caller's, of any length.
+            let channel: String = path.chars().take(64).collect();
+            tracing::info!(%channel, left_out, "Webhook for an unknown channel.");
+        }
         return plain(actix_web::http::StatusCode::NOT_FOUND, "unknown channel");
     };
     let channel = &entry.channel;
@@ -154,7 +201,9 @@ pub async fn webhook(
         Ok(body) => body,
         Err(refused) => {
             let (outcome, response) = refused.response();
-            tracing::info!(channel = %label, ?refused, "Webhook body refused.");
+            if let Some(left_out) = state.refusals.admit(label, outcome) {
+                tracing::info!(channel = %label, ?refused, left_out, "Webhook body refused.");
+            }
             hub.metrics.webhook_requests.with_label_values(&[label, outcome]).inc();
             return response;
         }
@@ -180,7 +229,9 @@ pub async fn webhook(
     };
     let (outcome, response) = match handled {
         Err(error) => {
-            tracing::warn!(channel = %label, reason = %error, "Webhook rejected.");
+            if let Some(left_out) = state.refusals.admit(label, error.label()) {
+                tracing::warn!(channel = %label, reason = %error, left_out, "Webhook rejected.");
+            }
             let status = actix_web::http::StatusCode::from_u16(error.http_status())
                 .unwrap_or(actix_web::http::StatusCode::BAD_REQUEST);
             (error.label(), plain(status, error.label()))
@@ -189,7 +240,9 @@ pub async fn webhook(
         Ok(WebhookOutcome::Accepted { envelopes, .. }) if envelopes.iter().any(|e| !usable_platform_id(e)) => {
             // A blank id would make every later message of the channel a "retry" of the first,
             // and the id is stored: refuse rather than drop messages silently (a plugin's bug).
-            tracing::error!(channel = %label, "Webhook refused: a message without a usable platform message id (blank, or over 512 bytes).");
+            if let Some(left_out) = state.refusals.admit(label, "malformed") {
+                tracing::error!(channel = %label, left_out, "Webhook refused: a message without a usable platform message id (blank, or over 512 bytes).");
+            }
             ("malformed", plain(actix_web::http::StatusCode::BAD_REQUEST, "malformed"))
         }
         Ok(WebhookOutcome::Accepted { mut envelopes, ack }) => {
@@ -443,4 +496,24 @@ async fn hold_for_answer(
         drop(gone);
     });
     ("passive", respond(response))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_logged_once_per_period_per_channel_and_outcome_with_a_count() {
+        let log = RefusalLog::default();
+        let start = Instant::now();
+        assert_eq!(log.admit_at("mp", "unauthorized", start), Some(0));
+        for _ in 0..5 {
+            assert_eq!(log.admit_at("mp", "unauthorized", start + Duration::from_secs(1)), None);
+        }
+        // Another outcome, another channel: logged at once.
+        assert_eq!(log.admit_at("mp", "malformed", start + Duration::from_secs(1)), Some(0));
+        assert_eq!(log.admit_at("wecom", "unauthorized", start + Duration::from_secs(1)), Some(0));
+        assert_eq!(log.admit_at("mp", "unauthorized", start + REFUSAL_LOG_EVERY), Some(5));
+        assert_eq!(log.admit_at("mp", "unauthorized", start + REFUSAL_LOG_EVERY), None);
+    }
 }
