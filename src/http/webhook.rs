@@ -222,7 +222,9 @@ pub async fn webhook(
     let handled = match std::panic::catch_unwind(AssertUnwindSafe(|| channel.handle_webhook(&webhook_request))) {
         Ok(handled) => handled,
         Err(_panic) => {
-            tracing::error!(channel = %label, "The channel panicked handling a webhook (a bug); answered 500.");
+            if let Some(left_out) = state.refusals.admit(label, "channel_panicked") {
+                tracing::error!(channel = %label, left_out, "The channel panicked handling a webhook (a bug); answered 500.");
+            }
             hub.metrics.webhook_requests.with_label_values(&[label, "channel_panicked"]).inc();
             return plain(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR, "internal error");
         }

@@ -41,6 +41,20 @@ impl fmt::Display for SessionKey {
     }
 }
 
+/// A conversation's busy reply on its way (see [`Router::busy_replies`](Router)); dropped when it
+/// has gone, or when its task ends any other way (a panic in a plugin's `render`), so that the
+/// conversation is not left marked for good.
+struct BusyReplyOnItsWay {
+    busy_replies: Arc<dashmap::DashSet<SessionKey, foldhash::fast::RandomState>>,
+    key: SessionKey,
+}
+
+impl Drop for BusyReplyOnItsWay {
+    fn drop(&mut self) {
+        self.busy_replies.remove(&self.key);
+    }
+}
+
 /// A platform id as a part of a key: `:` (the separator) and `%` written as `%3A` and `%25`,
 /// so that group `a:b` with member `c` and group `a` with member `b:c` stay apart. The built-in
 /// platforms' ids have neither, so their keys (and stored history) are as they always were.
@@ -197,11 +211,11 @@ impl Router {
                 }
                 tracing::warn!(channel = %envelope.channel, "Too many messages waiting in one conversation; answered busy.");
                 // A continue word took nothing yet: the parked text waits for the next one.
-                let busy_replies = self.busy_replies.clone();
+                let on_its_way = BusyReplyOnItsWay { busy_replies: self.busy_replies.clone(), key };
                 actix::spawn(async move {
                     let busy = hub.messages.busy.clone();
-                    crate::delivery::answer(&hub, &envelope, key.as_str(), None, busy.into()).await;
-                    busy_replies.remove(&key);
+                    crate::delivery::answer(&hub, &envelope, on_its_way.key.as_str(), None, busy.into()).await;
+                    drop(on_its_way);
                 });
                 true
             }

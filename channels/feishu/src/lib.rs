@@ -294,9 +294,11 @@ impl Feishu {
         let uuid = message::idempotency_key(&format!("{}:{}:{sequence}", stream.card_id, stream.element_id));
         // The core streams the whole answer so far; the card ends up holding its first part, and
         // an update over the request limit would be refused, freezing the card mid-answer.
-        let text = message::defuse_mentions(message::streamable_prefix(text, self.settings.max_part_bytes));
+        // Measured after defusing, which lengthens each `<at` tag.
+        let defused = message::defuse_mentions(text);
+        let text = message::streamable_prefix(&defused, self.settings.max_part_bytes);
         self.wait_for_chat(stream.limit_key()).await;
-        self.api.set_element_content(stream.card_id, stream.element_id, &text, sequence, &uuid).await
+        self.api.set_element_content(stream.card_id, stream.element_id, text, sequence, &uuid).await
     }
 
     async fn end_stream(

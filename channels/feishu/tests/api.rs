@@ -492,12 +492,18 @@ async fn a_streamed_answer_longer_than_a_card_holds_shows_its_start() {
     let channel = channel_for(&server);
     let handle = channel.begin_stream(&delivery("d-long", "")).await.unwrap_or_else(|e| panic!("{e}"));
     let long = "长\"文\n".repeat(20_000);
-    channel.update_stream(&handle, &long, 1).await.unwrap_or_else(|e| panic!("{e}"));
+    // Mentions are defused (lengthened) before sending, and must be counted as sent.
+    let mentions = "<at id=x>".repeat(5_000);
+    for (sequence, text) in [(1, &long), (2, &mentions)] {
+        channel.update_stream(&handle, text, sequence).await.unwrap_or_else(|e| panic!("{e}"));
+    }
     let puts = requests_to(&server, "/open-apis/cardkit/v1/cards/7355372766134157313/elements/answer/content").await;
     let shown = json_body(&puts[0])["content"].as_str().unwrap_or_default().to_owned();
     assert!(!shown.is_empty() && long.starts_with(&shown), "{} bytes", shown.len());
-    assert!(puts[0].body.len() <= 30_000, "{} bytes", puts[0].body.len());
-    channel.finish_stream(&handle, &shown, 2).await.unwrap_or_else(|e| panic!("{e}"));
+    for put in &puts {
+        assert!(put.body.len() <= 30_000, "{} bytes", put.body.len());
+    }
+    channel.finish_stream(&handle, &shown, 3).await.unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[tokio::test]
