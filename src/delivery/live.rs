@@ -45,8 +45,13 @@ pub async fn start(channel: Arc<dyn Channel>, envelope: &Envelope) -> Option<(Li
     // Appended in place: a copy of the text so far per delta would be quadratic in the answer's
     // length, on the LLM actor's thread that every user's stream shares.
     let sink: DeltaSink = Box::new(move |delta: &str| sender.send_modify(|so_far| so_far.push_str(delta)));
-    let updates =
-        actix::spawn(send_updates(channel.clone(), handle.clone(), receiver, capabilities.min_stream_interval));
+    let updates = actix::spawn(send_updates(
+        channel.clone(),
+        handle.clone(),
+        receiver,
+        capabilities.min_stream_interval,
+        capabilities.max_part_bytes,
+    ));
     Some((LiveAnswer { channel, handle, updates }, sink))
 }
 
@@ -55,14 +60,20 @@ async fn send_updates(
     handle: StreamHandle,
     mut receiver: watch::Receiver<String>,
     interval: std::time::Duration,
+    max_part_bytes: usize,
 ) -> u64 {
     let mut sequence = 1;
+    // Once an update held a whole part, later ones would show the same start (the message ends
+    // up holding the first part; the rest follows as messages): not sent, so that they do not
+    // spend the platform's rate limit for nothing.
+    let mut showing_a_whole_part = false;
     // Ends when the sink is dropped, i.e. when the LLM call is over.
     while receiver.changed().await.is_ok() {
         let text = receiver.borrow_and_update().clone();
-        if text.trim().is_empty() {
+        if text.trim().is_empty() || showing_a_whole_part {
             continue;
         }
+        showing_a_whole_part = text.len() >= max_part_bytes;
         if let Err(error) = channel.update_stream(&handle, &text, sequence).await {
             tracing::debug!(channel = %channel.id(), %error, "Streaming update failed; the final text still follows.");
         }
@@ -100,5 +111,68 @@ impl LiveAnswer {
             }
         }
         finished
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::time::Duration;
+    use yizhan_channel_core::{BoxFuture, Capabilities, ChannelId, DeliveryReceipt, WebhookOutcome, WebhookRequest};
+
+    /// Records the texts of its streaming updates.
+    struct Updates(ChannelId, Mutex<Vec<String>>);
+
+    impl Channel for Updates {
+        fn id(&self) -> &ChannelId {
+            &self.0
+        }
+        fn kind(&self) -> &str {
+            "updates"
+        }
+        fn handle_webhook(&self, _: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
+            Err(ChannelError::Unsupported("no webhooks".into()))
+        }
+        fn deliver<'a>(&'a self, _: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
+            Box::pin(async { Ok(DeliveryReceipt::default()) })
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities { streaming: true, max_part_bytes: 10, ..Default::default() }
+        }
+        fn update_stream<'a>(
+            &'a self,
+            _: &'a StreamHandle,
+            text_so_far: &'a str,
+            _: u64,
+        ) -> BoxFuture<'a, Result<(), ChannelError>> {
+            self.1.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(text_so_far.to_owned());
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    #[actix::test]
+    async fn updates_stop_once_one_held_a_whole_part() {
+        let channel = Arc::new(Updates(ChannelId::parse("u").unwrap_or_else(|e| panic!("{e}")), Mutex::default()));
+        let (sender, receiver) = watch::channel(String::new());
+        let handle = StreamHandle(serde_json::Value::Null);
+        let updates = actix::spawn(send_updates(channel.clone(), handle, receiver, Duration::ZERO, 10));
+        let sent = || channel.1.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len();
+        for (text, updates_by_now) in [("短", 1), ("短文本已经超过十个字节", 2), ("短文本已经超过十个字节，还在写", 2)]
+        {
+            sender.send_replace(text.to_owned());
+            // Each one taken before the next (the updater coalesces what it has not taken yet).
+            for _ in 0..1_000 {
+                if sent() >= updates_by_now {
+                    break;
+                }
+                actix::clock::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        drop(sender);
+        let sequence = updates.await.unwrap_or_default();
+        let sent = channel.1.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        assert_eq!(sent, ["短", "短文本已经超过十个字节"]);
+        assert_eq!(sequence, 3);
     }
 }

@@ -249,7 +249,8 @@ pub trait Channel: Send + Sync + 'static {
     }
 
     /// Replaces the streamed message's text with `text_so_far` (the whole answer so far, as the
-    /// model wrote it: not rendered, and not cut to `max_part_bytes`; a channel shows what fits).
+    /// model wrote it: not rendered, and not cut to `max_part_bytes`; a channel shows what
+    /// fits). Once one update reached `max_part_bytes`, the core sends no more until the finish.
     fn update_stream<'a>(
         &'a self,
         _handle: &'a StreamHandle,
