@@ -255,8 +255,8 @@ struct Parked {
     /// Each text with the envelope whose answer it is (empty when put back: its place is
     /// known).
     texts: VecDeque<(String, String)>,
-    /// When text was last parked for the user; [`PARKED_FOR`] later, if nothing was parked
-    /// since, the queue is dropped (see [`PassiveSlots::forget_parked_before`]).
+    /// When text was last parked for the user or taken by them; [`PARKED_FOR`] later, if
+    /// neither happened since, the queue is dropped (see [`PassiveSlots::forget_parked_before`]).
     parked_at: std::time::Instant,
 }
 
@@ -425,6 +425,8 @@ impl PassiveSlots {
         let key = (channel.clone(), user.to_owned());
         let mut parked = self.parked.get_mut(&key)?;
         let front = parked.texts.pop_front();
+        // The user is reading: what is left is not forgotten, or dropped first, as unwanted.
+        parked.parked_at = std::time::Instant::now();
         let empty = parked.texts.is_empty();
         drop(parked);
         if empty {
@@ -662,6 +664,22 @@ mod tests {
         assert!(slots.has_parked(&channel, "u3") && slots.has_parked(&channel, "u11"));
         slots.bound_users(10);
         assert_eq!(slots.parked.len(), 9, "within the bound, nothing goes");
+    }
+
+    #[test]
+    fn taking_parked_text_keeps_the_rest_from_expiring() {
+        let slots = PassiveSlots::default();
+        let channel = ChannelId::parse("c").unwrap_or_else(|e| panic!("{e}"));
+        slots.park(&channel, "reader", "e1", "一".into());
+        slots.park(&channel, "reader", "e2", "二".into());
+        let now = std::time::Instant::now();
+        let ago = |secs| now.checked_sub(Duration::from_secs(secs)).unwrap_or_else(|| panic!("uptime under {secs} s"));
+        if let Some(mut parked) = slots.parked.get_mut(&(channel.clone(), "reader".to_owned())) {
+            parked.parked_at = ago(2);
+        }
+        assert_eq!(slots.unpark(&channel, "reader").as_deref(), Some("一"));
+        assert_eq!(slots.forget_parked_before(ago(1)), 0);
+        assert_eq!(slots.unpark(&channel, "reader").as_deref(), Some("二"));
     }
 
     #[test]
