@@ -463,10 +463,15 @@ impl Config {
                     .with_context(|| format!("Failed to apply environment variable {name}"))?;
             }
         }
-        let config: Config = serde_path_to_error::deserialize(value).map_err(|error| {
+        let mut config: Config = serde_path_to_error::deserialize(value).map_err(|error| {
             let path = error.path().to_string();
             anyhow!("config key `{path}`: {}", yizhan_channel_core::without_value(&error.into_inner().to_string()))
         })?;
+        // `YIZHAN__LLM__API_KEY=` (an empty variable, as compose files leave them) means none,
+        // not an empty `Authorization: Bearer`.
+        if config.llm.api_key.as_ref().is_some_and(|key| key.expose_secret().is_empty()) {
+            config.llm.api_key = None;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -491,6 +496,10 @@ impl Config {
         }
         if self.llm.base_url.trim().is_empty() {
             bail!("config key `llm.base_url` must not be empty");
+        }
+        if self.llm.base_url.trim() != self.llm.base_url {
+            // Sent as written, a trailing space would be part of every request's path.
+            bail!("config key `llm.base_url` has spaces or line breaks around it");
         }
         // Caught here, not at the first message: reqwest would refuse each request before sending
         // it, and every user would get the apology.
@@ -554,6 +563,19 @@ impl Config {
                     }
                     _ => {}
                 }
+            }
+        }
+        for (index, channel) in self.channels.iter().enumerate() {
+            // Environment overrides address a channel as `YIZHAN__CHANNELS__<ID>__KEY`, with
+            // `-` written `_`: an id that would then hold `__` or start or end with `_` could
+            // not be told from the separators, and its secrets could not come from there.
+            let addressed = channel.core.id.replace('-', "_");
+            if addressed.contains("__") || addressed.starts_with('_') || addressed.ends_with('_') {
+                bail!(
+                    "config key `channels[{index}].id`: {:?} cannot be addressed by environment overrides \
+                     (no `-` or `_` at its start or end, nor two in a row)",
+                    channel.core.id
+                );
             }
         }
         let mut seen = HashSet::new();
@@ -813,6 +835,24 @@ token = "tok"
         let unquoted = MINIMAL.replace("[llm]", "[llm]\napi_key = sk-unquoted-secret");
         let error = format!("{:#}", load(&unquoted, &[]).err().unwrap_or_else(|| panic!("accepted")));
         assert!(error.contains("line ") && !error.contains("unquoted-secret"), "{error}");
+    }
+
+    #[test]
+    fn channel_ids_are_ones_environment_overrides_can_address() {
+        for id in ["mp-", "_mp", "mp--main", "mp_-main", "mp__main"] {
+            let text = MINIMAL.replace("id = \"mp-main\"", &format!("id = \"{id}\""));
+            let message = format!("{:#}", load(&text, &[]).err().unwrap_or_else(|| panic!("accepted {id}")));
+            assert!(message.contains("channels[0].id"), "{message}");
+        }
+    }
+
+    #[test]
+    fn an_empty_api_key_is_none_and_a_base_url_with_spaces_is_refused() {
+        let config = load(MINIMAL, &[("YIZHAN__LLM__API_KEY", "")]).unwrap_or_else(|e| panic!("{e:#}"));
+        assert!(config.llm.api_key.is_none());
+        let spaced = MINIMAL.replace("/v1\"", "/v1 \"");
+        let message = format!("{:#}", load(&spaced, &[]).err().unwrap_or_else(|| panic!("accepted")));
+        assert!(message.contains("llm.base_url"), "{message}");
     }
 
     #[test]

@@ -565,7 +565,30 @@ async fn llm_client_gives_up_at_the_total_timeout() {
 
     let result = client.complete(&request(), &mut sink).await;
 
-    assert!(matches!(result, Err(LlmError::TotalTimeout(total)) if total == Duration::from_millis(150)), "{result:?}");
+    assert!(
+        matches!(result, Err(LlmError::TotalTimeout { after, started: false }) if after == Duration::from_millis(150)),
+        "{result:?}"
+    );
+}
+
+/// A steady stream cut by the total timeout says so (`started`): the server works, the answer
+/// is only long, and the circuit breaker must not count it.
+#[tokio::test]
+async fn llm_client_says_whether_an_answer_cut_by_the_total_timeout_had_started() {
+    let script = vec![
+        (Duration::ZERO, format!("data: {}\n\n", chunk("first, "))),
+        (Duration::from_millis(2_000), format!("data: {}\n\n", chunk("then more"))),
+        (Duration::ZERO, "data: [DONE]\n\n".to_owned()),
+    ];
+    let base_url = trickling_server(script);
+    let settings = LlmClientSettings { total_timeout: Duration::from_millis(600), ..client_settings() };
+    let client = LlmClient::new(Arc::new(openai(OpenAiSettings::new(base_url, "m"))), settings);
+    let (mut sink, seen) = recorder();
+
+    let result = client.complete(&request(), &mut sink).await;
+
+    assert!(matches!(result, Err(LlmError::TotalTimeout { started: true, .. })), "{result:?}");
+    assert_eq!(pieces(&seen), vec!["first, "]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -777,6 +800,35 @@ async fn lobehub_chat_route_answer_slower_than_the_first_token_timeout_is_taken(
         lobehub(lobehub_settings(&server, None)).complete(&request(), Duration::from_millis(20), &mut sink).await;
 
     assert_eq!(result.ok().as_deref(), Some("a long answer"));
+}
+
+/// The chat route's answer comes whole at the end: a gateway's timeout may come after the model
+/// ran (and was billed), so it is not asked again; a refusal before any work (503) is.
+#[tokio::test]
+async fn lobehub_chat_route_is_not_asked_again_after_a_gateway_timeout() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/v1/chat"))
+        .respond_with(ResponseTemplate::new(504).set_body_string("gateway timeout"))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let client = LlmClient::new(Arc::new(lobehub(lobehub_settings(&server, None))), client_settings());
+    let (mut sink, _) = recorder();
+    let result = client.complete(&request(), &mut sink).await;
+    assert!(matches!(result, Err(LlmError::Stream(_))), "{result:?}");
+    server.verify().await;
+
+    let busy = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/v1/chat"))
+        .respond_with(ResponseTemplate::new(503).set_body_string("busy"))
+        .expect(3)
+        .mount(&busy)
+        .await;
+    let client = LlmClient::new(Arc::new(lobehub(lobehub_settings(&busy, None))), client_settings());
+    let result = client.complete(&request(), &mut sink).await;
+    assert!(matches!(result, Err(LlmError::Status { status: 503, .. })), "{result:?}");
 }
 
 #[tokio::test]

@@ -67,8 +67,13 @@ pub enum LlmError {
     #[error("no first token within {0:?}")]
     FirstTokenTimeout(Duration),
     /// The whole answer took longer than the total timeout.
-    #[error("no complete answer within {0:?}")]
-    TotalTimeout(Duration),
+    #[error("no complete answer within {after:?}")]
+    TotalTimeout {
+        /// The total timeout.
+        after: Duration,
+        /// Whether any of the answer had been passed on by then (a slow but working server).
+        started: bool,
+    },
     /// The stream broke or carried an error event after it started.
     #[error("LLM stream failed: {0}")]
     Stream(String),
@@ -116,7 +121,7 @@ impl LlmError {
             Self::Connect(_) => "connect",
             Self::Status { .. } => "status",
             Self::FirstTokenTimeout(_) => "first_token_timeout",
-            Self::TotalTimeout(_) => "total_timeout",
+            Self::TotalTimeout { .. } => "total_timeout",
             Self::Stream(_) => "stream",
             Self::Protocol(_) => "protocol",
             Self::Overloaded(_) => "overloaded",

@@ -163,13 +163,16 @@ impl Drop for Ticket {
     }
 }
 
-/// Whether a failure says the server is unwell: no connection, 429 or 5xx, no first token or
-/// no whole answer in time. A stream that broke after it began does not count: that is also how
-/// a server reports a refusal of the request itself (a content filter, a context too long),
-/// which five users in a row must not turn into an outage for everyone.
+/// Whether a failure says the server is unwell: no connection, 429 or 5xx, no first token, or
+/// nothing of the answer within the total timeout. A stream that broke after it began does not
+/// count: that is also how a server reports a refusal of the request itself (a content filter,
+/// a context too long), which five users in a row must not turn into an outage for everyone;
+/// nor does a steady stream too long for the total timeout (five long answers in a row from a
+/// slow but working model).
 fn points_at_the_server(error: &LlmError) -> bool {
     match error {
-        LlmError::Connect(_) | LlmError::FirstTokenTimeout(_) | LlmError::TotalTimeout(_) => true,
+        LlmError::Connect(_) | LlmError::FirstTokenTimeout(_) => true,
+        LlmError::TotalTimeout { started, .. } => !started,
         LlmError::Status { status, .. } => *status == 429 || *status >= 500,
         LlmError::Stream(_) | LlmError::Protocol(_) | LlmError::Overloaded(_) | LlmError::Unavailable(_) => false,
     }
@@ -221,8 +224,13 @@ mod tests {
             assert_eq!(call(&breaker, Err(bad_request)), Transition::Unchanged);
             assert_eq!(call(&breaker, Err(LlmError::Stream("content filter".into()))), Transition::Unchanged);
         }
+        for _ in 0..5 {
+            let long_answer = LlmError::TotalTimeout { after: Duration::from_secs(120), started: true };
+            assert_eq!(call(&breaker, Err(long_answer)), Transition::Unchanged);
+        }
         call(&breaker, down());
-        call(&breaker, down());
+        let silent = LlmError::TotalTimeout { after: Duration::from_secs(120), started: false };
+        call(&breaker, Err(silent));
         call(&breaker, Ok("好".into()));
         call(&breaker, down());
         call(&breaker, down());

@@ -88,9 +88,10 @@ impl LlmClient {
     /// `total_timeout`; otherwise with the last attempt's error.
     pub async fn complete(&self, request: &CompletionRequest, on_delta: &mut DeltaSink) -> Result<String, LlmError> {
         let total = self.inner.settings.total_timeout;
-        match tokio::time::timeout(total, self.complete_with_retries(request, on_delta)).await {
+        let shown = Arc::new(AtomicBool::new(false));
+        match tokio::time::timeout(total, self.complete_with_retries(request, on_delta, &shown)).await {
             Ok(result) => result,
-            Err(_elapsed) => Err(LlmError::TotalTimeout(total)),
+            Err(_elapsed) => Err(LlmError::TotalTimeout { after: total, started: shown.load(Ordering::SeqCst) }),
         }
     }
 
@@ -98,12 +99,13 @@ impl LlmClient {
         &self,
         request: &CompletionRequest,
         on_delta: &mut DeltaSink,
+        shown: &Arc<AtomicBool>,
     ) -> Result<String, LlmError> {
         let settings = &self.inner.settings;
         let backend = self.inner.backend.name();
         // The caller's sink is lent to each attempt through a tracking wrapper; the guard puts it
         // back when this future ends, however it ends (even when cancelled by the timeout).
-        let guard = SinkLoan::new(on_delta);
+        let guard = SinkLoan::new(on_delta, Arc::clone(shown));
         let started = tokio::time::Instant::now();
         let mut attempt: u32 = 0;
         loop {
@@ -141,24 +143,27 @@ impl LlmClient {
 struct SinkLoan<'a> {
     slot: &'a mut DeltaSink,
     shared: Arc<Mutex<DeltaSink>>,
+    /// Set once any attempt passed text on.
+    shown: Arc<AtomicBool>,
 }
 
 impl<'a> SinkLoan<'a> {
-    fn new(slot: &'a mut DeltaSink) -> Self {
+    fn new(slot: &'a mut DeltaSink, shown: Arc<AtomicBool>) -> Self {
         let sink = std::mem::replace(slot, Box::new(|_: &str| {}));
-        Self { slot, shared: Arc::new(Mutex::new(sink)) }
+        Self { slot, shared: Arc::new(Mutex::new(sink)), shown }
     }
 
     /// A sink for one attempt, and a flag that turns true once it passed any text on.
     fn tracking_sink(&self) -> (DeltaSink, Arc<AtomicBool>) {
         let delivered = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&delivered);
+        let (flag, shown) = (Arc::clone(&delivered), Arc::clone(&self.shown));
         let shared = Arc::clone(&self.shared);
         let sink: DeltaSink = Box::new(move |piece: &str| {
             if piece.is_empty() {
                 return;
             }
             flag.store(true, Ordering::SeqCst);
+            shown.store(true, Ordering::SeqCst);
             // NOTE: the lock is held only for this synchronous call, never across an await; a
             // poisoned lock (a panicking sink) still holds a usable sink.
             let mut sink = shared.lock().unwrap_or_else(PoisonError::into_inner);
@@ -373,7 +378,9 @@ mod tests {
         let (client, _) = client(vec![Script::Hang], fast_settings());
         let (mut sink, seen) = recorder();
         let result = client.complete(&request(), &mut sink).await;
-        assert!(matches!(result, Err(LlmError::TotalTimeout(total)) if total == Duration::from_secs(10)));
+        assert!(
+            matches!(result, Err(LlmError::TotalTimeout { after, started: false }) if after == Duration::from_secs(10))
+        );
         sink("still mine");
         assert_eq!(seen.lock().unwrap_or_else(PoisonError::into_inner).as_str(), "still mine");
     }

@@ -220,9 +220,18 @@ impl LobeHubBackend {
             provider: self.settings.provider.as_deref(),
         };
         let http_request = self.post("/api/v1/chat").json(&body);
-        let mut response = sse::send(http_request).await?;
+        // Asked again only if the model cannot have run: the answer comes whole at the end, so
+        // a connection lost after sending, or a gateway's timeout (502, 504, Cloudflare's 524),
+        // may come after it was generated, and billed. Only no connection, 429 and 503 (refused
+        // before any work) stay retryable.
+        let mut response = sse::send_once(http_request).await?;
         if !response.status().is_success() {
-            return Err(sse::status_error(response, ERROR_BODY_TIMEOUT, self.api_key()).await);
+            return Err(match sse::status_error(response, ERROR_BODY_TIMEOUT, self.api_key()).await {
+                LlmError::Status { status, message, .. } if status >= 500 && status != 503 => {
+                    LlmError::Stream(format!("LobeHub answered HTTP {status}: {message} (not asked again)"))
+                }
+                other => other,
+            });
         }
         let (bytes, truncated) = sse::read_body_limited(&mut response, MAX_CHAT_BODY_BYTES)
             .await

@@ -385,6 +385,24 @@ pub(crate) async fn send(request: reqwest::RequestBuilder) -> Result<reqwest::Re
     })
 }
 
+/// [`send`] for a request that must not reach the server twice: only a failure to connect
+/// (nothing was sent) stays a retryable connect error; a failure after that is a stream error,
+/// never retried.
+pub(crate) async fn send_once(request: reqwest::RequestBuilder) -> Result<reqwest::Response, LlmError> {
+    request.send().await.map_err(|error| {
+        if error.is_builder() {
+            LlmError::Protocol(describe_reqwest_error(error))
+        } else if error.is_connect() {
+            LlmError::Connect(describe_reqwest_error(error))
+        } else {
+            LlmError::Stream(format!(
+                "{} (it may have reached the server; not sent again)",
+                describe_reqwest_error(error)
+            ))
+        }
+    })
+}
+
 /// Reads the body up to `limit` bytes. Returns the bytes and whether more was left unread.
 pub(crate) async fn read_body_limited(
     response: &mut reqwest::Response,

@@ -131,7 +131,11 @@ impl ThinkFilter {
     /// reasoning block is dropped.
     pub fn finish(&mut self) -> String {
         if let Some(held) = self.held.take() {
-            return self.visible(held);
+            // No `</think>` came, so the prompt opened no block: the text is filtered as any
+            // answer is, and a block the model opened itself (and never closed) is dropped.
+            let mut shown = self.push(&held);
+            shown.push_str(&self.finish());
+            return shown;
         }
         let pending = std::mem::take(&mut self.pending);
         if self.inside {
@@ -286,6 +290,9 @@ mod tests {
     #[test]
     fn an_answer_opened_by_the_prompt_that_never_closes_the_block_is_shown_whole() {
         assert_eq!(run_opened_by_prompt(&["你好", "！今天 </thi", "nking>"]), "你好！今天 </thinking>");
+        // Unless the model opened a block itself: that is reasoning, dropped unclosed.
+        assert_eq!(run_opened_by_prompt(&["<think>用户想知道", "密码"]), "");
+        assert_eq!(run_opened_by_prompt(&["答案里提到 <think> 标签"]), "答案里提到 <think> 标签");
         // Without strip_think there is nothing to strip.
         let mut filter = ThinkFilter::new(false).opened_by_prompt(true);
         assert_eq!(filter.push("a</think>b"), "a</think>b");
