@@ -652,8 +652,8 @@ mod tests {
         for user in 0..12u64 {
             slots.park(&channel, &format!("u{user}"), &format!("e{user}"), "答".into());
             if let Some(mut parked) = slots.parked.get_mut(&(channel.clone(), format!("u{user}"))) {
-                // u0 parked longest ago, u11 last.
-                parked.parked_at = now.checked_sub(Duration::from_secs(100 - user)).unwrap_or(now);
+                // u0 parked longest ago, u11 last (later instants: the order is what counts).
+                parked.parked_at = now + Duration::from_secs(user);
             }
         }
         slots.bound_users(10);

@@ -228,9 +228,12 @@ mod tests {
             let long_answer = LlmError::TotalTimeout { after: Duration::from_secs(120), started: true };
             assert_eq!(call(&breaker, Err(long_answer)), Transition::Unchanged);
         }
+        call(&breaker, Ok("好".into()));
+        call(&breaker, down());
         call(&breaker, down());
         let silent = LlmError::TotalTimeout { after: Duration::from_secs(120), started: false };
-        call(&breaker, Err(silent));
+        assert_eq!(call(&breaker, Err(silent)), Transition::Opened, "nothing shown in time counts");
+        tokio::time::advance(Duration::from_secs(30)).await;
         call(&breaker, Ok("好".into()));
         call(&breaker, down());
         call(&breaker, down());

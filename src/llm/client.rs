@@ -244,6 +244,7 @@ mod tests {
         DeltaThenFail(fn() -> LlmError),
         Answer(&'static str),
         Hang,
+        DeltaThenHang,
     }
 
     impl LlmBackend for Scripted {
@@ -271,6 +272,10 @@ mod tests {
                         Ok(text.to_owned())
                     }
                     Script::Hang => std::future::pending().await,
+                    Script::DeltaThenHang => {
+                        on_delta("partial");
+                        std::future::pending().await
+                    }
                 }
             })
         }
@@ -383,6 +388,17 @@ mod tests {
         );
         sink("still mine");
         assert_eq!(seen.lock().unwrap_or_else(PoisonError::into_inner).as_str(), "still mine");
+    }
+
+    /// A steady stream cut by the total timeout says so (`started`): the server works, the
+    /// answer is only long, and the circuit breaker must not count it.
+    #[tokio::test(start_paused = true)]
+    async fn a_total_timeout_says_whether_any_of_the_answer_had_been_shown() {
+        let (client, _) = client(vec![Script::DeltaThenHang], fast_settings());
+        let (mut sink, seen) = recorder();
+        let result = client.complete(&request(), &mut sink).await;
+        assert!(matches!(result, Err(LlmError::TotalTimeout { started: true, .. })), "{result:?}");
+        assert_eq!(seen.lock().unwrap_or_else(PoisonError::into_inner).as_str(), "partial");
     }
 
     #[test]

@@ -23,6 +23,9 @@ use super::think::{ThinkFilter, VisibleAnswer};
 /// How long an error body may take to arrive after an error status.
 const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a stream may stay open after its finish reason (see `complete_once`).
+const AFTER_FINISH_GRACE: Duration = Duration::from_secs(1);
+
 /// What the OpenAI-compatible backend needs to know. Deserializable so it can sit in the config
 /// file as-is.
 #[derive(Clone, Deserialize)]
@@ -171,15 +174,32 @@ impl OpenAiBackend {
                 let mut thinking = false;
                 let mut saw_delta_text = false;
                 let mut completed = false;
-                while let Some((event_name, json)) = sse::next_json_event(
-                    &mut events,
-                    thinking || answer.has_started(),
-                    deadline,
-                    first_token_timeout,
-                    "openai",
-                )
-                .await?
-                {
+                loop {
+                    let next = sse::next_json_event(
+                        &mut events,
+                        thinking || answer.has_started(),
+                        deadline,
+                        first_token_timeout,
+                        "openai",
+                    );
+                    let next = if completed {
+                        // After the finish reason only a usage chunk and `[DONE]` may follow; a
+                        // gateway that then neither ends nor closes the stream must not turn a
+                        // whole answer into a timeout.
+                        match tokio::time::timeout(AFTER_FINISH_GRACE, next).await {
+                            Ok(next) => next?,
+                            Err(_elapsed) => {
+                                debug!(
+                                    backend = "openai",
+                                    "The stream stayed open after its finish reason; answer taken."
+                                );
+                                None
+                            }
+                        }
+                    } else {
+                        next.await?
+                    };
+                    let Some((event_name, json)) = next else { break };
                     if json.get("error").is_some_and(|error| !error.is_null()) || event_name.as_deref() == Some("error")
                     {
                         let message = sse::error_message(&json).unwrap_or_else(|| "error event in stream".to_owned());

@@ -103,8 +103,8 @@ async fn the_next_answer_waits_until_the_rest_of_a_passive_answer_is_sent() {
     env.push(("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "100"));
     let app = spawn_with(&base_config(&llm, &wechat), &env, ChannelKinds::builtin(), wechat, llm).await;
     let question = "长".repeat(100);
-    let (attempt, first) = wechat_delivers(&app, &text_xml("oP14", 14, &question)).await.unwrap_or_default();
-    assert_eq!(attempt, 1, "{first}");
+    // Whichever attempt carries the start (the first, unless the machine is very slow).
+    let (_, first) = wechat_delivers(&app, &text_xml("oP14", 14, &question)).await.unwrap_or_default();
     assert!(passive_content(&first).starts_with("答："), "{first}");
     let (_, second) = wechat_delivers(&app, &text_xml("oP14", 15, "下一个")).await.unwrap_or_default();
     assert_eq!(passive_content(&second), "答：下一个", "{second}");
