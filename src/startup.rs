@@ -64,6 +64,7 @@ fn build_llm_client(config: &Config) -> anyhow::Result<LlmClient> {
                 agent_id: llm.agent_id.clone(),
                 model: llm.model.clone(),
                 provider: llm.provider.clone(),
+                strip_think: llm.strip_think,
             },
             http,
         )),

@@ -336,6 +336,19 @@ async fn openai_error_event_inside_the_stream_is_a_stream_error() {
     assert_eq!(seen, vec!["partial "]);
 }
 
+/// Older vLLM reported a failure inside the stream as an error object of its own.
+#[tokio::test]
+async fn openai_an_error_object_inside_the_stream_is_a_stream_error() {
+    let server = MockServer::start().await;
+    let error = json!({"object":"error","message":"prompt too long","type":"BadRequestError","code":400});
+    let body = sse(&[&chunk("partial "), &error.to_string()]);
+    Mock::given(method("POST")).respond_with(streaming(body)).mount(&server).await;
+
+    let (result, _) = complete(&openai(openai_settings(&server))).await;
+
+    assert!(matches!(result, Err(LlmError::Stream(ref message)) if message == "prompt too long"), "{result:?}");
+}
+
 #[tokio::test]
 async fn openai_http_500_is_a_status_error_with_the_server_message() {
     let server = MockServer::start().await;
@@ -829,6 +842,24 @@ async fn lobehub_chat_route_is_not_asked_again_after_a_gateway_timeout() {
     let client = LlmClient::new(Arc::new(lobehub(lobehub_settings(&busy, None))), client_settings());
     let result = client.complete(&request(), &mut sink).await;
     assert!(matches!(result, Err(LlmError::Status { status: 503, .. })), "{result:?}");
+}
+
+#[tokio::test]
+async fn lobehub_chat_route_strips_a_think_block_that_opens_the_answer() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/api/v1/chat"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"success":true,"data":{"content":"<think>想一想</think>\n答案"}})),
+        )
+        .mount(&server)
+        .await;
+
+    let (result, seen) = complete(&lobehub(lobehub_settings(&server, None))).await;
+
+    assert_eq!(result.ok().as_deref(), Some("答案"));
+    assert_eq!(seen, vec!["答案"]);
 }
 
 #[tokio::test]

@@ -4,11 +4,13 @@ use super::AppState;
 use actix_web::{web, HttpResponse};
 
 /// Liveness: the process serves HTTP, its actors run, and its store accepts writes (503 with
-/// `status: "store_failed"` and the reason otherwise: only a restart helps).
+/// `status: "store_failed"` and the reason otherwise: only a restart helps). While it stops
+/// (SIGTERM), 503 with `status: "stopping"`, so that a load balancer sends no more.
 pub async fn healthz(state: web::Data<AppState>) -> HttpResponse {
     let (mut response, status, problem) = match state.hub.store.health() {
-        Ok(()) => (HttpResponse::Ok(), "ok", None),
         Err(why) => (HttpResponse::ServiceUnavailable(), "store_failed", Some(why)),
+        Ok(()) if state.hub.passive.is_closing() => (HttpResponse::ServiceUnavailable(), "stopping", None),
+        Ok(()) => (HttpResponse::Ok(), "ok", None),
     };
     response.json(serde_json::json!({
         "status": status,
@@ -49,7 +51,37 @@ mod tests {
         let store = ok(SqliteStore::open_with_failing_disk(&dir.join("store.db")));
         let envelope = crate::store::test_envelope("m1");
         assert!(store.accept(&envelope, Duration::from_secs(60)).await.is_err());
+        let (status, body) = healthz_of(state_on(Arc::new(store))).await;
+        assert_eq!(status, 503);
+        assert_eq!(body["status"], "store_failed");
+        assert!(body["problem"].as_str().is_some_and(|problem| problem.contains("failed fsync")), "{body}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
+    #[actix_web::test]
+    async fn a_stopping_process_says_so_with_503() {
+        let state = state_on(Arc::new(crate::store::MemoryStore::new(10)));
+        let (status, body) = healthz_of(state.clone()).await;
+        assert_eq!((status, body["status"].as_str()), (200, Some("ok")));
+        state.hub.passive.close_for_shutdown();
+        let (status, body) = healthz_of(state).await;
+        assert_eq!((status, body["status"].as_str()), (503, Some("stopping")));
+    }
+
+    /// `GET /healthz` against `state`: the status and the JSON body.
+    async fn healthz_of(state: web::Data<AppState>) -> (u16, serde_json::Value) {
+        let app = actix_web::test::init_service(
+            actix_web::App::new().app_data(state).route("/healthz", web::get().to(healthz)),
+        )
+        .await;
+        let request = actix_web::test::TestRequest::get().uri("/healthz").to_request();
+        let response = actix_web::test::call_service(&app, request).await;
+        let status = response.status().as_u16();
+        (status, actix_web::test::read_body_json(response).await)
+    }
+
+    /// The state of an app with no channels over `store`.
+    fn state_on(store: Arc<dyn Store>) -> web::Data<AppState> {
         let metrics = Metrics::new();
         // Never called: nothing here asks the model.
         let backend = OpenAiBackend::new(OpenAiSettings::new("http://127.0.0.1:9/v1", "m"), reqwest::Client::new());
@@ -61,7 +93,7 @@ mod tests {
         };
         let llm = LlmActor::new(LlmClient::new(Arc::new(backend), settings), 1, 1, metrics.clone()).start();
         let hub = Hub::new(HubInner {
-            store: Arc::new(store),
+            store,
             llm,
             channels: Default::default(),
             messages: Default::default(),
@@ -71,22 +103,11 @@ mod tests {
             passive: Default::default(),
         });
         let sessions = SessionRegistry::new(hub.clone(), Duration::from_secs(60), Vec::new());
-        let state = web::Data::new(AppState {
+        web::Data::new(AppState {
             router: Router::new(hub.clone(), sessions),
             hub,
             body: crate::http::BodyLimits { max_bytes: 1024, timeout: Duration::from_secs(1) },
             refusals: Default::default(),
-        });
-        let app = actix_web::test::init_service(
-            actix_web::App::new().app_data(state).route("/healthz", web::get().to(healthz)),
-        )
-        .await;
-        let request = actix_web::test::TestRequest::get().uri("/healthz").to_request();
-        let response = actix_web::test::call_service(&app, request).await;
-        assert_eq!(response.status().as_u16(), 503);
-        let body: serde_json::Value = actix_web::test::read_body_json(response).await;
-        assert_eq!(body["status"], "store_failed");
-        assert!(body["problem"].as_str().is_some_and(|problem| problem.contains("failed fsync")), "{body}");
-        let _ = std::fs::remove_dir_all(&dir);
+        })
     }
 }

@@ -45,12 +45,27 @@ pub struct LobeHubSettings {
     /// The provider for `/api/v1/chat` (ignored with an agent). LobeHub's default when unset.
     #[serde(default)]
     pub provider: Option<String>,
+    /// Remove a `<think>…</think>` block that opens an answer (a model behind LobeHub that
+    /// inlines its reasoning).
+    #[serde(default = "default_strip_think")]
+    pub strip_think: bool,
+}
+
+fn default_strip_think() -> bool {
+    true
 }
 
 impl LobeHubSettings {
     /// Settings for `base_url` with no key, no agent and LobeHub's default model.
     pub fn new(base_url: impl Into<String>) -> Self {
-        Self { base_url: base_url.into(), api_key: None, agent_id: None, model: None, provider: None }
+        Self {
+            base_url: base_url.into(),
+            api_key: None,
+            agent_id: None,
+            model: None,
+            provider: None,
+            strip_think: true,
+        }
     }
 }
 
@@ -126,7 +141,7 @@ impl LobeHubBackend {
             return Err(sse::status_error(response, ERROR_BODY_TIMEOUT, self.api_key()).await);
         }
 
-        let mut answer = VisibleAnswer::new(ThinkFilter::new(false), on_delta);
+        let mut answer = VisibleAnswer::new(ThinkFilter::new(self.settings.strip_think), on_delta);
         match sse::open_body(response, deadline, first_token_timeout).await? {
             ResponseBody::Json(bytes) => {
                 let json: Value = serde_json::from_slice(&bytes)
@@ -251,7 +266,7 @@ impl LobeHubBackend {
             .pointer("/data/content")
             .and_then(Value::as_str)
             .ok_or_else(|| LlmError::Protocol("no data.content in the answer".to_owned()))?;
-        let mut answer = VisibleAnswer::new(ThinkFilter::new(false), on_delta);
+        let mut answer = VisibleAnswer::new(ThinkFilter::new(self.settings.strip_think), on_delta);
         answer.push(content)?;
         answer.finish()
     }

@@ -200,7 +200,11 @@ impl OpenAiBackend {
                         next.await?
                     };
                     let Some((event_name, json)) = next else { break };
-                    if json.get("error").is_some_and(|error| !error.is_null()) || event_name.as_deref() == Some("error")
+                    // vLLM before 0.6 reported errors as `{"object":"error","message":…}`.
+                    let error_object = json.get("object").and_then(Value::as_str) == Some("error");
+                    if json.get("error").is_some_and(|error| !error.is_null())
+                        || event_name.as_deref() == Some("error")
+                        || error_object
                     {
                         let message = sse::error_message(&json).unwrap_or_else(|| "error event in stream".to_owned());
                         return Err(LlmError::Stream(message));
