@@ -89,7 +89,10 @@ impl TokenCache {
         // token that lives no longer than the margin is used for half its life, rather than
         // fetched again by every caller.
         let claimed = token.expires_in.min(MAX_TOKEN_LIFETIME);
-        let lifetime = if claimed > self.margin { claimed - self.margin } else { claimed / 2 };
+        // At least a few seconds: a lifetime of 0 (a proxy that leaves `expires_in` out) would
+        // have every call fetch a token; one the platform refuses is fetched again anyway.
+        let lifetime =
+            if claimed > self.margin { claimed - self.margin } else { claimed / 2 }.max(SHORTEST_TOKEN_REUSE);
         let mut guard = self.cached.write().unwrap_or_else(|poisoned| poisoned.into_inner());
         *guard = Some(Cached { value: token.value.clone(), refresh_at: Instant::now() + lifetime });
         Ok(token.value)
@@ -107,6 +110,9 @@ impl TokenCache {
 
 /// The longest a token is trusted, whatever lifetime the platform claims.
 const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// The shortest a token is reused, whatever lifetime the platform claims.
+const SHORTEST_TOKEN_REUSE: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {
@@ -214,6 +220,18 @@ mod tests {
         assert_eq!(cached.ok().as_deref(), Some("short"));
         tokio::time::advance(Duration::from_secs(2)).await;
         let renewed = cache.get(|| async { Ok(token("next", 200)) }).await;
+        assert_eq!(renewed.ok().as_deref(), Some("next"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_claimed_to_live_no_time_is_still_reused_for_a_few_seconds() {
+        let cache = TokenCache::new(Duration::from_secs(300));
+        let first = cache.get(|| async { Ok(token("zero", 0)) }).await;
+        assert_eq!(first.ok().as_deref(), Some("zero"));
+        let cached = cache.get(|| async { Ok(token("next", 0)) }).await;
+        assert_eq!(cached.ok().as_deref(), Some("zero"));
+        tokio::time::advance(SHORTEST_TOKEN_REUSE).await;
+        let renewed = cache.get(|| async { Ok(token("next", 0)) }).await;
         assert_eq!(renewed.ok().as_deref(), Some("next"));
     }
 
