@@ -567,13 +567,14 @@ impl Config {
         }
         for (index, channel) in self.channels.iter().enumerate() {
             // Environment overrides address a channel as `YIZHAN__CHANNELS__<ID>__KEY`, with
-            // `-` written `_`: an id that would then hold `__` or start or end with `_` could
-            // not be told from the separators, and its secrets could not come from there.
+            // `-` written `_`: an id that would then hold `__` or end with `_` could not be told
+            // from the separators, and its secrets could not come from there. (One that starts
+            // with `_` can: the variable's `___` splits as `__` then `_…`.)
             let addressed = channel.core.id.replace('-', "_");
-            if addressed.contains("__") || addressed.starts_with('_') || addressed.ends_with('_') {
+            if addressed.contains("__") || addressed.ends_with('_') {
                 bail!(
                     "config key `channels[{index}].id`: {:?} cannot be addressed by environment overrides \
-                     (no `-` or `_` at its start or end, nor two in a row)",
+                     (no `-` or `_` at its end, nor two in a row)",
                     channel.core.id
                 );
             }
@@ -839,7 +840,7 @@ token = "tok"
 
     #[test]
     fn channel_ids_are_ones_environment_overrides_can_address() {
-        for id in ["mp-", "_mp", "mp--main", "mp_-main", "mp__main"] {
+        for id in ["mp-", "mp_", "mp--main", "mp_-main", "mp__main"] {
             let text = MINIMAL.replace("id = \"mp-main\"", &format!("id = \"{id}\""));
             let message = format!("{:#}", load(&text, &[]).err().unwrap_or_else(|| panic!("accepted {id}")));
             assert!(message.contains("channels[0].id"), "{message}");

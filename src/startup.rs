@@ -356,7 +356,7 @@ impl Application {
         served
     }
 
-    /// Forgets, hourly, the parked answers of users for whom nothing was parked for
+    /// Forgets, hourly, the parked answers of users for whom nothing was parked or taken for
     /// [`PARKED_FOR`](crate::delivery::passive::PARKED_FOR).
     fn spawn_parked_expiry(&self) {
         let hub = self.hub.clone();
@@ -369,7 +369,7 @@ impl Application {
                 };
                 let forgotten = hub.passive.forget_parked_before(cutoff);
                 if forgotten > 0 {
-                    tracing::info!(forgotten, "Forgot parked answers not asked for within a week.");
+                    tracing::info!(forgotten, "Forgot parked answers untouched for a week.");
                 }
             }
         });

@@ -584,6 +584,25 @@ async fn llm_client_gives_up_at_the_total_timeout() {
     );
 }
 
+/// Some servers put a finish reason on chunks that still carry text (every chunk, or reasoning
+/// chunks): only the standard closing chunk (nothing in its delta) ends the wait for more.
+#[tokio::test]
+async fn openai_a_finish_reason_on_a_chunk_with_text_does_not_end_the_answer() {
+    let with_finish = |text: &str| json!({"choices":[{"index":0,"delta":{"content":text},"finish_reason":"stop"}]});
+    let script = vec![
+        (Duration::ZERO, format!("data: {}\n\n", with_finish("先"))),
+        (Duration::from_millis(1_300), format!("data: {}\n\n", with_finish("后"))),
+        (Duration::ZERO, "data: [DONE]\n\n".to_owned()),
+    ];
+    let base_url = trickling_server(script);
+    let client = LlmClient::new(Arc::new(openai(OpenAiSettings::new(base_url, "m"))), client_settings());
+    let (mut sink, _) = recorder();
+
+    let result = client.complete(&request(), &mut sink).await;
+
+    assert_eq!(result.ok().as_deref(), Some("先后"));
+}
+
 /// A gateway that keeps the stream open after the finish reason (no `[DONE]`, no close) still
 /// gives the whole answer, not a timeout.
 #[tokio::test]
@@ -829,7 +848,7 @@ async fn lobehub_chat_route_is_not_asked_again_after_a_gateway_timeout() {
     let client = LlmClient::new(Arc::new(lobehub(lobehub_settings(&server, None))), client_settings());
     let (mut sink, _) = recorder();
     let result = client.complete(&request(), &mut sink).await;
-    assert!(matches!(result, Err(LlmError::Stream(_))), "{result:?}");
+    assert!(matches!(result, Err(LlmError::Status { status: 504, .. })), "{result:?}");
     server.verify().await;
 
     let busy = MockServer::start().await;

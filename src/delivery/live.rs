@@ -73,9 +73,11 @@ async fn send_updates(
         if text.trim().is_empty() || showing_a_whole_part {
             continue;
         }
-        showing_a_whole_part = text.len() >= max_part_bytes;
-        if let Err(error) = channel.update_stream(&handle, &text, sequence).await {
-            tracing::debug!(channel = %channel.id(), %error, "Streaming update failed; the final text still follows.");
+        match channel.update_stream(&handle, &text, sequence).await {
+            Ok(()) => showing_a_whole_part = text.len() >= max_part_bytes,
+            Err(error) => {
+                tracing::debug!(channel = %channel.id(), %error, "Streaming update failed; the final text still follows.")
+            }
         }
         sequence += 1;
         actix::clock::sleep(interval).await;

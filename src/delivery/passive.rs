@@ -435,8 +435,8 @@ impl PassiveSlots {
         front
     }
 
-    /// Drops the parked answers of users for whom nothing was parked since `cutoff`; returns
-    /// how many answers went.
+    /// Drops the parked answers of users for whom nothing was parked or taken since `cutoff`;
+    /// returns how many answers went.
     pub fn forget_parked_before(&self, cutoff: std::time::Instant) -> usize {
         let mut forgotten = 0;
         self.parked.retain(|_, parked| {

@@ -52,6 +52,10 @@ pub enum LlmError {
     /// Could not connect or the request failed before any response byte arrived.
     #[error("could not reach the LLM: {0}")]
     Connect(String),
+    /// The connection failed after a request that must not be sent twice went out: the server
+    /// may have done the work (see [`LlmBackend::may_repeat`]).
+    #[error("lost the LLM's answer: {0}")]
+    Lost(String),
     /// The server answered with an error status before streaming anything.
     #[error("LLM answered HTTP {status}: {message}")]
     Status {
@@ -106,6 +110,7 @@ impl LlmError {
         let clean = |text: String| super::sse::redact(text, secret);
         match self {
             Self::Connect(message) => Self::Connect(clean(message)),
+            Self::Lost(message) => Self::Lost(clean(message)),
             Self::Status { status, message, retry_after } => {
                 Self::Status { status, message: clean(message), retry_after }
             }
@@ -119,6 +124,7 @@ impl LlmError {
     pub fn label(&self) -> &'static str {
         match self {
             Self::Connect(_) => "connect",
+            Self::Lost(_) => "lost",
             Self::Status { .. } => "status",
             Self::FirstTokenTimeout(_) => "first_token_timeout",
             Self::TotalTimeout { .. } => "total_timeout",
@@ -145,4 +151,11 @@ pub trait LlmBackend: Send + Sync + 'static {
         first_token_timeout: Duration,
         on_delta: &'a mut DeltaSink,
     ) -> BoxFuture<'a, Result<String, LlmError>>;
+
+    /// Whether a request that failed with `error` (a retryable one) may be sent again. False
+    /// where the server may have done the work before failing (an answer that comes whole at
+    /// the end, behind a gateway's timeout): asking again could bill it twice.
+    fn may_repeat(&self, _error: &LlmError) -> bool {
+        true
+    }
 }

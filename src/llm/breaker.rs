@@ -171,7 +171,7 @@ impl Drop for Ticket {
 /// slow but working model).
 fn points_at_the_server(error: &LlmError) -> bool {
     match error {
-        LlmError::Connect(_) | LlmError::FirstTokenTimeout(_) => true,
+        LlmError::Connect(_) | LlmError::Lost(_) | LlmError::FirstTokenTimeout(_) => true,
         LlmError::TotalTimeout { started, .. } => !started,
         LlmError::Status { status, .. } => *status == 429 || *status >= 500,
         LlmError::Stream(_) | LlmError::Protocol(_) | LlmError::Overloaded(_) | LlmError::Unavailable(_) => false,

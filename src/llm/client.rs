@@ -117,7 +117,10 @@ impl LlmClient {
                 Ok(answer) => return Ok(answer),
                 Err(error) => error,
             };
-            let retry = error.is_retryable() && !delivered.load(Ordering::SeqCst) && attempt <= settings.max_retries;
+            let retry = error.is_retryable()
+                && self.inner.backend.may_repeat(&error)
+                && !delivered.load(Ordering::SeqCst)
+                && attempt <= settings.max_retries;
             if !retry {
                 return Err(error);
             }

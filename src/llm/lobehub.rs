@@ -241,12 +241,7 @@ impl LobeHubBackend {
         // before any work) stay retryable.
         let mut response = sse::send_once(http_request).await?;
         if !response.status().is_success() {
-            return Err(match sse::status_error(response, ERROR_BODY_TIMEOUT, self.api_key()).await {
-                LlmError::Status { status, message, .. } if status >= 500 && status != 503 => {
-                    LlmError::Stream(format!("LobeHub answered HTTP {status}: {message} (not asked again)"))
-                }
-                other => other,
-            });
+            return Err(sse::status_error(response, ERROR_BODY_TIMEOUT, self.api_key()).await);
         }
         let (bytes, truncated) = sse::read_body_limited(&mut response, MAX_CHAT_BODY_BYTES)
             .await
@@ -290,6 +285,14 @@ impl LlmBackend for LobeHubBackend {
             };
             result.map_err(|error| error.redacting(self.api_key()))
         })
+    }
+
+    /// The chat route's answer comes whole at the end: a 5xx other than 503 (a gateway's
+    /// timeout, Cloudflare's 524) may come after the model ran, and been billed. Asked again
+    /// only when refused before any work (429, 503) or not reached at all.
+    fn may_repeat(&self, error: &LlmError) -> bool {
+        let chat_route = self.settings.agent_id.as_deref().is_none_or(str::is_empty);
+        !(chat_route && matches!(error, LlmError::Status { status, .. } if *status >= 500 && *status != 503))
     }
 }
 

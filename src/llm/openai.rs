@@ -154,7 +154,8 @@ impl OpenAiBackend {
             ResponseBody::Json(bytes) => {
                 let json: Value = serde_json::from_slice(&bytes)
                     .map_err(|error| LlmError::Protocol(format!("response is not JSON: {error}")))?;
-                if json.get("error").is_some_and(|error| !error.is_null()) {
+                let error_object = json.get("object").and_then(Value::as_str) == Some("error");
+                if json.get("error").is_some_and(|error| !error.is_null()) || error_object {
                     let message = sse::error_message(&json).unwrap_or_else(|| "error response".to_owned());
                     return Err(LlmError::Stream(message));
                 }
@@ -174,6 +175,10 @@ impl OpenAiBackend {
                 let mut thinking = false;
                 let mut saw_delta_text = false;
                 let mut completed = false;
+                // The standard last chunk: a finish reason with nothing in its delta. Some
+                // servers put a finish reason on every chunk, or on reasoning chunks, so only
+                // this one says that nothing but usage and `[DONE]` follows.
+                let mut closing_chunk_seen = false;
                 loop {
                     let next = sse::next_json_event(
                         &mut events,
@@ -182,7 +187,7 @@ impl OpenAiBackend {
                         first_token_timeout,
                         "openai",
                     );
-                    let next = if completed {
+                    let next = if closing_chunk_seen {
                         // After the finish reason only a usage chunk and `[DONE]` may follow; a
                         // gateway that then neither ends nor closes the stream must not turn a
                         // whole answer into a timeout.
@@ -210,7 +215,8 @@ impl OpenAiBackend {
                         return Err(LlmError::Stream(message));
                     }
                     for choice in first_choices(&json) {
-                        thinking |= shows_progress(choice);
+                        let progress = shows_progress(choice);
+                        thinking |= progress;
                         // NOTE: only `content` is read; `reasoning_content` / `reasoning` stay private.
                         let delta = choice.get("delta").and_then(|delta| content_text(delta.get("content")));
                         saw_delta_text |= delta.as_deref().is_some_and(|text| !text.is_empty());
@@ -221,6 +227,7 @@ impl OpenAiBackend {
                                 .then(|| choice.get("message").and_then(|message| content_text(message.get("content"))))
                                 .flatten()
                         });
+                        let brought = progress || piece.as_deref().is_some_and(|piece| !piece.is_empty());
                         if let Some(piece) = piece {
                             answer.push(&piece)?;
                         }
@@ -229,6 +236,7 @@ impl OpenAiBackend {
                         {
                             debug!(backend = "openai", finish_reason = reason, "Stream finished.");
                             completed = true;
+                            closing_chunk_seen |= !brought;
                             if reason == "length" {
                                 answer.cut_short();
                             }

@@ -386,8 +386,8 @@ pub(crate) async fn send(request: reqwest::RequestBuilder) -> Result<reqwest::Re
 }
 
 /// [`send`] for a request that must not reach the server twice: only a failure to connect
-/// (nothing was sent) stays a retryable connect error; a failure after that is a stream error,
-/// never retried.
+/// (nothing was sent) stays a retryable connect error; a failure after that is
+/// [`LlmError::Lost`], never retried.
 pub(crate) async fn send_once(request: reqwest::RequestBuilder) -> Result<reqwest::Response, LlmError> {
     request.send().await.map_err(|error| {
         if error.is_builder() {
@@ -395,7 +395,7 @@ pub(crate) async fn send_once(request: reqwest::RequestBuilder) -> Result<reqwes
         } else if error.is_connect() {
             LlmError::Connect(describe_reqwest_error(error))
         } else {
-            LlmError::Stream(format!(
+            LlmError::Lost(format!(
                 "{} (it may have reached the server; not sent again)",
                 describe_reqwest_error(error)
             ))
