@@ -143,6 +143,8 @@ impl WechatMp {
             let (fields, key) = self.open_encrypted(request)?;
             (fields, Some(key))
         } else {
+            // Signature first: an unsigned caller learns nothing of how the account is set up.
+            signature::verify(request, &self.settings.token, self.settings.replay_window())?;
             if self.crypto.is_some() && !self.settings.accept_plaintext {
                 return Err(ChannelError::BadSignature(
                     "a plaintext push to an account with an `encoding_aes_key`: only pushes with \
@@ -151,7 +153,6 @@ impl WechatMp {
                         .into(),
                 ));
             }
-            signature::verify(request, &self.settings.token, self.settings.replay_window())?;
             if !encrypt_type.eq_ignore_ascii_case("raw") {
                 return Err(ChannelError::Unsupported(format!(
                     "encrypt_type={encrypt_type}: only raw (明文模式) and aes (兼容模式/安全模式) exist"

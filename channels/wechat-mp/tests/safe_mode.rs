@@ -449,6 +449,12 @@ fn a_plaintext_push_to_an_account_with_a_key_is_refused_unless_plaintext_is_acce
         Err(ChannelError::BadSignature(reason)) => assert!(reason.contains("accept_plaintext"), "{reason}"),
         other => panic!("expected a refusal, got {other:?}"),
     }
+    // Unsigned, it is refused for its signature, saying nothing of the account's key.
+    let unsigned = [("signature", "0"), ("timestamp", v.timestamp.as_str()), ("nonce", v.nonce.as_str())];
+    match channel().handle_webhook(&request(&unsigned, xml, NOW)) {
+        Err(ChannelError::BadSignature(reason)) => assert!(!reason.contains("encoding_aes_key"), "{reason}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
     let mut with_raw = query.clone();
     with_raw.push(("encrypt_type", "raw"));
     assert!(matches!(channel().handle_webhook(&request(&with_raw, xml, NOW)), Err(ChannelError::BadSignature(_))));
