@@ -269,7 +269,7 @@ const EVENT_SEND_QUOTA: usize = 3;
 
 /// `text` with `hint` on a new line, cut at a character boundary so the whole fits in `limit`
 /// bytes; returns the text and what was cut off (to be shown later).
-fn fit_with_hint(text: &str, hint: &str, limit: usize) -> (String, String) {
+pub fn fit_with_hint(text: &str, hint: &str, limit: usize) -> (String, String) {
     let room = limit.saturating_sub(hint.len() + 1);
     let mut cut = text.len().min(room);
     while !text.is_char_boundary(cut) {

@@ -343,7 +343,8 @@ impl PassiveSlots {
         };
         let at = queue.iter().position(|(queued, _)| *queued == id).unwrap_or(otherwise);
         queue.insert(at, (id, text));
-        Self::bound(channel, queue, false);
+        // Text put at the front (the rest of what the user is reading) is not the one to drop.
+        Self::bound(channel, queue, at == 0);
         drop(parked);
         self.bound_users(MAX_PARKED_USERS);
     }
@@ -680,6 +681,21 @@ mod tests {
         assert_eq!(slots.unpark(&channel, "reader").as_deref(), Some("一"));
         assert_eq!(slots.forget_parked_before(ago(1)), 0);
         assert_eq!(slots.unpark(&channel, "reader").as_deref(), Some("二"));
+    }
+
+    #[test]
+    fn the_rest_of_what_a_user_is_reading_survives_the_per_user_bound() {
+        let slots = PassiveSlots::default();
+        let channel = ChannelId::parse("c").unwrap_or_else(|e| panic!("{e}"));
+        for i in 0..MAX_PARKED_PER_USER {
+            slots.park(&channel, "u", &format!("e{i}"), format!("t{i}"));
+        }
+        // 继续 (message c) takes t0; what of it does not fit is parked again at the front.
+        assert_eq!(slots.unpark_for(&channel, "u", "c").as_deref(), Some("t0"));
+        slots.park(&channel, "u", "c", "t0 的后半".into());
+        slots.park(&channel, "u", "c", "t0 的中间".into());
+        assert_eq!(slots.unpark(&channel, "u").as_deref(), Some("t0 的中间"));
+        assert_eq!(slots.unpark(&channel, "u").as_deref(), Some("t0 的后半"));
     }
 
     #[test]

@@ -436,6 +436,10 @@ async fn hold_for_answer(
     let first = parts.remove(0);
     let mut text = first.reply.text.clone();
     let mut unparked = None;
+    // An older parked answer too long to go beside this one: the reply shows its start (with
+    // the hint), and the rest of it, then this whole answer, wait for the continue word. Put
+    // back without a word, it would only ever come out on a 继续 the user has no reason to send.
+    let mut shown_instead = None;
     // Not when this answer is itself parked text (the continue word): the next parked text is
     // later than it and would be shown first.
     let unpark = !hub.passive.is_continuation(&envelope.id);
@@ -443,21 +447,28 @@ async fn hold_for_answer(
         let combined = format!("{}\n{parked}\n\n{text}", hub.messages.parked_prefix);
         if combined.len() <= limit {
             text = combined;
-            unparked = Some(parked);
         } else {
-            hub.passive.put_back(&envelope.channel, &envelope.sender.id, parked);
+            let older = format!("{}\n{parked}", hub.messages.parked_prefix);
+            let (start, rest_of_older) = crate::delivery::fit_with_hint(&older, &hub.messages.more_hint, limit);
+            text = start;
+            shown_instead = Some(rest_of_older);
         }
+        unparked = Some(parked);
     }
     // Shutting down: parked text would die with the process, so the rest stays pending in the
     // store for the next start to park (`send_parts` leaves it there).
     let leave_rest = entry.reply_mode == ReplyMode::Passive && hub.passive.is_closing();
-    if entry.reply_mode == ReplyMode::Passive && !parts.is_empty() && !leave_rest {
+    if shown_instead.is_none() && entry.reply_mode == ReplyMode::Passive && !parts.is_empty() && !leave_rest {
         // No send API: the rest waits for the continue word, and the hint must fit too.
         let rest = std::mem::take(&mut parts);
         crate::delivery::park_behind_hint(hub, &envelope, Some(&mut text), limit, &rest);
     }
     // The passive reply used no quota; the rest goes through the send API within it.
-    let parts = if leave_rest { parts } else { crate::delivery::within_send_quota(hub, &envelope, parts) };
+    let parts = if leave_rest || shown_instead.is_some() {
+        parts
+    } else {
+        crate::delivery::within_send_quota(hub, &envelope, parts)
+    };
     let response = match passive_reply(entry.channel.as_ref(), request, &envelope, &Reply::text(text.clone())) {
         Ok(response) => {
             hub.passive.remember_reply(&envelope, text);
@@ -481,6 +492,21 @@ async fn hold_for_answer(
     hub.metrics.answers.with_label_values(&[channel, "passive"]).inc();
     if unparked.is_some() {
         hub.metrics.answers.with_label_values(&[channel, "unparked"]).inc();
+    }
+    if let Some(rest_of_older) = shown_instead {
+        if !rest_of_older.trim().is_empty() {
+            hub.passive.put_back(&envelope.channel, &envelope.sender.id, rest_of_older);
+        }
+        // This answer, whole, after the older one.
+        let mut all = parts;
+        all.insert(0, first);
+        crate::delivery::park_behind_hint(hub, &envelope, None, limit, &all);
+        let hub = hub.clone();
+        actix::spawn(async move {
+            hub.finish(&envelope.id).await;
+            drop(gone);
+        });
+        return ("passive", respond(response));
     }
     let hub = hub.clone();
     // Cleared from the outbox only after this handler has returned its response (the task runs

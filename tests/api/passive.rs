@@ -247,6 +247,59 @@ async fn in_passive_mode_the_rest_of_a_long_answer_waits_for_the_continue_word()
     assert_eq!(app.llm_requests().await.len(), 1, "继续 asks no LLM");
 }
 
+/// A parked answer too long to go beside the next answer is not put back unannounced (it would
+/// come out only on a 继续 nobody knows to send): the reply shows its start with the hint, and
+/// 继续 brings the rest of it, then the new answer.
+#[actix_web::test]
+async fn a_parked_answer_too_long_to_go_beside_the_next_one_is_announced_and_comes_first() {
+    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+    let older = "旧".repeat(300);
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .insert_header("content-type", "text/event-stream")
+                .set_body_string(sse_answer(&older))
+                .set_delay(Duration::from_millis(3_000)),
+        )
+        .up_to_n_times(1)
+        .mount(&llm)
+        .await;
+    echo_llm(&llm, Duration::ZERO).await;
+    wechat_ok(&wechat).await;
+    let mut env = auto_env("passive");
+    env.push(("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "600"));
+    let app = spawn_with(&base_config(&llm, &wechat), &env, ChannelKinds::builtin(), wechat, llm).await;
+    let (attempt, body) = wechat_delivers(&app, &text_xml("oTooLong", 50, "第一个问题")).await.unwrap_or_default();
+    assert_eq!((attempt, body.as_str()), (3, "success"));
+    app.wait_until_idle().await;
+
+    let hint = "（回复「继续」查看剩余内容）";
+    let (_, body) = wechat_delivers(&app, &text_xml("oTooLong", 51, "第二个问题")).await.unwrap_or_default();
+    let mut shown = vec![passive_content(&body)];
+    assert!(shown[0].starts_with("【你上一条消息的回复】\n旧") && shown[0].ends_with(hint), "{}", shown[0]);
+    let nothing_parked = "没有待查看的内容了，请直接提问吧。";
+    for id in 52..60 {
+        app.wait_until_idle().await;
+        let (_, body) = wechat_delivers(&app, &text_xml("oTooLong", id, "继续")).await.unwrap_or_default();
+        let reply = passive_content(&body);
+        if reply == nothing_parked {
+            break;
+        }
+        shown.push(reply);
+    }
+    assert!(shown.len() < 8, "继续 never ran out: {shown:?}");
+    let all: String = shown
+        .concat()
+        .replace(hint, "")
+        .replace("【你上一条消息的回复】", "")
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    assert_eq!(all, format!("{older}答：第二个问题"));
+    assert!(app.sent_messages().await.is_empty(), "passive mode never calls the send API");
+}
+
 #[actix_web::test]
 async fn a_safe_mode_message_gets_an_encrypted_passive_reply() {
     const AES_KEY: &str = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG";
