@@ -173,7 +173,9 @@ impl Writer {
             }
             Tag::Item => {
                 self.line_break();
-                let depth = self.lists.len().saturating_sub(1);
+                // Capped: `- - - x` nests a list per dash, and an indent per level would make
+                // the output quadratic in what the model wrote.
+                let depth = self.lists.len().saturating_sub(1).min(MAX_LIST_INDENT);
                 self.out.push_str(&"  ".repeat(depth));
                 match self.lists.last_mut() {
                     Some(Some(number)) => {
@@ -299,6 +301,11 @@ impl Writer {
     /// Prefixes every line written since the quote opened with `> ` (`>` for blank lines).
     fn close_quote(&mut self) {
         let Some(start) = self.quotes.pop() else { return };
+        // Only the outermost quote prefixes its lines: a nested one would copy and prefix the
+        // same text again at each level, quadratic in a nesting the model's output controls.
+        if !self.quotes.is_empty() {
+            return;
+        }
         if !self.out.is_char_boundary(start) {
             return;
         }
@@ -409,6 +416,9 @@ impl Writer {
     }
 }
 
+/// The deepest list nesting shown by indentation; deeper items stay at this indent.
+const MAX_LIST_INDENT: usize = 8;
+
 /// `text` without the `**` the parser left unmatched: those touching a non-ASCII character
 /// (CJK text or punctuation, where CommonMark's flanking rules fail, as in `**“引用”**后`),
 /// taken as pairs. When they are odd in number, the one missing is the opener of a pair whose
@@ -445,6 +455,20 @@ mod tests {
 
     fn basic(markdown: &str) -> String {
         render(markdown, Style::BASIC)
+    }
+
+    /// Nesting a model's output controls must not make the output (or the work) quadratic.
+    #[test]
+    fn deep_lists_and_quotes_stay_linear() {
+        // About 20 bytes a level (a line, the capped indent, a bullet); quadratic was 50 MB.
+        let list = "- ".repeat(5_000) + "x";
+        assert!(to_plain_text(&list).len() < 200_000);
+        assert!(basic(&list).len() < 200_000);
+        let quotes = ">".repeat(2_000) + " x\n" + &"y\n".repeat(2_000);
+        let quoted = basic(&quotes);
+        assert!(quoted.len() < 64_000, "{} bytes", quoted.len());
+        assert!(quoted.starts_with("> x"), "{}", &quoted[..40.min(quoted.len())]);
+        assert_eq!(basic("> a\n> > b\n> c"), "> a\n>\n> b\n> c");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Splitting long text into parts a platform accepts, at the most natural place available.
 //!
 //! Invariants of [`split_text`]: every part is at most `max_bytes` bytes of UTF-8 (for
-//! `max_bytes >= 4`), no part is empty or whitespace-only, no cut falls inside a character, and
+//! `max_bytes >= 4`), no part is empty or whitespace-only, no cut falls inside a character (nor
+//! inside a grapheme, such as a flag or an emoji family, unless one is longer than a part), and
 //! joining the parts gives back the text less the whitespace at the cuts.
 //!
 //! Platform-neutral: it knows nothing of markup. A channel that must keep markup balanced across
@@ -88,7 +89,19 @@ fn choose_cut(rest: &str, max_bytes: usize) -> (usize, Cut) {
         .iter()
         .filter_map(|(cut, kind)| usable(cut).map(|at| (at, *kind)))
         .max_by_key(|(at, _)| *at)
-        .unwrap_or((limit, Cut::Char))
+        .unwrap_or((grapheme_floor(rest, limit), Cut::Char))
+}
+
+/// The last grapheme boundary of `rest` in `1..=limit` (`limit` a char boundary), so that a cut
+/// with no break to use does not split a flag (two regional indicators), an emoji joined with
+/// ZWJs, or a letter from its combining marks; `limit` itself when the first grapheme is longer.
+fn grapheme_floor(rest: &str, limit: usize) -> usize {
+    use unicode_segmentation::UnicodeSegmentation;
+    rest.grapheme_indices(true)
+        .map(|(at, grapheme)| at + grapheme.len())
+        .take_while(|&end| end <= limit)
+        .last()
+        .unwrap_or(limit)
 }
 
 /// The largest char boundary of `text` that is at most `index`.
@@ -121,6 +134,22 @@ fn last_space_end(window: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_forced_cut_keeps_flags_and_emoji_sequences_whole() {
+        for (text, whole) in [
+            (format!("a{}", "🇨🇳".repeat(300)), "🇨🇳"),
+            (format!("a{}", "👨\u{200d}👩\u{200d}👧".repeat(200)), "👨\u{200d}👩\u{200d}👧"),
+        ] {
+            let parts = split_text(&text, 2048);
+            assert!(parts.len() > 1);
+            for part in &parts {
+                assert!(part.len() <= 2048);
+                let rest = part.trim_start_matches('a');
+                assert_eq!(rest.replace(whole, ""), "", "a part cut inside {whole:?}");
+            }
+        }
+    }
 
     fn assert_invariants(text: &str, parts: &[String], max: usize) {
         for part in parts {

@@ -292,11 +292,8 @@ impl Feishu {
         }
         let stream = StreamTarget::from_handle(handle)?;
         let uuid = message::idempotency_key(&format!("{}:{}:{sequence}", stream.card_id, stream.element_id));
-        // The core streams the whole answer so far; the card ends up holding its first part, and
-        // an update over the request limit would be refused, freezing the card mid-answer.
-        // Measured after defusing, which lengthens each `<at` tag.
-        let defused = message::defuse_mentions(text);
-        let text = message::streamable_prefix(&defused, self.settings.max_part_bytes);
+        let shown = message::stream_content(text, self.settings.max_part_bytes);
+        let text = message::streamable_prefix(&shown, usize::MAX);
         self.wait_for_chat(stream.limit_key()).await;
         self.api.set_element_content(stream.card_id, stream.element_id, text, sequence, &uuid).await
     }

@@ -120,6 +120,15 @@ pub fn message_body(text: &str) -> MessageBody {
     MessageBody { msg_type: "text", content: text_content(text) }
 }
 
+/// What a streaming update sends for `text`, the whole answer so far: the card ends up holding
+/// its first part (at most `max_part_bytes` as the model wrote it), with mentions defused; an
+/// update over the request limit would be refused and freeze the card mid-answer, so that
+/// limit is applied after defusing (which lengthens each `<at` tag) by the caller's
+/// [`streamable_prefix`].
+pub fn stream_content(text: &str, max_part_bytes: usize) -> Cow<'_, str> {
+    defuse_mentions(streamable_prefix(text, max_part_bytes))
+}
+
 /// The longest start of `text` a streaming update shows: at most `max_bytes` (the size of the
 /// first part, which the card holds in the end) and within [`CARD_MAX_BYTES`] once escaped for
 /// the request, cut at a character boundary.
@@ -278,6 +287,17 @@ fn split_markdown(text: &str, max_bytes: usize) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A first part full of mentions is streamed whole: the byte limit is the part's, measured
+    /// before defusing lengthens it.
+    #[test]
+    fn a_first_part_full_of_mentions_streams_whole() {
+        let text = "<at x> ".repeat(40);
+        for part in render_parts(&text, 200) {
+            let sent = stream_content(&part, 200);
+            assert_eq!(streamable_prefix(&sent, usize::MAX), defuse_mentions(&part), "{part}");
+        }
+    }
 
     #[test]
     fn plain_short_answers_are_text_and_markdown_is_a_card() {
