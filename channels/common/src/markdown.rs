@@ -416,6 +416,43 @@ impl Writer {
     }
 }
 
+/// Keeps `**` bold balanced across parts of markdown cut inside a bold run (a paragraph longer
+/// than a part): a part that ends inside one closes it, and the next reopens it, instead of
+/// both showing a stray `**`. A `**` inside inline code does not count. A part may grow by 4
+/// bytes: split with that much room.
+pub fn balance_strong_across_parts(parts: Vec<String>) -> Vec<String> {
+    let mut open = false;
+    parts
+        .into_iter()
+        .map(|part| {
+            let mut part = if open { format!("**{part}") } else { part };
+            open = strong_markers(&part) % 2 == 1;
+            if open {
+                part.push_str("**");
+            }
+            part
+        })
+        .collect()
+}
+
+/// The `**` in `text` outside inline code (backtick spans).
+fn strong_markers(text: &str) -> usize {
+    let mut count = 0;
+    let mut in_code = false;
+    let mut rest = text;
+    while let Some(ch) = rest.chars().next() {
+        if ch == '`' {
+            in_code = !in_code;
+        } else if !in_code && rest.starts_with("**") {
+            count += 1;
+            rest = &rest[2..];
+            continue;
+        }
+        rest = &rest[ch.len_utf8()..];
+    }
+    count
+}
+
 /// The deepest list nesting shown by indentation; deeper items stay at this indent.
 const MAX_LIST_INDENT: usize = 8;
 
@@ -455,6 +492,15 @@ mod tests {
 
     fn basic(markdown: &str) -> String {
         render(markdown, Style::BASIC)
+    }
+
+    #[test]
+    fn bold_cut_across_parts_is_closed_and_reopened() {
+        let parts = vec!["**重点 重点".to_owned(), "重点 重点".to_owned(), "重点**，完。`a**b`".to_owned()];
+        let balanced = balance_strong_across_parts(parts);
+        assert_eq!(balanced, ["**重点 重点**", "**重点 重点**", "**重点**，完。`a**b`"]);
+        let untouched = vec!["**a** b".to_owned(), "`**` c".to_owned()];
+        assert_eq!(balance_strong_across_parts(untouched.clone()), untouched);
     }
 
     /// Nesting a model's output controls must not make the output (or the work) quadratic.

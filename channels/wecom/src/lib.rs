@@ -298,11 +298,16 @@ impl Channel for Wecom {
     /// of at most `max_part_bytes` at paragraph, line or sentence breaks. An answer with no
     /// visible text renders to no parts.
     fn render(&self, reply: &Reply) -> Vec<Reply> {
-        let text = match self.settings.reply_format {
-            ReplyFormat::Markdown => markdown::to_wecom_markdown(&reply.text),
-            ReplyFormat::Text => markdown::to_plain_text(&reply.text),
+        let limit = self.settings.max_part_bytes;
+        let parts = match self.settings.reply_format {
+            // Room for the `**` that keep bold balanced where a part is cut inside it.
+            ReplyFormat::Markdown => yizhan_channel_common::markdown::balance_strong_across_parts(split::split_text(
+                &markdown::to_wecom_markdown(&reply.text),
+                limit.saturating_sub(4),
+            )),
+            ReplyFormat::Text => split::split_text(&markdown::to_plain_text(&reply.text), limit),
         };
-        split::split_text(&text, self.settings.max_part_bytes).into_iter().map(Reply::text).collect()
+        parts.into_iter().map(Reply::text).collect()
     }
 
     /// Sends one part to the recipient's userid as an app message, after waiting for room in

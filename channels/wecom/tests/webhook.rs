@@ -434,6 +434,20 @@ fn a_long_answer_is_split_within_the_limit_in_order() {
     assert_eq!(squash(&joined), squash(&text));
 }
 
+/// A bold run longer than a part is closed at the cut and reopened in the next part, instead
+/// of both showing a stray `**`.
+#[test]
+fn bold_cut_across_parts_stays_bold() {
+    let text = format!("**{}**", "重点 ".repeat(500).trim_end());
+    let parts = channel().render(&Reply::text(text));
+    assert!(parts.len() >= 2, "{}", parts.len());
+    for part in &parts {
+        assert!(part.text.len() <= 2048, "{}", part.text.len());
+        assert!(part.text.starts_with("**") && part.text.ends_with("**"), "{}", part.text);
+        assert_eq!(part.text.matches("**").count(), 2, "{}", part.text);
+    }
+}
+
 #[test]
 fn an_empty_answer_renders_to_no_parts() {
     assert!(channel().render(&Reply::text("  \n\n ")).is_empty());
