@@ -481,6 +481,9 @@ async fn hold_for_answer(
             }
             let mut parts = parts;
             parts.insert(0, first);
+            // Not yet held to the send quota when the older answer was to be shown instead.
+            let parts =
+                if shown_instead.is_some() { crate::delivery::within_send_quota(hub, &envelope, parts) } else { parts };
             let hub = hub.clone();
             actix::spawn(async move {
                 send_parts(&hub, &envelope, parts).await;

@@ -416,13 +416,21 @@ impl Writer {
     }
 }
 
-/// Keeps `**` bold balanced across parts of markdown cut inside a bold run (a paragraph longer
-/// than a part): a part that ends inside one closes it, and the next reopens it, instead of
-/// both showing a stray `**`. A `**` inside inline code does not count. A part may grow by 4
-/// bytes: split with that much room.
-pub fn balance_strong_across_parts(parts: Vec<String>) -> Vec<String> {
+/// Splits markdown into parts of at most `max_bytes` (see [`split_text`](crate::split_text))
+/// keeping `**` bold balanced: where a cut falls inside a bold run (a paragraph longer than a
+/// part), the part is closed there and the next reopens it, instead of both showing a stray
+/// `**`. Only when the text's own `**` pair up: a literal one (`2**10`) leaves it as split. A
+/// `**` inside inline code does not count.
+pub fn split_keeping_strong(text: &str, max_bytes: usize) -> Vec<String> {
+    let parts = crate::split_text(text, max_bytes);
+    let cut_inside_bold =
+        parts.len() > 1 && strong_markers(text).is_multiple_of(2) && parts.iter().any(|part| strong_markers(part) % 2 == 1);
+    if !cut_inside_bold {
+        return parts;
+    }
+    // Room for a `**` at either end.
     let mut open = false;
-    parts
+    crate::split_text(text, max_bytes.saturating_sub(4))
         .into_iter()
         .map(|part| {
             let mut part = if open { format!("**{part}") } else { part };
@@ -496,11 +504,25 @@ mod tests {
 
     #[test]
     fn bold_cut_across_parts_is_closed_and_reopened() {
-        let parts = vec!["**重点 重点".to_owned(), "重点 重点".to_owned(), "重点**，完。`a**b`".to_owned()];
-        let balanced = balance_strong_across_parts(parts);
-        assert_eq!(balanced, ["**重点 重点**", "**重点 重点**", "**重点**，完。`a**b`"]);
-        let untouched = vec!["**a** b".to_owned(), "`**` c".to_owned()];
-        assert_eq!(balance_strong_across_parts(untouched.clone()), untouched);
+        let text = format!("**{}**，完。`a**b`", "重点 ".repeat(20).trim_end());
+        let parts = split_keeping_strong(&text, 64);
+        assert!(parts.len() > 2, "{parts:?}");
+        for part in &parts {
+            assert!(part.len() <= 64, "{part}");
+            assert_eq!(strong_markers(part) % 2, 0, "{part}");
+        }
+        let squash = |s: &str| s.replace("**", "").chars().filter(|c| !c.is_whitespace()).collect::<String>();
+        assert_eq!(squash(&parts.concat()), squash(&text));
+    }
+
+    /// A literal `**` (not bold) or a text that fits leaves the split as it is.
+    #[test]
+    fn a_literal_double_star_or_a_text_that_fits_is_not_balanced() {
+        assert_eq!(split_keeping_strong("计算 2**10 的值", 64), ["计算 2**10 的值"]);
+        let long = format!("计算 2**10 的值。{}", "很长的说明。".repeat(20));
+        assert_eq!(split_keeping_strong(&long, 64), crate::split_text(&long, 64));
+        let exact = "a".repeat(64);
+        assert_eq!(split_keeping_strong(&exact, 64), [exact]);
     }
 
     /// Nesting a model's output controls must not make the output (or the work) quadratic.

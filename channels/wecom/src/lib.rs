@@ -295,16 +295,14 @@ impl Channel for Wecom {
     }
 
     /// Markdown → WeCom's markdown subset (or plain text, per `reply_format`), split into parts
-    /// of at most `max_part_bytes` at paragraph, line or sentence breaks. An answer with no
-    /// visible text renders to no parts.
+    /// of at most `max_part_bytes` at paragraph, line or sentence breaks (bold kept balanced
+    /// across a cut). An answer with no visible text renders to no parts.
     fn render(&self, reply: &Reply) -> Vec<Reply> {
         let limit = self.settings.max_part_bytes;
         let parts = match self.settings.reply_format {
-            // Room for the `**` that keep bold balanced where a part is cut inside it.
-            ReplyFormat::Markdown => yizhan_channel_common::markdown::balance_strong_across_parts(split::split_text(
-                &markdown::to_wecom_markdown(&reply.text),
-                limit.saturating_sub(4),
-            )),
+            ReplyFormat::Markdown => {
+                yizhan_channel_common::markdown::split_keeping_strong(&markdown::to_wecom_markdown(&reply.text), limit)
+            }
             ReplyFormat::Text => split::split_text(&markdown::to_plain_text(&reply.text), limit),
         };
         parts.into_iter().map(Reply::text).collect()
