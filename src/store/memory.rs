@@ -4,9 +4,10 @@
 //! after a restart, and a memory store always starts empty, so `unfinished` has nothing to
 //! return and keeping copies of every envelope would only cost time and memory.
 //!
-//! Memory stays bounded: dedupe keys expire and are swept, history keeps a fixed number of
-//! turns per conversation, and `prune` forgets turns older than its cutoff (the retention
-//! period), and conversations left empty, as the SQLite store deletes old history.
+//! Memory stays bounded while pruning runs (`retention_days` > 0): dedupe keys expire and are
+//! swept, history keeps a fixed number of turns per conversation, and `prune` forgets turns
+//! older than its cutoff (the retention period), and conversations left empty, as the SQLite
+//! store deletes old history. With pruning off, every conversation ever seen keeps its turns.
 
 use super::{Acceptance, Store, StoreError, Turn, Unfinished};
 use dashmap::DashMap;

@@ -942,9 +942,10 @@ fn apply(conn: &Connection, op: &WriteOp, now: i64, kept: i64) -> Result<Written
                     .execute(params![envelope_id, now])?;
             }
             // NOTE: parts of an unknown or finished envelope would never be recovered nor
-            // removed, so they are not stored (MemoryStore keeps them nowhere visible either).
+            // removed, so they are not stored. (MemoryStore keeps no parts at all: outbox and
+            // recovery can only be tested through this store.)
             if *open_in_log || answered_in_table > 0 {
-                // Recording again replaces the parts, as MemoryStore does.
+                // Recording again replaces the parts.
                 conn.prepare_cached("DELETE FROM outbox WHERE envelope_id = ?1 AND state = 'pending'")?
                     .execute(params![envelope_id])?;
                 let mut insert = conn.prepare_cached(
