@@ -423,8 +423,9 @@ impl Writer {
 /// `**` inside inline code does not count.
 pub fn split_keeping_strong(text: &str, max_bytes: usize) -> Vec<String> {
     let parts = crate::split_text(text, max_bytes);
-    let cut_inside_bold =
-        parts.len() > 1 && strong_markers(text).is_multiple_of(2) && parts.iter().any(|part| strong_markers(part) % 2 == 1);
+    let cut_inside_bold = parts.len() > 1
+        && strong_markers(text).is_multiple_of(2)
+        && parts.iter().any(|part| strong_markers(part) % 2 == 1);
     if !cut_inside_bold {
         return parts;
     }

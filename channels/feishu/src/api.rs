@@ -39,6 +39,9 @@ const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// A rate limit's advice is capped, so a garbled header cannot park a delivery for hours.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
+/// Feishu's code for a reply to a message that was recalled.
+const RECALLED: i64 = 230011;
+
 /// Where a reply goes: under the user's message when we have its id, else into the chat.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Target<'a> {
@@ -122,16 +125,24 @@ impl Api {
         content: &str,
         uuid: &str,
     ) -> Result<Option<String>, ChannelError> {
+        let into_chat = |chat_id: &str| {
+            let body = json!({"receive_id": chat_id, "msg_type": msg_type, "content": content, "uuid": uuid});
+            async move {
+                self.call(Method::POST, "/open-apis/im/v1/messages", &[("receive_id_type", "chat_id")], &body).await
+            }
+        };
         let answer = match (target.message_id, target.chat_id) {
-            (Some(message_id), _) => {
+            (Some(message_id), chat_id) => {
                 let path = format!("/open-apis/im/v1/messages/{}/reply", path_id("message_id", message_id)?);
                 let body = json!({"msg_type": msg_type, "content": content, "uuid": uuid});
-                self.call(Method::POST, &path, &[], &body).await?
+                match (self.call(Method::POST, &path, &[], &body).await, chat_id) {
+                    // The user recalled the question while it was being answered: the answer
+                    // goes into the chat instead of being lost.
+                    (Err(ChannelError::Refused { code: RECALLED, .. }), Some(chat_id)) => into_chat(chat_id).await?,
+                    (answer, _) => answer?,
+                }
             }
-            (None, Some(chat_id)) => {
-                let body = json!({"receive_id": chat_id, "msg_type": msg_type, "content": content, "uuid": uuid});
-                self.call(Method::POST, "/open-apis/im/v1/messages", &[("receive_id_type", "chat_id")], &body).await?
-            }
+            (None, Some(chat_id)) => into_chat(chat_id).await?,
             (None, None) => {
                 return Err(ChannelError::Malformed(
                     "the reply handle names neither a message nor a chat; it is not from this channel".into(),
@@ -338,7 +349,7 @@ impl Api {
             }
             230002 => "the bot is not in this chat (removed from the group?)",
             230013 => "the user is outside the app's availability range (可用范围)",
-            230011 => "the message to reply to was recalled",
+            RECALLED => "the message to reply to was recalled",
             _ => "Feishu refused the call",
         };
         ChannelError::Refused { code, reason: format!("{meaning} ({message})") }

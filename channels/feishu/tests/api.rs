@@ -235,6 +235,28 @@ async fn without_a_message_id_the_answer_is_posted_into_the_chat() {
     assert_eq!(receipt.ok().and_then(|r| r.platform_message_id).as_deref(), Some("om_new"));
 }
 
+/// The user recalled the question while it was being answered: the reply is refused, and the
+/// answer goes into the chat instead of being lost.
+#[tokio::test]
+async fn an_answer_to_a_recalled_message_goes_into_the_chat() {
+    let server = MockServer::start().await;
+    mount_token(&server, "t-TOKEN1", 1).await;
+    let recalled = ResponseTemplate::new(400).set_body_json(json!({"code": 230011, "msg": "message recalled"}));
+    mount_reply(&server, "t-TOKEN1", recalled, 1).await;
+    Mock::given(method("POST"))
+        .and(path("/open-apis/im/v1/messages"))
+        .and(query_param("receive_id_type", "chat_id"))
+        .and(body_json(
+            json!({"receive_id": CHAT_ID, "msg_type": "text", "content": "{\"text\":\"hi\"}", "uuid": "d1"}),
+        ))
+        .respond_with(ok(json!({"message_id": "om_new"})))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let receipt = channel_for(&server).deliver(&delivery("d1", "hi")).await;
+    assert_eq!(receipt.ok().and_then(|r| r.platform_message_id).as_deref(), Some("om_new"));
+}
+
 #[tokio::test]
 async fn content_too_large_is_refused_with_a_clear_reason() {
     let server = MockServer::start().await;
