@@ -217,10 +217,8 @@ async fn a_long_delivery_id_is_hashed_into_feishus_fifty_character_uuid() {
     assert_eq!(uuids[0], uuids[1], "a retried part must keep its key");
 }
 
-#[tokio::test]
-async fn without_a_message_id_the_answer_is_posted_into_the_chat() {
-    let server = MockServer::start().await;
-    mount_token(&server, "t-TOKEN1", 1).await;
+/// Expects one post of the text `hi` (delivery `d1`) into the chat, answered `om_new`.
+async fn mount_chat_create_of_hi(server: &MockServer) {
     Mock::given(method("POST"))
         .and(path("/open-apis/im/v1/messages"))
         .and(query_param("receive_id_type", "chat_id"))
@@ -229,8 +227,15 @@ async fn without_a_message_id_the_answer_is_posted_into_the_chat() {
         ))
         .respond_with(ok(json!({"message_id": "om_new"})))
         .expect(1)
-        .mount(&server)
+        .mount(server)
         .await;
+}
+
+#[tokio::test]
+async fn without_a_message_id_the_answer_is_posted_into_the_chat() {
+    let server = MockServer::start().await;
+    mount_token(&server, "t-TOKEN1", 1).await;
+    mount_chat_create_of_hi(&server).await;
     let receipt = channel_for(&server).deliver(&delivery_with("d1", "hi", json!({"chat_id": CHAT_ID}))).await;
     assert_eq!(receipt.ok().and_then(|r| r.platform_message_id).as_deref(), Some("om_new"));
 }
@@ -243,16 +248,7 @@ async fn an_answer_to_a_recalled_message_goes_into_the_chat() {
     mount_token(&server, "t-TOKEN1", 1).await;
     let recalled = ResponseTemplate::new(400).set_body_json(json!({"code": 230011, "msg": "message recalled"}));
     mount_reply(&server, "t-TOKEN1", recalled, 1).await;
-    Mock::given(method("POST"))
-        .and(path("/open-apis/im/v1/messages"))
-        .and(query_param("receive_id_type", "chat_id"))
-        .and(body_json(
-            json!({"receive_id": CHAT_ID, "msg_type": "text", "content": "{\"text\":\"hi\"}", "uuid": "d1"}),
-        ))
-        .respond_with(ok(json!({"message_id": "om_new"})))
-        .expect(1)
-        .mount(&server)
-        .await;
+    mount_chat_create_of_hi(&server).await;
     let receipt = channel_for(&server).deliver(&delivery("d1", "hi")).await;
     assert_eq!(receipt.ok().and_then(|r| r.platform_message_id).as_deref(), Some("om_new"));
 }
