@@ -463,12 +463,6 @@ async fn hold_for_answer(
         let rest = std::mem::take(&mut parts);
         crate::delivery::park_behind_hint(hub, &envelope, Some(&mut text), limit, &rest);
     }
-    // The passive reply used no quota; the rest goes through the send API within it.
-    let parts = if leave_rest || shown_instead.is_some() {
-        parts
-    } else {
-        crate::delivery::within_send_quota(hub, &envelope, parts)
-    };
     let response = match passive_reply(entry.channel.as_ref(), request, &envelope, &Reply::text(text.clone())) {
         Ok(response) => {
             hub.passive.remember_reply(&envelope, text);
@@ -481,9 +475,8 @@ async fn hold_for_answer(
             }
             let mut parts = parts;
             parts.insert(0, first);
-            // Not yet held to the send quota when the older answer was to be shown instead.
-            let parts =
-                if shown_instead.is_some() { crate::delivery::within_send_quota(hub, &envelope, parts) } else { parts };
+            // All of it goes through the send API, within the quota.
+            let parts = if leave_rest { parts } else { crate::delivery::within_send_quota(hub, &envelope, parts) };
             let hub = hub.clone();
             actix::spawn(async move {
                 send_parts(&hub, &envelope, parts).await;
@@ -511,6 +504,8 @@ async fn hold_for_answer(
         });
         return ("passive", respond(response));
     }
+    // The passive reply used no quota; the rest goes through the send API within it.
+    let parts = if leave_rest { parts } else { crate::delivery::within_send_quota(hub, &envelope, parts) };
     let hub = hub.clone();
     // Cleared from the outbox only after this handler has returned its response (the task runs
     // once the worker is free again): a crash before the response left would otherwise lose the

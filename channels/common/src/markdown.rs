@@ -419,7 +419,8 @@ impl Writer {
 /// Splits markdown into parts of at most `max_bytes` (see [`split_text`](crate::split_text))
 /// keeping `**` bold balanced: where a cut falls inside a bold run (a paragraph longer than a
 /// part), the part is closed there and the next reopens it, instead of both showing a stray
-/// `**`. Only when the text's own `**` pair up: a literal one (`2**10`) leaves it as split. A
+/// `**`. Only when the text's own `**` pair up (a literal one, `2**10`, leaves it as split) and
+/// every part's backticks do (a lone one would make the count of the part after it wrong). A
 /// `**` inside inline code does not count.
 pub fn split_keeping_strong(text: &str, max_bytes: usize) -> Vec<String> {
     let parts = crate::split_text(text, max_bytes);
@@ -430,11 +431,21 @@ pub fn split_keeping_strong(text: &str, max_bytes: usize) -> Vec<String> {
         return parts;
     }
     // Room for a `**` at either end.
+    let narrower = crate::split_text(text, max_bytes.saturating_sub(4));
+    if narrower.iter().any(|part| part.matches('`').count() % 2 == 1) {
+        return parts;
+    }
     let mut open = false;
-    crate::split_text(text, max_bytes.saturating_sub(4))
+    narrower
         .into_iter()
         .map(|part| {
-            let mut part = if open { format!("**{part}") } else { part };
+            let mut part = match (open, part.strip_prefix("**")) {
+                // The cut fell just before the closing `**`, which the previous part got: the
+                // marker goes rather than doubling into `****`.
+                (true, Some(rest)) => rest.to_owned(),
+                (true, None) => format!("**{part}"),
+                (false, _) => part,
+            };
             open = strong_markers(&part) % 2 == 1;
             if open {
                 part.push_str("**");
@@ -514,6 +525,22 @@ mod tests {
         }
         let squash = |s: &str| s.replace("**", "").chars().filter(|c| !c.is_whitespace()).collect::<String>();
         assert_eq!(squash(&parts.concat()), squash(&text));
+    }
+
+    /// A cut just before the closing `**` (after a sentence end, as Chinese bold often is)
+    /// closes the bold in its part and drops the marker from the next, not `****`.
+    #[test]
+    fn a_cut_just_before_the_closing_double_star_does_not_double_it() {
+        let text = format!("**{}**{}", "重点句子。".repeat(3), "后文".repeat(5) + "。");
+        let parts = split_keeping_strong(&text, 64);
+        assert_eq!(parts, [format!("**{}**", "重点句子。".repeat(3)), "后文".repeat(5) + "。"]);
+        for part in &parts {
+            assert!(!part.contains("****") && part.len() <= 64, "{part}");
+            assert_eq!(strong_markers(part) % 2, 0, "{part}");
+        }
+        // A lone backtick in a part would make the next part's count wrong: left as split.
+        let ticked = format!("it`s **{}**", "重点 ".repeat(20).trim_end());
+        assert_eq!(split_keeping_strong(&ticked, 64), crate::split_text(&ticked, 64));
     }
 
     /// A literal `**` (not bold) or a text that fits leaves the split as it is.
