@@ -292,10 +292,9 @@ impl Feishu {
         }
         let stream = StreamTarget::from_handle(handle)?;
         let uuid = message::idempotency_key(&format!("{}:{}:{sequence}", stream.card_id, stream.element_id));
-        let shown = message::stream_content(text, self.settings.max_part_bytes);
-        let text = message::streamable_prefix(&shown, usize::MAX);
+        let text = message::stream_content(text, self.settings.max_part_bytes);
         self.wait_for_chat(stream.limit_key()).await;
-        self.api.set_element_content(stream.card_id, stream.element_id, text, sequence, &uuid).await
+        self.api.set_element_content(stream.card_id, stream.element_id, &text, sequence, &uuid).await
     }
 
     async fn end_stream(

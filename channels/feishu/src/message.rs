@@ -121,19 +121,21 @@ pub fn message_body(text: &str) -> MessageBody {
 }
 
 /// What a streaming update sends for `text`, the whole answer so far: the card ends up holding
-/// its first part (at most `max_part_bytes` as the model wrote it), with mentions defused; an
-/// update over the request limit would be refused and freeze the card mid-answer, so that
-/// limit is applied after defusing (which lengthens each `<at` tag) by the caller's
-/// [`streamable_prefix`].
-pub fn stream_content(text: &str, max_part_bytes: usize) -> Cow<'_, str> {
-    defuse_mentions(streamable_prefix(text, max_part_bytes))
+/// its first part, so at most `max_part_bytes` of it as the model wrote it, with mentions
+/// defused; and within [`CARD_MAX_BYTES`] once escaped for the request, measured after defusing
+/// (which lengthens each `<at` tag): an update over it would be refused and freeze the card
+/// mid-answer. Cut at character boundaries.
+pub fn stream_content(text: &str, max_part_bytes: usize) -> String {
+    let mut end = text.len().min(max_part_bytes);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    within_request_limit(&defuse_mentions(&text[..end])).to_owned()
 }
 
-/// The longest start of `text` a streaming update shows: at most `max_bytes` (the size of the
-/// first part, which the card holds in the end) and within [`CARD_MAX_BYTES`] once escaped for
-/// the request, cut at a character boundary.
-pub fn streamable_prefix(text: &str, max_bytes: usize) -> &str {
-    let mut end = text.len().min(max_bytes);
+/// The longest start of `text` within [`CARD_MAX_BYTES`] once escaped for the request.
+fn within_request_limit(text: &str) -> &str {
+    let mut end = text.len();
     loop {
         while !text.is_char_boundary(end) {
             end -= 1;
@@ -294,8 +296,7 @@ mod tests {
     fn a_first_part_full_of_mentions_streams_whole() {
         let text = "<at x> ".repeat(40);
         for part in render_parts(&text, 200) {
-            let sent = stream_content(&part, 200);
-            assert_eq!(streamable_prefix(&sent, usize::MAX), defuse_mentions(&part), "{part}");
+            assert_eq!(stream_content(&part, 200), defuse_mentions(&part), "{part}");
         }
     }
 
