@@ -87,41 +87,69 @@ async fn answers_received(app: &TestApp) -> Vec<(serde_json::Value, String)> {
         .collect()
 }
 
-/// The example plugin with a careless author's envelopes: the same `id` for every message, and
-/// another channel's id and kind.
-struct Careless(HttpJson);
+/// The example plugin with an author's mistake: another `id()`, or its webhooks handled by
+/// `webhook` in its place.
+struct Altered {
+    plugin: HttpJson,
+    /// Answered by `id()` instead of the configured id.
+    id: Option<ChannelId>,
+    webhook: fn(&HttpJson, &WebhookRequest) -> Result<WebhookOutcome, ChannelError>,
+}
 
-impl Channel for Careless {
+impl Altered {
+    fn webhooks(
+        plugin: HttpJson,
+        webhook: fn(&HttpJson, &WebhookRequest) -> Result<WebhookOutcome, ChannelError>,
+    ) -> Self {
+        Self { plugin, id: None, webhook }
+    }
+}
+
+impl Channel for Altered {
     fn id(&self) -> &ChannelId {
-        self.0.id()
+        self.id.as_ref().unwrap_or_else(|| self.plugin.id())
     }
 
     fn kind(&self) -> &str {
-        self.0.kind()
+        self.plugin.kind()
     }
 
     fn handle_webhook(&self, request: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
-        let mut outcome = self.0.handle_webhook(request)?;
-        if let WebhookOutcome::Accepted { envelopes, .. } = &mut outcome {
-            for envelope in envelopes {
-                envelope.id = "same-for-all".into();
-                envelope.channel = ChannelId::parse("elsewhere").unwrap_or_else(|e| panic!("{e}"));
-                envelope.channel_kind = "other".into();
-            }
-        }
-        Ok(outcome)
+        (self.webhook)(&self.plugin, request)
     }
 
     fn deliver<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
-        self.0.deliver(delivery)
+        self.plugin.deliver(delivery)
     }
+}
+
+/// A careless author's envelopes: the same `id` for every message, and another channel's id and
+/// kind.
+fn careless_webhook(plugin: &HttpJson, request: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
+    let mut outcome = plugin.handle_webhook(request)?;
+    if let WebhookOutcome::Accepted { envelopes, .. } = &mut outcome {
+        for envelope in envelopes {
+            envelope.id = "same-for-all".into();
+            envelope.channel = ChannelId::parse("elsewhere").unwrap_or_else(|e| panic!("{e}"));
+            envelope.channel_kind = "other".into();
+        }
+    }
+    Ok(outcome)
+}
+
+/// A bug: the parser panics on one message.
+fn webhook_panicking_on_boom(plugin: &HttpJson, request: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
+    if request.body.windows(4).any(|window| window == b"boom") {
+        panic!("a bug in a plugin's parser");
+    }
+    plugin.handle_webhook(request)
 }
 
 #[actix_web::test]
 async fn the_hub_sets_the_envelope_id_and_channel_whatever_a_plugin_put_there() {
     let mut kinds = ChannelKinds::builtin();
     kinds.register(HttpJson::KIND, |settings, http| {
-        Ok(Arc::new(Careless(HttpJson::from_settings(settings, http.clone())?)))
+        Ok(Arc::new(Altered::webhooks(HttpJson::from_settings(settings, http.clone())?, careless_webhook)))
     });
     // Slow enough that the first message is still open when the second arrives.
     let app = spawn_intranet(kinds, Duration::from_millis(200)).await;
@@ -147,27 +175,6 @@ async fn the_hub_sets_the_envelope_id_and_channel_whatever_a_plugin_put_there() 
     assert_eq!(answered, ["c1", "c2"]);
 }
 
-/// The example plugin answering `id()` with an id of its own instead of the configured one.
-struct Renamed(HttpJson, ChannelId);
-
-impl Channel for Renamed {
-    fn id(&self) -> &ChannelId {
-        &self.1
-    }
-
-    fn kind(&self) -> &str {
-        self.0.kind()
-    }
-
-    fn handle_webhook(&self, request: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
-        self.0.handle_webhook(request)
-    }
-
-    fn deliver<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
-        self.0.deliver(delivery)
-    }
-}
-
 /// Envelopes carry the channel's `id()`: one that is not the configured id would have their
 /// answers, dedupe and settings looked up under the wrong channel, so start-up refuses it.
 #[actix_web::test]
@@ -175,7 +182,8 @@ async fn a_plugin_whose_id_is_not_the_configured_one_is_refused_at_start() {
     let mut kinds = ChannelKinds::builtin();
     kinds.register(HttpJson::KIND, |settings, http| {
         let own = ChannelId::parse("mine").unwrap_or_else(|e| panic!("{e}"));
-        Ok(Arc::new(Renamed(HttpJson::from_settings(settings, http.clone())?, own)))
+        let plugin = HttpJson::from_settings(settings, http.clone())?;
+        Ok(Arc::new(Altered { plugin, id: Some(own), webhook: <HttpJson as Channel>::handle_webhook }))
     });
     let (llm, callback) = (MockServer::start().await, MockServer::start().await);
     let config = format!(
@@ -191,37 +199,13 @@ async fn a_plugin_whose_id_is_not_the_configured_one_is_refused_at_start() {
     assert!(error.contains("\"intranet\"") && error.contains("\"mine\""), "{error}");
 }
 
-/// The example plugin with a bug: its parser panics on one message.
-struct PanicsOnBoom(HttpJson);
-
-impl Channel for PanicsOnBoom {
-    fn id(&self) -> &ChannelId {
-        self.0.id()
-    }
-
-    fn kind(&self) -> &str {
-        self.0.kind()
-    }
-
-    fn handle_webhook(&self, request: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
-        if request.body.windows(4).any(|window| window == b"boom") {
-            panic!("a bug in a plugin's parser");
-        }
-        self.0.handle_webhook(request)
-    }
-
-    fn deliver<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
-        self.0.deliver(delivery)
-    }
-}
-
 /// A channel that panics on a request answers that request 500 and nothing else is disturbed:
 /// a message in flight on the same worker is still answered.
 #[actix_web::test]
 async fn a_channel_that_panics_on_a_webhook_answers_500_and_keeps_serving() {
     let mut kinds = ChannelKinds::builtin();
     kinds.register(HttpJson::KIND, |settings, http| {
-        Ok(Arc::new(PanicsOnBoom(HttpJson::from_settings(settings, http.clone())?)))
+        Ok(Arc::new(Altered::webhooks(HttpJson::from_settings(settings, http.clone())?, webhook_panicking_on_boom)))
     });
     let app = spawn_intranet(kinds, Duration::ZERO).await;
     let post = |body: serde_json::Value| {
