@@ -179,3 +179,36 @@ impl std::io::Write for CapturedLog {
         Ok(())
     }
 }
+
+/// Checks what a channel logs for a misconfiguration its platform reports with `code` (an IP
+/// not whitelisted, say): five failed sends log one error, a send that goes ends the run, and
+/// the next failure logs again; the error names the code and `channel=<channel>`, and no line
+/// holds any of `secrets`. `send(text)` delivers a part with that text and says whether it
+/// went; the stand-in platform must refuse the first five, take the sixth and refuse the
+/// seventh. Run it under [`capture_logs`].
+pub async fn misconfiguration_is_logged_once_per_run<F, Fut>(
+    captured: &CapturedLog,
+    mut send: F,
+    code: &str,
+    channel: &str,
+    secrets: &[&str],
+) where
+    F: FnMut(&'static str) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let errors_logged = || captured.lines().iter().filter(|line| line.contains("ERROR")).count();
+    for _ in 0..5 {
+        assert!(!send("hi").await, "the stand-in took a send it should refuse");
+    }
+    assert_eq!(errors_logged(), 1, "{:#?}", captured.lines());
+    assert!(send("fixed").await, "the stand-in refused the send it should take");
+    assert!(!send("broken again").await, "the stand-in took a send it should refuse");
+    assert_eq!(errors_logged(), 2, "{:#?}", captured.lines());
+
+    let lines = captured.lines();
+    let channel = format!("channel={channel}");
+    assert!(lines.iter().any(|line| line.contains(code) && line.contains(&channel)), "{lines:#?}");
+    for line in &lines {
+        assert!(!secrets.iter().any(|secret| line.contains(secret)), "secret in log: {line}");
+    }
+}

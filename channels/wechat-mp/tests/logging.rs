@@ -10,7 +10,7 @@ use common::*;
 use serde_json::json;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
-use yizhan_channel_core::testkit::capture_logs;
+use yizhan_channel_core::testkit::{capture_logs, misconfiguration_is_logged_once_per_run};
 use yizhan_channel_core::Channel;
 
 #[tokio::test]
@@ -37,20 +37,7 @@ async fn a_misconfiguration_is_logged_once_per_code_until_a_send_succeeds_and_ne
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({"errcode": 40164, "errmsg": "invalid ip"})))
         .mount(&server)
         .await;
-    let channel = channel_for(&server);
-
-    let errors_logged = || captured.lines().iter().filter(|line| line.contains("ERROR")).count();
-    for _ in 0..5 {
-        assert!(channel.deliver(&delivery("hi")).await.is_err());
-    }
-    assert_eq!(errors_logged(), 1, "{:#?}", captured.lines());
-    assert!(channel.deliver(&delivery("fixed")).await.is_ok());
-    assert!(channel.deliver(&delivery("broken again")).await.is_err());
-    assert_eq!(errors_logged(), 2, "{:#?}", captured.lines());
-
-    let lines = captured.lines();
-    assert!(lines.iter().any(|line| line.contains("40164") && line.contains("channel=mp")), "{lines:#?}");
-    for line in &lines {
-        assert!(!line.contains(SECRET) && !line.contains("TOKEN1"), "secret in log: {line}");
-    }
+    let channel = &channel_for(&server);
+    let send = |text| async move { channel.deliver(&delivery(text)).await.is_ok() };
+    misconfiguration_is_logged_once_per_run(&captured, send, "40164", "mp", &[SECRET, "TOKEN1"]).await;
 }
