@@ -565,12 +565,13 @@ impl Config {
                 }
             }
         }
+        let mut seen = HashSet::new();
         for (index, channel) in self.channels.iter().enumerate() {
-            // Environment overrides address a channel as `YIZHAN__CHANNELS__<ID>__KEY`, with
-            // `-` written `_`: an id that would then hold `__` or end with `_` could not be told
-            // from the separators, and its secrets could not come from there. (One that starts
-            // with `_` can: the variable's `___` splits as `__` then `_…`.)
-            let addressed = channel.core.id.replace('-', "_");
+            // Environment overrides address a channel as `YIZHAN__CHANNELS__<ID>__KEY`: an id
+            // that would then hold `__` or end with `_` could not be told from the separators,
+            // and its secrets could not come from there. (One that starts with `_` can: the
+            // variable's `___` splits as `__` then `_…`.)
+            let addressed = addressed_id(&channel.core.id);
             if addressed.contains("__") || addressed.ends_with('_') {
                 bail!(
                     "config key `channels[{index}].id`: {:?} cannot be addressed by environment overrides \
@@ -578,11 +579,7 @@ impl Config {
                     channel.core.id
                 );
             }
-        }
-        let mut seen = HashSet::new();
-        for (index, channel) in self.channels.iter().enumerate() {
-            // As environment overrides address channels: case-insensitive, `-` written `_`.
-            if !seen.insert(channel.core.id.to_ascii_lowercase().replace('-', "_")) {
+            if !seen.insert(addressed) {
                 bail!(
                     "config key `channels[{index}].id`: duplicate channel id {:?} (ids must differ in more than \
                      case or `-`/`_`, which environment overrides cannot tell apart)",
@@ -624,6 +621,11 @@ fn is_string_key(key: &str, in_channel: bool) -> bool {
         .contains(&last_word)
 }
 
+/// A channel id as environment overrides address it: case-insensitive, `-` written `_`.
+fn addressed_id(id: &str) -> String {
+    id.to_ascii_lowercase().replace('-', "_")
+}
+
 fn apply_override(root: &mut toml::Value, path: &str, raw: &str) -> anyhow::Result<()> {
     let segments: Vec<String> = path.split("__").map(|segment| segment.to_ascii_lowercase()).collect();
     if segments.iter().any(String::is_empty) {
@@ -636,17 +638,14 @@ fn apply_override(root: &mut toml::Value, path: &str, raw: &str) -> anyhow::Resu
         let table = node.as_table_mut().ok_or_else(|| anyhow!("`{segment}` is not a table"))?;
         if segment == "channels" {
             // Channels are addressed by id, not by position.
-            let wanted = segments[index + 1].replace('-', "_");
+            let wanted = addressed_id(&segments[index + 1]);
             let entries = table
                 .get_mut("channels")
                 .and_then(toml::Value::as_array_mut)
                 .ok_or_else(|| anyhow!("there is no [[channels]] entry"))?;
             node = entries
                 .iter_mut()
-                .find(|entry| {
-                    entry.get("id").and_then(toml::Value::as_str).map(|id| id.to_ascii_lowercase().replace('-', "_"))
-                        == Some(wanted.clone())
-                })
+                .find(|entry| entry.get("id").and_then(toml::Value::as_str).map(addressed_id) == Some(wanted.clone()))
                 .ok_or_else(|| anyhow!("no [[channels]] entry has id {wanted:?}"))?;
             index += 2;
             continue;
