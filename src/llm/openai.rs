@@ -23,6 +23,13 @@ use super::think::{ThinkFilter, VisibleAnswer};
 /// How long an error body may take to arrive after an error status.
 const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Whether a response body or stream chunk is an error report: an `error` member, or (vLLM
+/// before 0.6) `{"object":"error","message":…}`.
+fn reports_an_error(json: &Value) -> bool {
+    json.get("error").is_some_and(|error| !error.is_null())
+        || json.get("object").and_then(Value::as_str) == Some("error")
+}
+
 /// How long a stream may stay open after its finish reason (see `complete_once`).
 const AFTER_FINISH_GRACE: Duration = Duration::from_secs(1);
 
@@ -154,8 +161,7 @@ impl OpenAiBackend {
             ResponseBody::Json(bytes) => {
                 let json: Value = serde_json::from_slice(&bytes)
                     .map_err(|error| LlmError::Protocol(format!("response is not JSON: {error}")))?;
-                let error_object = json.get("object").and_then(Value::as_str) == Some("error");
-                if json.get("error").is_some_and(|error| !error.is_null()) || error_object {
+                if reports_an_error(&json) {
                     let message = sse::error_message(&json).unwrap_or_else(|| "error response".to_owned());
                     return Err(LlmError::Stream(message));
                 }
@@ -205,12 +211,7 @@ impl OpenAiBackend {
                         next.await?
                     };
                     let Some((event_name, json)) = next else { break };
-                    // vLLM before 0.6 reported errors as `{"object":"error","message":…}`.
-                    let error_object = json.get("object").and_then(Value::as_str) == Some("error");
-                    if json.get("error").is_some_and(|error| !error.is_null())
-                        || event_name.as_deref() == Some("error")
-                        || error_object
-                    {
+                    if reports_an_error(&json) || event_name.as_deref() == Some("error") {
                         let message = sse::error_message(&json).unwrap_or_else(|| "error event in stream".to_owned());
                         return Err(LlmError::Stream(message));
                     }

@@ -45,9 +45,12 @@ impl fmt::Display for SessionKey {
 /// has gone, or when its task ends any other way (a panic in a plugin's `render`), so that the
 /// conversation is not left marked for good.
 struct BusyReplyOnItsWay {
-    busy_replies: Arc<dashmap::DashSet<SessionKey, foldhash::fast::RandomState>>,
+    busy_replies: BusyReplies,
     key: SessionKey,
 }
+
+/// See [`Router::busy_replies`](Router).
+type BusyReplies = Arc<dashmap::DashSet<SessionKey, foldhash::fast::RandomState>>;
 
 impl Drop for BusyReplyOnItsWay {
     fn drop(&mut self) {
@@ -134,7 +137,7 @@ pub struct Router {
     sessions: SessionRegistry,
     /// Conversations with a busy reply on its way: one at a time each. A flood would otherwise
     /// start a task per message, all waiting behind the platform's rate limits.
-    busy_replies: Arc<dashmap::DashSet<SessionKey, foldhash::fast::RandomState>>,
+    busy_replies: BusyReplies,
 }
 
 impl Router {
