@@ -155,7 +155,7 @@ pub async fn deliver_recorded(hub: &Hub, envelope: &Envelope, parts: Vec<Deliver
             let (timer_hub, envelope) = (hub.clone(), envelope.clone());
             actix::spawn(async move {
                 actix::clock::sleep(window * 2 + Duration::from_millis(500)).await;
-                if let Some(held) = job.reclaim() {
+                if let Some(held) = job.give_up() {
                     tracing::info!(channel = %envelope.channel, "No platform retry took the passive answer; pushing it.");
                     push_instead(&timer_hub, &envelope, held.parts).await;
                 }

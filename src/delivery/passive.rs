@@ -168,7 +168,8 @@ impl PassiveJob {
         }
     }
 
-    /// After the last attempt gave up: the answer, if it raced in, or a promise to push it.
+    /// No attempt will take the answer any more (the last one gave up, or the fallback timer
+    /// ran out): the answer if it is here, and any later one is to be pushed.
     pub fn give_up(&self) -> Option<HeldAnswer> {
         let mut state = self.lock();
         state.push = true;
@@ -206,13 +207,6 @@ impl PassiveJob {
         if state.waiting > 0 {
             return None;
         }
-        state.push = true;
-        state.parts.take()
-    }
-
-    /// For the fallback timer: the answer if no attempt took it.
-    pub fn reclaim(&self) -> Option<HeldAnswer> {
-        let mut state = self.lock();
         state.push = true;
         state.parts.take()
     }
