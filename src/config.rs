@@ -6,8 +6,11 @@
 //!
 //! Environment overrides: `YIZHAN__LLM__API_KEY=sk-…` sets `[llm] api_key`;
 //! `YIZHAN__CHANNELS__<ID>__APP_SECRET=…` sets `app_secret` of the `[[channels]]` entry whose id
-//! is `<ID>` (case-insensitive, `-` written as `_`). Values are read as TOML scalars when the key's
-//! type is a number or boolean; quote a value (`'"123"'`) to force a string.
+//! is `<ID>` (case-insensitive, `-` written as `_`). A value is read as TOML (a number, a boolean,
+//! an array) unless the file already holds that key as a string or the key's name is that of a
+//! secret or identifier (`is_string_key`); a value read that way that the key's type refuses is
+//! taken as text instead (`YIZHAN__MESSAGES__AI_LABEL=false`). Quote a value (`'"123"'`) to force
+//! a string.
 
 use anyhow::{anyhow, bail, Context};
 use secrecy::{ExposeSecret, SecretString};
@@ -448,7 +451,7 @@ impl Config {
     pub fn from_toml(text: &str, env: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<Self> {
         // Only the position and the parser's message: its default display quotes the line,
         // which may hold a secret.
-        let mut value: toml::Value = toml::from_str(text).map_err(|error| {
+        let value: toml::Value = toml::from_str(text).map_err(|error| {
             let at = error.span().map(|span| line_and_column(text, span.start));
             match at {
                 Some((line, column)) => {
@@ -457,16 +460,36 @@ impl Config {
                 None => anyhow!("Failed to parse TOML: {}", error.message()),
             }
         })?;
-        for (name, raw) in env {
-            if let Some(path) = name.strip_prefix("YIZHAN__") {
-                apply_override(&mut value, path, &raw)
+        let overrides: Vec<(String, String)> =
+            env.into_iter().filter(|(name, _)| name.starts_with("YIZHAN__")).collect();
+        // Overrides read as typed values that the key's type refused: applied as text instead.
+        let mut as_text: HashSet<usize> = HashSet::new();
+        let mut config: Config = loop {
+            let mut attempt = value.clone();
+            let mut typed_at: Vec<(String, usize)> = Vec::new();
+            for (index, (name, raw)) in overrides.iter().enumerate() {
+                let path = name.strip_prefix("YIZHAN__").unwrap_or(name);
+                let typed = apply_override(&mut attempt, path, raw, as_text.contains(&index))
                     .with_context(|| format!("Failed to apply environment variable {name}"))?;
+                if let Some(serde_path) = typed {
+                    typed_at.push((serde_path, index));
+                }
             }
-        }
-        let mut config: Config = serde_path_to_error::deserialize(value).map_err(|error| {
-            let path = error.path().to_string();
-            anyhow!("config key `{path}`: {}", yizhan_channel_core::without_value(&error.into_inner().to_string()))
-        })?;
+            match serde_path_to_error::deserialize::<_, Config>(attempt) {
+                Ok(config) => break config,
+                Err(error) => {
+                    let path = error.path().to_string();
+                    // The last override of a key is the one that counts.
+                    match typed_at.iter().rev().find(|(at, _)| *at == path) {
+                        Some((_, index)) if as_text.insert(*index) => continue,
+                        _ => bail!(
+                            "config key `{path}`: {}",
+                            yizhan_channel_core::without_value(&error.into_inner().to_string())
+                        ),
+                    }
+                }
+            }
+        };
         // `YIZHAN__LLM__API_KEY=` (an empty variable, as compose files leave them) means none,
         // not an empty `Authorization: Bearer`.
         if config.llm.api_key.as_ref().is_some_and(|key| key.expose_secret().is_empty()) {
@@ -579,6 +602,12 @@ impl Config {
                     channel.core.id
                 );
             }
+            if channel.core.id == UNKNOWN_CHANNEL_LABEL {
+                bail!(
+                    "config key `channels[{index}].id`: {UNKNOWN_CHANNEL_LABEL:?} is reserved (metrics count requests \
+                     to unknown channels under it)"
+                );
+            }
             if !seen.insert(addressed) {
                 bail!(
                     "config key `channels[{index}].id`: duplicate channel id {:?} (ids must differ in more than \
@@ -590,6 +619,9 @@ impl Config {
         Ok(())
     }
 }
+
+/// The `channel` label of requests to a channel id that is not configured.
+pub const UNKNOWN_CHANNEL_LABEL: &str = "_unknown";
 
 /// The longest duration any setting may hold (ten years, in seconds).
 const LONGEST_DURATION_SECS: u64 = 10 * 365 * 86_400;
@@ -626,13 +658,18 @@ fn addressed_id(id: &str) -> String {
     id.to_ascii_lowercase().replace('-', "_")
 }
 
-fn apply_override(root: &mut toml::Value, path: &str, raw: &str) -> anyhow::Result<()> {
+/// Sets the key `path` (an environment variable's name less `YIZHAN__`) to `raw`, as text if
+/// `as_text`. Returns the key's path as the config's deserializer names it (`messages.ai_label`,
+/// `channels[0].system_prompt`) when `raw` was read as a typed TOML value, which may not be what
+/// the key takes.
+fn apply_override(root: &mut toml::Value, path: &str, raw: &str, as_text: bool) -> anyhow::Result<Option<String>> {
     let segments: Vec<String> = path.split("__").map(|segment| segment.to_ascii_lowercase()).collect();
     if segments.iter().any(String::is_empty) {
         bail!("empty key segment");
     }
     let mut node = root;
     let mut index = 0;
+    let mut serde_path = String::new();
     while index + 1 < segments.len() {
         let segment = &segments[index];
         let table = node.as_table_mut().ok_or_else(|| anyhow!("`{segment}` is not a table"))?;
@@ -643,13 +680,18 @@ fn apply_override(root: &mut toml::Value, path: &str, raw: &str) -> anyhow::Resu
                 .get_mut("channels")
                 .and_then(toml::Value::as_array_mut)
                 .ok_or_else(|| anyhow!("there is no [[channels]] entry"))?;
-            node = entries
-                .iter_mut()
-                .find(|entry| entry.get("id").and_then(toml::Value::as_str).map(addressed_id) == Some(wanted.clone()))
+            let position = entries
+                .iter()
+                .position(|entry| {
+                    entry.get("id").and_then(toml::Value::as_str).map(addressed_id) == Some(wanted.clone())
+                })
                 .ok_or_else(|| anyhow!("no [[channels]] entry has id {wanted:?}"))?;
+            serde_path.push_str(&format!("{}channels[{position}]", if serde_path.is_empty() { "" } else { "." }));
+            node = &mut entries[position];
             index += 2;
             continue;
         }
+        serde_path.push_str(&format!("{}{segment}", if serde_path.is_empty() { "" } else { "." }));
         node = table.entry(segment.clone()).or_insert_with(|| toml::Value::Table(toml::map::Map::new()));
         index += 1;
     }
@@ -661,13 +703,16 @@ fn apply_override(root: &mut toml::Value, path: &str, raw: &str) -> anyhow::Resu
     let value = match (existing_is_string, parsed) {
         // Quoted to force a string: the text inside, whether or not the file sets the key.
         (_, Some(toml::Value::String(text))) => toml::Value::String(text),
+        _ if as_text => toml::Value::String(raw.to_owned()),
         (Some(true), _) | (None, None) => toml::Value::String(raw.to_owned()),
         (None, Some(_)) if is_string_key(&key, in_channel) => toml::Value::String(raw.to_owned()),
         (_, Some(value)) => value,
         (Some(false), None) => toml::Value::String(raw.to_owned()),
     };
+    let typed = !value.is_str();
+    serde_path.push_str(&format!("{}{key}", if serde_path.is_empty() { "" } else { "." }));
     table.insert(key, value);
-    Ok(())
+    Ok(typed.then_some(serde_path))
 }
 
 fn parse_scalar(raw: &str) -> Option<toml::Value> {
@@ -772,6 +817,24 @@ token = "tok"
     }
 
     #[test]
+    fn an_override_whose_typed_reading_the_key_refuses_is_taken_as_text() {
+        let config = load(
+            MINIMAL,
+            &[
+                ("YIZHAN__MESSAGES__AI_LABEL", "false"),
+                ("YIZHAN__MESSAGES__WELCOME", "2024"),
+                ("YIZHAN__MESSAGES__AI_LABEL_EVERY_REPLY", "true"),
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!((config.messages.ai_label.as_str(), config.messages.welcome.as_str()), ("false", "2024"));
+        assert!(config.messages.ai_label_every_reply);
+        // Neither reading fits: the key is named, as before.
+        let error = load(MINIMAL, &[("YIZHAN__LLM__MAX_CONCURRENCY", "true")]).err().map(|e| format!("{e:#}"));
+        assert!(error.unwrap_or_default().contains("llm.max_concurrency"));
+    }
+
+    #[test]
     fn overrides_of_keys_absent_from_the_file_get_the_type_their_name_implies() {
         let config = load(
             MINIMAL,
@@ -839,7 +902,7 @@ token = "tok"
 
     #[test]
     fn channel_ids_are_ones_environment_overrides_can_address() {
-        for id in ["mp-", "mp_", "mp--main", "mp_-main", "mp__main"] {
+        for id in ["mp-", "mp_", "mp--main", "mp_-main", "mp__main", "_unknown"] {
             let text = MINIMAL.replace("id = \"mp-main\"", &format!("id = \"{id}\""));
             let message = format!("{:#}", load(&text, &[]).err().unwrap_or_else(|| panic!("accepted {id}")));
             assert!(message.contains("channels[0].id"), "{message}");

@@ -25,11 +25,14 @@ pub struct Metrics {
     pub llm_breaker_open: IntGauge,
     /// Session actors alive.
     pub sessions_alive: IntGauge,
-    /// Parts sent (or not) by channel and outcome (`delivered`, `failed`, `refused` …).
+    /// Send attempts by channel and outcome: `delivered`, `retried` (a transient error, tried
+    /// again), or the error that ended the part (`transient` once attempts are used up, `refused`,
+    /// `misconfigured`, `unauthorized`, `malformed`, `unsupported`).
     pub deliveries: IntCounterVec,
-    /// Messages answered with the busy text because a bound was reached, by which bound.
+    /// Messages over a bound, by which bound: answered with the busy text, or (while a busy reply
+    /// to the same conversation is on its way) finished unanswered.
     pub shed: IntCounterVec,
-    /// Parts waiting in a channel's delivery queue.
+    /// Parts being sent (their backoff and pauses included), by channel; queued parts not counted.
     pub delivery_in_flight: IntGaugeVec,
     /// Accepted messages not yet finished (answered or deliberately left unanswered).
     pub journal_open: IntGauge,
@@ -79,7 +82,10 @@ impl Metrics {
         )
         .expect("valid metric");
         let shed = IntCounterVec::new(
-            Opts::new("shed_total", "Messages answered with the busy text, by the bound that was reached."),
+            Opts::new(
+                "shed_total",
+                "Messages over a bound (answered with the busy text, or unanswered while one is on its way), by bound.",
+            ),
             &["bound"],
         )
         .expect("valid metric");

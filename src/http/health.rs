@@ -3,7 +3,7 @@
 use super::AppState;
 use actix_web::{web, HttpResponse};
 
-/// Liveness: the process serves HTTP, its actors run, and its store accepts writes (503 with
+/// Liveness: the process serves HTTP and its store accepts writes (503 with
 /// `status: "store_failed"` and the reason otherwise: only a restart helps). While it stops
 /// (SIGTERM), 503 with `status: "stopping"`, so that a load balancer sends no more.
 pub async fn healthz(state: web::Data<AppState>) -> HttpResponse {

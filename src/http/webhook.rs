@@ -179,8 +179,11 @@ pub async fn webhook(
     let started = Instant::now();
     let hub = &state.hub;
     let Some(entry) = ChannelId::parse(&path).ok().and_then(|id| hub.channels.get(&id)) else {
-        hub.metrics.webhook_requests.with_label_values(&["_unknown", "unknown_channel"]).inc();
-        if let Some(left_out) = state.refusals.admit("_unknown", "unknown_channel") {
+        hub.metrics
+            .webhook_requests
+            .with_label_values(&[crate::config::UNKNOWN_CHANNEL_LABEL, "unknown_channel"])
+            .inc();
+        if let Some(left_out) = state.refusals.admit(crate::config::UNKNOWN_CHANNEL_LABEL, "unknown_channel") {
             // Cut: the path is the caller's, of any length.
             let channel: String = path.chars().take(64).collect();
             tracing::info!(%channel, left_out, "Webhook for an unknown channel.");
