@@ -386,6 +386,44 @@ async fn journal_and_dispatch(state: web::Data<AppState>, envelopes: Vec<Envelop
     journaled
 }
 
+/// The passive reply of a last attempt whose own answer is not ready: the user's oldest parked
+/// text, with the continue hint when more is parked behind it or the answer will be parked too
+/// (passive mode); what does not fit goes back to the front. `None` when nothing is parked, or
+/// for a continue word (its own text is the front of the parked queue, and must come first).
+fn reply_with_parked(
+    hub: &Hub,
+    entry: &ChannelEntry,
+    request: &WebhookRequest,
+    envelope: &Envelope,
+) -> Option<WebhookResponse> {
+    if hub.passive.is_continuation(&envelope.id) {
+        return None;
+    }
+    let parked = hub.passive.unpark(&envelope.channel, &envelope.sender.id)?;
+    let limit = entry.channel.capabilities().max_part_bytes;
+    let older = format!("{}\n{parked}", hub.messages.parked_prefix);
+    let more = entry.reply_mode == ReplyMode::Passive || hub.passive.has_parked(&envelope.channel, &envelope.sender.id);
+    let (text, rest) = if older.len() <= limit && !more {
+        (older, String::new())
+    } else {
+        crate::delivery::fit_with_hint(&older, &hub.messages.more_hint, limit)
+    };
+    match passive_reply(entry.channel.as_ref(), request, envelope, &Reply::text(text)) {
+        Ok(response) => {
+            if !rest.trim().is_empty() {
+                hub.passive.put_back(&envelope.channel, &envelope.sender.id, rest);
+            }
+            hub.metrics.answers.with_label_values(&[envelope.channel.as_str(), "unparked"]).inc();
+            Some(response)
+        }
+        Err(error) => {
+            tracing::warn!(channel = %envelope.channel, %error, "Could not build a passive reply of parked text; it stays parked.");
+            hub.passive.put_back(&envelope.channel, &envelope.sender.id, parked);
+            None
+        }
+    }
+}
+
 /// Holds one webhook attempt open for the answer (see `delivery::passive`). Returns how the
 /// attempt ended (`passive`, `lapsed`, `pushed`, `empty`: the webhook outcome label) and the
 /// response.
@@ -427,7 +465,10 @@ async fn hold_for_answer(
         },
     };
     let Some(HeldAnswer { mut parts, gone }) = held else {
-        return ("pushed", respond(ack));
+        // This answer comes later (pushed, or parked in passive mode); what is parked of the
+        // user's earlier answers need not wait for yet another message.
+        let response = reply_with_parked(hub, entry, request, &envelope).unwrap_or(ack);
+        return ("pushed", respond(response));
     };
     hub.passive.close(&envelope.channel, &envelope.platform_message_id);
     if parts.is_empty() {
@@ -448,7 +489,9 @@ async fn hold_for_answer(
     let unpark = !hub.passive.is_continuation(&envelope.id);
     if let Some(parked) = unpark.then(|| hub.passive.unpark(&envelope.channel, &envelope.sender.id)).flatten() {
         let combined = format!("{}\n{parked}\n\n{text}", hub.messages.parked_prefix);
-        if combined.len() <= limit {
+        // With more parked behind it, this answer waits its turn too: shown now, it would
+        // overtake the answers still parked.
+        if combined.len() <= limit && !hub.passive.has_parked(&envelope.channel, &envelope.sender.id) {
             text = combined;
         } else {
             let older = format!("{}\n{parked}", hub.messages.parked_prefix);

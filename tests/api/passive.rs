@@ -540,15 +540,58 @@ async fn the_continue_word_brings_parked_answers_oldest_first_one_at_a_time() {
         ("YIZHAN__CHANNELS__MP__PASSIVE_MARGIN_MS", "300"),
     ];
     let app = spawn_app(&env, Duration::from_millis(3_000)).await;
-    for (id, question) in [(40, "问题一"), (41, "问题三")] {
-        let (attempt, body) = wechat_delivers(&app, &text_xml("oOrder", id, question)).await.unwrap_or_default();
-        assert_eq!((attempt, body.as_str()), (3, "success"));
-    }
+    // Both answers arrive after every attempt of their own message; when the second message's
+    // last attempt has no answer of its own, it shows the first answer, parked meanwhile.
+    let (attempt, body) = wechat_delivers(&app, &text_xml("oOrder", 40, "问题一")).await.unwrap_or_default();
+    assert_eq!((attempt, body.as_str()), (3, "success"));
+    let (attempt, body) = wechat_delivers(&app, &text_xml("oOrder", 41, "问题三")).await.unwrap_or_default();
+    assert_eq!(
+        (attempt, passive_content(&body).as_str()),
+        (3, "【你上一条消息的回复】\n答：问题一\n（回复「继续」查看剩余内容）")
+    );
     app.wait_until_idle().await;
     let mut shown = Vec::new();
     for id in [42, 43] {
         let (_, body) = wechat_delivers(&app, &text_xml("oOrder", id, "继续")).await.unwrap_or_default();
         shown.push(passive_content(&body));
     }
-    assert_eq!(shown, ["答：问题一", "答：问题三"]);
+    assert_eq!(shown, ["答：问题三", "没有待查看的内容了，请直接提问吧。"]);
+}
+
+/// Two answers parked (both later than all of their messages' attempts): the next answer does
+/// not overtake the second. The reply shows the first with the hint, and 继续 brings the second,
+/// then the new one.
+#[actix_web::test]
+async fn an_answer_ready_in_time_waits_behind_every_answer_parked_before_it() {
+    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .insert_header("content-type", "text/event-stream")
+                .set_body_string(sse_answer("慢的答案"))
+                .set_delay(Duration::from_millis(3_000)),
+        )
+        .up_to_n_times(2)
+        .mount(&llm)
+        .await;
+    echo_llm(&llm, Duration::ZERO).await;
+    wechat_ok(&wechat).await;
+    let app = spawn_with(&base_config(&llm, &wechat), &auto_env("passive"), ChannelKinds::builtin(), wechat, llm).await;
+    // Sent together: each one's last attempt comes before either answer is parked.
+    let (one, two) = (text_xml("oTwo", 70, "问题一"), text_xml("oTwo", 71, "问题二"));
+    let (first, second) = tokio::join!(wechat_delivers(&app, &one), wechat_delivers(&app, &two));
+    assert_eq!((first.unwrap_or_default().1, second.unwrap_or_default().1), ("success".into(), "success".into()));
+    app.wait_until_idle().await;
+
+    let hint = "（回复「继续」查看剩余内容）";
+    let (_, body) = wechat_delivers(&app, &text_xml("oTwo", 72, "问题三")).await.unwrap_or_default();
+    let mut shown = vec![passive_content(&body)];
+    assert_eq!(shown[0], format!("【你上一条消息的回复】\n慢的答案\n{hint}"));
+    for id in [73, 74, 75] {
+        app.wait_until_idle().await;
+        let (_, body) = wechat_delivers(&app, &text_xml("oTwo", id, "继续")).await.unwrap_or_default();
+        shown.push(passive_content(&body).replace(hint, "").trim().to_owned());
+    }
+    assert_eq!(shown[1..], ["慢的答案", "答：问题三", "没有待查看的内容了，请直接提问吧。"]);
 }
