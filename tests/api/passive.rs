@@ -35,6 +35,23 @@ fn passive_content(xml: &str) -> String {
     }
 }
 
+/// The model's first `times` answers are `answer`, each later than all three of WeChat's
+/// attempts; later questions are echoed at once.
+async fn slow_answers_then_echo(llm: &MockServer, answer: &str, times: u64) {
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .insert_header("content-type", "text/event-stream")
+                .set_body_string(sse_answer(answer))
+                .set_delay(Duration::from_millis(3_000)),
+        )
+        .up_to_n_times(times)
+        .mount(llm)
+        .await;
+    echo_llm(llm, Duration::ZERO).await;
+}
+
 #[actix_web::test]
 async fn an_answer_ready_in_time_is_the_passive_reply_and_uses_no_api_quota() {
     let app = spawn_app(&auto_env("auto"), Duration::from_millis(50)).await;
@@ -178,18 +195,7 @@ async fn in_passive_mode_an_answer_too_late_for_every_attempt_comes_with_the_nex
 async fn first_answer_missing_all_attempts(mode: &'static str, send_answer: serde_json::Value) -> TestApp {
     let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
     // The first question takes longer than all three attempts; later ones are instant.
-    Mock::given(method("POST"))
-        .and(path("/v1/chat/completions"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .insert_header("content-type", "text/event-stream")
-                .set_body_string(sse_answer("第一个答案"))
-                .set_delay(Duration::from_millis(3_000)),
-        )
-        .up_to_n_times(1)
-        .mount(&llm)
-        .await;
-    echo_llm(&llm, Duration::ZERO).await;
+    slow_answers_then_echo(&llm, "第一个答案", 1).await;
     Mock::given(method("POST"))
         .and(path("/cgi-bin/stable_token"))
         .respond_with(
@@ -254,18 +260,7 @@ async fn in_passive_mode_the_rest_of_a_long_answer_waits_for_the_continue_word()
 async fn a_parked_answer_too_long_to_go_beside_the_next_one_is_announced_and_comes_first() {
     let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
     let older = "旧".repeat(300);
-    Mock::given(method("POST"))
-        .and(path("/v1/chat/completions"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .insert_header("content-type", "text/event-stream")
-                .set_body_string(sse_answer(&older))
-                .set_delay(Duration::from_millis(3_000)),
-        )
-        .up_to_n_times(1)
-        .mount(&llm)
-        .await;
-    echo_llm(&llm, Duration::ZERO).await;
+    slow_answers_then_echo(&llm, &older, 1).await;
     wechat_ok(&wechat).await;
     let mut env = auto_env("passive");
     env.push(("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "600"));
@@ -564,18 +559,7 @@ async fn the_continue_word_brings_parked_answers_oldest_first_one_at_a_time() {
 #[actix_web::test]
 async fn an_answer_ready_in_time_waits_behind_every_answer_parked_before_it() {
     let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
-    Mock::given(method("POST"))
-        .and(path("/v1/chat/completions"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .insert_header("content-type", "text/event-stream")
-                .set_body_string(sse_answer("慢的答案"))
-                .set_delay(Duration::from_millis(3_000)),
-        )
-        .up_to_n_times(2)
-        .mount(&llm)
-        .await;
-    echo_llm(&llm, Duration::ZERO).await;
+    slow_answers_then_echo(&llm, "慢的答案", 2).await;
     wechat_ok(&wechat).await;
     let app = spawn_with(&base_config(&llm, &wechat), &auto_env("passive"), ChannelKinds::builtin(), wechat, llm).await;
     // Sent together: each one's last attempt comes before either answer is parked.
