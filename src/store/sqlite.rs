@@ -280,6 +280,8 @@ enum SqliteError {
     CreateDir { path: PathBuf, source: std::io::Error },
     #[error("cannot open the SQLite store {path}: {source}")]
     Open { path: PathBuf, source: rusqlite::Error },
+    #[error("cannot sync what the last run left of the SQLite store {path}: {source}")]
+    SyncAtOpen { path: PathBuf, source: std::io::Error },
     #[error(
         "the SQLite store {path} has schema version {found}, but this build knows versions up to \
          {known}; it was written by a newer yizhan (upgrade, or restore a backup)"
@@ -354,6 +356,26 @@ impl fmt::Debug for SqliteStore {
     }
 }
 
+/// Makes durable what a previous run left in the database, its write-ahead log and their
+/// directory, before any of it is read. A run killed between a commit and the syncer's fsync
+/// (which alone tells anyone the commit happened) leaves pages this run would read from the
+/// page cache: acting on them (sending an answer recorded there, say) and losing them to a
+/// power loss afterwards would ask the model again and answer twice. The inbound log's scan
+/// does the same for its segments.
+fn sync_before_reading(db: &Path, sync: &mut dyn FnMut(&File) -> std::io::Result<()>) -> std::io::Result<()> {
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    for file in [db.to_owned(), PathBuf::from(wal)] {
+        match File::open(&file) {
+            Ok(file) => sync(&file)?,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(error),
+        }
+    }
+    let dir = db.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    sync(&File::open(dir)?)
+}
+
 impl SqliteStore {
     /// Opens (creating it and its directory if missing) the store at `path`, brings its schema
     /// up to date and starts its threads.
@@ -396,6 +418,8 @@ impl SqliteStore {
                 .map_err(|source| SqliteError::CreateDir { path: parent.to_owned(), source })?;
         }
         let at = |source| SqliteError::Open { path: path.to_owned(), source };
+        sync_before_reading(path, &mut |file: &File| file.sync_all())
+            .map_err(|source| SqliteError::SyncAtOpen { path: path.to_owned(), source })?;
 
         let mut writer = Connection::open(path).map_err(at)?;
         writer.busy_timeout(options.busy_timeout).map_err(at)?;
@@ -1600,6 +1624,35 @@ mod tests {
     }
 
     use crate::store::test_envelope as envelope;
+
+    #[tokio::test]
+    async fn what_a_killed_run_left_is_synced_before_it_is_read() {
+        let dir = TempDir::new();
+        // Left open (as a `kill -9` leaves it): its write-ahead log stays beside the database.
+        let store = open(&dir, 10);
+        ok(store.accept(&envelope("m1"), TTL).await);
+        ok(store.record_answer(&envelope("m1").id, "c:u", Some(turn(1)), &[]).await);
+        let wal = dir.db().with_extension("db-wal");
+        assert!(wal.exists(), "no write-ahead log at {}", wal.display());
+        let mut synced = Vec::new();
+        ok(sync_before_reading(&dir.db(), &mut |file: &File| {
+            synced.push(file.metadata().map(|meta| (meta.is_dir(), meta.len()))?);
+            Ok(())
+        }));
+        // The database, its log, and the directory holding both.
+        assert_eq!(synced.len(), 3, "{synced:?}");
+        assert!(!synced[0].0 && !synced[1].0 && synced[1].1 > 0 && synced[2].0, "{synced:?}");
+        drop(store);
+        // A database that does not exist yet: only its directory.
+        let fresh = TempDir::new();
+        ok(std::fs::create_dir_all(fresh.db().parent().unwrap_or(Path::new("."))));
+        let mut count = 0;
+        ok(sync_before_reading(&fresh.db(), &mut |_: &File| {
+            count += 1;
+            Ok(())
+        }));
+        assert_eq!(count, 1);
+    }
 
     fn part(envelope: &Envelope, index: usize) -> Delivery {
         Delivery {
