@@ -282,9 +282,10 @@ pub fn fit_with_hint(text: &str, hint: &str, limit: usize) -> (String, String) {
 ///
 /// Where an answer can still leave in a webhook response, it is parked for the user's next
 /// message instead of being lost: always in `passive` mode (the account has no send API: no
-/// call is made), in `auto` mode when the send failed for good (refused, misconfigured such as
-/// a missing IP whitelist, or retries used up), and on a refusal otherwise. What cannot be
-/// parked is recorded as failed.
+/// call is made), and in `auto` mode when the send failed for good (refused, misconfigured such
+/// as a missing IP whitelist, or retries used up). In `push` mode no webhook response ever
+/// carries an answer, so parked text would come out only on a continue word nobody asked for:
+/// what the platform refuses there is recorded as failed, like what cannot be parked.
 pub async fn send_parts(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) {
     let Some(entry) = hub.channels.get(&envelope.channel) else {
         hub.finish_without_channel(envelope).await;
@@ -302,16 +303,12 @@ pub async fn send_parts(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) {
         hub.finish(&envelope.id).await;
         return;
     }
-    let parkable = entry.passive_window.is_some();
+    let parkable = entry.passive_window.is_some() && entry.reply_mode == ReplyMode::Auto;
     let nothing_to_send = parts.is_empty();
     match entry.outbound.send(Deliver { parts }).await {
         Ok(Ok(())) if nothing_to_send => {}
         Ok(Ok(())) => hub.metrics.answers.with_label_values(&[channel, "push"]).inc(),
-        Ok(Err(undelivered))
-            if parkable
-                && (matches!(undelivered.error, ChannelError::Refused { .. })
-                    || entry.reply_mode == ReplyMode::Auto) =>
-        {
+        Ok(Err(undelivered)) if parkable => {
             if hub.passive.is_closing() {
                 // Left pending (not failed) rather than parked: the next start tries to send
                 // it again, and parks it if the platform still refuses.

@@ -408,8 +408,9 @@ fn reply_with_parked(
     } else {
         crate::delivery::fit_with_hint(&older, &hub.messages.more_hint, limit)
     };
-    match passive_reply(entry.channel.as_ref(), request, envelope, &Reply::text(text)) {
+    match passive_reply(entry.channel.as_ref(), request, envelope, &Reply::text(text.clone())) {
         Ok(response) => {
+            hub.passive.remember_reply(envelope, text);
             if !rest.trim().is_empty() {
                 hub.passive.put_back(&envelope.channel, &envelope.sender.id, rest);
             }

@@ -66,8 +66,9 @@ pub async fn wechat_ok(server: &MockServer) {
     wechat_ok_sending_after(server, Duration::ZERO).await;
 }
 
-/// [`wechat_ok`], with each customer-service send answered after `delay`.
-pub async fn wechat_ok_sending_after(server: &MockServer, delay: Duration) {
+/// A stand-in WeChat that gives tokens and answers every customer-service send with `answer`,
+/// after `delay`.
+pub async fn wechat_answering_sends_with(server: &MockServer, answer: serde_json::Value, delay: Duration) {
     Mock::given(method("POST"))
         .and(path("/cgi-bin/stable_token"))
         .respond_with(
@@ -77,11 +78,14 @@ pub async fn wechat_ok_sending_after(server: &MockServer, delay: Duration) {
         .await;
     Mock::given(method("POST"))
         .and(path("/cgi-bin/message/custom/send"))
-        .respond_with(
-            ResponseTemplate::new(200).set_body_json(serde_json::json!({"errcode":0,"errmsg":"ok"})).set_delay(delay),
-        )
+        .respond_with(ResponseTemplate::new(200).set_body_json(answer).set_delay(delay))
         .mount(server)
         .await;
+}
+
+/// [`wechat_ok`], with each customer-service send answered after `delay`.
+pub async fn wechat_ok_sending_after(server: &MockServer, delay: Duration) {
+    wechat_answering_sends_with(server, serde_json::json!({"errcode":0,"errmsg":"ok"}), delay).await;
     Mock::given(method("POST"))
         .and(path("/cgi-bin/message/custom/typing"))
         .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"errcode":0,"errmsg":"ok"})))

@@ -180,6 +180,28 @@ async fn an_answer_whose_send_is_misconfigured_is_delivered_with_the_next_messag
     assert!(!app.sent_messages().await.is_empty());
 }
 
+/// In push mode no webhook response carries an answer, so text parked there would come out
+/// only on a 继续 nobody asked for: a refused answer is recorded failed and counted instead.
+#[actix_web::test]
+async fn in_push_mode_a_refused_answer_is_recorded_failed_not_parked() {
+    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+    echo_llm(&llm, Duration::ZERO).await;
+    wechat_answering_sends_with(
+        &wechat,
+        serde_json::json!({"errcode":48001,"errmsg":"api unauthorized"}),
+        Duration::ZERO,
+    )
+    .await;
+    let env = [("YIZHAN__CHANNELS__MP__REPLY_MODE", "push")];
+    let app = spawn_with(&base_config(&llm, &wechat), &env, ChannelKinds::builtin(), wechat, llm).await;
+    let (attempt, body) = wechat_delivers(&app, &text_xml("oPush", 80, "问题")).await.unwrap_or_default();
+    assert_eq!((attempt, body.as_str()), (1, "success"));
+    app.wait_until_idle().await;
+    let metrics = app.metrics().await;
+    assert!(metrics.contains("yizhan_deliveries_total{channel=\"mp\",outcome=\"refused\"} 1"), "{metrics}");
+    assert!(!metrics.contains("path=\"parked\""), "{metrics}");
+}
+
 /// Passive mode is for accounts without the send API: an answer too late for every attempt
 /// waits for the next message, and no send (or typing) call is made at all.
 #[actix_web::test]
@@ -196,18 +218,7 @@ async fn first_answer_missing_all_attempts(mode: &'static str, send_answer: serd
     let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
     // The first question takes longer than all three attempts; later ones are instant.
     slow_answers_then_echo(&llm, "第一个答案", 1).await;
-    Mock::given(method("POST"))
-        .and(path("/cgi-bin/stable_token"))
-        .respond_with(
-            ResponseTemplate::new(200).set_body_json(serde_json::json!({"access_token":"T","expires_in":7200})),
-        )
-        .mount(&wechat)
-        .await;
-    Mock::given(method("POST"))
-        .and(path("/cgi-bin/message/custom/send"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(send_answer))
-        .mount(&wechat)
-        .await;
+    wechat_answering_sends_with(&wechat, send_answer, Duration::ZERO).await;
     let config = base_config(&llm, &wechat);
     let app = spawn_with(&config, &auto_env(mode), ChannelKinds::builtin(), wechat, llm).await;
 
