@@ -30,8 +30,12 @@ const TOKEN_MARGIN: Duration = Duration::from_secs(30 * 60);
 /// token (99991663, 99991664), invalid token (99991668).
 const TOKEN_REJECTED: [i64; 4] = [99991661, 99991663, 99991664, 99991668];
 
-/// Rate limits: the API gateway's (99991400) and IM's per-chat / per-user send limits (230020).
-const RATE_LIMITED: [i64; 2] = [99991400, 230020];
+/// The API gateway's rate limit (99991400): for the whole app.
+const APP_RATE_LIMITED: i64 = 99991400;
+
+/// IM's per-chat / per-user send limit (230020): for one chat only (other bots in a group share
+/// its budget), so it must not hold back the app's other chats the way the gateway's does.
+const CHAT_RATE_LIMITED: i64 = 230020;
 
 /// How long to wait after a rate limit when Feishu does not say: its limits are per second.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -234,7 +238,7 @@ impl Api {
             let code = answer.code().unwrap_or(0);
             let retryable = answer.status.is_server_error()
                 || answer.status == StatusCode::TOO_MANY_REQUESTS
-                || RATE_LIMITED.contains(&code)
+                || [APP_RATE_LIMITED, CHAT_RATE_LIMITED].contains(&code)
                 || answer.code().is_none();
             if retryable {
                 return Err(self.classify(&answer, None));
@@ -302,7 +306,12 @@ impl Api {
     fn classify(&self, answer: &Answer, token: Option<&str>) -> ChannelError {
         let message = self.scrub(answer.message(), token);
         let code = answer.code();
-        if answer.status == StatusCode::TOO_MANY_REQUESTS || code.is_some_and(|code| RATE_LIMITED.contains(&code)) {
+        if code == Some(CHAT_RATE_LIMITED) {
+            // No `retry_after`: that would pause every send of the app (see the core's
+            // `AccountPause`); this part backs off on its own.
+            return transient(format!("Feishu's per-chat rate limit (code {CHAT_RATE_LIMITED}: {message})"));
+        }
+        if answer.status == StatusCode::TOO_MANY_REQUESTS || code == Some(APP_RATE_LIMITED) {
             return ChannelError::Transient {
                 reason: format!(
                     "Feishu rate limit (HTTP {}, code {}: {message})",
@@ -454,6 +463,11 @@ mod tests {
         limited.retry_after = Some(Duration::from_secs(7));
         let error = api().classify(&limited, None);
         assert!(matches!(error, ChannelError::Transient { retry_after: Some(d), .. } if d == Duration::from_secs(7)));
+        // One chat's limit: retried, without asking the whole app to wait.
+        let mut chat_limited = answer(400, Some(230020), "too many");
+        chat_limited.retry_after = Some(Duration::from_secs(7));
+        let error = api().classify(&chat_limited, None);
+        assert!(matches!(error, ChannelError::Transient { retry_after: None, .. }), "{error:?}");
     }
 
     #[test]
