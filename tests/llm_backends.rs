@@ -298,6 +298,17 @@ async fn openai_reasoning_opened_by_the_prompt_of_a_stream_cut_off_is_never_show
     assert!(matches!(result, Err(LlmError::Protocol(_))), "{result:?}");
     assert!(seen.is_empty(), "{seen:?}");
 
+    // Nor when the server puts a finish reason on every chunk: that one does not say where the
+    // server meant the stream to end.
+    let server = MockServer::start().await;
+    let with_finish = |text: &str| json!({"choices":[{"index":0,"delta":{"content":text},"finish_reason":"stop"}]});
+    let body = sse(&[&with_finish("用户想知道").to_string(), &with_finish("管理员密码，不能说").to_string()]);
+    Mock::given(method("POST")).respond_with(streaming(body)).mount(&server).await;
+    settings.base_url = format!("{}/v1/", server.uri());
+    let (result, seen) = complete(&openai(settings.clone())).await;
+    assert!(matches!(result, Err(LlmError::Protocol(_))), "{result:?}");
+    assert!(seen.is_empty(), "{seen:?}");
+
     // The same answer ended on purpose did not reason after all, and is shown.
     let server = MockServer::start().await;
     let stop = json!({"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}).to_string();
@@ -601,6 +612,24 @@ async fn openai_a_finish_reason_on_a_chunk_with_text_does_not_end_the_answer() {
     let result = client.complete(&request(), &mut sink).await;
 
     assert_eq!(result.ok().as_deref(), Some("先后"));
+}
+
+/// A connection that breaks after the standard closing chunk (a chunked body cut before its
+/// last chunk, as some proxies end streams) still gives the whole answer.
+#[tokio::test]
+async fn openai_a_stream_that_breaks_after_its_closing_chunk_is_a_whole_answer() {
+    let finished = json!({"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]});
+    let events = format!("data: {}\n\ndata: {finished}\n\n", chunk("完整的回答"));
+    // One chunk of a chunked body, then the connection closes without the final `0` chunk.
+    let script = vec![(Duration::ZERO, format!("{:x}\r\n{events}\r\n", events.len()))];
+    let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+    let base_url = trickling_server_with_head(head, script);
+    let client = LlmClient::new(Arc::new(openai(OpenAiSettings::new(base_url, "m"))), client_settings());
+    let (mut sink, _) = recorder();
+
+    let result = client.complete(&request(), &mut sink).await;
+
+    assert_eq!(result.ok().as_deref(), Some("完整的回答"));
 }
 
 /// A gateway that keeps the stream open after the finish reason (no `[DONE]`, no close) still
@@ -908,6 +937,14 @@ async fn lobehub_chat_route_failure_reports_the_message() {
 /// Serves one connection: reads the request, sends SSE headers, then each `(pause, text)` of the
 /// script after its pause, then closes (a close-delimited body). Returns the base URL.
 fn trickling_server(script: Vec<(Duration, String)>) -> String {
+    trickling_server_with_head(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n",
+        script,
+    )
+}
+
+/// [`trickling_server`] answering with `head` (status line and headers) instead.
+fn trickling_server_with_head(head: &'static str, script: Vec<(Duration, String)>) -> String {
     use std::io::{BufRead, BufReader, Read, Write};
 
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a local port");
@@ -932,7 +969,6 @@ fn trickling_server(script: Vec<(Duration, String)>) -> String {
             return;
         }
         let mut stream = reader.into_inner();
-        let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
         if stream.write_all(head.as_bytes()).is_err() {
             return;
         }

@@ -180,7 +180,6 @@ impl OpenAiBackend {
                 // for longer than that deadline before its first visible word.
                 let mut thinking = false;
                 let mut saw_delta_text = false;
-                let mut completed = false;
                 // The standard last chunk: a finish reason with nothing in its delta. Some
                 // servers put a finish reason on every chunk, or on reasoning chunks, so only
                 // this one says that nothing but usage and `[DONE]` follows.
@@ -198,7 +197,14 @@ impl OpenAiBackend {
                         // gateway that then neither ends nor closes the stream must not turn a
                         // whole answer into a timeout.
                         match tokio::time::timeout(AFTER_FINISH_GRACE, next).await {
-                            Ok(next) => next?,
+                            Ok(Ok(next)) => next,
+                            // The answer is whole; a connection that then breaks (a proxy that
+                            // drops the chunked body's end) must not turn it into an apology.
+                            Ok(Err(LlmError::Stream(error))) => {
+                                debug!(backend = "openai", %error, "The stream broke after its finish reason; answer taken.");
+                                None
+                            }
+                            Ok(Err(error)) => return Err(error),
                             Err(_elapsed) => {
                                 debug!(
                                     backend = "openai",
@@ -236,7 +242,6 @@ impl OpenAiBackend {
                             choice.get("finish_reason").and_then(Value::as_str).filter(|r| !r.is_empty())
                         {
                             debug!(backend = "openai", finish_reason = reason, "Stream finished.");
-                            completed = true;
                             closing_chunk_seen |= !brought;
                             if reason == "length" {
                                 answer.cut_short();
@@ -249,7 +254,9 @@ impl OpenAiBackend {
                         debug!(backend = "openai", prompt_tokens, completion_tokens, "LLM usage reported.");
                     }
                 }
-                if !(completed || events.saw_done()) {
+                // Not a finish reason on a chunk with text: some servers put one on every chunk,
+                // so it does not say the stream ended where the server meant it to.
+                if !(closing_chunk_seen || events.saw_done()) {
                     answer.ended_abruptly();
                 }
             }
