@@ -145,9 +145,10 @@ pub struct LlmConfig {
     /// LobeHub provider for `/api/v1/chat`.
     #[serde(default)]
     pub provider: Option<String>,
-    /// The default persona; channels may set their own.
-    #[serde(default = "default_system_prompt")]
-    pub system_prompt: String,
+    /// The default persona; channels may set their own. Unset: a Chinese assistant persona,
+    /// except for a LobeHub agent, which has its own (see [`LlmConfig::system_prompt`]).
+    #[serde(default)]
+    pub system_prompt: Option<String>,
     /// Requests to the model at once.
     #[serde(default = "default_max_concurrency")]
     pub max_concurrency: usize,
@@ -208,6 +209,19 @@ fn default_backend() -> LlmBackendKind {
 }
 fn default_system_prompt() -> String {
     "你是一个乐于助人的 AI 助手。请用简洁、友好的中文回答。".into()
+}
+
+impl LlmConfig {
+    /// The persona sent first in every request: the configured one, or by default a Chinese
+    /// assistant persona, except for a LobeHub agent (`agent_id`), whose own system prompt is
+    /// the point of that route and would be contradicted by ours.
+    pub fn system_prompt(&self) -> String {
+        match &self.system_prompt {
+            Some(prompt) => prompt.clone(),
+            None if self.backend == LlmBackendKind::Lobehub && self.agent_id.is_some() => String::new(),
+            None => default_system_prompt(),
+        }
+    }
 }
 fn default_max_concurrency() -> usize {
     16
@@ -814,6 +828,19 @@ token = "tok"
         let error = error.unwrap_or_default();
         assert!(error.contains("llm.api_key") && !error.contains("sk-abc"), "{error}");
         assert!(load(MINIMAL, &[("YIZHAN__LLM__API_KEY", "sk-abc")]).is_ok());
+    }
+
+    #[test]
+    fn a_lobehub_agent_gets_no_persona_unless_one_is_set() {
+        let config = load(MINIMAL, &[]).unwrap_or_else(|e| panic!("{e:#}"));
+        assert!(config.llm.system_prompt().contains("AI 助手"));
+        let agent = [("YIZHAN__LLM__BACKEND", "lobehub"), ("YIZHAN__LLM__AGENT_ID", "agt_1")];
+        let config = load(MINIMAL, &agent).unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(config.llm.system_prompt(), "");
+        let mut with_prompt = agent.to_vec();
+        with_prompt.push(("YIZHAN__LLM__SYSTEM_PROMPT", "你是客服。"));
+        let config = load(MINIMAL, &with_prompt).unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(config.llm.system_prompt(), "你是客服。");
     }
 
     #[test]

@@ -65,6 +65,7 @@ fn build_llm_client(config: &Config) -> anyhow::Result<LlmClient> {
                 model: llm.model.clone(),
                 provider: llm.provider.clone(),
                 strip_think: llm.strip_think,
+                send_user: llm.send_user,
             },
             http,
         )),
@@ -209,7 +210,7 @@ impl Application {
             let outbound = ChannelActor::start_in_arbiter(&delivery_arbiter.handle(), move |_| {
                 ChannelActor::new(actor_channel, actor_store, actor_policy, actor_metrics)
             });
-            let system_prompt = entry.core.system_prompt.clone().unwrap_or_else(|| config.llm.system_prompt.clone());
+            let system_prompt = entry.core.system_prompt.clone().unwrap_or_else(|| config.llm.system_prompt());
             tracing::info!(channel = %entry.settings.id, kind = %entry.settings.kind, "Channel ready.");
             let group_per_user = entry.core.group_context == crate::config::GroupContext::PerUser;
             let capabilities = channel.capabilities();

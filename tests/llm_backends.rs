@@ -717,6 +717,45 @@ async fn lobehub_agent_streams_output_text_deltas() {
 }
 
 #[tokio::test]
+async fn lobehub_agent_without_send_user_sends_no_user() {
+    let server = MockServer::start().await;
+    let body = responses_sse(&[
+        json!({"type":"response.output_text.delta","delta":"好"}),
+        json!({"type":"response.completed","response":{"status":"completed"}}),
+    ]);
+    Mock::given(method("POST")).and(path("/api/v1/responses")).respond_with(streaming(body)).mount(&server).await;
+    let mut settings = lobehub_settings(&server, Some("agt_123"));
+    settings.send_user = false;
+
+    let (result, _) = complete(&lobehub(settings)).await;
+
+    assert_eq!(result.ok().as_deref(), Some("好"));
+    let (_, body) = only_request_body(&server).await;
+    assert!(body.get("user").is_none(), "{body}");
+}
+
+/// A Responses stream always ends with a terminal event; without one it was cut off: an error
+/// when nothing was shown yet, otherwise the shown text stays (not silently).
+#[tokio::test]
+async fn lobehub_agent_stream_ending_without_completed_is_cut_off() {
+    let server = MockServer::start().await;
+    let body = responses_sse(&[json!({"type":"response.created","response":{"status":"in_progress"}})]);
+    Mock::given(method("POST")).and(path("/api/v1/responses")).respond_with(streaming(body)).mount(&server).await;
+    let (result, seen) = complete(&lobehub(lobehub_settings(&server, Some("agt_123")))).await;
+    assert!(matches!(result, Err(LlmError::Stream(_))), "{result:?}");
+    assert!(seen.is_empty(), "{seen:?}");
+
+    let server = MockServer::start().await;
+    let body = responses_sse(&[
+        json!({"type":"response.output_text.delta","delta":"你"}),
+        json!({"type":"response.output_text.delta","delta":"好，关于这个问题"}),
+    ]);
+    Mock::given(method("POST")).and(path("/api/v1/responses")).respond_with(streaming(body)).mount(&server).await;
+    let (result, _) = complete(&lobehub(lobehub_settings(&server, Some("agt_123")))).await;
+    assert_eq!(result.ok().as_deref(), Some("你好，关于这个问题"));
+}
+
+#[tokio::test]
 async fn lobehub_agent_dispatches_on_the_json_type_even_without_event_names() {
     let server = MockServer::start().await;
     let body = sse(&[

@@ -47,11 +47,14 @@ pub struct LobeHubSettings {
     pub provider: Option<String>,
     /// Remove a `<think>…</think>` block that opens an answer (a model behind LobeHub that
     /// inlines its reasoning).
-    #[serde(default = "default_strip_think")]
+    #[serde(default = "default_true")]
     pub strip_think: bool,
+    /// Send the `user` field (`channel:openid`) on the agent route (the chat route has none).
+    #[serde(default = "default_true")]
+    pub send_user: bool,
 }
 
-fn default_strip_think() -> bool {
+fn default_true() -> bool {
     true
 }
 
@@ -65,6 +68,7 @@ impl LobeHubSettings {
             model: None,
             provider: None,
             strip_think: true,
+            send_user: true,
         }
     }
 }
@@ -78,6 +82,8 @@ impl fmt::Debug for LobeHubSettings {
             .field("agent_id", &self.agent_id)
             .field("model", &self.model)
             .field("provider", &self.provider)
+            .field("strip_think", &self.strip_think)
+            .field("send_user", &self.send_user)
             .finish()
     }
 }
@@ -131,7 +137,7 @@ impl LobeHubBackend {
                 .iter()
                 .map(|message| InputItem { kind: "message", role: message.role, content: &message.content })
                 .collect(),
-            user: (!request.user.is_empty()).then_some(request.user.as_str()),
+            user: (self.settings.send_user && !request.user.is_empty()).then_some(request.user.as_str()),
             metadata: Metadata { channel: &request.channel_kind },
         };
         let http_request =
@@ -159,6 +165,9 @@ impl LobeHubBackend {
                 // An agent that reasons or calls tools before its first visible word is working:
                 // such events meet the first-token deadline (see `shows_work`).
                 let mut working = false;
+                // The Responses protocol ends every stream with `response.completed`,
+                // `.incomplete` or `.failed`; one that ends without is cut off.
+                let mut ended = false;
                 while let Some((event_name, json)) = sse::next_json_event(
                     &mut events,
                     working || answer.has_started(),
@@ -198,6 +207,7 @@ impl LobeHubBackend {
                                 }
                                 warn!(backend = "lobehub", reason = %reason, "LLM answer is incomplete.");
                             }
+                            ended = true;
                             break;
                         }
                         "response.failed" => {
@@ -215,6 +225,17 @@ impl LobeHubBackend {
                         // created / in_progress / output_item.* / reasoning.* / content_part.*
                         _ => {}
                     }
+                }
+                if !ended {
+                    answer.ended_abruptly();
+                    if !answer.has_started() {
+                        return Err(LlmError::Stream("the stream ended before response.completed".to_owned()));
+                    }
+                    // What was shown stays (as for `response.incomplete`), but not silently.
+                    warn!(
+                        backend = "lobehub",
+                        "The stream ended before response.completed; the answer may be cut off."
+                    );
                 }
             }
         }
