@@ -29,6 +29,7 @@
 
 use dashmap::DashMap;
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
@@ -226,6 +227,8 @@ pub struct PassiveSlots {
     replied: DashMap<(ChannelId, String), Replied, Hasher>,
     /// When `replied` is next swept of old replies.
     replied_sweeps: Mutex<yizhan_channel_common::SweepClock>,
+    /// The parked texts' lengths, summed over every user (see [`MAX_PARKED_BYTES`]).
+    parked_bytes: std::sync::atomic::AtomicUsize,
 }
 
 /// A passive reply already given, kept for the platform's retries (see the module docs).
@@ -286,6 +289,16 @@ const MAX_PARKED_PER_USER: usize = 8;
 /// answer), so beyond this the users whose text was parked longest ago lose theirs (logged).
 const MAX_PARKED_USERS: usize = 100_000;
 
+/// Bytes of parked text kept at most, over every user: answers can be long (a model's answer
+/// may take megabytes), so a bound on users alone does not bound memory. Beyond it, as beyond
+/// [`MAX_PARKED_USERS`], the users whose text was parked longest ago lose theirs.
+const MAX_PARKED_BYTES: usize = 256 << 20;
+
+/// The bytes of a queue's texts.
+fn bytes_of<'a>(texts: impl IntoIterator<Item = &'a (String, String)>) -> usize {
+    texts.into_iter().map(|(_, text)| text.len()).sum()
+}
+
 impl PassiveSlots {
     /// Opens a job for a journaled message that will be answered.
     pub fn open(&self, envelope: &Envelope) -> Arc<PassiveJob> {
@@ -336,11 +349,13 @@ impl PassiveSlots {
             None => (envelope_id.to_owned(), queue.len()),
         };
         let at = queue.iter().position(|(queued, _)| *queued == id).unwrap_or(otherwise);
+        self.hold_bytes(text.len());
         queue.insert(at, (id, text));
         // Text put at the front (the rest of what the user is reading) is not the one to drop.
-        Self::bound(channel, queue, at == 0);
+        let dropped = Self::bound(channel, queue, at == 0);
         drop(parked);
-        self.bound_users(MAX_PARKED_USERS);
+        self.release_bytes(dropped);
+        self.shed_oldest_users(MAX_PARKED_USERS, MAX_PARKED_BYTES);
     }
 
     /// Takes the oldest parked text for a user to answer `envelope_id` (the continue word):
@@ -367,47 +382,61 @@ impl PassiveSlots {
     pub fn put_back(&self, channel: &ChannelId, user: &str, text: String) {
         let mut parked = self.parked.entry((channel.clone(), user.to_owned())).or_default();
         parked.parked_at = std::time::Instant::now();
+        self.hold_bytes(text.len());
         parked.texts.push_front((String::new(), text));
-        Self::bound(channel, &mut parked.texts, true);
+        let dropped = Self::bound(channel, &mut parked.texts, true);
         drop(parked);
-        self.bound_users(MAX_PARKED_USERS);
+        self.release_bytes(dropped);
+        self.shed_oldest_users(MAX_PARKED_USERS, MAX_PARKED_BYTES);
     }
 
-    /// Beyond `limit` users with parked answers, drops those whose text was parked longest
-    /// ago, down to nine tenths of it (so that the scan runs once per tenth of new users, not
-    /// at each one).
-    fn bound_users(&self, limit: usize) {
-        if self.parked.len() <= limit {
+    /// Beyond `max_users` users with parked answers, or `max_bytes` of parked text, drops the
+    /// answers of the users whose text was parked longest ago, down to nine tenths of both
+    /// (so that the scan runs once per tenth, not at each new text).
+    fn shed_oldest_users(&self, max_users: usize, max_bytes: usize) {
+        let bytes = || self.parked_bytes.load(Ordering::Relaxed);
+        if self.parked.len() <= max_users && bytes() <= max_bytes {
             return;
         }
         let mut ages: Vec<((ChannelId, String), std::time::Instant)> =
             self.parked.iter().map(|entry| (entry.key().clone(), entry.parked_at)).collect();
         ages.sort_unstable_by_key(|(_, parked_at)| *parked_at);
-        let excess = ages.len().saturating_sub(limit - limit / 10);
-        let mut dropped = 0;
-        for (key, parked_at) in ages.into_iter().take(excess) {
+        let (users_wanted, bytes_wanted) = (max_users - max_users / 10, max_bytes - max_bytes / 10);
+        let (mut users, mut answers) = (0, 0);
+        for (key, parked_at) in ages {
+            if self.parked.len() <= users_wanted && bytes() <= bytes_wanted {
+                break;
+            }
             // Unless text was parked for them meanwhile.
             if let Some((_, parked)) = self.parked.remove_if(&key, |_, parked| parked.parked_at <= parked_at) {
-                dropped += parked.texts.len();
+                users += 1;
+                answers += parked.texts.len();
+                self.release_bytes(bytes_of(&parked.texts));
             }
         }
-        tracing::warn!(
-            users = excess,
-            answers = dropped,
-            "Too many users with parked answers; the oldest were dropped."
-        );
+        tracing::warn!(users, answers, "Too many parked answers (users or bytes); the oldest users' were dropped.");
     }
 
-    /// Beyond the bound, drops from the end opposite to where text was just added.
-    fn bound(channel: &ChannelId, queue: &mut VecDeque<(String, String)>, added_at_front: bool) {
+    fn hold_bytes(&self, bytes: usize) {
+        self.parked_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn release_bytes(&self, bytes: usize) {
+        let _ = self
+            .parked_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| Some(held.saturating_sub(bytes)));
+    }
+
+    /// Beyond the bound, drops from the end opposite to where text was just added; returns the
+    /// bytes dropped.
+    fn bound(channel: &ChannelId, queue: &mut VecDeque<(String, String)>, added_at_front: bool) -> usize {
+        let mut dropped = 0;
         while queue.len() > MAX_PARKED_PER_USER {
-            if added_at_front {
-                queue.pop_back();
-            } else {
-                queue.pop_front();
-            }
+            let gone = if added_at_front { queue.pop_back() } else { queue.pop_front() };
+            dropped += gone.map_or(0, |(_, text)| text.len());
             tracing::warn!(channel = %channel, "Too many parked answers for one user; dropped one.");
         }
+        dropped
     }
 
     /// Takes the oldest parked text for a user.
@@ -420,6 +449,7 @@ impl PassiveSlots {
         let key = (channel.clone(), user.to_owned());
         let mut parked = self.parked.get_mut(&key)?;
         let front = parked.texts.pop_front();
+        self.release_bytes(front.as_ref().map_or(0, |(_, text)| text.len()));
         // The user is reading: what is left is not forgotten, or dropped first, as unwanted.
         parked.parked_at = std::time::Instant::now();
         let empty = parked.texts.is_empty();
@@ -433,14 +463,16 @@ impl PassiveSlots {
     /// Drops the parked answers of users for whom nothing was parked or taken since `cutoff`;
     /// returns how many answers went.
     pub fn forget_parked_before(&self, cutoff: std::time::Instant) -> usize {
-        let mut forgotten = 0;
+        let (mut forgotten, mut bytes) = (0, 0);
         self.parked.retain(|_, parked| {
             let keep = parked.parked_at >= cutoff;
             if !keep {
                 forgotten += parked.texts.len();
+                bytes += bytes_of(&parked.texts);
             }
             keep
         });
+        self.release_bytes(bytes);
         forgotten
     }
 
@@ -470,7 +502,11 @@ impl PassiveSlots {
     pub fn forget_parked_of(&self, channel: &ChannelId, user: &str, envelope_id: &str) {
         let key = (channel.clone(), user.to_owned());
         if let Some(mut parked) = self.parked.get_mut(&key) {
+            let before = bytes_of(&parked.texts);
             parked.texts.retain(|(answer, _)| answer != envelope_id);
+            let after = bytes_of(&parked.texts);
+            drop(parked);
+            self.release_bytes(before - after);
         }
         self.parked.remove_if(&key, |_, parked| parked.texts.is_empty());
     }
@@ -504,10 +540,13 @@ impl PassiveSlots {
             let mut parked = self.parked.entry((channel.clone(), record.user)).or_default();
             parked.parked_at = parked_at;
             imported += record.texts.len();
+            self.hold_bytes(bytes_of(&record.texts));
             parked.texts.extend(record.texts);
-            Self::bound(&channel, &mut parked.texts, false);
+            let dropped = Self::bound(&channel, &mut parked.texts, false);
+            drop(parked);
+            self.release_bytes(dropped);
         }
-        self.bound_users(MAX_PARKED_USERS);
+        self.shed_oldest_users(MAX_PARKED_USERS, MAX_PARKED_BYTES);
         imported
     }
 
@@ -651,14 +690,40 @@ mod tests {
                 parked.parked_at = now + Duration::from_secs(user);
             }
         }
-        slots.bound_users(10);
+        slots.shed_oldest_users(10, usize::MAX);
         assert_eq!(slots.parked.len(), 9);
         for user in 0..3 {
             assert!(!slots.has_parked(&channel, &format!("u{user}")), "u{user}");
         }
         assert!(slots.has_parked(&channel, "u3") && slots.has_parked(&channel, "u11"));
-        slots.bound_users(10);
+        slots.shed_oldest_users(10, usize::MAX);
         assert_eq!(slots.parked.len(), 9, "within the bound, nothing goes");
+        // 9 users with 3 bytes each: a budget of 10 bytes keeps the 3 parked last.
+        slots.shed_oldest_users(usize::MAX, 10);
+        assert_eq!(slots.parked.len(), 3);
+        assert_eq!(slots.parked_bytes.load(Ordering::Relaxed), 9);
+        assert!(slots.has_parked(&channel, "u9") && !slots.has_parked(&channel, "u8"));
+    }
+
+    #[test]
+    fn parked_bytes_are_counted_back_to_nothing_whichever_way_text_leaves() {
+        let slots = PassiveSlots::default();
+        let channel = ChannelId::parse("c").unwrap_or_else(|e| panic!("{e}"));
+        let held = || slots.parked_bytes.load(Ordering::Relaxed);
+        for i in 0..MAX_PARKED_PER_USER + 2 {
+            slots.park(&channel, "a", &format!("e{i}"), "一二".into());
+        }
+        assert_eq!(held(), MAX_PARKED_PER_USER * 6, "the per-user bound's drops are counted");
+        slots.put_back(&channel, "a", "三".into());
+        slots.park(&channel, "b", "x", "四".into());
+        slots.forget_parked_of(&channel, "b", "x");
+        while slots.unpark(&channel, "a").is_some() {}
+        assert_eq!(held(), 0);
+        slots.park(&channel, "c", "y", "五".into());
+        slots.import_parked(slots.export_parked());
+        assert_eq!(held(), 6, "imported next to what was there");
+        slots.forget_parked_before(std::time::Instant::now() + Duration::from_secs(1));
+        assert_eq!(held(), 0);
     }
 
     #[test]
