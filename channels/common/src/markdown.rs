@@ -452,6 +452,8 @@ pub fn split_keeping_strong(text: &str, max_bytes: usize) -> Vec<String> {
             }
             part
         })
+        // A part that was only the closing marker, given to the part before it.
+        .filter(|part| !part.trim().is_empty())
         .collect()
 }
 
@@ -538,6 +540,10 @@ mod tests {
             assert!(!part.contains("****") && part.len() <= 64, "{part}");
             assert_eq!(strong_markers(part) % 2, 0, "{part}");
         }
+        // Cut so that the last part would be the closing marker alone: no empty part.
+        let whole = format!("**{}**", "好。".repeat(19));
+        let parts = split_keeping_strong(&whole, 64);
+        assert!(parts.len() == 2 && parts.iter().all(|part| !part.trim().is_empty()), "{parts:?}");
         // A lone backtick in a part would make the next part's count wrong: left as split.
         let ticked = format!("it`s **{}**", "重点 ".repeat(20).trim_end());
         assert_eq!(split_keeping_strong(&ticked, 64), crate::split_text(&ticked, 64));

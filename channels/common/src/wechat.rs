@@ -131,3 +131,16 @@ mod tests {
         assert_eq!(other, Some(Segment::Event(Event::Other { name: "msgtype:miniprogrampage".into() })));
     }
 }
+
+/// `text` without the control characters XML cannot carry, which the WeChat family's send APIs'
+/// JSON would carry as `\u001b`-style escapes they refuse (公众号 errcode 40033); tabs and line
+/// breaks stay. The passive reply's XML cannot carry them either.
+pub fn without_control_characters(text: &str) -> String {
+    text.chars().filter(|&ch| is_xml_char(ch)).collect()
+}
+
+/// Whether XML 1.0 allows `ch` at all (even CDATA cannot carry the others, and WeChat rejects
+/// documents that contain them).
+pub fn is_xml_char(ch: char) -> bool {
+    matches!(ch, '\t' | '\n' | '\r') || (ch >= ' ' && ch != '\u{FFFE}' && ch != '\u{FFFF}')
+}

@@ -327,7 +327,7 @@ impl Channel for WechatMp {
                 debug!(channel = %self.id, delivery = %delivery.delivery_id, "Empty part skipped.");
                 return Ok(DeliveryReceipt::default());
             }
-            let text = passive::without_control_characters(&delivery.reply.text);
+            let text = yizhan_channel_common::wechat::without_control_characters(&delivery.reply.text);
             self.api.send_text(&delivery.recipient.id, &text).await
         })
     }

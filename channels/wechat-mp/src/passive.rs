@@ -3,6 +3,8 @@
 //! Invariant: whatever the text holds, the output is well-formed XML whose `Content` reads back
 //! as that text (less the control characters XML 1.0 cannot carry).
 
+use yizhan_channel_common::wechat::is_xml_char;
+
 /// Builds `<xml>…<MsgType>text</MsgType><Content>…</Content></xml>` (PROTOCOLS §2.4): To and
 /// From swapped relative to the push, so `to_openid` is the user and `from_account` the
 /// account's `gh_` id.
@@ -23,23 +25,11 @@ pub(crate) fn shows_nothing(text: &str) -> bool {
     text.chars().filter(|&ch| is_xml_char(ch)).all(char::is_whitespace)
 }
 
-/// `text` without the control characters XML cannot carry, which the send API's JSON would
-/// carry as `\u001b`-style escapes WeChat refuses (errcode 40033); tabs and line breaks stay.
-pub(crate) fn without_control_characters(text: &str) -> String {
-    text.chars().filter(|&ch| is_xml_char(ch)).collect()
-}
-
 /// Wraps `text` in CDATA. A `]]>` inside would end the section early, so it is split across two
 /// sections (`]]` ends one, `>` starts the next), which readers join back into the same text.
 fn cdata(text: &str) -> String {
     let clean: String = text.chars().filter(|&ch| is_xml_char(ch)).collect();
     format!("<![CDATA[{}]]>", clean.replace("]]>", "]]]]><![CDATA[>"))
-}
-
-/// Whether XML 1.0 allows `ch` at all (even CDATA cannot carry the others, and WeChat rejects
-/// documents that contain them).
-fn is_xml_char(ch: char) -> bool {
-    matches!(ch, '\t' | '\n' | '\r') || (ch >= ' ' && ch != '\u{FFFE}' && ch != '\u{FFFF}')
 }
 
 #[cfg(test)]

@@ -327,9 +327,10 @@ impl Channel for Wecom {
                     "Delivery waited for WeCom's per-member rate limit."
                 );
             }
-            let text = &delivery.reply.text;
-            let duplicate_check = self.recent_sends.duplicate_check(userid, text, &delivery.delivery_id);
-            self.api.send(userid, self.msg_type(), text, duplicate_check).await
+            // As for 公众号: the WeChat family refuses JSON carrying control characters.
+            let text = yizhan_channel_common::wechat::without_control_characters(&delivery.reply.text);
+            let duplicate_check = self.recent_sends.duplicate_check(userid, &text, &delivery.delivery_id);
+            self.api.send(userid, self.msg_type(), &text, duplicate_check).await
         })
     }
 }

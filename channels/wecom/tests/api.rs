@@ -152,6 +152,19 @@ async fn text_format_sends_text_messages() {
     assert_eq!(json_body(&sends[0]), send_body(USER, "text", "收到"));
 }
 
+/// The WeChat family refuses JSON with `\u001b`-style escapes (公众号 errcode 40033): a model's
+/// answer copying terminal output must not lose the whole part.
+#[tokio::test]
+async fn control_characters_are_not_sent() {
+    let server = MockServer::start().await;
+    mount_token(&server, "TOKEN1", 1).await;
+    mount_send(&server, "TOKEN1", ok_answer(), 1).await;
+    let channel = channel_for_with(&server, json!({"reply_format": "text"}));
+    channel.deliver(&delivery("终端输出\u{1b}[31m红\u{7}\t完")).await.unwrap_or_else(|e| panic!("{e}"));
+    let sends = requests_to(&server, "/cgi-bin/message/send").await;
+    assert_eq!(json_body(&sends[0]), send_body(USER, "text", "终端输出[31m红\t完"));
+}
+
 #[tokio::test]
 async fn the_token_is_fetched_once_for_several_sends() {
     let server = MockServer::start().await;
