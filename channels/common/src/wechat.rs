@@ -90,6 +90,19 @@ pub fn dedupe_key(fields: &Fields, sender: &str) -> Result<String, ChannelError>
 /// The longest `EventKey` kept as it is in a dedupe key.
 const MAX_KEY_IN_DEDUPE: usize = 128;
 
+/// `text` without the control characters XML cannot carry, which the WeChat family's send APIs'
+/// JSON would carry as `\u001b`-style escapes they refuse (公众号 errcode 40033); tabs and line
+/// breaks stay. The passive reply's XML cannot carry them either.
+pub fn without_control_characters(text: &str) -> String {
+    text.chars().filter(|&ch| is_xml_char(ch)).collect()
+}
+
+/// Whether XML 1.0 allows `ch` at all (even CDATA cannot carry the others, and WeChat rejects
+/// documents that contain them).
+pub fn is_xml_char(ch: char) -> bool {
+    matches!(ch, '\t' | '\n' | '\r') || (ch >= ' ' && ch != '\u{FFFE}' && ch != '\u{FFFF}')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,17 +143,4 @@ mod tests {
         let other = message_segment("miniprogrampage", &fields(&[]), no_event).ok();
         assert_eq!(other, Some(Segment::Event(Event::Other { name: "msgtype:miniprogrampage".into() })));
     }
-}
-
-/// `text` without the control characters XML cannot carry, which the WeChat family's send APIs'
-/// JSON would carry as `\u001b`-style escapes they refuse (公众号 errcode 40033); tabs and line
-/// breaks stay. The passive reply's XML cannot carry them either.
-pub fn without_control_characters(text: &str) -> String {
-    text.chars().filter(|&ch| is_xml_char(ch)).collect()
-}
-
-/// Whether XML 1.0 allows `ch` at all (even CDATA cannot carry the others, and WeChat rejects
-/// documents that contain them).
-pub fn is_xml_char(ch: char) -> bool {
-    matches!(ch, '\t' | '\n' | '\r') || (ch >= ' ' && ch != '\u{FFFE}' && ch != '\u{FFFF}')
 }
