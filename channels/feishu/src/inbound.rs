@@ -190,6 +190,10 @@ pub(crate) struct Parsed {
     pub(crate) envelope: Envelope,
     /// A group mention was taken as the bot's only because `bot_open_id` is not configured.
     pub(crate) assumed_self_mention: bool,
+    /// A group message mentions people, none of them the configured `bot_open_id`: a sign the
+    /// setting is wrong (open_ids differ per app), where Feishu sends only messages that
+    /// mention the bot.
+    pub(crate) bot_not_among_mentions: bool,
 }
 
 /// Builds the envelope for an `im.message.receive_v1` event.
@@ -264,7 +268,8 @@ pub(crate) fn message_envelope(ctx: &Context<'_>, event_id: &str, event: &Value)
         mentions_self,
         reply_handle,
     };
-    Ok(Parsed { envelope, assumed_self_mention: assumed_self_mention && mentioned })
+    let bot_not_among_mentions = group && ctx.bot_open_id.is_some() && first_person.is_some() && !mentioned;
+    Ok(Parsed { envelope, assumed_self_mention: assumed_self_mention && mentioned, bot_not_among_mentions })
 }
 
 /// The segments of one message's `content` (a JSON string: parsed a second time here).

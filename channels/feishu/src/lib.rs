@@ -86,6 +86,8 @@ pub struct Feishu {
     api: api::Api,
     /// Whether the "set `bot_open_id`" advice was logged already; once per process is enough.
     bot_identity_advised: AtomicBool,
+    /// Whether the doubt about `bot_open_id` was logged (once per run).
+    bot_identity_doubted: AtomicBool,
     /// Whether the "subscribe to v2 message events" warning was logged already.
     v1_messages_warned: AtomicBool,
     /// Until when streaming is paused: Feishu refused to create a streaming card as
@@ -120,6 +122,7 @@ impl Feishu {
             settings,
             api,
             bot_identity_advised: AtomicBool::new(false),
+            bot_identity_doubted: AtomicBool::new(false),
             v1_messages_warned: AtomicBool::new(false),
             streaming_paused_until: std::sync::Mutex::new(None),
             chat_limiter,
@@ -200,6 +203,14 @@ impl Feishu {
             info!(
                 channel = %self.id,
                 "Treating any @-mention in a group as addressing the bot (the first as the bot's); set `bot_open_id` to tell mentions apart."
+            );
+        }
+        if parsed.bot_not_among_mentions && !self.bot_identity_doubted.swap(true, Ordering::Relaxed) {
+            warn!(
+                channel = %self.id,
+                "A group message @-mentions people, none of them `bot_open_id`: it is not answered. If the bot was mentioned, \
+                 `bot_open_id` is wrong (open_ids differ per app: take the bot's own from this app's events, or from \
+                 /open-apis/bot/v3/info with this app's token). Logged once."
             );
         }
         let envelope = parsed.envelope;
