@@ -8,7 +8,7 @@ use crate::hub::{ChannelEntry, Hub, HubInner};
 use crate::llm::client::{build_http_client, LlmClientSettings};
 use crate::llm::lobehub::{LobeHubBackend, LobeHubSettings};
 use crate::llm::openai::{OpenAiBackend, OpenAiSettings};
-use crate::llm::{LlmActor, LlmBackend, LlmClient};
+use crate::llm::{LlmActor, LlmBackend, LlmClient, LlmError};
 use crate::metrics::Metrics;
 use crate::routing::Router;
 use crate::session::SessionRegistry;
@@ -35,6 +35,8 @@ pub struct Application {
     retention: Duration,
     /// Where parked answers are kept across a graceful restart (durable stores only).
     parked_file: Option<std::path::PathBuf>,
+    /// The model's client and `base_url`, for the start-up probe.
+    llm_probe: (LlmClient, String),
     // Kept so the actor threads live as long as the application.
     _arbiters: Vec<Arbiter>,
 }
@@ -184,6 +186,7 @@ impl Application {
         let metrics = Metrics::new();
         let store = build_store(&config)?;
         let llm_client = build_llm_client(&config)?;
+        let llm_probe = (llm_client.clone(), config.llm.base_url.clone());
         let llm_arbiter = Arbiter::new();
         let delivery_arbiter = Arbiter::new();
         let (max_concurrency, max_waiting) = (config.llm.max_concurrency, config.llm.max_waiting);
@@ -287,7 +290,7 @@ impl Application {
         arbiters.extend(session_arbiters);
         let shutdown_timeout = Duration::from_secs(config.server.shutdown_timeout_secs);
         let retention = Duration::from_secs(config.store.retention_days.saturating_mul(86_400));
-        Ok(Self { port, server, hub, shutdown_timeout, retention, parked_file, _arbiters: arbiters })
+        Ok(Self { port, server, hub, shutdown_timeout, retention, parked_file, llm_probe, _arbiters: arbiters })
     }
 
     /// The port the server listens on (useful with port 0).
@@ -302,6 +305,7 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         self.spawn_retention();
         self.spawn_parked_expiry();
+        self.spawn_llm_probe();
         let handle = self.server.handle();
         // Taken back at build; removed only now that this start has succeeded (a start that
         // failed leaves the file for the next attempt).
@@ -355,6 +359,29 @@ impl Application {
             save_parked(&self.hub, path);
         }
         served
+    }
+
+    /// Asks the model's server once whether it is there and takes the key, and says so in the
+    /// log: the start does not wait for it (the server may come up later; users get the apology
+    /// until it does).
+    fn spawn_llm_probe(&self) {
+        let (client, base_url) = self.llm_probe.clone();
+        actix::spawn(async move {
+            let Some(probe) = client.probe() else { return };
+            let backend = client.backend_name();
+            match probe.await {
+                Ok(()) => tracing::info!(backend, %base_url, "The LLM server answers."),
+                Err(error) => {
+                    let hint = match &error {
+                        LlmError::Status { status: 401 | 403, .. } => "check `llm.api_key`",
+                        LlmError::Status { status: 404, .. } => "check `llm.base_url` (and `llm.backend`)",
+                        LlmError::Connect(_) => "is it running, and is `llm.base_url` right?",
+                        _ => "users get the apology until it answers",
+                    };
+                    tracing::warn!(backend, %base_url, %error, hint, "The LLM server did not answer the start-up check.");
+                }
+            }
+        });
     }
 
     /// Forgets, hourly, the parked answers of users for whom nothing was parked or taken for

@@ -1144,3 +1144,54 @@ async fn lobehub_agent_scaffolding_alone_does_not_meet_the_first_token_deadline(
     assert!(matches!(result, Err(LlmError::FirstTokenTimeout(_))), "{result:?}");
     assert!(pieces(&seen).is_empty());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Start-up probes
+// ---------------------------------------------------------------------------------------------
+
+async fn probe(backend: &dyn LlmBackend) -> Result<(), LlmError> {
+    match backend.probe() {
+        Some(probe) => probe.await,
+        None => panic!("{} has no probe", backend.name()),
+    }
+}
+
+#[tokio::test]
+async fn the_openai_probe_lists_models_with_the_key_and_reports_a_refusal_without_it() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/v1/models"))
+        .and(header("authorization", format!("Bearer {SECRET}").as_str()))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"object":"list","data":[]})))
+        .expect(1)
+        .mount(&server)
+        .await;
+    assert!(probe(&openai(openai_settings(&server))).await.is_ok());
+
+    let refusing = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(
+            ResponseTemplate::new(401).set_body_json(json!({"error":{"message":format!("bad key {SECRET}")}})),
+        )
+        .mount(&refusing)
+        .await;
+    let error = probe(&openai(openai_settings(&refusing))).await.err();
+    assert!(matches!(&error, Some(LlmError::Status { status: 401, .. })), "{error:?}");
+    assert!(!format!("{error:?}").contains(SECRET), "{error:?}");
+}
+
+#[tokio::test]
+async fn the_lobehub_probe_asks_its_health_route() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/api/v1/health"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"status":"ok"})))
+        .expect(1)
+        .mount(&server)
+        .await;
+    assert!(probe(&lobehub(lobehub_settings(&server, Some("agt_1")))).await.is_ok());
+    // Nothing listening: a connect error, not a panic or a hang.
+    let closed = LobeHubSettings::new("http://127.0.0.1:9");
+    let error = probe(&lobehub(closed)).await.err();
+    assert!(matches!(error, Some(LlmError::Connect(_))), "{error:?}");
+}

@@ -158,4 +158,11 @@ pub trait LlmBackend: Send + Sync + 'static {
     fn may_repeat(&self, _error: &LlmError) -> bool {
         true
     }
+
+    /// A cheap request showing whether the server is reachable and takes the key, asked once at
+    /// start-up so that a wrong `base_url` or key shows in the log before the first user meets
+    /// the apology; `None` for a backend without one.
+    fn probe(&self) -> Option<BoxFuture<'_, Result<(), LlmError>>> {
+        None
+    }
 }

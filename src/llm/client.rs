@@ -76,6 +76,11 @@ impl LlmClient {
         self.inner.backend.name()
     }
 
+    /// The backend's start-up probe (see [`LlmBackend::probe`]).
+    pub fn probe(&self) -> Option<yizhan_channel_core::BoxFuture<'_, Result<(), LlmError>>> {
+        self.inner.backend.probe()
+    }
+
     /// The policy in use.
     pub fn settings(&self) -> &LlmClientSettings {
         &self.inner.settings

@@ -315,6 +315,12 @@ impl LlmBackend for LobeHubBackend {
         let chat_route = self.settings.agent_id.as_deref().is_none_or(str::is_empty);
         !(chat_route && matches!(error, LlmError::Status { status, .. } if *status >= 500 && *status != 503))
     }
+
+    fn probe(&self) -> Option<BoxFuture<'_, Result<(), LlmError>>> {
+        // The route LobeHub offers for this (PROTOCOLS §5).
+        let url = format!("{}/api/v1/health", self.base);
+        Some(Box::pin(async move { sse::probe(&self.http, &url, self.api_key()).await }))
+    }
 }
 
 impl LobeHubBackend {

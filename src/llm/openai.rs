@@ -282,9 +282,19 @@ impl LlmBackend for OpenAiBackend {
                 .map_err(|error| error.redacting(self.api_key()))
         })
     }
+
+    fn probe(&self) -> Option<BoxFuture<'_, Result<(), LlmError>>> {
+        Some(Box::pin(self.probe_models()))
+    }
 }
 
 impl OpenAiBackend {
+    /// `GET {base_url}/models`, which every OpenAI-compatible server answers.
+    async fn probe_models(&self) -> Result<(), LlmError> {
+        let url = format!("{}/models", self.settings.base_url.trim_end_matches('/'));
+        sse::probe(&self.http, &url, self.api_key()).await
+    }
+
     fn api_key(&self) -> Option<&str> {
         self.settings.api_key.as_ref().map(|key| key.expose_secret())
     }

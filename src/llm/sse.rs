@@ -385,6 +385,23 @@ pub(crate) async fn send(request: reqwest::RequestBuilder) -> Result<reqwest::Re
     })
 }
 
+/// How long a start-up probe (see [`LlmBackend::probe`](super::LlmBackend::probe)) may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `GET url` with the backend's key: `Ok` for a 2xx answer, else what went wrong (the key
+/// removed from the server's words).
+pub(crate) async fn probe(http: &reqwest::Client, url: &str, api_key: Option<&str>) -> Result<(), LlmError> {
+    let mut request = http.get(url).timeout(PROBE_TIMEOUT);
+    if let Some(key) = api_key {
+        request = request.bearer_auth(key);
+    }
+    let response = send(request).await.map_err(|error| error.redacting(api_key))?;
+    if response.status().is_success() {
+        return Ok(());
+    }
+    Err(status_error(response, PROBE_TIMEOUT, api_key).await)
+}
+
 /// [`send`] for a request that must not reach the server twice: only a failure to connect
 /// (nothing was sent) stays a retryable connect error; a failure after that is
 /// [`LlmError::Lost`], never retried.

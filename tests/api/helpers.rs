@@ -247,8 +247,10 @@ impl TestApp {
             .await
             .unwrap_or_default()
             .into_iter()
+            // Questions only: not the start-up probe (a GET).
             .filter(|request| {
-                request.url.path().ends_with("/chat/completions") || request.url.path().starts_with("/api/v1")
+                request.method == wiremock::http::Method::POST
+                    && (request.url.path().ends_with("/chat/completions") || request.url.path().starts_with("/api/v1"))
             })
             .collect()
     }

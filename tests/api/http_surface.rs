@@ -111,3 +111,21 @@ async fn metrics_expose_webhook_llm_and_session_figures() {
         assert!(metrics.contains(name), "missing {name} in\n{metrics}");
     }
 }
+
+/// At start-up the model's server is asked once whether it is there (`GET /v1/models` with the
+/// key), so that a wrong address or key shows in the log before any user meets the apology.
+#[actix_web::test]
+async fn the_llm_server_is_probed_once_at_start() {
+    let app = spawn_app(&[("YIZHAN__LLM__API_KEY", "sk-probe")], Duration::ZERO).await;
+    wait_for("the start-up probe", || async {
+        let requests = app.llm.received_requests().await.unwrap_or_default();
+        requests.iter().any(|request| request.url.path() == "/v1/models")
+    })
+    .await;
+    let requests = app.llm.received_requests().await.unwrap_or_default();
+    let probes: Vec<_> = requests.iter().filter(|request| request.url.path() == "/v1/models").collect();
+    assert_eq!(probes.len(), 1);
+    assert_eq!(probes[0].method, wiremock::http::Method::GET);
+    let authorization = probes[0].headers.get("authorization").and_then(|value| value.to_str().ok());
+    assert_eq!(authorization, Some("Bearer sk-probe"));
+}
