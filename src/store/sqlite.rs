@@ -1391,6 +1391,29 @@ fn query(conn: &mut Connection, op: &ReadOp) -> Result<Fetched, rusqlite::Error>
     }
 }
 
+/// Where envelopes this build cannot read are set aside (one JSON object per line:
+/// `envelope_id`, `envelope` as journaled): a rollback to an older build, or a bug, must not
+/// make an accepted message vanish without a trace an operator could act on.
+fn unreadable_path(db: &Path) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push(".unreadable.jsonl");
+    PathBuf::from(name)
+}
+
+/// Appends one unreadable envelope to `path`, synced before it is finished in the log.
+///
+/// NOTE: plain blocking I/O, on the caller's thread: this runs at start-up, before any request
+/// is served, and only for envelopes that could not be read.
+fn set_aside(path: &Path, envelope_id: &str, json: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let line = serde_json::json!({ "envelope_id": envelope_id, "envelope": json }).to_string();
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    file.write_all(format!("{line}\n").as_bytes())?;
+    file.sync_data()?;
+    let dir = path.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    File::open(dir)?.sync_all()
+}
+
 /// A journaled envelope, or `None` (logged) if it cannot be read.
 ///
 /// NOTE: an unreadable envelope is logged and skipped rather than failing recovery as a whole:
@@ -1508,8 +1531,15 @@ impl Store for SqliteStore {
             for OpenEnvelope { envelope_id, json } in logged {
                 match parse_envelope(&envelope_id, &json) {
                     Some(envelope) => readable.push(envelope),
-                    // Finished, or it would hold its segment, and every later one, forever.
-                    None => drop(self.log(LogOp::Finish { envelope_id }).await?),
+                    // Set aside, then finished, or it would hold its segment, and every later
+                    // one, forever. Kept open if it cannot be set aside: the next start tries
+                    // again.
+                    None => match set_aside(&unreadable_path(&self.path), &envelope_id, &json) {
+                        Ok(()) => drop(self.log(LogOp::Finish { envelope_id }).await?),
+                        Err(error) => {
+                            tracing::error!(%envelope_id, %error, "Could not set an unreadable envelope aside; it stays open.");
+                        }
+                    },
                 }
             }
             let logged = readable;
@@ -1970,6 +2000,10 @@ mod tests {
         assert_eq!(ok(store.unfinished().await).len(), 1);
         let still_open = ok(store.log(LogOp::IsOpen { envelope_id: "bad".into() }).await);
         assert!(matches!(still_open, Logged::IsOpen(false)), "{still_open:?}");
+        // Set aside as journaled, for an operator (a rollback to an older build, say).
+        let aside = ok(std::fs::read_to_string(unreadable_path(&dir.db())));
+        let line: serde_json::Value = ok(serde_json::from_str(aside.trim_end()));
+        assert_eq!(line, serde_json::json!({"envelope_id": "bad", "envelope": "{not json"}));
     }
 
     #[tokio::test]
