@@ -404,7 +404,7 @@ pub struct ChannelCoreConfig {
     #[serde(default)]
     pub passive_window_ms: Option<u64>,
     /// Attempts stop taking the answer this long before their deadline; the last one then
-    /// answers `success`.
+    /// answers `success`, or with the user's oldest parked answer.
     #[serde(default = "default_passive_margin_ms")]
     pub passive_margin_ms: u64,
     /// Parts the send API may carry per user message; default 5 on platforms with passive
@@ -478,6 +478,9 @@ impl Config {
             env.into_iter().filter(|(name, _)| name.starts_with("YIZHAN__")).collect();
         // Overrides read as typed values that the key's type refused: applied as text instead.
         let mut as_text: HashSet<usize> = HashSet::new();
+        // What the typed reading of each such key met: the error to report if the text fails too
+        // (`-1` for a count is better told as an invalid value than as an unexpected string).
+        let mut typed_errors: std::collections::HashMap<String, String> = std::collections::HashMap::new();
         let mut config: Config = loop {
             let mut attempt = value.clone();
             let mut typed_at: Vec<(String, usize)> = Vec::new();
@@ -493,13 +496,17 @@ impl Config {
                 Ok(config) => break config,
                 Err(error) => {
                     let path = error.path().to_string();
+                    let message = yizhan_channel_core::without_value(&error.into_inner().to_string());
                     // The last override of a key is the one that counts.
                     match typed_at.iter().rev().find(|(at, _)| *at == path) {
-                        Some((_, index)) if as_text.insert(*index) => continue,
-                        _ => bail!(
-                            "config key `{path}`: {}",
-                            yizhan_channel_core::without_value(&error.into_inner().to_string())
-                        ),
+                        Some((_, index)) if as_text.insert(*index) => {
+                            typed_errors.insert(path, message);
+                            continue;
+                        }
+                        _ => {
+                            let message = typed_errors.remove(&path).unwrap_or(message);
+                            bail!("config key `{path}`: {message}")
+                        }
                     }
                 }
             }
@@ -673,9 +680,10 @@ fn addressed_id(id: &str) -> String {
 }
 
 /// Sets the key `path` (an environment variable's name less `YIZHAN__`) to `raw`, as text if
-/// `as_text`. Returns the key's path as the config's deserializer names it (`messages.ai_label`,
-/// `channels[0].system_prompt`) when `raw` was read as a typed TOML value, which may not be what
-/// the key takes.
+/// `as_text`. Returns the key's path as the config's deserializer names it (`messages.ai_label`)
+/// when `raw` was read as a typed TOML value, which may not be what the key takes. (A channel's
+/// keys are read by its own settings type, whose errors name the channel only: those keep the
+/// type their reading gives, see `is_string_key`.)
 fn apply_override(root: &mut toml::Value, path: &str, raw: &str, as_text: bool) -> anyhow::Result<Option<String>> {
     let segments: Vec<String> = path.split("__").map(|segment| segment.to_ascii_lowercase()).collect();
     if segments.iter().any(String::is_empty) {
@@ -856,9 +864,12 @@ token = "tok"
         .unwrap_or_else(|e| panic!("{e:#}"));
         assert_eq!((config.messages.ai_label.as_str(), config.messages.welcome.as_str()), ("false", "2024"));
         assert!(config.messages.ai_label_every_reply);
-        // Neither reading fits: the key is named, as before.
+        // Neither reading fits: the key is named, with what its typed reading met.
         let error = load(MINIMAL, &[("YIZHAN__LLM__MAX_CONCURRENCY", "true")]).err().map(|e| format!("{e:#}"));
         assert!(error.unwrap_or_default().contains("llm.max_concurrency"));
+        let error = load(MINIMAL, &[("YIZHAN__LLM__MAX_CONCURRENCY", "-1")]).err().map(|e| format!("{e:#}"));
+        let error = error.unwrap_or_default();
+        assert!(error.contains("llm.max_concurrency") && !error.contains("string"), "{error}");
     }
 
     #[test]

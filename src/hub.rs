@@ -107,7 +107,7 @@ impl Hub {
 
     /// Marks an accepted envelope as finished: answered, failed for good, or needing no answer.
     pub async fn finish(&self, envelope_id: &str) {
-        self.passive.forget_continuation(envelope_id);
+        self.passive.forget_answer(envelope_id);
         let finished = self.store.finish(envelope_id).await;
         // Counted as no longer open either way, but only once the store is done with it (a
         // shutdown that saw 0 earlier would stop before the finish is written): nothing in this
@@ -125,7 +125,7 @@ impl Hub {
     /// longer waits for it.
     pub fn leave_for_next_start(&self, envelope: &Envelope) {
         tracing::info!(channel = %envelope.channel, envelope = %envelope.id, "Answer left for the next start.");
-        self.passive.forget_continuation(&envelope.id);
+        self.passive.forget_answer(&envelope.id);
         self.metrics.journal_open.dec();
     }
 }

@@ -220,6 +220,8 @@ pub fn within_send_quota_after(
         return parts;
     }
     let overflow: Vec<Delivery> = parts.drain(quota..).collect();
+    // Parked before the start is sent: not to be shown ahead of it (see `reply_with_parked`).
+    hub.passive.mark_leaving(&envelope.id);
     let limit = entry.channel.capabilities().max_part_bytes;
     park_behind_hint(hub, envelope, parts.last_mut().map(|last| &mut last.reply.text), limit, &overflow);
     parts

@@ -8,8 +8,9 @@
 //!   are held open past it and left to lapse (answering anything, even `success`, would end
 //!   WeChat's retries; and an answer taken after the deadline could be written to a connection
 //!   WeChat has given up on, so it waits in the job for the next attempt instead);
-//! - attempt 3 waits until shortly before its deadline, then answers `success`; the answer then
-//!   goes out through the send API (`auto`) or is parked (`passive`).
+//! - attempt 3 waits until shortly before its deadline, then answers `success` (or with the
+//!   user's oldest parked answer, see `reply_with_parked`); the answer then goes out through
+//!   the send API (`auto`) or is parked (`passive`).
 //!
 //! All attempts share one job (one LLM call). An answer that became ready between attempts waits
 //! in the job for the next attempt, and is pushed if no attempt comes for it. Either way its
@@ -229,6 +230,9 @@ pub struct PassiveSlots {
     replied_sweeps: Mutex<yizhan_channel_common::SweepClock>,
     /// The parked texts' lengths, summed over every user (see [`MAX_PARKED_BYTES`]).
     parked_bytes: std::sync::atomic::AtomicUsize,
+    /// Answers whose start is still being sent while their end, beyond the send quota, is
+    /// parked already (by the id the text is parked under): that end must not be shown first.
+    leaving: DashMap<String, String, Hasher>,
 }
 
 /// A passive reply already given, kept for the platform's retries (see the module docs).
@@ -360,7 +364,7 @@ impl PassiveSlots {
 
     /// Takes the oldest parked text for a user to answer `envelope_id` (the continue word):
     /// what of it is parked again keeps its place (see [`Self::park`]) until
-    /// [`Self::forget_continuation`].
+    /// [`Self::forget_answer`].
     pub fn unpark_for(&self, channel: &ChannelId, user: &str, envelope_id: &str) -> Option<String> {
         let (original, text) = self.take_front(channel, user)?;
         self.continuing.insert(envelope_id.to_owned(), original);
@@ -372,9 +376,25 @@ impl PassiveSlots {
         self.continuing.contains_key(envelope_id)
     }
 
-    /// Forgets what [`Self::unpark_for`] noted for a finished message.
-    pub fn forget_continuation(&self, envelope_id: &str) {
+    /// Forgets what [`Self::unpark_for`] and [`Self::mark_leaving`] noted for a finished message.
+    pub fn forget_answer(&self, envelope_id: &str) {
         self.continuing.remove(envelope_id);
+        self.leaving.remove(envelope_id);
+    }
+
+    /// Notes that `envelope_id`'s answer has parked its end while its start is still to be sent:
+    /// until [`Self::forget_answer`], that end is not the oldest text to show.
+    pub fn mark_leaving(&self, envelope_id: &str) {
+        let parked_under = self.continuing.get(envelope_id).map_or_else(|| envelope_id.to_owned(), |id| id.clone());
+        self.leaving.insert(envelope_id.to_owned(), parked_under);
+    }
+
+    /// Whether a user's oldest parked text is the end of an answer whose start is still being
+    /// sent.
+    pub fn oldest_is_still_leaving(&self, channel: &ChannelId, user: &str) -> bool {
+        let Some(parked) = self.parked.get(&(channel.clone(), user.to_owned())) else { return false };
+        let Some((front, _)) = parked.texts.front() else { return false };
+        !front.is_empty() && self.leaving.iter().any(|entry| entry.value() == front)
     }
 
     /// Puts back text taken by [`Self::unpark`] that could not be delivered after all, so it is
@@ -706,6 +726,26 @@ mod tests {
     }
 
     #[test]
+    fn the_parked_end_of_an_answer_still_being_sent_is_not_the_oldest_to_show() {
+        let slots = PassiveSlots::default();
+        let channel = ChannelId::parse("c").unwrap_or_else(|e| panic!("{e}"));
+        slots.mark_leaving("e1");
+        slots.park(&channel, "u", "e1", "结尾".into());
+        assert!(slots.oldest_is_still_leaving(&channel, "u"));
+        assert!(!slots.oldest_is_still_leaving(&channel, "someone else"));
+        slots.forget_answer("e1");
+        assert!(!slots.oldest_is_still_leaving(&channel, "u"));
+        // A continue word's answer parks its rest under the answer it continues.
+        slots.park(&channel, "v", "e2", "旧".into());
+        assert_eq!(slots.unpark_for(&channel, "v", "k1").as_deref(), Some("旧"));
+        slots.mark_leaving("k1");
+        slots.park(&channel, "v", "k1", "旧的后半".into());
+        assert!(slots.oldest_is_still_leaving(&channel, "v"));
+        slots.forget_answer("k1");
+        assert!(!slots.oldest_is_still_leaving(&channel, "v"));
+    }
+
+    #[test]
     fn parked_bytes_are_counted_back_to_nothing_whichever_way_text_leaves() {
         let slots = PassiveSlots::default();
         let channel = ChannelId::parse("c").unwrap_or_else(|e| panic!("{e}"));
@@ -793,7 +833,7 @@ mod tests {
         slots.park(&channel, "u", "e3", "a newer answer".into());
         assert_eq!(slots.unpark_for(&channel, "u", "e2").as_deref(), Some("start"));
         slots.park(&channel, "u", "e2", "rest of start".into());
-        slots.forget_continuation("e2");
+        slots.forget_answer("e2");
         let order: Vec<String> = std::iter::from_fn(|| slots.unpark(&channel, "u")).collect();
         assert_eq!(order, ["rest of start", "end", "a newer answer"]);
         assert!(slots.continuing.is_empty());

@@ -396,7 +396,16 @@ fn reply_with_parked(
     request: &WebhookRequest,
     envelope: &Envelope,
 ) -> Option<WebhookResponse> {
-    if hub.passive.is_continuation(&envelope.id) {
+    // A continue word brings that text itself once its turn comes (queued behind a slow one,
+    // it may not have come yet): shown here too, it would come twice.
+    if hub.passive.is_continuation(&envelope.id)
+        || crate::routing::is_continue_word(&hub.messages, envelope.text().trim())
+    {
+        return None;
+    }
+    // The end of an earlier answer whose start is still on its way (a paused send API): it
+    // comes out after that start, with a later message or the continue word.
+    if hub.passive.oldest_is_still_leaving(&envelope.channel, &envelope.sender.id) {
         return None;
     }
     let parked = hub.passive.unpark(&envelope.channel, &envelope.sender.id)?;
@@ -468,8 +477,10 @@ async fn hold_for_answer(
     let Some(HeldAnswer { mut parts, gone }) = held else {
         // This answer comes later (pushed, or parked in passive mode); what is parked of the
         // user's earlier answers need not wait for yet another message.
-        let response = reply_with_parked(hub, entry, request, &envelope).unwrap_or(ack);
-        return ("pushed", respond(response));
+        return match reply_with_parked(hub, entry, request, &envelope) {
+            Some(response) => ("unparked", respond(response)),
+            None => ("pushed", respond(ack)),
+        };
     };
     hub.passive.close(&envelope.channel, &envelope.platform_message_id);
     if parts.is_empty() {

@@ -112,8 +112,9 @@ impl ThinkFilter {
         self.visible(out)
     }
 
-    /// The stream ended without the server saying the answer was complete (no finish reason,
-    /// no `[DONE]`): held text may be reasoning cut off by a failure, never to be shown.
+    /// The stream ended without the server saying the answer was complete (no closing chunk, no
+    /// `[DONE]`, no terminal event): held text may be reasoning cut off by a failure, never to
+    /// be shown.
     pub fn ended_abruptly(&mut self) {
         self.cut_short();
     }
@@ -200,7 +201,8 @@ impl<'s> VisibleAnswer<'s> {
         self.filter.cut_short();
     }
 
-    /// The stream ended without a finish reason or `[DONE]` (see [`ThinkFilter::ended_abruptly`]).
+    /// The stream ended without the server saying the answer was complete (see
+    /// [`ThinkFilter::ended_abruptly`]).
     pub(crate) fn ended_abruptly(&mut self) {
         self.filter.ended_abruptly();
     }

@@ -87,6 +87,12 @@ pub enum Work {
     Resend(Vec<Delivery>),
 }
 
+/// Whether `question` (a message's trimmed text) is one of the continue words, which fetch
+/// parked text on channels that park answers.
+pub fn is_continue_word(messages: &MessagesConfig, question: &str) -> bool {
+    messages.continue_commands.iter().any(|word| word.trim() == question)
+}
+
 /// Decides what an envelope asks for; `None` when it needs no answer (unfollow, opening the
 /// chat, menu views, location reports, unknown menu keys, group chatter without a mention).
 pub fn classify<S: std::hash::BuildHasher>(
@@ -185,8 +191,7 @@ impl Router {
         let empty = HashMap::new();
         let mut work = classify(&envelope, &self.hub.messages, menu.unwrap_or(&empty));
         if let (Some(Work::Ask(text)), true) = (&work, can_park) {
-            let is_continue = self.hub.messages.continue_commands.iter().any(|word| word.trim() == text.as_str());
-            if is_continue {
+            if is_continue_word(&self.hub.messages, text) {
                 work = Some(Work::Continue);
             }
         }

@@ -536,8 +536,8 @@ async fn an_answer_to_a_menu_click_keeps_to_its_three_message_quota() {
     assert!(last.ends_with("（回复「继续」查看剩余内容）"), "{last}");
 }
 
-/// Two answers too late for every attempt are parked in order; 继续 brings the older one alone,
-/// not the newer one in front of it (the continue word's own answer is parked text already).
+/// Two answers too late for every attempt: the second message's last attempt shows the first
+/// (parked meanwhile) with the hint, and 继续 brings the second, then says nothing is left.
 #[actix_web::test]
 async fn the_continue_word_brings_parked_answers_oldest_first_one_at_a_time() {
     let env = [

@@ -268,7 +268,10 @@ pub(crate) fn message_envelope(ctx: &Context<'_>, event_id: &str, event: &Value)
         mentions_self,
         reply_handle,
     };
-    let bot_not_among_mentions = group && ctx.bot_open_id.is_some() && first_person.is_some() && !mentioned;
+    // Only where unmentioned messages go unanswered (and Feishu sends group messages only when
+    // they mention the bot, unless the app may read them all).
+    let bot_not_among_mentions =
+        group && ctx.require_mention_in_groups && ctx.bot_open_id.is_some() && first_person.is_some() && !mentioned;
     Ok(Parsed { envelope, assumed_self_mention: assumed_self_mention && mentioned, bot_not_among_mentions })
 }
 

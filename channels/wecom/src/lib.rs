@@ -312,7 +312,9 @@ impl Channel for Wecom {
     /// the member's rate windows.
     fn deliver<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
         Box::pin(async move {
-            if delivery.reply.text.trim().is_empty() {
+            // As for 公众号: the WeChat family refuses JSON carrying control characters.
+            let text = yizhan_channel_common::wechat::without_control_characters(&delivery.reply.text);
+            if text.trim().is_empty() {
                 debug!(channel = %self.id, delivery = %delivery.delivery_id, "Empty part skipped.");
                 return Ok(DeliveryReceipt::default());
             }
@@ -327,8 +329,6 @@ impl Channel for Wecom {
                     "Delivery waited for WeCom's per-member rate limit."
                 );
             }
-            // As for 公众号: the WeChat family refuses JSON carrying control characters.
-            let text = yizhan_channel_common::wechat::without_control_characters(&delivery.reply.text);
             let duplicate_check = self.recent_sends.duplicate_check(userid, &text, &delivery.delivery_id);
             self.api.send(userid, self.msg_type(), &text, duplicate_check).await
         })
