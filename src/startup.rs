@@ -161,6 +161,17 @@ fn reply_path(
         ),
         (window, None) => window,
     };
+    // Attempts stop taking the answer this long before their deadline: at or past the window,
+    // no attempt would ever wait for one.
+    if let Some(window) = passive_window.filter(|window| u128::from(entry.core.passive_margin_ms) >= window.as_millis())
+    {
+        anyhow::bail!(
+            "config key `channels[{}].passive_margin_ms`: {} ms leaves no time in the {} ms passive window",
+            entry.core.id,
+            entry.core.passive_margin_ms,
+            window.as_millis()
+        );
+    }
     let default_mode = if passive_window.is_some() { ReplyMode::Auto } else { ReplyMode::Push };
     let reply_mode = entry.core.reply_mode.unwrap_or(default_mode);
     if reply_mode != ReplyMode::Push && passive_window.is_none() {
@@ -202,6 +213,9 @@ impl Application {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(20))
+            // A redirect would turn a POST into a bodiless GET (and a login page's 200 into a
+            // delivery): no platform API redirects, so a 3xx is the channel's to read as an error.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .context("Failed to build the HTTP client for platform APIs")?;
         let policy = RetryPolicy::from(&config.delivery);

@@ -540,6 +540,12 @@ async fn a_bad_config_exits_non_zero_naming_the_key_and_check_accepts_a_good_one
     let window_wecom = example.replacen("\nkind = \"wecom\"\n", "\nkind = \"wecom\"\npassive_window_ms = 3000\n", 1);
     let (passed, stderr) = check("window-wecom.toml", &window_wecom);
     assert!(!passed && stderr.contains("passive_window_ms"), "{stderr}");
+    // And a margin that leaves no time in the window: no attempt would ever wait for an answer.
+    assert!(example.contains("\npassive_margin_ms = 500\n"), "the example changed");
+    let no_time =
+        example.replacen("\npassive_margin_ms = 500\n", "\npassive_margin_ms = 500\npassive_window_ms = 400\n", 1);
+    let (passed, stderr) = check("no-time.toml", &no_time);
+    assert!(!passed && stderr.contains("passive_margin_ms"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -61,9 +61,14 @@ async fn a_plugin_channel_receives_and_answers_through_the_core() {
 /// The app with an `http_json` channel "intranet" built by `kinds`, its callback a stand-in at
 /// `/answers` and an echoing LLM that answers after `llm_delay`.
 async fn spawn_intranet(kinds: ChannelKinds, llm_delay: Duration) -> TestApp {
+    spawn_intranet_answering(kinds, llm_delay, ResponseTemplate::new(200)).await
+}
+
+/// [`spawn_intranet`], its callback answering `answer`.
+async fn spawn_intranet_answering(kinds: ChannelKinds, llm_delay: Duration, answer: ResponseTemplate) -> TestApp {
     let (llm, callback) = (MockServer::start().await, MockServer::start().await);
     echo_llm(&llm, llm_delay).await;
-    Mock::given(method("POST")).and(path("/answers")).respond_with(ResponseTemplate::new(200)).mount(&callback).await;
+    Mock::given(method("POST")).and(path("/answers")).respond_with(answer).mount(&callback).await;
     let config = format!(
         "{}\n[[channels]]\nid = \"intranet\"\nkind = \"http_json\"\ntoken = \"plugin-secret-token\"\ncallback_url = \"{}/answers\"\n",
         base_config(&llm, &callback),
@@ -226,4 +231,29 @@ async fn a_channel_that_panics_on_a_webhook_answers_500_and_keeps_serving() {
     assert_eq!(answers.len(), 1);
     assert_eq!(answers[0].0["text"], "答：还在吗");
     assert!(app.metrics().await.contains(r#"outcome="channel_panicked"} 1"#));
+}
+
+/// A callback behind a redirect (http → https, an SSO login page) must not count as delivered:
+/// followed, the POST would become a bodiless GET. The part fails as misconfigured instead.
+#[actix_web::test]
+async fn a_callback_that_redirects_is_a_misconfiguration_not_a_delivery() {
+    let mut kinds = ChannelKinds::builtin();
+    kinds.register(HttpJson::KIND, |settings, http| Ok(Arc::new(HttpJson::from_settings(settings, http.clone())?)));
+    let moved = ResponseTemplate::new(301).insert_header("location", "/elsewhere");
+    let app = spawn_intranet_answering(kinds, Duration::ZERO, moved).await;
+    let response = app
+        .http
+        .post(app.webhook_url("intranet"))
+        .bearer_auth("plugin-secret-token")
+        .json(&serde_json::json!({"message_id":"m1","user":"alice","text":"你好"}))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(response.status().as_u16(), 200);
+    app.wait_until_idle().await;
+    let requests = app.wechat.received_requests().await.unwrap_or_default();
+    assert!(requests.iter().all(|request| request.url.path() == "/answers"), "the redirect was followed");
+    let metrics = app.metrics().await;
+    assert!(metrics.contains(r#"yizhan_deliveries_total{channel="intranet",outcome="misconfigured"} 1"#), "{metrics}");
+    assert!(!metrics.contains(r#"outcome="delivered""#), "{metrics}");
 }

@@ -162,6 +162,12 @@ impl Channel for HttpJson {
                     retry_after: None,
                 });
             }
+            // The core's client follows no redirect (it would turn the POST into a bodiless GET).
+            if status.is_redirection() {
+                return Err(ChannelError::Misconfigured(format!(
+                    "callback answered {status}, a redirect: set `callback_url` to the address it points to"
+                )));
+            }
             if !status.is_success() {
                 return Err(ChannelError::Refused {
                     code: i64::from(status.as_u16()),
