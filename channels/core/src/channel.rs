@@ -168,7 +168,8 @@ impl Default for Capabilities {
 
 /// `text` in parts of at most `limit` bytes (each holds at least one character, whatever the
 /// limit), cut after the last line break in the second half of a part, or else at the last
-/// character boundary; nothing is lost or repeated. Blank text gives no part.
+/// character boundary; nothing is lost or repeated but whitespace between parts (a stretch of
+/// only whitespace is never a part of its own). Blank text gives no part.
 fn split_to_bytes(text: &str, limit: usize) -> Vec<Reply> {
     let mut parts = Vec::new();
     let mut rest = text;
@@ -188,7 +189,10 @@ fn split_to_bytes(text: &str, limit: usize) -> Vec<Reply> {
         if let Some(newline) = rest[..cut].rfind('\n').filter(|&newline| newline + 1 > cut / 2) {
             cut = newline + 1;
         }
-        parts.push(Reply::text(&rest[..cut]));
+        let part = &rest[..cut];
+        if !part.trim().is_empty() {
+            parts.push(Reply::text(part));
+        }
         rest = &rest[cut..];
     }
     parts
@@ -305,10 +309,19 @@ mod tests {
         for limit in [0, 1, 3, 5, 64, 2048, 100_000] {
             let parts = split_to_bytes(&text, limit);
             let joined: String = parts.iter().map(|part| part.text.as_str()).collect();
-            assert_eq!(joined, text, "limit {limit}");
+            // Only a stretch of whitespace alone (the line break, at the smallest limits) goes.
+            let visible = |text: &str| text.chars().filter(|c| !c.is_whitespace()).collect::<String>();
+            assert_eq!(visible(&joined), visible(&text), "limit {limit}");
+            if limit >= 4 {
+                assert_eq!(joined, text, "limit {limit}");
+            }
             let most = limit.max(4);
-            assert!(parts.iter().all(|part| part.text.len() <= most && !part.text.is_empty()), "limit {limit}");
+            assert!(parts.iter().all(|part| part.text.len() <= most && !part.text.trim().is_empty()), "limit {limit}");
         }
+        // A long run of spaces is never a part of its own.
+        let spaced = split_to_bytes(&format!("a{}b", " ".repeat(12)), 4);
+        assert!(spaced.iter().all(|part| !part.text.trim().is_empty()), "{spaced:?}");
+        assert_eq!(spaced.iter().map(|part| part.text.trim()).collect::<String>(), "ab");
         assert_eq!(split_to_bytes("a\nbcd", 4).iter().map(|p| p.text.as_str()).collect::<Vec<_>>(), ["a\nbc", "d"]);
         assert_eq!(split_to_bytes("abc\nd", 4).iter().map(|p| p.text.as_str()).collect::<Vec<_>>(), ["abc\n", "d"]);
         assert!(split_to_bytes("  ", 10).is_empty());

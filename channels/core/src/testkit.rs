@@ -73,7 +73,10 @@ pub fn survives_signed_garbage(channel: &dyn Channel, sign: &dyn Fn(&mut Webhook
             let Ok(outcome) = outcome else {
                 panic!("channel {} panicked on a signed {method:?} request: {preview:?}", channel.id())
             };
-            past_the_check |= !matches!(outcome, Err(crate::ChannelError::BadSignature(_)));
+            // A POST (the one method every platform pushes with) that got past the signature
+            // to the parser: not refused as unsigned, nor as a method or mode not handled.
+            past_the_check |= method == Method::Post
+                && !matches!(outcome, Err(crate::ChannelError::BadSignature(_) | crate::ChannelError::Unsupported(_)));
             if let Ok(crate::WebhookOutcome::Accepted { envelopes, .. }) = outcome {
                 for envelope in envelopes {
                     let id = envelope.platform_message_id.trim();
@@ -124,12 +127,15 @@ pub fn renders_within_its_part_limit(channel: &dyn Channel) {
         format!("{}\n\n{}", "第一段。".repeat(limit / 8), "第二段！".repeat(limit / 8)),
         // Four-byte characters and multi-character emoji, with no natural break anywhere.
         "好🇨🇳👨\u{200d}👩\u{200d}👧😀".repeat(limit / 10 + 3),
+        // Long runs of whitespace, which must not become parts of their own.
+        format!("开头{}结尾", " ".repeat(limit * 3)),
+        format!("开头{}结尾", "\n".repeat(limit * 3)),
     ];
     for sample in samples {
         let parts = channel.render(&Reply::text(sample.clone()));
         assert!(!parts.is_empty(), "render produced no parts");
         for part in &parts {
-            assert!(!part.text.is_empty(), "render produced an empty part");
+            assert!(!part.text.trim().is_empty(), "render produced an empty (or blank) part");
             assert!(part.text.len() <= limit, "part of {} bytes over the {limit}-byte limit", part.text.len());
         }
         let kept: usize = parts.iter().map(|part| part.text.chars().filter(|c| !c.is_whitespace()).count()).sum();
@@ -210,5 +216,47 @@ pub async fn misconfiguration_is_logged_once_per_run<F, Fut>(
     assert!(lines.iter().any(|line| line.contains(code) && line.contains(&channel)), "{lines:#?}");
     for line in &lines {
         assert!(!secrets.iter().any(|secret| line.contains(secret)), "secret in log: {line}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BoxFuture, ChannelError, ChannelId, Delivery, DeliveryReceipt, WebhookOutcome};
+
+    /// Refuses GETs as unsupported (as a channel that checks the method first does) and POSTs
+    /// without its signature header as unsigned; anything signed is malformed.
+    struct MethodFirst(ChannelId);
+
+    impl Channel for MethodFirst {
+        fn id(&self) -> &ChannelId {
+            &self.0
+        }
+
+        fn kind(&self) -> &str {
+            "method_first"
+        }
+
+        fn handle_webhook(&self, request: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
+            if request.method == Method::Get {
+                return Err(ChannelError::Unsupported("GET".into()));
+            }
+            if !request.headers.iter().any(|(name, _)| name == "x-sig") {
+                return Err(ChannelError::BadSignature("unsigned".into()));
+            }
+            Err(ChannelError::Malformed("garbage".into()))
+        }
+
+        fn deliver<'a>(&'a self, _delivery: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
+            Box::pin(async { Ok(DeliveryReceipt::default()) })
+        }
+    }
+
+    #[test]
+    fn a_sign_that_does_not_sign_is_caught_even_when_gets_are_refused_first() {
+        let channel = MethodFirst(ChannelId::parse("fake").unwrap_or_else(|e| panic!("{e}")));
+        let unsigned = std::panic::catch_unwind(|| survives_signed_garbage(&channel, &|_| {}));
+        assert!(unsigned.is_err(), "a sign that adds nothing passed");
+        survives_signed_garbage(&channel, &|request| request.headers.push(("x-sig".into(), "1".into())));
     }
 }
