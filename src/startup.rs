@@ -358,6 +358,8 @@ impl Application {
                     () = actix::clock::sleep(Duration::from_millis(50)) => {}
                 }
             }
+            // Attempts still held answer now, while their connections are open.
+            hub.passive.stop_waiting();
             let open = hub.metrics.journal_open.get();
             if open > 0 {
                 tracing::warn!(open, "Stopping with messages unanswered; they resume at the next start.");

@@ -57,6 +57,8 @@ struct JobState {
     attempts: u32,
     /// Attempts waiting in [`PassiveJob::take`] now.
     waiting: u32,
+    /// The server is about to close its connections: attempts stop waiting at once.
+    stop_waiting: bool,
 }
 
 /// Counts an attempt as waiting for as long as it lives (a dropped handler included).
@@ -161,8 +163,14 @@ impl PassiveJob {
             tokio::pin!(notified);
             // Register before checking, so an answer arriving in between is not missed.
             notified.as_mut().enable();
-            if let Some(parts) = self.lock().parts.take() {
-                return Some(parts);
+            {
+                let mut state = self.lock();
+                if let Some(parts) = state.parts.take() {
+                    return Some(parts);
+                }
+                if state.stop_waiting {
+                    return None;
+                }
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return None;
@@ -324,6 +332,18 @@ impl PassiveSlots {
         self.closing.store(true, std::sync::atomic::Ordering::SeqCst);
         let jobs: Vec<Arc<PassiveJob>> = self.jobs.iter().map(|entry| entry.value().clone()).collect();
         jobs.into_iter().filter_map(|job| job.release_unwatched().map(|parts| (job, parts))).collect()
+    }
+
+    /// At shutdown, once the wait for unanswered messages is over and the connections are
+    /// about to close: attempts still waiting for an answer stop waiting and answer now (a
+    /// connection closed on an attempt with no response at all would make WeChat show its
+    /// error page), and so does any that begins later.
+    pub fn stop_waiting(&self) {
+        let jobs: Vec<Arc<PassiveJob>> = self.jobs.iter().map(|entry| entry.value().clone()).collect();
+        for job in jobs {
+            job.lock().stop_waiting = true;
+            job.ready.notify_waiters();
+        }
     }
 
     /// Whether [`close_for_shutdown`](Self::close_for_shutdown) was called.

@@ -68,6 +68,24 @@ mod tests {
         assert_eq!((status, body["status"].as_str()), (503, Some("stopping")));
     }
 
+    /// Stopping, webhook responses close their connection: a kept-alive one would otherwise go
+    /// on carrying new messages after the server stopped accepting connections.
+    #[actix_web::test]
+    async fn while_stopping_webhook_responses_close_their_connection() {
+        let state = state_on(Arc::new(crate::store::MemoryStore::new(10)));
+        let app = actix_web::test::init_service(
+            actix_web::App::new().app_data(state.clone()).route("/webhooks/{id}", web::post().to(crate::http::webhook)),
+        )
+        .await;
+        let connection = |response: &actix_web::dev::ServiceResponse| response.response().head().connection_type();
+        let request = || actix_web::test::TestRequest::post().uri("/webhooks/nobody").to_request();
+        let running = actix_web::test::call_service(&app, request()).await;
+        assert_ne!(connection(&running), actix_web::http::ConnectionType::Close);
+        state.hub.passive.close_for_shutdown();
+        let stopping = actix_web::test::call_service(&app, request()).await;
+        assert_eq!(connection(&stopping), actix_web::http::ConnectionType::Close);
+    }
+
     /// `GET /healthz` against `state`: the status and the JSON body.
     async fn healthz_of(state: web::Data<AppState>) -> (u16, serde_json::Value) {
         let app = actix_web::test::init_service(

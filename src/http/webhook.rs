@@ -176,6 +176,22 @@ pub async fn webhook(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> HttpResponse {
+    let closing_before = state.hub.passive.is_closing();
+    let mut response = handle(request, path, payload, state.clone()).await;
+    // Stopping: a kept-alive connection would otherwise go on carrying new messages after the
+    // server stopped accepting connections, into the last second before the workers stop.
+    if closing_before || state.hub.passive.is_closing() {
+        response.head_mut().set_connection_type(actix_web::http::ConnectionType::Close);
+    }
+    response
+}
+
+async fn handle(
+    request: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> HttpResponse {
     let started = Instant::now();
     let hub = &state.hub;
     let Some(entry) = ChannelId::parse(&path).ok().and_then(|id| hub.channels.get(&id)) else {
@@ -186,7 +202,8 @@ pub async fn webhook(
         if let Some(left_out) = state.refusals.admit(crate::config::UNKNOWN_CHANNEL_LABEL, "unknown_channel") {
             // Cut: the path is the caller's, of any length.
             let channel: String = path.chars().take(64).collect();
-            tracing::info!(%channel, left_out, "Webhook for an unknown channel.");
+            // Debug-quoted: a percent-encoded line break in the path must not forge a log line.
+            tracing::info!(?channel, left_out, "Webhook for an unknown channel.");
         }
         return plain(actix_web::http::StatusCode::NOT_FOUND, "unknown channel");
     };

@@ -295,6 +295,17 @@ async fn sigterm_in_passive_mode_leaves_the_rest_of_a_long_answer_for_the_next_s
     assert!(pending >= 1, "the rest is left for the next start: {unfinished:?}");
 }
 
+/// The wait for unanswered messages ends (here at once) while an attempt is held for an answer
+/// still being written: the attempt answers before the connections close, instead of being cut
+/// off with no response (WeChat would show its 「该公众号暂时无法提供服务」).
+#[actix_web::test]
+async fn a_held_attempt_is_answered_when_the_shutdown_wait_ends() {
+    let env = [("YIZHAN__SERVER__SHUTDOWN_TIMEOUT_SECS", "0")];
+    let Stopped { delivered, .. } = sigterm_while_a_passive_answer_is_held("auto", 10_000, &env, None).await;
+    let (attempt, body) = delivered.unwrap_or_default();
+    assert_eq!((attempt, body.as_str()), (1, "success"));
+}
+
 /// In auto mode an answer the send API refuses during shutdown would be parked, and parked
 /// text dies with the process: it stays pending (not failed) for the next start instead.
 #[actix_web::test]
