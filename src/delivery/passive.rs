@@ -142,21 +142,33 @@ impl PassiveJob {
         state.attempts = state.attempts.max(count);
     }
 
-    /// Counts an attempt and says how it should wait.
+    /// Counts an attempt and says how it should wait. An earlier attempt still waiting stops:
+    /// the platform sends a retry only once it has given up on the attempt before.
     pub fn begin_attempt(&self, max_attempts: u32) -> AttemptKind {
         let mut state = self.lock();
         state.attempts += 1;
-        if state.attempts >= max_attempts {
-            AttemptKind::Last
-        } else {
-            AttemptKind::Lapse
-        }
+        let kind = if state.attempts >= max_attempts { AttemptKind::Last } else { AttemptKind::Lapse };
+        drop(state);
+        self.ready.notify_waiters();
+        kind
     }
 
-    /// Waits up to `wait` for the answer; takes it if it arrives.
+    /// Attempts seen so far (see [`Self::begin_attempt`]).
+    pub fn attempts_seen(&self) -> u32 {
+        self.lock().attempts
+    }
+
+    /// Waits up to `wait` for the answer; takes it if it arrives. Called right after
+    /// [`Self::begin_attempt`]: once a later attempt begins, this one stops waiting (returns
+    /// `None`), so the answer goes to the attempt the platform still listens to, not to a
+    /// connection it gave up on (a handler that began late, behind a queue, outlives its client).
     pub async fn take(&self, wait: Duration) -> Option<HeldAnswer> {
         let deadline = tokio::time::Instant::now() + wait;
-        self.lock().waiting += 1;
+        let this_attempt = {
+            let mut state = self.lock();
+            state.waiting += 1;
+            state.attempts
+        };
         let _waiting = Waiting(self);
         loop {
             let notified = self.ready.notified();
@@ -165,6 +177,9 @@ impl PassiveJob {
             notified.as_mut().enable();
             {
                 let mut state = self.lock();
+                if state.attempts > this_attempt {
+                    return None;
+                }
                 if let Some(parts) = state.parts.take() {
                     return Some(parts);
                 }
@@ -636,6 +651,28 @@ mod tests {
         assert!(tokio::time::timeout(Duration::from_secs(60), gone.as_mut()).await.is_err(), "gone while still taken");
         drop(taken);
         assert!(tokio::time::timeout(Duration::from_secs(1), gone).await.is_ok());
+    }
+
+    /// An attempt whose handler began late is still waiting when the platform, having given up
+    /// on it, sends the next: the answer goes to the new one, which the platform listens to.
+    #[tokio::test(start_paused = true)]
+    async fn a_later_attempt_supersedes_one_still_waiting() {
+        let job = Arc::new(PassiveJob::new(crate::store::test_envelope("m")));
+        assert_eq!(job.begin_attempt(3), AttemptKind::Lapse);
+        let stale = {
+            let job = job.clone();
+            tokio::spawn(async move { job.take(Duration::from_secs(5)).await })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(job.begin_attempt(3), AttemptKind::Lapse);
+        let live = {
+            let job = job.clone();
+            tokio::spawn(async move { job.take(Duration::from_secs(5)).await })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(matches!(job.offer(vec![part("答")]), Offer::Held(_)));
+        assert!(stale.await.ok().flatten().is_none(), "the superseded attempt took the answer");
+        assert!(live.await.ok().flatten().is_some());
     }
 
     #[tokio::test(start_paused = true)]

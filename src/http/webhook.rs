@@ -473,9 +473,14 @@ async fn hold_for_answer(
     // in the job for the next attempt.
     let answer_by = window.saturating_sub(entry.passive_margin).saturating_sub(started.elapsed());
     let kind = job.begin_attempt(3);
+    let this_attempt = job.attempts_seen();
+    // A later attempt began while this one waited: the platform gave up on this connection and
+    // listens to that one, which takes the answer; this one only ends.
+    let superseded = || job.attempts_seen() > this_attempt;
     let held = match kind {
         AttemptKind::Lapse => match job.take(answer_by).await {
             Some(held) => Some(held),
+            None if superseded() => return ("lapsed", respond(WebhookResponse::empty())),
             // Shutting down: the platform's retry could not get in, so this attempt is the
             // last; the answer will be pushed.
             None if hub.passive.is_closing() => job.give_up(),
@@ -488,6 +493,7 @@ async fn hold_for_answer(
         },
         AttemptKind::Last => match job.take(answer_by).await {
             Some(held) => Some(held),
+            None if superseded() => return ("lapsed", respond(WebhookResponse::empty())),
             None => job.give_up(),
         },
     };
