@@ -385,7 +385,7 @@ impl SqliteStore {
         let wal_disk = |sync: File, writeback: File| -> (SyncWal, StartWriteback) {
             (Box::new(move || sync.sync_data()), writeback_starter(writeback))
         };
-        Self::open_inner(path, options, wal_disk, Box::new(|segment: &File| segment.sync_data()))
+        Self::open_inner(path, options, wal_disk, Box::new(|segment: &File| segment.sync_data()), &mut File::sync_all)
             .map_err(StoreError::from)
     }
 
@@ -400,25 +400,27 @@ impl SqliteStore {
         let wal_disk = |_sync, _writeback| -> (SyncWal, StartWriteback) {
             (Box::new(|| Err(std::io::Error::other("injected EIO"))), Box::new(|| Ok(())))
         };
-        Self::open_inner(path, options, wal_disk, Box::new(|_: &File| Err(std::io::Error::other("injected EIO"))))
-            .map_err(StoreError::from)
+        let segment_sync: SyncSegment = Box::new(|_: &File| Err(std::io::Error::other("injected EIO")));
+        Self::open_inner(path, options, wal_disk, segment_sync, &mut File::sync_all).map_err(StoreError::from)
     }
 
     /// `wal_disk` turns two descriptors of the WAL file into the syncer's fsync and the
-    /// writer's writeback start; `segment_sync` makes an inbound log segment durable (tests
-    /// inject failures and watch the order).
+    /// writer's writeback start; `segment_sync` makes an inbound log segment durable;
+    /// `sync_at_open` makes what the last run left durable before it is read (tests inject
+    /// failures and watch the order).
     fn open_inner(
         path: &Path,
         options: SqliteOptions,
         wal_disk: impl FnOnce(File, File) -> (SyncWal, StartWriteback),
         segment_sync: SyncSegment,
+        sync_at_open: &mut dyn FnMut(&File) -> std::io::Result<()>,
     ) -> Result<Self, SqliteError> {
         if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)
                 .map_err(|source| SqliteError::CreateDir { path: parent.to_owned(), source })?;
         }
         let at = |source| SqliteError::Open { path: path.to_owned(), source };
-        sync_before_reading(path, &mut |file: &File| file.sync_all())
+        sync_before_reading(path, sync_at_open)
             .map_err(|source| SqliteError::SyncAtOpen { path: path.to_owned(), source })?;
 
         let mut writer = Connection::open(path).map_err(at)?;
@@ -1650,7 +1652,8 @@ mod tests {
     ) -> SqliteStore {
         let options = SqliteOptions { durability: Durability::PowerLoss, ..test_options() };
         let wal_disk = move |_sync, _writeback| -> (SyncWal, StartWriteback) { (Box::new(sync), Box::new(start)) };
-        ok(SqliteStore::open_inner(&dir.db(), options, wal_disk, Box::new(|segment: &File| segment.sync_data())))
+        let segment_sync: SyncSegment = Box::new(|segment: &File| segment.sync_data());
+        ok(SqliteStore::open_inner(&dir.db(), options, wal_disk, segment_sync, &mut File::sync_all))
     }
 
     use crate::store::test_envelope as envelope;
@@ -1664,12 +1667,20 @@ mod tests {
         ok(store.record_answer(&envelope("m1").id, "c:u", Some(turn(1)), &[]).await);
         let wal = dir.db().with_extension("db-wal");
         assert!(wal.exists(), "no write-ahead log at {}", wal.display());
+        // Opened again (by a second process, as after the kill: the log's lock is the first's,
+        // so this open fails after the sync, which is what is watched).
         let mut synced = Vec::new();
-        ok(sync_before_reading(&dir.db(), &mut |file: &File| {
+        let wal_disk = |sync: File, writeback: File| -> (SyncWal, StartWriteback) {
+            (Box::new(move || sync.sync_data()), writeback_starter(writeback))
+        };
+        let segment_sync: SyncSegment = Box::new(|segment: &File| segment.sync_data());
+        let mut record = |file: &File| {
             synced.push(file.metadata().map(|meta| (meta.is_dir(), meta.len()))?);
             Ok(())
-        }));
-        // The database, its log, and the directory holding both.
+        };
+        let second = SqliteStore::open_inner(&dir.db(), test_options(), wal_disk, segment_sync, &mut record);
+        assert!(second.is_err(), "a second process opened a store in use");
+        // The database, its log, and the directory holding both, before anything was read.
         assert_eq!(synced.len(), 3, "{synced:?}");
         assert!(!synced[0].0 && !synced[1].0 && synced[1].1 > 0 && synced[2].0, "{synced:?}");
         drop(store);
@@ -2205,7 +2216,8 @@ mod tests {
             (Box::new(move || sync.sync_data()), writeback_starter(writeback))
         };
         let options = SqliteOptions { durability: Durability::PowerLoss, ..test_options() };
-        let store = Arc::new(ok(SqliteStore::open_inner(&dir.db(), options, wal_disk, segment_sync)));
+        let store =
+            Arc::new(ok(SqliteStore::open_inner(&dir.db(), options, wal_disk, segment_sync, &mut File::sync_all)));
         let accept = |id: &'static str| {
             let store = Arc::clone(&store);
             tokio::spawn(async move { store.accept(&envelope(id), TTL).await.map_err(|e| e.to_string()) })
