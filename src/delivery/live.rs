@@ -17,6 +17,8 @@ pub struct LiveAnswer {
     channel: Arc<dyn Channel>,
     handle: StreamHandle,
     updates: tokio::task::JoinHandle<u64>,
+    /// Dropped by [`LiveAnswer::finish`]: the updates stop waiting between sends.
+    stop: tokio::sync::oneshot::Sender<()>,
 }
 
 /// Starts a streamed message for `envelope`; `None` when the channel cannot stream or starting
@@ -45,20 +47,23 @@ pub async fn start(channel: Arc<dyn Channel>, envelope: &Envelope) -> Option<(Li
     // Appended in place: a copy of the text so far per delta would be quadratic in the answer's
     // length, on the LLM actor's thread that every user's stream shares.
     let sink: DeltaSink = Box::new(move |delta: &str| sender.send_modify(|so_far| so_far.push_str(delta)));
+    let (stop, stopped) = tokio::sync::oneshot::channel();
     let updates = actix::spawn(send_updates(
         channel.clone(),
         handle.clone(),
         receiver,
+        stopped,
         capabilities.min_stream_interval,
         capabilities.max_part_bytes,
     ));
-    Some((LiveAnswer { channel, handle, updates }, sink))
+    Some((LiveAnswer { channel, handle, updates, stop }, sink))
 }
 
 async fn send_updates(
     channel: Arc<dyn Channel>,
     handle: StreamHandle,
     mut receiver: watch::Receiver<String>,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
     interval: std::time::Duration,
     max_part_bytes: usize,
 ) -> u64 {
@@ -67,23 +72,46 @@ async fn send_updates(
     // up holding the first part; the rest follows as messages): not sent, so that they do not
     // spend the platform's rate limit for nothing.
     let mut showing_a_whole_part = false;
+    // After an error that no retry fixes, later updates would fail the same way.
+    let mut refused = false;
     // Ends when the sink is dropped, i.e. when the LLM call is over.
     while receiver.changed().await.is_ok() {
-        let text = receiver.borrow_and_update().clone();
-        if text.trim().is_empty() || showing_a_whole_part {
-            continue;
-        }
+        let text = {
+            let so_far = receiver.borrow_and_update();
+            // Nothing more to show: only wait for the end, without copying the answer so far
+            // at each delta (quadratic in its length, under the lock the model's thread writes
+            // through).
+            if showing_a_whole_part || refused || so_far.trim().is_empty() {
+                continue;
+            }
+            so_far.clone()
+        };
+        let mut pause = interval;
         match channel.update_stream(&handle, &text, sequence).await {
             Ok(()) => showing_a_whole_part = text.len() >= max_part_bytes,
             Err(error) => {
-                tracing::debug!(channel = %channel.id(), %error, "Streaming update failed; the final text still follows.")
+                tracing::debug!(channel = %channel.id(), %error, "Streaming update failed; the final text still follows.");
+                match error {
+                    // The platform said how long: later updates wait that long (a bound keeps a
+                    // garbled advice from freezing the card; the finish does not wait for it).
+                    ChannelError::Transient { retry_after: Some(wait), .. } => pause = wait.min(LONGEST_UPDATE_PAUSE),
+                    ChannelError::Transient { .. } => {}
+                    _ => refused = true,
+                }
             }
         }
         sequence += 1;
-        actix::clock::sleep(interval).await;
+        tokio::select! {
+            () = actix::clock::sleep(pause.max(interval)) => {}
+            // The answer is complete and its final text is being written: no more updates.
+            _ = &mut stopped => break,
+        }
     }
     sequence
 }
+
+/// The longest a platform's request to wait holds back a stream's next update.
+const LONGEST_UPDATE_PAUSE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Tries at writing the final text on a transient error before the caller sends the answer
 /// whole instead, which shows it twice when the card already holds most of it.
@@ -96,6 +124,7 @@ impl LiveAnswer {
     /// messages; the card is then given `note_if_failed` (one try: the text so far would
     /// otherwise stay there, cut off and still streaming, above the messages).
     pub async fn finish(self, full_text: &str, note_if_failed: &str) -> Result<(), ChannelError> {
+        drop(self.stop);
         let sequence = self.updates.await.unwrap_or(1_000_000);
         let channel = &self.channel;
         let finished = retry_transient(channel.id(), "Finishing a streamed answer", FINISH_ATTEMPTS, |attempt| {
@@ -123,8 +152,8 @@ mod tests {
     use std::time::Duration;
     use yizhan_channel_core::{BoxFuture, Capabilities, ChannelId, DeliveryReceipt, WebhookOutcome, WebhookRequest};
 
-    /// Records the texts of its streaming updates.
-    struct Updates(ChannelId, Mutex<Vec<String>>);
+    /// Records the texts of its streaming updates; refuses them all when `.2` is set.
+    struct Updates(ChannelId, Mutex<Vec<String>>, bool);
 
     impl Channel for Updates {
         fn id(&self) -> &ChannelId {
@@ -149,16 +178,24 @@ mod tests {
             _: u64,
         ) -> BoxFuture<'a, Result<(), ChannelError>> {
             self.1.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(text_so_far.to_owned());
-            Box::pin(async { Ok(()) })
+            let refuse = self.2;
+            Box::pin(async move {
+                if refuse {
+                    return Err(ChannelError::Refused { code: 1, reason: "no".into() });
+                }
+                Ok(())
+            })
         }
     }
 
     #[actix::test]
     async fn updates_stop_once_one_held_a_whole_part() {
-        let channel = Arc::new(Updates(ChannelId::parse("u").unwrap_or_else(|e| panic!("{e}")), Mutex::default()));
+        let channel =
+            Arc::new(Updates(ChannelId::parse("u").unwrap_or_else(|e| panic!("{e}")), Mutex::default(), false));
         let (sender, receiver) = watch::channel(String::new());
         let handle = StreamHandle(serde_json::Value::Null);
-        let updates = actix::spawn(send_updates(channel.clone(), handle, receiver, Duration::ZERO, 10));
+        let (_stop, stopped) = tokio::sync::oneshot::channel();
+        let updates = actix::spawn(send_updates(channel.clone(), handle, receiver, stopped, Duration::ZERO, 10));
         let sent = || channel.1.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len();
         for (text, updates_by_now) in [("短", 1), ("短文本已经超过十个字节", 2), ("短文本已经超过十个字节，还在写", 2)]
         {
@@ -176,5 +213,56 @@ mod tests {
         let sent = channel.1.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
         assert_eq!(sent, ["短", "短文本已经超过十个字节"]);
         assert_eq!(sequence, 3);
+    }
+
+    /// An update refused for a reason no retry fixes: later ones would fail the same way.
+    #[actix::test]
+    async fn updates_stop_after_one_is_refused() {
+        let channel =
+            Arc::new(Updates(ChannelId::parse("u").unwrap_or_else(|e| panic!("{e}")), Mutex::default(), true));
+        let (sender, receiver) = watch::channel(String::new());
+        let (_stop, stopped) = tokio::sync::oneshot::channel();
+        let handle = StreamHandle(serde_json::Value::Null);
+        let updates = actix::spawn(send_updates(channel.clone(), handle, receiver, stopped, Duration::ZERO, 1_000));
+        let sent = || channel.1.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len();
+        sender.send_replace("一".to_owned());
+        for _ in 0..1_000 {
+            if sent() >= 1 {
+                break;
+            }
+            actix::clock::sleep(Duration::from_millis(1)).await;
+        }
+        for text in ["一二", "一二三"] {
+            sender.send_replace(text.to_owned());
+            actix::clock::sleep(Duration::from_millis(5)).await;
+        }
+        drop(sender);
+        let _ = updates.await;
+        assert_eq!(sent(), 1);
+    }
+
+    /// Finishing stops the wait between updates at once (a platform's long request to wait
+    /// must not hold back the final text).
+    #[actix::test]
+    async fn finishing_ends_the_wait_between_updates() {
+        let channel =
+            Arc::new(Updates(ChannelId::parse("u").unwrap_or_else(|e| panic!("{e}")), Mutex::default(), false));
+        let (sender, receiver) = watch::channel(String::new());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let handle = StreamHandle(serde_json::Value::Null);
+        let hour = Duration::from_secs(3_600);
+        let updates = actix::spawn(send_updates(channel.clone(), handle, receiver, stopped, hour, 1_000));
+        sender.send_replace("一".to_owned());
+        let sent = || channel.1.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len();
+        for _ in 0..1_000 {
+            if sent() >= 1 {
+                break;
+            }
+            actix::clock::sleep(Duration::from_millis(1)).await;
+        }
+        drop(stop);
+        let ended = tokio::time::timeout(Duration::from_secs(30), updates).await;
+        assert!(ended.is_ok(), "the updater waited out its interval");
+        drop(sender);
     }
 }
