@@ -1190,8 +1190,12 @@ async fn the_lobehub_probe_asks_its_health_route() {
         .mount(&server)
         .await;
     assert!(probe(&lobehub(lobehub_settings(&server, Some("agt_1")))).await.is_ok());
-    // Nothing listening: a connect error, not a panic or a hang.
-    let closed = LobeHubSettings::new("http://127.0.0.1:9");
+    // Nothing listening (a port just freed): a connect error, not a panic or a hang.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let closed = LobeHubSettings::new(format!("http://127.0.0.1:{port}"));
     let error = probe(&lobehub(closed)).await.err();
     assert!(matches!(error, Some(LlmError::Connect(_))), "{error:?}");
 }

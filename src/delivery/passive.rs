@@ -142,15 +142,17 @@ impl PassiveJob {
         state.attempts = state.attempts.max(count);
     }
 
-    /// Counts an attempt and says how it should wait. An earlier attempt still waiting stops:
-    /// the platform sends a retry only once it has given up on the attempt before.
-    pub fn begin_attempt(&self, max_attempts: u32) -> AttemptKind {
+    /// Counts an attempt and says how it should wait, with its number (for [`Self::take`]). An
+    /// earlier attempt still waiting stops: the platform sends a retry only once it has given
+    /// up on the attempt before.
+    pub fn begin_attempt(&self, max_attempts: u32) -> (AttemptKind, u32) {
         let mut state = self.lock();
         state.attempts += 1;
-        let kind = if state.attempts >= max_attempts { AttemptKind::Last } else { AttemptKind::Lapse };
+        let number = state.attempts;
+        let kind = if number >= max_attempts { AttemptKind::Last } else { AttemptKind::Lapse };
         drop(state);
         self.ready.notify_waiters();
-        kind
+        (kind, number)
     }
 
     /// Attempts seen so far (see [`Self::begin_attempt`]).
@@ -158,17 +160,14 @@ impl PassiveJob {
         self.lock().attempts
     }
 
-    /// Waits up to `wait` for the answer; takes it if it arrives. Called right after
-    /// [`Self::begin_attempt`]: once a later attempt begins, this one stops waiting (returns
-    /// `None`), so the answer goes to the attempt the platform still listens to, not to a
-    /// connection it gave up on (a handler that began late, behind a queue, outlives its client).
-    pub async fn take(&self, wait: Duration) -> Option<HeldAnswer> {
+    /// Waits up to `wait` for the answer, for attempt number `this_attempt` (from
+    /// [`Self::begin_attempt`]); takes it if it arrives. Once a later attempt begins, this one
+    /// stops waiting (returns `None`), so the answer goes to the attempt the platform still
+    /// listens to, not to a connection it gave up on (a handler that began late, behind a
+    /// queue, outlives its client).
+    pub async fn take(&self, this_attempt: u32, wait: Duration) -> Option<HeldAnswer> {
         let deadline = tokio::time::Instant::now() + wait;
-        let this_attempt = {
-            let mut state = self.lock();
-            state.waiting += 1;
-            state.attempts
-        };
+        self.lock().waiting += 1;
         let _waiting = Waiting(self);
         loop {
             let notified = self.ready.notified();
@@ -244,6 +243,8 @@ pub struct PassiveSlots {
     parked: DashMap<(ChannelId, String), Parked, Hasher>,
     /// Set at shutdown, once no new connection (so no platform retry) can come in.
     closing: std::sync::atomic::AtomicBool,
+    /// Set by [`PassiveSlots::stop_waiting`]: jobs opened later do not wait either.
+    stopping: std::sync::atomic::AtomicBool,
     /// Messages answered with parked text (the continue word), to the answer that text came
     /// from: what of it is parked again keeps that answer's place in the queue.
     continuing: DashMap<String, String, Hasher>,
@@ -329,10 +330,15 @@ fn bytes_of<'a>(texts: impl IntoIterator<Item = &'a (String, String)>) -> usize 
 impl PassiveSlots {
     /// Opens a job for a journaled message that will be answered.
     pub fn open(&self, envelope: &Envelope) -> Arc<PassiveJob> {
-        self.jobs
+        let job = self
+            .jobs
             .entry((envelope.channel.clone(), envelope.platform_message_id.clone()))
             .or_insert_with(|| Arc::new(PassiveJob::new(envelope.clone())))
-            .clone()
+            .clone();
+        if self.stopping.load(Ordering::SeqCst) {
+            job.lock().stop_waiting = true;
+        }
+        job
     }
 
     /// The job of a message, if it is still open.
@@ -354,6 +360,7 @@ impl PassiveSlots {
     /// connection closed on an attempt with no response at all would make WeChat show its
     /// error page), and so does any that begins later.
     pub fn stop_waiting(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
         let jobs: Vec<Arc<PassiveJob>> = self.jobs.iter().map(|entry| entry.value().clone()).collect();
         for job in jobs {
             job.lock().stop_waiting = true;
@@ -632,7 +639,7 @@ mod tests {
         let job = Arc::new(PassiveJob::new(crate::store::test_envelope("m")));
         let waiter = {
             let job = job.clone();
-            tokio::spawn(async move { job.take(Duration::from_secs(5)).await })
+            tokio::spawn(async move { job.take(0, Duration::from_secs(5)).await })
         };
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(matches!(job.offer(vec![part("答")]), Offer::Held(_)));
@@ -646,7 +653,7 @@ mod tests {
         let job = PassiveJob::new(crate::store::test_envelope("m"));
         let Offer::Held(gone) = job.offer(vec![part("答")]) else { panic!("not held") };
         let mut gone = Box::pin(gone.wait());
-        let taken = job.take(Duration::from_secs(5)).await;
+        let taken = job.take(0, Duration::from_secs(5)).await;
         assert!(taken.is_some());
         assert!(tokio::time::timeout(Duration::from_secs(60), gone.as_mut()).await.is_err(), "gone while still taken");
         drop(taken);
@@ -658,41 +665,68 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_later_attempt_supersedes_one_still_waiting() {
         let job = Arc::new(PassiveJob::new(crate::store::test_envelope("m")));
-        assert_eq!(job.begin_attempt(3), AttemptKind::Lapse);
+        let (kind, first) = job.begin_attempt(3);
+        assert_eq!(kind, AttemptKind::Lapse);
         let stale = {
             let job = job.clone();
-            tokio::spawn(async move { job.take(Duration::from_secs(5)).await })
+            tokio::spawn(async move { job.take(first, Duration::from_secs(5)).await })
         };
         tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(job.begin_attempt(3), AttemptKind::Lapse);
+        let (kind, second) = job.begin_attempt(3);
+        assert_eq!(kind, AttemptKind::Lapse);
+        // The earlier attempt stops waiting as soon as the later one begins.
+        assert!(stale.await.ok().flatten().is_none(), "the superseded attempt took the answer");
         let live = {
             let job = job.clone();
-            tokio::spawn(async move { job.take(Duration::from_secs(5)).await })
+            tokio::spawn(async move { job.take(second, Duration::from_secs(5)).await })
         };
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(matches!(job.offer(vec![part("答")]), Offer::Held(_)));
-        assert!(stale.await.ok().flatten().is_none(), "the superseded attempt took the answer");
         assert!(live.await.ok().flatten().is_some());
+    }
+
+    /// Once the connections are about to close, no attempt waits: not one waiting now, nor one
+    /// of a message that comes in after.
+    #[tokio::test(start_paused = true)]
+    async fn after_stop_waiting_no_attempt_waits_even_for_a_message_opened_later() {
+        let slots = PassiveSlots::default();
+        let earlier = slots.open(&crate::store::test_envelope("m1"));
+        let (_, number) = earlier.begin_attempt(3);
+        let waiting = {
+            let earlier = earlier.clone();
+            tokio::spawn(async move { earlier.take(number, Duration::from_secs(5)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let stopped_at = tokio::time::Instant::now();
+        slots.stop_waiting();
+        assert!(waiting.await.ok().flatten().is_none());
+        let later = slots.open(&crate::store::test_envelope("m2"));
+        let (_, number) = later.begin_attempt(3);
+        assert!(later.take(number, Duration::from_secs(5)).await.is_none());
+        assert!(stopped_at.elapsed() < Duration::from_secs(1), "an attempt waited after stop_waiting");
     }
 
     #[tokio::test(start_paused = true)]
     async fn an_answer_offered_between_attempts_waits_for_the_next_one() {
         let job = PassiveJob::new(crate::store::test_envelope("m"));
-        assert_eq!(job.begin_attempt(3), AttemptKind::Lapse);
-        assert!(job.take(Duration::from_secs(5)).await.is_none());
+        let (kind, first) = job.begin_attempt(3);
+        assert_eq!(kind, AttemptKind::Lapse);
+        assert!(job.take(first, Duration::from_secs(5)).await.is_none());
         assert!(matches!(job.offer(vec![part("答")]), Offer::Held(_)));
-        assert_eq!(job.begin_attempt(3), AttemptKind::Lapse);
-        assert!(job.take(Duration::from_secs(5)).await.is_some());
+        let (kind, second) = job.begin_attempt(3);
+        assert_eq!(kind, AttemptKind::Lapse);
+        assert!(job.take(second, Duration::from_secs(5)).await.is_some());
     }
 
     #[tokio::test(start_paused = true)]
     async fn after_the_last_attempt_gives_up_the_answer_is_pushed() {
         let job = PassiveJob::new(crate::store::test_envelope("m"));
         for _ in 0..2 {
-            assert_eq!(job.begin_attempt(3), AttemptKind::Lapse);
+            assert_eq!(job.begin_attempt(3).0, AttemptKind::Lapse);
         }
-        assert_eq!(job.begin_attempt(3), AttemptKind::Last);
-        assert!(job.take(Duration::from_millis(4_500)).await.is_none());
+        let (kind, last) = job.begin_attempt(3);
+        assert_eq!(kind, AttemptKind::Last);
+        assert!(job.take(last, Duration::from_millis(4_500)).await.is_none());
         assert!(job.give_up().is_none());
         assert!(matches!(job.offer(vec![part("答")]), Offer::Push(_)));
     }

@@ -472,28 +472,31 @@ async fn hold_for_answer(
     // handler keep running): an answer taken later could be written to no one, so it is left
     // in the job for the next attempt.
     let answer_by = window.saturating_sub(entry.passive_margin).saturating_sub(started.elapsed());
-    let kind = job.begin_attempt(3);
-    let this_attempt = job.attempts_seen();
-    // A later attempt began while this one waited: the platform gave up on this connection and
-    // listens to that one, which takes the answer; this one only ends.
+    let (kind, this_attempt) = job.begin_attempt(3);
+    // A later attempt began while this one waited: it takes the answer (see `PassiveJob::take`),
+    // and this one must not give the answer up to the send path. Held open like any lapse: if
+    // handlers began out of order and this is the connection the platform listens to, its
+    // retry then comes and gets the reply given meanwhile (`reply_again`).
     let superseded = || job.attempts_seen() > this_attempt;
+    let lapse = || async {
+        // Held open past the platform's own deadline: answering anything earlier, even
+        // `success`, ends its retries.
+        actix::clock::sleep((window + window / 5).saturating_sub(started.elapsed())).await;
+        ("lapsed", respond(WebhookResponse::empty()))
+    };
     let held = match kind {
-        AttemptKind::Lapse => match job.take(answer_by).await {
+        AttemptKind::Lapse => match job.take(this_attempt, answer_by).await {
             Some(held) => Some(held),
-            None if superseded() => return ("lapsed", respond(WebhookResponse::empty())),
+            None if superseded() => return lapse().await,
             // Shutting down: the platform's retry could not get in, so this attempt is the
             // last; the answer will be pushed.
             None if hub.passive.is_closing() => job.give_up(),
-            None => {
-                // Held open past the platform's own deadline: answering anything earlier,
-                // even `success`, ends its retries.
-                actix::clock::sleep((window + window / 5).saturating_sub(started.elapsed())).await;
-                return ("lapsed", respond(WebhookResponse::empty()));
-            }
+            None => return lapse().await,
         },
-        AttemptKind::Last => match job.take(answer_by).await {
+        AttemptKind::Last => match job.take(this_attempt, answer_by).await {
             Some(held) => Some(held),
-            None if superseded() => return ("lapsed", respond(WebhookResponse::empty())),
+            // Not the attempt the platform listens to; its last word ends nothing it waits for.
+            None if superseded() => return ("lapsed", respond(ack)),
             None => job.give_up(),
         },
     };

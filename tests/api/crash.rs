@@ -300,7 +300,9 @@ async fn sigterm_in_passive_mode_leaves_the_rest_of_a_long_answer_for_the_next_s
 /// off with no response (WeChat would show its 「该公众号暂时无法提供服务」).
 #[actix_web::test]
 async fn a_held_attempt_is_answered_when_the_shutdown_wait_ends() {
-    let env = [("YIZHAN__SERVER__SHUTDOWN_TIMEOUT_SECS", "0")];
+    // A window far longer than the 1 s the connections get after the wait: the attempt would
+    // still be waiting when they close, whenever the signal comes.
+    let env = [("YIZHAN__SERVER__SHUTDOWN_TIMEOUT_SECS", "0"), ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", "10000")];
     let Stopped { delivered, .. } = sigterm_while_a_passive_answer_is_held("auto", 10_000, &env, None).await;
     let (attempt, body) = delivered.unwrap_or_default();
     assert_eq!((attempt, body.as_str()), (1, "success"));

@@ -112,10 +112,10 @@ async fn metrics_expose_webhook_llm_and_session_figures() {
     }
 }
 
-/// At start-up the model's server is asked once whether it is there (`GET /v1/models` with the
+/// At start-up the model's server is asked whether it is there (`GET /v1/models` with the
 /// key), so that a wrong address or key shows in the log before any user meets the apology.
 #[actix_web::test]
-async fn the_llm_server_is_probed_once_at_start() {
+async fn the_llm_server_is_probed_at_start_with_the_key() {
     let app = spawn_app(&[("YIZHAN__LLM__API_KEY", "sk-probe")], Duration::ZERO).await;
     wait_for("the start-up probe", || async {
         let requests = app.llm.received_requests().await.unwrap_or_default();

@@ -44,7 +44,9 @@ async fn slow_answers_then_echo(llm: &MockServer, answer: &str, times: u64) {
             ResponseTemplate::new(200)
                 .insert_header("content-type", "text/event-stream")
                 .set_body_string(sse_answer(answer))
-                .set_delay(Duration::from_millis(3_000)),
+                // Well past the last attempt's end (about 2.7 s after the first): a loaded machine
+                // that starts a handler late must not see the answer arrive before it gives up.
+                .set_delay(Duration::from_millis(4_000)),
         )
         .up_to_n_times(times)
         .mount(llm)
@@ -152,7 +154,7 @@ async fn an_answer_that_renders_to_nothing_releases_the_held_attempt_at_once() {
 
 #[actix_web::test]
 async fn a_very_slow_answer_is_acknowledged_on_the_third_attempt_and_pushed() {
-    let app = spawn_app(&auto_env("auto"), Duration::from_millis(3_000)).await;
+    let app = spawn_app(&auto_env("auto"), Duration::from_millis(4_000)).await;
     let (attempt, body) = wechat_delivers(&app, &text_xml("oP3", 3, "很慢")).await.unwrap_or_default();
     assert_eq!((attempt, body.as_str()), (3, "success"));
     app.wait_until_idle().await;
@@ -545,7 +547,7 @@ async fn the_continue_word_brings_parked_answers_oldest_first_one_at_a_time() {
         ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", "1000"),
         ("YIZHAN__CHANNELS__MP__PASSIVE_MARGIN_MS", "300"),
     ];
-    let app = spawn_app(&env, Duration::from_millis(3_000)).await;
+    let app = spawn_app(&env, Duration::from_millis(4_000)).await;
     // Both answers arrive after every attempt of their own message; when the second message's
     // last attempt has no answer of its own, it shows the first answer, parked meanwhile.
     let (attempt, body) = wechat_delivers(&app, &text_xml("oOrder", 40, "问题一")).await.unwrap_or_default();

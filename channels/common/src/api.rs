@@ -182,6 +182,13 @@ pub fn status_error(
              proxy in front of it",
             &reason,
         )),
+        // The core's client follows no redirect (one would turn a POST into a bodiless GET).
+        300..=399 => Some(misconfigured(
+            i64::from(status),
+            "the API answered with a redirect: set `api_base` to the address it points to (https, no proxy \
+             redirect in front of it)",
+            &reason,
+        )),
         _ => Some(ChannelError::Refused { code: i64::from(status), reason }),
     }
 }

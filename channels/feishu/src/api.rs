@@ -451,6 +451,11 @@ mod tests {
             assert!(api.classify(&answer(status, code, "x"), None).is_retryable(), "{status} {code:?}");
         }
         assert!(matches!(api.classify(&answer(404, None, ""), None), ChannelError::Misconfigured(_)));
+        // A redirect (not followed: it would turn the POST into a bodiless GET) is `api_base`'s.
+        for status in [301, 302, 307, 308] {
+            let error = api.classify(&answer(status, None, ""), None);
+            assert!(matches!(&error, ChannelError::Misconfigured(why) if why.contains("api_base")), "{error:?}");
+        }
         assert!(matches!(api.classify(&answer(408, None, ""), None), ChannelError::Transient { .. }));
         assert!(matches!(api.classify(&answer(418, None, ""), None), ChannelError::Refused { code: 418, .. }));
     }
