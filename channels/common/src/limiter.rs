@@ -99,28 +99,39 @@ impl RateLimiter {
     /// logging.
     pub async fn acquire(&self, key: &str) -> Duration {
         let started = Instant::now();
-        if self.keep == 0 {
-            return Duration::ZERO;
-        }
         loop {
-            let free_at = {
-                let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                let now = Instant::now();
-                self.sweep(&mut state, now);
-                let sent = state.keys.entry(key.to_owned()).or_default();
-                self.expire(sent, now);
-                match self.next_free(sent, now) {
-                    None => {
-                        sent.push_back(now);
-                        if sent.len() > self.keep {
-                            sent.pop_front();
-                        }
-                        return now.saturating_duration_since(started);
-                    }
-                    Some(at) => at,
+            match self.take_slot(key) {
+                Ok(granted) => return granted.saturating_duration_since(started),
+                Err(free_at) => tokio::time::sleep_until(free_at).await,
+            }
+        }
+    }
+
+    /// Counts a send for `key` if every window has room now, without waiting; `false` (nothing
+    /// counted) otherwise. For what may be skipped, such as an intermediate update.
+    pub fn try_acquire(&self, key: &str) -> bool {
+        self.take_slot(key).is_ok()
+    }
+
+    /// Counts a send now (`Ok` with the moment) or says when a slot frees.
+    fn take_slot(&self, key: &str) -> Result<Instant, Instant> {
+        let now = Instant::now();
+        if self.keep == 0 {
+            return Ok(now);
+        }
+        let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.sweep(&mut state, now);
+        let sent = state.keys.entry(key.to_owned()).or_default();
+        self.expire(sent, now);
+        match self.next_free(sent, now) {
+            None => {
+                sent.push_back(now);
+                if sent.len() > self.keep {
+                    sent.pop_front();
                 }
-            };
-            tokio::time::sleep_until(free_at).await;
+                Ok(now)
+            }
+            Some(at) => Err(at),
         }
     }
 
@@ -173,6 +184,18 @@ mod tests {
     const MINUTE: Duration = Duration::from_secs(60);
     const HOUR: Duration = Duration::from_secs(3600);
     const SLACK: Duration = Duration::from_secs(1);
+
+    #[tokio::test(start_paused = true)]
+    async fn try_acquire_counts_what_fits_and_never_waits() {
+        let limiter = RateLimiter::new(&[Window::new(2, MINUTE)]);
+        assert!(limiter.try_acquire("a") && limiter.try_acquire("a"));
+        assert!(!limiter.try_acquire("a"), "a third in the minute");
+        assert!(limiter.try_acquire("b"), "another key has its own room");
+        tokio::time::advance(MINUTE).await;
+        assert!(limiter.try_acquire("a"));
+        // What a refused try did not count leaves room for waiting callers as before.
+        assert_eq!(limiter.acquire("a").await, Duration::ZERO);
+    }
 
     /// WeCom's shape: per minute and per hour, one second of slack.
     fn wecom(per_minute: u32, per_hour: u32) -> RateLimiter {

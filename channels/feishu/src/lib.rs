@@ -97,7 +97,19 @@ pub struct Feishu {
     streaming_paused_until: std::sync::Mutex<Option<std::time::Instant>>,
     /// Sends and updates per chat, `chat_qps` per second: Feishu's per-user and per-group limit.
     chat_limiter: RateLimiter,
+    /// Every CardKit call of the app, within Feishu's per-app limits (`cardkit_per_minute`, and
+    /// 50 a second).
+    cardkit_limiter: RateLimiter,
+    /// Intermediate updates, within four fifths of `cardkit_limiter`'s room: what is left is
+    /// for card creations and finishes, which wait for a slot rather than being skipped.
+    cardkit_update_limiter: RateLimiter,
 }
+
+/// The one key of the app-wide CardKit limiters.
+const CARDKIT: &str = "cardkit";
+
+/// Feishu's per-app limit on CardKit calls per second (PROTOCOLS §4.8).
+const CARDKIT_PER_SECOND: u32 = 50;
 
 impl Feishu {
     /// The kind, as written in config (same as the crate-level [`KIND`]).
@@ -117,6 +129,15 @@ impl Feishu {
         // NOTE: no slack: unlike WeCom, Feishu answers an excess send with a retryable rate-limit
         // code instead of dropping it, so an occasional early slot costs a retry, not a message.
         let chat_limiter = RateLimiter::new(&[Window::new(settings.chat_qps, Duration::from_secs(1))]);
+        let per_minute = settings.cardkit_per_minute;
+        let cardkit_limiter = RateLimiter::new(&[
+            Window::new(CARDKIT_PER_SECOND, Duration::from_secs(1)),
+            Window::new(per_minute, Duration::from_secs(60)),
+        ]);
+        let cardkit_update_limiter = RateLimiter::new(&[
+            Window::new(CARDKIT_PER_SECOND * 4 / 5, Duration::from_secs(1)),
+            Window::new(per_minute - per_minute / 5, Duration::from_secs(60)),
+        ]);
         Ok(Self {
             id,
             settings,
@@ -126,6 +147,8 @@ impl Feishu {
             v1_messages_warned: AtomicBool::new(false),
             streaming_paused_until: std::sync::Mutex::new(None),
             chat_limiter,
+            cardkit_limiter,
+            cardkit_update_limiter,
         })
     }
 
@@ -266,6 +289,7 @@ impl Feishu {
         let reply_target = ReplyTarget::from_handle(&target.reply_handle.0)?;
         // NOTE: one slot for create + send: creating the card entity puts nothing in the chat.
         self.wait_for_chat(reply_target.limit_key()).await;
+        self.cardkit_limiter.acquire(CARDKIT).await;
         let card_id = match self.api.create_card(&message::streaming_card(&target.reply.text)).await {
             Ok(card_id) => card_id,
             Err(error @ ChannelError::Misconfigured(_)) => {
@@ -297,13 +321,28 @@ impl Feishu {
         })))
     }
 
-    async fn stream_text(&self, handle: &StreamHandle, text: &str, sequence: u64) -> Result<(), ChannelError> {
+    /// Writes `text` into the card: an intermediate update (`last: false`) is skipped when the
+    /// app's CardKit budget for updates is spent (the card catches up at the next one); the
+    /// final text waits for room.
+    async fn stream_text(
+        &self,
+        handle: &StreamHandle,
+        text: &str,
+        sequence: u64,
+        last: bool,
+    ) -> Result<(), ChannelError> {
         if text.trim().is_empty() {
             return Ok(());
         }
         let stream = StreamTarget::from_handle(handle)?;
         let uuid = message::idempotency_key(&format!("{}:{}:{sequence}", stream.card_id, stream.element_id));
         let text = message::stream_content(text, self.settings.max_part_bytes);
+        if last {
+            self.cardkit_limiter.acquire(CARDKIT).await;
+        } else if !(self.cardkit_update_limiter.try_acquire(CARDKIT) && self.cardkit_limiter.try_acquire(CARDKIT)) {
+            debug!(channel = %self.id, card_id = stream.card_id, "Streaming update skipped: the app's CardKit budget is spent for now.");
+            return Ok(());
+        }
         self.wait_for_chat(stream.limit_key()).await;
         self.api.set_element_content(stream.card_id, stream.element_id, &text, sequence, &uuid).await
     }
@@ -315,7 +354,7 @@ impl Feishu {
         sequence: u64,
     ) -> Result<DeliveryReceipt, ChannelError> {
         let stream = StreamTarget::from_handle(handle)?;
-        self.stream_text(handle, full_text, sequence).await?;
+        self.stream_text(handle, full_text, sequence, true).await?;
         // From here the card shows the whole answer. Failing to end streaming must not fail the
         // finish: the core would then send the answer again and the user read it twice. At
         // worst the card stays in streaming mode until Feishu closes it by itself.
@@ -324,6 +363,7 @@ impl Feishu {
             // A higher sequence each time: the platform may have applied the failed one.
             let sequence = sequence.saturating_add(u64::from(attempt));
             async move {
+                self.cardkit_limiter.acquire(CARDKIT).await;
                 self.wait_for_chat(stream.limit_key()).await;
                 self.api.end_streaming(stream.card_id, sequence).await
             }
@@ -503,7 +543,7 @@ impl Channel for Feishu {
         text_so_far: &'a str,
         sequence: u64,
     ) -> BoxFuture<'a, Result<(), ChannelError>> {
-        Box::pin(self.stream_text(handle, text_so_far, sequence))
+        Box::pin(self.stream_text(handle, text_so_far, sequence, false))
     }
 
     /// Writes the full text with `sequence`, then ends streaming mode with `sequence + 1`.

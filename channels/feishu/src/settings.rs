@@ -72,6 +72,12 @@ pub struct FeishuSettings {
     /// nothing is dropped.
     #[serde(default = "default_chat_qps")]
     pub chat_qps: u32,
+    /// CardKit calls (card creations, content updates, streaming mode ends) per minute over the
+    /// whole app: Feishu allows 1000 (and 50 a second, PROTOCOLS §4.8), which a few answers
+    /// streamed at once would pass. Intermediate updates beyond four fifths of it are skipped
+    /// (the card catches up at the next one), so that finishes always find room.
+    #[serde(default = "default_cardkit_per_minute")]
+    pub cardkit_per_minute: u32,
 }
 
 fn default_api_base() -> String {
@@ -94,6 +100,10 @@ fn default_chat_qps() -> u32 {
     5
 }
 
+fn default_cardkit_per_minute() -> u32 {
+    1_000
+}
+
 // NOTE: hand-written so that the secret, the verification token and the encrypt key can never
 // reach a log line through `{:?}`.
 impl fmt::Debug for FeishuSettings {
@@ -110,6 +120,7 @@ impl fmt::Debug for FeishuSettings {
             .field("max_part_bytes", &self.max_part_bytes)
             .field("bot_open_id", &self.bot_open_id)
             .field("chat_qps", &self.chat_qps)
+            .field("cardkit_per_minute", &self.cardkit_per_minute)
             .finish()
     }
 }
@@ -168,6 +179,11 @@ impl FeishuSettings {
         if self.chat_qps == 0 {
             return Err(misconfigured(
                 "`chat_qps` is 0; nothing could ever be sent (Feishu allows 5 per second per chat)".to_owned(),
+            ));
+        }
+        if self.cardkit_per_minute == 0 {
+            return Err(misconfigured(
+                "`cardkit_per_minute` is 0; no card could ever be written (Feishu allows 1000 per minute)".to_owned(),
             ));
         }
         Ok(self)

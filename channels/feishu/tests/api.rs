@@ -525,6 +525,32 @@ async fn a_streamed_answer_longer_than_a_card_holds_shows_its_start() {
     channel.finish_stream(&handle, &shown, 3).await.unwrap_or_else(|e| panic!("{e}"));
 }
 
+/// A few answers streamed at once would pass Feishu's per-app CardKit limit and freeze their
+/// cards: intermediate updates beyond four fifths of `cardkit_per_minute` are skipped, and the
+/// finish still finds room.
+#[tokio::test]
+async fn streaming_updates_stay_within_the_apps_cardkit_budget() {
+    let server = MockServer::start().await;
+    mount_token(&server, "t-TOKEN1", 1).await;
+    mount_streaming(&server).await;
+    let mut settings = settings(server.uri());
+    settings.cardkit_per_minute = 20;
+    settings.chat_qps = 1_000;
+    let id = ChannelId::parse("fs").unwrap_or_else(|e| panic!("{e}"));
+    let channel = Feishu::new(id, settings, reqwest::Client::new()).unwrap_or_else(|e| panic!("{e}"));
+    let handle = channel.begin_stream(&delivery("d-budget", "")).await.unwrap_or_else(|e| panic!("{e}"));
+    let content = "/open-apis/cardkit/v1/cards/7355372766134157313/elements/answer/content";
+    for sequence in 1..=20 {
+        let text = "字".repeat(usize::try_from(sequence).unwrap_or(1));
+        channel.update_stream(&handle, &text, sequence).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    // 20 a minute, four fifths of it for updates: 16 sent, 4 skipped.
+    assert_eq!(requests_to(&server, content).await.len(), 16);
+    // The card creation took one slot, the updates 16: the finish's two fit.
+    channel.finish_stream(&handle, "完整", 21).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(requests_to(&server, content).await.len(), 17);
+}
+
 #[tokio::test]
 async fn streaming_off_in_settings_refuses_to_stream() {
     let server = MockServer::start().await;
