@@ -155,6 +155,23 @@ impl PassiveJob {
         (kind, number)
     }
 
+    /// Sleeps for `wait`, or until [`PassiveSlots::stop_waiting`]: an attempt held open past
+    /// the platform's deadline must still answer before the connections close.
+    pub async fn sleep_unless_stopped(&self, wait: Duration) {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.lock().stop_waiting {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Attempts seen so far (see [`Self::begin_attempt`]).
     pub fn attempts_seen(&self) -> u32 {
         self.lock().attempts

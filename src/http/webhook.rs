@@ -403,6 +403,9 @@ async fn journal_and_dispatch(state: web::Data<AppState>, envelopes: Vec<Envelop
     journaled
 }
 
+/// How many times WeChat sends one message (the first try and two retries) before it gives up.
+const PASSIVE_ATTEMPTS: u32 = 3;
+
 /// The passive reply of a last attempt whose own answer is not ready: the user's oldest parked
 /// text, with the continue hint when more is parked behind it or the answer will be parked too
 /// (passive mode); what does not fit goes back to the front. `None` when nothing is parked, or
@@ -472,21 +475,23 @@ async fn hold_for_answer(
     // handler keep running): an answer taken later could be written to no one, so it is left
     // in the job for the next attempt.
     let answer_by = window.saturating_sub(entry.passive_margin).saturating_sub(started.elapsed());
-    let (kind, this_attempt) = job.begin_attempt(3);
+    let (kind, this_attempt) = job.begin_attempt(PASSIVE_ATTEMPTS);
     // A later attempt began while this one waited: it takes the answer (see `PassiveJob::take`),
-    // and this one must not give the answer up to the send path. Held open like any lapse: if
-    // handlers began out of order and this is the connection the platform listens to, its
-    // retry then comes and gets the reply given meanwhile (`reply_again`).
+    // and this one must not give the answer up to the send path. Held open like any lapse while
+    // the platform may still retry: if handlers began out of order and this is the connection it
+    // listens to, its retry then gets the reply given meanwhile (`reply_again`). Once every
+    // attempt has come, holding it would only end in the platform's error page.
     let superseded = || job.attempts_seen() > this_attempt;
     let lapse = || async {
         // Held open past the platform's own deadline: answering anything earlier, even
-        // `success`, ends its retries.
-        actix::clock::sleep((window + window / 5).saturating_sub(started.elapsed())).await;
+        // `success`, ends its retries. Not past the moment the connections close.
+        job.sleep_unless_stopped((window + window / 5).saturating_sub(started.elapsed())).await;
         ("lapsed", respond(WebhookResponse::empty()))
     };
     let held = match kind {
         AttemptKind::Lapse => match job.take(this_attempt, answer_by).await {
             Some(held) => Some(held),
+            None if superseded() && job.attempts_seen() >= PASSIVE_ATTEMPTS => return ("lapsed", respond(ack)),
             None if superseded() => return lapse().await,
             // Shutting down: the platform's retry could not get in, so this attempt is the
             // last; the answer will be pushed.

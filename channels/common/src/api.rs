@@ -165,8 +165,9 @@ fn errmsg_of(answer: &Value) -> String {
 /// The error a WeChat-family API's HTTP status means, `None` for a success. These APIs answer
 /// their own errors with 200 and an errcode, so another status comes from the way there (a
 /// proxy at `api_base`) or a broken server: 5xx, 429 and 408 are transient; 401, 403, 404, 405
-/// and 407 (a wrong address, a proxy's access) need an operator, and go through
-/// `misconfigured(code, hint, message)` so the channel logs them once; others are refusals.
+/// and 407 (a wrong address, a proxy's access) and 3xx (a redirect, which the core's client
+/// does not follow) need an operator, and go through `misconfigured(code, hint, message)` so the
+/// channel logs them once; others are refusals.
 pub fn status_error(
     platform: &str,
     status: u16,

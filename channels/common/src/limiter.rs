@@ -16,7 +16,8 @@
 //!   once per [`MAX_SWEEP_EVERY`] (or per longest window, when that is shorter).
 //! - The lock is a `std` mutex held only for bookkeeping, never across an `.await`.
 //! - A granted slot stays counted even if the send then fails: the platform may have received it.
-//! - Nothing is dropped: a caller waits as long as it takes.
+//! - Nothing is dropped by [`RateLimiter::acquire`]: a caller waits as long as it takes.
+//!   [`RateLimiter::try_acquire`] is for what may be skipped instead.
 //!
 //! Waiting keeps order when callers await each send before starting the next (the core does).
 //! Concurrent callers for the *same* key are not queued first-come-first-served.
@@ -111,6 +112,19 @@ impl RateLimiter {
     /// counted) otherwise. For what may be skipped, such as an intermediate update.
     pub fn try_acquire(&self, key: &str) -> bool {
         self.take_slot(key).is_ok()
+    }
+
+    /// When `key` next has room in every window: `None` if it has room now, else the moment a
+    /// slot frees. Counts nothing.
+    pub fn next_room(&self, key: &str) -> Option<Instant> {
+        let now = Instant::now();
+        if self.keep == 0 {
+            return None;
+        }
+        let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let sent = state.keys.entry(key.to_owned()).or_default();
+        self.expire(sent, now);
+        self.next_free(sent, now)
     }
 
     /// Counts a send now (`Ok` with the moment) or says when a slot frees.

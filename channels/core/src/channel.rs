@@ -254,7 +254,11 @@ pub trait Channel: Send + Sync + 'static {
 
     /// Replaces the streamed message's text with `text_so_far` (the whole answer so far, as the
     /// model wrote it: not rendered, and not cut to `max_part_bytes`; a channel shows what
-    /// fits). Once one update reached `max_part_bytes`, the core sends no more until the finish.
+    /// fits). Once one update reached `max_part_bytes`, the core sends no more until the finish;
+    /// nor after an error other than [`ChannelError::Transient`] (later updates would fail the
+    /// same way). A transient error's `retry_after` delays the next update (at most 10 s); an
+    /// update skipped on purpose (a rate budget) should say so that way rather than `Ok`, or the
+    /// core takes the message as showing that text.
     fn update_stream<'a>(
         &'a self,
         _handle: &'a StreamHandle,

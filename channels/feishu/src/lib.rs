@@ -31,6 +31,10 @@
 //!   (reply, streaming-card send, CardKit content and settings updates) first waits on a per-chat
 //!   sliding-window limiter (`chat_qps` per second, default 5); nothing is dropped, and since the
 //!   core awaits each part, waiting keeps order. Stream handles carry the `chat_id` for this.
+//! - **Stay within the app's CardKit budget** (`cardkit_per_minute`, default Feishu's 1000, and
+//!   50 a second; counted per channel instance). Card creations and intermediate updates use at
+//!   most four fifths of it and are skipped when it is spent (the answer is then sent whole, or
+//!   the card catches up at a later update); finishes use the rest, waiting up to 10 s.
 //! - **A model cannot @-mention anyone**: `<at …>` tags in answers are defused before sending.
 //! - **Error codes are triaged, not passed through**, as in the 公众号 channel: rate limits are
 //!   transient with Feishu's advised delay, oversized content is refused, missing scopes and bad
@@ -97,16 +101,21 @@ pub struct Feishu {
     streaming_paused_until: std::sync::Mutex<Option<std::time::Instant>>,
     /// Sends and updates per chat, `chat_qps` per second: Feishu's per-user and per-group limit.
     chat_limiter: RateLimiter,
-    /// Every CardKit call of the app, within Feishu's per-app limits (`cardkit_per_minute`, and
-    /// 50 a second).
+    /// Every CardKit call of this channel (the app's, when one process serves it), within
+    /// Feishu's per-app limits (`cardkit_per_minute`, and 50 a second).
     cardkit_limiter: RateLimiter,
-    /// Intermediate updates, within four fifths of `cardkit_limiter`'s room: what is left is
-    /// for card creations and finishes, which wait for a slot rather than being skipped.
+    /// Card creations and intermediate updates, within four fifths of `cardkit_limiter`'s room:
+    /// skipped when it is spent (the answer sent whole, the card catching up later); the rest
+    /// is for finishes, which wait for a slot (a bounded time).
     cardkit_update_limiter: RateLimiter,
 }
 
 /// The one key of the app-wide CardKit limiters.
 const CARDKIT: &str = "cardkit";
+
+/// How long a finish waits at most for a CardKit slot before it fails (the core then sends the
+/// answer as messages): waiters are not served in order, and the caller sets no bound.
+const FINISH_SLOT_WAIT: Duration = Duration::from_secs(10);
 
 /// Feishu's per-app limit on CardKit calls per second (PROTOCOLS §4.8).
 const CARDKIT_PER_SECOND: u32 = 50;
@@ -136,7 +145,8 @@ impl Feishu {
         ]);
         let cardkit_update_limiter = RateLimiter::new(&[
             Window::new(CARDKIT_PER_SECOND * 4 / 5, Duration::from_secs(1)),
-            Window::new(per_minute - per_minute / 5, Duration::from_secs(60)),
+            // At least one slot a minute kept back for finishes, whatever the setting.
+            Window::new(per_minute.saturating_sub((per_minute / 5).max(1)).max(1), Duration::from_secs(60)),
         ]);
         Ok(Self {
             id,
@@ -287,9 +297,17 @@ impl Feishu {
 
     async fn start_stream(&self, target: &Delivery) -> Result<StreamHandle, ChannelError> {
         let reply_target = ReplyTarget::from_handle(&target.reply_handle.0)?;
+        // A card only when the app's CardKit budget has room for it now, within the share updates
+        // may use (what is left is the finishes'): otherwise the answer is sent whole at once
+        // rather than waiting here before the model is even asked.
+        if !self.take_cardkit_slot() {
+            return Err(ChannelError::Transient {
+                reason: "the app's CardKit budget is spent for now; sending the answer whole".into(),
+                retry_after: None,
+            });
+        }
         // NOTE: one slot for create + send: creating the card entity puts nothing in the chat.
         self.wait_for_chat(reply_target.limit_key()).await;
-        self.cardkit_limiter.acquire(CARDKIT).await;
         let card_id = match self.api.create_card(&message::streaming_card(&target.reply.text)).await {
             Ok(card_id) => card_id,
             Err(error @ ChannelError::Misconfigured(_)) => {
@@ -321,6 +339,29 @@ impl Feishu {
         })))
     }
 
+    /// Counts a CardKit call that may be skipped, if both the share for creations and updates
+    /// (four fifths) and the app's whole budget have room now; counts nothing otherwise (a slot
+    /// of one counted while the other refuses would be spent on nothing).
+    fn take_cardkit_slot(&self) -> bool {
+        let room = |limiter: &RateLimiter| limiter.next_room(CARDKIT).is_none();
+        room(&self.cardkit_update_limiter)
+            && room(&self.cardkit_limiter)
+            && self.cardkit_update_limiter.try_acquire(CARDKIT)
+            && self.cardkit_limiter.try_acquire(CARDKIT)
+    }
+
+    /// Waits (at most [`FINISH_SLOT_WAIT`]) for a CardKit slot for a finish, which may use the
+    /// whole budget.
+    async fn finish_slot(&self) -> Result<(), ChannelError> {
+        match tokio::time::timeout(FINISH_SLOT_WAIT, self.cardkit_limiter.acquire(CARDKIT)).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(ChannelError::Transient {
+                reason: "no room in the app's CardKit budget to finish a card".into(),
+                retry_after: None,
+            }),
+        }
+    }
+
     /// Writes `text` into the card: an intermediate update (`last: false`) is skipped when the
     /// app's CardKit budget for updates is spent (the card catches up at the next one); the
     /// final text waits for room.
@@ -338,10 +379,17 @@ impl Feishu {
         let uuid = message::idempotency_key(&format!("{}:{}:{sequence}", stream.card_id, stream.element_id));
         let text = message::stream_content(text, self.settings.max_part_bytes);
         if last {
-            self.cardkit_limiter.acquire(CARDKIT).await;
-        } else if !(self.cardkit_update_limiter.try_acquire(CARDKIT) && self.cardkit_limiter.try_acquire(CARDKIT)) {
-            debug!(channel = %self.id, card_id = stream.card_id, "Streaming update skipped: the app's CardKit budget is spent for now.");
-            return Ok(());
+            self.finish_slot().await?;
+        } else if !self.take_cardkit_slot() {
+            // Not `Ok`: the core must not take the card as showing this text. It tries again
+            // with the text so far once a slot is free.
+            let free_at = self.cardkit_update_limiter.next_room(CARDKIT).max(self.cardkit_limiter.next_room(CARDKIT));
+            let free_in =
+                free_at.map_or(Duration::ZERO, |at| at.saturating_duration_since(tokio::time::Instant::now()));
+            return Err(ChannelError::Transient {
+                reason: "streaming update skipped: the app's CardKit budget is spent for now".into(),
+                retry_after: Some(free_in.max(Duration::from_millis(200))),
+            });
         }
         self.wait_for_chat(stream.limit_key()).await;
         self.api.set_element_content(stream.card_id, stream.element_id, &text, sequence, &uuid).await
@@ -363,7 +411,7 @@ impl Feishu {
             // A higher sequence each time: the platform may have applied the failed one.
             let sequence = sequence.saturating_add(u64::from(attempt));
             async move {
-                self.cardkit_limiter.acquire(CARDKIT).await;
+                self.finish_slot().await?;
                 self.wait_for_chat(stream.limit_key()).await;
                 self.api.end_streaming(stream.card_id, sequence).await
             }
