@@ -262,6 +262,8 @@ pub struct PassiveSlots {
     closing: std::sync::atomic::AtomicBool,
     /// Set by [`PassiveSlots::stop_waiting`]: jobs opened later do not wait either.
     stopping: std::sync::atomic::AtomicBool,
+    /// Woken by [`PassiveSlots::stop_waiting`], for attempts whose job left the map meanwhile.
+    stop_notify: Notify,
     /// Messages answered with parked text (the continue word), to the answer that text came
     /// from: what of it is parked again keeps that answer's place in the queue.
     continuing: DashMap<String, String, Hasher>,
@@ -378,10 +380,24 @@ impl PassiveSlots {
     /// error page), and so does any that begins later.
     pub fn stop_waiting(&self) {
         self.stopping.store(true, Ordering::SeqCst);
+        self.stop_notify.notify_waiters();
         let jobs: Vec<Arc<PassiveJob>> = self.jobs.iter().map(|entry| entry.value().clone()).collect();
         for job in jobs {
             job.lock().stop_waiting = true;
             job.ready.notify_waiters();
+        }
+    }
+
+    /// Resolves once [`Self::stop_waiting`] was called (at once if it was).
+    pub async fn stopped(&self) {
+        loop {
+            let notified = self.stop_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            notified.await;
         }
     }
 
@@ -700,6 +716,22 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(matches!(job.offer(vec![part("答")]), Offer::Held(_)));
         assert!(live.await.ok().flatten().is_some());
+    }
+
+    /// The slots' own stop signal, for an attempt whose job has left the map (its answer pushed
+    /// at shutdown) while it is held open.
+    #[tokio::test(start_paused = true)]
+    async fn stopped_resolves_once_stop_waiting_was_called_even_when_called_late() {
+        let slots = Arc::new(PassiveSlots::default());
+        let waiter = {
+            let slots = slots.clone();
+            tokio::spawn(async move { slots.stopped().await })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!waiter.is_finished());
+        slots.stop_waiting();
+        assert!(tokio::time::timeout(Duration::from_secs(1), waiter).await.is_ok());
+        assert!(tokio::time::timeout(Duration::from_secs(1), slots.stopped()).await.is_ok());
     }
 
     /// Once the connections are about to close, no attempt waits: not one waiting now, nor one

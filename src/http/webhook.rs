@@ -485,7 +485,12 @@ async fn hold_for_answer(
     let lapse = || async {
         // Held open past the platform's own deadline: answering anything earlier, even
         // `success`, ends its retries. Not past the moment the connections close.
-        job.sleep_unless_stopped((window + window / 5).saturating_sub(started.elapsed())).await;
+        // The job may have left the map by then (its answer pushed at shutdown): the slots'
+        // own signal reaches it too.
+        tokio::select! {
+            () = job.sleep_unless_stopped((window + window / 5).saturating_sub(started.elapsed())) => {}
+            () = hub.passive.stopped() => {}
+        }
         ("lapsed", respond(WebhookResponse::empty()))
     };
     let held = match kind {

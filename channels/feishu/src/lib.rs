@@ -108,10 +108,23 @@ pub struct Feishu {
     /// skipped when it is spent (the answer sent whole, the card catching up later); the rest
     /// is for finishes, which wait for a slot (a bounded time).
     cardkit_update_limiter: RateLimiter,
+    /// Finishes waiting for a CardKit slot: while any does, no card is started or updated.
+    finishes_waiting: std::sync::atomic::AtomicUsize,
+    /// Held while a skippable CardKit call counts its slots (see `take_cardkit_slot`).
+    cardkit_decision: std::sync::Mutex<()>,
 }
 
 /// The one key of the app-wide CardKit limiters.
 const CARDKIT: &str = "cardkit";
+
+/// Counts a finish as waiting for a CardKit slot for as long as it lives.
+struct FinishWaiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for FinishWaiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// How long a finish waits at most for a CardKit slot before it fails (the core then sends the
 /// answer as messages): waiters are not served in order, and the caller sets no bound.
@@ -145,8 +158,8 @@ impl Feishu {
         ]);
         let cardkit_update_limiter = RateLimiter::new(&[
             Window::new(CARDKIT_PER_SECOND * 4 / 5, Duration::from_secs(1)),
-            // At least one slot a minute kept back for finishes, whatever the setting.
-            Window::new(per_minute.saturating_sub((per_minute / 5).max(1)).max(1), Duration::from_secs(60)),
+            // At least one slot a minute kept back for finishes (the setting is at least 5).
+            Window::new(per_minute - (per_minute / 5).max(1), Duration::from_secs(60)),
         ]);
         Ok(Self {
             id,
@@ -159,6 +172,8 @@ impl Feishu {
             chat_limiter,
             cardkit_limiter,
             cardkit_update_limiter,
+            finishes_waiting: std::sync::atomic::AtomicUsize::new(0),
+            cardkit_decision: std::sync::Mutex::new(()),
         })
     }
 
@@ -343,16 +358,23 @@ impl Feishu {
     /// (four fifths) and the app's whole budget have room now; counts nothing otherwise (a slot
     /// of one counted while the other refuses would be spent on nothing).
     fn take_cardkit_slot(&self) -> bool {
-        let room = |limiter: &RateLimiter| limiter.next_room(CARDKIT).is_none();
-        room(&self.cardkit_update_limiter)
-            && room(&self.cardkit_limiter)
-            && self.cardkit_update_limiter.try_acquire(CARDKIT)
+        // Finishes first: a card started is worth more than one more card or update.
+        if self.finishes_waiting.load(Ordering::SeqCst) > 0 {
+            return false;
+        }
+        // The share is only ever counted here, under this lock: once it has room, its
+        // `try_acquire` cannot fail, so a refusal of the whole budget leaves nothing counted.
+        let _deciding = self.cardkit_decision.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.cardkit_update_limiter.next_room(CARDKIT).is_none()
             && self.cardkit_limiter.try_acquire(CARDKIT)
+            && self.cardkit_update_limiter.try_acquire(CARDKIT)
     }
 
     /// Waits (at most [`FINISH_SLOT_WAIT`]) for a CardKit slot for a finish, which may use the
     /// whole budget.
     async fn finish_slot(&self) -> Result<(), ChannelError> {
+        self.finishes_waiting.fetch_add(1, Ordering::SeqCst);
+        let _counted = FinishWaiting(&self.finishes_waiting);
         match tokio::time::timeout(FINISH_SLOT_WAIT, self.cardkit_limiter.acquire(CARDKIT)).await {
             Ok(_) => Ok(()),
             Err(_) => Err(ChannelError::Transient {
@@ -381,8 +403,8 @@ impl Feishu {
         if last {
             self.finish_slot().await?;
         } else if !self.take_cardkit_slot() {
-            // Not `Ok`: the core must not take the card as showing this text. It tries again
-            // with the text so far once a slot is free.
+            // Not `Ok`: the core must not take the card as showing this text. It sends the
+            // text so far after the pause, at the answer's next change (or the finish).
             let free_at = self.cardkit_update_limiter.next_room(CARDKIT).max(self.cardkit_limiter.next_room(CARDKIT));
             let free_in =
                 free_at.map_or(Duration::ZERO, |at| at.saturating_duration_since(tokio::time::Instant::now()));

@@ -181,10 +181,12 @@ impl FeishuSettings {
                 "`chat_qps` is 0; nothing could ever be sent (Feishu allows 5 per second per chat)".to_owned(),
             ));
         }
-        if self.cardkit_per_minute == 0 {
-            return Err(misconfigured(
-                "`cardkit_per_minute` is 0; no card could ever be written (Feishu allows 1000 per minute)".to_owned(),
-            ));
+        if self.cardkit_per_minute < 5 {
+            return Err(misconfigured(format!(
+                "`cardkit_per_minute` is {}; at least 5 are needed to stream a card and finish it (Feishu allows \
+                 1000 per minute)",
+                self.cardkit_per_minute
+            )));
         }
         Ok(self)
     }
@@ -276,6 +278,7 @@ mod tests {
         assert!(with("app_secret", json!("s ")).contains("`app_secret`"));
         assert!(with("app_id", json!("\ta")).contains("`app_id`"));
         assert!(with("chat_qps", json!(0)).contains("`chat_qps`"));
+        assert!(with("cardkit_per_minute", json!(4)).contains("`cardkit_per_minute`"));
     }
 
     #[test]
