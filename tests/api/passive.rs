@@ -592,3 +592,36 @@ async fn an_answer_ready_in_time_waits_behind_every_answer_parked_before_it() {
     }
     assert_eq!(shown[1..], ["慢的答案", "答：问题三", "没有待查看的内容了，请直接提问吧。"]);
 }
+
+/// WeChat sends a retry only once it gave up on the attempt before; a handler of that attempt
+/// can still be waiting (it began late, behind a queue). The answer goes to the retry, the
+/// attempt WeChat listens to; the superseded one lapses (answering nothing in time).
+#[actix_web::test]
+async fn a_retry_takes_the_answer_from_an_attempt_still_waiting() {
+    let env = [
+        ("YIZHAN__CHANNELS__MP__REPLY_MODE", "auto"),
+        ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", "5000"),
+        ("YIZHAN__CHANNELS__MP__PASSIVE_MARGIN_MS", "300"),
+    ];
+    let app = spawn_app(&env, Duration::from_millis(1_500)).await;
+    let xml = text_xml("oRetry", 90, "重试");
+    let url = format!("{}?{}", app.webhook_url(CHANNEL), signed_query(now()));
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap_or_else(|e| panic!("{e}"));
+    let post = |client: reqwest::Client, url: String, xml: String| async move {
+        let response = client.post(url).body(xml).send().await.unwrap_or_else(|e| panic!("{e}"));
+        response.text().await.unwrap_or_default()
+    };
+    let first = actix_web::rt::spawn(post(client.clone(), url.clone(), xml.clone()));
+    // Once the first attempt holds the message and the model is asked (the answer comes 1.5 s
+    // later), the retry comes in.
+    wait_for("the first attempt waiting", || async {
+        app.metrics().await.lines().any(|line| line == "yizhan_llm_in_flight 1")
+    })
+    .await;
+    let second = post(client, url, xml).await;
+    assert!(passive_content(&second).contains("答：重试"), "the retry: {second}");
+    let first = first.await.unwrap_or_default();
+    assert!(!first.contains("答：重试"), "the superseded attempt took the answer: {first}");
+    app.wait_until_idle().await;
+    assert!(app.sent_messages().await.is_empty(), "answered passively, not pushed");
+}
