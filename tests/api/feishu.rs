@@ -323,3 +323,23 @@ async fn a_streaming_card_whose_send_failed_once_is_sent_again() {
     let updates = app.feishu_calls("PUT", "/elements/answer/content").await;
     assert_eq!(updates.last().map(body).unwrap_or_default()["content"], "答：重试");
 }
+
+/// A card whose send failed every time (a timeout may still have reached the chat) is taken out
+/// of streaming mode before the answer goes whole: no "…" card left streaming above it.
+#[actix_web::test]
+async fn a_streaming_card_whose_send_failed_for_good_is_ended_and_the_answer_sent_whole() {
+    let app = spawn_feishu(true, Duration::ZERO).await;
+    Mock::given(method("POST"))
+        .and(path("/open-apis/im/v1/messages/om_card_lost/reply"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(3)
+        .with_priority(1)
+        .mount(&app.wechat)
+        .await;
+    assert_eq!(app.post_feishu(&event("om_card_lost", "p2p", "丢了", serde_json::json!([]))).await.0, 200);
+    app.wait_until_idle().await;
+    let replies = app.feishu_calls("POST", "/om_card_lost/reply").await;
+    assert_eq!(replies.len(), 4, "the card three times, then the answer");
+    assert_ne!(body(&replies[3])["msg_type"], "interactive");
+    assert_eq!(app.feishu_calls("PATCH", "/settings").await.len(), 1, "the card's streaming ended");
+}

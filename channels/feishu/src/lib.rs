@@ -341,10 +341,24 @@ impl Feishu {
         let uuid = message::idempotency_key(&format!("stream:{}:{card_id}", target.delivery_id));
         // Retried with the same uuid, which Feishu dedupes: a send whose answer was lost must
         // not leave an empty card in the chat beside the answer sent whole.
-        let message_id = retry_transient(&self.id, "Sending a streaming card", CARD_SEND_ATTEMPTS, |_| {
+        let sent = retry_transient(&self.id, "Sending a streaming card", CARD_SEND_ATTEMPTS, |_| {
             self.api.send(reply_target.as_api(), "interactive", &content, &uuid)
         })
-        .await?;
+        .await;
+        let message_id = match sent {
+            Ok(message_id) => message_id,
+            Err(error) => {
+                // A send that timed out may still have reached the chat: its card must not stay
+                // there in streaming mode, above the answer the core now sends whole (best effort;
+                // ending a card never sent changes nothing anyone sees).
+                if self.take_cardkit_slot() {
+                    if let Err(ended) = self.api.end_streaming(&card_id, 1).await {
+                        debug!(channel = %self.id, %card_id, error = %ended, "Could not end the streaming mode of a card whose send failed.");
+                    }
+                }
+                return Err(error);
+            }
+        };
         debug!(channel = %self.id, %card_id, "Streaming card sent.");
         Ok(StreamHandle(json!({
             "card_id": card_id,
