@@ -138,7 +138,17 @@ fn a_tampered_ciphertext_fails_its_signature_and_its_decryption() {
     }
     let tampered = STANDARD.encode(&raw);
     assert_eq!(crypto.verify_and_decrypt(&signature, "1", "2", &tampered), Err(CryptoError::ValidateSignature));
-    assert!(matches!(crypto.decrypt(&tampered), Err(CryptoError::DecryptAes(_) | CryptoError::IllegalBuffer(_))));
+    // What the garbled last block breaks depends on the random prefix `encrypt` chose: the
+    // padding mostly, but a padding byte that happens to look valid leaves the length or the
+    // receive id to fail (about one run in eight): any error, never the message.
+    let decrypted = crypto.decrypt(&tampered);
+    assert!(
+        matches!(
+            decrypted,
+            Err(CryptoError::DecryptAes(_) | CryptoError::IllegalBuffer(_) | CryptoError::ValidateReceiveId { .. })
+        ),
+        "{decrypted:?}"
+    );
     // A wrong timestamp, nonce or token also breaks the signature.
     assert!(crypto.verify_and_decrypt(&signature, "9", "2", &encrypt).is_err());
     assert!(crypto.verify_and_decrypt(&signature, "1", "9", &encrypt).is_err());
