@@ -39,8 +39,8 @@ pub async fn start(channel: Arc<dyn Channel>, envelope: &Envelope) -> Option<(Li
     let handle = match channel.begin_stream(&target).await {
         Ok(handle) => handle,
         Err(error) => {
-            // A transient refusal (a rate budget spent for now) is the platform's call to make.
-            if error.is_retryable() {
+            // Not streaming now (turned off, a rate budget spent for now) is nothing to warn of.
+            if matches!(error, ChannelError::Unsupported(_)) {
                 tracing::debug!(channel = %envelope.channel, %error, "No streamed answer this time; sending it whole.");
             } else {
                 tracing::warn!(channel = %envelope.channel, %error, "Could not start a streamed answer; sending it whole.");

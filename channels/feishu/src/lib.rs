@@ -316,10 +316,10 @@ impl Feishu {
         // may use (what is left is the finishes'): otherwise the answer is sent whole at once
         // rather than waiting here before the model is even asked.
         if !self.take_cardkit_slot() {
-            return Err(ChannelError::Transient {
-                reason: "the app's CardKit budget is spent for now; sending the answer whole".into(),
-                retry_after: None,
-            });
+            // `Unsupported`, as for streaming turned off: no streamed answer now, nothing failed.
+            return Err(ChannelError::Unsupported(
+                "the app's CardKit budget is spent for now; sending the answer whole".into(),
+            ));
         }
         // NOTE: one slot for create + send: creating the card entity puts nothing in the chat.
         self.wait_for_chat(reply_target.limit_key()).await;
@@ -350,8 +350,10 @@ impl Feishu {
             Err(error) => {
                 // A send that timed out may still have reached the chat: its card must not stay
                 // there in streaming mode, above the answer the core now sends whole (best effort;
-                // ending a card never sent changes nothing anyone sees).
-                if self.take_cardkit_slot() {
+                // ending a card never sent changes nothing anyone sees). Not after a refusal,
+                // which says the card is not there.
+                if error.is_retryable() && self.take_cardkit_slot() {
+                    self.wait_for_chat(reply_target.limit_key()).await;
                     if let Err(ended) = self.api.end_streaming(&card_id, 1).await {
                         debug!(channel = %self.id, %card_id, error = %ended, "Could not end the streaming mode of a card whose send failed.");
                     }
@@ -369,8 +371,9 @@ impl Feishu {
     }
 
     /// Counts a CardKit call that may be skipped, if both the share for creations and updates
-    /// (four fifths) and the app's whole budget have room now; counts nothing otherwise (a slot
-    /// of one counted while the other refuses would be spent on nothing).
+    /// (four fifths) and the app's whole budget have room now, and no finish is waiting for a
+    /// slot; counts nothing otherwise (a slot of one counted while the other refuses would be
+    /// spent on nothing).
     fn take_cardkit_slot(&self) -> bool {
         // Finishes first: a card started is worth more than one more card or update.
         if self.finishes_waiting.load(Ordering::SeqCst) > 0 {
@@ -387,6 +390,9 @@ impl Feishu {
     /// Waits (at most [`FINISH_SLOT_WAIT`]) for a CardKit slot for a finish, which may use the
     /// whole budget.
     async fn finish_slot(&self) -> Result<(), ChannelError> {
+        if self.cardkit_limiter.try_acquire(CARDKIT) {
+            return Ok(());
+        }
         self.finishes_waiting.fetch_add(1, Ordering::SeqCst);
         let _counted = FinishWaiting(&self.finishes_waiting);
         match tokio::time::timeout(FINISH_SLOT_WAIT, self.cardkit_limiter.acquire(CARDKIT)).await {

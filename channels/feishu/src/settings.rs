@@ -72,10 +72,12 @@ pub struct FeishuSettings {
     /// nothing is dropped.
     #[serde(default = "default_chat_qps")]
     pub chat_qps: u32,
-    /// CardKit calls (card creations, content updates, streaming mode ends) per minute over the
-    /// whole app: Feishu allows 1000 (and 50 a second, PROTOCOLS §4.8), which a few answers
-    /// streamed at once would pass. Intermediate updates beyond four fifths of it are skipped
-    /// (the card catches up at the next one), so that finishes always find room.
+    /// CardKit calls (card creations, content updates, streaming mode ends) per minute, counted
+    /// per channel: Feishu allows 1000 per app (and 50 a second, PROTOCOLS §4.8), which a few
+    /// answers streamed at once would pass. New cards and intermediate updates use at most four
+    /// fifths of it, and none while a finish waits for a slot; beyond that they are skipped
+    /// (the answer goes whole, or the card catches up later). A finish waits for a slot at most
+    /// 10 s. At least 5.
     #[serde(default = "default_cardkit_per_minute")]
     pub cardkit_per_minute: u32,
 }
