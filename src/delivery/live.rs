@@ -157,8 +157,12 @@ mod tests {
     use std::time::Duration;
     use yizhan_channel_core::{BoxFuture, Capabilities, ChannelId, DeliveryReceipt, WebhookOutcome, WebhookRequest};
 
-    /// Records the texts of its streaming updates; refuses them all when `.2` is set.
-    struct Updates(ChannelId, Mutex<Vec<String>>, bool);
+    /// Records the texts of its streaming updates; answers every one with `.2` when set.
+    struct Updates(ChannelId, Mutex<Vec<String>>, Option<ChannelError>);
+
+    fn updates(answer: Option<ChannelError>) -> Arc<Updates> {
+        Arc::new(Updates(ChannelId::parse("u").unwrap_or_else(|e| panic!("{e}")), Mutex::default(), answer))
+    }
 
     impl Channel for Updates {
         fn id(&self) -> &ChannelId {
@@ -183,20 +187,14 @@ mod tests {
             _: u64,
         ) -> BoxFuture<'a, Result<(), ChannelError>> {
             self.1.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(text_so_far.to_owned());
-            let refuse = self.2;
-            Box::pin(async move {
-                if refuse {
-                    return Err(ChannelError::Refused { code: 1, reason: "no".into() });
-                }
-                Ok(())
-            })
+            let answer = self.2.clone();
+            Box::pin(async move { answer.map_or(Ok(()), Err) })
         }
     }
 
     #[actix::test]
     async fn updates_stop_once_one_held_a_whole_part() {
-        let channel =
-            Arc::new(Updates(ChannelId::parse("u").unwrap_or_else(|e| panic!("{e}")), Mutex::default(), false));
+        let channel = updates(None);
         let (sender, receiver) = watch::channel(String::new());
         let handle = StreamHandle(serde_json::Value::Null);
         let (_stop, stopped) = tokio::sync::oneshot::channel();
@@ -223,8 +221,7 @@ mod tests {
     /// An update refused for a reason no retry fixes: later ones would fail the same way.
     #[actix::test]
     async fn updates_stop_after_one_is_refused() {
-        let channel =
-            Arc::new(Updates(ChannelId::parse("u").unwrap_or_else(|e| panic!("{e}")), Mutex::default(), true));
+        let channel = updates(Some(ChannelError::Refused { code: 1, reason: "no".into() }));
         let (sender, receiver) = watch::channel(String::new());
         let (_stop, stopped) = tokio::sync::oneshot::channel();
         let handle = StreamHandle(serde_json::Value::Null);
@@ -246,17 +243,17 @@ mod tests {
         assert_eq!(sent(), 1);
     }
 
-    /// Finishing stops the wait between updates at once (a platform's long request to wait
-    /// must not hold back the final text).
+    /// A platform's request to wait holds back the next update, and finishing ends that wait at
+    /// once (it must not hold back the final text).
     #[actix::test]
     async fn finishing_ends_the_wait_between_updates() {
-        let channel =
-            Arc::new(Updates(ChannelId::parse("u").unwrap_or_else(|e| panic!("{e}")), Mutex::default(), false));
+        // The platform asks to wait an hour after the first update (ten seconds are waited).
+        let wait = ChannelError::Transient { reason: "rate".into(), retry_after: Some(Duration::from_secs(3_600)) };
+        let channel = updates(Some(wait));
         let (sender, receiver) = watch::channel(String::new());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let handle = StreamHandle(serde_json::Value::Null);
-        let hour = Duration::from_secs(3_600);
-        let updates = actix::spawn(send_updates(channel.clone(), handle, receiver, stopped, hour, 1_000));
+        let updates = actix::spawn(send_updates(channel.clone(), handle, receiver, stopped, Duration::ZERO, 1_000));
         sender.send_replace("一".to_owned());
         let sent = || channel.1.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len();
         for _ in 0..1_000 {
@@ -265,9 +262,13 @@ mod tests {
             }
             actix::clock::sleep(Duration::from_millis(1)).await;
         }
+        // Later text is not sent during the pause the platform asked for.
+        sender.send_replace("一二".to_owned());
+        actix::clock::sleep(Duration::from_millis(50)).await;
+        assert_eq!(sent(), 1, "an update sent during the platform's pause");
         drop(stop);
         let ended = tokio::time::timeout(Duration::from_secs(30), updates).await;
-        assert!(ended.is_ok(), "the updater waited out its interval");
+        assert!(ended.is_ok(), "the updater waited out its pause");
         drop(sender);
     }
 }
