@@ -62,9 +62,10 @@ async fn spawn_feishu_with(streaming: bool, llm_delay: Duration, env: &[(&str, &
 }
 
 fn event(message_id: &str, chat_type: &str, text: &str, mentions: serde_json::Value) -> serde_json::Value {
+    // A fresh event id each time, as Feishu's redeliveries have (the dedupe key is the message id).
     serde_json::json!({
         "schema": "2.0",
-        "header": {"event_id": format!("ev-{message_id}-{}", now()), "event_type": "im.message.receive_v1",
+        "header": {"event_id": format!("ev-{message_id}-{}", yizhan_channel_core::Envelope::new_id()), "event_type": "im.message.receive_v1",
                    "create_time": "1608725989000", "token": "vtoken", "app_id": "cli_test", "tenant_key": "t"},
         "event": {
             "sender": {"sender_id": {"open_id": "ou_alice", "user_id": "alice", "union_id": "on_a"}, "sender_type": "user"},
