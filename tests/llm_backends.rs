@@ -461,7 +461,8 @@ async fn openai_sniffs_json_when_the_content_type_is_missing_or_wrong() {
 async fn openai_first_token_timeout_fires_when_the_server_is_slow() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
-        .respond_with(streaming(sse(&[&chunk("late"), "[DONE]"])).set_delay(Duration::from_millis(400)))
+        // Late by far more than any stall of a busy machine (the call gives up at 100 ms).
+        .respond_with(streaming(sse(&[&chunk("late"), "[DONE]"])).set_delay(Duration::from_secs(30)))
         .mount(&server)
         .await;
     let backend = openai(openai_settings(&server));
@@ -580,7 +581,7 @@ async fn llm_client_does_not_retry_a_400() {
 async fn llm_client_gives_up_at_the_total_timeout() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
-        .respond_with(streaming(sse(&[&chunk("too late"), "[DONE]"])).set_delay(Duration::from_millis(500)))
+        .respond_with(streaming(sse(&[&chunk("too late"), "[DONE]"])).set_delay(Duration::from_secs(30)))
         .mount(&server)
         .await;
     let settings = LlmClientSettings { total_timeout: Duration::from_millis(150), ..client_settings() };
@@ -1023,9 +1024,11 @@ fn trickling_server_with_head(head: &'static str, script: Vec<(Duration, String)
 
 #[tokio::test]
 async fn openai_keep_alives_do_not_count_as_the_first_token() {
+    // Keep-alives for seconds past the 150 ms deadline, so that a test thread stalled by a busy
+    // machine cannot wake to find the late chunk already there.
     let tick = Duration::from_millis(40);
     let mut script = Vec::new();
-    for _ in 0..8 {
+    for _ in 0..100 {
         script.push((tick, ": keep-alive\n\n".to_owned()));
         script.push((
             Duration::ZERO,
@@ -1131,7 +1134,7 @@ async fn lobehub_agent_scaffolding_alone_does_not_meet_the_first_token_deadline(
                 json!({"type":"response.content_part.added","part":{"type":"output_text","text":""}}),
             ]),
         ),
-        (Duration::from_millis(600), responses_sse(&[json!({"type":"response.output_text.delta","delta":"太迟了"})])),
+        (Duration::from_secs(30), responses_sse(&[json!({"type":"response.output_text.delta","delta":"太迟了"})])),
     ];
     let base_url = trickling_server(script);
     let mut settings = LobeHubSettings::new(base_url.trim_end_matches("v1").to_owned());
