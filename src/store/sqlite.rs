@@ -1789,31 +1789,44 @@ mod tests {
         let dir = TempDir::new();
         let hold = Arc::new(AtomicBool::new(false));
         let held = Arc::clone(&hold);
+        let syncs_held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&syncs_held);
         // While `hold` is set, every WAL fsync waits (for at most 10 s, so a failing test cannot
         // hang in the store's drop); the writer then waits for the syncer, and jobs queue up.
         let sync = move || {
             let started = std::time::Instant::now();
+            if held.load(Ordering::SeqCst) {
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
             while held.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(10) {
                 std::thread::sleep(Duration::from_millis(1));
             }
             Ok(())
         };
-        let store = Arc::new(open_with_disk(&dir, sync, || Ok(())));
+        let commits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let committed = Arc::clone(&commits);
+        // Called by the writer after each commit (it starts the batch's writeback).
+        let start = move || {
+            committed.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        };
+        let store = Arc::new(open_with_disk(&dir, sync, start));
         let answered = envelope("m1");
         ok(store.accept(&answered, TTL).await);
         let parts = [part(&answered, 0)];
         ok(store.record_answer(&answered.id, "k", None, &parts).await);
 
         hold.store(true, Ordering::SeqCst);
+        let commits_before = commits.load(Ordering::SeqCst);
         // The first write holds the syncer, the second the writer (handing over to the syncer).
         let busy = |key: &'static str| {
             let store = Arc::clone(&store);
             tokio::spawn(async move { store.append_turn(key, turn(1)).await.map_err(|e| e.to_string()) })
         };
         let first = busy("first");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        until("the first write held in the syncer", || syncs_held.load(Ordering::SeqCst) >= 1).await;
         let second = busy("second");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        until("the second write committed", || commits.load(Ordering::SeqCst) >= commits_before + 2).await;
         let delivered = {
             let (store, id) = (Arc::clone(&store), parts[0].delivery_id.clone());
             tokio::spawn(async move { store.part_delivered(&id).await.map_err(|e| e.to_string()) })
