@@ -218,7 +218,11 @@ impl LlmConfig {
     pub fn system_prompt(&self) -> String {
         match &self.system_prompt {
             Some(prompt) => prompt.clone(),
-            None if self.backend == LlmBackendKind::Lobehub && self.agent_id.is_some() => String::new(),
+            None if self.backend == LlmBackendKind::Lobehub
+                && self.agent_id.as_deref().is_some_and(|id| !id.trim().is_empty()) =>
+            {
+                String::new()
+            }
             None => default_system_prompt(),
         }
     }
@@ -845,6 +849,10 @@ token = "tok"
         let agent = [("YIZHAN__LLM__BACKEND", "lobehub"), ("YIZHAN__LLM__AGENT_ID", "agt_1")];
         let config = load(MINIMAL, &agent).unwrap_or_else(|e| panic!("{e:#}"));
         assert_eq!(config.llm.system_prompt(), "");
+        // An empty agent id (a compose file's `YIZHAN__LLM__AGENT_ID=`) is the chat route, no agent.
+        let no_agent = [("YIZHAN__LLM__BACKEND", "lobehub"), ("YIZHAN__LLM__AGENT_ID", "")];
+        let config = load(MINIMAL, &no_agent).unwrap_or_else(|e| panic!("{e:#}"));
+        assert!(config.llm.system_prompt().contains("AI 助手"));
         let mut with_prompt = agent.to_vec();
         with_prompt.push(("YIZHAN__LLM__SYSTEM_PROMPT", "你是客服。"));
         let config = load(MINIMAL, &with_prompt).unwrap_or_else(|e| panic!("{e:#}"));

@@ -5,18 +5,20 @@
 //! - [`split`]: long text → parts of at most N bytes, cut at paragraph, line, sentence or word
 //!   breaks.
 //! - [`markdown`]: LLM markdown → plain text, or the basic markdown subset some platforms render.
-//! - [`limiter`]: a keyed sliding-window rate limiter whose `acquire` waits for a free slot.
+//! - [`limiter`]: a keyed sliding-window rate limiter whose `acquire` waits for a free slot
+//!   (`try_acquire` and `next_room` for what may be skipped instead).
 //! - [`xml`]: flat XML pushes (WeChat, WeCom) → fields by element name.
 //! - [`wechat`]: the WeChat family's pushes (公众号, 企业微信): required fields, the segment of
-//!   each message type, the dedupe key.
+//!   each message type, the dedupe key; text without the control characters they refuse.
 //! - [`api`]: log-once bookkeeping for misconfiguration codes, secret scrubbing, transport
-//!   errors without URLs, the WeChat family's `errcode`.
+//!   errors without URLs, the WeChat family's `errcode`, HTTP statuses as `ChannelError`s,
+//!   retries of transient errors.
 //!
 //! # Design decisions
 //! - **Helpers, not contract.** The contract crate (`yizhan-channel-core`) says what a channel
-//!   is; this crate only holds code that several channels would otherwise copy. Only [`wechat`]
-//!   uses the contract's types (it builds segments); elsewhere errors are plain values
-//!   ([`xml::MalformedXml`], reason strings) that each channel maps into its own `ChannelError`.
+//!   is; this crate only holds code that several channels would otherwise copy. [`wechat`]
+//!   builds the contract's segments and [`api`] its errors (`ChannelError`); elsewhere errors
+//!   are plain values ([`xml::MalformedXml`], reason strings) that each channel maps itself.
 //! - **Platform-specific behaviour stays configurable, not forked.** Where channels differed
 //!   (WeCom drops `<font>` tags from text messages; WeCom waits a second of slack after each
 //!   window; WeCom matches field names without case), the difference is a parameter here.

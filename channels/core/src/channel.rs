@@ -136,7 +136,8 @@ pub struct Capabilities {
     ///
     /// Declaring a window brings WeChat's whole model with it, not just the wait: the core
     /// expects the platform to retry an unanswered request (three attempts in all; the first
-    /// two are held past the window and left to lapse, the last answers the `ack`), defaults
+    /// two are held past the window and left to lapse, the last answers the `ack`, or a
+    /// [`passive_reply`](Channel::passive_reply) of the user's oldest parked answer), defaults
     /// the channel to `reply_mode = "auto"` with a send quota of 5 parts per message (3 after a
     /// menu click, follow or scan), and parks what cannot be sent behind the continue word. A
     /// platform that does not retry waits out two windows before its answer is pushed.
@@ -224,7 +225,8 @@ pub trait Channel: Send + Sync + 'static {
     /// Renders an answer for this platform and splits it into parts that `deliver` accepts,
     /// in the order they must arrive. By default the text is kept as it is, split into parts of
     /// at most [`Capabilities::max_part_bytes`] (at a line break where one is near the end,
-    /// otherwise at a character boundary).
+    /// otherwise at a character boundary; a stretch of only whitespace at a cut is dropped, never
+    /// a part of its own).
     fn render(&self, reply: &Reply) -> Vec<Reply> {
         split_to_bytes(&reply.text, self.capabilities().max_part_bytes)
     }
@@ -248,6 +250,8 @@ pub trait Channel: Send + Sync + 'static {
     /// [`Capabilities::streaming`] is set. The core then calls [`update_stream`](Self::update_stream)
     /// with the full text so far, at most once per [`Capabilities::min_stream_interval`], with a
     /// strictly increasing `sequence`, and finally [`finish_stream`](Self::finish_stream).
+    /// [`ChannelError::Unsupported`] declines streaming this time, quietly (the answer is then
+    /// delivered whole); other errors are logged as failures.
     fn begin_stream<'a>(&'a self, _target: &'a Delivery) -> BoxFuture<'a, Result<StreamHandle, ChannelError>> {
         Box::pin(async { Err(ChannelError::Unsupported("streaming".into())) })
     }

@@ -40,7 +40,9 @@ pub fn check_signed_channel(channel: &dyn Channel, sign: &dyn Fn(&mut WebhookReq
 }
 
 /// Garbage that carries a valid signature (`sign` adds it: a header, a query parameter) is an
-/// error or an acknowledgement, never a panic, and any message it yields has a usable id.
+/// error or an acknowledgement, never a panic, and any message it yields has a usable id. At
+/// least one signed POST must get past the signature check (refused neither as unsigned nor as
+/// unsupported), or `sign` did not sign and the garbage never reached the parser.
 pub fn survives_signed_garbage(channel: &dyn Channel, sign: &dyn Fn(&mut WebhookRequest)) {
     let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
     let long = format!("{{\"text\":\"{}\"}}", "字".repeat(100_000));
@@ -89,7 +91,11 @@ pub fn survives_signed_garbage(channel: &dyn Channel, sign: &dyn Fn(&mut Webhook
             }
         }
     }
-    assert!(past_the_check, "channel {}: `sign` did not sign (every request was refused as unsigned)", channel.id());
+    assert!(
+        past_the_check,
+        "channel {}: `sign` did not sign (no signed POST got past the check: each was refused as unsigned or unsupported)",
+        channel.id()
+    );
 }
 
 /// Unsigned, empty and garbage requests are errors, not panics and not accepted messages.
@@ -116,7 +122,8 @@ pub fn rejects_unsigned_and_garbage_requests(channel: &dyn Channel) {
     }
 }
 
-/// `render` never produces a part over `max_part_bytes`, never an empty part, loses no text
+/// `render` never produces a part over `max_part_bytes`, never an empty or blank part (long runs
+/// of whitespace included), loses no text
 /// and repeats none (a few characters per part, for a label or a hint, are allowed).
 pub fn renders_within_its_part_limit(channel: &dyn Channel) {
     let limit = channel.capabilities().max_part_bytes;

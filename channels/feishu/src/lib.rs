@@ -36,8 +36,10 @@
 //!   most four fifths of it and are skipped when it is spent (the answer is then sent whole, or
 //!   the card catches up at a later update); finishes use the rest, waiting up to 10 s.
 //! - **A model cannot @-mention anyone**: `<at …>` tags in answers are defused before sending.
-//! - **Error codes are triaged, not passed through**, as in the 公众号 channel: rate limits are
-//!   transient with Feishu's advised delay, oversized content is refused, missing scopes and bad
+//! - **Error codes are triaged, not passed through**, as in the 公众号 channel: the app's rate
+//!   limits (HTTP 429, 99991400) are transient with Feishu's advised delay, a chat's (230020)
+//!   transient without one (so that it holds back only that part), oversized content is
+//!   refused, missing scopes and bad
 //!   credentials are misconfigurations logged once per code.
 #![warn(missing_docs)]
 
