@@ -1050,12 +1050,13 @@ async fn openai_keep_alives_do_not_count_as_the_first_token() {
 /// word: its reasoning meets the deadline (and is still never shown).
 #[tokio::test]
 async fn openai_reasoning_meets_the_first_token_deadline_without_being_shown() {
-    // The first reasoning arrives well inside the 400 ms deadline; the answer well after it.
+    // The first reasoning comes with the response head, well inside the 400 ms deadline (so that
+    // a stalled machine cannot push it past); the answer well after it.
     let tick = Duration::from_millis(40);
     let mut script = Vec::new();
-    for _ in 0..16 {
+    for at in 0..16 {
         script.push((
-            tick,
+            if at == 0 { Duration::ZERO } else { tick },
             format!("data: {}\n\n", json!({"choices":[{"index":0,"delta":{"reasoning_content":"hmm"}}]})),
         ));
     }
@@ -1097,8 +1098,11 @@ async fn lobehub_agent_reasoning_and_tool_events_meet_the_first_token_deadline()
         Duration::ZERO,
         responses_sse(&[json!({"type":"response.created","response":{"status":"in_progress"}})]),
     )];
-    for _ in 0..8 {
-        script.push((tick, responses_sse(&[json!({"type":"response.reasoning_summary_text.delta","delta":"hidden"})])));
+    for at in 0..8 {
+        // The first reasoning with the response head (see the OpenAI test above).
+        let pause = if at == 0 { Duration::ZERO } else { tick };
+        script
+            .push((pause, responses_sse(&[json!({"type":"response.reasoning_summary_text.delta","delta":"hidden"})])));
         script.push((tick, responses_sse(&[json!({"type":"response.function_call_arguments.delta","delta":"{"})])));
     }
     script.push((
