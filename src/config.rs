@@ -695,7 +695,8 @@ fn apply_override(root: &mut toml::Value, path: &str, raw: &str, as_text: bool) 
     }
     let mut node = root;
     let mut index = 0;
-    let mut serde_path = String::new();
+    // The key's path as the deserializer names it, one element per level.
+    let mut serde_path: Vec<String> = Vec::new();
     while index + 1 < segments.len() {
         let segment = &segments[index];
         let table = node.as_table_mut().ok_or_else(|| anyhow!("`{segment}` is not a table"))?;
@@ -712,12 +713,12 @@ fn apply_override(root: &mut toml::Value, path: &str, raw: &str, as_text: bool) 
                     entry.get("id").and_then(toml::Value::as_str).map(addressed_id) == Some(wanted.clone())
                 })
                 .ok_or_else(|| anyhow!("no [[channels]] entry has id {wanted:?}"))?;
-            serde_path.push_str(&format!("{}channels[{position}]", if serde_path.is_empty() { "" } else { "." }));
+            serde_path.push(format!("channels[{position}]"));
             node = &mut entries[position];
             index += 2;
             continue;
         }
-        serde_path.push_str(&format!("{}{segment}", if serde_path.is_empty() { "" } else { "." }));
+        serde_path.push(segment.clone());
         node = table.entry(segment.clone()).or_insert_with(|| toml::Value::Table(toml::map::Map::new()));
         index += 1;
     }
@@ -736,9 +737,9 @@ fn apply_override(root: &mut toml::Value, path: &str, raw: &str, as_text: bool) 
         (Some(false), None) => toml::Value::String(raw.to_owned()),
     };
     let typed = !value.is_str();
-    serde_path.push_str(&format!("{}{key}", if serde_path.is_empty() { "" } else { "." }));
+    serde_path.push(key.clone());
     table.insert(key, value);
-    Ok(typed.then_some(serde_path))
+    Ok(typed.then(|| serde_path.join(".")))
 }
 
 fn parse_scalar(raw: &str) -> Option<toml::Value> {

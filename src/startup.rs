@@ -325,7 +325,7 @@ impl Application {
         // failed leaves the file for the next attempt).
         if let Some(path) = self.parked_file.as_ref().filter(|path| path.exists()) {
             // Synced with its directory, or a power loss could bring back texts shown since.
-            let removed = std::fs::remove_file(path).and_then(|()| sync_directory_of(path));
+            let removed = std::fs::remove_file(path).and_then(|()| crate::store::sync_directory_of(path));
             if let Err(error) = removed {
                 tracing::error!(path = %path.display(), %error, "Failed to remove the parked answers' file; they may come back after a crash.");
             }
@@ -447,9 +447,7 @@ const RESUMED_RETRY_HORIZON_MS: i64 = 20_000;
 
 /// The file next to the database that keeps parked answers across a graceful restart.
 fn parked_file_of(database: &std::path::Path) -> std::path::PathBuf {
-    let mut name = database.as_os_str().to_owned();
-    name.push(".parked.json");
-    std::path::PathBuf::from(name)
+    crate::store::beside(database, ".parked.json")
 }
 
 /// Takes back the parked answers the last graceful stop saved. The file is removed once the
@@ -470,8 +468,7 @@ fn load_parked(hub: &Hub, path: &std::path::Path) {
             tracing::info!(texts, "Parked answers from the last stop taken back.");
         }
         Err(error) => {
-            let mut bad = path.as_os_str().to_owned();
-            bad.push(".bad");
+            let bad = crate::store::beside(path, ".bad");
             tracing::error!(path = %path.display(), %error, "The parked answers' file is unreadable; set aside.");
             let _ = std::fs::rename(path, bad);
         }
@@ -486,31 +483,20 @@ fn save_parked(hub: &Hub, path: &std::path::Path) {
         return;
     }
     let texts: usize = records.iter().map(|record| record.texts.len()).sum();
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(".tmp");
-    let temporary = std::path::PathBuf::from(temporary);
+    let temporary = crate::store::beside(path, ".tmp");
     let written = serde_json::to_vec(&records).map_err(std::io::Error::other).and_then(|bytes| {
         use std::io::Write;
         let mut file = std::fs::File::create(&temporary)?;
         file.write_all(&bytes)?;
         file.sync_all()?;
         std::fs::rename(&temporary, path)?;
-        sync_directory_of(path)
+        crate::store::sync_directory_of(path)
     });
     match written {
         Ok(()) => tracing::info!(texts, path = %path.display(), "Parked answers saved for the next start."),
         Err(error) => {
             tracing::error!(texts, path = %path.display(), %error, "Failed to save parked answers; they are lost.")
         }
-    }
-}
-
-/// Syncs the directory holding `path`, so that a file created, renamed or removed there stays
-/// so after a power loss.
-fn sync_directory_of(path: &std::path::Path) -> std::io::Result<()> {
-    match path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
-        Some(directory) => std::fs::File::open(directory)?.sync_all(),
-        None => Ok(()),
     }
 }
 

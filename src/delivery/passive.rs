@@ -158,16 +158,23 @@ impl PassiveJob {
     /// Sleeps for `wait`, or until [`PassiveSlots::stop_waiting`]: an attempt held open past
     /// the platform's deadline must still answer before the connections close.
     pub async fn sleep_unless_stopped(&self, wait: Duration) {
+        self.wait_for(wait, |state| state.stop_waiting.then_some(())).await;
+    }
+
+    /// Waits up to `wait` until `decide` (asked at once and at every change to the job) says
+    /// what to return; `None` if it never did.
+    async fn wait_for<R>(&self, wait: Duration, mut decide: impl FnMut(&mut JobState) -> Option<R>) -> Option<R> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let notified = self.ready.notified();
             tokio::pin!(notified);
+            // Registered before asking, so a change in between is not missed.
             notified.as_mut().enable();
-            if self.lock().stop_waiting {
-                return;
+            if let Some(decided) = decide(&mut self.lock()) {
+                return Some(decided);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return;
+                return None;
             }
         }
     }
@@ -183,30 +190,19 @@ impl PassiveJob {
     /// listens to, not to a connection it gave up on (a handler that began late, behind a
     /// queue, outlives its client).
     pub async fn take(&self, this_attempt: u32, wait: Duration) -> Option<HeldAnswer> {
-        let deadline = tokio::time::Instant::now() + wait;
         self.lock().waiting += 1;
         let _waiting = Waiting(self);
-        loop {
-            let notified = self.ready.notified();
-            tokio::pin!(notified);
-            // Register before checking, so an answer arriving in between is not missed.
-            notified.as_mut().enable();
-            {
-                let mut state = self.lock();
-                if state.attempts > this_attempt {
-                    return None;
-                }
-                if let Some(parts) = state.parts.take() {
-                    return Some(parts);
-                }
-                if state.stop_waiting {
-                    return None;
-                }
+        self.wait_for(wait, |state| {
+            if state.attempts > this_attempt {
+                return Some(None);
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return None;
+            if let Some(parts) = state.parts.take() {
+                return Some(Some(parts));
             }
-        }
+            state.stop_waiting.then_some(None)
+        })
+        .await
+        .flatten()
     }
 
     /// No attempt will take the answer any more (the last one gave up, or the fallback timer

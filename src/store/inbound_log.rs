@@ -125,9 +125,7 @@ pub(super) type SyncSegment = Box<dyn FnMut(&File) -> std::io::Result<()> + Send
 
 /// The log's directory for the database at `db`.
 pub(super) fn log_dir(db: &Path) -> PathBuf {
-    let mut name = db.as_os_str().to_owned();
-    name.push(".inbound");
-    PathBuf::from(name)
+    super::beside(db, ".inbound")
 }
 
 fn segment_path(dir: &Path, number: u64) -> PathBuf {

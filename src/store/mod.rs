@@ -16,6 +16,7 @@ pub use memory::MemoryStore;
 pub use sqlite::{Durability, SqliteOptions, SqliteStore};
 
 use crate::llm::backend::{ChatMessage, Role};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 use yizhan_channel_core::{BoxFuture, Delivery, Envelope};
@@ -151,6 +152,25 @@ fn break_for_good(broken: &AtomicBool, step: &str, error: &str) {
              disk, then restart yizhan."
         );
     }
+}
+
+/// `path` with `suffix` appended to its file name (`data/yizhan.db` and `.inbound` give
+/// `data/yizhan.db.inbound`): how the files kept beside the database are named.
+pub(crate) fn beside(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// The directory holding `path` (the working directory for a bare file name).
+pub(crate) fn directory_of(path: &Path) -> &Path {
+    path.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
+/// Syncs the directory holding `path`, so that a file created, renamed or removed there
+/// survives a power loss.
+pub(crate) fn sync_directory_of(path: &Path) -> std::io::Result<()> {
+    std::fs::File::open(directory_of(path))?.sync_all()
 }
 
 /// Hands `serve` everything queued in `jobs`, up to `max_batch` at a time (waiting for the first

@@ -363,17 +363,14 @@ impl fmt::Debug for SqliteStore {
 /// power loss afterwards would ask the model again and answer twice. The inbound log's scan
 /// does the same for its segments.
 fn sync_before_reading(db: &Path, sync: &mut dyn FnMut(&File) -> std::io::Result<()>) -> std::io::Result<()> {
-    let mut wal = db.as_os_str().to_owned();
-    wal.push("-wal");
-    for file in [db.to_owned(), PathBuf::from(wal)] {
+    for file in [db.to_owned(), super::beside(db, "-wal")] {
         match File::open(&file) {
             Ok(file) => sync(&file)?,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
             Err(error) => return Err(error),
         }
     }
-    let dir = db.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    sync(&File::open(dir)?)
+    sync(&File::open(super::directory_of(db))?)
 }
 
 impl SqliteStore {
@@ -1397,9 +1394,7 @@ fn query(conn: &mut Connection, op: &ReadOp) -> Result<Fetched, rusqlite::Error>
 /// `envelope_id`, `envelope` as journaled): a rollback to an older build, or a bug, must not
 /// make an accepted message vanish without a trace an operator could act on.
 fn unreadable_path(db: &Path) -> PathBuf {
-    let mut name = db.as_os_str().to_owned();
-    name.push(".unreadable.jsonl");
-    PathBuf::from(name)
+    super::beside(db, ".unreadable.jsonl")
 }
 
 /// Appends one unreadable envelope to `path`, synced before it is finished in the log.
@@ -1412,8 +1407,7 @@ fn set_aside(path: &Path, envelope_id: &str, json: &str) -> std::io::Result<()> 
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
     file.write_all(format!("{line}\n").as_bytes())?;
     file.sync_data()?;
-    let dir = path.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    File::open(dir)?.sync_all()
+    super::sync_directory_of(path)
 }
 
 /// A journaled envelope, or `None` (logged) if it cannot be read.

@@ -101,7 +101,7 @@ impl RateLimiter {
     pub async fn acquire(&self, key: &str) -> Duration {
         let started = Instant::now();
         loop {
-            match self.take_slot(key) {
+            match self.slot(key, true) {
                 Ok(granted) => return granted.saturating_duration_since(started),
                 Err(free_at) => tokio::time::sleep_until(free_at).await,
             }
@@ -111,24 +111,18 @@ impl RateLimiter {
     /// Counts a send for `key` if every window has room now, without waiting; `false` (nothing
     /// counted) otherwise. For what may be skipped, such as an intermediate update.
     pub fn try_acquire(&self, key: &str) -> bool {
-        self.take_slot(key).is_ok()
+        self.slot(key, true).is_ok()
     }
 
     /// When `key` next has room in every window: `None` if it has room now, else the moment a
     /// slot frees. Counts nothing.
     pub fn next_room(&self, key: &str) -> Option<Instant> {
-        let now = Instant::now();
-        if self.keep == 0 {
-            return None;
-        }
-        let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let sent = state.keys.entry(key.to_owned()).or_default();
-        self.expire(sent, now);
-        self.next_free(sent, now)
+        self.slot(key, false).err()
     }
 
-    /// Counts a send now (`Ok` with the moment) or says when a slot frees.
-    fn take_slot(&self, key: &str) -> Result<Instant, Instant> {
+    /// Whether `key` has room now (`Ok` with the moment, the send counted if `take`) or when a
+    /// slot frees.
+    fn slot(&self, key: &str, take: bool) -> Result<Instant, Instant> {
         let now = Instant::now();
         if self.keep == 0 {
             return Ok(now);
@@ -138,6 +132,7 @@ impl RateLimiter {
         let sent = state.keys.entry(key.to_owned()).or_default();
         self.expire(sent, now);
         match self.next_free(sent, now) {
+            None if !take => Ok(now),
             None => {
                 sent.push_back(now);
                 if sent.len() > self.keep {
