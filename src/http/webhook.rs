@@ -176,11 +176,12 @@ pub async fn webhook(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> HttpResponse {
-    let closing_before = state.hub.passive.is_closing();
     let mut response = handle(request, path, payload, state.clone()).await;
-    // Stopping: a kept-alive connection would otherwise go on carrying new messages after the
-    // server stopped accepting connections, into the last second before the workers stop.
-    if closing_before || state.hub.passive.is_closing() {
+    // Stopping (the flag is never cleared, so asking once the request is handled covers a stop
+    // that began before it): a kept-alive connection would otherwise go on carrying new messages
+    // after the server stopped accepting connections, into the last second before the workers
+    // stop.
+    if state.hub.passive.is_closing() {
         response.head_mut().set_connection_type(actix_web::http::ConnectionType::Close);
     }
     response
