@@ -6,7 +6,7 @@ use crate::delivery::passive::PassiveSlots;
 use crate::delivery::ChannelActor;
 use crate::llm::LlmActor;
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{LiveStream, Store};
 use actix::Addr;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -71,6 +71,9 @@ pub struct HubInner {
     pub metrics: Metrics,
     /// Passive-reply jobs and parked answers.
     pub passive: PassiveSlots,
+    /// The messages the last run was streaming answers into, by envelope id, until the
+    /// resumed envelope's job takes its own (see [`Hub::take_resumed_stream`]).
+    pub resumed_streams: std::sync::Mutex<HashMap<String, LiveStream>>,
 }
 
 impl std::ops::Deref for Hub {
@@ -105,9 +108,17 @@ impl Hub {
         self.finish(&envelope.id).await;
     }
 
+    /// The message the last run was streaming `envelope_id`'s answer into (once: the job that
+    /// takes it answers into it).
+    pub fn take_resumed_stream(&self, envelope_id: &str) -> Option<LiveStream> {
+        self.resumed_streams.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(envelope_id)
+    }
+
     /// Marks an accepted envelope as finished: answered, failed for good, or needing no answer.
     pub async fn finish(&self, envelope_id: &str) {
         self.passive.forget_answer(envelope_id);
+        // A resumed message finished without a job taking its stream (nothing to answer).
+        self.take_resumed_stream(envelope_id);
         let finished = self.store.finish(envelope_id).await;
         // Counted as no longer open either way, but only once the store is done with it (a
         // shutdown that saw 0 earlier would stop before the finish is written): nothing in this

@@ -259,6 +259,7 @@ impl Application {
             dedupe_ttl: Duration::from_secs(config.store.dedupe_ttl_secs),
             metrics,
             passive: Default::default(),
+            resumed_streams: Default::default(),
         });
         let session_arbiters: Vec<Arbiter> = (0..config.session.threads).map(|_| Arbiter::new()).collect();
         let sessions = SessionRegistry::new(
@@ -563,6 +564,14 @@ async fn resume_unfinished(hub: &Hub, router: &Router) -> anyhow::Result<()> {
     // Answers to send again go through their conversation's session like the messages asked
     // again, so each conversation's answers leave in the order its messages were accepted.
     for unfinished in pending {
+        if let Some(stream) = unfinished.live_stream {
+            // Taken by the message's job: the answer goes into the message the last run was
+            // streaming it into, not a second one below it.
+            hub.resumed_streams
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(unfinished.envelope.id.clone(), stream);
+        }
         match unfinished.pending_parts {
             // Answered before the stop: send what is left, never ask again.
             Some(parts) => {

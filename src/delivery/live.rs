@@ -6,48 +6,52 @@
 //! strictly increasing sequence. Updates are coalesced, never queued, so a slow platform API
 //! sees fewer, larger updates instead of a backlog.
 
+use crate::hub::Hub;
 use crate::llm::DeltaSink;
+use crate::store::LiveStream;
 use std::sync::Arc;
 use tokio::sync::watch;
 use yizhan_channel_common::api::retry_transient;
 use yizhan_channel_core::{Channel, ChannelError, Delivery, Envelope, Reply, StreamHandle};
 
+/// How many sequence numbers one run may use for one streamed message: updates come a few a
+/// second at most, and the finish takes a few more. A stream resumed after a restart starts one
+/// stride past the run before it, which it cannot know the last number of.
+const SEQUENCE_STRIDE: u64 = 1 << 22;
+
+/// The largest sequence number sent: platforms read it as a signed 32-bit integer (Feishu's
+/// CardKit). A message resumed so often that its numbers would pass this gets a new message.
+const MAX_SEQUENCE: u64 = i32::MAX as u64;
+
 /// A message being streamed.
 pub struct LiveAnswer {
     channel: Arc<dyn Channel>,
     handle: StreamHandle,
+    /// Every sequence number of this run is above this one.
+    sequence_base: u64,
     updates: tokio::task::JoinHandle<u64>,
     /// Dropped by [`LiveAnswer::finish`]: the updates stop waiting between sends.
     stop: tokio::sync::oneshot::Sender<()>,
 }
 
-/// Starts a streamed message for `envelope`; `None` when the channel cannot stream or starting
-/// failed (the answer is then delivered the normal way).
-pub async fn start(channel: Arc<dyn Channel>, envelope: &Envelope) -> Option<(LiveAnswer, DeltaSink)> {
+/// Starts a streamed message for `envelope`, or takes up again the one the last run was
+/// streaming its answer into; `None` when the channel cannot stream or starting failed (the
+/// answer is then delivered the normal way). The message is recorded in the store first, so
+/// that a run stopped before the answer is complete leaves it to the next one.
+pub async fn start(hub: &Hub, channel: Arc<dyn Channel>, envelope: &Envelope) -> Option<(LiveAnswer, DeltaSink)> {
     let capabilities = channel.capabilities();
+    let resumed = hub.take_resumed_stream(&envelope.id).and_then(next_run);
     if !capabilities.streaming {
         return None;
     }
-    let target = Delivery {
-        delivery_id: format!("{}-live", envelope.id),
-        channel: envelope.channel.clone(),
-        conversation: envelope.conversation.clone(),
-        recipient: envelope.sender.clone(),
-        reply_handle: envelope.reply_handle.clone(),
-        reply: Reply::text(""),
-    };
-    let handle = match channel.begin_stream(&target).await {
-        Ok(handle) => handle,
-        Err(error) => {
-            // Not streaming now (turned off, a rate budget spent for now) is nothing to warn of.
-            if matches!(error, ChannelError::Unsupported(_)) {
-                tracing::debug!(channel = %envelope.channel, %error, "No streamed answer this time; sending it whole.");
-            } else {
-                tracing::warn!(channel = %envelope.channel, %error, "Could not start a streamed answer; sending it whole.");
-            }
-            return None;
+    let (handle, sequence_base) = match resumed {
+        Some(LiveStream { handle, sequence_base }) => {
+            tracing::info!(channel = %envelope.channel, envelope = %envelope.id, "Answering into the message the last run was streaming.");
+            (StreamHandle(handle), sequence_base)
         }
+        None => (begin(channel.as_ref(), envelope).await?, 0),
     };
+    record(hub, envelope, &handle, sequence_base).await;
     let (sender, receiver) = watch::channel(String::new());
     // Appended in place: a copy of the text so far per delta would be quadratic in the answer's
     // length, on the LLM actor's thread that every user's stream shares.
@@ -60,8 +64,71 @@ pub async fn start(channel: Arc<dyn Channel>, envelope: &Envelope) -> Option<(Li
         stopped,
         capabilities.min_stream_interval,
         capabilities.max_part_bytes,
+        sequence_base + 1,
     ));
-    Some((LiveAnswer { channel, handle, updates, stop }, sink))
+    Some((LiveAnswer { channel, handle, sequence_base, updates, stop }, sink))
+}
+
+/// Writes `text` (an answer's first part) into the message the last run was streaming that
+/// answer into, and ends its streaming, as [`LiveAnswer::finish`] does.
+pub async fn finish_resumed(
+    hub: &Hub,
+    channel: Arc<dyn Channel>,
+    envelope: &Envelope,
+    stream: LiveStream,
+    text: &str,
+) -> Result<(), ChannelError> {
+    let Some(LiveStream { handle, sequence_base }) = next_run(stream) else {
+        return Err(ChannelError::Unsupported("the streamed message's sequence numbers are used up".into()));
+    };
+    let handle = StreamHandle(handle);
+    record(hub, envelope, &handle, sequence_base).await;
+    // No updates: the finish starts right after the base.
+    let (stop, _) = tokio::sync::oneshot::channel();
+    let updates = actix::spawn(std::future::ready(sequence_base + 1));
+    let answer = LiveAnswer { channel, handle, sequence_base, updates, stop };
+    answer.finish(text, &hub.messages.answer_below).await
+}
+
+/// The stream as the next run numbers it; `None` once its numbers would run out.
+fn next_run(stream: LiveStream) -> Option<LiveStream> {
+    let sequence_base = stream
+        .sequence_base
+        .checked_add(SEQUENCE_STRIDE)
+        .filter(|base| base.saturating_add(SEQUENCE_STRIDE) <= MAX_SEQUENCE)?;
+    Some(LiveStream { handle: stream.handle, sequence_base })
+}
+
+async fn begin(channel: &dyn Channel, envelope: &Envelope) -> Option<StreamHandle> {
+    let target = Delivery {
+        delivery_id: format!("{}-live", envelope.id),
+        channel: envelope.channel.clone(),
+        conversation: envelope.conversation.clone(),
+        recipient: envelope.sender.clone(),
+        reply_handle: envelope.reply_handle.clone(),
+        reply: Reply::text(""),
+    };
+    match channel.begin_stream(&target).await {
+        Ok(handle) => Some(handle),
+        Err(error) => {
+            // Not streaming now (turned off, a rate budget spent for now) is nothing to warn of.
+            if matches!(error, ChannelError::Unsupported(_)) {
+                tracing::debug!(channel = %envelope.channel, %error, "No streamed answer this time; sending it whole.");
+            } else {
+                tracing::warn!(channel = %envelope.channel, %error, "Could not start a streamed answer; sending it whole.");
+            }
+            None
+        }
+    }
+}
+
+/// Records the streamed message for the next run. Failing that, the stream goes on: only a
+/// stop before the answer is complete would then leave the message cut off.
+async fn record(hub: &Hub, envelope: &Envelope, handle: &StreamHandle, sequence_base: u64) {
+    let stream = LiveStream { handle: handle.0.clone(), sequence_base };
+    if let Err(error) = hub.store.record_stream(&envelope.id, &stream).await {
+        tracing::warn!(envelope = %envelope.id, %error, "Failed to record a streamed message; a restart before the answer is complete would leave it cut off.");
+    }
 }
 
 async fn send_updates(
@@ -71,8 +138,9 @@ async fn send_updates(
     mut stopped: tokio::sync::oneshot::Receiver<()>,
     interval: std::time::Duration,
     max_part_bytes: usize,
+    first_sequence: u64,
 ) -> u64 {
-    let mut sequence = 1;
+    let mut sequence = first_sequence;
     // Once an update held a whole part, later ones would show the same start (the message ends
     // up holding the first part; the rest follows as messages): not sent, so that they do not
     // spend the platform's rate limit for nothing.
@@ -130,7 +198,8 @@ impl LiveAnswer {
     /// otherwise stay there, cut off and still streaming, above the messages).
     pub async fn finish(self, full_text: &str, note_if_failed: &str) -> Result<(), ChannelError> {
         drop(self.stop);
-        let sequence = self.updates.await.unwrap_or(1_000_000);
+        // Past whatever the updates used, should their task have failed.
+        let sequence = self.updates.await.unwrap_or(self.sequence_base + SEQUENCE_STRIDE / 2);
         let channel = &self.channel;
         let finished = retry_transient(channel.id(), "Finishing a streamed answer", FINISH_ATTEMPTS, |attempt| {
             // `finish_stream` uses `sequence` and the one after it; a retry moves past both, as
@@ -198,7 +267,7 @@ mod tests {
         let (sender, receiver) = watch::channel(String::new());
         let handle = StreamHandle(serde_json::Value::Null);
         let (_stop, stopped) = tokio::sync::oneshot::channel();
-        let updates = actix::spawn(send_updates(channel.clone(), handle, receiver, stopped, Duration::ZERO, 10));
+        let updates = actix::spawn(send_updates(channel.clone(), handle, receiver, stopped, Duration::ZERO, 10, 1));
         let sent = || channel.1.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len();
         for (text, updates_by_now) in [("短", 1), ("短文本已经超过十个字节", 2), ("短文本已经超过十个字节，还在写", 2)]
         {
@@ -225,7 +294,7 @@ mod tests {
         let (sender, receiver) = watch::channel(String::new());
         let (_stop, stopped) = tokio::sync::oneshot::channel();
         let handle = StreamHandle(serde_json::Value::Null);
-        let updates = actix::spawn(send_updates(channel.clone(), handle, receiver, stopped, Duration::ZERO, 1_000));
+        let updates = actix::spawn(send_updates(channel.clone(), handle, receiver, stopped, Duration::ZERO, 1_000, 1));
         let sent = || channel.1.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len();
         sender.send_replace("一".to_owned());
         for _ in 0..1_000 {
@@ -253,7 +322,7 @@ mod tests {
         let (sender, receiver) = watch::channel(String::new());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let handle = StreamHandle(serde_json::Value::Null);
-        let updates = actix::spawn(send_updates(channel.clone(), handle, receiver, stopped, Duration::ZERO, 1_000));
+        let updates = actix::spawn(send_updates(channel.clone(), handle, receiver, stopped, Duration::ZERO, 1_000, 1));
         sender.send_replace("一".to_owned());
         let sent = || channel.1.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len();
         for _ in 0..1_000 {

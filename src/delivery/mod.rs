@@ -168,7 +168,29 @@ pub async fn deliver_recorded(hub: &Hub, envelope: &Envelope, parts: Vec<Deliver
 }
 
 /// Sends the unsent parts of an answer the last run recorded (found pending at start).
-pub async fn resend(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) {
+pub async fn resend(hub: &Hub, envelope: &Envelope, mut parts: Vec<Delivery>) {
+    if let Some(stream) = hub.take_resumed_stream(&envelope.id) {
+        // The last run was streaming this answer into a message and stopped before writing its
+        // first part there: it goes there now, as it would have, rather than as a second message
+        // below the one left cut off.
+        let entry = hub.channels.get(&envelope.channel).filter(|entry| entry.channel.capabilities().streaming);
+        let first = parts.first().filter(|part| part_index(&part.delivery_id) == Some(0));
+        if let (Some(entry), Some(first)) = (entry, first) {
+            let text = first.reply.text.clone();
+            match live::finish_resumed(hub, entry.channel.clone(), envelope, stream, &text).await {
+                Ok(()) => {
+                    clear_delivered(hub.store.as_ref(), &parts.remove(0)).await;
+                    if parts.is_empty() {
+                        hub.finish(&envelope.id).await;
+                        return;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(envelope = %envelope.id, %error, "Streamed message not finished; sending the answer whole.");
+                }
+            }
+        }
+    }
     // The platform's per-message quota holds for a resent answer too, counting the parts the
     // last run sent (those before the first one still pending).
     let already_sent = parts.first().and_then(|part| part_index(&part.delivery_id)).unwrap_or(0);

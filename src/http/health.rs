@@ -119,6 +119,7 @@ mod tests {
             dedupe_ttl: Duration::from_secs(60),
             metrics,
             passive: Default::default(),
+            resumed_streams: Default::default(),
         });
         let sessions = SessionRegistry::new(hub.clone(), Duration::from_secs(60), Vec::new());
         web::Data::new(AppState {

@@ -424,7 +424,7 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
                 user: format!("{}:{}", envelope.channel, envelope.sender.id),
                 channel_kind: envelope.channel_kind.clone(),
             };
-            let on_delta = match delivery::live::start(entry.channel.clone(), &envelope).await {
+            let on_delta = match delivery::live::start(&hub, entry.channel.clone(), &envelope).await {
                 Some((answer, sink)) => {
                     live = Some(answer);
                     Some(sink)

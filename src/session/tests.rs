@@ -201,6 +201,7 @@ fn fixture_on(
         dedupe_ttl: Duration::from_secs(60),
         metrics: metrics.clone(),
         passive: Default::default(),
+        resumed_streams: Default::default(),
     });
     Fixture {
         registry: SessionRegistry::new(hub, idle_timeout, Vec::new()),

@@ -9,7 +9,7 @@
 //! older than its cutoff (the retention period), and conversations left empty, as the SQLite
 //! store deletes old history. With pruning off, every conversation ever seen keeps its turns.
 
-use super::{Acceptance, Store, StoreError, Turn, Unfinished};
+use super::{Acceptance, LiveStream, Store, StoreError, Turn, Unfinished};
 use dashmap::DashMap;
 
 /// Fast, randomly seeded hashing: keys come from platforms, so not a fixed-seed hash.
@@ -125,6 +125,11 @@ impl Store for MemoryStore {
     }
 
     fn part_failed<'a>(&'a self, _delivery_id: &'a str, _reason: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn record_stream<'a>(&'a self, _: &'a str, _: &'a LiveStream) -> BoxFuture<'a, Result<(), StoreError>> {
+        // Nothing here outlives the process, so no later run could resume the stream.
         Box::pin(async { Ok(()) })
     }
 

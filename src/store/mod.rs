@@ -62,6 +62,22 @@ pub struct Unfinished {
     /// `None`: not answered yet, ask again. `Some(parts)`: answered; send these parts (in
     /// order) and finish, without asking the model again.
     pub pending_parts: Option<Vec<Delivery>>,
+    /// The message the last run was streaming the answer into, if any (see
+    /// [`Store::record_stream`]).
+    pub live_stream: Option<LiveStream>,
+}
+
+/// A platform message an answer is shown in while the model writes it (a Feishu card), as
+/// recorded for its envelope: after a restart the answer goes into that message instead of a
+/// second one, which would leave the first cut off mid-sentence above it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LiveStream {
+    /// The channel's [`StreamHandle`](yizhan_channel_core::StreamHandle), as JSON.
+    pub handle: serde_json::Value,
+    /// Every sequence number the recording run used for this message is above this one (a
+    /// resumed stream starts past what the last run may have used: platforms refuse updates
+    /// whose sequence is not above every earlier one).
+    pub sequence_base: u64,
 }
 
 /// A storage engine.
@@ -95,6 +111,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// Removes a part from the outbox and records why it could not be delivered.
     fn part_failed<'a>(&'a self, delivery_id: &'a str, reason: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Records the message an envelope's answer is being streamed into, replacing an earlier
+    /// record for it; [`unfinished`](Self::unfinished) returns it until the envelope is
+    /// finished. An engine that does not outlive the process may keep nothing.
+    fn record_stream<'a>(
+        &'a self,
+        envelope_id: &'a str,
+        stream: &'a LiveStream,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
 
     /// Marks a journaled envelope as finished (answered, or deliberately not answered).
     fn finish<'a>(&'a self, envelope_id: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;

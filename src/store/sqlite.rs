@@ -79,7 +79,7 @@
 //! checkpoints sync the WAL and the database themselves. A failed fsync breaks the store for
 //! good (see `run_syncer`). [`Durability::ProcessCrash`] answers right after `COMMIT`.
 //!
-//! # Schema (version 3, see [`MIGRATIONS`])
+//! # Schema (version 4, see [`MIGRATIONS`])
 //!
 //! Times are Unix milliseconds (wall clock, because they must mean the same after a restart).
 //!
@@ -107,6 +107,10 @@
 //!   updated_at)`. `pending` rows are parts to send; a delivered part's row is deleted; a
 //!   `failed` row keeps its reason for operators until pruned. Indexed on
 //!   `(envelope_id, part_index)`.
+//! - `live_stream(envelope_id PK, stream JSON, recorded_at)`: the message an open envelope's
+//!   answer is being streamed into ([`Store::record_stream`]); deleted when the envelope
+//!   finishes, pruned with the history (a crash between the log's finish record and that delete
+//!   leaves a row nobody reads).
 //! - `history(seq, session_key, question, answer, created_at)`, indexed on `(session_key, seq)`
 //!   and `created_at`. At most [`SqliteOptions::max_turns_kept`] rows per key.
 //!
@@ -116,8 +120,10 @@
 
 use super::claims::{claim_key, ClaimKey};
 use super::inbound_log::{self, InboundLog, LogJob, LogOp, Logged, OpenEnvelope, SyncSegment};
-use super::{break_for_good, duration_ms, now_ms, system_time_ms, Acceptance, Store, StoreError, Turn, Unfinished};
-use rusqlite::{params, Connection, OpenFlags, TransactionBehavior};
+use super::{
+    break_for_good, duration_ms, now_ms, system_time_ms, Acceptance, LiveStream, Store, StoreError, Turn, Unfinished,
+};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use std::fmt;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -187,6 +193,13 @@ const MIGRATIONS: &[&str] = &[
         answered_at INTEGER NOT NULL
     ) WITHOUT ROWID;
     CREATE INDEX answered_at ON answered (answered_at);",
+    // 4: the message each open envelope's answer is being streamed into (`Store::record_stream`).
+    "CREATE TABLE live_stream (
+        envelope_id TEXT PRIMARY KEY,
+        stream TEXT NOT NULL,
+        recorded_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX live_stream_recorded_at ON live_stream (recorded_at);",
 ];
 
 /// WAL pages (frames) after which the writer copies the last frames itself so that the WAL
@@ -721,7 +734,12 @@ enum WriteOp {
         delivery_id: String,
         reason: String,
     },
-    /// The SQLite side of finishing: pending parts and the answered mark go.
+    RecordStream {
+        envelope_id: String,
+        json: String,
+    },
+    /// The SQLite side of finishing: pending parts, the answered mark and the streamed
+    /// message's record go.
     ForgetAnswer {
         envelope_id: String,
     },
@@ -1003,6 +1021,15 @@ fn apply(conn: &Connection, op: &WriteOp, now: i64, kept: i64) -> Result<Written
             conn.prepare_cached("DELETE FROM outbox WHERE envelope_id = ?1 AND state = 'pending'")?
                 .execute(params![envelope_id])?;
             conn.prepare_cached("DELETE FROM answered WHERE envelope_id = ?1")?.execute(params![envelope_id])?;
+            conn.prepare_cached("DELETE FROM live_stream WHERE envelope_id = ?1")?.execute(params![envelope_id])?;
+            Ok(Written::Done)
+        }
+        WriteOp::RecordStream { envelope_id, json } => {
+            conn.prepare_cached(
+                "INSERT INTO live_stream (envelope_id, stream, recorded_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (envelope_id) DO UPDATE SET stream = excluded.stream, recorded_at = excluded.recorded_at",
+            )?
+            .execute(params![envelope_id, json, now])?;
             Ok(Written::Done)
         }
         WriteOp::Prune { before_ms } => {
@@ -1019,6 +1046,8 @@ fn apply(conn: &Connection, op: &WriteOp, now: i64, kept: i64) -> Result<Written
                 .prepare_cached("DELETE FROM outbox WHERE state = 'failed' AND updated_at < ?1")?
                 .execute(params![before_ms])?;
             removed += conn.prepare_cached("DELETE FROM dedupe WHERE expires_at <= ?1")?.execute(params![now])?;
+            removed +=
+                conn.prepare_cached("DELETE FROM live_stream WHERE recorded_at < ?1")?.execute(params![before_ms])?;
             Ok(Written::Pruned(u64::try_from(removed).unwrap_or(u64::MAX)))
         }
         WriteOp::AppendTurn { session_key, turn } => {
@@ -1363,6 +1392,7 @@ fn query(conn: &mut Connection, op: &ReadOp) -> Result<Fetched, rusqlite::Error>
                     "SELECT delivery_id, delivery FROM outbox
                      WHERE envelope_id = ?1 AND state = 'pending' ORDER BY part_index",
                 )?;
+                let mut streams = tx.prepare_cached("SELECT stream FROM live_stream WHERE envelope_id = ?1")?;
                 let mut rows = journal.query([])?;
                 while let Some(row) = rows.next()? {
                     let envelope_id: String = row.get(0)?;
@@ -1371,7 +1401,8 @@ fn query(conn: &mut Connection, op: &ReadOp) -> Result<Fetched, rusqlite::Error>
                     if let Some(envelope) = parse_envelope(&envelope_id, &json) {
                         let pending_parts =
                             if state == "answered" { Some(pending_parts(&mut outbox, &envelope_id)?) } else { None };
-                        unfinished.push(Unfinished { envelope, pending_parts });
+                        let live_stream = live_stream_of(&mut streams, &envelope_id)?;
+                        unfinished.push(Unfinished { envelope, pending_parts, live_stream });
                     }
                 }
                 let mut answered = tx.prepare_cached("SELECT 1 FROM answered WHERE envelope_id = ?1")?;
@@ -1381,11 +1412,30 @@ fn query(conn: &mut Connection, op: &ReadOp) -> Result<Fetched, rusqlite::Error>
                     } else {
                         None
                     };
-                    unfinished.push(Unfinished { envelope: envelope.clone(), pending_parts });
+                    let live_stream = live_stream_of(&mut streams, &envelope.id)?;
+                    unfinished.push(Unfinished { envelope: envelope.clone(), pending_parts, live_stream });
                 }
             }
             tx.commit()?;
             Ok(Fetched::Unfinished(unfinished))
+        }
+    }
+}
+
+/// The streamed message recorded for an envelope; one whose record this build cannot read is
+/// left out (the answer then goes into a new message, as without a record).
+fn live_stream_of(
+    streams: &mut rusqlite::CachedStatement<'_>,
+    envelope_id: &str,
+) -> Result<Option<LiveStream>, rusqlite::Error> {
+    let Some(json) = streams.query_row(params![envelope_id], |row| row.get::<_, String>(0)).optional()? else {
+        return Ok(None);
+    };
+    match serde_json::from_str(&json) {
+        Ok(stream) => Ok(Some(stream)),
+        Err(error) => {
+            tracing::warn!(%envelope_id, %error, "A streamed message's record is unreadable; the answer goes into a new one.");
+            Ok(None)
         }
     }
 }
@@ -1503,6 +1553,17 @@ impl Store for SqliteStore {
     fn part_failed<'a>(&'a self, delivery_id: &'a str, reason: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
         let op = WriteOp::PartFailed { delivery_id: delivery_id.to_owned(), reason: reason.to_owned() };
         Box::pin(self.write_done(op, "part_failed"))
+    }
+
+    fn record_stream<'a>(
+        &'a self,
+        envelope_id: &'a str,
+        stream: &'a LiveStream,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let json = serde_json::to_string(stream).map_err(SqliteError::from)?;
+            self.write_done(WriteOp::RecordStream { envelope_id: envelope_id.to_owned(), json }, "record_stream").await
+        })
     }
 
     fn finish<'a>(&'a self, envelope_id: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
@@ -1875,9 +1936,45 @@ mod tests {
         }
         let pending = ok(store.unfinished().await);
         assert_eq!(pending.len(), 2);
-        assert_eq!(pending[0], Unfinished { envelope: received, pending_parts: None });
-        assert_eq!(pending[1], Unfinished { envelope: answered, pending_parts: Some(parts[1..].to_vec()) });
+        assert_eq!(pending[0], Unfinished { envelope: received, pending_parts: None, live_stream: None });
+        assert_eq!(
+            pending[1],
+            Unfinished { envelope: answered, pending_parts: Some(parts[1..].to_vec()), live_stream: None }
+        );
         assert_eq!(ok(store.history("k", 10).await), [turn(1), turn(2)]);
+    }
+
+    /// The message an answer is streamed into comes back with its open envelope after a restart
+    /// (the latest record of it), and goes with the finish and with pruning.
+    #[tokio::test]
+    async fn a_recorded_live_stream_comes_back_with_its_open_envelope_until_finished() {
+        let dir = TempDir::new();
+        let (asked, answered, finished) = (envelope("s1"), envelope("s2"), envelope("s3"));
+        let stream =
+            |card: &str, sequence_base| LiveStream { handle: serde_json::json!({ "card_id": card }), sequence_base };
+        {
+            let store = open(&dir, 10);
+            for e in [&asked, &answered, &finished] {
+                ok(store.accept(e, TTL).await);
+            }
+            ok(store.record_stream(&asked.id, &stream("c1", 0)).await);
+            ok(store.record_stream(&asked.id, &stream("c1", 4_194_304)).await);
+            ok(store.record_stream(&answered.id, &stream("c2", 0)).await);
+            ok(store.record_answer(&answered.id, "k", None, &[part(&answered, 0)]).await);
+            ok(store.record_stream(&finished.id, &stream("c3", 0)).await);
+            ok(store.finish(&finished.id).await);
+        }
+        let store = open(&dir, 10);
+        let pending = ok(store.unfinished().await);
+        let streams: Vec<_> = pending.iter().map(|unfinished| unfinished.live_stream.clone()).collect();
+        assert_eq!(streams, [Some(stream("c1", 4_194_304)), Some(stream("c2", 0))]);
+        assert_eq!(pending[1].pending_parts.as_deref(), Some(&[part(&answered, 0)][..]));
+        ok(store.finish(&answered.id).await);
+        assert_eq!(ok(store.unfinished().await).len(), 1);
+        // Pruning takes records older than the cut-off, as it does history.
+        let later = SystemTime::now() + Duration::from_secs(60);
+        assert!(ok(store.prune(later).await) >= 1);
+        assert_eq!(ok(store.unfinished().await)[0].live_stream, None);
     }
 
     #[tokio::test]
@@ -2119,7 +2216,10 @@ mod tests {
             ));
         }
         let store = open(&dir, 10);
-        assert_eq!(ok(store.unfinished().await), [Unfinished { envelope: waiting, pending_parts: None }]);
+        assert_eq!(
+            ok(store.unfinished().await),
+            [Unfinished { envelope: waiting, pending_parts: None, live_stream: None }]
+        );
         assert_eq!(ok(store.accept(&envelope("old-live"), TTL).await), Acceptance::Duplicate);
         assert_eq!(ok(store.accept(&envelope("old-lapsed"), TTL).await), Acceptance::New);
         // The writer's first batch sweeps the lapsed row away.

@@ -42,11 +42,6 @@ impl Yizhan {
     }
 }
 
-/// `base_config` on the SQLite store at `db`.
-fn on_sqlite(config: String, db: &std::path::Path) -> String {
-    config.replace("kind = \"memory\"", &format!("kind = \"sqlite\"\npath = \"{}\"", db.display()))
-}
-
 /// Starts the `yizhan` binary and learns its port from its JSON log.
 async fn start_binary(config: &PathBuf) -> Yizhan {
     start_binary_with(config, &[]).await
@@ -87,11 +82,6 @@ async fn start_binary_with(config: &PathBuf, env: &[(&str, &str)]) -> Yizhan {
     })
     .await;
     Yizhan { child, address: format!("http://127.0.0.1:{}", found.unwrap_or_default()), logged }
-}
-
-/// The SQLite store at `db`, as a previous run of Yizhan would have left it.
-fn open_store(db: &std::path::Path) -> yizhan::store::SqliteStore {
-    yizhan::store::SqliteStore::open(db, yizhan::store::SqliteOptions::default()).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Accepts, into `store`, a direct text message `text` from `user` on `channel` (a 公众号 kind),

@@ -344,3 +344,114 @@ async fn a_streaming_card_whose_send_failed_for_good_is_ended_and_the_answer_sen
     assert_ne!(body(&replies[3])["msg_type"], "interactive");
     assert_eq!(app.feishu_calls("PATCH", "/settings").await.len(), 1, "the card's streaming ended");
 }
+
+/// The app on the SQLite store at `db` (as a stopped run left it), streaming on Feishu, with
+/// the instant stand-in LLM; the stand-in Feishu also takes updates to `card_old`.
+async fn spawn_feishu_on(db: &std::path::Path) -> TestApp {
+    let (llm, feishu) = (MockServer::start().await, MockServer::start().await);
+    echo_llm(&llm, Duration::ZERO).await;
+    feishu_api(&feishu).await;
+    for (verb, suffix) in [("PUT", "elements/answer/content"), ("PATCH", "settings")] {
+        Mock::given(method(verb))
+            .and(path(format!("/open-apis/cardkit/v1/cards/card_old/{suffix}")))
+            .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"code":0,"msg":"ok"})))
+            .mount(&feishu)
+            .await;
+    }
+    let config = format!(
+        "{}\n[[channels]]\nid = \"fs\"\nkind = \"feishu\"\napp_id = \"cli_test\"\napp_secret = \"secret\"\n\
+         verification_token = \"vtoken\"\nbot_open_id = \"ou_bot\"\nstreaming = true\napi_base = \"{}\"\n",
+        on_sqlite(base_config(&llm, &feishu), db),
+        feishu.uri()
+    );
+    spawn_with(&config, &[], ChannelKinds::builtin(), feishu, llm).await
+}
+
+/// What a run stopped mid-stream leaves in the store at `db`: Feishu message `message_id`
+/// asking `text` accepted, its answer being streamed into the card `card_old`, and, with
+/// `answered`, the answer recorded (one part, not yet written into the card).
+async fn left_streaming(db: &std::path::Path, message_id: &str, text: &str, answered: Option<&str>) {
+    use yizhan::store::{LiveStream, Store};
+    use yizhan_channel_core::{ChannelId, Conversation, ConversationKind, Delivery, Envelope, Reply, ReplyHandle};
+    let store = open_store(db);
+    let envelope = Envelope {
+        id: Envelope::new_id(),
+        channel: ChannelId::parse("fs").unwrap_or_else(|e| panic!("{e}")),
+        channel_kind: "feishu".into(),
+        platform_message_id: message_id.into(),
+        received_at_ms: yizhan_channel_common::unix_millis(std::time::SystemTime::now()),
+        conversation: Conversation { kind: ConversationKind::Direct, id: "oc_chat".into() },
+        sender: yizhan_channel_core::Sender { id: "ou_alice".into(), name: None },
+        content: vec![yizhan_channel_core::Segment::Text { text: text.into() }],
+        mentions_self: true,
+        reply_handle: ReplyHandle(
+            serde_json::json!({"message_id": message_id, "chat_id": "oc_chat", "chat_type": "p2p"}),
+        ),
+    };
+    let accepted = store.accept(&envelope, Duration::from_secs(60)).await;
+    assert!(matches!(accepted, Ok(yizhan::store::Acceptance::New)), "{accepted:?}");
+    let card = serde_json::json!({"card_id": "card_old", "element_id": "answer", "message_id": "om_card", "chat_id": "oc_chat"});
+    let recorded = store.record_stream(&envelope.id, &LiveStream { handle: card, sequence_base: 0 }).await;
+    assert!(recorded.is_ok(), "{recorded:?}");
+    if let Some(answer) = answered {
+        let part = Delivery {
+            delivery_id: yizhan::delivery::part_id(&envelope.id, 0),
+            channel: envelope.channel.clone(),
+            conversation: envelope.conversation.clone(),
+            recipient: envelope.sender.clone(),
+            reply_handle: envelope.reply_handle.clone(),
+            reply: Reply::text(answer),
+        };
+        let recorded = store.record_answer(&envelope.id, "fs:d:oc_chat", None, &[part]).await;
+        assert!(recorded.is_ok(), "{recorded:?}");
+    }
+}
+
+/// Sequences of the requests to `card_old` ending in `suffix`, and the last one's body.
+async fn old_card_calls(app: &TestApp, verb: &str, suffix: &str) -> (Vec<u64>, serde_json::Value) {
+    let calls = app.feishu_calls(verb, &format!("/cards/card_old/{suffix}")).await;
+    (calls.iter().filter_map(|r| body(r)["sequence"].as_u64()).collect(), calls.last().map(body).unwrap_or_default())
+}
+
+/// A stop in the middle of a streamed answer: after the restart the question is asked again
+/// and its answer goes into the card the last run left cut off, numbered past anything that run
+/// may have used, instead of into a second card below it.
+#[actix_web::test]
+async fn a_card_left_streaming_by_a_stop_gets_the_answer_asked_again() {
+    let dir = std::env::temp_dir().join(format!("yizhan-feishu-resume-{}-{}", std::process::id(), now()));
+    let db = dir.join("yizhan.db");
+    left_streaming(&db, "om_r_1", "接着说", None).await;
+    let app = spawn_feishu_on(&db).await;
+    app.wait_until_idle().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let asked: Vec<String> = app.llm_requests().await.iter().map(last_user_message).collect();
+    assert_eq!(asked, ["接着说"]);
+    assert!(app.feishu_calls("POST", "/cardkit/v1/cards").await.is_empty(), "no second card");
+    assert!(app.feishu_calls("POST", "/om_r_1/reply").await.is_empty(), "no message besides the card");
+    let (updates, last) = old_card_calls(&app, "PUT", "elements/answer/content").await;
+    assert_eq!(last["content"], "答：接着说");
+    assert!(updates.first().is_some_and(|first| *first > 1 << 22), "{updates:?}");
+    assert!(updates.windows(2).all(|pair| pair[0] < pair[1]), "{updates:?}");
+    let (ended, _) = old_card_calls(&app, "PATCH", "settings").await;
+    assert!(ended.len() == 1 && updates.last() < ended.first(), "{ended:?} after {updates:?}");
+}
+
+/// A stop after the answer was recorded but before the card held it: after the restart the
+/// recorded answer is written into that card (the model is not asked again, nothing is sent
+/// as a message).
+#[actix_web::test]
+async fn a_card_left_streaming_after_its_answer_was_recorded_gets_that_answer() {
+    let dir = std::env::temp_dir().join(format!("yizhan-feishu-resend-{}-{}", std::process::id(), now()));
+    let db = dir.join("yizhan.db");
+    left_streaming(&db, "om_r_2", "问过了", Some("上次的完整回答")).await;
+    let app = spawn_feishu_on(&db).await;
+    app.wait_until_idle().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(app.llm_requests().await.is_empty(), "answered before the stop: not asked again");
+    assert!(app.feishu_calls("POST", "/cardkit/v1/cards").await.is_empty(), "no second card");
+    assert!(app.feishu_calls("POST", "/om_r_2/reply").await.is_empty(), "not sent again as a message");
+    let (updates, last) = old_card_calls(&app, "PUT", "elements/answer/content").await;
+    assert_eq!(last["content"], "上次的完整回答");
+    assert!(updates.iter().all(|sequence| *sequence > 1 << 22), "{updates:?}");
+    assert_eq!(old_card_calls(&app, "PATCH", "settings").await.0.len(), 1, "streaming ended");
+}

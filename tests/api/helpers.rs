@@ -293,3 +293,13 @@ pub async fn wechat_delivers_within(app: &TestApp, xml: &str, window: Duration) 
     }
     None
 }
+
+/// `base_config` on the SQLite store at `db`.
+pub fn on_sqlite(config: String, db: &std::path::Path) -> String {
+    config.replace("kind = \"memory\"", &format!("kind = \"sqlite\"\npath = \"{}\"", db.display()))
+}
+
+/// The SQLite store at `db`, as a previous run of Yizhan would have left it.
+pub fn open_store(db: &std::path::Path) -> yizhan::store::SqliteStore {
+    yizhan::store::SqliteStore::open(db, yizhan::store::SqliteOptions::default()).unwrap_or_else(|e| panic!("{e}"))
+}
