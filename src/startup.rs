@@ -375,6 +375,13 @@ impl Application {
         if let Some(path) = &self.parked_file {
             save_parked(&self.hub, path);
         }
+        // Work on other threads (deliveries) may have queued writes the exit would drop: a part
+        // the platform confirmed, not recorded, is sent again by the next start.
+        match tokio::time::timeout(STORE_FLUSH_TIMEOUT, self.hub.store.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!(%error, "The store failed to write what was queued at exit."),
+            Err(_) => tracing::error!("The store did not write what was queued at exit in time; exiting anyway."),
+        }
         served
     }
 
@@ -441,6 +448,9 @@ impl Application {
         });
     }
 }
+
+/// How long the exit waits for the store to write what is queued.
+const STORE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How old a resumed message may be for a platform retry to still come for it (WeChat's three
 /// tries span about 15 s), in milliseconds.

@@ -142,6 +142,13 @@ pub trait Store: Send + Sync + 'static {
     /// Forgets a conversation's history (`/reset`).
     fn clear_history<'a>(&'a self, session_key: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
 
+    /// Waits until every write queued before this call is durable: the last step before the
+    /// process exits, which would otherwise drop writes still queued (a part the platform
+    /// confirmed would be sent again by the next start).
+    fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// `Err(why)` once the engine can no longer accept writes until the process restarts
     /// (`/healthz` then reports it, so a supervisor restarts Yizhan).
     fn health(&self) -> Result<(), String> {

@@ -738,6 +738,8 @@ enum WriteOp {
         envelope_id: String,
         json: String,
     },
+    /// Writes nothing: answered once everything queued before it is committed (and synced).
+    Barrier,
     /// The SQLite side of finishing: pending parts, the answered mark and the streamed
     /// message's record go.
     ForgetAnswer {
@@ -1024,6 +1026,7 @@ fn apply(conn: &Connection, op: &WriteOp, now: i64, kept: i64) -> Result<Written
             conn.prepare_cached("DELETE FROM live_stream WHERE envelope_id = ?1")?.execute(params![envelope_id])?;
             Ok(Written::Done)
         }
+        WriteOp::Barrier => Ok(Written::Done),
         WriteOp::RecordStream { envelope_id, json } => {
             conn.prepare_cached(
                 "INSERT INTO live_stream (envelope_id, stream, recorded_at) VALUES (?1, ?2, ?3)
@@ -1634,6 +1637,19 @@ impl Store for SqliteStore {
         Box::pin(self.write_done(WriteOp::ClearHistory { session_key: session_key.to_owned() }, "clear_history"))
     }
 
+    fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            // Each thread serves its queue in order and answers a batch only once it is written
+            // (and synced): a job queued last is answered after everything queued before it.
+            // An id no envelope has: the log writes nothing for it.
+            match self.log(LogOp::IsOpen { envelope_id: String::new() }).await? {
+                Logged::IsOpen(_) => {}
+                _ => return Err(SqliteError::Mismatch("flush").into()),
+            }
+            self.write_done(WriteOp::Barrier, "flush").await
+        })
+    }
+
     fn health(&self) -> Result<(), String> {
         if self.broken.load(Ordering::Acquire) {
             return Err(format!(
@@ -1839,25 +1855,64 @@ mod tests {
 
     /// A part the platform confirmed stays confirmed even if its caller is gone before the writer
     /// gets to it (a shutdown dropping in-flight futures): otherwise recovery would send it again.
+    /// A WAL fsync that, while `hold` is set, counts itself in `held` and waits (at most 10 s,
+    /// so that a failing test cannot hang in the store's drop).
+    fn sync_held_while(
+        hold: Arc<AtomicBool>,
+        held: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> impl FnMut() -> std::io::Result<()> + Send + 'static {
+        move || {
+            let started = std::time::Instant::now();
+            if hold.load(Ordering::SeqCst) {
+                held.fetch_add(1, Ordering::SeqCst);
+            }
+            while hold.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(())
+        }
+    }
+
+    /// `flush` (what the exit waits on) answers only once the writes queued before it are
+    /// synced.
+    #[tokio::test]
+    async fn flush_returns_once_every_write_queued_before_it_is_synced() {
+        use std::sync::atomic::AtomicUsize;
+        let dir = TempDir::new();
+        let hold = Arc::new(AtomicBool::new(false));
+        let syncs_held = Arc::new(AtomicUsize::new(0));
+        let sync = sync_held_while(Arc::clone(&hold), Arc::clone(&syncs_held));
+        let store = Arc::new(open_with_disk(&dir, sync, || Ok(())));
+        let answered = envelope("m1");
+        ok(store.accept(&answered, TTL).await);
+        let parts = [part(&answered, 0)];
+        ok(store.record_answer(&answered.id, "k", None, &parts).await);
+
+        hold.store(true, Ordering::SeqCst);
+        let delivered = {
+            let (store, id) = (Arc::clone(&store), parts[0].delivery_id.clone());
+            tokio::spawn(async move { store.part_delivered(&id).await.map_err(|e| e.to_string()) })
+        };
+        until("the delivered part's batch in its sync", || syncs_held.load(Ordering::SeqCst) >= 1).await;
+        let flushed = {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.flush().await.map_err(|e| e.to_string()) })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!flushed.is_finished(), "flushed while a write queued before it was not synced");
+        hold.store(false, Ordering::SeqCst);
+        ok(ok(flushed.await));
+        ok(ok(delivered.await));
+        assert_eq!(ok(store.unfinished().await)[0].pending_parts.as_deref(), Some(&[][..]));
+    }
+
     #[tokio::test]
     async fn a_delivered_part_is_recorded_even_when_its_caller_gave_up_waiting() {
         let dir = TempDir::new();
         let hold = Arc::new(AtomicBool::new(false));
-        let held = Arc::clone(&hold);
         let syncs_held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = Arc::clone(&syncs_held);
-        // While `hold` is set, every WAL fsync waits (for at most 10 s, so a failing test cannot
-        // hang in the store's drop); the writer then waits for the syncer, and jobs queue up.
-        let sync = move || {
-            let started = std::time::Instant::now();
-            if held.load(Ordering::SeqCst) {
-                counted.fetch_add(1, Ordering::SeqCst);
-            }
-            while held.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(10) {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Ok(())
-        };
+        // The writer waits for the held syncer, and jobs queue up.
+        let sync = sync_held_while(Arc::clone(&hold), Arc::clone(&syncs_held));
         let commits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let committed = Arc::clone(&commits);
         // Called by the writer after each commit (it starts the batch's writeback).
