@@ -37,8 +37,21 @@ pub struct Application {
     parked_file: Option<std::path::PathBuf>,
     /// The model's client and `base_url`, for the start-up probe.
     llm_probe: (LlmClient, String),
-    // Kept so the actor threads live as long as the application.
-    _arbiters: Vec<Arbiter>,
+    /// The actor threads (LLM, delivery, sessions), stopped at exit before the store's flush.
+    arbiters: Vec<Arbiter>,
+}
+
+/// Stops an application's actor threads (LLM, delivery, sessions) when dropped. For an
+/// application that is never stopped by a signal (a test's): its actors would otherwise go on
+/// after it, retrying sends into stand-in servers that later tests reuse.
+pub struct ActorThreads(Vec<actix::ArbiterHandle>);
+
+impl Drop for ActorThreads {
+    fn drop(&mut self) {
+        for arbiter in &self.0 {
+            arbiter.stop();
+        }
+    }
 }
 
 fn build_llm_client(config: &Config) -> anyhow::Result<LlmClient> {
@@ -305,12 +318,17 @@ impl Application {
         arbiters.extend(session_arbiters);
         let shutdown_timeout = Duration::from_secs(config.server.shutdown_timeout_secs);
         let retention = Duration::from_secs(config.store.retention_days.saturating_mul(86_400));
-        Ok(Self { port, server, hub, shutdown_timeout, retention, parked_file, llm_probe, _arbiters: arbiters })
+        Ok(Self { port, server, hub, shutdown_timeout, retention, parked_file, llm_probe, arbiters })
     }
 
     /// The port the server listens on (useful with port 0).
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// What stops the actor threads when dropped (see [`ActorThreads`]).
+    pub fn actor_threads(&self) -> ActorThreads {
+        ActorThreads(self.arbiters.iter().map(Arbiter::handle).collect())
     }
 
     /// Serves until SIGINT/SIGTERM, then stops gracefully: no new connections, accepted messages
@@ -375,8 +393,26 @@ impl Application {
         if let Some(path) = &self.parked_file {
             save_parked(&self.hub, path);
         }
-        // Work on other threads (deliveries) may have queued writes the exit would drop: a part
-        // the platform confirmed, not recorded, is sent again by the next start.
+        // The actor threads stop first, so that nothing they run queues a write after the
+        // flush: a send still waiting on the platform is cut off and left pending (the next
+        // start sends it). (A record waiting for room in a full store queue is cut off too;
+        // its part is then sent again by the next start.)
+        for arbiter in &self.arbiters {
+            arbiter.stop();
+        }
+        let arbiters = self.arbiters;
+        let joined = actix_web::rt::task::spawn_blocking(move || {
+            for arbiter in arbiters {
+                if arbiter.join().is_err() {
+                    tracing::error!("An actor thread panicked while stopping.");
+                }
+            }
+        });
+        if tokio::time::timeout(STORE_FLUSH_TIMEOUT, joined).await.is_err() {
+            tracing::warn!("The actor threads did not stop in time; exiting anyway.");
+        }
+        // What was queued the exit would otherwise drop: a part the platform confirmed, not
+        // recorded, would be sent again by the next start.
         match tokio::time::timeout(STORE_FLUSH_TIMEOUT, self.hub.store.flush()).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::error!(%error, "The store failed to write what was queued at exit."),
@@ -449,7 +485,8 @@ impl Application {
     }
 }
 
-/// How long the exit waits for the store to write what is queued.
+/// How long the exit waits for the actor threads to stop, and then for the store to write what
+/// is queued.
 const STORE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How old a resumed message may be for a platform retry to still come for it (WeChat's three

@@ -40,18 +40,40 @@ pub struct LiveAnswer {
 /// that a run stopped before the answer is complete leaves it to the next one.
 pub async fn start(hub: &Hub, channel: Arc<dyn Channel>, envelope: &Envelope) -> Option<(LiveAnswer, DeltaSink)> {
     let capabilities = channel.capabilities();
-    let resumed = hub.take_resumed_stream(&envelope.id).and_then(next_run);
+    let resumed = hub.take_resumed_stream(&envelope.id);
     if !capabilities.streaming {
+        if let Some(stream) = resumed {
+            // Not streaming now (turned off, or paused after a refusal): the answer goes as
+            // messages, and the message the last run left cut off says so.
+            let (hub, envelope) = (hub.clone(), envelope.clone());
+            actix::spawn(async move {
+                let note = hub.messages.answer_below.clone();
+                if let Err(error) = finish_resumed(&hub, channel, &envelope, stream, &note).await {
+                    tracing::debug!(envelope = %envelope.id, %error, "Could not leave a note in the streamed message left by the last run.");
+                }
+            });
+        }
         return None;
     }
+    let resumed = match resumed.and_then(next_run) {
+        // Only once its new numbers are recorded: a run that used them unrecorded and then
+        // stopped would have the next run use them again, and the platform refuse them.
+        Some(stream) if record(hub, envelope, &stream).await => Some(stream),
+        _ => None,
+    };
     let (handle, sequence_base) = match resumed {
         Some(LiveStream { handle, sequence_base }) => {
             tracing::info!(channel = %envelope.channel, envelope = %envelope.id, "Answering into the message the last run was streaming.");
             (StreamHandle(handle), sequence_base)
         }
-        None => (begin(channel.as_ref(), envelope).await?, 0),
+        None => {
+            let handle = begin(channel.as_ref(), envelope).await?;
+            // Failing this, the stream goes on: only a stop before the answer is complete
+            // would then leave the message cut off.
+            record(hub, envelope, &LiveStream { handle: handle.0.clone(), sequence_base: 0 }).await;
+            (handle, 0)
+        }
     };
-    record(hub, envelope, &handle, sequence_base).await;
     let (sender, receiver) = watch::channel(String::new());
     // Appended in place: a copy of the text so far per delta would be quadratic in the answer's
     // length, on the LLM actor's thread that every user's stream shares.
@@ -78,15 +100,18 @@ pub async fn finish_resumed(
     stream: LiveStream,
     text: &str,
 ) -> Result<(), ChannelError> {
-    let Some(LiveStream { handle, sequence_base }) = next_run(stream) else {
+    let Some(stream) = next_run(stream) else {
         return Err(ChannelError::Unsupported("the streamed message's sequence numbers are used up".into()));
     };
-    let handle = StreamHandle(handle);
-    record(hub, envelope, &handle, sequence_base).await;
+    // As in `start`: numbers used unrecorded could be used again by the next run.
+    if !record(hub, envelope, &stream).await {
+        return Err(ChannelError::Unsupported("the streamed message could not be recorded".into()));
+    }
+    let LiveStream { handle, sequence_base } = stream;
     // No updates: the finish starts right after the base.
     let (stop, _) = tokio::sync::oneshot::channel();
     let updates = actix::spawn(std::future::ready(sequence_base + 1));
-    let answer = LiveAnswer { channel, handle, sequence_base, updates, stop };
+    let answer = LiveAnswer { channel, handle: StreamHandle(handle), sequence_base, updates, stop };
     answer.finish(text, &hub.messages.answer_below).await
 }
 
@@ -122,12 +147,14 @@ async fn begin(channel: &dyn Channel, envelope: &Envelope) -> Option<StreamHandl
     }
 }
 
-/// Records the streamed message for the next run. Failing that, the stream goes on: only a
-/// stop before the answer is complete would then leave the message cut off.
-async fn record(hub: &Hub, envelope: &Envelope, handle: &StreamHandle, sequence_base: u64) {
-    let stream = LiveStream { handle: handle.0.clone(), sequence_base };
-    if let Err(error) = hub.store.record_stream(&envelope.id, &stream).await {
-        tracing::warn!(envelope = %envelope.id, %error, "Failed to record a streamed message; a restart before the answer is complete would leave it cut off.");
+/// Records the streamed message for the next run; `false` (logged) if that failed.
+async fn record(hub: &Hub, envelope: &Envelope, stream: &LiveStream) -> bool {
+    match hub.store.record_stream(&envelope.id, stream).await {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::warn!(envelope = %envelope.id, %error, "Failed to record a streamed message; a restart before the answer is complete would leave it cut off.");
+            false
+        }
     }
 }
 

@@ -173,7 +173,9 @@ pub async fn resend(hub: &Hub, envelope: &Envelope, mut parts: Vec<Delivery>) {
         // The last run was streaming this answer into a message and stopped before writing its
         // first part there: it goes there now, as it would have, rather than as a second message
         // below the one left cut off.
-        let entry = hub.channels.get(&envelope.channel).filter(|entry| entry.channel.capabilities().streaming);
+        // Whether or not the channel streams new answers now (a pause after a refusal): this
+        // message exists already; if it refuses the text, the answer goes as messages.
+        let entry = hub.channels.get(&envelope.channel);
         let first = parts.first().filter(|part| part_index(&part.delivery_id) == Some(0));
         if let (Some(entry), Some(first)) = (entry, first) {
             let text = first.reply.text.clone();

@@ -466,8 +466,8 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
     };
     if let Some(live) = live {
         // Recorded, whole, before the card is finished: a crash in between then sends the saved
-        // text at the next start instead of asking the model again (a second, different answer).
-        // A crash after the card but before the finish below sends that text once more.
+        // text at the next start instead of asking the model again (a second, different answer),
+        // into this card (recorded by `live::start`) until its first part is cleared below.
         let Some(parts) = delivery::record(&hub, &envelope, key.as_str(), new_turn, reply.clone().into()).await else {
             return history;
         };

@@ -109,8 +109,8 @@
 //!   `(envelope_id, part_index)`.
 //! - `live_stream(envelope_id PK, stream JSON, recorded_at)`: the message an open envelope's
 //!   answer is being streamed into ([`Store::record_stream`]); deleted when the envelope
-//!   finishes, pruned with the history (a crash between the log's finish record and that delete
-//!   leaves a row nobody reads).
+//!   finishes (or, after a crash between the log's finish record and that delete, at the next
+//!   start), and pruned with the history.
 //! - `history(seq, session_key, question, answer, created_at)`, indexed on `(session_key, seq)`
 //!   and `created_at`. At most [`SqliteOptions::max_turns_kept`] rows per key.
 //!
@@ -701,6 +701,19 @@ fn forget_answers_of_closed(conn: &mut Connection, scanned: &inbound_log::Scanne
     for envelope_id in answered.iter().filter(|id| !scanned.is_open(id)) {
         tx.execute("DELETE FROM outbox WHERE envelope_id = ?1 AND state = 'pending'", params![envelope_id])?;
         tx.execute("DELETE FROM answered WHERE envelope_id = ?1", params![envelope_id])?;
+    }
+    // Likewise the streamed messages of envelopes no longer open (in the log, or as a legacy
+    // journal row).
+    let streamed: Vec<String> = tx
+        .prepare("SELECT envelope_id FROM live_stream")?
+        .query_map([], |row| row.get(0))?
+        .collect::<Result<_, _>>()?;
+    for envelope_id in streamed.iter().filter(|id| !scanned.is_open(id)) {
+        tx.execute(
+            "DELETE FROM live_stream WHERE envelope_id = ?1
+             AND NOT EXISTS (SELECT 1 FROM journal WHERE envelope_id = ?1 AND state <> 'finished')",
+            params![envelope_id],
+        )?;
     }
     tx.commit()
 }
@@ -2018,8 +2031,20 @@ mod tests {
             ok(store.record_answer(&answered.id, "k", None, &[part(&answered, 0)]).await);
             ok(store.record_stream(&finished.id, &stream("c3", 0)).await);
             ok(store.finish(&finished.id).await);
+            // A crash between the log's finish and the SQLite side of it.
+            let cut_short = envelope("s4");
+            ok(store.accept(&cut_short, TTL).await);
+            ok(store.record_stream(&cut_short.id, &stream("c4", 0)).await);
+            ok(store.log(LogOp::Finish { envelope_id: cut_short.id.clone() }).await);
         }
         let store = open(&dir, 10);
+        let rows = |card: &str| -> i64 {
+            let conn = ok(Connection::open(dir.db()));
+            let pattern = format!("%\"{card}\"%");
+            ok(conn
+                .query_row("SELECT count(*) FROM live_stream WHERE stream LIKE ?1", params![pattern], |row| row.get(0)))
+        };
+        assert_eq!((rows("c3"), rows("c4")), (0, 0), "records of finished envelopes are gone");
         let pending = ok(store.unfinished().await);
         let streams: Vec<_> = pending.iter().map(|unfinished| unfinished.live_stream.clone()).collect();
         assert_eq!(streams, [Some(stream("c1", 4_194_304)), Some(stream("c2", 0))]);

@@ -175,7 +175,8 @@ async fn every_acknowledged_message_is_answered_exactly_once_across_a_kill_9() {
     std::fs::write(&config_path, config).unwrap_or_else(|e| panic!("{e}"));
 
     let first = start_binary(&config_path).await;
-    let app = TestApp { address: first.address.clone(), wechat, llm, http: reqwest::Client::new() };
+    let app =
+        TestApp { address: first.address.clone(), wechat, llm, http: reqwest::Client::new(), _actor_threads: None };
     let posts = (0..50u64).map(|user| {
         let app = &app;
         async move { app.post_text(&format!("oCrash{user}"), 50_000 + user, &format!("问题{user}")).await }
@@ -235,7 +236,8 @@ async fn a_passive_answer_taken_by_a_retry_finishes_the_journaled_message() {
     std::fs::write(&config_path, config).unwrap_or_else(|e| panic!("{e}"));
 
     let mut yizhan = start_binary(&config_path).await;
-    let app = TestApp { address: yizhan.address.clone(), wechat, llm, http: reqwest::Client::new() };
+    let app =
+        TestApp { address: yizhan.address.clone(), wechat, llm, http: reqwest::Client::new(), _actor_threads: None };
     let delivered = wechat_delivers_within(&app, &text_xml("oRetry", 7, "慢一点"), Duration::from_millis(2_000)).await;
     let (attempt, body) = delivered.unwrap_or_default();
     assert!(attempt == 2 && body.contains("答：慢一点"), "attempt {attempt}: {body}");
@@ -386,7 +388,8 @@ async fn sigterm_while_a_passive_answer_is_held(
     let config_path = dir.join("yizhan.toml");
     std::fs::write(&config_path, config).unwrap_or_else(|e| panic!("{e}"));
     let mut yizhan = start_binary_with(&config_path, env).await;
-    let app = TestApp { address: yizhan.address.clone(), wechat, llm, http: reqwest::Client::new() };
+    let app =
+        TestApp { address: yizhan.address.clone(), wechat, llm, http: reqwest::Client::new(), _actor_threads: None };
     let pid = yizhan.child.id().to_string();
     // Once the message is accepted (and its attempt held), not at a guessed moment.
     let terminate = async {
@@ -429,7 +432,8 @@ async fn a_second_sigterm_stops_the_wait_for_unanswered_messages() {
     let config_path = dir.join("yizhan.toml");
     std::fs::write(&config_path, config).unwrap_or_else(|e| panic!("{e}"));
     let mut yizhan = start_binary(&config_path).await;
-    let app = TestApp { address: yizhan.address.clone(), wechat, llm, http: reqwest::Client::new() };
+    let app =
+        TestApp { address: yizhan.address.clone(), wechat, llm, http: reqwest::Client::new(), _actor_threads: None };
     assert_eq!(app.post_text("oTwice", 90_000, "慢问题").await.0, 200);
     let pid = yizhan.child.id().to_string();
     let term = || Command::new("kill").arg("-TERM").arg(&pid).status().is_ok_and(|s| s.success());
@@ -460,7 +464,8 @@ async fn sigterm_answers_what_was_accepted_before_exiting() {
     let config_path = dir.join("yizhan.toml");
     std::fs::write(&config_path, config).unwrap_or_else(|e| panic!("{e}"));
     let mut yizhan = start_binary(&config_path).await;
-    let app = TestApp { address: yizhan.address.clone(), wechat, llm, http: reqwest::Client::new() };
+    let app =
+        TestApp { address: yizhan.address.clone(), wechat, llm, http: reqwest::Client::new(), _actor_threads: None };
     for user in 0..5u64 {
         assert_eq!(app.post_text(&format!("oTerm{user}"), 70_000 + user, "问题").await.0, 200);
     }
@@ -727,7 +732,8 @@ async fn parked_answers_survive_a_graceful_restart() {
     let window = Duration::from_millis(2_000);
 
     let mut first = start_binary(&config_path).await;
-    let app = TestApp { address: first.address.clone(), wechat, llm, http: reqwest::Client::new() };
+    let app =
+        TestApp { address: first.address.clone(), wechat, llm, http: reqwest::Client::new(), _actor_threads: None };
     let question = format!("长{}尾巴", "。".repeat(60));
     let (_, reply) =
         wechat_delivers_within(&app, &text_xml("oParked", 95_000, &question), window).await.unwrap_or_default();

@@ -348,8 +348,13 @@ async fn a_streaming_card_whose_send_failed_for_good_is_ended_and_the_answer_sen
 /// The app on the SQLite store at `db` (as a stopped run left it), streaming on Feishu, with
 /// the instant stand-in LLM; the stand-in Feishu also takes updates to `card_old`.
 async fn spawn_feishu_on(db: &std::path::Path) -> TestApp {
+    spawn_feishu_on_with(db, true, Duration::ZERO).await
+}
+
+/// [`spawn_feishu_on`] with streaming on or off, and the LLM answering after `llm_delay`.
+async fn spawn_feishu_on_with(db: &std::path::Path, streaming: bool, llm_delay: Duration) -> TestApp {
     let (llm, feishu) = (MockServer::start().await, MockServer::start().await);
-    echo_llm(&llm, Duration::ZERO).await;
+    echo_llm(&llm, llm_delay).await;
     feishu_api(&feishu).await;
     for (verb, suffix) in [("PUT", "elements/answer/content"), ("PATCH", "settings")] {
         Mock::given(method(verb))
@@ -360,7 +365,7 @@ async fn spawn_feishu_on(db: &std::path::Path) -> TestApp {
     }
     let config = format!(
         "{}\n[[channels]]\nid = \"fs\"\nkind = \"feishu\"\napp_id = \"cli_test\"\napp_secret = \"secret\"\n\
-         verification_token = \"vtoken\"\nbot_open_id = \"ou_bot\"\nstreaming = true\napi_base = \"{}\"\n",
+         verification_token = \"vtoken\"\nbot_open_id = \"ou_bot\"\nstreaming = {streaming}\napi_base = \"{}\"\n",
         on_sqlite(base_config(&llm, &feishu), db),
         feishu.uri()
     );
@@ -454,4 +459,48 @@ async fn a_card_left_streaming_after_its_answer_was_recorded_gets_that_answer() 
     assert_eq!(last["content"], "上次的完整回答");
     assert!(updates.iter().all(|sequence| *sequence > 1 << 22), "{updates:?}");
     assert_eq!(old_card_calls(&app, "PATCH", "settings").await.0.len(), 1, "streaming ended");
+}
+
+/// A card taken up again is recorded with its new numbering before it is used: were this run
+/// to stop too, the next would number past it (Feishu refuses a sequence not above the last).
+#[actix_web::test]
+async fn a_card_taken_up_again_is_recorded_with_its_new_numbering_before_use() {
+    let dir = std::env::temp_dir().join(format!("yizhan-feishu-renumber-{}-{}", std::process::id(), now()));
+    let db = dir.join("yizhan.db");
+    left_streaming(&db, "om_r_3", "慢慢说", None).await;
+    // The model takes longer than the test: the answer is still being written when it looks.
+    let app = spawn_feishu_on_with(&db, true, Duration::from_secs(30)).await;
+    wait_for("the model to be asked", || async { !app.llm_requests().await.is_empty() }).await;
+    let recorded: String = {
+        let conn = rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap_or_else(|e| panic!("{e}"));
+        conn.query_row("SELECT stream FROM live_stream", [], |row| row.get(0)).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    let recorded: serde_json::Value = serde_json::from_str(&recorded).unwrap_or_default();
+    assert_eq!(recorded["sequence_base"], 1 << 22, "{recorded}");
+    assert_eq!(recorded["handle"]["card_id"], "card_old", "{recorded}");
+    assert!(app.feishu_calls("POST", "/cardkit/v1/cards").await.is_empty(), "no second card");
+}
+
+/// With streaming turned off since the stop, the answer asked again goes as a message, and the
+/// card the last run left cut off says so instead of staying as it was.
+#[actix_web::test]
+async fn a_card_left_streaming_says_the_answer_follows_when_streaming_is_off_now() {
+    let dir = std::env::temp_dir().join(format!("yizhan-feishu-no-stream-{}-{}", std::process::id(), now()));
+    let db = dir.join("yizhan.db");
+    left_streaming(&db, "om_r_4", "换个方式", None).await;
+    let app = spawn_feishu_on_with(&db, false, Duration::ZERO).await;
+    app.wait_until_idle().await;
+    wait_for("the note in the old card", || async {
+        !app.feishu_calls("PATCH", "/cards/card_old/settings").await.is_empty()
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let replies = app.feishu_calls("POST", "/om_r_4/reply").await;
+    assert_eq!(replies.len(), 1, "the answer, as a message");
+    assert!(body(&replies[0])["content"].as_str().is_some_and(|content| content.contains("答：换个方式")));
+    let (_, note) = old_card_calls(&app, "PUT", "elements/answer/content").await;
+    assert_eq!(note["content"], "（完整回答见下方消息）");
+    assert!(app.feishu_calls("POST", "/cardkit/v1/cards").await.is_empty(), "no second card");
 }

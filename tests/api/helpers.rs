@@ -17,6 +17,8 @@ pub struct TestApp {
     pub wechat: MockServer,
     pub llm: MockServer,
     pub http: reqwest::Client,
+    /// Stops the app's actor threads when the test ends (`None`: the app is a process).
+    pub _actor_threads: Option<yizhan::startup::ActorThreads>,
 }
 
 /// The last user message of an OpenAI chat request.
@@ -150,8 +152,9 @@ pub async fn spawn_with(
     let config = Config::from_toml(config, env).unwrap_or_else(|e| panic!("test config: {e:#}"));
     let app = Application::build_with(config, kinds).await.unwrap_or_else(|e| panic!("build: {e:#}"));
     let address = format!("http://127.0.0.1:{}", app.port());
+    let _actor_threads = Some(app.actor_threads());
     actix_web::rt::spawn(app.run_until_stopped());
-    TestApp { address, wechat, llm, http: reqwest::Client::new() }
+    TestApp { address, wechat, llm, http: reqwest::Client::new(), _actor_threads }
 }
 
 /// Starts the application with the base config, an echoing LLM answering after `llm_delay`, and
