@@ -116,6 +116,9 @@ impl Hub {
 
     /// Marks an accepted envelope as finished: answered, failed for good, or needing no answer.
     pub async fn finish(&self, envelope_id: &str) {
+        // Text of its answer parked for the user's next message is saved first: finished, the
+        // message is not resumed after a crash, and unsaved parked text would be lost with it.
+        self.passive.parked_saved(envelope_id).await;
         self.passive.forget_answer(envelope_id);
         // A resumed message finished without a job taking its stream (nothing to answer).
         self.take_resumed_stream(envelope_id);

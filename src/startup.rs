@@ -33,7 +33,8 @@ pub struct Application {
     hub: Hub,
     shutdown_timeout: Duration,
     retention: Duration,
-    /// Where parked answers are kept across a graceful restart (durable stores only).
+    /// Where an earlier version's graceful stop saved parked answers (durable stores only; set
+    /// when parked answers are saved in the store, see `spawn_parked_saver`).
     parked_file: Option<std::path::PathBuf>,
     /// The model's client and `base_url`, for the start-up probe.
     llm_probe: (LlmClient, String),
@@ -283,7 +284,10 @@ impl Application {
         let router = Router::new(hub.clone(), sessions);
         let parked_file = (config.store.kind == StoreKind::Sqlite).then(|| parked_file_of(&config.store.path));
         if let Some(path) = &parked_file {
-            load_parked(&hub, path);
+            // Saved from now on (`spawn_parked_saver`), the ones taken back here included.
+            hub.passive.keep_parked_durably();
+            take_back_parked(&hub).await?;
+            load_parked_file(&hub, path);
         }
         resume_unfinished(&hub, &router).await?;
 
@@ -339,10 +343,12 @@ impl Application {
         self.spawn_retention();
         self.spawn_parked_expiry();
         self.spawn_llm_probe();
+        self.spawn_parked_saver();
         let handle = self.server.handle();
-        // Taken back at build; removed only now that this start has succeeded (a start that
-        // failed leaves the file for the next attempt).
+        // Taken back at build (an earlier version's graceful stop wrote it); removed only once
+        // what it held is saved in the store (a start that failed leaves it for the next one).
         if let Some(path) = self.parked_file.as_ref().filter(|path| path.exists()) {
+            self.hub.passive.save_parked(self.hub.store.as_ref()).await;
             // Synced with its directory, or a power loss could bring back texts shown since.
             let removed = std::fs::remove_file(path).and_then(|()| crate::store::sync_directory_of(path));
             if let Err(error) = removed {
@@ -388,11 +394,6 @@ impl Application {
             handle.stop(true).await;
         });
         let served = self.server.await;
-        // Saved once the workers (and the sessions on them) have stopped, so nothing is parked
-        // or taken after the save.
-        if let Some(path) = &self.parked_file {
-            save_parked(&self.hub, path);
-        }
         // The actor threads stop first, so that nothing they run queues a write after the
         // flush: a send still waiting on the platform is cut off and left pending (the next
         // start sends it). (A record waiting for room in a full store queue is cut off too;
@@ -410,6 +411,10 @@ impl Application {
         });
         if tokio::time::timeout(STORE_FLUSH_TIMEOUT, joined).await.is_err() {
             tracing::warn!("The actor threads did not stop in time; exiting anyway.");
+        }
+        // Parked answers changed since the last save, now that nothing parks or takes any.
+        if self.parked_file.is_some() {
+            self.hub.passive.save_parked(self.hub.store.as_ref()).await;
         }
         // What was queued the exit would otherwise drop: a part the platform confirmed, not
         // recorded, would be sent again by the next start.
@@ -440,6 +445,20 @@ impl Application {
                     };
                     tracing::warn!(backend, %base_url, %error, hint, "The LLM server did not answer the start-up check.");
                 }
+            }
+        });
+    }
+
+    /// Saves parked answers as they change (durable stores only), so that a crash loses none.
+    fn spawn_parked_saver(&self) {
+        if self.parked_file.is_none() {
+            return;
+        }
+        let hub = self.hub.clone();
+        actix::spawn(async move {
+            loop {
+                hub.passive.unsaved_changes().await;
+                hub.passive.save_parked(hub.store.as_ref()).await;
             }
         });
     }
@@ -493,15 +512,39 @@ const STORE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// tries span about 15 s), in milliseconds.
 const RESUMED_RETRY_HORIZON_MS: i64 = 20_000;
 
-/// The file next to the database that keeps parked answers across a graceful restart.
+/// The file next to the database where earlier versions kept parked answers across a graceful
+/// restart.
 fn parked_file_of(database: &std::path::Path) -> std::path::PathBuf {
     crate::store::beside(database, ".parked.json")
 }
 
-/// Takes back the parked answers the last graceful stop saved. The file is removed once the
-/// start has succeeded (`run_until_stopped`): a later crash must not bring back texts shown
-/// since. A file that cannot be read is set aside (as `….bad`) and logged, not fatal.
-fn load_parked(hub: &Hub, path: &std::path::Path) {
+/// Takes back the parked answers the store kept (see `spawn_parked_saver`).
+async fn take_back_parked(hub: &Hub) -> anyhow::Result<()> {
+    let saved = hub.store.load_parked().await.context("Failed to read the parked answers")?;
+    let now = std::time::SystemTime::now();
+    let mut records = Vec::with_capacity(saved.len());
+    for (json, saved_at) in saved {
+        match serde_json::from_str::<crate::delivery::passive::ParkedRecord>(&json) {
+            Ok(mut record) => {
+                let since = now.duration_since(saved_at).unwrap_or_default().as_secs();
+                record.age_secs = record.age_secs.saturating_add(since);
+                records.push(record);
+            }
+            // Dropped from the store with the next change of that user's parked answers.
+            Err(error) => tracing::error!(%error, "A user's parked answers are unreadable; skipped."),
+        }
+    }
+    if !records.is_empty() {
+        let texts = hub.passive.import_parked(records);
+        tracing::info!(texts, "Parked answers taken back.");
+    }
+    Ok(())
+}
+
+/// Takes back the parked answers an earlier version's graceful stop saved in a file beside the
+/// database. The file is removed once they are saved in the store (`run_until_stopped`). A file
+/// that cannot be read is set aside (as `….bad`) and logged, not fatal.
+fn load_parked_file(hub: &Hub, path: &std::path::Path) {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return,
@@ -519,31 +562,6 @@ fn load_parked(hub: &Hub, path: &std::path::Path) {
             let bad = crate::store::beside(path, ".bad");
             tracing::error!(path = %path.display(), %error, "The parked answers' file is unreadable; set aside.");
             let _ = std::fs::rename(path, bad);
-        }
-    }
-}
-
-/// Saves every parked answer for the next start (written to a temporary file, synced, then
-/// renamed over, so a crash leaves the old file or the new one, never half of one).
-fn save_parked(hub: &Hub, path: &std::path::Path) {
-    let records = hub.passive.export_parked();
-    if records.is_empty() {
-        return;
-    }
-    let texts: usize = records.iter().map(|record| record.texts.len()).sum();
-    let temporary = crate::store::beside(path, ".tmp");
-    let written = serde_json::to_vec(&records).map_err(std::io::Error::other).and_then(|bytes| {
-        use std::io::Write;
-        let mut file = std::fs::File::create(&temporary)?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&temporary, path)?;
-        crate::store::sync_directory_of(path)
-    });
-    match written {
-        Ok(()) => tracing::info!(texts, path = %path.display(), "Parked answers saved for the next start."),
-        Err(error) => {
-            tracing::error!(texts, path = %path.display(), %error, "Failed to save parked answers; they are lost.")
         }
     }
 }

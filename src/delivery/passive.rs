@@ -28,15 +28,21 @@
 //! start of the answer gone. In `auto` mode the rest of a long answer went out through the send
 //! API when the first reply was written, so the start then arrives after it: late, but shown.
 
+use crate::store::{ParkedUser, Store};
 use dashmap::DashMap;
-use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
 use yizhan_channel_core::{ChannelId, Delivery, Envelope};
 
 type Hasher = foldhash::fast::RandomState;
+
+/// Locks `mutex`, whose data stays consistent even if a holder panicked.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// What the next attempt should do when the answer is not ready.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -272,6 +278,31 @@ pub struct PassiveSlots {
     /// Answers whose start is still being sent while their end, beyond the send quota, is
     /// parked already (by the id the text is parked under): that end must not be shown first.
     leaving: DashMap<String, String, Hasher>,
+    /// Users whose parked answers changed since they were last saved (see
+    /// [`PassiveSlots::save_parked`]).
+    unsaved: Mutex<Unsaved>,
+    /// Woken when a user's parked answers change.
+    unsaved_notify: Notify,
+    /// The number of the last batch of changes saved (or given up on).
+    saved: AtomicU64,
+    /// Woken when a batch was saved.
+    saved_notify: Notify,
+    /// Messages whose answer parked text, to the batch that saves it: a message is finished
+    /// only once that batch is saved (see [`PassiveSlots::parked_saved`]).
+    parked_by: DashMap<String, u64, Hasher>,
+    /// Held while batches are saved, so that they are saved in order.
+    saving: tokio::sync::Mutex<()>,
+}
+
+/// Changes to parked answers not saved yet.
+#[derive(Debug, Default)]
+struct Unsaved {
+    /// Whether parked answers are saved at all (see [`PassiveSlots::keep_parked_durably`]).
+    durable: bool,
+    /// Users whose parked answers changed since the last batch was taken.
+    users: HashSet<(ChannelId, String)>,
+    /// Batches taken so far: the changes noted now go in batch `taken + 1`.
+    taken: u64,
 }
 
 /// A passive reply already given, kept for the platform's retries (see the module docs).
@@ -300,18 +331,29 @@ struct Parked {
     parked_at: std::time::Instant,
 }
 
+impl Parked {
+    /// The user's parked answers as saved.
+    fn record(&self, channel: &ChannelId, user: &str) -> ParkedRecord {
+        ParkedRecord {
+            channel: channel.as_str().to_owned(),
+            user: user.to_owned(),
+            texts: self.texts.iter().cloned().collect(),
+            age_secs: self.parked_at.elapsed().as_secs(),
+        }
+    }
+}
+
 impl Default for Parked {
     fn default() -> Self {
         Self { texts: VecDeque::new(), parked_at: std::time::Instant::now() }
     }
 }
 
-/// How long parked answers wait for their user to ask for them. They live in memory only, so
-/// without a limit every user who never came back would keep theirs for good.
+/// How long parked answers wait for their user to ask for them. Without a limit every user who
+/// never came back would keep theirs for good.
 pub const PARKED_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// One user's parked answers as saved across a graceful restart (see
-/// [`PassiveSlots::export_parked`]).
+/// One user's parked answers as saved in the store (see [`PassiveSlots::save_parked`]).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ParkedRecord {
     /// The channel id.
@@ -327,7 +369,7 @@ pub struct ParkedRecord {
 /// Parked answers kept per user at most; older ones are dropped (and logged) beyond this.
 const MAX_PARKED_PER_USER: usize = 8;
 
-/// Users with parked answers kept at most. Parked answers live in memory and most users never
+/// Users with parked answers kept at most. Parked answers are held in memory and most users never
 /// come back for theirs (a 公众号 in passive mode, or whose send API fails, parks every late
 /// answer), so beyond this the users whose text was parked longest ago lose theirs (logged).
 const MAX_PARKED_USERS: usize = 100_000;
@@ -430,7 +472,84 @@ impl PassiveSlots {
         let dropped = Self::bound(channel, queue, at == 0);
         drop(parked);
         self.release_bytes(dropped);
+        if let Some(batch) = self.changed(channel, user) {
+            self.parked_by.insert(envelope_id.to_owned(), batch);
+        }
         self.shed_oldest_users(MAX_PARKED_USERS, MAX_PARKED_BYTES);
+    }
+
+    /// From now on every change to parked answers is saved by [`Self::save_parked`] (to a store
+    /// that outlives the process), and a message that parked text is finished only once it is
+    /// saved ([`Self::parked_saved`]): `kill -9` then loses no parked answer.
+    pub fn keep_parked_durably(&self) {
+        lock(&self.unsaved).durable = true;
+    }
+
+    /// Notes that a user's parked answers changed; returns the batch that will save the change
+    /// (`None` when nothing is saved).
+    fn changed(&self, channel: &ChannelId, user: &str) -> Option<u64> {
+        let mut unsaved = lock(&self.unsaved);
+        if !unsaved.durable {
+            return None;
+        }
+        unsaved.users.insert((channel.clone(), user.to_owned()));
+        let batch = unsaved.taken + 1;
+        drop(unsaved);
+        self.unsaved_notify.notify_one();
+        Some(batch)
+    }
+
+    /// Resolves when parked answers changed since the last [`Self::save_parked`] (at once if
+    /// they did).
+    pub async fn unsaved_changes(&self) {
+        self.unsaved_notify.notified().await;
+    }
+
+    /// Saves the parked answers of every user whose answers changed, in batches, in order.
+    pub async fn save_parked(&self, store: &dyn Store) {
+        let _in_order = self.saving.lock().await;
+        loop {
+            let (batch, users) = {
+                let mut unsaved = lock(&self.unsaved);
+                if unsaved.users.is_empty() {
+                    return;
+                }
+                unsaved.taken += 1;
+                (unsaved.taken, std::mem::take(&mut unsaved.users))
+            };
+            // Read after the batch was taken: a change made meanwhile is in the next batch too.
+            let users: Vec<ParkedUser> = users
+                .into_iter()
+                .map(|(channel, user)| {
+                    let record = self
+                        .parked
+                        .get(&(channel.clone(), user.clone()))
+                        .filter(|parked| !parked.texts.is_empty())
+                        .and_then(|parked| serde_json::to_string(&parked.record(&channel, &user)).ok());
+                    ParkedUser { channel: channel.as_str().to_owned(), user, record }
+                })
+                .collect();
+            if let Err(error) = store.save_parked(users).await {
+                tracing::error!(%error, "Failed to save parked answers; a crash before they are saved again loses them.");
+            }
+            self.saved.store(batch, Ordering::SeqCst);
+            self.saved_notify.notify_waiters();
+        }
+    }
+
+    /// Waits until the text `envelope_id`'s answer parked is saved (at once if it parked none,
+    /// or nothing is saved).
+    pub async fn parked_saved(&self, envelope_id: &str) {
+        let Some((_, batch)) = self.parked_by.remove(envelope_id) else { return };
+        loop {
+            let notified = self.saved_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.saved.load(Ordering::SeqCst) >= batch {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Takes the oldest parked text for a user to answer `envelope_id` (the continue word):
@@ -451,6 +570,7 @@ impl PassiveSlots {
     pub fn forget_answer(&self, envelope_id: &str) {
         self.continuing.remove(envelope_id);
         self.leaving.remove(envelope_id);
+        self.parked_by.remove(envelope_id);
     }
 
     /// Notes that `envelope_id`'s answer has parked its end while its start is still to be sent:
@@ -478,6 +598,7 @@ impl PassiveSlots {
         let dropped = Self::bound(channel, &mut parked.texts, true);
         drop(parked);
         self.release_bytes(dropped);
+        self.changed(channel, user);
         self.shed_oldest_users(MAX_PARKED_USERS, MAX_PARKED_BYTES);
     }
 
@@ -503,6 +624,7 @@ impl PassiveSlots {
                 users += 1;
                 answers += parked.texts.len();
                 self.release_bytes(bytes_of(&parked.texts));
+                self.changed(&key.0, &key.1);
             }
         }
         tracing::warn!(users, answers, "Too many parked answers (users or bytes); the oldest users' were dropped.");
@@ -548,22 +670,29 @@ impl PassiveSlots {
         if empty {
             self.parked.remove_if(&key, |_, parked| parked.texts.is_empty());
         }
+        if front.is_some() {
+            self.changed(channel, user);
+        }
         front
     }
 
     /// Drops the parked answers of users for whom nothing was parked or taken since `cutoff`;
     /// returns how many answers went.
     pub fn forget_parked_before(&self, cutoff: std::time::Instant) -> usize {
-        let (mut forgotten, mut bytes) = (0, 0);
-        self.parked.retain(|_, parked| {
+        let (mut forgotten, mut bytes, mut users) = (0, 0, Vec::new());
+        self.parked.retain(|key, parked| {
             let keep = parked.parked_at >= cutoff;
             if !keep {
                 forgotten += parked.texts.len();
                 bytes += bytes_of(&parked.texts);
+                users.push(key.clone());
             }
             keep
         });
         self.release_bytes(bytes);
+        for (channel, user) in users {
+            self.changed(&channel, &user);
+        }
         forgotten
     }
 
@@ -598,24 +727,21 @@ impl PassiveSlots {
             let after = bytes_of(&parked.texts);
             drop(parked);
             self.release_bytes(before - after);
+            if before != after {
+                self.changed(channel, user);
+            }
         }
         self.parked.remove_if(&key, |_, parked| parked.texts.is_empty());
     }
 
-    /// Every user's parked answers, to be saved at shutdown: they live in memory, and a
-    /// graceful restart (a deploy) would otherwise lose them.
+    /// Every user's parked answers.
     pub fn export_parked(&self) -> Vec<ParkedRecord> {
         self.parked
             .iter()
             .filter(|entry| !entry.value().texts.is_empty())
             .map(|entry| {
                 let ((channel, user), parked) = (entry.key(), entry.value());
-                ParkedRecord {
-                    channel: channel.as_str().to_owned(),
-                    user: user.clone(),
-                    texts: parked.texts.iter().cloned().collect(),
-                    age_secs: parked.parked_at.elapsed().as_secs(),
-                }
+                parked.record(channel, user)
             })
             .collect()
     }
@@ -628,7 +754,7 @@ impl PassiveSlots {
             let Ok(channel) = ChannelId::parse(&record.channel) else { continue };
             let now = std::time::Instant::now();
             let parked_at = now.checked_sub(Duration::from_secs(record.age_secs)).unwrap_or(now);
-            let mut parked = self.parked.entry((channel.clone(), record.user)).or_default();
+            let mut parked = self.parked.entry((channel.clone(), record.user.clone())).or_default();
             parked.parked_at = parked_at;
             imported += record.texts.len();
             self.hold_bytes(bytes_of(&record.texts));
@@ -636,6 +762,7 @@ impl PassiveSlots {
             let dropped = Self::bound(&channel, &mut parked.texts, false);
             drop(parked);
             self.release_bytes(dropped);
+            self.changed(&channel, &record.user);
         }
         self.shed_oldest_users(MAX_PARKED_USERS, MAX_PARKED_BYTES);
         imported
@@ -774,6 +901,24 @@ mod tests {
         assert!(job.take(last, Duration::from_millis(4_500)).await.is_none());
         assert!(job.give_up().is_none());
         assert!(matches!(job.offer(vec![part("答")]), Offer::Push(_)));
+    }
+
+    /// Once parked answers are kept durably, a message that parked text waits (in its finish)
+    /// until that text is saved; one that parked nothing does not.
+    #[actix::test]
+    async fn a_message_that_parked_text_waits_until_that_text_is_saved() {
+        let slots = PassiveSlots::default();
+        slots.keep_parked_durably();
+        let channel = ChannelId::parse("c").unwrap_or_else(|e| panic!("{e}"));
+        slots.park(&channel, "u", "e1", "后半段".into());
+        slots.parked_saved("e0").await;
+        let saved = slots.parked_saved("e1");
+        tokio::pin!(saved);
+        let early = tokio::time::timeout(Duration::from_millis(20), &mut saved).await;
+        assert!(early.is_err(), "finished before its parked text was saved");
+        slots.save_parked(&crate::store::MemoryStore::new(1)).await;
+        let saved = tokio::time::timeout(Duration::from_secs(30), saved).await;
+        assert!(saved.is_ok(), "still waiting once the text was saved");
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! older than its cutoff (the retention period), and conversations left empty, as the SQLite
 //! store deletes old history. With pruning off, every conversation ever seen keeps its turns.
 
-use super::{Acceptance, LiveStream, Store, StoreError, Turn, Unfinished};
+use super::{Acceptance, LiveStream, ParkedUser, Store, StoreError, Turn, Unfinished};
 use dashmap::DashMap;
 
 /// Fast, randomly seeded hashing: keys come from platforms, so not a fixed-seed hash.
@@ -126,6 +126,15 @@ impl Store for MemoryStore {
 
     fn part_failed<'a>(&'a self, _delivery_id: &'a str, _reason: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async { Ok(()) })
+    }
+
+    fn save_parked(&self, _: Vec<ParkedUser>) -> BoxFuture<'_, Result<(), StoreError>> {
+        // Nothing here outlives the process.
+        Box::pin(async { Ok(()) })
+    }
+
+    fn load_parked(&self) -> BoxFuture<'_, Result<Vec<(String, SystemTime)>, StoreError>> {
+        Box::pin(async { Ok(Vec::new()) })
     }
 
     fn record_stream<'a>(&'a self, _: &'a str, _: &'a LiveStream) -> BoxFuture<'a, Result<(), StoreError>> {

@@ -80,6 +80,17 @@ pub struct LiveStream {
     pub sequence_base: u64,
 }
 
+/// One user's parked answers as a store keeps them (see [`Store::save_parked`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParkedUser {
+    /// The channel id.
+    pub channel: String,
+    /// The user's platform id.
+    pub user: String,
+    /// The user's parked answers, encoded by their owner (`None`: nothing parked any more).
+    pub record: Option<String>,
+}
+
 /// A storage engine.
 pub trait Store: Send + Sync + 'static {
     /// Claims `(channel, platform message id)` for `dedupe_ttl` and journals the envelope, in one
@@ -141,6 +152,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Forgets a conversation's history (`/reset`).
     fn clear_history<'a>(&'a self, session_key: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Replaces what is parked for each of `users`, in one atomic step. Parked answers are
+    /// finished messages whose answer waits for the user's next message (公众号): kept here,
+    /// they survive a crash. An engine that does not outlive the process may keep nothing.
+    fn save_parked(&self, users: Vec<ParkedUser>) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Everything [`save_parked`](Self::save_parked) kept, each with when it was saved.
+    fn load_parked(&self) -> BoxFuture<'_, Result<Vec<(String, SystemTime)>, StoreError>>;
 
     /// Waits until every write queued before this call is durable: the last step before the
     /// process exits, which would otherwise drop writes still queued (a part the platform

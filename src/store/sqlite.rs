@@ -79,7 +79,7 @@
 //! checkpoints sync the WAL and the database themselves. A failed fsync breaks the store for
 //! good (see `run_syncer`). [`Durability::ProcessCrash`] answers right after `COMMIT`.
 //!
-//! # Schema (version 4, see [`MIGRATIONS`])
+//! # Schema (version 5, see [`MIGRATIONS`])
 //!
 //! Times are Unix milliseconds (wall clock, because they must mean the same after a restart).
 //!
@@ -111,6 +111,8 @@
 //!   answer is being streamed into ([`Store::record_stream`]); deleted when the envelope
 //!   finishes (or, after a crash between the log's finish record and that delete, at the next
 //!   start), and pruned with the history.
+//! - `parked(channel, user, record, saved_at)`, primary key `(channel, user)`: each user's
+//!   parked answers ([`Store::save_parked`]), as the passive-reply module encodes them.
 //! - `history(seq, session_key, question, answer, created_at)`, indexed on `(session_key, seq)`
 //!   and `created_at`. At most [`SqliteOptions::max_turns_kept`] rows per key.
 //!
@@ -121,7 +123,8 @@
 use super::claims::{claim_key, ClaimKey};
 use super::inbound_log::{self, InboundLog, LogJob, LogOp, Logged, OpenEnvelope, SyncSegment};
 use super::{
-    break_for_good, duration_ms, now_ms, system_time_ms, Acceptance, LiveStream, Store, StoreError, Turn, Unfinished,
+    break_for_good, duration_ms, now_ms, system_time_ms, Acceptance, LiveStream, ParkedUser, Store, StoreError, Turn,
+    Unfinished,
 };
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use std::fmt;
@@ -200,6 +203,14 @@ const MIGRATIONS: &[&str] = &[
         recorded_at INTEGER NOT NULL
     ) WITHOUT ROWID;
     CREATE INDEX live_stream_recorded_at ON live_stream (recorded_at);",
+    // 5: parked answers (`Store::save_parked`), one row per user.
+    "CREATE TABLE parked (
+        channel TEXT NOT NULL,
+        user TEXT NOT NULL,
+        record TEXT NOT NULL,
+        saved_at INTEGER NOT NULL,
+        PRIMARY KEY (channel, user)
+    ) WITHOUT ROWID;",
 ];
 
 /// WAL pages (frames) after which the writer copies the last frames itself so that the WAL
@@ -753,6 +764,9 @@ enum WriteOp {
     },
     /// Writes nothing: answered once everything queued before it is committed (and synced).
     Barrier,
+    SaveParked {
+        users: Vec<ParkedUser>,
+    },
     /// The SQLite side of finishing: pending parts, the answered mark and the streamed
     /// message's record go.
     ForgetAnswer {
@@ -1040,6 +1054,22 @@ fn apply(conn: &Connection, op: &WriteOp, now: i64, kept: i64) -> Result<Written
             Ok(Written::Done)
         }
         WriteOp::Barrier => Ok(Written::Done),
+        WriteOp::SaveParked { users } => {
+            for ParkedUser { channel, user, record } in users {
+                match record {
+                    Some(record) => conn
+                        .prepare_cached(
+                            "INSERT INTO parked (channel, user, record, saved_at) VALUES (?1, ?2, ?3, ?4)
+                             ON CONFLICT (channel, user) DO UPDATE SET record = excluded.record, saved_at = excluded.saved_at",
+                        )?
+                        .execute(params![channel, user, record, now])?,
+                    None => conn
+                        .prepare_cached("DELETE FROM parked WHERE channel = ?1 AND user = ?2")?
+                        .execute(params![channel, user])?,
+                };
+            }
+            Ok(Written::Done)
+        }
         WriteOp::RecordStream { envelope_id, json } => {
             conn.prepare_cached(
                 "INSERT INTO live_stream (envelope_id, stream, recorded_at) VALUES (?1, ?2, ?3)
@@ -1351,12 +1381,14 @@ enum ReadOp {
     Unfinished {
         logged: Vec<Envelope>,
     },
+    Parked,
 }
 
 #[derive(Debug)]
 enum Fetched {
     History(Vec<Turn>),
     Unfinished(Vec<Unfinished>),
+    Parked(Vec<(String, SystemTime)>),
 }
 
 struct ReadJob {
@@ -1392,6 +1424,17 @@ fn query(conn: &mut Connection, op: &ReadOp) -> Result<Fetched, rusqlite::Error>
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(Fetched::History(turns))
+        }
+        ReadOp::Parked => {
+            let mut statement = conn.prepare_cached("SELECT record, saved_at FROM parked")?;
+            let records = statement
+                .query_map([], |row| {
+                    let saved_at: i64 = row.get(1)?;
+                    let saved_at = SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(saved_at).unwrap_or(0));
+                    Ok((row.get(0)?, saved_at))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Fetched::Parked(records))
         }
         ReadOp::Unfinished { logged } => {
             // One read transaction: the journal and the outbox are seen at the same instant.
@@ -1618,7 +1661,7 @@ impl Store for SqliteStore {
             let logged = readable;
             match self.read(ReadOp::Unfinished { logged }).await? {
                 Fetched::Unfinished(unfinished) => Ok(unfinished),
-                Fetched::History(_) => Err(SqliteError::Mismatch("unfinished").into()),
+                _ => Err(SqliteError::Mismatch("unfinished").into()),
             }
         })
     }
@@ -1637,7 +1680,7 @@ impl Store for SqliteStore {
             let op = ReadOp::History { session_key: session_key.to_owned(), max_turns: to_i64(max_turns) };
             match self.read(op).await? {
                 Fetched::History(turns) => Ok(turns),
-                Fetched::Unfinished(_) => Err(SqliteError::Mismatch("history").into()),
+                _ => Err(SqliteError::Mismatch("history").into()),
             }
         })
     }
@@ -1648,6 +1691,19 @@ impl Store for SqliteStore {
 
     fn clear_history<'a>(&'a self, session_key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(self.write_done(WriteOp::ClearHistory { session_key: session_key.to_owned() }, "clear_history"))
+    }
+
+    fn save_parked(&self, users: Vec<ParkedUser>) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.write_done(WriteOp::SaveParked { users }, "save_parked"))
+    }
+
+    fn load_parked(&self) -> BoxFuture<'_, Result<Vec<(String, SystemTime)>, StoreError>> {
+        Box::pin(async move {
+            match self.read(ReadOp::Parked).await? {
+                Fetched::Parked(records) => Ok(records),
+                _ => Err(SqliteError::Mismatch("load_parked").into()),
+            }
+        })
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<(), StoreError>> {

@@ -350,7 +350,7 @@ struct Stopped {
     delivered: Option<(usize, String)>,
     /// What the store left unfinished.
     unfinished: Vec<yizhan::store::Unfinished>,
-    /// The parked answers' file the stop left, if any.
+    /// The parked answers the stop left in the store, if any.
     parked: Option<String>,
 }
 
@@ -411,8 +411,12 @@ async fn sigterm_while_a_passive_answer_is_held(
     assert!(status.is_ok_and(|s| s.success()));
     yizhan.exits_cleanly().await;
     use yizhan::store::Store;
-    let unfinished = open_store(&db).unfinished().await.unwrap_or_else(|e| panic!("{e}"));
-    let parked = std::fs::read_to_string(dir.join("yizhan.db.parked.json")).ok();
+    let store = open_store(&db);
+    let unfinished = store.unfinished().await.unwrap_or_else(|e| panic!("{e}"));
+    let saved = store.load_parked().await.unwrap_or_else(|e| panic!("{e}"));
+    let parked =
+        (!saved.is_empty()).then(|| saved.into_iter().map(|(record, _)| record).collect::<Vec<_>>().join("\n"));
+    drop(store);
     let _ = std::fs::remove_dir_all(&dir);
     Stopped { app, delivered, unfinished, parked }
 }
@@ -714,14 +718,24 @@ async fn a_platform_retry_after_a_quick_restart_carries_the_resumed_answer() {
     assert!(app.sent_messages().await.is_empty(), "passive mode sends nothing");
 }
 
-/// Parked answers live in memory; a graceful restart (a deploy) saves them beside the database
-/// and takes them back, so the continue word still brings the rest of an answer.
+/// Parked answers are saved in the store before their message is finished: after a graceful
+/// restart (a deploy), the continue word still brings the rest of an answer.
 #[actix_web::test]
 async fn parked_answers_survive_a_graceful_restart() {
+    parked_answers_survive_a_restart(true).await;
+}
+
+/// ... and after a `kill -9`.
+#[actix_web::test]
+async fn parked_answers_survive_a_kill_9() {
+    parked_answers_survive_a_restart(false).await;
+}
+
+async fn parked_answers_survive_a_restart(graceful: bool) {
     let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
     echo_llm(&llm, Duration::ZERO).await;
     wechat_ok(&wechat).await;
-    let dir = std::env::temp_dir().join(format!("yizhan-parked-{}-{}", std::process::id(), now()));
+    let dir = std::env::temp_dir().join(format!("yizhan-parked-{graceful}-{}-{}", std::process::id(), now()));
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
     let config = on_sqlite(base_config(&llm, &wechat), &dir.join("yizhan.db")).replace(
         "reply_mode = \"push\"",
@@ -742,8 +756,14 @@ async fn parked_answers_survive_a_graceful_restart() {
         metric(&app.http, &app.address, "yizhan_journal_open ").await == Some(0)
     })
     .await;
-    assert!(Command::new("kill").arg("-TERM").arg(first.child.id().to_string()).status().is_ok_and(|s| s.success()));
-    first.exits_cleanly().await;
+    if graceful {
+        let term = Command::new("kill").arg("-TERM").arg(first.child.id().to_string()).status();
+        assert!(term.is_ok_and(|s| s.success()));
+        first.exits_cleanly().await;
+    } else {
+        first.child.kill().unwrap_or_else(|e| panic!("kill -9: {e}"));
+        let _ = first.child.wait();
+    }
 
     let mut second = start_binary(&config_path).await;
     let app = TestApp { address: second.address.clone(), ..app };
@@ -760,18 +780,38 @@ async fn parked_answers_survive_a_graceful_restart() {
 /// saved copy, or the continue word would show it a second time.
 #[actix_web::test]
 async fn an_answer_both_pending_and_saved_as_parked_comes_back_once() {
+    an_answer_both_pending_and_parked_comes_back_once(true).await;
+}
+
+/// The same with the parked copy in the file an earlier version's graceful stop wrote.
+#[actix_web::test]
+async fn an_answer_both_pending_and_parked_in_an_earlier_versions_file_comes_back_once() {
+    an_answer_both_pending_and_parked_comes_back_once(false).await;
+}
+
+async fn an_answer_both_pending_and_parked_comes_back_once(in_store: bool) {
     use yizhan::store::Store;
-    let dir = std::env::temp_dir().join(format!("yizhan-parked-twice-{}-{}", std::process::id(), now()));
+    let dir = std::env::temp_dir().join(format!("yizhan-parked-twice-{in_store}-{}-{}", std::process::id(), now()));
     let db = dir.join("yizhan.db");
     {
         let store = open_store(&db);
         let envelope = accept_text(&store, CHANNEL, "oTwice", "96000", "长问题").await;
         let parts = record_parts(&store, &envelope, &["前半段".to_owned(), "后半段".to_owned()]).await;
         assert!(store.part_delivered(&parts[0].delivery_id).await.is_ok());
-        let saved = serde_json::json!([
+        let record = serde_json::json!(
             {"channel": CHANNEL, "user": "oTwice", "texts": [[envelope.id, "后半段"]], "age_secs": 0}
-        ]);
-        std::fs::write(dir.join("yizhan.db.parked.json"), saved.to_string()).unwrap_or_else(|e| panic!("{e}"));
+        );
+        if in_store {
+            let user = yizhan::store::ParkedUser {
+                channel: CHANNEL.into(),
+                user: "oTwice".into(),
+                record: Some(record.to_string()),
+            };
+            assert!(store.save_parked(vec![user]).await.is_ok());
+        } else {
+            let saved = serde_json::json!([record]).to_string();
+            std::fs::write(dir.join("yizhan.db.parked.json"), saved).unwrap_or_else(|e| panic!("{e}"));
+        }
     }
     let app = start_in_process_on(&db).await;
     app.wait_until_idle().await;
