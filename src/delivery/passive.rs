@@ -323,9 +323,7 @@ const REPLIED_FOR: Duration = Duration::from_secs(30);
 /// One user's parked answers, oldest first.
 #[derive(Debug)]
 struct Parked {
-    /// Each text with the envelope whose answer it is (empty when put back: its place is
-    /// known).
-    texts: VecDeque<(String, String)>,
+    texts: VecDeque<ParkedText>,
     /// When text was last parked for the user or taken by them; [`PARKED_FOR`] later, if
     /// neither happened since, the queue is dropped (see [`PassiveSlots::forget_parked_before`]).
     parked_at: std::time::Instant,
@@ -353,6 +351,51 @@ impl Default for Parked {
 /// never came back would keep theirs for good.
 pub const PARKED_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// A parked text, with where it belongs and where it came from.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(from = "SavedText", into = "SavedText")]
+pub struct ParkedText {
+    /// The message whose answer it is part of, which places it in the queue: text of that
+    /// answer parked later goes behind it (empty for text put back: its place is known).
+    pub place: String,
+    /// The message whose answer parked it: the place's, or a message answered with parked
+    /// text (the continue word) that parked the rest of that text again.
+    pub source: String,
+    /// The text.
+    pub text: String,
+}
+
+impl ParkedText {
+    /// Text of `id`'s own answer.
+    pub fn of(id: &str, text: &str) -> Self {
+        Self { place: id.to_owned(), source: id.to_owned(), text: text.to_owned() }
+    }
+}
+
+/// A [`ParkedText`] as saved: `[place, source, text]`, or `[place, text]` as earlier versions
+/// saved it (its source the place).
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+enum SavedText {
+    Triple(String, String, String),
+    Pair(String, String),
+}
+
+impl From<SavedText> for ParkedText {
+    fn from(saved: SavedText) -> Self {
+        match saved {
+            SavedText::Triple(place, source, text) => Self { place, source, text },
+            SavedText::Pair(place, text) => Self { source: place.clone(), place, text },
+        }
+    }
+}
+
+impl From<ParkedText> for SavedText {
+    fn from(parked: ParkedText) -> Self {
+        SavedText::Triple(parked.place, parked.source, parked.text)
+    }
+}
+
 /// One user's parked answers as saved in the store (see [`PassiveSlots::save_parked`]).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ParkedRecord {
@@ -360,8 +403,8 @@ pub struct ParkedRecord {
     pub channel: String,
     /// The user's platform id.
     pub user: String,
-    /// Each parked text with the id of the message whose answer it is, oldest first.
-    pub texts: Vec<(String, String)>,
+    /// The parked texts, oldest first.
+    pub texts: Vec<ParkedText>,
     /// Seconds since text was last parked for the user (for [`PARKED_FOR`]).
     pub age_secs: u64,
 }
@@ -380,8 +423,8 @@ const MAX_PARKED_USERS: usize = 100_000;
 const MAX_PARKED_BYTES: usize = 256 << 20;
 
 /// The bytes of a queue's texts.
-fn bytes_of<'a>(texts: impl IntoIterator<Item = &'a (String, String)>) -> usize {
-    texts.into_iter().map(|(_, text)| text.len()).sum()
+fn bytes_of<'a>(texts: impl IntoIterator<Item = &'a ParkedText>) -> usize {
+    texts.into_iter().map(|parked| parked.text.len()).sum()
 }
 
 impl PassiveSlots {
@@ -465,9 +508,9 @@ impl PassiveSlots {
             Some(original) => (original, 0),
             None => (envelope_id.to_owned(), queue.len()),
         };
-        let at = queue.iter().position(|(queued, _)| *queued == id).unwrap_or(otherwise);
+        let at = queue.iter().position(|queued| queued.place == id).unwrap_or(otherwise);
         self.hold_bytes(text.len());
-        queue.insert(at, (id, text));
+        queue.insert(at, ParkedText { place: id, source: envelope_id.to_owned(), text });
         // Text put at the front (the rest of what the user is reading) is not the one to drop.
         let dropped = Self::bound(channel, queue, at == 0);
         drop(parked);
@@ -556,8 +599,8 @@ impl PassiveSlots {
     /// what of it is parked again keeps its place (see [`Self::park`]) until
     /// [`Self::forget_answer`].
     pub fn unpark_for(&self, channel: &ChannelId, user: &str, envelope_id: &str) -> Option<String> {
-        let (original, text) = self.take_front(channel, user)?;
-        self.continuing.insert(envelope_id.to_owned(), original);
+        let ParkedText { place, text, .. } = self.take_front(channel, user)?;
+        self.continuing.insert(envelope_id.to_owned(), place);
         Some(text)
     }
 
@@ -584,7 +627,7 @@ impl PassiveSlots {
     /// sent.
     pub fn oldest_is_still_leaving(&self, channel: &ChannelId, user: &str) -> bool {
         let Some(parked) = self.parked.get(&(channel.clone(), user.to_owned())) else { return false };
-        let Some((front, _)) = parked.texts.front() else { return false };
+        let Some(front) = parked.texts.front().map(|front| &front.place) else { return false };
         !front.is_empty() && self.leaving.iter().any(|entry| entry.value() == front)
     }
 
@@ -594,7 +637,7 @@ impl PassiveSlots {
         let mut parked = self.parked.entry((channel.clone(), user.to_owned())).or_default();
         parked.parked_at = std::time::Instant::now();
         self.hold_bytes(text.len());
-        parked.texts.push_front((String::new(), text));
+        parked.texts.push_front(ParkedText { place: String::new(), source: String::new(), text });
         let dropped = Self::bound(channel, &mut parked.texts, true);
         drop(parked);
         self.release_bytes(dropped);
@@ -642,11 +685,11 @@ impl PassiveSlots {
 
     /// Beyond the bound, drops from the end opposite to where text was just added; returns the
     /// bytes dropped.
-    fn bound(channel: &ChannelId, queue: &mut VecDeque<(String, String)>, added_at_front: bool) -> usize {
+    fn bound(channel: &ChannelId, queue: &mut VecDeque<ParkedText>, added_at_front: bool) -> usize {
         let mut dropped = 0;
         while queue.len() > MAX_PARKED_PER_USER {
             let gone = if added_at_front { queue.pop_back() } else { queue.pop_front() };
-            dropped += gone.map_or(0, |(_, text)| text.len());
+            dropped += gone.map_or(0, |parked| parked.text.len());
             tracing::warn!(channel = %channel, "Too many parked answers for one user; dropped one.");
         }
         dropped
@@ -654,15 +697,15 @@ impl PassiveSlots {
 
     /// Takes the oldest parked text for a user.
     pub fn unpark(&self, channel: &ChannelId, user: &str) -> Option<String> {
-        self.take_front(channel, user).map(|(_, text)| text)
+        self.take_front(channel, user).map(|parked| parked.text)
     }
 
-    /// The oldest parked text for a user, with the id of the answer it came from.
-    fn take_front(&self, channel: &ChannelId, user: &str) -> Option<(String, String)> {
+    /// The oldest parked text for a user.
+    fn take_front(&self, channel: &ChannelId, user: &str) -> Option<ParkedText> {
         let key = (channel.clone(), user.to_owned());
         let mut parked = self.parked.get_mut(&key)?;
         let front = parked.texts.pop_front();
-        self.release_bytes(front.as_ref().map_or(0, |(_, text)| text.len()));
+        self.release_bytes(front.as_ref().map_or(0, |parked| parked.text.len()));
         // The user is reading: what is left is not forgotten, or dropped first, as unwanted.
         parked.parked_at = std::time::Instant::now();
         let empty = parked.texts.is_empty();
@@ -716,14 +759,16 @@ impl PassiveSlots {
         (replied.at.elapsed() < REPLIED_FOR).then(|| (replied.envelope.clone(), replied.text.clone()))
     }
 
-    /// Drops what of `envelope_id`'s answer is parked for a user: the message is left for the
-    /// next start with its parts pending, which parks them again (parked here too, they would
-    /// come back twice).
+    /// Drops what `envelope_id`'s answer parked for a user (in its own place, or, for a message
+    /// answered with parked text, in that text's): the message is left for the next start with
+    /// its parts pending, which parks them again (parked here too, they would come back twice).
     pub fn forget_parked_of(&self, channel: &ChannelId, user: &str, envelope_id: &str) {
         let key = (channel.clone(), user.to_owned());
         if let Some(mut parked) = self.parked.get_mut(&key) {
             let before = bytes_of(&parked.texts);
-            parked.texts.retain(|(answer, _)| answer != envelope_id);
+            // Its own, and the rest of parked text it was answered with (the continue word),
+            // parked again in that text's place.
+            parked.texts.retain(|text| text.place != envelope_id && text.source != envelope_id);
             let after = bytes_of(&parked.texts);
             drop(parked);
             self.release_bytes(before - after);
@@ -921,6 +966,28 @@ mod tests {
         assert!(saved.is_ok(), "still waiting once the text was saved");
     }
 
+    /// A message answered with parked text (the continue word) parks the rest of that text in
+    /// its place; left for the next start with its parts pending, that rest is forgotten with
+    /// its own parked text (the next start parks it again from the parts: kept too, the user
+    /// would read it twice).
+    #[test]
+    fn forgetting_a_message_s_parked_text_takes_the_rest_it_parked_in_another_place() {
+        let slots = PassiveSlots::default();
+        let channel = ChannelId::parse("c").unwrap_or_else(|e| panic!("{e}"));
+        slots.park(&channel, "u", "e1", "一段".into());
+        slots.park(&channel, "u", "e2", "二段".into());
+        assert_eq!(slots.unpark_for(&channel, "u", "k").as_deref(), Some("一段"));
+        slots.park(&channel, "u", "k", "一段的后半".into());
+        slots.forget_parked_of(&channel, "u", "k");
+        let texts: Vec<String> = std::iter::from_fn(|| slots.unpark(&channel, "u")).collect();
+        assert_eq!(texts, ["二段"]);
+        // Saved by earlier versions as [place, text]: the source is the place.
+        let legacy: ParkedText = serde_json::from_str(r#"["e3", "三段"]"#).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(legacy, ParkedText::of("e3", "三段"));
+        let saved = serde_json::to_string(&ParkedText { source: "k".into(), ..legacy.clone() }).unwrap_or_default();
+        assert_eq!(saved, r#"["e3","k","三段"]"#);
+    }
+
     #[test]
     fn parked_answers_come_back_oldest_first_and_are_bounded() {
         let slots = PassiveSlots::default();
@@ -953,7 +1020,7 @@ mod tests {
         let bad = ParkedRecord {
             channel: "not an id!".into(),
             user: "u".into(),
-            texts: vec![("e9".into(), "九".into())],
+            texts: vec![ParkedText::of("e9", "九")],
             age_secs: 0,
         };
         assert_eq!(restarted.import_parked(vec![bad]), 0);
