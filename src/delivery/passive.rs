@@ -580,8 +580,8 @@ impl PassiveSlots {
         }
     }
 
-    /// Waits until the text `envelope_id`'s answer parked is saved (at once if it parked none,
-    /// or nothing is saved).
+    /// Waits until the text `envelope_id`'s answer parked (or, answering with parked text,
+    /// took) is saved (at once if it parked or took none, or nothing is saved).
     pub async fn parked_saved(&self, envelope_id: &str) {
         let Some((_, batch)) = self.parked_by.remove(envelope_id) else { return };
         loop {
@@ -601,6 +601,11 @@ impl PassiveSlots {
     pub fn unpark_for(&self, channel: &ChannelId, user: &str, envelope_id: &str) -> Option<String> {
         let ParkedText { place, text, .. } = self.take_front(channel, user)?;
         self.continuing.insert(envelope_id.to_owned(), place);
+        // The text is now `envelope_id`'s answer: recorded as such while still saved as parked,
+        // a crash would bring it back twice (see `parked_saved`).
+        if let Some(batch) = self.changed(channel, user) {
+            self.parked_by.insert(envelope_id.to_owned(), batch);
+        }
         Some(text)
     }
 
@@ -949,7 +954,8 @@ mod tests {
     }
 
     /// Once parked answers are kept durably, a message that parked text waits (in its finish)
-    /// until that text is saved; one that parked nothing does not.
+    /// until that text is saved, and one answered with parked text until it is saved as taken;
+    /// one that did neither does not wait.
     #[actix::test]
     async fn a_message_that_parked_text_waits_until_that_text_is_saved() {
         let slots = PassiveSlots::default();
@@ -964,6 +970,13 @@ mod tests {
         slots.save_parked(&crate::store::MemoryStore::new(1)).await;
         let saved = tokio::time::timeout(Duration::from_secs(30), saved).await;
         assert!(saved.is_ok(), "still waiting once the text was saved");
+        // Taken as the answer to the continue word: saved as taken before it is recorded.
+        assert_eq!(slots.unpark_for(&channel, "u", "k").as_deref(), Some("后半段"));
+        let taken = slots.parked_saved("k");
+        tokio::pin!(taken);
+        assert!(tokio::time::timeout(Duration::from_millis(20), &mut taken).await.is_err(), "not saved yet");
+        slots.save_parked(&crate::store::MemoryStore::new(1)).await;
+        assert!(tokio::time::timeout(Duration::from_secs(30), taken).await.is_ok());
     }
 
     /// A message answered with parked text (the continue word) parks the rest of that text in
