@@ -135,8 +135,8 @@ impl Hub {
     }
 
     /// Leaves an answered message open, its parts pending, for the next start to deliver (at
-    /// shutdown, when what would keep it here lives in memory only); the shutdown then no
-    /// longer waits for it.
+    /// shutdown, when what would keep it here, a held passive reply or a retry, ends with the
+    /// process); the shutdown then no longer waits for it.
     pub fn leave_for_next_start(&self, envelope: &Envelope) {
         tracing::info!(channel = %envelope.channel, envelope = %envelope.id, "Answer left for the next start.");
         self.passive.forget_answer(&envelope.id);

@@ -283,13 +283,19 @@ impl Application {
         );
         let router = Router::new(hub.clone(), sessions);
         let parked_file = (config.store.kind == StoreKind::Sqlite).then(|| parked_file_of(&config.store.path));
+        // Not started without them: their claims would answer the platform's retries as
+        // duplicates while nothing answered the messages (they stay journaled for the next
+        // attempt to start).
+        let pending = hub.store.unfinished().await.context(
+            "Failed to read the messages the last run left unanswered (they stay journaled; fix the store and start again)",
+        )?;
         if let Some(path) = &parked_file {
             // Saved from now on (`spawn_parked_saver`), the ones taken back here included.
             hub.passive.keep_parked_durably();
-            take_back_parked(&hub).await?;
+            take_back_parked(&hub, &pending).await?;
             load_parked_file(&hub, path);
         }
-        resume_unfinished(&hub, &router).await?;
+        resume_unfinished(&hub, &router, pending);
 
         let listener = TcpListener::bind(&config.server.bind)
             .with_context(|| format!("Failed to bind {} (config key `server.bind`)", config.server.bind))?;
@@ -348,11 +354,15 @@ impl Application {
         // Taken back at build (an earlier version's graceful stop wrote it); removed only once
         // what it held is saved in the store (a start that failed leaves it for the next one).
         if let Some(path) = self.parked_file.as_ref().filter(|path| path.exists()) {
-            self.hub.passive.save_parked(self.hub.store.as_ref()).await;
-            // Synced with its directory, or a power loss could bring back texts shown since.
-            let removed = std::fs::remove_file(path).and_then(|()| crate::store::sync_directory_of(path));
-            if let Err(error) = removed {
-                tracing::error!(path = %path.display(), %error, "Failed to remove the parked answers' file; they may come back after a crash.");
+            if !self.hub.passive.save_parked(self.hub.store.as_ref()).await {
+                tracing::error!(path = %path.display(), "Parked answers from the file not saved in the store yet; the file stays.");
+            } else {
+                // Synced with its directory, or a power loss could bring back texts shown since
+                // (taking the file back twice adds nothing twice, see `import_parked_with`).
+                let removed = std::fs::remove_file(path).and_then(|()| crate::store::sync_directory_of(path));
+                if let Err(error) = removed {
+                    tracing::error!(path = %path.display(), %error, "Failed to remove the parked answers' file; they may come back after a crash.");
+                }
             }
         }
         let (hub, shutdown_timeout) = (self.hub.clone(), self.shutdown_timeout);
@@ -458,7 +468,10 @@ impl Application {
         actix::spawn(async move {
             loop {
                 hub.passive.unsaved_changes().await;
-                hub.passive.save_parked(hub.store.as_ref()).await;
+                if !hub.passive.save_parked(hub.store.as_ref()).await {
+                    // The failed users are noted again: not in a tight loop.
+                    actix::clock::sleep(Duration::from_secs(1)).await;
+                }
             }
         });
     }
@@ -518,16 +531,25 @@ fn parked_file_of(database: &std::path::Path) -> std::path::PathBuf {
     crate::store::beside(database, ".parked.json")
 }
 
-/// Takes back the parked answers the store kept (see `spawn_parked_saver`).
-async fn take_back_parked(hub: &Hub) -> anyhow::Result<()> {
+/// Takes back the parked answers the store kept (see `spawn_parked_saver`); `pending` is what
+/// the last run left unfinished, which decides what becomes of text it saved as taken.
+async fn take_back_parked(hub: &Hub, pending: &[crate::store::Unfinished]) -> anyhow::Result<()> {
+    use crate::delivery::passive::{ParkedRecord, PassiveSlots};
     let saved = hub.store.load_parked().await.context("Failed to read the parked answers")?;
+    let answered: HashMap<&str, bool> = pending
+        .iter()
+        .map(|unfinished| (unfinished.envelope.id.as_str(), unfinished.pending_parts.is_some()))
+        .collect();
     let now = std::time::SystemTime::now();
-    let mut records = Vec::with_capacity(saved.len());
+    let (mut records, mut changed) = (Vec::with_capacity(saved.len()), std::collections::HashSet::new());
     for (json, saved_at) in saved {
-        match serde_json::from_str::<crate::delivery::passive::ParkedRecord>(&json) {
+        match serde_json::from_str::<ParkedRecord>(&json) {
             Ok(mut record) => {
                 let since = now.duration_since(saved_at).unwrap_or_default().as_secs();
                 record.age_secs = record.age_secs.saturating_add(since);
+                if PassiveSlots::restore_taken(&mut record, |id| answered.get(id).copied()) {
+                    changed.insert((record.channel.clone(), record.user.clone()));
+                }
                 records.push(record);
             }
             // Dropped from the store with the next change of that user's parked answers.
@@ -535,7 +557,9 @@ async fn take_back_parked(hub: &Hub) -> anyhow::Result<()> {
         }
     }
     if !records.is_empty() {
-        let texts = hub.passive.import_parked(records);
+        let texts = hub
+            .passive
+            .import_parked_with(records, |record| changed.contains(&(record.channel.clone(), record.user.clone())));
         tracing::info!(texts, "Parked answers taken back.");
     }
     Ok(())
@@ -615,14 +639,9 @@ impl Signals {
 
 /// Re-dispatches what was accepted but not finished before the last stop. Runs before the
 /// server listens, so `journal_open` never reads 0 while old work is pending.
-async fn resume_unfinished(hub: &Hub, router: &Router) -> anyhow::Result<()> {
-    // Not started without them: their claims would answer the platform's retries as duplicates
-    // while nothing answered the messages (they stay journaled for the next attempt to start).
-    let pending = hub.store.unfinished().await.context(
-        "Failed to read the messages the last run left unanswered (they stay journaled; fix the store and start again)",
-    )?;
+fn resume_unfinished(hub: &Hub, router: &Router, pending: Vec<crate::store::Unfinished>) {
     if pending.is_empty() {
-        return Ok(());
+        return;
     }
     tracing::info!(count = pending.len(), "Resuming unfinished messages.");
     hub.metrics.journal_open.add(pending.len() as i64);
@@ -666,5 +685,4 @@ async fn resume_unfinished(hub: &Hub, router: &Router) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
 }

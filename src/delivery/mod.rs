@@ -320,8 +320,8 @@ pub async fn send_parts(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) {
     let channel = envelope.channel.as_str();
     if entry.passive_window.is_some() && entry.reply_mode == ReplyMode::Passive {
         if hub.passive.is_closing() {
-            // Parked text would die with this process; journaled with its parts pending, the
-            // answer is parked again by the next start.
+            // Journaled with its parts pending, the answer is parked by the next start: no
+            // parking is started that the exit could cut short, whatever the store keeps.
             hub.leave_for_next_start(envelope);
             return;
         }

@@ -292,6 +292,9 @@ pub struct PassiveSlots {
     parked_by: DashMap<String, u64, Hasher>,
     /// Held while batches are saved, so that they are saved in order.
     saving: tokio::sync::Mutex<()>,
+    /// Parked text taken by a message (the continue word) that has not finished yet, by that
+    /// message, with its user: saved as taken until then (see [`PassiveSlots::restore_taken`]).
+    taken: DashMap<String, ((ChannelId, String), ParkedText), Hasher>,
 }
 
 /// Changes to parked answers not saved yet.
@@ -363,20 +366,24 @@ pub struct ParkedText {
     pub source: String,
     /// The text.
     pub text: String,
+    /// As saved only: the message answering with this text (the continue word), which has not
+    /// finished yet (empty: parked). See [`PassiveSlots::restore_taken`].
+    pub taken_by: String,
 }
 
 impl ParkedText {
     /// Text of `id`'s own answer.
     pub fn of(id: &str, text: &str) -> Self {
-        Self { place: id.to_owned(), source: id.to_owned(), text: text.to_owned() }
+        Self { place: id.to_owned(), source: id.to_owned(), text: text.to_owned(), taken_by: String::new() }
     }
 }
 
-/// A [`ParkedText`] as saved: `[place, source, text]`, or `[place, text]` as earlier versions
-/// saved it (its source the place).
+/// A [`ParkedText`] as saved: `[place, source, text]`, with `taken_by` fourth when set, or
+/// `[place, text]` as earlier versions saved it (its source the place).
 #[derive(serde::Serialize, serde::Deserialize)]
 #[serde(untagged)]
 enum SavedText {
+    Taken(String, String, String, String),
     Triple(String, String, String),
     Pair(String, String),
 }
@@ -384,15 +391,20 @@ enum SavedText {
 impl From<SavedText> for ParkedText {
     fn from(saved: SavedText) -> Self {
         match saved {
-            SavedText::Triple(place, source, text) => Self { place, source, text },
-            SavedText::Pair(place, text) => Self { source: place.clone(), place, text },
+            SavedText::Taken(place, source, text, taken_by) => Self { place, source, text, taken_by },
+            SavedText::Triple(place, source, text) => Self { place, source, text, taken_by: String::new() },
+            SavedText::Pair(place, text) => Self { source: place.clone(), place, text, taken_by: String::new() },
         }
     }
 }
 
 impl From<ParkedText> for SavedText {
     fn from(parked: ParkedText) -> Self {
-        SavedText::Triple(parked.place, parked.source, parked.text)
+        if parked.taken_by.is_empty() {
+            SavedText::Triple(parked.place, parked.source, parked.text)
+        } else {
+            SavedText::Taken(parked.place, parked.source, parked.text, parked.taken_by)
+        }
     }
 }
 
@@ -510,7 +522,7 @@ impl PassiveSlots {
         };
         let at = queue.iter().position(|queued| queued.place == id).unwrap_or(otherwise);
         self.hold_bytes(text.len());
-        queue.insert(at, ParkedText { place: id, source: envelope_id.to_owned(), text });
+        queue.insert(at, ParkedText { place: id, source: envelope_id.to_owned(), text, taken_by: String::new() });
         // Text put at the front (the rest of what the user is reading) is not the one to drop.
         let dropped = Self::bound(channel, queue, at == 0);
         drop(parked);
@@ -548,36 +560,78 @@ impl PassiveSlots {
         self.unsaved_notify.notified().await;
     }
 
-    /// Saves the parked answers of every user whose answers changed, in batches, in order.
-    pub async fn save_parked(&self, store: &dyn Store) {
+    /// Saves the parked answers of every user whose answers changed, in batches, in order;
+    /// `false` if a batch failed (its users are saved again with the next one).
+    pub async fn save_parked(&self, store: &dyn Store) -> bool {
         let _in_order = self.saving.lock().await;
         loop {
             let (batch, users) = {
                 let mut unsaved = lock(&self.unsaved);
                 if unsaved.users.is_empty() {
-                    return;
+                    return true;
                 }
                 unsaved.taken += 1;
                 (unsaved.taken, std::mem::take(&mut unsaved.users))
             };
             // Read after the batch was taken: a change made meanwhile is in the next batch too.
-            let users: Vec<ParkedUser> = users
-                .into_iter()
-                .map(|(channel, user)| {
-                    let record = self
-                        .parked
-                        .get(&(channel.clone(), user.clone()))
-                        .filter(|parked| !parked.texts.is_empty())
-                        .and_then(|parked| serde_json::to_string(&parked.record(&channel, &user)).ok());
-                    ParkedUser { channel: channel.as_str().to_owned(), user, record }
-                })
-                .collect();
-            if let Err(error) = store.save_parked(users).await {
-                tracing::error!(%error, "Failed to save parked answers; a crash before they are saved again loses them.");
+            let mut saved = Vec::with_capacity(users.len());
+            for (channel, user) in &users {
+                match self.saved_record(channel, user).map(|record| serde_json::to_string(&record)).transpose() {
+                    Ok(record) => {
+                        saved.push(ParkedUser { channel: channel.as_str().to_owned(), user: user.clone(), record })
+                    }
+                    // Never happens to strings; the stored row stays as it was.
+                    Err(error) => tracing::error!(%error, "Cannot encode a user's parked answers; not saved."),
+                }
             }
+            let failed = store.save_parked(saved).await.err();
+            if let Some(error) = &failed {
+                tracing::error!(%error, "Failed to save parked answers; retrying.");
+                lock(&self.unsaved).users.extend(users);
+            }
+            // Waiters go on either way (a store that fails refuses the finish too).
             self.saved.store(batch, Ordering::SeqCst);
             self.saved_notify.notify_waiters();
+            if failed.is_some() {
+                return false;
+            }
         }
+    }
+
+    /// What is saved for a user: the text taken by messages not finished yet, then the queue.
+    fn saved_record(&self, channel: &ChannelId, user: &str) -> Option<ParkedRecord> {
+        let key = (channel.clone(), user.to_owned());
+        let taken: Vec<ParkedText> =
+            self.taken.iter().filter(|entry| entry.value().0 == key).map(|entry| entry.value().1.clone()).collect();
+        let mut record = match self.parked.get(&key) {
+            Some(parked) => parked.record(channel, user),
+            None => ParkedRecord {
+                channel: channel.as_str().to_owned(),
+                user: user.to_owned(),
+                texts: Vec::new(),
+                age_secs: 0,
+            },
+        };
+        record.texts.splice(0..0, taken);
+        (!record.texts.is_empty()).then_some(record)
+    }
+
+    /// Resolves text saved as taken by a message that had not finished (see
+    /// [`Self::unpark_for`]): dropped if that message's answer was recorded (`Some(true)`: its
+    /// parts carry the text) or it finished (`None`), parked again if it was not answered
+    /// (`Some(false)`: it takes the text again). Returns whether anything was taken.
+    pub fn restore_taken(record: &mut ParkedRecord, answered: impl Fn(&str) -> Option<bool>) -> bool {
+        let mut had_taken = false;
+        record.texts.retain_mut(|text| {
+            if text.taken_by.is_empty() {
+                return true;
+            }
+            had_taken = true;
+            let keep = answered(&text.taken_by) == Some(false);
+            text.taken_by.clear();
+            keep
+        });
+        had_taken
     }
 
     /// Waits until the text `envelope_id`'s answer parked (or, answering with parked text,
@@ -599,13 +653,14 @@ impl PassiveSlots {
     /// what of it is parked again keeps its place (see [`Self::park`]) until
     /// [`Self::forget_answer`].
     pub fn unpark_for(&self, channel: &ChannelId, user: &str, envelope_id: &str) -> Option<String> {
-        let ParkedText { place, text, .. } = self.take_front(channel, user)?;
-        self.continuing.insert(envelope_id.to_owned(), place);
-        // The text is now `envelope_id`'s answer: recorded as such while still saved as parked,
-        // a crash would bring it back twice (see `parked_saved`).
-        if let Some(batch) = self.changed(channel, user) {
-            self.parked_by.insert(envelope_id.to_owned(), batch);
-        }
+        let taken = self.pop_front(channel, user)?;
+        self.continuing.insert(envelope_id.to_owned(), taken.place.clone());
+        let text = taken.text.clone();
+        // Saved as taken by this message until it finishes: a crash before its answer is
+        // recorded must not lose the text, nor one after bring it back twice.
+        let key = (channel.clone(), user.to_owned());
+        self.taken.insert(envelope_id.to_owned(), (key, ParkedText { taken_by: envelope_id.to_owned(), ..taken }));
+        self.changed(channel, user);
         Some(text)
     }
 
@@ -619,6 +674,9 @@ impl PassiveSlots {
         self.continuing.remove(envelope_id);
         self.leaving.remove(envelope_id);
         self.parked_by.remove(envelope_id);
+        if let Some((_, ((channel, user), _))) = self.taken.remove(envelope_id) {
+            self.changed(&channel, &user);
+        }
     }
 
     /// Notes that `envelope_id`'s answer has parked its end while its start is still to be sent:
@@ -642,7 +700,12 @@ impl PassiveSlots {
         let mut parked = self.parked.entry((channel.clone(), user.to_owned())).or_default();
         parked.parked_at = std::time::Instant::now();
         self.hold_bytes(text.len());
-        parked.texts.push_front(ParkedText { place: String::new(), source: String::new(), text });
+        parked.texts.push_front(ParkedText {
+            place: String::new(),
+            source: String::new(),
+            text,
+            taken_by: String::new(),
+        });
         let dropped = Self::bound(channel, &mut parked.texts, true);
         drop(parked);
         self.release_bytes(dropped);
@@ -705,8 +768,15 @@ impl PassiveSlots {
         self.take_front(channel, user).map(|parked| parked.text)
     }
 
-    /// The oldest parked text for a user.
+    /// The oldest parked text for a user, its taking noted to be saved.
     fn take_front(&self, channel: &ChannelId, user: &str) -> Option<ParkedText> {
+        let front = self.pop_front(channel, user)?;
+        self.changed(channel, user);
+        Some(front)
+    }
+
+    /// The oldest parked text for a user (the change not noted).
+    fn pop_front(&self, channel: &ChannelId, user: &str) -> Option<ParkedText> {
         let key = (channel.clone(), user.to_owned());
         let mut parked = self.parked.get_mut(&key)?;
         let front = parked.texts.pop_front();
@@ -717,9 +787,6 @@ impl PassiveSlots {
         drop(parked);
         if empty {
             self.parked.remove_if(&key, |_, parked| parked.texts.is_empty());
-        }
-        if front.is_some() {
-            self.changed(channel, user);
         }
         front
     }
@@ -796,23 +863,40 @@ impl PassiveSlots {
             .collect()
     }
 
-    /// Takes back parked answers saved by [`Self::export_parked`]; returns how many texts.
-    /// Records of an invalid channel id are skipped; a user's bound applies as usual.
+    /// Takes back parked answers saved by [`Self::export_parked`] (each saved again); returns
+    /// how many texts.
     pub fn import_parked(&self, records: Vec<ParkedRecord>) -> usize {
+        self.import_parked_with(records, |_| true)
+    }
+
+    /// [`Self::import_parked`], saving again only the records `resave` names.
+    /// Records of an invalid channel id are skipped; a user's bound applies as usual.
+    ///
+    /// A text already parked for its user is not taken again (a file taken back once may be
+    /// found again after a crash). `resave` says whether a record is to be saved (it is not as
+    /// the store has it): those whose texts the bound dropped are saved either way.
+    pub fn import_parked_with(&self, records: Vec<ParkedRecord>, resave: impl Fn(&ParkedRecord) -> bool) -> usize {
         let mut imported = 0;
         for record in records {
             let Ok(channel) = ChannelId::parse(&record.channel) else { continue };
+            let save = resave(&record);
             let now = std::time::Instant::now();
             let parked_at = now.checked_sub(Duration::from_secs(record.age_secs)).unwrap_or(now);
             let mut parked = self.parked.entry((channel.clone(), record.user.clone())).or_default();
             parked.parked_at = parked_at;
-            imported += record.texts.len();
-            self.hold_bytes(bytes_of(&record.texts));
-            parked.texts.extend(record.texts);
+            for text in record.texts {
+                if !parked.texts.contains(&text) {
+                    imported += 1;
+                    self.hold_bytes(text.text.len());
+                    parked.texts.push_back(text);
+                }
+            }
             let dropped = Self::bound(&channel, &mut parked.texts, false);
             drop(parked);
             self.release_bytes(dropped);
-            self.changed(&channel, &record.user);
+            if save || dropped > 0 {
+                self.changed(&channel, &record.user);
+            }
         }
         self.shed_oldest_users(MAX_PARKED_USERS, MAX_PARKED_BYTES);
         imported
@@ -954,8 +1038,7 @@ mod tests {
     }
 
     /// Once parked answers are kept durably, a message that parked text waits (in its finish)
-    /// until that text is saved, and one answered with parked text until it is saved as taken;
-    /// one that did neither does not wait.
+    /// until that text is saved; one that parked nothing does not.
     #[actix::test]
     async fn a_message_that_parked_text_waits_until_that_text_is_saved() {
         let slots = PassiveSlots::default();
@@ -970,13 +1053,39 @@ mod tests {
         slots.save_parked(&crate::store::MemoryStore::new(1)).await;
         let saved = tokio::time::timeout(Duration::from_secs(30), saved).await;
         assert!(saved.is_ok(), "still waiting once the text was saved");
-        // Taken as the answer to the continue word: saved as taken before it is recorded.
-        assert_eq!(slots.unpark_for(&channel, "u", "k").as_deref(), Some("后半段"));
-        let taken = slots.parked_saved("k");
-        tokio::pin!(taken);
-        assert!(tokio::time::timeout(Duration::from_millis(20), &mut taken).await.is_err(), "not saved yet");
-        slots.save_parked(&crate::store::MemoryStore::new(1)).await;
-        assert!(tokio::time::timeout(Duration::from_secs(30), taken).await.is_ok());
+    }
+
+    /// Text taken by the continue word is saved as taken until that message finishes; taken
+    /// back after a crash, it is parked again if the message was not answered yet, and dropped
+    /// if it was (its recorded parts carry it) or it finished.
+    #[test]
+    fn text_taken_by_the_continue_word_is_saved_as_taken_until_that_message_finishes() {
+        let slots = PassiveSlots::default();
+        slots.keep_parked_durably();
+        let channel = ChannelId::parse("c").unwrap_or_else(|e| panic!("{e}"));
+        slots.park(&channel, "u", "e1", "一段".into());
+        slots.park(&channel, "u", "e2", "二段".into());
+        assert_eq!(slots.unpark_for(&channel, "u", "k").as_deref(), Some("一段"));
+        let saved = slots.saved_record(&channel, "u").map(|record| record.texts).unwrap_or_default();
+        let taken = ParkedText { taken_by: "k".into(), ..ParkedText::of("e1", "一段") };
+        assert_eq!(saved, [taken.clone(), ParkedText::of("e2", "二段")]);
+        slots.forget_answer("k");
+        let saved = slots.saved_record(&channel, "u").map(|record| record.texts).unwrap_or_default();
+        assert_eq!(saved, [ParkedText::of("e2", "二段")]);
+
+        let record =
+            |texts: Vec<ParkedText>| ParkedRecord { channel: "c".into(), user: "u".into(), texts, age_secs: 0 };
+        for (answered, expected) in [
+            (Some(false), vec![ParkedText::of("e1", "一段"), ParkedText::of("e2", "二段")]),
+            (Some(true), vec![ParkedText::of("e2", "二段")]),
+            (None, vec![ParkedText::of("e2", "二段")]),
+        ] {
+            let mut restored = record(vec![taken.clone(), ParkedText::of("e2", "二段")]);
+            assert!(PassiveSlots::restore_taken(&mut restored, |id| (id == "k").then_some(answered).flatten()));
+            assert_eq!(restored.texts, expected, "{answered:?}");
+        }
+        let mut untouched = record(vec![ParkedText::of("e2", "二段")]);
+        assert!(!PassiveSlots::restore_taken(&mut untouched, |_| None));
     }
 
     /// A message answered with parked text (the continue word) parks the rest of that text in
@@ -1122,7 +1231,7 @@ mod tests {
         assert_eq!(held(), 0);
         slots.park(&channel, "c", "y", "五".into());
         slots.import_parked(slots.export_parked());
-        assert_eq!(held(), 6, "imported next to what was there");
+        assert_eq!(held(), 3, "a text already parked is not taken back a second time");
         slots.forget_parked_before(std::time::Instant::now() + Duration::from_secs(1));
         assert_eq!(held(), 0);
     }

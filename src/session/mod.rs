@@ -374,8 +374,6 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
         Work::Say(text) => text,
         Work::Continue => match hub.passive.unpark_for(&envelope.channel, &envelope.sender.id, &envelope.id) {
             Some(parked) => {
-                // Saved as taken before it is recorded as this message's answer.
-                hub.passive.parked_saved(&envelope.id).await;
                 hub.metrics.answers.with_label_values(&[envelope.channel.as_str(), "unparked"]).inc();
                 delivery::answer(&hub, &envelope, key.as_str(), None, AnswerText::Rendered(parked)).await;
                 return history;

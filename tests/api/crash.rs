@@ -821,3 +821,33 @@ async fn an_answer_both_pending_and_parked_comes_back_once(in_store: bool) {
     let texts = app.sent_texts().await;
     assert_eq!(texts, ["后半段", "没有待查看的内容了，请直接提问吧。"]);
 }
+
+/// A crash after the continue word took parked text but before its answer was recorded: after
+/// the restart the message takes that text again (it was saved as taken, not as gone).
+#[actix_web::test]
+async fn parked_text_taken_by_the_continue_word_before_a_crash_is_taken_again() {
+    use yizhan::store::Store;
+    let dir = std::env::temp_dir().join(format!("yizhan-parked-taken-{}-{}", std::process::id(), now()));
+    let db = dir.join("yizhan.db");
+    {
+        let store = open_store(&db);
+        let continued = accept_text(&store, CHANNEL, "oTaken", "97000", "继续").await;
+        let record = serde_json::json!({
+            "channel": CHANNEL, "user": "oTaken", "age_secs": 0,
+            "texts": [["e-earlier", "e-earlier", "上次没看完的后半段", continued.id], ["e-later", "e-later", "另一个回答"]],
+        });
+        let user = yizhan::store::ParkedUser {
+            channel: CHANNEL.into(),
+            user: "oTaken".into(),
+            record: Some(record.to_string()),
+        };
+        assert!(store.save_parked(vec![user]).await.is_ok());
+    }
+    let app = start_in_process_on(&db).await;
+    app.wait_until_idle().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(app.llm_requests().await.is_empty(), "the continue word is not a question for the model");
+    let texts = app.sent_texts().await;
+    assert_eq!(texts.len(), 1, "{texts:?}");
+    assert!(texts[0].starts_with("上次没看完的后半段"), "{texts:?}");
+}
