@@ -139,7 +139,7 @@ impl Hub {
     /// process); the shutdown then no longer waits for it.
     pub fn leave_for_next_start(&self, envelope: &Envelope) {
         tracing::info!(channel = %envelope.channel, envelope = %envelope.id, "Answer left for the next start.");
-        self.passive.forget_answer(&envelope.id);
+        self.passive.forget_answer_but_what_it_took(&envelope.id);
         self.metrics.journal_open.dec();
     }
 }

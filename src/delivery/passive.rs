@@ -292,9 +292,9 @@ pub struct PassiveSlots {
     parked_by: DashMap<String, u64, Hasher>,
     /// Held while batches are saved, so that they are saved in order.
     saving: tokio::sync::Mutex<()>,
-    /// Parked text taken by a message (the continue word) that has not finished yet, by that
-    /// message, with its user: saved as taken until then (see [`PassiveSlots::restore_taken`]).
-    taken: DashMap<String, ((ChannelId, String), ParkedText), Hasher>,
+    /// The user of each message that took parked text (the continue word) and has not
+    /// finished yet (see [`Parked::taken`]).
+    taken_by: DashMap<String, (ChannelId, String), Hasher>,
 }
 
 /// Changes to parked answers not saved yet.
@@ -327,6 +327,11 @@ const REPLIED_FOR: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 struct Parked {
     texts: VecDeque<ParkedText>,
+    /// Text taken by messages (the continue word) that have not finished yet, in the order
+    /// taken: saved as taken until then, so that a crash neither loses it (its message not
+    /// answered yet) nor shows it twice (see [`PassiveSlots::restore_taken`]). Beside the queue,
+    /// under the same lock, so that a save sees it in one place or the other.
+    taken: Vec<ParkedText>,
     /// When text was last parked for the user or taken by them; [`PARKED_FOR`] later, if
     /// neither happened since, the queue is dropped (see [`PassiveSlots::forget_parked_before`]).
     parked_at: std::time::Instant,
@@ -338,15 +343,20 @@ impl Parked {
         ParkedRecord {
             channel: channel.as_str().to_owned(),
             user: user.to_owned(),
-            texts: self.texts.iter().cloned().collect(),
+            texts: self.taken.iter().chain(&self.texts).cloned().collect(),
             age_secs: self.parked_at.elapsed().as_secs(),
         }
+    }
+
+    /// Whether nothing is parked or taken.
+    fn is_empty(&self) -> bool {
+        self.texts.is_empty() && self.taken.is_empty()
     }
 }
 
 impl Default for Parked {
     fn default() -> Self {
-        Self { texts: VecDeque::new(), parked_at: std::time::Instant::now() }
+        Self { texts: VecDeque::new(), taken: Vec::new(), parked_at: std::time::Instant::now() }
     }
 }
 
@@ -588,6 +598,7 @@ impl PassiveSlots {
             if let Some(error) = &failed {
                 tracing::error!(%error, "Failed to save parked answers; retrying.");
                 lock(&self.unsaved).users.extend(users);
+                self.unsaved_notify.notify_one();
             }
             // Waiters go on either way (a store that fails refuses the finish too).
             self.saved.store(batch, Ordering::SeqCst);
@@ -600,20 +611,8 @@ impl PassiveSlots {
 
     /// What is saved for a user: the text taken by messages not finished yet, then the queue.
     fn saved_record(&self, channel: &ChannelId, user: &str) -> Option<ParkedRecord> {
-        let key = (channel.clone(), user.to_owned());
-        let taken: Vec<ParkedText> =
-            self.taken.iter().filter(|entry| entry.value().0 == key).map(|entry| entry.value().1.clone()).collect();
-        let mut record = match self.parked.get(&key) {
-            Some(parked) => parked.record(channel, user),
-            None => ParkedRecord {
-                channel: channel.as_str().to_owned(),
-                user: user.to_owned(),
-                texts: Vec::new(),
-                age_secs: 0,
-            },
-        };
-        record.texts.splice(0..0, taken);
-        (!record.texts.is_empty()).then_some(record)
+        let parked = self.parked.get(&(channel.clone(), user.to_owned()))?;
+        (!parked.is_empty()).then(|| parked.record(channel, user))
     }
 
     /// Resolves text saved as taken by a message that had not finished (see
@@ -635,7 +634,7 @@ impl PassiveSlots {
     }
 
     /// Waits until the text `envelope_id`'s answer parked (or, answering with parked text,
-    /// took) is saved (at once if it parked or took none, or nothing is saved).
+    /// took: saved as taken) is saved (at once if it parked or took none, or nothing is saved).
     pub async fn parked_saved(&self, envelope_id: &str) {
         let Some((_, batch)) = self.parked_by.remove(envelope_id) else { return };
         loop {
@@ -652,16 +651,25 @@ impl PassiveSlots {
     /// Takes the oldest parked text for a user to answer `envelope_id` (the continue word):
     /// what of it is parked again keeps its place (see [`Self::park`]) until
     /// [`Self::forget_answer`].
+    ///
+    /// The text is saved as taken by `envelope_id` until it finishes (see [`Parked::taken`]);
+    /// wait for [`Self::parked_saved`] before recording it as that message's answer.
     pub fn unpark_for(&self, channel: &ChannelId, user: &str, envelope_id: &str) -> Option<String> {
-        let taken = self.pop_front(channel, user)?;
-        self.continuing.insert(envelope_id.to_owned(), taken.place.clone());
-        let text = taken.text.clone();
-        // Saved as taken by this message until it finishes: a crash before its answer is
-        // recorded must not lose the text, nor one after bring it back twice.
         let key = (channel.clone(), user.to_owned());
-        self.taken.insert(envelope_id.to_owned(), (key, ParkedText { taken_by: envelope_id.to_owned(), ..taken }));
-        self.changed(channel, user);
-        Some(text)
+        let taken = {
+            let mut parked = self.parked.get_mut(&key)?;
+            let front = parked.texts.pop_front()?;
+            self.release_bytes(front.text.len());
+            parked.parked_at = std::time::Instant::now();
+            parked.taken.push(ParkedText { taken_by: envelope_id.to_owned(), ..front.clone() });
+            front
+        };
+        self.taken_by.insert(envelope_id.to_owned(), key);
+        self.continuing.insert(envelope_id.to_owned(), taken.place);
+        if let Some(batch) = self.changed(channel, user) {
+            self.parked_by.insert(envelope_id.to_owned(), batch);
+        }
+        Some(taken.text)
     }
 
     /// Whether `envelope_id` is being answered with parked text (see [`Self::unpark_for`]).
@@ -671,12 +679,22 @@ impl PassiveSlots {
 
     /// Forgets what [`Self::unpark_for`] and [`Self::mark_leaving`] noted for a finished message.
     pub fn forget_answer(&self, envelope_id: &str) {
+        self.forget_answer_but_what_it_took(envelope_id);
+        if let Some((_, key)) = self.taken_by.remove(envelope_id) {
+            if let Some(mut parked) = self.parked.get_mut(&key) {
+                parked.taken.retain(|text| text.taken_by != envelope_id);
+            }
+            self.parked.remove_if(&key, |_, parked| parked.is_empty());
+            self.changed(&key.0, &key.1);
+        }
+    }
+
+    /// [`Self::forget_answer`] for a message left for the next start: the parked text it took
+    /// stays saved as taken, for the next start to resolve (see [`Self::restore_taken`]).
+    pub fn forget_answer_but_what_it_took(&self, envelope_id: &str) {
         self.continuing.remove(envelope_id);
         self.leaving.remove(envelope_id);
         self.parked_by.remove(envelope_id);
-        if let Some((_, ((channel, user), _))) = self.taken.remove(envelope_id) {
-            self.changed(&channel, &user);
-        }
     }
 
     /// Notes that `envelope_id`'s answer has parked its end while its start is still to be sent:
@@ -768,25 +786,21 @@ impl PassiveSlots {
         self.take_front(channel, user).map(|parked| parked.text)
     }
 
-    /// The oldest parked text for a user, its taking noted to be saved.
+    /// The oldest parked text for a user.
     fn take_front(&self, channel: &ChannelId, user: &str) -> Option<ParkedText> {
-        let front = self.pop_front(channel, user)?;
-        self.changed(channel, user);
-        Some(front)
-    }
-
-    /// The oldest parked text for a user (the change not noted).
-    fn pop_front(&self, channel: &ChannelId, user: &str) -> Option<ParkedText> {
         let key = (channel.clone(), user.to_owned());
         let mut parked = self.parked.get_mut(&key)?;
         let front = parked.texts.pop_front();
         self.release_bytes(front.as_ref().map_or(0, |parked| parked.text.len()));
         // The user is reading: what is left is not forgotten, or dropped first, as unwanted.
         parked.parked_at = std::time::Instant::now();
-        let empty = parked.texts.is_empty();
+        let empty = parked.is_empty();
         drop(parked);
         if empty {
-            self.parked.remove_if(&key, |_, parked| parked.texts.is_empty());
+            self.parked.remove_if(&key, |_, parked| parked.is_empty());
+        }
+        if front.is_some() {
+            self.changed(channel, user);
         }
         front
     }
@@ -848,14 +862,14 @@ impl PassiveSlots {
                 self.changed(channel, user);
             }
         }
-        self.parked.remove_if(&key, |_, parked| parked.texts.is_empty());
+        self.parked.remove_if(&key, |_, parked| parked.is_empty());
     }
 
     /// Every user's parked answers.
     pub fn export_parked(&self) -> Vec<ParkedRecord> {
         self.parked
             .iter()
-            .filter(|entry| !entry.value().texts.is_empty())
+            .filter(|entry| !entry.value().is_empty())
             .map(|entry| {
                 let ((channel, user), parked) = (entry.key(), entry.value());
                 parked.record(channel, user)
@@ -885,13 +899,16 @@ impl PassiveSlots {
             let mut parked = self.parked.entry((channel.clone(), record.user.clone())).or_default();
             parked.parked_at = parked_at;
             for text in record.texts {
-                if !parked.texts.contains(&text) {
+                // Text put back has no place: two such texts alike may both be wanted.
+                if text.place.is_empty() || !parked.texts.contains(&text) {
                     imported += 1;
                     self.hold_bytes(text.text.len());
                     parked.texts.push_back(text);
                 }
             }
-            let dropped = Self::bound(&channel, &mut parked.texts, false);
+            // From the back: the front is what the user reads next (a text taken back from a
+            // message that had taken it among them).
+            let dropped = Self::bound(&channel, &mut parked.texts, true);
             drop(parked);
             self.release_bytes(dropped);
             if save || dropped > 0 {
@@ -1038,7 +1055,8 @@ mod tests {
     }
 
     /// Once parked answers are kept durably, a message that parked text waits (in its finish)
-    /// until that text is saved; one that parked nothing does not.
+    /// until that text is saved, and one answered with parked text until it is saved as taken;
+    /// one that did neither does not wait.
     #[actix::test]
     async fn a_message_that_parked_text_waits_until_that_text_is_saved() {
         let slots = PassiveSlots::default();
@@ -1053,6 +1071,13 @@ mod tests {
         slots.save_parked(&crate::store::MemoryStore::new(1)).await;
         let saved = tokio::time::timeout(Duration::from_secs(30), saved).await;
         assert!(saved.is_ok(), "still waiting once the text was saved");
+        // Taken by the continue word: saved as taken before it is recorded as that answer.
+        assert_eq!(slots.unpark_for(&channel, "u", "k").as_deref(), Some("后半段"));
+        let taken = slots.parked_saved("k");
+        tokio::pin!(taken);
+        assert!(tokio::time::timeout(Duration::from_millis(20), &mut taken).await.is_err(), "not saved yet");
+        slots.save_parked(&crate::store::MemoryStore::new(1)).await;
+        assert!(tokio::time::timeout(Duration::from_secs(30), taken).await.is_ok());
     }
 
     /// Text taken by the continue word is saved as taken until that message finishes; taken
@@ -1069,6 +1094,10 @@ mod tests {
         let saved = slots.saved_record(&channel, "u").map(|record| record.texts).unwrap_or_default();
         let taken = ParkedText { taken_by: "k".into(), ..ParkedText::of("e1", "一段") };
         assert_eq!(saved, [taken.clone(), ParkedText::of("e2", "二段")]);
+        // Left for the next start, it stays saved as taken (the next start resolves it).
+        slots.forget_answer_but_what_it_took("k");
+        let saved = slots.saved_record(&channel, "u").map(|record| record.texts).unwrap_or_default();
+        assert_eq!(saved.first(), Some(&taken));
         slots.forget_answer("k");
         let saved = slots.saved_record(&channel, "u").map(|record| record.texts).unwrap_or_default();
         assert_eq!(saved, [ParkedText::of("e2", "二段")]);

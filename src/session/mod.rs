@@ -374,6 +374,9 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
         Work::Say(text) => text,
         Work::Continue => match hub.passive.unpark_for(&envelope.channel, &envelope.sender.id, &envelope.id) {
             Some(parked) => {
+                // Saved as taken by this message before it is recorded as its answer: a crash
+                // in between then neither loses the text nor shows it twice.
+                hub.passive.parked_saved(&envelope.id).await;
                 hub.metrics.answers.with_label_values(&[envelope.channel.as_str(), "unparked"]).inc();
                 delivery::answer(&hub, &envelope, key.as_str(), None, AnswerText::Rendered(parked)).await;
                 return history;
