@@ -704,10 +704,14 @@ impl PassiveSlots {
         self.leaving.insert(envelope_id.to_owned(), parked_under);
     }
 
-    /// Whether a user's oldest parked text is the end of an answer whose start is still being
-    /// sent.
+    /// Whether a user's oldest parked text must wait for an answer still on its way: the end
+    /// of an answer whose start is still being sent, or any, while parked text taken by the
+    /// continue word is (it is older).
     pub fn oldest_is_still_leaving(&self, channel: &ChannelId, user: &str) -> bool {
         let Some(parked) = self.parked.get(&(channel.clone(), user.to_owned())) else { return false };
+        if !parked.taken.is_empty() {
+            return true;
+        }
         let Some(front) = parked.texts.front().map(|front| &front.place) else { return false };
         !front.is_empty() && self.leaving.iter().any(|entry| entry.value() == front)
     }
@@ -1115,6 +1119,20 @@ mod tests {
         }
         let mut untouched = record(vec![ParkedText::of("e2", "二段")]);
         assert!(!PassiveSlots::restore_taken(&mut untouched, |_| None));
+    }
+
+    /// While text taken by the continue word is on its way, later parked text waits for it.
+    #[test]
+    fn parked_text_waits_while_older_text_taken_by_the_continue_word_is_on_its_way() {
+        let slots = PassiveSlots::default();
+        let channel = ChannelId::parse("c").unwrap_or_else(|e| panic!("{e}"));
+        slots.park(&channel, "u", "e1", "一段".into());
+        slots.park(&channel, "u", "e2", "二段".into());
+        assert!(!slots.oldest_is_still_leaving(&channel, "u"));
+        assert_eq!(slots.unpark_for(&channel, "u", "k").as_deref(), Some("一段"));
+        assert!(slots.oldest_is_still_leaving(&channel, "u"), "二段 shown while 一段 is still on its way");
+        slots.forget_answer("k");
+        assert!(!slots.oldest_is_still_leaving(&channel, "u"));
     }
 
     /// A message answered with parked text (the continue word) parks the rest of that text in
