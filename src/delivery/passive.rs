@@ -1089,11 +1089,7 @@ mod tests {
     /// if it was (its recorded parts carry it) or it finished.
     #[test]
     fn text_taken_by_the_continue_word_is_saved_as_taken_until_that_message_finishes() {
-        let slots = PassiveSlots::default();
-        slots.keep_parked_durably();
-        let channel = ChannelId::parse("c").unwrap_or_else(|e| panic!("{e}"));
-        slots.park(&channel, "u", "e1", "一段".into());
-        slots.park(&channel, "u", "e2", "二段".into());
+        let (slots, channel) = two_parked();
         assert_eq!(slots.unpark_for(&channel, "u", "k").as_deref(), Some("一段"));
         let saved = slots.saved_record(&channel, "u").map(|record| record.texts).unwrap_or_default();
         let taken = ParkedText { taken_by: "k".into(), ..ParkedText::of("e1", "一段") };
@@ -1121,13 +1117,19 @@ mod tests {
         assert!(!PassiveSlots::restore_taken(&mut untouched, |_| None));
     }
 
-    /// While text taken by the continue word is on its way, later parked text waits for it.
-    #[test]
-    fn parked_text_waits_while_older_text_taken_by_the_continue_word_is_on_its_way() {
+    /// Slots with 一段 (of e1) then 二段 (of e2) parked for user `u` of channel `c`.
+    fn two_parked() -> (PassiveSlots, ChannelId) {
         let slots = PassiveSlots::default();
         let channel = ChannelId::parse("c").unwrap_or_else(|e| panic!("{e}"));
         slots.park(&channel, "u", "e1", "一段".into());
         slots.park(&channel, "u", "e2", "二段".into());
+        (slots, channel)
+    }
+
+    /// While text taken by the continue word is on its way, later parked text waits for it.
+    #[test]
+    fn parked_text_waits_while_older_text_taken_by_the_continue_word_is_on_its_way() {
+        let (slots, channel) = two_parked();
         assert!(!slots.oldest_is_still_leaving(&channel, "u"));
         assert_eq!(slots.unpark_for(&channel, "u", "k").as_deref(), Some("一段"));
         assert!(slots.oldest_is_still_leaving(&channel, "u"), "二段 shown while 一段 is still on its way");
@@ -1141,10 +1143,7 @@ mod tests {
     /// would read it twice).
     #[test]
     fn forgetting_a_message_s_parked_text_takes_the_rest_it_parked_in_another_place() {
-        let slots = PassiveSlots::default();
-        let channel = ChannelId::parse("c").unwrap_or_else(|e| panic!("{e}"));
-        slots.park(&channel, "u", "e1", "一段".into());
-        slots.park(&channel, "u", "e2", "二段".into());
+        let (slots, channel) = two_parked();
         assert_eq!(slots.unpark_for(&channel, "u", "k").as_deref(), Some("一段"));
         slots.park(&channel, "u", "k", "一段的后半".into());
         slots.forget_parked_of(&channel, "u", "k");
