@@ -51,6 +51,9 @@ const RECALLED: i64 = 230011;
 pub(crate) struct Target<'a> {
     pub(crate) message_id: Option<&'a str>,
     pub(crate) chat_id: Option<&'a str>,
+    /// Whether an answer to a recalled message goes into the chat instead: in a direct chat,
+    /// not in a group, where the asker took the question back from everyone.
+    pub(crate) into_chat_if_recalled: bool,
 }
 
 /// Feishu's API for one app.
@@ -140,9 +143,14 @@ impl Api {
                 let path = format!("/open-apis/im/v1/messages/{}/reply", path_id("message_id", message_id)?);
                 let body = json!({"msg_type": msg_type, "content": content, "uuid": uuid});
                 match (self.call(Method::POST, &path, &[], &body).await, chat_id) {
-                    // The user recalled the question while it was being answered: the answer
-                    // goes into the chat instead of being lost.
-                    (Err(ChannelError::Refused { code: RECALLED, .. }), Some(chat_id)) => into_chat(chat_id).await?,
+                    // The user recalled the question while it was being answered: in a direct
+                    // chat the answer goes into the chat instead of being lost (in a group it
+                    // is not posted for everyone: refused, recorded as failed).
+                    (Err(ChannelError::Refused { code: RECALLED, .. }), Some(chat_id))
+                        if target.into_chat_if_recalled =>
+                    {
+                        into_chat(chat_id).await?
+                    }
                     (answer, _) => answer?,
                 }
             }

@@ -294,7 +294,8 @@ impl Feishu {
         let body = message::message_body(&delivery.reply.text);
         let uuid = message::idempotency_key(&delivery.delivery_id);
         self.wait_for_chat(target.limit_key()).await;
-        let platform_message_id = self.api.send(target.as_api(), body.msg_type, &body.content, &uuid).await?;
+        let platform_message_id =
+            self.api.send(target.as_api(&delivery.conversation.kind), body.msg_type, &body.content, &uuid).await?;
         Ok(DeliveryReceipt { platform_message_id })
     }
 
@@ -344,7 +345,7 @@ impl Feishu {
         // Retried with the same uuid, which Feishu dedupes: a send whose answer was lost must
         // not leave an empty card in the chat beside the answer sent whole.
         let sent = retry_transient(&self.id, "Sending a streaming card", CARD_SEND_ATTEMPTS, |_| {
-            self.api.send(reply_target.as_api(), "interactive", &content, &uuid)
+            self.api.send(reply_target.as_api(&target.conversation.kind), "interactive", &content, &uuid)
         })
         .await;
         let message_id = match sent {
@@ -487,8 +488,10 @@ impl<'a> ReplyTarget<'a> {
         Ok(target)
     }
 
-    fn as_api(&self) -> api::Target<'a> {
-        api::Target { message_id: self.message_id, chat_id: self.chat_id }
+    /// The API's target for a delivery into a conversation of `kind`.
+    fn as_api(&self, kind: &yizhan_channel_core::ConversationKind) -> api::Target<'a> {
+        let into_chat_if_recalled = matches!(kind, yizhan_channel_core::ConversationKind::Direct);
+        api::Target { message_id: self.message_id, chat_id: self.chat_id, into_chat_if_recalled }
     }
 
     /// The per-chat limiter's key: the chat, or (for a handle without one) the message replied

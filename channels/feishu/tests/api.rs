@@ -253,6 +253,29 @@ async fn an_answer_to_a_recalled_message_goes_into_the_chat() {
     assert_eq!(receipt.ok().and_then(|r| r.platform_message_id).as_deref(), Some("om_new"));
 }
 
+/// In a group the asker took the question back from everyone: the answer is not posted there
+/// (refused, so the core records it as failed with the reason).
+#[tokio::test]
+async fn an_answer_to_a_message_recalled_in_a_group_is_not_posted_into_the_group() {
+    let server = MockServer::start().await;
+    mount_token(&server, "t-TOKEN1", 1).await;
+    let recalled = ResponseTemplate::new(400).set_body_json(json!({"code": 230011, "msg": "message recalled"}));
+    mount_reply(&server, "t-TOKEN1", recalled, 1).await;
+    Mock::given(method("POST"))
+        .and(path("/open-apis/im/v1/messages"))
+        .respond_with(ok(json!({})))
+        .expect(0)
+        .mount(&server)
+        .await;
+    let handle = json!({"message_id": MESSAGE_ID, "chat_id": CHAT_ID, "chat_type": "group", "event_id": "e1"});
+    let mut in_group = delivery_with("d1", "hi", handle);
+    in_group.conversation.kind = ConversationKind::Group;
+    match channel_for(&server).deliver(&in_group).await {
+        Err(ChannelError::Refused { code: 230011, reason }) => assert!(reason.contains("recalled"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn content_too_large_is_refused_with_a_clear_reason() {
     let server = MockServer::start().await;
