@@ -115,9 +115,27 @@ fn build_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     }
 }
 
-/// Validates what `build` would, without binding or connecting: the config and every channel's
-/// own settings. For `yizhan check`.
+/// Validates what `build` would, without binding or connecting: the config, every channel's
+/// own settings, that `server.bind` is an address, and that `store.path` can be a database
+/// file. For `yizhan check`.
 pub fn check(config: &Config, kinds: &ChannelKinds) -> anyhow::Result<()> {
+    use std::net::ToSocketAddrs;
+    let bind = &config.server.bind;
+    let addresses = bind.to_socket_addrs().with_context(|| format!("`server.bind` = {bind:?} is not an address"))?;
+    anyhow::ensure!(addresses.count() > 0, "`server.bind` = {bind:?} names no address");
+    if config.store.kind == StoreKind::Sqlite {
+        let path = &config.store.path;
+        anyhow::ensure!(!path.is_dir(), "`store.path` = {} is a directory, not a database file", path.display());
+        // The first ancestor that exists must be a directory (the rest is created at start).
+        if let Some(existing) = path.ancestors().skip(1).find(|ancestor| ancestor.exists()) {
+            anyhow::ensure!(
+                existing.is_dir(),
+                "`store.path` = {}: {} is not a directory",
+                path.display(),
+                existing.display()
+            );
+        }
+    }
     let http = reqwest::Client::new();
     for entry in &config.channels {
         let channel = kinds.build(&entry.settings, &http).map_err(|error| anyhow::anyhow!("{error}"))?;
@@ -353,17 +371,8 @@ impl Application {
         let handle = self.server.handle();
         // Taken back at build (an earlier version's graceful stop wrote it); removed only once
         // what it held is saved in the store (a start that failed leaves it for the next one).
-        if let Some(path) = self.parked_file.as_ref().filter(|path| path.exists()) {
-            if !self.hub.passive.save_parked(self.hub.store.as_ref()).await {
-                tracing::error!(path = %path.display(), "Parked answers from the file not saved in the store yet; the file stays.");
-            } else {
-                // Synced with its directory, or a power loss could bring back texts shown since
-                // (taking the file back twice adds nothing twice, see `import_parked_with`).
-                let removed = std::fs::remove_file(path).and_then(|()| crate::store::sync_directory_of(path));
-                if let Err(error) = removed {
-                    tracing::error!(path = %path.display(), %error, "Failed to remove the parked answers' file; they may come back after a crash.");
-                }
-            }
+        if let Some(path) = &self.parked_file {
+            save_parked_and_drop_legacy_file(&self.hub, path).await;
         }
         let (hub, shutdown_timeout) = (self.hub.clone(), self.shutdown_timeout);
         let mut signals = Signals::listen();
@@ -404,34 +413,11 @@ impl Application {
             handle.stop(true).await;
         });
         let served = self.server.await;
-        // The actor threads stop first, so that nothing they run queues a write after the
-        // flush: a send still waiting on the platform is cut off and left pending (the next
-        // start sends it). (A record waiting for room in a full store queue is cut off too;
-        // its part is then sent again by the next start.)
-        for arbiter in &self.arbiters {
-            arbiter.stop();
-        }
-        let arbiters = self.arbiters;
-        let joined = actix_web::rt::task::spawn_blocking(move || {
-            for arbiter in arbiters {
-                if arbiter.join().is_err() {
-                    tracing::error!("An actor thread panicked while stopping.");
-                }
-            }
-        });
-        if tokio::time::timeout(STORE_FLUSH_TIMEOUT, joined).await.is_err() {
-            tracing::warn!("The actor threads did not stop in time; exiting anyway.");
-        }
-        // Parked answers changed since the last save, now that nothing parks or takes any.
-        if self.parked_file.is_some() {
-            self.hub.passive.save_parked(self.hub.store.as_ref()).await;
-        }
-        // What was queued the exit would otherwise drop: a part the platform confirmed, not
-        // recorded, would be sent again by the next start.
-        match tokio::time::timeout(STORE_FLUSH_TIMEOUT, self.hub.store.flush()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => tracing::error!(%error, "The store failed to write what was queued at exit."),
-            Err(_) => tracing::error!("The store did not write what was queued at exit in time; exiting anyway."),
+        // Bounded as a whole: the stop has taken `shutdown_timeout_secs` and the connections'
+        // drain already.
+        let left = write_what_is_left(&self.hub, self.arbiters, self.parked_file.as_deref());
+        if tokio::time::timeout(EXIT_WRITES_TIMEOUT, left).await.is_err() {
+            tracing::error!("What was left to write at exit did not get written in time; exiting anyway.");
         }
         served
     }
@@ -517,9 +503,9 @@ impl Application {
     }
 }
 
-/// How long the exit waits for the actor threads to stop, and then for the store to write what
-/// is queued.
-const STORE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the exit waits, after the stop, for what is left to be written (see
+/// `write_what_is_left`).
+const EXIT_WRITES_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How old a resumed message may be for a platform retry to still come for it (WeChat's three
 /// tries span about 15 s), in milliseconds.
@@ -547,8 +533,14 @@ async fn take_back_parked(hub: &Hub, pending: &[crate::store::Unfinished]) -> an
             Ok(mut record) => {
                 let since = now.duration_since(saved_at).unwrap_or_default().as_secs();
                 record.age_secs = record.age_secs.saturating_add(since);
-                if PassiveSlots::restore_taken(&mut record, |id| answered.get(id).copied()) {
+                let (had_taken, continuing) = PassiveSlots::restore_taken(&mut record, |id| answered.get(id).copied());
+                if had_taken {
                     changed.insert((record.channel.clone(), record.user.clone()));
+                }
+                // Their answers are sent again from their parts; what of them is parked again
+                // goes where the text they took was, not behind later answers.
+                for (envelope_id, place) in continuing {
+                    hub.passive.continue_in_place(&envelope_id, place);
                 }
                 records.push(record);
             }
@@ -563,6 +555,55 @@ async fn take_back_parked(hub: &Hub, pending: &[crate::store::Unfinished]) -> an
         tracing::info!(texts, "Parked answers taken back.");
     }
     Ok(())
+}
+
+/// The end of a stop: the actor threads stop, so that nothing they run queues a write after
+/// this; then parked answers changed since the last save are saved, and the store writes
+/// what is queued (a part the platform confirmed, not recorded, would be sent again by the
+/// next start). A send still waiting on the platform is cut off and left pending, for the
+/// next start to send (as is a record still waiting for room in a full store queue).
+async fn write_what_is_left(hub: &Hub, arbiters: Vec<Arbiter>, parked_file: Option<&std::path::Path>) {
+    for arbiter in &arbiters {
+        arbiter.stop();
+    }
+    let joined = actix_web::rt::task::spawn_blocking(move || {
+        for arbiter in arbiters {
+            if arbiter.join().is_err() {
+                tracing::error!("An actor thread panicked while stopping.");
+            }
+        }
+    });
+    if joined.await.is_err() {
+        tracing::error!("Waiting for the actor threads to stop failed.");
+    }
+    if let Some(path) = parked_file {
+        save_parked_and_drop_legacy_file(hub, path).await;
+    }
+    if let Err(error) = hub.store.flush().await {
+        tracing::error!(%error, "The store failed to write what was queued at exit.");
+    }
+}
+
+/// Saves parked answers changed since the last save; then, if they all are, removes the file an
+/// earlier version left (taken back at build), so that a crash cannot bring back from it texts
+/// shown since. Kept while a save fails: taken back again, it adds nothing already parked.
+async fn save_parked_and_drop_legacy_file(hub: &Hub, path: &std::path::Path) {
+    if !hub.passive.save_parked(hub.store.as_ref()).await {
+        return;
+    }
+    if !path.exists() {
+        return;
+    }
+    // Synced with its directory, or a power loss could bring the file back.
+    let removed = std::fs::remove_file(path).and_then(|()| crate::store::sync_directory_of(path));
+    match removed {
+        Ok(()) => {
+            tracing::info!(path = %path.display(), "Parked answers of the last stop's file saved in the store; file removed.")
+        }
+        Err(error) => {
+            tracing::error!(path = %path.display(), %error, "Failed to remove the parked answers' file; its texts may come back after a crash.")
+        }
+    }
 }
 
 /// Takes back the parked answers an earlier version's graceful stop saved in a file beside the

@@ -36,8 +36,9 @@ pub struct LiveAnswer {
 
 /// Starts a streamed message for `envelope`, or takes up again the one the last run was
 /// streaming its answer into; `None` when the channel cannot stream or starting failed (the
-/// answer is then delivered the normal way). The message is recorded in the store first, so
-/// that a run stopped before the answer is complete leaves it to the next one.
+/// answer is then delivered the normal way). The message is recorded in the store before any
+/// update (a failure to is logged), so that a run stopped before the answer is complete leaves
+/// it to the next one; one taken up again is used only once its new numbering is recorded.
 pub async fn start(hub: &Hub, channel: Arc<dyn Channel>, envelope: &Envelope) -> Option<(LiveAnswer, DeltaSink)> {
     let capabilities = channel.capabilities();
     let resumed = hub.take_resumed_stream(&envelope.id);

@@ -260,13 +260,19 @@ pub fn park_behind_hint(
     limit: usize,
     overflow: &[Delivery],
 ) {
-    let mut rest = joined(overflow);
-    if let Some(last) = last {
-        let (kept, spill) = fit_with_hint(last, &hub.messages.more_hint, limit);
-        *last = kept;
-        rest.insert_str(0, &spill);
-    }
+    let rest = match last {
+        Some(last) => cut_for_hint(hub, last, limit, overflow),
+        None => joined(overflow),
+    };
     park_text(hub, envelope, rest);
+}
+
+/// What [`park_behind_hint`] parks, without parking it: `last` gets the hint (cut to fit
+/// `limit` bytes with it), and what it displaces goes before `overflow`.
+pub fn cut_for_hint(hub: &Hub, last: &mut String, limit: usize, overflow: &[Delivery]) -> String {
+    let (kept, spill) = fit_with_hint(last, &hub.messages.more_hint, limit);
+    *last = kept;
+    spill + &joined(overflow)
 }
 
 /// The texts of `parts`, as one text.
@@ -275,7 +281,7 @@ fn joined(parts: &[Delivery]) -> String {
 }
 
 /// Parks `text` of `envelope`'s answer for the user's next message, and counts it.
-fn park_text(hub: &Hub, envelope: &Envelope, text: String) {
+pub fn park_text(hub: &Hub, envelope: &Envelope, text: String) {
     hub.passive.park(&envelope.channel, &envelope.sender.id, &envelope.id, text);
     hub.metrics.answers.with_label_values(&[envelope.channel.as_str(), "parked"]).inc();
 }

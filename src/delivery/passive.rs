@@ -594,18 +594,21 @@ impl PassiveSlots {
                     Err(error) => tracing::error!(%error, "Cannot encode a user's parked answers; not saved."),
                 }
             }
-            let failed = store.save_parked(saved).await.err();
-            if let Some(error) = &failed {
+            if let Err(error) = store.save_parked(saved).await {
                 tracing::error!(%error, "Failed to save parked answers; retrying.");
                 lock(&self.unsaved).users.extend(users);
                 self.unsaved_notify.notify_one();
-            }
-            // Waiters go on either way (a store that fails refuses the finish too).
-            self.saved.store(batch, Ordering::SeqCst);
-            self.saved_notify.notify_waiters();
-            if failed.is_some() {
+                // Their messages wait for a later batch to save them: finished now, a crash would
+                // lose the text. Unless the store refuses writes for good (until a restart,
+                // which resumes those messages): then waiting would only hold their sessions.
+                if store.health().is_err() {
+                    self.saved.store(batch, Ordering::SeqCst);
+                    self.saved_notify.notify_waiters();
+                }
                 return false;
             }
+            self.saved.store(batch, Ordering::SeqCst);
+            self.saved_notify.notify_waiters();
         }
     }
 
@@ -618,19 +621,36 @@ impl PassiveSlots {
     /// Resolves text saved as taken by a message that had not finished (see
     /// [`Self::unpark_for`]): dropped if that message's answer was recorded (`Some(true)`: its
     /// parts carry the text) or it finished (`None`), parked again if it was not answered
-    /// (`Some(false)`: it takes the text again). Returns whether anything was taken.
-    pub fn restore_taken(record: &mut ParkedRecord, answered: impl Fn(&str) -> Option<bool>) -> bool {
-        let mut had_taken = false;
+    /// (`Some(false)`: it takes the text again). Returns whether anything was taken, and the
+    /// messages whose recorded answer is text they took, each with that text's place (see
+    /// [`Self::continue_in_place`]).
+    pub fn restore_taken(
+        record: &mut ParkedRecord,
+        answered: impl Fn(&str) -> Option<bool>,
+    ) -> (bool, Vec<(String, String)>) {
+        let (mut had_taken, mut continuing) = (false, Vec::new());
         record.texts.retain_mut(|text| {
             if text.taken_by.is_empty() {
                 return true;
             }
             had_taken = true;
-            let keep = answered(&text.taken_by) == Some(false);
-            text.taken_by.clear();
-            keep
+            let taken_by = std::mem::take(&mut text.taken_by);
+            match answered(&taken_by) {
+                Some(false) => true,
+                Some(true) => {
+                    continuing.push((taken_by, text.place.clone()));
+                    false
+                }
+                None => false,
+            }
         });
-        had_taken
+        (had_taken, continuing)
+    }
+
+    /// Notes, after a restart, that `envelope_id` was answered with parked text of `place`: what
+    /// of its answer is parked again keeps that place (see [`Self::park`]) until it finishes.
+    pub fn continue_in_place(&self, envelope_id: &str, place: String) {
+        self.continuing.insert(envelope_id.to_owned(), place);
     }
 
     /// Waits until the text `envelope_id`'s answer parked (or, answering with parked text,
@@ -753,7 +773,10 @@ impl PassiveSlots {
                 break;
             }
             // Unless text was parked for them meanwhile.
-            if let Some((_, parked)) = self.parked.remove_if(&key, |_, parked| parked.parked_at <= parked_at) {
+            // Not a user whose message is answering with text it took: that text is saved with
+            // the entry until the message finishes.
+            let droppable = |parked: &Parked| parked.parked_at <= parked_at && parked.taken.is_empty();
+            if let Some((_, parked)) = self.parked.remove_if(&key, |_, parked| droppable(parked)) {
                 users += 1;
                 answers += parked.texts.len();
                 self.release_bytes(bytes_of(&parked.texts));
@@ -814,7 +837,7 @@ impl PassiveSlots {
     pub fn forget_parked_before(&self, cutoff: std::time::Instant) -> usize {
         let (mut forgotten, mut bytes, mut users) = (0, 0, Vec::new());
         self.parked.retain(|key, parked| {
-            let keep = parked.parked_at >= cutoff;
+            let keep = parked.parked_at >= cutoff || !parked.taken.is_empty();
             if !keep {
                 forgotten += parked.texts.len();
                 bytes += bytes_of(&parked.texts);
@@ -1104,17 +1127,19 @@ mod tests {
 
         let record =
             |texts: Vec<ParkedText>| ParkedRecord { channel: "c".into(), user: "u".into(), texts, age_secs: 0 };
-        for (answered, expected) in [
-            (Some(false), vec![ParkedText::of("e1", "一段"), ParkedText::of("e2", "二段")]),
-            (Some(true), vec![ParkedText::of("e2", "二段")]),
-            (None, vec![ParkedText::of("e2", "二段")]),
+        let in_place = vec![("k".to_owned(), "e1".to_owned())];
+        for (answered, expected, continuing) in [
+            (Some(false), vec![ParkedText::of("e1", "一段"), ParkedText::of("e2", "二段")], vec![]),
+            (Some(true), vec![ParkedText::of("e2", "二段")], in_place),
+            (None, vec![ParkedText::of("e2", "二段")], vec![]),
         ] {
             let mut restored = record(vec![taken.clone(), ParkedText::of("e2", "二段")]);
-            assert!(PassiveSlots::restore_taken(&mut restored, |id| (id == "k").then_some(answered).flatten()));
+            let found = PassiveSlots::restore_taken(&mut restored, |id| (id == "k").then_some(answered).flatten());
+            assert_eq!(found, (true, continuing), "{answered:?}");
             assert_eq!(restored.texts, expected, "{answered:?}");
         }
         let mut untouched = record(vec![ParkedText::of("e2", "二段")]);
-        assert!(!PassiveSlots::restore_taken(&mut untouched, |_| None));
+        assert_eq!(PassiveSlots::restore_taken(&mut untouched, |_| None), (false, vec![]));
     }
 
     /// Slots with 一段 (of e1) then 二段 (of e2) parked for user `u` of channel `c`.

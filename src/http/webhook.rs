@@ -553,14 +553,19 @@ async fn hold_for_answer(
     // Shutting down: parked text would die with the process, so the rest stays pending in the
     // store for the next start to park (`send_parts` leaves it there).
     let leave_rest = entry.reply_mode == ReplyMode::Passive && hub.passive.is_closing();
+    // No send API: the rest waits for the continue word, and the hint must fit too. Parked
+    // only once the reply is built: otherwise the answer goes whole the other way.
+    let mut rest_to_park = None;
     if shown_instead.is_none() && entry.reply_mode == ReplyMode::Passive && !parts.is_empty() && !leave_rest {
-        // No send API: the rest waits for the continue word, and the hint must fit too.
         let rest = std::mem::take(&mut parts);
-        crate::delivery::park_behind_hint(hub, &envelope, Some(&mut text), limit, &rest);
+        rest_to_park = Some((crate::delivery::cut_for_hint(hub, &mut text, limit, &rest), rest));
     }
     let response = match passive_reply(entry.channel.as_ref(), request, &envelope, &Reply::text(text.clone())) {
         Ok(response) => {
             hub.passive.remember_reply(&envelope, text);
+            if let Some((to_park, _)) = rest_to_park {
+                crate::delivery::park_text(hub, &envelope, to_park);
+            }
             response
         }
         Err(error) => {
@@ -568,7 +573,7 @@ async fn hold_for_answer(
             if let Some(parked) = unparked {
                 hub.passive.put_back(&envelope.channel, &envelope.sender.id, parked);
             }
-            let mut parts = parts;
+            let mut parts = rest_to_park.map_or(parts, |(_, rest)| rest);
             parts.insert(0, first);
             // All of it goes through the send API, within the quota.
             let parts = if leave_rest { parts } else { crate::delivery::within_send_quota(hub, &envelope, parts) };

@@ -531,6 +531,22 @@ async fn a_bad_config_exits_non_zero_naming_the_key_and_check_accepts_a_good_one
     assert_ne!(long_hint, example, "the example sets more_hint");
     let (passed, stderr) = check("long-hint.toml", &long_hint);
     assert!(!passed && stderr.contains("messages.more_hint"), "{stderr}");
+    // An address that is none, and a database path under a file: found by `check`, not at start.
+    // The example with the line setting `key` (`section.name`) replaced by `line`.
+    let with = |key: &str, line: &str| {
+        let (section, rest) = key.split_once('.').unwrap_or_default();
+        let pattern = format!("\n{rest} = ");
+        let start = example.find(&format!("[{section}]")).unwrap_or_else(|| panic!("no [{section}] in the example"));
+        let at = start + example[start..].find(&pattern).unwrap_or_else(|| panic!("no {key} in the example"));
+        let end = at + 1 + example[at + 1..].find('\n').unwrap_or(example.len() - at - 1);
+        format!("{}\n{line}{}", &example[..at], &example[end..])
+    };
+    let (passed, stderr) = check("bad-bind.toml", &with("server.bind", "bind = \"not an address\""));
+    assert!(!passed && stderr.contains("server.bind"), "{stderr}");
+    let under_a_file = dir.join("example.toml").join("yizhan.db");
+    let (passed, stderr) =
+        check("bad-path.toml", &with("store.path", &format!("path = {:?}", under_a_file.display().to_string())));
+    assert!(!passed && stderr.contains("store.path"), "{stderr}");
     // An unrelated variable that is not UTF-8 is none of Yizhan's business.
     #[cfg(unix)]
     {
