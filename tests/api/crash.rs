@@ -867,3 +867,37 @@ async fn parked_text_taken_by_the_continue_word_before_a_crash_is_taken_again() 
     assert_eq!(texts.len(), 1, "{texts:?}");
     assert!(texts[0].starts_with("上次没看完的后半段"), "{texts:?}");
 }
+
+/// A continue-word answer left pending by a stop (its text taken from the front of what was
+/// parked, with later text parked behind it): after the restart its rest is parked where the
+/// text it took was, so the next 「继续」 shows that rest, not the later text.
+#[actix_web::test]
+async fn the_rest_of_a_continue_word_answer_resent_after_a_restart_keeps_its_place() {
+    use yizhan::store::Store;
+    let dir = std::env::temp_dir().join(format!("yizhan-parked-place-{}-{}", std::process::id(), now()));
+    let db = dir.join("yizhan.db");
+    {
+        let store = open_store(&db);
+        let continued = accept_text(&store, CHANNEL, "oPlace", "98000", "继续").await;
+        record_parts(&store, &continued, &["前文第一段".to_owned(), "前文第二段".to_owned()]).await;
+        let record = serde_json::json!({
+            "channel": CHANNEL, "user": "oPlace", "age_secs": 0,
+            "texts": [["e-earlier", "e-earlier", "前文第一段\n\n前文第二段", continued.id], ["e-later", "e-later", "后来的回答"]],
+        });
+        let user = yizhan::store::ParkedUser {
+            channel: CHANNEL.into(),
+            user: "oPlace".into(),
+            record: Some(record.to_string()),
+        };
+        assert!(store.save_parked(vec![user]).await.is_ok());
+    }
+    let app = start_in_process_with(&db, &[("YIZHAN__CHANNELS__MP__SEND_QUOTA_PER_MESSAGE", "1")]).await;
+    app.wait_until_idle().await;
+    assert_eq!(app.post_text("oPlace", 98_001, "继续").await.0, 200);
+    app.wait_until_idle().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let texts = app.sent_texts().await;
+    assert_eq!(texts.len(), 2, "{texts:?}");
+    assert!(texts[0].starts_with("前文第一段") && texts[0].contains("继续"), "{texts:?}");
+    assert!(texts[1].starts_with("前文第二段"), "the rest before the later answer: {texts:?}");
+}
