@@ -814,17 +814,11 @@ async fn an_answer_both_pending_and_parked_comes_back_once(in_store: bool) {
         let envelope = accept_text(&store, CHANNEL, "oTwice", "96000", "长问题").await;
         let parts = record_parts(&store, &envelope, &["前半段".to_owned(), "后半段".to_owned()]).await;
         assert!(store.part_delivered(&parts[0].delivery_id).await.is_ok());
-        let record = serde_json::json!(
-            {"channel": CHANNEL, "user": "oTwice", "texts": [[envelope.id, "后半段"]], "age_secs": 0}
-        );
+        let texts = serde_json::json!([[envelope.id, "后半段"]]);
         if in_store {
-            let user = yizhan::store::ParkedUser {
-                channel: CHANNEL.into(),
-                user: "oTwice".into(),
-                record: Some(record.to_string()),
-            };
-            assert!(store.save_parked(vec![user]).await.is_ok());
+            park_in_store(&store, "oTwice", texts).await;
         } else {
+            let record = serde_json::json!({"channel": CHANNEL, "user": "oTwice", "texts": texts, "age_secs": 0});
             let saved = serde_json::json!([record]).to_string();
             std::fs::write(dir.join("yizhan.db.parked.json"), saved).unwrap_or_else(|e| panic!("{e}"));
         }
@@ -842,22 +836,20 @@ async fn an_answer_both_pending_and_parked_comes_back_once(in_store: bool) {
 /// the restart the message takes that text again (it was saved as taken, not as gone).
 #[actix_web::test]
 async fn parked_text_taken_by_the_continue_word_before_a_crash_is_taken_again() {
-    use yizhan::store::Store;
     let dir = std::env::temp_dir().join(format!("yizhan-parked-taken-{}-{}", std::process::id(), now()));
     let db = dir.join("yizhan.db");
     {
         let store = open_store(&db);
         let continued = accept_text(&store, CHANNEL, "oTaken", "97000", "继续").await;
-        let record = serde_json::json!({
-            "channel": CHANNEL, "user": "oTaken", "age_secs": 0,
-            "texts": [["e-earlier", "e-earlier", "上次没看完的后半段", continued.id], ["e-later", "e-later", "另一个回答"]],
-        });
-        let user = yizhan::store::ParkedUser {
-            channel: CHANNEL.into(),
-            user: "oTaken".into(),
-            record: Some(record.to_string()),
-        };
-        assert!(store.save_parked(vec![user]).await.is_ok());
+        park_in_store(
+            &store,
+            "oTaken",
+            serde_json::json!([
+                ["e-earlier", "e-earlier", "上次没看完的后半段", continued.id],
+                ["e-later", "e-later", "另一个回答"]
+            ]),
+        )
+        .await;
     }
     let app = start_in_process_on(&db).await;
     app.wait_until_idle().await;
@@ -873,23 +865,21 @@ async fn parked_text_taken_by_the_continue_word_before_a_crash_is_taken_again() 
 /// text it took was, so the next 「继续」 shows that rest, not the later text.
 #[actix_web::test]
 async fn the_rest_of_a_continue_word_answer_resent_after_a_restart_keeps_its_place() {
-    use yizhan::store::Store;
     let dir = std::env::temp_dir().join(format!("yizhan-parked-place-{}-{}", std::process::id(), now()));
     let db = dir.join("yizhan.db");
     {
         let store = open_store(&db);
         let continued = accept_text(&store, CHANNEL, "oPlace", "98000", "继续").await;
         record_parts(&store, &continued, &["前文第一段".to_owned(), "前文第二段".to_owned()]).await;
-        let record = serde_json::json!({
-            "channel": CHANNEL, "user": "oPlace", "age_secs": 0,
-            "texts": [["e-earlier", "e-earlier", "前文第一段\n\n前文第二段", continued.id], ["e-later", "e-later", "后来的回答"]],
-        });
-        let user = yizhan::store::ParkedUser {
-            channel: CHANNEL.into(),
-            user: "oPlace".into(),
-            record: Some(record.to_string()),
-        };
-        assert!(store.save_parked(vec![user]).await.is_ok());
+        park_in_store(
+            &store,
+            "oPlace",
+            serde_json::json!([
+                ["e-earlier", "e-earlier", "前文第一段\n\n前文第二段", continued.id],
+                ["e-later", "e-later", "后来的回答"]
+            ]),
+        )
+        .await;
     }
     let app = start_in_process_with(&db, &[("YIZHAN__CHANNELS__MP__SEND_QUOTA_PER_MESSAGE", "1")]).await;
     app.wait_until_idle().await;
@@ -900,4 +890,14 @@ async fn the_rest_of_a_continue_word_answer_resent_after_a_restart_keeps_its_pla
     assert_eq!(texts.len(), 2, "{texts:?}");
     assert!(texts[0].starts_with("前文第一段") && texts[0].contains("继续"), "{texts:?}");
     assert!(texts[1].starts_with("前文第二段"), "the rest before the later answer: {texts:?}");
+}
+
+/// Saves `texts` (as the passive module saves them) as what is parked for `user` of [`CHANNEL`],
+/// as a stopped run would have left them.
+async fn park_in_store(store: &yizhan::store::SqliteStore, user: &str, texts: serde_json::Value) {
+    use yizhan::store::Store;
+    let record = serde_json::json!({"channel": CHANNEL, "user": user, "texts": texts, "age_secs": 0});
+    let user =
+        yizhan::store::ParkedUser { channel: CHANNEL.into(), user: user.into(), record: Some(record.to_string()) };
+    assert!(store.save_parked(vec![user]).await.is_ok());
 }
