@@ -308,8 +308,10 @@ impl Application {
             "Failed to read the messages the last run left unanswered (they stay journaled; fix the store and start again)",
         )?;
         if let Some(path) = &parked_file {
-            // Saved from now on (`spawn_parked_saver`), the ones taken back here included.
+            // Saved from now on, the ones taken back here included (and what resumed messages
+            // park before the server runs).
             hub.passive.keep_parked_durably();
+            spawn_parked_saver(&hub);
             take_back_parked(&hub, &pending).await?;
             load_parked_file(&hub, path);
         }
@@ -367,7 +369,6 @@ impl Application {
         self.spawn_retention();
         self.spawn_parked_expiry();
         self.spawn_llm_probe();
-        self.spawn_parked_saver();
         let handle = self.server.handle();
         // Taken back at build (an earlier version's graceful stop wrote it); removed only once
         // what it held is saved in the store (a start that failed leaves it for the next one).
@@ -440,23 +441,6 @@ impl Application {
                         _ => "users get the apology until it answers",
                     };
                     tracing::warn!(backend, %base_url, %error, hint, "The LLM server did not answer the start-up check.");
-                }
-            }
-        });
-    }
-
-    /// Saves parked answers as they change (durable stores only), so that a crash loses none.
-    fn spawn_parked_saver(&self) {
-        if self.parked_file.is_none() {
-            return;
-        }
-        let hub = self.hub.clone();
-        actix::spawn(async move {
-            loop {
-                hub.passive.unsaved_changes().await;
-                if !hub.passive.save_parked(hub.store.as_ref()).await {
-                    // The failed users are noted again: not in a tight loop.
-                    actix::clock::sleep(Duration::from_secs(1)).await;
                 }
             }
         });
@@ -557,6 +541,20 @@ async fn take_back_parked(hub: &Hub, pending: &[crate::store::Unfinished]) -> an
     Ok(())
 }
 
+/// Saves parked answers as they change (durable stores only), so that a crash loses none.
+fn spawn_parked_saver(hub: &Hub) {
+    let hub = hub.clone();
+    actix::spawn(async move {
+        loop {
+            hub.passive.unsaved_changes().await;
+            if !hub.passive.save_parked(hub.store.as_ref()).await {
+                // The failed users are noted again: not in a tight loop.
+                actix::clock::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    });
+}
+
 /// The end of a stop: the actor threads stop, so that nothing they run queues a write after
 /// this; then parked answers changed since the last save are saved, and the store writes
 /// what is queued (a part the platform confirmed, not recorded, would be sent again by the
@@ -566,15 +564,20 @@ async fn write_what_is_left(hub: &Hub, arbiters: Vec<Arbiter>, parked_file: Opti
     for arbiter in &arbiters {
         arbiter.stop();
     }
-    let joined = actix_web::rt::task::spawn_blocking(move || {
+    // Joined on a thread of its own, not a blocking task: the runtime's end waits for those,
+    // and a thread that does not stop would hold the exit past its bound.
+    let (stopped, all_stopped) = tokio::sync::oneshot::channel();
+    let joiner = std::thread::Builder::new().name("actor-join".into()).spawn(move || {
         for arbiter in arbiters {
             if arbiter.join().is_err() {
                 tracing::error!("An actor thread panicked while stopping.");
             }
         }
+        let _ = stopped.send(());
     });
-    if joined.await.is_err() {
-        tracing::error!("Waiting for the actor threads to stop failed.");
+    match joiner {
+        Ok(_) => drop(all_stopped.await),
+        Err(error) => tracing::error!(%error, "Cannot wait for the actor threads to stop."),
     }
     if let Some(path) = parked_file {
         save_parked_and_drop_legacy_file(hub, path).await;

@@ -350,7 +350,9 @@ pub async fn send_parts(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) {
                 hub.leave_for_next_start(envelope);
                 return;
             }
-            record_failed(hub.store.as_ref(), &undelivered).await;
+            // Not recorded as failed: the parts stay pending until the finish, so that a crash
+            // before it leaves them for the next start to park again (its parked copy is
+            // forgotten then; recorded failed, the text would be gone with it). Parking logs why.
             park(hub, envelope, &undelivered.parts, &undelivered.error.to_string());
         }
         Ok(Err(undelivered)) => {

@@ -306,6 +306,8 @@ struct Unsaved {
     users: HashSet<(ChannelId, String)>,
     /// Batches taken so far: the changes noted now go in batch `taken + 1`.
     taken: u64,
+    /// Saves failed in a row.
+    failures: u64,
 }
 
 /// A passive reply already given, kept for the platform's retries (see the module docs).
@@ -595,7 +597,15 @@ impl PassiveSlots {
                 }
             }
             if let Err(error) = store.save_parked(saved).await {
-                tracing::error!(%error, "Failed to save parked answers; retrying.");
+                // Retried every second: said at the first failure, then once a minute.
+                let failures = {
+                    let mut unsaved = lock(&self.unsaved);
+                    unsaved.failures += 1;
+                    unsaved.failures
+                };
+                if failures % 60 == 1 {
+                    tracing::error!(%error, failures, "Failed to save parked answers; retrying (their messages wait).");
+                }
                 lock(&self.unsaved).users.extend(users);
                 self.unsaved_notify.notify_one();
                 // Their messages wait for a later batch to save them: finished now, a crash would
@@ -607,6 +617,7 @@ impl PassiveSlots {
                 }
                 return false;
             }
+            lock(&self.unsaved).failures = 0;
             self.saved.store(batch, Ordering::SeqCst);
             self.saved_notify.notify_waiters();
         }
