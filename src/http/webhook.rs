@@ -550,13 +550,11 @@ async fn hold_for_answer(
         }
         unparked = Some(parked);
     }
-    // Shutting down: parked text would die with the process, so the rest stays pending in the
-    // store for the next start to park (`send_parts` leaves it there).
-    let leave_rest = entry.reply_mode == ReplyMode::Passive && hub.passive.is_closing();
     // No send API: the rest waits for the continue word, and the hint must fit too. Parked
     // only once the reply is built: otherwise the answer goes whole the other way.
     let mut rest_to_park = None;
-    if shown_instead.is_none() && entry.reply_mode == ReplyMode::Passive && !parts.is_empty() && !leave_rest {
+    // (While shutting down too: parked text is saved, and the reply says more follows.)
+    if shown_instead.is_none() && entry.reply_mode == ReplyMode::Passive && !parts.is_empty() {
         let rest = std::mem::take(&mut parts);
         rest_to_park = Some((crate::delivery::cut_for_hint(hub, &mut text, limit, &rest), rest));
     }
@@ -576,7 +574,7 @@ async fn hold_for_answer(
             let mut parts = rest_to_park.map_or(parts, |(_, rest)| rest);
             parts.insert(0, first);
             // All of it goes through the send API, within the quota.
-            let parts = if leave_rest { parts } else { crate::delivery::within_send_quota(hub, &envelope, parts) };
+            let parts = crate::delivery::within_send_quota(hub, &envelope, parts);
             let hub = hub.clone();
             actix::spawn(async move {
                 send_parts(&hub, &envelope, parts).await;
@@ -605,7 +603,7 @@ async fn hold_for_answer(
         return ("passive", respond(response));
     }
     // The passive reply used no quota; the rest goes through the send API within it.
-    let parts = if leave_rest { parts } else { crate::delivery::within_send_quota(hub, &envelope, parts) };
+    let parts = crate::delivery::within_send_quota(hub, &envelope, parts);
     let hub = hub.clone();
     // Cleared from the outbox only after this handler has returned its response (the task runs
     // once the worker is free again): a crash before the response left would otherwise lose the

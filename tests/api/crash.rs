@@ -263,8 +263,9 @@ async fn sigterm_pushes_a_passive_answer_no_retry_can_take_any_more() {
     assert!(sent[0]["text"]["content"].as_str().is_some_and(|text| text.starts_with("答：关机前")));
 }
 
-/// In passive mode the answer cannot be pushed, and parked text lives in memory only: it must
-/// stay journaled, its parts pending, for the next start, not be parked and finished.
+/// In passive mode the answer cannot be pushed, and no attempt will take it any more: it stays
+/// journaled, its parts pending, for the next start (which parks it for the user's next
+/// message).
 #[actix_web::test]
 async fn sigterm_in_passive_mode_leaves_a_held_answer_for_the_next_start() {
     let Stopped { app, unfinished, .. } = sigterm_while_a_passive_answer_is_held("passive", 2_500, &[], None).await;
@@ -275,19 +276,19 @@ async fn sigterm_in_passive_mode_leaves_a_held_answer_for_the_next_start() {
 }
 
 /// A held attempt takes a long answer during shutdown in passive mode: its first part is the
-/// reply, and the rest stays pending in the store for the next start (parked text would die
-/// with the process).
+/// reply, with the hint that more follows, and the rest is parked and saved in the store for
+/// the user's next message after the restart.
 #[actix_web::test]
-async fn sigterm_in_passive_mode_leaves_the_rest_of_a_long_answer_for_the_next_start() {
+async fn sigterm_in_passive_mode_parks_the_rest_of_a_long_answer_behind_the_hint() {
     // A window with seconds to spare for the answer (1 s) and the disk.
     let env = [("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "100"), ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", "6000")];
-    let Stopped { app, delivered, unfinished, .. } =
+    let Stopped { app, delivered, unfinished, parked } =
         sigterm_while_a_passive_answer_is_held("passive", 1_000, &env, None).await;
     let (attempt, body) = delivered.unwrap_or_default();
-    assert!(attempt == 1 && body.contains("答：关机前"), "attempt {attempt}: {body}");
+    assert!(attempt == 1 && body.contains("答：关机前") && body.contains("继续"), "attempt {attempt}: {body}");
     assert!(app.sent_messages().await.is_empty());
-    let pending: usize = unfinished.iter().map(|u| u.pending_parts.as_ref().map_or(0, Vec::len)).sum();
-    assert!(pending >= 1, "the rest is left for the next start: {unfinished:?}");
+    assert!(unfinished.is_empty(), "{unfinished:?}");
+    assert!(parked.is_some_and(|parked| parked.contains("。。。")), "the rest is saved as parked");
 }
 
 /// The wait for unanswered messages ends (here at once) while an attempt is held for an answer
