@@ -284,7 +284,8 @@ impl Default for SessionConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveryConfig {
-    /// Sends of one part before it is recorded as failed. The default's retries span about 2.5–5
+    /// Sends of one part before it is given up (recorded as failed, or parked in `auto` mode).
+    /// The default's retries span about 2.5–5
     /// minutes, so a platform API's brief outage does not cost answers.
     pub max_attempts: u32,
     /// First retry delay; doubles each attempt, with jitter.

@@ -2,7 +2,8 @@
 //! platform's parts and sends them in order, retrying transient failures with backoff.
 //!
 //! Invariant: a part is retried only on [`ChannelError::is_retryable`] failures and at most
-//! `max_attempts` times; every part ends as delivered or as failed with a logged, counted reason.
+//! `max_attempts` times; every part ends as delivered, as failed with a logged, counted reason,
+//! or (where a webhook response can still carry it) parked for the user's next message.
 
 pub mod live;
 pub mod passive;
@@ -20,8 +21,8 @@ use std::time::Duration;
 use yizhan_channel_core::{Channel, ChannelError, Delivery, Envelope, Reply};
 
 /// Send rendered parts, in order; resolves when every part is delivered or one failed for good
-/// (the parts after it are then recorded as failed too, so the user never gets a torn answer
-/// with a hole in it).
+/// (the parts after it are then given up too, recorded as failed or parked by the sender, so the
+/// user never gets a torn answer with a hole in it).
 #[derive(Message)]
 #[rtype(result = "Result<(), Undelivered>")]
 pub struct Deliver {
@@ -327,7 +328,9 @@ pub async fn send_parts(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) {
     if entry.passive_window.is_some() && entry.reply_mode == ReplyMode::Passive {
         if hub.passive.is_closing() {
             // Journaled with its parts pending, the answer is parked by the next start: no
-            // parking is started that the exit could cut short, whatever the store keeps.
+            // parking is started that the exit could cut short, whatever the store keeps. (Its
+            // rest beyond the send quota may be parked already; it is pending too.)
+            hub.passive.forget_parked_of(&envelope.channel, &envelope.sender.id, &envelope.id);
             hub.leave_for_next_start(envelope);
             return;
         }

@@ -558,6 +558,7 @@ async fn hold_for_answer(
         let rest = std::mem::take(&mut parts);
         rest_to_park = Some((crate::delivery::cut_for_hint(hub, &mut text, limit, &rest), rest));
     }
+    let rest_is_parked = rest_to_park.is_some();
     let response = match passive_reply(entry.channel.as_ref(), request, &envelope, &Reply::text(text.clone())) {
         Ok(response) => {
             hub.passive.remember_reply(&envelope, text);
@@ -609,7 +610,13 @@ async fn hold_for_answer(
     // once the worker is free again): a crash before the response left would otherwise lose the
     // start of the answer; a crash in between now at worst sends it once more.
     actix::spawn(async move {
-        crate::delivery::clear_delivered(hub.store.as_ref(), &first).await;
+        // Not when the rest is parked: the parked text starts with what the hint cut off this
+        // part, and a start after a crash before the finish parks the answer again from its
+        // pending parts (dropping that copy), which must then include this part (its start is
+        // shown once more rather than its end lost).
+        if !rest_is_parked {
+            crate::delivery::clear_delivered(hub.store.as_ref(), &first).await;
+        }
         if parts.is_empty() {
             hub.finish(&envelope.id).await;
         } else {
