@@ -423,7 +423,7 @@ impl Writer {
 /// every part's backticks do (a lone one would make the count of the part after it wrong). A
 /// `**` inside inline code does not count.
 pub fn split_keeping_strong(text: &str, max_bytes: usize) -> Vec<String> {
-    let parts = crate::split_text(text, max_bytes);
+    let parts = crate::split::split_text_keeping(text, max_bytes, unbreakable_spans);
     let cut_inside_bold = parts.len() > 1
         && strong_markers(text).is_multiple_of(2)
         && parts.iter().any(|part| strong_markers(part) % 2 == 1);
@@ -431,7 +431,7 @@ pub fn split_keeping_strong(text: &str, max_bytes: usize) -> Vec<String> {
         return parts;
     }
     // Room for a `**` at either end.
-    let narrower = crate::split_text(text, max_bytes.saturating_sub(4));
+    let narrower = crate::split::split_text_keeping(text, max_bytes.saturating_sub(4), unbreakable_spans);
     if narrower.iter().any(|part| part.matches('`').count() % 2 == 1) {
         return parts;
     }
@@ -455,6 +455,69 @@ pub fn split_keeping_strong(text: &str, max_bytes: usize) -> Vec<String> {
         // A part that was only the closing marker, given to the part before it.
         .filter(|part| !part.trim().is_empty())
         .collect()
+}
+
+/// The byte ranges of `text` a cut must not fall inside: links and images (`[text](url)`,
+/// `![alt](url)`, on one line), inline code (a backtick run to the next run of the same length,
+/// within the paragraph) and bare URLs (`http://` or `https://` up to whitespace or a non-ASCII
+/// character). Cut, each would show as raw markup, or a dead link, in both parts. One pass, so
+/// that no input makes it slow.
+pub fn unbreakable_spans(text: &str) -> Vec<std::ops::Range<usize>> {
+    let bytes = text.as_bytes();
+    let mut spans = Vec::new();
+    // The last `[` of the line, and the backtick run that opened inline code (start, length).
+    let (mut bracket, mut code): (Option<usize>, Option<(usize, usize)>) = (None, None);
+    let mut at = 0;
+    while at < bytes.len() {
+        match bytes[at] {
+            b'`' => {
+                let run = bytes[at..].iter().take_while(|byte| **byte == b'`').count();
+                match code {
+                    Some((start, length)) if length == run => {
+                        spans.push(start..at + run);
+                        code = None;
+                    }
+                    Some(_) => {}
+                    None => code = Some((at, run)),
+                }
+                at += run;
+                continue;
+            }
+            b'\n' => {
+                bracket = None;
+                if bytes.get(at + 1) == Some(&b'\n') {
+                    code = None;
+                }
+            }
+            _ if code.is_some() => {}
+            b'[' => bracket = Some(at),
+            b']' if bytes.get(at + 1) == Some(&b'(') => {
+                let url_end = bytes[at + 2..].iter().position(|byte| matches!(byte, b')' | b'\n'));
+                match (bracket, url_end) {
+                    (Some(open), Some(length)) if bytes[at + 2 + length] == b')' => {
+                        // An image's `!` goes with it.
+                        let start = if open > 0 && bytes[open - 1] == b'!' { open - 1 } else { open };
+                        spans.push(start..at + 2 + length + 1);
+                        bracket = None;
+                        at += 2 + length + 1;
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
+            b'h' if text[at..].starts_with("https://") || text[at..].starts_with("http://") => {
+                let length = text[at..]
+                    .find(|ch: char| ch.is_whitespace() || !ch.is_ascii() || matches!(ch, '<' | '>' | '"'))
+                    .unwrap_or(text.len() - at);
+                spans.push(at..at + length);
+                at += length;
+                continue;
+            }
+            _ => {}
+        }
+        at += 1;
+    }
+    spans
 }
 
 /// The `**` in `text` outside inline code (backtick spans).
@@ -514,6 +577,40 @@ mod tests {
 
     fn basic(markdown: &str) -> String {
         render(markdown, Style::BASIC)
+    }
+
+    #[test]
+    fn links_images_inline_code_and_urls_are_found_as_unbreakable() {
+        let text =
+            "见 [文档](https://a.example/x) 与 ![图](p.png)，用 `a [b](c)` 或 ``x`y``，再看 https://b.example/路径 完";
+        let spans: Vec<&str> = unbreakable_spans(text).into_iter().map(|span| &text[span]).collect();
+        assert_eq!(
+            spans,
+            ["[文档](https://a.example/x)", "![图](p.png)", "`a [b](c)`", "``x`y``", "https://b.example/"]
+        );
+        // Unclosed ones, and a link across lines, are not spans.
+        assert!(unbreakable_spans("[a](b\nc) `open\n\nx`").is_empty());
+    }
+
+    /// WeCom markdown: a cut that would fall inside a link moves before it, so the link stays
+    /// clickable in one part instead of raw brackets in two.
+    #[test]
+    fn a_part_is_not_cut_inside_a_link() {
+        let link = "[Rust 程序设计语言](https://doc.rust-lang.org/book/)";
+        for filler in 20..40 {
+            let text = format!("{} {link} 之后的文字。", "字".repeat(filler));
+            let parts = split_keeping_strong(&text, 96);
+            assert!(parts.len() > 1 && parts.iter().all(|part| part.len() <= 96), "{parts:?}");
+            assert!(parts.iter().any(|part| part.contains(link)), "link cut: {parts:?}");
+        }
+    }
+
+    /// Markup-heavy input is scanned in one pass per part: no input makes splitting slow.
+    #[test]
+    fn splitting_text_full_of_brackets_and_backticks_finishes() {
+        let text = "[`](".repeat(25_000);
+        let parts = split_keeping_strong(&text, 2048);
+        assert_eq!(parts.concat().len(), text.len());
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //! joining the parts gives back the text less the whitespace at the cuts.
 //!
 //! Platform-neutral: it knows nothing of markup. A channel that must keep markup balanced across
-//! parts (Feishu's code fences) repairs the parts itself.
+//! parts (Feishu's code fences) repairs the parts itself; one whose markup must not be cut (a
+//! link) names it to [`split_text_keeping`].
+
+use std::ops::Range;
 
 /// Sentence-ending characters a cut may follow. ASCII ones count only before whitespace (or at
 /// the end), so `3.14` and `example.com` are not sentence ends.
@@ -26,6 +29,13 @@ const MIN_FILL_DIVISOR: usize = 2;
 /// Whitespace at each cut is dropped; a paragraph or line cut keeps the next line's indentation.
 /// A `max_bytes` below 4 is treated as 4 so that every character fits; nothing panics.
 pub fn split_text(text: &str, max_bytes: usize) -> Vec<String> {
+    split_text_keeping(text, max_bytes, |_| Vec::new())
+}
+
+/// [`split_text`], never cutting inside the byte ranges `keep` finds in the text still to split
+/// (markup such as a link, whose halves would show as raw text), unless one is too long for a
+/// part: a cut that would fall inside one moves to the break before it, or to its start.
+pub fn split_text_keeping(text: &str, max_bytes: usize, keep: impl Fn(&str) -> Vec<Range<usize>>) -> Vec<String> {
     let max_bytes = max_bytes.max(4);
     let mut parts = Vec::new();
     let mut rest = text.trim_start_matches(['\n', '\r']);
@@ -34,7 +44,10 @@ pub fn split_text(text: &str, max_bytes: usize) -> Vec<String> {
             push_part(&mut parts, rest);
             break;
         }
-        let (cut, kind) = choose_cut(rest, max_bytes);
+        // Only what a cut here could fall inside: a window of two parts, so that each cut
+        // costs the same however long the text.
+        let kept = keep(&rest[..floor_char_boundary(rest, max_bytes.saturating_mul(2))]);
+        let (cut, kind) = choose_cut(rest, max_bytes, &kept);
         let (head, tail) = rest.split_at(cut);
         push_part(&mut parts, head);
         rest = match kind {
@@ -66,7 +79,10 @@ enum Cut {
 /// Where to cut `rest` (longer than `max_bytes`): a byte offset in `1..=max_bytes` on a char
 /// boundary, except when the first character alone is longer than `max_bytes` (impossible for
 /// `max_bytes >= 4`), when it is that character's length.
-fn choose_cut(rest: &str, max_bytes: usize) -> (usize, Cut) {
+///
+/// No cut falls strictly inside a range of `kept` (byte ranges of `rest`) when another can be
+/// had: a character cut inside one moves to its start, if that is not the part's start.
+fn choose_cut(rest: &str, max_bytes: usize, kept: &[Range<usize>]) -> (usize, Cut) {
     let limit = floor_char_boundary(rest, max_bytes);
     if limit == 0 {
         let first = rest.chars().next().map_or(rest.len(), char::len_utf8);
@@ -79,7 +95,8 @@ fn choose_cut(rest: &str, max_bytes: usize) -> (usize, Cut) {
         (last_sentence_end(rest, limit), Cut::Sentence),
         (last_space_end(window), Cut::Space),
     ];
-    let usable = |cut: &Option<usize>| cut.filter(|&at| at > 0 && at <= limit);
+    let inside = |at: usize| kept.iter().find(|range| range.start < at && at < range.end);
+    let usable = |cut: &Option<usize>| cut.filter(|&at| at > 0 && at <= limit && inside(at).is_none());
     for (cut, kind) in &candidates {
         if let Some(at) = usable(cut).filter(|&at| at >= limit / MIN_FILL_DIVISOR) {
             return (at, *kind);
@@ -89,7 +106,13 @@ fn choose_cut(rest: &str, max_bytes: usize) -> (usize, Cut) {
         .iter()
         .filter_map(|(cut, kind)| usable(cut).map(|at| (at, *kind)))
         .max_by_key(|(at, _)| *at)
-        .unwrap_or((grapheme_floor(rest, limit), Cut::Char))
+        .unwrap_or_else(|| {
+            let at = grapheme_floor(rest, limit);
+            match inside(at) {
+                Some(range) if range.start > 0 => (range.start, Cut::Char),
+                _ => (at, Cut::Char),
+            }
+        })
 }
 
 /// The last grapheme boundary of `rest` in `1..=limit` (`limit` a char boundary), so that a cut

@@ -10,7 +10,8 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 
-use yizhan_channel_common::split_text;
+use yizhan_channel_common::markdown::unbreakable_spans;
+use yizhan_channel_common::split::split_text_keeping;
 
 /// Answers up to this many characters without markdown go out as plain `text` messages, which
 /// read like a person typing; longer ones go into a wide card, which is easier to read.
@@ -261,14 +262,15 @@ fn fence_state(text: &str, mut open: Option<Fence>) -> Option<Fence> {
     open
 }
 
-/// [`split_text`] with code fences repaired: a part that ends inside a fence gets it closed, and
+/// [`split_text`](yizhan_channel_common::split_text) with code fences repaired: a part that ends inside a fence gets it closed, and
 /// the next part reopens it, so both render as code. A repair that would overflow `max_bytes`
-/// (only with absurd fence markers) is skipped for that part.
+/// (only with absurd fence markers) is skipped for that part. No cut falls inside a link, inline
+/// code or a URL that fits a part (see [`unbreakable_spans`]).
 fn split_markdown(text: &str, max_bytes: usize) -> Vec<String> {
     let budget = max_bytes.saturating_sub(FENCE_RESERVE).max(max_bytes / 2).max(4);
     let mut parts = Vec::new();
     let mut open: Option<Fence> = None;
-    for raw in split_text(text, budget) {
+    for raw in split_text_keeping(text, budget, unbreakable_spans) {
         let starts_in = open.clone();
         open = fence_state(&raw, open);
         let mut part = String::with_capacity(raw.len() + FENCE_RESERVE);
