@@ -28,14 +28,28 @@ fn request() -> CompletionRequest {
     }
 }
 
-/// A sink that records every piece it receives.
+/// A sink that records every piece of text it receives (an empty piece only says the model is
+/// at work: see `recorder_with_progress`).
 fn recorder() -> (DeltaSink, Arc<Mutex<Vec<String>>>) {
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let sink_seen = Arc::clone(&seen);
-    let sink: DeltaSink = Box::new(move |piece: &str| {
-        sink_seen.lock().unwrap_or_else(PoisonError::into_inner).push(piece.to_owned());
-    });
+    let (sink, seen, _) = recorder_with_progress();
     (sink, seen)
+}
+
+/// What a recorder saw: the pieces of text, and how many empty pieces came.
+type Seen = Arc<Mutex<Vec<String>>>;
+
+/// [`recorder`], with a count of the empty pieces (reasoning, held text) as well.
+fn recorder_with_progress() -> (DeltaSink, Seen, Arc<Mutex<usize>>) {
+    let (seen, progress) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(0)));
+    let (sink_seen, sink_progress) = (Arc::clone(&seen), Arc::clone(&progress));
+    let sink: DeltaSink = Box::new(move |piece: &str| {
+        if piece.is_empty() {
+            *sink_progress.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        } else {
+            sink_seen.lock().unwrap_or_else(PoisonError::into_inner).push(piece.to_owned());
+        }
+    });
+    (sink, seen, progress)
 }
 
 fn pieces(seen: &Arc<Mutex<Vec<String>>>) -> Vec<String> {
@@ -215,10 +229,13 @@ async fn openai_reasoning_only_stream_is_an_empty_answer() {
     let body = sse(&[&json!({"choices":[{"index":0,"delta":{"reasoning":"hmm"}}]}).to_string(), "[DONE]"]);
     Mock::given(method("POST")).respond_with(streaming(body)).mount(&server).await;
 
-    let (result, seen) = complete(&openai(openai_settings(&server))).await;
+    let (mut sink, seen, progress) = recorder_with_progress();
+    let result = openai(openai_settings(&server)).complete(&request(), Duration::from_secs(5), &mut sink).await;
 
     assert!(matches!(result, Err(LlmError::Protocol(ref message)) if message == "empty answer"), "{result:?}");
-    assert!(seen.is_empty());
+    assert!(pieces(&seen).is_empty());
+    // The reasoning told the caller the model was at work (for the total timeout's breaker).
+    assert!(*progress.lock().unwrap_or_else(PoisonError::into_inner) > 0);
 }
 
 #[tokio::test]
@@ -1185,6 +1202,30 @@ async fn the_openai_probe_lists_models_with_the_key_and_reports_a_refusal_withou
     let error = probe(&openai(openai_settings(&refusing))).await.err();
     assert!(matches!(&error, Some(LlmError::Status { status: 401, .. })), "{error:?}");
     assert!(!format!("{error:?}").contains(SECRET), "{error:?}");
+}
+
+/// A `base_url` without `/v1` on one-api reaches its web UI, which answers every path with its
+/// index page and 200: the probe and every question say so instead of "an empty answer".
+#[tokio::test]
+async fn a_web_page_where_the_api_should_be_is_reported_with_the_base_url_hint() {
+    let server = MockServer::start().await;
+    let page = ResponseTemplate::new(200).set_body_raw("<!doctype html><html><body>One API</body></html>", "text/html");
+    Mock::given(method("GET")).respond_with(page.clone()).mount(&server).await;
+    Mock::given(method("POST")).respond_with(page).mount(&server).await;
+    let backend = openai(openai_settings(&server));
+    let error = probe(&backend).await.err();
+    assert!(matches!(&error, Some(LlmError::Protocol(why)) if why.contains("base_url")), "{error:?}");
+    let (answer, shown) = complete(&backend).await;
+    assert!(matches!(&answer, Err(LlmError::Protocol(why)) if why.contains("base_url")), "{answer:?}");
+    assert!(shown.is_empty());
+    // The same page served without a content type is recognised by its first byte.
+    let untyped = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_string("\n<html>One API</html>"))
+        .mount(&untyped)
+        .await;
+    let (answer, _) = complete(&openai(openai_settings(&untyped))).await;
+    assert!(matches!(&answer, Err(LlmError::Protocol(why)) if why.contains("base_url")), "{answer:?}");
 }
 
 #[tokio::test]

@@ -93,10 +93,12 @@ impl LlmClient {
     /// `total_timeout`; otherwise with the last attempt's error.
     pub async fn complete(&self, request: &CompletionRequest, on_delta: &mut DeltaSink) -> Result<String, LlmError> {
         let total = self.inner.settings.total_timeout;
-        let shown = Arc::new(AtomicBool::new(false));
-        match tokio::time::timeout(total, self.complete_with_retries(request, on_delta, &shown)).await {
+        // Whether the model produced anything, reasoning included: a call cut by the total
+        // timeout after that is a long answer, not a server that failed (see the breaker).
+        let progressed = Arc::new(AtomicBool::new(false));
+        match tokio::time::timeout(total, self.complete_with_retries(request, on_delta, &progressed)).await {
             Ok(result) => result,
-            Err(_elapsed) => Err(LlmError::TotalTimeout { after: total, started: shown.load(Ordering::SeqCst) }),
+            Err(_elapsed) => Err(LlmError::TotalTimeout { after: total, started: progressed.load(Ordering::SeqCst) }),
         }
     }
 
@@ -104,13 +106,13 @@ impl LlmClient {
         &self,
         request: &CompletionRequest,
         on_delta: &mut DeltaSink,
-        shown: &Arc<AtomicBool>,
+        progressed: &Arc<AtomicBool>,
     ) -> Result<String, LlmError> {
         let settings = &self.inner.settings;
         let backend = self.inner.backend.name();
         // The caller's sink is lent to each attempt through a tracking wrapper; the guard puts it
         // back when this future ends, however it ends (even when cancelled by the timeout).
-        let guard = SinkLoan::new(on_delta, Arc::clone(shown));
+        let guard = SinkLoan::new(on_delta, Arc::clone(progressed));
         let started = tokio::time::Instant::now();
         let mut attempt: u32 = 0;
         loop {
@@ -151,27 +153,29 @@ impl LlmClient {
 struct SinkLoan<'a> {
     slot: &'a mut DeltaSink,
     shared: Arc<Mutex<DeltaSink>>,
-    /// Set once any attempt passed text on.
-    shown: Arc<AtomicBool>,
+    /// Set once any attempt passed text on, or said that the model is producing something not
+    /// shown (reasoning: an empty piece, see `VisibleAnswer::progressed`).
+    progressed: Arc<AtomicBool>,
 }
 
 impl<'a> SinkLoan<'a> {
-    fn new(slot: &'a mut DeltaSink, shown: Arc<AtomicBool>) -> Self {
+    fn new(slot: &'a mut DeltaSink, progressed: Arc<AtomicBool>) -> Self {
         let sink = std::mem::replace(slot, Box::new(|_: &str| {}));
-        Self { slot, shared: Arc::new(Mutex::new(sink)), shown }
+        Self { slot, shared: Arc::new(Mutex::new(sink)), progressed }
     }
 
-    /// A sink for one attempt, and a flag that turns true once it passed any text on.
+    /// A sink for one attempt, and a flag that turns true once it passed any text on. An empty
+    /// piece only says the model is at work: it is not passed on.
     fn tracking_sink(&self) -> (DeltaSink, Arc<AtomicBool>) {
         let delivered = Arc::new(AtomicBool::new(false));
-        let (flag, shown) = (Arc::clone(&delivered), Arc::clone(&self.shown));
+        let (flag, progressed) = (Arc::clone(&delivered), Arc::clone(&self.progressed));
         let shared = Arc::clone(&self.shared);
         let sink: DeltaSink = Box::new(move |piece: &str| {
+            progressed.store(true, Ordering::SeqCst);
             if piece.is_empty() {
                 return;
             }
             flag.store(true, Ordering::SeqCst);
-            shown.store(true, Ordering::SeqCst);
             // NOTE: the lock is held only for this synchronous call, never across an await; a
             // poisoned lock (a panicking sink) still holds a usable sink.
             let mut sink = shared.lock().unwrap_or_else(PoisonError::into_inner);
@@ -253,6 +257,8 @@ mod tests {
         Answer(&'static str),
         Hang,
         DeltaThenHang,
+        /// Reasoning (an empty piece: the model at work, nothing shown), then nothing more.
+        ThinkThenHang,
     }
 
     impl LlmBackend for Scripted {
@@ -282,6 +288,10 @@ mod tests {
                     Script::Hang => std::future::pending().await,
                     Script::DeltaThenHang => {
                         on_delta("partial");
+                        std::future::pending().await
+                    }
+                    Script::ThinkThenHang => {
+                        on_delta("");
                         std::future::pending().await
                     }
                 }
@@ -399,14 +409,21 @@ mod tests {
     }
 
     /// A steady stream cut by the total timeout says so (`started`): the server works, the
-    /// answer is only long, and the circuit breaker must not count it.
+    /// answer (or its reasoning) is only long, and the circuit breaker must not count it.
     #[tokio::test(start_paused = true)]
     async fn a_total_timeout_says_whether_any_of_the_answer_had_been_shown() {
-        let (client, _) = client(vec![Script::DeltaThenHang], fast_settings());
+        let (streaming, _) = client(vec![Script::DeltaThenHang], fast_settings());
         let (mut sink, seen) = recorder();
-        let result = client.complete(&request(), &mut sink).await;
+        let result = streaming.complete(&request(), &mut sink).await;
         assert!(matches!(result, Err(LlmError::TotalTimeout { started: true, .. })), "{result:?}");
         assert_eq!(seen.lock().unwrap_or_else(PoisonError::into_inner).as_str(), "partial");
+        // Reasoning longer than the total timeout: the model was answering (nothing was shown,
+        // and the empty piece did not reach the caller's sink).
+        let (thinking, _) = client(vec![Script::ThinkThenHang], fast_settings());
+        let (mut sink, seen) = recorder();
+        let result = thinking.complete(&request(), &mut sink).await;
+        assert!(matches!(result, Err(LlmError::TotalTimeout { started: true, .. })), "{result:?}");
+        assert_eq!(seen.lock().unwrap_or_else(PoisonError::into_inner).as_str(), "");
     }
 
     #[test]

@@ -178,7 +178,10 @@ impl LobeHubBackend {
                 .await?
                 {
                     let kind = json.get("type").and_then(Value::as_str).or(event_name.as_deref()).unwrap_or_default();
-                    working |= shows_work(kind, &json);
+                    if shows_work(kind, &json) {
+                        working = true;
+                        answer.progressed();
+                    }
                     match kind {
                         "response.output_text.delta" => {
                             if let Some(delta) = json.get("delta").and_then(Value::as_str) {
@@ -218,6 +221,12 @@ impl LobeHubBackend {
                             return Err(LlmError::Stream(message));
                         }
                         "error" => {
+                            let message =
+                                sse::error_message(&json).unwrap_or_else(|| "error event in stream".to_owned());
+                            return Err(LlmError::Stream(message));
+                        }
+                        // A bare `{"error": …}` without a type (a proxy in front of LobeHub).
+                        "" if json.get("error").is_some() => {
                             let message =
                                 sse::error_message(&json).unwrap_or_else(|| "error event in stream".to_owned());
                             return Err(LlmError::Stream(message));

@@ -224,6 +224,9 @@ impl OpenAiBackend {
                     for choice in first_choices(&json) {
                         let progress = shows_progress(choice);
                         thinking |= progress;
+                        if progress {
+                            answer.progressed();
+                        }
                         // NOTE: only `content` is read; `reasoning_content` / `reasoning` stay private.
                         let delta = choice.get("delta").and_then(|delta| content_text(delta.get("content")));
                         saw_delta_text |= delta.as_deref().is_some_and(|text| !text.is_empty());

@@ -396,11 +396,23 @@ pub(crate) async fn probe(http: &reqwest::Client, url: &str, api_key: Option<&st
         request = request.bearer_auth(key);
     }
     let response = send(request).await.map_err(|error| error.redacting(api_key))?;
-    if response.status().is_success() {
-        return Ok(());
+    if !response.status().is_success() {
+        return Err(status_error(response, PROBE_TIMEOUT, api_key).await);
     }
-    Err(status_error(response, PROBE_TIMEOUT, api_key).await)
+    let html = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|content_type| content_type.to_ascii_lowercase().contains("html"));
+    if html {
+        return Err(LlmError::Protocol(NOT_AN_API.to_owned()));
+    }
+    Ok(())
 }
+
+/// What a server that answered with a web page is told.
+const NOT_AN_API: &str =
+    "the server answered with a web page, not the API: check `llm.base_url` (for `openai`, the API root ending in /v1)";
 
 /// [`send`] for a request that must not reach the server twice: only a failure to connect
 /// (nothing was sent) stays a retryable connect error; a failure after that is
@@ -577,6 +589,11 @@ pub(crate) async fn open_body(
             }
         }
         let first = prefix.iter().find(|byte| !byte.is_ascii_whitespace());
+        // A web page, not an API: a gateway's UI (one-api answers every path outside `/v1`
+        // with its index page and 200) or a proxy's error page.
+        if content_type.contains("html") || first == Some(&b'<') {
+            return Err(LlmError::Protocol(NOT_AN_API.to_owned()));
+        }
         if !matches!(first, Some(b'{') | Some(b'[')) {
             let stream = SseStream::with_prefix(response, &prefix, DEFAULT_MAX_EVENT_BYTES)
                 .map_err(|error| LlmError::Stream(error.to_string()))?;

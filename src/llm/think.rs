@@ -193,7 +193,17 @@ impl<'s> VisibleAnswer<'s> {
     /// Feeds a raw content piece.
     pub(crate) fn push(&mut self, raw: &str) -> Result<(), LlmError> {
         let visible = self.filter.push(raw);
+        if visible.is_empty() && !raw.is_empty() {
+            // Held back (a `<think>` block): the model is at work all the same.
+            self.progressed();
+        }
         self.emit(visible)
+    }
+
+    /// Tells the caller's sink, with an empty piece, that the model is producing something not
+    /// shown (reasoning): a call cut by the total timeout after that was answering, not failing.
+    pub(crate) fn progressed(&mut self) {
+        (self.sink)("");
     }
 
     /// The model stopped at its token limit (`finish_reason: length`).
