@@ -175,9 +175,10 @@ impl Api {
             (code, _) if TOKEN_REJECTED.contains(&code) => {
                 self.tokens.invalidate(&token);
                 warn!(channel = %self.channel, code, "Fresh access token rejected too.");
+                // Not at once: each retry fetches another token, against gettoken's own limit.
                 Err(ChannelError::Transient {
                     reason: format!("WeCom rejected a freshly fetched access token (errcode {code})"),
-                    retry_after: None,
+                    retry_after: Some(FREQUENCY_BACKOFF),
                 })
             }
             (code, message) => Err(self.classify(Stage::Call, code, &message, Some(&token))),
@@ -261,6 +262,10 @@ impl Api {
                 "`corp_secret` belongs to a different app than `agent_id`: use the Secret of the app with \
                  this AgentId",
             ),
+            (_, 48002) => Some(
+                "the app may not call this API: an administrator must grant it (应用管理 → the app → API \
+                 permissions), or use a self-built app (自建应用)",
+            ),
             _ => None,
         };
         if let Some(hint) = hint {
@@ -282,7 +287,6 @@ impl Api {
             40003 => "invalid userid",
             44004 => "the message is empty",
             45002 => "content too long; lower `max_part_bytes`",
-            48002 => "the app lacks permission for this API",
             _ => "WeCom refused the call",
         };
         ChannelError::Refused { code, reason: format!("{meaning} ({message})") }
@@ -335,7 +339,7 @@ mod tests {
     #[test]
     fn error_codes_are_sorted_into_what_the_core_should_do() {
         let api = api();
-        for code in [60020, 40013, 41002, 41004, 40056, 301002] {
+        for code in [60020, 40013, 41002, 41004, 40056, 301002, 48002] {
             for stage in [Stage::Token, Stage::Call] {
                 assert!(matches!(api.classify(stage, code, "x", None), ChannelError::Misconfigured(_)), "{code}");
             }
@@ -343,7 +347,7 @@ mod tests {
         for code in [40001, 40091] {
             assert!(matches!(api.classify(Stage::Token, code, "x", None), ChannelError::Misconfigured(_)));
         }
-        for code in [81013, 40003, 44004, 45002, 48002, 12345] {
+        for code in [81013, 40003, 44004, 45002, 12345] {
             assert!(
                 matches!(api.classify(Stage::Call, code, "x", None), ChannelError::Refused { code: c, .. } if c == code),
                 "{code}"

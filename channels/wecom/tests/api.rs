@@ -228,6 +228,8 @@ async fn a_token_rejected_twice_is_transient_and_not_retried_in_a_loop() {
     mount_send(&server, "TOKEN1", json!({"errcode": 42001, "errmsg": "access_token expired"}), 2).await;
     let error = deliver_err(&channel_for(&server), "hi").await;
     assert!(error.is_retryable(), "{error}");
+    // Retried later, not at once: each retry would fetch yet another token.
+    assert!(matches!(error, ChannelError::Transient { retry_after: Some(_), .. }), "{error:?}");
     assert_no_secrets(&error, "TOKEN1");
 }
 
