@@ -114,8 +114,11 @@ pub(crate) fn to_envelope(
     })
 }
 
+/// The event a signed callback reports. Lenient: an event WeCom sends without its name or with
+/// fields missing is `Other` (nothing to answer), not a malformed request that WeCom would retry
+/// three times, each logged as an error.
 fn event(fields: &Fields) -> Result<Event, ChannelError> {
-    let name = fields.required("Event")?;
+    let name = fields.raw("Event").unwrap_or_default();
     let key = fields.owned("EventKey");
     // WeCom writes event names in lower case except `LOCATION`; compare without case so a change
     // of spelling does not turn them into `Other`.
@@ -125,10 +128,12 @@ fn event(fields: &Fields) -> Result<Event, ChannelError> {
         "subscribe" => Event::Subscribe { scene: None },
         "unsubscribe" => Event::Unsubscribe,
         // The periodic location report (上报地理位置), when the app asks for it.
-        "location" => Event::Location {
-            latitude: fields.number("Latitude")?,
-            longitude: fields.number("Longitude")?,
-            precision: fields.optional_number("Precision"),
+        "location" => match (fields.number("Latitude"), fields.number("Longitude")) {
+            (Ok(latitude), Ok(longitude)) => {
+                Event::Location { latitude, longitude, precision: fields.optional_number("Precision") }
+            }
+            // A report without a position (the member denied it).
+            _ => Event::Other { name: name.to_owned() },
         },
         "click" => Event::MenuClick { key: key.unwrap_or_default() },
         "view" => Event::MenuView { url: key.unwrap_or_default() },
@@ -190,6 +195,18 @@ mod tests {
             assert!(matches!(fields(body), Err(ChannelError::Malformed(_))), "accepted {body:?}");
         }
         assert!(matches!(parse_xml(b"<xml>\xff</xml>"), Err(ChannelError::Malformed(_))));
+    }
+
+    #[test]
+    fn events_without_their_name_or_position_are_other_not_malformed() {
+        let report =
+            fields("<xml><Event>LOCATION</Event><Latitude/><Longitude/></xml>").unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(event(&report), Ok(Event::Other { ref name }) if name == "LOCATION"));
+        let nameless = fields("<xml><MsgType>event</MsgType></xml>").unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(event(&nameless), Ok(Event::Other { ref name }) if name.is_empty()));
+        let located = fields("<xml><Event>LOCATION</Event><Latitude>23.1</Latitude><Longitude>113.3</Longitude></xml>")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(event(&located), Ok(Event::Location { .. })));
     }
 
     #[test]
