@@ -1226,6 +1226,13 @@ async fn a_web_page_where_the_api_should_be_is_reported_with_the_base_url_hint()
         .await;
     let (answer, _) = complete(&openai(openai_settings(&untyped))).await;
     assert!(matches!(&answer, Err(LlmError::Protocol(why)) if why.contains("base_url")), "{answer:?}");
+    // A sloppy gateway's JSON labelled `text/html` is still the API.
+    let mislabelled = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(200).set_body_raw(r#"{"object":"list","data":[]}"#, "text/html"))
+        .mount(&mislabelled)
+        .await;
+    assert!(probe(&openai(openai_settings(&mislabelled))).await.is_ok());
 }
 
 #[tokio::test]

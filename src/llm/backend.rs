@@ -43,7 +43,9 @@ pub struct CompletionRequest {
     pub channel_kind: String,
 }
 
-/// Receives the answer's text as it streams in (visible text only; reasoning is never passed).
+/// Receives the answer's text as it streams in: visible text only (reasoning is never passed),
+/// and from a backend also empty pieces, which only say the model is at work on something not
+/// shown (the client takes them, and passes on text only).
 pub type DeltaSink = Box<dyn FnMut(&str) + Send>;
 
 /// Why a completion failed.
@@ -75,7 +77,8 @@ pub enum LlmError {
     TotalTimeout {
         /// The total timeout.
         after: Duration,
-        /// Whether any of the answer had been passed on by then (a slow but working server).
+        /// Whether any of the answer, or its reasoning, had come by then (a slow but working
+        /// server).
         started: bool,
     },
     /// The stream broke or carried an error event after it started.
@@ -143,7 +146,7 @@ pub trait LlmBackend: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 
     /// Produces the whole answer, calling `on_delta` with each piece of visible text as it
-    /// arrives. Must return [`LlmError::FirstTokenTimeout`] when nothing arrives within
+    /// arrives (and with an empty piece when reasoning, or text held back, arrives). Must return [`LlmError::FirstTokenTimeout`] when nothing arrives within
     /// `first_token_timeout` of sending.
     fn complete<'a>(
         &'a self,

@@ -226,7 +226,7 @@ impl LobeHubBackend {
                             return Err(LlmError::Stream(message));
                         }
                         // A bare `{"error": …}` without a type (a proxy in front of LobeHub).
-                        "" if json.get("error").is_some() => {
+                        "" if json.get("error").is_some_and(|error| !error.is_null()) => {
                             let message =
                                 sse::error_message(&json).unwrap_or_else(|| "error event in stream".to_owned());
                             return Err(LlmError::Stream(message));

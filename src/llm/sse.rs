@@ -395,20 +395,20 @@ pub(crate) async fn probe(http: &reqwest::Client, url: &str, api_key: Option<&st
     if let Some(key) = api_key {
         request = request.bearer_auth(key);
     }
-    let response = send(request).await.map_err(|error| error.redacting(api_key))?;
+    let mut response = send(request).await.map_err(|error| error.redacting(api_key))?;
     if !response.status().is_success() {
         return Err(status_error(response, PROBE_TIMEOUT, api_key).await);
     }
-    let html = response
-        .headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|content_type| content_type.to_ascii_lowercase().contains("html"));
-    if html {
+    // A web page where the API should be, told by its first byte (as in `open_body`).
+    let (start, _) = read_body_limited(&mut response, PROBE_BODY_BYTES).await.unwrap_or_default();
+    if start.iter().find(|byte| !byte.is_ascii_whitespace()) == Some(&b'<') {
         return Err(LlmError::Protocol(NOT_AN_API.to_owned()));
     }
     Ok(())
 }
+
+/// How much of a probe's answer is read to tell a web page from the API's JSON.
+const PROBE_BODY_BYTES: usize = 1024;
 
 /// What a server that answered with a web page is told.
 const NOT_AN_API: &str =
@@ -590,8 +590,9 @@ pub(crate) async fn open_body(
         }
         let first = prefix.iter().find(|byte| !byte.is_ascii_whitespace());
         // A web page, not an API: a gateway's UI (one-api answers every path outside `/v1`
-        // with its index page and 200) or a proxy's error page.
-        if content_type.contains("html") || first == Some(&b'<') {
+        // with its index page and 200) or a proxy's error page. (By its first byte: a sloppy
+        // gateway may label JSON or events `text/html`.)
+        if first == Some(&b'<') {
             return Err(LlmError::Protocol(NOT_AN_API.to_owned()));
         }
         if !matches!(first, Some(b'{') | Some(b'[')) {

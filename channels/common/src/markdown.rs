@@ -460,16 +460,25 @@ pub fn split_keeping_strong(text: &str, max_bytes: usize) -> Vec<String> {
 /// The byte ranges of `text` a cut must not fall inside: links and images (`[text](url)`,
 /// `![alt](url)`, on one line), inline code (a backtick run to the next run of the same length,
 /// within the paragraph) and bare URLs (`http://` or `https://` up to whitespace or a non-ASCII
-/// character). Cut, each would show as raw markup, or a dead link, in both parts. One pass, so
-/// that no input makes it slow.
+/// character). Cut, each would show as raw markup, or a dead link, in both parts. A code fence
+/// is no span. Linear in the text's length, so that no input makes it slow.
 pub fn unbreakable_spans(text: &str) -> Vec<std::ops::Range<usize>> {
     let bytes = text.as_bytes();
     let mut spans = Vec::new();
     // The last `[` of the line, and the backtick run that opened inline code (start, length).
     let (mut bracket, mut code): (Option<usize>, Option<(usize, usize)>) = (None, None);
+    // The next `)` or line break at or after some offset, found once (each byte is looked at
+    // once however many `](` a line holds); `bytes.len()` when there is none.
+    let mut stop: Option<usize> = None;
     let mut at = 0;
     while at < bytes.len() {
         match bytes[at] {
+            // A code fence (three or more backticks opening a line): its lines may be cut
+            // between (Feishu repairs the fence), so it is no span.
+            b'`' if (at == 0 || bytes[at - 1] == b'\n') && bytes[at..].starts_with(b"```") => {
+                at += bytes[at..].iter().take_while(|byte| **byte == b'`').count();
+                continue;
+            }
             b'`' => {
                 let run = bytes[at..].iter().take_while(|byte| **byte == b'`').count();
                 match code {
@@ -491,23 +500,32 @@ pub fn unbreakable_spans(text: &str) -> Vec<std::ops::Range<usize>> {
             }
             _ if code.is_some() => {}
             b'[' => bracket = Some(at),
-            b']' if bytes.get(at + 1) == Some(&b'(') => {
-                let url_end = bytes[at + 2..].iter().position(|byte| matches!(byte, b')' | b'\n'));
-                match (bracket, url_end) {
-                    (Some(open), Some(length)) if bytes[at + 2 + length] == b')' => {
-                        // An image's `!` goes with it.
-                        let start = if open > 0 && bytes[open - 1] == b'!' { open - 1 } else { open };
-                        spans.push(start..at + 2 + length + 1);
-                        bracket = None;
-                        at += 2 + length + 1;
-                        continue;
+            b']' if bracket.is_some() && bytes.get(at + 1) == Some(&b'(') => {
+                let from = at + 2;
+                let end = match stop.filter(|found| *found >= from) {
+                    Some(found) => found,
+                    None => {
+                        let found = bytes[from..]
+                            .iter()
+                            .position(|byte| matches!(byte, b')' | b'\n'))
+                            .map_or(bytes.len(), |length| from + length);
+                        stop = Some(found);
+                        found
                     }
-                    _ => {}
+                };
+                if let (Some(open), Some(b')')) = (bracket, bytes.get(end)) {
+                    // An image's `!` goes with it.
+                    let start = if open > 0 && bytes[open - 1] == b'!' { open - 1 } else { open };
+                    spans.push(start..end + 1);
+                    bracket = None;
+                    at = end + 1;
+                    continue;
                 }
             }
-            b'h' if text[at..].starts_with("https://") || text[at..].starts_with("http://") => {
+            // Not inside a link's text (the link is the span).
+            b'h' if bracket.is_none() && (text[at..].starts_with("https://") || text[at..].starts_with("http://")) => {
                 let length = text[at..]
-                    .find(|ch: char| ch.is_whitespace() || !ch.is_ascii() || matches!(ch, '<' | '>' | '"'))
+                    .find(|ch: char| ch.is_whitespace() || !ch.is_ascii() || matches!(ch, '<' | '>' | '"' | ']'))
                     .unwrap_or(text.len() - at);
                 spans.push(at..at + length);
                 at += length;
@@ -590,6 +608,21 @@ mod tests {
         );
         // Unclosed ones, and a link across lines, are not spans.
         assert!(unbreakable_spans("[a](b\nc) `open\n\nx`").is_empty());
+        // A URL as a link's text: the link is the span.
+        let linked = "看 [https://a.example](https://a.example) 吧";
+        let spans: Vec<&str> = unbreakable_spans(linked).into_iter().map(|span| &linked[span]).collect();
+        assert_eq!(spans, ["[https://a.example](https://a.example)"]);
+        // A code fence is no span: its lines may be cut between.
+        assert!(unbreakable_spans("```json\n{\"a\": 1}\n```\n").is_empty());
+    }
+
+    /// A fenced block longer than a part is still cut at its line breaks, not mid-line.
+    #[test]
+    fn a_long_code_block_is_cut_between_its_lines() {
+        let block = format!("```\n{}```", "let value = compute(42);\n".repeat(20));
+        for part in split_keeping_strong(&block, 200) {
+            assert!(part.ends_with(';') || part.ends_with("```"), "cut mid-line: {part:?}");
+        }
     }
 
     /// WeCom markdown: a cut that would fall inside a link moves before it, so the link stays
@@ -608,7 +641,7 @@ mod tests {
     /// Markup-heavy input is scanned in one pass per part: no input makes splitting slow.
     #[test]
     fn splitting_text_full_of_brackets_and_backticks_finishes() {
-        let text = "[`](".repeat(25_000);
+        let text = "[`](".repeat(25_000) + &"](".repeat(25_000) + &format!("[{}", "](".repeat(25_000));
         let parts = split_keeping_strong(&text, 2048);
         assert_eq!(parts.concat().len(), text.len());
     }

@@ -46,7 +46,9 @@ pub fn split_text_keeping(text: &str, max_bytes: usize, keep: impl Fn(&str) -> V
         }
         // Only what a cut here could fall inside: a window of two parts, so that each cut
         // costs the same however long the text.
-        let kept = keep(&rest[..floor_char_boundary(rest, max_bytes.saturating_mul(2))]);
+        let mut kept = keep(&rest[..floor_char_boundary(rest, max_bytes.saturating_mul(2))]);
+        // One longer than a part is cut like any text.
+        kept.retain(|range| range.len() <= max_bytes);
         let (cut, kind) = choose_cut(rest, max_bytes, &kept);
         let (head, tail) = rest.split_at(cut);
         push_part(&mut parts, head);

@@ -118,7 +118,7 @@ pub(crate) fn to_envelope(
 /// fields missing is `Other` (nothing to answer), not a malformed request that WeCom would retry
 /// three times, each logged as an error.
 fn event(fields: &Fields) -> Result<Event, ChannelError> {
-    let name = fields.raw("Event").unwrap_or_default();
+    let name = fields.get("Event").unwrap_or_default();
     let key = fields.owned("EventKey");
     // WeCom writes event names in lower case except `LOCATION`; compare without case so a change
     // of spelling does not turn them into `Other`.
