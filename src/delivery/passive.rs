@@ -39,6 +39,20 @@ use yizhan_channel_core::{ChannelId, Delivery, Envelope};
 
 type Hasher = foldhash::fast::RandomState;
 
+/// Resolves once `done` holds, checking it again each time `notify` wakes its waiters
+/// (`notify_waiters`): registered before each check, so a wake-up in between is not missed.
+async fn notified_until(notify: &Notify, done: impl Fn() -> bool) {
+    loop {
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if done() {
+            return;
+        }
+        notified.await;
+    }
+}
+
 /// Locks `mutex`, whose data stays consistent even if a holder panicked.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -495,15 +509,7 @@ impl PassiveSlots {
 
     /// Resolves once [`Self::stop_waiting`] was called (at once if it was).
     pub async fn stopped(&self) {
-        loop {
-            let notified = self.stop_notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.stopping.load(Ordering::SeqCst) {
-                return;
-            }
-            notified.await;
-        }
+        notified_until(&self.stop_notify, || self.stopping.load(Ordering::SeqCst)).await;
     }
 
     /// Whether [`close_for_shutdown`](Self::close_for_shutdown) was called.
@@ -668,15 +674,7 @@ impl PassiveSlots {
     /// took: saved as taken) is saved (at once if it parked or took none, or nothing is saved).
     pub async fn parked_saved(&self, envelope_id: &str) {
         let Some((_, batch)) = self.parked_by.remove(envelope_id) else { return };
-        loop {
-            let notified = self.saved_notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.saved.load(Ordering::SeqCst) >= batch {
-                return;
-            }
-            notified.await;
-        }
+        notified_until(&self.saved_notify, || self.saved.load(Ordering::SeqCst) >= batch).await;
     }
 
     /// Takes the oldest parked text for a user to answer `envelope_id` (the continue word):
