@@ -108,10 +108,20 @@ impl Hub {
         self.finish(&envelope.id).await;
     }
 
+    /// Notes, at start, the message the last run was streaming `envelope_id`'s answer into, for
+    /// the job that resumes it (see [`Hub::take_resumed_stream`]).
+    pub fn resume_stream(&self, envelope_id: &str, stream: LiveStream) {
+        self.resumed_streams_locked().insert(envelope_id.to_owned(), stream);
+    }
+
     /// The message the last run was streaming `envelope_id`'s answer into (once: the job that
     /// takes it answers into it).
     pub fn take_resumed_stream(&self, envelope_id: &str) -> Option<LiveStream> {
-        self.resumed_streams.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(envelope_id)
+        self.resumed_streams_locked().remove(envelope_id)
+    }
+
+    fn resumed_streams_locked(&self) -> std::sync::MutexGuard<'_, HashMap<String, LiveStream>> {
+        self.resumed_streams.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Marks an accepted envelope as finished: answered, failed for good, or needing no answer.
@@ -139,6 +149,9 @@ impl Hub {
     /// process); the shutdown then no longer waits for it.
     pub fn leave_for_next_start(&self, envelope: &Envelope) {
         tracing::info!(channel = %envelope.channel, envelope = %envelope.id, "Answer left for the next start.");
+        // What of it is parked already (its rest beyond the send quota) is pending too: the
+        // next start parks or sends it from there, and a parked copy would come twice.
+        self.passive.forget_parked_of(&envelope.channel, &envelope.sender.id, &envelope.id);
         self.passive.forget_answer_but_what_it_took(&envelope.id);
         self.metrics.journal_open.dec();
     }

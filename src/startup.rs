@@ -695,10 +695,7 @@ fn resume_unfinished(hub: &Hub, router: &Router, pending: Vec<crate::store::Unfi
         if let Some(stream) = unfinished.live_stream {
             // Taken by the message's job: the answer goes into the message the last run was
             // streaming it into, not a second one below it.
-            hub.resumed_streams
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert(unfinished.envelope.id.clone(), stream);
+            hub.resume_stream(&unfinished.envelope.id, stream);
         }
         match unfinished.pending_parts {
             // Answered before the stop: send what is left, never ask again.

@@ -56,11 +56,9 @@ pub async fn start(hub: &Hub, channel: Arc<dyn Channel>, envelope: &Envelope) ->
         }
         return None;
     }
-    let resumed = match resumed.and_then(next_run) {
-        // Only once its new numbers are recorded: a run that used them unrecorded and then
-        // stopped would have the next run use them again, and the platform refuse them.
-        Some(stream) if record(hub, envelope, &stream).await => Some(stream),
-        _ => None,
+    let resumed = match resumed {
+        Some(stream) => take_up(hub, envelope, stream).await,
+        None => None,
     };
     let (handle, sequence_base) = match resumed {
         Some(LiveStream { handle, sequence_base }) => {
@@ -101,19 +99,25 @@ pub async fn finish_resumed(
     stream: LiveStream,
     text: &str,
 ) -> Result<(), ChannelError> {
-    let Some(stream) = next_run(stream) else {
-        return Err(ChannelError::Unsupported("the streamed message's sequence numbers are used up".into()));
+    let Some(LiveStream { handle, sequence_base }) = take_up(hub, envelope, stream).await else {
+        return Err(ChannelError::Unsupported(
+            "the streamed message cannot be taken up again (its sequence numbers are used up, or it could not be recorded)"
+                .into(),
+        ));
     };
-    // As in `start`: numbers used unrecorded could be used again by the next run.
-    if !record(hub, envelope, &stream).await {
-        return Err(ChannelError::Unsupported("the streamed message could not be recorded".into()));
-    }
-    let LiveStream { handle, sequence_base } = stream;
     // No updates: the finish starts right after the base.
     let (stop, _) = tokio::sync::oneshot::channel();
     let updates = actix::spawn(std::future::ready(sequence_base + 1));
     let answer = LiveAnswer { channel, handle: StreamHandle(handle), sequence_base, updates, stop };
     answer.finish(text, &hub.messages.answer_below).await
+}
+
+/// The stream as this run numbers it, once that numbering is recorded: a run that used the
+/// numbers unrecorded and then stopped would have the next run use them again, and the
+/// platform refuse them. `None` when its numbers ran out or the record failed.
+async fn take_up(hub: &Hub, envelope: &Envelope, stream: LiveStream) -> Option<LiveStream> {
+    let stream = next_run(stream)?;
+    record(hub, envelope, &stream).await.then_some(stream)
 }
 
 /// The stream as the next run numbers it; `None` once its numbers would run out.

@@ -328,9 +328,7 @@ pub async fn send_parts(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) {
     if entry.passive_window.is_some() && entry.reply_mode == ReplyMode::Passive {
         if hub.passive.is_closing() {
             // Journaled with its parts pending, the answer is parked by the next start: no
-            // parking is started that the exit could cut short, whatever the store keeps. (Its
-            // rest beyond the send quota may be parked already; it is pending too.)
-            hub.passive.forget_parked_of(&envelope.channel, &envelope.sender.id, &envelope.id);
+            // parking is started that the exit could cut short, whatever the store keeps.
             hub.leave_for_next_start(envelope);
             return;
         }
@@ -348,8 +346,6 @@ pub async fn send_parts(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) {
                 // Left pending (not failed) rather than parked: the next start tries to send
                 // it again, and parks it if the platform still refuses.
                 tracing::info!(envelope = %envelope.id, error = %undelivered, "Answer not delivered while shutting down; left for the next start.");
-                // Its rest beyond the send quota may be parked already; it is pending too.
-                hub.passive.forget_parked_of(&envelope.channel, &envelope.sender.id, &envelope.id);
                 hub.leave_for_next_start(envelope);
                 return;
             }
