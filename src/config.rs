@@ -444,11 +444,49 @@ fn default_passive_margin_ms() -> u64 {
     500
 }
 
+/// Values of the example config that are not placeholders by their look (an AES key must be
+/// 43 characters of base64) and that no real account has.
+const EXAMPLE_VALUES: &[&str] = &["jWmYm7qr5nMoAUwZRjGtBxmz3KA1tkAj3ykkR6q2B2C"];
+
+/// Brackets the key inside a `[[channels]]` entry at the start of an error message, for
+/// [`key_error`] to append to the entry's path. A control character: no serde message has one.
+const NESTED_KEY: char = '\u{1f}';
+
+/// "config key `path`: message" for a deserialisation error at `path`: with the key inside a
+/// channel entry appended (see [`NESTED_KEY`]), and a missing field named as the key it is
+/// (serde says "missing field `llm`" at the path `.`, the table holding it).
+fn key_error(path: &str, message: &str) -> String {
+    // toml's messages go on with "\nin `table`" (the path says where) and a line break.
+    let first_line = message.lines().next().unwrap_or_default();
+    let message = yizhan_channel_core::without_value(first_line);
+    let missing = message.strip_prefix("missing field `").and_then(|rest| rest.strip_suffix('`'));
+    match (missing, path) {
+        (Some(field), ".") => format!("config key `{field}` is missing"),
+        (Some(field), _) => format!("config key `{path}.{field}` is missing"),
+        (None, _) => format!("config key `{path}`: {message}"),
+    }
+}
+
+/// The full path of a deserialisation error at `path` and its message: the key inside a
+/// channel entry, if the message carries one (see [`NESTED_KEY`]), appended to the entry's.
+fn nested_path(path: String, message: String) -> (String, String) {
+    match message.strip_prefix(NESTED_KEY).and_then(|rest| rest.split_once(NESTED_KEY)) {
+        Some((".", inner_message)) => (path, inner_message.to_owned()),
+        Some((inner, inner_message)) => (format!("{path}.{inner}"), inner_message.to_owned()),
+        None => (path, message),
+    }
+}
+
 impl<'de> Deserialize<'de> for ChannelConfig {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         use serde::de::Error;
         let table = toml::Value::deserialize(deserializer)?;
-        let mut core = ChannelCoreConfig::deserialize(table).map_err(D::Error::custom)?;
+        // The key inside the entry travels in the message (see `NESTED_KEY`): serde's own path
+        // stops at the entry, `channels[2]`.
+        let mut core: ChannelCoreConfig = serde_path_to_error::deserialize(table).map_err(|error| {
+            let key = error.path().to_string();
+            D::Error::custom(format!("{NESTED_KEY}{key}{NESTED_KEY}{}", error.into_inner()))
+        })?;
         let id = ChannelId::parse(&core.id).map_err(D::Error::custom)?;
         // Moved, not copied: they hold the channel's secrets, and only `ChannelSettings` keeps
         // them out of `Debug` output.
@@ -461,8 +499,15 @@ impl<'de> Deserialize<'de> for ChannelConfig {
 impl Config {
     /// Reads `path`, applies the process environment's overrides, and validates.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("Failed to read config file {}", path.display()))?;
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => bail!(
+                "config file {} not found: pass --config PATH or set YIZHAN_CONFIG (start from \
+                 examples/yizhan.example.toml)",
+                path.display()
+            ),
+            Err(error) => return Err(error).with_context(|| format!("Failed to read config file {}", path.display())),
+        };
         Self::from_toml(&text, overrides_from_env()?).with_context(|| format!("Invalid config file {}", path.display()))
     }
 
@@ -500,8 +545,7 @@ impl Config {
             match serde_path_to_error::deserialize::<_, Config>(attempt) {
                 Ok(config) => break config,
                 Err(error) => {
-                    let path = error.path().to_string();
-                    let message = yizhan_channel_core::without_value(&error.into_inner().to_string());
+                    let (path, message) = nested_path(error.path().to_string(), error.into_inner().to_string());
                     // The last override of a key is the one that counts.
                     match typed_at.iter().rev().find(|(at, _)| *at == path) {
                         Some((_, index)) if as_text.insert(*index) => {
@@ -510,7 +554,7 @@ impl Config {
                         }
                         _ => {
                             let message = typed_errors.remove(&path).unwrap_or(message);
-                            bail!("config key `{path}`: {message}")
+                            bail!("{}", key_error(&path, &message))
                         }
                     }
                 }
@@ -523,6 +567,24 @@ impl Config {
         }
         config.validate()?;
         Ok(config)
+    }
+
+    /// The channel keys still holding one of the example config's placeholders (a
+    /// `replace-with-…` text, or the sample AES key from WeCom's documentation), named
+    /// `channels[id].key`: a newcomer's config loads with them, but the platform refuses
+    /// every call, or every callback fails its check.
+    pub fn placeholders(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        for entry in &self.channels {
+            let Some(table) = entry.settings.table.as_object() else { continue };
+            for (key, value) in table {
+                let Some(text) = value.as_str() else { continue };
+                if text.starts_with("replace-with-") || EXAMPLE_VALUES.contains(&text) {
+                    found.push(format!("channels[{}].{key}", entry.core.id));
+                }
+            }
+        }
+        found
     }
 
     fn validate(&self) -> anyhow::Result<()> {
@@ -719,13 +781,15 @@ fn apply_override(root: &mut toml::Value, path: &str, raw: &str, as_text: bool) 
             index += 2;
             continue;
         }
+        let segment = existing_key(table, segment)?;
         serde_path.push(segment.clone());
-        node = table.entry(segment.clone()).or_insert_with(|| toml::Value::Table(toml::map::Map::new()));
+        node = table.entry(segment).or_insert_with(|| toml::Value::Table(toml::map::Map::new()));
         index += 1;
     }
     let in_channel = segments.first().is_some_and(|first| first == "channels");
     let key = segments.last().cloned().unwrap_or_default();
     let table = node.as_table_mut().ok_or_else(|| anyhow!("parent of `{key}` is not a table"))?;
+    let key = existing_key(table, &key)?;
     let existing_is_string = table.get(&key).map(toml::Value::is_str);
     let parsed = parse_scalar(raw);
     let value = match (existing_is_string, parsed) {
@@ -741,6 +805,21 @@ fn apply_override(root: &mut toml::Value, path: &str, raw: &str, as_text: bool) 
     serde_path.push(key.clone());
     table.insert(key, value);
     Ok(typed.then(|| serde_path.join(".")))
+}
+
+/// The key of `table` that `segment` (lower-cased, as every variable name segment is) names:
+/// the file's own spelling when it has one in another case (menu keys are the platform's, and
+/// often upper-case: `ABOUT`), else `segment`. Two keys differing only in case cannot be told
+/// apart from the environment.
+fn existing_key(table: &toml::Table, segment: &str) -> anyhow::Result<String> {
+    let mut matching = table.keys().filter(|key| key.eq_ignore_ascii_case(segment));
+    match (matching.next(), matching.next()) {
+        (Some(key), None) => Ok(key.clone()),
+        (None, _) => Ok(segment.to_owned()),
+        (Some(first), Some(second)) => {
+            bail!("`{first}` and `{second}` differ only in case; set this key in the file")
+        }
+    }
 }
 
 fn parse_scalar(raw: &str) -> Option<toml::Value> {
@@ -926,6 +1005,53 @@ token = "tok"
     }
 
     #[test]
+    fn a_missing_section_and_a_bad_key_inside_a_channel_are_named_as_keys() {
+        let error = |text: &str| format!("{:#}", load(text, &[]).err().unwrap_or_else(|| panic!("accepted")));
+        assert_eq!(error(""), "config key `llm` is missing");
+        assert_eq!(error("[llm]\nmodel = \"m\""), "config key `llm.base_url` is missing");
+        let grouped = MINIMAL.replace("token = \"tok\"", "token = \"tok\"\ngroup_context = \"per-user\"");
+        assert_eq!(
+            error(&grouped),
+            "config key `channels[0].group_context`: unknown variant, expected `shared` or `per_user`"
+        );
+        let nameless = MINIMAL.replace("id = \"mp-main\"", "");
+        assert_eq!(error(&nameless), "config key `channels[0].id` is missing");
+    }
+
+    #[test]
+    fn an_override_of_a_core_channel_key_its_type_refuses_is_reported_at_that_key() {
+        let error = load(MINIMAL, &[("YIZHAN__CHANNELS__MP_MAIN__PASSIVE_MARGIN_MS", "-1")])
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(error.starts_with("config key `channels[0].passive_margin_ms`: invalid "), "{error}");
+    }
+
+    #[test]
+    fn the_core_channel_keys_are_taken_out_of_the_channels_table() {
+        let values = [
+            ("system_prompt", "\"p\""),
+            ("reply_mode", "\"push\""),
+            ("passive_window_ms", "1000"),
+            ("passive_margin_ms", "1"),
+            ("send_quota_per_message", "1"),
+            ("menu", "{}"),
+            ("group_context", "\"shared\""),
+        ];
+        let keys: Vec<&str> = values.iter().map(|(key, _)| *key).chain(["id", "kind"]).collect();
+        let mut sorted = yizhan_channel_core::settings::CORE_KEYS.to_vec();
+        sorted.sort_unstable();
+        let mut listed = keys.clone();
+        listed.sort_unstable();
+        assert_eq!(sorted, listed);
+        let lines: String = values.iter().map(|(key, value)| format!("{key} = {value}\n")).collect();
+        let text = MINIMAL.replace("token = \"tok\"", &format!("token = \"tok\"\n{lines}"));
+        let config = load(&text, &[]).unwrap_or_else(|e| panic!("{e:#}"));
+        let table = config.channels[0].settings.table.as_object().cloned().unwrap_or_default();
+        assert!(keys.iter().all(|key| !table.contains_key(*key)), "{:?}", table.keys());
+    }
+
+    #[test]
     fn channel_ids_that_overrides_cannot_tell_apart_are_duplicates() {
         let second = MINIMAL.replace("id = \"mp-main\"", "id = \"MP_main\"");
         let both = format!("{MINIMAL}\n{}", &second[second.find("[[channels]]").unwrap_or(0)..]);
@@ -980,6 +1106,20 @@ token = "tok"
     }
 
     #[test]
+    fn overrides_keep_the_files_spelling_of_a_key_in_another_case() {
+        let text = format!("{MINIMAL}menu.ABOUT = {{ reply = \"关于\" }}\n");
+        let config = load(&text, &[("YIZHAN__CHANNELS__MP_MAIN__MENU__ABOUT__REPLY", "改过")])
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        let menu = &config.channels[0].core.menu;
+        assert_eq!(menu.len(), 1, "{menu:?}");
+        assert_eq!(menu.get("ABOUT"), Some(&MenuAction { reply: Some("改过".into()), prompt: None }));
+        let both = format!("{MINIMAL}menu.ABOUT = {{ reply = \"a\" }}\nmenu.about = {{ reply = \"b\" }}\n");
+        let error = load(&both, &[("YIZHAN__CHANNELS__MP_MAIN__MENU__ABOUT__REPLY", "x")]).err();
+        let error = error.map(|e| format!("{e:#}")).unwrap_or_default();
+        assert!(error.contains("differ only in case"), "{error}");
+    }
+
+    #[test]
     fn secrets_do_not_appear_in_debug_output() {
         let config = load(MINIMAL, &[("YIZHAN__LLM__API_KEY", "sk-very-secret")]).unwrap_or_else(|e| panic!("{e:#}"));
         let debug = format!("{config:?}");
@@ -990,6 +1130,15 @@ token = "tok"
     #[test]
     fn the_example_config_is_valid() {
         let text = include_str!("../examples/yizhan.example.toml");
-        load(text, &[]).unwrap_or_else(|e| panic!("{e:#}"));
+        let config = load(text, &[]).unwrap_or_else(|e| panic!("{e:#}"));
+        // Its credentials are placeholders, which `yizhan check` and the start warn about.
+        let placeholders = config.placeholders();
+        for key in ["channels[mp-main].app_secret", "channels[wecom-main].encoding_aes_key"] {
+            assert!(placeholders.iter().any(|found| found == key), "{key} not in {placeholders:?}");
+        }
+        let replaced = load(text, &[("YIZHAN__CHANNELS__MP_MAIN__APP_SECRET", "a-real-secret")])
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        assert!(!replaced.placeholders().contains(&"channels[mp-main].app_secret".to_owned()));
+        assert_eq!(load(MINIMAL, &[]).map(|config| config.placeholders().len()).ok(), Some(0));
     }
 }

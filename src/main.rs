@@ -23,13 +23,28 @@ enum Command {
     Check,
 }
 
+fn main() -> std::process::ExitCode {
+    // The error and its causes, without the backtrace anyhow would add under RUST_BACKTRACE
+    // (which many set everywhere): a config mistake should read as one.
+    match serve() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("Error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[actix_web::main]
-async fn main() -> anyhow::Result<()> {
+async fn serve() -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init();
     let config = Config::load(&cli.config)?;
     if let Some(Command::Check) = cli.command {
         startup::check(&config, &ChannelKinds::builtin())?;
+        for key in config.placeholders() {
+            eprintln!("warning: config key `{key}` is still the example's placeholder; that channel cannot work until it is replaced");
+        }
         println!("{}: OK ({} channels)", cli.config.display(), config.channels.len());
         return Ok(());
     }

@@ -208,9 +208,9 @@ fn reply_path(
     let reply_mode = entry.core.reply_mode.unwrap_or(default_mode);
     if reply_mode != ReplyMode::Push && passive_window.is_none() {
         anyhow::bail!(
-            "config key `channels[{}].reply_mode`: {:?} needs passive replies, which {} does not have",
+            "config key `channels[{}].reply_mode`: `{}` needs passive replies, which {} does not have",
             entry.core.id,
-            reply_mode,
+            format!("{reply_mode:?}").to_lowercase(),
             entry.core.kind
         );
     }
@@ -226,6 +226,9 @@ impl Application {
     /// Builds with the given channel kinds (built-ins plus plugins). Must run inside an actix
     /// system.
     pub async fn build_with(config: Config, kinds: ChannelKinds) -> anyhow::Result<Self> {
+        for key in config.placeholders() {
+            tracing::warn!(%key, "Still the example config's placeholder: that channel cannot work until it is replaced.");
+        }
         let metrics = Metrics::new();
         let store = build_store(&config)?;
         let llm_client = build_llm_client(&config)?;

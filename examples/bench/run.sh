@@ -9,7 +9,8 @@
 #     do not compete for the CPU), in ROUNDS rounds that each measure every store once, back to
 #     back, so that each store is compared with the memory store of its own round (a shared
 #     machine drifts by more than the differences measured); the summary gives medians.
-# (b) end to end: answers delivered per second with an instant stand-in LLM.
+# (b) end to end: answers delivered per second with an instant stand-in LLM, after
+#     E2E_DURATION (default 5s) of load.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DURATION=${DURATION:-10s}

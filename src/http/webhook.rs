@@ -253,7 +253,9 @@ async fn handle(
     let (outcome, response) = match handled {
         Err(error) => {
             if let Some(left_out) = state.refusals.admit(label, error.label()) {
-                tracing::warn!(channel = %label, reason = %error, left_out, "Webhook rejected.");
+                // Cut and Debug-quoted: a (plugin) channel's reason may quote the unsigned body.
+                let reason = crate::llm::sse::truncate_chars(&error.to_string(), 300);
+                tracing::warn!(channel = %label, ?reason, left_out, "Webhook rejected.");
             }
             let status = actix_web::http::StatusCode::from_u16(error.http_status())
                 .unwrap_or(actix_web::http::StatusCode::BAD_REQUEST);

@@ -286,13 +286,15 @@ impl Default for SqliteOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Durability {
-    /// The WAL is fsynced before a write is acknowledged: an acknowledged message survives
+    /// Written and fsynced before a write is acknowledged (an accepted message: its inbound
+    /// log record; anything else: the WAL holding its commit): an acknowledged message survives
     /// power loss and kernel panics.
     #[default]
     PowerLoss,
-    /// Acknowledged at `COMMIT`: survives the process being killed (`kill -9`, OOM, crash), but
-    /// the last moments before a power loss may be lost (the WAL is fsynced only at
-    /// checkpoints). Acknowledgements skip the fsync, so they are faster; for hosts on
+    /// Acknowledged once written (the inbound log record, the `COMMIT`): survives the process
+    /// being killed (`kill -9`, OOM, crash), but the last moments before a power loss may be
+    /// lost (the WAL is fsynced only at checkpoints, the log not at all until the kernel writes
+    /// it back). Acknowledgements skip the fsync, so they are faster; for hosts on
     /// battery-backed or replicated storage.
     ProcessCrash,
 }
@@ -387,6 +389,10 @@ impl fmt::Debug for SqliteStore {
 /// power loss afterwards would ask the model again and answer twice. The inbound log's scan
 /// does the same for its segments.
 fn sync_before_reading(db: &Path, sync: &mut dyn FnMut(&File) -> std::io::Result<()>) -> std::io::Result<()> {
+    // Resolved as SQLite resolves it: a symlinked database has its write-ahead log beside the
+    // target, in the target's directory (a database not created yet has no log to sync).
+    let resolved = std::fs::canonicalize(db).unwrap_or_else(|_| db.to_owned());
+    let db = resolved.as_path();
     for file in [db.to_owned(), super::beside(db, "-wal")] {
         match File::open(&file) {
             Ok(file) => sync(&file)?,
@@ -673,7 +679,7 @@ fn load_claims(conn: &Connection) -> Result<Vec<(ClaimKey, i64)>, rusqlite::Erro
         conn.prepare("SELECT channel, platform_message_id, expires_at FROM dedupe WHERE expires_at > ?1")?;
     let mut rows = legacy.query(params![now])?;
     while let Some(row) = rows.next()? {
-        let (channel, id): (String, String) = (row.get(0)?, row.get(1)?);
+        let (channel, id) = (lossy_text(row, 0)?, lossy_text(row, 1)?);
         claims.push((claim_key(&channel, &id), row.get(2)?));
     }
     Ok(claims)
@@ -1420,7 +1426,7 @@ fn query(conn: &mut Connection, op: &ReadOp) -> Result<Fetched, rusqlite::Error>
             )?;
             let turns = statement
                 .query_map(params![session_key, max_turns], |row| {
-                    Ok(Turn { question: row.get(0)?, answer: row.get(1)? })
+                    Ok(Turn { question: lossy_text(row, 0)?, answer: lossy_text(row, 1)? })
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(Fetched::History(turns))
@@ -1431,7 +1437,7 @@ fn query(conn: &mut Connection, op: &ReadOp) -> Result<Fetched, rusqlite::Error>
                 .query_map([], |row| {
                     let saved_at: i64 = row.get(1)?;
                     let saved_at = SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(saved_at).unwrap_or(0));
-                    Ok((row.get(0)?, saved_at))
+                    Ok((lossy_text(row, 0)?, saved_at))
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(Fetched::Parked(records))
@@ -1454,9 +1460,9 @@ fn query(conn: &mut Connection, op: &ReadOp) -> Result<Fetched, rusqlite::Error>
                 let mut streams = tx.prepare_cached("SELECT stream FROM live_stream WHERE envelope_id = ?1")?;
                 let mut rows = journal.query([])?;
                 while let Some(row) = rows.next()? {
-                    let envelope_id: String = row.get(0)?;
-                    let json: String = row.get(1)?;
-                    let state: String = row.get(2)?;
+                    let envelope_id = lossy_text(row, 0)?;
+                    let json = lossy_text(row, 1)?;
+                    let state = lossy_text(row, 2)?;
                     if let Some(envelope) = parse_envelope(&envelope_id, &json) {
                         let pending_parts =
                             if state == "answered" { Some(pending_parts(&mut outbox, &envelope_id)?) } else { None };
@@ -1481,13 +1487,28 @@ fn query(conn: &mut Connection, op: &ReadOp) -> Result<Fetched, rusqlite::Error>
     }
 }
 
+/// Column `index` as text, whatever the cell holds: SQLite checks no encoding and keeps no
+/// page checksums, so a flipped bit (or another tool's write) can leave bytes that are not
+/// UTF-8, or a blob, where text was stored. Read strictly, one such cell failed the whole read,
+/// recovery included, on every start; read this way, the damage stays in its record (whose
+/// JSON then fails to parse and is skipped, or keeps a replacement character).
+fn lossy_text(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<String> {
+    use rusqlite::types::ValueRef;
+    Ok(match row.get_ref(index)? {
+        ValueRef::Text(bytes) | ValueRef::Blob(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+        ValueRef::Null => String::new(),
+        ValueRef::Integer(number) => number.to_string(),
+        ValueRef::Real(number) => number.to_string(),
+    })
+}
+
 /// The streamed message recorded for an envelope; one whose record this build cannot read is
 /// left out (the answer then goes into a new message, as without a record).
 fn live_stream_of(
     streams: &mut rusqlite::CachedStatement<'_>,
     envelope_id: &str,
 ) -> Result<Option<LiveStream>, rusqlite::Error> {
-    let Some(json) = streams.query_row(params![envelope_id], |row| row.get::<_, String>(0)).optional()? else {
+    let Some(json) = streams.query_row(params![envelope_id], |row| lossy_text(row, 0)).optional()? else {
         return Ok(None);
     };
     match serde_json::from_str(&json) {
@@ -1541,8 +1562,8 @@ fn pending_parts(
     let mut parts = Vec::new();
     let mut rows = outbox.query(params![envelope_id])?;
     while let Some(part) = rows.next()? {
-        let delivery_id: String = part.get(0)?;
-        let json: String = part.get(1)?;
+        let delivery_id = lossy_text(part, 0)?;
+        let json = lossy_text(part, 1)?;
         match serde_json::from_str::<Delivery>(&json) {
             Ok(delivery) => parts.push(delivery),
             Err(error) => {
@@ -1835,6 +1856,27 @@ mod tests {
             Ok(())
         }));
         assert_eq!(count, 1);
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_symlinked_database_has_the_log_beside_its_target_synced() {
+        let dir = TempDir::new();
+        let target = dir.0.join("real").join("store.db");
+        // Left open, as a `kill -9` leaves it: its write-ahead log stays beside the target.
+        let store = ok(SqliteStore::open(&target, test_options()));
+        ok(store.accept(&envelope("m1"), TTL).await);
+        ok(store.record_answer(&envelope("m1").id, "c:u", Some(turn(1)), &[]).await);
+        let link = dir.0.join("link.db");
+        ok(std::os::unix::fs::symlink(&target, &link));
+        let mut synced = Vec::new();
+        ok(sync_before_reading(&link, &mut |file: &File| {
+            synced.push(file.metadata().map(|meta| (meta.is_dir(), meta.len()))?);
+            Ok(())
+        }));
+        assert_eq!(synced.len(), 3, "{synced:?}");
+        assert!(!synced[0].0 && !synced[1].0 && synced[1].1 > 0 && synced[2].0, "{synced:?}");
+        drop(store);
     }
 
     fn part(envelope: &Envelope, index: usize) -> Delivery {
@@ -2257,6 +2299,41 @@ mod tests {
         let aside = ok(std::fs::read_to_string(unreadable_path(&dir.db())));
         let line: serde_json::Value = ok(serde_json::from_str(aside.trim_end()));
         assert_eq!(line, serde_json::json!({"envelope_id": "bad", "envelope": "{not json"}));
+    }
+
+    #[tokio::test]
+    async fn cells_that_are_not_utf8_do_not_stop_recovery() {
+        let dir = TempDir::new();
+        let (first, second) = (envelope("m1"), envelope("m2"));
+        {
+            let store = open(&dir, 10);
+            ok(store.accept(&first, TTL).await);
+            ok(store.accept(&second, TTL).await);
+            ok(store.record_answer(&first.id, "k", None, &[part(&first, 0), part(&first, 1)]).await);
+            let stream = LiveStream { handle: serde_json::json!({"card_id": "c"}), sequence_base: 0 };
+            ok(store.record_stream(&second.id, &stream).await);
+            let parked = ParkedUser { channel: "c".into(), user: "u".into(), record: Some("[]".into()) };
+            ok(store.save_parked(vec![parked]).await);
+            ok(store.append_turn("k", Turn { question: "q".into(), answer: "a".into() }).await);
+        }
+        {
+            let conn = ok(Connection::open(dir.db()));
+            let part_id = part(&first, 1).delivery_id;
+            ok(conn.execute("UPDATE outbox SET delivery = CAST(X'7B22FF' AS TEXT) WHERE delivery_id = ?1", [part_id]));
+            ok(conn.execute("UPDATE live_stream SET stream = CAST(X'FF' AS TEXT)", []));
+            ok(conn.execute("UPDATE parked SET record = X'5B5DFF'", []));
+            ok(conn.execute("UPDATE history SET answer = CAST(X'61FF' AS TEXT)", []));
+        }
+        let store = open(&dir, 10);
+        let unfinished = ok(store.unfinished().await);
+        assert_eq!(unfinished.len(), 2, "{unfinished:?}");
+        // The damaged part is skipped, its sibling kept; the unreadable stream record is as none.
+        assert_eq!(unfinished[0].pending_parts.as_deref(), Some(&[part(&first, 0)][..]));
+        assert_eq!(unfinished[1].live_stream, None);
+        let parked = ok(store.load_parked().await);
+        assert_eq!(parked.iter().map(|(record, _)| record.as_str()).collect::<Vec<_>>(), ["[]\u{fffd}"]);
+        let history = ok(store.history("k", 10).await);
+        assert_eq!(history, [Turn { question: "q".into(), answer: "a\u{fffd}".into() }]);
     }
 
     #[tokio::test]

@@ -15,7 +15,29 @@ use std::collections::HashMap;
 pub struct MalformedXml(pub String);
 
 fn malformed(reason: impl Into<String>) -> MalformedXml {
-    MalformedXml(reason.into())
+    MalformedXml(log_safe(&reason.into()))
+}
+
+/// The most characters of a reason kept: reasons quote the caller's bytes (an unknown entity's
+/// name, a closing tag's), which may be a megabyte long, and they end up in logs.
+const MAX_REASON_CHARS: usize = 160;
+
+/// `reason` cut to [`MAX_REASON_CHARS`], with control characters escaped: a line break in an
+/// unsigned body must not forge log lines.
+fn log_safe(reason: &str) -> String {
+    let mut safe = String::with_capacity(reason.len().min(MAX_REASON_CHARS * 4));
+    for (count, character) in reason.chars().enumerate() {
+        if count == MAX_REASON_CHARS {
+            safe.push('…');
+            break;
+        }
+        if character.is_control() {
+            safe.extend(character.escape_default());
+        } else {
+            safe.push(character);
+        }
+    }
+    safe
 }
 
 /// Field values by name, from a flat push (XML here, or a JSON variant the channel reads).
@@ -188,6 +210,20 @@ mod tests {
     fn fields(xml: &str) -> Result<Fields, MalformedXml> {
         let mut fields = Fields::new();
         read_xml(xml.as_bytes(), &mut fields).map(|()| fields)
+    }
+
+    #[test]
+    fn reasons_quoting_the_body_are_short_and_on_one_line() {
+        let forged = format!("x\n2025-01-01T00:00:00Z ERROR forged line {}", "y".repeat(10_000));
+        for xml in [
+            format!("<xml><Encrypt>&{forged};</Encrypt></xml>"),
+            format!("<xml><A>1</{forged}></xml>"),
+            format!("<xml><A>1</A></xml>\r\n<{forged}>"),
+        ] {
+            let Err(MalformedXml(reason)) = fields(&xml) else { panic!("accepted: {xml:.40}") };
+            assert!(reason.len() < 1024, "{} bytes: {reason:.80}", reason.len());
+            assert!(!reason.contains(['\n', '\r']), "{reason}");
+        }
     }
 
     #[test]

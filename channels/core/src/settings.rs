@@ -26,14 +26,38 @@ impl ChannelSettings {
         serde_path_to_error::deserialize(self.table.clone()).map_err(|error| {
             let key = error.path().to_string();
             let message = without_value(&error.into_inner().to_string());
-            ChannelError::Misconfigured(format!(
-                "channel {:?} ({}): key `{key}`: {message}",
-                self.id.as_str(),
-                self.kind
-            ))
+            let (id, kind) = (self.id.as_str(), &self.kind);
+            let missing = message.strip_prefix("missing field `").and_then(|rest| rest.strip_suffix('`'));
+            ChannelError::Misconfigured(match missing {
+                Some(field) if key == "." => format!(
+                    "channel {id:?} ({kind}): key `{field}` is missing (in the file, or as \
+                     YIZHAN__CHANNELS__{}__{})",
+                    id.to_ascii_uppercase().replace('-', "_"),
+                    field.to_ascii_uppercase()
+                ),
+                // The channel lists only its own keys; a misspelt core key is as likely.
+                _ if message.starts_with("unknown field") => format!(
+                    "channel {id:?} ({kind}): key `{key}`: {message}; or one every channel has: {}",
+                    CORE_KEYS.join(", ")
+                ),
+                _ => format!("channel {id:?} ({kind}): key `{key}`: {message}"),
+            })
         })
     }
 }
+
+/// The keys of a `[[channels]]` entry the core reads itself (see [`ChannelSettings::table`]).
+pub const CORE_KEYS: &[&str] = &[
+    "id",
+    "kind",
+    "system_prompt",
+    "reply_mode",
+    "passive_window_ms",
+    "passive_margin_ms",
+    "send_quota_per_message",
+    "menu",
+    "group_context",
+];
 
 /// A serde error message without the value it complains about: "invalid type: integer
 /// `12345678`, expected a string" becomes "invalid type: integer, expected a string". Config
@@ -99,5 +123,31 @@ mod tests {
             Err(error) => error.to_string(),
         };
         assert!(error.contains("`token`") && !error.contains("20240101123456"), "{error}");
+    }
+
+    #[test]
+    fn a_missing_key_is_named_with_its_environment_variable_and_a_misspelt_one_with_the_core_keys() {
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Settings {
+            app_secret: String,
+        }
+        let settings = |table| ChannelSettings {
+            id: ChannelId::parse("mp-main").unwrap_or_else(|e| panic!("{e}")),
+            kind: "wechat_mp".into(),
+            table,
+        };
+        let error = |table| match settings(table).parse::<Settings>() {
+            Ok(parsed) => panic!("parsed {parsed:?}"),
+            Err(error) => error.to_string(),
+        };
+        assert_eq!(
+            error(serde_json::json!({})),
+            "channel misconfigured: channel \"mp-main\" (wechat_mp): key `app_secret` is missing (in the file, or as \
+             YIZHAN__CHANNELS__MP_MAIN__APP_SECRET)"
+        );
+        let misspelt = error(serde_json::json!({"app_secret": "s", "reply_mod": "push"}));
+        assert!(misspelt.contains("`reply_mod`") && misspelt.contains("reply_mode, "), "{misspelt}");
     }
 }

@@ -234,6 +234,16 @@ impl Feishu {
         inbound::parse_object(plain.as_bytes(), "the decrypted callback")
     }
 
+    /// The answer to `body` if it is a URL verification bearing our token, else `None`,
+    /// whatever was wrong with it (see `handle_webhook`).
+    fn url_verification(&self, body: Value) -> Option<WebhookOutcome> {
+        let callback = inbound::Callback::parse(&self.plaintext(body).ok()?).ok()?;
+        let inbound::Callback::UrlVerification { challenge, .. } = &callback else { return None };
+        self.check_token(callback.token()).ok()?;
+        let answer = json!({"challenge": challenge}).to_string();
+        Some(WebhookOutcome::Respond(WebhookResponse::json(answer)))
+    }
+
     /// A message event, authenticated: one envelope, acknowledged with `{}`.
     fn accept_message(
         &self,
@@ -563,16 +573,25 @@ impl Channel for Feishu {
             return Err(ChannelError::Unsupported("Feishu calls the webhook with POST only".into()));
         }
         let body = inbound::parse_object(&request.body, "the body")?;
+        // With an Encrypt Key the signature is checked before anything is decrypted. Only URL
+        // verification comes unsigned ("不包括请求网址校验"), so a callback without a valid
+        // signature is read as one, and every way it can fail (no decryption, no JSON, not a
+        // URL verification, wrong token) is the same refusal: were a padding error told apart
+        // from a plaintext that is not JSON, a stranger could decrypt captured callbacks
+        // through us, a block at a time (a CBC padding oracle).
+        let signature = self.settings.encrypt_key.as_deref().map(|key| self.check_signature(request, key));
+        if let Some(Err(refused)) = signature {
+            return match self.url_verification(body) {
+                Some(answer) => Ok(answer),
+                None => Err(refused),
+            };
+        }
         let callback = inbound::Callback::parse(&self.plaintext(body)?)?;
         if let inbound::Callback::UrlVerification { challenge, .. } = &callback {
-            // NOTE: Feishu does not sign URL verification ("不包括请求网址校验"); the token,
-            // inside the encrypted body when there is an Encrypt Key, is the proof.
+            // Without an Encrypt Key nothing is signed: the token is the proof.
             self.check_token(callback.token())?;
             let answer = json!({"challenge": challenge}).to_string();
             return Ok(WebhookOutcome::Respond(WebhookResponse::json(answer)));
-        }
-        if let Some(key) = self.settings.encrypt_key.as_deref() {
-            self.check_signature(request, key)?;
         }
         self.check_token(callback.token())?;
         match &callback {
@@ -727,10 +746,11 @@ mod tests {
         let outcome = channel(json!({"encrypt_key": "test key2"}))
             .handle_webhook(&post(r#"{"encrypt":"P37w+VZImNgPEO1RBhJ6RtKl7n6zymIbEG1pReEzghk="}"#));
         assert!(matches!(outcome, Err(ChannelError::BadSignature(_))), "{outcome:?}");
-        // Decrypts fine ("hello world") but is not JSON.
+        // Decrypts fine ("hello world") but is not JSON: unsigned, that is refused the same way
+        // (see `unsigned_encrypted_bodies_are_refused_alike_whatever_they_decrypt_to`).
         let outcome = channel(json!({"encrypt_key": "test key"}))
             .handle_webhook(&post(r#"{"encrypt":"P37w+VZImNgPEO1RBhJ6RtKl7n6zymIbEG1pReEzghk="}"#));
-        assert!(matches!(outcome, Err(ChannelError::Malformed(_))), "{outcome:?}");
+        assert!(matches!(outcome, Err(ChannelError::BadSignature(_))), "{outcome:?}");
     }
 
     #[test]

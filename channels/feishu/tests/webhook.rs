@@ -197,6 +197,36 @@ fn an_event_without_signature_headers_is_refused_when_an_encrypt_key_is_set() {
 }
 
 #[test]
+fn unsigned_encrypted_bodies_are_refused_alike_whatever_they_decrypt_to() {
+    // Telling a padding error from a plaintext that is not JSON would be a padding oracle: a
+    // stranger could decrypt captured callbacks through us. Every unsigned body that is not a
+    // good URL verification gets the one refusal.
+    let bodies = [
+        encrypt(ENCRYPT_KEY, "hello world"),
+        encrypt(ENCRYPT_KEY, "{\"no\": \"type\"}"),
+        encrypt(ENCRYPT_KEY, &json!({"type": "url_verification", "token": TOKEN}).to_string()),
+        encrypt("another key", "hello world"),
+        "P37w+VZImNgPEO1RBhJ6RtKl7n6zymIbEG1pReEzghk=".to_owned(),
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".to_owned(),
+        "not base64!".to_owned(),
+    ];
+    for encrypted in bodies {
+        let body = json!({"encrypt": encrypted}).to_string();
+        let outcome = encrypted_channel().handle_webhook(&post(&body));
+        assert!(is_bad_signature(&outcome), "{encrypted}: {outcome:?}");
+    }
+    let outcome = encrypted_channel().handle_webhook(&post(r#"{"encrypt": 7}"#));
+    assert!(is_bad_signature(&outcome), "{outcome:?}");
+}
+
+#[test]
+fn a_signed_body_that_decrypts_to_something_other_than_json_is_malformed() {
+    // Authenticated first, so telling this apart tells a stranger nothing.
+    let outcome = encrypted_channel().handle_webhook(&signed("hello world", NOW));
+    assert!(matches!(outcome, Err(ChannelError::Malformed(_))), "{outcome:?}");
+}
+
+#[test]
 fn a_stale_timestamp_is_refused_even_with_a_good_signature() {
     // The default window covers Feishu's retries, about 7 h: 27,000 s.
     let stale = signed(&fixture("text_p2p"), NOW - 27_001);
