@@ -510,21 +510,67 @@ fn prepare_segment(dir: &Path, number: u64, bytes: u64) -> std::io::Result<File>
     Ok(file)
 }
 
+/// Makes segment `number` of `bytes` in a directory ([`prepare_segment`]; tests fail it).
+pub(super) type PrepareSegment = Box<dyn FnMut(&Path, u64, u64) -> std::io::Result<File> + Send>;
+
+/// How long the preparer waits before trying a failed segment again.
+const PREPARE_RETRY_AFTER: Duration = Duration::from_secs(1);
+
 /// Keeps one segment ready ahead of the writer; ends when the writer is gone.
+///
+/// A failure (a full disk, say) is handed over like a segment, so that the writer refuses the
+/// batch that needed one, and the same segment is tried again after `retry_after`: the store
+/// goes on once the disk has room again, without a restart.
 fn run_preparer(
     dir: &Path,
     mut number: u64,
     bytes: u64,
     ready: &std::sync::mpsc::SyncSender<std::io::Result<(u64, File)>>,
+    prepare: &mut PrepareSegment,
+    retry_after: Duration,
 ) {
     loop {
-        let prepared = prepare_segment(dir, number, bytes).map(|file| (number, file));
-        let failed = prepared.is_err();
-        if ready.send(prepared).is_err() || failed {
-            return;
+        match prepare(dir, number, bytes) {
+            Ok(file) => {
+                if ready.send(Ok((number, file))).is_err() {
+                    return;
+                }
+                let Some(next) = number.checked_add(1) else { return };
+                number = next;
+            }
+            Err(error) => {
+                tracing::error!(segment = number, %error, "Cannot prepare an inbound log segment; tried again in a moment.");
+                // What a failure left would make the next try's `create_new` fail.
+                if let Err(removed) = std::fs::remove_file(segment_path(dir, number)) {
+                    if removed.kind() != std::io::ErrorKind::NotFound {
+                        tracing::error!(segment = number, error = %removed, "Cannot remove a half-prepared inbound log segment.");
+                    }
+                }
+                if ready.send(Err(error)).is_err() {
+                    return;
+                }
+                std::thread::sleep(retry_after);
+            }
         }
-        let Some(next) = number.checked_add(1) else { return };
-        number = next;
+    }
+}
+
+/// Why a record could not join the batch.
+enum AppendError {
+    /// No fresh segment to rotate into (see [`run_preparer`]). Asked for before anything of
+    /// the segment being left is written, so the batch can be refused without harm if it
+    /// rotated for the first time.
+    NoSpare(std::io::Error),
+    /// A write failed: the log breaks.
+    Write(std::io::Error),
+}
+
+impl std::fmt::Display for AppendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NoSpare(error) => write!(f, "no fresh inbound log segment: {error}"),
+            Self::Write(error) => error.fmt(f),
+        }
     }
 }
 
@@ -569,13 +615,40 @@ impl InboundLog {
         sync: Option<SyncSegment>,
         broken: Arc<AtomicBool>,
     ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
+        let prepare: PrepareSegment = Box::new(prepare_segment);
+        Self::start_preparing(
+            dir,
+            scanned,
+            extra_claims,
+            segment_bytes,
+            max_batch,
+            sync,
+            broken,
+            prepare,
+            PREPARE_RETRY_AFTER,
+        )
+    }
+
+    /// [`start`](Self::start) with the preparation step and its retry pause given.
+    #[allow(clippy::too_many_arguments)]
+    fn start_preparing(
+        dir: PathBuf,
+        scanned: Scanned,
+        extra_claims: Vec<(ClaimKey, i64)>,
+        segment_bytes: u64,
+        max_batch: usize,
+        sync: Option<SyncSegment>,
+        broken: Arc<AtomicBool>,
+        mut prepare: PrepareSegment,
+        retry_after: Duration,
+    ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
         let Scanned { open, segments, mut claims, next_seq, next_segment, blank_last, lock } = scanned;
         claims.extend(extra_claims);
         let (ready, spares) = std::sync::mpsc::sync_channel(0);
         let preparer_dir = dir.clone();
-        let preparer = std::thread::Builder::new()
-            .name("inbound-log-preparer".to_owned())
-            .spawn(move || run_preparer(&preparer_dir, next_segment, segment_bytes, &ready))?;
+        let preparer = std::thread::Builder::new().name("inbound-log-preparer".to_owned()).spawn(move || {
+            run_preparer(&preparer_dir, next_segment, segment_bytes, &ready, &mut prepare, retry_after)
+        })?;
         // A fresh segment after every start: never append behind a possibly torn tail. The
         // previous run's spare qualifies: nothing was ever written to it.
         let (number, active) = match blank_last {
@@ -630,6 +703,8 @@ impl InboundLog {
         // Segments written by this batch besides the active one (a rotation mid-batch).
         let mut filled: Vec<File> = Vec::new();
         let mut written = Ok(());
+        // Restored if the batch is refused for want of a segment.
+        let counts_before = (self.active_info.open, self.active_info.claims_until);
         self.buf.clear();
         let mut staged_open: Vec<(String, OpenEntry)> = Vec::new();
         let mut staged_finish: Vec<String> = Vec::new();
@@ -657,7 +732,7 @@ impl InboundLog {
                         let envelope_at = ACCEPT_FIXED + envelope_id.len();
                         match self.append_envelope_record(payload, envelope_at, self.next_seq, &mut filled) {
                             Err(error) => {
-                                written = Err(error.to_string());
+                                written = Err(error);
                                 break;
                             }
                             Ok(None) => Err("envelope (or its id) too large for the inbound log".to_owned()),
@@ -675,7 +750,7 @@ impl InboundLog {
                     if self.journaled(&staged_open, envelope_id) && !staged_finish.contains(envelope_id) {
                         match self.append(&finish_payload(envelope_id), &mut filled) {
                             Err(error) => {
-                                written = Err(error.to_string());
+                                written = Err(error);
                                 break;
                             }
                             Ok(None) => Err("envelope id too long for an inbound log segment".to_owned()),
@@ -692,7 +767,27 @@ impl InboundLog {
             results.push(result);
         }
         if written.is_ok() {
-            written = self.write_and_sync(&filled).map_err(|error| error.to_string());
+            written = self.write_and_sync(&filled).map_err(AppendError::Write);
+        }
+        if let Err(AppendError::NoSpare(error)) = &written {
+            if filled.is_empty() {
+                // Nothing of the batch reached the disk: refused, and the log goes on (the
+                // platforms retry what they are refused; the preparer tries again).
+                self.buf.clear();
+                self.claims.discard_staged();
+                (self.active_info.open, self.active_info.claims_until) = counts_before;
+                let refused = format!("the inbound log has no room for now ({error}); try again later");
+                for job in batch.drain(..) {
+                    // What writes nothing is still answered, from what was there before.
+                    let answer = match &job.op {
+                        LogOp::IsOpen { envelope_id } => Ok(Logged::IsOpen(self.open.contains_key(envelope_id))),
+                        LogOp::Open => self.list_open().map(Logged::Open).map_err(|error| error.to_string()),
+                        LogOp::Accept { .. } | LogOp::Finish { .. } => Err(refused.clone()),
+                    };
+                    let _ = job.reply.send(answer);
+                }
+                return;
+            }
         }
         if let Err(error) = written {
             // Pages that failed to reach the disk may be dropped by the kernel without a later
@@ -777,6 +872,12 @@ impl InboundLog {
             match self.append_envelope_record(payload, envelope_at, original.seq, &mut filled) {
                 Ok(Some(entry)) => carried.push((envelope_id.clone(), entry)),
                 Ok(None) => {}
+                Err(AppendError::NoSpare(error)) if filled.is_empty() => {
+                    tracing::warn!(segment = number, %error, "No room to carry envelopes forward; retried later.");
+                    self.buf.clear();
+                    self.carry_paused_until = Some(Instant::now() + CARRY_RETRY_AFTER);
+                    return;
+                }
                 Err(error) => {
                     self.break_on(&error);
                     return;
@@ -852,7 +953,7 @@ impl InboundLog {
         envelope_at: usize,
         order: u64,
         filled: &mut Vec<File>,
-    ) -> std::io::Result<Option<OpenEntry>> {
+    ) -> Result<Option<OpenEntry>, AppendError> {
         let Some(payload) = payload else { return Ok(None) };
         let Some(at) = self.append(&payload, filled)? else { return Ok(None) };
         let entry = OpenEntry {
@@ -868,19 +969,23 @@ impl InboundLog {
     /// Frames `payload` into the batch buffer for the active segment, rotating to a fresh
     /// segment first if it does not fit. Returns the record's offset in its segment, or `None`
     /// if it could never fit a segment.
-    fn append(&mut self, payload: &[u8], filled: &mut Vec<File>) -> std::io::Result<Option<u64>> {
+    fn append(&mut self, payload: &[u8], filled: &mut Vec<File>) -> Result<Option<u64>, AppendError> {
         let size = (HEADER + payload.len()) as u64;
         if size > self.segment_bytes {
             return Ok(None);
         }
         if self.offset + self.buf.len() as u64 + size > self.segment_bytes {
+            // The spare first: until it is here, nothing of the batch is written.
+            let (number, next) = match self.spares.recv() {
+                Ok(Ok(spare)) => spare,
+                Ok(Err(error)) => return Err(AppendError::NoSpare(error)),
+                Err(_) => return Err(AppendError::Write(std::io::Error::other("the segment preparer stopped"))),
+            };
             let tail = !self.buf.is_empty();
             if tail {
-                self.active.write_all_at(&self.buf, self.offset)?;
+                self.active.write_all_at(&self.buf, self.offset).map_err(AppendError::Write)?;
                 self.buf.clear();
             }
-            let (number, next) =
-                self.spares.recv().map_err(|_| std::io::Error::other("the segment preparer stopped"))??;
             let full = std::mem::replace(&mut self.active, next);
             // Synced with the batch if this batch wrote its tail (earlier batches synced the rest).
             if tail {
@@ -1385,6 +1490,60 @@ mod tests {
         assert!(matches!(&answers[..], [Err(e)] if e.contains("restart yizhan")), "{answers:?}");
         drop(log);
         let _ = preparer.join();
+    }
+
+    #[test]
+    fn a_segment_that_cannot_be_prepared_refuses_the_batch_that_needs_it_and_the_log_goes_on() {
+        let dir = TempDir::new();
+        let scanned = scan(&dir.0, crate::store::now_ms(), SEGMENT).unwrap_or_else(|e| panic!("{e}"));
+        let broken = Arc::new(AtomicBool::new(false));
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        // The first segment is prepared, the second fails once (a full disk, say), half made.
+        let prepare: PrepareSegment = Box::new(move |dir: &Path, number, bytes| {
+            if counted.fetch_add(1, Ordering::SeqCst) == 1 {
+                std::fs::write(segment_path(dir, number), b"half")?;
+                return Err(std::io::Error::other("injected ENOSPC"));
+            }
+            prepare_segment(dir, number, bytes)
+        });
+        let sync: SyncSegment = Box::new(|_| Ok(()));
+        let (mut log, preparer) = InboundLog::start_preparing(
+            dir.0.clone(),
+            scanned,
+            Vec::new(),
+            SEGMENT,
+            64,
+            Some(sync),
+            Arc::clone(&broken),
+            prepare,
+            Duration::from_millis(1),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let mut accepted = Vec::new();
+        let (refused, error) = loop {
+            assert!(accepted.len() < 100, "the first segment never filled");
+            let id = format!("m{}", accepted.len());
+            match serve(&mut log, vec![accept(&id, 60_000), LogOp::IsOpen { envelope_id: "m0".into() }]).as_slice() {
+                [Ok(Logged::Accepted(Acceptance::New)), Ok(Logged::IsOpen(_))] => accepted.push(id),
+                // What writes nothing is answered all the same.
+                [Err(error), Ok(Logged::IsOpen(true))] => break (id, error.clone()),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert!(error.contains("injected ENOSPC") && !broken.load(Ordering::SeqCst), "{error}");
+        // Refused whole, claim included: the platform's retry is new, and goes into the next
+        // segment, which the preparer made on its second try.
+        let again = serve(&mut log, vec![accept(&refused, 60_000)]);
+        assert!(matches!(again.as_slice(), [Ok(Logged::Accepted(Acceptance::New))]), "{again:?}");
+        accepted.push(refused);
+        assert_eq!(open_ids(&mut log), accepted);
+        // (The preparer may be making the next spare by now.)
+        assert!(calls.load(Ordering::SeqCst) >= 3);
+        drop(log);
+        let _ = preparer.join();
+        let scanned = scan(&dir.0, crate::store::now_ms(), SEGMENT).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(scanned.open_count(), accepted.len());
     }
 
     #[test]
