@@ -494,7 +494,7 @@ fn segment_info<'a>(
 /// not for a whole segment of zeros. (Measured with one fsync per segment, p99 was 17–78 ms,
 /// with chunks 9–15 ms; a stall since fixed elsewhere was in both, so the share of the chunks
 /// in that is not known.)
-fn prepare_segment(dir: &Path, number: u64, bytes: u64) -> std::io::Result<File> {
+pub(super) fn prepare_segment(dir: &Path, number: u64, bytes: u64) -> std::io::Result<File> {
     let path = segment_path(dir, number);
     let mut file = File::options().read(true).write(true).create_new(true).open(&path)?;
     let zeros = vec![0u8; ZERO_FILL_CHUNK];
@@ -514,7 +514,7 @@ fn prepare_segment(dir: &Path, number: u64, bytes: u64) -> std::io::Result<File>
 pub(super) type PrepareSegment = Box<dyn FnMut(&Path, u64, u64) -> std::io::Result<File> + Send>;
 
 /// How long the preparer waits before trying a failed segment again.
-const PREPARE_RETRY_AFTER: Duration = Duration::from_secs(1);
+pub(super) const PREPARE_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// Keeps one segment ready ahead of the writer; ends when the writer is gone.
 ///
@@ -606,32 +606,11 @@ impl InboundLog {
     /// Starts from `scanned` (claims restored from elsewhere are added), with the preparer
     /// thread creating segments from the next free number on. Returns the log and the
     /// preparer's handle.
-    pub fn start(
-        dir: PathBuf,
-        scanned: Scanned,
-        extra_claims: Vec<(ClaimKey, i64)>,
-        segment_bytes: u64,
-        max_batch: usize,
-        sync: Option<SyncSegment>,
-        broken: Arc<AtomicBool>,
-    ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
-        let prepare: PrepareSegment = Box::new(prepare_segment);
-        Self::start_preparing(
-            dir,
-            scanned,
-            extra_claims,
-            segment_bytes,
-            max_batch,
-            sync,
-            broken,
-            prepare,
-            PREPARE_RETRY_AFTER,
-        )
-    }
-
-    /// [`start`](Self::start) with the preparation step and its retry pause given.
+    /// Starts from `scanned` (claims restored from elsewhere are added), with the preparer
+    /// thread creating segments (`prepare`: [`prepare_segment`], tried again after `retry_after`
+    /// when it fails) from the next free number on. Returns the log and the preparer's handle.
     #[allow(clippy::too_many_arguments)]
-    fn start_preparing(
+    pub fn start(
         dir: PathBuf,
         scanned: Scanned,
         extra_claims: Vec<(ClaimKey, i64)>,
@@ -1104,8 +1083,18 @@ mod tests {
             Ok(())
         });
         let broken = Arc::new(AtomicBool::new(false));
-        InboundLog::start(dir.0.clone(), scanned, Vec::new(), SEGMENT, 64, Some(sync), broken)
-            .unwrap_or_else(|e| panic!("{e}"))
+        InboundLog::start(
+            dir.0.clone(),
+            scanned,
+            Vec::new(),
+            SEGMENT,
+            64,
+            Some(sync),
+            broken,
+            Box::new(prepare_segment),
+            PREPARE_RETRY_AFTER,
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Serves `ops` as one batch and returns their answers.
@@ -1479,9 +1468,18 @@ mod tests {
         let scanned = scan(&dir.0, crate::store::now_ms(), SEGMENT).unwrap_or_else(|e| panic!("{e}"));
         let broken = Arc::new(AtomicBool::new(false));
         let sync: SyncSegment = Box::new(|_| Err(std::io::Error::other("injected EIO")));
-        let (mut log, preparer) =
-            InboundLog::start(dir.0.clone(), scanned, Vec::new(), SEGMENT, 64, Some(sync), Arc::clone(&broken))
-                .unwrap_or_else(|e| panic!("{e}"));
+        let (mut log, preparer) = InboundLog::start(
+            dir.0.clone(),
+            scanned,
+            Vec::new(),
+            SEGMENT,
+            64,
+            Some(sync),
+            Arc::clone(&broken),
+            Box::new(prepare_segment),
+            PREPARE_RETRY_AFTER,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         let answers = serve(&mut log, vec![accept("m1", 1000)]);
         assert!(matches!(&answers[..], [Err(e)] if e.contains("injected EIO")), "{answers:?}");
         assert!(broken.load(Ordering::SeqCst));
@@ -1508,7 +1506,7 @@ mod tests {
             prepare_segment(dir, number, bytes)
         });
         let sync: SyncSegment = Box::new(|_| Ok(()));
-        let (mut log, preparer) = InboundLog::start_preparing(
+        let (mut log, preparer) = InboundLog::start(
             dir.0.clone(),
             scanned,
             Vec::new(),

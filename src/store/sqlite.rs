@@ -505,6 +505,8 @@ impl SqliteStore {
             options.max_batch,
             log_sync,
             Arc::clone(&broken),
+            Box::new(inbound_log::prepare_segment),
+            inbound_log::PREPARE_RETRY_AFTER,
         )
         .map_err(at_log)?;
         // Joined first (closing its queue ends it), then the preparer, which ends with it.
