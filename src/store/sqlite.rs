@@ -611,6 +611,18 @@ impl SqliteStore {
         ask(self.writes.as_ref(), "writer", |reply| WriteJob { op, reply }).await?
     }
 
+    /// Appends an unreadable envelope to the set-aside file; `false` (logged) if that failed,
+    /// and the envelope stays open for the next start to try again.
+    fn set_aside(&self, envelope_id: &str, json: &str) -> bool {
+        match set_aside(&unreadable_path(&self.path), envelope_id, json) {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::error!(%envelope_id, %error, "Could not set an unreadable envelope aside; it stays open.");
+                false
+            }
+        }
+    }
+
     /// Queues `op` for the inbound log's thread and waits until it is written (and synced).
     async fn log(&self, op: LogOp) -> Result<Logged, SqliteError> {
         ask(self.log.as_ref(), "inbound log", |reply| LogJob { op, reply }).await?.map_err(SqliteError::Log)
@@ -1395,7 +1407,9 @@ enum ReadOp {
 #[derive(Debug)]
 enum Fetched {
     History(Vec<Turn>),
-    Unfinished(Vec<Unfinished>),
+    /// The unfinished envelopes, and the journal rows of schemas 1 and 2 whose envelope cannot
+    /// be read (id and JSON), for the caller to set aside and finish.
+    Unfinished(Vec<Unfinished>, Vec<(String, String)>),
     Parked(Vec<(String, SystemTime)>),
 }
 
@@ -1448,6 +1462,7 @@ fn query(conn: &mut Connection, op: &ReadOp) -> Result<Fetched, rusqlite::Error>
             // One read transaction: the journal and the outbox are seen at the same instant.
             let tx = conn.transaction()?;
             let mut unfinished = Vec::new();
+            let mut unreadable = Vec::new();
             {
                 // NOTE: without `INDEXED BY`, the planner scans the whole journal (finished rows
                 // included) in `seq` order to save a sort of the few open rows.
@@ -1470,6 +1485,8 @@ fn query(conn: &mut Connection, op: &ReadOp) -> Result<Fetched, rusqlite::Error>
                             if state == "answered" { Some(pending_parts(&mut outbox, &envelope_id)?) } else { None };
                         let live_stream = live_stream_of(&mut streams, &envelope_id)?;
                         unfinished.push(Unfinished { envelope, pending_parts, live_stream });
+                    } else {
+                        unreadable.push((envelope_id, json));
                     }
                 }
                 let mut answered = tx.prepare_cached("SELECT 1 FROM answered WHERE envelope_id = ?1")?;
@@ -1484,7 +1501,7 @@ fn query(conn: &mut Connection, op: &ReadOp) -> Result<Fetched, rusqlite::Error>
                 }
             }
             tx.commit()?;
-            Ok(Fetched::Unfinished(unfinished))
+            Ok(Fetched::Unfinished(unfinished, unreadable))
         }
     }
 }
@@ -1671,19 +1688,26 @@ impl Store for SqliteStore {
                 match parse_envelope(&envelope_id, &json) {
                     Some(envelope) => readable.push(envelope),
                     // Set aside, then finished, or it would hold its segment, and every later
-                    // one, forever. Kept open if it cannot be set aside: the next start tries
-                    // again.
-                    None => match set_aside(&unreadable_path(&self.path), &envelope_id, &json) {
-                        Ok(()) => drop(self.log(LogOp::Finish { envelope_id }).await?),
-                        Err(error) => {
-                            tracing::error!(%envelope_id, %error, "Could not set an unreadable envelope aside; it stays open.");
+                    // one, forever.
+                    None => {
+                        if self.set_aside(&envelope_id, &json) {
+                            drop(self.log(LogOp::Finish { envelope_id }).await?);
                         }
-                    },
+                    }
                 }
             }
             let logged = readable;
             match self.read(ReadOp::Unfinished { logged }).await? {
-                Fetched::Unfinished(unfinished) => Ok(unfinished),
+                Fetched::Unfinished(unfinished, unreadable) => {
+                    // Rows of an older schema: finished there, or logged at every start, never
+                    // pruned.
+                    for (envelope_id, json) in unreadable {
+                        if self.set_aside(&envelope_id, &json) {
+                            self.finish(&envelope_id).await?;
+                        }
+                    }
+                    Ok(unfinished)
+                }
                 _ => Err(SqliteError::Mismatch("unfinished").into()),
             }
         })
@@ -2442,6 +2466,31 @@ mod tests {
         let conn = ok(Connection::open(dir.db()));
         let left: i64 = ok(conn.query_row("SELECT COUNT(*) FROM dedupe", [], |row| row.get(0)));
         assert_eq!(left, 1);
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_envelope_schema_1_journaled_is_set_aside_and_finished() {
+        let dir = TempDir::new();
+        ok(std::fs::create_dir_all(dir.0.join("data")));
+        {
+            let conn = ok(Connection::open(dir.db()));
+            ok(conn.execute_batch(MIGRATIONS[0]));
+            ok(conn.pragma_update(None, "user_version", 1));
+            ok(conn.execute(
+                "INSERT INTO journal (envelope_id, envelope, state, created_at) VALUES ('bad', '{not json', 'received', 0)",
+                [],
+            ));
+        }
+        let store = open(&dir, 10);
+        assert_eq!(ok(store.unfinished().await), []);
+        let aside = ok(std::fs::read_to_string(unreadable_path(&dir.db())));
+        let line: serde_json::Value = ok(serde_json::from_str(aside.trim_end()));
+        assert_eq!(line, serde_json::json!({"envelope_id": "bad", "envelope": "{not json"}));
+        drop(store);
+        let conn = ok(Connection::open(dir.db()));
+        let state: String =
+            ok(conn.query_row("SELECT state FROM journal WHERE envelope_id = 'bad'", [], |row| row.get(0)));
+        assert_eq!(state, "finished", "so that it is pruned, not logged at every start");
     }
 
     /// An overlapping start (an upgrade's new binary while the old one runs) is refused before
