@@ -553,6 +553,8 @@ async fn deliver_one(
     delivery: &Delivery,
 ) -> Result<(), ChannelError> {
     let mut attempt = 0;
+    // A part that may have arrived is sent once more at most (see `MaybeDelivered`).
+    let mut sent_maybe = false;
     loop {
         pause.wait_out().await;
         attempt += 1;
@@ -574,6 +576,20 @@ async fn deliver_one(
             Ok(_) => {
                 metrics.deliveries.with_label_values(&[channel_label, "delivered"]).inc();
                 return Ok(());
+            }
+            Err(ChannelError::MaybeDelivered(reason)) if !sent_maybe && attempt < policy.max_attempts => {
+                sent_maybe = true;
+                metrics.deliveries.with_label_values(&[channel_label, "retried"]).inc();
+                let delay = policy.delay(attempt - 1);
+                tracing::warn!(
+                    channel = %channel_label,
+                    part = %delivery.delivery_id,
+                    attempt,
+                    ?delay,
+                    %reason,
+                    "Delivery outcome unknown; sending once more, which may show the part twice."
+                );
+                actix::clock::sleep(delay).await;
             }
             Err(error) if error.is_retryable() && attempt < policy.max_attempts => {
                 metrics.deliveries.with_label_values(&[channel_label, "retried"]).inc();

@@ -207,6 +207,36 @@ async fn a_token_rejected_with_40001_is_refreshed_once_and_the_answer_delivered(
     assert_eq!(sends, ["OLD", "NEW"]);
 }
 
+/// 公众号 sends carry no idempotency key: a send that may have arrived (here a gateway's 502,
+/// as for a timeout) is sent once more at most, not `max_attempts` times, then recorded failed.
+#[actix_web::test]
+async fn a_send_that_may_have_arrived_goes_out_twice_at_most() {
+    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+    echo_llm(&llm, Duration::ZERO).await;
+    Mock::given(method("POST"))
+        .and(path("/cgi-bin/stable_token"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(serde_json::json!({"access_token":"T","expires_in":7200})),
+        )
+        .mount(&wechat)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/cgi-bin/message/custom/send"))
+        .respond_with(ResponseTemplate::new(502).set_body_string("<html>bad gateway</html>"))
+        .mount(&wechat)
+        .await;
+    let config = base_config(&llm, &wechat);
+    let app =
+        spawn_with(&config, &[("YIZHAN__DELIVERY__MAX_ATTEMPTS", "6")], ChannelKinds::builtin(), wechat, llm).await;
+    app.post_text("oUser1", 77, "你好").await;
+    app.wait_until_idle().await;
+    let requests = app.wechat.received_requests().await.unwrap_or_default();
+    let sends = requests.iter().filter(|r| r.url.path() == "/cgi-bin/message/custom/send").count();
+    assert_eq!(sends, 2);
+    let metrics = app.metrics().await;
+    assert!(metrics.contains(r#"yizhan_deliveries_total{channel="mp",outcome="maybe_delivered"} 1"#), "{metrics}");
+}
+
 #[actix_web::test]
 async fn reset_clears_the_history_and_confirms() {
     let app = spawn_app(&[], Duration::ZERO).await;

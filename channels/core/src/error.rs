@@ -37,6 +37,15 @@ pub enum ChannelError {
     /// once, loudly, with what to do.
     #[error("channel misconfigured: {0}")]
     Misconfigured(String),
+    /// A send went out and nothing said whether it arrived (a timeout, a gateway's 5xx, a
+    /// connection that broke, an answer that cannot be read), on a platform that takes no
+    /// idempotency key: sending it again may show it twice. The core sends such a part once
+    /// more at most (a lost answer is worse than a second copy, a dozen copies worse than
+    /// either), then gives up on it like on any other failure. A channel whose platform drops
+    /// repeated sends (Feishu's `uuid`, WeCom's duplicate check) reports these as
+    /// [`Transient`](Self::Transient) instead.
+    #[error("delivery may have arrived: {0}")]
+    MaybeDelivered(String),
 }
 
 impl ChannelError {
@@ -51,7 +60,7 @@ impl ChannelError {
             Self::BadSignature(_) => 401,
             Self::Malformed(_) => 400,
             Self::Unsupported(_) => 405,
-            Self::Transient { .. } => 503,
+            Self::Transient { .. } | Self::MaybeDelivered(_) => 503,
             Self::Refused { .. } | Self::Misconfigured(_) => 500,
         }
     }
@@ -65,6 +74,7 @@ impl ChannelError {
             Self::Transient { .. } => "transient",
             Self::Refused { .. } => "refused",
             Self::Misconfigured(_) => "misconfigured",
+            Self::MaybeDelivered(_) => "maybe_delivered",
         }
     }
 }

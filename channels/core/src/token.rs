@@ -13,8 +13,8 @@ use std::sync::RwLock;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// A token as the platform returned it.
-#[derive(Debug, Clone)]
+/// A token as the platform returned it. (`Debug` leaves the value out: it is a live credential.)
+#[derive(Clone)]
 pub struct AccessToken {
     /// The token.
     pub value: String,
@@ -22,10 +22,22 @@ pub struct AccessToken {
     pub expires_in: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct Cached {
     value: String,
     refresh_at: Instant,
+}
+
+impl std::fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessToken").field("value", &"<redacted>").field("expires_in", &self.expires_in).finish()
+    }
+}
+
+impl std::fmt::Debug for Cached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cached").field("value", &"<redacted>").field("refresh_at", &self.refresh_at).finish()
+    }
 }
 
 /// A fetch that failed, and when.
@@ -122,6 +134,15 @@ mod tests {
 
     fn token(value: &str, secs: u64) -> AccessToken {
         AccessToken { value: value.into(), expires_in: Duration::from_secs(secs) }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn debug_output_leaves_the_token_out() {
+        let cache = TokenCache::new(Duration::from_secs(300));
+        let got = cache.get(|| async { Ok(token("SECRET_T", 7200)) }).await;
+        assert_eq!(got.ok().as_deref(), Some("SECRET_T"));
+        let shown = format!("{cache:?} {:?}", token("SECRET_T", 7200));
+        assert!(!shown.contains("SECRET_T") && shown.contains("redacted"), "{shown}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -90,7 +90,7 @@ impl Api {
         let url = format!("{}{path}", self.base);
         let token = self.access_token().await?;
         let answer = self.post_json(&url, Some(&token), body).await?;
-        let (code, message) = wechat_call_errcode(&answer, "WeChat")?;
+        let (code, message) = wechat_call_errcode(&answer, "WeChat").map_err(maybe_delivered)?;
         if code == 0 {
             self.recovered();
             return Ok(answer);
@@ -102,7 +102,7 @@ impl Api {
         self.tokens.invalidate(&token);
         let token = self.access_token().await?;
         let answer = self.post_json(&url, Some(&token), body).await?;
-        match wechat_call_errcode(&answer, "WeChat")? {
+        match wechat_call_errcode(&answer, "WeChat").map_err(maybe_delivered)? {
             (0, _) => {
                 self.recovered();
                 Ok(answer)
@@ -133,7 +133,11 @@ impl Api {
             "secret": self.app_secret,
             "force_refresh": false,
         });
-        let answer = self.post_json(&url, None, &body).await?;
+        // Asking again for a token shows nobody anything.
+        let answer = self.post_json(&url, None, &body).await.map_err(|error| match error {
+            ChannelError::MaybeDelivered(reason) => transient(reason),
+            other => other,
+        })?;
         match wechat_errcode(&answer) {
             (0, _) => {}
             // From stable_token, "invalid credential" means the AppSecret is wrong.
@@ -167,25 +171,38 @@ impl Api {
         if let Some(token) = token {
             request = request.query(&[("access_token", token)]);
         }
+        // Past connecting, a failure leaves unknown whether WeChat acted on the request.
         let exchange = async {
-            let response = request.send().await.map_err(transport_error)?;
+            let response = request.send().await.map_err(|error| {
+                if error.is_connect() {
+                    transport_error(error)
+                } else {
+                    ChannelError::MaybeDelivered(transport_failure(error, "WeChat"))
+                }
+            })?;
             let status = response.status();
             let bytes = yizhan_channel_common::api::read_bounded(response)
                 .await
-                .map_err(transport_error)?
-                .ok_or_else(|| transient("WeChat's answer is larger than 1 MiB"))?;
+                .map_err(|error| ChannelError::MaybeDelivered(transport_failure(error, "WeChat")))?
+                .ok_or_else(|| ChannelError::MaybeDelivered("WeChat's answer is larger than 1 MiB".into()))?;
             Ok::<_, ChannelError>((status, bytes))
         };
         let (status, bytes) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
             .await
-            .map_err(|_| transient("request to WeChat timed out"))??;
+            .map_err(|_| ChannelError::MaybeDelivered("request to WeChat timed out".into()))??;
         let misconfigured = |code: i64, hint: &str, message: &str| self.misconfigured(code, hint, message, None);
-        if let Some(error) = status_error("WeChat", status.as_u16(), misconfigured) {
-            return Err(error);
+        match status_error("WeChat", status.as_u16(), misconfigured) {
+            // A gateway's 5xx (WeChat's own errors come as errcodes with 200): it may have
+            // passed the request on. 408 and 429 say it was not taken.
+            Some(ChannelError::Transient { reason, .. }) if status.is_server_error() => {
+                return Err(ChannelError::MaybeDelivered(reason))
+            }
+            Some(error) => return Err(error),
+            None => {}
         }
         match serde_json::from_slice::<Value>(&bytes) {
             Ok(answer @ Value::Object(_)) => Ok(answer),
-            _ => Err(transient("WeChat's answer is not a JSON object")),
+            _ => Err(ChannelError::MaybeDelivered("WeChat's answer is not a JSON object".into())),
         }
     }
 
@@ -247,6 +264,15 @@ impl Api {
     /// bounds its length (it ends up in logs and journals).
     fn scrub(&self, message: &str, token: Option<&str>) -> String {
         scrub(message, &[&self.app_secret, token.unwrap_or_default()])
+    }
+}
+
+/// A call's answer that is not WeChat's (no errcode): whatever sent it may have passed the
+/// request on.
+fn maybe_delivered(error: ChannelError) -> ChannelError {
+    match error {
+        ChannelError::Transient { reason, .. } => ChannelError::MaybeDelivered(reason),
+        other => other,
     }
 }
 

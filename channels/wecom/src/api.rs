@@ -33,9 +33,12 @@ const TOKEN_REJECTED: [i64; 3] = [40001, 40014, 42001];
 const FREQUENCY_BACKOFF: Duration = Duration::from_secs(60);
 
 /// WeCom's duplicate-message check window for `message/send`, in seconds: a part retried after
-/// a lost answer is not shown twice (doc path/90236; default 1800, maximum 4 h). Kept to the
-/// retry horizon; a different part with the same text is sent without the check (`repeats`).
-pub(crate) const DUPLICATE_CHECK_SECS: u64 = 600;
+/// a lost answer is not shown twice (doc path/90236; default 1800, maximum 4 h). It must outlast
+/// a part's retries: with the default delivery settings (12 sends, each up to a 10 s timeout,
+/// backoff up to 30 s) and a minute's account pause at each frequency limit, about 14 minutes
+/// (`the_duplicate_check_outlasts_a_parts_retries`). A different part with the same text is sent
+/// without the check (`repeats`).
+pub(crate) const DUPLICATE_CHECK_SECS: u64 = 1800;
 
 /// Which call an errcode came from; a few codes mean different things in each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -330,6 +333,16 @@ fn transport_error(error: reqwest::Error) -> ChannelError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_duplicate_check_outlasts_a_parts_retries() {
+        // The core's default `[delivery]`: 12 sends, backoff from 0.5 s doubling up to 60 s.
+        let (sends, base, longest) = (12_u32, Duration::from_millis(500), Duration::from_secs(60));
+        // Between two sends: the backoff, or, at a frequency limit, the account's pause.
+        let gaps: Duration = (0..sends - 1).map(|k| (base * 2_u32.pow(k)).min(longest).max(FREQUENCY_BACKOFF)).sum();
+        let horizon = REQUEST_TIMEOUT * sends + gaps;
+        assert!(Duration::from_secs(DUPLICATE_CHECK_SECS) >= horizon * 2, "{horizon:?}");
+    }
 
     fn api() -> Api {
         let channel = ChannelId::parse("wecom").unwrap_or_else(|e| panic!("{e}"));
