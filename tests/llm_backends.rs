@@ -1245,12 +1245,9 @@ async fn the_lobehub_probe_asks_its_health_route() {
         .mount(&server)
         .await;
     assert!(probe(&lobehub(lobehub_settings(&server, Some("agt_1")))).await.is_ok());
-    // Nothing listening (a port just freed): a connect error, not a panic or a hang.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .unwrap_or_else(|e| panic!("{e}"));
-    let closed = LobeHubSettings::new(format!("http://127.0.0.1:{port}"));
+    // Nothing listening: a connect error, not a panic or a hang. (A privileged port nobody
+    // listens on, not a freshly freed one a parallel test's stand-in could take.)
+    let closed = LobeHubSettings::new("http://127.0.0.1:9".to_owned());
     let error = probe(&lobehub(closed)).await.err();
     assert!(matches!(error, Some(LlmError::Connect(_))), "{error:?}");
 }

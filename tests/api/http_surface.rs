@@ -81,7 +81,10 @@ async fn a_body_that_stops_arriving_is_408_once_its_time_is_up() {
     .await
     .unwrap_or_else(|e| panic!("{e}"));
     assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    // Had it been accepted, its answer would be on its way: waited for, it would show.
+    app.wait_until_idle().await;
     assert!(app.llm_requests().await.is_empty());
+    assert!(!app.metrics().await.contains(r#"outcome="accepted""#));
 }
 
 #[actix_web::test]
@@ -91,7 +94,9 @@ async fn malformed_xml_with_a_valid_signature_is_400() {
     assert_eq!(status, 400);
     let (status, _) = app.post_signed("not xml at all").await;
     assert_eq!(status, 400);
+    app.wait_until_idle().await;
     assert!(app.llm_requests().await.is_empty());
+    assert!(!app.metrics().await.contains(r#"outcome="accepted""#));
 }
 
 #[actix_web::test]

