@@ -2,7 +2,8 @@
 //! platform's parts and sends them in order, retrying transient failures with backoff.
 //!
 //! Invariant: a part is retried only on [`ChannelError::is_retryable`] failures and at most
-//! `max_attempts` times; every part ends as delivered, as failed with a logged, counted reason,
+//! `max_attempts` times, or once on [`ChannelError::MaybeDelivered`] (then recorded failed, never
+//! parked or resent); every part ends as delivered, as failed with a logged, counted reason,
 //! or (where a webhook response can still carry it) parked for the user's next message.
 
 pub mod live;
@@ -535,6 +536,16 @@ async fn deliver_all(
         gauge.dec();
         match result {
             Ok(()) => clear_delivered(store, &delivery).await,
+            Err(ChannelError::MaybeDelivered(reason)) => {
+                // Sent twice already, perhaps shown: recorded failed now, so that neither a
+                // park nor the next start sends it a third time. The rest goes as after any
+                // failure.
+                let why = format!("sent twice, and may have arrived: {reason}");
+                if let Err(store_error) = store.part_failed(&delivery.delivery_id, &why).await {
+                    tracing::error!(part = %delivery.delivery_id, error = %store_error, "Failed to record a failed part.");
+                }
+                return Err(Undelivered { error: ChannelError::MaybeDelivered(reason), parts: parts.collect() });
+            }
             Err(error) => {
                 let undelivered: Vec<Delivery> = std::iter::once(delivery).chain(parts).collect();
                 return Err(Undelivered { error, parts: undelivered });
@@ -688,6 +699,62 @@ mod tests {
         }
         assert!(policy.delay(0) <= Duration::from_millis(100));
         assert!(policy.delay(3) >= Duration::from_millis(400));
+    }
+
+    /// A send whose outcome is never known (a 公众号 send timing out, say).
+    struct NeverKnown(ChannelId, std::sync::atomic::AtomicUsize);
+
+    impl Channel for NeverKnown {
+        fn id(&self) -> &ChannelId {
+            &self.0
+        }
+        fn kind(&self) -> &str {
+            "never_known"
+        }
+        fn handle_webhook(&self, _: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
+            Err(ChannelError::Unsupported("no webhooks".into()))
+        }
+        fn deliver<'a>(&'a self, _: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async { Err(ChannelError::MaybeDelivered("timed out".into())) })
+        }
+    }
+
+    /// Sent twice at most, then recorded failed, and not among the parts handed back to be
+    /// parked or left for the next start; the parts behind it are.
+    #[tokio::test(start_paused = true)]
+    async fn a_part_that_may_have_arrived_is_sent_twice_then_failed_and_the_rest_handed_back() {
+        let id = ChannelId::parse("n").unwrap_or_else(|e| panic!("{e}"));
+        let envelope = crate::store::test_envelope("m1");
+        let part = |index: usize| Delivery {
+            delivery_id: part_id(&envelope.id, index),
+            channel: id.clone(),
+            conversation: Conversation { kind: ConversationKind::Direct, id: "u".into() },
+            recipient: Sender { id: "u".into(), name: None },
+            reply_handle: ReplyHandle::default(),
+            reply: Reply::text(format!("答{index}")),
+        };
+        let dir = std::env::temp_dir().join(format!("yizhan-maybe-{}-{}", std::process::id(), envelope.id));
+        let store = crate::store::SqliteStore::open(&dir.join("y.db"), crate::store::SqliteOptions::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let metrics = Metrics::new();
+        assert!(store.accept(&envelope, Duration::from_secs(60)).await.is_ok());
+        assert!(store.record_answer(&envelope.id, "k", None, &[part(0), part(1)]).await.is_ok());
+        let policy = RetryPolicy { max_attempts: 12, base_delay: Duration::ZERO, max_delay: Duration::ZERO };
+        let channel = NeverKnown(id.clone(), std::sync::atomic::AtomicUsize::new(0));
+        let result =
+            deliver_all(&channel, &store, &policy, &AccountPause::default(), &metrics, vec![part(0), part(1)]).await;
+        assert_eq!(channel.1.load(std::sync::atomic::Ordering::SeqCst), 2);
+        match result {
+            Err(Undelivered { error: ChannelError::MaybeDelivered(_), parts }) => assert_eq!(parts, [part(1)]),
+            other => panic!("{other:?}"),
+        }
+        let unfinished = store.unfinished().await.unwrap_or_default();
+        assert_eq!(unfinished.len(), 1);
+        assert_eq!(unfinished[0].pending_parts.as_deref(), Some(&[part(1)][..]));
+        assert_eq!(metrics.deliveries.with_label_values(&["n", "maybe_delivered"]).get(), 1);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Sends `Transient { retry_after: 60 s }` to its first call, then takes everything.

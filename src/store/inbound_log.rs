@@ -516,37 +516,88 @@ pub(super) type PrepareSegment = Box<dyn FnMut(&Path, u64, u64) -> std::io::Resu
 /// How long the preparer waits before trying a failed segment again.
 pub(super) const PREPARE_RETRY_AFTER: Duration = Duration::from_secs(1);
 
+/// How often a writer waiting for a segment checks whether its preparation failed.
+const SPARE_POLL: Duration = Duration::from_millis(50);
+
+/// How often a preparation that keeps failing is logged (every failure is retried).
+const PREPARE_FAILURE_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// The writer's end of the preparer: segments made ahead, and why none is coming.
+struct Spares {
+    ready: std::sync::mpsc::Receiver<(u64, File)>,
+    /// The last preparation's error, until one succeeds. The preparer ends once the writer's
+    /// reference is gone.
+    failure: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl Spares {
+    /// The next segment: at once if one is ready; [`AppendError::NoSpare`] at once if the last
+    /// preparation failed (so that a batch is refused instead of waiting out the retries);
+    /// otherwise when the one being prepared is done.
+    fn next(&self) -> Result<(u64, File), AppendError> {
+        use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
+        let stopped = || AppendError::Write(std::io::Error::other("the segment preparer stopped"));
+        match self.ready.try_recv() {
+            Ok(spare) => return Ok(spare),
+            Err(TryRecvError::Disconnected) => return Err(stopped()),
+            Err(TryRecvError::Empty) => {}
+        }
+        loop {
+            if let Some(error) = self.failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone() {
+                return Err(AppendError::NoSpare(std::io::Error::other(error)));
+            }
+            match self.ready.recv_timeout(SPARE_POLL) {
+                Ok(spare) => return Ok(spare),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Err(stopped()),
+            }
+        }
+    }
+}
+
 /// Keeps one segment ready ahead of the writer; ends when the writer is gone.
 ///
-/// A failure (a full disk, say) is handed over like a segment, so that the writer refuses the
-/// batch that needed one, and the same segment is tried again after `retry_after`: the store
-/// goes on once the disk has room again, without a restart.
+/// A failure (a full disk, say) is published in `failure`, for the writer to refuse the
+/// batches that need a segment meanwhile, and the same segment is tried again after
+/// `retry_after` until it succeeds: the store goes on once the disk has room again, without a
+/// restart. (A failure is not handed over like a segment: it would wait for the writer's next
+/// rotation, maybe hours later, and refuse that batch with the disk long fine again.)
 fn run_preparer(
     dir: &Path,
     mut number: u64,
     bytes: u64,
-    ready: &std::sync::mpsc::SyncSender<std::io::Result<(u64, File)>>,
+    ready: &std::sync::mpsc::SyncSender<(u64, File)>,
+    failure: &Arc<std::sync::Mutex<Option<String>>>,
     prepare: &mut PrepareSegment,
     retry_after: Duration,
 ) {
+    let mut last_logged: Option<Instant> = None;
     loop {
         match prepare(dir, number, bytes) {
             Ok(file) => {
-                if ready.send(Ok((number, file))).is_err() {
+                if failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take().is_some() {
+                    tracing::info!(segment = number, "An inbound log segment could be prepared again.");
+                }
+                last_logged = None;
+                if ready.send((number, file)).is_err() {
                     return;
                 }
                 let Some(next) = number.checked_add(1) else { return };
                 number = next;
             }
             Err(error) => {
-                tracing::error!(segment = number, %error, "Cannot prepare an inbound log segment; tried again in a moment.");
+                if last_logged.is_none_or(|logged| logged.elapsed() >= PREPARE_FAILURE_LOG_EVERY) {
+                    tracing::error!(segment = number, %error, "Cannot prepare an inbound log segment; messages are refused once the current one is full. Tried again every second.");
+                    last_logged = Some(Instant::now());
+                }
                 // What a failure left would make the next try's `create_new` fail.
                 if let Err(removed) = std::fs::remove_file(segment_path(dir, number)) {
                     if removed.kind() != std::io::ErrorKind::NotFound {
                         tracing::error!(segment = number, error = %removed, "Cannot remove a half-prepared inbound log segment.");
                     }
                 }
-                if ready.send(Err(error)).is_err() {
+                *failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(error.to_string());
+                if Arc::strong_count(failure) == 1 {
                     return;
                 }
                 std::thread::sleep(retry_after);
@@ -586,7 +637,7 @@ pub(super) struct InboundLog {
     open: OpenEntries,
     claims: Claims,
     next_seq: u64,
-    spares: std::sync::mpsc::Receiver<std::io::Result<(u64, File)>>,
+    spares: Spares,
     sync: Option<SyncSegment>,
     broken: Arc<AtomicBool>,
     /// The directory's lock, held as long as this log.
@@ -604,9 +655,6 @@ const BROKEN: &str = "the inbound log refuses writes after a disk error; check t
 
 impl InboundLog {
     /// Starts from `scanned` (claims restored from elsewhere are added), with the preparer
-    /// thread creating segments from the next free number on. Returns the log and the
-    /// preparer's handle.
-    /// Starts from `scanned` (claims restored from elsewhere are added), with the preparer
     /// thread creating segments (`prepare`: [`prepare_segment`], tried again after `retry_after`
     /// when it fails) from the next free number on. Returns the log and the preparer's handle.
     #[allow(clippy::too_many_arguments)]
@@ -623,16 +671,20 @@ impl InboundLog {
     ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
         let Scanned { open, segments, mut claims, next_seq, next_segment, blank_last, lock } = scanned;
         claims.extend(extra_claims);
-        let (ready, spares) = std::sync::mpsc::sync_channel(0);
+        let (ready, ready_rx) = std::sync::mpsc::sync_channel(0);
+        let spares = Spares { ready: ready_rx, failure: Arc::default() };
+        let failure = Arc::clone(&spares.failure);
         let preparer_dir = dir.clone();
         let preparer = std::thread::Builder::new().name("inbound-log-preparer".to_owned()).spawn(move || {
-            run_preparer(&preparer_dir, next_segment, segment_bytes, &ready, &mut prepare, retry_after)
+            run_preparer(&preparer_dir, next_segment, segment_bytes, &ready, &failure, &mut prepare, retry_after)
         })?;
         // A fresh segment after every start: never append behind a possibly torn tail. The
         // previous run's spare qualifies: nothing was ever written to it.
         let (number, active) = match blank_last {
             Some(number) => (number, File::options().read(true).write(true).open(segment_path(&dir, number))?),
-            None => spares.recv().map_err(|_| std::io::Error::other("the segment preparer stopped"))??,
+            None => spares.next().map_err(|error| match error {
+                AppendError::NoSpare(error) | AppendError::Write(error) => error,
+            })?,
         };
         let log = Self {
             dir,
@@ -683,7 +735,7 @@ impl InboundLog {
         let mut filled: Vec<File> = Vec::new();
         let mut written = Ok(());
         // Restored if the batch is refused for want of a segment.
-        let counts_before = (self.active_info.open, self.active_info.claims_until);
+        let counts_before = (self.active_info.number, self.active_info.open, self.active_info.claims_until);
         self.buf.clear();
         let mut staged_open: Vec<(String, OpenEntry)> = Vec::new();
         let mut staged_finish: Vec<String> = Vec::new();
@@ -754,7 +806,12 @@ impl InboundLog {
                 // platforms retry what they are refused; the preparer tries again).
                 self.buf.clear();
                 self.claims.discard_staged();
-                (self.active_info.open, self.active_info.claims_until) = counts_before;
+                // The active segment's counts as before the batch; one it rotated into (with
+                // nothing of it written before) holds nothing.
+                (self.active_info.open, self.active_info.claims_until) = match counts_before {
+                    (number, open, claims_until) if number == self.active_info.number => (open, claims_until),
+                    _ => (0, i64::MIN),
+                };
                 let refused = format!("the inbound log has no room for now ({error}); try again later");
                 for job in batch.drain(..) {
                     // What writes nothing is still answered, from what was there before.
@@ -955,11 +1012,7 @@ impl InboundLog {
         }
         if self.offset + self.buf.len() as u64 + size > self.segment_bytes {
             // The spare first: until it is here, nothing of the batch is written.
-            let (number, next) = match self.spares.recv() {
-                Ok(Ok(spare)) => spare,
-                Ok(Err(error)) => return Err(AppendError::NoSpare(error)),
-                Err(_) => return Err(AppendError::Write(std::io::Error::other("the segment preparer stopped"))),
-            };
+            let (number, next) = self.spares.next()?;
             let tail = !self.buf.is_empty();
             if tail {
                 self.active.write_all_at(&self.buf, self.offset).map_err(AppendError::Write)?;
@@ -1490,16 +1543,20 @@ mod tests {
         let _ = preparer.join();
     }
 
+    /// A full disk: the preparer fails from its third segment on until the disk has room.
+    /// A batch that rotates into the second segment (nothing of the first written by it) and
+    /// then needs a third is refused whole, what writes nothing still answered; the log is not
+    /// broken, the second segment counts nothing of the refused batch, and once a segment can
+    /// be made again the platform's retries are taken.
     #[test]
     fn a_segment_that_cannot_be_prepared_refuses_the_batch_that_needs_it_and_the_log_goes_on() {
         let dir = TempDir::new();
         let scanned = scan(&dir.0, crate::store::now_ms(), SEGMENT).unwrap_or_else(|e| panic!("{e}"));
         let broken = Arc::new(AtomicBool::new(false));
-        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = Arc::clone(&calls);
-        // The first segment is prepared, the second fails once (a full disk, say), half made.
+        let (calls, healed) = (Arc::new(std::sync::atomic::AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
+        let (counted, room) = (Arc::clone(&calls), Arc::clone(&healed));
         let prepare: PrepareSegment = Box::new(move |dir: &Path, number, bytes| {
-            if counted.fetch_add(1, Ordering::SeqCst) == 1 {
+            if counted.fetch_add(1, Ordering::SeqCst) >= 2 && !room.load(Ordering::SeqCst) {
                 std::fs::write(segment_path(dir, number), b"half")?;
                 return Err(std::io::Error::other("injected ENOSPC"));
             }
@@ -1518,26 +1575,54 @@ mod tests {
             Duration::from_millis(1),
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        let mut accepted = Vec::new();
-        let (refused, error) = loop {
-            assert!(accepted.len() < 100, "the first segment never filled");
-            let id = format!("m{}", accepted.len());
-            match serve(&mut log, vec![accept(&id, 60_000), LogOp::IsOpen { envelope_id: "m0".into() }]).as_slice() {
-                [Ok(Logged::Accepted(Acceptance::New)), Ok(Logged::IsOpen(_))] => accepted.push(id),
-                // What writes nothing is answered all the same.
-                [Err(error), Ok(Logged::IsOpen(true))] => break (id, error.clone()),
-                other => panic!("{other:?}"),
+        // One accept at a time until the next one would not fit the first segment.
+        let record = |id: &str| match accept(id, 60_000) {
+            LogOp::Accept { claim, envelope_id, envelope, .. } => {
+                HEADER
+                    + accept_payload(0, &claim, 0, &envelope_id, envelope.as_bytes()).map_or(0, |payload| payload.len())
             }
+            _ => 0,
         };
-        assert!(error.contains("injected ENOSPC") && !broken.load(Ordering::SeqCst), "{error}");
-        // Refused whole, claim included: the platform's retry is new, and goes into the next
-        // segment, which the preparer made on its second try.
-        let again = serve(&mut log, vec![accept(&refused, 60_000)]);
-        assert!(matches!(again.as_slice(), [Ok(Logged::Accepted(Acceptance::New))]), "{again:?}");
-        accepted.push(refused);
+        let mut accepted: Vec<String> = Vec::new();
+        while log.offset + (record("m00") as u64) <= SEGMENT {
+            let id = format!("m{:02}", accepted.len());
+            let answers = serve(&mut log, vec![accept(&id, 60_000)]);
+            assert!(matches!(answers.as_slice(), [Ok(Logged::Accepted(Acceptance::New))]), "{answers:?}");
+            accepted.push(id);
+        }
+        let first = log.active_info.number;
+        // Rotates into the second segment at once, fills it, and needs a third.
+        let mut ops: Vec<LogOp> = (0..30).map(|n| accept(&format!("r{n:02}"), 60_000)).collect();
+        ops.push(LogOp::IsOpen { envelope_id: "m00".into() });
+        let answers = serve(&mut log, ops);
+        assert_ne!(log.active_info.number, first, "the batch did not rotate");
+        assert!(
+            answers[..30].iter().all(|answer| matches!(answer, Err(e) if e.contains("injected ENOSPC"))),
+            "{answers:?}"
+        );
+        assert!(matches!(answers[30], Ok(Logged::IsOpen(true))), "{:?}", answers[30]);
+        assert!(!broken.load(Ordering::SeqCst));
+        assert_eq!((log.active_info.open, log.active_info.claims_until, log.offset), (0, i64::MIN, 0));
+        // The disk has room again: the platform's retries are new (the claims went with the
+        // batch) and taken once the preparer's next try made a segment.
+        healed.store(true, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        for n in 0..30 {
+            let id = format!("r{n:02}");
+            loop {
+                match serve(&mut log, vec![accept(&id, 60_000)]).as_slice() {
+                    [Ok(Logged::Accepted(Acceptance::New))] => break,
+                    [Err(error)] if error.contains("injected ENOSPC") => {
+                        assert!(std::time::Instant::now() < deadline, "the preparer never recovered");
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+            accepted.push(id);
+        }
         assert_eq!(open_ids(&mut log), accepted);
-        // (The preparer may be making the next spare by now.)
-        assert!(calls.load(Ordering::SeqCst) >= 3);
+        assert!(calls.load(Ordering::SeqCst) >= 4 && !broken.load(Ordering::SeqCst));
         drop(log);
         let _ = preparer.join();
         let scanned = scan(&dir.0, crate::store::now_ms(), SEGMENT).unwrap_or_else(|e| panic!("{e}"));

@@ -1477,7 +1477,11 @@ fn query(conn: &mut Connection, op: &ReadOp) -> Result<Fetched, rusqlite::Error>
                 let mut streams = tx.prepare_cached("SELECT stream FROM live_stream WHERE envelope_id = ?1")?;
                 let mut rows = journal.query([])?;
                 while let Some(row) = rows.next()? {
-                    let envelope_id = lossy_text(row, 0)?;
+                    // A damaged id would never match its row again: answered at every start.
+                    let Some(envelope_id) = key_text(row, 0)? else {
+                        tracing::error!("A journal row's envelope id is not UTF-8 (a damaged database?); skipped.");
+                        continue;
+                    };
                     let json = lossy_text(row, 1)?;
                     let state = lossy_text(row, 2)?;
                     if let Some(envelope) = parse_envelope(&envelope_id, &json) {
@@ -1518,6 +1522,16 @@ fn lossy_text(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<String>
         ValueRef::Null => String::new(),
         ValueRef::Integer(number) => number.to_string(),
         ValueRef::Real(number) => number.to_string(),
+    })
+}
+
+/// A key column (an id later writes are matched on) as text, or `None` if it is not UTF-8:
+/// read lossily, it would match nothing.
+fn key_text(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<Option<String>> {
+    use rusqlite::types::ValueRef;
+    Ok(match row.get_ref(index)? {
+        ValueRef::Text(bytes) => std::str::from_utf8(bytes).ok().map(str::to_owned),
+        _ => None,
     })
 }
 
@@ -1581,7 +1595,11 @@ fn pending_parts(
     let mut parts = Vec::new();
     let mut rows = outbox.query(params![envelope_id])?;
     while let Some(part) = rows.next()? {
-        let delivery_id = lossy_text(part, 0)?;
+        // A damaged id would never match its row again: the part sent at every start.
+        let Some(delivery_id) = key_text(part, 0)? else {
+            tracing::error!(%envelope_id, "An outbox part's id is not UTF-8 (a damaged database?); skipped.");
+            continue;
+        };
         let json = lossy_text(part, 1)?;
         match serde_json::from_str::<Delivery>(&json) {
             Ok(delivery) => parts.push(delivery),
@@ -2335,7 +2353,7 @@ mod tests {
             let store = open(&dir, 10);
             ok(store.accept(&first, TTL).await);
             ok(store.accept(&second, TTL).await);
-            ok(store.record_answer(&first.id, "k", None, &[part(&first, 0), part(&first, 1)]).await);
+            ok(store.record_answer(&first.id, "k", None, &[part(&first, 0), part(&first, 1), part(&first, 2)]).await);
             let stream = LiveStream { handle: serde_json::json!({"card_id": "c"}), sequence_base: 0 };
             ok(store.record_stream(&second.id, &stream).await);
             let parked = ParkedUser { channel: "c".into(), user: "u".into(), record: Some("[]".into()) };
@@ -2346,6 +2364,9 @@ mod tests {
             let conn = ok(Connection::open(dir.db()));
             let part_id = part(&first, 1).delivery_id;
             ok(conn.execute("UPDATE outbox SET delivery = CAST(X'7B22FF' AS TEXT) WHERE delivery_id = ?1", [part_id]));
+            // An id no later write could match: skipped, not sent at every start.
+            let third = part(&first, 2).delivery_id;
+            ok(conn.execute("UPDATE outbox SET delivery_id = CAST(X'FF' AS TEXT) WHERE delivery_id = ?1", [third]));
             ok(conn.execute("UPDATE live_stream SET stream = CAST(X'FF' AS TEXT)", []));
             ok(conn.execute("UPDATE parked SET record = X'5B5DFF'", []));
             ok(conn.execute("UPDATE history SET answer = CAST(X'61FF' AS TEXT)", []));
@@ -2353,7 +2374,7 @@ mod tests {
         let store = open(&dir, 10);
         let unfinished = ok(store.unfinished().await);
         assert_eq!(unfinished.len(), 2, "{unfinished:?}");
-        // The damaged part is skipped, its sibling kept; the unreadable stream record is as none.
+        // The damaged parts are skipped, their sibling kept; the unreadable stream record is as none.
         assert_eq!(unfinished[0].pending_parts.as_deref(), Some(&[part(&first, 0)][..]));
         assert_eq!(unfinished[1].live_stream, None);
         let parked = ok(store.load_parked().await);

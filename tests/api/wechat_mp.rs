@@ -207,7 +207,7 @@ async fn a_token_rejected_with_40001_is_refreshed_once_and_the_answer_delivered(
     assert_eq!(sends, ["OLD", "NEW"]);
 }
 
-/// 公众号 sends carry no idempotency key: a send that may have arrived (here a gateway's 502,
+/// 公众号 sends carry no idempotency key: a send that may have arrived (here a gateway's 504,
 /// as for a timeout) is sent once more at most, not `max_attempts` times, then recorded failed.
 #[actix_web::test]
 async fn a_send_that_may_have_arrived_goes_out_twice_at_most() {
@@ -222,7 +222,7 @@ async fn a_send_that_may_have_arrived_goes_out_twice_at_most() {
         .await;
     Mock::given(method("POST"))
         .and(path("/cgi-bin/message/custom/send"))
-        .respond_with(ResponseTemplate::new(502).set_body_string("<html>bad gateway</html>"))
+        .respond_with(ResponseTemplate::new(504).set_body_string("<html>gateway timeout</html>"))
         .mount(&wechat)
         .await;
     let config = base_config(&llm, &wechat);

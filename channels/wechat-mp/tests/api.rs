@@ -126,6 +126,12 @@ async fn rate_limits_are_transient_and_a_gateways_server_error_may_have_been_del
     Mock::given(method("POST"))
         .and(path("/cgi-bin/message/custom/send"))
         .respond_with(ResponseTemplate::new(502).set_body_string("<html>bad gateway</html>"))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/cgi-bin/message/custom/send"))
+        .respond_with(ResponseTemplate::new(504).set_body_string("<html>gateway timeout</html>"))
         .mount(&server)
         .await;
     let channel = channel_for(&server);
@@ -133,6 +139,9 @@ async fn rate_limits_are_transient_and_a_gateways_server_error_may_have_been_del
         Err(ChannelError::Transient { retry_after, .. }) => assert_eq!(retry_after, Some(Duration::from_secs(60))),
         other => panic!("{other:?}"),
     }
+    // A proxy that cannot reach WeChat: nothing was sent, retried as long as configured.
+    let error = channel.deliver(&delivery("hi")).await.err();
+    assert!(matches!(error, Some(ChannelError::Transient { .. })), "{error:?}");
     // The gateway may have passed the send on: retried once at most, not a dozen times.
     let error = channel.deliver(&delivery("hi")).await.err();
     assert!(matches!(error, Some(ChannelError::MaybeDelivered(_))), "{error:?}");

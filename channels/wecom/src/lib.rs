@@ -36,8 +36,8 @@
 //! - **Instances are independent.** Every `[[channels]]` entry (one app of one corp) owns its
 //!   crypto state, token cache and rate limiter; nothing is global.
 //! - **Duplicate check for resends only.** A part's first send asks WeCom to drop it if an
-//!   identical message went to the member in the last 30 minutes, and so do its resends, so a
-//!   part retried after a lost answer (retries span up to about 14 minutes, account pauses
+//!   identical message went to the member in the last 15 minutes, and so do its resends, so a
+//!   part retried after a lost answer (retries span up to about 13 minutes, account pauses
 //!   included) or resent after a quick restart is not shown twice. A *different* part with the same text (the apology while
 //!   the model is down, an answer repeated word for word) is sent without the check, or WeCom
 //!   would swallow it (`repeats`).

@@ -69,7 +69,7 @@ fn json_body(request: &Request) -> Value {
 fn send_body(user: &str, msgtype: &str, content: &str) -> Value {
     json!({
         "touser": user, "msgtype": msgtype, "agentid": AGENT, msgtype: {"content": content},
-        "safe": 0, "enable_duplicate_check": 1, "duplicate_check_interval": 1800,
+        "safe": 0, "enable_duplicate_check": 1, "duplicate_check_interval": 900,
     })
 }
 
