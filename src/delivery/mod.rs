@@ -143,7 +143,9 @@ pub async fn deliver_recorded(hub: &Hub, envelope: &Envelope, parts: Vec<Deliver
         return;
     }
     let Some(job) = hub.passive.get(&envelope.channel, &envelope.platform_message_id) else {
-        let parts = within_send_quota(hub, envelope, parts);
+        // Parts after the first (a streamed card carried it) count the card as sent.
+        let already_sent = parts.first().and_then(|part| part_index(&part.delivery_id)).unwrap_or(0);
+        let parts = within_send_quota_after(hub, envelope, parts, already_sent);
         send_parts(hub, envelope, parts).await;
         return;
     };

@@ -282,6 +282,23 @@ async fn a_streamed_answer_longer_than_a_part_keeps_the_card_to_one_part() {
     assert_eq!(shown, format!("答：{question}"));
 }
 
+/// The card counts against `send_quota_per_message` as the message it is: a quota of 2 leaves
+/// one message below it, which says that more follows on the continue word.
+#[actix_web::test]
+async fn a_streamed_card_counts_against_the_send_quota() {
+    let env = [("YIZHAN__CHANNELS__FS__MAX_PART_BYTES", "200"), ("YIZHAN__CHANNELS__FS__SEND_QUOTA_PER_MESSAGE", "2")];
+    let app = spawn_feishu_with(true, Duration::ZERO, &env).await;
+    let question = "长问题。".repeat(50);
+    assert_eq!(app.post_feishu(&event("om_quota", "p2p", &question, serde_json::json!([]))).await.0, 200);
+    app.wait_until_idle().await;
+    let replies = app.feishu_calls("POST", "/om_quota/reply").await;
+    assert_eq!(replies.len(), 2, "the card and one message");
+    let last = body(&replies[1]);
+    let content: serde_json::Value =
+        serde_json::from_str(last["content"].as_str().unwrap_or_default()).unwrap_or_default();
+    assert!(content["text"].as_str().is_some_and(|text| text.contains("继续")), "{content}");
+}
+
 /// An app without the CardKit scope: the first refusal turns streaming off, so later answers
 /// cost no failed call (and no warning) each.
 #[actix_web::test]
@@ -353,16 +370,33 @@ async fn spawn_feishu_on(db: &std::path::Path) -> TestApp {
 
 /// [`spawn_feishu_on`] with streaming on or off, and the LLM answering after `llm_delay`.
 async fn spawn_feishu_on_with(db: &std::path::Path, streaming: bool, llm_delay: Duration) -> TestApp {
+    spawn_feishu_old_card(db, streaming, llm_delay, true).await
+}
+
+/// [`spawn_feishu_on_with`], the card `card_old` in streaming mode or not: out of it, Feishu
+/// refuses content writes and settings (as after its time limit, or an earlier finish), and
+/// takes a whole replacement.
+async fn spawn_feishu_old_card(db: &std::path::Path, streaming: bool, llm_delay: Duration, open: bool) -> TestApp {
     let (llm, feishu) = (MockServer::start().await, MockServer::start().await);
     echo_llm(&llm, llm_delay).await;
     feishu_api(&feishu).await;
-    for (verb, suffix) in [("PUT", "elements/answer/content"), ("PATCH", "settings")] {
+    let answer = if open {
+        ResponseTemplate::new(200).set_body_json(serde_json::json!({"code":0,"msg":"ok"}))
+    } else {
+        ResponseTemplate::new(400).set_body_json(serde_json::json!({"code":300309,"msg":"streaming mode is closed"}))
+    };
+    for (verb, suffix) in [("PUT", "/elements/answer/content"), ("PATCH", "/settings")] {
         Mock::given(method(verb))
-            .and(path(format!("/open-apis/cardkit/v1/cards/card_old/{suffix}")))
-            .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"code":0,"msg":"ok"})))
+            .and(path(format!("/open-apis/cardkit/v1/cards/card_old{suffix}")))
+            .respond_with(answer.clone())
             .mount(&feishu)
             .await;
     }
+    Mock::given(method("PUT"))
+        .and(path("/open-apis/cardkit/v1/cards/card_old"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"code":0,"msg":"ok"})))
+        .mount(&feishu)
+        .await;
     let config = format!(
         "{}\n[[channels]]\nid = \"fs\"\nkind = \"feishu\"\napp_id = \"cli_test\"\napp_secret = \"secret\"\n\
          verification_token = \"vtoken\"\nbot_open_id = \"ou_bot\"\nstreaming = {streaming}\napi_base = \"{}\"\n",
@@ -459,6 +493,34 @@ async fn a_card_left_streaming_after_its_answer_was_recorded_gets_that_answer() 
     assert_eq!(last["content"], "上次的完整回答");
     assert!(updates.iter().all(|sequence| *sequence > 1 << 22), "{updates:?}");
     assert_eq!(old_card_calls(&app, "PATCH", "settings").await.0.len(), 1, "streaming ended");
+}
+
+/// The same, when the card is out of streaming mode (an earlier run's finish wrote the answer
+/// and ended it, then the run stopped before finishing the message; or Feishu's time limit
+/// passed): the card is replaced whole with the answer, which is not sent again as a message.
+#[actix_web::test]
+async fn a_card_out_of_streaming_mode_is_replaced_whole_instead_of_a_second_copy_below() {
+    for (message_id, answered) in [("om_r_8", Some("上次的完整回答")), ("om_r_9", None)] {
+        let dir =
+            std::env::temp_dir().join(format!("yizhan-feishu-closed-{}-{}-{message_id}", std::process::id(), now()));
+        let db = dir.join("yizhan.db");
+        left_streaming(&db, message_id, "接着说", answered).await;
+        let app = spawn_feishu_old_card(&db, true, Duration::ZERO, false).await;
+        app.wait_until_idle().await;
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            app.feishu_calls("POST", &format!("/{message_id}/reply")).await.is_empty(),
+            "{message_id}: a copy below"
+        );
+        let replaced = app.feishu_calls("PUT", "/cardkit/v1/cards/card_old").await;
+        let replaced: Vec<_> = replaced.iter().filter(|r| r.url.path().ends_with("/card_old")).collect();
+        assert_eq!(replaced.len(), 1, "{message_id}");
+        let card: serde_json::Value =
+            serde_json::from_str(body(replaced[0])["card"]["data"].as_str().unwrap_or_default()).unwrap_or_default();
+        let expected = answered.unwrap_or("答：接着说");
+        assert_eq!(card["body"]["elements"][0]["content"], expected, "{message_id}");
+        assert_eq!(card["config"]["streaming_mode"], false);
+    }
 }
 
 /// A card taken up again is recorded with its new numbering before it is used: were this run

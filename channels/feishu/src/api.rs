@@ -189,6 +189,20 @@ impl Api {
         self.call(Method::PUT, &path, &[], &body).await.map(drop)
     }
 
+    /// Replaces a card entity whole with `card` (card JSON 2.0): works whether or not the card is
+    /// in streaming mode.
+    pub(crate) async fn replace_card(
+        &self,
+        card_id: &str,
+        card: &str,
+        sequence: u64,
+        uuid: &str,
+    ) -> Result<(), ChannelError> {
+        let path = format!("/open-apis/cardkit/v1/cards/{}", path_id("card_id", card_id)?);
+        let body = json!({"card": {"type": "card_json", "data": card}, "sequence": sequence, "uuid": uuid});
+        self.call(Method::PUT, &path, &[], &body).await.map(drop)
+    }
+
     /// Turns streaming mode off, which makes the card a normal (forwardable, final) card.
     pub(crate) async fn end_streaming(&self, card_id: &str, sequence: u64) -> Result<(), ChannelError> {
         let path = format!("/open-apis/cardkit/v1/cards/{}/settings", path_id("card_id", card_id)?);

@@ -450,6 +450,20 @@ impl Feishu {
         self.api.set_element_content(stream.card_id, stream.element_id, &text, sequence, &uuid).await
     }
 
+    /// Replaces the streamed card whole with its final text (see `end_stream`).
+    async fn replace_with_final(
+        &self,
+        stream: &StreamTarget<'_>,
+        text: &str,
+        sequence: u64,
+    ) -> Result<(), ChannelError> {
+        let text = message::stream_content(text, self.settings.max_part_bytes);
+        let uuid = message::idempotency_key(&format!("{}:whole:{sequence}", stream.card_id));
+        self.finish_slot().await?;
+        self.wait_for_chat(stream.limit_key()).await;
+        self.api.replace_card(stream.card_id, &message::final_card(&text), sequence, &uuid).await
+    }
+
     async fn end_stream(
         &self,
         handle: &StreamHandle,
@@ -457,7 +471,24 @@ impl Feishu {
         sequence: u64,
     ) -> Result<DeliveryReceipt, ChannelError> {
         let stream = StreamTarget::from_handle(handle)?;
-        self.stream_text(handle, full_text, sequence, true).await?;
+        if let Err(error) = self.stream_text(handle, full_text, sequence, true).await {
+            if !matches!(error, ChannelError::Refused { .. }) || full_text.trim().is_empty() {
+                return Err(error);
+            }
+            // Refused for good: most likely streaming mode is closed (Feishu closes it after a
+            // while; an earlier run's finish may have; a card resumed after a restart is both).
+            // The content API needs streaming mode, replacing the whole card does not; it ends
+            // as a final card, so there is no streaming mode left to end either.
+            let replaced = self.replace_with_final(&stream, full_text, sequence.saturating_add(1)).await;
+            return match replaced {
+                Ok(()) => Ok(DeliveryReceipt { platform_message_id: stream.message_id.map(str::to_owned) }),
+                Err(replace_error) => {
+                    warn!(channel = %self.id, card_id = stream.card_id, error = %replace_error,
+                        "Could not replace a card whose content was refused either.");
+                    Err(error)
+                }
+            };
+        }
         // From here the card shows the whole answer. Failing to end streaming must not fail the
         // finish: the core would then send the answer again and the user read it twice. At
         // worst the card stays in streaming mode until Feishu closes it by itself.

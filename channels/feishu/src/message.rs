@@ -175,6 +175,22 @@ pub fn streaming_card(initial: &str) -> String {
     .to_string()
 }
 
+/// The card a streamed answer ends as when its content can no longer be streamed (streaming
+/// mode closed, by Feishu after its time limit or by an earlier run's finish): the card
+/// [`streaming_card`] makes, holding `text`, with streaming mode off, to replace it whole.
+pub fn final_card(text: &str) -> String {
+    json!({
+        "schema": "2.0",
+        "config": {"streaming_mode": false, "update_multi": true},
+        "body": {
+            "elements": [
+                {"tag": "markdown", "element_id": STREAM_ELEMENT_ID, "content": defuse_mentions(text)},
+            ],
+        },
+    })
+    .to_string()
+}
+
 /// A Feishu idempotency key (`uuid`, at most 50 characters) for `id`: the id itself when it fits
 /// and is plain ASCII, otherwise a 40-hex-digit SHA-256 prefix of it (160 bits: no collisions in
 /// practice, and stable across retries).

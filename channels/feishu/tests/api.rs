@@ -524,6 +524,63 @@ async fn an_answer_streams_through_a_cardkit_card_in_order() {
     assert!(order.last().is_some_and(|l| l.starts_with("PATCH")), "{order:#?}");
 }
 
+/// Content updates need streaming mode, which Feishu closes after a while (and an earlier run's
+/// finish closed for a card resumed after a restart): a refused final write replaces the card
+/// whole with the answer, as a final card, instead of leaving it cut off above a second copy.
+#[tokio::test]
+async fn a_card_whose_streaming_mode_closed_is_replaced_whole_with_the_answer() {
+    let server = MockServer::start().await;
+    mount_token(&server, "t-TOKEN1", 1).await;
+    Mock::given(method("PUT"))
+        .and(path("/open-apis/cardkit/v1/cards/7355372766134157313/elements/answer/content"))
+        .respond_with(
+            ResponseTemplate::new(400).set_body_json(json!({"code": 300309, "msg": "streaming mode is closed"})),
+        )
+        .mount(&server)
+        .await;
+    Mock::given(method("PUT"))
+        .and(path("/open-apis/cardkit/v1/cards/7355372766134157313"))
+        .respond_with(ok(json!({})))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let channel = channel_for(&server);
+    let handle = StreamHandle(json!({
+        "card_id": "7355372766134157313", "element_id": "answer", "message_id": "om_card", "chat_id": CHAT_ID,
+    }));
+    let full = "驿站是**古代**传递文书的地方。";
+    let receipt = channel.finish_stream(&handle, full, 9).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(receipt.platform_message_id.as_deref(), Some("om_card"));
+    let replaced = json_body(&requests_to(&server, "/open-apis/cardkit/v1/cards/7355372766134157313").await[0]);
+    assert_eq!((replaced["sequence"].as_i64(), replaced["card"]["type"].as_str()), (Some(10), Some("card_json")));
+    let card: Value = serde_json::from_str(replaced["card"]["data"].as_str().unwrap_or_default()).unwrap_or_default();
+    assert_eq!(card["config"]["streaming_mode"], false);
+    assert_eq!(card["body"]["elements"][0]["content"], full);
+    // A final card: no streaming mode left to end.
+    assert!(requests_to(&server, "/open-apis/cardkit/v1/cards/7355372766134157313/settings").await.is_empty());
+}
+
+/// If the card cannot be replaced either (deleted, say), the finish fails as the write did: the
+/// core then sends the answer as messages.
+#[tokio::test]
+async fn a_refused_finish_whose_card_cannot_be_replaced_fails() {
+    let server = MockServer::start().await;
+    mount_token(&server, "t-TOKEN1", 1).await;
+    for card_path in [
+        "/open-apis/cardkit/v1/cards/7355372766134157313/elements/answer/content",
+        "/open-apis/cardkit/v1/cards/7355372766134157313",
+    ] {
+        Mock::given(method("PUT"))
+            .and(path(card_path))
+            .respond_with(ResponseTemplate::new(400).set_body_json(json!({"code": 300309, "msg": "closed"})))
+            .mount(&server)
+            .await;
+    }
+    let handle = StreamHandle(json!({"card_id": "7355372766134157313", "element_id": "answer"}));
+    let finished = channel_for(&server).finish_stream(&handle, "完整", 3).await;
+    assert!(matches!(finished, Err(ChannelError::Refused { code: 300309, .. })), "{finished:?}");
+}
+
 /// The whole answer so far is streamed; past what a card request can carry the update shows its
 /// start instead of being refused (which froze the card mid-answer).
 #[tokio::test]
