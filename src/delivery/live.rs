@@ -241,7 +241,12 @@ impl LiveAnswer {
         })
         .await
         .map(drop);
-        if finished.is_err() && !note_if_failed.trim().is_empty() {
+        if let Some(error) = finished.as_ref().err().filter(|_| !note_if_failed.trim().is_empty()) {
+            // The platform asked to wait (a rate limit, the likeliest reason the finish failed
+            // under load): so does the note, or it would be refused the same way.
+            if let ChannelError::Transient { retry_after: Some(wait), .. } = error {
+                actix::clock::sleep(LONGEST_UPDATE_PAUSE.min(*wait)).await;
+            }
             let sequence = sequence.saturating_add(2 * u64::from(FINISH_ATTEMPTS));
             if let Err(error) = channel.finish_stream(&self.handle, note_if_failed, sequence).await {
                 tracing::debug!(channel = %channel.id(), %error, "Could not leave a note in the streamed card.");
@@ -342,6 +347,64 @@ mod tests {
         drop(sender);
         let _ = updates.await;
         assert_eq!(sent(), 1);
+    }
+
+    /// Its finishes answer "wait five seconds" (a rate limit); the note goes through.
+    struct RateLimitedFinish(ChannelId, Mutex<Vec<(String, tokio::time::Instant)>>);
+
+    impl Channel for RateLimitedFinish {
+        fn id(&self) -> &ChannelId {
+            &self.0
+        }
+        fn kind(&self) -> &str {
+            "rate_limited"
+        }
+        fn handle_webhook(&self, _: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
+            Err(ChannelError::Unsupported("no webhooks".into()))
+        }
+        fn deliver<'a>(&'a self, _: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
+            Box::pin(async { Ok(DeliveryReceipt::default()) })
+        }
+        fn finish_stream<'a>(
+            &'a self,
+            _: &'a StreamHandle,
+            full_text: &'a str,
+            _: u64,
+        ) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
+            let mut calls = self.1.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            calls.push((full_text.to_owned(), tokio::time::Instant::now()));
+            let note = full_text == "见下方";
+            Box::pin(async move {
+                if note {
+                    Ok(DeliveryReceipt::default())
+                } else {
+                    Err(ChannelError::Transient { reason: "rate".into(), retry_after: Some(Duration::from_secs(5)) })
+                }
+            })
+        }
+    }
+
+    /// A finish that failed on a rate limit: the note waits as long as the platform asked
+    /// before it is written (sent at once, it failed the same way).
+    #[tokio::test(start_paused = true)]
+    async fn the_note_after_a_rate_limited_finish_waits_as_asked() {
+        let channel =
+            Arc::new(RateLimitedFinish(ChannelId::parse("r").unwrap_or_else(|e| panic!("{e}")), Mutex::default()));
+        let (stop, _stopped) = tokio::sync::oneshot::channel();
+        let live = LiveAnswer {
+            channel: channel.clone(),
+            handle: StreamHandle(serde_json::Value::Null),
+            sequence_base: 0,
+            updates: tokio::spawn(async { 7 }),
+            stop,
+        };
+        assert!(live.finish("完整的回答", "见下方").await.is_err());
+        let calls = channel.1.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        assert!(calls.len() >= 2, "{calls:?}");
+        let (note, at) = calls[calls.len() - 1].clone();
+        assert_eq!(note, "见下方");
+        let last_finish = calls[calls.len() - 2].1;
+        assert!(at - last_finish >= Duration::from_secs(5), "{:?}", at - last_finish);
     }
 
     /// A platform's request to wait holds back the next update, and finishing ends that wait at
