@@ -444,6 +444,23 @@ fn default_passive_margin_ms() -> u64 {
     500
 }
 
+/// `url` with any password in it (`https://user:token@proxy/v1`) replaced, for logs and errors:
+/// secrets are never logged. Text that is not a URL is kept up to its last `@`, if any.
+pub fn without_credentials(url: &str) -> String {
+    match reqwest::Url::parse(url.trim()) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            // Cannot fail for a URL that has a password (it has a host).
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(parsed) if parsed.host().is_some() => url.to_owned(),
+        _ => match url.rfind('@') {
+            Some(at) => format!("***{}", &url[at..]),
+            None => url.to_owned(),
+        },
+    }
+}
+
 /// Values of the example config that are not placeholders by their look (an AES key must be
 /// 43 characters of base64) and that no real account has.
 const EXAMPLE_VALUES: &[&str] = &["jWmYm7qr5nMoAUwZRjGtBxmz3KA1tkAj3ykkR6q2B2C"];
@@ -615,10 +632,20 @@ impl Config {
         // Caught here, not at the first message: reqwest would refuse each request before sending
         // it, and every user would get the apology.
         match reqwest::Url::parse(self.llm.base_url.trim()) {
-            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
-            _ => bail!(
+            Ok(url) if !matches!(url.scheme(), "http" | "https") || url.host().is_none() => bail!(
                 "config key `llm.base_url`: {:?} is not an http:// or https:// URL with a host",
-                self.llm.base_url
+                without_credentials(&self.llm.base_url)
+            ),
+            // API paths are appended to it: `…/v1?key=x` would become `…/v1?key=x/chat/completions`.
+            Ok(url) if url.query().is_some() || url.fragment().is_some() => bail!(
+                "config key `llm.base_url`: {:?} has a query or fragment, which the API paths would be appended to; \
+                 use a header or the `api_key` for credentials",
+                without_credentials(&self.llm.base_url)
+            ),
+            Ok(_) => {}
+            Err(_) => bail!(
+                "config key `llm.base_url`: {:?} is not an http:// or https:// URL with a host",
+                without_credentials(&self.llm.base_url)
             ),
         }
         if let Some(key) = &self.llm.api_key {
@@ -1117,6 +1144,21 @@ token = "tok"
         let error = load(&both, &[("YIZHAN__CHANNELS__MP_MAIN__MENU__ABOUT__REPLY", "x")]).err();
         let error = error.map(|e| format!("{e:#}")).unwrap_or_default();
         assert!(error.contains("differ only in case"), "{error}");
+    }
+
+    #[test]
+    fn a_base_url_with_a_query_is_refused_and_a_password_in_it_never_shown() {
+        let error = |url: &str| {
+            let text = MINIMAL.replace("http://127.0.0.1:11434/v1", url);
+            format!("{:#}", load(&text, &[]).err().unwrap_or_else(|| panic!("accepted {url}")))
+        };
+        let query = error("https://gw.example/v1?key=sk-in-the-query");
+        assert!(query.contains("query") && query.contains("llm.base_url"), "{query}");
+        let bad = error("ftp://user:hunter2@gw.example/v1");
+        assert!(bad.contains("llm.base_url") && !bad.contains("hunter2"), "{bad}");
+        assert_eq!(without_credentials("https://u:hunter2@gw.example/v1"), "https://u:***@gw.example/v1");
+        assert_eq!(without_credentials("https://gw.example/v1"), "https://gw.example/v1");
+        assert_eq!(without_credentials("nonsense:hunter2@x"), "***@x");
     }
 
     #[test]

@@ -232,7 +232,8 @@ impl Application {
         let metrics = Metrics::new();
         let store = build_store(&config)?;
         let llm_client = build_llm_client(&config)?;
-        let llm_probe = (llm_client.clone(), config.llm.base_url.clone());
+        // Logged by the probe: without a password a proxy URL may carry.
+        let llm_probe = (llm_client.clone(), crate::config::without_credentials(&config.llm.base_url));
         let llm_arbiter = Arbiter::new();
         let delivery_arbiter = Arbiter::new();
         let (max_concurrency, max_waiting) = (config.llm.max_concurrency, config.llm.max_waiting);

@@ -364,6 +364,19 @@ async fn openai_error_event_inside_the_stream_is_a_stream_error() {
     assert_eq!(seen, vec!["partial "]);
 }
 
+/// A gateway answering 200 `text/event-stream` with a bare JSON error (no `data:`): its message
+/// is the error, not "empty answer".
+#[tokio::test]
+async fn openai_a_bare_json_error_as_the_event_stream_is_that_error() {
+    let server = MockServer::start().await;
+    let body = format!("{}\n", json!({"error":{"message":"quota exceeded","type":"insufficient_quota"}}));
+    Mock::given(method("POST")).respond_with(streaming(body)).mount(&server).await;
+
+    let (result, _) = complete(&openai(openai_settings(&server))).await;
+
+    assert!(matches!(result, Err(LlmError::Stream(ref message)) if message == "quota exceeded"), "{result:?}");
+}
+
 /// Older vLLM reported a failure inside the stream as an error object of its own.
 #[tokio::test]
 async fn openai_an_error_object_inside_the_stream_is_a_stream_error() {

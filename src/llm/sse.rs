@@ -186,7 +186,11 @@ impl SseParser {
             // A comment, typically a keep-alive.
             return Ok(());
         }
+        // No field name starts with `{`: a bare JSON line is a server (or gateway) that answered
+        // `text/event-stream` with a JSON document, an error as a rule ("quota exceeded"). Read
+        // as the data it is, it reaches the caller instead of vanishing into "empty answer".
         let (field, value) = match line.split_once(':') {
+            _ if line.starts_with('{') => ("data", line),
             Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
             None => (line, ""),
         };
