@@ -423,6 +423,10 @@ impl Application {
         let left = write_what_is_left(&self.hub, self.arbiters, self.parked_file.as_deref());
         if tokio::time::timeout(EXIT_WRITES_TIMEOUT, left).await.is_err() {
             tracing::error!("What was left to write at exit did not get written in time; exiting anyway.");
+            // Its last reference dropped, the store would join its threads, which first finish
+            // what is queued (the stuck write included): the exit would wait for the disk after
+            // all. Never dropped, the threads end with the process.
+            std::mem::forget(Arc::clone(&self.hub.store));
         }
         served
     }

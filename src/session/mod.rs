@@ -461,8 +461,13 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
                     hub.messages.apology.clone()
                 }
                 Err(error) => {
-                    tracing::error!(session = %key, %error, "LLM actor unavailable; sending the apology.");
-                    hub.messages.apology.clone()
+                    // Only a stop closes the LLM actor (its thread is stopped at exit, an answer
+                    // being written with it): the question stays journaled for the next start
+                    // to ask. Answered with the apology instead, that would be recorded as its
+                    // answer and sent then, the model never asked again.
+                    tracing::info!(session = %key, %error, "LLM actor gone (stopping); question left for the next start.");
+                    hub.leave_for_next_start(&envelope);
+                    return history;
                 }
             }
         }

@@ -458,6 +458,39 @@ async fn a_second_sigterm_stops_the_wait_for_unanswered_messages() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A stop that cuts a question's LLM call short (the shutdown bound passed while the model was
+/// still writing) leaves the question for the next start to ask, instead of recording the
+/// apology as its answer, which the next start would then send. (The question is one the run
+/// resumed at its start, whose session runs on the main thread, which the exit does not stop.)
+#[actix_web::test]
+async fn sigterm_during_a_slow_llm_call_leaves_the_question_not_the_apology() {
+    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+    echo_llm(&llm, Duration::from_secs(30)).await;
+    wechat_ok(&wechat).await;
+    let dir = std::env::temp_dir().join(format!("yizhan-cut-{}-{}", std::process::id(), now()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let db = dir.join("yizhan.db");
+    {
+        let store = open_store(&db);
+        accept_text(&store, CHANNEL, "oCut", "cut-1", "慢慢想").await;
+    }
+    let config_path = dir.join("yizhan.toml");
+    std::fs::write(&config_path, on_sqlite(base_config(&llm, &wechat), &db)).unwrap_or_else(|e| panic!("{e}"));
+    let mut yizhan = start_binary_with(&config_path, &[("YIZHAN__SERVER__SHUTDOWN_TIMEOUT_SECS", "1")]).await;
+    let app =
+        TestApp { address: yizhan.address.clone(), wechat, llm, http: reqwest::Client::new(), _actor_threads: None };
+    wait_for("the resumed question asked", || async { app.llm_requests().await.len() == 1 }).await;
+    let status = Command::new("kill").arg("-TERM").arg(yizhan.child.id().to_string()).status();
+    assert!(status.is_ok_and(|s| s.success()));
+    yizhan.exits_cleanly().await;
+    assert!(app.sent_messages().await.is_empty(), "{:?}", app.sent_texts().await);
+    use yizhan::store::Store;
+    let unfinished = open_store(&db).unfinished().await.unwrap_or_else(|e| panic!("{e}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(unfinished.len(), 1);
+    assert_eq!(unfinished[0].pending_parts, None, "to be asked again, not answered with the apology");
+}
+
 #[actix_web::test]
 async fn sigterm_answers_what_was_accepted_before_exiting() {
     let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
