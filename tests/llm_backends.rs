@@ -1105,7 +1105,8 @@ async fn openai_reasoning_meets_the_first_token_deadline_without_being_shown() {
 async fn openai_slow_tokens_after_the_first_are_not_cut_by_the_first_token_timeout() {
     let script = vec![
         (Duration::ZERO, format!("data: {}\n\n", chunk("first, "))),
-        (Duration::from_millis(1_000), format!("data: {}\n\n", chunk("then more"))),
+        // Past the first-token timeout, within the stall bound (twice it).
+        (Duration::from_millis(700), format!("data: {}\n\n", chunk("then more"))),
         (Duration::ZERO, "data: [DONE]\n\n".to_owned()),
     ];
     let base_url = trickling_server(script);
@@ -1117,6 +1118,26 @@ async fn openai_slow_tokens_after_the_first_are_not_cut_by_the_first_token_timeo
 
     assert_eq!(result.ok().as_deref(), Some("first, then more"));
     assert_eq!(pieces(&seen), vec!["first, ", "then more"]);
+}
+
+/// A server wedged after its first words, sending only keep-alive comments: the answer ends as
+/// stalled (`Lost`, which the circuit breaker counts) after twice the first-token timeout,
+/// instead of holding its slot until the total timeout.
+#[tokio::test]
+async fn openai_a_stream_that_stalls_after_its_first_words_ends_as_lost() {
+    let mut script = vec![(Duration::ZERO, format!("data: {}\n\n", chunk("first, ")))];
+    for _ in 0..40 {
+        script.push((Duration::from_millis(50), ": keep-alive\n\n".to_owned()));
+    }
+    script.push((Duration::ZERO, format!("data: {}\n\ndata: [DONE]\n\n", chunk("too late"))));
+    let base_url = trickling_server(script);
+    let backend = openai(OpenAiSettings::new(base_url, "m"));
+    let (mut sink, seen) = recorder();
+
+    let result = backend.complete(&request(), Duration::from_millis(400), &mut sink).await;
+
+    assert!(matches!(result, Err(LlmError::Lost(ref why)) if why.contains("stopped")), "{result:?}");
+    assert_eq!(pieces(&seen), vec!["first, "]);
 }
 
 /// An agent that reasons or runs tools for longer than the first-token timeout before its first

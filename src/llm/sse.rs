@@ -322,9 +322,14 @@ const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
 /// How many characters of a server's error message are kept in [`LlmError`]s and logs.
 pub(crate) const MAX_ERROR_MESSAGE_CHARS: usize = 500;
 
+/// How many first-token timeouts a started answer may go without an event before it counts as
+/// stalled ([`LlmError::Lost`]): twice, for an agent's tool call that runs between its events.
+const STALL_FACTOR: u32 = 2;
+
 /// The next event whose data is JSON, for both backends' stream loops: waits at most until
 /// `first_token_deadline` while the model has not started (`started == false`: no text, visible
-/// or reasoning, yet; after that only the caller's total timeout applies), stops at
+/// or reasoning, yet; after that at most [`STALL_FACTOR`] first-token timeouts between events,
+/// comments not counting, and the caller's total timeout), stops at
 /// `[DONE]` or the end of the stream (`None`), skips blank and unparsable events, and turns a
 /// non-JSON `error` event into [`LlmError::Stream`].
 pub(crate) async fn next_json_event(
@@ -336,7 +341,13 @@ pub(crate) async fn next_json_event(
 ) -> Result<Option<(Option<String>, serde_json::Value)>, LlmError> {
     loop {
         let next = if started {
-            events.next_event().await
+            // A server wedged after its first words (or sending nothing but keep-alives) would
+            // otherwise hold its slot until the total timeout, which the breaker does not count
+            // against a started answer: every user would wait it out.
+            let stall = first_token_timeout.saturating_mul(STALL_FACTOR);
+            tokio::time::timeout(stall, events.next_event()).await.map_err(|_elapsed| {
+                LlmError::Lost(format!("the answer stopped: no event for {}s after it had started", stall.as_secs()))
+            })?
         } else {
             tokio::time::timeout_at(first_token_deadline, events.next_event())
                 .await
