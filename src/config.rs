@@ -159,7 +159,8 @@ pub struct LlmConfig {
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
     /// Time to the model's first token, reasoning included (a reasoning model may think long
-    /// before its first visible word); after that only `total_timeout_secs` applies.
+    /// before its first visible word); after that, twice this without a byte received (keep-alive
+    /// comments count) ends the answer as stalled, and `total_timeout_secs` applies.
     #[serde(default = "default_first_token_timeout_secs")]
     pub first_token_timeout_secs: u64,
     /// Time to the whole answer, retries included.
@@ -448,9 +449,11 @@ fn default_passive_margin_ms() -> u64 {
 /// secrets are never logged. Text that is not a URL is kept up to its last `@`, if any.
 pub fn without_credentials(url: &str) -> String {
     match reqwest::Url::parse(url.trim()) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            // Cannot fail for a URL that has a password (it has a host).
-            let _ = parsed.set_password(Some("***"));
+        Ok(mut parsed) if parsed.password().is_some() || !parsed.username().is_empty() => {
+            // A lone user name may be the secret (`https://sk-…@gateway/v1`). Neither setter
+            // can fail for a URL that has credentials (it has a host).
+            let _ = parsed.set_password(parsed.password().map(|_| "***"));
+            let _ = parsed.set_username("***");
             parsed.to_string()
         }
         Ok(parsed) if parsed.host().is_some() => url.to_owned(),
@@ -1156,7 +1159,8 @@ token = "tok"
         assert!(query.contains("query") && query.contains("llm.base_url"), "{query}");
         let bad = error("ftp://user:hunter2@gw.example/v1");
         assert!(bad.contains("llm.base_url") && !bad.contains("hunter2"), "{bad}");
-        assert_eq!(without_credentials("https://u:hunter2@gw.example/v1"), "https://u:***@gw.example/v1");
+        assert_eq!(without_credentials("https://u:hunter2@gw.example/v1"), "https://***:***@gw.example/v1");
+        assert_eq!(without_credentials("https://sk-abc@gw.example/v1"), "https://***@gw.example/v1");
         assert_eq!(without_credentials("https://gw.example/v1"), "https://gw.example/v1");
         assert_eq!(without_credentials("nonsense:hunter2@x"), "***@x");
     }

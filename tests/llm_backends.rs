@@ -1120,16 +1120,16 @@ async fn openai_slow_tokens_after_the_first_are_not_cut_by_the_first_token_timeo
     assert_eq!(pieces(&seen), vec!["first, ", "then more"]);
 }
 
-/// A server wedged after its first words, sending only keep-alive comments: the answer ends as
-/// stalled (`Lost`, which the circuit breaker counts) after twice the first-token timeout,
-/// instead of holding its slot until the total timeout.
+/// A server wedged after its first words: the answer ends as stalled (`Lost`, which the
+/// circuit breaker counts) after twice the first-token timeout without a byte, instead of
+/// holding its slot until the total timeout. Keep-alive comments are a sign of life (an agent's
+/// tool at work): with them, the answer goes on.
 #[tokio::test]
 async fn openai_a_stream_that_stalls_after_its_first_words_ends_as_lost() {
-    let mut script = vec![(Duration::ZERO, format!("data: {}\n\n", chunk("first, ")))];
-    for _ in 0..40 {
-        script.push((Duration::from_millis(50), ": keep-alive\n\n".to_owned()));
-    }
-    script.push((Duration::ZERO, format!("data: {}\n\ndata: [DONE]\n\n", chunk("too late"))));
+    let script = vec![
+        (Duration::ZERO, format!("data: {}\n\n", chunk("first, "))),
+        (Duration::from_millis(2_000), format!("data: {}\n\ndata: [DONE]\n\n", chunk("too late"))),
+    ];
     let base_url = trickling_server(script);
     let backend = openai(OpenAiSettings::new(base_url, "m"));
     let (mut sink, seen) = recorder();
@@ -1138,6 +1138,16 @@ async fn openai_a_stream_that_stalls_after_its_first_words_ends_as_lost() {
 
     assert!(matches!(result, Err(LlmError::Lost(ref why)) if why.contains("stopped")), "{result:?}");
     assert_eq!(pieces(&seen), vec!["first, "]);
+
+    let mut script = vec![(Duration::ZERO, format!("data: {}\n\n", chunk("first, ")))];
+    for _ in 0..12 {
+        script.push((Duration::from_millis(100), ": keep-alive\n\n".to_owned()));
+    }
+    script.push((Duration::ZERO, format!("data: {}\n\ndata: [DONE]\n\n", chunk("then the rest"))));
+    let backend = openai(OpenAiSettings::new(trickling_server(script), "m"));
+    let (mut sink, _) = recorder();
+    let result = backend.complete(&request(), Duration::from_millis(400), &mut sink).await;
+    assert_eq!(result.ok().as_deref(), Some("first, then the rest"));
 }
 
 /// An agent that reasons or runs tools for longer than the first-token timeout before its first

@@ -243,14 +243,20 @@ impl LiveAnswer {
         .map(drop);
         if let Some(error) = finished.as_ref().err().filter(|_| !note_if_failed.trim().is_empty()) {
             // The platform asked to wait (a rate limit, the likeliest reason the finish failed
-            // under load): so does the note, or it would be refused the same way.
-            if let ChannelError::Transient { retry_after: Some(wait), .. } = error {
-                actix::clock::sleep(LONGEST_UPDATE_PAUSE.min(*wait)).await;
-            }
+            // under load): so does the note, or it would be refused the same way. In the
+            // background: the answer, sent as messages once this returns, does not wait for it.
+            let wait = match error {
+                ChannelError::Transient { retry_after: Some(wait), .. } => LONGEST_UPDATE_PAUSE.min(*wait),
+                _ => std::time::Duration::ZERO,
+            };
             let sequence = sequence.saturating_add(2 * u64::from(FINISH_ATTEMPTS));
-            if let Err(error) = channel.finish_stream(&self.handle, note_if_failed, sequence).await {
-                tracing::debug!(channel = %channel.id(), %error, "Could not leave a note in the streamed card.");
-            }
+            let (channel, handle, note) = (self.channel.clone(), self.handle.clone(), note_if_failed.to_owned());
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                if let Err(error) = channel.finish_stream(&handle, &note, sequence).await {
+                    tracing::debug!(channel = %channel.id(), %error, "Could not leave a note in the streamed card.");
+                }
+            });
         }
         finished
     }
@@ -399,7 +405,25 @@ mod tests {
             stop,
         };
         assert!(live.finish("完整的回答", "见下方").await.is_err());
+        // The answer does not wait for the note: it is written in the background, later.
+        let finished_at = tokio::time::Instant::now();
+        for _ in 0..100 {
+            if channel
+                .1
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .iter()
+                .any(|(text, _)| text == "见下方")
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
         let calls = channel.1.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        assert!(
+            calls.iter().all(|(text, at)| text != "见下方" || *at >= finished_at + Duration::from_secs(1)),
+            "{calls:?}"
+        );
         assert!(calls.len() >= 2, "{calls:?}");
         let (note, at) = calls[calls.len() - 1].clone();
         assert_eq!(note, "见下方");

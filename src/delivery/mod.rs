@@ -590,7 +590,14 @@ async fn deliver_one(
                 metrics.deliveries.with_label_values(&[channel_label, "delivered"]).inc();
                 return Ok(());
             }
-            Err(ChannelError::MaybeDelivered(reason)) if !sent_maybe && attempt < policy.max_attempts => {
+            // After a send that may have arrived, the one more send was this one: whatever
+            // failed now, the part may be showing, and is not to be sent a third time.
+            Err(error) if sent_maybe => {
+                metrics.deliveries.with_label_values(&[channel_label, "maybe_delivered"]).inc();
+                tracing::error!(channel = %channel_label, part = %delivery.delivery_id, attempt, %error, "Delivery failed for good after a send that may have arrived.");
+                return Err(ChannelError::MaybeDelivered(format!("{error} (after a send that may have arrived)")));
+            }
+            Err(ChannelError::MaybeDelivered(reason)) if attempt < policy.max_attempts => {
                 sent_maybe = true;
                 metrics.deliveries.with_label_values(&[channel_label, "retried"]).inc();
                 let delay = policy.delay(attempt - 1);
@@ -703,8 +710,9 @@ mod tests {
         assert!(policy.delay(3) >= Duration::from_millis(400));
     }
 
-    /// A send whose outcome is never known (a 公众号 send timing out, say).
-    struct NeverKnown(ChannelId, std::sync::atomic::AtomicUsize);
+    /// A send whose outcome is not known (a 公众号 send timing out, say), then `.2` for every
+    /// later one.
+    struct NeverKnown(ChannelId, std::sync::atomic::AtomicUsize, ChannelError);
 
     impl Channel for NeverKnown {
         fn id(&self) -> &ChannelId {
@@ -717,8 +725,9 @@ mod tests {
             Err(ChannelError::Unsupported("no webhooks".into()))
         }
         fn deliver<'a>(&'a self, _: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
-            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Box::pin(async { Err(ChannelError::MaybeDelivered("timed out".into())) })
+            let first = self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+            let error = if first { ChannelError::MaybeDelivered("timed out".into()) } else { self.2.clone() };
+            Box::pin(async move { Err(error) })
         }
     }
 
@@ -743,7 +752,27 @@ mod tests {
         assert!(store.accept(&envelope, Duration::from_secs(60)).await.is_ok());
         assert!(store.record_answer(&envelope.id, "k", None, &[part(0), part(1)]).await.is_ok());
         let policy = RetryPolicy { max_attempts: 12, base_delay: Duration::ZERO, max_delay: Duration::ZERO };
-        let channel = NeverKnown(id.clone(), std::sync::atomic::AtomicUsize::new(0));
+        // Whatever the second send meets (a proxy's outage, a quota WeChat counted the first
+        // against), the part is not sent a third time.
+        for then in [
+            ChannelError::MaybeDelivered("timed out again".into()),
+            ChannelError::Transient { reason: "503".into(), retry_after: None },
+        ] {
+            let channel = NeverKnown(id.clone(), std::sync::atomic::AtomicUsize::new(0), then);
+            let other = crate::store::MemoryStore::new(10);
+            let result =
+                deliver_all(&channel, &other, &policy, &AccountPause::default(), &Metrics::new(), vec![part(0)]).await;
+            assert_eq!(channel.1.load(std::sync::atomic::Ordering::SeqCst), 2);
+            assert!(
+                matches!(result, Err(Undelivered { error: ChannelError::MaybeDelivered(_), ref parts }) if parts.is_empty()),
+                "{result:?}"
+            );
+        }
+        let channel = NeverKnown(
+            id.clone(),
+            std::sync::atomic::AtomicUsize::new(0),
+            ChannelError::MaybeDelivered("again".into()),
+        );
         let result =
             deliver_all(&channel, &store, &policy, &AccountPause::default(), &metrics, vec![part(0), part(1)]).await;
         assert_eq!(channel.1.load(std::sync::atomic::Ordering::SeqCst), 2);

@@ -42,6 +42,9 @@ pub enum SseError {
     /// The underlying body stream failed (already stripped of URLs).
     #[error("SSE body broke: {0}")]
     Transport(String),
+    /// Nothing at all (not even a keep-alive comment) arrived for this long.
+    #[error("nothing received for {}s", .0.as_secs())]
+    Quiet(Duration),
 }
 
 /// A push parser: feed it chunks as they arrive, collect complete events.
@@ -271,6 +274,12 @@ impl SseStream {
     ///
     /// Cancel-safe at await points: a dropped call loses no parsed event.
     pub async fn next_event(&mut self) -> Result<Option<SseEvent>, SseError> {
+        self.next_event_within(None).await
+    }
+
+    /// [`Self::next_event`], failing with [`SseError::Quiet`] when `quiet` passes with no byte
+    /// received (comments count: a server that sends them is alive, an agent's tool at work).
+    pub async fn next_event_within(&mut self, quiet: Option<Duration>) -> Result<Option<SseEvent>, SseError> {
         loop {
             if let Some(event) = self.parser.next_event() {
                 return Ok(Some(event));
@@ -278,7 +287,13 @@ impl SseStream {
             if self.finished {
                 return Ok(None);
             }
-            match self.response.chunk().await {
+            let read = match quiet {
+                Some(limit) => {
+                    tokio::time::timeout(limit, self.response.chunk()).await.map_err(|_| SseError::Quiet(limit))?
+                }
+                None => self.response.chunk().await,
+            };
+            match read {
                 Ok(Some(chunk)) => self.parser.push(&chunk)?,
                 Ok(None) => {
                     self.finished = true;
@@ -322,14 +337,14 @@ const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
 /// How many characters of a server's error message are kept in [`LlmError`]s and logs.
 pub(crate) const MAX_ERROR_MESSAGE_CHARS: usize = 500;
 
-/// How many first-token timeouts a started answer may go without an event before it counts as
-/// stalled ([`LlmError::Lost`]): twice, for an agent's tool call that runs between its events.
+/// How many first-token timeouts a started answer may go without receiving a byte (keep-alive
+/// comments count) before it counts as stalled ([`LlmError::Lost`]).
 const STALL_FACTOR: u32 = 2;
 
 /// The next event whose data is JSON, for both backends' stream loops: waits at most until
 /// `first_token_deadline` while the model has not started (`started == false`: no text, visible
-/// or reasoning, yet; after that at most [`STALL_FACTOR`] first-token timeouts between events,
-/// comments not counting, and the caller's total timeout), stops at
+/// or reasoning, yet; after that at most [`STALL_FACTOR`] first-token timeouts without a byte,
+/// and the caller's total timeout), stops at
 /// `[DONE]` or the end of the stream (`None`), skips blank and unparsable events, and turns a
 /// non-JSON `error` event into [`LlmError::Stream`].
 pub(crate) async fn next_json_event(
@@ -341,19 +356,23 @@ pub(crate) async fn next_json_event(
 ) -> Result<Option<(Option<String>, serde_json::Value)>, LlmError> {
     loop {
         let next = if started {
-            // A server wedged after its first words (or sending nothing but keep-alives) would
-            // otherwise hold its slot until the total timeout, which the breaker does not count
-            // against a started answer: every user would wait it out.
+            // A server wedged after its first words would otherwise hold its slot until the total
+            // timeout, which the breaker does not count against a started answer: every user
+            // would wait it out.
             let stall = first_token_timeout.saturating_mul(STALL_FACTOR);
-            tokio::time::timeout(stall, events.next_event()).await.map_err(|_elapsed| {
-                LlmError::Lost(format!("the answer stopped: no event for {}s after it had started", stall.as_secs()))
-            })?
+            events.next_event_within(Some(stall)).await.map_err(|error| match error {
+                SseError::Quiet(after) => {
+                    LlmError::Lost(format!("the answer stopped: nothing received for {}s", after.as_secs()))
+                }
+                other => stream_error(other),
+            })
         } else {
             tokio::time::timeout_at(first_token_deadline, events.next_event())
                 .await
                 .map_err(|_elapsed| LlmError::FirstTokenTimeout(first_token_timeout))?
+                .map_err(stream_error)
         };
-        let Some(event) = next.map_err(stream_error)? else { return Ok(None) };
+        let Some(event) = next? else { return Ok(None) };
         let data = event.data.trim();
         if data == "[DONE]" {
             events.done = true;

@@ -460,14 +460,19 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
                     tracing::warn!(session = %key, %error, "LLM failed; sending the apology.");
                     hub.messages.apology.clone()
                 }
-                Err(error) => {
-                    // Only a stop closes the LLM actor (its thread is stopped at exit, an answer
+                Err(error) if hub.passive.is_closing() => {
+                    // The stop closed the LLM actor (its thread is stopped at exit, an answer
                     // being written with it): the question stays journaled for the next start
                     // to ask. Answered with the apology instead, that would be recorded as its
                     // answer and sent then, the model never asked again.
                     tracing::info!(session = %key, %error, "LLM actor gone (stopping); question left for the next start.");
                     hub.leave_for_next_start(&envelope);
                     return history;
+                }
+                Err(error) => {
+                    // Not stopping: the call itself failed (a panic in it drops its reply).
+                    tracing::error!(session = %key, %error, "LLM actor unavailable; sending the apology.");
+                    hub.messages.apology.clone()
                 }
             }
         }

@@ -224,26 +224,37 @@ async fn a_streamed_answer_whose_finish_failed_once_is_finished_again_not_sent_t
     assert_eq!(updates.last().map(body).unwrap_or_default()["content"], "答：再说一遍");
 }
 
-/// When the card refuses the final text, the answer goes out as a message, and the card says
-/// so instead of staying cut off and streaming above it.
+/// When the card refuses the final text, and replacing it whole is refused too, the answer goes
+/// out as a message, and the card says so (in the background, not holding the answer back)
+/// instead of staying cut off and streaming above it.
 #[actix_web::test]
 async fn a_card_that_refuses_the_final_text_points_to_the_answer_sent_as_a_message() {
     let app = spawn_feishu(true, Duration::from_millis(50)).await;
-    Mock::given(method("PUT"))
-        .and(path("/open-apis/cardkit/v1/cards/card_1/elements/answer/content"))
-        .and(wiremock::matchers::body_string_contains("答：写不进去"))
-        .respond_with(ResponseTemplate::new(400).set_body_json(serde_json::json!({"code": 230099, "msg": "refused"})))
-        .with_priority(1)
-        .mount(&app.wechat)
-        .await;
+    for card_path in
+        ["/open-apis/cardkit/v1/cards/card_1/elements/answer/content", "/open-apis/cardkit/v1/cards/card_1"]
+    {
+        Mock::given(method("PUT"))
+            .and(path(card_path))
+            .and(wiremock::matchers::body_string_contains("答：写不进去"))
+            .respond_with(
+                ResponseTemplate::new(400).set_body_json(serde_json::json!({"code": 230099, "msg": "refused"})),
+            )
+            .with_priority(1)
+            .mount(&app.wechat)
+            .await;
+    }
     assert_eq!(app.post_feishu(&event("om_s_11", "p2p", "写不进去", serde_json::json!([]))).await.0, 200);
     app.wait_until_idle().await;
     let replies = app.feishu_calls("POST", "/om_s_11/reply").await;
     assert_eq!(replies.len(), 2, "the card, then the answer as a message");
     assert!(body(&replies[1])["content"].as_str().is_some_and(|content| content.contains("答：写不进去")));
-    let updates = app.feishu_calls("PUT", "/elements/answer/content").await;
-    assert_eq!(updates.last().map(body).unwrap_or_default()["content"], "（完整回答见下方消息）");
-    assert!(!app.feishu_calls("PATCH", "/cards/card_1/settings").await.is_empty(), "streaming ended");
+    assert_eq!(app.feishu_calls("PUT", "/cards/card_1").await.len(), 1, "a whole replacement tried once");
+    wait_for("the note in the card, and its streaming ended", || async {
+        let updates = app.feishu_calls("PUT", "/elements/answer/content").await;
+        updates.last().map(body).unwrap_or_default()["content"] == "（完整回答见下方消息）"
+            && !app.feishu_calls("PATCH", "/cards/card_1/settings").await.is_empty()
+    })
+    .await;
 }
 
 /// Nothing is ever parked on Feishu (no passive replies, no send quota): 「继续」 is a request

@@ -482,6 +482,9 @@ impl Feishu {
             let replaced = self.replace_with_final(&stream, full_text, sequence.saturating_add(1)).await;
             return match replaced {
                 Ok(()) => Ok(DeliveryReceipt { platform_message_id: stream.message_id.map(str::to_owned) }),
+                // Worth another try (a rate limit, the CardKit budget): the caller retries, and
+                // waits as asked before its note.
+                Err(replace_error) if replace_error.is_retryable() => Err(replace_error),
                 Err(replace_error) => {
                     warn!(channel = %self.id, card_id = stream.card_id, error = %replace_error,
                         "Could not replace a card whose content was refused either.");

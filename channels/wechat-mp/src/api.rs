@@ -192,11 +192,14 @@ impl Api {
             .map_err(|_| ChannelError::MaybeDelivered("request to WeChat timed out".into()))??;
         let misconfigured = |code: i64, hint: &str, message: &str| self.misconfigured(code, hint, message, None);
         match status_error("WeChat", status.as_u16(), misconfigured) {
-            // A gateway's (WeChat's own errors come as errcodes with 200): 500 and 504 say it
-            // may have passed the request on and got no answer; 502 and 503 are what a proxy
-            // that cannot reach WeChat answers, during an outage that retries must outlast
-            // (as 408 and 429, the request was not taken).
-            Some(ChannelError::Transient { reason, .. }) if matches!(status.as_u16(), 500 | 504) => {
+            // A gateway's (WeChat's own errors come as errcodes with 200). 502 and 503 are what
+            // a proxy that cannot reach WeChat answers, during an outage that retries must
+            // outlast (as 408 and 429, the request was not taken); any other 5xx (500, 504, a
+            // CDN's 520–524) may have passed the request on and got no answer. (A 502 after
+            // WeChat took the request, a connection reset mid-answer, is the rare exception.)
+            Some(ChannelError::Transient { reason, .. })
+                if status.is_server_error() && !matches!(status.as_u16(), 502 | 503) =>
+            {
                 return Err(ChannelError::MaybeDelivered(reason))
             }
             Some(error) => return Err(error),
