@@ -406,7 +406,10 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
             }
             if history.is_none() {
                 history = match hub.store.history(key.as_str(), turns_cached(hub.session.history_max_turns)).await {
-                    Ok(turns) => Some(turns),
+                    Ok(mut turns) => {
+                        window::keep_usable(&mut turns, hub.session.history_max_turns, hub.session.history_max_chars);
+                        Some(turns)
+                    }
                     Err(error) => {
                         tracing::error!(session = %key, %error, "Failed to load history; answering without it.");
                         None
@@ -440,8 +443,7 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
                     let turn = Turn { question, answer: answer.clone() };
                     if let Some(turns) = history.as_mut() {
                         turns.push(turn.clone());
-                        let excess = turns.len().saturating_sub(turns_cached(hub.session.history_max_turns));
-                        turns.drain(..excess);
+                        window::keep_usable(turns, hub.session.history_max_turns, hub.session.history_max_chars);
                     }
                     new_turn = Some(turn);
                     let label = &hub.messages.ai_label;

@@ -19,9 +19,38 @@ pub fn history_window(turns: &[Turn], max_turns: usize, max_chars: usize) -> &[T
     &turns[start..]
 }
 
+/// Drops the turns no later window can use: those older than the current one (a turn left out
+/// of it never comes back in, since newer turns only take more of the bounds), but for the
+/// newest, which tells that the user was answered before (the AI label is for a first
+/// contact). What a session caches between messages, for `idle_timeout_secs`, is then its
+/// window and at most that one turn, whatever the answers' lengths.
+pub(super) fn keep_usable(turns: &mut Vec<Turn>, max_turns: usize, max_chars: usize) {
+    let usable = history_window(turns, max_turns, max_chars).len().max(1);
+    let unusable = turns.len().saturating_sub(usable);
+    turns.drain(..unusable);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cache_keeps_exactly_what_later_windows_use() {
+        // Whatever comes next, a window over the trimmed cache is the window over everything.
+        let mut all: Vec<Turn> = Vec::new();
+        let mut cached: Vec<Turn> = Vec::new();
+        for size in [5_000, 100, 100, 1_000, 40_000, 10, 3_000, 3_000, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 900] {
+            let turn = turns(&[size]).remove(0);
+            all.push(turn.clone());
+            cached.push(turn);
+            keep_usable(&mut cached, 10, 6_000);
+            assert_eq!(history_window(&cached, 10, 6_000), history_window(&all, 10, 6_000));
+            // The window, or the newest turn alone when not even it fits.
+            let window = history_window(&cached, 10, 6_000).len();
+            assert!(cached.len() == window.max(1), "{} turns cached for a window of {window}", cached.len());
+            assert_eq!(cached.last(), all.last());
+        }
+    }
 
     fn turns(sizes: &[usize]) -> Vec<Turn> {
         sizes
