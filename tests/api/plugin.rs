@@ -257,3 +257,36 @@ async fn a_callback_that_redirects_is_a_misconfiguration_not_a_delivery() {
     assert!(metrics.contains(r#"yizhan_deliveries_total{channel="intranet",outcome="misconfigured"} 1"#), "{metrics}");
     assert!(!metrics.contains(r#"outcome="delivered""#), "{metrics}");
 }
+
+/// The callback's `Retry-After` on a 429 or 503 is the pause the core keeps for the account.
+#[actix_web::test]
+async fn the_callbacks_retry_after_is_passed_on() {
+    let callback = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/answers"))
+        .respond_with(ResponseTemplate::new(429).insert_header("Retry-After", "7"))
+        .mount(&callback)
+        .await;
+    let settings = yizhan_channel_core::ChannelSettings {
+        id: ChannelId::parse("intranet").unwrap_or_else(|e| panic!("{e}")),
+        kind: HttpJson::KIND.into(),
+        table: serde_json::json!({"token": "a-long-token", "callback_url": format!("{}/answers", callback.uri())}),
+    };
+    let channel = HttpJson::from_settings(&settings, reqwest::Client::new()).unwrap_or_else(|e| panic!("{e}"));
+    let part = Delivery {
+        delivery_id: "e-0".into(),
+        channel: settings.id.clone(),
+        conversation: yizhan_channel_core::Conversation {
+            kind: yizhan_channel_core::ConversationKind::Direct,
+            id: "u".into(),
+        },
+        recipient: yizhan_channel_core::Sender { id: "u".into(), name: None },
+        reply_handle: yizhan_channel_core::ReplyHandle::default(),
+        reply: yizhan_channel_core::Reply::text("答"),
+    };
+    let sent = channel.deliver(&part).await;
+    assert!(
+        matches!(sent, Err(ChannelError::Transient { retry_after: Some(wait), .. }) if wait == Duration::from_secs(7)),
+        "{sent:?}"
+    );
+}

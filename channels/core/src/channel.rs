@@ -219,7 +219,25 @@ pub trait Channel: Send + Sync + 'static {
         Capabilities::default()
     }
 
-    /// Verifies, decrypts and parses one webhook call. CPU work only: no I/O.
+    /// Verifies, decrypts and parses one webhook call. CPU work only: no I/O, and quick. It runs
+    /// inline on an HTTP worker thread, which also serves held passive replies (and, by default,
+    /// sessions): a slow call stalls every connection on that worker. A panic is caught and
+    /// answered 500.
+    ///
+    /// What the core answers the platform:
+    /// - [`WebhookOutcome::Accepted`]: the envelopes are journaled (durably), then the `ack` is
+    ///   sent; a journal failure answers 503 so that the platform retries. Each envelope's
+    ///   [`platform_message_id`](Envelope::platform_message_id) must be the same on every
+    ///   retry of one message and differ between messages of the channel (it is the dedupe
+    ///   key, per channel, not per user), non-blank and at most 512 bytes; otherwise the core
+    ///   answers 400 and logs a bug.
+    /// - [`WebhookOutcome::Respond`]: that response, nothing journaled (URL checks, events
+    ///   ignored on purpose: acknowledge those, or the platform retries them).
+    /// - Errors: [`BadSignature`](ChannelError::BadSignature) 401, [`Malformed`](ChannelError::Malformed)
+    ///   400, [`Unsupported`](ChannelError::Unsupported) 405 (a method or mode, not an event
+    ///   type the bot ignores: platforms retry a non-2xx), [`Transient`](ChannelError::Transient)
+    ///   and [`MaybeDelivered`](ChannelError::MaybeDelivered) 503,
+    ///   [`Refused`](ChannelError::Refused) and [`Misconfigured`](ChannelError::Misconfigured) 500.
     fn handle_webhook(&self, request: &WebhookRequest) -> Result<WebhookOutcome, ChannelError>;
 
     /// Renders an answer for this platform and splits it into parts that `deliver` accepts,
@@ -243,6 +261,25 @@ pub trait Channel: Send + Sync + 'static {
     }
 
     /// Sends one rendered part through the platform's API.
+    ///
+    /// A part may be sent more than once: after a failure the core retries, and a part pending
+    /// at a stop or crash is sent again by the next start. [`Delivery::delivery_id`] is the same
+    /// each time: pass it as the platform's idempotency key where there is one. Calls for
+    /// different conversations run at the same time; one conversation's parts, one at a time
+    /// and in order. A panic is caught and fails the part.
+    ///
+    /// What the core does with each error:
+    /// - [`Transient`](ChannelError::Transient): sent again with backoff, up to
+    ///   `delivery.max_attempts` sends; its `retry_after` pauses every send of the account (up
+    ///   to the advice, for all conversations) instead of the backoff.
+    /// - [`MaybeDelivered`](ChannelError::MaybeDelivered): the send went out and may have
+    ///   arrived; sent once more at most, then recorded failed. Report a failure after sending
+    ///   (a timeout, a gateway's 5xx, an unreadable answer) this way unless the platform drops
+    ///   repeated sends of one idempotency key, in which case it is `Transient`.
+    /// - Anything else: final. The part, and the parts of the answer after it, are recorded
+    ///   failed with the error as the reason, or, on channels with a passive window in `auto`
+    ///   mode, parked for the user's next message. The core logs every failed part; a channel
+    ///   need not log its errors again.
     fn deliver<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>>;
 
     /// Starts a message that will show the answer while it is written, addressed like

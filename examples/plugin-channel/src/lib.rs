@@ -4,8 +4,17 @@
 //! `{"message_id": "...", "user": "...", "text": "..."}` to `/webhooks/{id}` with
 //! `Authorization: Bearer <token>`, and receives answers as
 //! `{"user": "...", "text": "...", "in_reply_to": "..."}` POSTed to its `callback_url`, each
-//! with an `Idempotency-Key` header that is the same on every retry of one part (a retry after
-//! a lost response can then be recognised).
+//! with an `Idempotency-Key` header that is the same on every retry of one part.
+//!
+//! The contract with the internal system, which Yizhan's guarantees rest on:
+//! - `message_id` is unique among the messages sent to this channel (not only per user), the
+//!   same when a message is sent again, non-blank and at most 512 bytes: it is the dedupe key.
+//! - The callback treats a repeated `Idempotency-Key` as done (answers 2xx without showing the
+//!   text again): a part whose answer was lost (a timeout, a 5xx) is sent again, so a
+//!   failure after sending is reported [`ChannelError::Transient`], not
+//!   [`ChannelError::MaybeDelivered`].
+//! - A 429 or 503 may carry `Retry-After` in seconds: every send to the callback waits that
+//!   long.
 //!
 //! Register it before building the application:
 //!
@@ -35,6 +44,9 @@ use yizhan_channel_core::{
     Delivery, DeliveryReceipt, Envelope, Method, ReplyHandle, Segment, Sender, WebhookOutcome, WebhookRequest,
     WebhookResponse,
 };
+
+/// The longest `message_id` the core takes (it is stored as the dedupe key).
+const MAX_MESSAGE_ID_BYTES: usize = 512;
 
 /// The plugin's config keys.
 #[derive(Debug, Deserialize)]
@@ -110,6 +122,10 @@ impl Channel for HttpJson {
         if inbound.user.trim().is_empty() {
             return Err(ChannelError::Malformed("`user` is blank".into()));
         }
+        // The dedupe key: a blank one would make every later message a "retry" of the first.
+        if inbound.message_id.trim().is_empty() || inbound.message_id.len() > MAX_MESSAGE_ID_BYTES {
+            return Err(ChannelError::Malformed("`message_id` is blank or longer than 512 bytes".into()));
+        }
         let received_at_ms = request
             .received_at
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -155,12 +171,17 @@ impl Channel for HttpJson {
                     }
                 })?;
             let status = response.status();
-            // A timeout, a rate limit or the server's own trouble: worth another try.
+            // A timeout, a rate limit or the server's own trouble: worth another try (the
+            // callback drops a repeated `Idempotency-Key`, see the crate docs), as soon as it
+            // says.
             if status.is_server_error() || matches!(status.as_u16(), 408 | 429) {
-                return Err(ChannelError::Transient {
-                    reason: format!("callback answered {status}"),
-                    retry_after: None,
-                });
+                let retry_after = response
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|value| value.to_str().ok())
+                    .and_then(|value| value.trim().parse::<u64>().ok())
+                    .map(std::time::Duration::from_secs);
+                return Err(ChannelError::Transient { reason: format!("callback answered {status}"), retry_after });
             }
             // The core's client follows no redirect (it would turn the POST into a bodiless GET).
             if status.is_redirection() {
@@ -201,18 +222,35 @@ mod tests {
         });
     }
 
-    #[test]
-    fn a_message_from_a_blank_user_is_refused() {
-        let channel = channel("http://127.0.0.1:9/answers").unwrap_or_else(|e| panic!("{e}"));
-        let request = WebhookRequest {
+    fn signed(body: String) -> WebhookRequest {
+        WebhookRequest {
             method: Method::Post,
             query: vec![],
             raw_query: String::new(),
             headers: vec![("Authorization".into(), "Bearer a-long-token".into())],
-            body: br#"{"message_id":"m1","user":"  ","text":"hi"}"#.to_vec().into(),
+            body: body.into_bytes().into(),
             received_at: SystemTime::now(),
-        };
+        }
+    }
+
+    #[test]
+    fn a_message_from_a_blank_user_is_refused() {
+        let channel = channel("http://127.0.0.1:9/answers").unwrap_or_else(|e| panic!("{e}"));
+        let request = signed(r#"{"message_id":"m1","user":"  ","text":"hi"}"#.to_owned());
         assert!(matches!(channel.handle_webhook(&request), Err(ChannelError::Malformed(_))));
+    }
+
+    /// The caller's bad input, refused as such (the core would otherwise log it as this
+    /// plugin's bug).
+    #[test]
+    fn a_blank_or_overlong_message_id_is_refused() {
+        let channel = channel("http://127.0.0.1:9/answers").unwrap_or_else(|e| panic!("{e}"));
+        for id in [" ".to_owned(), "m".repeat(513)] {
+            let request = signed(serde_json::json!({"message_id": id, "user": "u", "text": "hi"}).to_string());
+            assert!(matches!(channel.handle_webhook(&request), Err(ChannelError::Malformed(_))), "{id:.10}");
+        }
+        let request = signed(serde_json::json!({"message_id": "m".repeat(512), "user": "u", "text": "hi"}).to_string());
+        assert!(matches!(channel.handle_webhook(&request), Ok(WebhookOutcome::Accepted { .. })));
     }
 
     #[test]
