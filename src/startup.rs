@@ -165,6 +165,12 @@ fn more_hint_fits(
     passive_window: Option<Duration>,
     max_part_bytes: usize,
 ) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        max_part_bytes > 0,
+        "channel {:?} ({}) says its parts hold 0 bytes (`max_part_bytes`): nothing could be sent",
+        entry.core.id,
+        entry.core.kind
+    );
     let can_park = passive_window.is_some() || send_quota(entry, passive_window).is_some();
     let hint = config.messages.more_hint.len() + 1;
     if can_park && hint > max_part_bytes / 2 {

@@ -63,7 +63,13 @@ impl From<String> for AnswerText {
 /// the envelope id, so they are stable across restarts (platform idempotency keys).
 pub fn parts_for(channel: &dyn Channel, envelope: &Envelope, text: AnswerText) -> Vec<Delivery> {
     let parts = match text {
-        AnswerText::Markdown(text) => channel.render(&Reply::text(text)),
+        AnswerText::Markdown(text) => {
+            let parts = channel.render(&Reply::text(text.clone()));
+            if parts.is_empty() && !text.trim().is_empty() {
+                tracing::warn!(channel = %channel.id(), envelope = %envelope.id, "The channel rendered an answer to no parts; nothing is sent.");
+            }
+            parts
+        }
         AnswerText::Rendered(text) => {
             yizhan_channel_common::split::split_text(&text, channel.capabilities().max_part_bytes)
                 .into_iter()

@@ -190,17 +190,7 @@ async fn a_plugin_whose_id_is_not_the_configured_one_is_refused_at_start() {
         let plugin = HttpJson::from_settings(settings, http.clone())?;
         Ok(Arc::new(Altered { plugin, id: Some(own), webhook: <HttpJson as Channel>::handle_webhook }))
     });
-    let (llm, callback) = (MockServer::start().await, MockServer::start().await);
-    let config = format!(
-        "{}\n[[channels]]\nid = \"intranet\"\nkind = \"http_json\"\ntoken = \"plugin-secret-token\"\ncallback_url = \"{}/answers\"\n",
-        base_config(&llm, &callback),
-        callback.uri()
-    );
-    let config = yizhan::config::Config::from_toml(&config, std::iter::empty()).unwrap_or_else(|e| panic!("{e:#}"));
-    let error = match yizhan::startup::Application::build_with(config, kinds).await {
-        Ok(_) => panic!("started with a channel answering to another id"),
-        Err(error) => format!("{error:#}"),
-    };
+    let error = start_error(kinds).await;
     assert!(error.contains("\"intranet\"") && error.contains("\"mine\""), "{error}");
 }
 
@@ -289,4 +279,49 @@ async fn the_callbacks_retry_after_is_passed_on() {
         matches!(sent, Err(ChannelError::Transient { retry_after: Some(wait), .. }) if wait == Duration::from_secs(7)),
         "{sent:?}"
     );
+}
+
+/// A channel whose parts would hold nothing (`max_part_bytes` 0) is refused at start, naming it,
+/// instead of cutting every answer into empty parts.
+#[actix_web::test]
+async fn a_plugin_whose_parts_hold_nothing_is_refused_at_start() {
+    struct NoRoom(HttpJson);
+    impl Channel for NoRoom {
+        fn id(&self) -> &ChannelId {
+            self.0.id()
+        }
+        fn kind(&self) -> &str {
+            self.0.kind()
+        }
+        fn capabilities(&self) -> yizhan_channel_core::Capabilities {
+            yizhan_channel_core::Capabilities { max_part_bytes: 0, ..self.0.capabilities() }
+        }
+        fn handle_webhook(&self, request: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
+            self.0.handle_webhook(request)
+        }
+        fn deliver<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
+            self.0.deliver(delivery)
+        }
+    }
+    let mut kinds = ChannelKinds::builtin();
+    kinds.register(HttpJson::KIND, |settings, http| {
+        Ok(Arc::new(NoRoom(HttpJson::from_settings(settings, http.clone())?)))
+    });
+    let error = start_error(kinds).await;
+    assert!(error.contains("\"intranet\"") && error.contains("max_part_bytes"), "{error}");
+}
+
+/// Why the app with an `http_json` channel "intranet" built by `kinds` refuses to start.
+async fn start_error(kinds: ChannelKinds) -> String {
+    let (llm, callback) = (MockServer::start().await, MockServer::start().await);
+    let config = format!(
+        "{}\n[[channels]]\nid = \"intranet\"\nkind = \"http_json\"\ntoken = \"plugin-secret-token\"\ncallback_url = \"{}/answers\"\n",
+        base_config(&llm, &callback),
+        callback.uri()
+    );
+    let config = yizhan::config::Config::from_toml(&config, std::iter::empty()).unwrap_or_else(|e| panic!("{e:#}"));
+    match yizhan::startup::Application::build_with(config, kinds).await {
+        Ok(_) => panic!("started"),
+        Err(error) => format!("{error:#}"),
+    }
 }
