@@ -270,6 +270,9 @@ pub struct SessionConfig {
     pub idle_timeout_secs: u64,
     /// Messages one user may have waiting behind the one being answered; more get `busy`.
     pub max_pending: usize,
+    /// Conversations kept in memory at once (each an actor and its history window, until
+    /// `idle_timeout_secs` of silence); a message opening one more gets `busy`.
+    pub max_sessions: usize,
     /// Dedicated session threads; 0 runs each session on the HTTP worker that first saw its
     /// conversation, which avoids a cross-thread wake-up per message (measured: see README).
     pub threads: usize,
@@ -277,7 +280,14 @@ pub struct SessionConfig {
 
 impl Default for SessionConfig {
     fn default() -> Self {
-        Self { history_max_turns: 10, history_max_chars: 6_000, idle_timeout_secs: 600, max_pending: 16, threads: 0 }
+        Self {
+            history_max_turns: 10,
+            history_max_chars: 6_000,
+            idle_timeout_secs: 600,
+            max_pending: 16,
+            max_sessions: 100_000,
+            threads: 0,
+        }
     }
 }
 
@@ -617,6 +627,7 @@ impl Config {
             ("llm.connect_timeout_ms", self.llm.connect_timeout_ms),
             ("session.idle_timeout_secs", self.session.idle_timeout_secs),
             ("session.max_pending", self.session.max_pending as u64),
+            ("session.max_sessions", self.session.max_sessions as u64),
             ("delivery.max_attempts", u64::from(self.delivery.max_attempts)),
             ("store.dedupe_ttl_secs", self.store.dedupe_ttl_secs),
         ];

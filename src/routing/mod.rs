@@ -207,27 +207,32 @@ impl Router {
             if resumed { self.sessions.dispatch_resumed(key, job) } else { self.sessions.dispatch(key, job) };
         match dispatched {
             Ok(()) => true,
-            Err(DispatchError::Overloaded(job)) => {
-                self.hub.metrics.shed.with_label_values(&["session_queue"]).inc();
-                let (hub, envelope) = (self.hub.clone(), job.envelope);
-                let key = hub.session_key(&envelope);
-                if !self.busy_replies.insert(key.clone()) {
-                    // Told already, by a busy reply still on its way.
-                    tracing::debug!(channel = %envelope.channel, "Too many messages waiting in one conversation; finished unanswered.");
-                    actix::spawn(async move { hub.finish(&envelope.id).await });
-                    return false;
-                }
-                tracing::warn!(channel = %envelope.channel, "Too many messages waiting in one conversation; answered busy.");
-                // A continue word took nothing yet: the parked text waits for the next one.
-                let on_its_way = BusyReplyOnItsWay { busy_replies: self.busy_replies.clone(), key };
-                actix::spawn(async move {
-                    let busy = hub.messages.busy.clone();
-                    crate::delivery::answer(&hub, &envelope, on_its_way.key.as_str(), None, busy.into()).await;
-                    drop(on_its_way);
-                });
-                true
-            }
+            Err(DispatchError::Overloaded(job)) => self.answer_busy(*job, "session_queue"),
+            Err(DispatchError::TooManySessions(job)) => self.answer_busy(*job, "sessions"),
         }
+    }
+
+    /// Answers a job no session takes (`bound`: which one it is over) with the busy text, once
+    /// per conversation while that answer is on its way. Returns whether it is answered.
+    fn answer_busy(&self, job: Job, bound: &'static str) -> bool {
+        self.hub.metrics.shed.with_label_values(&[bound]).inc();
+        let (hub, envelope) = (self.hub.clone(), job.envelope);
+        let key = hub.session_key(&envelope);
+        if !self.busy_replies.insert(key.clone()) {
+            // Told already, by a busy reply still on its way.
+            tracing::debug!(channel = %envelope.channel, bound, "Over a bound; finished unanswered (told busy already).");
+            actix::spawn(async move { hub.finish(&envelope.id).await });
+            return false;
+        }
+        tracing::warn!(channel = %envelope.channel, bound, "Over a bound (too many messages waiting in one conversation, or too many conversations); answered busy.");
+        // A continue word took nothing yet: the parked text waits for the next one.
+        let on_its_way = BusyReplyOnItsWay { busy_replies: self.busy_replies.clone(), key };
+        actix::spawn(async move {
+            let busy = hub.messages.busy.clone();
+            crate::delivery::answer(&hub, &envelope, on_its_way.key.as_str(), None, busy.into()).await;
+            drop(on_its_way);
+        });
+        true
     }
 }
 

@@ -60,6 +60,9 @@ pub enum DispatchError {
     /// The conversation already has `max_pending` jobs waiting; the job comes back so the
     /// caller can answer busy.
     Overloaded(Box<Job>),
+    /// A new conversation while `max_sessions` are kept already; the job comes back so the
+    /// caller can answer busy.
+    TooManySessions(Box<Job>),
 }
 
 /// A conversation's waiting jobs, shared by the registry (which appends) and the session
@@ -93,6 +96,8 @@ pub struct SessionRegistry(Arc<RegistryInner>);
 
 struct RegistryInner {
     sessions: DashMap<SessionKey, Entry, foldhash::fast::RandomState>,
+    /// Entries in `sessions`, kept beside it: `DashMap::len` locks every shard.
+    count: AtomicU64,
     generations: AtomicU64,
     hub: Hub,
     idle_timeout: Duration,
@@ -110,6 +115,7 @@ impl SessionRegistry {
     pub fn new(hub: Hub, idle_timeout: Duration, arbiters: Vec<ArbiterHandle>) -> Self {
         Self(Arc::new(RegistryInner {
             sessions: DashMap::with_hasher(foldhash::fast::RandomState::default()),
+            count: AtomicU64::new(0),
             generations: AtomicU64::new(0),
             hub,
             idle_timeout,
@@ -155,22 +161,33 @@ impl SessionRegistry {
     /// Routes a job to its session, starting one if needed. Never blocks. Without dedicated
     /// arbiters it must run inside an actix system.
     pub fn dispatch(&self, key: SessionKey, job: Job) -> Result<(), DispatchError> {
-        self.enqueue(key, job, self.0.hub.session.max_pending)
+        self.enqueue(key, job, self.0.hub.session.max_pending, self.0.hub.session.max_sessions)
     }
 
     /// [`dispatch`](Self::dispatch) for a message the last run accepted and did not answer:
     /// not held to `max_pending`, which it was accepted within (a conversation may come back
     /// with one more open message than that: the one that was being answered).
     pub fn dispatch_resumed(&self, key: SessionKey, job: Job) -> Result<(), DispatchError> {
-        self.enqueue(key, job, usize::MAX)
+        self.enqueue(key, job, usize::MAX, usize::MAX)
     }
 
-    fn enqueue(&self, key: SessionKey, job: Job, max_pending: usize) -> Result<(), DispatchError> {
+    fn enqueue(&self, key: SessionKey, job: Job, max_pending: usize, max_sessions: usize) -> Result<(), DispatchError> {
         // NOTE: everything below runs while holding the entry (shard) lock. `deregister` takes
         // the same lock, so no job can be appended to a session that already deregistered, and
         // a `Wake` can never be queued behind a session's `Retire`.
-        let mut entry =
-            self.0.sessions.entry(key.clone()).or_insert_with(|| self.start_session(&key, SharedInbox::default()));
+        let mut entry = match self.0.sessions.entry(key.clone()) {
+            dashmap::mapref::entry::Entry::Occupied(occupied) => occupied.into_ref(),
+            dashmap::mapref::entry::Entry::Vacant(vacant) => {
+                // Every session holds an actor and its history window until it retires: a
+                // flood of new users must not hold unbounded memory. (A bound checked outside
+                // the other shards' locks: a burst may pass it by a few.)
+                if self.0.count.load(Ordering::Relaxed) >= u64::try_from(max_sessions).unwrap_or(u64::MAX) {
+                    return Err(DispatchError::TooManySessions(Box::new(job)));
+                }
+                self.0.count.fetch_add(1, Ordering::Relaxed);
+                vacant.insert(self.start_session(&key, SharedInbox::default()))
+            }
+        };
         let wake = {
             let mut inbox = lock(&entry.inbox);
             if inbox.jobs.len() >= max_pending {
@@ -195,7 +212,9 @@ impl SessionRegistry {
 
     /// Forgets `key` only if it still points at `generation`.
     fn deregister(&self, key: &SessionKey, generation: u64) {
-        self.0.sessions.remove_if(key, |_, entry| entry.generation == generation);
+        if self.0.sessions.remove_if(key, |_, entry| entry.generation == generation).is_some() {
+            self.0.count.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// Forgets `key` if it still points at `generation` and nothing waits in its inbox, checked
@@ -204,7 +223,7 @@ impl SessionRegistry {
     /// already replaced.
     fn deregister_if_idle(&self, key: &SessionKey, generation: u64) -> bool {
         let mut still_needed = false;
-        self.0.sessions.remove_if(key, |_, entry| {
+        let removed = self.0.sessions.remove_if(key, |_, entry| {
             if entry.generation != generation {
                 return false;
             }
@@ -212,6 +231,9 @@ impl SessionRegistry {
             still_needed = inbox.awake || !inbox.jobs.is_empty();
             !still_needed
         });
+        if removed.is_some() {
+            self.0.count.fetch_sub(1, Ordering::Relaxed);
+        }
         !still_needed
     }
 }

@@ -140,6 +140,16 @@ fn fixture_on(
     idle_timeout: Duration,
     max_pending: usize,
 ) -> Fixture {
+    fixture_bounded(store, llm_delay, idle_timeout, max_pending, usize::MAX)
+}
+
+fn fixture_bounded(
+    store: Arc<dyn crate::store::Store>,
+    llm_delay: Duration,
+    idle_timeout: Duration,
+    max_pending: usize,
+    max_sessions: usize,
+) -> Fixture {
     let metrics = Metrics::new();
     let store_handle = store.clone();
     let backend = Arc::new(EchoBackend {
@@ -196,6 +206,7 @@ fn fixture_on(
             history_max_chars: 1_000,
             idle_timeout_secs: 1,
             max_pending,
+            max_sessions,
             threads: 0,
         },
         dedupe_ttl: Duration::from_secs(60),
@@ -319,6 +330,42 @@ async fn a_user_over_the_pending_bound_gets_the_busy_reply() {
     fixture.wait_for_deliveries(6).await;
     let busy_replies = fixture.delivered().into_iter().filter(|d| d.reply.text == busy).count();
     assert_eq!(busy_replies, 2);
+}
+
+/// A flood of new users cannot hold unbounded memory: past `max_sessions` a new conversation is
+/// answered busy (and counted), while the ones kept go on; once one retires, there is room.
+#[actix::test]
+async fn a_new_conversation_over_the_session_bound_gets_the_busy_reply() {
+    tokio::time::pause();
+    let fixture =
+        fixture_bounded(Arc::new(MemoryStore::new(10)), Duration::from_millis(100), Duration::from_secs(60), 16, 2);
+    let router = crate::routing::Router::new(fixture.registry.0.hub.clone(), fixture.registry.clone());
+    let asking = |user: &str, text: &str| {
+        let (_, mut job) = job(user, "");
+        job.envelope.content = vec![yizhan_channel_core::Segment::Text { text: text.into() }];
+        job.envelope
+    };
+    for user in ["u1", "u2", "u3"] {
+        router.dispatch(asking(user, "问"));
+    }
+    // A kept conversation is not refused.
+    router.dispatch(asking("u1", "再问"));
+    fixture.wait_for_deliveries(4).await;
+    let mut sent: Vec<(String, String)> =
+        fixture.delivered().into_iter().map(|d| (d.recipient.id, d.reply.text)).collect();
+    sent.sort();
+    let busy = MessagesConfig::default().busy;
+    assert_eq!(
+        sent,
+        [
+            ("u1".to_owned(), "答：再问".to_owned()),
+            ("u1".to_owned(), "答：问".to_owned()),
+            ("u2".to_owned(), "答：问".to_owned()),
+            ("u3".to_owned(), busy),
+        ]
+    );
+    assert_eq!(fixture.registry.len(), 2);
+    assert_eq!(fixture.registry.0.hub.metrics.shed.with_label_values(&["sessions"]).get(), 1);
 }
 
 #[actix::test]
