@@ -64,8 +64,9 @@ impl From<String> for AnswerText {
 pub fn parts_for(channel: &dyn Channel, envelope: &Envelope, text: AnswerText) -> Vec<Delivery> {
     let parts = match text {
         AnswerText::Markdown(text) => {
-            let parts = channel.render(&Reply::text(text.clone()));
-            if parts.is_empty() && !text.trim().is_empty() {
+            let blank = text.trim().is_empty();
+            let parts = channel.render(&Reply::text(text));
+            if parts.is_empty() && !blank {
                 tracing::warn!(channel = %channel.id(), envelope = %envelope.id, "The channel rendered an answer to no parts; nothing is sent.");
             }
             parts
@@ -585,7 +586,9 @@ async fn deliver_one(
         // The platform said how long: the whole account waits (see `AccountPause`), whether or
         // not this part tries again.
         let asked_to_wait = match &sent {
-            Err(ChannelError::Transient { retry_after: Some(wait), .. }) => {
+            // A zero wait is no advice (`Retry-After: 0`): the backoff applies, or every retry
+            // would go at once.
+            Err(ChannelError::Transient { retry_after: Some(wait), .. }) if !wait.is_zero() => {
                 pause.extend(*wait);
                 Some(*wait)
             }
@@ -792,6 +795,56 @@ mod tests {
         assert_eq!(metrics.deliveries.with_label_values(&["n", "maybe_delivered"]).get(), 1);
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Answers its first send with `Retry-After: 0`, then takes everything; records when.
+    struct ZeroWaitOnce(ChannelId, std::sync::Mutex<Vec<actix::clock::Instant>>);
+
+    impl Channel for ZeroWaitOnce {
+        fn id(&self) -> &ChannelId {
+            &self.0
+        }
+        fn kind(&self) -> &str {
+            "zero_wait"
+        }
+        fn handle_webhook(&self, _: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
+            Err(ChannelError::Unsupported("no webhooks".into()))
+        }
+        fn deliver<'a>(&'a self, _: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
+            let mut calls = self.1.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            calls.push(actix::clock::Instant::now());
+            let first = calls.len() == 1;
+            Box::pin(async move {
+                if first {
+                    Err(ChannelError::Transient { reason: "503".into(), retry_after: Some(Duration::ZERO) })
+                } else {
+                    Ok(DeliveryReceipt::default())
+                }
+            })
+        }
+    }
+
+    /// `Retry-After: 0` is no advice: the backoff still spaces the retries.
+    #[tokio::test(start_paused = true)]
+    async fn a_zero_retry_after_leaves_the_backoff_in_place() {
+        let id = ChannelId::parse("z").unwrap_or_else(|e| panic!("{e}"));
+        let channel = ZeroWaitOnce(id.clone(), std::sync::Mutex::default());
+        let part = Delivery {
+            delivery_id: "e-0".into(),
+            channel: id,
+            conversation: Conversation { kind: ConversationKind::Direct, id: "u".into() },
+            recipient: Sender { id: "u".into(), name: None },
+            reply_handle: ReplyHandle::default(),
+            reply: Reply::text("答"),
+        };
+        let policy =
+            RetryPolicy { max_attempts: 3, base_delay: Duration::from_secs(2), max_delay: Duration::from_secs(2) };
+        let (metrics, store) = (Metrics::new(), crate::store::MemoryStore::new(10));
+        let sent = deliver_all(&channel, &store, &policy, &AccountPause::default(), &metrics, vec![part]).await;
+        assert!(sent.is_ok());
+        let calls = channel.1.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        assert_eq!(calls.len(), 2);
+        assert!(calls[1] - calls[0] >= Duration::from_secs(1), "{:?}", calls[1] - calls[0]);
     }
 
     /// Sends `Transient { retry_after: 60 s }` to its first call, then takes everything.

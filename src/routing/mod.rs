@@ -175,7 +175,9 @@ impl Router {
     pub fn resend_resumed(&self, envelope: Envelope, parts: Vec<Delivery>) {
         let key = self.hub.session_key(&envelope);
         let job = Job { envelope, work: Work::Resend(parts) };
-        if let Err(DispatchError::Overloaded(job)) = self.sessions.dispatch_resumed(key, job) {
+        if let Err(DispatchError::Overloaded(job) | DispatchError::TooManySessions(job)) =
+            self.sessions.dispatch_resumed(key, job)
+        {
             // Not bounded, so never refused; sent at once rather than lost if it ever were.
             let (hub, Job { envelope, work }) = (self.hub.clone(), *job);
             if let Work::Resend(parts) = work {

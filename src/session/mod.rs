@@ -184,8 +184,9 @@ impl SessionRegistry {
                 if self.0.count.load(Ordering::Relaxed) >= u64::try_from(max_sessions).unwrap_or(u64::MAX) {
                     return Err(DispatchError::TooManySessions(Box::new(job)));
                 }
+                let inserted = vacant.insert(self.start_session(&key, SharedInbox::default()));
                 self.0.count.fetch_add(1, Ordering::Relaxed);
-                vacant.insert(self.start_session(&key, SharedInbox::default()))
+                inserted
             }
         };
         let wake = {

@@ -338,7 +338,7 @@ async fn a_user_over_the_pending_bound_gets_the_busy_reply() {
 async fn a_new_conversation_over_the_session_bound_gets_the_busy_reply() {
     tokio::time::pause();
     let fixture =
-        fixture_bounded(Arc::new(MemoryStore::new(10)), Duration::from_millis(100), Duration::from_secs(60), 16, 2);
+        fixture_bounded(Arc::new(MemoryStore::new(10)), Duration::from_millis(100), Duration::from_secs(5), 16, 2);
     let router = crate::routing::Router::new(fixture.registry.0.hub.clone(), fixture.registry.clone());
     let asking = |user: &str, text: &str| {
         let (_, mut job) = job(user, "");
@@ -365,6 +365,19 @@ async fn a_new_conversation_over_the_session_bound_gets_the_busy_reply() {
         ]
     );
     assert_eq!(fixture.registry.len(), 2);
+    assert_eq!(fixture.registry.0.count.load(Ordering::SeqCst), 2);
+    assert_eq!(fixture.registry.0.hub.metrics.shed.with_label_values(&["sessions"]).get(), 1);
+    // Once they retire, the count falls with them, and a new conversation is taken.
+    for _ in 0..100 {
+        if fixture.registry.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!((fixture.registry.len(), fixture.registry.0.count.load(Ordering::SeqCst)), (0, 0));
+    router.dispatch(asking("u3", "又问"));
+    fixture.wait_for_deliveries(5).await;
+    assert!(fixture.delivered().iter().any(|d| d.recipient.id == "u3" && d.reply.text == "答：又问"));
     assert_eq!(fixture.registry.0.hub.metrics.shed.with_label_values(&["sessions"]).get(), 1);
 }
 

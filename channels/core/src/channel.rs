@@ -264,14 +264,16 @@ pub trait Channel: Send + Sync + 'static {
     ///
     /// A part may be sent more than once: after a failure the core retries, and a part pending
     /// at a stop or crash is sent again by the next start. [`Delivery::delivery_id`] is the same
-    /// each time: pass it as the platform's idempotency key where there is one. Calls for
-    /// different conversations run at the same time; one conversation's parts, one at a time
-    /// and in order. A panic is caught and fails the part.
+    /// each time: pass it as the platform's idempotency key where there is one. Calls run at
+    /// the same time (different conversations; and a conversation's busy reply beside its
+    /// answer); one answer's parts go one at a time, in order. A panic is caught and fails the
+    /// part.
     ///
     /// What the core does with each error:
     /// - [`Transient`](ChannelError::Transient): sent again with backoff, up to
-    ///   `delivery.max_attempts` sends; its `retry_after` pauses every send of the account (up
-    ///   to the advice, for all conversations) instead of the backoff.
+    ///   `delivery.max_attempts` sends; a non-zero `retry_after` pauses every send of the
+    ///   account instead (all conversations, for the advice, at most 10 minutes, plus a little
+    ///   spread so that the held-back sends do not all go at once).
     /// - [`MaybeDelivered`](ChannelError::MaybeDelivered): the send went out and may have
     ///   arrived; sent once more at most, then recorded failed. Report a failure after sending
     ///   (a timeout, a gateway's 5xx, an unreadable answer) this way unless the platform drops

@@ -14,7 +14,7 @@
 //!   failure after sending is reported [`ChannelError::Transient`], not
 //!   [`ChannelError::MaybeDelivered`].
 //! - A 429 or 503 may carry `Retry-After` in seconds: every send to the callback waits that
-//!   long.
+//!   long (at most 10 minutes).
 //!
 //! Register it before building the application:
 //!
@@ -180,6 +180,7 @@ impl Channel for HttpJson {
                     .get(reqwest::header::RETRY_AFTER)
                     .and_then(|value| value.to_str().ok())
                     .and_then(|value| value.trim().parse::<u64>().ok())
+                    .filter(|seconds| *seconds > 0)
                     .map(std::time::Duration::from_secs);
                 return Err(ChannelError::Transient { reason: format!("callback answered {status}"), retry_after });
             }
