@@ -8,8 +8,9 @@
 //! `YIZHAN__CHANNELS__<ID>__APP_SECRET=…` sets `app_secret` of the `[[channels]]` entry whose id
 //! is `<ID>` (case-insensitive, `-` written as `_`). A value is read as TOML (a number, a boolean,
 //! an array) unless the file already holds that key as a string or the key's name is that of a
-//! secret or identifier (`is_string_key`); a value read that way that the key's type refuses is
-//! taken as text instead (`YIZHAN__MESSAGES__AI_LABEL=false`). Quote a value (`'"123"'`) to force
+//! secret or identifier (`is_string_key`); a value read that way that a core key's type refuses
+//! is taken as text instead (`YIZHAN__MESSAGES__AI_LABEL=false`; a channel's own keys keep the
+//! type they are read as). Quote a value (`'"123"'`) to force
 //! a string.
 
 use anyhow::{anyhow, bail, Context};
@@ -295,7 +296,8 @@ impl Default for SessionConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveryConfig {
-    /// Sends of one part before it is given up (recorded as failed, or parked in `auto` mode).
+    /// Sends of one part before it is given up (recorded as failed, or parked in `auto` mode); a
+    /// send that may have arrived is sent once more at most, then recorded failed, never parked.
     /// The default's retries span about 2.5–5
     /// minutes, so a platform API's brief outage does not cost answers.
     pub max_attempts: u32,

@@ -55,7 +55,8 @@ pub enum LlmError {
     #[error("could not reach the LLM: {0}")]
     Connect(String),
     /// The connection failed after a request that must not be sent twice went out: the server
-    /// may have done the work (see [`LlmBackend::may_repeat`]).
+    /// may have done the work (see [`LlmBackend::may_repeat`]); or a started answer went quiet
+    /// (no byte for twice the first-token timeout: stalled).
     #[error("lost the LLM's answer: {0}")]
     Lost(String),
     /// The server answered with an error status before streaming anything.

@@ -4,9 +4,10 @@
 //! Invariants: chunks may split lines, `\r\n` pairs and UTF-8 characters anywhere, because bytes
 //! are only decoded once a whole line is buffered; memory is bounded by `max_event_bytes` (a line
 //! or an event's accumulated data larger than that is an error, never an unbounded buffer).
-//! Follows the WHATWG "event stream interpretation" rules, with one deliberate deviation: a final
+//! Follows the WHATWG "event stream interpretation" rules, with two deliberate deviations: a final
 //! event without the terminating blank line is still dispatched at end of stream, because real
-//! LLM gateways close the connection right after their last `data:` line.
+//! LLM gateways close the connection right after their last `data:` line; and a bare line
+//! starting with `{` is read as data (a gateway's JSON error sent as the event stream).
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -49,7 +50,8 @@ pub enum SseError {
 
 /// A push parser: feed it chunks as they arrive, collect complete events.
 ///
-/// It never panics on any input; malformed lines are ignored as the SSE spec demands.
+/// It never panics on any input; malformed lines are ignored as the SSE spec demands (but for a
+/// bare JSON line, read as data: see the module docs).
 pub struct SseParser {
     /// Bytes of the current, not yet terminated line. Kept as bytes so a chunk boundary inside a
     /// multi-byte character is harmless.

@@ -41,7 +41,8 @@ pub enum ChannelError {
     /// connection that broke, an answer that cannot be read), on a platform that takes no
     /// idempotency key: sending it again may show it twice. The core sends such a part once
     /// more at most (a lost answer is worse than a second copy, a dozen copies worse than
-    /// either), then gives up on it like on any other failure. A channel whose platform drops
+    /// either), then records it failed: unlike other failures, it is never parked nor sent
+    /// again at the next start. A channel whose platform drops
     /// repeated sends (Feishu's `uuid`, WeCom's duplicate check) reports these as
     /// [`Transient`](Self::Transient) instead.
     #[error("delivery may have arrived: {0}")]

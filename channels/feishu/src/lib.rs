@@ -21,9 +21,11 @@
 //!   was @-mentioned (identified by `bot_open_id`, or any mention when that is unset), unless
 //!   `require_mention_in_groups` is off. The bot's own `@_user_N` placeholder is removed from the
 //!   text; other people's become `@Name`.
-//! - **Text for chat, cards for documents.** Short answers without markdown go out as `text`
-//!   messages; formatted or long ones as a wide card with one markdown element. Every send
-//!   carries the delivery id as Feishu's idempotency `uuid`, so a retried part is shown once.
+//! - **Text for chat, cards for documents.** With streaming on (the default) a model's answer
+//!   streams into a CardKit card (below). Parts sent as messages (the parts after a card's, fixed
+//!   replies, every answer while streaming is off or paused) go out as `text` when short and
+//!   plain, otherwise as a wide card with one markdown element. Every send carries the delivery
+//!   id as Feishu's idempotency `uuid`, so a retried part is shown once.
 //! - **Streaming through CardKit**, not message edits: text edits have an undocumented per-message
 //!   cap, while a CardKit card takes up to 10 updates a second and types out the new text itself.
 //! - **Never exceed the per-chat send rate.** Feishu allows 5 QPS to one user and 5 QPS per group
@@ -694,7 +696,9 @@ impl Channel for Feishu {
         Box::pin(self.stream_text(handle, text_so_far, sequence, false))
     }
 
-    /// Writes the full text with `sequence`, then ends streaming mode with `sequence + 1`.
+    /// Writes the full text with `sequence`, then ends streaming mode with `sequence + 1`; if the
+    /// card no longer takes text (streaming mode closed), replaces it whole with a final card
+    /// holding the text, with `sequence + 1`.
     fn finish_stream<'a>(
         &'a self,
         handle: &'a StreamHandle,

@@ -13,8 +13,9 @@ use std::borrow::Cow;
 use yizhan_channel_common::markdown::unbreakable_spans;
 use yizhan_channel_common::split::split_text_keeping;
 
-/// Answers up to this many characters without markdown go out as plain `text` messages, which
-/// read like a person typing; longer ones go into a wide card, which is easier to read.
+/// Parts sent as messages (not streamed into a card) up to this many characters without
+/// markdown go out as plain `text`, which reads like a person typing; longer ones go into a wide
+/// card, which is easier to read.
 pub const PLAIN_TEXT_MAX_CHARS: usize = 500;
 
 /// Feishu refuses a card (or rich text) whose *request body* is over 30 KB (error 230025:
