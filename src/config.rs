@@ -491,7 +491,7 @@ fn key_error(path: &str, message: &str) -> String {
     // toml's messages go on with "\nin `table`" (the path says where) and a line break.
     let first_line = message.lines().next().unwrap_or_default();
     let message = yizhan_channel_core::without_value(first_line);
-    let missing = message.strip_prefix("missing field `").and_then(|rest| rest.strip_suffix('`'));
+    let missing = yizhan_channel_core::missing_field(&message);
     match (missing, path) {
         (Some(field), ".") => format!("config key `{field}` is missing"),
         (Some(field), _) => format!("config key `{path}.{field}` is missing"),
@@ -647,22 +647,19 @@ impl Config {
         }
         // Caught here, not at the first message: reqwest would refuse each request before sending
         // it, and every user would get the apology.
-        match reqwest::Url::parse(self.llm.base_url.trim()) {
-            Ok(url) if !matches!(url.scheme(), "http" | "https") || url.host().is_none() => bail!(
-                "config key `llm.base_url`: {:?} is not an http:// or https:// URL with a host",
-                without_credentials(&self.llm.base_url)
-            ),
-            // API paths are appended to it: `…/v1?key=x` would become `…/v1?key=x/chat/completions`.
-            Ok(url) if url.query().is_some() || url.fragment().is_some() => bail!(
-                "config key `llm.base_url`: {:?} has a query or fragment, which the API paths would be appended to; \
-                 use a header or the `api_key` for credentials",
-                without_credentials(&self.llm.base_url)
-            ),
-            Ok(_) => {}
-            Err(_) => bail!(
-                "config key `llm.base_url`: {:?} is not an http:// or https:// URL with a host",
-                without_credentials(&self.llm.base_url)
-            ),
+        let shown = without_credentials(&self.llm.base_url);
+        let url = reqwest::Url::parse(self.llm.base_url.trim())
+            .ok()
+            .filter(|url| matches!(url.scheme(), "http" | "https") && url.host().is_some());
+        let Some(url) = url else {
+            bail!("config key `llm.base_url`: {shown:?} is not an http:// or https:// URL with a host")
+        };
+        // API paths are appended to it: `…/v1?key=x` would become `…/v1?key=x/chat/completions`.
+        if url.query().is_some() || url.fragment().is_some() {
+            bail!(
+                "config key `llm.base_url`: {shown:?} has a query or fragment, which the API paths would be appended to; \
+                 use a header or the `api_key` for credentials"
+            );
         }
         if let Some(key) = &self.llm.api_key {
             // Not quoted: it is a secret. A trailing newline (a key read from a file) is the usual cause.

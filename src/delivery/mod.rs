@@ -151,8 +151,7 @@ pub async fn deliver_recorded(hub: &Hub, envelope: &Envelope, parts: Vec<Deliver
     }
     let Some(job) = hub.passive.get(&envelope.channel, &envelope.platform_message_id) else {
         // Parts after the first (a streamed card carried it) count the card as sent.
-        let already_sent = parts.first().and_then(|part| part_index(&part.delivery_id)).unwrap_or(0);
-        let parts = within_send_quota_after(hub, envelope, parts, already_sent);
+        let parts = within_send_quota_of_rest(hub, envelope, parts);
         send_parts(hub, envelope, parts).await;
         return;
     };
@@ -206,8 +205,7 @@ pub async fn resend(hub: &Hub, envelope: &Envelope, mut parts: Vec<Delivery>) {
     }
     // The platform's per-message quota holds for a resent answer too, counting the parts the
     // last run sent (those before the first one still pending).
-    let already_sent = parts.first().and_then(|part| part_index(&part.delivery_id)).unwrap_or(0);
-    let parts = within_send_quota_after(hub, envelope, parts, already_sent);
+    let parts = within_send_quota_of_rest(hub, envelope, parts);
     send_parts(hub, envelope, parts).await;
 }
 
@@ -233,9 +231,15 @@ pub fn within_send_quota(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) -
     within_send_quota_after(hub, envelope, parts, 0)
 }
 
-/// [`within_send_quota`] for the rest of an answer of which `already_sent` parts went out
-/// earlier (an answer resumed after a restart).
-pub fn within_send_quota_after(
+/// [`within_send_quota`] for the rest of an answer whose earlier parts went out already (into a
+/// streamed card, or before a restart): those before the first of `parts` count as sent.
+pub fn within_send_quota_of_rest(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) -> Vec<Delivery> {
+    let already_sent = parts.first().and_then(|part| part_index(&part.delivery_id)).unwrap_or(0);
+    within_send_quota_after(hub, envelope, parts, already_sent)
+}
+
+/// [`within_send_quota`] for the rest of an answer of which `already_sent` parts went out.
+fn within_send_quota_after(
     hub: &Hub,
     envelope: &Envelope,
     mut parts: Vec<Delivery>,

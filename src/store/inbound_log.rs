@@ -1130,24 +1130,24 @@ mod tests {
     const SEGMENT: u64 = 4096;
 
     fn start(dir: &TempDir, syncs: Arc<std::sync::atomic::AtomicUsize>) -> (InboundLog, std::thread::JoinHandle<()>) {
-        let scanned = scan(&dir.0, crate::store::now_ms(), SEGMENT).unwrap_or_else(|e| panic!("{e}"));
         let sync: SyncSegment = Box::new(move |_| {
             syncs.fetch_add(1, Ordering::SeqCst);
             Ok(())
         });
-        let broken = Arc::new(AtomicBool::new(false));
-        InboundLog::start(
-            dir.0.clone(),
-            scanned,
-            Vec::new(),
-            SEGMENT,
-            64,
-            Some(sync),
-            broken,
-            Box::new(prepare_segment),
-            PREPARE_RETRY_AFTER,
-        )
-        .unwrap_or_else(|e| panic!("{e}"))
+        start_with(dir, sync, Arc::new(AtomicBool::new(false)), Box::new(prepare_segment), PREPARE_RETRY_AFTER)
+    }
+
+    /// A log over `dir` (scanned now) with these sync, broken flag and segment preparation.
+    fn start_with(
+        dir: &TempDir,
+        sync: SyncSegment,
+        broken: Arc<AtomicBool>,
+        prepare: PrepareSegment,
+        retry_after: Duration,
+    ) -> (InboundLog, std::thread::JoinHandle<()>) {
+        let scanned = scan(&dir.0, crate::store::now_ms(), SEGMENT).unwrap_or_else(|e| panic!("{e}"));
+        InboundLog::start(dir.0.clone(), scanned, Vec::new(), SEGMENT, 64, Some(sync), broken, prepare, retry_after)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Serves `ops` as one batch and returns their answers.
@@ -1518,21 +1518,10 @@ mod tests {
     #[test]
     fn a_failed_sync_fails_the_batch_and_every_later_one() {
         let dir = TempDir::new();
-        let scanned = scan(&dir.0, crate::store::now_ms(), SEGMENT).unwrap_or_else(|e| panic!("{e}"));
         let broken = Arc::new(AtomicBool::new(false));
         let sync: SyncSegment = Box::new(|_| Err(std::io::Error::other("injected EIO")));
-        let (mut log, preparer) = InboundLog::start(
-            dir.0.clone(),
-            scanned,
-            Vec::new(),
-            SEGMENT,
-            64,
-            Some(sync),
-            Arc::clone(&broken),
-            Box::new(prepare_segment),
-            PREPARE_RETRY_AFTER,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        let (mut log, preparer) =
+            start_with(&dir, sync, Arc::clone(&broken), Box::new(prepare_segment), PREPARE_RETRY_AFTER);
         let answers = serve(&mut log, vec![accept("m1", 1000)]);
         assert!(matches!(&answers[..], [Err(e)] if e.contains("injected EIO")), "{answers:?}");
         assert!(broken.load(Ordering::SeqCst));
@@ -1551,7 +1540,6 @@ mod tests {
     #[test]
     fn a_segment_that_cannot_be_prepared_refuses_the_batch_that_needs_it_and_the_log_goes_on() {
         let dir = TempDir::new();
-        let scanned = scan(&dir.0, crate::store::now_ms(), SEGMENT).unwrap_or_else(|e| panic!("{e}"));
         let broken = Arc::new(AtomicBool::new(false));
         let (calls, healed) = (Arc::new(std::sync::atomic::AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
         let (counted, room) = (Arc::clone(&calls), Arc::clone(&healed));
@@ -1563,18 +1551,7 @@ mod tests {
             prepare_segment(dir, number, bytes)
         });
         let sync: SyncSegment = Box::new(|_| Ok(()));
-        let (mut log, preparer) = InboundLog::start(
-            dir.0.clone(),
-            scanned,
-            Vec::new(),
-            SEGMENT,
-            64,
-            Some(sync),
-            Arc::clone(&broken),
-            prepare,
-            Duration::from_millis(1),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        let (mut log, preparer) = start_with(&dir, sync, Arc::clone(&broken), prepare, Duration::from_millis(1));
         // One accept at a time until the next one would not fit the first segment.
         let record = |id: &str| match accept(id, 60_000) {
             LogOp::Accept { claim, envelope_id, envelope, .. } => {

@@ -37,7 +37,7 @@ pub use channel::{
 pub use envelope::{ChannelId, Conversation, ConversationKind, Envelope, Event, ReplyHandle, Segment, Sender};
 pub use error::ChannelError;
 pub use reply::{Delivery, DeliveryReceipt, Reply};
-pub use settings::{without_value, ChannelSettings};
+pub use settings::{missing_field, without_value, ChannelSettings};
 pub use token::{AccessToken, TokenCache};
 
 /// Compares two byte strings in constant time (for signatures), so that an attacker cannot learn

@@ -27,7 +27,7 @@ impl ChannelSettings {
             let key = error.path().to_string();
             let message = without_value(&error.into_inner().to_string());
             let (id, kind) = (self.id.as_str(), &self.kind);
-            let missing = message.strip_prefix("missing field `").and_then(|rest| rest.strip_suffix('`'));
+            let missing = missing_field(&message);
             ChannelError::Misconfigured(match missing {
                 Some(field) if key == "." => format!(
                     "channel {id:?} ({kind}): key `{field}` is missing (in the file, or as \
@@ -73,6 +73,11 @@ pub fn without_value(message: &str) -> String {
         return format!("{}{}", format!("{prefix}{what}").trim_end(), &rest[expected_at..]);
     }
     message.to_owned()
+}
+
+/// The field a serde "missing field `x`" message names, to be reported as the key it is.
+pub fn missing_field(message: &str) -> Option<&str> {
+    message.strip_prefix("missing field `").and_then(|rest| rest.strip_suffix('`'))
 }
 
 // NOTE: the table holds secrets (app secrets, tokens), so Debug shows only the key names.

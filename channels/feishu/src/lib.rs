@@ -240,10 +240,17 @@ impl Feishu {
     /// whatever was wrong with it (see `handle_webhook`).
     fn url_verification(&self, body: Value) -> Option<WebhookOutcome> {
         let callback = inbound::Callback::parse(&self.plaintext(body).ok()?).ok()?;
-        let inbound::Callback::UrlVerification { challenge, .. } = &callback else { return None };
-        self.check_token(callback.token()).ok()?;
-        let answer = json!({"challenge": challenge}).to_string();
-        Some(WebhookOutcome::Respond(WebhookResponse::json(answer)))
+        self.challenge_answer(&callback)?.ok()
+    }
+
+    /// For a URL verification, its answer (the challenge) once its token checks out; `None`
+    /// for any other callback.
+    fn challenge_answer(&self, callback: &inbound::Callback) -> Option<Result<WebhookOutcome, ChannelError>> {
+        let inbound::Callback::UrlVerification { challenge, .. } = callback else { return None };
+        Some(
+            self.check_token(callback.token())
+                .map(|()| WebhookOutcome::Respond(WebhookResponse::json(json!({"challenge": challenge}).to_string()))),
+        )
     }
 
     /// A message event, authenticated: one envelope, acknowledged with `{}`.
@@ -623,11 +630,9 @@ impl Channel for Feishu {
             };
         }
         let callback = inbound::Callback::parse(&self.plaintext(body)?)?;
-        if let inbound::Callback::UrlVerification { challenge, .. } = &callback {
-            // Without an Encrypt Key nothing is signed: the token is the proof.
-            self.check_token(callback.token())?;
-            let answer = json!({"challenge": challenge}).to_string();
-            return Ok(WebhookOutcome::Respond(WebhookResponse::json(answer)));
+        // Without an Encrypt Key nothing is signed: the token is the proof.
+        if let Some(answer) = self.challenge_answer(&callback) {
+            return answer;
         }
         self.check_token(callback.token())?;
         match &callback {
