@@ -3,7 +3,7 @@
 use crate::channels::ChannelKinds;
 use crate::config::{Config, LlmBackendKind, ReplyMode, StoreKind};
 use crate::delivery::{ChannelActor, RetryPolicy};
-use crate::http::{healthz, metrics as metrics_route, webhook, AppState, BodyLimits};
+use crate::http::{healthz, keep_body_until_sent, metrics as metrics_route, webhook, AppState, BodyLimits};
 use crate::hub::{ChannelEntry, Hub, HubInner};
 use crate::llm::client::{build_http_client, LlmClientSettings};
 use crate::llm::lobehub::{LobeHubBackend, LobeHubSettings};
@@ -338,6 +338,7 @@ impl Application {
             web::Data::new(AppState { hub: hub.clone(), router: router.clone(), body, refusals: Default::default() });
         let mut server = HttpServer::new(move || {
             App::new()
+                .wrap_fn(keep_body_until_sent)
                 .app_data(state.clone())
                 .route("/healthz", web::get().to(healthz))
                 .route("/metrics", web::get().to(metrics_route))

@@ -1,7 +1,9 @@
 //! The HTTP surface: platform webhooks, health and metrics.
 
 mod health;
+mod unread_body;
 mod webhook;
 
 pub use health::{healthz, metrics};
+pub use unread_body::keep_body_until_sent;
 pub use webhook::{webhook, AppState, BodyLimits};

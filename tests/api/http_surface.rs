@@ -87,6 +87,73 @@ async fn a_body_that_stops_arriving_is_408_once_its_time_is_up() {
     assert!(!app.metrics().await.contains(r#"outcome="accepted""#));
 }
 
+/// Sends `head` (a request whose chunked body never comes) and reads until the server closes
+/// the connection: what it answered, and whether it closed within `patience`.
+fn answer_then_close(address: &str, head: &str, patience: Duration) -> (String, bool) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap_or_else(|e| panic!("{e}"));
+    stream.set_read_timeout(Some(patience)).unwrap_or_else(|e| panic!("{e}"));
+    stream.write_all(head.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+    let mut response = Vec::new();
+    let mut buffer = [0u8; 1024];
+    let closed = loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => break true,
+            Ok(read) => response.extend_from_slice(&buffer[..read]),
+            // Reset (the server closed with bytes unread) counts as closed; a timeout does not.
+            Err(error) => break !matches!(error.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+        }
+    };
+    (String::from_utf8_lossy(&response).into_owned(), closed)
+}
+
+/// A request answered without its chunked body read to the end (refused, or a route that
+/// reads none) ends its connection: actix would otherwise wait, with no deadline, for the
+/// rest of a body the client need never send, one connection held per such request.
+#[actix_web::test]
+async fn a_connection_whose_body_is_left_unread_is_closed() {
+    let app = spawn_app(&[("YIZHAN__SERVER__BODY_TIMEOUT_MS", "200")], Duration::ZERO).await;
+    let address = app.address.trim_start_matches("http://").to_owned();
+    let chunked = "Host: test\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let (closes, stays) = (Duration::from_secs(10), Duration::from_millis(300));
+    let xml = text_xml("oKeepAlive", 1, "你好");
+    let message = format!("{:x}\r\n{xml}\r\n0\r\n\r\n", xml.len());
+    let requests = [
+        ("404", format!("POST /webhooks/nope HTTP/1.1\r\n{chunked}"), closes),
+        ("200", format!("GET /healthz HTTP/1.1\r\n{chunked}"), closes),
+        ("404", format!("POST /elsewhere HTTP/1.1\r\n{chunked}"), closes),
+        // Signed, and one chunk of the body arrives: too slow (408).
+        (
+            "408",
+            format!("POST /webhooks/{CHANNEL}?{} HTTP/1.1\r\n{chunked}5\r\n<xml>\r\n", signed_query(now())),
+            closes,
+        ),
+        // A body read to its end keeps the connection for the client's next request.
+        ("200", format!("POST /webhooks/{CHANNEL}?{} HTTP/1.1\r\n{chunked}{message}", signed_query(now())), stays),
+    ];
+    let answers = actix_web::rt::task::spawn_blocking(move || {
+        // At once, so that the waits for the close overlap (actix lingers a second).
+        let asked: Vec<_> = requests
+            .into_iter()
+            .map(|(status, head, patience)| {
+                let address = address.clone();
+                std::thread::spawn(move || (status, patience, answer_then_close(&address, &head, patience)))
+            })
+            .collect();
+        asked.into_iter().map(|thread| thread.join().unwrap_or_else(|_| panic!("client thread"))).collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    for (status, patience, (response, closed)) in answers {
+        assert!(response.starts_with(&format!("HTTP/1.1 {status}")), "{response}");
+        if patience == stays {
+            assert!(!closed && !response.contains("connection: close"), "closed after: {response}");
+        } else {
+            assert!(closed, "left open after: {response}");
+        }
+    }
+}
+
 #[actix_web::test]
 async fn malformed_xml_with_a_valid_signature_is_400() {
     let app = spawn_app(&[], Duration::ZERO).await;
