@@ -496,8 +496,11 @@ async fn hold_for_answer(
         }
         ("lapsed", respond(WebhookResponse::empty()))
     };
+    // Already past it (a slow read, parse or journal write): this attempt takes nothing. The
+    // answer waits for the next attempt or, after the last, is pushed.
+    let taken = if answer_by.is_zero() { None } else { job.take(this_attempt, answer_by).await };
     let held = match kind {
-        AttemptKind::Lapse => match job.take(this_attempt, answer_by).await {
+        AttemptKind::Lapse => match taken {
             Some(held) => Some(held),
             None if superseded() && job.attempts_seen() >= PASSIVE_ATTEMPTS => return ("lapsed", respond(ack)),
             None if superseded() => return lapse().await,
@@ -506,10 +509,15 @@ async fn hold_for_answer(
             None if hub.passive.is_closing() => job.give_up(),
             None => return lapse().await,
         },
-        AttemptKind::Last => match job.take(this_attempt, answer_by).await {
+        AttemptKind::Last => match taken {
             Some(held) => Some(held),
             // Not the attempt the platform listens to; its last word ends nothing it waits for.
             None if superseded() => return ("lapsed", respond(ack)),
+            // An answer here already goes out with the fallback timer, not into this late reply.
+            None if answer_by.is_zero() => {
+                job.push_from_now();
+                None
+            }
             None => job.give_up(),
         },
     };

@@ -457,27 +457,47 @@ async fn the_official_safe_mode_vector_is_answered_with_an_encrypted_passive_rep
 }
 
 /// The 公众号 channel, 300 ms slower to read each webhook (a loaded worker, a slow disk).
-struct SlowToRead(std::sync::Arc<dyn yizhan_channel_core::Channel>);
+/// The built-in 公众号 channel, slow to read the webhooks given in its delays (by call number,
+/// from 1; those not given are read at once).
+struct SlowToRead {
+    inner: std::sync::Arc<dyn yizhan_channel_core::Channel>,
+    delays: &'static [Duration],
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl SlowToRead {
+    /// Registers it as `wechat_mp` in a set of the built-in kinds.
+    fn kinds(delays: &'static [Duration]) -> ChannelKinds {
+        let mut kinds = ChannelKinds::builtin();
+        let builtin = ChannelKinds::builtin();
+        kinds.register("wechat_mp", move |settings, http| {
+            let inner = builtin.build(settings, http)?;
+            Ok(std::sync::Arc::new(SlowToRead { inner, delays, calls: Default::default() }) as std::sync::Arc<_>)
+        });
+        kinds
+    }
+}
 
 impl yizhan_channel_core::Channel for SlowToRead {
     fn id(&self) -> &yizhan_channel_core::ChannelId {
-        self.0.id()
+        self.inner.id()
     }
     fn kind(&self) -> &str {
-        self.0.kind()
+        self.inner.kind()
     }
     fn capabilities(&self) -> yizhan_channel_core::Capabilities {
-        self.0.capabilities()
+        self.inner.capabilities()
     }
     fn handle_webhook(
         &self,
         request: &yizhan_channel_core::WebhookRequest,
     ) -> Result<yizhan_channel_core::WebhookOutcome, yizhan_channel_core::ChannelError> {
-        std::thread::sleep(Duration::from_millis(300));
-        self.0.handle_webhook(request)
+        let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::thread::sleep(self.delays.get(call).copied().unwrap_or_default());
+        self.inner.handle_webhook(request)
     }
     fn render(&self, reply: &yizhan_channel_core::Reply) -> Vec<yizhan_channel_core::Reply> {
-        self.0.render(reply)
+        self.inner.render(reply)
     }
     fn passive_reply(
         &self,
@@ -485,7 +505,7 @@ impl yizhan_channel_core::Channel for SlowToRead {
         envelope: &yizhan_channel_core::Envelope,
         reply: &yizhan_channel_core::Reply,
     ) -> Result<yizhan_channel_core::WebhookResponse, yizhan_channel_core::ChannelError> {
-        self.0.passive_reply(request, envelope, reply)
+        self.inner.passive_reply(request, envelope, reply)
     }
     fn deliver<'a>(
         &'a self,
@@ -494,7 +514,7 @@ impl yizhan_channel_core::Channel for SlowToRead {
         'a,
         Result<yizhan_channel_core::DeliveryReceipt, yizhan_channel_core::ChannelError>,
     > {
-        self.0.deliver(delivery)
+        self.inner.deliver(delivery)
     }
 }
 
@@ -506,16 +526,50 @@ async fn the_passive_wait_counts_from_when_the_request_arrived() {
     let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
     echo_llm(&llm, Duration::from_millis(650)).await;
     wechat_ok(&wechat).await;
-    let mut kinds = ChannelKinds::builtin();
-    let builtin = ChannelKinds::builtin();
-    kinds.register("wechat_mp", move |settings, http| {
-        Ok(std::sync::Arc::new(SlowToRead(builtin.build(settings, http)?)) as std::sync::Arc<_>)
-    });
+    const SLOW: Duration = Duration::from_millis(300);
+    let kinds = SlowToRead::kinds(&[SLOW, SLOW, SLOW]);
     let app = spawn_with(&base_config(&llm, &wechat), &auto_env("auto"), kinds, wechat, llm).await;
     let (attempt, body) = wechat_delivers(&app, &text_xml("oSlowRead", 30, "慢读")).await.unwrap_or_default();
     assert_eq!((attempt, passive_content(&body).as_str()), (2, "答：慢读"), "{body}");
     app.wait_until_idle().await;
     assert!(app.sent_messages().await.is_empty());
+}
+
+/// WeChat's last attempt, read so slowly that its window is over before it could wait: an
+/// answer ready by then must not go into its reply (written to a connection WeChat closed,
+/// with nothing after it to notice: the answer would be lost, recorded as given). It is pushed.
+#[actix_web::test]
+async fn a_last_attempt_already_past_its_window_leaves_a_ready_answer_to_be_pushed() {
+    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+    // Ready after the second attempt stopped waiting (at 700 ms of its 1000), before the third
+    // is read (at 2000 + 1100 ms).
+    echo_llm(&llm, Duration::from_millis(1_850)).await;
+    wechat_ok(&wechat).await;
+    const THIRD_READ_SLOWLY: [Duration; 3] = [Duration::ZERO, Duration::ZERO, Duration::from_millis(1_100)];
+    let kinds = SlowToRead::kinds(&THIRD_READ_SLOWLY);
+    let app = spawn_with(&base_config(&llm, &wechat), &auto_env("auto"), kinds, wechat, llm).await;
+    let xml = text_xml("oLate", 31, "迟到");
+    // Every attempt, the last too, is given up after the window, as WeChat does.
+    let client = reqwest::Client::new();
+    let mut in_time = Vec::new();
+    for _ in 1..=3 {
+        let url = format!("{}?{}", app.webhook_url(CHANNEL), signed_query(now()));
+        let timeout = Duration::from_millis(WINDOW_MS);
+        if let Ok(response) = client.post(url).body(xml.clone()).timeout(timeout).send().await {
+            if let Ok(body) = response.text().await {
+                in_time.push(body);
+            }
+        }
+    }
+    app.wait_until_idle().await;
+    let sent = app.sent_messages().await;
+    let passive = in_time.iter().filter(|body| passive_content(body) == "答：迟到").count();
+    // Normally no attempt replies in time; a machine slow enough to start the second attempt
+    // late lets it take the answer. Either way, the answer arrives once.
+    assert_eq!(passive + sent.len(), 1, "in time: {in_time:?}, pushed: {sent:?}");
+    if let Some(pushed) = sent.first() {
+        assert_eq!(pushed["text"]["content"], "答：迟到");
+    }
 }
 
 /// A menu click opens only 3 customer-service messages (not a typed message's 5): a long answer
