@@ -1186,6 +1186,40 @@ mod tests {
         segment_numbers(&dir.0).map_or(0, |numbers| numbers.len())
     }
 
+    /// An accept refused for its record (too large, or an id already open) takes no claim: a
+    /// retry of that message, in the same batch or later, is not answered as a duplicate.
+    #[test]
+    fn an_accept_refused_for_its_record_leaves_no_claim() {
+        let dir = TempDir::new();
+        let (mut log, _preparer) = start(&dir, Arc::default());
+        let oversized = |id: &str, claim: &str| LogOp::Accept {
+            claim: claim_key("c", claim),
+            envelope_id: id.to_owned(),
+            envelope: "x".repeat(SEGMENT as usize),
+            ttl_ms: 60_000,
+        };
+        let answers = serve(&mut log, vec![oversized("big", "m1"), accept("m1", 60_000)]);
+        assert!(matches!(answers[0], Err(ref error) if error.contains("too large")), "{answers:?}");
+        assert!(matches!(answers[1], Ok(Logged::Accepted(Acceptance::New))), "{answers:?}");
+        let answers = serve(&mut log, vec![oversized("big", "m2")]);
+        assert!(answers[0].is_err(), "{answers:?}");
+        assert!(matches!(serve(&mut log, vec![accept("m2", 60_000)])[0], Ok(Logged::Accepted(Acceptance::New))));
+
+        // "m1" is open: a second accept under its id, for another message, is refused...
+        let reused_id = LogOp::Accept {
+            claim: claim_key("c", "m3"),
+            envelope_id: "m1".to_owned(),
+            envelope: "{}".to_owned(),
+            ttl_ms: 60_000,
+        };
+        let answers = serve(&mut log, vec![reused_id]);
+        assert!(matches!(answers[0], Err(ref error) if error.contains("already journaled")), "{answers:?}");
+        // ...and that message is new when it comes under an id of its own.
+        assert!(matches!(serve(&mut log, vec![accept("m3", 60_000)])[0], Ok(Logged::Accepted(Acceptance::New))));
+        // A message already taken is still a duplicate.
+        assert!(matches!(serve(&mut log, vec![accept("m1", 60_000)])[0], Ok(Logged::Accepted(Acceptance::Duplicate))));
+    }
+
     /// A run killed between a batch's write and its sync leaves records the next run reads
     /// from the page cache: the scan syncs every segment holding records before using them.
     #[test]
