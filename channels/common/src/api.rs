@@ -128,6 +128,85 @@ pub fn transport_failure(error: reqwest::Error, platform: &str) -> String {
     reason
 }
 
+/// Whether a failure talking to a platform after the request went out may have left the request
+/// acted on: the platform got it and its answer was lost. For a send without an idempotency key
+/// this is [`ChannelError::MaybeDelivered`] (sent once more at most, not up to every attempt).
+/// Not a connect error (nothing was sent), not 502 or 503 (what a proxy answers when it could
+/// not reach the platform, during an outage that retries must outlast; as 408 and 429, the
+/// request was not taken); any other 5xx (500, 504, a CDN's 520–524) may have passed the
+/// request on and got no answer. (A 502 after the platform took the request is the rare
+/// exception.)
+pub fn gateway_may_have_passed_on(status: u16) -> bool {
+    (500..=599).contains(&status) && !matches!(status, 502 | 503)
+}
+
+/// `error`, as a failure that may have left the request acted on ([`ChannelError::Transient`]
+/// becomes [`ChannelError::MaybeDelivered`]).
+pub fn maybe_delivered(error: ChannelError) -> ChannelError {
+    match error {
+        ChannelError::Transient { reason, .. } => ChannelError::MaybeDelivered(reason),
+        other => other,
+    }
+}
+
+/// `error`, for a request whose repetition does no harm (a token fetch, or a send the platform
+/// drops as a copy): [`ChannelError::MaybeDelivered`] becomes [`ChannelError::Transient`].
+pub fn safe_to_repeat(error: ChannelError) -> ChannelError {
+    match error {
+        ChannelError::MaybeDelivered(reason) => ChannelError::Transient { reason, retry_after: None },
+        other => other,
+    }
+}
+
+/// Sends `request` to a WeChat-family API (公众号, WeCom) and returns the JSON object it answered
+/// with, whatever its errcode, within `deadline` (a backstop around the whole exchange rather
+/// than reqwest's per-request timeout, which would override a shorter timeout the hub
+/// configured on its client).
+///
+/// A failure once the request may have gone out (a timeout or a broken connection after
+/// connecting, an answer too large or not a JSON object, a 5xx that [may have passed the
+/// request on](gateway_may_have_passed_on)) is [`ChannelError::MaybeDelivered`]: the caller
+/// turns it back into a transient error ([`safe_to_repeat`]) where repeating does no harm.
+/// HTTP errors go through [`status_error`] with `misconfigured`.
+pub async fn wechat_family_exchange(
+    request: reqwest::RequestBuilder,
+    platform: &str,
+    deadline: std::time::Duration,
+    misconfigured: impl FnOnce(i64, &str, &str) -> ChannelError,
+) -> Result<Value, ChannelError> {
+    let after_sending = |reason: String| ChannelError::MaybeDelivered(reason);
+    let exchange = async {
+        let response = request.send().await.map_err(|error| {
+            let connect = error.is_connect();
+            let reason = transport_failure(error, platform);
+            if connect {
+                ChannelError::Transient { reason, retry_after: None }
+            } else {
+                after_sending(reason)
+            }
+        })?;
+        let status = response.status();
+        let bytes = read_bounded(response)
+            .await
+            .map_err(|error| after_sending(transport_failure(error, platform)))?
+            .ok_or_else(|| after_sending(format!("{platform}'s answer is larger than 1 MiB")))?;
+        Ok::<_, ChannelError>((status, bytes))
+    };
+    let (status, bytes) = tokio::time::timeout(deadline, exchange)
+        .await
+        .map_err(|_| after_sending(format!("request to {platform} timed out")))??;
+    // A gateway's (the platform's own errors come as errcodes with 200).
+    match status_error(platform, status.as_u16(), misconfigured) {
+        Some(error) if gateway_may_have_passed_on(status.as_u16()) => return Err(maybe_delivered(error)),
+        Some(error) => return Err(error),
+        None => {}
+    }
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(answer @ Value::Object(_)) => Ok(answer),
+        _ => Err(after_sending(format!("{platform}'s answer is not a JSON object"))),
+    }
+}
+
 /// The WeChat family's (公众号, WeCom) `errcode` (0 when absent, as in successful token answers)
 /// and `errmsg`.
 pub fn wechat_errcode(answer: &Value) -> (i64, String) {

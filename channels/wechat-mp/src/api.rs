@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use std::time::Duration;
 use tracing::{debug, error, warn};
 use yizhan_channel_common::api::{
-    scrub, status_error, transport_failure, wechat_call_errcode, wechat_errcode, ReportOnce,
+    maybe_delivered, safe_to_repeat, scrub, wechat_call_errcode, wechat_errcode, wechat_family_exchange, ReportOnce,
 };
 use yizhan_channel_core::{AccessToken, ChannelError, ChannelId, DeliveryReceipt, TokenCache};
 
@@ -134,10 +134,7 @@ impl Api {
             "force_refresh": false,
         });
         // Asking again for a token shows nobody anything.
-        let answer = self.post_json(&url, None, &body).await.map_err(|error| match error {
-            ChannelError::MaybeDelivered(reason) => transient(reason),
-            other => other,
-        })?;
+        let answer = self.post_json(&url, None, &body).await.map_err(safe_to_repeat)?;
         match wechat_errcode(&answer) {
             (0, _) => {}
             // From stable_token, "invalid credential" means the AppSecret is wrong.
@@ -162,53 +159,16 @@ impl Api {
         Ok(AccessToken { value: value.to_owned(), expires_in: Duration::from_secs(expires_in) })
     }
 
-    /// POSTs JSON and returns the JSON object WeChat answered with, whatever its errcode.
-    ///
-    /// The deadline is a backstop around the whole exchange rather than reqwest's per-request
-    /// timeout, which would override a shorter timeout the hub configured on its client.
+    /// POSTs JSON and returns the JSON object WeChat answered with, whatever its errcode (see
+    /// [`wechat_family_exchange`]: a failure once the request may have gone out is
+    /// `MaybeDelivered`, since WeChat's APIs take no idempotency key).
     async fn post_json(&self, url: &str, token: Option<&str>, body: &Value) -> Result<Value, ChannelError> {
         let mut request = self.http.post(url).json(body);
         if let Some(token) = token {
             request = request.query(&[("access_token", token)]);
         }
-        // Past connecting, a failure leaves unknown whether WeChat acted on the request.
-        let exchange = async {
-            let response = request.send().await.map_err(|error| {
-                if error.is_connect() {
-                    transport_error(error)
-                } else {
-                    ChannelError::MaybeDelivered(transport_failure(error, "WeChat"))
-                }
-            })?;
-            let status = response.status();
-            let bytes = yizhan_channel_common::api::read_bounded(response)
-                .await
-                .map_err(|error| ChannelError::MaybeDelivered(transport_failure(error, "WeChat")))?
-                .ok_or_else(|| ChannelError::MaybeDelivered("WeChat's answer is larger than 1 MiB".into()))?;
-            Ok::<_, ChannelError>((status, bytes))
-        };
-        let (status, bytes) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
-            .await
-            .map_err(|_| ChannelError::MaybeDelivered("request to WeChat timed out".into()))??;
         let misconfigured = |code: i64, hint: &str, message: &str| self.misconfigured(code, hint, message, None);
-        match status_error("WeChat", status.as_u16(), misconfigured) {
-            // A gateway's (WeChat's own errors come as errcodes with 200). 502 and 503 are what
-            // a proxy that cannot reach WeChat answers, during an outage that retries must
-            // outlast (as 408 and 429, the request was not taken); any other 5xx (500, 504, a
-            // CDN's 520–524) may have passed the request on and got no answer. (A 502 after
-            // WeChat took the request, a connection reset mid-answer, is the rare exception.)
-            Some(ChannelError::Transient { reason, .. })
-                if status.is_server_error() && !matches!(status.as_u16(), 502 | 503) =>
-            {
-                return Err(ChannelError::MaybeDelivered(reason))
-            }
-            Some(error) => return Err(error),
-            None => {}
-        }
-        match serde_json::from_slice::<Value>(&bytes) {
-            Ok(answer @ Value::Object(_)) => Ok(answer),
-            _ => Err(ChannelError::MaybeDelivered("WeChat's answer is not a JSON object".into())),
-        }
+        wechat_family_exchange(request, "WeChat", REQUEST_TIMEOUT, misconfigured).await
     }
 
     /// Sorts an errcode into what the core should do (PROTOCOLS §2.5, §2.7).
@@ -272,26 +232,8 @@ impl Api {
     }
 }
 
-/// A call's answer that is not WeChat's (no errcode): whatever sent it may have passed the
-/// request on.
-fn maybe_delivered(error: ChannelError) -> ChannelError {
-    match error {
-        ChannelError::Transient { reason, .. } => ChannelError::MaybeDelivered(reason),
-        other => other,
-    }
-}
-
 fn transient(reason: impl Into<String>) -> ChannelError {
     ChannelError::Transient { reason: reason.into(), retry_after: None }
-}
-
-/// A network-level failure as a transient error.
-///
-/// NOTE: `reqwest::Error`'s Display includes the URL, whose query carries the access token, so
-/// the URL is removed before the error is formatted. Its sources (connect, TLS, I/O errors)
-/// never contain the query.
-fn transport_error(error: reqwest::Error) -> ChannelError {
-    transient(transport_failure(error, "WeChat"))
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use std::time::Duration;
 use tracing::{debug, error, warn};
 use yizhan_channel_common::api::{
-    scrub, status_error, transport_failure, wechat_call_errcode, wechat_errcode, ReportOnce,
+    maybe_delivered, safe_to_repeat, scrub, wechat_call_errcode, wechat_errcode, wechat_family_exchange, ReportOnce,
 };
 use yizhan_channel_core::{AccessToken, ChannelError, ChannelId, DeliveryReceipt, TokenCache};
 
@@ -123,7 +123,15 @@ impl Api {
         if let Some(members) = body.as_object_mut() {
             members.insert(kind.to_owned(), json!({ "content": content }));
         }
-        let answer = self.call("/cgi-bin/message/send", &body).await?;
+        let answer = self.call("/cgi-bin/message/send", &body).await.map_err(|error| {
+            // A send that may have reached WeCom (its answer lost) is sent again in full only
+            // when WeCom drops the copy; without the check, it would show once per resend.
+            if duplicate_check {
+                safe_to_repeat(error)
+            } else {
+                error
+            }
+        })?;
         // With one recipient WeCom normally answers 81013, but a partial failure is reported
         // with errcode 0 and the member listed here.
         let invalid = answer.get("invaliduser").and_then(Value::as_str).unwrap_or_default();
@@ -159,7 +167,7 @@ impl Api {
         let url = format!("{}{path}", self.base);
         let token = self.access_token().await?;
         let answer = self.post_json(&url, &token, body).await?;
-        let (code, message) = wechat_call_errcode(&answer, "WeCom")?;
+        let (code, message) = wechat_call_errcode(&answer, "WeCom").map_err(maybe_delivered)?;
         if code == 0 {
             self.recovered();
             return Ok(answer);
@@ -171,7 +179,7 @@ impl Api {
         self.tokens.invalidate(&token);
         let token = self.access_token().await?;
         let answer = self.post_json(&url, &token, body).await?;
-        match wechat_call_errcode(&answer, "WeCom")? {
+        match wechat_call_errcode(&answer, "WeCom").map_err(maybe_delivered)? {
             (0, _) => {
                 self.recovered();
                 Ok(answer)
@@ -199,7 +207,8 @@ impl Api {
         let url = format!("{}/cgi-bin/gettoken", self.base);
         let request =
             self.http.get(&url).query(&[("corpid", self.corp_id.as_str()), ("corpsecret", self.corp_secret.as_str())]);
-        let answer = self.exchange(request).await?;
+        // Asking again for a token shows nobody anything.
+        let answer = self.exchange(request).await.map_err(safe_to_repeat)?;
         match wechat_errcode(&answer) {
             (0, _) => {}
             (code, message) => return Err(self.classify(Stage::Token, code, &message, None)),
@@ -219,31 +228,12 @@ impl Api {
         self.exchange(self.http.post(url).query(&[("access_token", token)]).json(body)).await
     }
 
-    /// Sends a request and returns the JSON object WeCom answered with, whatever its errcode.
-    ///
-    /// The deadline is a backstop around the whole exchange rather than reqwest's per-request
-    /// timeout, which would override a shorter timeout the hub configured on its client.
+    /// Sends a request and returns the JSON object WeCom answered with, whatever its errcode (see
+    /// [`wechat_family_exchange`]: a failure once the request may have gone out is
+    /// `MaybeDelivered`).
     async fn exchange(&self, request: reqwest::RequestBuilder) -> Result<Value, ChannelError> {
-        let exchange = async {
-            let response = request.send().await.map_err(transport_error)?;
-            let status = response.status();
-            let bytes = yizhan_channel_common::api::read_bounded(response)
-                .await
-                .map_err(transport_error)?
-                .ok_or_else(|| transient("WeCom's answer is larger than 1 MiB"))?;
-            Ok::<_, ChannelError>((status, bytes))
-        };
-        let (status, bytes) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
-            .await
-            .map_err(|_| transient("request to WeCom timed out"))??;
         let misconfigured = |code: i64, hint: &str, message: &str| self.misconfigured(code, hint, message, None);
-        if let Some(error) = status_error("WeCom", status.as_u16(), misconfigured) {
-            return Err(error);
-        }
-        match serde_json::from_slice::<Value>(&bytes) {
-            Ok(answer @ Value::Object(_)) => Ok(answer),
-            _ => Err(transient("WeCom's answer is not a JSON object")),
-        }
+        wechat_family_exchange(request, "WeCom", REQUEST_TIMEOUT, misconfigured).await
     }
 
     /// Sorts an errcode into what the core should do (PROTOCOLS §3.4, doc path/90313).
@@ -320,15 +310,6 @@ impl Api {
 
 fn transient(reason: impl Into<String>) -> ChannelError {
     ChannelError::Transient { reason: reason.into(), retry_after: None }
-}
-
-/// A network-level failure as a transient error.
-///
-/// NOTE: `reqwest::Error`'s Display includes the URL, whose query carries the access token (or,
-/// for gettoken, the app secret), so the URL is removed before the error is formatted. Its
-/// sources (connect, TLS, I/O errors) never contain the query.
-fn transport_error(error: reqwest::Error) -> ChannelError {
-    transient(transport_failure(error, "WeCom"))
 }
 
 #[cfg(test)]

@@ -8,8 +8,8 @@
 //! which part last sent each text: the same part sent again keeps the check as first decided; a
 //! different part with the same text goes without it, and so do its resends (with the check on,
 //! WeCom would drop them as copies of the earlier message, and the part would never show). The
-//! price: if such a part reached WeCom but the answer to the call was lost, its resend shows
-//! it twice, which beats never.
+//! price: a failure of such a send after it went out (its answer lost) is `MaybeDelivered`, sent
+//! once more at most, so it may show twice, which beats never (and beats once per resend).
 //!
 //! After a restart nothing is remembered, and every first send has the check on: a resend of a
 //! part the platform took before the crash is then dropped, at the price of swallowing a

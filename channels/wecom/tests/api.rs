@@ -48,6 +48,18 @@ async fn mount_send(server: &MockServer, token: &str, answer: Value, times: u64)
         .await;
 }
 
+/// `message/send` answers each of `answers` once, in order.
+async fn mount_send_answers(server: &MockServer, answers: impl IntoIterator<Item = ResponseTemplate>) {
+    for answer in answers {
+        Mock::given(method("POST"))
+            .and(path("/cgi-bin/message/send"))
+            .respond_with(answer)
+            .up_to_n_times(1)
+            .mount(server)
+            .await;
+    }
+}
+
 fn ok_answer() -> Value {
     json!({"errcode": 0, "errmsg": "ok", "invaliduser": "", "invalidparty": "", "invalidtag": "", "unlicenseduser": "", "msgid": "MSGID1", "response_code": "rc"})
 }
@@ -357,19 +369,55 @@ async fn busy_server_errors_and_garbage_answers_are_transient() {
         ResponseTemplate::new(502).set_body_string("<html>bad gateway</html>"),
         ResponseTemplate::new(200).set_body_string("not json"),
     ];
-    for answer in answers {
-        Mock::given(method("POST"))
-            .and(path("/cgi-bin/message/send"))
-            .respond_with(answer)
-            .up_to_n_times(1)
-            .mount(&server)
-            .await;
-    }
+    mount_send_answers(&server, answers).await;
     let channel = channel_for(&server);
     for _ in 0..3 {
         let error = deliver_err(&channel, "hi").await;
         assert!(matches!(error, ChannelError::Transient { .. }), "{error:?}");
     }
+}
+
+/// A send without WeCom's duplicate check (a second message with the same text) that may have
+/// reached WeCom, its answer lost, is `MaybeDelivered`: resent in full, it would show once per
+/// resend. With the check, WeCom drops the copy of a resend, and such a failure stays transient;
+/// a 502 (a proxy that could not reach WeCom) is transient either way.
+#[tokio::test]
+async fn a_send_without_the_duplicate_check_that_may_have_arrived_is_maybe_delivered() {
+    let server = MockServer::start().await;
+    mount_token(&server, "TOKEN1", 1).await;
+    let answers = [
+        ResponseTemplate::new(200).set_body_json(ok_answer()),
+        ResponseTemplate::new(500).set_body_string("<html>internal error</html>"),
+        ResponseTemplate::new(200).set_body_string("not json"),
+        ResponseTemplate::new(200).set_body_json(json!({"msgid": "m"})),
+        ResponseTemplate::new(502).set_body_string("<html>bad gateway</html>"),
+        ResponseTemplate::new(500).set_body_string("<html>internal error</html>"),
+    ];
+    mount_send_answers(&server, answers).await;
+    let channel = channel_for(&server);
+    let part = |id: &str, text: &str| Delivery { delivery_id: id.into(), ..delivery(text) };
+    channel.deliver(&part("e1-0", "抱歉")).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut errors = Vec::new();
+    for _ in 0..4 {
+        errors.push(channel.deliver(&part("e2-0", "抱歉")).await.err());
+    }
+    // The first send of a text asks for the check.
+    errors.push(channel.deliver(&part("e3-0", "别的")).await.err());
+    let kinds: Vec<&str> = errors
+        .iter()
+        .map(|error| match error {
+            Some(ChannelError::MaybeDelivered(_)) => "maybe_delivered",
+            Some(ChannelError::Transient { .. }) => "transient",
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(kinds, ["maybe_delivered", "maybe_delivered", "maybe_delivered", "transient", "transient"]);
+    let checks: Vec<Value> = requests_to(&server, "/cgi-bin/message/send")
+        .await
+        .iter()
+        .map(|request| json_body(request)["enable_duplicate_check"].clone())
+        .collect();
+    assert_eq!(checks, [json!(1), json!(0), json!(0), json!(0), json!(0), json!(1)]);
 }
 
 #[tokio::test]
