@@ -667,20 +667,60 @@ async fn openai_a_stream_that_breaks_after_its_closing_chunk_is_a_whole_answer()
 /// gives the whole answer, not a timeout.
 #[tokio::test]
 async fn openai_a_stream_left_open_after_its_finish_reason_is_a_whole_answer() {
+    let after = vec![(Duration::from_secs(30), "data: [DONE]\n\n".to_owned())];
+    assert_eq!(complete_then_after_finish("完整的回答", after).await.ok().as_deref(), Some("完整的回答"));
+}
+
+/// The answer `text` in one chunk, then the closing chunk, then `after`, from a trickling
+/// server, through a client with a 10 s total timeout.
+async fn complete_then_after_finish(text: &str, after: Vec<(Duration, String)>) -> Result<String, LlmError> {
     let finished = json!({"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]});
-    let script = vec![
-        (Duration::ZERO, format!("data: {}\n\n", chunk("完整的回答"))),
-        (Duration::ZERO, format!("data: {finished}\n\n")),
-        (Duration::from_secs(30), "data: [DONE]\n\n".to_owned()),
-    ];
+    let mut script =
+        vec![(Duration::ZERO, format!("data: {}\n\n", chunk(text))), (Duration::ZERO, format!("data: {finished}\n\n"))];
+    script.extend(after);
     let base_url = trickling_server(script);
     let settings = LlmClientSettings { total_timeout: Duration::from_secs(10), ..client_settings() };
     let client = LlmClient::new(Arc::new(openai(OpenAiSettings::new(base_url, "m"))), settings);
     let (mut sink, _) = recorder();
+    client.complete(&request(), &mut sink).await
+}
 
-    let result = client.complete(&request(), &mut sink).await;
+/// The grace after the finish reason counts from the finish reason: events that carry nothing
+/// (here `{}` every 300 ms, the connection left open) do not start it again, or a whole answer
+/// would wait for the total timeout and end as one.
+#[tokio::test]
+async fn openai_empty_events_after_the_finish_reason_do_not_hold_the_answer() {
+    let after = (0..60).map(|_| (Duration::from_millis(300), "data: {}\n\n".to_owned())).collect();
+    assert_eq!(complete_then_after_finish("完整", after).await.ok().as_deref(), Some("完整"));
+}
 
-    assert_eq!(result.ok().as_deref(), Some("完整的回答"));
+/// Chunks separated by one line break instead of two (a proxy's) arrive as one event of several
+/// `data:` lines, which the event format joins into text that is not JSON; each line is a chunk.
+#[tokio::test]
+async fn openai_chunks_run_together_in_one_event_are_each_read() {
+    let server = MockServer::start().await;
+    let body = format!("data: {}\n\ndata: {}\ndata: {}\n\ndata: [DONE]\n\n", chunk("你"), chunk("好"), chunk("吗"));
+    Mock::given(method("POST")).respond_with(streaming(body)).mount(&server).await;
+
+    let (result, pieces) = complete(&openai(openai_settings(&server))).await;
+
+    assert_eq!(result.ok().as_deref(), Some("你好吗"));
+    assert_eq!(pieces.concat(), "你好吗");
+}
+
+/// An error event after the finish reason (a gateway's usage accounting, say) leaves the whole
+/// answer as it is: it may already be on the user's screen.
+#[tokio::test]
+async fn openai_an_error_event_after_the_finish_reason_keeps_the_answer() {
+    let server = MockServer::start().await;
+    let finished = json!({"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}).to_string();
+    let error = json!({"error":{"message":"usage accounting failed"}}).to_string();
+    Mock::given(method("POST")).respond_with(streaming(sse(&[&chunk("好"), &finished, &error]))).mount(&server).await;
+
+    let (result, pieces) = complete(&openai(openai_settings(&server))).await;
+
+    assert_eq!(result.ok().as_deref(), Some("好"));
+    assert_eq!(pieces, ["好"]);
 }
 
 // ---------------------------------------------------------------------------------------------

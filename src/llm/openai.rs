@@ -13,7 +13,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, warn};
 use yizhan_channel_core::BoxFuture;
 
 use super::backend::{ChatMessage, CompletionRequest, DeltaSink, LlmBackend, LlmError};
@@ -184,6 +184,10 @@ impl OpenAiBackend {
                 // servers put a finish reason on every chunk, or on reasoning chunks, so only
                 // this one says that nothing but usage and `[DONE]` follows.
                 let mut closing_chunk_seen = false;
+                // When the grace after the closing chunk ends (set when it comes): counted from
+                // there, not per event, so that events carrying nothing cannot hold a whole
+                // answer until the total timeout.
+                let mut grace_ends: Option<tokio::time::Instant> = None;
                 loop {
                     let next = sse::next_json_event(
                         &mut events,
@@ -196,7 +200,9 @@ impl OpenAiBackend {
                         // After the finish reason only a usage chunk and `[DONE]` may follow; a
                         // gateway that then neither ends nor closes the stream must not turn a
                         // whole answer into a timeout.
-                        match tokio::time::timeout(AFTER_FINISH_GRACE, next).await {
+                        let grace_ends =
+                            *grace_ends.get_or_insert_with(|| tokio::time::Instant::now() + AFTER_FINISH_GRACE);
+                        match tokio::time::timeout_at(grace_ends, next).await {
                             Ok(Ok(next)) => next,
                             // The answer is whole; a connection that then breaks (a proxy that
                             // drops the chunked body's end) must not turn it into an apology.
@@ -219,6 +225,12 @@ impl OpenAiBackend {
                     let Some((event_name, json)) = next else { break };
                     if reports_an_error(&json) || event_name.as_deref() == Some("error") {
                         let message = sse::error_message(&json).unwrap_or_else(|| "error event in stream".to_owned());
+                        if closing_chunk_seen {
+                            // As a break after the finish reason: the answer is whole (and may
+                            // be on the user's screen already).
+                            warn!(backend = "openai", error = %message, "An error event followed the finish reason; answer taken.");
+                            break;
+                        }
                         return Err(LlmError::Stream(message));
                     }
                     for choice in first_choices(&json) {

@@ -247,12 +247,20 @@ pub struct SseStream {
     finished: bool,
     /// `data: [DONE]` was seen: the server ended the answer (not merely the connection).
     done: bool,
+    /// JSON events split out of one event (see [`next_json_event`]), not yet returned.
+    split_out: std::collections::VecDeque<(Option<String>, serde_json::Value)>,
 }
 
 impl SseStream {
     /// Wraps a response whose body is an event stream.
     pub fn new(response: reqwest::Response, max_event_bytes: usize) -> Self {
-        Self { response, parser: SseParser::new(max_event_bytes), finished: false, done: false }
+        Self {
+            response,
+            parser: SseParser::new(max_event_bytes),
+            finished: false,
+            done: false,
+            split_out: Default::default(),
+        }
     }
 
     /// Whether the server sent `data: [DONE]`, ending the answer on purpose.
@@ -348,7 +356,8 @@ const STALL_FACTOR: u32 = 2;
 /// or reasoning, yet; after that at most [`STALL_FACTOR`] first-token timeouts without a byte,
 /// and the caller's total timeout), stops at
 /// `[DONE]` or the end of the stream (`None`), skips blank and unparsable events, and turns a
-/// non-JSON `error` event into [`LlmError::Stream`].
+/// non-JSON `error` event into [`LlmError::Stream`]. An event whose `data:` lines are each a
+/// JSON object (but not together) is taken as that many events.
 pub(crate) async fn next_json_event(
     events: &mut SseStream,
     started: bool,
@@ -356,6 +365,9 @@ pub(crate) async fn next_json_event(
     first_token_timeout: Duration,
     backend: &'static str,
 ) -> Result<Option<(Option<String>, serde_json::Value)>, LlmError> {
+    if let Some(split_out) = events.split_out.pop_front() {
+        return Ok(Some(split_out));
+    }
     loop {
         let next = if started {
             // A server wedged after its first words would otherwise hold its slot until the total
@@ -389,7 +401,22 @@ pub(crate) async fn next_json_event(
                 return Err(LlmError::Stream(truncate_chars(data, MAX_ERROR_MESSAGE_CHARS)));
             }
             Err(error) => {
-                tracing::debug!(backend, %error, "Ignoring an unparsable stream event.");
+                // Several `data:` lines each a whole JSON object: events from a proxy that
+                // separates them with one line break instead of two (the event format joins
+                // them into one). Dropped, they would cut the answer short unnoticed.
+                let lines: Option<Vec<serde_json::Value>> = data
+                    .lines()
+                    .filter(|line| !line.trim().is_empty())
+                    .map(|line| serde_json::from_str(line).ok())
+                    .collect();
+                match lines {
+                    Some(mut lines) if lines.len() > 1 => {
+                        let first = lines.remove(0);
+                        events.split_out.extend(lines.into_iter().map(|json| (event.event.clone(), json)));
+                        return Ok(Some((event.event, first)));
+                    }
+                    _ => tracing::debug!(backend, %error, "Ignoring an unparsable stream event."),
+                }
             }
         }
     }
