@@ -110,7 +110,7 @@
 //! - `live_stream(envelope_id PK, stream JSON, recorded_at)`: the message an open envelope's
 //!   answer is being streamed into ([`Store::record_stream`]); deleted when the envelope
 //!   finishes (or, after a crash between the log's finish record and that delete, at the next
-//!   start), and pruned with the history.
+//!   start); never pruned by age (an open envelope needs it however old).
 //! - `parked(channel, user, record, saved_at)`, primary key `(channel, user)`: each user's
 //!   parked answers ([`Store::save_parked`]), as the passive-reply module encodes them.
 //! - `history(seq, session_key, question, answer, created_at)`, indexed on `(session_key, seq)`
@@ -136,6 +136,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, oneshot};
 use yizhan_channel_core::{BoxFuture, Delivery, Envelope};
+
+/// How many rows of each table one pruning write removes at most (see `Store::prune`).
+const PRUNE_CHUNK_ROWS: i64 = 1_000;
 
 /// Schema steps, applied in order; step `i` brings `PRAGMA user_version` to `i + 1`.
 ///
@@ -683,9 +686,10 @@ fn load_claims(conn: &Connection) -> Result<Vec<(ClaimKey, i64)>, rusqlite::Erro
     let mut journal = conn.prepare("SELECT claim, claim_expires_at FROM journal WHERE claim_expires_at > ?1")?;
     let mut rows = journal.query(params![now])?;
     while let Some(row) = rows.next()? {
-        let claim: Option<Vec<u8>> = row.get(0)?;
-        match claim.as_deref().map(ClaimKey::try_from) {
-            Some(Ok(key)) => claims.push((key, row.get(1)?)),
+        // Read leniently: one damaged cell must not stop every start.
+        let claim: Option<Vec<u8>> = row.get(0).ok().flatten();
+        match (claim.as_deref().map(ClaimKey::try_from), row.get::<_, i64>(1)) {
+            (Some(Ok(key)), Ok(expires_at)) => claims.push((key, expires_at)),
             _ => tracing::warn!("A journal row's dedupe claim is malformed; skipped."),
         }
     }
@@ -694,7 +698,10 @@ fn load_claims(conn: &Connection) -> Result<Vec<(ClaimKey, i64)>, rusqlite::Erro
     let mut rows = legacy.query(params![now])?;
     while let Some(row) = rows.next()? {
         let (channel, id) = (lossy_text(row, 0)?, lossy_text(row, 1)?);
-        claims.push((claim_key(&channel, &id), row.get(2)?));
+        match row.get::<_, i64>(2) {
+            Ok(expires_at) => claims.push((claim_key(&channel, &id), expires_at)),
+            Err(_) => tracing::warn!("A schema 1 dedupe row's expiry is malformed; skipped."),
+        }
     }
     Ok(claims)
 }
@@ -727,18 +734,19 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), SqliteError> {
 /// crash between the log's finish record and the SQLite side of `finish` leaves them behind.
 fn forget_answers_of_closed(conn: &mut Connection, scanned: &inbound_log::Scanned) -> Result<(), rusqlite::Error> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let answered: Vec<String> =
-        tx.prepare("SELECT envelope_id FROM answered")?.query_map([], |row| row.get(0))?.collect::<Result<_, _>>()?;
+    // An id that is not UTF-8 matches no envelope (nor a later write): left alone, not fatal.
+    let ids = |tx: &rusqlite::Transaction<'_>, query: &str| -> Result<Vec<String>, rusqlite::Error> {
+        let ids = tx.prepare(query)?.query_map([], |row| key_text(row, 0))?.collect::<Result<Vec<_>, _>>()?;
+        Ok(ids.into_iter().flatten().collect())
+    };
+    let answered = ids(&tx, "SELECT envelope_id FROM answered")?;
     for envelope_id in answered.iter().filter(|id| !scanned.is_open(id)) {
         tx.execute("DELETE FROM outbox WHERE envelope_id = ?1 AND state = 'pending'", params![envelope_id])?;
         tx.execute("DELETE FROM answered WHERE envelope_id = ?1", params![envelope_id])?;
     }
     // Likewise the streamed messages of envelopes no longer open (in the log, or as a legacy
     // journal row).
-    let streamed: Vec<String> = tx
-        .prepare("SELECT envelope_id FROM live_stream")?
-        .query_map([], |row| row.get(0))?
-        .collect::<Result<_, _>>()?;
+    let streamed = ids(&tx, "SELECT envelope_id FROM live_stream")?;
     for envelope_id in streamed.iter().filter(|id| !scanned.is_open(id)) {
         tx.execute(
             "DELETE FROM live_stream WHERE envelope_id = ?1
@@ -792,8 +800,10 @@ enum WriteOp {
     ForgetAnswer {
         envelope_id: String,
     },
+    /// Removes at most `limit` rows from each table (see `Store::prune`).
     Prune {
         before_ms: i64,
+        limit: i64,
     },
     AppendTurn {
         session_key: String,
@@ -814,7 +824,11 @@ struct Part {
 /// What a committed write operation produced.
 #[derive(Debug)]
 enum Written {
-    Pruned(u64),
+    /// Rows removed, and whether a table had more to remove than the op's limit.
+    Pruned {
+        removed: u64,
+        more: bool,
+    },
     Done,
 }
 
@@ -1098,23 +1112,34 @@ fn apply(conn: &Connection, op: &WriteOp, now: i64, kept: i64) -> Result<Written
             .execute(params![envelope_id, json, now])?;
             Ok(Written::Done)
         }
-        WriteOp::Prune { before_ms } => {
-            let mut removed = 0;
-            removed += conn.prepare_cached("DELETE FROM history WHERE created_at < ?1")?.execute(params![before_ms])?;
-            // A finished entry whose claim is live stays: after a restart, it is the claim.
-            removed += conn
-                .prepare_cached(
-                    "DELETE FROM journal WHERE state = 'finished' AND finished_at < ?1
-                     AND (claim_expires_at IS NULL OR claim_expires_at <= ?2)",
+        WriteOp::Prune { before_ms, limit } => {
+            // `live_stream` rows go with their envelope (at its finish, or at the next start
+            // once it is closed), never by age: an open envelope needs its row however old.
+            let removed = [
+                conn.prepare_cached(
+                    "DELETE FROM history WHERE seq IN (SELECT seq FROM history WHERE created_at < ?1 LIMIT ?2)",
                 )?
-                .execute(params![before_ms, now])?;
-            removed += conn
-                .prepare_cached("DELETE FROM outbox WHERE state = 'failed' AND updated_at < ?1")?
-                .execute(params![before_ms])?;
-            removed += conn.prepare_cached("DELETE FROM dedupe WHERE expires_at <= ?1")?.execute(params![now])?;
-            removed +=
-                conn.prepare_cached("DELETE FROM live_stream WHERE recorded_at < ?1")?.execute(params![before_ms])?;
-            Ok(Written::Pruned(u64::try_from(removed).unwrap_or(u64::MAX)))
+                .execute(params![before_ms, limit])?,
+                // A finished entry whose claim is live stays: after a restart, it is the claim.
+                conn.prepare_cached(
+                    "DELETE FROM journal WHERE seq IN (SELECT seq FROM journal WHERE state = 'finished'
+                     AND finished_at < ?1 AND (claim_expires_at IS NULL OR claim_expires_at <= ?2) LIMIT ?3)",
+                )?
+                .execute(params![before_ms, now, limit])?,
+                conn.prepare_cached(
+                    "DELETE FROM outbox WHERE rowid IN
+                     (SELECT rowid FROM outbox WHERE state = 'failed' AND updated_at < ?1 LIMIT ?2)",
+                )?
+                .execute(params![before_ms, limit])?,
+                conn.prepare_cached(
+                    "DELETE FROM dedupe WHERE (channel, platform_message_id) IN
+                     (SELECT channel, platform_message_id FROM dedupe WHERE expires_at <= ?1 LIMIT ?2)",
+                )?
+                .execute(params![now, limit])?,
+            ];
+            let more = removed.iter().any(|&count| i64::try_from(count).unwrap_or(i64::MAX) >= *limit);
+            let removed = removed.iter().map(|&count| u64::try_from(count).unwrap_or(u64::MAX)).sum();
+            Ok(Written::Pruned { removed, more })
         }
         WriteOp::AppendTurn { session_key, turn } => {
             push_turn(conn, session_key, turn, now, kept)?;
@@ -1451,8 +1476,11 @@ fn query(conn: &mut Connection, op: &ReadOp) -> Result<Fetched, rusqlite::Error>
             let mut statement = conn.prepare_cached("SELECT record, saved_at FROM parked")?;
             let records = statement
                 .query_map([], |row| {
-                    let saved_at: i64 = row.get(1)?;
-                    let saved_at = SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(saved_at).unwrap_or(0));
+                    // Unreadable: taken as saved now, so that the text is kept rather than
+                    // forgotten as old (and one bad cell does not stop the start).
+                    let saved_at = row.get::<_, i64>(1).ok().and_then(|ms| u64::try_from(ms).ok());
+                    let saved_at =
+                        saved_at.map_or_else(SystemTime::now, |ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
                     Ok((lossy_text(row, 0)?, saved_at))
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
@@ -1733,9 +1761,21 @@ impl Store for SqliteStore {
 
     fn prune(&self, before: SystemTime) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(async move {
-            match self.write(WriteOp::Prune { before_ms: system_time_ms(before) }).await? {
-                Written::Pruned(removed) => Ok(removed),
-                _ => Err(SqliteError::Mismatch("prune").into()),
+            // In chunks, each its own write: one statement removing a year of history would hold
+            // every other write (answers, deliveries) behind it, and grow the WAL by all of it
+            // before a checkpoint could run.
+            let before_ms = system_time_ms(before);
+            let mut total: u64 = 0;
+            loop {
+                match self.write(WriteOp::Prune { before_ms, limit: PRUNE_CHUNK_ROWS }).await? {
+                    Written::Pruned { removed, more } => {
+                        total = total.saturating_add(removed);
+                        if !more {
+                            return Ok(total);
+                        }
+                    }
+                    _ => return Err(SqliteError::Mismatch("prune").into()),
+                }
             }
         })
     }
@@ -2155,7 +2195,7 @@ mod tests {
     }
 
     /// The message an answer is streamed into comes back with its open envelope after a restart
-    /// (the latest record of it), and goes with the finish and with pruning.
+    /// (the latest record of it), and goes with the finish, not with pruning.
     #[tokio::test]
     async fn a_recorded_live_stream_comes_back_with_its_open_envelope_until_finished() {
         let dir = TempDir::new();
@@ -2193,10 +2233,37 @@ mod tests {
         assert_eq!(pending[1].pending_parts.as_deref(), Some(&[part(&answered, 0)][..]));
         ok(store.finish(&answered.id).await);
         assert_eq!(ok(store.unfinished().await).len(), 1);
-        // Pruning takes records older than the cut-off, as it does history.
+        // Pruning leaves an open envelope's record, however old: a second restart needs it.
         let later = SystemTime::now() + Duration::from_secs(60);
-        assert!(ok(store.prune(later).await) >= 1);
-        assert_eq!(ok(store.unfinished().await)[0].live_stream, None);
+        ok(store.prune(later).await);
+        assert_eq!(ok(store.unfinished().await)[0].live_stream, Some(stream("c1", 4_194_304)));
+    }
+
+    /// Pruning goes in chunks, each its own write, so that other writes are not held behind one
+    /// long delete (nor the WAL grown by all of it at once); together they remove everything due.
+    #[tokio::test]
+    async fn pruning_removes_in_chunks_until_nothing_is_due() {
+        let dir = TempDir::new();
+        drop(open(&dir, 10));
+        let due = 2 * PRUNE_CHUNK_ROWS + 500;
+        {
+            let conn = ok(Connection::open(dir.db()));
+            let mut insert = ok(conn
+                .prepare("INSERT INTO history (session_key, question, answer, created_at) VALUES ('k', 'q', 'a', 0)"));
+            for _ in 0..due {
+                ok(insert.execute([]));
+            }
+        }
+        let store = open(&dir, 10);
+        let before_ms = now_ms();
+        match ok(store.write(WriteOp::Prune { before_ms, limit: PRUNE_CHUNK_ROWS }).await) {
+            Written::Pruned { removed, more } => assert_eq!((removed, more), (PRUNE_CHUNK_ROWS as u64, true)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(ok(store.prune(SystemTime::now()).await), (due - PRUNE_CHUNK_ROWS) as u64);
+        let conn = ok(Connection::open(dir.db()));
+        let left: i64 = ok(conn.query_row("SELECT count(*) FROM history", [], |row| row.get(0)));
+        assert_eq!(left, 0);
     }
 
     #[tokio::test]
@@ -2370,6 +2437,16 @@ mod tests {
             ok(conn.execute("UPDATE live_stream SET stream = CAST(X'FF' AS TEXT)", []));
             ok(conn.execute("UPDATE parked SET record = X'5B5DFF'", []));
             ok(conn.execute("UPDATE history SET answer = CAST(X'61FF' AS TEXT)", []));
+            // Marks with ids no envelope has, a time that is not a number, a claim's expiry
+            // that is not one either: each stopped every start.
+            ok(conn.execute("INSERT INTO answered VALUES (CAST(X'FF' AS TEXT), 0)", []));
+            ok(conn.execute("INSERT INTO live_stream VALUES (CAST(X'FE' AS TEXT), '{}', 0)", []));
+            ok(conn.execute("UPDATE parked SET saved_at = 'x'", []));
+            ok(conn.execute(
+                "INSERT INTO journal (envelope_id, envelope, state, created_at, claim, claim_expires_at)
+                 VALUES ('j', '{}', 'finished', 0, zeroblob(16), 'never')",
+                [],
+            ));
         }
         let store = open(&dir, 10);
         let unfinished = ok(store.unfinished().await);
