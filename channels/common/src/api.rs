@@ -174,7 +174,7 @@ pub async fn wechat_family_exchange(
     deadline: std::time::Duration,
     misconfigured: impl FnOnce(i64, &str, &str) -> ChannelError,
 ) -> Result<Value, ChannelError> {
-    let after_sending = |reason: String| ChannelError::MaybeDelivered(reason);
+    let after_sending = ChannelError::MaybeDelivered;
     let exchange = async {
         let response = request.send().await.map_err(|error| {
             let connect = error.is_connect();
