@@ -102,13 +102,37 @@ pub fn part_index(delivery_id: &str) -> Option<usize> {
     delivery_id.rsplit_once('-')?.1.parse().ok()
 }
 
+/// What became of an answer, as far as its delivery can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reached {
+    /// Sent, shown passively, parked for the user's next message, left for the next start, or
+    /// possibly arrived: the user has it or will.
+    User,
+    /// Refused for good before any part of it was sent (or could have arrived).
+    NoOne,
+}
+
 /// Answers an envelope: records the answer (turn and outbox parts) atomically, sends the parts,
 /// and finishes the journal entry. Waits until delivery is over, so a session's answers leave in
-/// order.
-pub async fn answer(hub: &Hub, envelope: &Envelope, session_key: &str, turn: Option<Turn>, text: AnswerText) {
-    if let Some(parts) = record(hub, envelope, session_key, turn, text).await {
-        deliver_recorded(hub, envelope, parts).await;
+/// order. An answer that reached no one takes its turn out of the stored history again (the
+/// caller drops any copy it keeps): a later prompt must not show the model saying what the user
+/// never read.
+pub async fn answer(
+    hub: &Hub,
+    envelope: &Envelope,
+    session_key: &str,
+    turn: Option<Turn>,
+    text: AnswerText,
+) -> Reached {
+    let with_turn = turn.is_some();
+    let Some(parts) = record(hub, envelope, session_key, turn, text).await else { return Reached::User };
+    let reached = deliver_recorded(hub, envelope, parts).await;
+    if reached == Reached::NoOne && with_turn {
+        if let Err(error) = hub.store.forget_turn(&envelope.id).await {
+            tracing::error!(envelope = %envelope.id, %error, "Failed to forget the turn of an undelivered answer.");
+        }
     }
+    reached
 }
 
 /// Records an answer (turn and outbox parts) atomically, before any of it is sent, and returns
@@ -135,10 +159,10 @@ pub async fn record(
 
 /// Sends the parts [`record`] returned (through a held passive attempt where there is one),
 /// then finishes the envelope.
-pub async fn deliver_recorded(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) {
+pub async fn deliver_recorded(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) -> Reached {
     let Some(entry) = hub.channels.get(&envelope.channel) else {
         hub.finish_without_channel(envelope).await;
-        return;
+        return Reached::User;
     };
     if parts.is_empty() {
         if let Some(job) = hub.passive.get(&envelope.channel, &envelope.platform_message_id) {
@@ -147,13 +171,12 @@ pub async fn deliver_recorded(hub: &Hub, envelope: &Envelope, parts: Vec<Deliver
             job.offer(Vec::new());
         }
         hub.finish(&envelope.id).await;
-        return;
+        return Reached::User;
     }
     let Some(job) = hub.passive.get(&envelope.channel, &envelope.platform_message_id) else {
         // Parts after the first (a streamed card carried it) count the card as sent.
         let parts = within_send_quota_of_rest(hub, envelope, parts);
-        send_parts(hub, envelope, parts).await;
-        return;
+        return send_parts(hub, envelope, parts).await;
     };
     let offer = if hub.passive.is_closing() { job.offer_while_closing(parts) } else { job.offer(parts) };
     match offer {
@@ -171,8 +194,10 @@ pub async fn deliver_recorded(hub: &Hub, envelope: &Envelope, parts: Vec<Deliver
                 }
             });
             // Like every other delivery, over only once the answer has left: the session's
-            // next answer must not overtake it.
+            // next answer must not overtake it. (Held for a reply, or pushed by the timer in
+            // `auto` mode, where what is refused is parked: it reaches the user either way.)
             gone.wait().await;
+            Reached::User
         }
     }
 }
@@ -211,10 +236,10 @@ pub async fn resend(hub: &Hub, envelope: &Envelope, mut parts: Vec<Delivery>) {
 
 /// Sends an answer its passive job will not carry after all (no attempt will take it): the job
 /// is closed, and the parts go within the send quota.
-pub async fn push_instead(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) {
+pub async fn push_instead(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) -> Reached {
     hub.passive.close(&envelope.channel, &envelope.platform_message_id);
     let parts = within_send_quota(hub, envelope, parts);
-    send_parts(hub, envelope, parts).await;
+    send_parts(hub, envelope, parts).await
 }
 
 /// Clears a part the platform took from the outbox (a failure only means it may be sent again
@@ -333,10 +358,10 @@ pub fn fit_with_hint(text: &str, hint: &str, limit: usize) -> (String, String) {
 /// as a missing IP whitelist, or retries used up). In `push` mode no webhook response ever
 /// carries an answer, so parked text would come out only on a continue word nobody asked for:
 /// what the platform refuses there is recorded as failed, like what cannot be parked.
-pub async fn send_parts(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) {
+pub async fn send_parts(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) -> Reached {
     let Some(entry) = hub.channels.get(&envelope.channel) else {
         hub.finish_without_channel(envelope).await;
-        return;
+        return Reached::User;
     };
     let channel = envelope.channel.as_str();
     if entry.passive_window.is_some() && entry.reply_mode == ReplyMode::Passive {
@@ -344,14 +369,15 @@ pub async fn send_parts(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) {
             // Journaled with its parts pending, the answer is parked by the next start: no
             // parking is started that the exit could cut short, whatever the store keeps.
             hub.leave_for_next_start(envelope);
-            return;
+            return Reached::User;
         }
         park(hub, envelope, &parts, "passive mode has no send API");
         hub.finish(&envelope.id).await;
-        return;
+        return Reached::User;
     }
     let parkable = entry.passive_window.is_some() && entry.reply_mode == ReplyMode::Auto;
     let nothing_to_send = parts.is_empty();
+    let mut reached = Reached::User;
     match entry.outbound.send(Deliver { parts }).await {
         Ok(Ok(())) if nothing_to_send => {}
         Ok(Ok(())) => hub.metrics.answers.with_label_values(&[channel, "push"]).inc(),
@@ -361,7 +387,7 @@ pub async fn send_parts(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) {
                 // it again, and parks it if the platform still refuses.
                 tracing::info!(envelope = %envelope.id, error = %undelivered, "Answer not delivered while shutting down; left for the next start.");
                 hub.leave_for_next_start(envelope);
-                return;
+                return Reached::User;
             }
             // Not recorded as failed: the parts stay pending until the finish, so that a crash
             // before it leaves them for the next start to park again (its parked copy is
@@ -370,17 +396,23 @@ pub async fn send_parts(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) {
         }
         Ok(Err(undelivered)) => {
             record_failed(hub.store.as_ref(), &undelivered).await;
-            tracing::warn!(envelope = %envelope.id, error = %undelivered, "Answer not delivered.")
+            tracing::warn!(envelope = %envelope.id, error = %undelivered, "Answer not delivered.");
+            // Its first part refused (not merely perhaps lost): nothing of it was shown.
+            let first_refused = undelivered.parts.first().and_then(|part| part_index(&part.delivery_id)) == Some(0);
+            if first_refused && !matches!(undelivered.error, ChannelError::MaybeDelivered(_)) {
+                reached = Reached::NoOne;
+            }
         }
         Err(error) => {
             // Only when the delivery thread is gone (a stop): finishing would drop the parts,
             // which are still pending in the store for the next start to send.
             tracing::error!(envelope = %envelope.id, %error, "Delivery actor unavailable.");
             hub.leave_for_next_start(envelope);
-            return;
+            return Reached::User;
         }
     }
     hub.finish(&envelope.id).await;
+    reached
 }
 
 /// Parks `parts` for the user's next message, whose passive reply (or the continue word) brings

@@ -532,8 +532,11 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
         }
         return history;
     }
-    delivery::answer(&hub, &envelope, key.as_str(), new_turn, reply.into()).await;
-    history
+    match delivery::answer(&hub, &envelope, key.as_str(), new_turn, reply.into()).await {
+        // Its turn is out of the store again: the cache, which has it, is read afresh next time.
+        delivery::Reached::NoOne => None,
+        delivery::Reached::User => history,
+    }
 }
 
 #[cfg(test)]

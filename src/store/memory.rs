@@ -19,10 +19,11 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 use yizhan_channel_core::{BoxFuture, Delivery, Envelope};
 
-/// One conversation's kept turns, oldest first, each with when it was added.
+/// One conversation's kept turns, oldest first, each with when it was added and the envelope
+/// it answered (none for `append_turn`'s).
 #[derive(Debug, Default)]
 struct Conversation {
-    turns: VecDeque<(SystemTime, Turn)>,
+    turns: VecDeque<(SystemTime, Turn, Option<String>)>,
 }
 
 /// How often expired dedupe claims are swept out.
@@ -87,10 +88,10 @@ impl MemoryStore {
         }
     }
 
-    fn push_turn(&self, session_key: &str, turn: Turn) {
+    fn push_turn(&self, session_key: &str, turn: Turn, envelope_id: Option<&str>) {
         let mut conversation = self.history.entry(session_key.to_owned()).or_default();
         let turns = &mut conversation.turns;
-        turns.push_back((SystemTime::now(), turn));
+        turns.push_back((SystemTime::now(), turn, envelope_id.map(str::to_owned)));
         while turns.len() > self.max_turns_kept {
             turns.pop_front();
         }
@@ -109,13 +110,13 @@ impl Store for MemoryStore {
 
     fn record_answer<'a>(
         &'a self,
-        _envelope_id: &'a str,
+        envelope_id: &'a str,
         session_key: &'a str,
         turn: Option<Turn>,
         _parts: &'a [Delivery],
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         if let Some(turn) = turn {
-            self.push_turn(session_key, turn);
+            self.push_turn(session_key, turn, Some(envelope_id));
         }
         Box::pin(async { Ok(()) })
     }
@@ -160,7 +161,7 @@ impl Store for MemoryStore {
         let mut pruned = 0u64;
         self.history.retain(|_, conversation| {
             let turns = &mut conversation.turns;
-            while turns.front().is_some_and(|(added, _)| *added < before) {
+            while turns.front().is_some_and(|(added, _, _)| *added < before) {
                 turns.pop_front();
                 pruned = pruned.saturating_add(1);
             }
@@ -176,14 +177,23 @@ impl Store for MemoryStore {
             .map(|conversation| {
                 let turns = &conversation.turns;
                 let skip = turns.len().saturating_sub(max_turns);
-                turns.iter().skip(skip).map(|(_, turn)| turn.clone()).collect()
+                turns.iter().skip(skip).map(|(_, turn, _)| turn.clone()).collect()
             })
             .unwrap_or_default();
         Box::pin(async move { Ok(turns) })
     }
 
     fn append_turn<'a>(&'a self, session_key: &'a str, turn: Turn) -> BoxFuture<'a, Result<(), StoreError>> {
-        self.push_turn(session_key, turn);
+        self.push_turn(session_key, turn, None);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn forget_turn<'a>(&'a self, envelope_id: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        // Every conversation is looked through: rare (an answer refused for good), and a test
+        // and trial store.
+        for mut conversation in self.history.iter_mut() {
+            conversation.turns.retain(|(_, _, answered)| answered.as_deref() != Some(envelope_id));
+        }
         Box::pin(async { Ok(()) })
     }
 
@@ -248,7 +258,7 @@ mod tests {
         // The first two turns of each conversation are from long ago.
         for key in ["idle", "active"] {
             if let Some(mut conversation) = store.history.get_mut(key) {
-                for (added, _) in conversation.turns.iter_mut().take(2) {
+                for (added, _, _) in conversation.turns.iter_mut().take(2) {
                     *added = SystemTime::UNIX_EPOCH;
                 }
             }

@@ -153,6 +153,11 @@ pub trait Store: Send + Sync + 'static {
     /// Forgets a conversation's history (`/reset`).
     fn clear_history<'a>(&'a self, session_key: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
 
+    /// Forgets the turn `record_answer` stored for `envelope_id`, if any: its answer reached no
+    /// one (every part refused for good), and a prompt must not show the model saying what the
+    /// user never read.
+    fn forget_turn<'a>(&'a self, envelope_id: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
+
     /// Replaces what is parked for each of `users`, in one atomic step. Parked answers are
     /// finished messages whose answer waits for the user's next message (公众号): kept here,
     /// they survive a crash. An engine that does not outlive the process may keep nothing.

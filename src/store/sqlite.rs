@@ -214,6 +214,9 @@ const MIGRATIONS: &[&str] = &[
         saved_at INTEGER NOT NULL,
         PRIMARY KEY (channel, user)
     ) WITHOUT ROWID;",
+    // 6: the envelope a turn answered (`Store::forget_turn`); none for turns stored before.
+    "ALTER TABLE history ADD COLUMN envelope_id TEXT;
+    CREATE INDEX history_envelope ON history (envelope_id) WHERE envelope_id IS NOT NULL;",
 ];
 
 /// WAL pages (frames) after which the writer copies the last frames itself so that the WAL
@@ -805,6 +808,9 @@ enum WriteOp {
         before_ms: i64,
         limit: i64,
     },
+    ForgetTurn {
+        envelope_id: String,
+    },
     AppendTurn {
         session_key: String,
         turn: Turn,
@@ -1035,7 +1041,7 @@ fn apply(conn: &Connection, op: &WriteOp, now: i64, kept: i64) -> Result<Written
     match op {
         WriteOp::RecordAnswer { envelope_id, session_key, turn, parts, open_in_log } => {
             if let Some(turn) = turn {
-                push_turn(conn, session_key, turn, now, kept)?;
+                push_turn(conn, session_key, turn, Some(envelope_id), now, kept)?;
             }
             // A row journaled before schema 3.
             let answered_in_table = conn
@@ -1142,7 +1148,11 @@ fn apply(conn: &Connection, op: &WriteOp, now: i64, kept: i64) -> Result<Written
             Ok(Written::Pruned { removed, more })
         }
         WriteOp::AppendTurn { session_key, turn } => {
-            push_turn(conn, session_key, turn, now, kept)?;
+            push_turn(conn, session_key, turn, None, now, kept)?;
+            Ok(Written::Done)
+        }
+        WriteOp::ForgetTurn { envelope_id } => {
+            conn.prepare_cached("DELETE FROM history WHERE envelope_id = ?1")?.execute(params![envelope_id])?;
             Ok(Written::Done)
         }
         WriteOp::ClearHistory { session_key } => {
@@ -1153,9 +1163,18 @@ fn apply(conn: &Connection, op: &WriteOp, now: i64, kept: i64) -> Result<Written
 }
 
 /// Appends a turn and drops the key's turns beyond the `kept` most recent.
-fn push_turn(conn: &Connection, session_key: &str, turn: &Turn, now: i64, kept: i64) -> Result<(), rusqlite::Error> {
-    conn.prepare_cached("INSERT INTO history (session_key, question, answer, created_at) VALUES (?1, ?2, ?3, ?4)")?
-        .execute(params![session_key, turn.question, turn.answer, now])?;
+fn push_turn(
+    conn: &Connection,
+    session_key: &str,
+    turn: &Turn,
+    envelope_id: Option<&str>,
+    now: i64,
+    kept: i64,
+) -> Result<(), rusqlite::Error> {
+    conn.prepare_cached(
+        "INSERT INTO history (session_key, question, answer, created_at, envelope_id) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![session_key, turn.question, turn.answer, now, envelope_id])?;
     // The subquery is the oldest turn to keep; with fewer turns it is NULL and nothing goes.
     conn.prepare_cached(
         "DELETE FROM history WHERE session_key = ?1 AND seq <
@@ -1798,6 +1817,10 @@ impl Store for SqliteStore {
         Box::pin(self.write_done(WriteOp::ClearHistory { session_key: session_key.to_owned() }, "clear_history"))
     }
 
+    fn forget_turn<'a>(&'a self, envelope_id: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.write_done(WriteOp::ForgetTurn { envelope_id: envelope_id.to_owned() }, "forget_turn"))
+    }
+
     fn save_parked(&self, users: Vec<ParkedUser>) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(self.write_done(WriteOp::SaveParked { users }, "save_parked"))
     }
@@ -2237,6 +2260,23 @@ mod tests {
         let later = SystemTime::now() + Duration::from_secs(60);
         ok(store.prune(later).await);
         assert_eq!(ok(store.unfinished().await)[0].live_stream, Some(stream("c1", 4_194_304)));
+    }
+
+    /// `forget_turn` takes out the turn recorded with one envelope's answer, and nothing else.
+    #[tokio::test]
+    async fn a_forgotten_turn_is_the_one_recorded_with_its_answer() {
+        let dir = TempDir::new();
+        let store = open(&dir, 10);
+        let (first, second) = (envelope("f1"), envelope("f2"));
+        for e in [&first, &second] {
+            ok(store.accept(e, TTL).await);
+        }
+        ok(store.record_answer(&first.id, "k", Some(turn(1)), &[part(&first, 0)]).await);
+        ok(store.record_answer(&second.id, "k", Some(turn(2)), &[part(&second, 0)]).await);
+        ok(store.append_turn("k", turn(3)).await);
+        ok(store.forget_turn(&first.id).await);
+        ok(store.forget_turn("never-answered").await);
+        assert_eq!(ok(store.history("k", 10).await), [turn(2), turn(3)]);
     }
 
     /// Pruning goes in chunks, each its own write, so that other writes are not held behind one

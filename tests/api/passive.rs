@@ -207,6 +207,52 @@ async fn in_push_mode_a_refused_answer_is_recorded_failed_not_parked() {
     assert!(!metrics.contains("path=\"parked\""), "{metrics}");
 }
 
+/// An answer refused for good before any of it reached the user leaves no turn behind: the
+/// next prompt must not show the model saying what the user never read. An answer that
+/// arrived stays. On both stores (the SQLite one reads the history back after the refusal).
+#[actix_web::test]
+async fn an_answer_nobody_received_is_left_out_of_the_next_prompts() {
+    for sqlite in [false, true] {
+        let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+        echo_llm(&llm, Duration::ZERO).await;
+        Mock::given(method("POST"))
+            .and(path("/cgi-bin/message/custom/send"))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_json(serde_json::json!({"errcode":48001,"errmsg":"api unauthorized"})),
+            )
+            .up_to_n_times(1)
+            .mount(&wechat)
+            .await;
+        wechat_ok(&wechat).await;
+        let dir = std::env::temp_dir().join(format!("yizhan-unseen-{}-{}", std::process::id(), now()));
+        let mut config = base_config(&llm, &wechat);
+        if sqlite {
+            config = on_sqlite(config, &dir.join("yizhan.db"));
+        }
+        let env = [("YIZHAN__CHANNELS__MP__REPLY_MODE", "push")];
+        let app = spawn_with(&config, &env, ChannelKinds::builtin(), wechat, llm).await;
+        for (msg_id, question) in [(1, "第一问"), (2, "第二问"), (3, "第三问")] {
+            app.post_text("oUnseen", msg_id, question).await;
+            app.wait_until_idle().await;
+        }
+        let prompts: Vec<String> = app
+            .llm_requests()
+            .await
+            .iter()
+            .map(|request| String::from_utf8_lossy(&request.body).into_owned())
+            .collect();
+        assert_eq!(prompts.len(), 3, "sqlite: {sqlite}");
+        assert!(!prompts[1].contains("第一问") && !prompts[2].contains("第一问"), "sqlite: {sqlite}: {prompts:?}");
+        assert!(prompts[2].contains("答：第二问"), "sqlite: {sqlite}: {prompts:?}");
+        // The first answer's one send (refused for good: 48001), then the two others.
+        let sent = app.sent_messages().await;
+        assert_eq!(sent.len(), 3, "sqlite: {sqlite}: {sent:?}");
+        drop(app);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
 /// Passive mode is for accounts without the send API: an answer too late for every attempt
 /// waits for the next message, and no send (or typing) call is made at all.
 #[actix_web::test]
