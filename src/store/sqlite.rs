@@ -2287,12 +2287,18 @@ mod tests {
         drop(open(&dir, 10));
         let due = 2 * PRUNE_CHUNK_ROWS + 500;
         {
-            let conn = ok(Connection::open(dir.db()));
-            let mut insert = ok(conn
-                .prepare("INSERT INTO history (session_key, question, answer, created_at) VALUES ('k', 'q', 'a', 0)"));
-            for _ in 0..due {
-                ok(insert.execute([]));
+            // One transaction: one sync, not one per row.
+            let mut conn = ok(Connection::open(dir.db()));
+            let tx = ok(conn.transaction());
+            {
+                let mut insert = ok(tx.prepare(
+                    "INSERT INTO history (session_key, question, answer, created_at) VALUES ('k', 'q', 'a', 0)",
+                ));
+                for _ in 0..due {
+                    ok(insert.execute([]));
+                }
             }
+            ok(tx.commit());
         }
         let store = open(&dir, 10);
         let before_ms = now_ms();

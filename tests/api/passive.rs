@@ -587,9 +587,9 @@ async fn the_passive_wait_counts_from_when_the_request_arrived() {
 #[actix_web::test]
 async fn a_last_attempt_already_past_its_window_leaves_a_ready_answer_to_be_pushed() {
     let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
-    // Ready after the second attempt stopped waiting (at 700 ms of its 1000), before the third
-    // is read (at 2000 + 1100 ms).
-    echo_llm(&llm, Duration::from_millis(1_850)).await;
+    // Ready well after the second attempt stopped waiting (at 700 ms of its 1000, even if its
+    // handler starts late), well before the third is read (at 2000 + 1100 ms).
+    echo_llm(&llm, Duration::from_millis(2_300)).await;
     wechat_ok(&wechat).await;
     const THIRD_READ_SLOWLY: [Duration; 3] = [Duration::ZERO, Duration::ZERO, Duration::from_millis(1_100)];
     let kinds = SlowToRead::kinds(&THIRD_READ_SLOWLY);
