@@ -528,6 +528,9 @@ impl<'de> Deserialize<'de> for ChannelConfig {
     }
 }
 
+/// The most threads `server.workers` or `session.threads` may ask for.
+const MAX_THREADS: usize = 1024;
+
 impl Config {
     /// Reads `path`, applies the process environment's overrides, and validates.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
@@ -636,6 +639,13 @@ impl Config {
         for (key, value) in positive {
             if value == 0 {
                 bail!("config key `{key}` must be greater than 0");
+            }
+        }
+        // Each is an OS thread started at once; a typo's million would fail the start with a
+        // panic in the runtime instead of an error naming the key.
+        for (key, value) in [("server.workers", self.server.workers), ("session.threads", self.session.threads)] {
+            if value > MAX_THREADS {
+                bail!("config key `{key}` is {value}; at most {MAX_THREADS} threads (0: one per core, or none)");
             }
         }
         if self.llm.base_url.trim().is_empty() {
@@ -905,6 +915,17 @@ token = "tok"
         assert_eq!(config.channels[0].settings.table["app_secret"], "file-secret");
         assert_eq!(config.channels[0].core.reply_mode, None);
         assert_eq!(config.channels[0].core.passive_margin_ms, 500);
+    }
+
+    #[test]
+    fn thread_counts_beyond_the_bound_are_refused_by_name() {
+        for (name, key) in
+            [("YIZHAN__SERVER__WORKERS", "server.workers"), ("YIZHAN__SESSION__THREADS", "session.threads")]
+        {
+            let error = load(MINIMAL, &[(name, "1000000")]).err().map(|e| format!("{e:#}"));
+            assert!(error.as_deref().is_some_and(|e| e.contains(key) && e.contains("1024")), "{name}: {error:?}");
+            assert!(load(MINIMAL, &[(name, "1024")]).is_ok(), "{name}");
+        }
     }
 
     #[test]

@@ -311,6 +311,12 @@ impl Application {
         );
         let router = Router::new(hub.clone(), sessions);
         let parked_file = (config.store.kind == StoreKind::Sqlite).then(|| parked_file_of(&config.store.path));
+        // Bound before anything the last run left is resumed: a start that fails here must not
+        // have asked the model or sent parts (the next start would send them again). Until the
+        // server runs, connections wait in the kernel's backlog, behind the resumed messages.
+        let listener = TcpListener::bind(&config.server.bind)
+            .with_context(|| format!("Failed to bind {} (config key `server.bind`)", config.server.bind))?;
+        let port = listener.local_addr().context("Failed to read the bound address")?.port();
         // Not started without them: their claims would answer the platform's retries as
         // duplicates while nothing answered the messages (they stay journaled for the next
         // attempt to start).
@@ -327,9 +333,6 @@ impl Application {
         }
         resume_unfinished(&hub, &router, pending);
 
-        let listener = TcpListener::bind(&config.server.bind)
-            .with_context(|| format!("Failed to bind {} (config key `server.bind`)", config.server.bind))?;
-        let port = listener.local_addr().context("Failed to read the bound address")?.port();
         let body = BodyLimits {
             max_bytes: config.server.body_limit_bytes,
             timeout: Duration::from_millis(config.server.body_timeout_ms),
