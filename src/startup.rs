@@ -40,6 +40,10 @@ pub struct Application {
     llm_probe: (LlmClient, String),
     /// The actor threads (LLM, delivery, sessions), stopped at exit before the store's flush.
     arbiters: Vec<Arbiter>,
+    /// SIGTERM/SIGINT, listened for from the start of `build`: one that comes while the store
+    /// opens or the last run's messages resume then stops Yizhan gracefully once it serves,
+    /// instead of killing it outright (the signals' default).
+    signals: Signals,
 }
 
 /// Stops an application's actor threads (LLM, delivery, sessions) when dropped. For an
@@ -232,6 +236,7 @@ impl Application {
     /// Builds with the given channel kinds (built-ins plus plugins). Must run inside an actix
     /// system.
     pub async fn build_with(config: Config, kinds: ChannelKinds) -> anyhow::Result<Self> {
+        let signals = Signals::listen();
         for key in config.placeholders() {
             tracing::warn!(%key, "Still the example config's placeholder: that channel cannot work until it is replaced.");
         }
@@ -362,7 +367,7 @@ impl Application {
         arbiters.extend(session_arbiters);
         let shutdown_timeout = Duration::from_secs(config.server.shutdown_timeout_secs);
         let retention = Duration::from_secs(config.store.retention_days.saturating_mul(86_400));
-        Ok(Self { port, server, hub, shutdown_timeout, retention, parked_file, llm_probe, arbiters })
+        Ok(Self { port, server, hub, shutdown_timeout, retention, parked_file, llm_probe, arbiters, signals })
     }
 
     /// The port the server listens on (useful with port 0).
@@ -390,7 +395,7 @@ impl Application {
             save_parked_and_drop_legacy_file(&self.hub, path).await;
         }
         let (hub, shutdown_timeout) = (self.hub.clone(), self.shutdown_timeout);
-        let mut signals = Signals::listen();
+        let mut signals = self.signals;
         actix::spawn(async move {
             signals.recv().await;
             // Listening again before anything else: an operator's second Ctrl-C or SIGTERM
