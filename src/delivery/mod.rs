@@ -397,9 +397,13 @@ pub async fn send_parts(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) ->
         Ok(Err(undelivered)) => {
             record_failed(hub.store.as_ref(), &undelivered).await;
             tracing::warn!(envelope = %envelope.id, error = %undelivered, "Answer not delivered.");
-            // Its first part refused (not merely perhaps lost): nothing of it was shown.
-            let first_refused = undelivered.parts.first().and_then(|part| part_index(&part.delivery_id)) == Some(0);
-            if first_refused && !matches!(undelivered.error, ChannelError::MaybeDelivered(_)) {
+            // Its first part refused: nothing of it was shown. Not after a transient failure:
+            // a send that timed out or met a gateway's 5xx may have arrived (platforms with an
+            // idempotency key report those as transient too).
+            let first_failed = undelivered.parts.first().and_then(|part| part_index(&part.delivery_id)) == Some(0);
+            let maybe_arrived =
+                matches!(undelivered.error, ChannelError::Transient { .. } | ChannelError::MaybeDelivered(_));
+            if first_failed && !maybe_arrived {
                 reached = Reached::NoOne;
             }
         }

@@ -209,18 +209,19 @@ async fn in_push_mode_a_refused_answer_is_recorded_failed_not_parked() {
 
 /// An answer refused for good before any of it reached the user leaves no turn behind: the
 /// next prompt must not show the model saying what the user never read. An answer that
-/// arrived stays. On both stores (the SQLite one reads the history back after the refusal).
+/// arrived stays, and so does one whose send failed in a way that may have arrived (a gateway's
+/// 502, retries used up). On both stores (the SQLite one reads the history back after the
+/// refusal).
 #[actix_web::test]
 async fn an_answer_nobody_received_is_left_out_of_the_next_prompts() {
-    for sqlite in [false, true] {
+    let refused = ResponseTemplate::new(200).set_body_json(serde_json::json!({"errcode":48001,"errmsg":"x"}));
+    let unknown = ResponseTemplate::new(502).set_body_string("bad gateway");
+    for (sqlite, first_send, left_out) in [(false, &refused, true), (true, &refused, true), (false, &unknown, false)] {
         let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
         echo_llm(&llm, Duration::ZERO).await;
         Mock::given(method("POST"))
             .and(path("/cgi-bin/message/custom/send"))
-            .respond_with(
-                ResponseTemplate::new(200)
-                    .set_body_json(serde_json::json!({"errcode":48001,"errmsg":"api unauthorized"})),
-            )
+            .respond_with(first_send.clone())
             .up_to_n_times(1)
             .mount(&wechat)
             .await;
@@ -230,7 +231,7 @@ async fn an_answer_nobody_received_is_left_out_of_the_next_prompts() {
         if sqlite {
             config = on_sqlite(config, &dir.join("yizhan.db"));
         }
-        let env = [("YIZHAN__CHANNELS__MP__REPLY_MODE", "push")];
+        let env = [("YIZHAN__CHANNELS__MP__REPLY_MODE", "push"), ("YIZHAN__DELIVERY__MAX_ATTEMPTS", "1")];
         let app = spawn_with(&config, &env, ChannelKinds::builtin(), wechat, llm).await;
         for (msg_id, question) in [(1, "第一问"), (2, "第二问"), (3, "第三问")] {
             app.post_text("oUnseen", msg_id, question).await;
@@ -243,9 +244,11 @@ async fn an_answer_nobody_received_is_left_out_of_the_next_prompts() {
             .map(|request| String::from_utf8_lossy(&request.body).into_owned())
             .collect();
         assert_eq!(prompts.len(), 3, "sqlite: {sqlite}");
-        assert!(!prompts[1].contains("第一问") && !prompts[2].contains("第一问"), "sqlite: {sqlite}: {prompts:?}");
+        let kept = prompts[1].contains("答：第一问") && prompts[2].contains("答：第一问");
+        let gone = !prompts[1].contains("第一问") && !prompts[2].contains("第一问");
+        assert!(if left_out { gone } else { kept }, "sqlite: {sqlite}, left out: {left_out}: {prompts:?}");
         assert!(prompts[2].contains("答：第二问"), "sqlite: {sqlite}: {prompts:?}");
-        // The first answer's one send (refused for good: 48001), then the two others.
+        // The first answer's one send (failed), then the two others.
         let sent = app.sent_messages().await;
         assert_eq!(sent.len(), 3, "sqlite: {sqlite}: {sent:?}");
         drop(app);
