@@ -699,7 +699,8 @@ async fn openai_empty_events_after_the_finish_reason_do_not_hold_the_answer() {
 #[tokio::test]
 async fn openai_chunks_run_together_in_one_event_are_each_read() {
     let server = MockServer::start().await;
-    let body = format!("data: {}\n\ndata: {}\ndata: {}\n\ndata: [DONE]\n\n", chunk("你"), chunk("好"), chunk("吗"));
+    // The last ones run into `[DONE]` as well.
+    let body = format!("data: {}\n\ndata: {}\ndata: {}\ndata: [DONE]\n\n", chunk("你"), chunk("好"), chunk("吗"));
     Mock::given(method("POST")).respond_with(streaming(body)).mount(&server).await;
 
     let (result, pieces) = complete(&openai(openai_settings(&server))).await;

@@ -247,8 +247,9 @@ pub struct SseStream {
     finished: bool,
     /// `data: [DONE]` was seen: the server ended the answer (not merely the connection).
     done: bool,
-    /// JSON events split out of one event (see [`next_json_event`]), not yet returned.
-    split_out: std::collections::VecDeque<(Option<String>, serde_json::Value)>,
+    /// JSON events split out of one event (see [`next_json_event`]), not yet returned; `None`
+    /// for a `[DONE]` line among them.
+    split_out: std::collections::VecDeque<Option<(Option<String>, serde_json::Value)>>,
 }
 
 impl SseStream {
@@ -366,7 +367,8 @@ pub(crate) async fn next_json_event(
     backend: &'static str,
 ) -> Result<Option<(Option<String>, serde_json::Value)>, LlmError> {
     if let Some(split_out) = events.split_out.pop_front() {
-        return Ok(Some(split_out));
+        events.done |= split_out.is_none();
+        return Ok(split_out);
     }
     loop {
         let next = if started {
@@ -404,16 +406,22 @@ pub(crate) async fn next_json_event(
                 // Several `data:` lines each a whole JSON object: events from a proxy that
                 // separates them with one line break instead of two (the event format joins
                 // them into one). Dropped, they would cut the answer short unnoticed.
-                let lines: Option<Vec<serde_json::Value>> = data
+                // The stream's `[DONE]` may come last among them.
+                let lines: Option<Vec<Option<serde_json::Value>>> = data
                     .lines()
-                    .filter(|line| !line.trim().is_empty())
-                    .map(|line| serde_json::from_str(line).ok())
+                    .map(str::trim)
+                    .filter(|line| !line.is_empty())
+                    .map(|line| match line {
+                        "[DONE]" => Some(None),
+                        json => serde_json::from_str(json).ok().map(Some),
+                    })
                     .collect();
                 match lines {
-                    Some(mut lines) if lines.len() > 1 => {
-                        let first = lines.remove(0);
-                        events.split_out.extend(lines.into_iter().map(|json| (event.event.clone(), json)));
-                        return Ok(Some((event.event, first)));
+                    Some(lines) if lines.len() > 1 && lines.first().is_some_and(Option::is_some) => {
+                        let mut split = lines.into_iter().map(|json| json.map(|json| (event.event.clone(), json)));
+                        let first = split.next().flatten();
+                        events.split_out.extend(split);
+                        return Ok(first);
                     }
                     _ => tracing::debug!(backend, %error, "Ignoring an unparsable stream event."),
                 }
