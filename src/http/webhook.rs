@@ -505,7 +505,11 @@ async fn hold_for_answer(
             None if superseded() && job.attempts_seen() >= PASSIVE_ATTEMPTS => return ("lapsed", respond(ack)),
             None if superseded() => return lapse().await,
             // Shutting down: the platform's retry could not get in, so this attempt is the
-            // last; the answer will be pushed.
+            // last; the answer will be pushed (this one's reply, too late, carries none of it).
+            None if hub.passive.is_closing() && answer_by.is_zero() => {
+                job.push_from_now();
+                None
+            }
             None if hub.passive.is_closing() => job.give_up(),
             None => return lapse().await,
         },
@@ -522,6 +526,10 @@ async fn hold_for_answer(
         },
     };
     let Some(HeldAnswer { mut parts, gone }) = held else {
+        if answer_by.is_zero() {
+            // Too late for the platform to read: text parked earlier stays parked.
+            return ("pushed", respond(ack));
+        }
         // This answer comes later (pushed, or parked in passive mode); what is parked of the
         // user's earlier answers need not wait for yet another message.
         return match reply_with_parked(hub, entry, request, &envelope) {
