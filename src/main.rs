@@ -23,19 +23,23 @@ enum Command {
     Check,
 }
 
-fn main() -> std::process::ExitCode {
-    // The error and its causes, without the backtrace anyhow would add under RUST_BACKTRACE
-    // (which many set everywhere): a config mistake should read as one.
-    match serve() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+fn main() {
+    let runtime = actix_web::rt::System::new();
+    let code = match runtime.block_on(serve()) {
+        Ok(()) => 0,
         Err(error) => {
+            // The error and its causes, without the backtrace anyhow would add under
+            // RUST_BACKTRACE (which many set everywhere): a config mistake should read as one.
             eprintln!("Error: {error:#}");
-            std::process::ExitCode::FAILURE
+            1
         }
-    }
+    };
+    // Not by dropping the runtime: that waits, without a bound, for its blocking tasks (a DNS
+    // lookup stuck on an unreachable resolver), past the bound the stop kept. What the exit had
+    // to write is written by now (or given up on, logged).
+    std::process::exit(code)
 }
 
-#[actix_web::main]
 async fn serve() -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init();

@@ -514,6 +514,9 @@ impl Application {
 /// `write_what_is_left`).
 const EXIT_WRITES_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long, of [`EXIT_WRITES_TIMEOUT`], the exit waits for the actor threads to stop.
+const ACTOR_JOIN_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How old a resumed message may be for a platform retry to still come for it (WeChat's three
 /// tries span about 15 s), in milliseconds.
 const RESUMED_RETRY_HORIZON_MS: i64 = 20_000;
@@ -599,7 +602,13 @@ async fn write_what_is_left(hub: &Hub, arbiters: Vec<Arbiter>, parked_file: Opti
         let _ = stopped.send(());
     });
     match joiner {
-        Ok(_) => drop(all_stopped.await),
+        // Bounded on its own: a thread whose runtime waits for a blocking task (a DNS lookup
+        // that hangs) must not leave no time for the writes below.
+        Ok(_) => {
+            if tokio::time::timeout(ACTOR_JOIN_TIMEOUT, all_stopped).await.is_err() {
+                tracing::warn!("An actor thread did not stop in time; writing what is left anyway.");
+            }
+        }
         Err(error) => tracing::error!(%error, "Cannot wait for the actor threads to stop."),
     }
     if let Some(path) = parked_file {
