@@ -128,11 +128,16 @@ pub async fn answer(
     let Some(parts) = record(hub, envelope, session_key, turn, text).await else { return Reached::User };
     let reached = deliver_recorded(hub, envelope, parts).await;
     if reached == Reached::NoOne && with_turn {
-        if let Err(error) = hub.store.forget_turn(&envelope.id).await {
-            tracing::error!(envelope = %envelope.id, %error, "Failed to forget the turn of an undelivered answer.");
-        }
+        forget_turn(hub, envelope).await;
     }
     reached
+}
+
+/// Takes the turn stored with `envelope`'s answer out of the history (see [`answer`]).
+async fn forget_turn(hub: &Hub, envelope: &Envelope) {
+    if let Err(error) = hub.store.forget_turn(&envelope.id).await {
+        tracing::error!(envelope = %envelope.id, %error, "Failed to forget the turn of an undelivered answer.");
+    }
 }
 
 /// Records an answer (turn and outbox parts) atomically, before any of it is sent, and returns
@@ -204,7 +209,9 @@ pub async fn deliver_recorded(hub: &Hub, envelope: &Envelope, parts: Vec<Deliver
 
 /// Sends the unsent parts of an answer the last run recorded (found pending at start).
 pub async fn resend(hub: &Hub, envelope: &Envelope, mut parts: Vec<Delivery>) {
-    if let Some(stream) = hub.take_resumed_stream(&envelope.id) {
+    let resumed_stream = hub.take_resumed_stream(&envelope.id);
+    let streamed = resumed_stream.is_some();
+    if let Some(stream) = resumed_stream {
         // The last run was streaming this answer into a message and stopped before writing its
         // first part there: it goes there now, as it would have, rather than as a second message
         // below the one left cut off.
@@ -231,7 +238,10 @@ pub async fn resend(hub: &Hub, envelope: &Envelope, mut parts: Vec<Delivery>) {
     // The platform's per-message quota holds for a resent answer too, counting the parts the
     // last run sent (those before the first one still pending).
     let parts = within_send_quota_of_rest(hub, envelope, parts);
-    send_parts(hub, envelope, parts).await;
+    // As for a new answer (none of it shown: not even in a streamed message left cut off).
+    if send_parts(hub, envelope, parts).await == Reached::NoOne && !streamed {
+        forget_turn(hub, envelope).await;
+    }
 }
 
 /// Sends an answer its passive job will not carry after all (no attempt will take it): the job

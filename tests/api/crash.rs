@@ -679,6 +679,47 @@ async fn resend_after_a_restart(sent_before_the_crash: usize, expected: &[&str])
     assert!(texts.last().is_some_and(|last| last.contains("继续")), "{texts:?}");
 }
 
+/// An answer the last run recorded, resent after the restart and refused for good before any
+/// of it was shown, takes its turn out of the history, as a new answer's does: the next
+/// question's prompt does not have the model saying it.
+#[actix_web::test]
+async fn a_resent_answer_refused_for_good_leaves_no_turn_behind() {
+    use yizhan::store::Store;
+    let dir = std::env::temp_dir().join(format!("yizhan-resend-refused-{}-{}", std::process::id(), now()));
+    let db = dir.join("yizhan.db");
+    {
+        let store = open_store(&db);
+        let envelope = accept_text(&store, CHANNEL, "oRefused", "r1", "旧问").await;
+        let parts = record_parts(&store, &envelope, &["旧答".to_owned()]).await;
+        let key = format!("{}:d:{}", envelope.channel, envelope.sender.id);
+        let turn = yizhan::store::Turn { question: "旧问".into(), answer: "旧答".into() };
+        // The turn as `record_answer` stores it with the answer (`record_parts` stores none).
+        let recorded = store.record_answer(&envelope.id, &key, Some(turn), &parts).await;
+        assert!(recorded.is_ok(), "{recorded:?}");
+    }
+    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+    echo_llm(&llm, Duration::ZERO).await;
+    let refused = serde_json::json!({"errcode":48001,"errmsg":"api unauthorized"});
+    Mock::given(method("POST"))
+        .and(path("/cgi-bin/message/custom/send"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(refused))
+        .up_to_n_times(1)
+        .mount(&wechat)
+        .await;
+    wechat_ok(&wechat).await;
+    let config = on_sqlite(base_config(&llm, &wechat), &db);
+    let env = [("YIZHAN__CHANNELS__MP__REPLY_MODE", "push")];
+    let app = spawn_with(&config, &env, yizhan::channels::ChannelKinds::builtin(), wechat, llm).await;
+    app.wait_until_idle().await;
+    app.post_text("oRefused", 2, "新问").await;
+    app.wait_until_idle().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let prompts: Vec<String> =
+        app.llm_requests().await.iter().map(|request| String::from_utf8_lossy(&request.body).into_owned()).collect();
+    assert_eq!(prompts.len(), 1, "{prompts:?}");
+    assert!(!prompts[0].contains("旧答") && prompts[0].contains("新问"), "{prompts:?}");
+}
+
 /// A conversation can come back from a stop with one more open message than its queue bound
 /// (the one being answered, plus a full queue): every one is answered, none with the busy text.
 #[actix_web::test]
