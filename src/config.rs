@@ -57,7 +57,7 @@ pub struct ServerConfig {
     pub body_limit_bytes: usize,
     /// How long a webhook body may take to arrive after its headers; slower gets 408.
     pub body_timeout_ms: u64,
-    /// HTTP worker threads; 0 means one per core.
+    /// HTTP worker threads (at most 1024); 0 means one per core.
     pub workers: usize,
     /// How long a graceful shutdown may take before in-flight work is abandoned to recovery.
     pub shutdown_timeout_secs: u64,
@@ -274,7 +274,7 @@ pub struct SessionConfig {
     /// Conversations kept in memory at once (each an actor and its history window, until
     /// `idle_timeout_secs` of silence); a message opening one more gets `busy`.
     pub max_sessions: usize,
-    /// Dedicated session threads; 0 runs each session on the HTTP worker that first saw its
+    /// Dedicated session threads (at most 1024); 0 runs each session on the HTTP worker that first saw its
     /// conversation, which avoids a cross-thread wake-up per message (measured: see README).
     pub threads: usize,
 }

@@ -383,7 +383,8 @@ impl Application {
     /// Serves until SIGINT/SIGTERM, then stops gracefully: no new connections, accepted messages
     /// get up to `shutdown_timeout_secs` to be answered (sessions keep running meanwhile), then
     /// in-flight requests finish and the workers stop. Whatever is still open is in the journal
-    /// and resumes at the next start.
+    /// and resumes at the next start. Then exit the process (`std::process::exit`) rather than
+    /// drop the runtime, which waits without a bound for blocking tasks, as Yizhan's `main` does.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         self.spawn_retention();
         self.spawn_parked_expiry();
@@ -488,7 +489,8 @@ impl Application {
         });
     }
 
-    /// Prunes history and finished journal entries older than the retention period, hourly.
+    /// Prunes history and finished journal entries older than the retention period, at start
+    /// and then hourly.
     fn spawn_retention(&self) {
         if self.retention.is_zero() {
             return;
@@ -581,8 +583,9 @@ fn spawn_parked_saver(hub: &Hub) {
     });
 }
 
-/// The end of a stop: the actor threads stop, so that nothing they run queues a write after
-/// this; then parked answers changed since the last save are saved, and the store writes
+/// The end of a stop: the actor threads are stopped and waited for, at most
+/// [`ACTOR_JOIN_TIMEOUT`], so that nothing they run queues a write after this (one held by a
+/// hung blocking task, a DNS lookup, is left behind); then parked answers changed since the last save are saved, and the store writes
 /// what is queued (a part the platform confirmed, not recorded, would be sent again by the
 /// next start). A send still waiting on the platform is cut off and left pending, for the
 /// next start to send (as is a record still waiting for room in a full store queue).
@@ -714,7 +717,8 @@ impl Signals {
 }
 
 /// Re-dispatches what was accepted but not finished before the last stop. Runs before the
-/// server listens, so `journal_open` never reads 0 while old work is pending.
+/// server serves (the port is bound already; connections wait in the backlog), so
+/// `journal_open` never reads 0 while old work is pending.
 fn resume_unfinished(hub: &Hub, router: &Router, pending: Vec<crate::store::Unfinished>) {
     if pending.is_empty() {
         return;

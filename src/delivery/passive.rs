@@ -10,7 +10,9 @@
 //!   WeChat has given up on, so it waits in the job for the next attempt instead);
 //! - attempt 3 waits until shortly before its deadline, then answers `success` (or with the
 //!   user's oldest parked answer, see `reply_with_parked`); the answer then goes out through
-//!   the send API (`auto`) or is parked (`passive`).
+//!   the send API (`auto`) or is parked (`passive`). An attempt that begins already past that
+//!   point (after a slow read or journal write) takes nothing; the last one then answers
+//!   `success`, leaves parked text parked, and the answer is pushed.
 //!
 //! All attempts share one job (one LLM call). An answer that became ready between attempts waits
 //! in the job for the next attempt, and is pushed if no attempt comes for it. Either way its

@@ -1,7 +1,8 @@
 //! `GET|POST /webhooks/{channel_id}`: verify, parse, dedupe, journal, dispatch, acknowledge.
 //!
-//! Invariant: nothing here waits for the model. The only awaits are the store's journal write,
-//! which must complete before the platform is told the message arrived.
+//! Invariant: nothing here waits for the model but a held 公众号 attempt (bounded by WeChat's
+//! window). The other awaits are the store's journal write, which must complete before the
+//! platform is told the message arrived.
 
 use crate::config::ReplyMode;
 use crate::delivery::passive::{AttemptKind, HeldAnswer, PassiveJob};
@@ -76,8 +77,9 @@ impl RefusalLog {
 pub struct BodyLimits {
     /// Largest body accepted (`body_limit_bytes`); larger gets 413.
     pub max_bytes: usize,
-    /// How long a body may take to arrive once its headers have (`body_timeout_ms`; headers
-    /// are bounded by actix-web's request timeout). Platforms send a few KiB at once; a body
+    /// How long a body may take to arrive once its headers have (`body_timeout_ms`; a
+    /// connection's first request head is bounded by actix-web's request timeout, a later one
+    /// is not: see README, Operations). Platforms send a few KiB at once; a body
     /// still trickling in after this holds a connection for nothing, and would eat a passive
     /// reply's 5 seconds. Slower gets 408.
     pub timeout: Duration,
@@ -458,8 +460,8 @@ fn reply_with_parked(
 }
 
 /// Holds one webhook attempt open for the answer (see `delivery::passive`). Returns how the
-/// attempt ended (`passive`, `lapsed`, `pushed`, `empty`: the webhook outcome label) and the
-/// response.
+/// attempt ended (`passive`, `lapsed`, `pushed`, `unparked`, `empty`: the webhook outcome
+/// label) and the response.
 ///
 /// The platform's window runs from when it sent the request, so the waits are measured from
 /// `started` (when the handler began), not from when the hold begins: parsing and journaling

@@ -358,7 +358,8 @@ const STALL_FACTOR: u32 = 2;
 /// and the caller's total timeout), stops at
 /// `[DONE]` or the end of the stream (`None`), skips blank and unparsable events, and turns a
 /// non-JSON `error` event into [`LlmError::Stream`]. An event whose `data:` lines are each a
-/// JSON object (but not together) is taken as that many events.
+/// JSON value (but not together), possibly ending with `[DONE]` (which then ends the stream),
+/// is taken as that many events.
 pub(crate) async fn next_json_event(
     events: &mut SseStream,
     started: bool,

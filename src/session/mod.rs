@@ -383,7 +383,8 @@ fn turns_cached(history_max_turns: usize) -> usize {
 
 /// Does one job to the end: asks the model if needed, delivers the answer, finishes the
 /// journal entry. Returns the conversation history as it stands afterwards (`None` when it
-/// could not be loaded, so the next turn tries again).
+/// could not be loaded, or when the answer reached no one and its turn was taken out of the
+/// store: the next turn reads it again).
 async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>) -> Option<Vec<Turn>> {
     let Job { envelope, work } = job;
     let Some(entry) = hub.channels.get(&envelope.channel) else {

@@ -4,7 +4,8 @@
 //! The [`Store`] trait is the seam between the core and a storage engine. Every method is async
 //! and returns a boxed future so that engines which block (SQLite) run their work off the
 //! actix worker threads, and engines over the network (Redis) fit the same shape. Operations are
-//! shaped so that each one is a single atomic step in any engine: `accept` claims the dedupe
+//! shaped so that each one is a single atomic step in any engine (but `prune`, which may go in
+//! chunks): `accept` claims the dedupe
 //! key and journals the envelope together, so a crash can never leave one without the other.
 
 mod claims;
@@ -141,7 +142,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes history turns and finished journal entries (and failed-part records) older than
     /// `before`; returns how many rows went. A finished entry whose dedupe claim is still live
-    /// may be kept until the claim lapses (the SQLite store remembers claims on those rows).
+    /// may be kept until the claim lapses (the SQLite store remembers claims on those rows). An
+    /// engine may remove them in several writes (SQLite: 1,000 rows of a table each), so that
+    /// other writes are not held behind one long delete.
     fn prune(&self, before: SystemTime) -> BoxFuture<'_, Result<u64, StoreError>>;
 
     /// The most recent `max_turns` turns of a conversation, oldest first.
@@ -154,8 +157,8 @@ pub trait Store: Send + Sync + 'static {
     fn clear_history<'a>(&'a self, session_key: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
 
     /// Forgets the turn `record_answer` stored for `envelope_id`, if any: its answer reached no
-    /// one (every part refused for good), and a prompt must not show the model saying what the
-    /// user never read.
+    /// one (its first part refused for good, so none of it was shown), and a prompt must not show
+    /// the model saying what the user never read.
     fn forget_turn<'a>(&'a self, envelope_id: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
 
     /// Replaces what is parked for each of `users`, in one atomic step. Parked answers are

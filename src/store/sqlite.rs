@@ -79,7 +79,7 @@
 //! checkpoints sync the WAL and the database themselves. A failed fsync breaks the store for
 //! good (see `run_syncer`). [`Durability::ProcessCrash`] answers right after `COMMIT`.
 //!
-//! # Schema (version 5, see [`MIGRATIONS`])
+//! # Schema (version 6, see [`MIGRATIONS`])
 //!
 //! Times are Unix milliseconds (wall clock, because they must mean the same after a restart).
 //!
@@ -113,8 +113,10 @@
 //!   start); never pruned by age (an open envelope needs it however old).
 //! - `parked(channel, user, record, saved_at)`, primary key `(channel, user)`: each user's
 //!   parked answers ([`Store::save_parked`]), as the passive-reply module encodes them.
-//! - `history(seq, session_key, question, answer, created_at)`, indexed on `(session_key, seq)`
-//!   and `created_at`. At most [`SqliteOptions::max_turns_kept`] rows per key.
+//! - `history(seq, session_key, question, answer, created_at, envelope_id)`, indexed on
+//!   `(session_key, seq)`, `created_at` and, where set, `envelope_id` (the answered envelope,
+//!   for [`Store::forget_turn`]; none for turns stored before schema 6 or by `append_turn`). At
+//!   most [`SqliteOptions::max_turns_kept`] rows per key.
 //!
 //! Foreign keys are not declared: the writer is the only mutator and inserts outbox rows only for
 //! an open envelope (in the inbound log, or a legacy journal row), and declared keys would cost a
@@ -830,7 +832,7 @@ struct Part {
 /// What a committed write operation produced.
 #[derive(Debug)]
 enum Written {
-    /// Rows removed, and whether a table had more to remove than the op's limit.
+    /// Rows removed, and whether a table removed as many as the op's limit (so more may be due).
     Pruned {
         removed: u64,
         more: bool,

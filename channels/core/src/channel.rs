@@ -281,7 +281,9 @@ pub trait Channel: Send + Sync + 'static {
     /// - Anything else: final. The part, and the parts of the answer after it, are recorded
     ///   failed with the error as the reason, or, on channels with a passive window in `auto`
     ///   mode, parked for the user's next message. The core logs every failed part; a channel
-    ///   need not log its errors again.
+    ///   need not log its errors again. If it is an answer's first part (none of it shown), the
+    ///   answer's turn is also taken out of the conversation's history; after `Transient` and
+    ///   `MaybeDelivered` it stays (the part may have arrived).
     fn deliver<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>>;
 
     /// Starts a message that will show the answer while it is written, addressed like

@@ -43,7 +43,8 @@ pub enum ChannelError {
     /// more at most (a lost answer is worse than a second copy, a dozen copies worse than
     /// either), then records it failed: unlike other failures, it is never parked nor sent
     /// again at the next start. A channel whose platform drops
-    /// repeated sends (Feishu's `uuid`, WeCom's duplicate check) reports these as
+    /// repeated sends (Feishu's `uuid`; WeCom's duplicate check, on the sends that ask for it)
+    /// reports these as
     /// [`Transient`](Self::Transient) instead.
     #[error("delivery may have arrived: {0}")]
     MaybeDelivered(String),

@@ -17,8 +17,8 @@ use yizhan_channel_common::api::{
 };
 use yizhan_channel_core::{AccessToken, ChannelError, ChannelId, DeliveryReceipt, TokenCache};
 
-/// How long one API call may take before it counts as a transient failure, unless the hub's
-/// client has a shorter timeout. Generous: WeChat usually answers in well under a second, but a
+/// How long one API call may take before it fails (a send: `MaybeDelivered`, since it may have
+/// arrived; a token fetch: transient), unless the hub's client has a shorter timeout. Generous: WeChat usually answers in well under a second, but a
 /// hung connection must not stall a delivery forever.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -35,12 +35,13 @@
 //!   rejected token is refreshed and the send retried exactly once.
 //! - **Instances are independent.** Every `[[channels]]` entry (one app of one corp) owns its
 //!   crypto state, token cache and rate limiter; nothing is global.
-//! - **Duplicate check for resends only.** A part's first send asks WeCom to drop it if an
+//! - **Duplicate check except on repeated texts.** A part's first send asks WeCom to drop it if an
 //!   identical message went to the member in the last 15 minutes, and so do its resends, so a
 //!   part retried after a lost answer (retries span up to about 13 minutes, account pauses
 //!   included) or resent after a quick restart is not shown twice. A *different* part with the same text (the apology while
 //!   the model is down, an answer repeated word for word) is sent without the check, or WeCom
-//!   would swallow it (`repeats`).
+//!   would swallow it (`repeats`); a failure of such a send after it went out is
+//!   `MaybeDelivered`: sent once more at most.
 #![warn(missing_docs)]
 
 mod api;
