@@ -528,6 +528,17 @@ impl<'de> Deserialize<'de> for ChannelConfig {
     }
 }
 
+/// How long a built-in platform retries a webhook it got no answer to (PROTOCOLS): Feishu up to
+/// four times over about seven hours (15 s, 5 min, 1 h, 6 h), WeChat and WeCom three times
+/// within seconds. Plugins' platforms are not known here.
+fn platform_retry_span(kind: &str) -> Option<Duration> {
+    match kind {
+        "feishu" => Some(Duration::from_secs(7 * 3600 + 10 * 60)),
+        "wechat_mp" | "wecom" => Some(Duration::from_secs(60)),
+        _ => None,
+    }
+}
+
 /// The most threads `server.workers` or `session.threads` may ask for.
 const MAX_THREADS: usize = 1024;
 
@@ -620,6 +631,20 @@ impl Config {
             }
         }
         found
+    }
+
+    /// The channels whose platform goes on retrying an unanswered webhook for longer than
+    /// `store.dedupe_ttl_secs`, with how long it does: a retry that comes after the claim lapsed
+    /// is answered again (for the start-up and `check` warnings).
+    pub fn dedupe_shorter_than_retries(&self) -> Vec<(String, Duration)> {
+        let ttl = Duration::from_secs(self.store.dedupe_ttl_secs);
+        self.channels
+            .iter()
+            .filter_map(|entry| {
+                let retries_for = platform_retry_span(&entry.settings.kind)?;
+                (ttl < retries_for).then(|| (entry.core.id.clone(), retries_for))
+            })
+            .collect()
     }
 
     fn validate(&self) -> anyhow::Result<()> {
@@ -1202,6 +1227,19 @@ token = "tok"
         let debug = format!("{config:?}");
         assert!(!debug.contains("sk-very-secret") && !debug.contains("file-secret"), "{debug}");
         assert!(debug.contains("app_secret"), "key names are shown: {debug}");
+    }
+
+    /// A dedupe window shorter than a platform's retries is warned about, per channel.
+    #[test]
+    fn a_dedupe_window_shorter_than_a_platforms_retries_is_found() {
+        let text = include_str!("../examples/yizhan.example.toml");
+        let found = |ttl: &str| {
+            let config = load(text, &[("YIZHAN__STORE__DEDUPE_TTL_SECS", ttl)]).unwrap_or_else(|e| panic!("{e:#}"));
+            config.dedupe_shorter_than_retries().into_iter().map(|(channel, _)| channel).collect::<Vec<_>>()
+        };
+        assert_eq!(found("86400"), Vec::<String>::new());
+        assert_eq!(found("3600"), ["feishu-main"]);
+        assert_eq!(found("30"), ["mp-main", "wecom-main", "feishu-main"]);
     }
 
     #[test]
