@@ -61,6 +61,9 @@ pub struct ServerConfig {
     pub workers: usize,
     /// How long a graceful shutdown may take before in-flight work is abandoned to recovery.
     pub shutdown_timeout_secs: u64,
+    /// A connection with no request in progress for this long is closed: one left holding a
+    /// half-sent request head, which actix-web would keep forever (see `http::stalled_connections`).
+    pub stalled_connection_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -71,6 +74,7 @@ impl Default for ServerConfig {
             body_timeout_ms: 5000,
             workers: 0,
             shutdown_timeout_secs: 10,
+            stalled_connection_secs: 60,
         }
     }
 }
@@ -651,6 +655,7 @@ impl Config {
         let positive = [
             ("server.body_limit_bytes", self.server.body_limit_bytes as u64),
             ("server.body_timeout_ms", self.server.body_timeout_ms),
+            ("server.stalled_connection_secs", self.server.stalled_connection_secs),
             ("llm.max_concurrency", self.llm.max_concurrency as u64),
             ("llm.first_token_timeout_secs", self.llm.first_token_timeout_secs),
             ("llm.total_timeout_secs", self.llm.total_timeout_secs),
@@ -712,6 +717,7 @@ impl Config {
         let mut durations = vec![
             ("server.body_timeout_ms".to_owned(), seconds(self.server.body_timeout_ms)),
             ("server.shutdown_timeout_secs".to_owned(), self.server.shutdown_timeout_secs),
+            ("server.stalled_connection_secs".to_owned(), self.server.stalled_connection_secs),
             ("store.dedupe_ttl_secs".to_owned(), self.store.dedupe_ttl_secs),
             ("store.retention_days".to_owned(), self.store.retention_days.saturating_mul(86_400)),
             ("llm.connect_timeout_ms".to_owned(), seconds(self.llm.connect_timeout_ms)),

@@ -3,7 +3,9 @@
 use crate::channels::ChannelKinds;
 use crate::config::{Config, LlmBackendKind, ReplyMode, StoreKind};
 use crate::delivery::{ChannelActor, RetryPolicy};
-use crate::http::{healthz, keep_body_until_sent, metrics as metrics_route, webhook, AppState, BodyLimits};
+use crate::http::{
+    healthz, keep_body_until_sent, metrics as metrics_route, watch_for_stalls, webhook, AppState, BodyLimits,
+};
 use crate::hub::{ChannelEntry, Hub, HubInner};
 use crate::llm::client::{build_http_client, LlmClientSettings};
 use crate::llm::lobehub::{LobeHubBackend, LobeHubSettings};
@@ -349,6 +351,7 @@ impl Application {
         };
         let state =
             web::Data::new(AppState { hub: hub.clone(), router: router.clone(), body, refusals: Default::default() });
+        let stalled_after = Duration::from_secs(config.server.stalled_connection_secs);
         let mut server = HttpServer::new(move || {
             App::new()
                 .wrap_fn(keep_body_until_sent)
@@ -357,6 +360,7 @@ impl Application {
                 .route("/metrics", web::get().to(metrics_route))
                 .route("/webhooks/{channel_id}", web::route().to(webhook))
         })
+        .on_connect(move |connection, extensions| watch_for_stalls(connection, extensions, stalled_after))
         // Signals are handled in `run_until_stopped`, which drains accepted messages before the
         // workers (and the sessions running on them) stop.
         .disable_signals()

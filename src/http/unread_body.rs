@@ -8,6 +8,7 @@
 //! `Connection: close` and its one-second linger). A body read to its end changes nothing: by
 //! then actix has let go of it, and the connection is kept alive as before.
 
+use super::stalled_connections::{ConnectionWatch, InProgress};
 use actix_web::body::{BodySize, MessageBody};
 use actix_web::dev::{Payload, Service, ServiceRequest, ServiceResponse};
 use actix_web::web::Bytes;
@@ -40,6 +41,9 @@ impl Stream for SharedBody {
 pub struct HoldingBody<B> {
     inner: B,
     _request_body: Body,
+    /// The request counts as in progress on its connection until then (see
+    /// `stalled_connections`).
+    _in_progress: Option<InProgress>,
 }
 
 impl<B: MessageBody + Unpin> MessageBody for HoldingBody<B> {
@@ -63,6 +67,7 @@ where
     S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error>,
     S::Future: 'static,
 {
+    let in_progress = request.conn_data::<ConnectionWatch>().map(ConnectionWatch::begin_request);
     let body: Body = Rc::new(RefCell::new(request.take_payload()));
     let shared: Pin<Box<dyn Stream<Item = Result<Bytes, actix_web::error::PayloadError>>>> =
         Box::pin(SharedBody(body.clone()));
@@ -70,6 +75,6 @@ where
     let response = service.call(request);
     async move {
         let response = response.await?;
-        Ok(response.map_body(|_, inner| HoldingBody { inner, _request_body: body }))
+        Ok(response.map_body(|_, inner| HoldingBody { inner, _request_body: body, _in_progress: in_progress }))
     }
 }

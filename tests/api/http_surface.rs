@@ -171,6 +171,23 @@ async fn a_connection_whose_body_is_left_unread_is_closed() {
     }
 }
 
+/// A connection left holding a half-sent request head after a response (actix-web's keep-alive
+/// timer stops at its first byte, and no head timer follows) is closed once it has carried no
+/// request for `stalled_connection_secs`.
+#[actix_web::test]
+async fn a_connection_stalled_in_a_later_request_head_is_closed() {
+    let app = spawn_app(&[("YIZHAN__SERVER__STALLED_CONNECTION_SECS", "1")], Duration::ZERO).await;
+    let address = app.address.trim_start_matches("http://").to_owned();
+    let (response, closed) = actix_web::rt::task::spawn_blocking(move || {
+        let head = "GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n";
+        answer_then_close(&address, head, Some("G"), Duration::from_secs(10))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(closed, "left open: {response}");
+}
+
 #[actix_web::test]
 async fn malformed_xml_with_a_valid_signature_is_400() {
     let app = spawn_app(&[], Duration::ZERO).await;
