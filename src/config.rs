@@ -637,6 +637,24 @@ impl Config {
         found
     }
 
+    /// What the start logs and `yizhan check` prints as warnings: placeholders left from the
+    /// example, and a dedupe window shorter than a channel's platform retries.
+    pub fn warnings(&self) -> Vec<String> {
+        let placeholders = self.placeholders().into_iter().map(|key| {
+            format!(
+                "config key `{key}` is still the example's placeholder; that channel cannot work until it is replaced"
+            )
+        });
+        let short_dedupe = self.dedupe_shorter_than_retries().into_iter().map(|(channel, retries_for)| {
+            format!(
+                "config key `store.dedupe_ttl_secs` ({}) is shorter than channel `{channel}`'s platform retries a webhook ({} s): a late retry would be answered again",
+                self.store.dedupe_ttl_secs,
+                retries_for.as_secs()
+            )
+        });
+        placeholders.chain(short_dedupe).collect()
+    }
+
     /// The channels whose platform goes on retrying an unanswered webhook for longer than
     /// `store.dedupe_ttl_secs`, with how long it does: a retry that comes after the claim lapsed
     /// is answered again (for the start-up and `check` warnings).
@@ -1246,6 +1264,13 @@ token = "tok"
         assert_eq!(found("86400"), Vec::<String>::new());
         assert_eq!(found("3600"), ["feishu-main"]);
         assert_eq!(found("30"), ["mp-main", "wecom-main", "feishu-main"]);
+        let config = load(text, &[("YIZHAN__STORE__DEDUPE_TTL_SECS", "3600")]).unwrap_or_else(|e| panic!("{e:#}"));
+        let warnings = config.warnings();
+        assert!(
+            warnings.iter().any(|w| w.contains("`feishu-main`") && w.contains("store.dedupe_ttl_secs")),
+            "{warnings:?}"
+        );
+        assert!(warnings.iter().any(|w| w.contains("channels[mp-main].app_secret")), "{warnings:?}");
     }
 
     #[test]

@@ -46,15 +46,8 @@ async fn serve() -> anyhow::Result<()> {
     let config = Config::load(&cli.config)?;
     if let Some(Command::Check) = cli.command {
         startup::check(&config, &ChannelKinds::builtin())?;
-        for key in config.placeholders() {
-            eprintln!("warning: config key `{key}` is still the example's placeholder; that channel cannot work until it is replaced");
-        }
-        for (channel, retries_for) in config.dedupe_shorter_than_retries() {
-            eprintln!(
-                "warning: config key `store.dedupe_ttl_secs` ({}) is shorter than channel `{channel}`'s platform retries a webhook ({} s): a late retry would be answered again",
-                config.store.dedupe_ttl_secs,
-                retries_for.as_secs()
-            );
+        for warning in config.warnings() {
+            eprintln!("warning: {warning}");
         }
         println!("{}: OK ({} channels)", cli.config.display(), config.channels.len());
         return Ok(());

@@ -239,13 +239,8 @@ impl Application {
     /// system.
     pub async fn build_with(config: Config, kinds: ChannelKinds) -> anyhow::Result<Self> {
         let signals = Signals::listen();
-        for key in config.placeholders() {
-            tracing::warn!(%key, "Still the example config's placeholder: that channel cannot work until it is replaced.");
-        }
-        for (channel, retries_for) in config.dedupe_shorter_than_retries() {
-            let retries_for_secs = retries_for.as_secs();
-            tracing::warn!(%channel, retries_for_secs, dedupe_ttl_secs = config.store.dedupe_ttl_secs,
-                "store.dedupe_ttl_secs is shorter than this channel's platform retries a webhook: a late retry would be answered again.");
+        for warning in config.warnings() {
+            tracing::warn!("{warning}");
         }
         let metrics = Metrics::new();
         let store = build_store(&config)?;

@@ -500,35 +500,37 @@ async fn hold_for_answer(
     };
     // Already past it (a slow read, parse or journal write): this attempt takes nothing. The
     // answer waits for the next attempt or, after the last, is pushed.
-    let taken = if answer_by.is_zero() { None } else { job.take(this_attempt, answer_by).await };
+    let too_late = answer_by.is_zero();
+    let taken = if too_late { None } else { job.take(this_attempt, answer_by).await };
+    // No attempt after this one will take the answer: this one takes it if it can still reply;
+    // if not, an answer here goes out with the fallback timer, not into this late reply.
+    let give_up = || {
+        if too_late {
+            job.push_from_now();
+            None
+        } else {
+            job.give_up()
+        }
+    };
     let held = match kind {
         AttemptKind::Lapse => match taken {
             Some(held) => Some(held),
             None if superseded() && job.attempts_seen() >= PASSIVE_ATTEMPTS => return ("lapsed", respond(ack)),
             None if superseded() => return lapse().await,
             // Shutting down: the platform's retry could not get in, so this attempt is the
-            // last; the answer will be pushed (this one's reply, too late, carries none of it).
-            None if hub.passive.is_closing() && answer_by.is_zero() => {
-                job.push_from_now();
-                None
-            }
-            None if hub.passive.is_closing() => job.give_up(),
+            // last; the answer will be pushed.
+            None if hub.passive.is_closing() => give_up(),
             None => return lapse().await,
         },
         AttemptKind::Last => match taken {
             Some(held) => Some(held),
             // Not the attempt the platform listens to; its last word ends nothing it waits for.
             None if superseded() => return ("lapsed", respond(ack)),
-            // An answer here already goes out with the fallback timer, not into this late reply.
-            None if answer_by.is_zero() => {
-                job.push_from_now();
-                None
-            }
-            None => job.give_up(),
+            None => give_up(),
         },
     };
     let Some(HeldAnswer { mut parts, gone }) = held else {
-        if answer_by.is_zero() {
+        if too_late {
             // Too late for the platform to read: text parked earlier stays parked.
             return ("pushed", respond(ack));
         }
