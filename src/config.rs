@@ -154,7 +154,7 @@ pub struct LlmConfig {
     /// except for a LobeHub agent, which has its own (see [`LlmConfig::system_prompt`]).
     #[serde(default)]
     pub system_prompt: Option<String>,
-    /// Requests to the model at once.
+    /// Requests to the model at once (at most 1048576).
     #[serde(default = "default_max_concurrency")]
     pub max_concurrency: usize,
     /// Requests allowed to wait for a slot; beyond that users get the `busy` message.
@@ -461,22 +461,41 @@ fn default_passive_margin_ms() -> u64 {
     500
 }
 
-/// `url` with any password in it (`https://user:token@proxy/v1`) replaced, for logs and errors:
-/// secrets are never logged. Text that is not a URL is kept up to its last `@`, if any.
+/// `url` with any password in it (`https://user:token@proxy/v1`), and any query or fragment
+/// (`…/v1?key=sk-…`), replaced, for logs and errors: secrets are never logged. Text that is not
+/// a URL is kept up to its last `@`, if any, and up to its first `?` or `#`.
 pub fn without_credentials(url: &str) -> String {
     match reqwest::Url::parse(url.trim()) {
-        Ok(mut parsed) if parsed.password().is_some() || !parsed.username().is_empty() => {
-            // A lone user name may be the secret (`https://sk-…@gateway/v1`). Neither setter
-            // can fail for a URL that has credentials (it has a host).
-            let _ = parsed.set_password(parsed.password().map(|_| "***"));
-            let _ = parsed.set_username("***");
+        Ok(mut parsed) if parsed.host().is_some() => {
+            let credentials = parsed.password().is_some() || !parsed.username().is_empty();
+            if !credentials && parsed.query().is_none() && parsed.fragment().is_none() {
+                return url.to_owned();
+            }
+            if credentials {
+                // A lone user name may be the secret (`https://sk-…@gateway/v1`). Neither setter
+                // can fail for a URL that has a host.
+                let _ = parsed.set_password(parsed.password().map(|_| "***"));
+                let _ = parsed.set_username("***");
+            }
+            if parsed.query().is_some() {
+                parsed.set_query(Some("***"));
+            }
+            if parsed.fragment().is_some() {
+                parsed.set_fragment(Some("***"));
+            }
             parsed.to_string()
         }
-        Ok(parsed) if parsed.host().is_some() => url.to_owned(),
-        _ => match url.rfind('@') {
-            Some(at) => format!("***{}", &url[at..]),
-            None => url.to_owned(),
-        },
+        _ => {
+            let (head, tail) = url.split_at(url.find(['?', '#']).unwrap_or(url.len()));
+            let head = match head.rfind('@') {
+                Some(at) => format!("***{}", &head[at..]),
+                None => head.to_owned(),
+            };
+            match tail.chars().next() {
+                Some(mark) => format!("{head}{mark}***"),
+                None => head,
+            }
+        }
     }
 }
 
@@ -545,6 +564,10 @@ fn platform_retry_span(kind: &str) -> Option<Duration> {
 
 /// The most threads `server.workers` or `session.threads` may ask for.
 const MAX_THREADS: usize = 1024;
+
+/// The most LLM requests at once `llm.max_concurrency` may allow: far beyond any model
+/// server's, and far within what a semaphore can count.
+const MAX_LLM_CONCURRENCY: usize = 1 << 20;
 
 impl Config {
     /// Reads `path`, applies the process environment's overrides, and validates.
@@ -695,6 +718,11 @@ impl Config {
             if value > MAX_THREADS {
                 bail!("config key `{key}` is {value}; at most {MAX_THREADS} threads (0: one per core, or none)");
             }
+        }
+        // A semaphore's permits; beyond its maximum the LLM actor would panic at its start and
+        // every user get the apology, so "unlimited" is refused here, by name.
+        if self.llm.max_concurrency > MAX_LLM_CONCURRENCY {
+            bail!("config key `llm.max_concurrency` is {}; at most {MAX_LLM_CONCURRENCY}", self.llm.max_concurrency);
         }
         if self.llm.base_url.trim().is_empty() {
             bail!("config key `llm.base_url` must not be empty");
@@ -864,6 +892,13 @@ fn apply_override(root: &mut toml::Value, path: &str, raw: &str, as_text: bool) 
         let table = node.as_table_mut().ok_or_else(|| anyhow!("`{segment}` is not a table"))?;
         if segment == "channels" {
             // Channels are addressed by id, not by position.
+            match segments.len() - index {
+                2 => bail!("names a channel but no key in it (`YIZHAN__CHANNELS__<ID>__<KEY>`)"),
+                // Other overrides address the channel by it: which of them found it would
+                // depend on the order of the environment.
+                3 if segments[index + 2] == "id" => bail!("a channel's `id` cannot be overridden"),
+                _ => {}
+            }
             let wanted = addressed_id(&segments[index + 1]);
             let entries = table
                 .get_mut("channels")
@@ -967,7 +1002,7 @@ token = "tok"
     }
 
     #[test]
-    fn thread_counts_beyond_the_bound_are_refused_by_name() {
+    fn thread_counts_and_llm_concurrency_beyond_their_bounds_are_refused_by_name() {
         for (name, key) in
             [("YIZHAN__SERVER__WORKERS", "server.workers"), ("YIZHAN__SESSION__THREADS", "session.threads")]
         {
@@ -975,6 +1010,11 @@ token = "tok"
             assert!(error.as_deref().is_some_and(|e| e.contains(key) && e.contains("1024")), "{name}: {error:?}");
             assert!(load(MINIMAL, &[(name, "1024")]).is_ok(), "{name}");
         }
+        // "Unlimited" as the largest number is refused too, instead of failing the LLM actor.
+        let error = load(MINIMAL, &[("YIZHAN__LLM__MAX_CONCURRENCY", "9223372036854775807")]).err();
+        let error = error.map(|e| format!("{e:#}")).unwrap_or_default();
+        assert!(error.contains("llm.max_concurrency") && error.contains("1048576"), "{error}");
+        assert!(load(MINIMAL, &[("YIZHAN__LLM__MAX_CONCURRENCY", "1048576")]).is_ok());
     }
 
     #[test]
@@ -1174,6 +1214,25 @@ token = "tok"
         assert!(load(MINIMAL, &[("YIZHAN__CHANNELS__NOPE__TOKEN", "x")]).is_err());
     }
 
+    /// A channel without a key, or its id (which the other overrides address it by, in an
+    /// order the environment decides), cannot be overridden.
+    #[test]
+    fn an_override_of_a_channel_itself_or_of_its_id_is_an_error() {
+        let error = |env: &[(&str, &str)]| load(MINIMAL, env).err().map(|e| format!("{e:#}")).unwrap_or_default();
+        let whole = error(&[("YIZHAN__CHANNELS__MP_MAIN", "x")]);
+        assert!(whole.contains("YIZHAN__CHANNELS__MP_MAIN") && whole.contains("no key"), "{whole}");
+        for order in [
+            [("YIZHAN__CHANNELS__MP_MAIN__ID", "other"), ("YIZHAN__CHANNELS__MP_MAIN__TOKEN", "t")],
+            [("YIZHAN__CHANNELS__MP_MAIN__TOKEN", "t"), ("YIZHAN__CHANNELS__MP_MAIN__ID", "other")],
+        ] {
+            let id = error(&order);
+            assert!(id.contains("YIZHAN__CHANNELS__MP_MAIN__ID") && id.contains("`id` cannot"), "{id}");
+        }
+        // An `id` deeper in a channel is an ordinary key.
+        let deeper = load(MINIMAL, &[("YIZHAN__CHANNELS__MP_MAIN__MENU__ABOUT__ID", "x")]).err();
+        assert!(deeper.is_none_or(|e| !format!("{e:#}").contains("`id` cannot")));
+    }
+
     #[test]
     fn config_errors_name_the_key_or_line_but_never_the_value() {
         let numeric = MINIMAL.replace("[llm]", "[llm]\napi_key = 987654321987");
@@ -1237,12 +1296,20 @@ token = "tok"
         };
         let query = error("https://gw.example/v1?key=sk-in-the-query");
         assert!(query.contains("query") && query.contains("llm.base_url"), "{query}");
+        assert!(!query.contains("sk-in-the-query"), "{query}");
+        let fragment = error("https://gw.example/v1#sk-in-the-fragment");
+        assert!(fragment.contains("fragment") && !fragment.contains("sk-in-the-fragment"), "{fragment}");
+        let not_http = error("ftp://gw.example/v1?key=sk-in-the-query");
+        assert!(not_http.contains("llm.base_url") && !not_http.contains("sk-in-the-query"), "{not_http}");
         let bad = error("ftp://user:hunter2@gw.example/v1");
         assert!(bad.contains("llm.base_url") && !bad.contains("hunter2"), "{bad}");
         assert_eq!(without_credentials("https://u:hunter2@gw.example/v1"), "https://***:***@gw.example/v1");
         assert_eq!(without_credentials("https://sk-abc@gw.example/v1"), "https://***@gw.example/v1");
         assert_eq!(without_credentials("https://gw.example/v1"), "https://gw.example/v1");
         assert_eq!(without_credentials("nonsense:hunter2@x"), "***@x");
+        assert_eq!(without_credentials("https://u:p@gw.example/v1?key=sk#f"), "https://***:***@gw.example/v1?***#***");
+        assert_eq!(without_credentials("nonsense:hunter2@x?key=sk#f"), "***@x?***");
+        assert_eq!(without_credentials("no url#sk"), "no url#***");
     }
 
     #[test]

@@ -55,6 +55,8 @@ mod tests {
         assert_eq!(status, 503);
         assert_eq!(body["status"], "store_failed");
         assert!(body["problem"].as_str().is_some_and(|problem| problem.contains("failed fsync")), "{body}");
+        // Served on the public port: where the store lives is not told.
+        assert!(!body.to_string().contains("store.db"), "{body}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -68,6 +68,10 @@ const ACCEPT_FIXED: usize = 1 + 8 + 16 + 8 + 2;
 /// Kind, seq, original seq, time carried and id length: the carry payload before the id.
 const CARRY_FIXED: usize = 1 + 8 + 8 + 8 + 2;
 
+/// The part of each segment (1/16: 2 MiB, some 30,000 finish records, of the default 32 MiB)
+/// that envelope records leave to finish records (see `InboundLog::append_envelope_record`).
+const FINISH_RESERVE_DIVISOR: u64 = 16;
+
 /// See [`prepare_segment`].
 const ZERO_FILL_CHUNK: usize = 256 << 10;
 
@@ -558,7 +562,7 @@ impl Spares {
 /// Keeps one segment ready ahead of the writer; ends when the writer is gone.
 ///
 /// A failure (a full disk, say) is published in `failure`, for the writer to refuse the
-/// batches that need a segment meanwhile, and the same segment is tried again after
+/// records that need a segment meanwhile, and the same segment is tried again after
 /// `retry_after` until it succeeds: the store goes on once the disk has room again, without a
 /// restart. (A failure is not handed over like a segment: it would wait for the writer's next
 /// rotation, maybe hours later, and refuse that batch with the disk long fine again.)
@@ -609,8 +613,8 @@ fn run_preparer(
 /// Why a record could not join the batch.
 enum AppendError {
     /// No fresh segment to rotate into (see [`run_preparer`]). Asked for before anything of
-    /// the segment being left is written, so the batch can be refused without harm if it
-    /// rotated for the first time.
+    /// the record is framed or the segment being left is written, so that only the record is
+    /// refused: the rest of its batch goes on.
     NoSpare(std::io::Error),
     /// A write failed: the log breaks.
     Write(std::io::Error),
@@ -648,6 +652,12 @@ pub(super) struct InboundLog {
     max_batch: usize,
     /// Reused per batch.
     buf: Vec<u8>,
+}
+
+/// Why a record is refused while no fresh segment can be made: the log goes on (the platforms
+/// retry what they are refused, and the preparer tries again).
+fn no_room(error: &std::io::Error) -> String {
+    format!("the inbound log has no room for now ({error}); try again later")
 }
 
 /// Why the log cannot go on.
@@ -734,8 +744,6 @@ impl InboundLog {
         // Segments written by this batch besides the active one (a rotation mid-batch).
         let mut filled: Vec<File> = Vec::new();
         let mut written = Ok(());
-        // Restored if the batch is refused for want of a segment.
-        let counts_before = (self.active_info.number, self.active_info.open, self.active_info.claims_until);
         self.buf.clear();
         let mut staged_open: Vec<(String, OpenEntry)> = Vec::new();
         let mut staged_finish: Vec<String> = Vec::new();
@@ -762,7 +770,8 @@ impl InboundLog {
                             accept_payload(self.next_seq, claim, expires_at, envelope_id, envelope.as_bytes());
                         let envelope_at = ACCEPT_FIXED + envelope_id.len();
                         match self.append_envelope_record(payload, envelope_at, self.next_seq, &mut filled) {
-                            Err(error) => {
+                            Err(AppendError::NoSpare(error)) => Err(no_room(&error)),
+                            Err(AppendError::Write(error)) => {
                                 written = Err(error);
                                 break;
                             }
@@ -779,8 +788,9 @@ impl InboundLog {
                 }
                 LogOp::Finish { envelope_id } => {
                     if self.journaled(&staged_open, envelope_id) && !staged_finish.contains(envelope_id) {
-                        match self.append(&finish_payload(envelope_id), &mut filled) {
-                            Err(error) => {
+                        match self.append(&finish_payload(envelope_id), 0, &mut filled) {
+                            Err(AppendError::NoSpare(error)) => Err(no_room(&error)),
+                            Err(AppendError::Write(error)) => {
                                 written = Err(error);
                                 break;
                             }
@@ -798,32 +808,7 @@ impl InboundLog {
             results.push(result);
         }
         if written.is_ok() {
-            written = self.write_and_sync(&filled).map_err(AppendError::Write);
-        }
-        if let Err(AppendError::NoSpare(error)) = &written {
-            if filled.is_empty() {
-                // Nothing of the batch reached the disk: refused, and the log goes on (the
-                // platforms retry what they are refused; the preparer tries again).
-                self.buf.clear();
-                self.claims.discard_staged();
-                // The active segment's counts as before the batch; one it rotated into (with
-                // nothing of it written before) holds nothing.
-                (self.active_info.open, self.active_info.claims_until) = match counts_before {
-                    (number, open, claims_until) if number == self.active_info.number => (open, claims_until),
-                    _ => (0, i64::MIN),
-                };
-                let refused = format!("the inbound log has no room for now ({error}); try again later");
-                for job in batch.drain(..) {
-                    // What writes nothing is still answered, from what was there before.
-                    let answer = match &job.op {
-                        LogOp::IsOpen { envelope_id } => Ok(Logged::IsOpen(self.open.contains_key(envelope_id))),
-                        LogOp::Open => self.list_open().map(Logged::Open).map_err(|error| error.to_string()),
-                        LogOp::Accept { .. } | LogOp::Finish { .. } => Err(refused.clone()),
-                    };
-                    let _ = job.reply.send(answer);
-                }
-                return;
-            }
+            written = self.write_and_sync(&filled);
         }
         if let Err(error) = written {
             // Pages that failed to reach the disk may be dropped by the kernel without a later
@@ -899,6 +884,7 @@ impl InboundLog {
         self.buf.clear();
         let mut filled = Vec::new();
         let mut carried = Vec::with_capacity(stuck.len());
+        let mut no_room = false;
         for ((envelope_id, original), envelope) in stuck.iter().zip(&envelopes) {
             if self.next_seq == u64::MAX {
                 break;
@@ -908,13 +894,14 @@ impl InboundLog {
             match self.append_envelope_record(payload, envelope_at, original.seq, &mut filled) {
                 Ok(Some(entry)) => carried.push((envelope_id.clone(), entry)),
                 Ok(None) => {}
-                Err(AppendError::NoSpare(error)) if filled.is_empty() => {
+                Err(AppendError::NoSpare(error)) => {
+                    // Those carried so far are kept; the rest wait for the next try.
                     tracing::warn!(segment = number, %error, "No room to carry envelopes forward; retried later.");
-                    self.buf.clear();
                     self.carry_paused_until = Some(Instant::now() + CARRY_RETRY_AFTER);
-                    return;
+                    no_room = true;
+                    break;
                 }
-                Err(error) => {
+                Err(AppendError::Write(error)) => {
                     self.break_on(&error);
                     return;
                 }
@@ -932,7 +919,7 @@ impl InboundLog {
                 return;
             }
         }
-        if carried.len() < stuck.len() || stuck.is_empty() {
+        if !no_room && (carried.len() < stuck.len() || stuck.is_empty()) {
             // Too large for the segment size now configured, seqs exhausted, or (with nothing
             // found in it) counts gone wrong: the segment stays; say so, and do not spin on it.
             tracing::error!(
@@ -991,7 +978,11 @@ impl InboundLog {
         filled: &mut Vec<File>,
     ) -> Result<Option<OpenEntry>, AppendError> {
         let Some(payload) = payload else { return Ok(None) };
-        let Some(at) = self.append(&payload, filled)? else { return Ok(None) };
+        // Envelopes leave the end of each segment to finishes, which can then still be written
+        // while no fresh segment can be made (a full disk), and free segments for it.
+        let Some(at) = self.append(&payload, self.segment_bytes / FINISH_RESERVE_DIVISOR, filled)? else {
+            return Ok(None);
+        };
         let entry = OpenEntry {
             seq: order,
             segment: self.active_info.number,
@@ -1003,14 +994,15 @@ impl InboundLog {
     }
 
     /// Frames `payload` into the batch buffer for the active segment, rotating to a fresh
-    /// segment first if it does not fit. Returns the record's offset in its segment, or `None`
-    /// if it could never fit a segment.
-    fn append(&mut self, payload: &[u8], filled: &mut Vec<File>) -> Result<Option<u64>, AppendError> {
+    /// segment first if it does not fit in all but the last `reserve` bytes of the segment.
+    /// Returns the record's offset in its segment, or `None` if it could never fit a segment.
+    fn append(&mut self, payload: &[u8], reserve: u64, filled: &mut Vec<File>) -> Result<Option<u64>, AppendError> {
         let size = (HEADER + payload.len()) as u64;
-        if size > self.segment_bytes {
+        let room = self.segment_bytes.saturating_sub(reserve);
+        if size > room {
             return Ok(None);
         }
-        if self.offset + self.buf.len() as u64 + size > self.segment_bytes {
+        if self.offset + self.buf.len() as u64 + size > room {
             // The spare first: until it is here, nothing of the batch is written.
             let (number, next) = self.spares.next()?;
             let tail = !self.buf.is_empty();
@@ -1567,12 +1559,12 @@ mod tests {
     }
 
     /// A full disk: the preparer fails from its third segment on until the disk has room.
-    /// A batch that rotates into the second segment (nothing of the first written by it) and
-    /// then needs a third is refused whole, what writes nothing still answered; the log is not
-    /// broken, the second segment counts nothing of the refused batch, and once a segment can
-    /// be made again the platform's retries are taken.
+    /// A batch that rotates into the second segment and then needs a third keeps what fits and
+    /// has only the rest refused; the log is not broken. Finishes still fit (the end of each
+    /// segment is theirs), and the segments they free are deleted meanwhile, so that the
+    /// preparer finds room. Once a segment can be made again the platform's retries are taken.
     #[test]
-    fn a_segment_that_cannot_be_prepared_refuses_the_batch_that_needs_it_and_the_log_goes_on() {
+    fn a_segment_that_cannot_be_prepared_refuses_only_what_needs_it_and_the_log_goes_on() {
         let dir = TempDir::new();
         let broken = Arc::new(AtomicBool::new(false));
         let (calls, healed) = (Arc::new(std::sync::atomic::AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
@@ -1586,20 +1578,22 @@ mod tests {
         });
         let sync: SyncSegment = Box::new(|_| Ok(()));
         let (mut log, preparer) = start_with(&dir, sync, Arc::clone(&broken), prepare, Duration::from_millis(1));
-        // One accept at a time until the next one would not fit the first segment.
-        let record = |id: &str| match accept(id, 60_000) {
+        // One accept at a time until the next one would not fit the first segment (claims that
+        // lapse at once, so that the segment can go once its envelopes are finished).
+        let record = |id: &str| match accept(id, 0) {
             LogOp::Accept { claim, envelope_id, envelope, .. } => {
                 HEADER
                     + accept_payload(0, &claim, 0, &envelope_id, envelope.as_bytes()).map_or(0, |payload| payload.len())
             }
             _ => 0,
         };
-        let mut accepted: Vec<String> = Vec::new();
-        while log.offset + (record("m00") as u64) <= SEGMENT {
-            let id = format!("m{:02}", accepted.len());
-            let answers = serve(&mut log, vec![accept(&id, 60_000)]);
+        let envelope_room = SEGMENT - SEGMENT / FINISH_RESERVE_DIVISOR;
+        let mut first_segment: Vec<String> = Vec::new();
+        while log.offset + (record("m00") as u64) <= envelope_room {
+            let id = format!("m{:02}", first_segment.len());
+            let answers = serve(&mut log, vec![accept(&id, 0)]);
             assert!(matches!(answers.as_slice(), [Ok(Logged::Accepted(Acceptance::New))]), "{answers:?}");
-            accepted.push(id);
+            first_segment.push(id);
         }
         let first = log.active_info.number;
         // Rotates into the second segment at once, fills it, and needs a third.
@@ -1607,18 +1601,30 @@ mod tests {
         ops.push(LogOp::IsOpen { envelope_id: "m00".into() });
         let answers = serve(&mut log, ops);
         assert_ne!(log.active_info.number, first, "the batch did not rotate");
+        let taken = answers[..30].iter().take_while(|answer| matches!(answer, Ok(Logged::Accepted(_)))).count();
+        assert!(taken > 0, "{answers:?}");
         assert!(
-            answers[..30].iter().all(|answer| matches!(answer, Err(e) if e.contains("injected ENOSPC"))),
+            answers[taken..30].iter().all(|answer| matches!(answer, Err(e) if e.contains("injected ENOSPC"))),
             "{answers:?}"
         );
         assert!(matches!(answers[30], Ok(Logged::IsOpen(true))), "{:?}", answers[30]);
         assert!(!broken.load(Ordering::SeqCst));
-        assert_eq!((log.active_info.open, log.active_info.claims_until, log.offset), (0, i64::MIN, 0));
-        // The disk has room again: the platform's retries are new (the claims went with the
-        // batch) and taken once the preparer's next try made a segment.
+        let mut accepted: Vec<String> = (0..taken).map(|n| format!("r{n:02}")).collect();
+        assert_eq!(log.active_info.open, taken);
+        // Still no segment: the first segment's envelopes are finished all the same (into the
+        // second one's end), and the first segment is deleted.
+        let finishes = first_segment.iter().map(|id| finish(id)).collect();
+        let answers = serve(&mut log, finishes);
+        assert!(answers.iter().all(|answer| matches!(answer, Ok(Logged::Finished))), "{answers:?}");
+        log.last_housekeeping = Instant::now() - HOUSEKEEPING_EVERY;
+        let answers = serve(&mut log, vec![accept("r29", 60_000)]);
+        assert!(matches!(&answers[..], [Err(e)] if e.contains("injected ENOSPC")), "{answers:?}");
+        assert!(!segment_path(&dir.0, first).exists(), "the finished segment is still there");
+        // The disk has room again: the platform's retries are new (refused, they took no
+        // claim) and taken once the preparer's next try made a segment.
         healed.store(true, Ordering::SeqCst);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        for n in 0..30 {
+        for n in taken..30 {
             let id = format!("r{n:02}");
             loop {
                 match serve(&mut log, vec![accept(&id, 60_000)]).as_slice() {

@@ -329,6 +329,12 @@ enum SqliteError {
          database, or create the empty directory to start without them"
     )]
     LogMissing { path: PathBuf },
+    #[error(
+        "the inbound log {path} holds {open} message(s) not yet answered, but the database has never \
+         used a log (was it deleted or replaced?): they would be answered again. Restore the \
+         database, or delete the directory too to start afresh"
+    )]
+    LogWithoutDatabase { path: PathBuf, open: usize },
     #[error("cannot open the inbound log {path}: {source}")]
     OpenLog { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
@@ -487,10 +493,15 @@ impl SqliteStore {
         // Before any migration: a second process (an overlapping restart during an upgrade)
         // must not change the schema under the one running.
         let lock = inbound_log::lock_dir(&log_dir).map_err(at_log)?;
-        migrate(&mut writer, path)?;
-        let legacy_claims = load_claims(&writer).map_err(at)?;
         let segment_bytes = options.log_segment_bytes.max(4096);
         let scanned = inbound_log::scan_locked(&log_dir, now_ms(), segment_bytes, lock).map_err(at_log)?;
+        if version < LOG_SCHEMA_VERSION && scanned.open_count() > 0 {
+            // A database deleted (to start afresh, say) beside the log it used: its open
+            // messages would be asked and answered again, with no record of what was sent.
+            return Err(SqliteError::LogWithoutDatabase { path: log_dir, open: scanned.open_count() });
+        }
+        migrate(&mut writer, path)?;
+        let legacy_claims = load_claims(&writer).map_err(at)?;
         tracing::debug!(
             path = %path.display(),
             legacy_claims = legacy_claims.len(),
@@ -1849,20 +1860,18 @@ impl Store for SqliteStore {
         })
     }
 
+    /// Served by `/healthz`, on the webhooks' public port: no path (the log names it).
     fn health(&self) -> Result<(), String> {
         if self.broken.load(Ordering::Acquire) {
-            return Err(format!(
-                "the SQLite store {} refuses writes after a failed fsync, another disk error or a stopped \
-                 syncer; check the disk and restart yizhan",
-                self.path.display()
-            ));
+            return Err("the SQLite store refuses writes after a failed fsync, another disk error or a stopped \
+                        syncer (logged); check the disk and restart yizhan"
+                .to_owned());
         }
         // Every thread runs as long as the store does; one that ended (a bug: a panic) leaves
         // its callers failing, or, for the checkpointer, the WAL growing, until a restart.
         if let Some(stopped) = self.threads.iter().find(|thread| thread.is_finished()) {
             return Err(format!(
-                "the SQLite store {}'s thread {} has stopped (a bug); restart yizhan",
-                self.path.display(),
+                "the SQLite store's thread {} has stopped (a bug); restart yizhan",
                 stopped.thread().name().unwrap_or("unnamed")
             ));
         }
@@ -2413,6 +2422,30 @@ mod tests {
         // The operator's way to start without it.
         ok(std::fs::create_dir(&log));
         drop(open(&dir, 10));
+    }
+
+    #[tokio::test]
+    async fn a_log_with_open_messages_beside_a_new_database_is_an_error() {
+        let dir = TempDir::new();
+        {
+            let store = open(&dir, 10);
+            ok(store.accept(&envelope("m1"), TTL).await);
+        }
+        for file in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{file}", dir.db().display()));
+        }
+        let refused = SqliteStore::open(&dir.db(), test_options()).map(|_| ()).err().map(|e| e.to_string());
+        assert!(refused.as_deref().is_some_and(|e| e.contains("holds 1 message(s)")), "{refused:?}");
+        // Refused before the new database was marked as using a log: refused again.
+        let refused = SqliteStore::open(&dir.db(), test_options()).map(|_| ()).err().map(|e| e.to_string());
+        assert!(refused.as_deref().is_some_and(|e| e.contains("holds 1 message(s)")), "{refused:?}");
+        // Starting afresh: both gone.
+        ok(std::fs::remove_dir_all(inbound_log::log_dir(&dir.db())));
+        for file in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{file}", dir.db().display()));
+        }
+        let store = open(&dir, 10);
+        assert!(ok(store.unfinished().await).is_empty());
     }
 
     #[tokio::test]
