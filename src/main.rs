@@ -52,6 +52,7 @@ async fn serve() -> anyhow::Result<()> {
         println!("{}: OK ({} channels)", cli.config.display(), config.channels.len());
         return Ok(());
     }
+    yizhan::http::raise_open_file_limit();
     let app = Application::build(config).await.context("Failed to start Yizhan")?;
     app.run_until_stopped().await.context("Server failed")
 }

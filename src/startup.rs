@@ -527,6 +527,19 @@ const ACTOR_JOIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// tries span about 15 s), in milliseconds.
 const RESUMED_RETRY_HORIZON_MS: i64 = 20_000;
 
+/// How many of WeChat's tries came for a message `age_ms` old, resumed now: the first only
+/// while its window (less a second, for clocks and the network) is not over, as WeChat retries
+/// only a try it gave up on; otherwise the next may be the last, and is answered as the last
+/// (with `success` before its deadline rather than the platform's error page).
+fn attempts_before_resuming(age_ms: i64, window: Duration) -> u32 {
+    let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+    if age_ms.saturating_add(1_000) < window_ms {
+        1
+    } else {
+        2
+    }
+}
+
 /// The file next to the database where earlier versions kept parked answers across a graceful
 /// restart.
 fn parked_file_of(database: &std::path::Path) -> std::path::PathBuf {
@@ -752,12 +765,15 @@ fn resume_unfinished(hub: &Hub, router: &Router, pending: Vec<crate::store::Unfi
                 let envelope = unfinished.envelope;
                 let age_ms = yizhan_channel_common::unix_millis(std::time::SystemTime::now())
                     .saturating_sub(envelope.received_at_ms);
-                let holds = hub.channels.get(&envelope.channel).is_some_and(|entry| entry.holds_for_passive());
-                let job_key = (holds && age_ms < RESUMED_RETRY_HORIZON_MS)
-                    .then(|| (envelope.channel.clone(), envelope.platform_message_id.clone()));
-                if job_key.is_some() {
-                    // WeChat's next try may be its last (its earlier ones came before the stop).
-                    hub.passive.open(&envelope).assume_earlier_attempts(2);
+                let window = hub
+                    .channels
+                    .get(&envelope.channel)
+                    .filter(|entry| entry.holds_for_passive())
+                    .and_then(|entry| entry.passive_window)
+                    .filter(|_| age_ms < RESUMED_RETRY_HORIZON_MS);
+                let job_key = window.map(|_| (envelope.channel.clone(), envelope.platform_message_id.clone()));
+                if let Some(window) = window {
+                    hub.passive.open(&envelope).assume_earlier_attempts(attempts_before_resuming(age_ms, window));
                 }
                 let answered = router.dispatch_resumed(envelope);
                 if let (false, Some((channel, message_id))) = (answered, job_key) {

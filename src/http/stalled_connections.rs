@@ -52,7 +52,12 @@ impl ConnectionWatch {
     }
 }
 
+/// How often, at most, a worker logs that it could not watch a connection.
+const UNWATCHED_LOG_EVERY: Duration = Duration::from_secs(60);
+
 thread_local! {
+    /// When this worker last logged a connection it could not watch.
+    static UNWATCHED_LOGGED: Cell<Option<Instant>> = const { Cell::new(None) };
     /// This worker's watched connections, and whether its sweeper runs.
     static WATCHED: RefCell<(Vec<Weak<Watched>>, bool)> = const { RefCell::new((Vec::new(), false)) };
 }
@@ -65,7 +70,17 @@ pub fn watch(connection: &dyn Any, extensions: &mut actix_web::dev::Extensions, 
         Ok(socket) => socket,
         Err(error) if error.kind() == std::io::ErrorKind::Unsupported => return,
         Err(error) => {
-            tracing::warn!(%error, "Cannot watch a connection for stalls (no descriptor to spare).");
+            // Once a minute per worker at most: out of descriptors, every connection fails so.
+            let due = UNWATCHED_LOGGED.with(|logged| {
+                let due = logged.get().is_none_or(|at| at.elapsed() >= UNWATCHED_LOG_EVERY);
+                if due {
+                    logged.set(Some(Instant::now()));
+                }
+                due
+            });
+            if due {
+                tracing::warn!(%error, "Cannot watch a connection for stalls (no descriptor to spare); see the open file limit (ulimit -n).");
+            }
             return;
         }
     };
@@ -84,6 +99,37 @@ pub fn watch(connection: &dyn Any, extensions: &mut actix_web::dev::Extensions, 
         actix_web::rt::spawn(sweep(limit));
     }
     extensions.insert(ConnectionWatch(watched));
+}
+
+/// Raises the soft limit on open files to the hard one (at most 2^20), as each connection
+/// takes two descriptors (its socket and the duplicate watched here): at a usual soft limit of
+/// 1024, accepts would fail at about 500 connections. Returns the limit now in force, if known.
+#[cfg(unix)]
+pub fn raise_open_file_limit() -> Option<u64> {
+    const MOST: libc::rlim_t = 1 << 20;
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit only writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return None;
+    }
+    let wanted = limit.rlim_max.min(MOST);
+    if limit.rlim_cur >= wanted {
+        return Some(limit.rlim_cur);
+    }
+    let raised = libc::rlimit { rlim_cur: wanted, rlim_max: limit.rlim_max };
+    // SAFETY: setrlimit only reads the struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        let error = std::io::Error::last_os_error();
+        tracing::warn!(%error, soft = limit.rlim_cur, "Cannot raise the open file limit; each connection takes two.");
+        return Some(limit.rlim_cur);
+    }
+    tracing::debug!(from = limit.rlim_cur, to = wanted, "Open file limit raised.");
+    Some(wanted)
+}
+
+#[cfg(not(unix))]
+pub fn raise_open_file_limit() -> Option<u64> {
+    None
 }
 
 #[cfg(unix)]
@@ -119,5 +165,30 @@ async fn sweep(limit: Duration) {
                 true
             });
         });
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    fn limit() -> libc::rlimit {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: as in `raise_open_file_limit`.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
+        limit
+    }
+
+    #[test]
+    fn the_open_file_limit_is_raised_to_the_hard_one() {
+        let before = limit();
+        let wanted = before.rlim_max.min(1 << 20);
+        // One below: the other tests of this process, running meanwhile, lose nothing by it.
+        let lowered =
+            libc::rlimit { rlim_cur: wanted.saturating_sub(1).min(before.rlim_cur), rlim_max: before.rlim_max };
+        // SAFETY: as in `raise_open_file_limit`.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lowered) }, 0);
+        assert_eq!(raise_open_file_limit(), Some(wanted));
+        assert_eq!(limit().rlim_cur, wanted);
     }
 }

@@ -301,16 +301,10 @@ async fn handle(
                 let (path, response) = hold_for_answer(hub, entry, &webhook_request, started, envelope, job, ack).await;
                 hub.metrics.webhook_requests.with_label_values(&[label, path]).inc();
                 return response;
-            } else if let Some((envelope, text)) = again {
-                match passive_reply(channel.as_ref(), &webhook_request, &envelope, &Reply::text(text)) {
-                    Ok(response) => {
-                        tracing::warn!(channel = %label, message = %envelope.platform_message_id, "A passive reply arrived too late; given again to the retry.");
-                        ("passive_again", respond(response))
-                    }
-                    Err(error) => {
-                        tracing::error!(channel = %label, %error, "Could not build a passive reply again; its text is lost.");
-                        (outcome, respond(ack))
-                    }
+            } else if let Some(again) = again {
+                match reply_again(channel.as_ref(), &webhook_request, again) {
+                    Some(response) => ("passive_again", respond(response)),
+                    None => (outcome, respond(ack)),
                 }
             } else {
                 (outcome, respond(ack))
@@ -337,6 +331,22 @@ fn passive_reply(
             )))
         },
     )
+}
+
+/// The passive reply given lately to a message (`again`: its envelope and text), built again
+/// for a platform retry of it, which proves the first did not arrive in time.
+fn reply_again(channel: &dyn Channel, request: &WebhookRequest, again: (Envelope, String)) -> Option<WebhookResponse> {
+    let (envelope, text) = again;
+    match passive_reply(channel, request, &envelope, &Reply::text(text)) {
+        Ok(response) => {
+            tracing::warn!(channel = %channel.id(), message = %envelope.platform_message_id, "A passive reply arrived too late; given again to the retry.");
+            Some(response)
+        }
+        Err(error) => {
+            tracing::error!(channel = %channel.id(), %error, "Could not build a passive reply again; its text is lost.");
+            None
+        }
+    }
 }
 
 /// Whether an envelope's platform message id can serve as its dedupe key: not blank, and of a
@@ -533,6 +543,12 @@ async fn hold_for_answer(
         if too_late {
             // Too late for the platform to read: text parked earlier stays parked.
             return ("pushed", respond(ack));
+        }
+        // An earlier attempt, whose handler began late, took the answer after this retry found
+        // the job open: it went to a connection the platform had left, and is given again.
+        let given = hub.passive.reply_again(&envelope.channel, &envelope.platform_message_id);
+        if let Some(response) = given.and_then(|given| reply_again(entry.channel.as_ref(), request, given)) {
+            return ("passive_again", respond(response));
         }
         // This answer comes later (pushed, or parked in passive mode); what is parked of the
         // user's earlier answers need not wait for yet another message.

@@ -809,6 +809,38 @@ async fn a_platform_retry_after_a_quick_restart_carries_the_resumed_answer() {
     assert!(app.sent_messages().await.is_empty(), "passive mode sends nothing");
 }
 
+/// Resumed within WeChat's first window, a message's next try is its second, not its last:
+/// an answer not ready for the second is carried by the third (in passive mode, the only way
+/// it reaches the user before they write again), instead of the second answering `success`.
+#[actix_web::test]
+async fn a_message_resumed_within_its_first_window_still_has_two_tries_to_come() {
+    let dir = std::env::temp_dir().join(format!("yizhan-resume-tries-{}-{}", std::process::id(), now()));
+    let db = dir.join("yizhan.db");
+    {
+        let store = open_store(&db);
+        accept_text(&store, CHANNEL, "oTries", "91001", "两次").await;
+    }
+    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+    // Past the second try's wait (it stops taking 3.7 s into its 4 s window), well within the
+    // third's.
+    echo_llm(&llm, Duration::from_millis(4_600)).await;
+    wechat_ok(&wechat).await;
+    let env = [
+        ("YIZHAN__CHANNELS__MP__REPLY_MODE", "passive"),
+        ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", "4000"),
+        ("YIZHAN__CHANNELS__MP__PASSIVE_MARGIN_MS", "300"),
+    ];
+    let config = on_sqlite(base_config(&llm, &wechat), &db);
+    let app = spawn_with(&config, &env, yizhan::channels::ChannelKinds::builtin(), wechat, llm).await;
+    let delivered =
+        wechat_delivers_within(&app, &text_xml("oTries", 91_001, "两次"), Duration::from_millis(4_000)).await;
+    app.wait_until_idle().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let (attempt, body) = delivered.unwrap_or_default();
+    assert!(body.contains("答：两次"), "try {attempt}: {body}");
+    assert!(app.sent_messages().await.is_empty(), "passive mode sends nothing");
+}
+
 /// Parked answers are saved in the store before their message is finished: after a graceful
 /// restart (a deploy), the continue word still brings the rest of an answer.
 #[actix_web::test]

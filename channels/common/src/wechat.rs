@@ -60,6 +60,30 @@ pub fn message_segment(
     })
 }
 
+/// The event of a `MsgType=event` push: `platform` maps the platform's own names (given lower
+/// case, with the `EventKey`) first, then the ones both share. Names are compared without case,
+/// as the platforms write some in upper case (`SCAN`, `CLICK`, `LOCATION`) and may change it.
+/// Nothing is refused: a push without a name, or a location report without a position (the
+/// user denied it), is [`Event::Other`], as a refusal would only bring the platform's retries
+/// and the user its error page.
+pub fn event(fields: &Fields, platform: impl FnOnce(&str, Option<String>) -> Option<Event>) -> Event {
+    let name = fields.get("Event").unwrap_or_default();
+    let lower = name.to_ascii_lowercase();
+    let key = fields.owned("EventKey");
+    match lower.as_str() {
+        "unsubscribe" => Event::Unsubscribe,
+        "location" => match (fields.number("Latitude"), fields.number("Longitude")) {
+            (Ok(latitude), Ok(longitude)) => {
+                Event::Location { latitude, longitude, precision: fields.optional_number("Precision") }
+            }
+            _ => Event::Other { name: name.to_owned() },
+        },
+        "click" => Event::MenuClick { key: key.unwrap_or_default() },
+        "view" => Event::MenuView { url: key.unwrap_or_default() },
+        own => platform(own, key).unwrap_or_else(|| Event::Other { name: name.to_owned() }),
+    }
+}
+
 /// The dedupe key (PROTOCOLS §2.4, §3.2): `MsgId` for messages; for events, which carry no id,
 /// sender + `CreateTime` as the platform suggests, plus `Event` and `EventKey`: two different
 /// events often share a second (`subscribe` and the `LOCATION` report on entering, two menu
@@ -113,6 +137,22 @@ mod tests {
             fields.insert(name, value.to_string());
         }
         fields
+    }
+
+    #[test]
+    fn events_without_their_name_or_position_are_other_not_malformed() {
+        let no_own = |_: &str, _: Option<String>| None;
+        let report = fields(&[("Event", "LOCATION")]);
+        assert!(matches!(event(&report, no_own), Event::Other { ref name } if name == "LOCATION"));
+        let nameless = fields(&[("MsgType", "event")]);
+        assert!(matches!(event(&nameless, no_own), Event::Other { ref name } if name.is_empty()));
+        let located = fields(&[("Event", "LOCATION"), ("Latitude", "23.1"), ("Longitude", "113.3")]);
+        assert!(matches!(event(&located, no_own), Event::Location { latitude, .. } if latitude == 23.1));
+        let click = fields(&[("Event", "CLICK"), ("EventKey", "K")]);
+        assert!(matches!(event(&click, no_own), Event::MenuClick { ref key } if key == "K"));
+        // The platform's own names come first, given lower case.
+        let own = fields(&[("Event", "ENTER_AGENT")]);
+        assert!(matches!(event(&own, |name, _| (name == "enter_agent").then_some(Event::EnterChat)), Event::EnterChat));
     }
 
     #[test]

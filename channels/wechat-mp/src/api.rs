@@ -26,6 +26,11 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// always returned with at least 300 s left, and the old one stays valid for 5 min).
 const TOKEN_MARGIN: Duration = Duration::from_secs(300);
 
+/// How long the account waits after errcode 45009 (the daily API quota) before its next call:
+/// the core's longest account pause, so that its retries span about two hours, time for an
+/// administrator to clear the quota.
+const DAILY_QUOTA_PAUSE: Duration = Duration::from_secs(600);
+
 /// Codes that mean "this access token is no good": invalid (40001, 40014) or expired (42001).
 const TOKEN_REJECTED: [i64; 3] = [40001, 40014, 42001];
 
@@ -192,7 +197,14 @@ impl Api {
         }
         let meaning = match code {
             -1 => return transient(format!("WeChat is busy (errcode -1: {message})")),
-            45009 => return transient(format!("daily API quota reached (errcode 45009: {message})")),
+            // Lifted at midnight or when an administrator clears it (清零): every call until
+            // then is refused the same way, so the whole account waits between tries.
+            45009 => {
+                return ChannelError::Transient {
+                    reason: format!("daily API quota reached (errcode 45009: {message})"),
+                    retry_after: Some(DAILY_QUOTA_PAUSE),
+                }
+            }
             45011 => {
                 return ChannelError::Transient {
                     reason: format!("per-minute API quota reached (errcode 45011: {message})"),
@@ -259,6 +271,14 @@ mod tests {
         }
         for code in [-1, 45009, 45011] {
             assert!(api.classify(code, "x", None).is_retryable(), "{code}");
+        }
+        // The quotas pause the whole account: a minute, or ten for the daily one.
+        for (code, pause) in [(45011, 60), (45009, 600)] {
+            let wait = match api.classify(code, "x", None) {
+                ChannelError::Transient { retry_after, .. } => retry_after,
+                _ => None,
+            };
+            assert_eq!(wait, Some(Duration::from_secs(pause)), "{code}");
         }
     }
 

@@ -56,28 +56,15 @@ pub(crate) fn to_envelope(
 }
 
 fn event(fields: &Fields) -> Result<Event, ChannelError> {
-    let name = fields.required("Event")?;
-    let key = fields.owned("EventKey");
-    // WeChat writes most event names in lower case and some in upper case (`SCAN`, `CLICK`);
-    // compare without case so a change of spelling does not turn them into `Other`.
-    let event = match name.to_ascii_lowercase().as_str() {
-        "subscribe" => Event::Subscribe {
+    Ok(yizhan_channel_common::wechat::event(fields, |name, key| match name {
+        "subscribe" => Some(Event::Subscribe {
             scene: key
                 .map(|key| key.strip_prefix("qrscene_").map(str::to_owned).unwrap_or(key))
                 .filter(|scene| !scene.is_empty()),
-        },
-        "unsubscribe" => Event::Unsubscribe,
-        "scan" => Event::Scan { scene: key },
-        "location" => Event::Location {
-            latitude: fields.number("Latitude")?,
-            longitude: fields.number("Longitude")?,
-            precision: fields.optional_number("Precision"),
-        },
-        "click" => Event::MenuClick { key: key.unwrap_or_default() },
-        "view" => Event::MenuView { url: key.unwrap_or_default() },
-        _ => Event::Other { name: name.to_owned() },
-    };
-    Ok(event)
+        }),
+        "scan" => Some(Event::Scan { scene: key }),
+        _ => None,
+    }))
 }
 
 #[cfg(test)]
@@ -104,6 +91,15 @@ mod tests {
         let parsed = fields("<xml><MsgType>text</MsgType></xml>").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(parsed.get("MsgType"), Some("text"));
         assert_eq!(parsed.get("msgtype"), None);
+    }
+
+    #[test]
+    fn the_accounts_own_events_are_mapped() {
+        let scan = fields("<xml><Event>SCAN</Event><EventKey>7</EventKey></xml>").unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(event(&scan), Ok(Event::Scan { scene: Some(ref scene) }) if scene == "7"));
+        let subscribe = fields("<xml><Event>subscribe</Event><EventKey>qrscene_9</EventKey></xml>")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(event(&subscribe), Ok(Event::Subscribe { scene: Some(ref scene) }) if scene == "9"));
     }
 
     #[test]

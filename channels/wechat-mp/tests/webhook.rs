@@ -198,13 +198,24 @@ fn malformed_or_incomplete_bodies_are_refused_as_malformed() {
         text.replace("<MsgType><![CDATA[text]]></MsgType>", ""),
         text.replace("<MsgType><![CDATA[text]]></MsgType>", "<MsgType></MsgType>"),
         fixture("location").replace("23.134521", "north"),
-        fixture("event_click").replace("<Event><![CDATA[CLICK]]></Event>", ""),
         fixture("event_subscribe").replace("<CreateTime>123456789</CreateTime>", ""),
     ];
     for body in bodies {
         let outcome = channel().handle_webhook(&signed_post(&body));
         assert!(matches!(outcome, Err(ChannelError::Malformed(_))), "accepted {body:?}: {outcome:?}");
     }
+    // An event without its name is kept, as one of another kind (refused, WeChat would retry
+    // it and show the user its error page), as WeCom's are.
+    let nameless = fixture("event_click").replace("<Event><![CDATA[CLICK]]></Event>", "");
+    let outcome = channel().handle_webhook(&signed_post(&nameless));
+    let content = match &outcome {
+        Ok(WebhookOutcome::Accepted { envelopes, .. }) => envelopes.first().map(|envelope| envelope.content.clone()),
+        _ => None,
+    };
+    assert!(
+        matches!(content.as_deref(), Some([Segment::Event(Event::Other { name })]) if name.is_empty()),
+        "{outcome:?}"
+    );
 }
 
 #[test]

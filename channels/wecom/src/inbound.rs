@@ -118,28 +118,12 @@ pub(crate) fn to_envelope(
 /// fields missing is `Other` (nothing to answer), not a malformed request that WeCom would retry
 /// three times, each logged as an error.
 fn event(fields: &Fields) -> Result<Event, ChannelError> {
-    let name = fields.get("Event").unwrap_or_default();
-    let key = fields.owned("EventKey");
-    // WeCom writes event names in lower case except `LOCATION`; compare without case so a change
-    // of spelling does not turn them into `Other`.
-    let event = match name.to_ascii_lowercase().as_str() {
-        "enter_agent" => Event::EnterChat,
+    Ok(yizhan_channel_common::wechat::event(fields, |name, _key| match name {
+        "enter_agent" => Some(Event::EnterChat),
         // A member joined the app's visible range; WeCom sends no QR scene for apps.
-        "subscribe" => Event::Subscribe { scene: None },
-        "unsubscribe" => Event::Unsubscribe,
-        // The periodic location report (上报地理位置), when the app asks for it.
-        "location" => match (fields.number("Latitude"), fields.number("Longitude")) {
-            (Ok(latitude), Ok(longitude)) => {
-                Event::Location { latitude, longitude, precision: fields.optional_number("Precision") }
-            }
-            // A report without a position (the member denied it).
-            _ => Event::Other { name: name.to_owned() },
-        },
-        "click" => Event::MenuClick { key: key.unwrap_or_default() },
-        "view" => Event::MenuView { url: key.unwrap_or_default() },
-        _ => Event::Other { name: name.to_owned() },
-    };
-    Ok(event)
+        "subscribe" => Some(Event::Subscribe { scene: None }),
+        _ => None,
+    }))
 }
 
 #[cfg(test)]
@@ -198,15 +182,12 @@ mod tests {
     }
 
     #[test]
-    fn events_without_their_name_or_position_are_other_not_malformed() {
-        let report =
-            fields("<xml><Event>LOCATION</Event><Latitude/><Longitude/></xml>").unwrap_or_else(|e| panic!("{e}"));
-        assert!(matches!(event(&report), Ok(Event::Other { ref name }) if name == "LOCATION"));
-        let nameless = fields("<xml><MsgType>event</MsgType></xml>").unwrap_or_else(|e| panic!("{e}"));
-        assert!(matches!(event(&nameless), Ok(Event::Other { ref name }) if name.is_empty()));
-        let located = fields("<xml><Event>LOCATION</Event><Latitude>23.1</Latitude><Longitude>113.3</Longitude></xml>")
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert!(matches!(event(&located), Ok(Event::Location { .. })));
+    fn wecoms_own_events_are_mapped() {
+        let enter = fields("<xml><Event>enter_agent</Event></xml>").unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(event(&enter), Ok(Event::EnterChat)));
+        let joined =
+            fields("<xml><Event>subscribe</Event><EventKey>x</EventKey></xml>").unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(event(&joined), Ok(Event::Subscribe { scene: None })));
     }
 
     #[test]
