@@ -572,8 +572,10 @@ async fn hold_for_answer(
     // back without a word, it would only ever come out on a 继续 the user has no reason to send.
     let mut shown_instead = None;
     // Not when this answer is itself parked text (the continue word): the next parked text is
-    // later than it and would be shown first.
-    let unpark = !hub.passive.is_continuation(&envelope.id);
+    // later than it and would be shown first. Nor while older parked text is still on its way
+    // (as in `reply_with_parked`): a busy reply, which no session orders, would overtake it.
+    let unpark = !hub.passive.is_continuation(&envelope.id)
+        && !hub.passive.oldest_is_still_leaving(&envelope.channel, &envelope.sender.id);
     if let Some(parked) = unpark.then(|| hub.passive.unpark(&envelope.channel, &envelope.sender.id)).flatten() {
         let combined = format!("{}\n{parked}\n\n{text}", hub.messages.parked_prefix);
         // With more parked behind it, this answer waits its turn too: shown now, it would
