@@ -32,6 +32,8 @@ pub struct LiveAnswer {
     updates: tokio::task::JoinHandle<u64>,
     /// Dropped by [`LiveAnswer::finish`]: the updates stop waiting between sends.
     stop: tokio::sync::oneshot::Sender<()>,
+    /// The text streamed so far.
+    so_far: watch::Receiver<String>,
 }
 
 /// Starts a streamed message for `envelope`, or takes up again the one the last run was
@@ -78,6 +80,7 @@ pub async fn start(hub: &Hub, channel: Arc<dyn Channel>, envelope: &Envelope) ->
     // length, on the LLM actor's thread that every user's stream shares.
     let sink: DeltaSink = Box::new(move |delta: &str| sender.send_modify(|so_far| so_far.push_str(delta)));
     let (stop, stopped) = tokio::sync::oneshot::channel();
+    let so_far = receiver.clone();
     let updates = actix::spawn(send_updates(
         channel.clone(),
         handle.clone(),
@@ -87,7 +90,7 @@ pub async fn start(hub: &Hub, channel: Arc<dyn Channel>, envelope: &Envelope) ->
         capabilities.max_part_bytes,
         sequence_base + 1,
     ));
-    Some((LiveAnswer { channel, handle, sequence_base, updates, stop }, sink))
+    Some((LiveAnswer { channel, handle, sequence_base, updates, stop, so_far }, sink))
 }
 
 /// Writes `text` (an answer's first part) into the message the last run was streaming that
@@ -108,7 +111,8 @@ pub async fn finish_resumed(
     // No updates: the finish starts right after the base.
     let (stop, _) = tokio::sync::oneshot::channel();
     let updates = actix::spawn(std::future::ready(sequence_base + 1));
-    let answer = LiveAnswer { channel, handle: StreamHandle(handle), sequence_base, updates, stop };
+    let so_far = watch::channel(String::new()).1;
+    let answer = LiveAnswer { channel, handle: StreamHandle(handle), sequence_base, updates, stop, so_far };
     answer.finish(text, &hub.messages.answer_below).await
 }
 
@@ -223,6 +227,11 @@ const LONGEST_UPDATE_PAUSE: std::time::Duration = std::time::Duration::from_secs
 const FINISH_ATTEMPTS: u32 = 3;
 
 impl LiveAnswer {
+    /// The answer's text streamed so far (what the message may be showing).
+    pub fn text_so_far(&self) -> String {
+        self.so_far.borrow().clone()
+    }
+
     /// Waits for the last update, then writes `full_text` (the answer's first part, which is
     /// the whole answer when it fits one) and ends
     /// streaming, retrying transient failures. If that fails, the caller sends the answer as
@@ -403,6 +412,7 @@ mod tests {
             sequence_base: 0,
             updates: tokio::spawn(async { 7 }),
             stop,
+            so_far: watch::channel(String::new()).1,
         };
         assert!(live.finish("完整的回答", "见下方").await.is_err());
         // The answer does not wait for the note: it is written in the background, later.

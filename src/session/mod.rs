@@ -484,7 +484,13 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
                 }
                 Ok(Err(error)) => {
                     tracing::warn!(session = %key, %error, "LLM failed; sending the apology.");
-                    hub.messages.apology.clone()
+                    // Text already streamed into the message stays, the apology below it:
+                    // replaced, what the user was reading would vanish.
+                    let shown = live.as_ref().map(delivery::live::LiveAnswer::text_so_far);
+                    match shown.filter(|shown| !shown.trim().is_empty()) {
+                        Some(shown) => format!("{}\n\n{}", shown.trim_end(), hub.messages.apology),
+                        None => hub.messages.apology.clone(),
+                    }
                 }
                 Err(error) if hub.passive.is_closing() => {
                     // The stop closed the LLM actor (its thread is stopped at exit, an answer

@@ -49,8 +49,14 @@ async fn spawn_feishu(streaming: bool, llm_delay: Duration) -> TestApp {
 
 /// [`spawn_feishu`] with environment overrides.
 async fn spawn_feishu_with(streaming: bool, llm_delay: Duration, env: &[(&str, &str)]) -> TestApp {
-    let (llm, feishu) = (MockServer::start().await, MockServer::start().await);
+    let llm = MockServer::start().await;
     echo_llm(&llm, llm_delay).await;
+    spawn_feishu_for(llm, streaming, env).await
+}
+
+/// A Feishu channel asking `llm`, with environment overrides.
+async fn spawn_feishu_for(llm: MockServer, streaming: bool, env: &[(&str, &str)]) -> TestApp {
+    let feishu = MockServer::start().await;
     feishu_api(&feishu).await;
     let config = format!(
         "{}\n[[channels]]\nid = \"fs\"\nkind = \"feishu\"\napp_id = \"cli_test\"\napp_secret = \"secret\"\n\
@@ -180,6 +186,31 @@ async fn a_streamed_answer_updates_the_card_in_order_and_ends_with_the_whole_ans
     let settings = app.feishu_calls("PATCH", "/cards/card_1/settings").await;
     assert_eq!(settings.len(), 1);
     assert!(body(&settings[0])["sequence"].as_u64() > sequences.last().copied());
+}
+
+/// A model that fails after part of its answer streamed into the card: the card keeps that
+/// part, with the apology below it, instead of the apology replacing what the user was reading.
+#[actix_web::test]
+async fn a_streamed_answer_cut_short_keeps_its_text_with_the_apology_below() {
+    let llm = MockServer::start().await;
+    let chunk = serde_json::json!({"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"半截回答"},"finish_reason":null}]});
+    let failure = serde_json::json!({"error":{"message":"upstream overloaded","type":"server_error"}});
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .insert_header("content-type", "text/event-stream")
+                .set_body_string(format!("data: {chunk}\n\ndata: {failure}\n\n")),
+        )
+        .mount(&llm)
+        .await;
+    let app = spawn_feishu_for(llm, true, &[]).await;
+    assert_eq!(app.post_feishu(&event("om_cut_1", "p2p", "讲个故事", serde_json::json!([]))).await.0, 200);
+    app.wait_until_idle().await;
+    let updates = app.feishu_calls("PUT", "/elements/answer/content").await;
+    let last = updates.last().map(body).unwrap_or_default();
+    assert_eq!(last["content"], "半截回答\n\n抱歉，AI 助手暂时无法回答，请稍后再试。", "{updates:?}");
+    assert_eq!(app.llm_requests().await.len(), 1, "not asked again once text was shown");
 }
 
 /// The card already shows the whole answer when only ending its streaming mode fails: the
