@@ -318,6 +318,8 @@ impl Session {
                             envelope = %envelope.id,
                             "The apology panicked too; the message is finished unanswered."
                         );
+                        // Nothing will be offered to a 公众号 attempt waiting for it.
+                        hub.passive.close(&envelope.channel, &envelope.platform_message_id);
                         hub.finish(&envelope.id).await;
                     }
                     // Reloaded from the store by the next turn.
