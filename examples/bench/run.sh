@@ -2,8 +2,11 @@
 # Benchmark: the 公众号 webhook under wrk, against stand-in LLM and WeChat servers on 127.0.0.1,
 # next to a bare actix-web handler that only answers "success", in the same run.
 #
-#   bash examples/bench/run.sh            # needs wrk (apt-get install wrk)
+#   bash examples/bench/run.sh            # needs wrk, curl and bc (apt-get install wrk curl bc)
 #   DURATION=20s CONNECTIONS=64 ROUNDS=5 STORES="memory sqlite" bash examples/bench/run.sh
+#
+# SAFE_MODE=0 skips the 安全模式 (encrypted) row; SAFE_REQUESTS (default 600000) is how many
+# encrypted bodies are prepared for it.
 #
 # (a) webhook path alone: acks/s and p99 while the stand-in LLM is slow (answers wait, so they
 #     do not compete for the CPU), in ROUNDS rounds that each measure every store once, back to
