@@ -407,6 +407,10 @@ pub async fn send_parts(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) ->
         Ok(Err(undelivered)) => {
             record_failed(hub.store.as_ref(), &undelivered).await;
             tracing::warn!(envelope = %envelope.id, error = %undelivered, "Answer not delivered.");
+            // What the send quota parked of it behind the continue word goes too: the part that
+            // would have said so is among those not delivered (the first failure stops the
+            // rest), and the end of a torn answer would come out on the next 「继续」.
+            hub.passive.forget_parked_of(&envelope.channel, &envelope.sender.id, &envelope.id);
             // Its first part refused: nothing of it was shown. Not after a transient failure:
             // a send that timed out or met a gateway's 5xx may have arrived (platforms with an
             // idempotency key report those as transient too).

@@ -207,6 +207,31 @@ async fn in_push_mode_a_refused_answer_is_recorded_failed_not_parked() {
     assert!(!metrics.contains("path=\"parked\""), "{metrics}");
 }
 
+/// An answer longer than the send quota parks its end behind the continue word before it is
+/// sent; refused, the start never showed the hint, and the end is dropped with it: a later
+/// 「继续」 finds nothing parked, instead of bringing the end of an answer the user never saw.
+#[actix_web::test]
+async fn in_push_mode_a_refused_long_answer_leaves_nothing_parked() {
+    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+    echo_llm(&llm, Duration::ZERO).await;
+    wechat_answering_sends_with(
+        &wechat,
+        serde_json::json!({"errcode":48001,"errmsg":"api unauthorized"}),
+        Duration::ZERO,
+    )
+    .await;
+    let env = [("YIZHAN__CHANNELS__MP__REPLY_MODE", "push"), ("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "100")];
+    let app = spawn_with(&base_config(&llm, &wechat), &env, ChannelKinds::builtin(), wechat, llm).await;
+    app.post_text("oPushLong", 82, &"问".repeat(240)).await;
+    app.wait_until_idle().await;
+    app.post_text("oPushLong", 83, "继续").await;
+    app.wait_until_idle().await;
+    let sent = app.sent_messages().await;
+    let last = sent.last().and_then(|message| message["text"]["content"].as_str()).unwrap_or_default();
+    assert_eq!(last, "没有待查看的内容了，请直接提问吧。", "{sent:?}");
+    assert_eq!(app.llm_requests().await.len(), 1);
+}
+
 /// An answer refused for good before any of it reached the user leaves no turn behind: the
 /// next prompt must not show the model saying what the user never read. An answer that
 /// arrived stays, and so does one whose send failed in a way that may have arrived (a gateway's
