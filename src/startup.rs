@@ -104,14 +104,15 @@ fn build_llm_client(config: &Config) -> anyhow::Result<LlmClient> {
 }
 
 fn build_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    // One turn more than a session loads: the newest turn is taken out again when its answer
+    // reached no one (`Store::forget_turn`), and the oldest, trimmed when it went in, must
+    // still be there then.
+    let max_turns_kept = config.session.history_max_turns.max(1).saturating_add(1);
     match config.store.kind {
-        StoreKind::Memory => Ok(Arc::new(MemoryStore::new(config.session.history_max_turns.max(1)))),
+        StoreKind::Memory => Ok(Arc::new(MemoryStore::new(max_turns_kept))),
         StoreKind::Sqlite => {
-            let options = SqliteOptions {
-                max_turns_kept: config.session.history_max_turns.max(1),
-                durability: config.store.durability,
-                ..SqliteOptions::default()
-            };
+            let options =
+                SqliteOptions { max_turns_kept, durability: config.store.durability, ..SqliteOptions::default() };
             let store = SqliteStore::open(&config.store.path, options).with_context(|| {
                 format!("Failed to open the SQLite store {} (config key `store.path`)", config.store.path.display())
             })?;

@@ -232,6 +232,58 @@ async fn in_push_mode_a_refused_long_answer_leaves_nothing_parked() {
     assert_eq!(app.llm_requests().await.len(), 1);
 }
 
+/// Posts `questions` from `user`, each answered before the next; returns every prompt the
+/// model was sent, as text.
+async fn prompts_after(app: &TestApp, user: &str, questions: &[(u64, &str)]) -> Vec<String> {
+    for (msg_id, question) in questions {
+        app.post_text(user, *msg_id, question).await;
+        app.wait_until_idle().await;
+    }
+    app.llm_requests().await.iter().map(|request| String::from_utf8_lossy(&request.body).into_owned()).collect()
+}
+
+/// Taking out the turn of an answer nobody received leaves the conversation's other turns as
+/// they were: the oldest, trimmed when that turn went in at the history's cap, is still there.
+#[actix_web::test]
+async fn an_answer_nobody_received_at_the_history_cap_leaves_the_older_turns() {
+    for sqlite in [false, true] {
+        let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+        echo_llm(&llm, Duration::ZERO).await;
+        let refused = ResponseTemplate::new(200).set_body_json(serde_json::json!({"errcode":48001,"errmsg":"x"}));
+        // The first two answers go out; the third is refused.
+        Mock::given(method("POST"))
+            .and(path("/cgi-bin/message/custom/send"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"errcode":0,"errmsg":"ok"})))
+            .up_to_n_times(2)
+            .mount(&wechat)
+            .await;
+        Mock::given(method("POST"))
+            .and(path("/cgi-bin/message/custom/send"))
+            .respond_with(refused)
+            .up_to_n_times(1)
+            .mount(&wechat)
+            .await;
+        wechat_ok(&wechat).await;
+        let dir = std::env::temp_dir().join(format!("yizhan-cap-{sqlite}-{}-{}", std::process::id(), now()));
+        let mut config = base_config(&llm, &wechat);
+        if sqlite {
+            config = on_sqlite(config, &dir.join("yizhan.db"));
+        }
+        let env = [
+            ("YIZHAN__CHANNELS__MP__REPLY_MODE", "push"),
+            ("YIZHAN__DELIVERY__MAX_ATTEMPTS", "1"),
+            ("YIZHAN__SESSION__HISTORY_MAX_TURNS", "2"),
+        ];
+        let app = spawn_with(&config, &env, ChannelKinds::builtin(), wechat, llm).await;
+        let prompts = prompts_after(&app, "oCap", &[(1, "第一问"), (2, "第二问"), (3, "第三问"), (4, "第四问")]).await;
+        let last = prompts.last().cloned().unwrap_or_default();
+        assert!(last.contains("答：第一问") && last.contains("答：第二问"), "sqlite: {sqlite}: {last}");
+        assert!(!last.contains("答：第三问"), "sqlite: {sqlite}: {last}");
+        drop(app);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
 /// An answer refused for good before any of it reached the user leaves no turn behind: the
 /// next prompt must not show the model saying what the user never read. An answer that
 /// arrived stays, and so does one whose send failed in a way that may have arrived (a gateway's
@@ -258,16 +310,7 @@ async fn an_answer_nobody_received_is_left_out_of_the_next_prompts() {
         }
         let env = [("YIZHAN__CHANNELS__MP__REPLY_MODE", "push"), ("YIZHAN__DELIVERY__MAX_ATTEMPTS", "1")];
         let app = spawn_with(&config, &env, ChannelKinds::builtin(), wechat, llm).await;
-        for (msg_id, question) in [(1, "第一问"), (2, "第二问"), (3, "第三问")] {
-            app.post_text("oUnseen", msg_id, question).await;
-            app.wait_until_idle().await;
-        }
-        let prompts: Vec<String> = app
-            .llm_requests()
-            .await
-            .iter()
-            .map(|request| String::from_utf8_lossy(&request.body).into_owned())
-            .collect();
+        let prompts = prompts_after(&app, "oUnseen", &[(1, "第一问"), (2, "第二问"), (3, "第三问")]).await;
         assert_eq!(prompts.len(), 3, "sqlite: {sqlite}");
         let kept = prompts[1].contains("答：第一问") && prompts[2].contains("答：第一问");
         let gone = !prompts[1].contains("第一问") && !prompts[2].contains("第一问");
