@@ -487,6 +487,21 @@ async fn openai_sniffs_json_when_the_content_type_is_missing_or_wrong() {
     assert_eq!(complete(&openai(openai_settings(&server))).await.0.ok().as_deref(), Some("sniffed"));
 }
 
+/// A gateway that labels its event stream `application/json`: streamed all the same, not
+/// read whole and refused as JSON that does not parse.
+#[tokio::test]
+async fn openai_streams_an_event_stream_labelled_json() {
+    let server = MockServer::start().await;
+    let body = sse(&[&chunk("标签"), &chunk("不对"), "[DONE]"]);
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_raw(body.into_bytes(), "application/json"))
+        .mount(&server)
+        .await;
+    let (answer, pieces) = complete(&openai(openai_settings(&server))).await;
+    assert_eq!(answer.ok().as_deref(), Some("标签不对"));
+    assert_eq!(pieces, ["标签", "不对"]);
+}
+
 #[tokio::test]
 async fn openai_first_token_timeout_fires_when_the_server_is_slow() {
     let server = MockServer::start().await;

@@ -623,12 +623,13 @@ pub(crate) enum ResponseBody {
     Json(Vec<u8>),
 }
 
-/// Decides how to read a 2xx body. `text/event-stream` is trusted; `application/json` too;
-/// anything else is sniffed: a body starting with `{` or `[` is JSON (an SSE body always starts
-/// with a field name or a colon).
+/// Decides how to read a 2xx body. `text/event-stream` is trusted; anything else is sniffed: a
+/// body starting with `{` or `[` is JSON (an SSE body always starts with a field name or a
+/// colon), so that a gateway labelling its event stream `application/json` is still streamed.
 ///
-/// Only the sniffing read is bounded by `deadline`: a JSON body is the complete answer, so once it
-/// starts arriving only the caller's total timeout applies.
+/// Only the sniffing read of a body not labelled JSON is bounded by `deadline`: a JSON body is
+/// the complete answer, which a server may well start sending only once it has it, so only the
+/// caller's total timeout applies to it.
 pub(crate) async fn open_body(
     mut response: reqwest::Response,
     deadline: Instant,
@@ -643,35 +644,38 @@ pub(crate) async fn open_body(
     if content_type.contains("event-stream") {
         return Ok(ResponseBody::Events(Box::new(SseStream::new(response, DEFAULT_MAX_EVENT_BYTES))));
     }
+    let labelled_json = content_type.contains("json");
     let mut prefix = Vec::new();
-    if !content_type.contains("json") {
-        // Sniff: read until the first non-whitespace byte (or the end).
-        loop {
-            let chunk = tokio::time::timeout_at(deadline, response.chunk())
+    // Sniff: read until the first non-whitespace byte (or the end).
+    loop {
+        let chunk = if labelled_json {
+            response.chunk().await
+        } else {
+            tokio::time::timeout_at(deadline, response.chunk())
                 .await
                 .map_err(|_elapsed| LlmError::FirstTokenTimeout(first_token_timeout))?
-                .map_err(|error| LlmError::Stream(describe_reqwest_error(error)))?;
-            let Some(chunk) = chunk else { break };
-            prefix.extend_from_slice(&chunk);
-            if prefix.len() > DEFAULT_MAX_EVENT_BYTES {
-                return Err(LlmError::Protocol("unrecognised response body".to_owned()));
-            }
-            if prefix.iter().any(|byte| !byte.is_ascii_whitespace()) {
-                break;
-            }
+        };
+        let chunk = chunk.map_err(|error| LlmError::Stream(describe_reqwest_error(error)))?;
+        let Some(chunk) = chunk else { break };
+        prefix.extend_from_slice(&chunk);
+        if prefix.len() > DEFAULT_MAX_EVENT_BYTES {
+            return Err(LlmError::Protocol("unrecognised response body".to_owned()));
         }
-        let first = prefix.iter().find(|byte| !byte.is_ascii_whitespace());
-        // A web page, not an API: a gateway's UI (one-api answers every path outside `/v1`
-        // with its index page and 200) or a proxy's error page. (By its first byte: a sloppy
-        // gateway may label JSON or events `text/html`.)
-        if first == Some(&b'<') {
-            return Err(LlmError::Protocol(NOT_AN_API.to_owned()));
+        if prefix.iter().any(|byte| !byte.is_ascii_whitespace()) {
+            break;
         }
-        if !matches!(first, Some(b'{') | Some(b'[')) {
-            let stream = SseStream::with_prefix(response, &prefix, DEFAULT_MAX_EVENT_BYTES)
-                .map_err(|error| LlmError::Stream(error.to_string()))?;
-            return Ok(ResponseBody::Events(Box::new(stream)));
-        }
+    }
+    let first = prefix.iter().find(|byte| !byte.is_ascii_whitespace());
+    // A web page, not an API: a gateway's UI (one-api answers every path outside `/v1`
+    // with its index page and 200) or a proxy's error page. (By its first byte: a sloppy
+    // gateway may label JSON or events `text/html`.)
+    if first == Some(&b'<') {
+        return Err(LlmError::Protocol(NOT_AN_API.to_owned()));
+    }
+    if !matches!(first, Some(b'{') | Some(b'[')) {
+        let stream = SseStream::with_prefix(response, &prefix, DEFAULT_MAX_EVENT_BYTES)
+            .map_err(|error| LlmError::Stream(error.to_string()))?;
+        return Ok(ResponseBody::Events(Box::new(stream)));
     }
     let (rest, truncated) = read_body_limited(&mut response, DEFAULT_MAX_EVENT_BYTES.saturating_sub(prefix.len()))
         .await
