@@ -989,6 +989,54 @@ async fn lobehub_chat_route_answer_slower_than_the_first_token_timeout_is_taken(
     assert_eq!(result.ok().as_deref(), Some("a long answer"));
 }
 
+/// A server that sends each content part whole (`output_text.done`, no deltas): every part is
+/// taken, not only the first, and the text of another output item (the words after a tool call)
+/// is set apart from the one before.
+#[tokio::test]
+async fn lobehub_agent_takes_every_part_sent_whole() {
+    let server = MockServer::start().await;
+    let body = responses_sse(&[
+        json!({"type":"response.output_text.done","output_index":0,"content_index":0,"text":"让我查一下。"}),
+        json!({"type":"response.output_item.added","output_index":1,"item":{"type":"function_call","name":"weather"}}),
+        json!({"type":"response.output_text.done","output_index":2,"content_index":0,"text":"北京今天晴。"}),
+        json!({"type":"response.completed","response":{"status":"completed","output_text":"让我查一下。北京今天晴。"}}),
+    ]);
+    Mock::given(method("POST")).and(path("/api/v1/responses")).respond_with(streaming(body)).mount(&server).await;
+    let (result, _) = complete(&lobehub(lobehub_settings(&server, Some("agt_tools")))).await;
+    assert_eq!(result.ok().as_deref(), Some("让我查一下。\n\n北京今天晴。"));
+}
+
+/// The agent route may run tools and stores the conversation on LobeHub's side: a request the
+/// server may have received (its connection closed after the request, before any answer) is
+/// not sent again, as one it could not have received (nothing listening) is.
+#[tokio::test]
+async fn lobehub_agent_route_is_not_sent_again_once_it_may_have_reached_the_server() {
+    use std::io::{BufRead, BufReader};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a local port");
+    let address = listener.local_addr().expect("local address");
+    let received = Arc::new(Mutex::new(0usize));
+    let counted = Arc::clone(&received);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            // The request head read, then the connection closed without a word.
+            let mut reader = BufReader::new(stream);
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                line.clear();
+            }
+            *counted.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        }
+    });
+    let mut settings = LobeHubSettings::new(format!("http://{address}/"));
+    settings.agent_id = Some("agt_tools".to_owned());
+    let client = LlmClient::new(Arc::new(lobehub(settings)), client_settings());
+    let (mut sink, _) = recorder();
+    let result = client.complete(&request(), &mut sink).await;
+    assert!(matches!(result, Err(LlmError::Lost(_))), "{result:?}");
+    assert_eq!(*received.lock().unwrap_or_else(PoisonError::into_inner), 1);
+}
+
 /// The chat route's answer comes whole at the end: a gateway's timeout may come after the model
 /// ran (and was billed), so it is not asked again; a refusal before any work (503) is.
 #[tokio::test]

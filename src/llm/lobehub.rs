@@ -6,6 +6,7 @@
 //! `Authorization` header. The legacy `/webapi/chat/{provider}` route is deliberately not used
 //! (PROTOCOLS §5: internal, obfuscated auth, unstable shape).
 
+use std::collections::HashSet;
 use std::fmt;
 use std::time::Duration;
 
@@ -142,7 +143,9 @@ impl LobeHubBackend {
         };
         let http_request =
             self.post("/api/v1/responses").header(reqwest::header::ACCEPT, "text/event-stream").json(&body);
-        let response = sse::send_before(http_request, deadline, first_token_timeout).await?;
+        // Once sent, the agent may have run its tools and stored the turn on LobeHub's side: a
+        // transport failure after that is not a reason to run it again.
+        let response = sse::send_before(sse::send_once(http_request), deadline, first_token_timeout).await?;
         if !response.status().is_success() {
             return Err(sse::status_error(response, ERROR_BODY_TIMEOUT, self.api_key()).await);
         }
@@ -160,8 +163,13 @@ impl LobeHubBackend {
                 }
             }
             ResponseBody::Events(mut events) => {
-                // Whether any text arrived as deltas (then `response.completed` must not repeat it).
+                // Whether any text was taken (then `response.completed` must not repeat it).
                 let mut saw_text = false;
+                // The content parts whose text came as deltas (their `done` repeats it), and the
+                // part text came from last (parts of another output item, such as the words
+                // before and after a tool call, are set apart).
+                let mut streamed_parts: HashSet<(u64, u64)> = HashSet::new();
+                let mut last_part: Option<(u64, u64)> = None;
                 // An agent that reasons or calls tools before its first visible word is working:
                 // such events meet the first-token deadline (see `shows_work`).
                 let mut working = false;
@@ -184,16 +192,19 @@ impl LobeHubBackend {
                     }
                     match kind {
                         "response.output_text.delta" => {
-                            if let Some(delta) = json.get("delta").and_then(Value::as_str) {
-                                saw_text |= !delta.is_empty();
-                                answer.push(delta)?;
+                            if let Some(delta) = json.get("delta").and_then(Value::as_str).filter(|d| !d.is_empty()) {
+                                let part = content_part(&json);
+                                streamed_parts.insert(part);
+                                push_part(&mut answer, &mut last_part, part, delta)?;
+                                saw_text = true;
                             }
                         }
-                        // The whole text of one content part; only needed when no deltas came.
-                        "response.output_text.done" if !saw_text => {
-                            if let Some(text) = json.get("text").and_then(Value::as_str) {
-                                saw_text |= !text.is_empty();
-                                answer.push(text)?;
+                        // The whole text of one content part; only needed when no deltas came
+                        // for it.
+                        "response.output_text.done" if !streamed_parts.contains(&content_part(&json)) => {
+                            if let Some(text) = json.get("text").and_then(Value::as_str).filter(|t| !t.is_empty()) {
+                                push_part(&mut answer, &mut last_part, content_part(&json), text)?;
+                                saw_text = true;
                             }
                         }
                         "response.completed" | "response.incomplete" => {
@@ -336,6 +347,27 @@ impl LobeHubBackend {
     fn api_key(&self) -> Option<&str> {
         self.settings.api_key.as_ref().map(|key| key.expose_secret())
     }
+}
+
+/// Which content part a Responses event is about: its `output_index` and `content_index`.
+fn content_part(event: &Value) -> (u64, u64) {
+    let index = |name: &str| event.get(name).and_then(Value::as_u64).unwrap_or(0);
+    (index("output_index"), index("content_index"))
+}
+
+/// Pushes `text` of content `part`, after a blank line when the text before it came from
+/// another output item.
+fn push_part(
+    answer: &mut VisibleAnswer<'_>,
+    last_part: &mut Option<(u64, u64)>,
+    part: (u64, u64),
+    text: &str,
+) -> Result<(), LlmError> {
+    if last_part.is_some_and(|last| last.0 != part.0) {
+        answer.push("\n\n")?;
+    }
+    *last_part = Some(part);
+    answer.push(text)
 }
 
 /// Whether a Responses event shows the agent producing something: any delta (text, reasoning,

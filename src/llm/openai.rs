@@ -148,7 +148,7 @@ impl OpenAiBackend {
             // `bearer_auth` marks the header sensitive, so it is redacted from reqwest's Debug.
             http_request = http_request.bearer_auth(key.expose_secret());
         }
-        let response = sse::send_before(http_request, deadline, first_token_timeout).await?;
+        let response = sse::send_before(sse::send(http_request), deadline, first_token_timeout).await?;
         if !response.status().is_success() {
             return Err(sse::status_error(response, ERROR_BODY_TIMEOUT, self.api_key()).await);
         }

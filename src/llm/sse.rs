@@ -431,14 +431,14 @@ pub(crate) async fn next_json_event(
     }
 }
 
-/// Sends a request, mapping failures to [`LlmError`]: no response head before `deadline` is a
-/// first-token timeout, any transport failure a (retryable) connect error.
+/// Waits for `sending` ([`send`] or [`send_once`]) until `deadline`: no response head by then is
+/// a first-token timeout.
 pub(crate) async fn send_before(
-    request: reqwest::RequestBuilder,
+    sending: impl std::future::Future<Output = Result<reqwest::Response, LlmError>>,
     deadline: Instant,
     first_token_timeout: Duration,
 ) -> Result<reqwest::Response, LlmError> {
-    match tokio::time::timeout_at(deadline, send(request)).await {
+    match tokio::time::timeout_at(deadline, sending).await {
         Err(_elapsed) => Err(LlmError::FirstTokenTimeout(first_token_timeout)),
         Ok(result) => result,
     }
