@@ -1011,7 +1011,7 @@ async fn lobehub_agent_takes_every_part_sent_whole() {
 /// not sent again, as one it could not have received (nothing listening) is.
 #[tokio::test]
 async fn lobehub_agent_route_is_not_sent_again_once_it_may_have_reached_the_server() {
-    use std::io::{BufRead, BufReader};
+    use std::io::{BufRead, BufReader, Read};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a local port");
     let address = listener.local_addr().expect("local address");
     let received = Arc::new(Mutex::new(0usize));
@@ -1019,13 +1019,21 @@ async fn lobehub_agent_route_is_not_sent_again_once_it_may_have_reached_the_serv
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(stream) = stream else { return };
-            // The request head read, then the connection closed without a word.
+            // The whole request read, then the connection closed without a word.
             let mut reader = BufReader::new(stream);
-            let mut line = String::new();
+            let (mut line, mut content_length) = (String::new(), 0usize);
             while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                if let Some((name, value)) = line.split_once(':') {
+                    if name.eq_ignore_ascii_case("content-length") {
+                        content_length = value.trim().parse().unwrap_or(0);
+                    }
+                }
                 line.clear();
             }
-            *counted.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+            let mut body = vec![0; content_length];
+            if reader.read_exact(&mut body).is_ok() {
+                *counted.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+            }
         }
     });
     let mut settings = LobeHubSettings::new(format!("http://{address}/"));
@@ -1184,9 +1192,9 @@ async fn openai_keep_alives_do_not_count_as_the_first_token() {
 /// word: its reasoning meets the deadline (and is still never shown).
 #[tokio::test]
 async fn openai_reasoning_meets_the_first_token_deadline_without_being_shown() {
-    // The first reasoning comes with the response head, well inside the 400 ms deadline (so that
-    // a stalled machine cannot push it past); the answer well after it.
-    let tick = Duration::from_millis(40);
+    // The first reasoning comes with the response head, well inside the 1.5 s deadline (so that
+    // a stalled machine cannot push it past); the answer well after it (15 ticks: 1.8 s).
+    let tick = Duration::from_millis(120);
     let mut script = Vec::new();
     for at in 0..16 {
         script.push((
@@ -1199,7 +1207,7 @@ async fn openai_reasoning_meets_the_first_token_deadline_without_being_shown() {
     let backend = openai(OpenAiSettings::new(base_url, "m"));
     let (mut sink, seen) = recorder();
 
-    let result = backend.complete(&request(), Duration::from_millis(400), &mut sink).await;
+    let result = backend.complete(&request(), Duration::from_millis(1_500), &mut sink).await;
 
     assert_eq!(result.ok().as_deref(), Some("after thinking"));
     assert_eq!(pieces(&seen), vec!["after thinking"]);
@@ -1209,8 +1217,8 @@ async fn openai_reasoning_meets_the_first_token_deadline_without_being_shown() {
 async fn openai_slow_tokens_after_the_first_are_not_cut_by_the_first_token_timeout() {
     let script = vec![
         (Duration::ZERO, format!("data: {}\n\n", chunk("first, "))),
-        // Past the first-token timeout, within the stall bound (twice it).
-        (Duration::from_millis(700), format!("data: {}\n\n", chunk("then more"))),
+        // Past the first-token timeout, within the stall bound (twice it), by 500 ms or more.
+        (Duration::from_millis(2_500), format!("data: {}\n\n", chunk("then more"))),
         (Duration::ZERO, "data: [DONE]\n\n".to_owned()),
     ];
     let base_url = trickling_server(script);
@@ -1218,7 +1226,7 @@ async fn openai_slow_tokens_after_the_first_are_not_cut_by_the_first_token_timeo
     let (mut sink, seen) = recorder();
 
     // Room for a loaded machine to get the first chunk out; the second comes well after.
-    let result = backend.complete(&request(), Duration::from_millis(500), &mut sink).await;
+    let result = backend.complete(&request(), Duration::from_millis(2_000), &mut sink).await;
 
     assert_eq!(result.ok().as_deref(), Some("first, then more"));
     assert_eq!(pieces(&seen), vec!["first, ", "then more"]);
@@ -1232,25 +1240,27 @@ async fn openai_slow_tokens_after_the_first_are_not_cut_by_the_first_token_timeo
 async fn openai_a_stream_that_stalls_after_its_first_words_ends_as_lost() {
     let script = vec![
         (Duration::ZERO, format!("data: {}\n\n", chunk("first, "))),
-        (Duration::from_millis(2_000), format!("data: {}\n\ndata: [DONE]\n\n", chunk("too late"))),
+        (Duration::from_millis(5_000), format!("data: {}\n\ndata: [DONE]\n\n", chunk("too late"))),
     ];
     let base_url = trickling_server(script);
     let backend = openai(OpenAiSettings::new(base_url, "m"));
     let (mut sink, seen) = recorder();
 
-    let result = backend.complete(&request(), Duration::from_millis(400), &mut sink).await;
+    // The first words well inside the 1.5 s deadline; then nothing for 5 s, past the 3 s bound.
+    let result = backend.complete(&request(), Duration::from_millis(1_500), &mut sink).await;
 
     assert!(matches!(result, Err(LlmError::Lost(ref why)) if why.contains("stopped")), "{result:?}");
     assert_eq!(pieces(&seen), vec!["first, "]);
 
     let mut script = vec![(Duration::ZERO, format!("data: {}\n\n", chunk("first, ")))];
+    // 3.6 s of keep-alives, past the 3 s bound, none more than 300 ms apart.
     for _ in 0..12 {
-        script.push((Duration::from_millis(100), ": keep-alive\n\n".to_owned()));
+        script.push((Duration::from_millis(300), ": keep-alive\n\n".to_owned()));
     }
     script.push((Duration::ZERO, format!("data: {}\n\ndata: [DONE]\n\n", chunk("then the rest"))));
     let backend = openai(OpenAiSettings::new(trickling_server(script), "m"));
     let (mut sink, _) = recorder();
-    let result = backend.complete(&request(), Duration::from_millis(400), &mut sink).await;
+    let result = backend.complete(&request(), Duration::from_millis(1_500), &mut sink).await;
     assert_eq!(result.ok().as_deref(), Some("first, then the rest"));
 }
 
@@ -1258,7 +1268,8 @@ async fn openai_a_stream_that_stalls_after_its_first_words_ends_as_lost() {
 /// visible word is working, not stalled.
 #[tokio::test]
 async fn lobehub_agent_reasoning_and_tool_events_meet_the_first_token_deadline() {
-    let tick = Duration::from_millis(40);
+    // 15 ticks, 1.8 s, past the 1.5 s deadline; the first event with the response head.
+    let tick = Duration::from_millis(120);
     let mut script = vec![(
         Duration::ZERO,
         responses_sse(&[json!({"type":"response.created","response":{"status":"in_progress"}})]),
@@ -1283,7 +1294,7 @@ async fn lobehub_agent_reasoning_and_tool_events_meet_the_first_token_deadline()
     let backend = lobehub(settings);
     let (mut sink, seen) = recorder();
 
-    let result = backend.complete(&request(), Duration::from_millis(400), &mut sink).await;
+    let result = backend.complete(&request(), Duration::from_millis(1_500), &mut sink).await;
 
     assert_eq!(result.ok().as_deref(), Some("查到了"));
     assert_eq!(pieces(&seen), vec!["查到了"]);

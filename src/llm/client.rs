@@ -194,10 +194,14 @@ impl Drop for SinkLoan<'_> {
 
 /// Full-jitter exponential backoff before retry number `attempt` (1-based).
 fn backoff_delay(base: Duration, attempt: u32) -> Duration {
-    let factor = 1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX);
-    let ceiling = base.saturating_mul(factor).min(MAX_RETRY_DELAY);
-    let ceiling_ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
+    let ceiling_ms = u64::try_from(backoff_ceiling(base, attempt).as_millis()).unwrap_or(u64::MAX);
     Duration::from_millis(rand::thread_rng().gen_range(0..=ceiling_ms))
+}
+
+/// The longest wait before retry `attempt`: `base` doubled per attempt, capped.
+fn backoff_ceiling(base: Duration, attempt: u32) -> Duration {
+    let factor = 1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX);
+    base.saturating_mul(factor).min(MAX_RETRY_DELAY)
 }
 
 /// Builds the one HTTP client all LLM backends share.
@@ -429,10 +433,13 @@ mod tests {
     #[test]
     fn backoff_grows_exponentially_and_is_capped() {
         let base = Duration::from_millis(100);
-        for _ in 0..50 {
-            assert!(backoff_delay(base, 1) <= Duration::from_millis(100));
-            assert!(backoff_delay(base, 3) <= Duration::from_millis(400));
-            assert!(backoff_delay(base, 40) <= MAX_RETRY_DELAY);
+        assert_eq!(backoff_ceiling(base, 1), Duration::from_millis(100));
+        assert_eq!(backoff_ceiling(base, 3), Duration::from_millis(400));
+        assert_eq!(backoff_ceiling(base, 40), MAX_RETRY_DELAY);
+        for attempt in [1, 3, 40] {
+            for _ in 0..50 {
+                assert!(backoff_delay(base, attempt) <= backoff_ceiling(base, attempt));
+            }
         }
     }
 

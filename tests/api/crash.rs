@@ -42,6 +42,18 @@ impl Yizhan {
     }
 }
 
+/// The `yizhan` binary, without the test's own `YIZHAN*` variables: a developer's or CI's
+/// `YIZHAN__LLM__BASE_URL`, say, would otherwise point it away from the stand-ins.
+fn yizhan_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_yizhan"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("YIZHAN") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
 /// Starts the `yizhan` binary and learns its port from its JSON log.
 async fn start_binary(config: &PathBuf) -> Yizhan {
     start_binary_with(config, &[]).await
@@ -49,7 +61,7 @@ async fn start_binary(config: &PathBuf) -> Yizhan {
 
 /// [`start_binary`] with environment overrides.
 async fn start_binary_with(config: &PathBuf, env: &[(&str, &str)]) -> Yizhan {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_yizhan"))
+    let mut child = yizhan_command()
         .arg("--config")
         .arg(config)
         .envs(env.iter().copied())
@@ -280,10 +292,11 @@ async fn sigterm_in_passive_mode_leaves_a_held_answer_for_the_next_start() {
 /// the user's next message after the restart.
 #[actix_web::test]
 async fn sigterm_in_passive_mode_parks_the_rest_of_a_long_answer_behind_the_hint() {
-    // A window with seconds to spare for the answer (1 s) and the disk.
+    // A window with seconds to spare for the answer (3 s, time for the signal to be sent while
+    // it is awaited) and the disk.
     let env = [("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "100"), ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", "6000")];
     let Stopped { app, delivered, unfinished, parked } =
-        sigterm_while_a_passive_answer_is_held("passive", 1_000, &env, None).await;
+        sigterm_while_a_passive_answer_is_held("passive", 3_000, &env, None).await;
     let (attempt, body) = delivered.unwrap_or_default();
     assert!(attempt == 1 && body.contains("答：关机前") && body.contains("继续"), "attempt {attempt}: {body}");
     assert!(app.sent_messages().await.is_empty());
@@ -544,11 +557,7 @@ async fn a_bad_config_exits_non_zero_naming_the_key_and_check_accepts_a_good_one
     let check = |name: &str, text: &str| {
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
-        let output = Command::new(env!("CARGO_BIN_EXE_yizhan"))
-            .args(["check", "--config"])
-            .arg(&path)
-            .output()
-            .unwrap_or_else(|e| panic!("{e}"));
+        let output = yizhan_command().args(["check", "--config"]).arg(&path).output().unwrap_or_else(|e| panic!("{e}"));
         (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
     };
     let (passed, stderr) =
@@ -586,7 +595,7 @@ async fn a_bad_config_exits_non_zero_naming_the_key_and_check_accepts_a_good_one
     {
         use std::os::unix::ffi::OsStrExt;
         let path = dir.join("example.toml");
-        let output = Command::new(env!("CARGO_BIN_EXE_yizhan"))
+        let output = yizhan_command()
             .args(["check", "--config"])
             .arg(&path)
             .env("YIZHAN_TEST_JUNK", std::ffi::OsStr::from_bytes(b"\xff"))
@@ -816,15 +825,16 @@ async fn a_platform_retry_after_a_quick_restart_carries_the_resumed_answer() {
 async fn a_message_resumed_within_its_first_window_still_has_two_tries_to_come() {
     let dir = std::env::temp_dir().join(format!("yizhan-resume-tries-{}-{}", std::process::id(), now()));
     let db = dir.join("yizhan.db");
-    {
-        let store = open_store(&db);
-        accept_text(&store, CHANNEL, "oTries", "91001", "两次").await;
-    }
+    // The stand-ins first: the message's age at the restart must stay well inside its window.
     let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
     // Past the second try's wait (it stops taking 3.7 s into its 4 s window), well within the
     // third's.
     echo_llm(&llm, Duration::from_millis(4_600)).await;
     wechat_ok(&wechat).await;
+    {
+        let store = open_store(&db);
+        accept_text(&store, CHANNEL, "oTries", "91001", "两次").await;
+    }
     let env = [
         ("YIZHAN__CHANNELS__MP__REPLY_MODE", "passive"),
         ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", "4000"),
