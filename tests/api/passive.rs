@@ -13,10 +13,16 @@ use yizhan_channel_wechat_crypto::{KeySlot, WxCrypto};
 
 const WINDOW_MS: u64 = 1_000;
 
+/// `reply_mode` and the scaled-down passive window ([`WINDOW_MS`]).
 fn auto_env(mode: &'static str) -> Vec<(&'static str, &'static str)> {
+    passive_env(mode, "1000")
+}
+
+/// `reply_mode` and a passive window of `window_ms`, answered 300 ms before its end.
+fn passive_env(mode: &'static str, window_ms: &'static str) -> Vec<(&'static str, &'static str)> {
     vec![
         ("YIZHAN__CHANNELS__MP__REPLY_MODE", mode),
-        ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", "1000"),
+        ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", window_ms),
         ("YIZHAN__CHANNELS__MP__PASSIVE_MARGIN_MS", "300"),
     ]
 }
@@ -32,11 +38,7 @@ const IN_TIME_WINDOW_MS: u64 = 5_000;
 
 /// [`auto_env`] with [`IN_TIME_WINDOW_MS`].
 fn in_time_env(mode: &'static str) -> Vec<(&'static str, &'static str)> {
-    vec![
-        ("YIZHAN__CHANNELS__MP__REPLY_MODE", mode),
-        ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", "5000"),
-        ("YIZHAN__CHANNELS__MP__PASSIVE_MARGIN_MS", "300"),
-    ]
+    passive_env(mode, "5000")
 }
 
 /// [`wechat_delivers`] with [`IN_TIME_WINDOW_MS`].
