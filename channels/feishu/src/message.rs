@@ -135,18 +135,26 @@ pub fn stream_content(text: &str, max_part_bytes: usize) -> String {
     within_request_limit(&defuse_mentions(&text[..end])).to_owned()
 }
 
-/// The longest start of `text` within [`CARD_MAX_BYTES`] once escaped for the request.
+/// The longest start of `text` within [`CARD_MAX_BYTES`] once escaped for the request (as
+/// [`request_bytes`] measures it), in one pass: a start cut shorter than it could be would make
+/// the card's text shrink and grow again between updates near the limit.
 fn within_request_limit(text: &str) -> &str {
-    let mut end = text.len();
-    loop {
-        while !text.is_char_boundary(end) {
-            end -= 1;
+    let mut bytes = request_bytes("");
+    for (at, ch) in text.char_indices() {
+        bytes += json_escaped_len(ch);
+        if bytes > CARD_MAX_BYTES {
+            return &text[..at];
         }
-        if end == 0 || request_bytes(&text[..end]) <= CARD_MAX_BYTES {
-            return &text[..end];
-        }
-        // Escaping grows a text by at most six times; shrink in steps of a tenth.
-        end -= end / 10 + 1;
+    }
+    text
+}
+
+/// The bytes `ch` takes inside a JSON string as serde_json writes it.
+fn json_escaped_len(ch: char) -> usize {
+    match ch {
+        '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+        control if u32::from(control) < 0x20 => 6,
+        other => other.len_utf8(),
     }
 }
 
@@ -403,6 +411,18 @@ mod tests {
             assert_eq!(body.msg_type, "interactive");
             assert!(request_bytes(&body.content) <= CARD_MAX_BYTES);
         }
+    }
+
+    #[test]
+    fn a_streamed_update_keeps_the_longest_start_that_fits_the_request() {
+        for unit in ["长", "\"引号\"\n", "a\u{1}\\b\t", "😀"] {
+            let text = unit.repeat(CARD_MAX_BYTES);
+            let kept = within_request_limit(&text);
+            assert!(request_bytes(kept) <= CARD_MAX_BYTES, "{unit:?}");
+            let next = text[kept.len()..].chars().next().map_or(0, char::len_utf8);
+            assert!(request_bytes(&text[..kept.len() + next]) > CARD_MAX_BYTES, "{unit:?}: cut short");
+        }
+        assert_eq!(within_request_limit("短"), "短");
     }
 
     #[test]
