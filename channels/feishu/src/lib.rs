@@ -343,8 +343,8 @@ impl Feishu {
                 "the app's CardKit budget is spent for now; sending the answer whole".into(),
             ));
         }
-        // NOTE: one slot for create + send: creating the card entity puts nothing in the chat.
-        self.wait_for_chat(reply_target.limit_key()).await;
+        // NOTE: one slot for create + send: creating the card entity puts nothing in the chat
+        // (nor counts against its rate, which each send below waits for).
         let card_id = match self.api.create_card(&message::streaming_card(&target.reply.text)).await {
             Ok(card_id) => card_id,
             Err(error @ ChannelError::Misconfigured(_)) => {
@@ -363,8 +363,11 @@ impl Feishu {
         let uuid = message::idempotency_key(&format!("stream:{}:{card_id}", target.delivery_id));
         // Retried with the same uuid, which Feishu dedupes: a send whose answer was lost must
         // not leave an empty card in the chat beside the answer sent whole.
-        let sent = retry_transient(&self.id, "Sending a streaming card", CARD_SEND_ATTEMPTS, |_| {
-            self.api.send(reply_target.as_api(&target.conversation.kind), "interactive", &content, &uuid)
+        // Each try waits for the chat's rate (5 a second, shared by every bot in a group): a
+        // retry after 230020 would otherwise go out into the same limit.
+        let sent = retry_transient(&self.id, "Sending a streaming card", CARD_SEND_ATTEMPTS, |_| async {
+            self.wait_for_chat(reply_target.limit_key()).await;
+            self.api.send(reply_target.as_api(&target.conversation.kind), "interactive", &content, &uuid).await
         })
         .await;
         let message_id = match sent {
