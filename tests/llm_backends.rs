@@ -1004,6 +1004,17 @@ async fn lobehub_agent_takes_every_part_sent_whole() {
     Mock::given(method("POST")).and(path("/api/v1/responses")).respond_with(streaming(body)).mount(&server).await;
     let (result, _) = complete(&lobehub(lobehub_settings(&server, Some("agt_tools")))).await;
     assert_eq!(result.ok().as_deref(), Some("让我查一下。\n\n北京今天晴。"));
+
+    // Deltas that carry no indices, then a numbered `done`: the same text, not taken twice.
+    let server = MockServer::start().await;
+    let body = responses_sse(&[
+        json!({"type":"response.output_text.delta","delta":"晴"}),
+        json!({"type":"response.output_text.done","output_index":1,"content_index":0,"text":"晴"}),
+        json!({"type":"response.completed","response":{"status":"completed","output_text":"晴"}}),
+    ]);
+    Mock::given(method("POST")).and(path("/api/v1/responses")).respond_with(streaming(body)).mount(&server).await;
+    let (result, _) = complete(&lobehub(lobehub_settings(&server, Some("agt_tools")))).await;
+    assert_eq!(result.ok().as_deref(), Some("晴"));
 }
 
 /// The agent route may run tools and stores the conversation on LobeHub's side: a request the
@@ -1045,33 +1056,27 @@ async fn lobehub_agent_route_is_not_sent_again_once_it_may_have_reached_the_serv
     assert_eq!(*received.lock().unwrap_or_else(PoisonError::into_inner), 1);
 }
 
-/// The chat route's answer comes whole at the end: a gateway's timeout may come after the model
-/// ran (and was billed), so it is not asked again; a refusal before any work (503) is.
+/// A gateway's timeout may come after LobeHub took the request: the chat route's answer, whole
+/// at the end, may have been generated (and billed), an agent may have run its tools. Neither is
+/// asked again; a refusal before any work (503) is.
 #[tokio::test]
-async fn lobehub_chat_route_is_not_asked_again_after_a_gateway_timeout() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/api/v1/chat"))
-        .respond_with(ResponseTemplate::new(504).set_body_string("gateway timeout"))
-        .expect(1)
-        .mount(&server)
-        .await;
-    let client = LlmClient::new(Arc::new(lobehub(lobehub_settings(&server, None))), client_settings());
-    let (mut sink, _) = recorder();
-    let result = client.complete(&request(), &mut sink).await;
-    assert!(matches!(result, Err(LlmError::Status { status: 504, .. })), "{result:?}");
-    server.verify().await;
-
-    let busy = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/api/v1/chat"))
-        .respond_with(ResponseTemplate::new(503).set_body_string("busy"))
-        .expect(3)
-        .mount(&busy)
-        .await;
-    let client = LlmClient::new(Arc::new(lobehub(lobehub_settings(&busy, None))), client_settings());
-    let result = client.complete(&request(), &mut sink).await;
-    assert!(matches!(result, Err(LlmError::Status { status: 503, .. })), "{result:?}");
+async fn lobehub_is_not_asked_again_after_a_gateway_timeout() {
+    for (agent, route) in [(None, "/api/v1/chat"), (Some("agt_tools"), "/api/v1/responses")] {
+        for (status, calls) in [(504, 1), (503, 3)] {
+            let server = MockServer::start().await;
+            Mock::given(method("POST"))
+                .and(path(route))
+                .respond_with(ResponseTemplate::new(status).set_body_string("gateway says no"))
+                .expect(calls)
+                .mount(&server)
+                .await;
+            let client = LlmClient::new(Arc::new(lobehub(lobehub_settings(&server, agent))), client_settings());
+            let (mut sink, _) = recorder();
+            let result = client.complete(&request(), &mut sink).await;
+            assert!(matches!(result, Err(LlmError::Status { status: s, .. }) if s == status), "{route}: {result:?}");
+            server.verify().await;
+        }
+    }
 }
 
 #[tokio::test]

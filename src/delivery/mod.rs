@@ -407,16 +407,19 @@ pub async fn send_parts(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) ->
         Ok(Err(undelivered)) => {
             record_failed(hub.store.as_ref(), &undelivered).await;
             tracing::warn!(envelope = %envelope.id, error = %undelivered, "Answer not delivered.");
-            // What the send quota parked of it behind the continue word goes too: the part that
-            // would have said so is among those not delivered (the first failure stops the
-            // rest), and the end of a torn answer would come out on the next 「继续」.
-            hub.passive.forget_parked_of(&envelope.channel, &envelope.sender.id, &envelope.id);
             // Its first part refused: nothing of it was shown. Not after a transient failure:
             // a send that timed out or met a gateway's 5xx may have arrived (platforms with an
             // idempotency key report those as transient too).
             let first_failed = undelivered.parts.first().and_then(|part| part_index(&part.delivery_id)) == Some(0);
             let maybe_arrived =
                 matches!(undelivered.error, ChannelError::Transient { .. } | ChannelError::MaybeDelivered(_));
+            // What the send quota parked of it behind the continue word goes too, unless the
+            // last part, the one that says so, may have arrived (it failed alone, and maybe
+            // not): the first failure stops the rest, and the end of a torn or unseen answer
+            // would come out on the next 「继续」.
+            if !(maybe_arrived && undelivered.parts.len() == 1) {
+                hub.passive.forget_parked_of(&envelope.channel, &envelope.sender.id, &envelope.id);
+            }
             if first_failed && !maybe_arrived {
                 reached = Reached::NoOne;
             }

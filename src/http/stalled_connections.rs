@@ -104,7 +104,8 @@ pub fn watch(connection: &dyn Any, extensions: &mut actix_web::dev::Extensions, 
 /// Raises the soft limit on open files to the hard one (at most 2^20), as each connection
 /// takes two descriptors (its socket and the duplicate watched here): at a usual soft limit of
 /// 1024, accepts would fail at about 500 connections. Returns the limit now in force, if known.
-#[cfg(unix)]
+/// Linux only (what Yizhan is built for; macOS, say, refuses a soft limit above its own cap).
+#[cfg(target_os = "linux")]
 pub fn raise_open_file_limit() -> Option<u64> {
     const MOST: libc::rlim_t = 1 << 20;
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
@@ -127,7 +128,7 @@ pub fn raise_open_file_limit() -> Option<u64> {
     Some(wanted)
 }
 
-#[cfg(not(unix))]
+#[cfg(not(target_os = "linux"))]
 pub fn raise_open_file_limit() -> Option<u64> {
     None
 }
@@ -168,7 +169,7 @@ async fn sweep(limit: Duration) {
     }
 }
 
-#[cfg(all(test, unix))]
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
 

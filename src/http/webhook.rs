@@ -470,8 +470,8 @@ fn reply_with_parked(
 }
 
 /// Holds one webhook attempt open for the answer (see `delivery::passive`). Returns how the
-/// attempt ended (`passive`, `lapsed`, `pushed`, `unparked`, `empty`: the webhook outcome
-/// label) and the response.
+/// attempt ended (`passive`, `passive_again`, `lapsed`, `pushed`, `unparked`, `empty`: the
+/// webhook outcome label) and the response.
 ///
 /// The platform's window runs from when it sent the request, so the waits are measured from
 /// `started` (when the handler began), not from when the hold begins: parsing and journaling

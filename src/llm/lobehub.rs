@@ -170,6 +170,9 @@ impl LobeHubBackend {
                 // before and after a tool call, are set apart).
                 let mut streamed_parts: HashSet<(u64, u64)> = HashSet::new();
                 let mut last_part: Option<(u64, u64)> = None;
+                // A delta without its indices could be any part's: every `done` is then taken
+                // as a repeat once text came (the rule for servers that number nothing).
+                let mut unnumbered_deltas = false;
                 // An agent that reasons or calls tools before its first visible word is working:
                 // such events meet the first-token deadline (see `shows_work`).
                 let mut working = false;
@@ -194,6 +197,7 @@ impl LobeHubBackend {
                         "response.output_text.delta" => {
                             if let Some(delta) = json.get("delta").and_then(Value::as_str).filter(|d| !d.is_empty()) {
                                 let part = content_part(&json);
+                                unnumbered_deltas |= json.get("output_index").is_none();
                                 streamed_parts.insert(part);
                                 push_part(&mut answer, &mut last_part, part, delta)?;
                                 saw_text = true;
@@ -201,7 +205,9 @@ impl LobeHubBackend {
                         }
                         // The whole text of one content part; only needed when no deltas came
                         // for it.
-                        "response.output_text.done" if !streamed_parts.contains(&content_part(&json)) => {
+                        "response.output_text.done"
+                            if !(streamed_parts.contains(&content_part(&json)) || unnumbered_deltas && saw_text) =>
+                        {
                             if let Some(text) = json.get("text").and_then(Value::as_str).filter(|t| !t.is_empty()) {
                                 push_part(&mut answer, &mut last_part, content_part(&json), text)?;
                                 saw_text = true;
@@ -328,12 +334,12 @@ impl LlmBackend for LobeHubBackend {
         })
     }
 
-    /// The chat route's answer comes whole at the end: a 5xx other than 503 (a gateway's
-    /// timeout, Cloudflare's 524) may come after the model ran, and been billed. Asked again
-    /// only when refused before any work (429, 503) or not reached at all.
+    /// A 5xx other than 503 (a gateway's timeout, Cloudflare's 524) may come after LobeHub took
+    /// the request: the chat route's answer, which comes whole at the end, may have been
+    /// generated (and billed), and an agent may have run its tools and stored the turn. Asked
+    /// again only when refused before any work (429, 503) or not reached at all.
     fn may_repeat(&self, error: &LlmError) -> bool {
-        let chat_route = self.settings.agent_id.as_deref().is_none_or(str::is_empty);
-        !(chat_route && matches!(error, LlmError::Status { status, .. } if *status >= 500 && *status != 503))
+        !matches!(error, LlmError::Status { status, .. } if *status >= 500 && *status != 503)
     }
 
     fn probe(&self) -> Option<BoxFuture<'_, Result<(), LlmError>>> {

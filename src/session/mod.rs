@@ -463,21 +463,25 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
                 }
                 None => None,
             };
+            // The model's words go out with the AI label on first contact (or always, if so
+            // configured).
+            let labelled = |text: String| {
+                let label = &hub.messages.ai_label;
+                if !label.is_empty() && (earlier_is_empty || hub.messages.ai_label_every_reply) {
+                    format!("{label}\n{text}")
+                } else {
+                    text
+                }
+            };
             match hub.llm.send(Complete { request, on_delta }).await {
                 Ok(Ok(answer)) => {
-                    let first_contact = earlier_is_empty;
                     let turn = Turn { question, answer: answer.clone() };
                     if let Some(turns) = history.as_mut() {
                         turns.push(turn.clone());
                         window::keep_usable(turns, hub.session.history_max_turns, hub.session.history_max_chars);
                     }
                     new_turn = Some(turn);
-                    let label = &hub.messages.ai_label;
-                    if !label.is_empty() && (first_contact || hub.messages.ai_label_every_reply) {
-                        format!("{label}\n{answer}")
-                    } else {
-                        answer
-                    }
+                    labelled(answer)
                 }
                 Ok(Err(LlmError::Overloaded(waiting))) => {
                     hub.metrics.shed.with_label_values(&["llm_queue"]).inc();
@@ -490,7 +494,7 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
                     // replaced, what the user was reading would vanish.
                     let shown = live.as_ref().map(delivery::live::LiveAnswer::text_so_far);
                     match shown.filter(|shown| !shown.trim().is_empty()) {
-                        Some(shown) => format!("{}\n\n{}", shown.trim_end(), hub.messages.apology),
+                        Some(shown) => labelled(format!("{}\n\n{}", shown.trim_end(), hub.messages.apology)),
                         None => hub.messages.apology.clone(),
                     }
                 }

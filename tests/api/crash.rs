@@ -827,9 +827,9 @@ async fn a_message_resumed_within_its_first_window_still_has_two_tries_to_come()
     let db = dir.join("yizhan.db");
     // The stand-ins first: the message's age at the restart must stay well inside its window.
     let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
-    // Past the second try's wait (it stops taking 3.7 s into its 4 s window), well within the
-    // third's.
-    echo_llm(&llm, Duration::from_millis(4_600)).await;
+    // Past the second try's wait (it stops taking 3.7 s into its 4 s window, which begins
+    // after the start: up to 2.3 s of it), well within the third's.
+    echo_llm(&llm, Duration::from_millis(6_000)).await;
     wechat_ok(&wechat).await;
     {
         let store = open_store(&db);
@@ -847,6 +847,8 @@ async fn a_message_resumed_within_its_first_window_still_has_two_tries_to_come()
     app.wait_until_idle().await;
     let _ = std::fs::remove_dir_all(&dir);
     let (attempt, body) = delivered.unwrap_or_default();
+    // The first try after the restart (WeChat's second) waited in vain and was left to lapse.
+    assert_eq!(attempt, 2, "{body}");
     assert!(body.contains("答：两次"), "try {attempt}: {body}");
     assert!(app.sent_messages().await.is_empty(), "passive mode sends nothing");
 }

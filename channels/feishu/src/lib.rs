@@ -343,8 +343,8 @@ impl Feishu {
                 "the app's CardKit budget is spent for now; sending the answer whole".into(),
             ));
         }
-        // NOTE: one slot for create + send: creating the card entity puts nothing in the chat
-        // (nor counts against its rate, which each send below waits for).
+        // NOTE: one CardKit slot for create + send. Creating the card entity puts nothing in the
+        // chat, so it takes no slot of the chat's rate; each send try below does.
         let card_id = match self.api.create_card(&message::streaming_card(&target.reply.text)).await {
             Ok(card_id) => card_id,
             Err(error @ ChannelError::Misconfigured(_)) => {
