@@ -6,8 +6,10 @@
 use crate::config::{MenuAction, MessagesConfig};
 use crate::hub::Hub;
 use crate::session::{DispatchError, Job, SessionRegistry};
+use futures_util::FutureExt;
 use std::collections::HashMap;
 use std::fmt;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use yizhan_channel_core::{ConversationKind, Delivery, Envelope, Event, Segment};
 
@@ -90,7 +92,34 @@ pub enum Work {
 /// Whether `question` (a message's trimmed text) is one of the continue words, which fetch
 /// parked text on channels that park answers.
 pub fn is_continue_word(messages: &MessagesConfig, question: &str) -> bool {
-    messages.continue_commands.iter().any(|word| word.trim() == question)
+    is_command(&messages.continue_commands, question)
+}
+
+/// Whether `text` is one of `commands`, as users type or say them: case, full-width forms and
+/// closing punctuation aside (「继续。」, WeChat's voice recognition adds the 。; a phone makes
+/// 「More」 of `more`; 「／ｒｅｓｅｔ」).
+fn is_command(commands: &[String], text: &str) -> bool {
+    let said = command_form(text);
+    !said.is_empty() && commands.iter().any(|command| command_form(command) == said)
+}
+
+/// `text` as commands are compared: trimmed, without closing punctuation, full-width ASCII
+/// forms made half-width, lower case.
+fn command_form(text: &str) -> String {
+    const CLOSING: &[char] = &['。', '.', '！', '!', '？', '?', '～', '~', '，', ',', '、', '…'];
+    text.trim()
+        .chars()
+        .map(|ch| match u32::from(ch) {
+            // FULLWIDTH EXCLAMATION MARK .. FULLWIDTH TILDE, and the ideographic space.
+            code @ 0xFF01..=0xFF5E => char::from_u32(code - 0xFEE0).unwrap_or(ch),
+            0x3000 => ' ',
+            _ => ch,
+        })
+        .collect::<String>()
+        .trim()
+        .trim_end_matches(CLOSING)
+        .trim()
+        .to_lowercase()
 }
 
 /// Decides what an envelope asks for; `None` when it needs no answer (unfollow, opening the
@@ -124,15 +153,21 @@ pub fn classify<S: std::hash::BuildHasher>(
     let text = envelope.text();
     let question = text.trim();
     if !question.is_empty() {
-        let is_reset = messages.reset_commands.iter().any(|command| command.trim().eq_ignore_ascii_case(question));
+        let is_reset = is_command(&messages.reset_commands, question);
         return Some(if is_reset { Work::Reset } else { Work::Ask(question.to_owned()) });
     }
-    let unrecognized_voice =
-        envelope.content.iter().any(|segment| matches!(segment, Segment::Voice { recognition: None, .. }));
+    // A blank recognition (or text, from a plugin) is none: not something else to apologise for.
+    let unrecognized_voice = envelope.content.iter().any(|segment| {
+        matches!(segment, Segment::Voice { recognition, .. } if recognition.as_deref().is_none_or(|r| r.trim().is_empty()))
+    });
     if unrecognized_voice {
         return Some(Work::Say(messages.voice_unrecognized.clone()));
     }
-    let has_content = envelope.content.iter().any(|segment| !matches!(segment, Segment::Mention { .. }));
+    let has_content = envelope.content.iter().any(|segment| match segment {
+        Segment::Mention { .. } => false,
+        Segment::Text { text } => !text.trim().is_empty(),
+        _ => true,
+    });
     has_content.then(|| Work::Say(messages.unsupported.clone()))
 }
 
@@ -231,7 +266,14 @@ impl Router {
         let on_its_way = BusyReplyOnItsWay { busy_replies: self.busy_replies.clone(), key };
         actix::spawn(async move {
             let busy = hub.messages.busy.clone();
-            crate::delivery::answer(&hub, &envelope, on_its_way.key.as_str(), None, busy.into()).await;
+            let answered = crate::delivery::answer(&hub, &envelope, on_its_way.key.as_str(), None, busy.into());
+            // A panic (a plugin's render, say) must not leave the message open: a graceful stop
+            // would wait for it until its bound.
+            if AssertUnwindSafe(answered).catch_unwind().await.is_err() {
+                tracing::error!(channel = %envelope.channel, "The busy reply panicked (a bug); the message is finished unanswered.");
+                hub.passive.close(&envelope.channel, &envelope.platform_message_id);
+                hub.finish(&envelope.id).await;
+            }
             drop(on_its_way);
         });
         true
@@ -263,9 +305,35 @@ mod tests {
         let messages = MessagesConfig::default();
         let ask = classify(&envelope(vec![Segment::Text { text: "  你好 ".into() }]), &messages, &HashMap::new());
         assert_eq!(ask, Some(Work::Ask("你好".into())));
-        for word in ["/reset", "/RESET", "重置", "清空对话"] {
+        for word in ["/reset", "/RESET", "重置", "清空对话", "重置。", "重置！", "／ｒｅｓｅｔ", "/Reset."]
+        {
             let reset = classify(&envelope(vec![Segment::Text { text: word.into() }]), &messages, &HashMap::new());
             assert_eq!(reset, Some(Work::Reset), "{word}");
+        }
+        // Only closing punctuation: a question that goes on is a question.
+        let question = classify(&envelope(vec![Segment::Text { text: "重置密码".into() }]), &messages, &HashMap::new());
+        assert_eq!(question, Some(Work::Ask("重置密码".into())));
+    }
+
+    #[test]
+    fn blank_text_needs_no_answer_and_a_blank_recognition_is_an_unrecognised_voice() {
+        let messages = MessagesConfig::default();
+        let blank = classify(&envelope(vec![Segment::Text { text: " \u{3000}".into() }]), &messages, &HashMap::new());
+        assert_eq!(blank, None);
+        let voice = Segment::Voice { media_id: None, format: None, recognition: Some(" ".into()) };
+        let voice = classify(&envelope(vec![voice]), &messages, &HashMap::new());
+        assert_eq!(voice, Some(Work::Say(messages.voice_unrecognized.clone())));
+    }
+
+    #[test]
+    fn continue_words_are_matched_as_users_type_or_say_them() {
+        let messages =
+            MessagesConfig { continue_commands: vec!["继续".into(), "more".into()], ..MessagesConfig::default() };
+        for said in ["继续", "继续。", " 继续！ ", "More", "MORE.", "ｍｏｒｅ"] {
+            assert!(is_continue_word(&messages, said), "{said}");
+        }
+        for said in ["继续说", "more please", "。", ""] {
+            assert!(!is_continue_word(&messages, said), "{said}");
         }
     }
 

@@ -49,13 +49,21 @@ use yizhan_channel_core::{
 const MAX_MESSAGE_ID_BYTES: usize = 512;
 
 /// The plugin's config keys.
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpJsonSettings {
     /// The bearer token callers must present.
     pub token: String,
     /// Where answers are POSTed.
     pub callback_url: String,
+}
+
+/// Written by hand: settings end up in logs, and neither the token nor the callback URL
+/// (whose query may carry a key) may go with them.
+impl std::fmt::Debug for HttpJsonSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpJsonSettings").field("token", &"<redacted>").field("callback_url", &"<redacted>").finish()
+    }
 }
 
 #[derive(Deserialize)]
@@ -232,6 +240,14 @@ mod tests {
             body: body.into_bytes().into(),
             received_at: SystemTime::now(),
         }
+    }
+
+    #[test]
+    fn settings_print_without_their_secrets() {
+        let settings =
+            HttpJsonSettings { token: "a-long-token".into(), callback_url: "https://x/?key=k-secret".into() };
+        let printed = format!("{settings:?}");
+        assert!(!printed.contains("a-long-token") && !printed.contains("k-secret"), "{printed}");
     }
 
     #[test]
