@@ -264,11 +264,12 @@ async fn handle(
             (error.label(), plain(status, error.label()))
         }
         Ok(WebhookOutcome::Respond(response)) => ("responded", respond(response)),
-        Ok(WebhookOutcome::Accepted { envelopes, .. }) if envelopes.iter().any(|e| !usable_platform_id(e)) => {
+        Ok(WebhookOutcome::Accepted { envelopes, .. }) if envelopes.iter().any(|e| !usable_ids(e)) => {
             // A blank id would make every later message of the channel a "retry" of the first,
-            // and the id is stored: refuse rather than drop messages silently (a plugin's bug).
+            // and the ids are stored and logged: refuse rather than drop messages silently, or
+            // key sessions by megabytes (a plugin's bug, or its caller's input).
             if let Some(left_out) = state.refusals.admit(label, "malformed") {
-                tracing::error!(channel = %label, left_out, "Webhook refused: a message without a usable platform message id (blank, or over 512 bytes).");
+                tracing::error!(channel = %label, left_out, "Webhook refused: a message without usable ids (a blank platform message id, or an id over 512 bytes or with control characters).");
             }
             ("malformed", plain(actix_web::http::StatusCode::BAD_REQUEST, "malformed"))
         }
@@ -349,12 +350,19 @@ fn reply_again(channel: &dyn Channel, request: &WebhookRequest, again: (Envelope
     }
 }
 
-/// Whether an envelope's platform message id can serve as its dedupe key: not blank, and of a
-/// size an id has.
-fn usable_platform_id(envelope: &Envelope) -> bool {
-    let id = envelope.platform_message_id.trim();
-    !id.is_empty() && id.len() <= 512
+/// Whether an envelope's ids are what ids are: its platform message id (the dedupe key) not
+/// blank, and it, the conversation's and the sender's (the session key, in logs) of a size an
+/// id has and without control characters.
+fn usable_ids(envelope: &Envelope) -> bool {
+    let id_like = |id: &str| id.len() <= MAX_ID_BYTES && !id.chars().any(char::is_control);
+    !envelope.platform_message_id.trim().is_empty()
+        && [&envelope.platform_message_id, &envelope.conversation.id, &envelope.sender.id]
+            .into_iter()
+            .all(|id| id_like(id))
 }
+
+/// The longest id the hub takes from a channel.
+const MAX_ID_BYTES: usize = 512;
 
 /// What [`journal_and_dispatch`] did with a webhook's envelopes.
 struct Journaled {

@@ -55,7 +55,20 @@ async fn a_plugin_channel_receives_and_answers_through_the_core() {
             .unwrap_or_default();
         assert_eq!(refused, 400);
     }
-    assert!(app.metrics().await.contains(r#"yizhan_webhook_requests_total{channel="intranet",outcome="malformed"} 2"#));
+    // Nor are a user id of a page's size or one with a line break (session keys, and logged).
+    for user in ["u".repeat(600), "a\nb".to_owned()] {
+        let refused = app
+            .http
+            .post(app.webhook_url("intranet"))
+            .bearer_auth("plugin-secret-token")
+            .json(&serde_json::json!({"message_id": "m9", "user": user, "text":"你好"}))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or_default();
+        assert_eq!(refused, 400, "{user:.10}");
+    }
+    assert!(app.metrics().await.contains(r#"yizhan_webhook_requests_total{channel="intranet",outcome="malformed"} 4"#));
 }
 
 /// The app with an `http_json` channel "intranet" built by `kinds`, its callback a stand-in at
