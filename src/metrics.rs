@@ -94,7 +94,10 @@ impl Metrics {
                 .expect("valid metric");
         let journal_open = IntGauge::new("journal_open", "Accepted messages not yet finished.").expect("valid metric");
         let answers = IntCounterVec::new(
-            Opts::new("answers_total", "Answers by channel and path (passive, push, parked, unparked)."),
+            Opts::new(
+                "answers_total",
+                "Answer events by channel and path: passive and push as answers leave, parked and unparked as text is parked and taken out (then counted by the path it leaves by too).",
+            ),
             &["channel", "path"],
         )
         .expect("valid metric");
