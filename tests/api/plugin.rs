@@ -336,3 +336,31 @@ async fn start_error(kinds: ChannelKinds) -> String {
         Err(error) => format!("{error:#}"),
     }
 }
+
+/// A callback nobody listens on: the failure says why (the connection was refused), not only
+/// that sending failed, and is worth another try.
+#[actix_web::test]
+async fn an_unreachable_callback_fails_transiently_with_its_cause() {
+    use yizhan_channel_core::{ChannelSettings, Conversation, ConversationKind, Reply, ReplyHandle, Sender};
+    let settings = ChannelSettings {
+        id: ChannelId::parse("intranet").unwrap_or_else(|e| panic!("{e}")),
+        kind: HttpJson::KIND.into(),
+        // A privileged port nothing listens on here.
+        table: serde_json::json!({"token": "plugin-secret-token", "callback_url": "http://127.0.0.1:9/answers"}),
+    };
+    let channel = HttpJson::from_settings(&settings, reqwest::Client::new()).unwrap_or_else(|e| panic!("{e}"));
+    let delivery = Delivery {
+        delivery_id: "d1".into(),
+        channel: settings.id.clone(),
+        conversation: Conversation { kind: ConversationKind::Direct, id: "alice".into() },
+        recipient: Sender { id: "alice".into(), name: None },
+        reply_handle: ReplyHandle(serde_json::json!({"in_reply_to": "m1"})),
+        reply: Reply::text("答"),
+    };
+    match channel.deliver(&delivery).await {
+        Err(ChannelError::Transient { reason, .. }) => {
+            assert!(reason.to_lowercase().contains("connect"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+}

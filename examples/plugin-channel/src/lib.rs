@@ -169,9 +169,16 @@ impl Channel for HttpJson {
                 .send()
                 .await
                 .map_err(|error| {
-                    // Without the URL: a callback URL may carry a secret in its query.
+                    // Without the URL: a callback URL may carry a secret in its query. With the
+                    // causes (refused, DNS, TLS, timed out), which the error's own text leaves out.
                     let misconfigured = error.is_builder();
-                    let reason = format!("callback failed: {}", error.without_url());
+                    let error = error.without_url();
+                    let mut reason = format!("callback failed: {error}");
+                    let mut cause = std::error::Error::source(&error);
+                    while let Some(inner) = cause {
+                        reason.push_str(&format!(": {inner}"));
+                        cause = inner.source();
+                    }
                     if misconfigured {
                         ChannelError::Misconfigured(reason)
                     } else {
