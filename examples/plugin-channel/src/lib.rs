@@ -117,7 +117,12 @@ impl Channel for HttpJson {
     }
 
     fn handle_webhook(&self, request: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
-        let presented = request.header("authorization").and_then(|value| value.strip_prefix("Bearer ")).unwrap_or("");
+        // The scheme's name in any case (RFC 7235), the token as given.
+        let presented = request
+            .header("authorization")
+            .and_then(|value| value.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, token)| token.trim());
         if !constant_time_eq(presented.as_bytes(), self.settings.token.as_bytes()) {
             return Err(ChannelError::BadSignature("missing or wrong bearer token".into()));
         }
@@ -246,6 +251,23 @@ mod tests {
             headers: vec![("Authorization".into(), "Bearer a-long-token".into())],
             body: body.into_bytes().into(),
             received_at: SystemTime::now(),
+        }
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_read_in_any_case_and_the_token_exactly() {
+        let channel = channel("http://127.0.0.1:9/answers").unwrap_or_else(|e| panic!("{e}"));
+        let body = r#"{"message_id":"m1","user":"u","text":"hi"}"#;
+        for (header, accepted) in [
+            ("bearer a-long-token", true),
+            ("BEARER a-long-token", true),
+            ("Bearer A-LONG-TOKEN", false),
+            ("a-long-token", false),
+        ] {
+            let mut request = signed(body.to_owned());
+            request.headers = vec![("Authorization".into(), header.into())];
+            let outcome = channel.handle_webhook(&request);
+            assert_eq!(outcome.is_ok(), accepted, "{header}: {outcome:?}");
         }
     }
 
