@@ -122,21 +122,27 @@ pub fn rejects_unsigned_and_garbage_requests(channel: &dyn Channel) {
     }
 }
 
+/// The largest limit [`renders_within_its_part_limit`] sizes its samples by.
+const SAMPLE_BYTES_AT_MOST: usize = 64 << 10;
+
 /// `render` never produces a part over `max_part_bytes`, never an empty or blank part (long runs
 /// of whitespace included), loses no text
 /// and repeats none (a few characters per part, for a label or a hint, are allowed).
 pub fn renders_within_its_part_limit(channel: &dyn Channel) {
     let limit = channel.capabilities().max_part_bytes;
+    // Samples sized by the limit, up to a size a test can build (a channel may declare no
+    // limit at all as `usize::MAX`).
+    let size = limit.min(SAMPLE_BYTES_AT_MOST);
     let samples = [
         "短".to_owned(),
-        "你好，世界。".repeat(limit / 6 + 7),
-        "a".repeat(limit * 3 + 1),
-        format!("{}\n\n{}", "第一段。".repeat(limit / 8), "第二段！".repeat(limit / 8)),
+        "你好，世界。".repeat(size / 6 + 7),
+        "a".repeat(size * 3 + 1),
+        format!("{}\n\n{}", "第一段。".repeat(size / 8), "第二段！".repeat(size / 8)),
         // Four-byte characters and multi-character emoji, with no natural break anywhere.
-        "好🇨🇳👨\u{200d}👩\u{200d}👧😀".repeat(limit / 10 + 3),
+        "好🇨🇳👨\u{200d}👩\u{200d}👧😀".repeat(size / 10 + 3),
         // Long runs of whitespace, which must not become parts of their own.
-        format!("开头{}结尾", " ".repeat(limit * 3)),
-        format!("开头{}结尾", "\n".repeat(limit * 3)),
+        format!("开头{}结尾", " ".repeat(size * 3)),
+        format!("开头{}结尾", "\n".repeat(size * 3)),
     ];
     for sample in samples {
         let parts = channel.render(&Reply::text(sample.clone()));
