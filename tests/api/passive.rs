@@ -205,20 +205,23 @@ async fn an_answer_whose_send_is_misconfigured_is_delivered_with_the_next_messag
     assert!(!app.sent_messages().await.is_empty());
 }
 
+/// A 公众号 account in push mode (with `env` too) whose send API refuses every part with
+/// 48001; an instant echo model.
+async fn spawn_push_refused_with_48001(env: &[(&'static str, &'static str)]) -> TestApp {
+    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+    echo_llm(&llm, Duration::ZERO).await;
+    let refused = serde_json::json!({"errcode":48001,"errmsg":"api unauthorized"});
+    wechat_answering_sends_with(&wechat, refused, Duration::ZERO).await;
+    let mut env = env.to_vec();
+    env.push(("YIZHAN__CHANNELS__MP__REPLY_MODE", "push"));
+    spawn_with(&base_config(&llm, &wechat), &env, ChannelKinds::builtin(), wechat, llm).await
+}
+
 /// In push mode no webhook response carries an answer, so text parked there would come out
 /// only on a 继续 nobody asked for: a refused answer is recorded failed and counted instead.
 #[actix_web::test]
 async fn in_push_mode_a_refused_answer_is_recorded_failed_not_parked() {
-    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
-    echo_llm(&llm, Duration::ZERO).await;
-    wechat_answering_sends_with(
-        &wechat,
-        serde_json::json!({"errcode":48001,"errmsg":"api unauthorized"}),
-        Duration::ZERO,
-    )
-    .await;
-    let env = [("YIZHAN__CHANNELS__MP__REPLY_MODE", "push")];
-    let app = spawn_with(&base_config(&llm, &wechat), &env, ChannelKinds::builtin(), wechat, llm).await;
+    let app = spawn_push_refused_with_48001(&[]).await;
     let (attempt, body) = wechat_delivers(&app, &text_xml("oPush", 80, "问题")).await.unwrap_or_default();
     assert_eq!((attempt, body.as_str()), (1, "success"));
     app.wait_until_idle().await;
@@ -232,16 +235,7 @@ async fn in_push_mode_a_refused_answer_is_recorded_failed_not_parked() {
 /// 「继续」 finds nothing parked, instead of bringing the end of an answer the user never saw.
 #[actix_web::test]
 async fn in_push_mode_a_refused_long_answer_leaves_nothing_parked() {
-    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
-    echo_llm(&llm, Duration::ZERO).await;
-    wechat_answering_sends_with(
-        &wechat,
-        serde_json::json!({"errcode":48001,"errmsg":"api unauthorized"}),
-        Duration::ZERO,
-    )
-    .await;
-    let env = [("YIZHAN__CHANNELS__MP__REPLY_MODE", "push"), ("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "100")];
-    let app = spawn_with(&base_config(&llm, &wechat), &env, ChannelKinds::builtin(), wechat, llm).await;
+    let app = spawn_push_refused_with_48001(&[("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "100")]).await;
     app.post_text("oPushLong", 82, &"问".repeat(240)).await;
     app.wait_until_idle().await;
     app.post_text("oPushLong", 83, "继续").await;
