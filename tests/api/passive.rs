@@ -246,6 +246,16 @@ async fn in_push_mode_a_refused_long_answer_leaves_nothing_parked() {
     assert_eq!(app.llm_requests().await.len(), 1);
 }
 
+/// [`base_config`] on the memory store, or with `sqlite` on a SQLite store in `dir`.
+fn config_on_store(llm: &MockServer, wechat: &MockServer, sqlite: bool, dir: &std::path::Path) -> String {
+    let config = base_config(llm, wechat);
+    if sqlite {
+        on_sqlite(config, &dir.join("yizhan.db"))
+    } else {
+        config
+    }
+}
+
 /// Posts `questions` from `user`, each answered before the next; returns every prompt the
 /// model was sent, as text.
 async fn prompts_after(app: &TestApp, user: &str, questions: &[(u64, &str)]) -> Vec<String> {
@@ -279,10 +289,7 @@ async fn an_answer_nobody_received_at_the_history_cap_leaves_the_older_turns() {
             .await;
         wechat_ok(&wechat).await;
         let dir = std::env::temp_dir().join(format!("yizhan-cap-{sqlite}-{}-{}", std::process::id(), now()));
-        let mut config = base_config(&llm, &wechat);
-        if sqlite {
-            config = on_sqlite(config, &dir.join("yizhan.db"));
-        }
+        let config = config_on_store(&llm, &wechat, sqlite, &dir);
         let env = [
             ("YIZHAN__CHANNELS__MP__REPLY_MODE", "push"),
             ("YIZHAN__DELIVERY__MAX_ATTEMPTS", "1"),
@@ -318,10 +325,7 @@ async fn an_answer_nobody_received_is_left_out_of_the_next_prompts() {
             .await;
         wechat_ok(&wechat).await;
         let dir = std::env::temp_dir().join(format!("yizhan-unseen-{}-{}", std::process::id(), now()));
-        let mut config = base_config(&llm, &wechat);
-        if sqlite {
-            config = on_sqlite(config, &dir.join("yizhan.db"));
-        }
+        let config = config_on_store(&llm, &wechat, sqlite, &dir);
         let env = [("YIZHAN__CHANNELS__MP__REPLY_MODE", "push"), ("YIZHAN__DELIVERY__MAX_ATTEMPTS", "1")];
         let app = spawn_with(&config, &env, ChannelKinds::builtin(), wechat, llm).await;
         let prompts = prompts_after(&app, "oUnseen", &[(1, "第一问"), (2, "第二问"), (3, "第三问")]).await;
