@@ -6,6 +6,7 @@
 //! channel's delivery actor.
 //!
 //! # Layout
+//! - [`cli`]: the command line (`yizhan run|check --config PATH`), for plugin binaries too.
 //! - [`config`]: typed configuration (TOML file + `YIZHAN__*` environment overrides).
 //! - [`startup`]: builds actors, channel directory and HTTP server ([`startup::Application`]).
 //! - [`http`]: webhook, health and metrics routes.
@@ -32,6 +33,7 @@
 //!   window and shared across its retries of the same message.
 
 pub mod channels;
+pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod http;

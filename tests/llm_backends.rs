@@ -724,6 +724,20 @@ async fn openai_chunks_run_together_in_one_event_are_each_read() {
     assert_eq!(pieces.concat(), "你好吗");
 }
 
+/// An event of more JSON lines than any proxy joins (over 1,024) is not split into that many
+/// chunks: garbage, ignored like any unparsable event, and not a million parsed values held.
+#[tokio::test]
+async fn openai_an_event_of_too_many_json_lines_is_ignored() {
+    let server = MockServer::start().await;
+    let many = format!("data: {}\n", chunk("x")).repeat(1_025);
+    let body = format!("data: {}\n\n{many}\ndata: {}\n\ndata: [DONE]\n\n", chunk("你"), chunk("好"));
+    Mock::given(method("POST")).respond_with(streaming(body)).mount(&server).await;
+
+    let (result, _) = complete(&openai(openai_settings(&server))).await;
+
+    assert_eq!(result.ok().as_deref(), Some("你好"));
+}
+
 /// An error event after the finish reason (a gateway's usage accounting, say) leaves the whole
 /// answer as it is: it may already be on the user's screen.
 #[tokio::test]

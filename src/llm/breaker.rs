@@ -9,8 +9,11 @@
 //!
 //! Only failures that point at the server count (no connection, 429 and 5xx, timeouts). A 4xx,
 //! an error the server reports in its stream or an answer that could not be read says nothing
-//! about the server's health, and a success ends the run. Calls that waited for a slot while
-//! the breaker opened are refused too.
+//! about the server's health, and a success ends the run; a probe that ends so closes the
+//! breaker all the same (the server answered). A call is admitted once it holds its slot, so
+//! calls that waited for one while the breaker opened are refused too, and the probe is the
+//! first call to get a slot after the cooldown (not one that may then wait for a slot while
+//! every other call is refused).
 
 use super::LlmError;
 use std::sync::{Arc, Mutex};
@@ -78,7 +81,27 @@ impl Breaker {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// A ticket for a call now, or how much longer the breaker stays open.
+    /// Whether a call may wait for a slot: `Err` with how much longer the breaker stays open
+    /// (zero while a probe is out). Admission itself is [`Breaker::admit`], once the slot is held.
+    pub fn may_queue(&self) -> Result<(), Duration> {
+        let state = self.state();
+        match state.open_until {
+            None => Ok(()),
+            Some(open_until) => {
+                let now = Instant::now();
+                if now < open_until {
+                    Err(open_until - now)
+                } else if state.probing {
+                    Err(Duration::ZERO)
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// A ticket for a call now (the probe, if the cooldown is over and none is out), or how
+    /// much longer the breaker stays open.
     pub fn admit(self: &Arc<Self>) -> Result<Ticket, Duration> {
         let mut state = self.state();
         let probe = match state.open_until {
@@ -112,13 +135,6 @@ impl Ticket {
         self.probe
     }
 
-    /// Whether a call admitted earlier may still go ahead after waiting for a slot: not if the
-    /// breaker opened meanwhile and no probe has closed it since, even once its cooldown is
-    /// over (then only the probe goes; a probe always goes).
-    pub fn still_admitted(&self) -> bool {
-        self.probe || self.breaker.state().open_until.is_none()
-    }
-
     /// Records how the call ended.
     pub fn record(mut self, result: &Result<String, LlmError>) -> Transition {
         self.recorded = true;
@@ -149,7 +165,16 @@ impl Ticket {
                     Transition::Unchanged
                 }
             }
-            // Says nothing about the server's health; a probe that ends so lets the next one go.
+            // Says nothing about the server's health, but a probe that ends so heard the server
+            // answer: calling it back would keep every other call refused behind probe after
+            // probe (a content filter's refusal, a long answer cut by the total timeout).
+            Err(_) if self.probe => {
+                state.failures_in_a_row = 0;
+                match state.open_until.take() {
+                    Some(_) => Transition::Closed,
+                    None => Transition::Unchanged,
+                }
+            }
             Err(_) => Transition::Unchanged,
         }
     }
@@ -254,20 +279,43 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_call_that_waited_while_the_breaker_opened_is_no_longer_admitted() {
+    async fn calls_queue_only_while_a_probe_may_be_admitted() {
         let breaker = breaker();
-        let waiting = breaker.admit().unwrap_or_else(|left| panic!("refused for {left:?}"));
+        assert_eq!(breaker.may_queue(), Ok(()));
         for _ in 0..3 {
             call(&breaker, down());
         }
-        assert!(!waiting.still_admitted());
-        // Nor once the cooldown is over: the probe alone finds out whether the server is back.
+        assert_eq!(breaker.may_queue(), Err(Duration::from_secs(30)));
         tokio::time::advance(Duration::from_secs(30)).await;
-        assert!(!waiting.still_admitted());
+        // Past the cooldown calls may queue for a slot; the first to hold one is the probe.
+        assert_eq!(breaker.may_queue(), Ok(()));
         let probe = breaker.admit().unwrap_or_else(|left| panic!("refused for {left:?}"));
-        assert!(probe.still_admitted());
+        assert!(probe.is_probe());
+        assert_eq!(breaker.may_queue(), Err(Duration::ZERO), "the rest wait for the probe's outcome");
         assert_eq!(probe.record(&Ok("好".into())), Transition::Closed);
-        assert!(waiting.still_admitted());
+        assert_eq!(breaker.may_queue(), Ok(()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_the_server_answered_closes_the_breaker_whatever_the_answer() {
+        let answered = [
+            LlmError::Stream("content filter".into()),
+            LlmError::Status { status: 400, message: "context too long".into(), retry_after: None },
+            LlmError::TotalTimeout { after: Duration::from_secs(120), started: true },
+            LlmError::Protocol("not the API's answer".into()),
+        ];
+        for error in answered {
+            let breaker = breaker();
+            for _ in 0..3 {
+                call(&breaker, down());
+            }
+            tokio::time::advance(Duration::from_secs(30)).await;
+            let probe = breaker.admit().unwrap_or_else(|left| panic!("refused for {left:?}"));
+            let label = error.label();
+            assert_eq!(probe.record(&Err(error)), Transition::Closed, "{label}");
+            assert!(!breaker.is_open(), "{label}");
+            assert!(!breaker.admit().is_ok_and(|ticket| ticket.is_probe()), "{label}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -92,11 +92,24 @@ impl LlmClient {
     /// Fails with [`LlmError::TotalTimeout`] when the whole call, retries included, exceeds
     /// `total_timeout`; otherwise with the last attempt's error.
     pub async fn complete(&self, request: &CompletionRequest, on_delta: &mut DeltaSink) -> Result<String, LlmError> {
+        let deadline = tokio::time::Instant::now() + self.inner.settings.total_timeout;
+        self.complete_by(deadline, request, on_delta).await
+    }
+
+    /// [`LlmClient::complete`], ended at `deadline` instead of `total_timeout` from now: the
+    /// total timeout of a question that waited for a slot counts from when it was asked.
+    pub async fn complete_by(
+        &self,
+        deadline: tokio::time::Instant,
+        request: &CompletionRequest,
+        on_delta: &mut DeltaSink,
+    ) -> Result<String, LlmError> {
         let total = self.inner.settings.total_timeout;
         // Whether the model produced anything, reasoning included: a call cut by the total
         // timeout after that is a long answer, not a server that failed (see the breaker).
         let progressed = Arc::new(AtomicBool::new(false));
-        match tokio::time::timeout(total, self.complete_with_retries(request, on_delta, &progressed)).await {
+        let call = self.complete_with_retries(request, on_delta, &progressed, deadline);
+        match tokio::time::timeout_at(deadline, call).await {
             Ok(result) => result,
             Err(_elapsed) => Err(LlmError::TotalTimeout { after: total, started: progressed.load(Ordering::SeqCst) }),
         }
@@ -107,13 +120,13 @@ impl LlmClient {
         request: &CompletionRequest,
         on_delta: &mut DeltaSink,
         progressed: &Arc<AtomicBool>,
+        deadline: tokio::time::Instant,
     ) -> Result<String, LlmError> {
         let settings = &self.inner.settings;
         let backend = self.inner.backend.name();
         // The caller's sink is lent to each attempt through a tracking wrapper; the guard puts it
         // back when this future ends, however it ends (even when cancelled by the timeout).
         let guard = SinkLoan::new(on_delta, Arc::clone(progressed));
-        let started = tokio::time::Instant::now();
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
@@ -135,7 +148,7 @@ impl LlmClient {
             if let LlmError::Status { retry_after: Some(asked), .. } = &error {
                 // A server that asked for a pause is not asked again sooner; if the pause
                 // outlasts the time left, the user hears now rather than at the total timeout.
-                if started.elapsed().saturating_add(*asked) >= settings.total_timeout {
+                if tokio::time::Instant::now().checked_add(*asked).is_none_or(|resumed| resumed >= deadline) {
                     return Err(error);
                 }
                 delay = delay.max(*asked);

@@ -27,6 +27,9 @@ const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest `/api/v1/chat` body read.
 const MAX_CHAT_BODY_BYTES: usize = 4 * 1024 * 1024;
 
+/// How many content parts' deltas are told apart (see the agent route's stream loop).
+const MAX_NUMBERED_PARTS: usize = 256;
+
 /// What the LobeHub backend needs to know. Deserializable so it can sit in the config file as-is.
 #[derive(Clone, Deserialize)]
 pub struct LobeHubSettings {
@@ -198,7 +201,14 @@ impl LobeHubBackend {
                             if let Some(delta) = json.get("delta").and_then(Value::as_str).filter(|d| !d.is_empty()) {
                                 let part = content_part(&json);
                                 unnumbered_deltas |= json.get("output_index").is_none();
-                                streamed_parts.insert(part);
+                                // Numbers are the server's: past a few hundred parts (no answer
+                                // has them), the rule for unnumbered deltas, not a set as large
+                                // as the stream.
+                                if streamed_parts.len() < MAX_NUMBERED_PARTS || streamed_parts.contains(&part) {
+                                    streamed_parts.insert(part);
+                                } else {
+                                    unnumbered_deltas = true;
+                                }
                                 push_part(&mut answer, &mut last_part, part, delta)?;
                                 saw_text = true;
                             }

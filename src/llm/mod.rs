@@ -3,9 +3,11 @@
 //!
 //! Invariant: at most `max_concurrency` requests are in flight and at most `max_waiting` wait for
 //! a slot; anything beyond is refused at once with [`LlmError::Overloaded`], so a traffic spike
-//! turns into polite "busy" replies instead of an ever-growing queue. A request that waited the
-//! total timeout for a slot is refused the same way. While the [`breaker`] is open (the server
-//! failed repeatedly) requests are refused at once with [`LlmError::Unavailable`].
+//! turns into polite "busy" replies instead of an ever-growing queue. The total timeout counts
+//! from when a question is asked, its wait for a slot included; a request still waiting when
+//! only the first-token timeout (at most half the total) would be left is refused the same way.
+//! While the [`breaker`] is open (the server failed repeatedly) requests are refused at once
+//! with [`LlmError::Unavailable`].
 
 pub mod backend;
 pub mod breaker;
@@ -77,26 +79,35 @@ impl Actor for LlmActor {
     }
 }
 
+/// When a call asked at `asked` must end (its total timeout), and until when it may wait for a
+/// slot: while at least the first-token timeout (at most half the total) would be left.
+fn slot_deadlines(
+    asked: tokio::time::Instant,
+    settings: &client::LlmClientSettings,
+) -> (tokio::time::Instant, tokio::time::Instant) {
+    let total = settings.total_timeout;
+    let least_for_the_call = settings.first_token_timeout.min(total / 2);
+    (asked + total, asked + (total - least_for_the_call))
+}
+
 impl Handler<Complete> for LlmActor {
     // `ResponseFuture`: the call needs no actor state, so the handler returns at once and the
     // mailbox keeps draining while requests are in flight.
     type Result = ResponseFuture<Result<String, LlmError>>;
 
     fn handle(&mut self, msg: Complete, _: &mut Self::Context) -> Self::Result {
-        let ticket = match self.breaker.admit() {
-            Ok(ticket) => ticket,
-            Err(left) => {
-                self.metrics.llm_errors.with_label_values(&[self.backend, "circuit_open"]).inc();
-                return Box::pin(async move { Err(LlmError::Unavailable(left)) });
-            }
-        };
+        // The question's total timeout counts from now, the wait for a slot included.
+        let asked = tokio::time::Instant::now();
+        if let Err(left) = self.breaker.may_queue() {
+            self.metrics.llm_errors.with_label_values(&[self.backend, "circuit_open"]).inc();
+            return Box::pin(async move { Err(LlmError::Unavailable(left)) });
+        }
         let waiting_before = self.waiting.fetch_add(1, Ordering::SeqCst);
         // Requests admitted in one burst take their permits only once their futures run, so free
         // permits count as taken by those already waiting.
         if waiting_before >= self.max_waiting.saturating_add(self.permits.available_permits()) {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
             self.metrics.llm_errors.with_label_values(&[self.backend, "overloaded"]).inc();
-            // Not asked after all: the ticket, dropped unrecorded, frees a probe's place.
             return Box::pin(async move { Err(LlmError::Overloaded(waiting_before)) });
         }
         self.metrics.llm_queue_depth.inc();
@@ -105,29 +116,44 @@ impl Handler<Complete> for LlmActor {
         let client = self.client.clone();
         let metrics = self.metrics.clone();
         let backend = self.backend;
-        // The total timeout starts with the call; the wait for a slot is bounded the same way,
-        // after which the user is told the service is busy rather than left waiting.
-        let wait_limit = client.settings().total_timeout;
+        let breaker = self.breaker.clone();
+        let (deadline, give_up_waiting) = slot_deadlines(asked, client.settings());
         Box::pin(async move {
-            let permit = tokio::time::timeout(wait_limit, permits.acquire_owned()).await;
+            // A slot free now gives the call its whole total timeout; one waited for gives it
+            // what is left, and the wait ends (busy) while the call would still have the
+            // first-token timeout, so that a server is never judged on less.
+            let (permit, waited) = match permits.clone().try_acquire_owned() {
+                Ok(permit) => (Some(permit), false),
+                // The semaphore is never closed: an error here is as good as no slot.
+                Err(_) => (
+                    tokio::time::timeout_at(give_up_waiting, permits.acquire_owned()).await.ok().and_then(Result::ok),
+                    true,
+                ),
+            };
             let still_waiting = waiting.fetch_sub(1, Ordering::SeqCst).saturating_sub(1);
             metrics.llm_queue_depth.dec();
-            let Ok(permit) = permit else {
+            let Some(permit) = permit else {
                 metrics.llm_errors.with_label_values(&[backend, "overloaded"]).inc();
-                tracing::warn!(backend, waited = ?wait_limit, "No LLM slot within the total timeout; answered busy.");
+                tracing::warn!(
+                    backend,
+                    waited = ?give_up_waiting.duration_since(asked),
+                    "No LLM slot while there was still time for an answer; answered busy."
+                );
                 return Err(LlmError::Overloaded(still_waiting));
             };
-            // The semaphore is never closed, so this error cannot happen; map it anyway.
-            let _permit = permit.map_err(|_| LlmError::Overloaded(0))?;
-            if !ticket.still_admitted() {
-                // The server failed repeatedly while this call waited for its slot.
-                metrics.llm_errors.with_label_values(&[backend, "circuit_open"]).inc();
-                return Err(LlmError::Unavailable(std::time::Duration::ZERO));
-            }
+            let _permit = permit;
+            // Admitted only now: the breaker may have opened while this call waited.
+            let ticket = match breaker.admit() {
+                Ok(ticket) => ticket,
+                Err(left) => {
+                    metrics.llm_errors.with_label_values(&[backend, "circuit_open"]).inc();
+                    return Err(LlmError::Unavailable(left));
+                }
+            };
             metrics.llm_in_flight.inc();
             let started = std::time::Instant::now();
             let mut sink: DeltaSink = msg.on_delta.unwrap_or_else(|| Box::new(|_: &str| {}));
-            let result = client.complete(&msg.request, &mut sink).await;
+            let result = client.complete_by(deadline, &msg.request, &mut sink).await;
             metrics.llm_in_flight.dec();
             let outcome = match &result {
                 Ok(_) => "ok",
@@ -137,7 +163,11 @@ impl Handler<Complete> for LlmActor {
                 }
             };
             metrics.llm_seconds.with_label_values(&[backend, outcome]).observe(started.elapsed().as_secs_f64());
-            match ticket.record(&result) {
+            // Cut short by time the wait took says nothing of the server (a probe's place goes
+            // to the next call).
+            let judged = !(waited && matches!(result, Err(LlmError::TotalTimeout { .. })));
+            let transition = if judged { ticket.record(&result) } else { Transition::Unchanged };
+            match transition {
                 Transition::Opened => {
                     metrics.llm_breaker_open.set(1);
                     tracing::error!(
@@ -214,19 +244,88 @@ mod tests {
         assert_eq!(refused.load(Ordering::SeqCst), 7, "two run, one waits, seven are told busy");
     }
 
+    /// Asks in a task of its own; the outcome and the (paused) time it came at.
+    fn ask_timed(
+        addr: &Addr<LlmActor>,
+    ) -> tokio::sync::oneshot::Receiver<(Result<String, LlmError>, tokio::time::Instant)> {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let addr = addr.clone();
+        actix::spawn(async move {
+            let request = CompletionRequest { messages: Vec::new(), user: "u".into(), channel_kind: "test".into() };
+            let result = addr.send(Complete { request, on_delta: None }).await.unwrap_or_else(|e| panic!("{e}"));
+            let _ = sender.send((result, tokio::time::Instant::now()));
+        });
+        receiver
+    }
+
+    fn timed_actor(total: u64, first_token: u64, breaker: BreakerSettings) -> Addr<LlmActor> {
+        let settings = LlmClientSettings {
+            first_token_timeout: Duration::from_secs(first_token),
+            total_timeout: Duration::from_secs(total),
+            max_retries: 0,
+            retry_base_delay: Duration::from_millis(1),
+        };
+        let client = LlmClient::new(Arc::new(Hang), settings);
+        LlmActor::new(client, 1, 10, Metrics::new()).with_breaker(breaker).start()
+    }
+
+    async fn outcome(
+        receiver: tokio::sync::oneshot::Receiver<(Result<String, LlmError>, tokio::time::Instant)>,
+    ) -> (Result<String, LlmError>, tokio::time::Instant) {
+        receiver.await.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Paused time: timers fire on the millisecond after their deadline.
+    fn assert_about(elapsed: Duration, seconds: u64) {
+        let expected = Duration::from_secs(seconds);
+        assert!(elapsed >= expected && elapsed <= expected + Duration::from_millis(10), "{elapsed:?}, not {seconds} s");
+    }
+
     #[actix::test]
-    async fn a_request_that_waited_the_total_timeout_for_a_slot_is_told_busy() {
+    async fn the_total_timeout_counts_the_wait_for_a_slot_and_a_late_slot_is_refused() {
         tokio::time::pause();
-        let addr = actor(1, 10, Duration::from_secs(100));
-        let refused = Arc::new(AtomicUsize::new(0));
-        // t=0 takes the slot until t=100; t=10 gets it then; t=20 would wait past t=120.
-        for _ in 0..3 {
-            ask(&addr, &refused);
-            tokio::time::sleep(Duration::from_secs(10)).await;
-        }
-        tokio::time::sleep(Duration::from_secs(75)).await;
-        assert_eq!(refused.load(Ordering::SeqCst), 0, "t=105: nobody has waited 100 s yet");
-        tokio::time::sleep(Duration::from_secs(20)).await;
-        assert_eq!(refused.load(Ordering::SeqCst), 1, "t=125: the third waited 100 s");
+        let start = tokio::time::Instant::now();
+        // One slot; total 100 s, first token 30 s: a call may wait for a slot until 70 s after
+        // it was asked, and ends 100 s after it was asked.
+        let addr = timed_actor(100, 30, BreakerSettings::DISABLED);
+        let first = ask_timed(&addr);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let told_busy = ask_timed(&addr);
+        tokio::time::sleep(Duration::from_secs(35)).await;
+        let waits_less = ask_timed(&addr);
+        let (result, at) = outcome(first).await;
+        assert!(matches!(result, Err(LlmError::TotalTimeout { .. })), "{result:?}");
+        assert_about(at.duration_since(start), 100);
+        let (result, at) = outcome(told_busy).await;
+        assert!(matches!(result, Err(LlmError::Overloaded(_))), "{result:?}");
+        assert_about(at.duration_since(start), 80); // asked at 10 s, no slot by 80 s
+                                                    // Asked at 45 s, its slot free at 100 s: it ends at 145 s, not 200 s.
+        let (result, at) = outcome(waits_less).await;
+        assert!(matches!(result, Err(LlmError::TotalTimeout { .. })), "{result:?}");
+        assert_about(at.duration_since(start), 145);
+    }
+
+    #[actix::test]
+    async fn a_call_cut_short_by_its_wait_for_a_slot_does_not_count_against_the_server() {
+        tokio::time::pause();
+        // Opens at the second failure in a row of the server's.
+        let breaker = BreakerSettings { threshold: 2, cooldown: Duration::from_secs(1_000) };
+        let addr = timed_actor(100, 30, breaker);
+        let first = ask_timed(&addr);
+        tokio::time::sleep(Duration::from_secs(45)).await;
+        let second = ask_timed(&addr);
+        // The first holds the slot, silent, until 100 s (one failure of the server's); the
+        // second, asked at 45 s, gets it then and has 45 s left: cut off at 145 s by the time
+        // its wait took, which says nothing of the server.
+        let (result, _) = outcome(first).await;
+        assert!(matches!(result, Err(LlmError::TotalTimeout { started: false, .. })), "{result:?}");
+        let (result, _) = outcome(second).await;
+        assert!(matches!(result, Err(LlmError::TotalTimeout { .. })), "{result:?}");
+        let third = ask_timed(&addr);
+        let (result, _) = outcome(third).await;
+        assert!(
+            matches!(result, Err(LlmError::TotalTimeout { .. })),
+            "asked with one failure counted, not two, so not refused by the breaker: {result:?}"
+        );
     }
 }

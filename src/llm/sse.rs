@@ -21,6 +21,15 @@ use super::backend::LlmError;
 /// broken or hostile server cannot exhaust memory.
 pub const DEFAULT_MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
 
+/// The longest event name kept. Names are a few words (`error`, `response.output_text.delta`);
+/// a longer one is no event either backend knows, and is read as no name at all, so that a
+/// server's megabyte of name is not copied into each of an event's split-out parts.
+const MAX_EVENT_NAME_BYTES: usize = 128;
+
+/// How many JSON lines one event may be split into (see [`next_json_event`]): a proxy that joins
+/// a few events; an event of a million `{}` lines is taken for the garbage it is.
+const MAX_SPLIT_EVENTS: usize = 1024;
+
 /// One dispatched event.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SseEvent {
@@ -200,7 +209,8 @@ impl SseParser {
             None => (line, ""),
         };
         match field {
-            "event" => self.event = Some(value.to_owned()),
+            "event" if value.len() <= MAX_EVENT_NAME_BYTES => self.event = Some(value.to_owned()),
+            "event" => self.event = None,
             "data" => {
                 if self.data.len().saturating_add(value.len()).saturating_add(1) > self.max_event_bytes {
                     self.reset_event();
@@ -412,7 +422,9 @@ pub(crate) async fn next_json_event(
                     .lines()
                     .map(str::trim)
                     .filter(|line| !line.is_empty())
-                    .map(|line| match line {
+                    .enumerate()
+                    .map(|(index, line)| match line {
+                        _ if index >= MAX_SPLIT_EVENTS => None,
                         "[DONE]" => Some(None),
                         json => serde_json::from_str(json).ok().map(Some),
                     })
@@ -831,6 +843,13 @@ mod tests {
         let mut parser = SseParser::new(16);
         assert!(parser.push(b"data: 01234567\n").is_ok());
         assert!(matches!(parser.push(b"data: 01234567\n"), Err(SseError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn an_overlong_event_name_is_read_as_no_name() {
+        let long = "n".repeat(MAX_EVENT_NAME_BYTES + 1);
+        let events = parse_all(&[format!("event: {long}\ndata: a\n\nevent: error\ndata: b\n\n").as_bytes()]);
+        assert_eq!(events, vec![data("a"), SseEvent { event: Some("error".into()), data: "b".into() }]);
     }
 
     #[test]

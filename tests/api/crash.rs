@@ -42,6 +42,14 @@ impl Yizhan {
     }
 }
 
+/// Sends SIGTERM to `child`, as an operator's `kill` or systemd's stop would (by the system call:
+/// minimal Debian images have no `kill` program). Whether the signal was sent.
+fn sigterm(child: &Child) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(child.id()) else { return false };
+    // SAFETY: kill(2) takes two integers and touches no memory of this process.
+    unsafe { libc::kill(pid, libc::SIGTERM) == 0 }
+}
+
 /// The `yizhan` binary, without the test's own `YIZHAN*` variables: a developer's or CI's
 /// `YIZHAN__LLM__BASE_URL`, say, would otherwise point it away from the stand-ins.
 fn yizhan_command() -> Command {
@@ -404,7 +412,6 @@ async fn sigterm_while_a_passive_answer_is_held(
     let mut yizhan = start_binary_with(&config_path, env).await;
     let app =
         TestApp { address: yizhan.address.clone(), wechat, llm, http: reqwest::Client::new(), _actor_threads: None };
-    let pid = yizhan.child.id().to_string();
     // Once the message is accepted (and its attempt held), not at a guessed moment.
     let terminate = async {
         // The model asked too: by then the attempt that carried the message is held.
@@ -413,7 +420,7 @@ async fn sigterm_while_a_passive_answer_is_held(
                 && metric(&app.http, &app.address, "yizhan_llm_in_flight ").await == Some(1)
         })
         .await;
-        Command::new("kill").arg("-TERM").arg(&pid).status()
+        sigterm(&yizhan.child)
     };
     // Long enough to need several parts when `max_part_bytes` is small.
     let xml = text_xml("oTermPassive", 80_000, &format!("关机前{}", "。".repeat(60)));
@@ -422,7 +429,7 @@ async fn sigterm_while_a_passive_answer_is_held(
     // timeout).
     let (delivered, status) =
         futures_util::join!(wechat_delivers_within(&app, &xml, Duration::from_secs(30)), terminate);
-    assert!(status.is_ok_and(|s| s.success()));
+    assert!(status);
     yizhan.exits_cleanly().await;
     use yizhan::store::Store;
     let store = open_store(&db);
@@ -453,9 +460,7 @@ async fn a_second_sigterm_stops_the_wait_for_unanswered_messages() {
     let app =
         TestApp { address: yizhan.address.clone(), wechat, llm, http: reqwest::Client::new(), _actor_threads: None };
     assert_eq!(app.post_text("oTwice", 90_000, "慢问题").await.0, 200);
-    let pid = yizhan.child.id().to_string();
-    let term = || Command::new("kill").arg("-TERM").arg(&pid).status().is_ok_and(|s| s.success());
-    assert!(term());
+    assert!(sigterm(&yizhan.child));
     // Logged once the first signal is handled and a second one is listened for.
     let logged = yizhan.logged.clone();
     wait_for("the shutdown to begin", || {
@@ -463,7 +468,7 @@ async fn a_second_sigterm_stops_the_wait_for_unanswered_messages() {
         async move { begun }
     })
     .await;
-    assert!(term());
+    assert!(sigterm(&yizhan.child));
     yizhan.exits_cleanly().await;
     use yizhan::store::Store;
     let unfinished = open_store(&db).unfinished().await.unwrap_or_else(|e| panic!("{e}"));
@@ -493,8 +498,7 @@ async fn sigterm_during_a_slow_llm_call_leaves_the_question_not_the_apology() {
     let app =
         TestApp { address: yizhan.address.clone(), wechat, llm, http: reqwest::Client::new(), _actor_threads: None };
     wait_for("the resumed question asked", || async { app.llm_requests().await.len() == 1 }).await;
-    let status = Command::new("kill").arg("-TERM").arg(yizhan.child.id().to_string()).status();
-    assert!(status.is_ok_and(|s| s.success()));
+    assert!(sigterm(&yizhan.child));
     yizhan.exits_cleanly().await;
     assert!(app.sent_messages().await.is_empty(), "{:?}", app.sent_texts().await);
     use yizhan::store::Store;
@@ -520,8 +524,7 @@ async fn sigterm_answers_what_was_accepted_before_exiting() {
     for user in 0..5u64 {
         assert_eq!(app.post_text(&format!("oTerm{user}"), 70_000 + user, "问题").await.0, 200);
     }
-    let status = Command::new("kill").arg("-TERM").arg(yizhan.child.id().to_string()).status();
-    assert!(status.is_ok_and(|s| s.success()));
+    assert!(sigterm(&yizhan.child));
     yizhan.exits_cleanly().await;
     assert_eq!(app.sent_messages().await.len(), 5, "every accepted message answered before exit");
 
@@ -892,8 +895,7 @@ async fn parked_answers_survive_a_restart(graceful: bool) {
     })
     .await;
     if graceful {
-        let term = Command::new("kill").arg("-TERM").arg(first.child.id().to_string()).status();
-        assert!(term.is_ok_and(|s| s.success()));
+        assert!(sigterm(&first.child));
         first.exits_cleanly().await;
     } else {
         first.child.kill().unwrap_or_else(|e| panic!("kill -9: {e}"));
@@ -905,7 +907,7 @@ async fn parked_answers_survive_a_restart(graceful: bool) {
     let (_, more) =
         wechat_delivers_within(&app, &text_xml("oParked", 95_001, "继续"), window).await.unwrap_or_default();
     assert!(more.contains("。。。") && !more.contains("没有待查看"), "the parked rest comes back: {more}");
-    assert!(Command::new("kill").arg("-TERM").arg(second.child.id().to_string()).status().is_ok_and(|s| s.success()));
+    assert!(sigterm(&second.child));
     second.exits_cleanly().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -16,14 +16,16 @@
 //! - A 429 or 503 may carry `Retry-After` in seconds: every send to the callback waits that
 //!   long (at most 10 minutes).
 //!
-//! Register it before building the application:
+//! Register it in a binary of your own, which then runs as `yizhan` does:
 //!
 //! ```ignore
-//! let mut kinds = yizhan::channels::ChannelKinds::builtin();
-//! kinds.register(yizhan_plugin_example::HttpJson::KIND, |settings, http| {
-//!     Ok(std::sync::Arc::new(yizhan_plugin_example::HttpJson::from_settings(settings, http.clone())?))
-//! });
-//! let app = yizhan::startup::Application::build_with(config, kinds).await?;
+//! fn main() {
+//!     let mut kinds = yizhan::channels::ChannelKinds::builtin();
+//!     kinds.register(yizhan_plugin_example::HttpJson::KIND, |settings, http| {
+//!         Ok(std::sync::Arc::new(yizhan_plugin_example::HttpJson::from_settings(settings, http.clone())?))
+//!     });
+//!     yizhan::cli::main_with(kinds)
+//! }
 //! ```
 //!
 //! and configure it like any channel:
