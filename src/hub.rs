@@ -11,6 +11,11 @@ use actix::Addr;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// The first wait before a failed finish is tried again (see `Hub::finish_later`); doubled each
+/// time, up to [`FINISH_RETRY_LONGEST_DELAY`].
+const FINISH_RETRY_FIRST_DELAY: Duration = Duration::from_secs(1);
+const FINISH_RETRY_LONGEST_DELAY: Duration = Duration::from_secs(60);
 use yizhan_channel_core::{Channel, ChannelId, Envelope};
 
 /// One configured channel account and what the core keeps for it.
@@ -140,8 +145,36 @@ impl Hub {
         // fail after its inbound log recorded the finish.
         self.metrics.journal_open.dec();
         if let Err(error) = finished {
-            tracing::error!(envelope = %envelope_id, %error, "Failed to finish a journal entry.");
+            tracing::error!(envelope = %envelope_id, %error, "Failed to finish a journal entry; trying again later.");
+            self.finish_later(envelope_id);
         }
+    }
+
+    /// Tries a failed finish again in the background (a full disk, say, whose room may come
+    /// back) until it is written, the store breaks for good (the restart then resumes the
+    /// message: its answer was recorded and sends nothing already sent) or the process ends.
+    /// Left open, the message would keep its log segment, and its parts held for the user's
+    /// next message (parked) pending: the next start would park or send them again, after the
+    /// user had them.
+    fn finish_later(&self, envelope_id: &str) {
+        let (store, envelope_id) = (self.store.clone(), envelope_id.to_owned());
+        actix::spawn(async move {
+            let mut delay = FINISH_RETRY_FIRST_DELAY;
+            loop {
+                actix::clock::sleep(delay).await;
+                if store.health().is_err() {
+                    return;
+                }
+                match store.finish(&envelope_id).await {
+                    Ok(()) => {
+                        tracing::info!(envelope = %envelope_id, "Journal entry finished on a later try.");
+                        return;
+                    }
+                    Err(error) => tracing::debug!(envelope = %envelope_id, %error, "Finishing failed again."),
+                }
+                delay = (delay * 2).min(FINISH_RETRY_LONGEST_DELAY);
+            }
+        });
     }
 
     /// Leaves an answered message open, its parts pending, for the next start to deliver (at

@@ -134,7 +134,7 @@ pub async fn answer(
 }
 
 /// Takes the turn stored with `envelope`'s answer out of the history (see [`answer`]).
-async fn forget_turn(hub: &Hub, envelope: &Envelope) {
+pub async fn forget_turn(hub: &Hub, envelope: &Envelope) {
     if let Err(error) = hub.store.forget_turn(&envelope.id).await {
         tracing::error!(envelope = %envelope.id, %error, "Failed to forget the turn of an undelivered answer.");
     }
@@ -155,11 +155,25 @@ pub async fn record(
     };
     let parts = parts_for(entry.channel.as_ref(), envelope, text);
     if let Err(error) = hub.store.record_answer(&envelope.id, session_key, turn, &parts).await {
+        if left_to_the_restart(hub, envelope) {
+            return None;
+        }
         // Still deliver: the user is better served by an answer that a crash could repeat than
         // by none.
         tracing::error!(envelope = %envelope.id, %error, "Failed to record an answer; delivering anyway.");
     }
     Some(parts)
+}
+
+/// Whether the store refuses writes for good (a failed fsync: see `Store::health`), in which
+/// case the message is left open for the restart that needs (whatever of its answer is not yet
+/// sent stays unsent). Sent now, its parts could be marked neither sent nor finished, and that
+/// restart would send them, or ask the model, again: a second answer.
+fn left_to_the_restart(hub: &Hub, envelope: &Envelope) -> bool {
+    let Err(problem) = hub.store.health() else { return false };
+    tracing::error!(envelope = %envelope.id, %problem, "The store refuses writes; the answer is left for the restart.");
+    hub.leave_for_next_start(envelope);
+    true
 }
 
 /// Sends the parts [`record`] returned (through a held passive attempt where there is one),
@@ -169,6 +183,9 @@ pub async fn deliver_recorded(hub: &Hub, envelope: &Envelope, parts: Vec<Deliver
         hub.finish_without_channel(envelope).await;
         return Reached::User;
     };
+    if left_to_the_restart(hub, envelope) {
+        return Reached::User;
+    }
     if parts.is_empty() {
         if let Some(job) = hub.passive.get(&envelope.channel, &envelope.platform_message_id) {
             // Held attempts answer at once instead of waiting out their windows.
@@ -389,6 +406,8 @@ pub async fn send_parts(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) ->
     let nothing_to_send = parts.is_empty();
     let mut reached = Reached::User;
     match entry.outbound.send(Deliver { parts }).await {
+        // The store broke on the way (`deliver_all` stops there): the rest is the restart's.
+        Ok(Err(_)) if left_to_the_restart(hub, envelope) => return Reached::User,
         Ok(Ok(())) if nothing_to_send => {}
         Ok(Ok(())) => hub.metrics.answers.with_label_values(&[channel, "push"]).inc(),
         Ok(Err(undelivered)) if parkable => {
@@ -596,6 +615,12 @@ async fn deliver_all(
     let channel_label = channel.id().to_string();
     let mut parts = parts.into_iter();
     while let Some(delivery) = parts.next() {
+        if let Err(problem) = store.health() {
+            // Sent now, the part could not be marked sent: the restart the store needs would
+            // send it again (see `left_to_the_restart`).
+            let error = ChannelError::Transient { reason: format!("not sent: {problem}"), retry_after: None };
+            return Err(Undelivered { error, parts: std::iter::once(delivery).chain(parts).collect() });
+        }
         let gauge = metrics.delivery_in_flight.with_label_values(&[&channel_label]);
         gauge.inc();
         let result = deliver_one(channel, policy, pause, metrics, &channel_label, &delivery).await;

@@ -516,6 +516,9 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
         }
     };
     if let Some(live) = live {
+        let with_turn = new_turn.is_some();
+        // Whether the card may be showing some of the answer, should its finish fail.
+        let shown = !live.text_so_far().trim().is_empty();
         // Recorded, whole, before the card is finished: a crash in between then sends the saved
         // text at the next start instead of asking the model again (a second, different answer),
         // into this card (recorded by `live::start`) until its first part is cleared below.
@@ -540,7 +543,13 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
             }
             Err(error) => {
                 tracing::warn!(session = %key, %error, "Streamed answer not finished; sending it whole.");
-                delivery::deliver_recorded(&hub, &envelope, parts).await;
+                let reached = delivery::deliver_recorded(&hub, &envelope, parts).await;
+                if reached == delivery::Reached::NoOne && !shown && with_turn {
+                    // Neither in the card nor below it: as for an answer sent as messages, a
+                    // later prompt must not show the model saying what the user never read.
+                    delivery::forget_turn(&hub, &envelope).await;
+                    return None;
+                }
             }
         }
         return history;

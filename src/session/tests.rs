@@ -59,6 +59,10 @@ struct RecordingChannel {
     streaming: std::sync::atomic::AtomicBool,
     store: std::sync::OnceLock<Arc<dyn crate::store::Store>>,
     recorded_at_finish: Mutex<Vec<Option<Vec<Delivery>>>>,
+    /// Breaks this store for good once a part is delivered (a failed fsync just then).
+    breaks_on_deliver: std::sync::OnceLock<Arc<MemoryStore>>,
+    /// Sends and stream finishes are refused for good.
+    refuses: std::sync::atomic::AtomicBool,
 }
 
 impl Channel for RecordingChannel {
@@ -75,7 +79,13 @@ impl Channel for RecordingChannel {
     }
 
     fn deliver<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
+        if self.refuses.load(Ordering::SeqCst) {
+            return Box::pin(async { Err(ChannelError::Refused { code: 1, reason: "refused for a test".into() }) });
+        }
         self.delivered.lock().unwrap_or_else(|p| p.into_inner()).push(delivery.clone());
+        if let Some(store) = self.breaks_on_deliver.get() {
+            store.broken.store(true, Ordering::SeqCst);
+        }
         Box::pin(async { Ok(DeliveryReceipt::default()) })
     }
 
@@ -106,6 +116,9 @@ impl Channel for RecordingChannel {
         _sequence: u64,
     ) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
         Box::pin(async move {
+            if self.refuses.load(Ordering::SeqCst) {
+                return Err(ChannelError::Refused { code: 1, reason: "refused for a test".into() });
+            }
             if let Some(store) = self.store.get() {
                 let unfinished = store.unfinished().await.unwrap_or_default();
                 let mut recorded = self.recorded_at_finish.lock().unwrap_or_else(|p| p.into_inner());
@@ -115,10 +128,11 @@ impl Channel for RecordingChannel {
         })
     }
 
-    /// Panics on an answer containing "💥": a stand-in for a bug inside a session's turn.
+    /// Panics on an answer containing "💥": a stand-in for a bug inside a session's turn. Parts
+    /// are cut at each "✂".
     fn render(&self, reply: &Reply) -> Vec<Reply> {
         assert!(!reply.text.contains('💥'), "a bug in the middle of a turn");
-        vec![reply.clone()]
+        reply.text.split('✂').map(|text| Reply { text: text.to_owned() }).collect()
     }
 }
 
@@ -175,6 +189,8 @@ fn fixture_bounded(
         streaming: Default::default(),
         store: std::sync::OnceLock::new(),
         recorded_at_finish: Mutex::new(Vec::new()),
+        breaks_on_deliver: std::sync::OnceLock::new(),
+        refuses: Default::default(),
     });
     let _ = channel.store.set(store.clone());
     let policy =
@@ -519,6 +535,101 @@ async fn a_message_whose_finish_fails_is_no_longer_counted_open() {
         actix::clock::sleep(Duration::from_millis(1)).await;
     }
     assert_eq!(fixture.metrics.journal_open.get(), 0, "a shutdown would wait its whole bound for it");
+}
+
+/// A fixture on a memory store the test can break or make refuse, and that store.
+fn fixture_on_memory() -> (Arc<MemoryStore>, Fixture) {
+    let store = Arc::new(MemoryStore::new(10));
+    let fixture = fixture_on(store.clone(), Duration::ZERO, Duration::from_secs(60), 16);
+    (store, fixture)
+}
+
+impl Fixture {
+    /// Dispatches a question counted open, as the webhook counts each message it accepts.
+    fn ask_accepted(&self, user: &str, question: &str) -> SessionKey {
+        self.metrics.journal_open.inc();
+        let (key, job) = job(user, question);
+        self.registry.dispatch(key.clone(), job).unwrap_or_else(|_| panic!("dispatch"));
+        key
+    }
+
+    /// Waits until no message is counted open (the webhook counts each it accepts).
+    async fn wait_until_none_open(&self) {
+        for _ in 0..100_000 {
+            if self.metrics.journal_open.get() == 0 {
+                return;
+            }
+            actix::clock::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("{} messages still open", self.metrics.journal_open.get());
+    }
+}
+
+/// A store broken for good (a failed fsync) records no answer: sent anyway, it could be marked
+/// neither sent nor finished, and the restart the store needs would answer the message again.
+#[actix::test]
+async fn an_answer_the_broken_store_could_not_record_is_left_for_the_restart_not_sent() {
+    tokio::time::pause();
+    let (store, fixture) = fixture_on_memory();
+    store.broken.store(true, Ordering::SeqCst);
+    fixture.ask_accepted("u1", "问");
+    fixture.wait_until_none_open().await;
+    assert!(fixture.delivered().is_empty(), "{:?}", fixture.delivered());
+    assert_eq!(store.finished.load(Ordering::SeqCst), 0);
+}
+
+/// The store breaking while an answer goes out stops it there: the parts not yet sent are the
+/// restart's, which would otherwise send them again.
+#[actix::test]
+async fn parts_after_the_store_broke_are_left_for_the_restart() {
+    tokio::time::pause();
+    let (store, fixture) = fixture_on_memory();
+    let _ = fixture.channel.breaks_on_deliver.set(store.clone());
+    fixture.ask_accepted("u1", "一✂二✂三");
+    fixture.wait_until_none_open().await;
+    let texts: Vec<String> = fixture.delivered().into_iter().map(|d| d.reply.text).collect();
+    assert_eq!(texts, ["答：一"]);
+}
+
+/// A streamed answer that reached no one (its card's finish refused, and then the messages
+/// too) is not in the history the next question carries.
+#[actix::test]
+async fn a_streamed_answer_that_reached_no_one_leaves_no_turn() {
+    tokio::time::pause();
+    let fixture = fixture(Duration::ZERO, Duration::from_secs(60), 16);
+    fixture.channel.streaming.store(true, Ordering::SeqCst);
+    fixture.channel.refuses.store(true, Ordering::SeqCst);
+    let key = fixture.ask_accepted("u1", "第一");
+    fixture.wait_until_none_open().await;
+    fixture.channel.refuses.store(false, Ordering::SeqCst);
+    // As a message, which the channel notes.
+    fixture.channel.streaming.store(false, Ordering::SeqCst);
+    let (_, second) = job("u1", "第二");
+    fixture.registry.dispatch(key, second).unwrap_or_else(|_| panic!("dispatch"));
+    fixture.wait_for_deliveries(1).await;
+    assert_eq!(fixture.backend.last_request_messages.load(Ordering::SeqCst), 1, "the question alone");
+}
+
+/// A finish the store failed to write (a full disk) is tried again until it is written: left
+/// open, the message would be resumed by the next start, its parked parts sent again.
+#[actix::test]
+async fn a_failed_finish_is_written_on_a_later_try() {
+    tokio::time::pause();
+    let (store, fixture) = fixture_on_memory();
+    store.refuse_writes.store(true, Ordering::SeqCst);
+    fixture.ask_accepted("u1", "问");
+    fixture.wait_for_deliveries(1).await;
+    fixture.wait_until_none_open().await;
+    actix::clock::sleep(Duration::from_secs(5)).await;
+    assert_eq!(store.finished.load(Ordering::SeqCst), 0, "refused so far");
+    store.refuse_writes.store(false, Ordering::SeqCst);
+    for _ in 0..1_000 {
+        if store.finished.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        actix::clock::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(store.finished.load(Ordering::SeqCst), 1);
 }
 
 #[actix::test]

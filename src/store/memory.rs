@@ -42,6 +42,13 @@ pub struct MemoryStore {
     /// Tests: `clear_history` and `finish` fail, as a broken SQLite store's would.
     #[cfg(test)]
     pub(crate) refuse_writes: std::sync::atomic::AtomicBool,
+    /// Tests: broken for good, as the SQLite store after a failed fsync: `health` says so, and
+    /// recording answers, clearing parts and finishing fail.
+    #[cfg(test)]
+    pub(crate) broken: std::sync::atomic::AtomicBool,
+    /// Tests: finishes that succeeded.
+    #[cfg(test)]
+    pub(crate) finished: std::sync::atomic::AtomicUsize,
 }
 
 impl MemoryStore {
@@ -54,6 +61,10 @@ impl MemoryStore {
             sweeps: Mutex::default(),
             #[cfg(test)]
             refuse_writes: Default::default(),
+            #[cfg(test)]
+            broken: Default::default(),
+            #[cfg(test)]
+            finished: Default::default(),
         }
     }
 
@@ -88,6 +99,13 @@ impl MemoryStore {
         }
     }
 
+    /// Tests: whether a write fails, `also_when_refusing` counting [`MemoryStore::refuse_writes`].
+    #[cfg(test)]
+    fn fails_writes(&self, also_when_refusing: bool) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.broken.load(SeqCst) || also_when_refusing && self.refuse_writes.load(SeqCst)
+    }
+
     fn push_turn(&self, session_key: &str, turn: Turn, envelope_id: Option<&str>) {
         let mut conversation = self.history.entry(session_key.to_owned()).or_default();
         let turns = &mut conversation.turns;
@@ -115,6 +133,10 @@ impl Store for MemoryStore {
         turn: Option<Turn>,
         _parts: &'a [Delivery],
     ) -> BoxFuture<'a, Result<(), StoreError>> {
+        #[cfg(test)]
+        if self.fails_writes(false) {
+            return Box::pin(async { Err(StoreError::Backend("broken for a test".into())) });
+        }
         if let Some(turn) = turn {
             self.push_turn(session_key, turn, Some(envelope_id));
         }
@@ -122,6 +144,10 @@ impl Store for MemoryStore {
     }
 
     fn part_delivered<'a>(&'a self, _delivery_id: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        #[cfg(test)]
+        if self.fails_writes(false) {
+            return Box::pin(async { Err(StoreError::Backend("broken for a test".into())) });
+        }
         Box::pin(async { Ok(()) })
     }
 
@@ -145,10 +171,21 @@ impl Store for MemoryStore {
 
     fn finish<'a>(&'a self, _envelope_id: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
         #[cfg(test)]
-        if self.refuse_writes.load(std::sync::atomic::Ordering::SeqCst) {
-            return Box::pin(async { Err(StoreError::Backend("refused for a test".into())) });
+        {
+            if self.fails_writes(true) {
+                return Box::pin(async { Err(StoreError::Backend("refused for a test".into())) });
+            }
+            self.finished.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
         Box::pin(async { Ok(()) })
+    }
+
+    #[cfg(test)]
+    fn health(&self) -> Result<(), String> {
+        if self.broken.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err("broken for a test".into());
+        }
+        Ok(())
     }
 
     fn unfinished(&self) -> BoxFuture<'_, Result<Vec<Unfinished>, StoreError>> {
