@@ -116,6 +116,8 @@ async fn an_encrypted_callback_is_answered_through_message_send_once() {
     assert_eq!(app.llm_requests().await.len(), 1);
 }
 
+/// (Within a window of the start, as here, a part of a new message goes without the check at
+/// all: the last run may have sent its text; `repeats` in the channel.)
 #[actix_web::test]
 async fn an_answer_repeated_word_for_word_is_not_swallowed_by_the_duplicate_check() {
     let app = spawn_wecom().await;
@@ -126,7 +128,7 @@ async fn an_answer_repeated_word_for_word_is_not_swallowed_by_the_duplicate_chec
     }
     let sent = app.wecom_sends().await;
     let checks: Vec<&serde_json::Value> = sent.iter().map(|send| &send["enable_duplicate_check"]).collect();
-    assert_eq!(checks, [1, 0], "{sent:?}");
+    assert_eq!(checks, [0, 0], "{sent:?}");
     assert!(sent.iter().all(|send| send["markdown"]["content"] == "答：在吗"), "{sent:?}");
 }
 

@@ -38,8 +38,8 @@ const FREQUENCY_BACKOFF: Duration = Duration::from_secs(60);
 /// part's retries with the default delivery settings (12 sends, each up to a 10 s timeout, and
 /// between them the backoff or a minute's account pause at a frequency limit: 13 minutes,
 /// `the_duplicate_check_outlasts_a_parts_retries`), and no more: which part sent a text is
-/// known in memory only (`repeats`), so after a restart a *different* part with a text sent
-/// within the window (the apology while the model is down) would be dropped by WeCom.
+/// known in memory only (`repeats`), so for a window after a start new parts go without the
+/// check, and the shorter that is the better.
 pub(crate) const DUPLICATE_CHECK_SECS: u64 = 900;
 
 /// Which call an errcode came from; a few codes mean different things in each.

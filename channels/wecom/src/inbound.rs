@@ -110,7 +110,9 @@ pub(crate) fn to_envelope(
         sender: Sender { id: userid.to_owned(), name: None },
         content,
         mentions_self: true,
-        reply_handle: ReplyHandle(serde_json::json!({ "agent_id": agent_id })),
+        // When it came: a part of a message from before a restart is sent differently (see
+        // `repeats`).
+        reply_handle: ReplyHandle(serde_json::json!({ "agent_id": agent_id, "received_at_ms": received_at_ms })),
     })
 }
 

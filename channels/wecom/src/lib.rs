@@ -41,7 +41,9 @@
 //!   included) or resent after a quick restart is not shown twice. A *different* part with the same text (the apology while
 //!   the model is down, an answer repeated word for word) is sent without the check, or WeCom
 //!   would swallow it (`repeats`); a failure of such a send after it went out is
-//!   `MaybeDelivered`: sent once more at most.
+//!   `MaybeDelivered`: sent once more at most. For 15 minutes after a start, which part sent
+//!   what before it is unknown: parts of messages accepted before the start are sent with the
+//!   check, parts of later ones without it.
 #![warn(missing_docs)]
 
 mod api;
@@ -56,7 +58,7 @@ pub use yizhan_channel_common::{split, split_text};
 
 use std::collections::HashSet;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tracing::{debug, info, warn};
 use yizhan_channel_common::limiter::{RateLimiter, Window};
 use yizhan_channel_common::unix_millis;
@@ -84,6 +86,8 @@ pub struct Wecom {
     limiter: RateLimiter,
     /// Which part last sent each text to each member, for WeCom's duplicate check.
     recent_sends: repeats::RecentSends,
+    /// When this channel was built (Unix ms): messages received before are an earlier run's.
+    started_at_ms: i64,
     /// Foreign AgentIDs already logged.
     foreign_agents: Mutex<HashSet<String>>,
 }
@@ -119,6 +123,7 @@ impl Wecom {
             api,
             limiter,
             recent_sends: repeats::RecentSends::new(Duration::from_secs(api::DUPLICATE_CHECK_SECS)),
+            started_at_ms: unix_millis(SystemTime::now()),
             foreign_agents: Mutex::new(HashSet::new()),
         })
     }
@@ -330,7 +335,11 @@ impl Channel for Wecom {
                     "Delivery waited for WeCom's per-member rate limit."
                 );
             }
-            let duplicate_check = self.recent_sends.duplicate_check(userid, &text, &delivery.delivery_id);
+            // A handle without the time is an earlier version's: an earlier run's message.
+            let received_at_ms = delivery.reply_handle.0.get("received_at_ms").and_then(serde_json::Value::as_i64);
+            let from_an_earlier_run = received_at_ms.is_none_or(|at| at < self.started_at_ms);
+            let duplicate_check =
+                self.recent_sends.duplicate_check(userid, &text, &delivery.delivery_id, from_an_earlier_run);
             self.api.send(userid, self.msg_type(), &text, duplicate_check).await
         })
     }

@@ -11,9 +11,12 @@
 //! price: a failure of such a send after it went out (its answer lost) is `MaybeDelivered`, sent
 //! once more at most, so it may show twice, which beats never (and beats once per resend).
 //!
-//! After a restart nothing is remembered, and every first send has the check on: a resend of a
-//! part the platform took before the crash is then dropped, at the price of swallowing a
-//! legitimate repeat of a text sent just before the restart.
+//! After a restart nothing is remembered of the last run's sends. A part of a message the last
+//! run accepted (resumed now) has the check on at its first send here: if that run sent it and
+//! lost the answer, the resend is dropped. A part of a message of this run, within one window
+//! of the start, goes without it: the last run may have sent the same text to the member just
+//! before it stopped (the apology while the model was down), which the check would swallow,
+//! and a part never shown is worse than one shown twice.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -36,6 +39,8 @@ struct LastSend {
 #[derive(Debug)]
 pub(crate) struct RecentSends {
     window: Duration,
+    /// When this run's memory of sends began (see the module docs).
+    started: Instant,
     hasher: Hasher,
     state: Mutex<State>,
 }
@@ -51,6 +56,7 @@ impl RecentSends {
     pub(crate) fn new(window: Duration) -> Self {
         Self {
             window,
+            started: Instant::now(),
             hasher: Hasher::default(),
             state: Mutex::new(State { sends: HashMap::with_hasher(Hasher::default()), sweeps: Default::default() }),
         }
@@ -58,8 +64,16 @@ impl RecentSends {
 
     /// Whether the send of `delivery_id` with `text` to `member` should ask for WeCom's
     /// duplicate check (and records it): yes for the first send of a text within the window
-    /// and for every resend of the same part; no for a different part with the same text.
-    pub(crate) fn duplicate_check(&self, member: &str, text: &str, delivery_id: &str) -> bool {
+    /// and for every resend of the same part; no for a different part with the same text, nor
+    /// (within a window of the start) for a part of a message not `from_an_earlier_run`, whose
+    /// text the last run may have sent.
+    pub(crate) fn duplicate_check(
+        &self,
+        member: &str,
+        text: &str,
+        delivery_id: &str,
+        from_an_earlier_run: bool,
+    ) -> bool {
         let now = Instant::now();
         let key = (member.to_owned(), self.hasher.hash_one(text));
         let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -76,7 +90,7 @@ impl RecentSends {
                     false
                 }
             }
-            _ => true,
+            _ => from_an_earlier_run || now.duration_since(self.started) >= window,
         };
         state.sends.insert(key, LastSend { delivery_id: delivery_id.to_owned(), at: now, checked });
         checked
@@ -87,22 +101,37 @@ impl RecentSends {
 mod tests {
     use super::*;
 
+    /// Past the first window of the run (its memory complete), as for parts of earlier runs.
+    fn after_the_first_window() -> RecentSends {
+        let mut sends = RecentSends::new(Duration::from_secs(600));
+        sends.started = Instant::now().checked_sub(Duration::from_secs(600)).unwrap_or_else(Instant::now);
+        sends
+    }
+
     #[test]
     fn a_resend_keeps_the_check_and_a_different_part_with_the_same_text_goes_without() {
+        let sends = after_the_first_window();
+        assert!(sends.duplicate_check("u", "抱歉", "e1-0", false));
+        assert!(sends.duplicate_check("u", "抱歉", "e1-0", false), "a resend of the same part");
+        assert!(!sends.duplicate_check("u", "抱歉", "e2-0", false), "the same text as another message");
+        assert!(!sends.duplicate_check("u", "抱歉", "e2-0", false), "its resend is sent as it was first");
+        assert!(sends.duplicate_check("v", "抱歉", "e3-0", false), "another member");
+        assert!(sends.duplicate_check("u", "别的", "e4-0", false), "another text");
+    }
+
+    #[test]
+    fn within_a_window_of_the_start_only_parts_of_earlier_runs_have_the_check() {
         let sends = RecentSends::new(Duration::from_secs(600));
-        assert!(sends.duplicate_check("u", "抱歉", "e1-0"));
-        assert!(sends.duplicate_check("u", "抱歉", "e1-0"), "a resend of the same part");
-        assert!(!sends.duplicate_check("u", "抱歉", "e2-0"), "the same text as another message");
-        assert!(!sends.duplicate_check("u", "抱歉", "e2-0"), "its resend is sent as it was first");
-        assert!(sends.duplicate_check("v", "抱歉", "e3-0"), "another member");
-        assert!(sends.duplicate_check("u", "别的", "e4-0"), "another text");
+        assert!(sends.duplicate_check("u", "抱歉", "e1-0", true), "resumed: the last run may have sent it");
+        assert!(!sends.duplicate_check("v", "抱歉", "e2-0", false), "the last run may have sent the text");
+        assert!(!sends.duplicate_check("v", "抱歉", "e2-0", false), "its resend is sent as it was first");
     }
 
     #[test]
     fn sends_older_than_the_window_are_forgotten() {
         let sends = RecentSends::new(Duration::ZERO);
-        assert!(sends.duplicate_check("u", "抱歉", "e1-0"));
-        assert!(sends.duplicate_check("u", "抱歉", "e2-0"));
+        assert!(sends.duplicate_check("u", "抱歉", "e1-0", false));
+        assert!(sends.duplicate_check("u", "抱歉", "e2-0", false));
         let state = sends.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         assert!(state.sends.len() <= 1, "swept");
     }

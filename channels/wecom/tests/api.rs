@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use std::time::Duration;
 use wiremock::matchers::{method, path, query_param};
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
-use yizhan_channel_core::{Channel, ChannelError, Delivery, Reply, WebhookOutcome};
+use yizhan_channel_core::{Channel, ChannelError, Delivery, Reply, ReplyHandle, WebhookOutcome};
 use yizhan_channel_wecom::Wecom;
 
 fn channel_for(server: &MockServer) -> Wecom {
@@ -150,6 +150,38 @@ async fn a_resend_asks_for_the_duplicate_check_but_a_new_message_with_the_same_t
         .map(|request| json_body(request)["enable_duplicate_check"].clone())
         .collect();
     assert_eq!(checks, [json!(1), json!(1), json!(0), json!(0)]);
+}
+
+/// Within a window of the start, a part of this run's message goes without the check (the last
+/// run may have sent the same text to the member: the check would swallow this one), and a part
+/// of a message the last run accepted (resumed after a restart) with it (the last run may have
+/// sent that very part).
+#[tokio::test]
+async fn after_a_start_only_parts_of_the_last_runs_messages_ask_for_the_duplicate_check() {
+    let server = MockServer::start().await;
+    mount_token(&server, "TOKEN1", 1).await;
+    mount_send(&server, "TOKEN1", ok_answer(), 3).await;
+    let channel = channel_for(&server);
+    let now_ms = i64::try_from(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |since| since.as_millis()),
+    )
+    .unwrap_or(i64::MAX);
+    let received = |id: &str, at_ms: i64| Delivery {
+        delivery_id: id.into(),
+        reply_handle: ReplyHandle(json!({"agent_id": AGENT, "received_at_ms": at_ms})),
+        ..delivery(&format!("回答 {id}"))
+    };
+    for part in [received("now-0", now_ms + 1_000), received("resumed-0", now_ms - 60_000)] {
+        channel.deliver(&part).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    // A handle of an earlier version, without the time: an earlier run's.
+    channel.deliver(&delivery("另一句")).await.unwrap_or_else(|e| panic!("{e}"));
+    let checks: Vec<Value> = requests_to(&server, "/cgi-bin/message/send")
+        .await
+        .iter()
+        .map(|request| json_body(request)["enable_duplicate_check"].clone())
+        .collect();
+    assert_eq!(checks, [json!(0), json!(1), json!(1)]);
 }
 
 #[tokio::test]
