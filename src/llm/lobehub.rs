@@ -81,7 +81,8 @@ impl fmt::Debug for LobeHubSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // NOTE: written by hand so the API key's presence, never its value, is shown.
         f.debug_struct("LobeHubSettings")
-            .field("base_url", &self.base_url)
+            // A proxy's credentials may be in it.
+            .field("base_url", &crate::config::without_credentials(&self.base_url))
             .field("api_key", &self.api_key.as_ref().map(|_| "[REDACTED]"))
             .field("agent_id", &self.agent_id)
             .field("model", &self.model)
@@ -510,8 +511,10 @@ mod tests {
 
     #[test]
     fn settings_debug_output_never_shows_the_api_key() {
-        let mut settings = LobeHubSettings::new("http://x");
+        let mut settings = LobeHubSettings::new("http://proxy-user:proxy-pass@x");
         settings.api_key = Some(SecretString::from("sk-lh-secret"));
-        assert!(!format!("{settings:?}").contains("sk-lh-secret"));
+        let shown = format!("{settings:?}");
+        assert!(!shown.contains("sk-lh-secret"));
+        assert!(!shown.contains("proxy-pass"), "{shown}");
     }
 }

@@ -90,7 +90,8 @@ impl fmt::Debug for OpenAiSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // NOTE: written by hand so the API key's presence, never its value, is shown.
         f.debug_struct("OpenAiSettings")
-            .field("base_url", &self.base_url)
+            // A proxy's credentials may be in it.
+            .field("base_url", &crate::config::without_credentials(&self.base_url))
             .field("api_key", &self.api_key.as_ref().map(|_| "[REDACTED]"))
             .field("model", &self.model)
             .field("temperature", &self.temperature)
@@ -416,10 +417,11 @@ mod tests {
 
     #[test]
     fn settings_debug_output_never_shows_the_api_key() {
-        let mut settings = OpenAiSettings::new("http://x/v1", "m");
+        let mut settings = OpenAiSettings::new("http://proxy-user:proxy-pass@x/v1", "m");
         settings.api_key = Some(SecretString::from("sk-very-secret"));
         let shown = format!("{settings:?}");
         assert!(!shown.contains("sk-very-secret"));
+        assert!(!shown.contains("proxy-pass"), "{shown}");
         assert!(shown.contains("[REDACTED]"));
     }
 

@@ -252,7 +252,7 @@ pub struct Session {
     /// tokio's clock, so paused-time tests can move it.
     last_activity: Instant,
     /// The conversation so far, loaded from the store on the first question.
-    history: Option<Vec<Turn>>,
+    history: Option<window::Cached>,
 }
 
 impl Session {
@@ -387,7 +387,7 @@ fn turns_cached(history_max_turns: usize) -> usize {
 /// journal entry. Returns the conversation history as it stands afterwards (`None` when it
 /// could not be loaded, or when the answer reached no one and its turn was taken out of the
 /// store: the next turn reads it again).
-async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>) -> Option<Vec<Turn>> {
+async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<window::Cached>) -> Option<window::Cached> {
     let Job { envelope, work } = job;
     let Some(entry) = hub.channels.get(&envelope.channel) else {
         hub.finish_without_channel(&envelope).await;
@@ -415,7 +415,7 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
         }
         Work::Reset => match hub.store.clear_history(key.as_str()).await {
             Ok(()) => {
-                history = Some(Vec::new());
+                history = Some(window::Cached::default());
                 hub.messages.reset_done.clone()
             }
             Err(error) => {
@@ -432,9 +432,8 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
             }
             if history.is_none() {
                 history = match hub.store.history(key.as_str(), turns_cached(hub.session.history_max_turns)).await {
-                    Ok(mut turns) => {
-                        window::keep_usable(&mut turns, hub.session.history_max_turns, hub.session.history_max_chars);
-                        Some(turns)
+                    Ok(turns) => {
+                        Some(window::Cached::new(turns, hub.session.history_max_turns, hub.session.history_max_chars))
                     }
                     Err(error) => {
                         tracing::error!(session = %key, %error, "Failed to load history; answering without it.");
@@ -442,8 +441,8 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
                     }
                 };
             }
-            let earlier = history.as_deref().unwrap_or_default();
-            let earlier_is_empty = earlier.is_empty();
+            let earlier = history.as_ref().map_or(&[][..], |cached| cached.turns.as_slice());
+            let first_contact = !history.as_ref().is_some_and(|cached| cached.answered_before);
             let window = history_window(earlier, hub.session.history_max_turns, hub.session.history_max_chars);
             let mut messages = Vec::with_capacity(window.len() * 2 + 2);
             if !entry.system_prompt.trim().is_empty() {
@@ -467,7 +466,7 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
             // configured).
             let labelled = |text: String| {
                 let label = &hub.messages.ai_label;
-                if !label.is_empty() && (earlier_is_empty || hub.messages.ai_label_every_reply) {
+                if !label.is_empty() && (first_contact || hub.messages.ai_label_every_reply) {
                     format!("{label}\n{text}")
                 } else {
                     text
@@ -476,9 +475,8 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<Vec<Turn>>
             match hub.llm.send(Complete { request, on_delta }).await {
                 Ok(Ok(answer)) => {
                     let turn = Turn { question, answer: answer.clone() };
-                    if let Some(turns) = history.as_mut() {
-                        turns.push(turn.clone());
-                        window::keep_usable(turns, hub.session.history_max_turns, hub.session.history_max_chars);
+                    if let Some(cached) = history.as_mut() {
+                        cached.push(turn.clone(), hub.session.history_max_turns, hub.session.history_max_chars);
                     }
                     new_turn = Some(turn);
                     labelled(answer)

@@ -19,13 +19,36 @@ pub fn history_window(turns: &[Turn], max_turns: usize, max_chars: usize) -> &[T
     &turns[start..]
 }
 
+/// What a session keeps of its conversation between messages (for `idle_timeout_secs`): the
+/// turns a later window can still use, whatever the answers' lengths, and whether the user was
+/// answered before (the AI label is for a first contact), which a turn too long for any window
+/// would otherwise have to be kept for.
+#[derive(Debug, Default)]
+pub(super) struct Cached {
+    pub turns: Vec<Turn>,
+    pub answered_before: bool,
+}
+
+impl Cached {
+    /// From the conversation's latest turns, oldest first.
+    pub fn new(mut turns: Vec<Turn>, max_turns: usize, max_chars: usize) -> Self {
+        let answered_before = !turns.is_empty();
+        keep_usable(&mut turns, max_turns, max_chars);
+        Self { turns, answered_before }
+    }
+
+    /// Adds an answered turn.
+    pub fn push(&mut self, turn: Turn, max_turns: usize, max_chars: usize) {
+        self.turns.push(turn);
+        self.answered_before = true;
+        keep_usable(&mut self.turns, max_turns, max_chars);
+    }
+}
+
 /// Drops the turns no later window can use: those older than the current one (a turn left out
-/// of it never comes back in, since newer turns only take more of the bounds), but for the
-/// newest, which tells that the user was answered before (the AI label is for a first
-/// contact). What a session caches between messages, for `idle_timeout_secs`, is then its
-/// window and at most that one turn, whatever the answers' lengths.
-pub(super) fn keep_usable(turns: &mut Vec<Turn>, max_turns: usize, max_chars: usize) {
-    let usable = history_window(turns, max_turns, max_chars).len().max(1);
+/// of it never comes back in, since newer turns only take more of the bounds).
+fn keep_usable(turns: &mut Vec<Turn>, max_turns: usize, max_chars: usize) {
+    let usable = history_window(turns, max_turns, max_chars).len();
     let unusable = turns.len().saturating_sub(usable);
     turns.drain(..unusable);
 }
@@ -38,18 +61,24 @@ mod tests {
     fn the_cache_keeps_exactly_what_later_windows_use() {
         // Whatever comes next, a window over the trimmed cache is the window over everything.
         let mut all: Vec<Turn> = Vec::new();
-        let mut cached: Vec<Turn> = Vec::new();
+        let mut cached = Cached::new(Vec::new(), 10, 6_000);
+        assert!(!cached.answered_before);
         for size in [5_000, 100, 100, 1_000, 40_000, 10, 3_000, 3_000, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 900] {
             let turn = turns(&[size]).remove(0);
             all.push(turn.clone());
-            cached.push(turn);
-            keep_usable(&mut cached, 10, 6_000);
-            assert_eq!(history_window(&cached, 10, 6_000), history_window(&all, 10, 6_000));
-            // The window, or the newest turn alone when not even it fits.
-            let window = history_window(&cached, 10, 6_000).len();
-            assert!(cached.len() == window.max(1), "{} turns cached for a window of {window}", cached.len());
-            assert_eq!(cached.last(), all.last());
+            cached.push(turn, 10, 6_000);
+            assert_eq!(history_window(&cached.turns, 10, 6_000), history_window(&all, 10, 6_000));
+            // The window alone: not even the newest turn when it does not fit.
+            assert_eq!(cached.turns.len(), history_window(&all, 10, 6_000).len());
+            assert!(cached.answered_before);
         }
+    }
+
+    #[test]
+    fn a_turn_too_long_for_any_window_is_not_kept_but_counts_as_answered_before() {
+        let loaded = Cached::new(turns(&[1, 40_000]), 10, 6_000);
+        assert!(loaded.turns.is_empty());
+        assert!(loaded.answered_before);
     }
 
     fn turns(sizes: &[usize]) -> Vec<Turn> {
