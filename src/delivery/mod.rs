@@ -169,7 +169,7 @@ pub async fn record(
 /// case the message is left open for the restart that needs (whatever of its answer is not yet
 /// sent stays unsent). Sent now, its parts could be marked neither sent nor finished, and that
 /// restart would send them, or ask the model, again: a second answer.
-fn left_to_the_restart(hub: &Hub, envelope: &Envelope) -> bool {
+pub fn left_to_the_restart(hub: &Hub, envelope: &Envelope) -> bool {
     let Err(problem) = hub.store.health() else { return false };
     tracing::error!(envelope = %envelope.id, %problem, "The store refuses writes; the answer is left for the restart.");
     hub.leave_for_next_start(envelope);

@@ -118,18 +118,13 @@ impl Handler<Complete> for LlmActor {
         let backend = self.backend;
         let breaker = self.breaker.clone();
         let (deadline, give_up_waiting) = slot_deadlines(asked, client.settings());
+        let first_token_timeout = client.settings().first_token_timeout;
         Box::pin(async move {
-            // A slot free now gives the call its whole total timeout; one waited for gives it
-            // what is left, and the wait ends (busy) while the call would still have the
-            // first-token timeout, so that a server is never judged on less.
-            let (permit, waited) = match permits.clone().try_acquire_owned() {
-                Ok(permit) => (Some(permit), false),
-                // The semaphore is never closed: an error here is as good as no slot.
-                Err(_) => (
-                    tokio::time::timeout_at(give_up_waiting, permits.acquire_owned()).await.ok().and_then(Result::ok),
-                    true,
-                ),
-            };
+            // The call gets what is left of its total timeout once it has a slot; the wait ends
+            // (busy) while that would still be the first-token timeout (at most half the total).
+            // The semaphore is never closed: an error here is as good as no slot.
+            let permit =
+                tokio::time::timeout_at(give_up_waiting, permits.acquire_owned()).await.ok().and_then(Result::ok);
             let still_waiting = waiting.fetch_sub(1, Ordering::SeqCst).saturating_sub(1);
             metrics.llm_queue_depth.dec();
             let Some(permit) = permit else {
@@ -142,6 +137,7 @@ impl Handler<Complete> for LlmActor {
                 return Err(LlmError::Overloaded(still_waiting));
             };
             let _permit = permit;
+            let left_at_admission = deadline.saturating_duration_since(tokio::time::Instant::now());
             // Admitted only now: the breaker may have opened while this call waited.
             let ticket = match breaker.admit() {
                 Ok(ticket) => ticket,
@@ -163,9 +159,10 @@ impl Handler<Complete> for LlmActor {
                 }
             };
             metrics.llm_seconds.with_label_values(&[backend, outcome]).observe(started.elapsed().as_secs_f64());
-            // Cut short by time the wait took says nothing of the server (a probe's place goes
-            // to the next call).
-            let judged = !(waited && matches!(result, Err(LlmError::TotalTimeout { .. })));
+            // A call the wait left less than the first-token timeout, cut off by the total
+            // timeout, says nothing of the server (a probe's place goes to the next call).
+            let judged =
+                !(left_at_admission < first_token_timeout && matches!(result, Err(LlmError::TotalTimeout { .. })));
             let transition = if judged { ticket.record(&result) } else { Transition::Unchanged };
             match transition {
                 Transition::Opened => {
@@ -305,27 +302,36 @@ mod tests {
         assert_about(at.duration_since(start), 145);
     }
 
-    #[actix::test]
-    async fn a_call_cut_short_by_its_wait_for_a_slot_does_not_count_against_the_server() {
+    /// Three silent calls through one slot, the breaker opening at the second failure of the
+    /// server's in a row: the first asked at 0 s, the second at `second_at` s (it waits for the
+    /// first's slot), the third once the second has ended. The third's outcome.
+    async fn third_of_three_silent_calls(total: u64, first_token: u64, second_at: u64) -> Result<String, LlmError> {
         tokio::time::pause();
-        // Opens at the second failure in a row of the server's.
         let breaker = BreakerSettings { threshold: 2, cooldown: Duration::from_secs(1_000) };
-        let addr = timed_actor(100, 30, breaker);
+        let addr = timed_actor(total, first_token, breaker);
         let first = ask_timed(&addr);
-        tokio::time::sleep(Duration::from_secs(45)).await;
+        tokio::time::sleep(Duration::from_secs(second_at)).await;
         let second = ask_timed(&addr);
-        // The first holds the slot, silent, until 100 s (one failure of the server's); the
-        // second, asked at 45 s, gets it then and has 45 s left: cut off at 145 s by the time
-        // its wait took, which says nothing of the server.
         let (result, _) = outcome(first).await;
         assert!(matches!(result, Err(LlmError::TotalTimeout { started: false, .. })), "{result:?}");
         let (result, _) = outcome(second).await;
         assert!(matches!(result, Err(LlmError::TotalTimeout { .. })), "{result:?}");
-        let third = ask_timed(&addr);
-        let (result, _) = outcome(third).await;
-        assert!(
-            matches!(result, Err(LlmError::TotalTimeout { .. })),
-            "asked with one failure counted, not two, so not refused by the breaker: {result:?}"
-        );
+        outcome(ask_timed(&addr)).await.0
+    }
+
+    #[actix::test]
+    async fn a_call_its_wait_left_less_than_the_first_token_timeout_does_not_count_against_the_server() {
+        // Total 100 s, first token 80 s: the second, asked at 60 s, gets the slot at 100 s with
+        // 60 s left, and is cut off then, which says nothing of the server: one failure counted.
+        let third = third_of_three_silent_calls(100, 80, 60).await;
+        assert!(matches!(third, Err(LlmError::TotalTimeout { .. })), "not refused by the breaker: {third:?}");
+    }
+
+    #[actix::test]
+    async fn a_call_its_wait_left_the_first_token_timeout_counts_as_any_other() {
+        // Total 100 s, first token 30 s: the second, asked at 45 s, has 45 s left at its slot,
+        // silent throughout: two failures, and the breaker refuses the third.
+        let third = third_of_three_silent_calls(100, 30, 45).await;
+        assert!(matches!(third, Err(LlmError::Unavailable(_))), "{third:?}");
     }
 }

@@ -26,10 +26,6 @@ pub const DEFAULT_MAX_EVENT_BYTES: usize = 4 * 1024 * 1024;
 /// server's megabyte of name is not copied into each of an event's split-out parts.
 const MAX_EVENT_NAME_BYTES: usize = 128;
 
-/// How many JSON lines one event may be split into (see [`next_json_event`]): a proxy that joins
-/// a few events; an event of a million `{}` lines is taken for the garbage it is.
-const MAX_SPLIT_EVENTS: usize = 1024;
-
 /// One dispatched event.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SseEvent {
@@ -257,21 +253,66 @@ pub struct SseStream {
     finished: bool,
     /// `data: [DONE]` was seen: the server ended the answer (not merely the connection).
     done: bool,
-    /// JSON events split out of one event (see [`next_json_event`]), not yet returned; `None`
-    /// for a `[DONE]` line among them.
-    split_out: std::collections::VecDeque<Option<(Option<String>, serde_json::Value)>>,
+    /// An event of several JSON lines (see [`next_json_event`]) whose lines are being returned
+    /// one at a time: each is parsed when its turn comes, so that an event of a million `{}`
+    /// lines holds its data once, not a million parsed values.
+    split_out: Option<SplitEvent>,
+}
+
+/// See [`SseStream::split_out`].
+#[derive(Debug)]
+struct SplitEvent {
+    event: Option<String>,
+    data: String,
+    /// Where the next line starts in `data`.
+    at: usize,
+}
+
+impl SplitEvent {
+    /// The next line's event (`None` for `[DONE]`), or `None` once every line was returned.
+    fn next_line(&mut self) -> Option<Option<(Option<String>, serde_json::Value)>> {
+        loop {
+            let rest = self.data.get(self.at..).filter(|rest| !rest.is_empty())?;
+            let (line, taken) = match rest.find('\n') {
+                Some(end) => (&rest[..end], end + 1),
+                None => (rest, rest.len()),
+            };
+            self.at += taken;
+            match line.trim() {
+                "" => {}
+                "[DONE]" => return Some(None),
+                // Every line was checked to be JSON when the event was split.
+                json => {
+                    if let Ok(json) = serde_json::from_str(json) {
+                        return Some(Some((self.event.clone(), json)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether each non-blank line of `data` is a JSON value or `[DONE]`, the first JSON, and there
+/// is more than one: an event to split (see [`next_json_event`]). Checked without building the
+/// values.
+fn splits_into_json_lines(data: &str) -> bool {
+    let mut lines = data.lines().map(str::trim).filter(|line| !line.is_empty());
+    let is_json = |line: &str| serde_json::from_str::<serde::de::IgnoredAny>(line).is_ok();
+    let Some(first) = lines.next() else { return false };
+    let mut more = false;
+    for line in lines {
+        if line != "[DONE]" && !is_json(line) {
+            return false;
+        }
+        more = true;
+    }
+    more && is_json(first)
 }
 
 impl SseStream {
     /// Wraps a response whose body is an event stream.
     pub fn new(response: reqwest::Response, max_event_bytes: usize) -> Self {
-        Self {
-            response,
-            parser: SseParser::new(max_event_bytes),
-            finished: false,
-            done: false,
-            split_out: Default::default(),
-        }
+        Self { response, parser: SseParser::new(max_event_bytes), finished: false, done: false, split_out: None }
     }
 
     /// Whether the server sent `data: [DONE]`, ending the answer on purpose.
@@ -377,9 +418,17 @@ pub(crate) async fn next_json_event(
     first_token_timeout: Duration,
     backend: &'static str,
 ) -> Result<Option<(Option<String>, serde_json::Value)>, LlmError> {
-    if let Some(split_out) = events.split_out.pop_front() {
-        events.done |= split_out.is_none();
-        return Ok(split_out);
+    if let Some(split) = events.split_out.as_mut() {
+        match split.next_line() {
+            Some(line) => {
+                events.done |= line.is_none();
+                if line.is_none() {
+                    events.split_out = None;
+                }
+                return Ok(line);
+            }
+            None => events.split_out = None,
+        }
     }
     loop {
         let next = if started {
@@ -418,26 +467,13 @@ pub(crate) async fn next_json_event(
                 // separates them with one line break instead of two (the event format joins
                 // them into one). Dropped, they would cut the answer short unnoticed.
                 // The stream's `[DONE]` may come last among them.
-                let lines: Option<Vec<Option<serde_json::Value>>> = data
-                    .lines()
-                    .map(str::trim)
-                    .filter(|line| !line.is_empty())
-                    .enumerate()
-                    .map(|(index, line)| match line {
-                        _ if index >= MAX_SPLIT_EVENTS => None,
-                        "[DONE]" => Some(None),
-                        json => serde_json::from_str(json).ok().map(Some),
-                    })
-                    .collect();
-                match lines {
-                    Some(lines) if lines.len() > 1 && lines.first().is_some_and(Option::is_some) => {
-                        let mut split = lines.into_iter().map(|json| json.map(|json| (event.event.clone(), json)));
-                        let first = split.next().flatten();
-                        events.split_out.extend(split);
-                        return Ok(first);
-                    }
-                    _ => tracing::debug!(backend, %error, "Ignoring an unparsable stream event."),
+                if splits_into_json_lines(data) {
+                    let mut split = SplitEvent { event: event.event, data: event.data, at: 0 };
+                    let first = split.next_line().flatten();
+                    events.split_out = Some(split);
+                    return Ok(first);
                 }
+                tracing::debug!(backend, %error, "Ignoring an unparsable stream event.");
             }
         }
     }

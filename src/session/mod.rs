@@ -376,9 +376,9 @@ impl Handler<Retire> for Session {
     }
 }
 
-/// How many of its latest turns a session loads and keeps: the prompt's `history_max_turns`,
-/// but at least one, which tells a first contact (for the AI label) from a returning user even
-/// when no history goes into the prompt.
+/// How many of its latest turns a session loads: the prompt's `history_max_turns`, but at least
+/// one, which tells a first contact (for the AI label) from a returning user even when no
+/// history goes into the prompt (see `window::Cached`).
 fn turns_cached(history_max_turns: usize) -> usize {
     history_max_turns.max(1)
 }
@@ -426,6 +426,11 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<window::Ca
             }
         },
         Work::Ask(question) => {
+            // A store that refuses writes could record neither the answer nor its sending, and
+            // a streamed card would show it before either: the restart it needs asks again.
+            if delivery::left_to_the_restart(&hub, &envelope) {
+                return history;
+            }
             if entry.reply_mode != ReplyMode::Passive {
                 // Passive mode is for accounts without the send APIs, typing included.
                 entry.outbound.do_send(Typing { envelope: envelope.clone() });

@@ -565,14 +565,32 @@ impl Fixture {
     }
 }
 
-/// A store broken for good (a failed fsync) records no answer: sent anyway, it could be marked
-/// neither sent nor finished, and the restart the store needs would answer the message again.
+/// A store broken for good (a failed fsync) before a question is asked: nothing is asked or
+/// sent (nor streamed into a card), the message is left for the restart the store needs.
 #[actix::test]
-async fn an_answer_the_broken_store_could_not_record_is_left_for_the_restart_not_sent() {
+async fn a_question_the_broken_store_could_not_record_an_answer_to_is_not_asked() {
     tokio::time::pause();
     let (store, fixture) = fixture_on_memory();
     store.broken.store(true, Ordering::SeqCst);
     fixture.ask_accepted("u1", "问");
+    fixture.wait_until_none_open().await;
+    assert!(fixture.delivered().is_empty(), "{:?}", fixture.delivered());
+    assert_eq!(fixture.backend.last_request_messages.load(Ordering::SeqCst), 0, "the model was asked");
+    assert_eq!(store.finished.load(Ordering::SeqCst), 0);
+}
+
+/// A store that breaks while the model writes records no answer: sent anyway, it could be
+/// marked neither sent nor finished, and the restart the store needs would answer the message
+/// again.
+#[actix::test]
+async fn an_answer_the_broken_store_could_not_record_is_left_for_the_restart_not_sent() {
+    tokio::time::pause();
+    let store = Arc::new(MemoryStore::new(10));
+    let fixture = fixture_on(store.clone(), Duration::from_millis(100), Duration::from_secs(60), 16);
+    fixture.ask_accepted("u1", "问");
+    actix::clock::sleep(Duration::from_millis(50)).await;
+    assert_eq!(fixture.backend.running.load(Ordering::SeqCst), 1, "the model is writing");
+    store.broken.store(true, Ordering::SeqCst);
     fixture.wait_until_none_open().await;
     assert!(fixture.delivered().is_empty(), "{:?}", fixture.delivered());
     assert_eq!(store.finished.load(Ordering::SeqCst), 0);

@@ -93,6 +93,7 @@ pub(crate) fn to_envelope(
     channel: &ChannelId,
     kind: &str,
     received_at_ms: i64,
+    run: &str,
 ) -> Result<Envelope, ChannelError> {
     let userid = fields.required("FromUserName")?;
     let msg_type = fields.required("MsgType")?;
@@ -110,9 +111,9 @@ pub(crate) fn to_envelope(
         sender: Sender { id: userid.to_owned(), name: None },
         content,
         mentions_self: true,
-        // When it came: a part of a message from before a restart is sent differently (see
-        // `repeats`).
-        reply_handle: ReplyHandle(serde_json::json!({ "agent_id": agent_id, "received_at_ms": received_at_ms })),
+        // Which run accepted it: a part of a message from before a restart is sent differently
+        // (see `repeats`).
+        reply_handle: ReplyHandle(serde_json::json!({ "agent_id": agent_id, "run": run })),
     })
 }
 

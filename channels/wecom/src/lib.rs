@@ -58,7 +58,7 @@ pub use yizhan_channel_common::{split, split_text};
 
 use std::collections::HashSet;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use tracing::{debug, info, warn};
 use yizhan_channel_common::limiter::{RateLimiter, Window};
 use yizhan_channel_common::unix_millis;
@@ -86,8 +86,9 @@ pub struct Wecom {
     limiter: RateLimiter,
     /// Which part last sent each text to each member, for WeCom's duplicate check.
     recent_sends: repeats::RecentSends,
-    /// When this channel was built (Unix ms): messages received before are an earlier run's.
-    started_at_ms: i64,
+    /// This run's id, in the reply handle of every message it accepts: a message with another
+    /// (or none, an earlier version's) is an earlier run's. Not the time: clocks step.
+    run: String,
     /// Foreign AgentIDs already logged.
     foreign_agents: Mutex<HashSet<String>>,
 }
@@ -123,7 +124,7 @@ impl Wecom {
             api,
             limiter,
             recent_sends: repeats::RecentSends::new(Duration::from_secs(api::DUPLICATE_CHECK_SECS)),
-            started_at_ms: unix_millis(SystemTime::now()),
+            run: yizhan_channel_core::Envelope::new_id(),
             foreign_agents: Mutex::new(HashSet::new()),
         })
     }
@@ -200,7 +201,8 @@ impl Wecom {
                 return Ok(WebhookOutcome::Respond(WebhookResponse::empty()));
             }
         }
-        let envelope = inbound::to_envelope(&fields, &self.id, Self::KIND, unix_millis(request.received_at))?;
+        let envelope =
+            inbound::to_envelope(&fields, &self.id, Self::KIND, unix_millis(request.received_at), &self.run)?;
         debug!(
             channel = %self.id,
             msg_type = fields.get("MsgType").unwrap_or_default(),
@@ -335,9 +337,8 @@ impl Channel for Wecom {
                     "Delivery waited for WeCom's per-member rate limit."
                 );
             }
-            // A handle without the time is an earlier version's: an earlier run's message.
-            let received_at_ms = delivery.reply_handle.0.get("received_at_ms").and_then(serde_json::Value::as_i64);
-            let from_an_earlier_run = received_at_ms.is_none_or(|at| at < self.started_at_ms);
+            let run = delivery.reply_handle.0.get("run").and_then(serde_json::Value::as_str);
+            let from_an_earlier_run = run != Some(self.run.as_str());
             let duplicate_check =
                 self.recent_sends.duplicate_check(userid, &text, &delivery.delivery_id, from_an_earlier_run);
             self.api.send(userid, self.msg_type(), &text, duplicate_check).await

@@ -39,8 +39,8 @@ struct LastSend {
 #[derive(Debug)]
 pub(crate) struct RecentSends {
     window: Duration,
-    /// When this run's memory of sends began (see the module docs).
-    started: Instant,
+    /// From when this run's memory covers a whole window (see the module docs).
+    memory_complete_at: Instant,
     hasher: Hasher,
     state: Mutex<State>,
 }
@@ -56,7 +56,7 @@ impl RecentSends {
     pub(crate) fn new(window: Duration) -> Self {
         Self {
             window,
-            started: Instant::now(),
+            memory_complete_at: Instant::now() + window,
             hasher: Hasher::default(),
             state: Mutex::new(State { sends: HashMap::with_hasher(Hasher::default()), sweeps: Default::default() }),
         }
@@ -90,7 +90,7 @@ impl RecentSends {
                     false
                 }
             }
-            _ => from_an_earlier_run || now.duration_since(self.started) >= window,
+            _ => from_an_earlier_run || now >= self.memory_complete_at,
         };
         state.sends.insert(key, LastSend { delivery_id: delivery_id.to_owned(), at: now, checked });
         checked
@@ -104,7 +104,7 @@ mod tests {
     /// Past the first window of the run (its memory complete), as for parts of earlier runs.
     fn after_the_first_window() -> RecentSends {
         let mut sends = RecentSends::new(Duration::from_secs(600));
-        sends.started = Instant::now().checked_sub(Duration::from_secs(600)).unwrap_or_else(Instant::now);
+        sends.memory_complete_at = Instant::now();
         sends
     }
 

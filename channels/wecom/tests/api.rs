@@ -127,7 +127,10 @@ async fn an_encrypted_callback_is_answered_through_message_send() {
 
     let sends = requests_to(&server, "/cgi-bin/message/send").await;
     assert_eq!(sends.len(), 1);
-    assert_eq!(json_body(&sends[0]), send_body(USER, "markdown", "**收到**：你好"));
+    // A message of this run, within a window of its start: no duplicate check (see `repeats`).
+    let mut expected = send_body(USER, "markdown", "**收到**：你好");
+    expected["enable_duplicate_check"] = json!(0);
+    assert_eq!(json_body(&sends[0]), expected);
     assert_eq!(sends[0].url.query(), Some("access_token=TOKEN1"));
     assert_eq!(sends[0].headers.get("content-type").and_then(|v| v.to_str().ok()), Some("application/json"));
 }
@@ -162,19 +165,21 @@ async fn after_a_start_only_parts_of_the_last_runs_messages_ask_for_the_duplicat
     mount_token(&server, "TOKEN1", 1).await;
     mount_send(&server, "TOKEN1", ok_answer(), 3).await;
     let channel = channel_for(&server);
-    let now_ms = i64::try_from(
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |since| since.as_millis()),
-    )
-    .unwrap_or(i64::MAX);
-    let received = |id: &str, at_ms: i64| Delivery {
+    let this_run = match channel.handle_webhook(&xml_callback(&fixture("text.xml"))) {
+        Ok(WebhookOutcome::Accepted { envelopes, .. }) => envelopes[0].reply_handle.clone(),
+        other => panic!("{other:?}"),
+    };
+    let mut earlier_run = this_run.clone();
+    earlier_run.0["run"] = json!("an earlier run");
+    let part = |id: &str, reply_handle: &ReplyHandle| Delivery {
         delivery_id: id.into(),
-        reply_handle: ReplyHandle(json!({"agent_id": AGENT, "received_at_ms": at_ms})),
+        reply_handle: reply_handle.clone(),
         ..delivery(&format!("回答 {id}"))
     };
-    for part in [received("now-0", now_ms + 1_000), received("resumed-0", now_ms - 60_000)] {
+    for part in [part("now-0", &this_run), part("resumed-0", &earlier_run)] {
         channel.deliver(&part).await.unwrap_or_else(|e| panic!("{e}"));
     }
-    // A handle of an earlier version, without the time: an earlier run's.
+    // A handle of an earlier version, without the run: an earlier run's.
     channel.deliver(&delivery("另一句")).await.unwrap_or_else(|e| panic!("{e}"));
     let checks: Vec<Value> = requests_to(&server, "/cgi-bin/message/send")
         .await
