@@ -429,6 +429,22 @@ async fn journal_and_dispatch(state: web::Data<AppState>, envelopes: Vec<Envelop
 /// How many times WeChat sends one message (the first try and two retries) before it gives up.
 const PASSIVE_ATTEMPTS: u32 = 3;
 
+/// How many of the platform's attempts came before one received at `received_at`, by the
+/// message's age since `sent_at_ms` (the platform's clock, to the second): it tries again each
+/// `window`. At least as young as it may be (the second cut off), rounded to the nearest
+/// window, so clocks may differ by about a second either way; `None` when the age is beyond
+/// the platform's attempts (a clock far off, or an old test vector): attempts are counted then.
+fn attempts_before(sent_at_ms: Option<i64>, received_at: SystemTime, window: Duration) -> Option<u32> {
+    let window_ms = i64::try_from(window.as_millis()).ok().filter(|ms| *ms > 0)?;
+    let youngest_age = yizhan_channel_common::unix_millis(received_at).checked_sub(sent_at_ms?.checked_add(999)?)?;
+    let span = window_ms.checked_mul(i64::from(PASSIVE_ATTEMPTS) + 1)?;
+    if !(0..=span).contains(&youngest_age) {
+        return None;
+    }
+    let before = (youngest_age + window_ms / 2) / window_ms;
+    u32::try_from(before).ok().map(|before| before.min(PASSIVE_ATTEMPTS - 1))
+}
+
 /// The passive reply of a last attempt whose own answer is not ready: the user's oldest parked
 /// text, with the continue hint when more is parked behind it or the answer will be parked too
 /// (passive mode); what does not fit goes back to the front. `None` when nothing is parked, or
@@ -498,6 +514,12 @@ async fn hold_for_answer(
     // handler keep running): an answer taken later could be written to no one, so it is left
     // in the job for the next attempt.
     let answer_by = window.saturating_sub(entry.passive_margin).saturating_sub(started.elapsed());
+    // Earlier attempts this process never saw (refused while it restarted, or when a journal
+    // write failed) still count: held for a retry after WeChat's last, an attempt would end in
+    // its error page.
+    if let Some(earlier) = attempts_before(entry.channel.sent_at_ms(job.envelope()), request.received_at, window) {
+        job.assume_earlier_attempts(earlier);
+    }
     let (kind, this_attempt) = job.begin_attempt(PASSIVE_ATTEMPTS);
     // A later attempt began while this one waited: it takes the answer (see `PassiveJob::take`),
     // and this one must not give the answer up to the send path. Held open like any lapse while
@@ -694,5 +716,22 @@ mod tests {
         assert_eq!(log.admit_at("wecom", "unauthorized", start + Duration::from_secs(1)), Some(0));
         assert_eq!(log.admit_at("mp", "unauthorized", start + REFUSAL_LOG_EVERY), Some(5));
         assert_eq!(log.admit_at("mp", "unauthorized", start + REFUSAL_LOG_EVERY), None);
+    }
+
+    #[test]
+    fn a_messages_age_tells_how_many_attempts_came_before() {
+        let sent = 1_700_000_000_000_i64;
+        let window = Duration::from_secs(5);
+        // Received `ms` after the second WeChat stamped (it sent within that second).
+        let before = |ms: u64| {
+            attempts_before(Some(sent), SystemTime::UNIX_EPOCH + Duration::from_millis(sent as u64 + ms), window)
+        };
+        assert_eq!(before(300), None, "younger than it can be: counted as they come");
+        assert_eq!(before(1_300), Some(0));
+        assert_eq!(before(6_200), Some(1), "the second attempt, about 5 s on");
+        assert_eq!(before(11_500), Some(2), "the third");
+        assert_eq!(before(19_000), Some(2), "within the span, never beyond the last");
+        assert_eq!(before(22_000), None, "older than every attempt: a clock far off");
+        assert_eq!(attempts_before(None, SystemTime::now(), window), None);
     }
 }

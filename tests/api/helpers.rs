@@ -185,11 +185,15 @@ pub fn signed_query(timestamp: u64) -> String {
 }
 
 pub fn text_xml(openid: &str, msg_id: u64, content: &str) -> String {
+    text_xml_sent_at(openid, msg_id, content, now())
+}
+
+/// [`text_xml`] sent at `create_time` (Unix seconds) by WeChat's clock.
+pub fn text_xml_sent_at(openid: &str, msg_id: u64, content: &str, create_time: u64) -> String {
     format!(
         "<xml><ToUserName><![CDATA[gh_test]]></ToUserName><FromUserName><![CDATA[{openid}]]></FromUserName>\
-         <CreateTime>{}</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[{content}]]></Content>\
-         <MsgId>{msg_id}</MsgId></xml>",
-        now()
+         <CreateTime>{create_time}</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[{content}]]></Content>\
+         <MsgId>{msg_id}</MsgId></xml>"
     )
 }
 

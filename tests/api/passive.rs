@@ -188,6 +188,24 @@ async fn a_very_slow_answer_is_acknowledged_on_the_third_attempt_and_pushed() {
     assert_eq!(sent[0]["text"]["content"], "答：很慢");
 }
 
+/// WeChat's earlier attempts may never have reached Yizhan (refused while it restarted, say):
+/// the message's age by WeChat's clock tells which attempt a request is. The first one seen as
+/// late as WeChat's last answers within its window (`success` here, the answer being slow; it
+/// is pushed), not held for a retry that never comes, which would end in WeChat's error page.
+#[actix_web::test]
+async fn an_attempt_as_late_as_wechats_last_answers_within_its_window_though_first_seen() {
+    let app = spawn_app(&auto_env("auto"), Duration::from_millis(4_000)).await;
+    // Sent 3 s ago: with 1 s windows, when WeChat makes its third attempt.
+    let xml = text_xml_sent_at("oLate", 31, "晚到", now() - 3);
+    let url = format!("{}?{}", app.webhook_url(CHANNEL), signed_query(now()));
+    let response = reqwest::Client::new().post(url).body(xml).send().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(response.text().await.unwrap_or_default(), "success");
+    app.wait_until_idle().await;
+    let sent = app.sent_messages().await;
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0]["text"]["content"], "答：晚到");
+}
+
 #[actix_web::test]
 async fn an_answer_refused_with_48001_is_delivered_with_the_next_message() {
     let app =

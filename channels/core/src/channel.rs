@@ -260,6 +260,15 @@ pub trait Channel: Send + Sync + 'static {
         Err(ChannelError::Unsupported("passive replies".into()))
     }
 
+    /// When the platform says the message was sent (Unix ms by its clock, to the second), for
+    /// platforms with a [`passive_reply_window`](Capabilities::passive_reply_window): the core
+    /// reads from the message's age which of the platform's attempts a request is, when earlier
+    /// ones never reached it (refused while it restarted, say). `None` (the default): attempts
+    /// are counted as they come.
+    fn sent_at_ms(&self, _envelope: &Envelope) -> Option<i64> {
+        None
+    }
+
     /// Sends one rendered part through the platform's API.
     ///
     /// A part may be sent more than once: after a failure the core retries, and a part pending

@@ -51,7 +51,11 @@ pub(crate) fn to_envelope(
         sender: Sender { id: openid.to_owned(), name: None },
         content,
         mentions_self: true,
-        reply_handle: ReplyHandle(serde_json::json!({ "account": account })),
+        // When WeChat says the user sent it (`Mp::sent_at_ms`); absent when unreadable.
+        reply_handle: ReplyHandle(serde_json::json!({
+            "account": account,
+            "create_time": fields.get("CreateTime").and_then(|time| time.trim().parse::<i64>().ok()),
+        })),
     })
 }
 

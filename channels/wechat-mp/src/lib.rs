@@ -291,6 +291,11 @@ impl Channel for WechatMp {
         split::split_text(&plain, self.settings.max_part_bytes).into_iter().map(Reply::text).collect()
     }
 
+    /// `CreateTime` (seconds) of the push.
+    fn sent_at_ms(&self, envelope: &Envelope) -> Option<i64> {
+        envelope.reply_handle.0.get("create_time")?.as_i64()?.checked_mul(1_000)
+    }
+
     /// The passive-reply XML for `reply`, which should be one part from
     /// [`render`](Channel::render): plaintext, or wrapped in the encrypted reply XML when the push
     /// was encrypted (see the crate docs). An empty reply is answered with a plain `success`

@@ -97,7 +97,7 @@ fn a_text_message_becomes_a_direct_envelope_with_the_account_in_its_reply_handle
     assert_eq!(envelope.conversation.id, "oFromUser");
     assert_eq!(envelope.sender.id, "oFromUser");
     assert!(envelope.mentions_self);
-    assert_eq!(envelope.reply_handle.0, json!({"account": "gh_toUser"}));
+    assert_eq!(envelope.reply_handle.0, json!({"account": "gh_toUser", "create_time": 1_348_831_860}));
     assert_eq!(envelope.text(), "你好，  请帮我写**一首诗** <b>&amp;</b>");
     assert_eq!(envelope.id.len(), 28); // the contract crate's time-ordered id: 12 + 16 hex digits
 }
