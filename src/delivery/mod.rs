@@ -300,6 +300,11 @@ fn within_send_quota_after(
     let Some(entry) = hub.channels.get(&envelope.channel) else {
         return parts;
     };
+    // The quota is the send API's, which passive mode never calls: its answers are parked whole,
+    // not with a hint inside them.
+    if entry.reply_mode == ReplyMode::Passive {
+        return parts;
+    }
     let Some(quota) = entry
         .send_quota
         .filter(|quota| *quota > 0)

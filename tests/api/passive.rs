@@ -393,6 +393,39 @@ async fn first_answer_missing_all_attempts(mode: &'static str, send_answer: serd
     app
 }
 
+/// In passive mode an answer of more parts than the send API's quota of five, too late for every
+/// attempt, is parked (whole: the quota is the send API's) and comes over the next messages,
+/// each showing the continue hint at its end only, all of it in order.
+#[actix_web::test]
+async fn in_passive_mode_a_late_answer_of_many_parts_is_parked_without_a_hint_inside() {
+    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+    let answer = "一二三四五六七八九十。".repeat(40);
+    slow_answers_then_echo(&llm, &answer, 1).await;
+    wechat_ok(&wechat).await;
+    let mut env = auto_env("passive");
+    // 3 bytes a character: eight parts of 180 bytes or fewer.
+    env.push(("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "180"));
+    let app = spawn_with(&base_config(&llm, &wechat), &env, ChannelKinds::builtin(), wechat, llm).await;
+    let (attempt, body) = wechat_delivers(&app, &text_xml("oWhole", 40, "长答")).await.unwrap_or_default();
+    assert_eq!((attempt, body.as_str()), (3, "success"));
+    app.wait_until_idle().await;
+    let hint = "（回复「继续」查看剩余内容）";
+    let mut shown = String::new();
+    for msg_id in 41..80 {
+        let (_, body) = wechat_delivers(&app, &text_xml("oWhole", msg_id, "继续")).await.unwrap_or_default();
+        let content = passive_content(&body);
+        if content.contains("没有待查看的内容了") {
+            break;
+        }
+        let text = content.strip_suffix(hint).unwrap_or(&content);
+        assert!(!text.contains("继续"), "a hint inside the text: {content}");
+        shown.push_str(text.trim_start_matches("【你上一条消息的回复】"));
+        app.wait_until_idle().await;
+    }
+    let shown: String = shown.chars().filter(|c| !c.is_whitespace()).collect();
+    assert_eq!(shown, answer);
+}
+
 #[actix_web::test]
 async fn in_passive_mode_the_rest_of_a_long_answer_waits_for_the_continue_word() {
     let long_question = "长".repeat(300);
