@@ -444,7 +444,7 @@ impl Feishu {
         }
         let stream = StreamTarget::from_handle(handle)?;
         let uuid = message::idempotency_key(&format!("{}:{}:{sequence}", stream.card_id, stream.element_id));
-        let text = message::stream_content(text, self.settings.max_part_bytes);
+        let (text, full) = message::stream_content_and_whether_full(text, self.settings.max_part_bytes);
         if last {
             self.finish_slot().await?;
         } else if !self.take_cardkit_slot() {
@@ -459,7 +459,15 @@ impl Feishu {
             });
         }
         self.wait_for_chat(stream.limit_key()).await;
-        self.api.set_element_content(stream.card_id, stream.element_id, &text, sequence, &uuid).await
+        self.api.set_element_content(stream.card_id, stream.element_id, &text, sequence, &uuid).await?;
+        if full && !last {
+            // Written; every later update would write the same, spending the chat's and the
+            // app's rates for nothing: the core stops updating on a refusal.
+            return Err(ChannelError::Unsupported(
+                "the card holds all it can; no more updates until the finish".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Replaces the streamed card whole with its final text (see `end_stream`).

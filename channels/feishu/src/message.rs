@@ -128,11 +128,19 @@ pub fn message_body(text: &str) -> MessageBody {
 /// (which lengthens each `<at` tag): an update over it would be refused and freeze the card
 /// mid-answer. Cut at character boundaries.
 pub fn stream_content(text: &str, max_part_bytes: usize) -> String {
+    stream_content_and_whether_full(text, max_part_bytes).0
+}
+
+/// [`stream_content`], and whether the request limit cut it: a card that full shows the same
+/// for every longer text, so later updates would change nothing.
+pub fn stream_content_and_whether_full(text: &str, max_part_bytes: usize) -> (String, bool) {
     let mut end = text.len().min(max_part_bytes);
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    within_request_limit(&defuse_mentions(&text[..end])).to_owned()
+    let defused = defuse_mentions(&text[..end]);
+    let content = within_request_limit(&defused);
+    (content.to_owned(), content.len() < defused.len())
 }
 
 /// The longest start of `text` within [`CARD_MAX_BYTES`] once escaped for the request (as

@@ -524,6 +524,31 @@ async fn an_answer_streams_through_a_cardkit_card_in_order() {
     assert!(order.last().is_some_and(|l| l.starts_with("PATCH")), "{order:#?}");
 }
 
+/// An update the card's size cut short is written, then refused onwards (the core then stops
+/// updating): every longer text would write the same, spending the rate limits for nothing.
+#[tokio::test]
+async fn an_update_that_fills_the_card_asks_for_no_more() {
+    let server = MockServer::start().await;
+    mount_token(&server, "t-TOKEN1", 1).await;
+    Mock::given(method("PUT"))
+        .and(path("/open-apis/cardkit/v1/cards/7355372766134157313/elements/answer/content"))
+        .respond_with(ok(json!({})))
+        .expect(2)
+        .mount(&server)
+        .await;
+    let channel = channel_for(&server);
+    let handle = StreamHandle(json!({
+        "card_id": "7355372766134157313", "element_id": "answer", "message_id": "om_card", "chat_id": CHAT_ID,
+    }));
+    channel.update_stream(&handle, "驿站", 1).await.unwrap_or_else(|e| panic!("{e}"));
+    // Quotes and line breaks take twice their bytes once escaped: 29,000 bytes do not fit.
+    let over = "\"\n".repeat(14_500);
+    let full = channel.update_stream(&handle, &over, 2).await;
+    assert!(matches!(full, Err(ChannelError::Unsupported(_))), "{full:?}");
+    let written = requests_to(&server, "/open-apis/cardkit/v1/cards/7355372766134157313/elements/answer/content").await;
+    assert_eq!(written.len(), 2, "the full card is written once");
+}
+
 /// Content updates need streaming mode, which Feishu closes after a while (and an earlier run's
 /// finish closed for a card resumed after a restart): a refused final write replaces the card
 /// whole with the answer, as a final card, instead of leaving it cut off above a second copy.
@@ -594,7 +619,9 @@ async fn a_streamed_answer_longer_than_a_card_holds_shows_its_start() {
     // Mentions are defused (lengthened) before sending, and must be counted as sent.
     let mentions = "<at id=x>".repeat(5_000);
     for (sequence, text) in [(1, &long), (2, &mentions)] {
-        channel.update_stream(&handle, text, sequence).await.unwrap_or_else(|e| panic!("{e}"));
+        // Written, and no more asked for (see `an_update_that_fills_the_card_asks_for_no_more`).
+        let written = channel.update_stream(&handle, text, sequence).await;
+        assert!(matches!(written, Err(ChannelError::Unsupported(_))), "{written:?}");
     }
     let puts = requests_to(&server, "/open-apis/cardkit/v1/cards/7355372766134157313/elements/answer/content").await;
     let shown = json_body(&puts[0])["content"].as_str().unwrap_or_default().to_owned();
