@@ -16,8 +16,9 @@ use std::time::Duration;
 /// time, up to [`FINISH_RETRY_LONGEST_DELAY`].
 const FINISH_RETRY_FIRST_DELAY: Duration = Duration::from_secs(1);
 const FINISH_RETRY_LONGEST_DELAY: Duration = Duration::from_secs(60);
-/// How long a failed finish is tried again: a store failing that long needs its operator.
-const FINISH_RETRY_FOR: Duration = Duration::from_secs(3_600);
+/// After how long a finish still failing is logged as a warning: a store failing that long
+/// needs its operator.
+const FINISH_RETRY_WARN_AFTER: Duration = Duration::from_secs(3_600);
 use yizhan_channel_core::{Channel, ChannelId, Envelope};
 
 /// One configured channel account and what the core keeps for it.
@@ -154,21 +155,21 @@ impl Hub {
 
     /// Tries a failed finish again in the background (a full disk, say, whose room may come
     /// back) until it is written, the store breaks for good (the restart then resumes the
-    /// message: its answer was recorded and sends nothing already sent), an hour has passed
-    /// (logged), or the process ends.
+    /// message: its answer was recorded and sends nothing already sent), or the process ends;
+    /// still failing after an hour, it says so once.
     /// Left open, the message would keep its log segment, and its parts held for the user's
     /// next message (parked) pending: the next start would park or send them again, after the
     /// user had them.
     fn finish_later(&self, envelope_id: &str) {
         let (store, envelope_id) = (self.store.clone(), envelope_id.to_owned());
         actix::spawn(async move {
-            let give_up_at = actix::clock::Instant::now() + FINISH_RETRY_FOR;
+            let mut warn_at = Some(actix::clock::Instant::now() + FINISH_RETRY_WARN_AFTER);
             let mut delay = FINISH_RETRY_FIRST_DELAY;
             loop {
                 actix::clock::sleep(delay).await;
-                if actix::clock::Instant::now() >= give_up_at {
-                    tracing::warn!(envelope = %envelope_id, "Journal entry still not finished after an hour; left for the next start.");
-                    return;
+                if warn_at.is_some_and(|at| actix::clock::Instant::now() >= at) {
+                    warn_at = None;
+                    tracing::warn!(envelope = %envelope_id, "Journal entry still not finished after an hour; trying on (check the disk).");
                 }
                 if store.health().is_err() {
                     return;

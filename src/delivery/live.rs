@@ -199,7 +199,7 @@ async fn send_updates(
         match channel.update_stream(&handle, &text, sequence).await {
             Ok(()) => showing_a_whole_part = text.len() >= max_part_bytes,
             Err(error) => {
-                tracing::debug!(channel = %channel.id(), %error, "Streaming update failed; the final text still follows.");
+                tracing::debug!(channel = %channel.id(), %error, "Streaming update not taken (or no more wanted); the final text still follows.");
                 match error {
                     // The platform said how long: later updates wait that long (a bound keeps a
                     // garbled advice from freezing the card; the finish does not wait for it).

@@ -431,17 +431,19 @@ const PASSIVE_ATTEMPTS: u32 = 3;
 
 /// How many of the platform's attempts came before one received at `received_at`, by the
 /// message's age since `sent_at_ms` (the platform's clock, to the second): it tries again each
-/// `window`. At least as young as it may be (the second cut off), rounded to the nearest
-/// window, so clocks may differ by about a second either way; `None` when the age is beyond
-/// the platform's attempts (a clock far off, or an old test vector): attempts are counted then.
-fn attempts_before(sent_at_ms: Option<i64>, received_at: SystemTime, window: Duration) -> Option<u32> {
-    let window_ms = i64::try_from(window.as_millis()).ok().filter(|ms| *ms > 0)?;
+/// `interval` (its own passive window: WeChat's 5 s, whatever an operator's override). Counted
+/// from the youngest the message may be (the second cut off), an attempt only once it is within
+/// a second of when it would come, so that clocks a few seconds apart make no earlier attempt
+/// up; `None` when the age is beyond the platform's attempts (a clock far off, or an old test
+/// vector).
+fn attempts_before(sent_at_ms: Option<i64>, received_at: SystemTime, interval: Duration) -> Option<u32> {
+    let interval_ms = i64::try_from(interval.as_millis()).ok().filter(|ms| *ms > 0)?;
     let youngest_age = yizhan_channel_common::unix_millis(received_at).checked_sub(sent_at_ms?.checked_add(999)?)?;
-    let span = window_ms.checked_mul(i64::from(PASSIVE_ATTEMPTS) + 1)?;
+    let span = interval_ms.checked_mul(i64::from(PASSIVE_ATTEMPTS) + 1)?;
     if !(0..=span).contains(&youngest_age) {
         return None;
     }
-    let before = (youngest_age + window_ms / 2) / window_ms;
+    let before = (youngest_age + 1_000) / interval_ms;
     u32::try_from(before).ok().map(|before| before.min(PASSIVE_ATTEMPTS - 1))
 }
 
@@ -516,9 +518,13 @@ async fn hold_for_answer(
     let answer_by = window.saturating_sub(entry.passive_margin).saturating_sub(started.elapsed());
     // Earlier attempts this process never saw (refused while it restarted, or when a journal
     // write failed) still count: held for a retry after WeChat's last, an attempt would end in
-    // its error page.
-    if let Some(earlier) = attempts_before(entry.channel.sent_at_ms(job.envelope()), request.received_at, window) {
-        job.assume_earlier_attempts(earlier);
+    // its error page. Only for the first attempt seen: later ones are counted as they come.
+    if job.attempts_seen() == 0 {
+        let interval = entry.channel.capabilities().passive_reply_window;
+        let sent_at = entry.channel.sent_at_ms(job.envelope());
+        if let Some(earlier) = interval.and_then(|interval| attempts_before(sent_at, request.received_at, interval)) {
+            job.assume_earlier_attempts(earlier);
+        }
     }
     let (kind, this_attempt) = job.begin_attempt(PASSIVE_ATTEMPTS);
     // A later attempt began while this one waited: it takes the answer (see `PassiveJob::take`),
@@ -728,8 +734,9 @@ mod tests {
         };
         assert_eq!(before(300), None, "younger than it can be: counted as they come");
         assert_eq!(before(1_300), Some(0));
-        assert_eq!(before(6_200), Some(1), "the second attempt, about 5 s on");
-        assert_eq!(before(11_500), Some(2), "the third");
+        assert_eq!(before(4_900), Some(0), "a clock 3 s ahead makes up no attempt");
+        assert_eq!(before(5_100), Some(1), "the second attempt, 5 s on");
+        assert_eq!(before(10_000), Some(2), "the third");
         assert_eq!(before(19_000), Some(2), "within the span, never beyond the last");
         assert_eq!(before(22_000), None, "older than every attempt: a clock far off");
         assert_eq!(attempts_before(None, SystemTime::now(), window), None);

@@ -123,8 +123,13 @@ impl Handler<Complete> for LlmActor {
             // The call gets what is left of its total timeout once it has a slot; the wait ends
             // (busy) while that would still be the first-token timeout (at most half the total).
             // The semaphore is never closed: an error here is as good as no slot.
-            let permit =
-                tokio::time::timeout_at(give_up_waiting, permits.acquire_owned()).await.ok().and_then(Result::ok);
+            let (permit, waited) = match permits.clone().try_acquire_owned() {
+                Ok(permit) => (Some(permit), false),
+                Err(_) => {
+                    let waited_for = tokio::time::timeout_at(give_up_waiting, permits.acquire_owned()).await;
+                    (waited_for.ok().and_then(Result::ok), true)
+                }
+            };
             let still_waiting = waiting.fetch_sub(1, Ordering::SeqCst).saturating_sub(1);
             metrics.llm_queue_depth.dec();
             let Some(permit) = permit else {
@@ -159,10 +164,10 @@ impl Handler<Complete> for LlmActor {
                 }
             };
             metrics.llm_seconds.with_label_values(&[backend, outcome]).observe(started.elapsed().as_secs_f64());
-            // A call the wait left less than the first-token timeout, cut off by the total
-            // timeout, says nothing of the server (a probe's place goes to the next call).
-            let judged =
-                !(left_at_admission < first_token_timeout && matches!(result, Err(LlmError::TotalTimeout { .. })));
+            // A call its wait for a slot left less than the first-token timeout, cut off by the
+            // total timeout, says nothing of the server (a probe's place goes to the next call).
+            let cut_short = waited && left_at_admission < first_token_timeout;
+            let judged = !(cut_short && matches!(result, Err(LlmError::TotalTimeout { .. })));
             let transition = if judged { ticket.record(&result) } else { Transition::Unchanged };
             match transition {
                 Transition::Opened => {
@@ -325,6 +330,18 @@ mod tests {
         // 60 s left, and is cut off then, which says nothing of the server: one failure counted.
         let third = third_of_three_silent_calls(100, 80, 60).await;
         assert!(matches!(third, Err(LlmError::TotalTimeout { .. })), "not refused by the breaker: {third:?}");
+    }
+
+    #[actix::test]
+    async fn a_call_that_did_not_wait_counts_whatever_the_first_token_timeout() {
+        tokio::time::pause();
+        // A first-token timeout as long as the total: a silent server still opens the breaker.
+        let breaker = BreakerSettings { threshold: 1, cooldown: Duration::from_secs(1_000) };
+        let addr = timed_actor(100, 100, breaker);
+        let (first, _) = outcome(ask_timed(&addr)).await;
+        assert!(matches!(first, Err(LlmError::TotalTimeout { started: false, .. })), "{first:?}");
+        let (second, _) = outcome(ask_timed(&addr)).await;
+        assert!(matches!(second, Err(LlmError::Unavailable(_))), "{second:?}");
     }
 
     #[actix::test]

@@ -293,11 +293,12 @@ impl SplitEvent {
 }
 
 /// Whether each non-blank line of `data` is a JSON value or `[DONE]`, the first JSON, and there
-/// is more than one: an event to split (see [`next_json_event`]). Checked without building the
-/// values.
+/// is more than one: an event to split (see [`next_json_event`]). Each value is parsed as it
+/// will be when its turn comes (a lone surrogate escape or a number out of range passes a
+/// lighter check, and would then end the split early), and dropped at once.
 fn splits_into_json_lines(data: &str) -> bool {
     let mut lines = data.lines().map(str::trim).filter(|line| !line.is_empty());
-    let is_json = |line: &str| serde_json::from_str::<serde::de::IgnoredAny>(line).is_ok();
+    let is_json = |line: &str| serde_json::from_str::<serde_json::Value>(line).is_ok();
     let Some(first) = lines.next() else { return false };
     let mut more = false;
     for line in lines {

@@ -79,7 +79,7 @@
 //! checkpoints sync the WAL and the database themselves. A failed fsync breaks the store for
 //! good (see `run_syncer`). [`Durability::ProcessCrash`] answers right after `COMMIT`.
 //!
-//! # Schema (version 6, see [`MIGRATIONS`])
+//! # Schema (version 7, see [`MIGRATIONS`])
 //!
 //! Times are Unix milliseconds (wall clock, because they must mean the same after a restart).
 //!
@@ -219,6 +219,9 @@ const MIGRATIONS: &[&str] = &[
     // 6: the envelope a turn answered (`Store::forget_turn`); none for turns stored before.
     "ALTER TABLE history ADD COLUMN envelope_id TEXT;
     CREATE INDEX history_envelope ON history (envelope_id) WHERE envelope_id IS NOT NULL;",
+    // 7: failed parts by age, for retention: without it each of its chunks scanned the whole
+    // outbox while every write waited.
+    "CREATE INDEX outbox_failed ON outbox (updated_at) WHERE state = 'failed';",
 ];
 
 /// WAL pages (frames) after which the writer copies the last frames itself so that the WAL
@@ -457,8 +460,7 @@ impl SqliteStore {
         sync_at_open: &mut dyn FnMut(&File) -> std::io::Result<()>,
     ) -> Result<Self, SqliteError> {
         if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
-                .map_err(|source| SqliteError::CreateDir { path: parent.to_owned(), source })?;
+            create_dir_durably(parent).map_err(|source| SqliteError::CreateDir { path: parent.to_owned(), source })?;
         }
         let at = |source| SqliteError::Open { path: path.to_owned(), source };
         sync_before_reading(path, sync_at_open)
@@ -728,6 +730,20 @@ fn spawn(name: String, body: impl FnOnce() + Send + 'static) -> Result<JoinHandl
 
 /// The schema version from which accepted envelopes are in the inbound log.
 const LOG_SCHEMA_VERSION: i64 = 3;
+
+/// Creates `dir` and whatever of its ancestors is missing, each synced into its parent: without
+/// that a power loss soon after the first start could take the new directory, and the messages
+/// acknowledged from it, with it.
+fn create_dir_durably(dir: &Path) -> std::io::Result<()> {
+    let missing: Vec<&Path> =
+        dir.ancestors().take_while(|ancestor| !ancestor.as_os_str().is_empty() && !ancestor.exists()).collect();
+    std::fs::create_dir_all(dir)?;
+    // Deepest first: each entry is made durable in a parent that is, or will be, durable too.
+    for created in missing {
+        super::sync_directory_of(created)?;
+    }
+    Ok(())
+}
 
 /// Applies the missing [`MIGRATIONS`] in one transaction, or refuses a newer schema.
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), SqliteError> {
@@ -1769,7 +1785,8 @@ impl Store for SqliteStore {
                     // one, forever.
                     None => {
                         if self.set_aside(&envelope_id, &json) {
-                            drop(self.log(LogOp::Finish { envelope_id }).await?);
+                            // As any finish: its answer and pending parts, if any, go too.
+                            self.finish(&envelope_id).await?;
                         }
                     }
                 }
@@ -2556,6 +2573,21 @@ mod tests {
         let conn = ok(Connection::open(dir.db()));
         let version: i64 = ok(conn.pragma_query_value(None, "user_version", |row| row.get(0)));
         assert_eq!(version, to_i64(MIGRATIONS.len()));
+    }
+
+    /// Retention's deletes find their rows through an index, not by scanning the table (each
+    /// chunk holds every other write).
+    #[tokio::test]
+    async fn retention_finds_failed_parts_through_an_index() {
+        let dir = TempDir::new();
+        drop(open(&dir, 10));
+        let conn = ok(Connection::open(dir.db()));
+        let plan: Vec<String> = ok(ok(conn.prepare(
+            "EXPLAIN QUERY PLAN SELECT rowid FROM outbox WHERE state = 'failed' AND updated_at < ?1 LIMIT ?2",
+        ))
+        .query_map(params![0, 1], |row| row.get::<_, String>(3))
+        .and_then(Iterator::collect));
+        assert!(plan.iter().any(|step| step.contains("INDEX outbox_failed")), "{plan:?}");
     }
 
     #[tokio::test]
