@@ -32,11 +32,13 @@
 //! - carry: `3, seq u64, original seq u64, time carried i64 (Unix ms), id length u16, id,
 //!   envelope JSON`: an open envelope journaled again (see Lifetimes).
 //!
-//! A zero length, a record running past the end or a wrong CRC ends a segment: that is where
-//! a crash tore the last batch, whose callers were never answered. The CRC covers the segment
-//! number so that nothing written under another number can pass for a record here. After a
-//! restart the writer never appends behind a torn tail (records after it could be read back
-//! later); it starts a new segment.
+//! A zero length, a record running past the end or a wrong CRC ends what can be read there:
+//! where a crash tore the last batch, whose callers were never answered, or damage on the disk.
+//! The scan then looks for the next record that passes its CRC: there is none after a torn
+//! tail (after a restart the writer never appends behind one; it starts a new segment), and
+//! after damage the rest of the segment is read as before (logged as an error: the damaged
+//! records are lost). The CRC covers the segment number so that nothing written under another
+//! number can pass for a record here.
 //!
 //! # Lifetimes
 //!
@@ -273,6 +275,26 @@ fn read_record(data: &[u8], at: usize, segment: u64) -> Option<(Record<'_>, usiz
     }
 }
 
+/// Where the first readable record at or after `from` starts in `data` (a whole segment), if
+/// any. Positions whose length field is zero (the zero-filled rest of a segment) are passed
+/// over at once; a record must pass its CRC, which covers the segment number, to count.
+fn next_readable_record(data: &[u8], from: usize, segment: u64) -> Option<usize> {
+    let last = data.len().checked_sub(HEADER)?;
+    let mut at = from;
+    while at <= last {
+        // The next byte that can start a non-zero length field.
+        let nonzero = data.get(at..)?.iter().position(|byte| *byte != 0)?;
+        let candidate = (at + nonzero).saturating_sub(3).max(at);
+        for start in candidate..=(at + nonzero).min(last) {
+            if read_record(data, start, segment).is_some() {
+                return Some(start);
+            }
+        }
+        at = at + nonzero + 1;
+    }
+    None
+}
+
 /// Where an open envelope's JSON is.
 #[derive(Debug, Clone, Copy)]
 struct OpenEntry {
@@ -402,7 +424,24 @@ fn scan_syncing(
         let mut info = SegmentInfo { number, open: 0, claims_until: i64::MIN };
         let mut at = 0;
         let mut last_seq = None;
-        while let Some((record, next)) = read_record(&data, at, number) {
+        loop {
+            let Some((record, next)) = read_record(&data, at, number) else {
+                // The end of what was written, a batch a crash tore (nothing readable after it:
+                // the writer never appends behind a torn tail), or damage to the disk, after
+                // which this segment's later records are still read: dropped, its finishes
+                // would bring answered messages back, and its accepts lose acknowledged ones.
+                let Some(resumed) = next_readable_record(&data, at.saturating_add(1), number) else { break };
+                tracing::error!(
+                    segment = %segment_path(dir, number).display(),
+                    unreadable_from = at,
+                    readable_again_at = resumed,
+                    "Inbound log segment damaged: the records in between are lost (a message \
+                     accepted there will not be answered; one finished there may be answered again). \
+                     Check the disk."
+                );
+                at = resumed;
+                continue;
+            };
             // An accept, or a carried copy (its claim lapsed long ago; its segment is kept for
             // an hour from the carry, as a claim would keep it), which replaces the earlier
             // record of the same envelope and keeps its place in the order.
@@ -1326,6 +1365,34 @@ mod tests {
                 Ok(Logged::Accepted(Acceptance::New))
             ]
         ));
+        drop(log);
+        let _ = preparer.join();
+    }
+
+    /// Damage to a record in the middle of a segment (a flipped bit on the disk) loses that
+    /// record only: the records after it are still read, so that a finish there does not bring
+    /// its message back, nor an accept there go unanswered.
+    #[test]
+    fn damage_in_the_middle_of_a_segment_loses_only_the_damaged_record() {
+        let dir = TempDir::new();
+        let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (mut log, preparer) = start(&dir, Arc::clone(&syncs));
+        serve(&mut log, vec![accept("first", 3_600_000)]);
+        let (segment, damaged_at) = (log.active_info.number, log.offset);
+        serve(&mut log, vec![accept("damaged", 3_600_000)]);
+        serve(&mut log, vec![accept("after", 3_600_000), finish("first")]);
+        drop(log);
+        let _ = preparer.join();
+        let file = File::options().read(true).write(true).open(segment_path(&dir.0, segment));
+        let file = file.unwrap_or_else(|e| panic!("{e}"));
+        let mut byte = [0_u8];
+        let inside = damaged_at + HEADER as u64 + 3;
+        file.read_exact_at(&mut byte, inside).unwrap_or_else(|e| panic!("{e}"));
+        byte[0] ^= 1;
+        file.write_all_at(&byte, inside).unwrap_or_else(|e| panic!("{e}"));
+
+        let (mut log, preparer) = start(&dir, syncs);
+        assert_eq!(open_ids(&mut log), ["after"]);
         drop(log);
         let _ = preparer.join();
     }
