@@ -34,10 +34,12 @@
 //!
 //! A zero length, a record running past the end or a wrong CRC ends what can be read there:
 //! where a crash tore the last batch, whose callers were never answered, or damage on the disk.
-//! The scan then looks for the next record that passes its CRC: there is none after a torn
-//! tail (after a restart the writer never appends behind one; it starts a new segment), and
-//! after damage the rest of the segment is read as before (logged as an error: the damaged
-//! records are lost). The CRC covers the segment number so that nothing written under another
+//! The scan then looks for the next record that passes its CRC (and is followed by another, or
+//! by the zeros after the last): after a torn tail there is none as a rule (after a restart the
+//! writer never appends behind one; it starts a new segment; a power loss can land a later page
+//! of the torn batch, whose records are then read: messages never acknowledged, answered once),
+//! and after damage the rest of the segment is read as before (logged as an error: the damaged
+//! records are lost; the search is bounded, see `next_readable_record`). The CRC covers the segment number so that nothing written under another
 //! number can pass for a record here.
 //!
 //! # Lifetimes
@@ -277,16 +279,40 @@ fn read_record(data: &[u8], at: usize, segment: u64) -> Option<(Record<'_>, usiz
 
 /// Where the first readable record at or after `from` starts in `data` (a whole segment), if
 /// any. Positions whose length field is zero (the zero-filled rest of a segment) are passed
-/// over at once; a record must pass its CRC, which covers the segment number, to count.
-fn next_readable_record(data: &[u8], from: usize, segment: u64) -> Option<usize> {
+/// over at once; a record must pass its CRC, which covers the segment number, and be followed by
+/// another readable record or by the zeros after the last one, to count (a CRC that matches by
+/// chance, one in four billion, is not taken for a record). The bytes checked are bounded by
+/// `budget`, spent as they go: garbage full of plausible lengths would otherwise cost a CRC over
+/// megabytes at each of millions of positions, holding up the start for hours.
+fn next_readable_record(data: &[u8], from: usize, segment: u64, budget: &mut usize) -> Option<usize> {
     let last = data.len().checked_sub(HEADER)?;
+    let readable = |start: usize, budget: &mut usize| {
+        let length = data.get(start..start + 4).and_then(|field| field.try_into().ok()).map(u32::from_le_bytes)?;
+        // A length past the segment's end fails before any CRC: only the others cost.
+        if (length as usize).saturating_add(start + HEADER) > data.len() {
+            return None;
+        }
+        let Some(left) = budget.checked_sub(length as usize) else {
+            *budget = 0;
+            return None;
+        };
+        *budget = left;
+        read_record(data, start, segment).map(|(_, next)| next)
+    };
+    let confirmed = |next: usize, budget: &mut usize| {
+        let ends_there = data.get(next..).is_some_and(|rest| rest.len() < HEADER || rest[..4] == [0; 4]);
+        ends_there || readable(next, budget).is_some()
+    };
     let mut at = from;
     while at <= last {
         // The next byte that can start a non-zero length field.
         let nonzero = data.get(at..)?.iter().position(|byte| *byte != 0)?;
         let candidate = (at + nonzero).saturating_sub(3).max(at);
         for start in candidate..=(at + nonzero).min(last) {
-            if read_record(data, start, segment).is_some() {
+            if *budget == 0 {
+                return None;
+            }
+            if readable(start, budget).is_some_and(|next| confirmed(next, budget)) {
                 return Some(start);
             }
         }
@@ -294,6 +320,10 @@ fn next_readable_record(data: &[u8], from: usize, segment: u64) -> Option<usize>
     }
     None
 }
+
+/// How many bytes, in multiples of a segment's size, the scan may check looking past damage in
+/// one segment (see [`next_readable_record`]): a few passes over it, some tens of milliseconds.
+const RESYNC_BUDGET_SEGMENTS: usize = 4;
 
 /// Where an open envelope's JSON is.
 #[derive(Debug, Clone, Copy)]
@@ -424,13 +454,17 @@ fn scan_syncing(
         let mut info = SegmentInfo { number, open: 0, claims_until: i64::MIN };
         let mut at = 0;
         let mut last_seq = None;
+        let mut resync_budget = data.len().saturating_mul(RESYNC_BUDGET_SEGMENTS);
         loop {
             let Some((record, next)) = read_record(&data, at, number) else {
                 // The end of what was written, a batch a crash tore (nothing readable after it:
                 // the writer never appends behind a torn tail), or damage to the disk, after
                 // which this segment's later records are still read: dropped, its finishes
                 // would bring answered messages back, and its accepts lose acknowledged ones.
-                let Some(resumed) = next_readable_record(&data, at.saturating_add(1), number) else { break };
+                let Some(resumed) = next_readable_record(&data, at.saturating_add(1), number, &mut resync_budget)
+                else {
+                    break;
+                };
                 tracing::error!(
                     segment = %segment_path(dir, number).display(),
                     unreadable_from = at,
@@ -1395,6 +1429,26 @@ mod tests {
         assert_eq!(open_ids(&mut log), ["after"]);
         drop(log);
         let _ = preparer.join();
+    }
+
+    /// The search past damage is bounded (garbage of plausible lengths would otherwise cost a CRC
+    /// over most of the segment at each position), and takes a record only if another record,
+    /// or the zeros after the last, follow it.
+    #[test]
+    fn the_search_past_damage_is_bounded_and_wants_a_record_confirmed() {
+        // Every fourth position a length of 1,000 bytes, as an array of small integers would be.
+        let garbage: Vec<u8> = std::iter::repeat_n(1_000_u32.to_le_bytes(), 1 << 14).flatten().collect();
+        let mut budget = 1 << 18;
+        assert_eq!(next_readable_record(&garbage, 0, 3, &mut budget), None);
+        assert_eq!(budget, 0, "spent, and the search ended there");
+        let framed = |after: &[u8]| {
+            let mut buf = vec![0xEE; 64];
+            frame(&mut buf, 3, &finish_payload("e1"));
+            buf.extend_from_slice(after);
+            buf
+        };
+        assert_eq!(next_readable_record(&framed(&[0; 16]), 0, 3, &mut usize::MAX.clone()), Some(64));
+        assert_eq!(next_readable_record(&framed(&[0xEE; 16]), 0, 3, &mut usize::MAX.clone()), None, "garbage after it");
     }
 
     /// A record that passed its CRC but whose envelope is not UTF-8 (written by something else)

@@ -738,11 +738,12 @@ fn create_dir_durably(dir: &Path) -> std::io::Result<()> {
     let missing: Vec<&Path> =
         dir.ancestors().take_while(|ancestor| !ancestor.as_os_str().is_empty() && !ancestor.exists()).collect();
     std::fs::create_dir_all(dir)?;
-    // Deepest first: each entry is made durable in a parent that is, or will be, durable too.
+    // Each entry made durable in its parent; `dir`'s always (an earlier start may have created
+    // it and stopped before syncing it).
     for created in missing {
         super::sync_directory_of(created)?;
     }
-    Ok(())
+    super::sync_directory_of(dir)
 }
 
 /// Applies the missing [`MIGRATIONS`] in one transaction, or refuses a newer schema.
@@ -1785,8 +1786,12 @@ impl Store for SqliteStore {
                     // one, forever.
                     None => {
                         if self.set_aside(&envelope_id, &json) {
-                            // As any finish: its answer and pending parts, if any, go too.
-                            self.finish(&envelope_id).await?;
+                            // As any finish: its answer and pending parts, if any, go too (if
+                            // that part fails, the next start's cleanup of closed envelopes
+                            // takes them; the log's finish is what counts).
+                            if let Err(error) = self.finish(&envelope_id).await {
+                                tracing::error!(envelope = %envelope_id, %error, "Failed to finish an unreadable logged envelope.");
+                            }
                         }
                     }
                 }
