@@ -166,9 +166,14 @@ impl PassiveJob {
 
     /// Counts an attempt and says how it should wait, with its number (for [`Self::take`]). An
     /// earlier attempt still waiting stops: the platform sends a retry only once it has given
-    /// up on the attempt before.
-    pub fn begin_attempt(&self, max_attempts: u32) -> (AttemptKind, u32) {
+    /// up on the attempt before. `unseen`: how many attempts came before this one by the
+    /// message's age, counted if this is the first the job sees (in the same step, so that two
+    /// attempts beginning at once do not both count them).
+    pub fn begin_attempt(&self, max_attempts: u32, unseen: Option<u32>) -> (AttemptKind, u32) {
         let mut state = self.lock();
+        if state.attempts == 0 {
+            state.attempts = unseen.unwrap_or(0);
+        }
         state.attempts += 1;
         let number = state.attempts;
         let kind = if number >= max_attempts { AttemptKind::Last } else { AttemptKind::Lapse };
@@ -1017,14 +1022,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_later_attempt_supersedes_one_still_waiting() {
         let job = Arc::new(PassiveJob::new(crate::store::test_envelope("m")));
-        let (kind, first) = job.begin_attempt(3);
+        let (kind, first) = job.begin_attempt(3, None);
         assert_eq!(kind, AttemptKind::Lapse);
         let stale = {
             let job = job.clone();
             tokio::spawn(async move { job.take(first, Duration::from_secs(5)).await })
         };
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let (kind, second) = job.begin_attempt(3);
+        let (kind, second) = job.begin_attempt(3, None);
         assert_eq!(kind, AttemptKind::Lapse);
         // The earlier attempt stops waiting as soon as the later one begins.
         assert!(stale.await.ok().flatten().is_none(), "the superseded attempt took the answer");
@@ -1059,7 +1064,7 @@ mod tests {
     async fn after_stop_waiting_no_attempt_waits_even_for_a_message_opened_later() {
         let slots = PassiveSlots::default();
         let earlier = slots.open(&crate::store::test_envelope("m1"));
-        let (_, number) = earlier.begin_attempt(3);
+        let (_, number) = earlier.begin_attempt(3, None);
         let waiting = {
             let earlier = earlier.clone();
             tokio::spawn(async move { earlier.take(number, Duration::from_secs(5)).await })
@@ -1069,7 +1074,7 @@ mod tests {
         slots.stop_waiting();
         assert!(waiting.await.ok().flatten().is_none());
         let later = slots.open(&crate::store::test_envelope("m2"));
-        let (_, number) = later.begin_attempt(3);
+        let (_, number) = later.begin_attempt(3, None);
         assert!(later.take(number, Duration::from_secs(5)).await.is_none());
         assert!(stopped_at.elapsed() < Duration::from_secs(1), "an attempt waited after stop_waiting");
     }
@@ -1077,22 +1082,32 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_answer_offered_between_attempts_waits_for_the_next_one() {
         let job = PassiveJob::new(crate::store::test_envelope("m"));
-        let (kind, first) = job.begin_attempt(3);
+        let (kind, first) = job.begin_attempt(3, None);
         assert_eq!(kind, AttemptKind::Lapse);
         assert!(job.take(first, Duration::from_secs(5)).await.is_none());
         assert!(matches!(job.offer(vec![part("答")]), Offer::Held(_)));
-        let (kind, second) = job.begin_attempt(3);
+        let (kind, second) = job.begin_attempt(3, None);
         assert_eq!(kind, AttemptKind::Lapse);
         assert!(job.take(second, Duration::from_secs(5)).await.is_some());
+    }
+
+    #[test]
+    fn attempts_never_seen_count_only_before_the_first_seen() {
+        let job = PassiveJob::new(crate::store::test_envelope("m"));
+        assert_eq!(job.begin_attempt(3, Some(2)), (AttemptKind::Last, 3), "as old as the third");
+        assert_eq!(job.begin_attempt(3, Some(2)), (AttemptKind::Last, 4), "counted, not estimated again");
+        let job = PassiveJob::new(crate::store::test_envelope("n"));
+        assert_eq!(job.begin_attempt(3, Some(0)), (AttemptKind::Lapse, 1));
+        assert_eq!(job.begin_attempt(3, Some(2)), (AttemptKind::Lapse, 2), "the first seen set the count");
     }
 
     #[tokio::test(start_paused = true)]
     async fn after_the_last_attempt_gives_up_the_answer_is_pushed() {
         let job = PassiveJob::new(crate::store::test_envelope("m"));
         for _ in 0..2 {
-            assert_eq!(job.begin_attempt(3).0, AttemptKind::Lapse);
+            assert_eq!(job.begin_attempt(3, None).0, AttemptKind::Lapse);
         }
-        let (kind, last) = job.begin_attempt(3);
+        let (kind, last) = job.begin_attempt(3, None);
         assert_eq!(kind, AttemptKind::Last);
         assert!(job.take(last, Duration::from_millis(4_500)).await.is_none());
         assert!(job.give_up().is_none());

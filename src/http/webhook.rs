@@ -519,14 +519,10 @@ async fn hold_for_answer(
     // Earlier attempts this process never saw (refused while it restarted, or when a journal
     // write failed) still count: held for a retry after WeChat's last, an attempt would end in
     // its error page. Only for the first attempt seen: later ones are counted as they come.
-    if job.attempts_seen() == 0 {
-        let interval = entry.channel.capabilities().passive_reply_window;
-        let sent_at = entry.channel.sent_at_ms(job.envelope());
-        if let Some(earlier) = interval.and_then(|interval| attempts_before(sent_at, request.received_at, interval)) {
-            job.assume_earlier_attempts(earlier);
-        }
-    }
-    let (kind, this_attempt) = job.begin_attempt(PASSIVE_ATTEMPTS);
+    let interval = entry.channel.capabilities().passive_reply_window;
+    let sent_at = entry.channel.sent_at_ms(job.envelope());
+    let unseen = interval.and_then(|interval| attempts_before(sent_at, request.received_at, interval));
+    let (kind, this_attempt) = job.begin_attempt(PASSIVE_ATTEMPTS, unseen);
     // A later attempt began while this one waited: it takes the answer (see `PassiveJob::take`),
     // and this one must not give the answer up to the send path. Held open like any lapse while
     // the platform may still retry: if handlers began out of order and this is the connection it
