@@ -9,17 +9,25 @@ use crate::metrics::Metrics;
 use crate::store::{LiveStream, Store};
 use actix::Addr;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use yizhan_channel_core::{Channel, ChannelId, Envelope};
 
 /// The first wait before a failed finish is tried again (see `Hub::finish_later`); doubled each
 /// time, up to [`FINISH_RETRY_LONGEST_DELAY`].
 const FINISH_RETRY_FIRST_DELAY: Duration = Duration::from_secs(1);
+/// The longest wait between two tries of a failed finish.
 const FINISH_RETRY_LONGEST_DELAY: Duration = Duration::from_secs(60);
 /// After how long a finish still failing is logged as a warning: a store failing that long
 /// needs its operator.
 const FINISH_RETRY_WARN_AFTER: Duration = Duration::from_secs(3_600);
-use yizhan_channel_core::{Channel, ChannelId, Envelope};
+/// The most failed finishes tried again at once: beyond, a message stays open for the next
+/// start (which answers nothing already answered), rather than a task per message piling up
+/// through a long disk-full spell.
+const MOST_FINISH_RETRIES: usize = 10_000;
+/// Failed finishes being tried again now (see `Hub::finish_later`).
+static FINISH_RETRIES: AtomicUsize = AtomicUsize::new(0);
 
 /// One configured channel account and what the core keeps for it.
 pub struct ChannelEntry {
@@ -161,8 +169,15 @@ impl Hub {
     /// next message (parked) pending: the next start would park or send them again, after the
     /// user had them.
     fn finish_later(&self, envelope_id: &str) {
+        if FINISH_RETRIES.fetch_add(1, Ordering::SeqCst) >= MOST_FINISH_RETRIES {
+            FINISH_RETRIES.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!(envelope = %envelope_id, "Too many finishes failing to try this one again; left for the next start.");
+            return;
+        }
         let (store, envelope_id) = (self.store.clone(), envelope_id.to_owned());
         actix::spawn(async move {
+            // Counted off however the task ends (the process ending drops it too).
+            let _counted = FinishRetry;
             let mut warn_at = Some(actix::clock::Instant::now() + FINISH_RETRY_WARN_AFTER);
             let mut delay = FINISH_RETRY_FIRST_DELAY;
             loop {
@@ -196,5 +211,14 @@ impl Hub {
         self.passive.forget_parked_of(&envelope.channel, &envelope.sender.id, &envelope.id);
         self.passive.forget_answer_but_what_it_took(&envelope.id);
         self.metrics.journal_open.dec();
+    }
+}
+
+/// One of [`FINISH_RETRIES`], counted off when dropped.
+struct FinishRetry;
+
+impl Drop for FinishRetry {
+    fn drop(&mut self) {
+        FINISH_RETRIES.fetch_sub(1, Ordering::SeqCst);
     }
 }

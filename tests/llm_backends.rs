@@ -724,8 +724,8 @@ async fn openai_chunks_run_together_in_one_event_are_each_read() {
     assert_eq!(pieces.concat(), "你好吗");
 }
 
-/// However many chunks a proxy runs together into one event, each is read (and parsed only when
-/// its turn comes, so the event's data is held once).
+/// However many chunks a proxy runs together into one event, each is read (before, an event of
+/// more than 1,024 was dropped whole).
 #[tokio::test]
 async fn openai_an_event_of_many_chunks_run_together_is_read_whole() {
     let server = MockServer::start().await;

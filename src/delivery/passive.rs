@@ -206,7 +206,8 @@ impl PassiveJob {
         }
     }
 
-    /// Attempts seen so far (see [`Self::begin_attempt`]).
+    /// Attempts counted so far, those estimated from the message's age included (see
+    /// [`Self::begin_attempt`]).
     pub fn attempts_seen(&self) -> u32 {
         self.lock().attempts
     }

@@ -728,7 +728,7 @@ mod tests {
         let before = |ms: u64| {
             attempts_before(Some(sent), SystemTime::UNIX_EPOCH + Duration::from_millis(sent as u64 + ms), window)
         };
-        assert_eq!(before(300), None, "younger than it can be: counted as they come");
+        assert_eq!(before(300), None, "stamped less than a second ago: may be younger than zero, counted as they come");
         assert_eq!(before(1_300), Some(0));
         assert_eq!(before(4_900), Some(0), "a clock 3 s ahead makes up no attempt");
         assert_eq!(before(5_100), Some(1), "the second attempt, 5 s on");

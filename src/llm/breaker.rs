@@ -5,7 +5,9 @@
 //! first-token timeout before the user gets the apology, the slots and the waiting line fill up,
 //! and later users are told "busy" after waiting. With it, once `threshold` calls in a row have
 //! failed that way, calls fail at once for `cooldown`; then one call is let through as a probe:
-//! if it succeeds the breaker closes, if it fails the breaker opens for another `cooldown`.
+//! if the server answers it (even with an error about the request) the breaker closes, if it
+//! fails for the server's reasons the breaker opens for another `cooldown`, and if its outcome
+//! says nothing (a call cut short by its wait for a slot, or dropped) the next call probes.
 //!
 //! Only failures that point at the server count (no connection, 429 and 5xx, timeouts). A 4xx,
 //! an error the server reports in its stream or an answer that could not be read says nothing
@@ -39,7 +41,7 @@ impl BreakerSettings {
 pub enum Transition {
     /// It opened (or opened again after a failed probe).
     Opened,
-    /// A probe succeeded: it closed.
+    /// A probe heard the server answer: it closed.
     Closed,
     /// No change.
     Unchanged,

@@ -300,8 +300,9 @@ mod tests {
         assert_about(at.duration_since(start), 100);
         let (result, at) = outcome(told_busy).await;
         assert!(matches!(result, Err(LlmError::Overloaded(_))), "{result:?}");
-        assert_about(at.duration_since(start), 80); // asked at 10 s, no slot by 80 s
-                                                    // Asked at 45 s, its slot free at 100 s: it ends at 145 s, not 200 s.
+        // Asked at 10 s, no slot by 80 s.
+        assert_about(at.duration_since(start), 80);
+        // Asked at 45 s, its slot free at 100 s: it ends at 145 s, not 200 s.
         let (result, at) = outcome(waits_less).await;
         assert!(matches!(result, Err(LlmError::TotalTimeout { .. })), "{result:?}");
         assert_about(at.duration_since(start), 145);

@@ -63,6 +63,8 @@ struct RecordingChannel {
     breaks_on_deliver: std::sync::OnceLock<Arc<MemoryStore>>,
     /// Sends and stream finishes are refused for good.
     refuses: std::sync::atomic::AtomicBool,
+    /// Streams finished (or tried).
+    finishes: AtomicUsize,
 }
 
 impl Channel for RecordingChannel {
@@ -116,6 +118,7 @@ impl Channel for RecordingChannel {
         _sequence: u64,
     ) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
         Box::pin(async move {
+            self.finishes.fetch_add(1, Ordering::SeqCst);
             if self.refuses.load(Ordering::SeqCst) {
                 return Err(ChannelError::Refused { code: 1, reason: "refused for a test".into() });
             }
@@ -191,6 +194,7 @@ fn fixture_bounded(
         recorded_at_finish: Mutex::new(Vec::new()),
         breaks_on_deliver: std::sync::OnceLock::new(),
         refuses: Default::default(),
+        finishes: AtomicUsize::new(0),
     });
     let _ = channel.store.set(store.clone());
     let policy =
@@ -579,20 +583,22 @@ async fn a_question_the_broken_store_could_not_record_an_answer_to_is_not_asked(
     assert_eq!(store.finished.load(Ordering::SeqCst), 0);
 }
 
-/// A store that breaks while the model writes records no answer: sent anyway, it could be
-/// marked neither sent nor finished, and the restart the store needs would answer the message
-/// again.
+/// A store that breaks while the model writes records no answer: sent anyway (here: written into
+/// the card being streamed), it could be marked neither sent nor finished, and the restart the
+/// store needs would answer the message again.
 #[actix::test]
 async fn an_answer_the_broken_store_could_not_record_is_left_for_the_restart_not_sent() {
     tokio::time::pause();
     let store = Arc::new(MemoryStore::new(10));
     let fixture = fixture_on(store.clone(), Duration::from_millis(100), Duration::from_secs(60), 16);
+    fixture.channel.streaming.store(true, Ordering::SeqCst);
     fixture.ask_accepted("u1", "问");
     actix::clock::sleep(Duration::from_millis(50)).await;
     assert_eq!(fixture.backend.running.load(Ordering::SeqCst), 1, "the model is writing");
     store.broken.store(true, Ordering::SeqCst);
     fixture.wait_until_none_open().await;
     assert!(fixture.delivered().is_empty(), "{:?}", fixture.delivered());
+    assert_eq!(fixture.channel.finishes.load(Ordering::SeqCst), 0, "the card was finished with the answer");
     assert_eq!(store.finished.load(Ordering::SeqCst), 0);
 }
 

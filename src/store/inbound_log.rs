@@ -39,8 +39,8 @@
 //! writer never appends behind one; it starts a new segment; a power loss can land a later page
 //! of the torn batch, whose records are then read: messages never acknowledged, answered once),
 //! and after damage the rest of the segment is read as before (logged as an error: the damaged
-//! records are lost; the search is bounded, see `next_readable_record`). The CRC covers the segment number so that nothing written under another
-//! number can pass for a record here.
+//! records are lost; the search is bounded, see `next_readable_record`). The CRC covers the
+//! segment number so that nothing written under another number can pass for a record here.
 //!
 //! # Lifetimes
 //!
@@ -1447,8 +1447,9 @@ mod tests {
             buf.extend_from_slice(after);
             buf
         };
-        assert_eq!(next_readable_record(&framed(&[0; 16]), 0, 3, &mut usize::MAX.clone()), Some(64));
-        assert_eq!(next_readable_record(&framed(&[0xEE; 16]), 0, 3, &mut usize::MAX.clone()), None, "garbage after it");
+        let mut unbounded = usize::MAX;
+        assert_eq!(next_readable_record(&framed(&[0; 16]), 0, 3, &mut unbounded), Some(64));
+        assert_eq!(next_readable_record(&framed(&[0xEE; 16]), 0, 3, &mut unbounded), None, "garbage after it");
     }
 
     /// A record that passed its CRC but whose envelope is not UTF-8 (written by something else)

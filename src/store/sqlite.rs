@@ -106,7 +106,7 @@
 //! - `outbox(delivery_id PK, envelope_id, part_index, delivery JSON, state, reason,
 //!   updated_at)`. `pending` rows are parts to send; a delivered part's row is deleted; a
 //!   `failed` row keeps its reason for operators until pruned. Indexed on
-//!   `(envelope_id, part_index)`.
+//!   `(envelope_id, part_index)`, and the `failed` rows on `updated_at` (pruning).
 //! - `live_stream(envelope_id PK, stream JSON, recorded_at)`: the message an open envelope's
 //!   answer is being streamed into ([`Store::record_stream`]); deleted when the envelope
 //!   finishes (or, after a crash between the log's finish record and that delete, at the next
@@ -1786,11 +1786,13 @@ impl Store for SqliteStore {
                     // one, forever.
                     None => {
                         if self.set_aside(&envelope_id, &json) {
-                            // As any finish: its answer and pending parts, if any, go too (if
-                            // that part fails, the next start's cleanup of closed envelopes
-                            // takes them; the log's finish is what counts).
-                            if let Err(error) = self.finish(&envelope_id).await {
-                                tracing::error!(envelope = %envelope_id, %error, "Failed to finish an unreadable logged envelope.");
+                            // The log's finish is what counts (a failure fails the start, as
+                            // before); its answer and pending parts, if any, go too, or, if
+                            // that fails, at the next start's cleanup of closed envelopes.
+                            drop(self.log(LogOp::Finish { envelope_id: envelope_id.clone() }).await?);
+                            let forget = WriteOp::ForgetAnswer { envelope_id: envelope_id.clone() };
+                            if let Err(error) = self.write_done(forget, "finish").await {
+                                tracing::warn!(envelope = %envelope_id, %error, "Failed to forget the answer of an unreadable logged envelope; the next start does.");
                             }
                         }
                     }

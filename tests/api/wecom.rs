@@ -117,7 +117,8 @@ async fn an_encrypted_callback_is_answered_through_message_send_once() {
 }
 
 /// (Within a window of the start, as here, a part of a new message goes without the check at
-/// all: the last run may have sent its text; `repeats` in the channel.)
+/// all: the last run may have sent its text. The rule for a different part with the same text
+/// later on is covered by the channel's own tests, `repeats` and `tests/api.rs`.)
 #[actix_web::test]
 async fn an_answer_repeated_word_for_word_is_not_swallowed_by_the_duplicate_check() {
     let app = spawn_wecom().await;

@@ -262,9 +262,9 @@ pub trait Channel: Send + Sync + 'static {
 
     /// When the platform says the message was sent (Unix ms by its clock, to the second), for
     /// platforms with a [`passive_reply_window`](Capabilities::passive_reply_window): the core
-    /// reads from the message's age which of the platform's attempts a request is, when earlier
-    /// ones never reached it (refused while it restarted, say). `None` (the default): attempts
-    /// are counted as they come.
+    /// reads from the message's age which of the platform's attempts a request is (taking the
+    /// attempts to come one window apart), when earlier ones never reached it (refused while it
+    /// restarted, say). `None` (the default): attempts are counted as they come.
     fn sent_at_ms(&self, _envelope: &Envelope) -> Option<i64> {
         None
     }
@@ -312,7 +312,9 @@ pub trait Channel: Send + Sync + 'static {
     /// nor after an error other than [`ChannelError::Transient`] (later updates would fail the
     /// same way). A transient error's `retry_after` delays the next update (at most 10 s); an
     /// update skipped on purpose (a rate budget) should say so that way rather than `Ok`, or the
-    /// core takes the message as showing that text.
+    /// core takes the message as showing that text. A channel whose message is full (it shows
+    /// the same for any longer text) may write the update and then return
+    /// [`ChannelError::Unsupported`], which ends the updates without marking anything failed.
     fn update_stream<'a>(
         &'a self,
         _handle: &'a StreamHandle,
