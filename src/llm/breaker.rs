@@ -86,40 +86,19 @@ impl Breaker {
     /// Whether a call may wait for a slot: `Err` with how much longer the breaker stays open
     /// (zero while a probe is out). Admission itself is [`Breaker::admit`], once the slot is held.
     pub fn may_queue(&self) -> Result<(), Duration> {
-        let state = self.state();
-        match state.open_until {
-            None => Ok(()),
-            Some(open_until) => {
-                let now = Instant::now();
-                if now < open_until {
-                    Err(open_until - now)
-                } else if state.probing {
-                    Err(Duration::ZERO)
-                } else {
-                    Ok(())
-                }
-            }
-        }
+        refusal(&self.state()).map_or(Ok(()), Err)
     }
 
     /// A ticket for a call now (the probe, if the cooldown is over and none is out), or how
     /// much longer the breaker stays open.
     pub fn admit(self: &Arc<Self>) -> Result<Ticket, Duration> {
         let mut state = self.state();
-        let probe = match state.open_until {
-            None => false,
-            Some(open_until) => {
-                let now = Instant::now();
-                if now < open_until {
-                    return Err(open_until - now);
-                }
-                if state.probing {
-                    return Err(Duration::ZERO);
-                }
-                state.probing = true;
-                true
-            }
-        };
+        if let Some(left) = refusal(&state) {
+            return Err(left);
+        }
+        // Past its cooldown an open breaker lets this one call through, as the probe.
+        let probe = state.open_until.is_some();
+        state.probing |= probe;
         Ok(Ticket { breaker: self.clone(), probe, recorded: false })
     }
 
@@ -149,13 +128,7 @@ impl Ticket {
             state.probing = false;
         }
         match result {
-            Ok(_) => {
-                state.failures_in_a_row = 0;
-                match state.open_until.take() {
-                    Some(_) => Transition::Closed,
-                    None => Transition::Unchanged,
-                }
-            }
+            Ok(_) => close(&mut state),
             Err(error) if points_at_the_server(error) => {
                 state.failures_in_a_row = state.failures_in_a_row.saturating_add(1);
                 let trips =
@@ -170,13 +143,7 @@ impl Ticket {
             // Says nothing about the server's health, but a probe that ends so heard the server
             // answer: calling it back would keep every other call refused behind probe after
             // probe (a content filter's refusal, a long answer cut by the total timeout).
-            Err(_) if self.probe => {
-                state.failures_in_a_row = 0;
-                match state.open_until.take() {
-                    Some(_) => Transition::Closed,
-                    None => Transition::Unchanged,
-                }
-            }
+            Err(_) if self.probe => close(&mut state),
             Err(_) => Transition::Unchanged,
         }
     }
@@ -187,6 +154,26 @@ impl Drop for Ticket {
         if self.probe && !self.recorded {
             self.breaker.state().probing = false;
         }
+    }
+}
+
+/// How much longer calls are refused (zero while a probe is out), if they are.
+fn refusal(state: &State) -> Option<Duration> {
+    let open_until = state.open_until?;
+    let now = Instant::now();
+    if now < open_until {
+        Some(open_until - now)
+    } else {
+        state.probing.then_some(Duration::ZERO)
+    }
+}
+
+/// Ends a run of failures, and closes the breaker if it was open.
+fn close(state: &mut State) -> Transition {
+    state.failures_in_a_row = 0;
+    match state.open_until.take() {
+        Some(_) => Transition::Closed,
+        None => Transition::Unchanged,
     }
 }
 

@@ -541,10 +541,11 @@ async fn a_message_whose_finish_fails_is_no_longer_counted_open() {
     assert_eq!(fixture.metrics.journal_open.get(), 0, "a shutdown would wait its whole bound for it");
 }
 
-/// A fixture on a memory store the test can break or make refuse, and that store.
-fn fixture_on_memory() -> (Arc<MemoryStore>, Fixture) {
+/// A fixture on a memory store the test can break or make refuse, and that store; the model
+/// answers after `llm_delay`.
+fn fixture_on_memory(llm_delay: Duration) -> (Arc<MemoryStore>, Fixture) {
     let store = Arc::new(MemoryStore::new(10));
-    let fixture = fixture_on(store.clone(), Duration::ZERO, Duration::from_secs(60), 16);
+    let fixture = fixture_on(store.clone(), llm_delay, Duration::from_secs(60), 16);
     (store, fixture)
 }
 
@@ -555,6 +556,14 @@ impl Fixture {
         let (key, job) = job(user, question);
         self.registry.dispatch(key.clone(), job).unwrap_or_else(|_| panic!("dispatch"));
         key
+    }
+
+    /// Asserts that nothing was sent, nor a streamed card finished, nor the message finished in
+    /// `store`: it is left for the restart.
+    fn assert_left_for_the_restart(&self, store: &MemoryStore) {
+        assert!(self.delivered().is_empty(), "{:?}", self.delivered());
+        assert_eq!(self.channel.finishes.load(Ordering::SeqCst), 0, "a streamed card was finished");
+        assert_eq!(store.finished.load(Ordering::SeqCst), 0);
     }
 
     /// Waits until no message is counted open (the webhook counts each it accepts).
@@ -574,13 +583,12 @@ impl Fixture {
 #[actix::test]
 async fn a_question_the_broken_store_could_not_record_an_answer_to_is_not_asked() {
     tokio::time::pause();
-    let (store, fixture) = fixture_on_memory();
+    let (store, fixture) = fixture_on_memory(Duration::ZERO);
     store.broken.store(true, Ordering::SeqCst);
     fixture.ask_accepted("u1", "问");
     fixture.wait_until_none_open().await;
-    assert!(fixture.delivered().is_empty(), "{:?}", fixture.delivered());
+    fixture.assert_left_for_the_restart(&store);
     assert_eq!(fixture.backend.last_request_messages.load(Ordering::SeqCst), 0, "the model was asked");
-    assert_eq!(store.finished.load(Ordering::SeqCst), 0);
 }
 
 /// A store that breaks while the model writes records no answer: sent anyway (here: written into
@@ -589,17 +597,14 @@ async fn a_question_the_broken_store_could_not_record_an_answer_to_is_not_asked(
 #[actix::test]
 async fn an_answer_the_broken_store_could_not_record_is_left_for_the_restart_not_sent() {
     tokio::time::pause();
-    let store = Arc::new(MemoryStore::new(10));
-    let fixture = fixture_on(store.clone(), Duration::from_millis(100), Duration::from_secs(60), 16);
+    let (store, fixture) = fixture_on_memory(Duration::from_millis(100));
     fixture.channel.streaming.store(true, Ordering::SeqCst);
     fixture.ask_accepted("u1", "问");
     actix::clock::sleep(Duration::from_millis(50)).await;
     assert_eq!(fixture.backend.running.load(Ordering::SeqCst), 1, "the model is writing");
     store.broken.store(true, Ordering::SeqCst);
     fixture.wait_until_none_open().await;
-    assert!(fixture.delivered().is_empty(), "{:?}", fixture.delivered());
-    assert_eq!(fixture.channel.finishes.load(Ordering::SeqCst), 0, "the card was finished with the answer");
-    assert_eq!(store.finished.load(Ordering::SeqCst), 0);
+    fixture.assert_left_for_the_restart(&store);
 }
 
 /// The store breaking while an answer goes out stops it there: the parts not yet sent are the
@@ -607,7 +612,7 @@ async fn an_answer_the_broken_store_could_not_record_is_left_for_the_restart_not
 #[actix::test]
 async fn parts_after_the_store_broke_are_left_for_the_restart() {
     tokio::time::pause();
-    let (store, fixture) = fixture_on_memory();
+    let (store, fixture) = fixture_on_memory(Duration::ZERO);
     let _ = fixture.channel.breaks_on_deliver.set(store.clone());
     fixture.ask_accepted("u1", "一✂二✂三");
     fixture.wait_until_none_open().await;
@@ -639,7 +644,7 @@ async fn a_streamed_answer_that_reached_no_one_leaves_no_turn() {
 #[actix::test]
 async fn a_failed_finish_is_written_on_a_later_try() {
     tokio::time::pause();
-    let (store, fixture) = fixture_on_memory();
+    let (store, fixture) = fixture_on_memory(Duration::ZERO);
     store.refuse_writes.store(true, Ordering::SeqCst);
     fixture.ask_accepted("u1", "问");
     fixture.wait_for_deliveries(1).await;
