@@ -12,9 +12,11 @@ use std::path::PathBuf;
 #[derive(Parser)]
 #[command(name = "yizhan", version)]
 struct Cli {
-    /// The config file.
-    #[arg(long, env = "YIZHAN_CONFIG", default_value = "yizhan.toml", global = true)]
-    config: PathBuf,
+    /// The config file [env: YIZHAN_CONFIG] [default: yizhan.toml]
+    // Not clap's `env`: it takes an empty YIZHAN_CONFIG (as compose files write an unset
+    // variable) for a missing value and names `--config` in its error, which nobody typed.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -57,13 +59,17 @@ pub fn main_with(kinds: ChannelKinds) -> ! {
 async fn serve(kinds: ChannelKinds) -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init();
-    let config = Config::load(&cli.config)?;
+    let path = cli
+        .config
+        .or_else(|| std::env::var_os("YIZHAN_CONFIG").filter(|value| !value.is_empty()).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("yizhan.toml"));
+    let config = Config::load(&path)?;
     if let Some(Command::Check) = cli.command {
         startup::check(&config, &kinds)?;
         for warning in config.warnings() {
             eprintln!("warning: {warning}");
         }
-        println!("{}: OK ({} channels)", cli.config.display(), config.channels.len());
+        println!("{}: OK ({} channels)", path.display(), config.channels.len());
         return Ok(());
     }
     crate::http::raise_open_file_limit();

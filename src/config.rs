@@ -461,43 +461,7 @@ fn default_passive_margin_ms() -> u64 {
     500
 }
 
-/// `url` with any password in it (`https://user:token@proxy/v1`), and any query or fragment
-/// (`…/v1?key=sk-…`), replaced, for logs and errors: secrets are never logged. Text that is not
-/// a URL is kept up to its last `@`, if any, and up to its first `?` or `#`.
-pub fn without_credentials(url: &str) -> String {
-    match reqwest::Url::parse(url.trim()) {
-        Ok(mut parsed) if parsed.host().is_some() => {
-            let credentials = parsed.password().is_some() || !parsed.username().is_empty();
-            if !credentials && parsed.query().is_none() && parsed.fragment().is_none() {
-                return url.to_owned();
-            }
-            if credentials {
-                // A lone user name may be the secret (`https://sk-…@gateway/v1`). Neither setter
-                // can fail for a URL that has a host.
-                let _ = parsed.set_password(parsed.password().map(|_| "***"));
-                let _ = parsed.set_username("***");
-            }
-            if parsed.query().is_some() {
-                parsed.set_query(Some("***"));
-            }
-            if parsed.fragment().is_some() {
-                parsed.set_fragment(Some("***"));
-            }
-            parsed.to_string()
-        }
-        _ => {
-            let (head, tail) = url.split_at(url.find(['?', '#']).unwrap_or(url.len()));
-            let head = match head.rfind('@') {
-                Some(at) => format!("***{}", &head[at..]),
-                None => head.to_owned(),
-            };
-            match tail.chars().next() {
-                Some(mark) => format!("{head}{mark}***"),
-                None => head,
-            }
-        }
-    }
-}
+pub use yizhan_channel_common::api::without_credentials;
 
 /// Values of the example config that are not placeholders by their look (an AES key must be
 /// 43 characters of base64) and that no real account has.
@@ -733,19 +697,8 @@ impl Config {
         }
         // Caught here, not at the first message: reqwest would refuse each request before sending
         // it, and every user would get the apology.
-        let shown = without_credentials(&self.llm.base_url);
-        let url = reqwest::Url::parse(self.llm.base_url.trim())
-            .ok()
-            .filter(|url| matches!(url.scheme(), "http" | "https") && url.host().is_some());
-        let Some(url) = url else {
-            bail!("config key `llm.base_url`: {shown:?} is not an http:// or https:// URL with a host")
-        };
-        // API paths are appended to it: `…/v1?key=x` would become `…/v1?key=x/chat/completions`.
-        if url.query().is_some() || url.fragment().is_some() {
-            bail!(
-                "config key `llm.base_url`: {shown:?} has a query or fragment, which the API paths would be appended to; \
-                 use a header or the `api_key` for credentials"
-            );
+        if let Some(problem) = yizhan_channel_common::api::base_url_problem(&self.llm.base_url) {
+            bail!("config key `llm.base_url`: {problem}");
         }
         if let Some(key) = &self.llm.api_key {
             // Not quoted: it is a secret. A trailing newline (a key read from a file) is the usual cause.
@@ -758,6 +711,22 @@ impl Config {
                 bail!("config key `llm.model` is required for the openai backend")
             }
             _ => {}
+        }
+        // Each would make every request fail, or be ignored without a word; refused here
+        // rather than found in the answers.
+        if let Some(temperature) = self.llm.temperature.filter(|t| !(0.0..=2.0).contains(t)) {
+            bail!(
+                "config key `llm.temperature`: {temperature} is outside 0 to 2, which OpenAI-compatible servers refuse"
+            );
+        }
+        if self.llm.max_tokens == Some(0) {
+            bail!("config key `llm.max_tokens` is 0: no answer would have room for a word");
+        }
+        if self.llm.think_open_in_prompt && !self.llm.strip_think {
+            bail!("config key `llm.think_open_in_prompt` needs `llm.strip_think = true`: without it the reasoning is shown");
+        }
+        if self.llm.think_open_in_prompt && self.llm.backend == LlmBackendKind::Lobehub {
+            bail!("config key `llm.think_open_in_prompt` is for the openai backend; LobeHub sends no reasoning text");
         }
         let seconds = |ms: u64| ms / 1000;
         let mut durations = vec![
@@ -1286,6 +1255,25 @@ token = "tok"
         let error = load(&both, &[("YIZHAN__CHANNELS__MP_MAIN__MENU__ABOUT__REPLY", "x")]).err();
         let error = error.map(|e| format!("{e:#}")).unwrap_or_default();
         assert!(error.contains("differ only in case"), "{error}");
+    }
+
+    #[test]
+    fn llm_settings_every_request_would_fail_on_or_that_would_be_ignored_are_refused() {
+        let cases = [
+            ("temperature = -0.5", "llm.temperature"),
+            ("temperature = 2.5", "llm.temperature"),
+            ("temperature = nan", "llm.temperature"),
+            ("max_tokens = 0", "llm.max_tokens"),
+            ("think_open_in_prompt = true\nstrip_think = false", "llm.strip_think"),
+            ("think_open_in_prompt = true\nbackend = \"lobehub\"", "openai backend"),
+        ];
+        for (lines, named) in cases {
+            let text = MINIMAL.replace("model = \"qwen3:8b\"", &format!("model = \"qwen3:8b\"\n{lines}"));
+            let error = load(&text, &[]).err().map(|e| format!("{e:#}")).unwrap_or_default();
+            assert!(error.contains(named), "{lines}: {error}");
+        }
+        let fine = MINIMAL.replace("model = \"qwen3:8b\"", "model = \"qwen3:8b\"\ntemperature = 2.0\nmax_tokens = 1");
+        assert!(load(&fine, &[]).is_ok());
     }
 
     #[test]

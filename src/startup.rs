@@ -188,6 +188,17 @@ fn more_hint_fits(
             entry.core.id
         );
     }
+    // Parked text goes out under this prefix: a prefix that fills the part with the hint would be
+    // all the user ever saw, parked again (prefix included) at each 「继续」.
+    let prefix = config.messages.parked_prefix.len() + 1;
+    if can_park && prefix + hint > max_part_bytes / 2 {
+        anyhow::bail!(
+            "config keys `messages.parked_prefix` and `messages.more_hint` take {} bytes together, too long for \
+             channel {:?}, whose parts hold {max_part_bytes} bytes: keep them under half of that",
+            prefix + hint - 2,
+            entry.core.id
+        );
+    }
     Ok(())
 }
 
@@ -198,6 +209,15 @@ fn reply_path(
     platform_window: Option<Duration>,
 ) -> anyhow::Result<(Option<Duration>, ReplyMode)> {
     let passive_window = match (platform_window, entry.core.passive_window_ms) {
+        // Only a shorter window makes sense (a proxy's latency; tests): the platform hangs up at
+        // its own deadline, and an answer held past it would be written to a closed connection.
+        (Some(platform), Some(ms)) if u128::from(ms) > platform.as_millis() => anyhow::bail!(
+            "config key `channels[{}].passive_window_ms`: {ms} ms is longer than {}'s own {} ms passive window, \
+             after which the platform no longer waits for the answer",
+            entry.core.id,
+            entry.core.kind,
+            platform.as_millis()
+        ),
         (Some(_), Some(ms)) => Some(Duration::from_millis(ms)),
         (None, Some(_)) => anyhow::bail!(
             "config key `channels[{}].passive_window_ms`: {} has no passive replies, so there is no window to set",

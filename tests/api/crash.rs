@@ -571,12 +571,37 @@ async fn a_bad_config_exits_non_zero_naming_the_key_and_check_accepts_a_good_one
         .unwrap_or_else(|e| panic!("{e}"));
     let (passed, stderr) = check("example.toml", &example);
     assert!(passed, "{stderr}");
+    // The file may come from YIZHAN_CONFIG; an empty one (a compose file's unset variable) means
+    // the default, `yizhan.toml` in the working directory.
+    std::fs::write(dir.join("yizhan.toml"), &example).unwrap_or_else(|e| panic!("{e}"));
+    for (value, shown) in
+        [(dir.join("example.toml").into_os_string(), "example.toml: OK"), ("".into(), "yizhan.toml: OK")]
+    {
+        let output = yizhan_command()
+            .arg("check")
+            .env("YIZHAN_CONFIG", &value)
+            .current_dir(&dir)
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.contains(shown),
+            "{value:?}: {stdout} {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
     // A continue hint that leaves a 公众号 part no room for text.
     let long_hint = example
         .replace("more_hint = \"（回复「继续」查看剩余内容）\"", &format!("more_hint = \"{}\"", "继续".repeat(400)));
     assert_ne!(long_hint, example, "the example sets more_hint");
     let (passed, stderr) = check("long-hint.toml", &long_hint);
     assert!(!passed && stderr.contains("messages.more_hint"), "{stderr}");
+    // So does a parked-answer prefix that leaves it none.
+    let long_prefix = example
+        .replace("parked_prefix = \"【你上一条消息的回复】\"", &format!("parked_prefix = \"{}\"", "上".repeat(400)));
+    assert_ne!(long_prefix, example, "the example sets parked_prefix");
+    let (passed, stderr) = check("long-prefix.toml", &long_prefix);
+    assert!(!passed && stderr.contains("messages.parked_prefix"), "{stderr}");
     // An address that is none, and a database path under a file: found by `check`, not at start.
     // The example with the line setting `key` (`section.name`) replaced by `line`.
     let with = |key: &str, line: &str| {
@@ -626,6 +651,11 @@ async fn a_bad_config_exits_non_zero_naming_the_key_and_check_accepts_a_good_one
         example.replacen("\npassive_margin_ms = 500\n", "\npassive_margin_ms = 500\npassive_window_ms = 400\n", 1);
     let (passed, stderr) = check("no-time.toml", &no_time);
     assert!(!passed && stderr.contains("passive_margin_ms"), "{stderr}");
+    // And a window longer than WeChat's 5 s: it hangs up first, and the answer would be lost.
+    let too_long =
+        example.replacen("\npassive_margin_ms = 500\n", "\npassive_margin_ms = 500\npassive_window_ms = 5001\n", 1);
+    let (passed, stderr) = check("too-long.toml", &too_long);
+    assert!(!passed && stderr.contains("passive_window_ms") && stderr.contains("5000 ms"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -107,6 +107,61 @@ pub async fn read_bounded(mut response: reqwest::Response) -> Result<Option<Vec<
     Ok(Some(body))
 }
 
+/// `url` with any password in it (`https://user:token@proxy/v1`), and any query or fragment
+/// (`…/v1?key=sk-…`), replaced, for logs and errors: secrets are never logged. Text that is not
+/// a URL is kept up to its last `@`, if any, and up to its first `?` or `#`.
+pub fn without_credentials(url: &str) -> String {
+    match reqwest::Url::parse(url.trim()) {
+        Ok(mut parsed) if parsed.host().is_some() => {
+            let credentials = parsed.password().is_some() || !parsed.username().is_empty();
+            if !credentials && parsed.query().is_none() && parsed.fragment().is_none() {
+                return url.to_owned();
+            }
+            if credentials {
+                // A lone user name may be the secret (`https://sk-…@gateway/v1`). Neither setter
+                // can fail for a URL that has a host.
+                let _ = parsed.set_password(parsed.password().map(|_| "***"));
+                let _ = parsed.set_username("***");
+            }
+            if parsed.query().is_some() {
+                parsed.set_query(Some("***"));
+            }
+            if parsed.fragment().is_some() {
+                parsed.set_fragment(Some("***"));
+            }
+            parsed.to_string()
+        }
+        _ => {
+            let (head, tail) = url.split_at(url.find(['?', '#']).unwrap_or(url.len()));
+            let head = match head.rfind('@') {
+                Some(at) => format!("***{}", &head[at..]),
+                None => head.to_owned(),
+            };
+            match tail.chars().next() {
+                Some(mark) => format!("{head}{mark}***"),
+                None => head,
+            }
+        }
+    }
+}
+/// Why `url` cannot be a base URL that API paths are appended to (`None` if it can): not an
+/// http:// or https:// URL with a host, or one with a query or fragment (`…/v1?key=x` would
+/// become `…/v1?key=x/chat/completions`). The reason shows the URL without its credentials.
+pub fn base_url_problem(url: &str) -> Option<String> {
+    let shown = without_credentials(url);
+    let parsed = reqwest::Url::parse(url.trim())
+        .ok()
+        .filter(|parsed| matches!(parsed.scheme(), "http" | "https") && parsed.host().is_some());
+    match parsed {
+        None => Some(format!("{shown:?} is not an http:// or https:// URL with a host")),
+        Some(parsed) if parsed.query().is_some() || parsed.fragment().is_some() => Some(format!(
+            "{shown:?} has a query or fragment, which the API paths would be appended to; \
+             use a header or the API key setting for credentials"
+        )),
+        Some(_) => None,
+    }
+}
+
 /// The reason for a network-level failure talking to `platform` (`"WeChat"`): `request to
 /// WeChat timed out`, or `request to WeChat failed: …` with the error's sources.
 ///
@@ -277,6 +332,23 @@ pub fn status_error(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_base_url_takes_paths_only_without_a_query_or_fragment_and_its_secrets_are_not_shown() {
+        for good in ["https://api.weixin.qq.com", "http://127.0.0.1:9/", " https://proxy.example/v1 "] {
+            assert_eq!(base_url_problem(good), None, "{good}");
+        }
+        for (bad, reason) in [
+            ("https://proxy.example/?key=sk-secret", "query"),
+            ("https://proxy.example/#sk-secret", "fragment"),
+            ("htps://user:sk-secret@proxy.example", "not an http"),
+            ("ftp://proxy.example", "not an http"),
+            ("", "not an http"),
+        ] {
+            let problem = base_url_problem(bad).unwrap_or_default();
+            assert!(problem.contains(reason) && !problem.contains("sk-secret"), "{bad}: {problem}");
+        }
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_retry_waits_as_long_as_the_platform_asked_within_a_bound() {

@@ -166,11 +166,10 @@ impl FeishuSettings {
                 "`bot_open_id` {id:?} is not an open_id (those start with `ou_`; the App ID starts with `cli_`)"
             )));
         }
-        let base = self.api_base.trim().trim_end_matches('/').to_owned();
-        let scheme_ok = base.starts_with("https://") || base.starts_with("http://");
-        if !scheme_ok || reqwest::Url::parse(&base).is_err() {
-            return Err(misconfigured(format!("`api_base` {:?} is not an http(s) URL", self.api_base)));
+        if let Some(problem) = yizhan_channel_common::api::base_url_problem(&self.api_base) {
+            return Err(misconfigured(format!("`api_base` {problem}")));
         }
+        let base = self.api_base.trim().trim_end_matches('/').to_owned();
         self.api_base = base;
         if !(MIN_PART_BYTES..=MAX_PART_BYTES).contains(&self.max_part_bytes) {
             return Err(misconfigured(format!(
@@ -274,6 +273,10 @@ mod tests {
             parse(table).err().unwrap_or_default()
         };
         assert!(with("api_base", json!("ftp://x")).contains("`api_base`"));
+        let query = with("api_base", json!("https://proxy.example/?key=sk-query"));
+        assert!(query.contains("`api_base`") && query.contains("query") && !query.contains("sk-query"), "{query}");
+        let typo = with("api_base", json!("htps://user:hunter2@proxy.example"));
+        assert!(typo.contains("`api_base`") && !typo.contains("hunter2"), "{typo}");
         assert!(with("max_part_bytes", json!(10)).contains("`max_part_bytes`"));
         assert!(with("max_part_bytes", json!(200_000)).contains("`max_part_bytes`"));
         assert!(with("encrypt_key", json!(" key")).contains("`encrypt_key`"));

@@ -107,14 +107,10 @@ impl WechatMpSettings {
                 )));
             }
         }
-        let base = self.api_base.trim().trim_end_matches('/').to_owned();
-        let scheme_ok = base.starts_with("https://") || base.starts_with("http://");
-        if !scheme_ok || reqwest::Url::parse(&base).is_err() {
-            return Err(ChannelError::Misconfigured(format!(
-                "wechat_mp: `api_base` {:?} is not an http(s) URL",
-                self.api_base
-            )));
+        if let Some(problem) = yizhan_channel_common::api::base_url_problem(&self.api_base) {
+            return Err(ChannelError::Misconfigured(format!("wechat_mp: `api_base` {problem}")));
         }
+        let base = self.api_base.trim().trim_end_matches('/').to_owned();
         self.api_base = base;
         if self.max_part_bytes < MIN_PART_BYTES {
             return Err(ChannelError::Misconfigured(format!(
@@ -209,6 +205,12 @@ mod tests {
     #[test]
     fn a_bad_api_base_or_tiny_part_limit_is_refused() {
         assert!(parse(json!({"app_id": "a", "app_secret": "s", "token": "t", "api_base": "ftp://x"})).is_err());
+        for (base, named) in [("https://proxy.example/?key=sk-query", "query"), ("htps://user:hunter2@proxy", "http")] {
+            let error = parse(json!({"app_id": "a", "app_secret": "s", "token": "t", "api_base": base})).err();
+            let error = error.unwrap_or_default();
+            assert!(error.contains("`api_base`") && error.contains(named), "{error}");
+            assert!(!error.contains("sk-query") && !error.contains("hunter2"), "{error}");
+        }
         assert!(parse(json!({"app_id": "a", "app_secret": "s", "token": "t", "max_part_bytes": 3})).is_err());
     }
 

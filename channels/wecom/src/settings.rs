@@ -163,11 +163,10 @@ impl WecomSettings {
                 self.previous_encoding_aes_key = Some(previous);
             }
         }
-        let base = self.api_base.trim().trim_end_matches('/').to_owned();
-        let scheme_ok = base.starts_with("https://") || base.starts_with("http://");
-        if !scheme_ok || reqwest::Url::parse(&base).is_err() {
-            return Err(misconfigured(format!("`api_base` {:?} is not an http(s) URL", self.api_base)));
+        if let Some(problem) = yizhan_channel_common::api::base_url_problem(&self.api_base) {
+            return Err(misconfigured(format!("`api_base` {problem}")));
         }
+        let base = self.api_base.trim().trim_end_matches('/').to_owned();
         self.api_base = base;
         if !(MIN_PART_BYTES..=MAX_PART_BYTES).contains(&self.max_part_bytes) {
             return Err(misconfigured(format!(
@@ -280,6 +279,7 @@ mod tests {
             (json!({"encoding_aes_key": format!("{}+", &KEY[..42])}), "`encoding_aes_key`"),
             (json!({"previous_encoding_aes_key": "short"}), "`previous_encoding_aes_key`"),
             (json!({"api_base": "ftp://x"}), "`api_base`"),
+            (json!({"api_base": "https://proxy.example/#frag"}), "fragment"),
             (json!({"corp_secret": "s\n"}), "`corp_secret`"),
             (json!({"max_part_bytes": 3}), "`max_part_bytes`"),
             (json!({"max_part_bytes": 4000}), "`max_part_bytes`"),
@@ -294,6 +294,8 @@ mod tests {
             let error = parse(with(change.clone())).err().unwrap_or_default();
             assert!(error.contains(named), "{change}: {error}");
         }
+        let typo = parse(with(json!({"api_base": "htps://user:hunter2@proxy.example"}))).err().unwrap_or_default();
+        assert!(typo.contains("`api_base`") && !typo.contains("hunter2"), "{typo}");
     }
 
     #[test]
