@@ -586,16 +586,47 @@ impl Handler<Deliver> for ChannelActor {
     }
 }
 
+/// How long a typing indicator may take: one is sent per question, without the mailbox's
+/// bound, so a (plugin) channel whose call never returns would otherwise pile them up.
+const TYPING_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Handler<Typing> for ChannelActor {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, msg: Typing, _: &mut Self::Context) -> Self::Result {
         let channel = self.channel.clone();
-        Box::pin(async move {
-            if let Err(error) = channel.typing(&msg.envelope).await {
-                tracing::debug!(channel = %channel.id(), %error, "Typing indicator failed.");
-            }
-        })
+        Box::pin(async move { show_typing(channel.as_ref(), &msg.envelope).await })
+    }
+}
+
+/// The channel's typing indicator, within [`TYPING_TIMEOUT`]; failures and panics are logged.
+async fn show_typing(channel: &dyn Channel, envelope: &Envelope) {
+    let typed = AssertUnwindSafe(async { channel.typing(envelope).await }).catch_unwind();
+    match actix::clock::timeout(TYPING_TIMEOUT, typed).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(error))) => {
+            let error = shortened(error);
+            tracing::debug!(channel = %channel.id(), %error, "Typing indicator failed.");
+        }
+        Ok(Err(_panic)) => tracing::error!(channel = %channel.id(), "Typing indicator panicked (a bug)."),
+        Err(_elapsed) => tracing::debug!(channel = %channel.id(), "Typing indicator timed out."),
+    }
+}
+
+/// How many characters of a channel's reason are kept.
+const MAX_REASON_CHARS: usize = 300;
+
+/// `error` with its reason cut to [`MAX_REASON_CHARS`].
+fn shortened(error: ChannelError) -> ChannelError {
+    let cut = |reason: String| crate::llm::sse::truncate_chars(&reason, MAX_REASON_CHARS);
+    match error {
+        ChannelError::BadSignature(reason) => ChannelError::BadSignature(cut(reason)),
+        ChannelError::Malformed(reason) => ChannelError::Malformed(cut(reason)),
+        ChannelError::Unsupported(reason) => ChannelError::Unsupported(cut(reason)),
+        ChannelError::Transient { reason, retry_after } => ChannelError::Transient { reason: cut(reason), retry_after },
+        ChannelError::Refused { code, reason } => ChannelError::Refused { code, reason: cut(reason) },
+        ChannelError::Misconfigured(reason) => ChannelError::Misconfigured(cut(reason)),
+        ChannelError::MaybeDelivered(reason) => ChannelError::MaybeDelivered(cut(reason)),
     }
 }
 
@@ -666,10 +697,17 @@ async fn deliver_one(
         pause.wait_out().await;
         attempt += 1;
         // A panic in a channel's send (a plugin's bug) fails this part for good, recorded and
-        // counted like any other failure, instead of ending the detached task unrecorded.
-        let sent = AssertUnwindSafe(channel.deliver(delivery)).catch_unwind().await.unwrap_or_else(|_panic| {
-            Err(ChannelError::Unsupported(format!("channel {channel_label} panicked while sending this part (a bug)")))
-        });
+        // counted like any other failure, instead of ending the detached task unrecorded. Called
+        // inside the guarded future: a `deliver` may panic before it returns its future.
+        let sent =
+            AssertUnwindSafe(async { channel.deliver(delivery).await }).catch_unwind().await.unwrap_or_else(|_panic| {
+                Err(ChannelError::Unsupported(format!(
+                    "channel {channel_label} panicked while sending this part (a bug)"
+                )))
+            });
+        // A (plugin) channel's reason may quote a whole response body: it is logged at each try
+        // and stored with a failed part.
+        let sent = sent.map_err(shortened);
         // The platform said how long: the whole account waits (see `AccountPause`), whether or
         // not this part tries again.
         let asked_to_wait = match &sent {
@@ -743,42 +781,106 @@ mod tests {
         WebhookRequest,
     };
 
-    /// A channel whose send panics: a stand-in for a plugin's bug.
-    struct PanicsOnSend(ChannelId);
+    /// How a [`Misbehaves`] channel's calls go wrong: stand-ins for a plugin's bugs.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Misbehaviour {
+        /// Its send's future panics when polled.
+        PanicsWhileSending,
+        /// Its `deliver` panics before it returns a future.
+        PanicsBeforeSending,
+        /// Its send is refused with the platform's whole (long) response as the reason.
+        QuotesAWholeBody,
+    }
 
-    impl Channel for PanicsOnSend {
+    struct Misbehaves(ChannelId, Misbehaviour, Arc<std::sync::atomic::AtomicBool>);
+
+    /// Sets its flag when dropped.
+    struct SetOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+    impl Drop for SetOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    impl Channel for Misbehaves {
         fn id(&self) -> &ChannelId {
             &self.0
         }
         fn kind(&self) -> &str {
-            "panics"
+            "misbehaves"
         }
         fn handle_webhook(&self, _: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
             Err(ChannelError::Unsupported("no webhooks".into()))
         }
         fn deliver<'a>(&'a self, _: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
-            Box::pin(async { panic!("a bug in a channel's send") })
+            match self.1 {
+                Misbehaviour::PanicsWhileSending => Box::pin(async { panic!("a bug in a channel's send") }),
+                Misbehaviour::PanicsBeforeSending => panic!("a bug before a channel's send"),
+                Misbehaviour::QuotesAWholeBody => {
+                    Box::pin(async { Err(ChannelError::Refused { code: 400, reason: "长".repeat(100_000) }) })
+                }
+            }
+        }
+        /// Never returns; notes when it is given up on.
+        fn typing<'a>(&'a self, _: &'a Envelope) -> BoxFuture<'a, Result<(), ChannelError>> {
+            let dropped = SetOnDrop(self.2.clone());
+            Box::pin(async move {
+                let _dropped = dropped;
+                std::future::pending().await
+            })
+        }
+    }
+
+    fn misbehaving(how: Misbehaviour) -> Misbehaves {
+        Misbehaves(ChannelId::parse("p").unwrap_or_else(|e| panic!("{e}")), how, Default::default())
+    }
+
+    fn a_part() -> Delivery {
+        Delivery {
+            delivery_id: "e-0".into(),
+            channel: ChannelId::parse("p").unwrap_or_else(|e| panic!("{e}")),
+            conversation: Conversation { kind: ConversationKind::Direct, id: "u".into() },
+            recipient: Sender { id: "u".into(), name: None },
+            reply_handle: ReplyHandle::default(),
+            reply: Reply::text("答"),
         }
     }
 
     #[tokio::test]
     async fn a_channel_that_panics_while_sending_fails_the_part_recorded_and_counted() {
-        let id = ChannelId::parse("p").unwrap_or_else(|e| panic!("{e}"));
-        let part = Delivery {
-            delivery_id: "e-0".into(),
-            channel: id.clone(),
-            conversation: Conversation { kind: ConversationKind::Direct, id: "u".into() },
-            recipient: Sender { id: "u".into(), name: None },
-            reply_handle: ReplyHandle::default(),
-            reply: Reply::text("答"),
-        };
+        for how in [Misbehaviour::PanicsWhileSending, Misbehaviour::PanicsBeforeSending] {
+            let (metrics, store) = (Metrics::new(), crate::store::MemoryStore::new(10));
+            let policy = RetryPolicy { max_attempts: 3, base_delay: Duration::ZERO, max_delay: Duration::ZERO };
+            let pause = AccountPause::default();
+            let result = deliver_all(&misbehaving(how), &store, &policy, &pause, &metrics, vec![a_part()]).await;
+            assert!(
+                matches!(&result, Err(Undelivered { error: ChannelError::Unsupported(_), parts }) if parts.len() == 1)
+            );
+            assert_eq!(metrics.deliveries.with_label_values(&["p", "unsupported"]).get(), 1);
+            assert_eq!(metrics.delivery_in_flight.with_label_values(&["p"]).get(), 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_channels_reason_is_cut_before_it_is_logged_or_stored() {
         let (metrics, store) = (Metrics::new(), crate::store::MemoryStore::new(10));
-        let policy = RetryPolicy { max_attempts: 3, base_delay: Duration::ZERO, max_delay: Duration::ZERO };
-        let pause = AccountPause::default();
-        let result = deliver_all(&PanicsOnSend(id), &store, &policy, &pause, &metrics, vec![part]).await;
-        assert!(matches!(&result, Err(Undelivered { error: ChannelError::Unsupported(_), parts }) if parts.len() == 1));
-        assert_eq!(metrics.deliveries.with_label_values(&["p", "unsupported"]).get(), 1);
-        assert_eq!(metrics.delivery_in_flight.with_label_values(&["p"]).get(), 0);
+        let policy = RetryPolicy { max_attempts: 1, base_delay: Duration::ZERO, max_delay: Duration::ZERO };
+        let channel = misbehaving(Misbehaviour::QuotesAWholeBody);
+        let result = deliver_all(&channel, &store, &policy, &AccountPause::default(), &metrics, vec![a_part()]).await;
+        let Err(Undelivered { error: ChannelError::Refused { reason, .. }, .. }) = result else {
+            panic!("not refused: {result:?}")
+        };
+        assert_eq!(reason.chars().count(), MAX_REASON_CHARS + 1, "cut, with an ellipsis");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_typing_indicator_that_never_returns_is_given_up_on() {
+        let channel = misbehaving(Misbehaviour::QuotesAWholeBody);
+        let envelope = crate::store::test_envelope("m");
+        let shown = tokio::time::timeout(TYPING_TIMEOUT * 2, show_typing(&channel, &envelope)).await;
+        assert!(shown.is_ok(), "still waiting after twice the timeout");
+        assert!(channel.2.load(std::sync::atomic::Ordering::SeqCst), "its future was not dropped");
     }
 
     #[test]

@@ -520,7 +520,12 @@ async fn hold_for_answer(
     // write failed) still count: held for a retry after WeChat's last, an attempt would end in
     // its error page. Only for the first attempt seen: later ones are counted as they come.
     let interval = entry.channel.capabilities().passive_reply_window;
-    let sent_at = entry.channel.sent_at_ms(job.envelope());
+    // A panic there (a plugin's bug) only loses the estimate.
+    let sent_at = std::panic::catch_unwind(AssertUnwindSafe(|| entry.channel.sent_at_ms(job.envelope())))
+        .unwrap_or_else(|_panic| {
+            tracing::error!(channel = %entry.channel.id(), "The channel panicked reading when a message was sent (a bug).");
+            None
+        });
     let unseen = interval.and_then(|interval| attempts_before(sent_at, request.received_at, interval));
     let (kind, this_attempt) = job.begin_attempt(PASSIVE_ATTEMPTS, unseen);
     // A later attempt began while this one waited: it takes the answer (see `PassiveJob::take`),
