@@ -659,7 +659,7 @@ async fn deliver_all(
         }
         let gauge = metrics.delivery_in_flight.with_label_values(&[&channel_label]);
         gauge.inc();
-        let result = deliver_one(channel, policy, pause, metrics, &channel_label, &delivery).await;
+        let result = deliver_one(channel, store, policy, pause, metrics, &channel_label, &delivery).await;
         gauge.dec();
         match result {
             Ok(()) => clear_delivered(store, &delivery).await,
@@ -684,6 +684,7 @@ async fn deliver_all(
 
 async fn deliver_one(
     channel: &dyn Channel,
+    store: &dyn Store,
     policy: &RetryPolicy,
     pause: &AccountPause,
     metrics: &Metrics,
@@ -734,6 +735,13 @@ async fn deliver_one(
             Err(ChannelError::MaybeDelivered(reason)) if attempt < policy.max_attempts => {
                 sent_maybe = true;
                 metrics.deliveries.with_label_values(&[channel_label, "retried"]).inc();
+                // Recorded failed before the one more send: should the process stop before that
+                // send is answered, the next start must not send the part again. Its answer
+                // replaces this record (delivered: gone; failed: its reason).
+                let why = format!("sent, and may have arrived: {reason}; one more send was under way");
+                if let Err(store_error) = store.part_failed(&delivery.delivery_id, &why).await {
+                    tracing::error!(part = %delivery.delivery_id, error = %store_error, "Failed to record a part that may have arrived.");
+                }
                 let delay = policy.delay(attempt - 1);
                 tracing::warn!(
                     channel = %channel_label,
@@ -929,15 +937,16 @@ mod tests {
         }
     }
 
-    /// Sent twice at most, then recorded failed, and not among the parts handed back to be
-    /// parked or left for the next start; the parts behind it are.
-    #[tokio::test(start_paused = true)]
-    async fn a_part_that_may_have_arrived_is_sent_twice_then_failed_and_the_rest_handed_back() {
-        let id = ChannelId::parse("n").unwrap_or_else(|e| panic!("{e}"));
+    /// A SQLite store (in its own directory) holding a message answered in two parts on
+    /// `channel`, and a way to make part `index` of that answer.
+    async fn answered_in_two_parts(
+        channel: &ChannelId,
+    ) -> (crate::store::SqliteStore, std::path::PathBuf, impl Fn(usize) -> Delivery) {
         let envelope = crate::store::test_envelope("m1");
-        let part = |index: usize| Delivery {
-            delivery_id: part_id(&envelope.id, index),
-            channel: id.clone(),
+        let (channel, envelope_id) = (channel.clone(), envelope.id.clone());
+        let part = move |index: usize| Delivery {
+            delivery_id: part_id(&envelope_id, index),
+            channel: channel.clone(),
             conversation: Conversation { kind: ConversationKind::Direct, id: "u".into() },
             recipient: Sender { id: "u".into(), name: None },
             reply_handle: ReplyHandle::default(),
@@ -946,9 +955,18 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("yizhan-maybe-{}-{}", std::process::id(), envelope.id));
         let store = crate::store::SqliteStore::open(&dir.join("y.db"), crate::store::SqliteOptions::default())
             .unwrap_or_else(|e| panic!("{e}"));
-        let metrics = Metrics::new();
         assert!(store.accept(&envelope, Duration::from_secs(60)).await.is_ok());
         assert!(store.record_answer(&envelope.id, "k", None, &[part(0), part(1)]).await.is_ok());
+        (store, dir, part)
+    }
+
+    /// Sent twice at most, then recorded failed, and not among the parts handed back to be
+    /// parked or left for the next start; the parts behind it are.
+    #[tokio::test(start_paused = true)]
+    async fn a_part_that_may_have_arrived_is_sent_twice_then_failed_and_the_rest_handed_back() {
+        let id = ChannelId::parse("n").unwrap_or_else(|e| panic!("{e}"));
+        let (store, dir, part) = answered_in_two_parts(&id).await;
+        let metrics = Metrics::new();
         let policy = RetryPolicy { max_attempts: 12, base_delay: Duration::ZERO, max_delay: Duration::ZERO };
         // Whatever the second send meets (a proxy's outage, a quota WeChat counted the first
         // against), the part is not sent a third time.
@@ -982,6 +1000,52 @@ mod tests {
         assert_eq!(unfinished.len(), 1);
         assert_eq!(unfinished[0].pending_parts.as_deref(), Some(&[part(1)][..]));
         assert_eq!(metrics.deliveries.with_label_values(&["n", "maybe_delivered"]).get(), 1);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Times out (may have arrived) on its first send; its second never returns, and says when it
+    /// began.
+    struct MaybeThenHangs(ChannelId, std::sync::atomic::AtomicUsize, tokio::sync::Notify);
+
+    impl Channel for MaybeThenHangs {
+        fn id(&self) -> &ChannelId {
+            &self.0
+        }
+        fn kind(&self) -> &str {
+            "maybe_then_hangs"
+        }
+        fn handle_webhook(&self, _: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
+            Err(ChannelError::Unsupported("no webhooks".into()))
+        }
+        fn deliver<'a>(&'a self, _: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
+            if self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                return Box::pin(async { Err(ChannelError::MaybeDelivered("timed out".into())) });
+            }
+            self.2.notify_one();
+            Box::pin(std::future::pending())
+        }
+    }
+
+    /// The stop (or a crash) comes while the one more send of a part that may have arrived is
+    /// under way: the next start does not send that part again, only the parts behind it.
+    #[tokio::test]
+    async fn a_part_that_may_have_arrived_is_not_sent_again_by_the_next_start() {
+        let id = ChannelId::parse("h").unwrap_or_else(|e| panic!("{e}"));
+        let (store, dir, part) = answered_in_two_parts(&id).await;
+        let policy = RetryPolicy { max_attempts: 12, base_delay: Duration::ZERO, max_delay: Duration::ZERO };
+        let channel = MaybeThenHangs(id.clone(), std::sync::atomic::AtomicUsize::new(0), tokio::sync::Notify::new());
+        let (pause, metrics) = (AccountPause::default(), Metrics::new());
+        tokio::select! {
+            result = deliver_all(&channel, &store, &policy, &pause, &metrics, vec![part(0), part(1)]) => {
+                panic!("the second send never returns, yet: {result:?}")
+            }
+            // Dropping the delivery here is the stop cutting it off.
+            () = channel.2.notified() => {}
+        }
+        let unfinished = store.unfinished().await.unwrap_or_default();
+        assert_eq!(unfinished.len(), 1);
+        assert_eq!(unfinished[0].pending_parts.as_deref(), Some(&[part(1)][..]));
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }
