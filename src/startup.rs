@@ -2,7 +2,7 @@
 
 use crate::channels::ChannelKinds;
 use crate::config::{Config, LlmBackendKind, ReplyMode, StoreKind};
-use crate::delivery::{ChannelActor, RetryPolicy};
+use crate::delivery::{ChannelActor, RetryPolicy, SendGate};
 use crate::http::{
     healthz, keep_body_until_sent, metrics as metrics_route, watch_for_stalls, webhook, AppState, BodyLimits,
 };
@@ -42,6 +42,8 @@ pub struct Application {
     llm_probe: (LlmClient, String),
     /// The actor threads (LLM, delivery, sessions), stopped at exit before the store's flush.
     arbiters: Vec<Arbiter>,
+    /// Closed at exit, before the delivery thread stops (see `write_what_is_left`).
+    send_gate: SendGate,
     /// SIGTERM/SIGINT, listened for from the start of `build`: one that comes while the store
     /// opens or the last run's messages resume then stops Yizhan gracefully once it serves,
     /// instead of killing it outright (the signals' default).
@@ -189,12 +191,14 @@ fn more_hint_fits(
         );
     }
     // Parked text goes out under this prefix: a prefix that fills the part with the hint would be
-    // all the user ever saw, parked again (prefix included) at each 「继续」.
+    // all the user ever saw, parked again (prefix included) at each 「继续」. A few characters
+    // of text at least must fit beside them.
+    const TEXT_ROOM: usize = 16;
     let prefix = config.messages.parked_prefix.len() + 1;
-    if can_park && prefix + hint > max_part_bytes / 2 {
+    if can_park && prefix + hint + TEXT_ROOM > max_part_bytes {
         anyhow::bail!(
             "config keys `messages.parked_prefix` and `messages.more_hint` take {} bytes together, too long for \
-             channel {:?}, whose parts hold {max_part_bytes} bytes: keep them under half of that",
+             channel {:?}, whose parts hold {max_part_bytes} bytes: keep them {TEXT_ROOM} bytes under that at least",
             prefix + hint - 2,
             entry.core.id
         );
@@ -289,13 +293,14 @@ impl Application {
             .build()
             .context("Failed to build the HTTP client for platform APIs")?;
         let policy = RetryPolicy::from(&config.delivery);
+        let send_gate = SendGate::default();
         let mut channels = HashMap::with_hasher(foldhash::fast::RandomState::default());
         for entry in &config.channels {
             let channel = kinds.build(&entry.settings, &http).map_err(|error| anyhow::anyhow!("{error}"))?;
             let (actor_channel, actor_store) = (channel.clone(), store.clone());
-            let (actor_policy, actor_metrics) = (policy.clone(), metrics.clone());
+            let (actor_policy, actor_metrics, actor_gate) = (policy.clone(), metrics.clone(), send_gate.clone());
             let outbound = ChannelActor::start_in_arbiter(&delivery_arbiter.handle(), move |_| {
-                ChannelActor::new(actor_channel, actor_store, actor_policy, actor_metrics)
+                ChannelActor::new(actor_channel, actor_store, actor_policy, actor_metrics, actor_gate)
             });
             let system_prompt = entry.core.system_prompt.clone().unwrap_or_else(|| config.llm.system_prompt());
             tracing::info!(channel = %entry.settings.id, kind = %entry.settings.kind, "Channel ready.");
@@ -392,7 +397,18 @@ impl Application {
         arbiters.extend(session_arbiters);
         let shutdown_timeout = Duration::from_secs(config.server.shutdown_timeout_secs);
         let retention = Duration::from_secs(config.store.retention_days.saturating_mul(86_400));
-        Ok(Self { port, server, hub, shutdown_timeout, retention, parked_file, llm_probe, arbiters, signals })
+        Ok(Self {
+            port,
+            server,
+            hub,
+            shutdown_timeout,
+            retention,
+            parked_file,
+            llm_probe,
+            arbiters,
+            send_gate,
+            signals,
+        })
     }
 
     /// The port the server listens on (useful with port 0).
@@ -461,7 +477,7 @@ impl Application {
         let served = self.server.await;
         // Bounded as a whole: the stop has taken `shutdown_timeout_secs` and the connections'
         // drain already.
-        let left = write_what_is_left(&self.hub, self.arbiters, self.parked_file.as_deref());
+        let left = write_what_is_left(&self.hub, &self.send_gate, self.arbiters, self.parked_file.as_deref());
         if tokio::time::timeout(EXIT_WRITES_TIMEOUT, left).await.is_err() {
             tracing::error!("What was left to write at exit did not get written in time; exiting anyway.");
             // Its last reference dropped, the store would join its threads, which first finish
@@ -539,7 +555,10 @@ impl Application {
 
 /// How long the exit waits, after the stop, for what is left to be written (see
 /// `write_what_is_left`).
-const EXIT_WRITES_TIMEOUT: Duration = Duration::from_secs(5);
+const EXIT_WRITES_TIMEOUT: Duration = Duration::from_secs(7);
+
+/// How long, of [`EXIT_WRITES_TIMEOUT`], the exit waits for sends already on the wire.
+const SEND_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long, of [`EXIT_WRITES_TIMEOUT`], the exit waits for the actor threads to stop.
 const ACTOR_JOIN_TIMEOUT: Duration = Duration::from_secs(2);
@@ -621,13 +640,26 @@ fn spawn_parked_saver(hub: &Hub) {
     });
 }
 
-/// The end of a stop: the actor threads are stopped and waited for, at most
-/// [`ACTOR_JOIN_TIMEOUT`], so that nothing they run queues a write after this (one held by a
-/// hung blocking task, a DNS lookup, is left behind); then parked answers changed since the last save are saved, and the store writes
-/// what is queued (a part the platform confirmed, not recorded, would be sent again by the
-/// next start). A send still waiting on the platform is cut off and left pending, for the
-/// next start to send (as is a record still waiting for room in a full store queue).
-async fn write_what_is_left(hub: &Hub, arbiters: Vec<Arbiter>, parked_file: Option<&std::path::Path>) {
+/// The end of a stop: no send begins any more, and those on the wire get at most
+/// [`SEND_DRAIN_TIMEOUT`] to be answered and recorded; the actor threads are stopped and
+/// waited for, at most [`ACTOR_JOIN_TIMEOUT`], so that nothing they run queues a write after
+/// this (one held by a hung blocking task, a DNS lookup, is left behind); then parked answers
+/// changed since the last save are saved, and the store writes what is queued (a part the
+/// platform confirmed, not recorded, would be sent again by the next start). A send still
+/// waiting on the platform after that is cut off and left pending, for the next start to send
+/// (as is a record still waiting for room in a full store queue).
+async fn write_what_is_left(
+    hub: &Hub,
+    send_gate: &SendGate,
+    arbiters: Vec<Arbiter>,
+    parked_file: Option<&std::path::Path>,
+) {
+    // Cut off, a send the platform took would be left pending, and sent again by the next start
+    // (the 公众号's send API takes no idempotency key).
+    send_gate.close();
+    if !send_gate.wire_cleared(SEND_DRAIN_TIMEOUT).await {
+        tracing::warn!("Sends still on the wire are cut off; their parts are sent again at the next start.");
+    }
     for arbiter in &arbiters {
         arbiter.stop();
     }

@@ -545,6 +545,57 @@ impl AccountPause {
     }
 }
 
+/// Whether sends may start, and how many are on the wire: at a stop, the sends the platform is
+/// already answering are waited for (a bounded time) and no new one starts, so that a part the
+/// platform took is recorded sent rather than left pending for the next start to send again.
+#[derive(Debug, Clone, Default)]
+pub struct SendGate(Arc<SendGateState>);
+
+#[derive(Debug, Default)]
+struct SendGateState {
+    closed: std::sync::atomic::AtomicBool,
+    on_the_wire: std::sync::atomic::AtomicUsize,
+}
+
+/// One send on the wire, for as long as it lives.
+struct OnTheWire<'a>(&'a SendGateState);
+
+impl Drop for OnTheWire<'_> {
+    fn drop(&mut self) {
+        self.0.on_the_wire.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl SendGate {
+    /// A send about to start, or `None` once the gate is closed. Counted before the check, so
+    /// that a send [`close`](Self::close) did not see is one it stopped.
+    fn enter(&self) -> Option<OnTheWire<'_>> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.0.on_the_wire.fetch_add(1, SeqCst);
+        let sending = OnTheWire(&self.0);
+        (!self.0.closed.load(SeqCst)).then_some(sending)
+    }
+
+    /// No send starts from now on (those on the wire go on).
+    pub fn close(&self) {
+        self.0.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Waits, at most `bound`, until no send is on the wire; whether none is.
+    pub async fn wire_cleared(&self, bound: Duration) -> bool {
+        let deadline = actix::clock::Instant::now() + bound;
+        loop {
+            if self.0.on_the_wire.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                return true;
+            }
+            if actix::clock::Instant::now() >= deadline {
+                return false;
+            }
+            actix::clock::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
 /// See the module docs.
 pub struct ChannelActor {
     channel: Arc<dyn Channel>,
@@ -552,12 +603,19 @@ pub struct ChannelActor {
     policy: RetryPolicy,
     metrics: Metrics,
     pause: AccountPause,
+    gate: SendGate,
 }
 
 impl ChannelActor {
-    /// The delivery actor for one channel account.
-    pub fn new(channel: Arc<dyn Channel>, store: Arc<dyn Store>, policy: RetryPolicy, metrics: Metrics) -> Self {
-        Self { channel, store, policy, metrics, pause: AccountPause::default() }
+    /// The delivery actor for one channel account; its sends pass `gate`.
+    pub fn new(
+        channel: Arc<dyn Channel>,
+        store: Arc<dyn Store>,
+        policy: RetryPolicy,
+        metrics: Metrics,
+        gate: SendGate,
+    ) -> Self {
+        Self { channel, store, policy, metrics, pause: AccountPause::default(), gate }
     }
 }
 
@@ -579,10 +637,11 @@ impl Handler<Deliver> for ChannelActor {
         let store = self.store.clone();
         let policy = self.policy.clone();
         let metrics = self.metrics.clone();
-        let pause = self.pause.clone();
-        Box::pin(
-            async move { deliver_all(channel.as_ref(), store.as_ref(), &policy, &pause, &metrics, msg.parts).await },
-        )
+        let (pause, gate) = (self.pause.clone(), self.gate.clone());
+        Box::pin(async move {
+            let sending = Sending { policy: &policy, pause: &pause, gate: &gate };
+            deliver_all(channel.as_ref(), store.as_ref(), sending, &metrics, msg.parts).await
+        })
     }
 }
 
@@ -640,11 +699,18 @@ async fn record_failed(store: &dyn Store, undelivered: &Undelivered) {
     }
 }
 
+/// When a channel's sends may go: the retry policy, the account's pause, the stop's gate.
+#[derive(Clone, Copy)]
+struct Sending<'a> {
+    policy: &'a RetryPolicy,
+    pause: &'a AccountPause,
+    gate: &'a SendGate,
+}
+
 async fn deliver_all(
     channel: &dyn Channel,
     store: &dyn Store,
-    policy: &RetryPolicy,
-    pause: &AccountPause,
+    sending: Sending<'_>,
     metrics: &Metrics,
     parts: Vec<Delivery>,
 ) -> Result<(), Undelivered> {
@@ -659,10 +725,11 @@ async fn deliver_all(
         }
         let gauge = metrics.delivery_in_flight.with_label_values(&[&channel_label]);
         gauge.inc();
-        let result = deliver_one(channel, store, policy, pause, metrics, &channel_label, &delivery).await;
+        let result = deliver_one(channel, store, sending, metrics, &channel_label, &delivery).await;
         gauge.dec();
         match result {
-            Ok(()) => clear_delivered(store, &delivery).await,
+            // Cleared from the outbox by `deliver_one`.
+            Ok(()) => {}
             Err(ChannelError::MaybeDelivered(reason)) => {
                 // Sent twice already, perhaps shown: recorded failed now, so that neither a
                 // park nor the next start sends it a third time. The rest goes as after any
@@ -685,17 +752,22 @@ async fn deliver_all(
 async fn deliver_one(
     channel: &dyn Channel,
     store: &dyn Store,
-    policy: &RetryPolicy,
-    pause: &AccountPause,
+    sending: Sending<'_>,
     metrics: &Metrics,
     channel_label: &str,
     delivery: &Delivery,
 ) -> Result<(), ChannelError> {
+    let Sending { policy, pause, gate } = sending;
     let mut attempt = 0;
     // A part that may have arrived is sent once more at most (see `MaybeDelivered`).
     let mut sent_maybe = false;
     loop {
         pause.wait_out().await;
+        // The process is stopping: the part stays pending for the next start (a send begun now
+        // could be cut off after the platform took it, and be sent again then).
+        // Held until the outcome is recorded: cut off before that, a delivered part would be
+        // left pending.
+        let Some(on_the_wire) = gate.enter() else { return std::future::pending().await };
         attempt += 1;
         // A panic in a channel's send (a plugin's bug) fails this part for good, recorded and
         // counted like any other failure, instead of ending the detached task unrecorded. Called
@@ -723,6 +795,7 @@ async fn deliver_one(
         match sent {
             Ok(_) => {
                 metrics.deliveries.with_label_values(&[channel_label, "delivered"]).inc();
+                clear_delivered(store, delivery).await;
                 return Ok(());
             }
             // After a send that may have arrived, the one more send was this one: whatever
@@ -742,6 +815,7 @@ async fn deliver_one(
                 if let Err(store_error) = store.part_failed(&delivery.delivery_id, &why).await {
                     tracing::error!(part = %delivery.delivery_id, error = %store_error, "Failed to record a part that may have arrived.");
                 }
+                drop(on_the_wire);
                 let delay = policy.delay(attempt - 1);
                 tracing::warn!(
                     channel = %channel_label,
@@ -754,6 +828,7 @@ async fn deliver_one(
                 actix::clock::sleep(delay).await;
             }
             Err(error) if error.is_retryable() && attempt < policy.max_attempts => {
+                drop(on_the_wire);
                 metrics.deliveries.with_label_values(&[channel_label, "retried"]).inc();
                 match asked_to_wait {
                     Some(wait) => {
@@ -784,6 +859,10 @@ async fn deliver_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The gate of a process that is not stopping.
+    #[allow(non_upper_case_globals)]
+    static open_gate: std::sync::LazyLock<SendGate> = std::sync::LazyLock::new(SendGate::default);
     use yizhan_channel_core::{
         BoxFuture, ChannelId, Conversation, ConversationKind, DeliveryReceipt, ReplyHandle, Sender, WebhookOutcome,
         WebhookRequest,
@@ -861,7 +940,14 @@ mod tests {
             let (metrics, store) = (Metrics::new(), crate::store::MemoryStore::new(10));
             let policy = RetryPolicy { max_attempts: 3, base_delay: Duration::ZERO, max_delay: Duration::ZERO };
             let pause = AccountPause::default();
-            let result = deliver_all(&misbehaving(how), &store, &policy, &pause, &metrics, vec![a_part()]).await;
+            let result = deliver_all(
+                &misbehaving(how),
+                &store,
+                Sending { policy: &policy, pause: &pause, gate: &open_gate },
+                &metrics,
+                vec![a_part()],
+            )
+            .await;
             assert!(
                 matches!(&result, Err(Undelivered { error: ChannelError::Unsupported(_), parts }) if parts.len() == 1)
             );
@@ -875,7 +961,14 @@ mod tests {
         let (metrics, store) = (Metrics::new(), crate::store::MemoryStore::new(10));
         let policy = RetryPolicy { max_attempts: 1, base_delay: Duration::ZERO, max_delay: Duration::ZERO };
         let channel = misbehaving(Misbehaviour::QuotesAWholeBody);
-        let result = deliver_all(&channel, &store, &policy, &AccountPause::default(), &metrics, vec![a_part()]).await;
+        let result = deliver_all(
+            &channel,
+            &store,
+            Sending { policy: &policy, pause: &AccountPause::default(), gate: &open_gate },
+            &metrics,
+            vec![a_part()],
+        )
+        .await;
         let Err(Undelivered { error: ChannelError::Refused { reason, .. }, .. }) = result else {
             panic!("not refused: {result:?}")
         };
@@ -976,8 +1069,14 @@ mod tests {
         ] {
             let channel = NeverKnown(id.clone(), std::sync::atomic::AtomicUsize::new(0), then);
             let other = crate::store::MemoryStore::new(10);
-            let result =
-                deliver_all(&channel, &other, &policy, &AccountPause::default(), &Metrics::new(), vec![part(0)]).await;
+            let result = deliver_all(
+                &channel,
+                &other,
+                Sending { policy: &policy, pause: &AccountPause::default(), gate: &open_gate },
+                &Metrics::new(),
+                vec![part(0)],
+            )
+            .await;
             assert_eq!(channel.1.load(std::sync::atomic::Ordering::SeqCst), 2);
             assert!(
                 matches!(result, Err(Undelivered { error: ChannelError::MaybeDelivered(_), ref parts }) if parts.is_empty()),
@@ -989,8 +1088,14 @@ mod tests {
             std::sync::atomic::AtomicUsize::new(0),
             ChannelError::MaybeDelivered("again".into()),
         );
-        let result =
-            deliver_all(&channel, &store, &policy, &AccountPause::default(), &metrics, vec![part(0), part(1)]).await;
+        let result = deliver_all(
+            &channel,
+            &store,
+            Sending { policy: &policy, pause: &AccountPause::default(), gate: &open_gate },
+            &metrics,
+            vec![part(0), part(1)],
+        )
+        .await;
         assert_eq!(channel.1.load(std::sync::atomic::Ordering::SeqCst), 2);
         match result {
             Err(Undelivered { error: ChannelError::MaybeDelivered(_), parts }) => assert_eq!(parts, [part(1)]),
@@ -1037,7 +1142,7 @@ mod tests {
         let channel = MaybeThenHangs(id.clone(), std::sync::atomic::AtomicUsize::new(0), tokio::sync::Notify::new());
         let (pause, metrics) = (AccountPause::default(), Metrics::new());
         tokio::select! {
-            result = deliver_all(&channel, &store, &policy, &pause, &metrics, vec![part(0), part(1)]) => {
+            result = deliver_all(&channel, &store, Sending { policy: &policy, pause: &pause, gate: &open_gate }, &metrics, vec![part(0), part(1)]) => {
                 panic!("the second send never returns, yet: {result:?}")
             }
             // Dropping the delivery here is the stop cutting it off.
@@ -1046,6 +1151,61 @@ mod tests {
         let unfinished = store.unfinished().await.unwrap_or_default();
         assert_eq!(unfinished.len(), 1);
         assert_eq!(unfinished[0].pending_parts.as_deref(), Some(&[part(1)][..]));
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Takes every send, each once it is let go; counts them and says when each began.
+    struct HeldSends(ChannelId, std::sync::atomic::AtomicUsize, tokio::sync::Notify, tokio::sync::Notify);
+
+    impl Channel for HeldSends {
+        fn id(&self) -> &ChannelId {
+            &self.0
+        }
+        fn kind(&self) -> &str {
+            "held_sends"
+        }
+        fn handle_webhook(&self, _: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
+            Err(ChannelError::Unsupported("no webhooks".into()))
+        }
+        fn deliver<'a>(&'a self, _: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.2.notify_one();
+            Box::pin(async {
+                self.3.notified().await;
+                Ok(DeliveryReceipt::default())
+            })
+        }
+    }
+
+    /// At a stop, the send the platform is answering is waited for and recorded, and the parts
+    /// behind it are not begun: they are left pending for the next start, which sends each
+    /// once.
+    #[tokio::test]
+    async fn a_stop_waits_for_the_send_on_the_wire_and_begins_no_other() {
+        let id = ChannelId::parse("w").unwrap_or_else(|e| panic!("{e}"));
+        let (store, dir, part) = answered_in_two_parts(&id).await;
+        let policy = RetryPolicy { max_attempts: 3, base_delay: Duration::ZERO, max_delay: Duration::ZERO };
+        let channel = HeldSends(id.clone(), Default::default(), Default::default(), Default::default());
+        let (pause, gate, metrics) = (AccountPause::default(), SendGate::default(), Metrics::new());
+        let sending = Sending { policy: &policy, pause: &pause, gate: &gate };
+        let stop = async {
+            channel.2.notified().await;
+            gate.close();
+            assert!(!gate.wire_cleared(Duration::ZERO).await, "the first part's send is on the wire");
+            channel.3.notify_one();
+            assert!(gate.wire_cleared(Duration::from_secs(30)).await);
+        };
+        tokio::select! {
+            result = deliver_all(&channel, &store, sending, &metrics, vec![part(0), part(1)]) => {
+                panic!("the second part was sent after the stop: {result:?}")
+            }
+            () = stop => {}
+        }
+        assert_eq!(channel.1.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let unfinished = store.unfinished().await.unwrap_or_default();
+        assert_eq!(unfinished.len(), 1);
+        assert_eq!(unfinished[0].pending_parts.as_deref(), Some(&[part(1)][..]), "the first part is recorded sent");
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -1093,7 +1253,14 @@ mod tests {
         let policy =
             RetryPolicy { max_attempts: 3, base_delay: Duration::from_secs(2), max_delay: Duration::from_secs(2) };
         let (metrics, store) = (Metrics::new(), crate::store::MemoryStore::new(10));
-        let sent = deliver_all(&channel, &store, &policy, &AccountPause::default(), &metrics, vec![part]).await;
+        let sent = deliver_all(
+            &channel,
+            &store,
+            Sending { policy: &policy, pause: &AccountPause::default(), gate: &open_gate },
+            &metrics,
+            vec![part],
+        )
+        .await;
         assert!(sent.is_ok());
         let calls = channel.1.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
         assert_eq!(calls.len(), 2);
@@ -1153,10 +1320,23 @@ mod tests {
             let policy = RetryPolicy { max_attempts, base_delay: Duration::ZERO, max_delay: Duration::from_secs(1) };
             let pause = AccountPause::default();
             let started = actix::clock::Instant::now();
-            let first = deliver_all(&channel, &store, &policy, &pause, &metrics, vec![part("a-0", "u1")]);
+            let first = deliver_all(
+                &channel,
+                &store,
+                Sending { policy: &policy, pause: &pause, gate: &open_gate },
+                &metrics,
+                vec![part("a-0", "u1")],
+            );
             let second = async {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                deliver_all(&channel, &store, &policy, &pause, &metrics, vec![part("b-0", "u2")]).await
+                deliver_all(
+                    &channel,
+                    &store,
+                    Sending { policy: &policy, pause: &pause, gate: &open_gate },
+                    &metrics,
+                    vec![part("b-0", "u2")],
+                )
+                .await
             };
             let (first, second) = tokio::join!(first, second);
             assert_eq!(first.is_ok(), max_attempts > 1);

@@ -199,7 +199,8 @@ fn fixture_bounded(
     let _ = channel.store.set(store.clone());
     let policy =
         RetryPolicy { max_attempts: 1, base_delay: Duration::from_millis(1), max_delay: Duration::from_millis(1) };
-    let outbound = ChannelActor::new(channel.clone(), store.clone(), policy, metrics.clone()).start();
+    let outbound =
+        ChannelActor::new(channel.clone(), store.clone(), policy, metrics.clone(), Default::default()).start();
     let mut channels = HashMap::with_hasher(foldhash::fast::RandomState::default());
     channels.insert(
         id,

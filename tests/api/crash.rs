@@ -300,11 +300,11 @@ async fn sigterm_in_passive_mode_leaves_a_held_answer_for_the_next_start() {
 /// the user's next message after the restart.
 #[actix_web::test]
 async fn sigterm_in_passive_mode_parks_the_rest_of_a_long_answer_behind_the_hint() {
-    // A window with seconds to spare for the answer (3 s, time for the signal to be sent while
-    // it is awaited) and the disk.
-    let env = [("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "100"), ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", "6000")];
+    // WeChat's whole window, with seconds to spare for the answer (2.5 s, time for the signal to
+    // be sent while it is awaited) and the disk.
+    let env = [("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "100"), ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", "5000")];
     let Stopped { app, delivered, unfinished, parked } =
-        sigterm_while_a_passive_answer_is_held("passive", 3_000, &env, None).await;
+        sigterm_while_a_passive_answer_is_held("passive", 2_500, &env, None).await;
     let (attempt, body) = delivered.unwrap_or_default();
     assert!(attempt == 1 && body.contains("答：关机前") && body.contains("继续"), "attempt {attempt}: {body}");
     assert!(app.sent_messages().await.is_empty());
@@ -317,9 +317,9 @@ async fn sigterm_in_passive_mode_parks_the_rest_of_a_long_answer_behind_the_hint
 /// off with no response (WeChat would show its 「该公众号暂时无法提供服务」).
 #[actix_web::test]
 async fn a_held_attempt_is_answered_when_the_shutdown_wait_ends() {
-    // A window far longer than the 1 s the connections get after the wait: the attempt would
-    // still be waiting when they close, whenever the signal comes.
-    let env = [("YIZHAN__SERVER__SHUTDOWN_TIMEOUT_SECS", "0"), ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", "10000")];
+    // WeChat's whole window, far longer than the 1 s the connections get after the wait: the
+    // attempt would still be waiting when they close, whenever the signal comes.
+    let env = [("YIZHAN__SERVER__SHUTDOWN_TIMEOUT_SECS", "0"), ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", "5000")];
     let Stopped { delivered, .. } = sigterm_while_a_passive_answer_is_held("auto", 10_000, &env, None).await;
     let (attempt, body) = delivered.unwrap_or_default();
     assert_eq!((attempt, body.as_str()), (1, "success"));
@@ -598,7 +598,7 @@ async fn a_bad_config_exits_non_zero_naming_the_key_and_check_accepts_a_good_one
     assert!(!passed && stderr.contains("messages.more_hint"), "{stderr}");
     // So does a parked-answer prefix that leaves it none.
     let long_prefix = example
-        .replace("parked_prefix = \"【你上一条消息的回复】\"", &format!("parked_prefix = \"{}\"", "上".repeat(400)));
+        .replace("parked_prefix = \"【你上一条消息的回复】\"", &format!("parked_prefix = \"{}\"", "上".repeat(700)));
     assert_ne!(long_prefix, example, "the example sets parked_prefix");
     let (passed, stderr) = check("long-prefix.toml", &long_prefix);
     assert!(!passed && stderr.contains("messages.parked_prefix"), "{stderr}");
