@@ -512,19 +512,23 @@ impl Application {
     }
 
     /// Forgets, hourly, the parked answers of users for whom nothing was parked or taken for
-    /// [`PARKED_FOR`](crate::delivery::passive::PARKED_FOR).
+    /// [`parked_lifetime`].
     fn spawn_parked_expiry(&self) {
-        let hub = self.hub.clone();
+        let (hub, lifetime) = (self.hub.clone(), parked_lifetime(self.retention));
         actix::spawn(async move {
             let mut interval = actix::clock::interval(Duration::from_secs(3_600));
             loop {
                 interval.tick().await;
-                let Some(cutoff) = std::time::Instant::now().checked_sub(crate::delivery::passive::PARKED_FOR) else {
+                let Some(cutoff) = std::time::Instant::now().checked_sub(lifetime) else {
                     continue;
                 };
                 let forgotten = hub.passive.forget_parked_before(cutoff);
                 if forgotten > 0 {
-                    tracing::info!(forgotten, "Forgot parked answers untouched for a week.");
+                    tracing::info!(
+                        forgotten,
+                        days = lifetime.as_secs() / 86_400,
+                        "Forgot parked answers left untouched."
+                    );
                 }
             }
         });
@@ -550,6 +554,17 @@ impl Application {
                 }
             }
         });
+    }
+}
+
+/// How long parked answers wait for their user: a week
+/// ([`PARKED_FOR`](crate::delivery::passive::PARKED_FOR)), or the retention period if that is
+/// shorter (`0`: no pruning), which is the operator's word on how long conversation text is kept.
+fn parked_lifetime(retention: Duration) -> Duration {
+    if retention.is_zero() {
+        crate::delivery::passive::PARKED_FOR
+    } else {
+        retention.min(crate::delivery::passive::PARKED_FOR)
     }
 }
 
@@ -834,5 +849,19 @@ fn resume_unfinished(hub: &Hub, router: &Router, pending: Vec<crate::store::Unfi
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parked_answers_are_kept_no_longer_than_the_retention_period() {
+        let week = crate::delivery::passive::PARKED_FOR;
+        let day = Duration::from_secs(86_400);
+        assert_eq!(parked_lifetime(day), day);
+        assert_eq!(parked_lifetime(30 * day), week);
+        assert_eq!(parked_lifetime(Duration::ZERO), week, "no pruning: a week, as ever");
     }
 }
