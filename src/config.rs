@@ -714,10 +714,10 @@ impl Config {
         }
         // Each would make every request fail, or be ignored without a word; refused here
         // rather than found in the answers.
-        if let Some(temperature) = self.llm.temperature.filter(|t| !(0.0..=2.0).contains(t)) {
-            bail!(
-                "config key `llm.temperature`: {temperature} is outside 0 to 2, which OpenAI-compatible servers refuse"
-            );
+        // OpenAI's range, which most compatible servers keep (LobeHub is sent no temperature).
+        let openai = self.llm.backend == LlmBackendKind::Openai;
+        if let Some(temperature) = self.llm.temperature.filter(|t| openai && !(0.0..=2.0).contains(t)) {
+            bail!("config key `llm.temperature`: {temperature} is outside 0 to 2, which OpenAI's API refuses");
         }
         if self.llm.max_tokens == Some(0) {
             bail!("config key `llm.max_tokens` is 0: no answer would have room for a word");

@@ -730,15 +730,9 @@ async fn deliver_all(
         match result {
             // Cleared from the outbox by `deliver_one`.
             Ok(()) => {}
-            Err(ChannelError::MaybeDelivered(reason)) => {
-                // Sent twice already, perhaps shown: recorded failed now, so that neither a
-                // park nor the next start sends it a third time. The rest goes as after any
-                // failure.
-                let why = format!("sent twice, and may have arrived: {reason}");
-                if let Err(store_error) = store.part_failed(&delivery.delivery_id, &why).await {
-                    tracing::error!(part = %delivery.delivery_id, error = %store_error, "Failed to record a failed part.");
-                }
-                return Err(Undelivered { error: ChannelError::MaybeDelivered(reason), parts: parts.collect() });
+            // Recorded failed by `deliver_one`; the rest goes as after any failure.
+            Err(error @ ChannelError::MaybeDelivered(_)) => {
+                return Err(Undelivered { error, parts: parts.collect() });
             }
             Err(error) => {
                 let undelivered: Vec<Delivery> = std::iter::once(delivery).chain(parts).collect();
@@ -747,6 +741,18 @@ async fn deliver_all(
         }
     }
     Ok(())
+}
+
+/// A part whose send failed for good with `error` after it may have arrived: recorded failed
+/// at once (while its send still counts as on the wire), so that neither a park nor the next
+/// start sends it again. Other errors are left to the caller.
+async fn record_maybe_delivered(store: &dyn Store, delivery: &Delivery, error: &ChannelError) {
+    if let ChannelError::MaybeDelivered(reason) = error {
+        let why = format!("may have arrived: {reason}");
+        if let Err(store_error) = store.part_failed(&delivery.delivery_id, &why).await {
+            tracing::error!(part = %delivery.delivery_id, error = %store_error, "Failed to record a failed part.");
+        }
+    }
 }
 
 async fn deliver_one(
@@ -759,8 +765,8 @@ async fn deliver_one(
 ) -> Result<(), ChannelError> {
     let Sending { policy, pause, gate } = sending;
     let mut attempt = 0;
-    // A part that may have arrived is sent once more at most (see `MaybeDelivered`).
-    let mut sent_maybe = false;
+    // A part that may have arrived is sent once more at most (see `MaybeDelivered`); why.
+    let mut maybe_arrived: Option<String> = None;
     loop {
         pause.wait_out().await;
         // The process is stopping: the part stays pending for the next start (a send begun now
@@ -768,6 +774,18 @@ async fn deliver_one(
         // Held until the outcome is recorded: cut off before that, a delivered part would be
         // left pending.
         let Some(on_the_wire) = gate.enter() else { return std::future::pending().await };
+        if let Some(reason) = &maybe_arrived {
+            // Recorded failed before the one more send: should the process stop before that
+            // send is answered, the next start must not send the part again. Its answer
+            // replaces this record (delivered: gone; failed: its reason). Not sent if the store
+            // cannot record it: the restart the store then needs would send it a third time.
+            let why = format!("sent, and may have arrived: {reason}; one more send was under way");
+            if let Err(store_error) = store.part_failed(&delivery.delivery_id, &why).await {
+                tracing::error!(part = %delivery.delivery_id, error = %store_error, "Failed to record a part that may have arrived; not sent again.");
+                metrics.deliveries.with_label_values(&[channel_label, "maybe_delivered"]).inc();
+                return Err(ChannelError::MaybeDelivered(format!("{reason} (not sent again: {store_error})")));
+            }
+        }
         attempt += 1;
         // A panic in a channel's send (a plugin's bug) fails this part for good, recorded and
         // counted like any other failure, instead of ending the detached task unrecorded. Called
@@ -800,22 +818,16 @@ async fn deliver_one(
             }
             // After a send that may have arrived, the one more send was this one: whatever
             // failed now, the part may be showing, and is not to be sent a third time.
-            Err(error) if sent_maybe => {
+            Err(error) if maybe_arrived.is_some() => {
                 metrics.deliveries.with_label_values(&[channel_label, "maybe_delivered"]).inc();
                 tracing::error!(channel = %channel_label, part = %delivery.delivery_id, attempt, %error, "Delivery failed for good after a send that may have arrived.");
-                return Err(ChannelError::MaybeDelivered(format!("{error} (after a send that may have arrived)")));
+                let error = ChannelError::MaybeDelivered(format!("{error} (after a send that may have arrived)"));
+                record_maybe_delivered(store, delivery, &error).await;
+                return Err(error);
             }
             Err(ChannelError::MaybeDelivered(reason)) if attempt < policy.max_attempts => {
-                sent_maybe = true;
-                metrics.deliveries.with_label_values(&[channel_label, "retried"]).inc();
-                // Recorded failed before the one more send: should the process stop before that
-                // send is answered, the next start must not send the part again. Its answer
-                // replaces this record (delivered: gone; failed: its reason).
-                let why = format!("sent, and may have arrived: {reason}; one more send was under way");
-                if let Err(store_error) = store.part_failed(&delivery.delivery_id, &why).await {
-                    tracing::error!(part = %delivery.delivery_id, error = %store_error, "Failed to record a part that may have arrived.");
-                }
                 drop(on_the_wire);
+                metrics.deliveries.with_label_values(&[channel_label, "retried"]).inc();
                 let delay = policy.delay(attempt - 1);
                 tracing::warn!(
                     channel = %channel_label,
@@ -825,6 +837,7 @@ async fn deliver_one(
                     %reason,
                     "Delivery outcome unknown; sending once more, which may show the part twice."
                 );
+                maybe_arrived = Some(reason);
                 actix::clock::sleep(delay).await;
             }
             Err(error) if error.is_retryable() && attempt < policy.max_attempts => {
@@ -850,6 +863,7 @@ async fn deliver_one(
                     %error,
                     "Delivery failed for good."
                 );
+                record_maybe_delivered(store, delivery, &error).await;
                 return Err(error);
             }
         }
@@ -1083,6 +1097,17 @@ mod tests {
                 "{result:?}"
             );
         }
+        // Not sent again when the store cannot record that it may have arrived: the restart the
+        // store then needs would send it once more.
+        let refusing = crate::store::MemoryStore::new(10);
+        refusing.refuse_writes.store(true, std::sync::atomic::Ordering::SeqCst);
+        let then = ChannelError::Transient { reason: "503".into(), retry_after: None };
+        let channel = NeverKnown(id.clone(), std::sync::atomic::AtomicUsize::new(0), then);
+        let pause = AccountPause::default();
+        let sending = Sending { policy: &policy, pause: &pause, gate: &open_gate };
+        let result = deliver_all(&channel, &refusing, sending, &Metrics::new(), vec![part(0)]).await;
+        assert_eq!(channel.1.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(matches!(result, Err(Undelivered { error: ChannelError::MaybeDelivered(_), .. })), "{result:?}");
         let channel = NeverKnown(
             id.clone(),
             std::sync::atomic::AtomicUsize::new(0),

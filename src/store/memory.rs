@@ -152,6 +152,10 @@ impl Store for MemoryStore {
     }
 
     fn part_failed<'a>(&'a self, _delivery_id: &'a str, _reason: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        #[cfg(test)]
+        if self.fails_writes(true) {
+            return Box::pin(async { Err(StoreError::Backend("refused for a test".into())) });
+        }
         Box::pin(async { Ok(()) })
     }
 
