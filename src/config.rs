@@ -725,7 +725,7 @@ impl Config {
         if self.llm.think_open_in_prompt && !self.llm.strip_think {
             bail!("config key `llm.think_open_in_prompt` needs `llm.strip_think = true`: without it the reasoning is shown");
         }
-        if self.llm.think_open_in_prompt && self.llm.backend == LlmBackendKind::Lobehub {
+        if self.llm.think_open_in_prompt && !openai {
             bail!("config key `llm.think_open_in_prompt` is for the openai backend; LobeHub sends no reasoning text");
         }
         let seconds = |ms: u64| ms / 1000;

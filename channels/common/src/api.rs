@@ -162,6 +162,15 @@ pub fn base_url_problem(url: &str) -> Option<String> {
     }
 }
 
+/// A platform's API base as the channels keep it: checked as [`base_url_problem`] does, without
+/// surrounding whitespace or trailing slashes (paths are appended with their own `/`).
+pub fn platform_api_base(url: &str) -> Result<String, String> {
+    match base_url_problem(url) {
+        Some(problem) => Err(problem),
+        None => Ok(url.trim().trim_end_matches('/').to_owned()),
+    }
+}
+
 /// The reason for a network-level failure talking to `platform` (`"WeChat"`): `request to
 /// WeChat timed out`, or `request to WeChat failed: …` with the error's sources.
 ///
@@ -338,6 +347,7 @@ mod tests {
         for good in ["https://api.weixin.qq.com", "http://127.0.0.1:9/", " https://proxy.example/v1 "] {
             assert_eq!(base_url_problem(good), None, "{good}");
         }
+        assert_eq!(platform_api_base(" http://127.0.0.1:9// ").as_deref(), Ok("http://127.0.0.1:9"));
         for (bad, reason) in [
             ("https://proxy.example/?key=sk-secret", "query"),
             ("https://proxy.example/#sk-secret", "fragment"),

@@ -166,11 +166,8 @@ impl FeishuSettings {
                 "`bot_open_id` {id:?} is not an open_id (those start with `ou_`; the App ID starts with `cli_`)"
             )));
         }
-        if let Some(problem) = yizhan_channel_common::api::base_url_problem(&self.api_base) {
-            return Err(misconfigured(format!("`api_base` {problem}")));
-        }
-        let base = self.api_base.trim().trim_end_matches('/').to_owned();
-        self.api_base = base;
+        self.api_base = yizhan_channel_common::api::platform_api_base(&self.api_base)
+            .map_err(|problem| misconfigured(format!("`api_base` {problem}")))?;
         if !(MIN_PART_BYTES..=MAX_PART_BYTES).contains(&self.max_part_bytes) {
             return Err(misconfigured(format!(
                 "`max_part_bytes` is {}, outside {MIN_PART_BYTES}..={MAX_PART_BYTES}",

@@ -107,11 +107,8 @@ impl WechatMpSettings {
                 )));
             }
         }
-        if let Some(problem) = yizhan_channel_common::api::base_url_problem(&self.api_base) {
-            return Err(ChannelError::Misconfigured(format!("wechat_mp: `api_base` {problem}")));
-        }
-        let base = self.api_base.trim().trim_end_matches('/').to_owned();
-        self.api_base = base;
+        self.api_base = yizhan_channel_common::api::platform_api_base(&self.api_base)
+            .map_err(|problem| ChannelError::Misconfigured(format!("wechat_mp: `api_base` {problem}")))?;
         if self.max_part_bytes < MIN_PART_BYTES {
             return Err(ChannelError::Misconfigured(format!(
                 "wechat_mp: `max_part_bytes` is {}, below the minimum of {MIN_PART_BYTES}",

@@ -163,11 +163,8 @@ impl WecomSettings {
                 self.previous_encoding_aes_key = Some(previous);
             }
         }
-        if let Some(problem) = yizhan_channel_common::api::base_url_problem(&self.api_base) {
-            return Err(misconfigured(format!("`api_base` {problem}")));
-        }
-        let base = self.api_base.trim().trim_end_matches('/').to_owned();
-        self.api_base = base;
+        self.api_base = yizhan_channel_common::api::platform_api_base(&self.api_base)
+            .map_err(|problem| misconfigured(format!("`api_base` {problem}")))?;
         if !(MIN_PART_BYTES..=MAX_PART_BYTES).contains(&self.max_part_bytes) {
             return Err(misconfigured(format!(
                 "`max_part_bytes` is {}; it must be {MIN_PART_BYTES} to {MAX_PART_BYTES} (WeCom cuts text and \
