@@ -875,8 +875,7 @@ mod tests {
     use super::*;
 
     /// The gate of a process that is not stopping.
-    #[allow(non_upper_case_globals)]
-    static open_gate: std::sync::LazyLock<SendGate> = std::sync::LazyLock::new(SendGate::default);
+    static OPEN_GATE: std::sync::LazyLock<SendGate> = std::sync::LazyLock::new(SendGate::default);
     use yizhan_channel_core::{
         BoxFuture, ChannelId, Conversation, ConversationKind, DeliveryReceipt, ReplyHandle, Sender, WebhookOutcome,
         WebhookRequest,
@@ -957,7 +956,7 @@ mod tests {
             let result = deliver_all(
                 &misbehaving(how),
                 &store,
-                Sending { policy: &policy, pause: &pause, gate: &open_gate },
+                Sending { policy: &policy, pause: &pause, gate: &OPEN_GATE },
                 &metrics,
                 vec![a_part()],
             )
@@ -978,7 +977,7 @@ mod tests {
         let result = deliver_all(
             &channel,
             &store,
-            Sending { policy: &policy, pause: &AccountPause::default(), gate: &open_gate },
+            Sending { policy: &policy, pause: &AccountPause::default(), gate: &OPEN_GATE },
             &metrics,
             vec![a_part()],
         )
@@ -1024,8 +1023,12 @@ mod tests {
     }
 
     /// A send whose outcome is not known (a 公众号 send timing out, say), then `.2` for every
-    /// later one.
-    struct NeverKnown(ChannelId, std::sync::atomic::AtomicUsize, ChannelError);
+    /// later one; with `.2` `None`, later sends never return (each tells `.3` it began).
+    struct NeverKnown(ChannelId, std::sync::atomic::AtomicUsize, Option<ChannelError>, tokio::sync::Notify);
+
+    fn never_known(id: &ChannelId, later: Option<ChannelError>) -> NeverKnown {
+        NeverKnown(id.clone(), Default::default(), later, Default::default())
+    }
 
     impl Channel for NeverKnown {
         fn id(&self) -> &ChannelId {
@@ -1038,8 +1041,13 @@ mod tests {
             Err(ChannelError::Unsupported("no webhooks".into()))
         }
         fn deliver<'a>(&'a self, _: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
-            let first = self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
-            let error = if first { ChannelError::MaybeDelivered("timed out".into()) } else { self.2.clone() };
+            if self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                return Box::pin(async { Err(ChannelError::MaybeDelivered("timed out".into())) });
+            }
+            let Some(error) = self.2.clone() else {
+                self.3.notify_one();
+                return Box::pin(std::future::pending());
+            };
             Box::pin(async move { Err(error) })
         }
     }
@@ -1081,12 +1089,12 @@ mod tests {
             ChannelError::MaybeDelivered("timed out again".into()),
             ChannelError::Transient { reason: "503".into(), retry_after: None },
         ] {
-            let channel = NeverKnown(id.clone(), std::sync::atomic::AtomicUsize::new(0), then);
+            let channel = never_known(&id, Some(then));
             let other = crate::store::MemoryStore::new(10);
             let result = deliver_all(
                 &channel,
                 &other,
-                Sending { policy: &policy, pause: &AccountPause::default(), gate: &open_gate },
+                Sending { policy: &policy, pause: &AccountPause::default(), gate: &OPEN_GATE },
                 &Metrics::new(),
                 vec![part(0)],
             )
@@ -1102,21 +1110,17 @@ mod tests {
         let refusing = crate::store::MemoryStore::new(10);
         refusing.refuse_writes.store(true, std::sync::atomic::Ordering::SeqCst);
         let then = ChannelError::Transient { reason: "503".into(), retry_after: None };
-        let channel = NeverKnown(id.clone(), std::sync::atomic::AtomicUsize::new(0), then);
+        let channel = never_known(&id, Some(then));
         let pause = AccountPause::default();
-        let sending = Sending { policy: &policy, pause: &pause, gate: &open_gate };
+        let sending = Sending { policy: &policy, pause: &pause, gate: &OPEN_GATE };
         let result = deliver_all(&channel, &refusing, sending, &Metrics::new(), vec![part(0)]).await;
         assert_eq!(channel.1.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert!(matches!(result, Err(Undelivered { error: ChannelError::MaybeDelivered(_), .. })), "{result:?}");
-        let channel = NeverKnown(
-            id.clone(),
-            std::sync::atomic::AtomicUsize::new(0),
-            ChannelError::MaybeDelivered("again".into()),
-        );
+        let channel = never_known(&id, Some(ChannelError::MaybeDelivered("again".into())));
         let result = deliver_all(
             &channel,
             &store,
-            Sending { policy: &policy, pause: &AccountPause::default(), gate: &open_gate },
+            Sending { policy: &policy, pause: &AccountPause::default(), gate: &OPEN_GATE },
             &metrics,
             vec![part(0), part(1)],
         )
@@ -1134,29 +1138,6 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// Times out (may have arrived) on its first send; its second never returns, and says when it
-    /// began.
-    struct MaybeThenHangs(ChannelId, std::sync::atomic::AtomicUsize, tokio::sync::Notify);
-
-    impl Channel for MaybeThenHangs {
-        fn id(&self) -> &ChannelId {
-            &self.0
-        }
-        fn kind(&self) -> &str {
-            "maybe_then_hangs"
-        }
-        fn handle_webhook(&self, _: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
-            Err(ChannelError::Unsupported("no webhooks".into()))
-        }
-        fn deliver<'a>(&'a self, _: &'a Delivery) -> BoxFuture<'a, Result<DeliveryReceipt, ChannelError>> {
-            if self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
-                return Box::pin(async { Err(ChannelError::MaybeDelivered("timed out".into())) });
-            }
-            self.2.notify_one();
-            Box::pin(std::future::pending())
-        }
-    }
-
     /// The stop (or a crash) comes while the one more send of a part that may have arrived is
     /// under way: the next start does not send that part again, only the parts behind it.
     #[tokio::test]
@@ -1164,14 +1145,14 @@ mod tests {
         let id = ChannelId::parse("h").unwrap_or_else(|e| panic!("{e}"));
         let (store, dir, part) = answered_in_two_parts(&id).await;
         let policy = RetryPolicy { max_attempts: 12, base_delay: Duration::ZERO, max_delay: Duration::ZERO };
-        let channel = MaybeThenHangs(id.clone(), std::sync::atomic::AtomicUsize::new(0), tokio::sync::Notify::new());
+        let channel = never_known(&id, None);
         let (pause, metrics) = (AccountPause::default(), Metrics::new());
         tokio::select! {
-            result = deliver_all(&channel, &store, Sending { policy: &policy, pause: &pause, gate: &open_gate }, &metrics, vec![part(0), part(1)]) => {
+            result = deliver_all(&channel, &store, Sending { policy: &policy, pause: &pause, gate: &OPEN_GATE }, &metrics, vec![part(0), part(1)]) => {
                 panic!("the second send never returns, yet: {result:?}")
             }
             // Dropping the delivery here is the stop cutting it off.
-            () = channel.2.notified() => {}
+            () = channel.3.notified() => {}
         }
         let unfinished = store.unfinished().await.unwrap_or_default();
         assert_eq!(unfinished.len(), 1);
@@ -1281,7 +1262,7 @@ mod tests {
         let sent = deliver_all(
             &channel,
             &store,
-            Sending { policy: &policy, pause: &AccountPause::default(), gate: &open_gate },
+            Sending { policy: &policy, pause: &AccountPause::default(), gate: &OPEN_GATE },
             &metrics,
             vec![part],
         )
@@ -1348,7 +1329,7 @@ mod tests {
             let first = deliver_all(
                 &channel,
                 &store,
-                Sending { policy: &policy, pause: &pause, gate: &open_gate },
+                Sending { policy: &policy, pause: &pause, gate: &OPEN_GATE },
                 &metrics,
                 vec![part("a-0", "u1")],
             );
@@ -1357,7 +1338,7 @@ mod tests {
                 deliver_all(
                     &channel,
                     &store,
-                    Sending { policy: &policy, pause: &pause, gate: &open_gate },
+                    Sending { policy: &policy, pause: &pause, gate: &OPEN_GATE },
                     &metrics,
                     vec![part("b-0", "u2")],
                 )
