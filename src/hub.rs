@@ -169,15 +169,17 @@ impl Hub {
     /// next message (parked) pending: the next start would park or send them again, after the
     /// user had them.
     fn finish_later(&self, envelope_id: &str) {
-        if FINISH_RETRIES.fetch_add(1, Ordering::SeqCst) >= MOST_FINISH_RETRIES {
-            FINISH_RETRIES.fetch_sub(1, Ordering::SeqCst);
+        let too_many = FINISH_RETRIES.fetch_add(1, Ordering::SeqCst) >= MOST_FINISH_RETRIES;
+        // Counted off however this ends: here, or with the task, which the process ending may
+        // drop before it ever ran.
+        let counted = FinishRetry;
+        if too_many {
             tracing::warn!(envelope = %envelope_id, "Too many finishes failing to try this one again; left for the next start.");
             return;
         }
         let (store, envelope_id) = (self.store.clone(), envelope_id.to_owned());
         actix::spawn(async move {
-            // Counted off however the task ends (the process ending drops it too).
-            let _counted = FinishRetry;
+            let _counted = counted;
             let mut warn_at = Some(actix::clock::Instant::now() + FINISH_RETRY_WARN_AFTER);
             let mut delay = FINISH_RETRY_FIRST_DELAY;
             loop {
