@@ -236,7 +236,8 @@ impl LobeHubBackend {
                                 if !answer.has_started() {
                                     return Err(LlmError::Stream(format!("response incomplete: {reason}")));
                                 }
-                                warn!(backend = "lobehub", reason = %reason, "LLM answer is incomplete.");
+                                let reason = sse::redact(reason, self.api_key());
+                                warn!(backend = "lobehub", %reason, "LLM answer is incomplete.");
                             }
                             ended = true;
                             break;
@@ -467,9 +468,11 @@ fn response_failure(response: &Value) -> Option<String> {
     Some(sse::error_message(response).unwrap_or_else(|| "response failed".to_owned()))
 }
 
-/// Why a response is incomplete (`incomplete_details.reason`, e.g. `max_output_tokens`).
+/// Why a response is incomplete (`incomplete_details.reason`, e.g. `max_output_tokens`), cut to
+/// the length of an error message: it is the server's text, logged and kept in errors.
 fn incomplete_reason(response: &Value) -> String {
-    response.pointer("/incomplete_details/reason").and_then(Value::as_str).unwrap_or("unknown").to_owned()
+    let reason = response.pointer("/incomplete_details/reason").and_then(Value::as_str).unwrap_or("unknown");
+    sse::truncate_chars(reason, sse::MAX_ERROR_MESSAGE_CHARS)
 }
 
 #[cfg(test)]

@@ -55,8 +55,8 @@ pub struct OpenAiSettings {
     /// reject unknown fields.
     #[serde(default)]
     pub include_usage: bool,
-    /// Send the request's end-user id as `user` (abuse tracking). Off by default: Ollama and some
-    /// gateways do not support it.
+    /// Send the request's end-user id as `user` (abuse tracking). Off in these settings unless
+    /// set; the config's `[llm] send_user` turns it on by default (README, Configuration).
     #[serde(default)]
     pub send_user: bool,
     /// Remove inline `<think>…</think>` blocks from the answer (DeepSeek-R1, QwQ, …).
@@ -208,6 +208,7 @@ impl OpenAiBackend {
                             // The answer is whole; a connection that then breaks (a proxy that
                             // drops the chunked body's end) must not turn it into an apology.
                             Ok(Err(LlmError::Stream(error))) => {
+                                let error = sse::redact(error, self.api_key());
                                 debug!(backend = "openai", %error, "The stream broke after its finish reason; answer taken.");
                                 None
                             }
@@ -229,7 +230,8 @@ impl OpenAiBackend {
                         if closing_chunk_seen {
                             // As a break after the finish reason: the answer is whole (and may
                             // be on the user's screen already).
-                            warn!(backend = "openai", error = %message, "An error event followed the finish reason; answer taken.");
+                            let error = sse::redact(message, self.api_key());
+                            warn!(backend = "openai", %error, "An error event followed the finish reason; answer taken.");
                             break;
                         }
                         return Err(LlmError::Stream(message));
