@@ -7,7 +7,10 @@
 //! failed that way, calls fail at once for `cooldown`; then one call is let through as a probe:
 //! if the server answers it (even with an error about the request) the breaker closes, if it
 //! fails for the server's reasons the breaker opens for another `cooldown`, and if its outcome
-//! says nothing (a call cut short by its wait for a slot, or dropped) the next call probes.
+//! says nothing (a call cut short by its wait for a slot, or dropped) the next call probes. A
+//! probe whose answer has begun (its first token, reasoning included) closes the breaker then,
+//! not when the answer ends: the other calls, refused while it is out, would otherwise be
+//! refused for as long as one answer takes (a minute or more for a reasoning model).
 //!
 //! Only failures that point at the server count (no connection, 429 and 5xx, timeouts). A 4xx,
 //! an error the server reports in its stream or an answer that could not be read says nothing
@@ -52,8 +55,11 @@ struct State {
     failures_in_a_row: u32,
     /// Open until then; stays set (in the past) until a probe succeeds.
     open_until: Option<Instant>,
-    /// A probe is out: other calls are refused until it returns.
+    /// A probe is out: other calls are refused until it returns or its answer begins.
     probing: bool,
+    /// Counts probes, so that a ticket acts only on its own probe (one whose answer began, then
+    /// ended after the breaker had opened again and let another probe out, must not end that one).
+    probe_number: u64,
 }
 
 /// See the module docs. Shared by every call of one [`LlmActor`](super::LlmActor).
@@ -70,13 +76,23 @@ pub struct Breaker {
 pub struct Ticket {
     breaker: Arc<Breaker>,
     probe: bool,
+    probe_number: u64,
     recorded: bool,
+}
+
+/// Tells the breaker that a probe's answer has begun: from [`Ticket::probe_answering`].
+#[derive(Debug)]
+pub struct ProbeAnswering {
+    breaker: Arc<Breaker>,
+    probe_number: u64,
+    told: bool,
 }
 
 impl Breaker {
     /// A closed breaker.
     pub fn new(settings: BreakerSettings) -> Self {
-        Self { settings, state: Mutex::new(State { failures_in_a_row: 0, open_until: None, probing: false }) }
+        let state = State { failures_in_a_row: 0, open_until: None, probing: false, probe_number: 0 };
+        Self { settings, state: Mutex::new(state) }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -98,8 +114,11 @@ impl Breaker {
         }
         // Past its cooldown an open breaker lets this one call through, as the probe.
         let probe = state.open_until.is_some();
-        state.probing |= probe;
-        Ok(Ticket { breaker: self.clone(), probe, recorded: false })
+        if probe {
+            state.probing = true;
+            state.probe_number = state.probe_number.wrapping_add(1);
+        }
+        Ok(Ticket { breaker: self.clone(), probe, probe_number: state.probe_number, recorded: false })
     }
 
     /// Whether calls are being refused now (open, or half-open with a probe out).
@@ -116,6 +135,15 @@ impl Ticket {
         self.probe
     }
 
+    /// For a probe: what its call tells once the server's answer has begun.
+    pub fn probe_answering(&self) -> Option<ProbeAnswering> {
+        self.probe.then(|| ProbeAnswering {
+            breaker: self.breaker.clone(),
+            probe_number: self.probe_number,
+            told: false,
+        })
+    }
+
     /// Records how the call ended.
     pub fn record(mut self, result: &Result<String, LlmError>) -> Transition {
         self.recorded = true;
@@ -124,6 +152,8 @@ impl Ticket {
             return Transition::Unchanged;
         }
         let mut state = breaker.state();
+        // A probe whose answer began has closed the breaker already: it ends as any call.
+        self.probe = self.probe && state.probing && state.probe_number == self.probe_number;
         if self.probe {
             state.probing = false;
         }
@@ -152,8 +182,27 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         if self.probe && !self.recorded {
-            self.breaker.state().probing = false;
+            let mut state = self.breaker.state();
+            if state.probe_number == self.probe_number {
+                state.probing = false;
+            }
         }
+    }
+}
+
+impl ProbeAnswering {
+    /// The probe's answer has begun: closes the breaker, the first time (later calls change
+    /// nothing). Nothing either once the probe has ended, or when it is no longer the one out.
+    pub fn answer_began(&mut self) -> Transition {
+        if std::mem::replace(&mut self.told, true) {
+            return Transition::Unchanged;
+        }
+        let mut state = self.breaker.state();
+        if !state.probing || state.probe_number != self.probe_number {
+            return Transition::Unchanged;
+        }
+        state.probing = false;
+        close(&mut state)
     }
 }
 
@@ -280,7 +329,7 @@ mod tests {
         assert_eq!(breaker.may_queue(), Ok(()));
         let probe = breaker.admit().unwrap_or_else(|left| panic!("refused for {left:?}"));
         assert!(probe.is_probe());
-        assert_eq!(breaker.may_queue(), Err(Duration::ZERO), "the rest wait for the probe's outcome");
+        assert_eq!(breaker.may_queue(), Err(Duration::ZERO), "the rest wait for the probe's answer to begin");
         assert_eq!(probe.record(&Ok("好".into())), Transition::Closed);
         assert_eq!(breaker.may_queue(), Ok(()));
     }
@@ -305,6 +354,57 @@ mod tests {
             assert!(!breaker.is_open(), "{label}");
             assert!(!breaker.admit().is_ok_and(|ticket| ticket.is_probe()), "{label}");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_whose_answer_began_closes_the_breaker_then_ends_as_any_call() {
+        let breaker = breaker();
+        for _ in 0..3 {
+            call(&breaker, down());
+        }
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let probe = breaker.admit().unwrap_or_else(|left| panic!("refused for {left:?}"));
+        let mut answering = probe.probe_answering().unwrap_or_else(|| panic!("a probe"));
+        assert_eq!(breaker.may_queue(), Err(Duration::ZERO), "refused until the probe's answer begins");
+        assert_eq!(answering.answer_began(), Transition::Closed);
+        assert_eq!(answering.answer_began(), Transition::Unchanged, "once");
+        assert_eq!(breaker.may_queue(), Ok(()));
+        let other = breaker.admit().unwrap_or_else(|left| panic!("refused for {left:?}"));
+        assert!(!other.is_probe());
+        // Its answer broke off later, for the server's reasons: one failure, not a reopening.
+        assert_eq!(probe.record(&down()), Transition::Unchanged);
+        assert_eq!(other.record(&down()), Transition::Unchanged);
+        assert_eq!(call(&breaker, down()), Transition::Opened, "the third in a row");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_earlier_probe_neither_closes_nor_frees_the_probe_now_out() {
+        let breaker = breaker();
+        for _ in 0..3 {
+            call(&breaker, down());
+        }
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let first = breaker.admit().unwrap_or_else(|left| panic!("refused for {left:?}"));
+        let mut first_answering = first.probe_answering().unwrap_or_else(|| panic!("a probe"));
+        assert_eq!(first.record(&down()), Transition::Opened);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let second = breaker.admit().unwrap_or_else(|left| panic!("refused for {left:?}"));
+        assert!(second.is_probe());
+        assert_eq!(first_answering.answer_began(), Transition::Unchanged);
+        assert_eq!(breaker.may_queue(), Err(Duration::ZERO), "the second probe is still out");
+        let mut second_answering = second.probe_answering().unwrap_or_else(|| panic!("a probe"));
+        assert_eq!(second_answering.answer_began(), Transition::Closed);
+        // A third probe (after the breaker opened again) is not freed by the second's ticket.
+        for _ in 0..3 {
+            call(&breaker, down());
+        }
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let third = breaker.admit().unwrap_or_else(|left| panic!("refused for {left:?}"));
+        assert!(third.is_probe());
+        drop(second);
+        assert_eq!(breaker.may_queue(), Err(Duration::ZERO), "the third probe is still out");
+        drop(third);
+        assert_eq!(breaker.may_queue(), Ok(()));
     }
 
     #[tokio::test(start_paused = true)]

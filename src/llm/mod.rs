@@ -154,6 +154,15 @@ impl Handler<Complete> for LlmActor {
             metrics.llm_in_flight.inc();
             let started = std::time::Instant::now();
             let mut sink: DeltaSink = msg.on_delta.unwrap_or_else(|| Box::new(|_: &str| {}));
+            if let Some(mut answering) = ticket.probe_answering() {
+                // A probe closes the breaker as its answer begins (reasoning counts), so that
+                // the calls refused while it is out are not refused for its whole answer.
+                let (metrics, mut to_caller) = (metrics.clone(), sink);
+                sink = Box::new(move |piece: &str| {
+                    report_transition(answering.answer_began(), &metrics, backend);
+                    to_caller(piece);
+                });
+            }
             let result = client.complete_by(deadline, &msg.request, &mut sink).await;
             metrics.llm_in_flight.dec();
             let outcome = match &result {
@@ -169,22 +178,24 @@ impl Handler<Complete> for LlmActor {
             let cut_short = waited && left_at_admission < first_token_timeout;
             let judged = !(cut_short && matches!(result, Err(LlmError::TotalTimeout { .. })));
             let transition = if judged { ticket.record(&result) } else { Transition::Unchanged };
-            match transition {
-                Transition::Opened => {
-                    metrics.llm_breaker_open.set(1);
-                    tracing::error!(
-                        backend,
-                        "The LLM failed repeatedly; not asking it for a while (circuit breaker open)."
-                    );
-                }
-                Transition::Closed => {
-                    metrics.llm_breaker_open.set(0);
-                    tracing::info!(backend, "The LLM answered again; circuit breaker closed.");
-                }
-                Transition::Unchanged => {}
-            }
+            report_transition(transition, &metrics, backend);
             result
         })
+    }
+}
+
+/// The breaker's gauge and log line for a change of its state.
+fn report_transition(transition: Transition, metrics: &Metrics, backend: &'static str) {
+    match transition {
+        Transition::Opened => {
+            metrics.llm_breaker_open.set(1);
+            tracing::error!(backend, "The LLM failed repeatedly; not asking it for a while (circuit breaker open).");
+        }
+        Transition::Closed => {
+            metrics.llm_breaker_open.set(0);
+            tracing::info!(backend, "The LLM answered again; circuit breaker closed.");
+        }
+        Transition::Unchanged => {}
     }
 }
 
@@ -343,6 +354,58 @@ mod tests {
         assert!(matches!(first, Err(LlmError::TotalTimeout { started: false, .. })), "{first:?}");
         let (second, _) = outcome(ask_timed(&addr)).await;
         assert!(matches!(second, Err(LlmError::Unavailable(_))), "{second:?}");
+    }
+
+    /// Refuses connections until `up`; then says one word and never finishes.
+    struct ComesBack {
+        up: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl LlmBackend for ComesBack {
+        fn name(&self) -> &'static str {
+            "comes-back"
+        }
+
+        fn complete<'a>(
+            &'a self,
+            _request: &'a CompletionRequest,
+            _first_token_timeout: Duration,
+            on_delta: &'a mut DeltaSink,
+        ) -> BoxFuture<'a, Result<String, LlmError>> {
+            Box::pin(async move {
+                if !self.up.load(Ordering::SeqCst) {
+                    return Err(LlmError::Connect("connection refused".into()));
+                }
+                on_delta("你");
+                std::future::pending().await
+            })
+        }
+    }
+
+    #[actix::test]
+    async fn calls_are_admitted_again_once_the_probes_answer_has_begun() {
+        tokio::time::pause();
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let settings = LlmClientSettings {
+            first_token_timeout: Duration::from_secs(30),
+            total_timeout: Duration::from_secs(100),
+            max_retries: 0,
+            retry_base_delay: Duration::from_millis(1),
+        };
+        let client = LlmClient::new(Arc::new(ComesBack { up: up.clone() }), settings);
+        let breaker = BreakerSettings { threshold: 1, cooldown: Duration::from_secs(10) };
+        let addr = LlmActor::new(client, 4, 10, Metrics::new()).with_breaker(breaker).start();
+        let (down, _) = outcome(ask_timed(&addr)).await;
+        assert!(matches!(down, Err(LlmError::Connect(_))), "{down:?}");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        up.store(true, Ordering::SeqCst);
+        let probe = ask_timed(&addr);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // The probe's first word is out; it has not ended (its answer runs to the total timeout).
+        let (after, _) = outcome(ask_timed(&addr)).await;
+        assert!(matches!(after, Err(LlmError::TotalTimeout { started: true, .. })), "not refused: {after:?}");
+        let (probe, _) = outcome(probe).await;
+        assert!(matches!(probe, Err(LlmError::TotalTimeout { started: true, .. })), "{probe:?}");
     }
 
     #[actix::test]
