@@ -14,7 +14,7 @@ use yizhan_channel_common::markdown::unbreakable_spans;
 use yizhan_channel_common::split::split_text_keeping;
 
 /// Parts sent as messages (not streamed into a card) up to this many characters without
-/// markdown go out as plain `text`, which reads like a person typing; longer ones go into a wide
+/// markdown go out as plain `text`, which reads like a person typing; longer ones go into a
 /// card, which is easier to read.
 pub const PLAIN_TEXT_MAX_CHARS: usize = 500;
 
@@ -94,12 +94,15 @@ pub fn defuse_mentions(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// The content of a wide card holding one markdown element (card JSON 1.0, which every Feishu
-/// client renders; only streaming needs 2.0).
+/// The content of a card holding one markdown element. Card JSON 2.0, as the streaming card:
+/// JSON 1.0's markdown shows headings, quotes, tables and inline code as raw text (Feishu's
+/// rich-text component docs), and a long streamed answer's later parts would then look unlike
+/// its first. (Clients older than 7.20 show 2.0 cards as an upgrade hint; streaming needs
+/// 7.20 anyway.)
 pub fn card_content(markdown: &str) -> String {
     json!({
-        "config": {"wide_screen_mode": true},
-        "elements": [{"tag": "markdown", "content": defuse_mentions(markdown)}],
+        "schema": "2.0",
+        "body": {"elements": [{"tag": "markdown", "content": defuse_mentions(markdown)}]},
     })
     .to_string()
 }
@@ -350,11 +353,11 @@ mod tests {
     }
 
     #[test]
-    fn the_card_is_wide_and_holds_one_markdown_element() {
-        let card: serde_json::Value = serde_json::from_str(&card_content("**a**")).unwrap_or_default();
-        assert_eq!(card["config"]["wide_screen_mode"], true);
-        assert_eq!(card["elements"][0]["tag"], "markdown");
-        assert_eq!(card["elements"][0]["content"], "**a**");
+    fn the_card_is_json_2_and_holds_one_markdown_element() {
+        let card: serde_json::Value = serde_json::from_str(&card_content("## a")).unwrap_or_default();
+        assert_eq!(card["schema"], "2.0");
+        assert_eq!(card["body"]["elements"], serde_json::json!([{"tag": "markdown", "content": "## a"}]));
+        assert!(card.get("elements").is_none() && card.get("config").is_none(), "{card}");
     }
 
     #[test]

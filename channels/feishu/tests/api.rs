@@ -180,7 +180,7 @@ async fn a_token_rejected_twice_is_transient_and_not_retried_in_a_loop() {
 }
 
 #[tokio::test]
-async fn formatted_or_long_answers_go_out_as_a_wide_markdown_card() {
+async fn formatted_or_long_answers_go_out_as_a_json_2_markdown_card() {
     let server = MockServer::start().await;
     mount_token(&server, "t-TOKEN1", 1).await;
     mount_reply(&server, "t-TOKEN1", ok(json!({"message_id": "om_sent"})), 2).await;
@@ -194,8 +194,9 @@ async fn formatted_or_long_answers_go_out_as_a_wide_markdown_card() {
     for (body, text) in bodies.iter().zip([markdown, long_plain.as_str()]) {
         assert_eq!(body["msg_type"], "interactive");
         let card = content_of(body);
-        assert_eq!(card["config"]["wide_screen_mode"], true);
-        assert_eq!(card["elements"], json!([{"tag": "markdown", "content": text}]));
+        // JSON 2.0: the 1.0 markdown element shows headings, quotes and tables as raw text.
+        assert_eq!(card["schema"], "2.0");
+        assert_eq!(card["body"]["elements"], json!([{"tag": "markdown", "content": text}]));
     }
 }
 
