@@ -24,7 +24,7 @@
 //! - **Text for chat, cards for documents.** With streaming on (the default) a model's answer
 //!   streams into a CardKit card (below). Parts sent as messages (the parts after a card's, fixed
 //!   replies, every answer while streaming is off or paused) go out as `text` when short and
-//!   plain, otherwise as a wide card with one markdown element. Every send carries the delivery
+//!   plain, otherwise as a card (JSON 2.0) with one markdown element. Every send carries the delivery
 //!   id as Feishu's idempotency `uuid`, so a retried part is shown once.
 //! - **Streaming through CardKit**, not message edits: text edits have an undocumented per-message
 //!   cap, while a CardKit card takes up to 10 updates a second and types out the new text itself.
@@ -234,6 +234,20 @@ impl Feishu {
         // A payload that does not decrypt was not made with our key: not from Feishu (for us).
         let plain = crypto::decrypt(key, encrypted).map_err(|error| ChannelError::BadSignature(error.to_string()))?;
         inbound::parse_object(plain.as_bytes(), "the decrypted callback")
+    }
+
+    /// With an Encrypt Key in the console Feishu encrypts every callback, URL verification
+    /// included: one that comes in plain text, bearing our token, says the console has none,
+    /// and every event would then come unsigned and be refused. Failing the console's check, with
+    /// what to do, beats passing it and refusing every message after.
+    fn plaintext_challenge_problem(&self, body: &Value) -> Option<ChannelError> {
+        let callback = inbound::Callback::parse(body).ok()?;
+        self.challenge_answer(&callback)?.ok()?;
+        Some(ChannelError::Misconfigured(
+            "a URL verification came unencrypted while `encrypt_key` is set: the Feishu console has no \
+             Encrypt Key (事件与回调 > 加密策略); set the same key there, or remove `encrypt_key`"
+                .into(),
+        ))
     }
 
     /// The answer to `body` if it is a URL verification bearing our token, else `None`,
@@ -635,6 +649,9 @@ impl Channel for Feishu {
         // through us, a block at a time (a CBC padding oracle).
         let signature = self.settings.encrypt_key.as_deref().map(|key| self.check_signature(request, key));
         if let Some(Err(refused)) = signature {
+            if body.get("encrypt").is_none() {
+                return Err(self.plaintext_challenge_problem(&body).unwrap_or(refused));
+            }
             return match self.url_verification(body) {
                 Some(answer) => Ok(answer),
                 None => Err(refused),

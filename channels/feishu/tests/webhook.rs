@@ -155,6 +155,20 @@ fn encrypted_url_verification_with_a_wrong_token_is_refused() {
 }
 
 #[test]
+fn a_plain_url_verification_fails_when_an_encrypt_key_is_set() {
+    // The console has no Encrypt Key (Feishu encrypts every callback once it has one): passing
+    // its check would only have every event refused for want of a signature after it.
+    let body = json!({"challenge": "c", "token": TOKEN, "type": "url_verification"}).to_string();
+    match encrypted_channel().handle_webhook(&post(&body)) {
+        Err(ChannelError::Misconfigured(reason)) => assert!(reason.contains("加密策略"), "{reason}"),
+        other => panic!("not refused as a misconfiguration: {other:?}"),
+    }
+    // With a wrong token it is just a stranger's request.
+    let body = json!({"challenge": "c", "token": "wrong", "type": "url_verification"}).to_string();
+    assert!(is_bad_signature(&encrypted_channel().handle_webhook(&post(&body))));
+}
+
+#[test]
 fn url_verification_encrypted_with_another_key_is_refused() {
     let inner = json!({"challenge": "c", "token": TOKEN, "type": "url_verification"}).to_string();
     let body = json!({"encrypt": encrypt("another key", &inner)}).to_string();
