@@ -90,3 +90,30 @@ async fn an_incomplete_agent_answer_logs_its_reason_cut_short_and_without_the_ke
     assert!(logged.chars().count() < 1_000, "{} characters logged", logged.chars().count());
     assert!(lines.iter().all(|line| !line.contains(SECRET)), "{lines:#?}");
 }
+
+#[tokio::test]
+async fn an_answer_the_model_cut_short_is_delivered_and_logged() {
+    let (captured, _guard) = capture_logs();
+    let server = MockServer::start().await;
+    let answer = |finish_reason: &str| {
+        let events = [
+            json!({"choices":[{"index":0,"delta":{"content":"第一步是"},"finish_reason":null}]}),
+            json!({"choices":[{"index":0,"delta":{},"finish_reason":finish_reason}]}),
+        ];
+        events.iter().map(|event| format!("data: {event}\n\n")).collect::<String>() + "data: [DONE]\n\n"
+    };
+    let settings = OpenAiSettings::new(format!("{}/v1", server.uri()), "m");
+    let backend = OpenAiBackend::new(settings, build_http_client(Duration::from_secs(2)));
+    let cut = "The model stopped before its answer was done";
+
+    Mock::given(wiremock::matchers::method("POST")).respond_with(streaming(answer("stop"))).mount(&server).await;
+    assert_eq!(complete(&backend).await.as_deref(), Some("第一步是"));
+    assert!(captured.lines().iter().all(|line| !line.contains(cut)), "{:#?}", captured.lines());
+
+    server.reset().await;
+    let reason = "insufficient_system_resource";
+    Mock::given(wiremock::matchers::method("POST")).respond_with(streaming(answer(reason))).mount(&server).await;
+    assert_eq!(complete(&backend).await.as_deref(), Some("第一步是"));
+    let lines = captured.lines();
+    assert!(lines.iter().any(|line| line.contains(cut) && line.contains(reason)), "{lines:#?}");
+}

@@ -158,6 +158,8 @@ impl OpenAiBackend {
             ThinkFilter::new(self.settings.strip_think).opened_by_prompt(self.settings.think_open_in_prompt),
             on_delta,
         );
+        // Why the model stopped before its answer was done, if it said so.
+        let mut cut_by: Option<&'static str> = None;
         match sse::open_body(response, deadline, first_token_timeout).await? {
             ResponseBody::Json(bytes) => {
                 let json: Value = serde_json::from_slice(&bytes)
@@ -170,8 +172,11 @@ impl OpenAiBackend {
                     if let Some(text) = choice.get("message").and_then(|message| content_text(message.get("content"))) {
                         answer.push(&text)?;
                     }
-                    if choice.get("finish_reason").and_then(Value::as_str) == Some("length") {
-                        answer.cut_short();
+                    if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
+                        cut_by = cut_by.or_else(|| cut_reason(reason));
+                        if reason == "length" {
+                            answer.cut_short();
+                        }
                     }
                 }
             }
@@ -260,6 +265,7 @@ impl OpenAiBackend {
                             choice.get("finish_reason").and_then(Value::as_str).filter(|r| !r.is_empty())
                         {
                             debug!(backend = "openai", finish_reason = reason, "Stream finished.");
+                            cut_by = cut_by.or_else(|| cut_reason(reason));
                             closing_chunk_seen |= !brought;
                             if reason == "length" {
                                 answer.cut_short();
@@ -279,8 +285,25 @@ impl OpenAiBackend {
                 }
             }
         }
-        answer.finish()
+        let answer = answer.finish()?;
+        if let Some(finish_reason) = cut_by {
+            // Delivered as it stands (the user has seen it, or would rather have it than an
+            // apology), but an operator should know: a `max_tokens` too small, a filter.
+            warn!(
+                backend = "openai",
+                finish_reason, "The model stopped before its answer was done; sent as it stands."
+            );
+        }
+        Ok(answer)
     }
+}
+
+/// The finish reasons that say the answer was cut off (the token limit, a content filter,
+/// DeepSeek's `insufficient_system_resource`), as a static string for the log.
+fn cut_reason(finish_reason: &str) -> Option<&'static str> {
+    ["length", "max_tokens", "content_filter", "insufficient_system_resource"]
+        .into_iter()
+        .find(|cut| *cut == finish_reason)
 }
 
 impl LlmBackend for OpenAiBackend {
