@@ -96,7 +96,7 @@ impl Metrics {
         let answers = IntCounterVec::new(
             Opts::new(
                 "answers_total",
-                "Answer events by channel and path: passive and push as answers leave, parked and unparked as text is parked and taken out (then counted by the path it leaves by too).",
+                "Answer events by channel and path: passive, push and streamed as answers leave, parked and unparked as text is parked and taken out (then counted by the path it leaves by too).",
             ),
             &["channel", "path"],
         )

@@ -240,6 +240,7 @@ pub async fn resend(hub: &Hub, envelope: &Envelope, mut parts: Vec<Delivery>) {
             let text = first.reply.text.clone();
             match live::finish_resumed(hub, entry.channel.clone(), envelope, stream, &text).await {
                 Ok(()) => {
+                    count_streamed(hub, envelope);
                     clear_delivered(hub.store.as_ref(), &parts.remove(0)).await;
                     if parts.is_empty() {
                         hub.finish(&envelope.id).await;
@@ -438,10 +439,16 @@ pub async fn send_parts(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) ->
             let maybe_arrived =
                 matches!(undelivered.error, ChannelError::Transient { .. } | ChannelError::MaybeDelivered(_));
             // What the send quota parked of it behind the continue word goes too, unless the
-            // last part, the one that says so, may have arrived (it failed alone, and maybe
-            // not): the first failure stops the rest, and the end of a torn or unseen answer
-            // would come out on the next 「继续」.
-            if !(maybe_arrived && undelivered.parts.len() == 1) {
+            // last part, the one that says so, may have arrived: the first failure stops the
+            // rest, and the end of a torn or unseen answer would come out on the next 「继续」.
+            // A part that may have arrived is already recorded and left out of the undelivered
+            // ones; a transient failure leaves it first among them.
+            let hint_may_have_arrived = match undelivered.error {
+                ChannelError::MaybeDelivered(_) => undelivered.parts.is_empty(),
+                ChannelError::Transient { .. } => undelivered.parts.len() == 1,
+                _ => false,
+            };
+            if !hint_may_have_arrived {
                 hub.passive.forget_parked_of(&envelope.channel, &envelope.sender.id, &envelope.id);
             }
             if first_failed && !maybe_arrived {
@@ -697,6 +704,11 @@ async fn record_failed(store: &dyn Store, undelivered: &Undelivered) {
             tracing::error!(part = %failed.delivery_id, error = %store_error, "Failed to record a failed part.");
         }
     }
+}
+
+/// An answer (its first part) has left in the message it streamed into.
+pub fn count_streamed(hub: &Hub, envelope: &Envelope) {
+    hub.metrics.answers.with_label_values(&[envelope.channel.as_str(), "streamed"]).inc();
 }
 
 /// When a channel's sends may go: the retry policy, the account's pause, the stop's gate.

@@ -534,13 +534,15 @@ async fn hold_for_answer(
     // listens to, its retry then gets the reply given meanwhile (`reply_again`). Once every
     // attempt has come, holding it would only end in the platform's error page.
     let superseded = || job.attempts_seen() > this_attempt;
+    // Held open past the platform's own deadline: answering anything earlier, even `success`,
+    // ends its retries. Its own window, not a shorter one configured here: a window set short
+    // for safety must not answer before the platform gave up on the attempt.
+    let deadline = interval.unwrap_or(window).max(window);
     let lapse = || async {
-        // Held open past the platform's own deadline: answering anything earlier, even
-        // `success`, ends its retries. Not past the moment the connections close.
-        // The job may have left the map by then (its answer pushed at shutdown): the slots'
-        // own signal reaches it too.
+        // Not past the moment the connections close. The job may have left the map by then
+        // (its answer pushed at shutdown): the slots' own signal reaches it too.
         tokio::select! {
-            () = job.sleep_unless_stopped((window + window / 5).saturating_sub(started.elapsed())) => {}
+            () = job.sleep_unless_stopped((deadline + deadline / 5).saturating_sub(started.elapsed())) => {}
             () = hub.passive.stopped() => {}
         }
         ("lapsed", respond(WebhookResponse::empty()))

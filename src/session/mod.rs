@@ -534,7 +534,11 @@ async fn run_job(hub: Hub, key: SessionKey, job: Job, history: Option<window::Ca
             [first, _, ..] => first.reply.text.clone(),
             _ => reply.clone(),
         };
-        match live.finish(&card_text, &hub.messages.answer_below).await {
+        let finished = live.finish(&card_text, &hub.messages.answer_below).await;
+        if finished.is_ok() {
+            delivery::count_streamed(&hub, &envelope);
+        }
+        match finished {
             Ok(()) if parts.len() > 1 => {
                 delivery::clear_delivered(hub.store.as_ref(), &parts[0]).await;
                 delivery::deliver_recorded(&hub, &envelope, parts.into_iter().skip(1).collect()).await;

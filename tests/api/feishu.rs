@@ -186,6 +186,9 @@ async fn a_streamed_answer_updates_the_card_in_order_and_ends_with_the_whole_ans
     let settings = app.feishu_calls("PATCH", "/cards/card_1/settings").await;
     assert_eq!(settings.len(), 1);
     assert!(body(&settings[0])["sequence"].as_u64() > sequences.last().copied());
+    let metrics = app.metrics().await;
+    assert!(metrics.contains("yizhan_answers_total{channel=\"fs\",path=\"streamed\"} 1"), "{metrics}");
+    assert!(!metrics.contains("path=\"push\""), "{metrics}");
 }
 
 /// A model that fails after part of its answer streamed into the card: the card keeps that
@@ -535,6 +538,8 @@ async fn a_card_left_streaming_after_its_answer_was_recorded_gets_that_answer() 
     assert_eq!(last["content"], "上次的完整回答");
     assert!(updates.iter().all(|sequence| *sequence > 1 << 22), "{updates:?}");
     assert_eq!(old_card_calls(&app, "PATCH", "settings").await.0.len(), 1, "streaming ended");
+    let metrics = app.metrics().await;
+    assert!(metrics.contains("yizhan_answers_total{channel=\"fs\",path=\"streamed\"} 1"), "{metrics}");
 }
 
 /// The same, when the card is out of streaming mode (an earlier run's finish wrote the answer

@@ -592,6 +592,73 @@ async fn a_long_pushed_answer_stays_within_the_five_message_quota_and_continues_
     assert_eq!(app.llm_requests().await.len(), 1);
 }
 
+/// The fifth part, the one saying 「继续」 brings the rest, fails in a way that may have
+/// arrived (a gateway's 504): the user may be reading that hint, so the rest stays parked for
+/// the continue word instead of being dropped.
+#[actix_web::test]
+async fn the_rest_stays_parked_when_the_part_with_the_hint_may_have_arrived() {
+    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+    echo_llm(&llm, Duration::ZERO).await;
+    let sent_ok = ResponseTemplate::new(200).set_body_json(serde_json::json!({"errcode":0,"errmsg":"ok"}));
+    Mock::given(method("POST"))
+        .and(path("/cgi-bin/message/custom/send"))
+        .respond_with(sent_ok)
+        .up_to_n_times(4)
+        .mount(&wechat)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/cgi-bin/message/custom/send"))
+        .respond_with(ResponseTemplate::new(504).set_body_string("gateway timeout"))
+        .up_to_n_times(1)
+        .mount(&wechat)
+        .await;
+    wechat_ok(&wechat).await;
+    let config = base_config(&llm, &wechat);
+    let env = [
+        ("YIZHAN__CHANNELS__MP__REPLY_MODE", "push"),
+        ("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "100"),
+        ("YIZHAN__DELIVERY__MAX_ATTEMPTS", "1"),
+    ];
+    let app = spawn_with(&config, &env, ChannelKinds::builtin(), wechat, llm).await;
+    let question = "问".repeat(240);
+    app.post_text("oHint", 60, &question).await;
+    app.wait_until_idle().await;
+    let hint = "（回复「继续」查看剩余内容）";
+    let first = app.sent_texts().await;
+    assert_eq!(first.len(), 5, "{first:?}");
+    assert!(first[4].ends_with(hint), "{first:?}");
+    app.post_text("oHint", 61, "继续").await;
+    app.wait_until_idle().await;
+    let shown: String = app
+        .sent_texts()
+        .await
+        .iter()
+        .map(|text| text.replace(hint, ""))
+        .collect::<String>()
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    assert_eq!(shown, format!("答：{question}"), "the rest came with 「继续」");
+    assert!(app.metrics().await.contains("yizhan_deliveries_total{channel=\"mp\",outcome=\"maybe_delivered\"} 1"));
+}
+
+/// WeChat retries only once its own 5 s are up, and an answer before then, even an empty
+/// one, ends its retries: an attempt that took nothing is held past those 5 s even where a
+/// shorter window is set (400 ms here; held for 1.2 times it, the attempt answered at 480 ms).
+#[actix_web::test]
+async fn an_attempt_that_took_nothing_is_held_past_wechats_own_window_whatever_window_is_set() {
+    let env = [
+        ("YIZHAN__CHANNELS__MP__REPLY_MODE", "auto"),
+        ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", "400"),
+        ("YIZHAN__CHANNELS__MP__PASSIVE_MARGIN_MS", "100"),
+    ];
+    let app = spawn_app(&env, Duration::from_secs(30)).await;
+    let url = format!("{}?{}", app.webhook_url(CHANNEL), signed_query(now()));
+    let xml = text_xml("oHeld", 95, "慢的问题");
+    let attempt = app.http.post(url).body(xml).timeout(Duration::from_millis(1_500)).send().await;
+    assert!(attempt.as_ref().is_err_and(reqwest::Error::is_timeout), "answered within WeChat's 5 s: {attempt:?}");
+}
+
 /// Issue 4: the official compatible-mode vector (token `spamtest`), posted through the webhook, is
 /// answered with an encrypted passive reply that decrypts with the same parameters.
 #[actix_web::test]
