@@ -154,16 +154,41 @@ pub async fn record(
         return None;
     };
     let parts = parts_for(entry.channel.as_ref(), envelope, text);
-    if let Err(error) = hub.store.record_answer(&envelope.id, session_key, turn, &parts).await {
-        if left_to_the_restart(hub, envelope) {
-            return None;
+    // Not sent before it is recorded: sent unrecorded, a crash before the finish would have
+    // the next start ask the model again, and the user would get two answers. A store that
+    // fails for a while (a full disk, a lock held by a backup tool) is tried again; the
+    // user's later messages wait behind this one, and a stop in the meantime leaves the
+    // message open for the next start.
+    let mut delay = RECORD_RETRY_FIRST_DELAY;
+    let mut failures = 0_u32;
+    loop {
+        match hub.store.record_answer(&envelope.id, session_key, turn.clone(), &parts).await {
+            Ok(()) if failures > 0 => {
+                tracing::info!(envelope = %envelope.id, failures, "Answer recorded on a later try; sending it.");
+                return Some(parts);
+            }
+            Ok(()) => return Some(parts),
+            Err(error) => {
+                if left_to_the_restart(hub, envelope) {
+                    return None;
+                }
+                if failures == 0 {
+                    tracing::error!(envelope = %envelope.id, %error, "Failed to record an answer; it is sent once recorded, trying again.");
+                } else {
+                    tracing::debug!(envelope = %envelope.id, %error, "Recording the answer failed again.");
+                }
+                failures = failures.saturating_add(1);
+            }
         }
-        // Still deliver: the user is better served by an answer that a crash could repeat than
-        // by none.
-        tracing::error!(envelope = %envelope.id, %error, "Failed to record an answer; delivering anyway.");
+        actix::clock::sleep(delay).await;
+        delay = (delay * 2).min(RECORD_RETRY_LONGEST_DELAY);
     }
-    Some(parts)
 }
+
+/// How long [`record`] waits before trying a failed record again, doubled each time up to
+/// [`RECORD_RETRY_LONGEST_DELAY`].
+const RECORD_RETRY_FIRST_DELAY: Duration = Duration::from_millis(200);
+const RECORD_RETRY_LONGEST_DELAY: Duration = Duration::from_secs(30);
 
 /// Whether the store refuses writes for good (a failed fsync: see `Store::health`), in which
 /// case the message is left open for the restart that needs (whatever of its answer is not yet

@@ -662,6 +662,24 @@ async fn a_failed_finish_is_written_on_a_later_try() {
     assert_eq!(store.finished.load(Ordering::SeqCst), 1);
 }
 
+/// An answer is sent only once it is recorded: sent before, a crash ahead of the finish would
+/// have the next start ask the model again, and the user would get a second answer.
+#[actix::test]
+async fn an_answer_that_cannot_be_recorded_yet_is_sent_once_it_is() {
+    tokio::time::pause();
+    let (store, fixture) = fixture_on_memory(Duration::ZERO);
+    store.refuse_records.store(true, Ordering::SeqCst);
+    fixture.ask_accepted("u1", "问");
+    actix::clock::sleep(Duration::from_secs(120)).await;
+    assert!(fixture.delivered().is_empty(), "sent before it was recorded");
+    store.refuse_records.store(false, Ordering::SeqCst);
+    fixture.wait_for_deliveries(1).await;
+    fixture.wait_until_none_open().await;
+    let texts: Vec<String> = fixture.delivered().into_iter().map(|d| d.reply.text).collect();
+    assert_eq!(texts, ["答：问"]);
+    assert_eq!(store.finished.load(Ordering::SeqCst), 1);
+}
+
 #[actix::test]
 async fn messages_queued_behind_a_turn_that_panicked_are_still_answered() {
     tokio::time::pause();

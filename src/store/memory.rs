@@ -42,6 +42,10 @@ pub struct MemoryStore {
     /// Tests: `clear_history` and `finish` fail, as a broken SQLite store's would.
     #[cfg(test)]
     pub(crate) refuse_writes: std::sync::atomic::AtomicBool,
+    /// Tests: `record_answer` fails, as a SQLite store's whose disk is full (not broken: it
+    /// may succeed later).
+    #[cfg(test)]
+    pub(crate) refuse_records: std::sync::atomic::AtomicBool,
     /// Tests: broken for good, as the SQLite store after a failed fsync: `health` says so, and
     /// recording answers, clearing parts and finishing fail.
     #[cfg(test)]
@@ -61,6 +65,8 @@ impl MemoryStore {
             sweeps: Mutex::default(),
             #[cfg(test)]
             refuse_writes: Default::default(),
+            #[cfg(test)]
+            refuse_records: Default::default(),
             #[cfg(test)]
             broken: Default::default(),
             #[cfg(test)]
@@ -134,7 +140,7 @@ impl Store for MemoryStore {
         _parts: &'a [Delivery],
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         #[cfg(test)]
-        if self.fails_writes(false) {
+        if self.fails_writes(false) || self.refuse_records.load(std::sync::atomic::Ordering::SeqCst) {
             return Box::pin(async { Err(StoreError::Backend("broken for a test".into())) });
         }
         if let Some(turn) = turn {

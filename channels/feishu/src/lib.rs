@@ -145,6 +145,16 @@ impl Feishu {
     /// with the rest of the hub so connections are pooled.
     pub fn new(id: ChannelId, settings: FeishuSettings, http: reqwest::Client) -> Result<Self, ChannelError> {
         let settings = settings.validate()?;
+        if settings.encrypt_key.is_none() {
+            // Without it nothing proves a callback came from Feishu but the verification
+            // token, which every callback carries in its body: one leaked body (a proxy's
+            // log) lets anyone post events, and have the bot answer into any of its chats.
+            warn!(
+                channel = %id,
+                "No `encrypt_key`: callbacks are not signed, only the verification token in their body is checked; \
+                 set an Encrypt Key in the Feishu console (事件与回调 > 加密策略) and the same key here"
+            );
+        }
         let api = api::Api::new(
             id.clone(),
             http,

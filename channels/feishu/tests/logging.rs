@@ -63,3 +63,27 @@ async fn a_wrong_secret_is_logged_once_per_code_not_per_message_and_never_with_s
         assert!(!line.contains(SECRET), "secret in log: {line}");
     }
 }
+
+#[tokio::test]
+async fn a_channel_without_an_encrypt_key_warns_that_its_callbacks_are_unsigned() {
+    let (captured, _guard) = capture_logs();
+    let server = MockServer::start().await;
+    let _unsigned = channel_for(&server);
+    let warned =
+        |lines: &[String]| lines.iter().filter(|line| line.contains("WARN") && line.contains("encrypt_key")).count();
+    assert_eq!(warned(&captured.lines()), 1, "{:#?}", captured.lines());
+
+    let settings: FeishuSettings = serde_json::from_value(json!({
+        "app_id": "cli_9f5343c580712544",
+        "app_secret": SECRET,
+        "verification_token": "vt",
+        "encrypt_key": "the-encrypt-key",
+        "api_base": server.uri(),
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let id = ChannelId::parse("fs2").unwrap_or_else(|e| panic!("{e}"));
+    let _signed = Feishu::new(id, settings, reqwest::Client::new()).unwrap_or_else(|e| panic!("{e}"));
+    let lines = captured.lines();
+    assert_eq!(warned(&lines), 1, "no second warning: {lines:#?}");
+    assert!(!lines.iter().any(|line| line.contains("the-encrypt-key") || line.contains(SECRET)), "{lines:#?}");
+}

@@ -42,6 +42,11 @@ const FREQUENCY_BACKOFF: Duration = Duration::from_secs(60);
 /// check, and the shorter that is the better.
 pub(crate) const DUPLICATE_CHECK_SECS: u64 = 900;
 
+/// How much longer than WeCom's duplicate-check window the channel remembers a send (`repeats`):
+/// WeCom counts from when a message arrives, up to a request's timeout after the send began,
+/// and in whole seconds.
+pub(crate) const DUPLICATE_CHECK_MARGIN: Duration = Duration::from_secs(REQUEST_TIMEOUT.as_secs() + 2);
+
 /// Which call an errcode came from; a few codes mean different things in each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {

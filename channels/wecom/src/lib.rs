@@ -123,7 +123,9 @@ impl Wecom {
             crypto,
             api,
             limiter,
-            recent_sends: repeats::RecentSends::new(Duration::from_secs(api::DUPLICATE_CHECK_SECS)),
+            recent_sends: repeats::RecentSends::new(
+                Duration::from_secs(api::DUPLICATE_CHECK_SECS) + api::DUPLICATE_CHECK_MARGIN,
+            ),
             run: yizhan_channel_core::Envelope::new_id(),
             foreign_agents: Mutex::new(HashSet::new()),
         })
