@@ -195,7 +195,7 @@ async fn every_acknowledged_message_is_answered_exactly_once_across_a_kill_9() {
     std::fs::write(&config_path, config).unwrap_or_else(|e| panic!("{e}"));
 
     let first = start_binary(&config_path).await;
-    let app =
+    let mut app =
         TestApp { address: first.address.clone(), wechat, llm, http: reqwest::Client::new(), _actor_threads: None };
     let posts = (0..50u64).map(|user| {
         let app = &app;
@@ -225,6 +225,19 @@ async fn every_acknowledged_message_is_answered_exactly_once_across_a_kill_9() {
         metric(&app.http, &address, "yizhan_journal_open ").await == Some(0)
     })
     .await;
+    // WeChat retries each one now (same MsgId): every retry is known from before the kill,
+    // acknowledged and not taken again.
+    app.address = address.clone();
+    let retries = (0..50u64).map(|user| {
+        let app = &app;
+        async move { app.post_text(&format!("oCrash{user}"), 50_000 + user, &format!("问题{user}")).await }
+    });
+    for (status, body) in futures_util::future::join_all(retries).await {
+        assert_eq!((status, body.as_str()), (200, "success"));
+    }
+    let duplicates = "yizhan_webhook_requests_total{channel=\"mp\",outcome=\"duplicate\"} ";
+    assert_eq!(metric(&app.http, &address, duplicates).await, Some(50), "{}", app.metrics().await);
+    assert_eq!(metric(&app.http, &address, "yizhan_journal_open ").await, Some(0));
     let sent = app.sent_messages().await;
     let _ = second.child.kill();
     let _ = second.child.wait();
