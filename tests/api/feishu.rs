@@ -114,6 +114,63 @@ async fn the_url_challenge_is_answered_and_a_wrong_token_is_401() {
     assert_eq!(app.post_feishu(&wrong).await.0, 401);
 }
 
+const ENCRYPT_KEY: &str = "the encrypt key";
+
+/// Feishu's encryption of a callback (`{"encrypt": …}`): AES-256-CBC under SHA-256 of the
+/// Encrypt Key, the IV first.
+fn encrypted(event: &serde_json::Value) -> Vec<u8> {
+    use aes::cipher::{BlockEncryptMut, KeyIvInit};
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let key = sha2::Sha256::digest(ENCRYPT_KEY.as_bytes());
+    let iv = [7u8; 16];
+    let ciphertext = cbc::Encryptor::<aes::Aes256>::new_from_slices(&key, &iv)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .encrypt_padded_vec_mut::<aes::cipher::block_padding::Pkcs7>(event.to_string().as_bytes());
+    let encrypt = base64::engine::general_purpose::STANDARD.encode([iv.as_slice(), &ciphertext].concat());
+    serde_json::json!({ "encrypt": encrypt }).to_string().into_bytes()
+}
+
+impl TestApp {
+    /// Posts `body` as Feishu does with an Encrypt Key: signed over the exact bytes sent.
+    async fn post_feishu_signed(&self, body: Vec<u8>, signed_body: &[u8]) -> u16 {
+        let (timestamp, nonce) = (now().to_string(), "a-nonce");
+        let signature = yizhan_channel_feishu::crypto::signature(&timestamp, nonce, ENCRYPT_KEY, signed_body);
+        let request = self
+            .http
+            .post(self.webhook_url("fs"))
+            .header("Content-Type", "application/json")
+            .header("X-Lark-Request-Timestamp", timestamp)
+            .header("X-Lark-Request-Nonce", nonce)
+            .header("X-Lark-Signature", signature)
+            .body(body);
+        request.send().await.unwrap_or_else(|e| panic!("{e}")).status().as_u16()
+    }
+}
+
+/// With an Encrypt Key, events come encrypted and signed over the raw body: one so is answered,
+/// and one unsigned, or signed over other bytes, is refused over HTTP without asking the model.
+#[actix_web::test]
+async fn with_an_encrypt_key_signed_encrypted_events_are_answered_and_unsigned_ones_refused() {
+    let app = spawn_feishu_with(false, Duration::ZERO, &[("YIZHAN__CHANNELS__FS__ENCRYPT_KEY", ENCRYPT_KEY)]).await;
+    let unsigned = encrypted(&event("om_unsigned", "p2p", "没签名", serde_json::json!([])));
+    let response = app.http.post(app.webhook_url("fs")).body(unsigned).send().await;
+    assert_eq!(response.unwrap_or_else(|e| panic!("{e}")).status().as_u16(), 401);
+    let tampered = encrypted(&event("om_tampered", "p2p", "改过", serde_json::json!([])));
+    let other = encrypted(&event("om_other", "p2p", "别的", serde_json::json!([])));
+    assert_eq!(app.post_feishu_signed(tampered, &other).await, 401);
+
+    let signed = encrypted(&event("om_signed", "p2p", "加密的", serde_json::json!([])));
+    assert_eq!(app.post_feishu_signed(signed.clone(), &signed).await, 200);
+    app.wait_until_idle().await;
+    let replies = app.feishu_calls("POST", "/reply").await;
+    assert_eq!(replies.len(), 1, "only the signed event is answered");
+    assert!(replies[0].url.path().ends_with("/om_signed/reply"));
+    let content = body(&replies[0])["content"].as_str().map(str::to_owned).unwrap_or_default();
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&content).unwrap_or_default()["text"], "答：加密的");
+    assert_eq!(app.llm_requests().await.len(), 1);
+}
+
 #[actix_web::test]
 async fn a_redelivered_event_is_answered_once_with_a_text_reply() {
     let app = spawn_feishu(false, Duration::ZERO).await;
