@@ -148,12 +148,31 @@ async fn a_follow_gets_the_welcome_but_opening_the_app_gets_nothing() {
     assert!(app.llm_requests().await.is_empty());
 }
 
+/// WeCom posts an event again when its answer is slow (same CreateTime, no MsgId): one welcome.
+#[actix_web::test]
+async fn a_follow_retried_by_wecom_gets_one_welcome() {
+    let app = spawn_wecom().await;
+    let (query, body) = event_callback("wangwu", "subscribe");
+    for _ in 0..3 {
+        assert_eq!(app.post_wecom(&query, &body).await, (200, String::new()));
+    }
+    app.wait_until_idle().await;
+    let sent = app.wecom_sends().await;
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0]["touser"], "wangwu");
+}
+
 #[actix_web::test]
 async fn a_bad_signature_or_another_corp_is_rejected() {
     let app = spawn_wecom().await;
     let (query, body) = callback(CORP, "lisi", 9002, "你好");
     let forged = query.replacen("msg_signature=", "msg_signature=0", 1);
     assert_eq!(app.post_wecom(&forged, &body).await.0, 401);
+    // Of the right length, one digit off.
+    let (signature, rest) = query.split_once('&').unwrap_or_default();
+    let flipped = if signature.ends_with('0') { '1' } else { '0' };
+    let same_length = format!("{}{flipped}&{rest}", &signature[..signature.len() - 1]);
+    assert_eq!(app.post_wecom(&same_length, &body).await.0, 401);
     let (query, body) = callback("wwOtherCorp", "lisi", 9003, "你好");
     assert_eq!(app.post_wecom(&query, &body).await.0, 401);
     app.wait_until_idle().await;
@@ -176,4 +195,29 @@ async fn the_official_url_verification_vector_is_answered_with_the_plaintext() {
         app.http.get(format!("{}?{query}", app.webhook_url("wc"))).send().await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(response.status().as_u16(), 200);
     assert_eq!(response.text().await.unwrap_or_default(), "1616140317555161061");
+}
+
+/// WeCom's URL check as the console sends it today: a fresh timestamp inside the default
+/// replay window is answered with the plaintext; one from an hour ago is refused.
+#[actix_web::test]
+async fn a_fresh_url_verification_is_answered_and_a_stale_one_refused() {
+    let app = spawn_wecom().await;
+    let crypto = WxCrypto::new(TOKEN, AES_KEY, None, CORP).unwrap_or_else(|e| panic!("{e}"));
+    let echostr = crypto.encrypt("4411057398122566751", KeySlot::Current).unwrap_or_else(|e| panic!("{e}"));
+    let url_encoded = echostr.replace('+', "%2B").replace('/', "%2F").replace('=', "%3D");
+    let verify = |timestamp: u64| {
+        let (timestamp, nonce) = (timestamp.to_string(), "1372623149");
+        let signature = msg_signature(TOKEN, &timestamp, nonce, &echostr);
+        let url = format!(
+            "{}?msg_signature={signature}&timestamp={timestamp}&nonce={nonce}&echostr={url_encoded}",
+            app.webhook_url("wc")
+        );
+        let http = app.http.clone();
+        async move {
+            let response = http.get(url).send().await.unwrap_or_else(|e| panic!("{e}"));
+            (response.status().as_u16(), response.text().await.unwrap_or_default())
+        }
+    };
+    assert_eq!(verify(now()).await, (200, "4411057398122566751".to_owned()));
+    assert_eq!(verify(now() - 3_600).await.0, 401);
 }
