@@ -282,22 +282,32 @@ async fn openai_hides_reasoning_whose_think_tag_the_prompt_opened() {
     assert_eq!(result.ok().as_deref(), Some("用户在打招呼。</think>\n\n你好！"));
 }
 
-/// Reasoning cut off at the token limit before its `</think>` is not an answer: nothing of it
-/// reaches the user, who gets the apology instead.
+/// Reasoning cut off before its `</think>` (the token limit, a content filter, a server out of
+/// resources) is not an answer: nothing of it reaches the user, who gets the apology instead;
+/// streamed or answered whole.
 #[tokio::test]
-async fn openai_reasoning_opened_by_the_prompt_and_cut_at_the_token_limit_is_never_shown() {
-    let server = MockServer::start().await;
-    let cut = json!({"choices":[{"index":0,"delta":{"content":"还要再想"},"finish_reason":"length"}]}).to_string();
-    let body = sse(&[&chunk("用户在问天气，"), &cut, "[DONE]"]);
-    Mock::given(method("POST")).respond_with(streaming(body)).mount(&server).await;
-    let mut settings = openai_settings(&server);
-    settings.strip_think = true;
-    settings.think_open_in_prompt = true;
+async fn openai_reasoning_opened_by_the_prompt_and_cut_off_by_the_model_is_never_shown() {
+    for reason in ["length", "max_tokens", "content_filter", "insufficient_system_resource"] {
+        let server = MockServer::start().await;
+        let cut = json!({"choices":[{"index":0,"delta":{"content":"还要再想"},"finish_reason":reason}]}).to_string();
+        let body = sse(&[&chunk("用户在问天气，"), &cut, "[DONE]"]);
+        Mock::given(method("POST")).respond_with(streaming(body)).mount(&server).await;
+        let mut settings = openai_settings(&server);
+        settings.strip_think = true;
+        settings.think_open_in_prompt = true;
 
-    let (result, seen) = complete(&openai(settings)).await;
+        let (result, seen) = complete(&openai(settings.clone())).await;
+        assert!(matches!(result, Err(LlmError::Protocol(_))), "{reason}, streamed: {result:?}");
+        assert!(seen.is_empty(), "{reason}, streamed: {seen:?}");
 
-    assert!(matches!(result, Err(LlmError::Protocol(_))), "{result:?}");
-    assert!(seen.is_empty(), "{seen:?}");
+        let server = MockServer::start().await;
+        let whole = json!({"choices":[{"index":0,"message":{"role":"assistant","content":"用户在问天气，还要再想"},"finish_reason":reason}]});
+        Mock::given(method("POST")).respond_with(ResponseTemplate::new(200).set_body_json(whole)).mount(&server).await;
+        settings.base_url = format!("{}/v1/", server.uri());
+        let (result, seen) = complete(&openai(settings)).await;
+        assert!(matches!(result, Err(LlmError::Protocol(_))), "{reason}, whole: {result:?}");
+        assert!(seen.is_empty(), "{reason}, whole: {seen:?}");
+    }
 }
 
 /// A stream cut off before the server said the answer was complete (no finish reason, no

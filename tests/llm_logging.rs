@@ -117,3 +117,29 @@ async fn an_answer_the_model_cut_short_is_delivered_and_logged() {
     let lines = captured.lines();
     assert!(lines.iter().any(|line| line.contains(cut) && line.contains(reason)), "{lines:#?}");
 }
+
+/// A stream that ends with neither a closing chunk nor `[DONE]` (a gateway closing after an
+/// upstream failure) keeps what it brought, with a warning; one that ends properly, none.
+#[tokio::test]
+async fn an_openai_stream_cut_off_is_delivered_and_logged() {
+    let (captured, _guard) = capture_logs();
+    let server = MockServer::start().await;
+    let first = json!({"choices":[{"index":0,"delta":{"content":"第一步是"},"finish_reason":null}]});
+    let settings = OpenAiSettings::new(format!("{}/v1", server.uri()), "m");
+    let backend = OpenAiBackend::new(settings, build_http_client(Duration::from_secs(2)));
+    let cut = "The stream ended without its finish";
+
+    let whole = format!("data: {first}\n\ndata: [DONE]\n\n");
+    Mock::given(wiremock::matchers::method("POST")).respond_with(streaming(whole)).mount(&server).await;
+    assert_eq!(complete(&backend).await.as_deref(), Some("第一步是"));
+    assert!(captured.lines().iter().all(|line| !line.contains(cut)), "{:#?}", captured.lines());
+
+    server.reset().await;
+    Mock::given(wiremock::matchers::method("POST"))
+        .respond_with(streaming(format!("data: {first}\n\n")))
+        .mount(&server)
+        .await;
+    assert_eq!(complete(&backend).await.as_deref(), Some("第一步是"));
+    let lines = captured.lines();
+    assert!(lines.iter().any(|line| line.contains("WARN") && line.contains(cut)), "{lines:#?}");
+}

@@ -178,17 +178,17 @@ impl<'a> SinkLoan<'a> {
     }
 
     /// A sink for one attempt, and a flag that turns true once it passed any text on. An empty
-    /// piece only says the model is at work: it is not passed on.
+    /// piece only says the model is at work (reasoning); it is passed on as it is, for a caller
+    /// that waits for the answer to begin (the breaker's probe), and never counts as text.
     fn tracking_sink(&self) -> (DeltaSink, Arc<AtomicBool>) {
         let delivered = Arc::new(AtomicBool::new(false));
         let (flag, progressed) = (Arc::clone(&delivered), Arc::clone(&self.progressed));
         let shared = Arc::clone(&self.shared);
         let sink: DeltaSink = Box::new(move |piece: &str| {
             progressed.store(true, Ordering::SeqCst);
-            if piece.is_empty() {
-                return;
+            if !piece.is_empty() {
+                flag.store(true, Ordering::SeqCst);
             }
-            flag.store(true, Ordering::SeqCst);
             // NOTE: the lock is held only for this synchronous call, never across an await; a
             // poisoned lock (a panicking sink) still holds a usable sink.
             let mut sink = shared.lock().unwrap_or_else(PoisonError::into_inner);
@@ -434,8 +434,8 @@ mod tests {
         let result = streaming.complete(&request(), &mut sink).await;
         assert!(matches!(result, Err(LlmError::TotalTimeout { started: true, .. })), "{result:?}");
         assert_eq!(seen.lock().unwrap_or_else(PoisonError::into_inner).as_str(), "partial");
-        // Reasoning longer than the total timeout: the model was answering (nothing was shown,
-        // and the empty piece did not reach the caller's sink).
+        // Reasoning longer than the total timeout: the model was answering (nothing was shown:
+        // the caller's sink had only the empty piece that says so).
         let (thinking, _) = client(vec![Script::ThinkThenHang], fast_settings());
         let (mut sink, seen) = recorder();
         let result = thinking.complete(&request(), &mut sink).await;

@@ -153,16 +153,20 @@ impl Handler<Complete> for LlmActor {
             };
             metrics.llm_in_flight.inc();
             let started = std::time::Instant::now();
-            let mut sink: DeltaSink = msg.on_delta.unwrap_or_else(|| Box::new(|_: &str| {}));
-            if let Some(mut answering) = ticket.probe_answering() {
-                // A probe closes the breaker as its answer begins (reasoning counts), so that
-                // the calls refused while it is out are not refused for its whole answer.
-                let (metrics, mut to_caller) = (metrics.clone(), sink);
-                sink = Box::new(move |piece: &str| {
-                    report_transition(answering.answer_began(), &metrics, backend);
+            let mut to_caller: DeltaSink = msg.on_delta.unwrap_or_else(|| Box::new(|_: &str| {}));
+            // A probe closes the breaker as its answer begins, reasoning included (an empty
+            // piece: the model at work), so that the calls refused while it is out are not
+            // refused for its whole answer. The caller hears only text.
+            let mut answering = ticket.probe_answering();
+            let probe_metrics = metrics.clone();
+            let mut sink: DeltaSink = Box::new(move |piece: &str| {
+                if let Some(answering) = answering.as_mut() {
+                    report_transition(answering.answer_began(), &probe_metrics, backend);
+                }
+                if !piece.is_empty() {
                     to_caller(piece);
-                });
-            }
+                }
+            });
             let result = client.complete_by(deadline, &msg.request, &mut sink).await;
             metrics.llm_in_flight.dec();
             let outcome = match &result {
@@ -243,6 +247,30 @@ mod tests {
                 refused.fetch_add(1, Ordering::SeqCst);
             }
         });
+    }
+
+    /// What says the model is at work reaches the breaker's probe, not the asker, who hears
+    /// only text (a streamed card would be updated for nothing).
+    #[actix::test]
+    async fn the_asker_hears_only_the_answers_text() {
+        let settings = LlmClientSettings {
+            first_token_timeout: Duration::from_secs(5),
+            total_timeout: Duration::from_secs(5),
+            max_retries: 0,
+            retry_base_delay: Duration::from_millis(1),
+        };
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let client = LlmClient::new(Arc::new(ComesBack { up, pieces: &["", "答"], finishes: true }), settings);
+        let addr = LlmActor::new(client, 1, 1, Metrics::new()).start();
+        let pieces = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let heard = pieces.clone();
+        let on_delta: DeltaSink = Box::new(move |piece: &str| {
+            heard.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(piece.to_owned());
+        });
+        let request = CompletionRequest { messages: Vec::new(), user: "u".into(), channel_kind: "test".into() };
+        let answer = addr.send(Complete { request, on_delta: Some(on_delta) }).await;
+        assert_eq!(answer.ok().and_then(Result::ok).as_deref(), Some("答"));
+        assert_eq!(*pieces.lock().unwrap_or_else(std::sync::PoisonError::into_inner), ["答"]);
     }
 
     #[actix::test]
@@ -356,9 +384,12 @@ mod tests {
         assert!(matches!(second, Err(LlmError::Unavailable(_))), "{second:?}");
     }
 
-    /// Refuses connections until `up`; then says one word and never finishes.
+    /// Refuses connections until `up`; then says its `pieces` (an empty one: at work, nothing
+    /// to show) and, unless it `finishes`, never ends.
     struct ComesBack {
         up: Arc<std::sync::atomic::AtomicBool>,
+        pieces: &'static [&'static str],
+        finishes: bool,
     }
 
     impl LlmBackend for ComesBack {
@@ -376,7 +407,12 @@ mod tests {
                 if !self.up.load(Ordering::SeqCst) {
                     return Err(LlmError::Connect("connection refused".into()));
                 }
-                on_delta("你");
+                for piece in self.pieces {
+                    on_delta(piece);
+                }
+                if self.finishes {
+                    return Ok(self.pieces.concat());
+                }
                 std::future::pending().await
             })
         }
@@ -385,6 +421,13 @@ mod tests {
     #[actix::test]
     async fn calls_are_admitted_again_once_the_probes_answer_has_begun() {
         tokio::time::pause();
+        for reasons in [false, true] {
+            calls_are_admitted_again_once_the_probe_answers(reasons).await;
+        }
+    }
+
+    /// The probe's answer begins with a word, or (`reasons`) with reasoning that shows none.
+    async fn calls_are_admitted_again_once_the_probe_answers(reasons: bool) {
         let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let settings = LlmClientSettings {
             first_token_timeout: Duration::from_secs(30),
@@ -392,7 +435,8 @@ mod tests {
             max_retries: 0,
             retry_base_delay: Duration::from_millis(1),
         };
-        let client = LlmClient::new(Arc::new(ComesBack { up: up.clone() }), settings);
+        let pieces: &[&str] = if reasons { &[""] } else { &["你"] };
+        let client = LlmClient::new(Arc::new(ComesBack { up: up.clone(), pieces, finishes: false }), settings);
         let breaker = BreakerSettings { threshold: 1, cooldown: Duration::from_secs(10) };
         let addr = LlmActor::new(client, 4, 10, Metrics::new()).with_breaker(breaker).start();
         let (down, _) = outcome(ask_timed(&addr)).await;
@@ -403,9 +447,12 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(1)).await;
         // The probe's first word is out; it has not ended (its answer runs to the total timeout).
         let (after, _) = outcome(ask_timed(&addr)).await;
-        assert!(matches!(after, Err(LlmError::TotalTimeout { started: true, .. })), "not refused: {after:?}");
+        assert!(
+            matches!(after, Err(LlmError::TotalTimeout { started: true, .. })),
+            "not refused ({reasons}): {after:?}"
+        );
         let (probe, _) = outcome(probe).await;
-        assert!(matches!(probe, Err(LlmError::TotalTimeout { started: true, .. })), "{probe:?}");
+        assert!(matches!(probe, Err(LlmError::TotalTimeout { started: true, .. })), "{reasons}: {probe:?}");
     }
 
     #[actix::test]

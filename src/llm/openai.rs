@@ -173,8 +173,8 @@ impl OpenAiBackend {
                         answer.push(&text)?;
                     }
                     if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
-                        cut_by = cut_by.or_else(|| cut_reason(reason));
-                        if reason == "length" {
+                        if let Some(cut) = cut_reason(reason) {
+                            cut_by = cut_by.or(Some(cut));
                             answer.cut_short();
                         }
                     }
@@ -265,9 +265,9 @@ impl OpenAiBackend {
                             choice.get("finish_reason").and_then(Value::as_str).filter(|r| !r.is_empty())
                         {
                             debug!(backend = "openai", finish_reason = reason, "Stream finished.");
-                            cut_by = cut_by.or_else(|| cut_reason(reason));
                             closing_chunk_seen |= !brought;
-                            if reason == "length" {
+                            if let Some(cut) = cut_reason(reason) {
+                                cut_by = cut_by.or(Some(cut));
                                 answer.cut_short();
                             }
                         }
@@ -282,6 +282,11 @@ impl OpenAiBackend {
                 // so it does not say the stream ended where the server meant it to.
                 if !(closing_chunk_seen || events.saw_done()) {
                     answer.ended_abruptly();
+                    if answer.has_started() {
+                        // What was shown stays (the user has seen it), but not silently: a
+                        // gateway that closed after an upstream failure cut it.
+                        warn!(backend = "openai", "The stream ended without its finish; the answer may be cut off.");
+                    }
                 }
             }
         }

@@ -119,8 +119,9 @@ impl ThinkFilter {
         self.cut_short();
     }
 
-    /// The model stopped at its token limit: text held in case the prompt opened a reasoning
-    /// block is reasoning cut off before its `</think>`, never to be shown.
+    /// The model stopped before its answer was done (its token limit, a content filter): text
+    /// held in case the prompt opened a reasoning block is reasoning cut off before its
+    /// `</think>`, never to be shown.
     pub fn cut_short(&mut self) {
         if self.held.take().is_some() {
             self.inside = true;
@@ -206,7 +207,7 @@ impl<'s> VisibleAnswer<'s> {
         (self.sink)("");
     }
 
-    /// The model stopped at its token limit (`finish_reason: length`).
+    /// The model stopped before its answer was done (`finish_reason: length`, `content_filter` …).
     pub(crate) fn cut_short(&mut self) {
         self.filter.cut_short();
     }
