@@ -582,19 +582,29 @@ const MAX_RETRY_AFTER_SECS: u64 = 3_600;
 ///
 /// `api_key` is removed from the body before anything is kept: some gateways quote the key
 /// they were sent in a 401's message, and the message is logged.
+/// The pause a `Retry-After` value asks for, at `now`: whole seconds (what servers in front of
+/// models send), or an HTTP date (a date past is no pause); capped at an hour. `None` for
+/// anything else.
+fn retry_after_delay(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    let delay = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => httpdate::parse_http_date(value).ok()?.duration_since(now).unwrap_or_default(),
+    };
+    Some(delay.min(Duration::from_secs(MAX_RETRY_AFTER_SECS)))
+}
+
 pub(crate) async fn status_error(
     mut response: reqwest::Response,
     read_timeout: Duration,
     api_key: Option<&str>,
 ) -> LlmError {
     let status = response.status();
-    // Seconds only: servers in front of models send that form; an HTTP date is ignored.
     let retry_after = response
         .headers()
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.trim().parse::<u64>().ok())
-        .map(|secs| Duration::from_secs(secs.min(MAX_RETRY_AFTER_SECS)));
+        .and_then(|value| retry_after_delay(value, std::time::SystemTime::now()));
     let body = tokio::time::timeout(read_timeout, read_body_limited(&mut response, MAX_ERROR_BODY_BYTES)).await;
     let text = match body {
         Ok(Ok((bytes, _))) => redact(String::from_utf8_lossy(&bytes).into_owned(), api_key),
@@ -744,6 +754,19 @@ pub(crate) fn stream_error(error: SseError) -> LlmError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_is_read_as_seconds_or_as_an_http_date() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_445_412_480); // 2015-10-21 07:28:00 GMT
+        assert_eq!(retry_after_delay(" 7 ", now), Some(Duration::from_secs(7)));
+        assert_eq!(retry_after_delay("Wed, 21 Oct 2015 07:28:03 GMT", now), Some(Duration::from_secs(3)));
+        assert_eq!(retry_after_delay("Wed, 21 Oct 2015 07:27:00 GMT", now), Some(Duration::ZERO), "past");
+        assert_eq!(retry_after_delay("86400", now), Some(Duration::from_secs(MAX_RETRY_AFTER_SECS)), "capped");
+        assert_eq!(retry_after_delay("Thu, 22 Oct 2015 07:28:00 GMT", now), Some(Duration::from_secs(3_600)));
+        for garbage in ["", "soon", "-1", "1.5e9", "Wed, 99 Oct 2015 07:28:03 GMT"] {
+            assert_eq!(retry_after_delay(garbage, now), None, "{garbage:?}");
+        }
+    }
 
     #[test]
     fn redaction_covers_a_secret_cut_short_at_the_end_of_a_message() {
