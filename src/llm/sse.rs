@@ -7,7 +7,8 @@
 //! Follows the WHATWG "event stream interpretation" rules, with two deliberate deviations: a final
 //! event without the terminating blank line is still dispatched at end of stream, because real
 //! LLM gateways close the connection right after their last `data:` line; and a bare line
-//! starting with `{` is read as data (a gateway's JSON error sent as the event stream).
+//! starting with `{` is read as data (a gateway's JSON error sent as the event stream), as is
+//! every line of a stream whose first line starts so (the same error, pretty-printed).
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -65,6 +66,9 @@ pub struct SseParser {
     pending_cr: bool,
     /// Whether the very first line is still to come (its UTF-8 BOM, if any, must be dropped).
     at_stream_start: bool,
+    /// The stream began with `{`: a JSON document sent as the event stream (a gateway's error),
+    /// perhaps over several lines, each of them data.
+    json_document: bool,
     /// The `event:` field of the event being assembled.
     event: Option<String>,
     /// The `data:` lines of the event being assembled, each followed by `\n`.
@@ -102,6 +106,7 @@ impl SseParser {
             line: Vec::new(),
             pending_cr: false,
             at_stream_start: true,
+            json_document: false,
             event: None,
             data: String::new(),
             has_data: false,
@@ -187,20 +192,22 @@ impl SseParser {
         if self.at_stream_start {
             self.at_stream_start = false;
             line = line.strip_prefix('\u{FEFF}').unwrap_or(line);
+            self.json_document = line.starts_with('{');
         }
         if line.is_empty() {
             self.dispatch();
             return Ok(());
         }
-        if line.starts_with(':') {
+        if line.starts_with(':') && !self.json_document {
             // A comment, typically a keep-alive.
             return Ok(());
         }
         // No field name starts with `{`: a bare JSON line is a server (or gateway) that answered
         // `text/event-stream` with a JSON document, an error as a rule ("quota exceeded"). Read
-        // as the data it is, it reaches the caller instead of vanishing into "empty answer".
+        // as the data it is, it reaches the caller instead of vanishing into "empty answer";
+        // so does every line of a document that began the stream (pretty-printed).
         let (field, value) = match line.split_once(':') {
-            _ if line.starts_with('{') => ("data", line),
+            _ if self.json_document || line.starts_with('{') => ("data", line),
             Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
             None => (line, ""),
         };
@@ -754,6 +761,23 @@ pub(crate) fn stream_error(error: SseError) -> LlmError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pretty_printed_json_error_sent_as_the_event_stream_is_one_event() {
+        let mut parser = SseParser::default();
+        let body = "{\n  \"error\": {\n    \"message\": \"quota exceeded\",\n    \"code\": 429\n  }\n}\n";
+        let mut events = parser.push_collect(body.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(parser.finish().is_ok());
+        events.extend(std::iter::from_fn(|| parser.next_event()));
+        assert_eq!(events.len(), 1, "{events:?}");
+        let json: serde_json::Value = serde_json::from_str(&events[0].data).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(error_message(&json).as_deref(), Some("quota exceeded"));
+        // An event stream proper is read as ever: a `{` line inside it is one data line.
+        let mut parser = SseParser::default();
+        let events = parser.push_collect(b"data: 1\n\n{\"a\":1}\n\nfoo: 2\n\n").unwrap_or_else(|e| panic!("{e}"));
+        let data: Vec<&str> = events.iter().map(|event| event.data.as_str()).collect();
+        assert_eq!(data, ["1", "{\"a\":1}"]);
+    }
 
     #[test]
     fn retry_after_is_read_as_seconds_or_as_an_http_date() {
