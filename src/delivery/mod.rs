@@ -62,21 +62,29 @@ impl From<String> for AnswerText {
 /// Renders `text` into the channel's parts for `envelope`'s conversation. Part ids derive from
 /// the envelope id, so they are stable across restarts (platform idempotency keys).
 pub fn parts_for(channel: &dyn Channel, envelope: &Envelope, text: AnswerText) -> Vec<Delivery> {
+    let split_plainly = |text: &str| -> Vec<Reply> {
+        yizhan_channel_common::split::split_text(text, channel.capabilities().max_part_bytes)
+            .into_iter()
+            .map(Reply::text)
+            .collect()
+    };
     let parts = match text {
         AnswerText::Markdown(text) => {
-            let blank = text.trim().is_empty();
-            let parts = channel.render(&Reply::text(text));
-            if parts.is_empty() && !blank {
-                tracing::warn!(channel = %channel.id(), envelope = %envelope.id, "The channel rendered an answer to no parts; nothing is sent.");
+            // Blank parts would be refused by the platform (failing the answer) or skipped.
+            let mut parts: Vec<Reply> = channel
+                .render(&Reply::text(text.clone()))
+                .into_iter()
+                .filter(|part| !part.text.trim().is_empty())
+                .collect();
+            if parts.is_empty() && !text.trim().is_empty() {
+                // A renderer that kept nothing of a real answer (a plugin's markdown
+                // conversion, say): the user gets the text as it is rather than silence.
+                tracing::warn!(channel = %channel.id(), envelope = %envelope.id, "The channel rendered an answer to no parts; sent unrendered.");
+                parts = split_plainly(&text);
             }
             parts
         }
-        AnswerText::Rendered(text) => {
-            yizhan_channel_common::split::split_text(&text, channel.capabilities().max_part_bytes)
-                .into_iter()
-                .map(Reply::text)
-                .collect()
-        }
+        AnswerText::Rendered(text) => split_plainly(&text),
     };
     parts
         .into_iter()

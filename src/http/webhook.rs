@@ -16,7 +16,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use yizhan_channel_core::{
-    Channel, ChannelError, ChannelId, Envelope, Method, Reply, WebhookOutcome, WebhookRequest, WebhookResponse,
+    Channel, ChannelError, ChannelId, Envelope, Method, Reply, Segment, WebhookOutcome, WebhookRequest, WebhookResponse,
 };
 
 /// What the HTTP handlers share.
@@ -282,6 +282,7 @@ async fn handle(
                 envelope.id = Envelope::new_id();
                 envelope.channel = channel.id().clone();
                 envelope.channel_kind = channel.kind().to_owned();
+                only_finite_numbers(envelope);
             }
             // Only a single message can be answered inside the response.
             let hold = entry.holds_for_passive() && envelopes.len() == 1;
@@ -363,6 +364,22 @@ fn usable_ids(envelope: &Envelope) -> bool {
 
 /// The longest id the hub takes from a channel.
 const MAX_ID_BYTES: usize = 512;
+
+/// Replaces a location's coordinates that are not finite numbers (a plugin's `"nan".parse()`)
+/// by 0 (and a scale so by none): JSON has no NaN, the journal would hold `null` where a
+/// number must be, and the message could not be read back after a crash.
+fn only_finite_numbers(envelope: &mut Envelope) {
+    for segment in &mut envelope.content {
+        if let Segment::Location { latitude, longitude, scale, .. } = segment {
+            for coordinate in [latitude, longitude] {
+                if !coordinate.is_finite() {
+                    *coordinate = 0.0;
+                }
+            }
+            *scale = scale.filter(|scale| scale.is_finite());
+        }
+    }
+}
 
 /// What [`journal_and_dispatch`] did with a webhook's envelopes.
 struct Journaled {
@@ -711,6 +728,24 @@ async fn hold_for_answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_location_that_is_not_a_number_is_journaled_as_one_that_reads_back() {
+        let mut envelope = crate::store::test_envelope("m1");
+        envelope.content = vec![Segment::Location {
+            latitude: f64::NAN,
+            longitude: f64::INFINITY,
+            scale: Some(f64::NAN),
+            label: Some("某地".into()),
+        }];
+        only_finite_numbers(&mut envelope);
+        let json = serde_json::to_string(&envelope).unwrap_or_else(|e| panic!("{e}"));
+        let read: Envelope = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{json}: {e}"));
+        let Some(Segment::Location { latitude, longitude, scale, label }) = read.content.first() else {
+            panic!("{read:?}")
+        };
+        assert_eq!((*latitude, *longitude, *scale, label.as_deref()), (0.0, 0.0, None, Some("某地")));
+    }
 
     #[test]
     fn refusals_are_logged_once_per_period_per_channel_and_outcome_with_a_count() {

@@ -132,9 +132,13 @@ impl Channel for RecordingChannel {
     }
 
     /// Panics on an answer containing "💥": a stand-in for a bug inside a session's turn. Parts
-    /// are cut at each "✂".
+    /// are cut at each "✂"; an answer with "∅" renders to nothing (a plugin's renderer that
+    /// keeps nothing of it).
     fn render(&self, reply: &Reply) -> Vec<Reply> {
         assert!(!reply.text.contains('💥'), "a bug in the middle of a turn");
+        if reply.text.contains('∅') {
+            return Vec::new();
+        }
         reply.text.split('✂').map(|text| Reply { text: text.to_owned() }).collect()
     }
 }
@@ -678,6 +682,22 @@ async fn an_answer_that_cannot_be_recorded_yet_is_sent_once_it_is() {
     let texts: Vec<String> = fixture.delivered().into_iter().map(|d| d.reply.text).collect();
     assert_eq!(texts, ["答：问"]);
     assert_eq!(store.finished.load(Ordering::SeqCst), 1);
+}
+
+/// Blank parts a renderer made are not sent (a platform would refuse them and fail the
+/// answer); a real answer it rendered to nothing is sent as it is, not left unanswered.
+#[actix::test]
+async fn blank_parts_are_dropped_and_an_answer_rendered_to_nothing_is_sent_unrendered() {
+    tokio::time::pause();
+    let (_store, fixture) = fixture_on_memory(Duration::ZERO);
+    fixture.ask_accepted("u1", "a✂ ✂b");
+    fixture.wait_for_deliveries(2).await;
+    fixture.ask_accepted("u2", "∅");
+    fixture.wait_for_deliveries(3).await;
+    fixture.wait_until_none_open().await;
+    let mut texts: Vec<String> = fixture.delivered().into_iter().map(|d| d.reply.text).collect();
+    texts.sort();
+    assert_eq!(texts, ["b", "答：a", "答：∅"]);
 }
 
 #[actix::test]

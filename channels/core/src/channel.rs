@@ -244,7 +244,8 @@ pub trait Channel: Send + Sync + 'static {
     /// in the order they must arrive. By default the text is kept as it is, split into parts of
     /// at most [`Capabilities::max_part_bytes`] (at a line break where one is near the end,
     /// otherwise at a character boundary; a stretch of only whitespace at a cut is dropped, never
-    /// a part of its own).
+    /// a part of its own). Blank parts are dropped by the core; an answer with text that
+    /// renders to no part at all is sent by the default split instead (and logged).
     fn render(&self, reply: &Reply) -> Vec<Reply> {
         split_to_bytes(&reply.text, self.capabilities().max_part_bytes)
     }
@@ -277,6 +278,11 @@ pub trait Channel: Send + Sync + 'static {
     /// the same time (different conversations; and a conversation's busy reply beside its
     /// answer); one answer's parts go one at a time, in order. A panic is caught and fails the
     /// part.
+    ///
+    /// The call must end: the core sets no time limit on it (a channel may rightly wait long
+    /// for its platform's rate limits), and until it ends the conversation's later answers
+    /// wait. Give every request a timeout (a `reqwest::Client` has none unless built with
+    /// one) and report one that expired after sending as `MaybeDelivered`.
     ///
     /// What the core does with each error:
     /// - [`Transient`](ChannelError::Transient): sent again with backoff, up to

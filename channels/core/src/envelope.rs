@@ -147,7 +147,7 @@ pub enum Segment {
         /// The file name.
         name: Option<String>,
     },
-    /// A shared location.
+    /// A shared location. Coordinates that are not finite numbers are journaled as 0.
     Location {
         /// Latitude.
         latitude: f64,
@@ -176,7 +176,8 @@ pub enum Segment {
         /// Whether the bot itself was mentioned.
         is_self: bool,
     },
-    /// A platform event.
+    /// A platform event. Alone in its envelope: beside text, the envelope is read as the event
+    /// and the text is not answered.
     Event(Event),
 }
 
