@@ -264,7 +264,7 @@ async fn handle(
             (error.label(), plain(status, error.label()))
         }
         Ok(WebhookOutcome::Respond(response)) => ("responded", respond(response)),
-        Ok(WebhookOutcome::Accepted { envelopes, .. }) if envelopes.iter().any(|e| !usable_ids(e)) => {
+        Ok(WebhookOutcome::Accepted { envelopes, .. }) if envelopes.iter().any(|e| !e.has_usable_ids()) => {
             // A blank id would make every later message of the channel a "retry" of the first,
             // and the ids are stored and logged: refuse rather than drop messages silently, or
             // key sessions by megabytes (a plugin's bug, or its caller's input).
@@ -350,20 +350,6 @@ fn reply_again(channel: &dyn Channel, request: &WebhookRequest, again: (Envelope
         }
     }
 }
-
-/// Whether an envelope's ids are what ids are: its platform message id (the dedupe key) not
-/// blank, and it, the conversation's and the sender's (the session key, in logs) of a size an
-/// id has and without control characters.
-fn usable_ids(envelope: &Envelope) -> bool {
-    let id_like = |id: &str| id.len() <= MAX_ID_BYTES && !id.chars().any(char::is_control);
-    !envelope.platform_message_id.trim().is_empty()
-        && [&envelope.platform_message_id, &envelope.conversation.id, &envelope.sender.id]
-            .into_iter()
-            .all(|id| id_like(id))
-}
-
-/// The longest id the hub takes from a channel.
-const MAX_ID_BYTES: usize = 512;
 
 /// Replaces a location's coordinates that are not finite numbers (a plugin's `"nan".parse()`)
 /// by 0 (and a scale so by none): JSON has no NaN, the journal would hold `null` where a

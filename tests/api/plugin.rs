@@ -155,12 +155,48 @@ fn careless_webhook(plugin: &HttpJson, request: &WebhookRequest) -> Result<Webho
     Ok(outcome)
 }
 
+/// A careless author's ids: the sender's as the caller gave it with a line break added (not
+/// checked against the core's rule).
+fn webhook_with_unusable_ids(plugin: &HttpJson, request: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
+    let mut outcome = plugin.handle_webhook(request)?;
+    if let WebhookOutcome::Accepted { envelopes, .. } = &mut outcome {
+        for envelope in envelopes {
+            envelope.sender.id.push('\n');
+        }
+    }
+    Ok(outcome)
+}
+
 /// A bug: the parser panics on one message.
 fn webhook_panicking_on_boom(plugin: &HttpJson, request: &WebhookRequest) -> Result<WebhookOutcome, ChannelError> {
     if request.body.windows(4).any(|window| window == b"boom") {
         panic!("a bug in a plugin's parser");
     }
     plugin.handle_webhook(request)
+}
+
+/// The hub holds a plugin to its rule for ids whatever the plugin checked: a message with a
+/// line break in its sender's id is refused with 400 (the platform hears of it), not journaled.
+#[actix_web::test]
+async fn a_message_a_plugin_hands_over_with_unusable_ids_is_refused_by_the_hub() {
+    let mut kinds = ChannelKinds::builtin();
+    kinds.register(HttpJson::KIND, |settings, http| {
+        Ok(Arc::new(Altered::webhooks(HttpJson::from_settings(settings, http.clone())?, webhook_with_unusable_ids)))
+    });
+    let app = spawn_intranet(kinds, Duration::ZERO).await;
+    let status = app
+        .http
+        .post(app.webhook_url("intranet"))
+        .bearer_auth("plugin-secret-token")
+        .json(&serde_json::json!({"message_id": "m1", "user": "erin", "text": "你好"}))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or_default();
+    assert_eq!(status, 400);
+    app.wait_until_idle().await;
+    assert!(app.llm_requests().await.is_empty());
+    assert!(app.metrics().await.contains(r#"yizhan_webhook_requests_total{channel="intranet",outcome="malformed"} 1"#));
 }
 
 #[actix_web::test]

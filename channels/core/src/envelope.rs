@@ -198,9 +198,10 @@ pub struct Envelope {
     /// The channel kind (`wechat_mp`, `wecom`, `feishu`, or a plugin's; set by the hub).
     pub channel_kind: String,
     /// The platform's id for this message: the dedupe key. It must differ between messages, be
-    /// the same on every retry of one, and be non-blank and at most 512 bytes (the core refuses
-    /// a webhook otherwise). For events without one, the channel builds it from what a retry
-    /// repeats (WeChat: sender, create time, event and event key).
+    /// the same on every retry of one, and be non-blank (see [`Envelope::has_usable_ids`]: the
+    /// core refuses a webhook otherwise). For events without one, the channel builds it from
+    /// what a retry repeats (WeChat: sender, create time, event and event key), never from the
+    /// time it was received.
     pub platform_message_id: String,
     /// When the message was received, Unix milliseconds. Set by the channel (from
     /// [`WebhookRequest::received_at`](crate::WebhookRequest)); after a restart the core uses
@@ -219,7 +220,20 @@ pub struct Envelope {
     pub reply_handle: ReplyHandle,
 }
 
+/// The longest id (message, conversation, sender) the core takes from a channel.
+pub const MAX_ID_BYTES: usize = 512;
+
 impl Envelope {
+    /// Whether its ids are what ids are, as the core requires of every envelope a channel
+    /// accepts (it refuses the webhook with 400 otherwise): the platform message id not blank,
+    /// and it, the conversation's and the sender's at most [`MAX_ID_BYTES`] and without
+    /// control characters (they key sessions and appear in logs).
+    pub fn has_usable_ids(&self) -> bool {
+        let id_like = |id: &str| id.len() <= MAX_ID_BYTES && !id.chars().any(char::is_control);
+        !self.platform_message_id.trim().is_empty()
+            && [&self.platform_message_id, &self.conversation.id, &self.sender.id].into_iter().all(|id| id_like(id))
+    }
+
     /// All text segments joined by newlines; a voice message's recognition counts as text.
     pub fn text(&self) -> String {
         let mut parts = Vec::new();
@@ -297,5 +311,34 @@ mod tests {
         let json = serde_json::to_string(&envelope).unwrap_or_default();
         let back: Envelope = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(back, envelope);
+    }
+
+    #[test]
+    fn usable_ids_are_not_blank_short_and_without_control_characters() {
+        let with = |message: &str, conversation: &str, sender: &str| Envelope {
+            id: Envelope::new_id(),
+            channel: ChannelId::parse("c").unwrap_or_else(|e| panic!("{e}")),
+            channel_kind: "test".into(),
+            platform_message_id: message.into(),
+            received_at_ms: 0,
+            conversation: Conversation { kind: ConversationKind::Direct, id: conversation.into() },
+            sender: Sender { id: sender.into(), name: None },
+            content: vec![],
+            mentions_self: true,
+            reply_handle: ReplyHandle::default(),
+        };
+        let long = "i".repeat(MAX_ID_BYTES + 1);
+        assert!(with("m1", "c1", "u1").has_usable_ids());
+        assert!(with(&"i".repeat(MAX_ID_BYTES), "c1", "u1").has_usable_ids());
+        for (message, conversation, sender) in [
+            (" ", "c1", "u1"),
+            (long.as_str(), "c1", "u1"),
+            ("m1", &long, "u1"),
+            ("m1", "c1", &long),
+            ("m\n1", "c1", "u1"),
+            ("m1", "c1", "u\u{0}"),
+        ] {
+            assert!(!with(message, conversation, sender).has_usable_ids(), "{message:?} {conversation:?} {sender:?}");
+        }
     }
 }

@@ -34,7 +34,9 @@ pub mod token;
 pub use channel::{
     BoxFuture, Capabilities, Channel, Method, StreamHandle, WebhookOutcome, WebhookRequest, WebhookResponse,
 };
-pub use envelope::{ChannelId, Conversation, ConversationKind, Envelope, Event, ReplyHandle, Segment, Sender};
+pub use envelope::{
+    ChannelId, Conversation, ConversationKind, Envelope, Event, ReplyHandle, Segment, Sender, MAX_ID_BYTES,
+};
 pub use error::ChannelError;
 pub use reply::{Delivery, DeliveryReceipt, Reply};
 pub use settings::{missing_field, without_value, ChannelSettings};

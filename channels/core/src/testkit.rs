@@ -81,11 +81,13 @@ pub fn survives_signed_garbage(channel: &dyn Channel, sign: &dyn Fn(&mut Webhook
                 && !matches!(outcome, Err(crate::ChannelError::BadSignature(_) | crate::ChannelError::Unsupported(_)));
             if let Ok(crate::WebhookOutcome::Accepted { envelopes, .. }) = outcome {
                 for envelope in envelopes {
-                    let id = envelope.platform_message_id.trim();
                     assert!(
-                        !id.is_empty() && id.len() <= 512,
-                        "channel {} accepted {preview:?} as a message without a usable id",
-                        channel.id()
+                        envelope.has_usable_ids(),
+                        "channel {} accepted {preview:?} as a message without usable ids (the core would refuse it): {:?} / {:?} / {:?}",
+                        channel.id(),
+                        envelope.platform_message_id,
+                        envelope.conversation.id,
+                        envelope.sender.id
                     );
                 }
             }

@@ -47,9 +47,6 @@ use yizhan_channel_core::{
     WebhookResponse,
 };
 
-/// The longest `message_id` the core takes (it is stored as the dedupe key).
-const MAX_MESSAGE_ID_BYTES: usize = 512;
-
 /// The plugin's config keys.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -137,10 +134,6 @@ impl Channel for HttpJson {
         if inbound.user.trim().is_empty() {
             return Err(ChannelError::Malformed("`user` is blank".into()));
         }
-        // The dedupe key: a blank one would make every later message a "retry" of the first.
-        if inbound.message_id.trim().is_empty() || inbound.message_id.len() > MAX_MESSAGE_ID_BYTES {
-            return Err(ChannelError::Malformed("`message_id` is blank or longer than 512 bytes".into()));
-        }
         let received_at_ms = request
             .received_at
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -158,6 +151,14 @@ impl Channel for HttpJson {
             mentions_self: true,
             reply_handle: ReplyHandle(serde_json::json!({ "in_reply_to": inbound.message_id })),
         };
+        // The core's rule for ids (the dedupe key not blank; no id over 512 bytes or with
+        // control characters): the caller hears what is wrong, and the core need not refuse
+        // the webhook as a plugin's bug.
+        if !envelope.has_usable_ids() {
+            return Err(ChannelError::Malformed(
+                "`message_id` is blank, or it or `user` is over 512 bytes or holds control characters".into(),
+            ));
+        }
         Ok(WebhookOutcome::Accepted { envelopes: vec![envelope], ack: WebhookResponse::json(r#"{"ok":true}"#) })
     }
 
