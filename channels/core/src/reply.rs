@@ -21,7 +21,9 @@ impl Reply {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Delivery {
     /// Stable across retries of this part; platforms that support idempotency keys (Feishu
-    /// `uuid`) get it so a retried send is not shown twice.
+    /// `uuid`) get it so a retried send is not shown twice. Today `{envelope id}-{part index}`
+    /// (`-live` for a streamed message's start), about 30 ASCII characters; a platform whose
+    /// key is shorter should hash it rather than cut it (two parts must not share a key).
     pub delivery_id: String,
     /// The channel account to send from.
     pub channel: ChannelId,
