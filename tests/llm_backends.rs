@@ -613,6 +613,26 @@ async fn llm_client_does_not_retry_sooner_than_retry_after() {
     );
 }
 
+/// A `Retry-After` date counts from the server's `Date`, not from our clock (here years later).
+#[tokio::test]
+async fn a_retry_after_date_counts_from_the_servers_own_clock() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(429)
+                .insert_header("date", "Wed, 21 Oct 2015 07:28:00 GMT")
+                .insert_header("retry-after", "Wed, 21 Oct 2015 07:28:03 GMT")
+                .set_body_json(json!({"error":{"message":"slow down"}})),
+        )
+        .mount(&server)
+        .await;
+    let (result, _) = complete(&openai(openai_settings(&server))).await;
+    assert!(
+        matches!(result, Err(LlmError::Status { status: 429, retry_after: Some(after), .. }) if after == Duration::from_secs(3)),
+        "{result:?}"
+    );
+}
+
 #[tokio::test]
 async fn llm_client_does_not_retry_a_400() {
     let server = MockServer::start().await;

@@ -169,6 +169,7 @@ pub async fn record(
     // message open for the next start.
     let mut delay = RECORD_RETRY_FIRST_DELAY;
     let mut failures = 0_u32;
+    let mut warn_at = Some(actix::clock::Instant::now() + RECORD_RETRY_WARN_AFTER);
     loop {
         match hub.store.record_answer(&envelope.id, session_key, turn.clone(), &parts).await {
             Ok(()) if failures > 0 => {
@@ -182,6 +183,9 @@ pub async fn record(
                 }
                 if failures == 0 {
                     tracing::error!(envelope = %envelope.id, %error, "Failed to record an answer; it is sent once recorded, trying again.");
+                } else if warn_at.is_some_and(|at| actix::clock::Instant::now() >= at) {
+                    warn_at = None;
+                    tracing::warn!(envelope = %envelope.id, %error, failures, "An answer still cannot be recorded after ten minutes; its conversation waits for it (check the disk).");
                 } else {
                     tracing::debug!(envelope = %envelope.id, %error, "Recording the answer failed again.");
                 }
@@ -197,6 +201,8 @@ pub async fn record(
 /// [`RECORD_RETRY_LONGEST_DELAY`].
 const RECORD_RETRY_FIRST_DELAY: Duration = Duration::from_millis(200);
 const RECORD_RETRY_LONGEST_DELAY: Duration = Duration::from_secs(30);
+/// When [`record`], still failing, says so once more (as a warning).
+const RECORD_RETRY_WARN_AFTER: Duration = Duration::from_secs(600);
 
 /// Whether the store refuses writes for good (a failed fsync: see `Store::health`), in which
 /// case the message is left open for the restart that needs (whatever of its answer is not yet
@@ -238,8 +244,10 @@ pub async fn deliver_recorded(hub: &Hub, envelope: &Envelope, parts: Vec<Deliver
         passive::Offer::Push(parts) => push_instead(hub, envelope, parts).await,
         passive::Offer::Held(gone) => {
             // An attempt takes it; if none comes within two windows (the platform stopped
-            // retrying), it goes out the normal way.
-            let window = entry.passive_window.unwrap_or_default();
+            // retrying), it goes out the normal way. The platform's own windows: its retries
+            // come at its pace, however short a window is configured here.
+            let configured = entry.passive_window.unwrap_or_default();
+            let window = entry.channel.capabilities().passive_reply_window.unwrap_or(configured).max(configured);
             let (timer_hub, envelope) = (hub.clone(), envelope.clone());
             actix::spawn(async move {
                 actix::clock::sleep(window * 2 + Duration::from_millis(500)).await;

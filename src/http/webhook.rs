@@ -16,7 +16,8 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use yizhan_channel_core::{
-    Channel, ChannelError, ChannelId, Envelope, Method, Reply, Segment, WebhookOutcome, WebhookRequest, WebhookResponse,
+    Channel, ChannelError, ChannelId, Envelope, Event, Method, Reply, Segment, WebhookOutcome, WebhookRequest,
+    WebhookResponse,
 };
 
 /// What the HTTP handlers share.
@@ -356,14 +357,17 @@ fn reply_again(channel: &dyn Channel, request: &WebhookRequest, again: (Envelope
 /// number must be, and the message could not be read back after a crash.
 fn only_finite_numbers(envelope: &mut Envelope) {
     for segment in &mut envelope.content {
-        if let Segment::Location { latitude, longitude, scale, .. } = segment {
-            for coordinate in [latitude, longitude] {
-                if !coordinate.is_finite() {
-                    *coordinate = 0.0;
-                }
+        let (latitude, longitude, extra) = match segment {
+            Segment::Location { latitude, longitude, scale, .. } => (latitude, longitude, scale),
+            Segment::Event(Event::Location { latitude, longitude, precision }) => (latitude, longitude, precision),
+            _ => continue,
+        };
+        for coordinate in [latitude, longitude] {
+            if !coordinate.is_finite() {
+                *coordinate = 0.0;
             }
-            *scale = scale.filter(|scale| scale.is_finite());
         }
+        *extra = extra.filter(|number| number.is_finite());
     }
 }
 
@@ -718,19 +722,25 @@ mod tests {
     #[test]
     fn a_location_that_is_not_a_number_is_journaled_as_one_that_reads_back() {
         let mut envelope = crate::store::test_envelope("m1");
-        envelope.content = vec![Segment::Location {
-            latitude: f64::NAN,
-            longitude: f64::INFINITY,
-            scale: Some(f64::NAN),
-            label: Some("某地".into()),
-        }];
+        envelope.content = vec![
+            Segment::Location {
+                latitude: f64::NAN,
+                longitude: f64::INFINITY,
+                scale: Some(f64::NAN),
+                label: Some("某地".into()),
+            },
+            Segment::Event(Event::Location { latitude: f64::NEG_INFINITY, longitude: 1.5, precision: Some(f64::NAN) }),
+        ];
         only_finite_numbers(&mut envelope);
         let json = serde_json::to_string(&envelope).unwrap_or_else(|e| panic!("{e}"));
         let read: Envelope = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{json}: {e}"));
-        let Some(Segment::Location { latitude, longitude, scale, label }) = read.content.first() else {
+        let [Segment::Location { latitude, longitude, scale, label }, Segment::Event(Event::Location { latitude: reported, longitude: east, precision })] =
+            read.content.as_slice()
+        else {
             panic!("{read:?}")
         };
         assert_eq!((*latitude, *longitude, *scale, label.as_deref()), (0.0, 0.0, None, Some("某地")));
+        assert_eq!((*reported, *east, *precision), (0.0, 1.5, None));
     }
 
     #[test]

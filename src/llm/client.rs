@@ -87,7 +87,8 @@ impl LlmClient {
     }
 
     /// Produces the whole answer (trimmed, reasoning removed), passing visible pieces to
-    /// `on_delta` as they arrive.
+    /// `on_delta` as they arrive, and an empty piece whenever the model is at work on what is
+    /// not shown (reasoning): a sink that shows text should skip those.
     ///
     /// Fails with [`LlmError::TotalTimeout`] when the whole call, retries included, exceeds
     /// `total_timeout`; otherwise with the last attempt's error.

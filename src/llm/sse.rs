@@ -580,18 +580,9 @@ pub(crate) async fn read_body_limited(
 /// The longest `Retry-After` believed; more is a broken server's (and would overflow a deadline).
 const MAX_RETRY_AFTER_SECS: u64 = 3_600;
 
-/// Turns a non-2xx response into [`LlmError::Status`], with the server's own message when its
-/// body is a JSON error (OpenAI `{"error":{"message"}}`, LobeHub `{"error":…}`/`{"message"}`),
-/// else the start of the body text.
-///
-/// The body read is bounded in size and in time (`read_timeout`), so a server that stalls after an
-/// error status cannot hold the attempt.
-///
-/// `api_key` is removed from the body before anything is kept: some gateways quote the key
-/// they were sent in a 401's message, and the message is logged.
-/// The pause a `Retry-After` value asks for, at `now`: whole seconds (what servers in front of
-/// models send), or an HTTP date (a date past is no pause); capped at an hour. `None` for
-/// anything else.
+/// The pause a `Retry-After` value asks for, at `now` (the response's `Date`, else ours): whole
+/// seconds (what servers in front of models send), or an HTTP date (a date past is no pause);
+/// capped at an hour. `None` for anything else.
 fn retry_after_delay(value: &str, now: std::time::SystemTime) -> Option<Duration> {
     let value = value.trim();
     let delay = match value.parse::<u64>() {
@@ -601,17 +592,30 @@ fn retry_after_delay(value: &str, now: std::time::SystemTime) -> Option<Duration
     Some(delay.min(Duration::from_secs(MAX_RETRY_AFTER_SECS)))
 }
 
+/// Turns a non-2xx response into [`LlmError::Status`], with the server's own message when its
+/// body is a JSON error (OpenAI `{"error":{"message"}}`, LobeHub `{"error":…}`/`{"message"}`),
+/// else the start of the body text.
+///
+/// The body read is bounded in size and in time (`read_timeout`), so a server that stalls after an
+/// error status cannot hold the attempt.
+///
+/// `api_key` is removed from the body before anything is kept: some gateways quote the key
+/// they were sent in a 401's message, and the message is logged.
 pub(crate) async fn status_error(
     mut response: reqwest::Response,
     read_timeout: Duration,
     api_key: Option<&str>,
 ) -> LlmError {
     let status = response.status();
-    let retry_after = response
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| retry_after_delay(value, std::time::SystemTime::now()));
+    let retry_after =
+        response.headers().get(reqwest::header::RETRY_AFTER).and_then(|value| value.to_str().ok()).and_then(|value| {
+            // A date counts from the server's own clock where it gave it (ours may be off).
+            let server_now = response
+                .headers()
+                .get(reqwest::header::DATE)
+                .and_then(|date| httpdate::parse_http_date(date.to_str().ok()?).ok());
+            retry_after_delay(value, server_now.unwrap_or_else(std::time::SystemTime::now))
+        });
     let body = tokio::time::timeout(read_timeout, read_body_limited(&mut response, MAX_ERROR_BODY_BYTES)).await;
     let text = match body {
         Ok(Ok((bytes, _))) => redact(String::from_utf8_lossy(&bytes).into_owned(), api_key),

@@ -80,7 +80,8 @@ pub enum Event {
         /// The QR scene id.
         scene: Option<String>,
     },
-    /// The platform reported the user's location.
+    /// The platform reported the user's location (coordinates that are not finite numbers are
+    /// journaled as 0).
     Location {
         /// Latitude.
         latitude: f64,
