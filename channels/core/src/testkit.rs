@@ -100,6 +100,51 @@ pub fn survives_signed_garbage(channel: &dyn Channel, sign: &dyn Fn(&mut Webhook
     );
 }
 
+/// A real message, `request` (signed, as the platform sends it), is accepted as the core needs
+/// it: the same request handled again a minute later (the platform's retry) yields the same
+/// `platform_message_id` (the dedupe key: never built from the time of receipt), each envelope
+/// has usable ids ([`Envelope::has_usable_ids`](crate::Envelope::has_usable_ids)), its
+/// `received_at_ms` is the request's `received_at`, and it reads back from the JSON the
+/// journal keeps (a NaN, say, would not: the message would be lost at a restart).
+pub fn accepts_a_message_and_its_retry_alike(channel: &dyn Channel, request: &WebhookRequest) {
+    let ids = |request: &WebhookRequest| -> Vec<String> {
+        let envelopes = match channel.handle_webhook(request) {
+            Ok(crate::WebhookOutcome::Accepted { envelopes, .. }) if !envelopes.is_empty() => envelopes,
+            other => panic!("channel {} did not accept the message: {other:?}", channel.id()),
+        };
+        let received_at_ms = request
+            .received_at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX));
+        for envelope in &envelopes {
+            assert!(envelope.has_usable_ids(), "channel {}: ids the core refuses: {envelope:?}", channel.id());
+            assert_eq!(
+                envelope.received_at_ms,
+                received_at_ms,
+                "channel {}: `received_at_ms` is not the request's `received_at`",
+                channel.id()
+            );
+            let json = serde_json::to_string(envelope).unwrap_or_default();
+            let read = serde_json::from_str::<crate::Envelope>(&json);
+            assert!(
+                read.as_ref().is_ok_and(|read| read == envelope),
+                "channel {}: the envelope does not read back from {json}: {read:?}",
+                channel.id()
+            );
+        }
+        envelopes.into_iter().map(|envelope| envelope.platform_message_id).collect()
+    };
+    let first = ids(request);
+    let mut retry = request.clone();
+    retry.received_at = request.received_at + std::time::Duration::from_secs(60);
+    assert_eq!(
+        ids(&retry),
+        first,
+        "channel {}: the platform's retry of a message must carry the same `platform_message_id`",
+        channel.id()
+    );
+}
+
 /// Unsigned, empty and garbage requests are errors, not panics and not accepted messages.
 pub fn rejects_unsigned_and_garbage_requests(channel: &dyn Channel) {
     let bodies: [&'static [u8]; 6] = [

@@ -122,6 +122,17 @@ fn is_bad_signature(outcome: &Result<WebhookOutcome, ChannelError>) -> bool {
 
 // --- URL verification -------------------------------------------------------------------------
 
+/// Every message, retried by Feishu a minute later (plain, or encrypted and signed), is the same
+/// message to the core's dedupe, and its envelope reads back from the journal.
+#[test]
+fn every_message_and_its_retry_are_accepted_alike() {
+    for name in ["text_p2p", "text_group_mentions", "text_group_plain", "image_p2p", "post_p2p"] {
+        yizhan_channel_core::testkit::accepts_a_message_and_its_retry_alike(&plain_channel(), &post(&fixture(name)));
+        let signed = signed(&fixture(name), NOW);
+        yizhan_channel_core::testkit::accepts_a_message_and_its_retry_alike(&encrypted_channel(), &signed);
+    }
+}
+
 #[test]
 fn plain_url_verification_echoes_the_challenge() {
     let body = json!({"challenge": "ajls384kdjx98XX", "token": TOKEN, "type": "url_verification"}).to_string();

@@ -86,6 +86,35 @@ fn only_event(name: &str) -> Event {
     }
 }
 
+/// Every kind of push, retried by WeChat a minute later, is the same message to the core's
+/// dedupe, and its envelope reads back from the journal.
+#[test]
+fn every_push_and_its_retry_are_accepted_alike() {
+    let names = [
+        "text",
+        "text_plain",
+        "image",
+        "voice",
+        "voice_recognition",
+        "video",
+        "shortvideo",
+        "location",
+        "link",
+        "unknown_msgtype",
+        "event_click",
+        "event_location",
+        "event_other",
+        "event_scan",
+        "event_subscribe",
+        "event_subscribe_qrscene",
+        "event_unsubscribe",
+        "event_view",
+    ];
+    for name in names {
+        yizhan_channel_core::testkit::accepts_a_message_and_its_retry_alike(&channel(), &signed_post(&fixture(name)));
+    }
+}
+
 #[test]
 fn a_text_message_becomes_a_direct_envelope_with_the_account_in_its_reply_handle() {
     let envelope = envelope("text");

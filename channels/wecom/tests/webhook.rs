@@ -82,6 +82,32 @@ fn rejected(channel: &Wecom, request: &WebhookRequest) -> ChannelError {
 
 // --- Official vectors -------------------------------------------------------------------------
 
+/// Every callback, retried by WeCom a minute later, is the same message to the core's dedupe,
+/// and its envelope reads back from the journal.
+#[test]
+fn every_callback_and_its_retry_are_accepted_alike() {
+    let names = [
+        "text",
+        "image",
+        "voice",
+        "video",
+        "location",
+        "link",
+        "unknown_msgtype",
+        "event_click",
+        "event_enter_agent",
+        "event_location",
+        "event_other",
+        "event_subscribe",
+        "event_unsubscribe",
+        "event_view",
+    ];
+    for name in names {
+        let request = xml_callback(&fixture(&format!("{name}.xml")));
+        yizhan_channel_core::testkit::accepts_a_message_and_its_retry_alike(&channel(), &request);
+    }
+}
+
 #[test]
 fn the_official_url_verification_vector_answers_the_plaintext_exactly() {
     let vector = vector("wecom_verify_url_QDG6eK");

@@ -258,6 +258,13 @@ mod tests {
     }
 
     #[test]
+    fn a_message_and_its_retry_are_accepted_alike() {
+        let channel = channel("http://127.0.0.1:9/answers").unwrap_or_else(|e| panic!("{e}"));
+        let request = signed(r#"{"message_id":"m1","user":"u","text":"你好"}"#.to_owned());
+        yizhan_channel_core::testkit::accepts_a_message_and_its_retry_alike(&channel, &request);
+    }
+
+    #[test]
     fn the_bearer_scheme_is_read_in_any_case_and_the_token_exactly() {
         let channel = channel("http://127.0.0.1:9/answers").unwrap_or_else(|e| panic!("{e}"));
         let body = r#"{"message_id":"m1","user":"u","text":"hi"}"#;
