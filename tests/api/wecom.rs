@@ -221,3 +221,22 @@ async fn a_fresh_url_verification_is_answered_and_a_stale_one_refused() {
     assert_eq!(verify(now()).await, (200, "4411057398122566751".to_owned()));
     assert_eq!(verify(now() - 3_600).await.0, 401);
 }
+
+/// A callback for another app of the corp (its AgentID; a console pointing two apps at one
+/// URL) is acknowledged and not answered: this app would answer as itself.
+#[actix_web::test]
+async fn a_callback_for_another_app_is_acknowledged_and_not_answered() {
+    let app = spawn_wecom().await;
+    let inner = format!(
+        "<xml><ToUserName><![CDATA[{CORP}]]></ToUserName><FromUserName><![CDATA[sunqi]]></FromUserName>\
+         <CreateTime>{}</CreateTime><MsgType><![CDATA[text]]></MsgType><Content><![CDATA[别的应用]]></Content>\
+         <MsgId>9201</MsgId><AgentID>1000003</AgentID></xml>",
+        now()
+    );
+    let (query, body) = encrypted(CORP, &inner);
+    let body = body.replace("<AgentID><![CDATA[1000002]]></AgentID>", "<AgentID><![CDATA[1000003]]></AgentID>");
+    assert_eq!(app.post_wecom(&query, &body).await, (200, String::new()));
+    app.wait_until_idle().await;
+    assert!(app.llm_requests().await.is_empty());
+    assert!(app.wecom_sends().await.is_empty());
+}
