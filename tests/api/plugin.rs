@@ -27,15 +27,8 @@ async fn a_plugin_channel_receives_and_answers_through_the_core() {
         .unwrap_or_default();
     assert_eq!(unauthorized, 401);
 
-    let response = app
-        .http
-        .post(app.webhook_url("intranet"))
-        .bearer_auth("plugin-secret-token")
-        .json(&serde_json::json!({"message_id":"m1","user":"alice","text":"插件你好"}))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(response.status().as_u16(), 200);
+    let accepted = app.post_intranet(serde_json::json!({"message_id":"m1","user":"alice","text":"插件你好"})).await;
+    assert_eq!(accepted, 200);
     app.wait_until_idle().await;
     let answers = answers_received(&app).await;
     let bodies: Vec<&serde_json::Value> = answers.iter().map(|(body, _)| body).collect();
@@ -44,28 +37,13 @@ async fn a_plugin_channel_receives_and_answers_through_the_core() {
 
     // A plugin that hands over a blank id is refused, not deduplicated into silence.
     for blank in ["", "  "] {
-        let refused = app
-            .http
-            .post(app.webhook_url("intranet"))
-            .bearer_auth("plugin-secret-token")
-            .json(&serde_json::json!({"message_id": blank, "user":"bob", "text":"没有编号"}))
-            .send()
-            .await
-            .map(|r| r.status().as_u16())
-            .unwrap_or_default();
+        let refused =
+            app.post_intranet(serde_json::json!({"message_id": blank, "user":"bob", "text":"没有编号"})).await;
         assert_eq!(refused, 400);
     }
     // Nor are a user id of a page's size or one with a line break (session keys, and logged).
     for user in ["u".repeat(600), "a\nb".to_owned()] {
-        let refused = app
-            .http
-            .post(app.webhook_url("intranet"))
-            .bearer_auth("plugin-secret-token")
-            .json(&serde_json::json!({"message_id": "m9", "user": user, "text":"你好"}))
-            .send()
-            .await
-            .map(|r| r.status().as_u16())
-            .unwrap_or_default();
+        let refused = app.post_intranet(serde_json::json!({"message_id": "m9", "user": user, "text":"你好"})).await;
         assert_eq!(refused, 400, "{user:.10}");
     }
     assert!(app.metrics().await.contains(r#"yizhan_webhook_requests_total{channel="intranet",outcome="malformed"} 4"#));
@@ -91,6 +69,15 @@ async fn spawn_intranet_answering(kinds: ChannelKinds, llm_delay: Duration, answ
 }
 
 /// The answers the stand-in callback received: each body, with its Idempotency-Key header.
+impl TestApp {
+    /// Posts `message` to the "intranet" channel with its bearer token; the status (0 when the
+    /// request failed).
+    async fn post_intranet(&self, message: serde_json::Value) -> u16 {
+        let request = self.http.post(self.webhook_url("intranet")).bearer_auth("plugin-secret-token").json(&message);
+        request.send().await.map(|r| r.status().as_u16()).unwrap_or_default()
+    }
+}
+
 async fn answers_received(app: &TestApp) -> Vec<(serde_json::Value, String)> {
     app.wechat
         .received_requests()
@@ -184,15 +171,7 @@ async fn a_message_a_plugin_hands_over_with_unusable_ids_is_refused_by_the_hub()
         Ok(Arc::new(Altered::webhooks(HttpJson::from_settings(settings, http.clone())?, webhook_with_unusable_ids)))
     });
     let app = spawn_intranet(kinds, Duration::ZERO).await;
-    let status = app
-        .http
-        .post(app.webhook_url("intranet"))
-        .bearer_auth("plugin-secret-token")
-        .json(&serde_json::json!({"message_id": "m1", "user": "erin", "text": "你好"}))
-        .send()
-        .await
-        .map(|r| r.status().as_u16())
-        .unwrap_or_default();
+    let status = app.post_intranet(serde_json::json!({"message_id": "m1", "user": "erin", "text": "你好"})).await;
     assert_eq!(status, 400);
     app.wait_until_idle().await;
     assert!(app.llm_requests().await.is_empty());
@@ -207,14 +186,8 @@ async fn the_hub_sets_the_envelope_id_and_channel_whatever_a_plugin_put_there() 
     });
     // Both posted at once, and slow enough to answer that both are open together.
     let app = spawn_intranet(kinds, Duration::from_millis(1_000)).await;
-    let post = |id: &'static str, user: &'static str| {
-        let request = app
-            .http
-            .post(app.webhook_url("intranet"))
-            .bearer_auth("plugin-secret-token")
-            .json(&serde_json::json!({"message_id": id, "user": user, "text": id}));
-        async move { request.send().await.map(|r| r.status().as_u16()).unwrap_or_default() }
-    };
+    let post =
+        |id: &str, user: &str| app.post_intranet(serde_json::json!({"message_id": id, "user": user, "text": id}));
     let statuses = tokio::join!(post("c1", "carol"), post("c2", "dave"));
     assert_eq!(statuses, (200, 200));
     app.wait_until_idle().await;
@@ -250,18 +223,9 @@ async fn a_channel_that_panics_on_a_webhook_answers_500_and_keeps_serving() {
         Ok(Arc::new(Altered::webhooks(HttpJson::from_settings(settings, http.clone())?, webhook_panicking_on_boom)))
     });
     let app = spawn_intranet(kinds, Duration::ZERO).await;
-    let post = |body: serde_json::Value| {
-        app.http.post(app.webhook_url("intranet")).bearer_auth("plugin-secret-token").json(&body).send()
-    };
-    let status = post(serde_json::json!({"message_id":"p1","user":"erin","text":"boom"}))
-        .await
-        .map(|r| r.status().as_u16())
-        .unwrap_or_default();
+    let status = app.post_intranet(serde_json::json!({"message_id":"p1","user":"erin","text":"boom"})).await;
     assert_eq!(status, 500);
-    let status = post(serde_json::json!({"message_id":"p2","user":"erin","text":"还在吗"}))
-        .await
-        .map(|r| r.status().as_u16())
-        .unwrap_or_default();
+    let status = app.post_intranet(serde_json::json!({"message_id":"p2","user":"erin","text":"还在吗"})).await;
     assert_eq!(status, 200);
     app.wait_until_idle().await;
     let answers = answers_received(&app).await;
@@ -278,15 +242,8 @@ async fn a_callback_that_redirects_is_a_misconfiguration_not_a_delivery() {
     kinds.register(HttpJson::KIND, |settings, http| Ok(Arc::new(HttpJson::from_settings(settings, http.clone())?)));
     let moved = ResponseTemplate::new(301).insert_header("location", "/elsewhere");
     let app = spawn_intranet_answering(kinds, Duration::ZERO, moved).await;
-    let response = app
-        .http
-        .post(app.webhook_url("intranet"))
-        .bearer_auth("plugin-secret-token")
-        .json(&serde_json::json!({"message_id":"m1","user":"alice","text":"你好"}))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(response.status().as_u16(), 200);
+    let accepted = app.post_intranet(serde_json::json!({"message_id":"m1","user":"alice","text":"你好"})).await;
+    assert_eq!(accepted, 200);
     app.wait_until_idle().await;
     let requests = app.wechat.received_requests().await.unwrap_or_default();
     assert!(requests.iter().all(|request| request.url.path() == "/answers"), "the redirect was followed");

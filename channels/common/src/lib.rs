@@ -36,7 +36,7 @@ pub mod xml;
 pub use limiter::{RateLimiter, Window};
 pub use split::split_text;
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 /// When a map's expired entries are next swept out: at most once per period, by whoever passes
 /// by (an insert, a lookup), with no task of its own. Keeps memory bounded by what one period
@@ -58,14 +58,8 @@ impl SweepClock {
     }
 }
 
-/// Milliseconds since the Unix epoch (negative before it), saturating instead of overflowing:
-/// the `received_at_ms` of an envelope.
-pub fn unix_millis(at: SystemTime) -> i64 {
-    match at.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(since) => i64::try_from(since.as_millis()).unwrap_or(i64::MAX),
-        Err(before) => i64::try_from(before.duration().as_millis()).map_or(i64::MIN, |ms| -ms),
-    }
-}
+/// Milliseconds since the Unix epoch (the contract's: an envelope's `received_at_ms`).
+pub use yizhan_channel_core::unix_millis;
 
 #[cfg(test)]
 mod tests {
@@ -80,11 +74,5 @@ mod tests {
         assert!(!clock.due(start + Duration::from_secs(29), period));
         assert!(clock.due(start + Duration::from_secs(30), period));
         assert!(!clock.due(start + Duration::from_secs(31), period));
-    }
-
-    #[test]
-    fn unix_millis_handles_times_before_the_epoch() {
-        assert_eq!(unix_millis(SystemTime::UNIX_EPOCH + Duration::from_millis(1500)), 1500);
-        assert_eq!(unix_millis(SystemTime::UNIX_EPOCH - Duration::from_millis(1500)), -1500);
     }
 }

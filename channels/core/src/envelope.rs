@@ -224,6 +224,15 @@ pub struct Envelope {
 /// The longest id (message, conversation, sender) the core takes from a channel.
 pub const MAX_ID_BYTES: usize = 512;
 
+/// Milliseconds since the Unix epoch (negative before it), saturating instead of overflowing:
+/// an envelope's `received_at_ms`, from [`WebhookRequest::received_at`](crate::WebhookRequest).
+pub fn unix_millis(at: std::time::SystemTime) -> i64 {
+    match at.duration_since(std::time::SystemTime::UNIX_EPOCH) {
+        Ok(since) => i64::try_from(since.as_millis()).unwrap_or(i64::MAX),
+        Err(before) => i64::try_from(before.duration().as_millis()).map_or(i64::MIN, |ms| -ms),
+    }
+}
+
 impl Envelope {
     /// Whether its ids are what ids are, as the core requires of every envelope a channel
     /// accepts (it refuses the webhook with 400 otherwise): the platform message id not blank,
@@ -312,6 +321,13 @@ mod tests {
         let json = serde_json::to_string(&envelope).unwrap_or_default();
         let back: Envelope = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(back, envelope);
+    }
+
+    #[test]
+    fn unix_millis_handles_times_before_the_epoch() {
+        use std::time::{Duration, SystemTime};
+        assert_eq!(unix_millis(SystemTime::UNIX_EPOCH + Duration::from_millis(1500)), 1500);
+        assert_eq!(unix_millis(SystemTime::UNIX_EPOCH - Duration::from_millis(1500)), -1500);
     }
 
     #[test]

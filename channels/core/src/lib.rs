@@ -35,7 +35,7 @@ pub use channel::{
     BoxFuture, Capabilities, Channel, Method, StreamHandle, WebhookOutcome, WebhookRequest, WebhookResponse,
 };
 pub use envelope::{
-    ChannelId, Conversation, ConversationKind, Envelope, Event, ReplyHandle, Segment, Sender, MAX_ID_BYTES,
+    unix_millis, ChannelId, Conversation, ConversationKind, Envelope, Event, ReplyHandle, Segment, Sender, MAX_ID_BYTES,
 };
 pub use error::ChannelError;
 pub use reply::{Delivery, DeliveryReceipt, Reply};

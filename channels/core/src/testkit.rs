@@ -112,10 +112,7 @@ pub fn accepts_a_message_and_its_retry_alike(channel: &dyn Channel, request: &We
             Ok(crate::WebhookOutcome::Accepted { envelopes, .. }) if !envelopes.is_empty() => envelopes,
             other => panic!("channel {} did not accept the message: {other:?}", channel.id()),
         };
-        let received_at_ms = request
-            .received_at
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX));
+        let received_at_ms = crate::unix_millis(request.received_at);
         for envelope in &envelopes {
             assert!(envelope.has_usable_ids(), "channel {}: ids the core refuses: {envelope:?}", channel.id());
             assert_eq!(

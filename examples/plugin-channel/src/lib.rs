@@ -40,7 +40,6 @@
 #![warn(missing_docs)]
 
 use serde::Deserialize;
-use std::time::SystemTime;
 use yizhan_channel_core::{
     constant_time_eq, BoxFuture, Channel, ChannelError, ChannelId, ChannelSettings, Conversation, ConversationKind,
     Delivery, DeliveryReceipt, Envelope, Method, ReplyHandle, Segment, Sender, WebhookOutcome, WebhookRequest,
@@ -134,11 +133,7 @@ impl Channel for HttpJson {
         if inbound.user.trim().is_empty() {
             return Err(ChannelError::Malformed("`user` is blank".into()));
         }
-        let received_at_ms = request
-            .received_at
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|elapsed| elapsed.as_millis() as i64)
-            .unwrap_or_default();
+        let received_at_ms = yizhan_channel_core::unix_millis(request.received_at);
         let envelope = Envelope {
             id: Envelope::new_id(),
             channel: self.id.clone(),
@@ -227,6 +222,7 @@ impl Channel for HttpJson {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::SystemTime;
 
     fn channel(callback_url: &str) -> Result<HttpJson, ChannelError> {
         let settings = ChannelSettings {
