@@ -10,10 +10,9 @@
 //! the same text goes without it, and so do its resends (with the check on, WeCom would drop
 //! them as copies of the earlier message, and the part would never show). The price: a failure
 //! of such a send after it went out (its answer lost) is `MaybeDelivered`, sent once more at
-//! most, so it may show twice, which beats never (and beats once per resend). A part that had
-//! the check keeps it on its resends even after another part sent the same text meanwhile: if
-//! its first send never arrived, WeCom may then drop the resend as a copy of the other one,
-//! and the user has the text once where two answers said it.
+//! most, so it may show twice, which beats never (and beats once per resend). The price of the
+//! checked part keeping its check: if its first send never arrived, WeCom may drop the resend
+//! as a copy of the other part, and the user has the text once where two answers said it.
 //!
 //! The memory outlasts WeCom's window by a margin (the caller's): WeCom counts from when a
 //! message arrives, a little after the send began, and a text remembered too briefly would ask
