@@ -105,7 +105,14 @@ pub struct StoreConfig {
     /// SQLite: `power_loss` (fsync before acknowledging) or `process_crash` (no fsync; survives
     /// `kill -9` but not power loss).
     pub durability: crate::store::Durability,
+    /// SQLite: how long, in microseconds, a batch of accepted messages waits for more before it
+    /// is flushed (0: at once); fewer, larger flushes leave the HTTP workers more CPU under load
+    /// (`SqliteOptions::commit_delay`). At most [`MAX_COMMIT_DELAY_US`].
+    pub commit_delay_us: u64,
 }
+
+/// The longest `store.commit_delay_us` taken: every acknowledgement waits up to this long.
+pub const MAX_COMMIT_DELAY_US: u64 = 100_000;
 
 impl Default for StoreConfig {
     fn default() -> Self {
@@ -115,6 +122,7 @@ impl Default for StoreConfig {
             dedupe_ttl_secs: 24 * 3600,
             retention_days: 30,
             durability: crate::store::Durability::PowerLoss,
+            commit_delay_us: u64::try_from(crate::store::COMMIT_DELAY.as_micros()).unwrap_or(0),
         }
     }
 }
@@ -683,6 +691,12 @@ impl Config {
                 bail!("config key `{key}` is {value}; at most {MAX_THREADS} threads (0: one per core, or none)");
             }
         }
+        if self.store.commit_delay_us > MAX_COMMIT_DELAY_US {
+            bail!(
+                "config key `store.commit_delay_us` is {} µs; at most {MAX_COMMIT_DELAY_US} (every acknowledgement waits up to that long)",
+                self.store.commit_delay_us
+            );
+        }
         // A semaphore's permits; beyond its maximum the LLM actor would panic at its start and
         // every user get the apology, so "unlimited" is refused here, by name.
         if self.llm.max_concurrency > MAX_LLM_CONCURRENCY {
@@ -984,6 +998,21 @@ token = "tok"
         let error = error.map(|e| format!("{e:#}")).unwrap_or_default();
         assert!(error.contains("llm.max_concurrency") && error.contains("1048576"), "{error}");
         assert!(load(MINIMAL, &[("YIZHAN__LLM__MAX_CONCURRENCY", "1048576")]).is_ok());
+    }
+
+    #[test]
+    fn a_commit_delay_beyond_a_tenth_of_a_second_is_refused_by_name() {
+        let error = load(MINIMAL, &[("YIZHAN__STORE__COMMIT_DELAY_US", "100001")]).err().map(|e| format!("{e:#}"));
+        assert!(
+            error.as_deref().is_some_and(|e| e.contains("store.commit_delay_us") && e.contains("100000")),
+            "{error:?}"
+        );
+        for delay in ["0", "100000"] {
+            let config = load(MINIMAL, &[("YIZHAN__STORE__COMMIT_DELAY_US", delay)]);
+            assert!(config.is_ok_and(|config| config.store.commit_delay_us.to_string() == delay), "{delay}");
+        }
+        let defaults = load(MINIMAL, &[]).unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(defaults.store.commit_delay_us, 100);
     }
 
     #[test]

@@ -113,8 +113,12 @@ fn build_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     match config.store.kind {
         StoreKind::Memory => Ok(Arc::new(MemoryStore::new(max_turns_kept))),
         StoreKind::Sqlite => {
-            let options =
-                SqliteOptions { max_turns_kept, durability: config.store.durability, ..SqliteOptions::default() };
+            let options = SqliteOptions {
+                max_turns_kept,
+                durability: config.store.durability,
+                commit_delay: Duration::from_micros(config.store.commit_delay_us),
+                ..SqliteOptions::default()
+            };
             let store = SqliteStore::open(&config.store.path, options).with_context(|| {
                 format!("Failed to open the SQLite store {} (config key `store.path`)", config.store.path.display())
             })?;

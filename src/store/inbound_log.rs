@@ -725,6 +725,8 @@ pub(super) struct InboundLog {
     /// Set when a carry forward could not free the oldest segment (see `carry_forward_stuck`).
     carry_paused_until: Option<Instant>,
     max_batch: usize,
+    /// How long a batch short of `max_batch` waits for more jobs (`SqliteOptions::commit_delay`).
+    commit_delay: Duration,
     /// Reused per batch.
     buf: Vec<u8>,
 }
@@ -749,6 +751,7 @@ impl InboundLog {
         extra_claims: Vec<(ClaimKey, i64)>,
         segment_bytes: u64,
         max_batch: usize,
+        commit_delay: Duration,
         sync: Option<SyncSegment>,
         broken: Arc<AtomicBool>,
         mut prepare: PrepareSegment,
@@ -792,6 +795,7 @@ impl InboundLog {
             last_housekeeping: Instant::now().checked_sub(HOUSEKEEPING_EVERY).unwrap_or_else(Instant::now),
             carry_paused_until: None,
             max_batch: max_batch.max(1),
+            commit_delay,
             buf: Vec::new(),
         };
         Ok((log, preparer))
@@ -799,7 +803,7 @@ impl InboundLog {
 
     /// Serves jobs until every sender is gone and the queue is drained.
     pub fn run(mut self, jobs: mpsc::Receiver<LogJob>) {
-        super::serve_in_batches(jobs, self.max_batch, |batch| self.serve(batch));
+        super::serve_in_batches(jobs, self.max_batch, self.commit_delay, |batch| self.serve(batch));
     }
 
     fn serve(&mut self, batch: &mut Vec<LogJob>) {
@@ -1213,8 +1217,19 @@ mod tests {
         retry_after: Duration,
     ) -> (InboundLog, std::thread::JoinHandle<()>) {
         let scanned = scan(&dir.0, crate::store::now_ms(), SEGMENT).unwrap_or_else(|e| panic!("{e}"));
-        InboundLog::start(dir.0.clone(), scanned, Vec::new(), SEGMENT, 64, Some(sync), broken, prepare, retry_after)
-            .unwrap_or_else(|e| panic!("{e}"))
+        InboundLog::start(
+            dir.0.clone(),
+            scanned,
+            Vec::new(),
+            SEGMENT,
+            64,
+            Duration::ZERO,
+            Some(sync),
+            broken,
+            prepare,
+            retry_after,
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Serves `ops` as one batch and returns their answers.

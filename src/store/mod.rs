@@ -14,7 +14,7 @@ mod memory;
 mod sqlite;
 
 pub use memory::MemoryStore;
-pub use sqlite::{Durability, SqliteOptions, SqliteStore};
+pub use sqlite::{Durability, SqliteOptions, SqliteStore, COMMIT_DELAY};
 
 use crate::llm::backend::{ChatMessage, Role};
 use std::path::{Path, PathBuf};
@@ -232,21 +232,47 @@ pub(crate) fn sync_directory_of(path: &Path) -> std::io::Result<()> {
     std::fs::File::open(directory_of(path))?.sync_all()
 }
 
-/// Hands `serve` everything queued in `jobs`, up to `max_batch` at a time (waiting for the first
-/// of each batch), until every sender is gone and the queue is drained: the group-commit loop of
-/// the store threads.
-fn serve_in_batches<J>(mut jobs: tokio::sync::mpsc::Receiver<J>, max_batch: usize, mut serve: impl FnMut(&mut Vec<J>)) {
+/// Hands `serve` everything queued in `jobs`, up to `max_batch` at a time, until every sender
+/// is gone and the queue is drained: the group-commit loop of the store threads. Each batch
+/// waits for its first job, then, unless full, up to `delay` for company (see
+/// [`SqliteOptions::commit_delay`]); a zero `delay` serves what is queued at once.
+fn serve_in_batches<J>(
+    mut jobs: tokio::sync::mpsc::Receiver<J>,
+    max_batch: usize,
+    delay: Duration,
+    mut serve: impl FnMut(&mut Vec<J>),
+) {
+    let max_batch = max_batch.max(1);
     let mut batch = Vec::with_capacity(max_batch);
     while let Some(first) = jobs.blocking_recv() {
         batch.push(first);
-        while batch.len() < max_batch {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+        take_queued(&mut jobs, &mut batch, max_batch);
+        if !delay.is_zero() {
+            let until = std::time::Instant::now() + delay;
+            while batch.len() < max_batch {
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                std::thread::sleep(left.min(DELAY_SLICE));
+                take_queued(&mut jobs, &mut batch, max_batch);
             }
         }
         serve(&mut batch);
         batch.clear();
+    }
+}
+
+/// How often, at least, a batch waiting out its commit delay looks whether it is full.
+const DELAY_SLICE: Duration = Duration::from_micros(100);
+
+/// Moves what is queued in `jobs` into `batch`, until it holds `max_batch`.
+fn take_queued<J>(jobs: &mut tokio::sync::mpsc::Receiver<J>, batch: &mut Vec<J>, max_batch: usize) {
+    while batch.len() < max_batch {
+        match jobs.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
     }
 }
 
@@ -265,5 +291,60 @@ pub(crate) fn test_envelope(message_id: &str) -> Envelope {
         content: vec![],
         mentions_self: true,
         reply_handle: ReplyHandle::default(),
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::serve_in_batches;
+    use std::time::Duration;
+
+    /// Runs `serve_in_batches` on its own thread; returns the queue and where the batches come out.
+    fn start(
+        max_batch: usize,
+        delay: Duration,
+    ) -> (tokio::sync::mpsc::Sender<u32>, std::sync::mpsc::Receiver<Vec<u32>>, std::thread::JoinHandle<()>) {
+        let (jobs, queue) = tokio::sync::mpsc::channel(16);
+        let (served, batches) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            serve_in_batches(queue, max_batch, delay, |batch| {
+                let _ = served.send(std::mem::take(batch));
+            })
+        });
+        (jobs, batches, thread)
+    }
+
+    /// A job sent while the one before it waits out the commit delay goes in its batch: with
+    /// the delay far longer than the test, only the batch filling up can end the wait, so the
+    /// two are served together whether the thread took the first before the second came or not.
+    #[test]
+    fn a_batch_waits_for_company_until_it_is_full() {
+        let (jobs, batches, thread) = start(2, Duration::from_secs(3600));
+        assert!(jobs.blocking_send(1).is_ok());
+        // Time for the thread to take the first (it need not: the answer is the same), so that
+        // without the delay the two would come as two batches.
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(jobs.blocking_send(2).is_ok());
+        assert_eq!(batches.recv().ok(), Some(vec![1, 2]));
+        drop(jobs);
+        assert!(thread.join().is_ok());
+        assert!(batches.try_recv().is_err(), "nothing else was served");
+    }
+
+    /// A batch short of full is served once its delay is over, alone if nothing came meanwhile;
+    /// and the loop ends when the senders are gone.
+    #[test]
+    fn a_batch_short_of_full_is_served_once_its_delay_is_over() {
+        let (jobs, batches, thread) = start(64, Duration::from_millis(1));
+        assert!(jobs.blocking_send(1).is_ok());
+        assert_eq!(batches.recv().ok(), Some(vec![1]));
+        assert!(jobs.blocking_send(2).is_ok() && jobs.blocking_send(3).is_ok());
+        let mut later: Vec<u32> = batches.recv().unwrap_or_default();
+        if later.len() < 2 {
+            later.extend(batches.recv().unwrap_or_default());
+        }
+        assert_eq!(later, vec![2, 3]);
+        drop(jobs);
+        assert!(thread.join().is_ok());
     }
 }
