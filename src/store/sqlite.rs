@@ -279,10 +279,10 @@ pub struct SqliteOptions {
     pub commit_delay: Duration,
 }
 
-/// See [`SqliteOptions::commit_delay`]. 100 µs: in side-by-side runs of the README's benchmark
-/// (2 cores, 64 connections) it raised SQLite's acknowledgements from 64–67% to 70–75% of the
-/// memory store's; an acknowledgement takes about 2 ms there, and a lone message at night gains
-/// 0.1 ms.
+/// See [`SqliteOptions::commit_delay`]. 100 µs: in four side-by-side runs of the README's
+/// benchmark (2 cores, 64 connections) the medians of SQLite's acknowledgements went from
+/// 64–69.5% to 70–75% of the memory store's (README, Benchmarks), 200 µs did no better and
+/// 400 µs worse; an acknowledgement takes about 2 ms there, and a lone message gains 0.1 ms.
 pub const COMMIT_DELAY: Duration = Duration::from_micros(100);
 
 /// Inbound log segments of 32 MiB: at 35,000 acknowledgements a second (the benchmark's), one
