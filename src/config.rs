@@ -105,9 +105,10 @@ pub struct StoreConfig {
     /// SQLite: `power_loss` (fsync before acknowledging) or `process_crash` (no fsync; survives
     /// `kill -9` but not power loss).
     pub durability: crate::store::Durability,
-    /// SQLite: how long, in microseconds, a batch of accepted messages waits for more before it
-    /// is flushed (0: at once); fewer, larger flushes leave the HTTP workers more CPU under load
-    /// (`SqliteOptions::commit_delay`). At most [`MAX_COMMIT_DELAY_US`].
+    /// SQLite: about how long, in microseconds, a batch of the inbound log (accepted messages,
+    /// finishes) waits for more before it is written and flushed (0: at once); fewer, larger
+    /// batches leave the HTTP workers more CPU under load (`SqliteOptions::commit_delay`). At
+    /// most [`MAX_COMMIT_DELAY_US`].
     pub commit_delay_us: u64,
 }
 

@@ -234,8 +234,8 @@ pub(crate) fn sync_directory_of(path: &Path) -> std::io::Result<()> {
 
 /// Hands `serve` everything queued in `jobs`, up to `max_batch` at a time, until every sender
 /// is gone and the queue is drained: the group-commit loop of the store threads. Each batch
-/// waits for its first job, then, unless full, up to `delay` for company (see
-/// [`SqliteOptions::commit_delay`]); a zero `delay` serves what is queued at once.
+/// waits for its first job, then, unless full or every sender is gone, about `delay` for
+/// company (see [`SqliteOptions::commit_delay`]); a zero `delay` serves what is queued at once.
 fn serve_in_batches<J>(
     mut jobs: tokio::sync::mpsc::Receiver<J>,
     max_batch: usize,
@@ -246,16 +246,18 @@ fn serve_in_batches<J>(
     let mut batch = Vec::with_capacity(max_batch);
     while let Some(first) = jobs.blocking_recv() {
         batch.push(first);
-        take_queued(&mut jobs, &mut batch, max_batch);
+        let mut more_may_come = take_queued(&mut jobs, &mut batch, max_batch);
         if !delay.is_zero() {
-            let until = std::time::Instant::now() + delay;
-            while batch.len() < max_batch {
-                let left = until.saturating_duration_since(std::time::Instant::now());
+            // `None` for a delay beyond the clock's range: such a batch waits until it is full.
+            let until = std::time::Instant::now().checked_add(delay);
+            while more_may_come && batch.len() < max_batch {
+                let left =
+                    until.map_or(DELAY_SLICE, |until| until.saturating_duration_since(std::time::Instant::now()));
                 if left.is_zero() {
                     break;
                 }
                 std::thread::sleep(left.min(DELAY_SLICE));
-                take_queued(&mut jobs, &mut batch, max_batch);
+                more_may_come = take_queued(&mut jobs, &mut batch, max_batch);
             }
         }
         serve(&mut batch);
@@ -263,17 +265,22 @@ fn serve_in_batches<J>(
     }
 }
 
-/// How often, at least, a batch waiting out its commit delay looks whether it is full.
+/// The longest a batch waiting out its commit delay sleeps before it looks again whether it is
+/// full: tokio's receiver has no blocking receive with a timeout outside a runtime, so the wait
+/// is slept in slices. (A sleep overshoots by some tens of µs, so the delay is "about".)
 const DELAY_SLICE: Duration = Duration::from_micros(100);
 
-/// Moves what is queued in `jobs` into `batch`, until it holds `max_batch`.
-fn take_queued<J>(jobs: &mut tokio::sync::mpsc::Receiver<J>, batch: &mut Vec<J>, max_batch: usize) {
+/// Moves what is queued in `jobs` into `batch`, until it holds `max_batch`; `false` once every
+/// sender is gone and the queue is empty (nothing more can come).
+fn take_queued<J>(jobs: &mut tokio::sync::mpsc::Receiver<J>, batch: &mut Vec<J>, max_batch: usize) -> bool {
     while batch.len() < max_batch {
         match jobs.try_recv() {
             Ok(job) => batch.push(job),
-            Err(_) => break,
+            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => return true,
+            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => return false,
         }
     }
+    true
 }
 
 /// A minimal envelope from user `u` on channel `c`, for tests of stores and what sits on them.
@@ -314,6 +321,10 @@ mod batch_tests {
         (jobs, batches, thread)
     }
 
+    /// Far longer than any of these tests may take: a wait that only this could end is a
+    /// failure, not a hang.
+    const NEVER: Duration = Duration::from_secs(60);
+
     /// A job sent while the one before it waits out the commit delay goes in its batch: with
     /// the delay far longer than the test, only the batch filling up can end the wait, so the
     /// two are served together whether the thread took the first before the second came or not.
@@ -325,23 +336,34 @@ mod batch_tests {
         // without the delay the two would come as two batches.
         std::thread::sleep(Duration::from_millis(20));
         assert!(jobs.blocking_send(2).is_ok());
-        assert_eq!(batches.recv().ok(), Some(vec![1, 2]));
+        assert_eq!(batches.recv_timeout(NEVER).ok(), Some(vec![1, 2]));
         drop(jobs);
         assert!(thread.join().is_ok());
         assert!(batches.try_recv().is_err(), "nothing else was served");
     }
 
-    /// A batch short of full is served once its delay is over, alone if nothing came meanwhile;
-    /// and the loop ends when the senders are gone.
+    /// Once every sender is gone nothing more can come: a batch waiting out its delay is served
+    /// at once, and the loop ends.
+    #[test]
+    fn a_batch_is_served_without_its_delay_once_the_senders_are_gone() {
+        let (jobs, batches, thread) = start(64, Duration::from_secs(3600));
+        assert!(jobs.blocking_send(1).is_ok());
+        drop(jobs);
+        assert_eq!(batches.recv_timeout(NEVER).ok(), Some(vec![1]));
+        assert!(thread.join().is_ok());
+    }
+
+    /// A batch short of full is served once its delay is over, alone if nothing came meanwhile
+    /// (the test waits for it before sending more); and the loop ends when the senders are gone.
     #[test]
     fn a_batch_short_of_full_is_served_once_its_delay_is_over() {
         let (jobs, batches, thread) = start(64, Duration::from_millis(1));
         assert!(jobs.blocking_send(1).is_ok());
-        assert_eq!(batches.recv().ok(), Some(vec![1]));
+        assert_eq!(batches.recv_timeout(NEVER).ok(), Some(vec![1]));
         assert!(jobs.blocking_send(2).is_ok() && jobs.blocking_send(3).is_ok());
-        let mut later: Vec<u32> = batches.recv().unwrap_or_default();
+        let mut later: Vec<u32> = batches.recv_timeout(NEVER).unwrap_or_default();
         if later.len() < 2 {
-            later.extend(batches.recv().unwrap_or_default());
+            later.extend(batches.recv_timeout(NEVER).unwrap_or_default());
         }
         assert_eq!(later, vec![2, 3]);
         drop(jobs);

@@ -270,19 +270,23 @@ pub struct SqliteOptions {
     pub checkpoint_interval: Duration,
     /// Size of each inbound log segment, zero-filled before use ([`LOG_SEGMENT_BYTES`]).
     pub log_segment_bytes: u64,
-    /// How long a batch of the inbound log that is not full waits for more messages before it
-    /// is written and flushed ([`COMMIT_DELAY`]; zero: at once), as PostgreSQL's
-    /// `commit_delay`. Each flush costs the log thread about the same CPU time whatever it
-    /// holds (the write, two round trips to the device, the wake-ups), and under load the
-    /// log thread and the HTTP workers share the cores: fewer, larger batches leave the workers
-    /// more of them. Every acknowledgement waits up to this much longer.
+    /// About how long a batch of the inbound log that is not full waits for more jobs before
+    /// it is served ([`COMMIT_DELAY`]; zero: at once), as PostgreSQL's `commit_delay`. Each
+    /// batch costs the log thread about the same CPU time whatever it holds (with
+    /// `power_loss` the write, the `fdatasync` and its two trips to the device; in any mode the
+    /// wake-ups), and under load the log thread and the HTTP workers share the cores: fewer,
+    /// larger batches leave the workers more of them. Every job of the log waits about this
+    /// much longer: an acknowledgement, and an answer's two (whether its message is open, its
+    /// finish).
     pub commit_delay: Duration,
 }
 
-/// See [`SqliteOptions::commit_delay`]. 100 µs: in four side-by-side runs of the README's
-/// benchmark (2 cores, 64 connections) the medians of SQLite's acknowledgements went from
-/// 64–69.5% to 70–75% of the memory store's (README, Benchmarks), 200 µs did no better and
-/// 400 µs worse; an acknowledgement takes about 2 ms there, and a lone message gains 0.1 ms.
+/// See [`SqliteOptions::commit_delay`]. 100 µs: in the nineteenth session's side-by-side runs
+/// of the README's benchmark (2 cores, 64 connections) the medians of SQLite's
+/// acknowledgements went from 67% and 69.5% to 75% and 71.5% of the memory store's (and by 3 to
+/// 6 points with an earlier form of the delay), 200 µs did no better and 400 µs worse; the
+/// eleventh session, on a machine whose cores sat idler, had seen no gain (README, Benchmarks).
+/// An acknowledgement takes about 2 ms there; a lone message gains about 0.1–0.2 ms.
 pub const COMMIT_DELAY: Duration = Duration::from_micros(100);
 
 /// Inbound log segments of 32 MiB: at 35,000 acknowledgements a second (the benchmark's), one
