@@ -242,7 +242,6 @@ fn serve_in_batches<J>(
     delay: Duration,
     mut serve: impl FnMut(&mut Vec<J>),
 ) {
-    let max_batch = max_batch.max(1);
     let mut batch = Vec::with_capacity(max_batch);
     while let Some(first) = jobs.blocking_recv() {
         batch.push(first);
