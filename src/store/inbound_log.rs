@@ -832,9 +832,9 @@ impl InboundLog {
         for job in batch.iter() {
             let result = match &job.op {
                 LogOp::Open => Ok(None),
-                LogOp::IsOpen { envelope_id } => Ok(Some(Logged::IsOpen(
-                    self.journaled(&staged_open, envelope_id) && !staged_finish.contains(envelope_id),
-                ))),
+                LogOp::IsOpen { envelope_id } => {
+                    Ok(Some(Logged::IsOpen(self.open_now(&staged_open, &staged_finish, envelope_id))))
+                }
                 LogOp::Accept { claim, envelope_id, envelope, ttl_ms } => {
                     if self.claims.is_claimed(claim, now) {
                         Ok(Some(Logged::Accepted(Acceptance::Duplicate)))
@@ -869,7 +869,7 @@ impl InboundLog {
                     }
                 }
                 LogOp::Finish { envelope_id } => {
-                    if self.journaled(&staged_open, envelope_id) && !staged_finish.contains(envelope_id) {
+                    if self.open_now(&staged_open, &staged_finish, envelope_id) {
                         match self.append(&finish_payload(envelope_id), 0, &mut filled) {
                             Err(AppendError::NoSpare(error)) => Err(no_room(&error)),
                             Err(AppendError::Write(error)) => {
@@ -1127,6 +1127,17 @@ impl InboundLog {
     /// batch's finishes are not counted here.
     fn journaled(&self, staged: &HashMap<String, OpenEntry>, envelope_id: &str) -> bool {
         self.open.contains_key(envelope_id) || staged.contains_key(envelope_id)
+    }
+
+    /// Whether `envelope_id` is open as of this point of the batch: journaled, and not finished
+    /// by an earlier job of the batch (`staged_finish`).
+    fn open_now(
+        &self,
+        staged_open: &HashMap<String, OpenEntry>,
+        staged_finish: &HashSet<String>,
+        envelope_id: &str,
+    ) -> bool {
+        self.journaled(staged_open, envelope_id) && !staged_finish.contains(envelope_id)
     }
 
     /// The open envelopes, oldest first, read back from their segments.
