@@ -5,7 +5,7 @@
 //! shows in the acknowledgement rate. A journal row cost the writer thread about 10 µs (three
 //! B-tree inserts, about nine 4 KiB WAL frames per commit) and its fsync a hand-off to a syncer
 //! thread; an append to a preallocated file, fsynced by the thread that wrote it, costs a
-//! fraction of either (README, Benchmarks). Answers, the outbox and history stay in SQLite,
+//! fraction of either (docs/benchmarks.md). Answers, the outbox and history stay in SQLite,
 //! where they need its transactions.
 //!
 //! # Files

@@ -285,7 +285,7 @@ pub struct SqliteOptions {
 /// of the README's benchmark (2 cores, 64 connections) the medians of SQLite's
 /// acknowledgements went from 67% and 69.5% to 75% and 71.5% of the memory store's (and by 3 to
 /// 6 points with an earlier form of the delay), 200 µs did no better and 400 µs worse; the
-/// eleventh session, on a machine whose cores sat idler, had seen no gain (README, Benchmarks).
+/// eleventh session, on a machine whose cores sat idler, had seen no gain (docs/benchmarks.md).
 /// An acknowledgement takes about 2 ms there; a lone message gains about 0.1–0.2 ms.
 pub const COMMIT_DELAY: Duration = Duration::from_micros(100);
 
