@@ -1,5 +1,8 @@
 //! The LLM backends against local wiremock servers (127.0.0.1 only; nothing reaches the internet).
 
+#[path = "support/raw_http.rs"]
+mod raw_http;
+
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -1176,27 +1179,14 @@ fn trickling_server(script: Vec<(Duration, String)>) -> String {
 
 /// [`trickling_server`] answering with `head` (status line and headers) instead.
 fn trickling_server_with_head(head: &'static str, script: Vec<(Duration, String)>) -> String {
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::{BufReader, Write};
 
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a local port");
     let address = listener.local_addr().expect("local address");
     std::thread::spawn(move || {
         let Ok((stream, _)) = listener.accept() else { return };
         let mut reader = BufReader::new(stream);
-        let mut content_length = 0usize;
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                break;
-            }
-            if let Some((name, value)) = line.split_once(':') {
-                if name.eq_ignore_ascii_case("content-length") {
-                    content_length = value.trim().parse().unwrap_or(0);
-                }
-            }
-        }
-        let mut body = vec![0; content_length];
-        if reader.read_exact(&mut body).is_err() {
+        if raw_http::read_request(&mut reader).is_none() {
             return;
         }
         let mut stream = reader.into_inner();

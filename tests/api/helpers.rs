@@ -167,6 +167,19 @@ pub async fn spawn_app(env: &[(&str, &str)], llm_delay: Duration) -> TestApp {
     spawn_with(&config, env, ChannelKinds::builtin(), wechat, llm).await
 }
 
+/// [`spawn_app`] with the echoing LLM's first `held` answers kept back until
+/// [`HeldAnswers::release`].
+pub async fn spawn_app_holding_answers(env: &[(&str, &str)], held: usize) -> (TestApp, HeldAnswers) {
+    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+    echo_llm(&llm, Duration::ZERO).await;
+    wechat_ok(&wechat).await;
+    let holder = HeldAnswers::start(&llm, held);
+    let mut env = env.to_vec();
+    env.push(("YIZHAN__LLM__BASE_URL", holder.base_url()));
+    let app = spawn_with(&base_config(&llm, &wechat), &env, ChannelKinds::builtin(), wechat, llm).await;
+    (app, holder)
+}
+
 pub fn now() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default()
 }
@@ -309,4 +322,108 @@ pub fn on_sqlite(config: String, db: &std::path::Path) -> String {
 /// The SQLite store at `db`, as a previous run of Yizhan would have left it.
 pub fn open_store(db: &std::path::Path) -> yizhan::store::SqliteStore {
     yizhan::store::SqliteStore::open(db, yizhan::store::SqliteOptions::default()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A stand-in LLM that keeps answers back until the test lets them go: for answers that must
+/// come after something the test does (all of WeChat's attempts, say), where a delay would
+/// have to guess how long a loaded machine takes to get there.
+///
+/// Each request is passed on at once to a wiremock server, which records it and makes the
+/// answer as usual; the answers to the first `held` questions (POSTs) are kept until
+/// [`HeldAnswers::release`] lets them go. Point the app at it with
+/// `("YIZHAN__LLM__BASE_URL", held.base_url())`.
+pub struct HeldAnswers {
+    base_url: String,
+    /// How many of the held answers may go, and the condition their threads wait on.
+    released: std::sync::Arc<(std::sync::Mutex<usize>, std::sync::Condvar)>,
+}
+
+impl HeldAnswers {
+    pub fn start(behind: &MockServer, held: usize) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
+        let address = listener.local_addr().unwrap_or_else(|e| panic!("local address: {e}"));
+        let released = std::sync::Arc::new((std::sync::Mutex::new(0), std::sync::Condvar::new()));
+        let behind = *behind.address();
+        let questions = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let gate = std::sync::Arc::clone(&released);
+        // Ends with the test binary: the listener is never closed, and the threads are few.
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (gate, questions) = (std::sync::Arc::clone(&gate), std::sync::Arc::clone(&questions));
+                std::thread::spawn(move || pass_on(stream, behind, held, &questions, &gate));
+            }
+        });
+        Self { base_url: format!("http://{address}/v1"), released }
+    }
+
+    /// The `[llm] base_url` that goes through it.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// Lets the first `count` held answers go, in the order their questions came.
+    pub fn release(&self, count: usize) {
+        let (lock, condvar) = &*self.released;
+        let mut released = lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *released = (*released).max(count);
+        condvar.notify_all();
+    }
+}
+
+impl Drop for HeldAnswers {
+    /// A test that ends (or fails) early leaves no thread waiting.
+    fn drop(&mut self) {
+        self.release(usize::MAX);
+    }
+}
+
+/// One connection of [`HeldAnswers`]: the request goes to `behind` (asked to close the
+/// connection, so that its answer ends where the bytes do), and its answer comes back once
+/// released if it is one of the first `held` questions.
+fn pass_on(
+    mut client: std::net::TcpStream,
+    behind: std::net::SocketAddr,
+    held: usize,
+    questions: &std::sync::atomic::AtomicUsize,
+    gate: &(std::sync::Mutex<usize>, std::sync::Condvar),
+) {
+    use std::io::{BufReader, Read, Write};
+    let Some(request) = crate::raw_http::read_request(&mut BufReader::new(&mut client)) else { return };
+    let mut head = request.request_line.clone();
+    head.push_str("connection: close\r\n");
+    for line in &request.header_lines {
+        let name = line.split_once(':').map_or("", |(name, _)| name);
+        if !name.eq_ignore_ascii_case("connection") {
+            head.push_str(line);
+        }
+    }
+    head.push_str("\r\n");
+    let (request_line, body) = (request.request_line, request.body);
+    let question =
+        request_line.starts_with("POST ").then(|| questions.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
+    let mut answer = Vec::new();
+    let passed_on = std::net::TcpStream::connect(behind).and_then(|mut upstream| {
+        upstream.write_all(head.as_bytes())?;
+        upstream.write_all(&body)?;
+        upstream.read_to_end(&mut answer)
+    });
+    if passed_on.is_err() {
+        return;
+    }
+    if let Some(question) = question.filter(|question| *question < held) {
+        let (lock, condvar) = gate;
+        let released = lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _released = condvar
+            .wait_while(released, |released| *released <= question)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+    }
+    // The app's client must not keep this connection for another question: it closes now.
+    let head_end = answer.windows(4).position(|window| window == b"\r\n\r\n").unwrap_or(answer.len());
+    let says_close = String::from_utf8_lossy(&answer[..head_end]).to_ascii_lowercase().contains("\r\nconnection:");
+    if !says_close {
+        if let Some(status_end) = answer.windows(2).position(|window| window == b"\r\n") {
+            answer.splice(status_end + 2..status_end + 2, b"connection: close\r\n".iter().copied());
+        }
+    }
+    let _ = client.write_all(&answer).and_then(|()| client.flush());
 }

@@ -8,5 +8,7 @@ mod http_surface;
 mod lobehub;
 mod passive;
 mod plugin;
+#[path = "../support/raw_http.rs"]
+mod raw_http;
 mod wechat_mp;
 mod wecom;

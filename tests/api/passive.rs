@@ -3,6 +3,8 @@
 //! window is scaled down to 1000 ms through `passive_window_ms` (answers stop being taken 300 ms
 //! before its end, so a reply has that long to reach the client on a loaded machine); the
 //! stand-in "WeChat" below gives up on an attempt after that long and retries, as WeChat does.
+//! An answer that must come after all of a message's attempts is held back by [`HeldAnswers`]
+//! until the test has made them, not delayed by a guess at how long a loaded machine takes.
 
 use crate::helpers::*;
 use std::time::Duration;
@@ -55,23 +57,22 @@ fn passive_content(xml: &str) -> String {
     }
 }
 
-/// The model's first `times` answers are `answer`, each later than all three of WeChat's
-/// attempts; later questions are echoed at once.
-async fn slow_answers_then_echo(llm: &MockServer, answer: &str, times: u64) {
+/// The model's first `times` answers are `answer`, held back until the test releases them
+/// (after all of WeChat's attempts); later questions are echoed at once. The app must use the
+/// returned stand-in's `base_url`.
+async fn late_answers_then_echo(llm: &MockServer, answer: &str, times: usize) -> HeldAnswers {
     Mock::given(method("POST"))
         .and(path("/v1/chat/completions"))
         .respond_with(
             ResponseTemplate::new(200)
                 .insert_header("content-type", "text/event-stream")
-                .set_body_string(sse_answer(answer))
-                // Well past the last attempt's end (about 2.7 s after the first): a loaded machine
-                // that starts a handler late must not see the answer arrive before it gives up.
-                .set_delay(Duration::from_millis(4_000)),
+                .set_body_string(sse_answer(answer)),
         )
-        .up_to_n_times(times)
+        .up_to_n_times(u64::try_from(times).unwrap_or(u64::MAX))
         .mount(llm)
         .await;
     echo_llm(llm, Duration::ZERO).await;
+    HeldAnswers::start(llm, times)
 }
 
 #[actix_web::test]
@@ -177,9 +178,10 @@ async fn an_answer_that_renders_to_nothing_releases_the_held_attempt_at_once() {
 
 #[actix_web::test]
 async fn a_very_slow_answer_is_acknowledged_on_the_third_attempt_and_pushed() {
-    let app = spawn_app(&auto_env("auto"), Duration::from_millis(4_000)).await;
+    let (app, held) = spawn_app_holding_answers(&auto_env("auto"), 1).await;
     let (attempt, body) = wechat_delivers(&app, &text_xml("oP3", 3, "很慢")).await.unwrap_or_default();
     assert_eq!((attempt, body.as_str()), (3, "success"));
+    held.release(1);
     app.wait_until_idle().await;
     assert_eq!(app.llm_requests().await.len(), 1);
     let sent = app.sent_messages().await;
@@ -194,12 +196,13 @@ async fn a_very_slow_answer_is_acknowledged_on_the_third_attempt_and_pushed() {
 /// is pushed), not held for a retry that never comes, which would end in WeChat's error page.
 #[actix_web::test]
 async fn an_attempt_as_late_as_wechats_last_answers_within_its_window_though_first_seen() {
-    let app = spawn_app(&auto_env("auto"), Duration::from_millis(4_000)).await;
+    let (app, held) = spawn_app_holding_answers(&auto_env("auto"), 1).await;
     // Sent 11 s ago: WeChat tries every 5 s (whatever the window here), so this is its third.
     let xml = text_xml_sent_at("oLate", 31, "晚到", now() - 11);
     let url = format!("{}?{}", app.webhook_url(CHANNEL), signed_query(now()));
     let response = reqwest::Client::new().post(url).body(xml).send().await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(response.text().await.unwrap_or_default(), "success");
+    held.release(1);
     app.wait_until_idle().await;
     let sent = app.sent_messages().await;
     assert_eq!(sent.len(), 1, "{sent:?}");
@@ -374,14 +377,17 @@ async fn in_passive_mode_an_answer_too_late_for_every_attempt_comes_with_the_nex
 /// `send_answer`. Asserts that the next question's passive reply brings the first answer.
 async fn first_answer_missing_all_attempts(mode: &'static str, send_answer: serde_json::Value) -> TestApp {
     let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
-    // The first question takes longer than all three attempts; later ones are instant.
-    slow_answers_then_echo(&llm, "第一个答案", 1).await;
+    // The first question's answer comes after all three attempts; later ones at once.
+    let held = late_answers_then_echo(&llm, "第一个答案", 1).await;
     wechat_answering_sends_with(&wechat, send_answer, Duration::ZERO).await;
     let config = base_config(&llm, &wechat);
-    let app = spawn_with(&config, &auto_env(mode), ChannelKinds::builtin(), wechat, llm).await;
+    let mut env = auto_env(mode);
+    env.push(("YIZHAN__LLM__BASE_URL", held.base_url()));
+    let app = spawn_with(&config, &env, ChannelKinds::builtin(), wechat, llm).await;
 
     let (attempt, body) = wechat_delivers(&app, &text_xml("oPark", 10, "第一个问题")).await.unwrap_or_default();
     assert_eq!((attempt, body.as_str()), (3, "success"));
+    held.release(1);
     app.wait_until_idle().await;
     assert!(app.metrics().await.contains("yizhan_answers_total{channel=\"mp\",path=\"parked\"} 1"));
 
@@ -400,14 +406,16 @@ async fn first_answer_missing_all_attempts(mode: &'static str, send_answer: serd
 async fn in_passive_mode_a_late_answer_of_many_parts_is_parked_without_a_hint_inside() {
     let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
     let answer = "一二三四五六七八九十。".repeat(40);
-    slow_answers_then_echo(&llm, &answer, 1).await;
+    let held = late_answers_then_echo(&llm, &answer, 1).await;
     wechat_ok(&wechat).await;
     let mut env = auto_env("passive");
     // 3 bytes a character: eight parts of 180 bytes or fewer.
     env.push(("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "180"));
+    env.push(("YIZHAN__LLM__BASE_URL", held.base_url()));
     let app = spawn_with(&base_config(&llm, &wechat), &env, ChannelKinds::builtin(), wechat, llm).await;
     let (attempt, body) = wechat_delivers(&app, &text_xml("oWhole", 40, "长答")).await.unwrap_or_default();
     assert_eq!((attempt, body.as_str()), (3, "success"));
+    held.release(1);
     app.wait_until_idle().await;
     let hint = "（回复「继续」查看剩余内容）";
     let mut shown = String::new();
@@ -462,13 +470,15 @@ async fn in_passive_mode_the_rest_of_a_long_answer_waits_for_the_continue_word()
 async fn a_parked_answer_too_long_to_go_beside_the_next_one_is_announced_and_comes_first() {
     let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
     let older = "旧".repeat(300);
-    slow_answers_then_echo(&llm, &older, 1).await;
+    let held = late_answers_then_echo(&llm, &older, 1).await;
     wechat_ok(&wechat).await;
     let mut env = auto_env("passive");
     env.push(("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "600"));
+    env.push(("YIZHAN__LLM__BASE_URL", held.base_url()));
     let app = spawn_with(&base_config(&llm, &wechat), &env, ChannelKinds::builtin(), wechat, llm).await;
     let (attempt, body) = wechat_delivers(&app, &text_xml("oTooLong", 50, "第一个问题")).await.unwrap_or_default();
     assert_eq!((attempt, body.as_str()), (3, "success"));
+    held.release(1);
     app.wait_until_idle().await;
 
     let hint = "（回复「继续」查看剩余内容）";
@@ -852,21 +862,19 @@ async fn an_answer_to_a_menu_click_keeps_to_its_three_message_quota() {
 /// (parked meanwhile) with the hint, and 继续 brings the second, then says nothing is left.
 #[actix_web::test]
 async fn the_continue_word_brings_parked_answers_oldest_first_one_at_a_time() {
-    let env = [
-        ("YIZHAN__CHANNELS__MP__REPLY_MODE", "passive"),
-        ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", "1000"),
-        ("YIZHAN__CHANNELS__MP__PASSIVE_MARGIN_MS", "300"),
-    ];
-    let app = spawn_app(&env, Duration::from_millis(4_000)).await;
+    let (app, held) = spawn_app_holding_answers(&auto_env("passive"), 2).await;
     // Both answers arrive after every attempt of their own message; when the second message's
     // last attempt has no answer of its own, it shows the first answer, parked meanwhile.
     let (attempt, body) = wechat_delivers(&app, &text_xml("oOrder", 40, "问题一")).await.unwrap_or_default();
     assert_eq!((attempt, body.as_str()), (3, "success"));
+    held.release(1);
+    app.wait_until_idle().await;
     let (attempt, body) = wechat_delivers(&app, &text_xml("oOrder", 41, "问题三")).await.unwrap_or_default();
     assert_eq!(
         (attempt, passive_content(&body).as_str()),
         (3, "【你上一条消息的回复】\n答：问题一\n（回复「继续」查看剩余内容）")
     );
+    held.release(2);
     app.wait_until_idle().await;
     let mut shown = Vec::new();
     for id in [42, 43] {
@@ -882,13 +890,16 @@ async fn the_continue_word_brings_parked_answers_oldest_first_one_at_a_time() {
 #[actix_web::test]
 async fn an_answer_ready_in_time_waits_behind_every_answer_parked_before_it() {
     let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
-    slow_answers_then_echo(&llm, "慢的答案", 2).await;
+    let held = late_answers_then_echo(&llm, "慢的答案", 2).await;
     wechat_ok(&wechat).await;
-    let app = spawn_with(&base_config(&llm, &wechat), &auto_env("passive"), ChannelKinds::builtin(), wechat, llm).await;
+    let mut env = auto_env("passive");
+    env.push(("YIZHAN__LLM__BASE_URL", held.base_url()));
+    let app = spawn_with(&base_config(&llm, &wechat), &env, ChannelKinds::builtin(), wechat, llm).await;
     // Sent together: each one's last attempt comes before either answer is parked.
     let (one, two) = (text_xml("oTwo", 70, "问题一"), text_xml("oTwo", 71, "问题二"));
     let (first, second) = tokio::join!(wechat_delivers(&app, &one), wechat_delivers(&app, &two));
     assert_eq!((first.unwrap_or_default().1, second.unwrap_or_default().1), ("success".into(), "success".into()));
+    held.release(2);
     app.wait_until_idle().await;
 
     let hint = "（回复「继续」查看剩余内容）";
