@@ -256,9 +256,9 @@ async fn every_acknowledged_message_is_answered_exactly_once_across_a_kill_9() {
 #[actix_web::test]
 async fn a_passive_answer_taken_by_a_retry_finishes_the_journaled_message() {
     let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
-    // The answer comes after the first attempt gave up (at 1.7 s) and well before the second's
-    // end (3.7 s), with over a second to spare either side for the disk and a loaded machine.
-    echo_llm(&llm, Duration::from_millis(2_600)).await;
+    echo_llm(&llm, Duration::ZERO).await;
+    // The answer comes once the first attempt was given up on, before the second is sent.
+    let held = HeldAnswers::start(&llm, 1);
     wechat_ok(&wechat).await;
     let dir = std::env::temp_dir().join(format!("yizhan-retry-{}-{}", std::process::id(), now()));
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
@@ -268,10 +268,11 @@ async fn a_passive_answer_taken_by_a_retry_finishes_the_journaled_message() {
     let config_path = dir.join("yizhan.toml");
     std::fs::write(&config_path, config).unwrap_or_else(|e| panic!("{e}"));
 
-    let mut yizhan = start_binary(&config_path).await;
+    let mut yizhan = start_binary_with(&config_path, &[("YIZHAN__LLM__BASE_URL", held.base_url())]).await;
     let app =
         TestApp { address: yizhan.address.clone(), wechat, llm, http: reqwest::Client::new(), _actor_threads: None };
-    let delivered = wechat_delivers_within(&app, &text_xml("oRetry", 7, "慢一点"), Duration::from_millis(2_000)).await;
+    let xml = text_xml("oRetry", 7, "慢一点");
+    let delivered = wechat_delivers_with_lapses(&app, &xml, Duration::from_millis(2_000), |_| held.release(1)).await;
     let (attempt, body) = delivered.unwrap_or_default();
     assert!(attempt == 2 && body.contains("答：慢一点"), "attempt {attempt}: {body}");
     app.wait_until_idle().await;
@@ -289,7 +290,8 @@ async fn a_passive_answer_taken_by_a_retry_finishes_the_journaled_message() {
 /// a retry until the shutdown bound runs out.
 #[actix_web::test]
 async fn sigterm_pushes_a_passive_answer_no_retry_can_take_any_more() {
-    let Stopped { app, delivered, .. } = sigterm_while_a_passive_answer_is_held("auto", 2_500, &[], None).await;
+    let Stopped { app, delivered, .. } =
+        sigterm_while_a_passive_answer_is_held("auto", Answer::AfterTheAttempt, &[], None).await;
     assert_eq!(delivered.map(|(_, body)| body).as_deref(), Some("success"), "the lapsing attempt is the last");
     let sent = app.sent_messages().await;
     assert_eq!(sent.len(), 1, "pushed before exit");
@@ -301,7 +303,8 @@ async fn sigterm_pushes_a_passive_answer_no_retry_can_take_any_more() {
 /// message).
 #[actix_web::test]
 async fn sigterm_in_passive_mode_leaves_a_held_answer_for_the_next_start() {
-    let Stopped { app, unfinished, .. } = sigterm_while_a_passive_answer_is_held("passive", 2_500, &[], None).await;
+    let Stopped { app, unfinished, .. } =
+        sigterm_while_a_passive_answer_is_held("passive", Answer::AfterTheAttempt, &[], None).await;
     assert!(app.sent_messages().await.is_empty());
     let parts: Vec<String> =
         unfinished.iter().flat_map(|u| u.pending_parts.iter().flatten().map(|p| p.reply.text.clone())).collect();
@@ -313,11 +316,11 @@ async fn sigterm_in_passive_mode_leaves_a_held_answer_for_the_next_start() {
 /// the user's next message after the restart.
 #[actix_web::test]
 async fn sigterm_in_passive_mode_parks_the_rest_of_a_long_answer_behind_the_hint() {
-    // WeChat's whole window, with seconds to spare for the answer (2.5 s, time for the signal to
-    // be sent while it is awaited) and the disk.
+    // WeChat's whole window, with seconds to spare for the answer (released once the signal is
+    // sent, while the attempt is held) and the disk.
     let env = [("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "100"), ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", "5000")];
     let Stopped { app, delivered, unfinished, parked } =
-        sigterm_while_a_passive_answer_is_held("passive", 2_500, &env, None).await;
+        sigterm_while_a_passive_answer_is_held("passive", Answer::AfterTheSignal, &env, None).await;
     let (attempt, body) = delivered.unwrap_or_default();
     assert!(attempt == 1 && body.contains("答：关机前") && body.contains("继续"), "attempt {attempt}: {body}");
     assert!(app.sent_messages().await.is_empty());
@@ -333,7 +336,7 @@ async fn a_held_attempt_is_answered_when_the_shutdown_wait_ends() {
     // WeChat's whole window, far longer than the 1 s the connections get after the wait: the
     // attempt would still be waiting when they close, whenever the signal comes.
     let env = [("YIZHAN__SERVER__SHUTDOWN_TIMEOUT_SECS", "0"), ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", "5000")];
-    let Stopped { delivered, .. } = sigterm_while_a_passive_answer_is_held("auto", 10_000, &env, None).await;
+    let Stopped { delivered, .. } = sigterm_while_a_passive_answer_is_held("auto", Answer::Never, &env, None).await;
     let (attempt, body) = delivered.unwrap_or_default();
     assert_eq!((attempt, body.as_str()), (1, "success"));
 }
@@ -344,7 +347,7 @@ async fn a_held_attempt_is_answered_when_the_shutdown_wait_ends() {
 async fn sigterm_in_auto_mode_leaves_a_refused_answer_for_the_next_start() {
     let refusal = serde_json::json!({"errcode": 48001, "errmsg": "api unauthorized"});
     let Stopped { app, unfinished, .. } =
-        sigterm_while_a_passive_answer_is_held("auto", 2_500, &[], Some(refusal)).await;
+        sigterm_while_a_passive_answer_is_held("auto", Answer::AfterTheAttempt, &[], Some(refusal)).await;
     assert!(!app.sent_messages().await.is_empty(), "the push was tried");
     let parts: Vec<String> =
         unfinished.iter().flat_map(|u| u.pending_parts.iter().flatten().map(|p| p.reply.text.clone())).collect();
@@ -358,7 +361,7 @@ async fn sigterm_in_auto_mode_leaves_a_refused_long_answer_pending_and_not_also_
     let refusal = serde_json::json!({"errcode": 48001, "errmsg": "api unauthorized"});
     let env = [("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "100"), ("YIZHAN__CHANNELS__MP__SEND_QUOTA_PER_MESSAGE", "1")];
     let Stopped { unfinished, parked, .. } =
-        sigterm_while_a_passive_answer_is_held("auto", 2_500, &env, Some(refusal)).await;
+        sigterm_while_a_passive_answer_is_held("auto", Answer::AfterTheAttempt, &env, Some(refusal)).await;
     let pending: usize = unfinished.iter().map(|u| u.pending_parts.as_ref().map_or(0, Vec::len)).sum();
     assert!(pending >= 2, "every part is left for the next start: {unfinished:?}");
     assert!(!parked.unwrap_or_default().contains("。。。"), "the rest is not parked as well");
@@ -370,7 +373,7 @@ async fn sigterm_in_auto_mode_leaves_a_refused_long_answer_pending_and_not_also_
 async fn sigterm_in_auto_mode_saves_the_rest_beyond_the_quota_for_the_next_start() {
     let env = [("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "100"), ("YIZHAN__CHANNELS__MP__SEND_QUOTA_PER_MESSAGE", "1")];
     let Stopped { app, unfinished, parked, .. } =
-        sigterm_while_a_passive_answer_is_held("auto", 2_500, &env, None).await;
+        sigterm_while_a_passive_answer_is_held("auto", Answer::AfterTheAttempt, &env, None).await;
     let sent = app.sent_texts().await;
     assert!(sent.len() == 1 && sent[0].contains("继续"), "within the quota, with the hint: {sent:?}");
     assert!(unfinished.is_empty(), "{unfinished:?}");
@@ -389,17 +392,29 @@ struct Stopped {
     parked: Option<String>,
 }
 
-/// Sends one 公众号 message (answered after `llm_delay_ms`; an attempt waits 1.7 s) to the
-/// binary in `mode` on the SQLite store with `env`, SIGTERMs it once the message is accepted,
-/// and waits for the exit. The send API answers `send_answer` when given, else success.
+/// When the model's answer comes in [`sigterm_while_a_passive_answer_is_held`].
+#[derive(Clone, Copy, PartialEq)]
+enum Answer {
+    /// Once the message's attempt is over (it waits 1.7 s unless `env` changes the window).
+    AfterTheAttempt,
+    /// Once the signal is sent, while the attempt is still held.
+    AfterTheSignal,
+    /// Not before the process exits.
+    Never,
+}
+
+/// Sends one 公众号 message (its answer coming as `answer` says) to the binary in `mode` on the
+/// SQLite store with `env`, SIGTERMs it once the message is accepted, and waits for the exit.
+/// The send API answers `send_answer` when given, else success.
 async fn sigterm_while_a_passive_answer_is_held(
     mode: &str,
-    llm_delay_ms: u64,
+    answer: Answer,
     env: &[(&str, &str)],
     send_answer: Option<serde_json::Value>,
 ) -> Stopped {
     let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
-    echo_llm(&llm, Duration::from_millis(llm_delay_ms)).await;
+    echo_llm(&llm, Duration::ZERO).await;
+    let held = HeldAnswers::start(&llm, 1);
     if let Some(answer) = send_answer {
         Mock::given(method("POST"))
             .and(path("/cgi-bin/message/custom/send"))
@@ -422,7 +437,9 @@ async fn sigterm_while_a_passive_answer_is_held(
         );
     let config_path = dir.join("yizhan.toml");
     std::fs::write(&config_path, config).unwrap_or_else(|e| panic!("{e}"));
-    let mut yizhan = start_binary_with(&config_path, env).await;
+    let mut env = env.to_vec();
+    env.push(("YIZHAN__LLM__BASE_URL", held.base_url()));
+    let mut yizhan = start_binary_with(&config_path, &env).await;
     let app =
         TestApp { address: yizhan.address.clone(), wechat, llm, http: reqwest::Client::new(), _actor_threads: None };
     // Once the message is accepted (and its attempt held), not at a guessed moment.
@@ -433,15 +450,25 @@ async fn sigterm_while_a_passive_answer_is_held(
                 && metric(&app.http, &app.address, "yizhan_llm_in_flight ").await == Some(1)
         })
         .await;
-        sigterm(&yizhan.child)
+        let sent = sigterm(&yizhan.child);
+        if answer == Answer::AfterTheSignal {
+            held.release(1);
+        }
+        sent
     };
     // Long enough to need several parts when `max_part_bytes` is small.
     let xml = text_xml("oTermPassive", 80_000, &format!("关机前{}", "。".repeat(60)));
     // A first attempt with all the time it needs: once the listener pauses, no retry gets in, so
     // WeChat's window is not what is tested (and a loaded machine must not turn the answer into a
     // timeout).
-    let (delivered, status) =
-        futures_util::join!(wechat_delivers_within(&app, &xml, Duration::from_secs(30)), terminate);
+    let deliver = async {
+        let delivered = wechat_delivers_within(&app, &xml, Duration::from_secs(30)).await;
+        if answer == Answer::AfterTheAttempt {
+            held.release(1);
+        }
+        delivered
+    };
+    let (delivered, status) = futures_util::join!(deliver, terminate);
     assert!(status);
     yizhan.exits_cleanly().await;
     use yizhan::store::Store;
@@ -873,9 +900,9 @@ async fn a_message_resumed_within_its_first_window_still_has_two_tries_to_come()
     let db = dir.join("yizhan.db");
     // The stand-ins first: the message's age at the restart must stay well inside its window.
     let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
-    // Past the second try's wait (it stops taking 3.7 s into its 4 s window, which begins
-    // after the start: up to 2.3 s of it), well within the third's.
-    echo_llm(&llm, Duration::from_millis(6_000)).await;
+    echo_llm(&llm, Duration::ZERO).await;
+    // The resumed message's answer comes once the second try was given up on, before the third.
+    let held = HeldAnswers::start(&llm, 1);
     wechat_ok(&wechat).await;
     {
         let store = open_store(&db);
@@ -885,11 +912,12 @@ async fn a_message_resumed_within_its_first_window_still_has_two_tries_to_come()
         ("YIZHAN__CHANNELS__MP__REPLY_MODE", "passive"),
         ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", "4000"),
         ("YIZHAN__CHANNELS__MP__PASSIVE_MARGIN_MS", "300"),
+        ("YIZHAN__LLM__BASE_URL", held.base_url()),
     ];
     let config = on_sqlite(base_config(&llm, &wechat), &db);
     let app = spawn_with(&config, &env, yizhan::channels::ChannelKinds::builtin(), wechat, llm).await;
-    let delivered =
-        wechat_delivers_within(&app, &text_xml("oTries", 91_001, "两次"), Duration::from_millis(4_000)).await;
+    let xml = text_xml("oTries", 91_001, "两次");
+    let delivered = wechat_delivers_with_lapses(&app, &xml, Duration::from_millis(4_000), |_| held.release(1)).await;
     app.wait_until_idle().await;
     let _ = std::fs::remove_dir_all(&dir);
     let (attempt, body) = delivered.unwrap_or_default();

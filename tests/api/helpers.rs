@@ -301,6 +301,17 @@ where
 /// for that long must not turn the answer into a timeout. (A lapsing attempt answers only after
 /// the window, so the first two still end as WeChat's would.)
 pub async fn wechat_delivers_within(app: &TestApp, xml: &str, window: Duration) -> Option<(usize, String)> {
+    wechat_delivers_with_lapses(app, xml, window, |_| {}).await
+}
+
+/// [`wechat_delivers_within`], calling `after_lapse` with the number of each attempt given up
+/// on, before the next is sent (to release a held answer between two attempts, say).
+pub async fn wechat_delivers_with_lapses(
+    app: &TestApp,
+    xml: &str,
+    window: Duration,
+    mut after_lapse: impl FnMut(usize),
+) -> Option<(usize, String)> {
     let client = reqwest::Client::new();
     for attempt in 1..=3 {
         let url = format!("{}?{}", app.webhook_url(CHANNEL), signed_query(now()));
@@ -310,6 +321,7 @@ pub async fn wechat_delivers_within(app: &TestApp, xml: &str, window: Duration) 
                 return Some((attempt, body));
             }
         }
+        after_lapse(attempt);
     }
     None
 }
