@@ -291,7 +291,7 @@ async fn a_passive_answer_taken_by_a_retry_finishes_the_journaled_message() {
 #[actix_web::test]
 async fn sigterm_pushes_a_passive_answer_no_retry_can_take_any_more() {
     let Stopped { app, delivered, .. } =
-        sigterm_while_a_passive_answer_is_held("auto", Answer::AfterTheAttempt, &[], None).await;
+        sigterm_while_a_passive_answer_is_held("auto", AnswerComes::AfterTheAttempt, &[], None).await;
     assert_eq!(delivered.map(|(_, body)| body).as_deref(), Some("success"), "the lapsing attempt is the last");
     let sent = app.sent_messages().await;
     assert_eq!(sent.len(), 1, "pushed before exit");
@@ -304,7 +304,7 @@ async fn sigterm_pushes_a_passive_answer_no_retry_can_take_any_more() {
 #[actix_web::test]
 async fn sigterm_in_passive_mode_leaves_a_held_answer_for_the_next_start() {
     let Stopped { app, unfinished, .. } =
-        sigterm_while_a_passive_answer_is_held("passive", Answer::AfterTheAttempt, &[], None).await;
+        sigterm_while_a_passive_answer_is_held("passive", AnswerComes::AfterTheAttempt, &[], None).await;
     assert!(app.sent_messages().await.is_empty());
     let parts: Vec<String> =
         unfinished.iter().flat_map(|u| u.pending_parts.iter().flatten().map(|p| p.reply.text.clone())).collect();
@@ -320,7 +320,7 @@ async fn sigterm_in_passive_mode_parks_the_rest_of_a_long_answer_behind_the_hint
     // sent, while the attempt is held) and the disk.
     let env = [("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "100"), ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", "5000")];
     let Stopped { app, delivered, unfinished, parked } =
-        sigterm_while_a_passive_answer_is_held("passive", Answer::AfterTheSignal, &env, None).await;
+        sigterm_while_a_passive_answer_is_held("passive", AnswerComes::AfterTheSignal, &env, None).await;
     let (attempt, body) = delivered.unwrap_or_default();
     assert!(attempt == 1 && body.contains("答：关机前") && body.contains("继续"), "attempt {attempt}: {body}");
     assert!(app.sent_messages().await.is_empty());
@@ -336,7 +336,8 @@ async fn a_held_attempt_is_answered_when_the_shutdown_wait_ends() {
     // WeChat's whole window, far longer than the 1 s the connections get after the wait: the
     // attempt would still be waiting when they close, whenever the signal comes.
     let env = [("YIZHAN__SERVER__SHUTDOWN_TIMEOUT_SECS", "0"), ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", "5000")];
-    let Stopped { delivered, .. } = sigterm_while_a_passive_answer_is_held("auto", Answer::Never, &env, None).await;
+    let Stopped { delivered, .. } =
+        sigterm_while_a_passive_answer_is_held("auto", AnswerComes::Never, &env, None).await;
     let (attempt, body) = delivered.unwrap_or_default();
     assert_eq!((attempt, body.as_str()), (1, "success"));
 }
@@ -347,7 +348,7 @@ async fn a_held_attempt_is_answered_when_the_shutdown_wait_ends() {
 async fn sigterm_in_auto_mode_leaves_a_refused_answer_for_the_next_start() {
     let refusal = serde_json::json!({"errcode": 48001, "errmsg": "api unauthorized"});
     let Stopped { app, unfinished, .. } =
-        sigterm_while_a_passive_answer_is_held("auto", Answer::AfterTheAttempt, &[], Some(refusal)).await;
+        sigterm_while_a_passive_answer_is_held("auto", AnswerComes::AfterTheAttempt, &[], Some(refusal)).await;
     assert!(!app.sent_messages().await.is_empty(), "the push was tried");
     let parts: Vec<String> =
         unfinished.iter().flat_map(|u| u.pending_parts.iter().flatten().map(|p| p.reply.text.clone())).collect();
@@ -361,7 +362,7 @@ async fn sigterm_in_auto_mode_leaves_a_refused_long_answer_pending_and_not_also_
     let refusal = serde_json::json!({"errcode": 48001, "errmsg": "api unauthorized"});
     let env = [("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "100"), ("YIZHAN__CHANNELS__MP__SEND_QUOTA_PER_MESSAGE", "1")];
     let Stopped { unfinished, parked, .. } =
-        sigterm_while_a_passive_answer_is_held("auto", Answer::AfterTheAttempt, &env, Some(refusal)).await;
+        sigterm_while_a_passive_answer_is_held("auto", AnswerComes::AfterTheAttempt, &env, Some(refusal)).await;
     let pending: usize = unfinished.iter().map(|u| u.pending_parts.as_ref().map_or(0, Vec::len)).sum();
     assert!(pending >= 2, "every part is left for the next start: {unfinished:?}");
     assert!(!parked.unwrap_or_default().contains("。。。"), "the rest is not parked as well");
@@ -373,7 +374,7 @@ async fn sigterm_in_auto_mode_leaves_a_refused_long_answer_pending_and_not_also_
 async fn sigterm_in_auto_mode_saves_the_rest_beyond_the_quota_for_the_next_start() {
     let env = [("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "100"), ("YIZHAN__CHANNELS__MP__SEND_QUOTA_PER_MESSAGE", "1")];
     let Stopped { app, unfinished, parked, .. } =
-        sigterm_while_a_passive_answer_is_held("auto", Answer::AfterTheAttempt, &env, None).await;
+        sigterm_while_a_passive_answer_is_held("auto", AnswerComes::AfterTheAttempt, &env, None).await;
     let sent = app.sent_texts().await;
     assert!(sent.len() == 1 && sent[0].contains("继续"), "within the quota, with the hint: {sent:?}");
     assert!(unfinished.is_empty(), "{unfinished:?}");
@@ -392,23 +393,34 @@ struct Stopped {
     parked: Option<String>,
 }
 
+/// Waits until `yizhan` has logged that it is shutting down: the first signal handled, and a
+/// second one listened for.
+async fn shutdown_begun(yizhan: &Yizhan) {
+    let logged = yizhan.logged.clone();
+    wait_for("the shutdown to begin", || {
+        let begun = logged.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|m| m.starts_with("Shutting down"));
+        async move { begun }
+    })
+    .await;
+}
+
 /// When the model's answer comes in [`sigterm_while_a_passive_answer_is_held`].
 #[derive(Clone, Copy, PartialEq)]
-enum Answer {
+enum AnswerComes {
     /// Once the message's attempt is over (it waits 1.7 s unless `env` changes the window).
     AfterTheAttempt,
-    /// Once the signal is sent, while the attempt is still held.
+    /// Once the shutdown has begun, while the attempt is still held.
     AfterTheSignal,
     /// Not before the process exits.
     Never,
 }
 
-/// Sends one 公众号 message (its answer coming as `answer` says) to the binary in `mode` on the
-/// SQLite store with `env`, SIGTERMs it once the message is accepted, and waits for the exit.
-/// The send API answers `send_answer` when given, else success.
+/// Sends one 公众号 message (its answer coming as `answer_comes` says) to the binary in `mode` on
+/// the SQLite store with `env`, SIGTERMs it once the message is accepted, and waits for the
+/// exit. The send API answers `send_answer` when given, else success.
 async fn sigterm_while_a_passive_answer_is_held(
     mode: &str,
-    answer: Answer,
+    answer_comes: AnswerComes,
     env: &[(&str, &str)],
     send_answer: Option<serde_json::Value>,
 ) -> Stopped {
@@ -451,7 +463,8 @@ async fn sigterm_while_a_passive_answer_is_held(
         })
         .await;
         let sent = sigterm(&yizhan.child);
-        if answer == Answer::AfterTheSignal {
+        if answer_comes == AnswerComes::AfterTheSignal {
+            shutdown_begun(&yizhan).await;
             held.release(1);
         }
         sent
@@ -463,7 +476,7 @@ async fn sigterm_while_a_passive_answer_is_held(
     // timeout).
     let deliver = async {
         let delivered = wechat_delivers_within(&app, &xml, Duration::from_secs(30)).await;
-        if answer == Answer::AfterTheAttempt {
+        if answer_comes == AnswerComes::AfterTheAttempt {
             held.release(1);
         }
         delivered
@@ -501,13 +514,7 @@ async fn a_second_sigterm_stops_the_wait_for_unanswered_messages() {
         TestApp { address: yizhan.address.clone(), wechat, llm, http: reqwest::Client::new(), _actor_threads: None };
     assert_eq!(app.post_text("oTwice", 90_000, "慢问题").await.0, 200);
     assert!(sigterm(&yizhan.child));
-    // Logged once the first signal is handled and a second one is listened for.
-    let logged = yizhan.logged.clone();
-    wait_for("the shutdown to begin", || {
-        let begun = logged.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|m| m.starts_with("Shutting down"));
-        async move { begun }
-    })
-    .await;
+    shutdown_begun(&yizhan).await;
     assert!(sigterm(&yizhan.child));
     yizhan.exits_cleanly().await;
     use yizhan::store::Store;

@@ -341,9 +341,9 @@ pub fn open_store(db: &std::path::Path) -> yizhan::store::SqliteStore {
 /// have to guess how long a loaded machine takes to get there.
 ///
 /// Each request is passed on at once to a wiremock server, which records it and makes the
-/// answer as usual; the answers to the first `held` questions (POSTs) are kept until
-/// [`HeldAnswers::release`] lets them go. Point the app at it with
-/// `("YIZHAN__LLM__BASE_URL", held.base_url())`.
+/// answer as usual; the answers to the first `held` questions (POSTs, numbered as their
+/// requests are read) are kept until [`HeldAnswers::release`] lets them go. Point the app at it
+/// with `("YIZHAN__LLM__BASE_URL", held.base_url())`.
 pub struct HeldAnswers {
     base_url: String,
     /// How many of the held answers may go, and the condition their threads wait on.
@@ -373,7 +373,8 @@ impl HeldAnswers {
         &self.base_url
     }
 
-    /// Lets the first `count` held answers go, in the order their questions came.
+    /// Lets the answers to the first `count` questions go (those released together, all at once
+    /// and in no set order).
     pub fn release(&self, count: usize) {
         let (lock, condvar) = &*self.released;
         let mut released = lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -429,13 +430,17 @@ fn pass_on(
             .wait_while(released, |released| *released <= question)
             .unwrap_or_else(std::sync::PoisonError::into_inner);
     }
-    // The app's client must not keep this connection for another question: it closes now.
-    let head_end = answer.windows(4).position(|window| window == b"\r\n\r\n").unwrap_or(answer.len());
-    let says_close = String::from_utf8_lossy(&answer[..head_end]).to_ascii_lowercase().contains("\r\nconnection:");
-    if !says_close {
-        if let Some(status_end) = answer.windows(2).position(|window| window == b"\r\n") {
-            answer.splice(status_end + 2..status_end + 2, b"connection: close\r\n".iter().copied());
-        }
+    // The app's client must not keep this connection for another question: it closes now, and
+    // the answer says so whatever wiremock said.
+    let Some(head_end) = answer.windows(4).position(|window| window == b"\r\n\r\n") else { return };
+    let head = String::from_utf8_lossy(&answer[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let mut closing_head = lines.next().unwrap_or_default().to_owned();
+    closing_head.push_str("\r\nconnection: close");
+    for line in lines.filter(|line| !line.to_ascii_lowercase().starts_with("connection:")) {
+        closing_head.push_str("\r\n");
+        closing_head.push_str(line);
     }
+    answer.splice(..head_end, closing_head.into_bytes());
     let _ = client.write_all(&answer).and_then(|()| client.flush());
 }

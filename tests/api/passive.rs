@@ -867,9 +867,11 @@ async fn the_continue_word_brings_parked_answers_oldest_first_one_at_a_time() {
     // last attempt has no answer of its own, it shows the first answer, parked meanwhile.
     let (attempt, body) = wechat_delivers(&app, &text_xml("oOrder", 40, "问题一")).await.unwrap_or_default();
     assert_eq!((attempt, body.as_str()), (3, "success"));
-    held.release(1);
-    app.wait_until_idle().await;
-    let (attempt, body) = wechat_delivers(&app, &text_xml("oOrder", 41, "问题三")).await.unwrap_or_default();
+    // The first answer comes while the second message is being tried, with the first still open.
+    let second = text_xml("oOrder", 41, "问题三");
+    let window = Duration::from_millis(WINDOW_MS);
+    let (attempt, body) =
+        wechat_delivers_with_lapses(&app, &second, window, |_| held.release(1)).await.unwrap_or_default();
     assert_eq!(
         (attempt, passive_content(&body).as_str()),
         (3, "【你上一条消息的回复】\n答：问题一\n（回复「继续」查看剩余内容）")

@@ -12,8 +12,9 @@ pub struct RawRequest {
     pub body: Vec<u8>,
 }
 
-/// Reads one request; `None` if the client went away first. The body is read by its
-/// `content-length`: the clients under test send no chunked bodies.
+/// Reads one request; `None` if the client went away before all of it came. The body is read by
+/// its `content-length`: the clients under test send neither chunked bodies nor
+/// `expect: 100-continue`.
 pub fn read_request(reader: &mut impl BufRead) -> Option<RawRequest> {
     let mut request_line = String::new();
     if reader.read_line(&mut request_line).ok()? == 0 {
@@ -23,7 +24,10 @@ pub fn read_request(reader: &mut impl BufRead) -> Option<RawRequest> {
     let mut content_length = 0usize;
     loop {
         let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+        if reader.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        if line == "\r\n" {
             break;
         }
         if let Some((name, value)) = line.split_once(':') {
