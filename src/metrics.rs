@@ -38,6 +38,9 @@ pub struct Metrics {
     pub journal_open: IntGauge,
     /// Answers by how they left: `passive`, `push`, `parked`, `unparked`.
     pub answers: IntCounterVec,
+    /// Webhook attempts held open for a passive answer, by channel: each of a platform's
+    /// retries of one message counts.
+    pub passive_attempts: IntCounterVec,
 }
 
 // NOTE: the metric definitions below are constants; `expect` cannot fail on them, and a failure
@@ -101,6 +104,14 @@ impl Metrics {
             &["channel", "path"],
         )
         .expect("valid metric");
+        let passive_attempts = IntCounterVec::new(
+            Opts::new(
+                "passive_attempts_total",
+                "Webhook attempts held open for a passive answer (each retry of a message counts), by channel.",
+            ),
+            &["channel"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(webhook_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(webhook_ack_seconds.clone()),
@@ -115,6 +126,7 @@ impl Metrics {
             Box::new(delivery_in_flight.clone()),
             Box::new(journal_open.clone()),
             Box::new(answers.clone()),
+            Box::new(passive_attempts.clone()),
         ] {
             registry.register(collector).expect("metric registered once");
         }
@@ -133,6 +145,7 @@ impl Metrics {
             delivery_in_flight,
             journal_open,
             answers,
+            passive_attempts,
         }
     }
 

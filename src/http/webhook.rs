@@ -535,6 +535,7 @@ async fn hold_for_answer(
         });
     let unseen = interval.and_then(|interval| attempts_before(sent_at, request.received_at, interval));
     let (kind, this_attempt) = job.begin_attempt(PASSIVE_ATTEMPTS, unseen);
+    hub.metrics.passive_attempts.with_label_values(&[entry.channel.id().as_str()]).inc();
     // A later attempt began while this one waited: it takes the answer (see `PassiveJob::take`),
     // and this one must not give the answer up to the send path. Held open like any lapse while
     // the platform may still retry: if handlers began out of order and this is the connection it

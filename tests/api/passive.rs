@@ -804,18 +804,20 @@ async fn the_passive_wait_counts_from_when_the_request_arrived() {
 #[actix_web::test]
 async fn a_last_attempt_already_past_its_window_leaves_a_ready_answer_to_be_pushed() {
     let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
-    // Ready well after the second attempt stopped waiting (at 700 ms of its 1000, even if its
-    // handler starts late), well before the third is read (at 2000 + 1100 ms).
-    echo_llm(&llm, Duration::from_millis(2_300)).await;
+    echo_llm(&llm, Duration::ZERO).await;
+    // Ready once the second attempt was given up on, before the third is read (1100 ms late).
+    let held = HeldAnswers::start(&llm, 1);
     wechat_ok(&wechat).await;
     const THIRD_READ_SLOWLY: [Duration; 3] = [Duration::ZERO, Duration::ZERO, Duration::from_millis(1_100)];
     let kinds = SlowToRead::kinds(&THIRD_READ_SLOWLY);
-    let app = spawn_with(&base_config(&llm, &wechat), &auto_env("auto"), kinds, wechat, llm).await;
+    let mut env = auto_env("auto");
+    env.push(("YIZHAN__LLM__BASE_URL", held.base_url()));
+    let app = spawn_with(&base_config(&llm, &wechat), &env, kinds, wechat, llm).await;
     let xml = text_xml("oLate", 31, "迟到");
     // Every attempt, the last too, is given up after the window, as WeChat does.
     let client = reqwest::Client::new();
     let mut in_time = Vec::new();
-    for _ in 1..=3 {
+    for attempt in 1..=3 {
         let url = format!("{}?{}", app.webhook_url(CHANNEL), signed_query(now()));
         let timeout = Duration::from_millis(WINDOW_MS);
         if let Ok(response) = client.post(url).body(xml.clone()).timeout(timeout).send().await {
@@ -823,16 +825,15 @@ async fn a_last_attempt_already_past_its_window_leaves_a_ready_answer_to_be_push
                 in_time.push(body);
             }
         }
+        if attempt == 2 {
+            held.release(1);
+        }
     }
     app.wait_until_idle().await;
     let sent = app.sent_messages().await;
-    let passive = in_time.iter().filter(|body| passive_content(body) == "答：迟到").count();
-    // Normally no attempt replies in time; a machine slow enough to start the second attempt
-    // late lets it take the answer. Either way, the answer arrives once.
-    assert_eq!(passive + sent.len(), 1, "in time: {in_time:?}, pushed: {sent:?}");
-    if let Some(pushed) = sent.first() {
-        assert_eq!(pushed["text"]["content"], "答：迟到");
-    }
+    assert!(in_time.iter().all(|body| passive_content(body).is_empty()), "in time: {in_time:?}");
+    assert_eq!(sent.len(), 1, "pushed once: {sent:?}");
+    assert_eq!(sent[0]["text"]["content"], "答：迟到");
 }
 
 /// A menu click opens only 3 customer-service messages (not a typed message's 5): a long answer
@@ -929,7 +930,7 @@ async fn a_retry_takes_the_answer_from_an_attempt_still_waiting() {
         // it waits for) before the retry is read, so that the retry is the second attempt.
         ("YIZHAN__SERVER__WORKERS", "1"),
     ];
-    let app = spawn_app(&env, Duration::from_millis(3_000)).await;
+    let (app, held) = spawn_app_holding_answers(&env, 1).await;
     let xml = text_xml("oRetry", 90, "重试");
     let url = format!("{}?{}", app.webhook_url(CHANNEL), signed_query(now()));
     let client = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap_or_else(|e| panic!("{e}"));
@@ -938,13 +939,19 @@ async fn a_retry_takes_the_answer_from_an_attempt_still_waiting() {
         response.text().await.unwrap_or_default()
     };
     let first = actix_web::rt::spawn(post(client.clone(), url.clone(), xml.clone()));
-    // Once the first attempt holds the message and the model is asked (the answer comes 3 s
-    // later, well before the retry's own 4.7 s are up), the retry comes in.
+    // Once the first attempt holds the message and the model is asked, the retry comes in.
     wait_for("the first attempt waiting", || async {
         app.metrics().await.lines().any(|line| line == "yizhan_llm_in_flight 1")
     })
     .await;
-    let second = post(client, url, xml).await;
+    let second = actix_web::rt::spawn(post(client, url, xml));
+    // The answer, once the retry is held too.
+    wait_for("the retry held", || async {
+        app.metrics().await.lines().any(|line| line == "yizhan_passive_attempts_total{channel=\"mp\"} 2")
+    })
+    .await;
+    held.release(1);
+    let second = second.await.unwrap_or_else(|e| panic!("{e}"));
     assert!(passive_content(&second).contains("答：重试"), "the retry: {second}");
     let first = first.await.unwrap_or_else(|e| panic!("{e}"));
     // It lapsed: nothing in time (an empty answer, past WeChat's window).
