@@ -21,13 +21,14 @@ pub struct Metrics {
     pub llm_queue_depth: IntGauge,
     /// Requests being answered by the LLM.
     pub llm_in_flight: IntGauge,
-    /// 1 from the moment the LLM circuit breaker opens until a probe succeeds.
+    /// 1 from the moment the LLM circuit breaker opens until a probe's answer begins (or the
+    /// server answers it).
     pub llm_breaker_open: IntGauge,
     /// Session actors alive.
     pub sessions_alive: IntGauge,
     /// Send attempts by channel and outcome: `delivered`, `retried` (a transient error, tried
     /// again), or the error that ended the part (`transient` once attempts are used up, `refused`,
-    /// `misconfigured`, `unauthorized`, `malformed`, `unsupported`).
+    /// `misconfigured`, `unauthorized`, `malformed`, `unsupported`, `maybe_delivered`).
     pub deliveries: IntCounterVec,
     /// Messages over a bound, by which bound: answered with the busy text, or (while a busy reply
     /// to the same conversation is on its way) finished unanswered.
@@ -36,7 +37,7 @@ pub struct Metrics {
     pub delivery_in_flight: IntGaugeVec,
     /// Accepted messages not yet finished (answered or deliberately left unanswered).
     pub journal_open: IntGauge,
-    /// Answers by how they left: `passive`, `push`, `parked`, `unparked`.
+    /// Answer events by channel and path: `passive`, `push`, `streamed`, `parked`, `unparked`.
     pub answers: IntCounterVec,
     /// Webhook attempts held open for a passive answer, by channel: each of a platform's
     /// retries of one message counts.
@@ -76,7 +77,7 @@ impl Metrics {
         let llm_in_flight =
             IntGauge::new("llm_in_flight", "Requests being answered by the LLM.").expect("valid metric");
         let llm_breaker_open =
-            IntGauge::new("llm_breaker_open", "1 from an LLM circuit breaker trip until a probe succeeds.")
+            IntGauge::new("llm_breaker_open", "1 from an LLM circuit breaker trip until a probe's answer begins.")
                 .expect("valid metric");
         let sessions_alive = IntGauge::new("sessions_alive", "Session actors alive.").expect("valid metric");
         let deliveries = IntCounterVec::new(
