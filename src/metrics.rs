@@ -42,6 +42,27 @@ pub struct Metrics {
     /// Webhook attempts held open for a passive answer, by channel: each of a platform's
     /// retries of one message counts.
     pub passive_attempts: IntCounterVec,
+    /// Webhook attempts waiting for their passive answer now, by channel (each holds a
+    /// connection open; an attempt past its wait, held only until the platform gives up on it,
+    /// no longer counts).
+    pub passive_waiting: IntGaugeVec,
+}
+
+/// Holds a gauge one higher for as long as it lives: a future dropped midway still takes its
+/// count back.
+pub struct GaugeHeld(IntGauge);
+
+impl GaugeHeld {
+    pub fn new(gauge: IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for GaugeHeld {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 // NOTE: the metric definitions below are constants; `expect` cannot fail on them, and a failure
@@ -113,6 +134,11 @@ impl Metrics {
             &["channel"],
         )
         .expect("valid metric");
+        let passive_waiting = IntGaugeVec::new(
+            Opts::new("passive_waiting", "Webhook attempts waiting for their passive answer now, by channel."),
+            &["channel"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(webhook_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(webhook_ack_seconds.clone()),
@@ -128,6 +154,7 @@ impl Metrics {
             Box::new(journal_open.clone()),
             Box::new(answers.clone()),
             Box::new(passive_attempts.clone()),
+            Box::new(passive_waiting.clone()),
         ] {
             registry.register(collector).expect("metric registered once");
         }
@@ -147,6 +174,7 @@ impl Metrics {
             journal_open,
             answers,
             passive_attempts,
+            passive_waiting,
         }
     }
 

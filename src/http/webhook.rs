@@ -8,6 +8,7 @@ use crate::config::ReplyMode;
 use crate::delivery::passive::{AttemptKind, HeldAnswer, PassiveJob};
 use crate::delivery::send_parts;
 use crate::hub::{ChannelEntry, Hub};
+use crate::metrics::GaugeHeld;
 use crate::routing::Router;
 use crate::store::Acceptance;
 use actix_web::http::Method as HttpMethod;
@@ -535,7 +536,14 @@ async fn hold_for_answer(
         });
     let unseen = interval.and_then(|interval| attempts_before(sent_at, request.received_at, interval));
     let (kind, this_attempt) = job.begin_attempt(PASSIVE_ATTEMPTS, unseen);
-    hub.metrics.passive_attempts.with_label_values(&[entry.channel.id().as_str()]).inc();
+    // Already past it (a slow read, parse or journal write): this attempt takes nothing. The
+    // answer waits for the next attempt or, after the last, is pushed.
+    let too_late = answer_by.is_zero();
+    let channel_label = [entry.channel.id().as_str()];
+    // Counted as waiting before it counts as an attempt: whoever reads both (tests do) never
+    // sees an attempt counted that is about to wait as not waiting.
+    let waiting = (!too_late).then(|| GaugeHeld::new(hub.metrics.passive_waiting.with_label_values(&channel_label)));
+    hub.metrics.passive_attempts.with_label_values(&channel_label).inc();
     // A later attempt began while this one waited: it takes the answer (see `PassiveJob::take`),
     // and this one must not give the answer up to the send path. Held open like any lapse while
     // the platform may still retry: if handlers began out of order and this is the connection it
@@ -555,10 +563,10 @@ async fn hold_for_answer(
         }
         ("lapsed", respond(WebhookResponse::empty()))
     };
-    // Already past it (a slow read, parse or journal write): this attempt takes nothing. The
-    // answer waits for the next attempt or, after the last, is pushed.
-    let too_late = answer_by.is_zero();
-    let taken = if too_late { None } else { job.take(this_attempt, answer_by).await };
+    let taken = match waiting {
+        Some(_waiting) => job.take(this_attempt, answer_by).await,
+        None => None,
+    };
     // No attempt after this one will take the answer: this one takes it if it can still reply;
     // if not, an answer here goes out with the fallback timer, not into this late reply.
     let give_up = || {

@@ -170,7 +170,9 @@ async fn an_answer_that_renders_to_nothing_releases_the_held_attempt_at_once() {
          <MsgType>event</MsgType><Event>subscribe</Event></xml>",
         now()
     );
-    let (attempt, body) = wechat_delivers(&app, &subscribe).await.unwrap_or_default();
+    // All the time it needs: an attempt held for an answer would lapse only after WeChat's own
+    // 5 s window, past this client's patience, and show as a later attempt.
+    let (attempt, body) = wechat_delivers_in_time(&app, &subscribe).await.unwrap_or_default();
     assert_eq!((attempt, body.as_str()), (1, "success"));
     app.wait_until_idle().await;
     assert!(app.sent_messages().await.is_empty());
@@ -243,8 +245,7 @@ async fn spawn_push_refused_with_48001(env: &[(&'static str, &'static str)]) -> 
 #[actix_web::test]
 async fn in_push_mode_a_refused_answer_is_recorded_failed_not_parked() {
     let app = spawn_push_refused_with_48001(&[]).await;
-    let (attempt, body) = wechat_delivers(&app, &text_xml("oPush", 80, "问题")).await.unwrap_or_default();
-    assert_eq!((attempt, body.as_str()), (1, "success"));
+    assert_eq!(app.post_text("oPush", 80, "问题").await, (200, "success".to_owned()));
     app.wait_until_idle().await;
     let metrics = app.metrics().await;
     assert!(metrics.contains("yizhan_deliveries_total{channel=\"mp\",outcome=\"refused\"} 1"), "{metrics}");
@@ -391,8 +392,9 @@ async fn first_answer_missing_all_attempts(mode: &'static str, send_answer: serd
     app.wait_until_idle().await;
     assert!(app.metrics().await.contains("yizhan_answers_total{channel=\"mp\",path=\"parked\"} 1"));
 
-    let (attempt, body) = wechat_delivers(&app, &text_xml("oPark", 11, "第二个问题")).await.unwrap_or_default();
-    assert_eq!(attempt, 1);
+    // Whichever attempt takes the new answer (the first, unless a loaded machine holds it past
+    // its 700 ms) brings the parked one with it.
+    let (_, body) = wechat_delivers(&app, &text_xml("oPark", 11, "第二个问题")).await.unwrap_or_default();
     let content = passive_content(&body);
     assert!(content.starts_with("【你上一条消息的回复】\n第一个答案"), "{content}");
     assert!(content.ends_with("答：第二个问题"), "{content}");
@@ -793,7 +795,10 @@ async fn the_passive_wait_counts_from_when_the_request_arrived() {
     let kinds = SlowToRead::kinds(&[SLOW, SLOW, SLOW]);
     let app = spawn_with(&base_config(&llm, &wechat), &auto_env("auto"), kinds, wechat, llm).await;
     let (attempt, body) = wechat_delivers(&app, &text_xml("oSlowRead", 30, "慢读")).await.unwrap_or_default();
-    assert_eq!((attempt, passive_content(&body).as_str()), (2, "答：慢读"), "{body}");
+    // Not the first (it would take the answer if its wait counted from when its handler began);
+    // the second as a rule, the third if a loaded machine started the second late.
+    assert!(attempt >= 2, "attempt {attempt}: {body}");
+    assert_eq!(passive_content(&body), "答：慢读", "{body}");
     app.wait_until_idle().await;
     assert!(app.sent_messages().await.is_empty());
 }
@@ -826,6 +831,14 @@ async fn a_last_attempt_already_past_its_window_leaves_a_ready_answer_to_be_push
             }
         }
         if attempt == 2 {
+            // Once the second has stopped waiting (WeChat gave up on it; its handler may have
+            // begun late), so that no attempt can take the answer.
+            wait_for("the second attempt past its wait", || async {
+                let metrics = app.metrics().await;
+                metrics.contains("yizhan_passive_attempts_total{channel=\"mp\"} 2")
+                    && metrics.contains("yizhan_passive_waiting{channel=\"mp\"} 0")
+            })
+            .await;
             held.release(1);
         }
     }
@@ -939,9 +952,9 @@ async fn a_retry_takes_the_answer_from_an_attempt_still_waiting() {
         response.text().await.unwrap_or_default()
     };
     let first = actix_web::rt::spawn(post(client.clone(), url.clone(), xml.clone()));
-    // Once the first attempt holds the message and the model is asked, the retry comes in.
-    wait_for("the first attempt waiting", || async {
-        app.metrics().await.lines().any(|line| line == "yizhan_llm_in_flight 1")
+    // Once the first attempt is held, the retry comes in.
+    wait_for("the first attempt held", || async {
+        app.metrics().await.lines().any(|line| line == "yizhan_passive_attempts_total{channel=\"mp\"} 1")
     })
     .await;
     let second = actix_web::rt::spawn(post(client, url, xml));

@@ -60,12 +60,16 @@ async fn spawn_intranet_answering(kinds: ChannelKinds, llm_delay: Duration, answ
     let (llm, callback) = (MockServer::start().await, MockServer::start().await);
     echo_llm(&llm, llm_delay).await;
     Mock::given(method("POST")).and(path("/answers")).respond_with(answer).mount(&callback).await;
-    let config = format!(
+    spawn_with(&intranet_config(&llm, &callback), &[], kinds, callback, llm).await
+}
+
+/// The base config with the "intranet" plugin channel answering to `callback`.
+fn intranet_config(llm: &MockServer, callback: &MockServer) -> String {
+    format!(
         "{}\n[[channels]]\nid = \"intranet\"\nkind = \"http_json\"\ntoken = \"plugin-secret-token\"\ncallback_url = \"{}/answers\"\n",
-        base_config(&llm, &callback),
+        base_config(llm, callback),
         callback.uri()
-    );
-    spawn_with(&config, &[], kinds, callback, llm).await
+    )
 }
 
 /// The answers the stand-in callback received: each body, with its Idempotency-Key header.
@@ -184,12 +188,22 @@ async fn the_hub_sets_the_envelope_id_and_channel_whatever_a_plugin_put_there() 
     kinds.register(HttpJson::KIND, |settings, http| {
         Ok(Arc::new(Altered::webhooks(HttpJson::from_settings(settings, http.clone())?, careless_webhook)))
     });
-    // Both posted at once, and slow enough to answer that both are open together.
-    let app = spawn_intranet(kinds, Duration::from_millis(1_000)).await;
+    let (llm, callback) = (MockServer::start().await, MockServer::start().await);
+    echo_llm(&llm, Duration::ZERO).await;
+    Mock::given(method("POST")).and(path("/answers")).respond_with(ResponseTemplate::new(200)).mount(&callback).await;
+    // Both answers held until both messages are open together.
+    let held = HeldAnswers::start(&llm, 2);
+    let env = [("YIZHAN__LLM__BASE_URL", held.base_url())];
+    let app = spawn_with(&intranet_config(&llm, &callback), &env, kinds, callback, llm).await;
     let post =
         |id: &str, user: &str| app.post_intranet(serde_json::json!({"message_id": id, "user": user, "text": id}));
     let statuses = tokio::join!(post("c1", "carol"), post("c2", "dave"));
     assert_eq!(statuses, (200, 200));
+    wait_for("both messages open", || async {
+        app.metrics().await.lines().any(|line| line == "yizhan_journal_open 2")
+    })
+    .await;
+    held.release(2);
     app.wait_until_idle().await;
     let mut answered: Vec<String> = answers_received(&app)
         .await
