@@ -268,7 +268,7 @@ async fn a_passive_answer_taken_by_a_retry_finishes_the_journaled_message() {
     let config_path = dir.join("yizhan.toml");
     std::fs::write(&config_path, config).unwrap_or_else(|e| panic!("{e}"));
 
-    let mut yizhan = start_binary_with(&config_path, &[("YIZHAN__LLM__BASE_URL", held.base_url())]).await;
+    let mut yizhan = start_binary_with(&config_path, &[held.env_override()]).await;
     let app =
         TestApp { address: yizhan.address.clone(), wechat, llm, http: reqwest::Client::new(), _actor_threads: None };
     let xml = text_xml("oRetry", 7, "慢一点");
@@ -450,7 +450,7 @@ async fn sigterm_while_a_passive_answer_is_held(
     let config_path = dir.join("yizhan.toml");
     std::fs::write(&config_path, config).unwrap_or_else(|e| panic!("{e}"));
     let mut env = env.to_vec();
-    env.push(("YIZHAN__LLM__BASE_URL", held.base_url()));
+    env.push(held.env_override());
     let mut yizhan = start_binary_with(&config_path, &env).await;
     let app =
         TestApp { address: yizhan.address.clone(), wechat, llm, http: reqwest::Client::new(), _actor_threads: None };
@@ -919,7 +919,7 @@ async fn a_message_resumed_within_its_first_window_still_has_two_tries_to_come()
         ("YIZHAN__CHANNELS__MP__REPLY_MODE", "passive"),
         ("YIZHAN__CHANNELS__MP__PASSIVE_WINDOW_MS", "4000"),
         ("YIZHAN__CHANNELS__MP__PASSIVE_MARGIN_MS", "300"),
-        ("YIZHAN__LLM__BASE_URL", held.base_url()),
+        held.env_override(),
     ];
     let config = on_sqlite(base_config(&llm, &wechat), &db);
     let app = spawn_with(&config, &env, yizhan::channels::ChannelKinds::builtin(), wechat, llm).await;

@@ -160,24 +160,28 @@ pub async fn spawn_with(
 /// Starts the application with the base config, an echoing LLM answering after `llm_delay`, and
 /// a WeChat API that accepts everything.
 pub async fn spawn_app(env: &[(&str, &str)], llm_delay: Duration) -> TestApp {
-    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
-    echo_llm(&llm, llm_delay).await;
-    wechat_ok(&wechat).await;
-    let config = base_config(&llm, &wechat);
-    spawn_with(&config, env, ChannelKinds::builtin(), wechat, llm).await
+    let (llm, wechat) = echo_and_wechat_ok(llm_delay).await;
+    spawn_with(&base_config(&llm, &wechat), env, ChannelKinds::builtin(), wechat, llm).await
 }
 
 /// [`spawn_app`] with the echoing LLM's first `held` answers kept back until
 /// [`HeldAnswers::release`].
 pub async fn spawn_app_holding_answers(env: &[(&str, &str)], held: usize) -> (TestApp, HeldAnswers) {
-    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
-    echo_llm(&llm, Duration::ZERO).await;
-    wechat_ok(&wechat).await;
+    let (llm, wechat) = echo_and_wechat_ok(Duration::ZERO).await;
     let holder = HeldAnswers::start(&llm, held);
     let mut env = env.to_vec();
-    env.push(("YIZHAN__LLM__BASE_URL", holder.base_url()));
+    env.push(holder.env_override());
     let app = spawn_with(&base_config(&llm, &wechat), &env, ChannelKinds::builtin(), wechat, llm).await;
     (app, holder)
+}
+
+/// The stand-ins of [`spawn_app`]: an LLM echoing after `llm_delay`, and a WeChat API that
+/// accepts everything.
+async fn echo_and_wechat_ok(llm_delay: Duration) -> (MockServer, MockServer) {
+    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+    echo_llm(&llm, llm_delay).await;
+    wechat_ok(&wechat).await;
+    (llm, wechat)
 }
 
 pub fn now() -> u64 {
@@ -237,10 +241,12 @@ impl TestApp {
 
     /// Waits until every accepted message is finished (answered or given up).
     pub async fn wait_until_idle(&self) {
-        wait_for("all accepted messages finished", || async {
-            self.metrics().await.lines().any(|line| line == "yizhan_journal_open 0")
-        })
-        .await;
+        self.wait_for_metric("yizhan_journal_open 0").await;
+    }
+
+    /// Waits until `/metrics` shows `line` (a series and its value).
+    pub async fn wait_for_metric(&self, line: &str) {
+        wait_for(line, || async { self.metrics().await.lines().any(|shown| shown == line) }).await;
     }
 
     /// Customer-service sends received by the stand-in WeChat API, as JSON bodies.
@@ -343,7 +349,7 @@ pub fn open_store(db: &std::path::Path) -> yizhan::store::SqliteStore {
 /// Each request is passed on at once to a wiremock server, which records it and makes the
 /// answer as usual; the answers to the first `held` questions (POSTs, numbered as their
 /// requests are read) are kept until [`HeldAnswers::release`] lets them go. Point the app at it
-/// with `("YIZHAN__LLM__BASE_URL", held.base_url())`.
+/// with the environment variable [`HeldAnswers::env_override`] gives.
 pub struct HeldAnswers {
     base_url: String,
     /// How many of the held answers may go, and the condition their threads wait on.
@@ -368,9 +374,9 @@ impl HeldAnswers {
         Self { base_url: format!("http://{address}/v1"), released }
     }
 
-    /// The `[llm] base_url` that goes through it.
-    pub fn base_url(&self) -> &str {
-        &self.base_url
+    /// The environment variable, and its value, that sets the app's `[llm] base_url` to it.
+    pub fn env_override(&self) -> (&'static str, &str) {
+        ("YIZHAN__LLM__BASE_URL", &self.base_url)
     }
 
     /// Lets the answers to the first `count` questions go (those released together, all at once
@@ -402,18 +408,10 @@ fn pass_on(
 ) {
     use std::io::{BufReader, Read, Write};
     let Some(request) = crate::raw_http::read_request(&mut BufReader::new(&mut client)) else { return };
-    let mut head = request.request_line.clone();
-    head.push_str("connection: close\r\n");
-    for line in &request.header_lines {
-        let name = line.split_once(':').map_or("", |(name, _)| name);
-        if !name.eq_ignore_ascii_case("connection") {
-            head.push_str(line);
-        }
-    }
-    head.push_str("\r\n");
-    let (request_line, body) = (request.request_line, request.body);
+    let head = head_closing_connection(&request.request_line, request.header_lines.iter().map(String::as_str));
+    let body = request.body;
     let question =
-        request_line.starts_with("POST ").then(|| questions.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
+        request.request_line.starts_with("POST ").then(|| questions.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
     let mut answer = Vec::new();
     let passed_on = std::net::TcpStream::connect(behind).and_then(|mut upstream| {
         upstream.write_all(head.as_bytes())?;
@@ -435,12 +433,22 @@ fn pass_on(
     let Some(head_end) = answer.windows(4).position(|window| window == b"\r\n\r\n") else { return };
     let head = String::from_utf8_lossy(&answer[..head_end]).into_owned();
     let mut lines = head.split("\r\n");
-    let mut closing_head = lines.next().unwrap_or_default().to_owned();
-    closing_head.push_str("\r\nconnection: close");
-    for line in lines.filter(|line| !line.to_ascii_lowercase().starts_with("connection:")) {
-        closing_head.push_str("\r\n");
-        closing_head.push_str(line);
-    }
-    answer.splice(..head_end, closing_head.into_bytes());
+    let status_line = lines.next().unwrap_or_default();
+    answer.splice(..head_end + 4, head_closing_connection(status_line, lines).into_bytes());
     let _ = client.write_all(&answer).and_then(|()| client.flush());
+}
+
+/// A message head, through its blank line: `start_line` and `header_lines` (each with or
+/// without its `\r\n`), any `connection` header among them replaced by `connection: close`.
+fn head_closing_connection<'a>(start_line: &str, header_lines: impl Iterator<Item = &'a str>) -> String {
+    let mut head = format!("{}\r\nconnection: close\r\n", start_line.trim_end_matches("\r\n"));
+    for line in header_lines.map(|line| line.trim_end_matches("\r\n")) {
+        let name = line.split_once(':').map_or("", |(name, _)| name);
+        if !name.eq_ignore_ascii_case("connection") {
+            head.push_str(line);
+            head.push_str("\r\n");
+        }
+    }
+    head.push_str("\r\n");
+    head
 }

@@ -383,7 +383,7 @@ async fn first_answer_missing_all_attempts(mode: &'static str, send_answer: serd
     wechat_answering_sends_with(&wechat, send_answer, Duration::ZERO).await;
     let config = base_config(&llm, &wechat);
     let mut env = auto_env(mode);
-    env.push(("YIZHAN__LLM__BASE_URL", held.base_url()));
+    env.push(held.env_override());
     let app = spawn_with(&config, &env, ChannelKinds::builtin(), wechat, llm).await;
 
     let (attempt, body) = wechat_delivers(&app, &text_xml("oPark", 10, "第一个问题")).await.unwrap_or_default();
@@ -413,7 +413,7 @@ async fn in_passive_mode_a_late_answer_of_many_parts_is_parked_without_a_hint_in
     let mut env = auto_env("passive");
     // 3 bytes a character: eight parts of 180 bytes or fewer.
     env.push(("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "180"));
-    env.push(("YIZHAN__LLM__BASE_URL", held.base_url()));
+    env.push(held.env_override());
     let app = spawn_with(&base_config(&llm, &wechat), &env, ChannelKinds::builtin(), wechat, llm).await;
     let (attempt, body) = wechat_delivers(&app, &text_xml("oWhole", 40, "长答")).await.unwrap_or_default();
     assert_eq!((attempt, body.as_str()), (3, "success"));
@@ -476,7 +476,7 @@ async fn a_parked_answer_too_long_to_go_beside_the_next_one_is_announced_and_com
     wechat_ok(&wechat).await;
     let mut env = auto_env("passive");
     env.push(("YIZHAN__CHANNELS__MP__MAX_PART_BYTES", "600"));
-    env.push(("YIZHAN__LLM__BASE_URL", held.base_url()));
+    env.push(held.env_override());
     let app = spawn_with(&base_config(&llm, &wechat), &env, ChannelKinds::builtin(), wechat, llm).await;
     let (attempt, body) = wechat_delivers(&app, &text_xml("oTooLong", 50, "第一个问题")).await.unwrap_or_default();
     assert_eq!((attempt, body.as_str()), (3, "success"));
@@ -816,7 +816,7 @@ async fn a_last_attempt_already_past_its_window_leaves_a_ready_answer_to_be_push
     const THIRD_READ_SLOWLY: [Duration; 3] = [Duration::ZERO, Duration::ZERO, Duration::from_millis(1_100)];
     let kinds = SlowToRead::kinds(&THIRD_READ_SLOWLY);
     let mut env = auto_env("auto");
-    env.push(("YIZHAN__LLM__BASE_URL", held.base_url()));
+    env.push(held.env_override());
     let app = spawn_with(&base_config(&llm, &wechat), &env, kinds, wechat, llm).await;
     let xml = text_xml("oLate", 31, "迟到");
     // Every attempt, the last too, is given up after the window, as WeChat does.
@@ -909,7 +909,7 @@ async fn an_answer_ready_in_time_waits_behind_every_answer_parked_before_it() {
     let held = late_answers_then_echo(&llm, "慢的答案", 2).await;
     wechat_ok(&wechat).await;
     let mut env = auto_env("passive");
-    env.push(("YIZHAN__LLM__BASE_URL", held.base_url()));
+    env.push(held.env_override());
     let app = spawn_with(&base_config(&llm, &wechat), &env, ChannelKinds::builtin(), wechat, llm).await;
     // Sent together: each one's last attempt comes before either answer is parked.
     let (one, two) = (text_xml("oTwo", 70, "问题一"), text_xml("oTwo", 71, "问题二"));
@@ -953,16 +953,10 @@ async fn a_retry_takes_the_answer_from_an_attempt_still_waiting() {
     };
     let first = actix_web::rt::spawn(post(client.clone(), url.clone(), xml.clone()));
     // Once the first attempt is held, the retry comes in.
-    wait_for("the first attempt held", || async {
-        app.metrics().await.lines().any(|line| line == "yizhan_passive_attempts_total{channel=\"mp\"} 1")
-    })
-    .await;
+    app.wait_for_metric("yizhan_passive_attempts_total{channel=\"mp\"} 1").await;
     let second = actix_web::rt::spawn(post(client, url, xml));
     // The answer, once the retry is held too.
-    wait_for("the retry held", || async {
-        app.metrics().await.lines().any(|line| line == "yizhan_passive_attempts_total{channel=\"mp\"} 2")
-    })
-    .await;
+    app.wait_for_metric("yizhan_passive_attempts_total{channel=\"mp\"} 2").await;
     held.release(1);
     let second = second.await.unwrap_or_else(|e| panic!("{e}"));
     assert!(passive_content(&second).contains("答：重试"), "the retry: {second}");

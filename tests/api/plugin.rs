@@ -57,10 +57,16 @@ async fn spawn_intranet(kinds: ChannelKinds, llm_delay: Duration) -> TestApp {
 
 /// [`spawn_intranet`], its callback answering `answer`.
 async fn spawn_intranet_answering(kinds: ChannelKinds, llm_delay: Duration, answer: ResponseTemplate) -> TestApp {
+    let (llm, callback) = intranet_stand_ins(llm_delay, answer).await;
+    spawn_with(&intranet_config(&llm, &callback), &[], kinds, callback, llm).await
+}
+
+/// An LLM echoing after `llm_delay`, and the "intranet" callback answering `answer`.
+async fn intranet_stand_ins(llm_delay: Duration, answer: ResponseTemplate) -> (MockServer, MockServer) {
     let (llm, callback) = (MockServer::start().await, MockServer::start().await);
     echo_llm(&llm, llm_delay).await;
     Mock::given(method("POST")).and(path("/answers")).respond_with(answer).mount(&callback).await;
-    spawn_with(&intranet_config(&llm, &callback), &[], kinds, callback, llm).await
+    (llm, callback)
 }
 
 /// The base config with the "intranet" plugin channel answering to `callback`.
@@ -188,21 +194,16 @@ async fn the_hub_sets_the_envelope_id_and_channel_whatever_a_plugin_put_there() 
     kinds.register(HttpJson::KIND, |settings, http| {
         Ok(Arc::new(Altered::webhooks(HttpJson::from_settings(settings, http.clone())?, careless_webhook)))
     });
-    let (llm, callback) = (MockServer::start().await, MockServer::start().await);
-    echo_llm(&llm, Duration::ZERO).await;
-    Mock::given(method("POST")).and(path("/answers")).respond_with(ResponseTemplate::new(200)).mount(&callback).await;
+    let (llm, callback) = intranet_stand_ins(Duration::ZERO, ResponseTemplate::new(200)).await;
     // Both answers held until both messages are open together.
     let held = HeldAnswers::start(&llm, 2);
-    let env = [("YIZHAN__LLM__BASE_URL", held.base_url())];
+    let env = [held.env_override()];
     let app = spawn_with(&intranet_config(&llm, &callback), &env, kinds, callback, llm).await;
     let post =
         |id: &str, user: &str| app.post_intranet(serde_json::json!({"message_id": id, "user": user, "text": id}));
     let statuses = tokio::join!(post("c1", "carol"), post("c2", "dave"));
     assert_eq!(statuses, (200, 200));
-    wait_for("both messages open", || async {
-        app.metrics().await.lines().any(|line| line == "yizhan_journal_open 2")
-    })
-    .await;
+    app.wait_for_metric("yizhan_journal_open 2").await;
     held.release(2);
     app.wait_until_idle().await;
     let mut answered: Vec<String> = answers_received(&app)
