@@ -11,7 +11,7 @@ pub mod passive;
 
 use crate::config::{DeliveryConfig, ReplyMode};
 use crate::hub::Hub;
-use crate::metrics::Metrics;
+use crate::metrics::{GaugeHeld, Metrics};
 use crate::store::{Store, Turn};
 use actix::prelude::*;
 use futures_util::FutureExt;
@@ -776,10 +776,9 @@ async fn deliver_all(
             let error = ChannelError::Transient { reason: format!("not sent: {problem}"), retry_after: None };
             return Err(Undelivered { error, parts: std::iter::once(delivery).chain(parts).collect() });
         }
-        let gauge = metrics.delivery_in_flight.with_label_values(&[&channel_label]);
-        gauge.inc();
+        let in_flight = GaugeHeld::new(metrics.delivery_in_flight.with_label_values(&[&channel_label]));
         let result = deliver_one(channel, store, sending, metrics, &channel_label, &delivery).await;
-        gauge.dec();
+        drop(in_flight);
         match result {
             // Cleared from the outbox by `deliver_one`.
             Ok(()) => {}

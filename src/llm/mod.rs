@@ -20,7 +20,7 @@ pub mod think;
 pub use backend::{ChatMessage, CompletionRequest, DeltaSink, LlmBackend, LlmError, Role};
 pub use client::LlmClient;
 
-use crate::metrics::Metrics;
+use crate::metrics::{GaugeHeld, Metrics};
 use actix::prelude::*;
 use breaker::{Breaker, BreakerSettings, Transition};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -151,7 +151,7 @@ impl Handler<Complete> for LlmActor {
                     return Err(LlmError::Unavailable(left));
                 }
             };
-            metrics.llm_in_flight.inc();
+            let in_flight = GaugeHeld::new(metrics.llm_in_flight.clone());
             let started = std::time::Instant::now();
             let mut to_caller: DeltaSink = msg.on_delta.unwrap_or_else(|| Box::new(|_: &str| {}));
             // A probe closes the breaker as its answer begins, reasoning included (an empty
@@ -168,7 +168,7 @@ impl Handler<Complete> for LlmActor {
                 }
             });
             let result = client.complete_by(deadline, &msg.request, &mut sink).await;
-            metrics.llm_in_flight.dec();
+            drop(in_flight);
             let outcome = match &result {
                 Ok(_) => "ok",
                 Err(error) => {
