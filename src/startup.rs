@@ -452,11 +452,7 @@ impl Application {
             // No platform retry can reach a held passive answer any more: push those now
             // rather than after the fallback timer, which the shutdown bound may not outlast.
             for (job, held) in hub.passive.close_for_shutdown() {
-                let hub = hub.clone();
-                actix::spawn(async move {
-                    crate::delivery::push_instead(&hub, job.envelope(), held.parts).await;
-                    drop(held.gone);
-                });
+                crate::delivery::spawn_push_held(&hub, job, held);
             }
             let deadline = std::time::Instant::now() + shutdown_timeout;
             while hub.metrics.journal_open.get() > 0 && std::time::Instant::now() < deadline {

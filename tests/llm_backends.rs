@@ -1279,27 +1279,27 @@ async fn openai_slow_tokens_after_the_first_are_not_cut_by_the_first_token_timeo
 async fn openai_a_stream_that_stalls_after_its_first_words_ends_as_lost() {
     let script = vec![
         (Duration::ZERO, format!("data: {}\n\n", chunk("first, "))),
-        (Duration::from_millis(5_000), format!("data: {}\n\ndata: [DONE]\n\n", chunk("too late"))),
+        (Duration::from_millis(3_000), format!("data: {}\n\ndata: [DONE]\n\n", chunk("too late"))),
     ];
     let base_url = trickling_server(script);
     let backend = openai(OpenAiSettings::new(base_url, "m"));
     let (mut sink, seen) = recorder();
 
-    // The first words well inside the 1.5 s deadline; then nothing for 5 s, past the 3 s bound.
-    let result = backend.complete(&request(), Duration::from_millis(1_500), &mut sink).await;
+    // The first words well inside the 0.8 s deadline; then nothing for 3 s, past the 1.6 s bound.
+    let result = backend.complete(&request(), Duration::from_millis(800), &mut sink).await;
 
     assert!(matches!(result, Err(LlmError::Lost(ref why)) if why.contains("stopped")), "{result:?}");
     assert_eq!(pieces(&seen), vec!["first, "]);
 
     let mut script = vec![(Duration::ZERO, format!("data: {}\n\n", chunk("first, ")))];
-    // 3.6 s of keep-alives, past the 3 s bound, none more than 300 ms apart.
-    for _ in 0..12 {
-        script.push((Duration::from_millis(300), ": keep-alive\n\n".to_owned()));
+    // 2 s of keep-alives, past the 1.6 s bound, none more than 200 ms apart.
+    for _ in 0..10 {
+        script.push((Duration::from_millis(200), ": keep-alive\n\n".to_owned()));
     }
     script.push((Duration::ZERO, format!("data: {}\n\ndata: [DONE]\n\n", chunk("then the rest"))));
     let backend = openai(OpenAiSettings::new(trickling_server(script), "m"));
     let (mut sink, _) = recorder();
-    let result = backend.complete(&request(), Duration::from_millis(1_500), &mut sink).await;
+    let result = backend.complete(&request(), Duration::from_millis(800), &mut sink).await;
     assert_eq!(result.ok().as_deref(), Some("first, then the rest"));
 }
 

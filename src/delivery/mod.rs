@@ -311,6 +311,17 @@ pub async fn push_instead(hub: &Hub, envelope: &Envelope, parts: Vec<Delivery>) 
     send_parts(hub, envelope, parts).await
 }
 
+/// Pushes, in the background, an answer taken back from its passive job because no attempt
+/// will reply with it (the last one came too late, or the server is shutting down). The
+/// session's next answer waits until it has left (`held.gone`).
+pub fn spawn_push_held(hub: &Hub, job: Arc<passive::PassiveJob>, held: passive::HeldAnswer) {
+    let hub = hub.clone();
+    actix::spawn(async move {
+        push_instead(&hub, job.envelope(), held.parts).await;
+        drop(held.gone);
+    });
+}
+
 /// Clears a part the platform took from the outbox (a failure only means it may be sent again
 /// after a restart).
 pub async fn clear_delivered(store: &dyn Store, part: &Delivery) {

@@ -241,13 +241,6 @@ impl PassiveJob {
         state.parts.take()
     }
 
-    /// No attempt will take the answer any more, and none could reply in time: an answer held
-    /// now is left for the fallback timer to push (see `delivery::deliver_recorded`), a later
-    /// one is pushed when offered.
-    pub fn push_from_now(&self) {
-        self.lock().push = true;
-    }
-
     /// Hands the produced answer to the job.
     pub fn offer(&self, parts: Vec<Delivery>) -> Offer {
         let mut state = self.lock();

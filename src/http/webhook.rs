@@ -568,14 +568,17 @@ async fn hold_for_answer(
         None => None,
     };
     // No attempt after this one will take the answer: this one takes it if it can still reply;
-    // if not, an answer here goes out with the fallback timer, not into this late reply.
+    // if not, an answer here is pushed now, not written into this late reply (nor left for the
+    // fallback timer, two of the platform's windows away), and a later one is pushed when offered.
     let give_up = || {
-        if too_late {
-            job.push_from_now();
-            None
-        } else {
-            job.give_up()
+        let held = job.give_up();
+        if !too_late {
+            return held;
         }
+        if let Some(held) = held {
+            crate::delivery::spawn_push_held(hub, job.clone(), held);
+        }
+        None
     };
     let held = match kind {
         AttemptKind::Lapse => match taken {
