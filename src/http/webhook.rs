@@ -576,6 +576,7 @@ async fn hold_for_answer(
             return held;
         }
         if let Some(held) = held {
+            tracing::info!(channel = %entry.channel.id(), "No attempt can reply with the answer in time any more; pushing it.");
             crate::delivery::spawn_push_held(hub, job.clone(), held);
         }
         None
