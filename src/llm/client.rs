@@ -147,12 +147,13 @@ impl LlmClient {
             }
             let mut delay = backoff_delay(settings.retry_base_delay, attempt);
             if let LlmError::Status { retry_after: Some(asked), .. } = &error {
-                // A server that asked for a pause is not asked again sooner; if the pause
-                // outlasts the time left, the user hears now rather than at the total timeout.
-                if tokio::time::Instant::now().checked_add(*asked).is_none_or(|resumed| resumed >= deadline) {
-                    return Err(error);
-                }
+                // A server that asked for a pause is not asked again sooner.
                 delay = delay.max(*asked);
+            }
+            // A pause that outlasts the time left would only end in the total timeout: the user
+            // hears now, and the log and metrics name the failure instead of a timeout.
+            if tokio::time::Instant::now().checked_add(delay).is_none_or(|resumed| resumed >= deadline) {
+                return Err(error);
             }
             warn!(backend, attempt, error = %error, ?delay, "LLM attempt failed; retrying.");
             tokio::time::sleep(delay).await;
@@ -382,6 +383,30 @@ mod tests {
         assert_eq!(backend.calls.load(Ordering::SeqCst), 2);
         // Paused time: this is the virtual clock, not a real wait.
         assert!(started.elapsed() >= Duration::from_secs(2), "{:?}", started.elapsed());
+    }
+
+    /// The backoff before the next try would reach past the total timeout: the failure is told
+    /// at once, as itself, and not as that timeout once the wait is cut short.
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_that_cannot_begin_before_the_total_timeout_is_not_waited_for() {
+        let settings = LlmClientSettings { retry_base_delay: Duration::from_secs(3_600), ..fast_settings() };
+        // The first backoff draws from 0..=3,600 s; one of these draws lands past the 10 s left.
+        for _ in 0..20 {
+            let (client, backend) = client(vec![Script::Fail(server_error), Script::Answer("ok")], settings.clone());
+            let (mut sink, _) = recorder();
+            let started = tokio::time::Instant::now();
+            let result = client.complete(&request(), &mut sink).await;
+            match result {
+                Err(LlmError::Status { status: 503, .. }) => {
+                    assert_eq!(backend.calls.load(Ordering::SeqCst), 1);
+                    assert_eq!(started.elapsed(), Duration::ZERO, "waited for a retry that could not come");
+                    return;
+                }
+                Ok(answer) => assert_eq!(answer, "ok", "a short draw is retried"),
+                Err(other) => panic!("not the failure itself: {other:?}"),
+            }
+        }
+        panic!("twenty backoffs of 0..=3,600 s all under 10 s");
     }
 
     #[tokio::test(start_paused = true)]
