@@ -46,6 +46,10 @@ pub struct Metrics {
     /// connection open; an attempt past its wait, held only until the platform gives up on it,
     /// no longer counts).
     pub passive_waiting: IntGaugeVec,
+    /// Answers held for a platform retry that never came, pushed by the fallback timer two of
+    /// the platform's windows after they were ready, by channel. Retries that do not reach
+    /// Yizhan (a proxy in between) show here, each as an answer that came about 10 s late.
+    pub passive_fallback_pushes: IntCounterVec,
 }
 
 /// Holds a gauge one higher for as long as it lives: a future dropped midway still takes its
@@ -139,6 +143,14 @@ impl Metrics {
             &["channel"],
         )
         .expect("valid metric");
+        let passive_fallback_pushes = IntCounterVec::new(
+            Opts::new(
+                "passive_fallback_pushes_total",
+                "Answers held for a platform retry that never came, pushed by the fallback timer, by channel.",
+            ),
+            &["channel"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(webhook_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(webhook_ack_seconds.clone()),
@@ -155,6 +167,7 @@ impl Metrics {
             Box::new(answers.clone()),
             Box::new(passive_attempts.clone()),
             Box::new(passive_waiting.clone()),
+            Box::new(passive_fallback_pushes.clone()),
         ] {
             registry.register(collector).expect("metric registered once");
         }
@@ -175,6 +188,7 @@ impl Metrics {
             answers,
             passive_attempts,
             passive_waiting,
+            passive_fallback_pushes,
         }
     }
 

@@ -253,6 +253,7 @@ pub async fn deliver_recorded(hub: &Hub, envelope: &Envelope, parts: Vec<Deliver
                 actix::clock::sleep(window * 2 + Duration::from_millis(500)).await;
                 if let Some(held) = job.give_up() {
                     tracing::info!(channel = %envelope.channel, "No platform retry took the passive answer; pushing it.");
+                    timer_hub.metrics.passive_fallback_pushes.with_label_values(&[envelope.channel.as_str()]).inc();
                     push_instead(&timer_hub, &envelope, held.parts).await;
                 }
             });

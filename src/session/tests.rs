@@ -758,3 +758,22 @@ async fn a_streamed_answer_is_recorded_before_its_stream_is_finished() {
     drop(fixture);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An answer held for a platform retry that never comes is pushed by the fallback timer, two of
+/// the platform's windows (none here) and half a second after it was ready, and counted.
+#[actix::test]
+async fn an_answer_no_platform_retry_takes_is_pushed_by_the_fallback_timer_and_counted() {
+    tokio::time::pause();
+    let fixture = fixture(Duration::ZERO, Duration::from_secs(60), 16);
+    let hub = fixture.registry.0.hub.clone();
+    let (key, job) = job("u1", "等重试");
+    let _held_for_a_retry = hub.passive.open(&job.envelope);
+    let started = actix::clock::Instant::now();
+    fixture.registry.dispatch(key, job).unwrap_or_else(|_| panic!("dispatch"));
+    fixture.wait_for_deliveries(1).await;
+    // Paused time: the virtual clock, not a real wait.
+    assert!(started.elapsed() >= Duration::from_millis(500), "pushed after {:?}", started.elapsed());
+    let texts: Vec<String> = fixture.delivered().into_iter().map(|d| d.reply.text).collect();
+    assert_eq!(texts, ["答：等重试"]);
+    assert_eq!(fixture.metrics.passive_fallback_pushes.with_label_values(&["rec"]).get(), 1);
+}

@@ -847,6 +847,10 @@ async fn a_last_attempt_already_past_its_window_leaves_a_ready_answer_to_be_push
     assert!(in_time.iter().all(|body| passive_content(body).is_empty()), "in time: {in_time:?}");
     assert_eq!(sent.len(), 1, "pushed once: {sent:?}");
     assert_eq!(sent[0]["text"]["content"], "答：迟到");
+    assert!(
+        app.metrics().await.lines().all(|line| !line.starts_with("yizhan_passive_fallback_pushes_total")),
+        "pushed by the fallback timer"
+    );
 }
 
 /// A menu click opens only 3 customer-service messages (not a typed message's 5): a long answer
