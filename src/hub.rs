@@ -59,6 +59,14 @@ impl ChannelEntry {
         self.passive_window.is_some() || self.send_quota.is_some()
     }
 
+    /// How long the platform waits for each attempt before it tries again: its own passive
+    /// window, never shorter than the one configured here (a window set short for safety does
+    /// not make the platform give up or retry any sooner). Zero without a window.
+    pub fn platform_window(&self) -> Duration {
+        let configured = self.passive_window.unwrap_or_default();
+        self.channel.capabilities().passive_reply_window.unwrap_or(configured).max(configured)
+    }
+
     /// Whether webhook calls are held open for a passive answer.
     pub fn holds_for_passive(&self) -> bool {
         self.passive_window.is_some() && matches!(self.reply_mode, ReplyMode::Auto | ReplyMode::Passive)

@@ -578,10 +578,6 @@ const SEND_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long, of [`EXIT_WRITES_TIMEOUT`], the exit waits for the actor threads to stop.
 const ACTOR_JOIN_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How old a resumed message may be for a platform retry to still come for it (WeChat's three
-/// tries span about 15 s), in milliseconds.
-const RESUMED_RETRY_HORIZON_MS: i64 = 20_000;
-
 /// How many of WeChat's tries came for a message `age_ms` old, resumed now: the first only
 /// while its window (less a second, for clocks and the network) is not over, as WeChat retries
 /// only a try it gave up on; otherwise the next may be the last, and is answered as the last
@@ -833,12 +829,16 @@ fn resume_unfinished(hub: &Hub, router: &Router, pending: Vec<crate::store::Unfi
                 let envelope = unfinished.envelope;
                 let age_ms = yizhan_channel_common::unix_millis(std::time::SystemTime::now())
                     .saturating_sub(envelope.received_at_ms);
+                let retries_may_come = |entry: &&crate::hub::ChannelEntry| {
+                    let span = crate::delivery::passive::retries_span(entry.platform_window());
+                    i64::try_from(span.as_millis()).is_ok_and(|span_ms| age_ms < span_ms)
+                };
                 let window = hub
                     .channels
                     .get(&envelope.channel)
                     .filter(|entry| entry.holds_for_passive())
-                    .and_then(|entry| entry.passive_window)
-                    .filter(|_| age_ms < RESUMED_RETRY_HORIZON_MS);
+                    .filter(retries_may_come)
+                    .and_then(|entry| entry.passive_window);
                 let job_key = window.map(|_| (envelope.channel.clone(), envelope.platform_message_id.clone()));
                 if let Some(window) = window {
                     hub.passive.open(&envelope).assume_earlier_attempts(attempts_before_resuming(age_ms, window));

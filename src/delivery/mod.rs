@@ -244,13 +244,17 @@ pub async fn deliver_recorded(hub: &Hub, envelope: &Envelope, parts: Vec<Deliver
         passive::Offer::Push(parts) => push_instead(hub, envelope, parts).await,
         passive::Offer::Held(gone) => {
             // An attempt takes it; if none comes within two windows (the platform stopped
-            // retrying), it goes out the normal way. The platform's own windows: its retries
-            // come at its pace, however short a window is configured here.
-            let configured = entry.passive_window.unwrap_or_default();
-            let window = entry.channel.capabilities().passive_reply_window.unwrap_or(configured).max(configured);
+            // retrying), or once no retry can come any more (a message resumed after a restart
+            // may be that old already), it goes out the normal way. The platform's own windows:
+            // its retries come at its pace, however short a window is configured here.
+            let window = entry.platform_window();
+            let age_ms = yizhan_channel_common::unix_millis(std::time::SystemTime::now())
+                .saturating_sub(envelope.received_at_ms);
+            let retries_over_in =
+                passive::retries_span(window).saturating_sub(Duration::from_millis(u64::try_from(age_ms).unwrap_or(0)));
             let (timer_hub, envelope) = (hub.clone(), envelope.clone());
             actix::spawn(async move {
-                actix::clock::sleep(window * 2 + Duration::from_millis(500)).await;
+                actix::clock::sleep((window * 2 + Duration::from_millis(500)).min(retries_over_in)).await;
                 if let Some(held) = job.give_up() {
                     tracing::info!(channel = %envelope.channel, "No platform retry took the passive answer; pushing it.");
                     timer_hub.metrics.passive_fallback_pushes.with_label_values(&[envelope.channel.as_str()]).inc();

@@ -60,6 +60,16 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// How many times WeChat sends one message (the first try and two retries) before it gives up.
+pub const PASSIVE_ATTEMPTS: u32 = 3;
+
+/// How long after a message reached Yizhan a platform retry of it may still come, for a
+/// platform that tries again each `window`: a window per attempt, and one more for clocks and
+/// the network (20 s for WeChat).
+pub fn retries_span(window: Duration) -> Duration {
+    window.saturating_mul(PASSIVE_ATTEMPTS + 1)
+}
+
 /// What the next attempt should do when the answer is not ready.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttemptKind {

@@ -5,7 +5,7 @@
 //! platform is told the message arrived.
 
 use crate::config::ReplyMode;
-use crate::delivery::passive::{AttemptKind, HeldAnswer, PassiveJob};
+use crate::delivery::passive::{retries_span, AttemptKind, HeldAnswer, PassiveJob, PASSIVE_ATTEMPTS};
 use crate::delivery::send_parts;
 use crate::hub::{ChannelEntry, Hub};
 use crate::metrics::GaugeHeld;
@@ -434,9 +434,6 @@ async fn journal_and_dispatch(state: web::Data<AppState>, envelopes: Vec<Envelop
     journaled
 }
 
-/// How many times WeChat sends one message (the first try and two retries) before it gives up.
-const PASSIVE_ATTEMPTS: u32 = 3;
-
 /// How many of the platform's attempts came before one received at `received_at`, by the
 /// message's age since `sent_at_ms` (the platform's clock, to the second): it tries again each
 /// `interval` (its own passive window: WeChat's 5 s, whatever an operator's override). Counted
@@ -447,7 +444,7 @@ const PASSIVE_ATTEMPTS: u32 = 3;
 fn attempts_before(sent_at_ms: Option<i64>, received_at: SystemTime, interval: Duration) -> Option<u32> {
     let interval_ms = i64::try_from(interval.as_millis()).ok().filter(|ms| *ms > 0)?;
     let youngest_age = yizhan_channel_common::unix_millis(received_at).checked_sub(sent_at_ms?.checked_add(999)?)?;
-    let span = interval_ms.checked_mul(i64::from(PASSIVE_ATTEMPTS) + 1)?;
+    let span = i64::try_from(retries_span(interval).as_millis()).ok()?;
     if !(0..=span).contains(&youngest_age) {
         return None;
     }
@@ -553,7 +550,7 @@ async fn hold_for_answer(
     // Held open past the platform's own deadline: answering anything earlier, even `success`,
     // ends its retries. Its own window, not a shorter one configured here: a window set short
     // for safety must not answer before the platform gave up on the attempt.
-    let deadline = interval.unwrap_or(window).max(window);
+    let deadline = entry.platform_window();
     let lapse = || async {
         // Not past the moment the connections close. The job may have left the map by then
         // (its answer pushed at shutdown): the slots' own signal reaches it too.

@@ -171,6 +171,18 @@ fn fixture_bounded(
     max_pending: usize,
     max_sessions: usize,
 ) -> Fixture {
+    fixture_with_window(store, llm_delay, idle_timeout, max_pending, max_sessions, None)
+}
+
+/// [`fixture_bounded`] with the channel's `passive_window`.
+fn fixture_with_window(
+    store: Arc<dyn crate::store::Store>,
+    llm_delay: Duration,
+    idle_timeout: Duration,
+    max_pending: usize,
+    max_sessions: usize,
+    passive_window: Option<Duration>,
+) -> Fixture {
     let metrics = Metrics::new();
     let store_handle = store.clone();
     let backend = Arc::new(EchoBackend {
@@ -214,7 +226,7 @@ fn fixture_bounded(
             system_prompt: String::new(),
             group_per_user: false,
             reply_mode: crate::config::ReplyMode::Push,
-            passive_window: None,
+            passive_window,
             passive_margin: Duration::from_millis(500),
             menu: Default::default(),
             // Never reached here; set so that answers can be parked (and the continue word fetches them).
@@ -759,21 +771,36 @@ async fn a_streamed_answer_is_recorded_before_its_stream_is_finished() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// An answer held for a platform retry that never comes is pushed by the fallback timer, two of
-/// the platform's windows (none here) and half a second after it was ready, and counted.
+/// An answer held for a platform retry that never comes is pushed by the fallback timer: two of
+/// the platform's windows and half a second after it was ready, or once no retry can come any
+/// more (a message resumed after a restart, say), whichever is sooner; and counted.
 #[actix::test]
 async fn an_answer_no_platform_retry_takes_is_pushed_by_the_fallback_timer_and_counted() {
     tokio::time::pause();
-    let fixture = fixture(Duration::ZERO, Duration::from_secs(60), 16);
-    let hub = fixture.registry.0.hub.clone();
-    let (key, job) = job("u1", "等重试");
-    let _held_for_a_retry = hub.passive.open(&job.envelope);
-    let started = actix::clock::Instant::now();
-    fixture.registry.dispatch(key, job).unwrap_or_else(|_| panic!("dispatch"));
-    fixture.wait_for_deliveries(1).await;
-    // Paused time: the virtual clock, not a real wait.
-    assert!(started.elapsed() >= Duration::from_millis(500), "pushed after {:?}", started.elapsed());
-    let texts: Vec<String> = fixture.delivered().into_iter().map(|d| d.reply.text).collect();
-    assert_eq!(texts, ["答：等重试"]);
-    assert_eq!(fixture.metrics.passive_fallback_pushes.with_label_values(&["rec"]).get(), 1);
+    let window = Duration::from_secs(5);
+    // Received now: two windows and a half second. Received 19.7 s ago: retries can come for
+    // 20 s (a window per attempt, and one more), so 0.3 s at most (less the real time the test
+    // takes: the wall clock runs on while the paused one stands).
+    let cases = [
+        (0, Duration::from_millis(10_500)..Duration::from_millis(10_600)),
+        (19_700, Duration::ZERO..Duration::from_millis(310)),
+    ];
+    for (received_ago_ms, pushed_within) in cases {
+        let store = Arc::new(MemoryStore::new(10));
+        let fixture = fixture_with_window(store, Duration::ZERO, Duration::from_secs(60), 16, usize::MAX, Some(window));
+        let hub = fixture.registry.0.hub.clone();
+        let (key, mut job) = job("u1", "等重试");
+        job.envelope.received_at_ms =
+            yizhan_channel_common::unix_millis(std::time::SystemTime::now()) - received_ago_ms;
+        let _held_for_a_retry = hub.passive.open(&job.envelope);
+        let started = actix::clock::Instant::now();
+        fixture.registry.dispatch(key, job).unwrap_or_else(|_| panic!("dispatch"));
+        fixture.wait_for_deliveries(1).await;
+        // Paused time: the virtual clock, not a real wait (the wall clock stands still).
+        let elapsed = started.elapsed();
+        assert!(pushed_within.contains(&elapsed), "pushed after {elapsed:?}");
+        let texts: Vec<String> = fixture.delivered().into_iter().map(|d| d.reply.text).collect();
+        assert_eq!(texts, ["答：等重试"]);
+        assert_eq!(fixture.metrics.passive_fallback_pushes.with_label_values(&["rec"]).get(), 1);
+    }
 }
