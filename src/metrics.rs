@@ -46,9 +46,9 @@ pub struct Metrics {
     /// connection open; an attempt past its wait, held only until the platform gives up on it,
     /// no longer counts).
     pub passive_waiting: IntGaugeVec,
-    /// Answers held for a platform retry that never came, pushed by the fallback timer two of
-    /// the platform's windows after they were ready, by channel. Retries that do not reach
-    /// Yizhan (a proxy in between) show here, each as an answer that came about 10 s late.
+    /// Answers held for a platform retry that never came, pushed by the fallback timer (see
+    /// `delivery::deliver_recorded`), by channel. Retries that do not reach Yizhan (a proxy in
+    /// between) show here, each as an answer that came up to about 10 s late.
     pub passive_fallback_pushes: IntCounterVec,
 }
 
