@@ -48,7 +48,8 @@ pub struct Metrics {
     pub passive_waiting: IntGaugeVec,
     /// Answers held for a platform retry that never came, pushed by the fallback timer (see
     /// `delivery::deliver_recorded`), by channel. Retries that do not reach Yizhan (a proxy in
-    /// between) show here, each as an answer that came up to about 10 s late.
+    /// between) show here, each as an answer that came up to about 10 s late; so do messages
+    /// resumed after a restart whose retries came while Yizhan was down.
     pub passive_fallback_pushes: IntCounterVec,
 }
 

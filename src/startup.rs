@@ -838,7 +838,9 @@ fn resume_unfinished(hub: &Hub, router: &Router, pending: Vec<crate::store::Unfi
                     .get(&envelope.channel)
                     .filter(|entry| entry.holds_for_passive())
                     .filter(retries_may_come)
-                    .and_then(|entry| entry.passive_window);
+                    // The platform's pace, not a shorter window configured for safety: its first
+                    // try is not over before its own window is.
+                    .map(crate::hub::ChannelEntry::platform_window);
                 let job_key = window.map(|_| (envelope.channel.clone(), envelope.platform_message_id.clone()));
                 if let Some(window) = window {
                     hub.passive.open(&envelope).assume_earlier_attempts(attempts_before_resuming(age_ms, window));

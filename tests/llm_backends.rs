@@ -1285,21 +1285,21 @@ async fn openai_a_stream_that_stalls_after_its_first_words_ends_as_lost() {
     let backend = openai(OpenAiSettings::new(base_url, "m"));
     let (mut sink, seen) = recorder();
 
-    // The first words well inside the 0.8 s deadline; then nothing for 3 s, past the 1.6 s bound.
-    let result = backend.complete(&request(), Duration::from_millis(800), &mut sink).await;
+    // The first words well inside the 1 s deadline; then nothing for 3 s, past the 2 s bound.
+    let result = backend.complete(&request(), Duration::from_millis(1_000), &mut sink).await;
 
     assert!(matches!(result, Err(LlmError::Lost(ref why)) if why.contains("stopped")), "{result:?}");
     assert_eq!(pieces(&seen), vec!["first, "]);
 
     let mut script = vec![(Duration::ZERO, format!("data: {}\n\n", chunk("first, ")))];
-    // 2 s of keep-alives, past the 1.6 s bound, none more than 200 ms apart.
-    for _ in 0..10 {
+    // 2.4 s of keep-alives, past the 2 s bound, none more than 200 ms apart.
+    for _ in 0..12 {
         script.push((Duration::from_millis(200), ": keep-alive\n\n".to_owned()));
     }
     script.push((Duration::ZERO, format!("data: {}\n\ndata: [DONE]\n\n", chunk("then the rest"))));
     let backend = openai(OpenAiSettings::new(trickling_server(script), "m"));
     let (mut sink, _) = recorder();
-    let result = backend.complete(&request(), Duration::from_millis(800), &mut sink).await;
+    let result = backend.complete(&request(), Duration::from_millis(1_000), &mut sink).await;
     assert_eq!(result.ok().as_deref(), Some("first, then the rest"));
 }
 

@@ -389,8 +389,13 @@ mod tests {
     /// at once, as itself, and not as that timeout once the wait is cut short.
     #[tokio::test(start_paused = true)]
     async fn a_retry_that_cannot_begin_before_the_total_timeout_is_not_waited_for() {
-        let settings = LlmClientSettings { retry_base_delay: Duration::from_secs(3_600), ..fast_settings() };
-        // The first backoff draws from 0..=3,600 s; one of these draws lands past the 10 s left.
+        let settings = LlmClientSettings {
+            retry_base_delay: Duration::from_secs(3_600),
+            total_timeout: Duration::from_secs(1),
+            ..fast_settings()
+        };
+        // The first backoff draws from 0..=30 s (the cap); each draw lands past the 1 s left
+        // with a chance of 29 in 30.
         for _ in 0..20 {
             let (client, backend) = client(vec![Script::Fail(server_error), Script::Answer("ok")], settings.clone());
             let (mut sink, _) = recorder();
@@ -406,7 +411,7 @@ mod tests {
                 Err(other) => panic!("not the failure itself: {other:?}"),
             }
         }
-        panic!("twenty backoffs of 0..=3,600 s all under 10 s");
+        panic!("twenty backoffs of 0..=30 s all under 1 s");
     }
 
     #[tokio::test(start_paused = true)]

@@ -140,7 +140,8 @@ pub struct Capabilities {
     /// [`passive_reply`](Channel::passive_reply) of the user's oldest parked answer), defaults
     /// the channel to `reply_mode = "auto"` with a send quota of 5 parts per message (3 after a
     /// menu click, follow or scan), and parks what cannot be sent behind the continue word. A
-    /// platform that does not retry waits out two windows before its answer is pushed.
+    /// platform that does not retry waits out two windows before its answer is pushed (or less,
+    /// once four windows have passed since the message arrived: no retry comes after that).
     pub passive_reply_window: Option<Duration>,
     /// The platform renders markdown. Informational: the core passes the model's text (usually
     /// markdown) to [`Channel::render`] as it is; a channel whose platform would show `**` and
