@@ -248,10 +248,7 @@ pub async fn deliver_recorded(hub: &Hub, envelope: &Envelope, parts: Vec<Deliver
             // may be that old already), it goes out the normal way. The platform's own windows:
             // its retries come at its pace, however short a window is configured here.
             let window = entry.platform_window();
-            let age_ms = yizhan_channel_common::unix_millis(std::time::SystemTime::now())
-                .saturating_sub(envelope.received_at_ms);
-            let retries_over_in =
-                passive::retries_span(window).saturating_sub(Duration::from_millis(u64::try_from(age_ms).unwrap_or(0)));
+            let retries_over_in = job.retries_over_in(window);
             let (timer_hub, envelope) = (hub.clone(), envelope.clone());
             actix::spawn(async move {
                 actix::clock::sleep((window * 2 + Duration::from_millis(500)).min(retries_over_in)).await;

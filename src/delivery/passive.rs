@@ -112,6 +112,9 @@ pub struct PassiveJob {
     /// own, with a fresh id that was never journaled: whichever attempt takes the answer must
     /// finish and send as this one.
     envelope: Envelope,
+    /// When the message reached Yizhan, on the monotonic clock: its age is read from the wall
+    /// clock once, as the job opens, so that a clock step later does not move when retries end.
+    received: tokio::time::Instant,
 }
 
 /// What happened to an answer offered to its job.
@@ -155,7 +158,22 @@ impl AnswerGone {
 impl PassiveJob {
     /// A job for `envelope`'s answer, with no attempt seen yet.
     pub fn new(envelope: Envelope) -> Self {
-        Self { state: Mutex::default(), ready: Notify::new(), envelope }
+        let now = tokio::time::Instant::now();
+        let age_ms =
+            yizhan_channel_common::unix_millis(std::time::SystemTime::now()).saturating_sub(envelope.received_at_ms);
+        // A message from the future (the clock stepped back) is taken as just received.
+        let age = Duration::from_millis(u64::try_from(age_ms).unwrap_or(0));
+        let received = now.checked_sub(age).unwrap_or(now);
+        Self { state: Mutex::default(), ready: Notify::new(), envelope, received }
+    }
+
+    /// How long until no platform retry of the message can come any more, for a platform that
+    /// tries again each `window` (see [`retries_span`]).
+    pub fn retries_over_in(&self, window: Duration) -> Duration {
+        let now = tokio::time::Instant::now();
+        self.received
+            .checked_add(retries_span(window))
+            .map_or(Duration::MAX, |over| over.saturating_duration_since(now))
     }
 
     /// The envelope journaled for the message (not a retry's).

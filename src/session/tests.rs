@@ -779,8 +779,8 @@ async fn an_answer_no_platform_retry_takes_is_pushed_by_the_fallback_timer_and_c
     tokio::time::pause();
     let window = Duration::from_secs(5);
     // Received now: two windows and a half second. Received 19.7 s ago: retries can come for
-    // 20 s (a window per attempt, and one more), so 0.3 s at most (less the real time the test
-    // takes: the wall clock runs on while the paused one stands).
+    // 20 s (a window per attempt, and one more), so 0.3 s at most (less the real time between
+    // setting its age and opening its job, when the age is read from the wall clock).
     let cases = [
         (0, Duration::from_millis(10_500)..Duration::from_millis(10_600)),
         (19_700, Duration::ZERO..Duration::from_millis(310)),
