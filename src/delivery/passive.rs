@@ -12,7 +12,9 @@
 //!   user's oldest parked answer, see `reply_with_parked`); the answer then goes out through
 //!   the send API (`auto`) or is parked (`passive`). An attempt that begins already past that
 //!   point (after a slow read or journal write) takes nothing; the last one then answers
-//!   `success`, leaves parked text parked, and the answer is pushed.
+//!   `success`, leaves parked text parked, and the answer is pushed. So is an answer the last
+//!   attempt takes after WeChat closed its connection (the request queued before its handler
+//!   began; actix-web runs the handler on).
 //!
 //! All attempts share one job (one LLM call). An answer that became ready between attempts waits
 //! in the job for the next attempt, and is pushed if no attempt comes for it. Either way its

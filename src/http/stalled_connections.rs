@@ -50,6 +50,36 @@ impl ConnectionWatch {
         self.0.in_progress.set(self.0.in_progress.get().saturating_add(1));
         InProgress(Rc::clone(&self.0))
     }
+
+    /// Whether the client has closed its end, or the connection broke: a response written now
+    /// would reach no one. (actix-web goes on running a handler whose client left.) Bytes still
+    /// unread, a pipelined request, say, mean it has not.
+    pub fn peer_closed(&self) -> bool {
+        peer_closed(&self.0.socket)
+    }
+}
+
+#[cfg(unix)]
+fn peer_closed(socket: &std::net::TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut byte = 0u8;
+    // SAFETY: `recv` writes at most one byte into `byte`, which outlives the call; MSG_DONTWAIT
+    // keeps it from blocking whatever the descriptor's own mode.
+    let read =
+        unsafe { libc::recv(socket.as_raw_fd(), (&raw mut byte).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    match read {
+        0 => true,
+        1.. => false,
+        _ => !matches!(
+            std::io::Error::last_os_error().kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+        ),
+    }
+}
+
+#[cfg(not(unix))]
+fn peer_closed(_socket: &std::net::TcpStream) -> bool {
+    false
 }
 
 /// How often, at most, a worker logs that it could not watch a connection.

@@ -7,6 +7,7 @@
 use crate::config::ReplyMode;
 use crate::delivery::passive::{retries_span, AttemptKind, HeldAnswer, PassiveJob, PASSIVE_ATTEMPTS};
 use crate::delivery::send_parts;
+use crate::http::stalled_connections::ConnectionWatch;
 use crate::hub::{ChannelEntry, Hub};
 use crate::metrics::GaugeHeld;
 use crate::routing::Router;
@@ -302,7 +303,9 @@ async fn handle(
             } else if let Some((job, envelope)) = held {
                 // Counted once, by how the attempt ended; its duration is the answer's, not an
                 // acknowledgement's, so it stays out of the ack histogram.
-                let (path, response) = hold_for_answer(hub, entry, &webhook_request, started, envelope, job, ack).await;
+                let connection = request.conn_data::<ConnectionWatch>().cloned();
+                let (path, response) =
+                    hold_for_answer(hub, entry, &webhook_request, started, connection, envelope, job, ack).await;
                 hub.metrics.webhook_requests.with_label_values(&[label, path]).inc();
                 return response;
             } else if let Some(again) = again {
@@ -507,11 +510,13 @@ fn reply_with_parked(
 /// The platform's window runs from when it sent the request, so the waits are measured from
 /// `started` (when the handler began), not from when the hold begins: parsing and journaling
 /// come first, and a slow disk must not move the deadline.
+#[allow(clippy::too_many_arguments)]
 async fn hold_for_answer(
     hub: &Hub,
     entry: &ChannelEntry,
     request: &WebhookRequest,
     started: Instant,
+    connection: Option<ConnectionWatch>,
     envelope: Envelope,
     job: Arc<PassiveJob>,
     ack: WebhookResponse,
@@ -617,6 +622,15 @@ async fn hold_for_answer(
     if parts.is_empty() {
         // The answer rendered to nothing (an empty welcome, say) and is already finished.
         return ("empty", respond(ack));
+    }
+    // The platform hung up on its last attempt before the answer came (the request queued before
+    // this handler began): a reply now would reach no one, and no retry comes to be given it
+    // again. The answer is pushed instead of being lost while recorded as given.
+    let no_retry_comes = kind == AttemptKind::Last || hub.passive.is_closing();
+    if no_retry_comes && connection.as_ref().is_some_and(ConnectionWatch::peer_closed) {
+        tracing::info!(channel = %entry.channel.id(), "The platform hung up on its last attempt; pushing the answer.");
+        crate::delivery::spawn_push_held(hub, job.clone(), HeldAnswer { parts, gone });
+        return ("pushed", respond(ack));
     }
     let channel = envelope.channel.as_str();
     let limit = entry.channel.capabilities().max_part_bytes;

@@ -853,6 +853,38 @@ async fn a_last_attempt_already_past_its_window_leaves_a_ready_answer_to_be_push
     );
 }
 
+/// WeChat hangs up on its last attempt before the answer is ready (the request queued before the
+/// handler began, so its window ran out first; actix-web keeps running a handler whose client
+/// left). The answer, ready after that, is pushed, not written to the closed connection and
+/// recorded as given.
+#[actix_web::test]
+async fn an_answer_ready_after_the_last_attempt_hung_up_is_pushed() {
+    use std::io::Write;
+    let (app, held) = spawn_app_holding_answers(&passive_env("auto", "3000"), 1).await;
+    let xml = text_xml("oGone", 33, "挂断");
+    let host = app.address.trim_start_matches("http://").to_owned();
+    let mut connections = Vec::new();
+    for attempt in 1..=3 {
+        let mut connection = std::net::TcpStream::connect(&host).unwrap_or_else(|e| panic!("{e}"));
+        let head = format!(
+            "POST /webhooks/{CHANNEL}?{} HTTP/1.1\r\nHost: {host}\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\r\n",
+            signed_query(now()),
+            xml.len()
+        );
+        connection.write_all(format!("{head}{xml}").as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        app.wait_for_metric(&format!("yizhan_passive_attempts_total{{channel=\"mp\"}} {attempt}")).await;
+        connections.push(connection);
+    }
+    // WeChat gives up on them all, the last one while its handler waits for the answer.
+    drop(connections);
+    held.release(1);
+    wait_for("the answer pushed", || async { app.sent_messages().await.len() == 1 }).await;
+    app.wait_until_idle().await;
+    let sent = app.sent_messages().await;
+    assert_eq!(sent.len(), 1, "pushed once: {sent:?}");
+    assert_eq!(sent[0]["text"]["content"], "答：挂断");
+}
+
 /// A menu click opens only 3 customer-service messages (not a typed message's 5): a long answer
 /// to a menu prompt stops at 3, the last saying that more follows on 「继续」.
 #[actix_web::test]
