@@ -583,6 +583,8 @@ async fn hold_for_answer(
         }
         None
     };
+    // Whether the platform has closed this attempt's connection (see `ConnectionWatch`).
+    let peer_gone = || connection.as_ref().is_some_and(ConnectionWatch::peer_closed);
     let held = match kind {
         AttemptKind::Lapse => match taken {
             Some(held) => Some(held),
@@ -612,7 +614,11 @@ async fn hold_for_answer(
             return ("passive_again", respond(response));
         }
         // This answer comes later (pushed, or parked in passive mode); what is parked of the
-        // user's earlier answers need not wait for yet another message.
+        // user's earlier answers need not wait for yet another message, unless the platform has
+        // hung up on this attempt: then it waits for the next one rather than be lost.
+        if peer_gone() {
+            return ("pushed", respond(ack));
+        }
         return match reply_with_parked(hub, entry, request, &envelope) {
             Some(response) => ("unparked", respond(response)),
             None => ("pushed", respond(ack)),
@@ -627,7 +633,7 @@ async fn hold_for_answer(
     // this handler began): a reply now would reach no one, and no retry comes to be given it
     // again. The answer is pushed instead of being lost while recorded as given.
     let no_retry_comes = kind == AttemptKind::Last || hub.passive.is_closing();
-    if no_retry_comes && connection.as_ref().is_some_and(ConnectionWatch::peer_closed) {
+    if no_retry_comes && peer_gone() {
         tracing::info!(channel = %entry.channel.id(), "The platform hung up on its last attempt; pushing the answer.");
         crate::delivery::spawn_push_held(hub, job.clone(), HeldAnswer { parts, gone });
         return ("pushed", respond(ack));

@@ -859,9 +859,23 @@ async fn a_last_attempt_already_past_its_window_leaves_a_ready_answer_to_be_push
 /// recorded as given.
 #[actix_web::test]
 async fn an_answer_ready_after_the_last_attempt_hung_up_is_pushed() {
-    use std::io::Write;
     let (app, held) = spawn_app_holding_answers(&passive_env("auto", "3000"), 1).await;
-    let xml = text_xml("oGone", 33, "挂断");
+    let connections = attempts_left_open(&app, &text_xml("oGone", 33, "挂断"), 0).await;
+    // WeChat gives up on them all, the last one while its handler waits for the answer.
+    drop(connections);
+    held.release(1);
+    wait_for("the answer pushed", || async { app.sent_messages().await.len() == 1 }).await;
+    app.wait_until_idle().await;
+    let sent = app.sent_messages().await;
+    assert_eq!(sent.len(), 1, "pushed once: {sent:?}");
+    assert_eq!(sent[0]["text"]["content"], "答：挂断");
+}
+
+/// WeChat's three attempts at `xml`, each on a connection of its own, sent once the one before
+/// was counted (after `attempts_before` attempts of other messages), and left open: for the
+/// test to close, as WeChat does when it gives up.
+async fn attempts_left_open(app: &TestApp, xml: &str, attempts_before: usize) -> Vec<std::net::TcpStream> {
+    use std::io::Write;
     let host = app.address.trim_start_matches("http://").to_owned();
     let mut connections = Vec::new();
     for attempt in 1..=3 {
@@ -872,17 +886,39 @@ async fn an_answer_ready_after_the_last_attempt_hung_up_is_pushed() {
             xml.len()
         );
         connection.write_all(format!("{head}{xml}").as_bytes()).unwrap_or_else(|e| panic!("{e}"));
-        app.wait_for_metric(&format!("yizhan_passive_attempts_total{{channel=\"mp\"}} {attempt}")).await;
+        let counted = attempts_before + attempt;
+        app.wait_for_metric(&format!("yizhan_passive_attempts_total{{channel=\"mp\"}} {counted}")).await;
         connections.push(connection);
     }
-    // WeChat gives up on them all, the last one while its handler waits for the answer.
-    drop(connections);
+    connections
+}
+
+/// Nor does WeChat's last attempt, closed before it gave up waiting, take the user's parked
+/// text into a reply no one reads: it stays parked for the next message.
+#[actix_web::test]
+async fn a_last_attempt_whose_connection_closed_leaves_parked_text_parked() {
+    let (llm, wechat) = (MockServer::start().await, MockServer::start().await);
+    // The first two questions' answers come when the test releases them.
+    let held = late_answers_then_echo(&llm, "第一个答案", 2).await;
+    wechat_ok(&wechat).await;
+    let mut env = passive_env("passive", "2000");
+    env.push(held.env_override());
+    let app = spawn_with(&base_config(&llm, &wechat), &env, ChannelKinds::builtin(), wechat, llm).await;
+    // The first answer comes after every attempt, and is parked.
+    let first = attempts_left_open(&app, &text_xml("oShut", 34, "第一个问题"), 0).await;
+    app.wait_for_metric("yizhan_passive_waiting{channel=\"mp\"} 0").await;
     held.release(1);
-    wait_for("the answer pushed", || async { app.sent_messages().await.len() == 1 }).await;
+    app.wait_for_metric("yizhan_answers_total{channel=\"mp\",path=\"parked\"} 1").await;
+    drop(first);
+    // The second question's attempts all close before the last one gives up waiting.
+    drop(attempts_left_open(&app, &text_xml("oShut", 35, "第二个问题"), 3).await);
+    app.wait_for_metric("yizhan_passive_waiting{channel=\"mp\"} 0").await;
+    assert!(!app.metrics().await.contains("path=\"unparked\""), "parked text written to a closed connection");
+    held.release(2);
+    app.wait_for_metric("yizhan_answers_total{channel=\"mp\",path=\"parked\"} 2").await;
     app.wait_until_idle().await;
-    let sent = app.sent_messages().await;
-    assert_eq!(sent.len(), 1, "pushed once: {sent:?}");
-    assert_eq!(sent[0]["text"]["content"], "答：挂断");
+    let (_, body) = wechat_delivers(&app, &text_xml("oShut", 36, "第三个问题")).await.unwrap_or_default();
+    assert!(passive_content(&body).starts_with("【你上一条消息的回复】\n第一个答案"), "{body}");
 }
 
 /// A menu click opens only 3 customer-service messages (not a typed message's 5): a long answer
